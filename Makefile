@@ -1,0 +1,48 @@
+# eventstream: every target finds or builds python3.13t and the .venv first (tools/bootstrap.sh).
+export PYTHON_GIL := 0
+VENV := .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: help bootstrap run test stress soak bench bench-rings bench-ingest bench-pipeline bench-scaling clean
+
+help:
+	@echo "make run    - start the service on the embedded default config (ARGS='--config FILE' to change)"
+	@echo "make test   - run the test suite"
+	@echo "make stress - run the stress suite (concurrent pytest runs, pytest-repeat)"
+	@echo "make bench  - run all benchmarks (tables; results in bench/results/)"
+
+bootstrap:
+	@bash tools/bootstrap.sh
+
+run: bootstrap
+	$(VENV)/bin/eventstream serve $(ARGS)
+
+test: bootstrap
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+stress: bootstrap
+	$(PY) stress/run.py $(ARGS)
+
+soak: bootstrap
+	$(PY) stress/run.py --soak $(or $(DURATION),30m) $(ARGS)
+
+bench: bench-rings bench-ingest bench-pipeline bench-scaling
+
+bench-rings: bootstrap
+	$(PY) bench/rings.py $(ARGS)
+
+bench-ingest: bootstrap
+	$(PY) bench/ingest.py $(ARGS)
+
+bench-pipeline: bootstrap
+	EVENTSTREAM_EXTRAS=bench bash tools/bootstrap.sh
+	$(PY) bench/pipeline.py $(ARGS)
+
+bench-scaling: bootstrap
+	EVENTSTREAM_EXTRAS=bench bash tools/bootstrap.sh
+	$(PY) bench/scaling.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis bench/results

@@ -1,0 +1,67 @@
+"""`eventstream` command: dispatches to one module per command.
+
+Each module in COMMANDS lives at eventstream/cli/<name>.py and defines ``register(subparsers)``, which
+adds its parser and sets ``func`` (called with the parsed args; returns the exit code).
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error, 3 GIL on and not allowed,
+130 interrupted by a second signal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+from eventstream.runtime import gil
+
+COMMANDS = ("serve", "config", "send", "load", "dump", "replay", "top", "bench")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_GIL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eventstream",
+        description="Threaded event-streaming engine for free-threaded CPython 3.13t.",
+        epilog="Exit codes: 0 ok, 1 failure, 2 usage/config error, 3 GIL on (see --allow-gil), 130 interrupted.",
+    )
+    from eventstream import __version__
+
+    parser.add_argument("--version", action="version", version=f"eventstream {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMANDS:
+        modname = f"eventstream.cli.{name}"
+        if importlib.util.find_spec(modname) is None:
+            continue
+        importlib.import_module(modname).register(sub)
+    return parser
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    """--config / --set, shared by every command that loads the configuration."""
+    p.add_argument("-c", "--config", metavar="FILE", help="YAML config file (default: embedded defaults, "
+                   "or $EVENTSTREAM_CONFIG)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set server.tcp.port=9005 (repeatable)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        gil.reexec_without_gil()
+        argv = sys.argv[1:]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except gil.GilEnabledError as exc:
+        print(f"eventstream: error: {exc}", file=sys.stderr)
+        return EXIT_GIL
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

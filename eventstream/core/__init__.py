@@ -1,0 +1,1 @@
+"""Core primitives: NUMA arena, atomic cells, records, rings, pool, dedup. No sockets, no engine."""

@@ -1,0 +1,63 @@
+"""Topic interning: topic names <-> u32 ids shared by every thread of one engine.
+
+Lookups are lock-free dict reads (safe on free-threaded CPython); only the first sight of a new topic
+takes a lock, so ids are dense and assigned exactly once. Id 0 is reserved for "no topic".
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import threading
+
+import numpy as np
+
+MAX_TOPIC_BYTES = 255
+
+
+class TopicTable:
+    def __init__(self, max_topics: int = 1 << 20):
+        self._ids: dict[bytes, int] = {}
+        self._names: list[bytes] = [b""]
+        self._lock = threading.Lock()
+        self._max = max_topics
+
+    def intern(self, name: bytes | str) -> int:
+        """The id of `name`, assigning the next id on first sight."""
+        if isinstance(name, str):
+            name = name.encode("utf-8")
+        tid = self._ids.get(name)
+        if tid is not None:
+            return tid
+        with self._lock:
+            tid = self._ids.get(name)
+            if tid is None:
+                if len(self._names) >= self._max:
+                    raise OverflowError(f"too many distinct topics (limit {self._max})")
+                tid = len(self._names)
+                self._names.append(name)
+                self._ids[name] = tid
+            return tid
+
+    def name(self, topic_id: int) -> str:
+        return self._names[topic_id].decode("utf-8")
+
+    def name_bytes(self, topic_id: int) -> bytes:
+        return self._names[topic_id]
+
+    def names(self, topic_ids: np.ndarray) -> list[str]:
+        names = self._names
+        return [names[i].decode("utf-8") for i in topic_ids.tolist()]
+
+    def matching(self, pattern: str) -> np.ndarray:
+        """Ids of every known topic matching a glob pattern such as ``orders.*``."""
+        names = list(self._names)
+        return np.array(
+            [i for i, n in enumerate(names) if i and fnmatch.fnmatchcase(n.decode("utf-8"), pattern)],
+            dtype=np.uint32,
+        )
+
+    def __len__(self) -> int:
+        return len(self._names) - 1
+
+    def snapshot(self) -> dict[int, str]:
+        return {i: n.decode("utf-8") for i, n in enumerate(list(self._names)) if i}

@@ -1,0 +1,1 @@
+"""Process runtime: GIL guard, CPU pinning, NUMA topology."""
