@@ -4,6 +4,8 @@
 #
 #   tools/bootstrap.sh              find/build the interpreter, make .venv, install
 #   tools/bootstrap.sh --find       print the interpreter that would be used (no build, no venv)
+#   tools/bootstrap.sh --python     find or build the interpreter and print its path (no venv)
+#   tools/bootstrap.sh --check-build-deps   say which Debian packages a build would need
 #
 # Search order: $EVENTSTREAM_PYTHON, python3.13t on PATH, the cached build, else build from
 # $EVENTSTREAM_CPYTHON_TARBALL, ../shared/toolchain/Python-3.13.15.tar.xz or python.org.
@@ -165,7 +167,8 @@ ensure_venv() {
 case "${1:-}" in
   --find) find_python || { say "no free-threaded python found (run tools/bootstrap.sh to build one)"; exit 1; } ;;
   --python) ensure_python ;;
+  --check-build-deps) check_build_deps; say "build dependencies present" ;;
   ""|--venv) py=$(ensure_python); ensure_venv "$py" ;;
-  -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' ;;
-  *) die "unknown option '$1'; allowed: --find, --python, --venv, --help" ;;
+  -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' ;;
+  *) die "unknown option '$1'; allowed: --find, --python, --venv, --check-build-deps, --help" ;;
 esac
