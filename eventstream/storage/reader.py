@@ -1,0 +1,227 @@
+"""Reading the event log: a vectorized entry scanner, and a filtering reader on top of it.
+
+The scanner walks entries from the file header on. Record entries have a fixed size, so a run of them is
+viewed as one numpy structured array straight over the mapped file and checked in one pass (magic,
+length, kind); only the CRC is computed per entry. Topic entries are rare and parsed one by one. The
+first entry that is short, has a bad magic/length/kind or a CRC mismatch ends the valid part of the log:
+that is where recovery truncates (see storage.recovery).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import mmap
+import os
+import struct
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from eventstream.core import records as rec
+from eventstream.core.topics import MAX_TOPIC_BYTES
+from eventstream.storage import format as fmt
+
+SCAN_CHUNK = 16384  # record entries checked per numpy step
+
+
+@dataclass
+class ScanResult:
+    """Where the valid part of a log ends, and what it holds."""
+
+    file_bytes: int
+    valid_bytes: int
+    records: int = 0
+    topics: dict[int, str] = field(default_factory=dict)
+    problem: str | None = None  # why the scan stopped before the end of the file
+
+    @property
+    def dropped_bytes(self) -> int:
+        return self.file_bytes - self.valid_bytes
+
+
+def _crc_mismatches(mv: memoryview, size: int, n: int, stored: np.ndarray) -> int:
+    """Index of the first entry among n whose CRC does not match, or n."""
+    crc32 = zlib.crc32
+    start = fmt.CRC_START
+    computed = np.fromiter((crc32(mv[i * size + start:(i + 1) * size]) for i in range(n)), dtype=np.uint32, count=n)
+    bad = np.flatnonzero(computed != stored)
+    return int(bad[0]) if bad.size else n
+
+
+def scan_buffer(buf, record_dtype: np.dtype, *,
+                on_records: Callable[[np.ndarray], None] | None = None,
+                on_topic: Callable[[int, str], None] | None = None,
+                start: int = fmt.FILE_HEADER_BYTES) -> ScanResult:
+    """Scan entries in `buf` (bytes or mmap) from `start`; call back per record run / topic entry.
+
+    `on_records` receives a structured view (format.entry_dtype) over `buf`: copy what you keep.
+    """
+    end = len(buf)
+    edt = fmt.entry_dtype(record_dtype)
+    size = edt.itemsize
+    itemsize = record_dtype.itemsize
+    result = ScanResult(file_bytes=end, valid_bytes=start)
+    mv = memoryview(buf)
+    pos = start
+    try:
+        while pos < end:
+            if end - pos < fmt.ENTRY_HEADER_BYTES:
+                result.problem = f"torn entry header at offset {pos} ({end - pos} bytes)"
+                break
+            magic, length, crc, kind, _wall = fmt.ENTRY_HEADER.unpack_from(mv, pos)
+            if magic != fmt.ENTRY_MAGIC:
+                result.problem = f"bad entry magic 0x{magic:08x} at offset {pos}"
+                break
+            if kind == fmt.KIND_RECORD and length == itemsize:
+                n_max = min((end - pos) // size, SCAN_CHUNK)
+                if n_max == 0:
+                    result.problem = f"torn record entry at offset {pos} ({end - pos} of {size} bytes)"
+                    break
+                view = np.ndarray((n_max,), dtype=edt, buffer=mv, offset=pos)
+                ok = (view["magic"] == fmt.ENTRY_MAGIC) & (view["length"] == itemsize) & (view["kind"] == fmt.KIND_RECORD)
+                n = n_max if bool(ok.all()) else int(np.argmin(ok))
+                good = _crc_mismatches(mv[pos:pos + n * size], size, n, view["crc"][:n])
+                if good and on_records is not None:
+                    on_records(view[:good])
+                del view
+                result.records += good
+                pos += good * size
+                result.valid_bytes = pos
+                if good < n:
+                    result.problem = f"CRC mismatch in record entry at offset {pos}"
+                    break
+                continue
+            if kind == fmt.KIND_TOPIC and 4 < length <= 4 + MAX_TOPIC_BYTES:
+                if end - pos < fmt.ENTRY_HEADER_BYTES + length:
+                    result.problem = f"torn topic entry at offset {pos}"
+                    break
+                body = mv[pos + fmt.ENTRY_HEADER_BYTES:pos + fmt.ENTRY_HEADER_BYTES + length]
+                if zlib.crc32(mv[pos + fmt.CRC_START:pos + fmt.ENTRY_HEADER_BYTES + length]) != crc:
+                    result.problem = f"CRC mismatch in topic entry at offset {pos}"
+                    break
+                (tid,) = struct.unpack_from("<I", body)
+                try:
+                    name = bytes(body[4:]).decode("utf-8")
+                except UnicodeDecodeError:
+                    result.problem = f"topic entry with invalid UTF-8 at offset {pos}"
+                    break
+                result.topics[tid] = name
+                if on_topic is not None:
+                    on_topic(tid, name)
+                pos += fmt.ENTRY_HEADER_BYTES + length
+                result.valid_bytes = pos
+                continue
+            result.problem = f"bad entry kind {kind} / length {length} at offset {pos}"
+            break
+    finally:
+        mv.release()
+    return result
+
+
+@dataclass
+class StoredBatch:
+    """Records read back from the log: `records` carry file topic ids, `topics` maps them to names."""
+
+    records: np.ndarray
+    stored_ns: np.ndarray  # wall clock ns when each record was appended
+    topics: dict[int, str]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def topic_names(self) -> list[str]:
+        t = self.topics
+        return [t.get(i, f"#{i}") for i in self.records["topic_id"].tolist()]
+
+
+def _priority_values(priorities: Iterable[int | str] | None) -> np.ndarray | None:
+    if priorities is None:
+        return None
+    out = []
+    for p in priorities:
+        if isinstance(p, str):
+            key = p.strip().upper()
+            if key.isdigit():
+                p = int(key)
+            elif key in rec.Priority.__members__:
+                p = int(rec.Priority[key])
+            else:
+                raise ValueError(f"priority {p!r} is not allowed; allowed: 0-4 or {', '.join(rec.PRIORITY_NAMES)}")
+        if not 0 <= int(p) <= 4:
+            raise ValueError(f"priority {p!r} is not allowed; allowed: 0-4 or {', '.join(rec.PRIORITY_NAMES)}")
+        out.append(int(p))
+    return np.array(sorted(set(out)), dtype=np.uint8)
+
+
+class EventLogReader:
+    """Read a log file (never modifies it). Filters run vectorized over each run of record entries."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                head = f.read(fmt.FILE_HEADER_BYTES)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.path}: no such event log (allowed: an existing events.bin)") from None
+        self.payload_bytes, self.created_ns = fmt.decode_file_header(head, str(self.path))
+        self.dtype = rec.record_dtype(self.payload_bytes)
+        self.last_scan: ScanResult | None = None
+
+    def batches(self, *, topic: str | None = None, priorities: Iterable[int | str] | None = None,
+                since_ns: int | None = None, until_ns: int | None = None,
+                time_field: str = "stored") -> Iterator[StoredBatch]:
+        """Matching records in file order, a batch per run of entries. `topic` is a glob (``orders.*``);
+        the time range is [since_ns, until_ns) on `time_field` = "stored" (append wall clock) or
+        "producer" (the record's producer_ts)."""
+        if time_field not in ("stored", "producer"):
+            raise ValueError(f"time_field {time_field!r} is not allowed; allowed: stored, producer")
+        prio = _priority_values(priorities)
+        topics: dict[int, str] = {}
+        matching: list[int] = []
+        out: list[StoredBatch] = []
+
+        def on_topic(tid: int, name: str) -> None:
+            topics[tid] = name
+            if topic is not None and fnmatch.fnmatchcase(name, topic):
+                matching.append(tid)
+
+        def on_records(view: np.ndarray) -> None:
+            r = view["record"]
+            mask = np.ones(len(view), dtype=bool)
+            if topic is not None:
+                mask &= np.isin(r["topic_id"], np.array(matching, dtype=np.uint32))
+            if prio is not None:
+                mask &= np.isin(r["priority"], prio)
+            if since_ns is not None or until_ns is not None:
+                t = view["wall_ns"] if time_field == "stored" else r["producer_ts"]
+                if since_ns is not None:
+                    mask &= t >= np.uint64(max(since_ns, 0))
+                if until_ns is not None:
+                    mask &= t < np.uint64(max(until_ns, 0))
+            idx = np.flatnonzero(mask)
+            if idx.size:
+                out.append(StoredBatch(r[idx], view["wall_ns"][idx], topics))
+
+        size = self.path.stat().st_size
+        if size <= fmt.FILE_HEADER_BYTES:
+            self.last_scan = ScanResult(file_bytes=size, valid_bytes=size)
+            return
+        with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            self.last_scan = scan_buffer(mm, self.dtype, on_records=on_records, on_topic=on_topic)
+        # Batches were copied out of the mapping by fancy indexing; the mapping is closed now.
+        yield from out
+
+    def read(self, **filters) -> StoredBatch:
+        """All matching records as one batch."""
+        parts = list(self.batches(**filters))
+        topics = parts[-1].topics if parts else {}
+        if not parts:
+            return StoredBatch(np.zeros(0, dtype=self.dtype), np.zeros(0, dtype=np.uint64), topics)
+        return StoredBatch(np.concatenate([p.records for p in parts]),
+                           np.concatenate([p.stored_ns for p in parts]), topics)
+
+    def count(self, **filters) -> int:
+        return sum(len(b) for b in self.batches(**filters))

@@ -1,0 +1,187 @@
+"""EventLog: the append-only writer of `data/events.bin` (layout in storage.format).
+
+Whole batches are encoded with numpy outside the lock (the CRC per entry is the only per-record Python,
+see storage.format), so several processor threads may call append() at once; the lock only orders the
+buffered bytes and the write(2) calls. Topic ids are remapped to *file* topic ids, which stay stable
+across engine restarts (engine ids are assigned per run); a topic entry is queued before the first
+record that uses it, under the same lock, so it always precedes that record in the file.
+
+Flushing: buffered bytes go to the OS once `flush_events` records are pending, or when the oldest
+pending record is `flush_interval_ms` old (a small flusher thread checks that, so a trickle of events is
+not held back). fsync: "none" never (the OS decides), "always" after every flush, "interval" at most
+every `fsync_interval_ms` (checked on each flush and by the flusher thread). close() flushes and, unless
+fsync is "none", fsyncs.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import structlog
+
+from eventstream.core.topics import TopicTable
+from eventstream.runtime.affinity import pin_current_thread
+from eventstream.storage import format as fmt
+from eventstream.storage.recovery import RecoveryReport, recover
+
+log = structlog.get_logger("eventstream.storage")
+
+FSYNC_POLICIES = ("none", "interval", "always")
+
+
+class EventLog:
+    def __init__(self, path: str | os.PathLike, *, dtype: np.dtype, topics: TopicTable,
+                 flush_events: int = 100, flush_interval_ms: float = 50.0, fsync: str = "interval",
+                 fsync_interval_ms: float = 1000.0, flusher: bool = True, cpus: list[int] | None = None):
+        if fsync not in FSYNC_POLICIES:
+            raise ValueError(f"fsync={fsync!r} is not allowed; allowed: {', '.join(FSYNC_POLICIES)}")
+        if flush_events < 1:
+            raise ValueError(f"flush_events={flush_events!r} is not allowed; allowed: an integer >= 1")
+        self.path = Path(path)
+        self.dtype = np.dtype(dtype)
+        self.payload_bytes = self.dtype.itemsize - 64
+        self.topics = topics
+        self.flush_events = flush_events
+        self.flush_interval_ns = int(flush_interval_ms * 1e6)
+        self.fsync_policy = fsync
+        self.fsync_interval_ns = int(fsync_interval_ms * 1e6)
+        self.recovery: RecoveryReport = recover(self.path, self.payload_bytes)
+        self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - lives until close()
+        self._lock = threading.Lock()
+        # engine topic id -> file topic id (0 = not yet mapped); read lock-free, grown under the lock
+        self._file_ids = np.zeros(64, dtype=np.uint32)
+        self._file_id_by_name: dict[str, int] = {name: tid for tid, name in self.recovery.topics.items()}
+        self._next_file_id = max(self.recovery.topics, default=0) + 1
+        self._pending: list[bytes] = []
+        self._pending_records = 0
+        self._pending_since = 0
+        self._last_fsync = time.monotonic_ns()
+        self._dirty = False  # written but not fsynced
+        self._closed = False
+        self._stats = {"records": 0, "bytes": 0, "flushes": 0, "fsyncs": 0, "topics": 0}
+        self._stop = threading.Event()
+        self._cpus = cpus or []
+        self._flusher: threading.Thread | None = None
+        if flusher and self.flush_interval_ns > 0:
+            self._flusher = threading.Thread(target=self._flush_loop, name="storage-flush", daemon=True)
+            self._flusher.start()
+
+    # ------------------------------------------------------------------------------------ writing
+    def append(self, records: np.ndarray) -> None:
+        """Append a batch of records (any length; thread-safe)."""
+        n = len(records)
+        if n == 0:
+            return
+        if records.dtype != self.dtype:
+            raise TypeError(f"records have dtype itemsize {records.dtype.itemsize}; this log stores "
+                            f"{self.dtype.itemsize}-byte records (records.payload_bytes={self.payload_bytes})")
+        if self._closed:
+            raise ValueError(f"{self.path}: append() after close()")
+        ids = records["topic_id"]
+        mapping = self._file_ids
+        top = int(ids.max())
+        file_ids = mapping[ids] if top < len(mapping) else None
+        if file_ids is None or not file_ids.all():
+            file_ids = self._map_new_topics(ids)
+        data = fmt.record_entries(records, file_ids, time.time_ns())
+        with self._lock:
+            if not self._pending:
+                self._pending_since = time.monotonic_ns()
+            self._pending.append(data)
+            self._pending_records += n
+            if self._pending_records >= self.flush_events:
+                self._flush_locked()
+
+    def _map_new_topics(self, ids: np.ndarray) -> np.ndarray:
+        """Assign file ids to engine topic ids seen for the first time; queue their topic entries."""
+        with self._lock:
+            mapping = self._file_ids
+            top = int(ids.max())
+            if top >= len(mapping):
+                grown = np.zeros(max(top + 1, 2 * len(mapping)), dtype=np.uint32)
+                grown[:len(mapping)] = mapping
+                mapping = grown
+            for tid in np.unique(ids).tolist():
+                if mapping[tid]:
+                    continue
+                name = self.topics.name(tid) if tid else ""
+                fid = self._file_id_by_name.get(name)
+                if fid is None:
+                    fid = self._next_file_id
+                    self._next_file_id += 1
+                    self._file_id_by_name[name] = fid
+                    if not self._pending:
+                        self._pending_since = time.monotonic_ns()
+                    self._pending.append(fmt.topic_entry(fid, name.encode("utf-8"), time.time_ns()))
+                    self._stats["topics"] += 1
+                mapping[tid] = fid
+            self._file_ids = mapping  # publish after the topic entries are queued
+            return mapping[ids]
+
+    def flush(self) -> None:
+        """Write every pending entry to the OS now (and fsync if the policy says so)."""
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if self._pending:
+            data = b"".join(self._pending)
+            self._file.write(data)
+            self._stats["records"] += self._pending_records
+            self._stats["bytes"] += len(data)
+            self._stats["flushes"] += 1
+            self._pending.clear()
+            self._pending_records = 0
+            self._dirty = True
+        if self._dirty and (self.fsync_policy == "always" or (
+                self.fsync_policy == "interval" and time.monotonic_ns() - self._last_fsync >= self.fsync_interval_ns)):
+            self._fsync_locked()
+
+    def _fsync_locked(self) -> None:
+        os.fsync(self._file.fileno())
+        self._last_fsync = time.monotonic_ns()
+        self._dirty = False
+        self._stats["fsyncs"] += 1
+
+    def _flush_loop(self) -> None:
+        pin_current_thread(self._cpus, "storage-flush")
+        period = self.flush_interval_ns / 1e9
+        while not self._stop.wait(period / 2):
+            now = time.monotonic_ns()
+            with self._lock:
+                if self._closed:
+                    return
+                if self._pending and now - self._pending_since >= self.flush_interval_ns:
+                    self._flush_locked()
+                elif self._dirty and self.fsync_policy == "interval" and now - self._last_fsync >= self.fsync_interval_ns:
+                    self._fsync_locked()
+
+    def close(self) -> None:
+        """Flush, fsync (unless fsync is "none") and close. Idempotent."""
+        self._stop.set()
+        if self._flusher is not None and self._flusher is not threading.current_thread():
+            self._flusher.join(timeout=5.0)
+        with self._lock:
+            if self._closed:
+                return
+            self._flush_locked()
+            if self._dirty and self.fsync_policy != "none":
+                self._fsync_locked()
+            self._closed = True
+            self._file.close()
+        log.info("log_closed", path=str(self.path), **self._stats)
+
+    def statistics(self) -> dict[str, int]:
+        """records/bytes/flushes/fsyncs written by this EventLog (pending records not yet counted)."""
+        with self._lock:
+            return dict(self._stats, pending=self._pending_records)
+
+    def __enter__(self) -> EventLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
