@@ -1,0 +1,116 @@
+"""ProcessManager: builds, starts, scales and stops the processor threads.
+
+    EventBusMulti.realtime       --> RealtimeProcessor        x 1
+    EventBusMulti.transactional  --> TransactionalProcessor   x workers .. max_workers  (shared Deduplicator)
+    EventBusMulti.batch          --> BatchProcessor           x workers .. max_workers  (shared WindowTables)
+
+Workers of one tier share that tier's partitions through per-partition tokens (see engine/bus.py), so
+`add_worker` just starts one more thread; nothing is reassigned.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import structlog
+
+from eventstream.config import Config
+from eventstream.core.dedup import Deduplicator
+from eventstream.engine.bus import EventBusMulti
+from eventstream.engine.handlers import resolve
+from eventstream.engine.processors import (BatchProcessor, Processor, RealtimeProcessor, Sinks,
+                                           TransactionalProcessor, WindowTable)
+from eventstream.engine.processors.batch import flush_windows
+
+log = structlog.get_logger("eventstream.manager")
+
+
+class ProcessManager:
+    def __init__(self, cfg: Config, bus: EventBusMulti, sinks: Sinks, *, handlers: dict | None = None):
+        """`handlers` may override the configured callables by tier ("realtime", "transactional",
+        "batch", "aggregate"), for embedding and tests."""
+        self.cfg = cfg
+        self.bus = bus
+        self.sinks = sinks
+        p = cfg.processors
+        given = handlers or {}
+        self.handlers = {
+            "realtime": given.get("realtime", resolve(p.realtime.handler, "processors.realtime.handler")),
+            "transactional": given.get("transactional",
+                                       resolve(p.transactional.handler, "processors.transactional.handler")),
+            "batch": given.get("batch", resolve(p.batch.handler, "processors.batch.handler")),
+            "aggregate": given.get("aggregate", resolve(p.batch.aggregate, "processors.batch.aggregate")),
+        }
+        self.dedup = Deduplicator(p.transactional.dedup_buckets, p.transactional.dedup_window_s,
+                                  when_full="evict")
+        self.window_tables = [WindowTable() for _ in range(bus["batch"].partitions)]
+        self.workers: dict[str, list[Processor]] = {"realtime": [], "transactional": [], "batch": []}
+        self._lock = threading.Lock()  # guards worker lists (control plane vs shutdown), never the data path
+        self._stopping = False
+
+    def _make(self, tier: str) -> Processor:
+        cfg, aff = self.cfg, self.cfg.affinity
+        n = len(self.workers[tier])
+        common = dict(worker=n, cpus=getattr(aff, tier), max_batch=cfg.queues.max_batch,
+                      topics=getattr(cfg.processors, tier).topics)
+        if tier == "realtime":
+            return RealtimeProcessor(self.bus["realtime"], self.sinks, self.handlers["realtime"], **common)
+        if tier == "transactional":
+            t = cfg.processors.transactional
+            return TransactionalProcessor(self.bus["transactional"], self.sinks, self.handlers["transactional"],
+                                          dedup=self.dedup, max_retries=t.max_retries,
+                                          retry_backoff_ms=t.retry_backoff_ms, **common)
+        b = cfg.processors.batch
+        return BatchProcessor(self.bus["batch"], self.sinks, self.handlers["batch"], tables=self.window_tables,
+                              window_s=b.window_s, aggregate=self.handlers["aggregate"], **common)
+
+    def start(self) -> None:
+        p = self.cfg.processors
+        for tier, count in (("realtime", 1), ("transactional", p.transactional.workers), ("batch", p.batch.workers)):
+            for _ in range(count):
+                self._start_one(tier)
+
+    def _start_one(self, tier: str) -> Processor:
+        proc = self._make(tier)
+        self.workers[tier].append(proc)
+        proc.start()
+        log.info("worker_started", tier=tier, thread=proc.name, cpus=proc.cpus or "any")
+        return proc
+
+    def max_workers(self, tier: str) -> int:
+        return 1 if tier == "realtime" else getattr(self.cfg.processors, tier).max_workers
+
+    def add_worker(self, tier: str) -> bool:
+        """Start one more worker for `tier` if below its max_workers. Returns whether one started."""
+        if tier not in ("transactional", "batch"):
+            raise ValueError(f"tier {tier!r} cannot scale; allowed: 'transactional', 'batch'")
+        with self._lock:
+            if self._stopping or len(self.workers[tier]) >= self.max_workers(tier):
+                return False
+            self._start_one(tier)
+            return True
+
+    def worker_counts(self) -> dict[str, int]:
+        return {t: len(w) for t, w in self.workers.items()}
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Drain and stop every worker (the dispatcher must have stopped first), then flush the batch
+        windows. Returns False if a worker did not finish within `timeout`."""
+        with self._lock:
+            self._stopping = True
+            procs = [p for ws in self.workers.values() for p in ws]
+        for proc in procs:
+            proc.stop()
+        ok = True
+        for proc in procs:
+            proc.join(timeout)
+            if proc.is_alive():
+                ok = False
+                log.error("worker_stuck", thread=proc.name)
+        if self.workers["batch"] and ok:
+            flushed = flush_windows(self.workers["batch"][0])
+            log.info("windows_flushed", windows=flushed)
+        return ok
+
+    def errors(self) -> list[tuple[str, BaseException]]:
+        return [(p.name, p.error) for ws in self.workers.values() for p in ws if p.error is not None]

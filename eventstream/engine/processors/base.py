@@ -1,0 +1,119 @@
+"""The processor loop shared by every tier.
+
+A processor thread walks its queue's partitions, try-acquires a partition's ownership token, polls up
+to `max_batch` records as views (zero copy), handles them, releases them in one store, and gives the
+token back. When no partition had work it calls `on_idle` (the batch tier closes windows there) and
+backs off. `stop()` lets it finish: it exits once stop was asked and its queue is empty.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import structlog
+
+from eventstream.core.topics import TopicTable
+from eventstream.engine.bus import Queue
+from eventstream.engine.handlers import Handler, TopicFilter
+from eventstream.runtime.affinity import pin_current_thread
+
+log = structlog.get_logger("eventstream.processor")
+
+
+@dataclass
+class Sinks:
+    """Where processors put their results."""
+
+    topics: TopicTable
+    store: Callable[[np.ndarray], None]  # processed records -> events.bin
+    drop: Callable[[np.ndarray, str], None]  # failed/dropped records -> dead-letter log
+    processed: Callable[[str, np.ndarray], None]  # (queue, records) -> counters and latency
+    dedup_hit: Callable[[int], None] = lambda n: None
+
+
+class Processor(threading.Thread):
+    kind = "processor"
+
+    def __init__(self, queue: Queue, sinks: Sinks, handler: Handler | None, *, topics: list[str] | None = None,
+                 worker: int = 0, cpus=(), max_batch: int = 4096, poll_timeout: float = 0.002):
+        super().__init__(name=f"es-{self.kind}-{worker}", daemon=True)
+        self.queue = queue
+        self.sinks = sinks
+        self.handler = handler
+        self.filter = TopicFilter(topics or ["*"], sinks.topics)
+        self.worker = worker
+        self.cpus = list(cpus)
+        self.max_batch = max_batch
+        self.poll_timeout = poll_timeout
+        self.handled = 0
+        self.batches = 0
+        self.error: BaseException | None = None
+        self._stop_requested = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_requested.set()
+
+    def run(self) -> None:
+        pin_current_thread(self.cpus, self.name)
+        parts = self.queue.partitions
+        idle_sleep = 0.0
+        try:
+            while True:
+                worked = False
+                for k in range(parts):
+                    i = (self.worker + k) % parts
+                    token = self.queue.tokens[i]
+                    if not token.acquire(blocking=False):
+                        continue
+                    try:
+                        worked |= self._drain_once(i, self.poll_timeout if parts == 1 else 0.0)
+                    finally:
+                        token.release()
+                if worked:
+                    idle_sleep = 0.0
+                    continue
+                self.on_idle()
+                if self._stop_requested.is_set() and self.queue.depth == 0:
+                    return
+                if parts > 1 or self.queue.depth:
+                    idle_sleep = min(0.002, idle_sleep * 2 or 0.00005)
+                    time.sleep(idle_sleep)
+        except BaseException as exc:
+            self.error = exc
+            log.exception("processor_failed", thread=self.name)
+            raise
+        finally:
+            self.on_exit()
+
+    def _drain_once(self, partition: int, timeout: float) -> bool:
+        ring = self.queue.rings[partition]
+        views = ring.poll(self.max_batch, timeout)
+        if not views:
+            return False
+        n = 0
+        for view in views:
+            self.handle(view, partition)
+            n += len(view)
+        ring.release(n)
+        self.handled += n
+        self.batches += 1
+        return True
+
+    # -- hooks
+    def handle(self, records: np.ndarray, partition: int) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def on_idle(self) -> None:
+        pass
+
+    def on_exit(self) -> None:
+        pass
+
+
+def error_text(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 300 else text[:297] + "..."

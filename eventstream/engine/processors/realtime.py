@@ -1,0 +1,29 @@
+"""Realtime tier: CRITICAL and HIGH events. Calls the alert handler once per batch and measures
+ingest -> handled latency per event (the SLA is reported, not enforced)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from eventstream.engine.handlers import Batch
+from eventstream.engine.processors.base import Processor, error_text
+
+
+class RealtimeProcessor(Processor):
+    kind = "realtime"
+
+    def handle(self, records: np.ndarray, partition: int) -> None:
+        sinks = self.sinks
+        if self.handler is not None:
+            mask = self.filter.mask(records["topic_id"])
+            subscribed = records if self.filter.match_all else records[mask]
+            if len(subscribed):
+                try:
+                    self.handler(Batch(subscribed, sinks.topics, "realtime"))
+                except Exception as exc:  # a handler never kills its thread
+                    sinks.drop(subscribed.copy() if subscribed is records else subscribed,
+                               f"handler_error: {error_text(exc)}")
+                    records = records[~mask]
+        if len(records):
+            sinks.store(records)
+            sinks.processed("realtime", records)

@@ -1,0 +1,92 @@
+"""Transactional tier: MEDIUM events, exactly-once per event id within the dedup window.
+
+Per batch: skip ids already committed (and repeats inside the batch), counting `dedup_hits`; call the
+handler with the batch; if it raises, isolate the failures by calling it per event, retrying each
+failing event up to `max_retries` times with exponential backoff (one sleep per retry round, not per
+event); commit ids to the dedup table only after success; exhausted events go to the dead-letter log
+with the last error. Handlers should be idempotent: a batch that raised may have been partly applied.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from eventstream.core.dedup import Deduplicator
+from eventstream.engine.handlers import Batch
+from eventstream.engine.processors.base import Processor, error_text
+
+
+class TransactionalProcessor(Processor):
+    kind = "transactional"
+
+    def __init__(self, queue, sinks, handler, *, dedup: Deduplicator, max_retries: int = 3,
+                 retry_backoff_ms: float = 10.0, **kw):
+        super().__init__(queue, sinks, handler, **kw)
+        self.dedup = dedup
+        self.max_retries = max_retries
+        self.backoff = retry_backoff_ms / 1000.0
+        self.retried = 0
+
+    def handle(self, records: np.ndarray, partition: int) -> None:
+        sinks = self.sinks
+        ids = records["event_id"]
+        skip = self.dedup.seen(ids)
+        has_id = (ids != 0) & ~skip
+        if has_id.any():
+            # repeats inside this batch: keep the first occurrence of each id
+            idx = np.flatnonzero(has_id)
+            _, first = np.unique(ids[idx], return_index=True)
+            repeat = np.ones(len(idx), dtype=bool)
+            repeat[first] = False
+            skip[idx[repeat]] = True
+        hits = int(skip.sum())
+        if hits:
+            sinks.dedup_hit(hits)
+            records = records[~skip]
+        if len(records) == 0:
+            return
+        ok = np.ones(len(records), dtype=bool)
+        if self.handler is not None:
+            mask = self.filter.mask(records["topic_id"])
+            sub_idx = np.flatnonzero(mask)
+            if len(sub_idx):
+                failed, errors = self._run(records[sub_idx] if len(sub_idx) < len(records) else records)
+                if failed:
+                    bad = sub_idx[np.array(failed, dtype=np.intp)]
+                    ok[bad] = False
+                    lost = records[bad]
+                    lost["attempts"] = min(255, 1 + self.max_retries)
+                    sinks.drop(lost, [f"retries_exhausted: {e}" for e in errors])
+        good = records[ok] if not ok.all() else records
+        if len(good):
+            sinks.store(good)
+            self.dedup.commit(good["event_id"])
+            sinks.processed("transactional", good)
+
+    def _run(self, batch: np.ndarray) -> tuple[list[int], list[str]]:
+        """Handle `batch`; return indexes (into batch) that failed every attempt, with their errors."""
+        topics = self.sinks.topics
+        try:
+            self.handler(Batch(batch, topics, "transactional"))
+            return [], []
+        except Exception as exc:
+            last = {i: error_text(exc) for i in range(len(batch))}
+        if len(batch) == 1 and self.max_retries == 0:
+            return [0], [last[0]]
+        pending = list(range(len(batch)))
+        for attempt in range(self.max_retries):
+            time.sleep(self.backoff * (2 ** attempt))
+            still = []
+            for i in pending:
+                self.retried += 1
+                try:
+                    self.handler(Batch(batch[i:i + 1], topics, "transactional"))
+                except Exception as exc:
+                    last[i] = error_text(exc)
+                    still.append(i)
+            pending = still
+            if not pending:
+                break
+        return pending, [last[i] for i in pending]
