@@ -1,0 +1,141 @@
+"""Wire frames: constants, byte layouts and encoders for protocol v1 and v2 (see docs/protocol.md).
+
+Every frame is ``u32 length`` (big-endian, bytes that follow) and then a body whose first byte picks
+the version: 0..4 is a v1 priority, 0xE5 is the v2 magic. Encoders live here so the client, the
+server (ACK/NACK) and the benchmarks build frames the same way; the decoder is in decoder.py.
+
+Why the numpy layouts: the decoder reads the fixed part of many headers at once by gathering them
+into an array of these big-endian dtypes, instead of one Python struct call per field.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+
+LENGTH_BYTES = 4
+V2_MAGIC = 0xE5
+KIND_EVENT, KIND_ACK, KIND_NACK = 1, 2, 3
+KIND_NAMES = {KIND_EVENT: "EVENT", KIND_ACK: "ACK", KIND_NACK: "NACK"}
+MAX_PRIORITY = 4
+MAX_TOPIC_BYTES = 255
+V1_HEADER_BYTES = 3  # priority, topic_len
+V2_HEADER_BYTES = 26  # magic, kind, priority, flags, event_id, timestamp_ns, topic_len, crc32
+DEFAULT_MAX_FRAME_BYTES = 1 << 20
+
+LENGTH = struct.Struct(">I")
+V1_HEAD = struct.Struct(">IBH")  # length, priority, topic_len
+V2_HEAD = struct.Struct(">IBBBBQQHI")  # length, magic, kind, priority, flags, event_id, ts, topic_len, crc
+
+# Fixed header parts as big-endian numpy dtypes, starting at the length field.
+V1_HEADER_DTYPE = np.dtype([("length", ">u4"), ("priority", "u1"), ("topic_len", ">u2")])
+V2_HEADER_DTYPE = np.dtype([
+    ("length", ">u4"), ("magic", "u1"), ("kind", "u1"), ("priority", "u1"), ("flags", "u1"),
+    ("event_id", ">u8"), ("timestamp_ns", ">u8"), ("topic_len", ">u2"), ("crc32", ">u4"),
+])
+assert V1_HEADER_DTYPE.itemsize == LENGTH_BYTES + V1_HEADER_BYTES
+assert V2_HEADER_DTYPE.itemsize == LENGTH_BYTES + V2_HEADER_BYTES
+
+
+class EncodeError(ValueError):
+    """A frame cannot be encoded: the message names the field, the value and what is allowed."""
+
+
+def _topic_bytes(topic: str | bytes) -> bytes:
+    t = topic.encode("utf-8") if isinstance(topic, str) else bytes(topic)
+    if not 1 <= len(t) <= MAX_TOPIC_BYTES:
+        raise EncodeError(f"topic of {len(t)} bytes is not allowed; allowed: 1..{MAX_TOPIC_BYTES} bytes of UTF-8")
+    return t
+
+
+def _check_priority(priority: int) -> int:
+    if not isinstance(priority, int) or not 0 <= priority <= MAX_PRIORITY:
+        raise EncodeError(f"priority {priority!r} is not allowed; allowed: 0..{MAX_PRIORITY} "
+                          "(BATCH, LOW, MEDIUM, HIGH, CRITICAL)")
+    return priority
+
+
+def encode_v1(topic: str | bytes, payload: bytes = b"", priority: int = 2) -> bytes:
+    """One v1 (EventStreamCore) frame."""
+    t = _topic_bytes(topic)
+    _check_priority(priority)
+    return V1_HEAD.pack(V1_HEADER_BYTES + len(t) + len(payload), priority, len(t)) + t + payload
+
+
+def encode_v2(topic: str | bytes, payload: bytes = b"", priority: int = 2, event_id: int = 0,
+              timestamp_ns: int = 0, *, kind: int = KIND_EVENT, flags: int = 0) -> bytes:
+    """One v2 frame (EVENT by default). crc32 covers topic bytes then payload bytes."""
+    t = _topic_bytes(topic) if kind == KIND_EVENT else (topic.encode() if isinstance(topic, str) else bytes(topic))
+    _check_priority(priority)
+    if not 0 <= event_id < 1 << 64:
+        raise EncodeError(f"event_id {event_id!r} is not allowed; allowed: 0..2**64-1 (0 = none)")
+    if not 0 <= timestamp_ns < 1 << 64:
+        raise EncodeError(f"timestamp_ns {timestamp_ns!r} is not allowed; allowed: 0..2**64-1 (0 = unknown)")
+    crc = zlib.crc32(payload, zlib.crc32(t))
+    return V2_HEAD.pack(V2_HEADER_BYTES + len(t) + len(payload), V2_MAGIC, kind, priority, flags,
+                        event_id, timestamp_ns, len(t), crc) + t + payload
+
+
+def encode_ack(count: int) -> bytes:
+    """Server -> client: `count` EVENT frames accepted from this connection so far (cumulative)."""
+    return V2_HEAD.pack(V2_HEADER_BYTES, V2_MAGIC, KIND_ACK, 0, 0, count, 0, 0, 0)
+
+
+def encode_nack(index: int, reason: str) -> bytes:
+    """Server -> client: frame number `index` (1-based on this connection) was rejected for `reason`."""
+    r = reason.encode("utf-8")
+    return V2_HEAD.pack(V2_HEADER_BYTES + len(r), V2_MAGIC, KIND_NACK, 0, 0, index, 0, 0, zlib.crc32(r)) + r
+
+
+def encode_nacks(indices: np.ndarray, reason: str) -> bytes:
+    """Many NACK frames with one reason, built as one numpy array (no per-frame Python)."""
+    r = reason.encode("utf-8")
+    n = len(indices)
+    if n == 0:
+        return b""
+    dt = np.dtype([("h", V2_HEADER_DTYPE), ("r", "V%d" % len(r))]) if r else np.dtype([("h", V2_HEADER_DTYPE)])
+    out = np.zeros(n, dtype=dt)
+    h = out["h"]
+    h["length"] = V2_HEADER_BYTES + len(r)
+    h["magic"] = V2_MAGIC
+    h["kind"] = KIND_NACK
+    h["event_id"] = np.asarray(indices, dtype=np.uint64)
+    h["crc32"] = zlib.crc32(r)
+    if r:
+        out["r"] = np.void(r)
+    return out.tobytes()
+
+
+def encode_many(version: int, topic: str | bytes, payloads: Sequence[bytes], priorities: Sequence[int] | int = 2,
+                event_ids: Sequence[int] | None = None, timestamp_ns: int = 0) -> bytes:
+    """A run of frames on one topic, concatenated (load tools and benchmarks)."""
+    prios = [priorities] * len(payloads) if isinstance(priorities, int) else list(priorities)
+    if version == 1:
+        return b"".join(encode_v1(topic, p, pr) for p, pr in zip(payloads, prios))
+    ids = event_ids if event_ids is not None else [0] * len(payloads)
+    return b"".join(encode_v2(topic, p, pr, e, timestamp_ns) for p, pr, e in zip(payloads, prios, ids))
+
+
+def split_control_frames(buf: bytearray) -> list[tuple[int, int, bytes]]:
+    """Pop complete server->client frames (kind, event_id, payload) off the front of `buf`.
+
+    Used by clients; ACK/NACK traffic is small, so one struct call per frame is fine here.
+    Raises ValueError on a frame that is not v2 (the server only ever sends v2).
+    """
+    out = []
+    pos = 0
+    n = len(buf)
+    while n - pos >= LENGTH_BYTES + V2_HEADER_BYTES:
+        length, magic, kind, _prio, _flags, eid, _ts, tlen, _crc = V2_HEAD.unpack_from(buf, pos)
+        if magic != V2_MAGIC or length < V2_HEADER_BYTES:
+            raise ValueError(f"server sent a frame that is not v2 (first byte {magic:#04x}, length {length})")
+        end = pos + LENGTH_BYTES + length
+        if end > n:
+            break
+        out.append((kind, eid, bytes(buf[pos + LENGTH_BYTES + V2_HEADER_BYTES + tlen:end])))
+        pos = end
+    del buf[:pos]
+    return out
