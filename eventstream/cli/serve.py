@@ -1,29 +1,39 @@
-"""`eventstream serve`: run the service until SIGTERM/SIGINT."""
+"""`eventstream serve`: run the engine until SIGTERM/SIGINT.
+
+First signal: stop accepting, drain the queues, flush storage and windows, log a summary, exit 0.
+Second signal: exit at once with code 130.
+"""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
 
 from eventstream import log as logmod
 from eventstream.cli.config import load_or_report
-from eventstream.cli.main import EXIT_USAGE, add_config_args
+from eventstream.cli.main import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, add_config_args
 from eventstream.runtime import gil
 
 
 def register(sub) -> None:
-    p = sub.add_parser("serve", help="run the engine (TCP, UDP, processors, storage, metrics)")
+    p = sub.add_parser("serve", help="run the engine (TCP, UDP, processors, storage, metrics)",
+                       description="Run the engine until SIGTERM/SIGINT (drains, flushes, exit 0); "
+                                   "a second signal exits at once with code 130.")
     add_config_args(p)
     p.add_argument("--port", type=int, help="TCP port (shortcut for --set server.tcp.port=N)")
     p.add_argument("--udp-port", type=int, help="UDP port (shortcut for --set server.udp.port=N)")
+    p.add_argument("--metrics-port", type=int, help="metrics port (shortcut for --set metrics.port=N)")
     p.add_argument("--data-dir", help="data directory (shortcut for --set storage.data_dir=DIR)")
     p.add_argument("--allow-gil", action="store_true", help="run even if the GIL is on (comparisons only)")
+    p.add_argument("--ready-file", help="write 'tcp_port udp_port metrics_port' here once serving (for scripts)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    for flag, key in (("port", "server.tcp.port"), ("udp_port", "server.udp.port"), ("data_dir", "storage.data_dir")):
+    for flag, key in (("port", "server.tcp.port"), ("udp_port", "server.udp.port"),
+                      ("metrics_port", "metrics.port"), ("data_dir", "storage.data_dir")):
         value = getattr(args, flag)
         if value is not None:
             args.overrides.append(f"{key}={value}")
@@ -33,23 +43,49 @@ def run(args) -> int:
     logmod.configure(cfg.logging.level, cfg.logging.format, file=cfg.logging.file)
     log = logmod.get_logger("eventstream.serve")
     gil.require_gil_off(args.allow_gil, "eventstream serve")
+
+    from eventstream.engine.handlers import HandlerError
+    from eventstream.service import Service, StartupError
+
+    # importing the engine pulled in atomics/cffi: check again
+    gil.require_gil_off(args.allow_gil, "eventstream serve")
     stop = threading.Event()
+    signals = {"count": 0}
 
     def on_signal(signum, frame):
-        log.info("signal", signal=signal.Signals(signum).name)
+        signals["count"] += 1
+        if signals["count"] > 1:
+            log.warning("second_signal_exit_now", signal=signal.Signals(signum).name)
+            sys.stderr.flush()
+            os._exit(EXIT_INTERRUPTED)
+        log.info("signal_received", signal=signal.Signals(signum).name, action="draining")
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    plan = {
-        "tcp": f"{cfg.server.tcp.host}:{cfg.server.tcp.port}" if cfg.server.tcp.enabled else "off",
-        "udp": f"{cfg.server.udp.host}:{cfg.server.udp.port}" if cfg.server.udp.enabled else "off",
-        "threads": {role: cpus or "any" for role, cpus in vars(cfg.affinity).items()},
-        "gil_enabled": gil.gil_enabled(),
-    }
-    log.info("serve_plan", **plan)
-    while not stop.wait(0.5):
-        pass
-    log.info("stopped")
-    sys.stderr.flush()
+    svc = Service(cfg, allow_gil=args.allow_gil)
+    try:
+        svc.start()
+    except (StartupError, HandlerError) as exc:
+        log.error("startup_failed", error=str(exc))
+        print(f"eventstream: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:
+        log.exception("startup_failed")
+        print(f"eventstream: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.ready_file:
+        ports = [svc.tcp.address[1] if svc.tcp else 0, svc.udp.address[1] if svc.udp else 0,
+                 svc.exporter.address[1] if cfg.metrics.enabled else 0]
+        tmp = args.ready_file + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(" ".join(map(str, ports)) + "\n")
+        os.replace(tmp, args.ready_file)
+    while not stop.wait(0.2):
+        failed = svc.failures()
+        if failed:
+            log.error("thread_failed", failures=failed)
+            svc.stop(drain=False)
+            return EXIT_FAILURE
+    svc.stop()
     return 0

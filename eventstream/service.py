@@ -1,0 +1,265 @@
+"""Service: the whole engine built from a Config, started and stopped in the right order.
+
+    start:  storage (recovery) → DLQ → rings/bus → processors → dispatcher → TCP/UDP ingest
+            → control thread → metrics endpoint
+    stop:   ingest (stop reading, final ACKs) → dispatcher drains the ingest ring → processors drain
+            their queues → batch windows flushed → event log and DLQ flushed and closed → summary
+
+Nothing that ingest accepted (and ACKed) is lost on a clean stop: it is in events.bin or the DLQ.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import structlog
+
+from eventstream.config import Config
+from eventstream.core.records import record_dtype
+from eventstream.core.ring import MpscRing, Overflow
+from eventstream.core.topics import TopicTable
+from eventstream.engine.bus import QUEUE_NAMES, EventBusMulti
+from eventstream.engine.control import Backpressure, ControlThread, Level, Sample
+from eventstream.engine.dispatcher import Dispatcher
+from eventstream.engine.dlq import DeadLetterLog
+from eventstream.engine.manager import ProcessManager
+from eventstream.engine.processors import Sinks
+from eventstream.ingest.admission import Admission
+from eventstream.ingest.tcp import TcpServer
+from eventstream.ingest.udp import UdpServer
+from eventstream.metrics.registry import MetricsRegistry
+from eventstream.runtime import gil
+from eventstream.storage.writer import EventLog
+
+log = structlog.get_logger("eventstream.service")
+
+
+class StartupError(RuntimeError):
+    """The service cannot start (port in use, bad handler, unwritable data dir...)."""
+
+
+class LevelActions:
+    """What each backpressure level does (cumulative as the level rises):
+
+    ELEVATED   add a transactional and a batch worker (up to max_workers)
+    DEGRADED   pause TCP reads: clients are pushed back by TCP flow control, nothing is dropped
+    CRITICAL   drop BATCH-priority events to the DLQ (reason "backpressure")
+    EMERGENCY  admit only CRITICAL events
+    """
+
+    def __init__(self, service: Service):
+        self.service = service
+
+    def on_level(self, level: Level, previous: Level) -> None:
+        svc = self.service
+        if level >= Level.ELEVATED and previous < Level.ELEVATED:
+            for tier in ("transactional", "batch"):
+                svc.manager.add_worker(tier)
+        svc.admission.paused = level >= Level.DEGRADED
+        if level >= Level.EMERGENCY:
+            svc.admission.min_priority = 4
+        elif level >= Level.CRITICAL:
+            svc.admission.min_priority = 1
+        else:
+            svc.admission.min_priority = 0
+        svc.metrics.set_state(int(level), level.name, int(previous), previous.name)
+
+
+class Service:
+    def __init__(self, cfg: Config, *, handlers: dict | None = None, allow_gil: bool = False):
+        self.cfg = cfg
+        self.handlers = handlers
+        self.allow_gil = allow_gil
+        self.topics = TopicTable()
+        self.dtype = record_dtype(cfg.records.payload_bytes)
+        self.started = False
+        self._closers: list = []
+        self.tcp = self.udp = self.control = None
+        self._last_sample = (0, 0, time.monotonic())
+
+    # ------------------------------------------------------------------------------------ sinks
+    def drop(self, records: np.ndarray, reason) -> None:
+        """Every dropped or failed event: dead-letter log + events_dropped_total{reason}."""
+        if len(records) == 0:
+            return
+        if isinstance(reason, str):
+            self.dlq.write(records, reason, self.topics)
+            self.metrics.dropped(reason, len(records))
+        else:
+            self.dlq.write_each(records, list(reason), self.topics)
+            for r in reason:
+                self.metrics.dropped(r.split(":", 1)[0] if ":" in r else r, 1)
+
+    def on_reject(self, rejections) -> None:
+        """Frames ingest refused (content errors, backpressure): one DLQ line each."""
+        for rj in rejections:
+            self.dlq.write_line(rj.event_id, rj.topic, rj.priority, rj.reason)
+            self.metrics.dropped(rj.reason.split(":", 1)[0], 1)
+
+    def _processed(self, queue: str, records: np.ndarray) -> None:
+        now = time.monotonic_ns()
+        self.metrics.processed(queue, len(records), now - records["ingest_ts"].astype(np.int64))
+
+    # ------------------------------------------------------------------------------------ lifecycle
+    def start(self) -> Service:
+        cfg = self.cfg
+        gil.require_gil_off(self.allow_gil, "the eventstream engine")
+        data = Path(cfg.storage.data_dir)
+        try:
+            data.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(f"storage.data_dir: cannot create {data} ({exc.strerror}); "
+                               "allowed: a writable directory") from None
+        try:
+            self._start(data)
+        except BaseException:
+            self.stop(drain=False)
+            raise
+        self.started = True
+        return self
+
+    def _start(self, data: Path) -> None:
+        cfg = self.cfg
+        self.metrics = MetricsRegistry()
+        self.dlq = DeadLetterLog(data / cfg.storage.dlq_file)
+        self._closers.append(self.dlq.close)
+        st = cfg.storage
+        self.event_log = EventLog(data / st.events_file, dtype=self.dtype, topics=self.topics,
+                                  flush_events=st.flush_events, flush_interval_ms=st.flush_interval_ms,
+                                  fsync=st.fsync, fsync_interval_ms=st.fsync_interval_ms)
+        self._closers.append(self.event_log.close)
+        qi = cfg.queues.ingest
+        self.ingest_ring = MpscRing(qi.capacity, self.dtype, overflow=Overflow[qi.overflow],
+                                    block_timeout=qi.block_timeout_ms / 1000.0, wait=cfg.queues.wait_strategy,
+                                    node=cfg.numa.node, name="ingest")
+        self._closers.append(self.ingest_ring.close)
+        self.bus = EventBusMulti(cfg, self.dtype)
+        self._closers.append(self.bus.close)
+        self.admission = Admission()
+        sinks = Sinks(self.topics, store=self.event_log.append, drop=self.drop, processed=self._processed,
+                      dedup_hit=self.metrics.dedup_hits)
+        try:
+            self.manager = ProcessManager(cfg, self.bus, sinks, handlers=self.handlers)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
+        self._register_gauges()
+        self.manager.start()
+        self.dispatcher = Dispatcher(self.ingest_ring, self.bus, self.drop, admission=self.admission,
+                                     cpus=cfg.affinity.dispatcher, max_batch=cfg.queues.max_batch)
+        self.dispatcher.start()
+        aff, pb = cfg.affinity, cfg.records.payload_bytes
+        if cfg.server.tcp.enabled:
+            self.tcp = TcpServer(cfg.server.tcp, self.ingest_ring, self.topics, admission=self.admission,
+                                 on_reject=self.on_reject, cpus=aff.acceptor, reader_cpus=aff.ingest,
+                                 payload_bytes=pb)
+            self._start_server(self.tcp, "server.tcp")
+        if cfg.server.udp.enabled:
+            self.udp = UdpServer(cfg.server.udp, self.ingest_ring, self.topics, admission=self.admission,
+                                 on_reject=self.on_reject, cpus=aff.udp, payload_bytes=pb)
+            self._start_server(self.udp, "server.udp")
+        self.backpressure = Backpressure(cfg.backpressure)
+        self.control = ControlThread(self.backpressure, self.sample, LevelActions(self),
+                                     interval_ms=cfg.backpressure.interval_ms, cpus=aff.control)
+        self.control.start()
+        if cfg.metrics.enabled:
+            try:
+                self.exporter = self.metrics.serve(cfg.metrics.host, cfg.metrics.port, cfg.metrics.path)
+            except OSError as exc:
+                raise StartupError(f"metrics.port: cannot listen on {cfg.metrics.host}:{cfg.metrics.port} "
+                                   f"({exc.strerror}); allowed: a free port, or metrics.enabled: false") from None
+            self._closers.append(self.exporter.stop)
+        log.info("service_started", tcp=self.tcp.address if self.tcp else None,
+                 udp=self.udp.address if self.udp else None, data_dir=str(data),
+                 metrics=self.exporter.address if cfg.metrics.enabled else None,
+                 workers=self.manager.worker_counts(), pid=os.getpid())
+
+    def _start_server(self, server, key: str) -> None:
+        try:
+            server.start()
+        except OSError as exc:
+            host, port = server.config.host, server.config.port
+            raise StartupError(f"{key}.port: cannot bind {host}:{port} ({exc.strerror}); "
+                               f"allowed: a free port (or 0 for any)") from None
+
+    def _register_gauges(self) -> None:
+        m = self.metrics
+        for name in QUEUE_NAMES:
+            m.gauge_fn("queue_depth", {"queue": name}, lambda q=self.bus[name]: q.depth)
+        m.gauge_fn("queue_depth", {"queue": "ingest"}, lambda: self.ingest_ring.depth)
+        m.counter_fn("backpressure_drops", lambda: self._ingest_stat("backpressure_drops"))
+
+    def _ingest_stat(self, key: str) -> int:
+        total = 0
+        for srv in (self.tcp, self.udp):
+            if srv is not None:
+                total += int(srv.statistics().get(key, 0))
+        return total
+
+    def sample(self) -> Sample:
+        """Metrics the control thread evaluates: depth fraction, drop rate since the last sample."""
+        received, dropped = self.metrics.received_total(), self.metrics.dropped_total()
+        r0, d0, _ = self._last_sample
+        self._last_sample = (received, dropped, time.monotonic())
+        offered = (received - r0) + (dropped - d0)
+        depth = max(self.bus.depth, self.ingest_ring.depth)
+        return Sample(depth=depth / self.cfg.backpressure.max_queue_depth,
+                      drop_rate=(dropped - d0) / offered if offered else 0.0,
+                      processed=self.metrics.processed_total(), p99_ns=self.metrics.p99_ns("realtime"))
+
+    def stop(self, drain: bool = True, timeout: float = 60.0) -> dict:
+        """Stop in dependency order; with `drain`, everything accepted is processed or dead-lettered."""
+        t0 = time.monotonic()
+        for srv in (self.tcp, self.udp):
+            if srv is not None:
+                try:
+                    srv.stop()
+                except Exception:
+                    log.exception("ingest_stop_failed")
+        if getattr(self, "control", None) is not None:
+            self.control.stop()
+        disp = getattr(self, "dispatcher", None)
+        if disp is not None:
+            disp.stop()
+            disp.join(timeout)
+        mgr = getattr(self, "manager", None)
+        if mgr is not None:
+            mgr.stop(timeout)
+        summary = self.summary()
+        for close in reversed(self._closers):
+            try:
+                close()
+            except Exception:
+                log.exception("close_failed")
+        self._closers.clear()
+        if self.started:
+            log.info("service_stopped", seconds=round(time.monotonic() - t0, 3), **summary)
+        self.started = False
+        return summary
+
+    def failures(self) -> list[str]:
+        """Threads that died with an error (the service should then stop)."""
+        out = [f"{name}: {exc!r}" for name, exc in self.manager.errors()] if hasattr(self, "manager") else []
+        disp = getattr(self, "dispatcher", None)
+        if disp is not None and disp.error is not None:
+            out.append(f"{disp.name}: {disp.error!r}")
+        return out
+
+    def summary(self) -> dict:
+        m = getattr(self, "metrics", None)
+        if m is None:
+            return {}
+        return {"received": m.received_total(), "processed": m.processed_total(),
+                "dropped": m.dropped_total(), "dropped_by_reason": m.dropped_by_reason(),
+                "dedup_hits": m.dedup_hits_total()}
+
+    def __enter__(self) -> Service:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+

@@ -1,0 +1,96 @@
+"""EventBusMulti routing and the dispatcher."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from eventstream.config import load_config
+from eventstream.core.ring import MpscRing
+from eventstream.engine.bus import EventBusMulti
+from eventstream.engine.dispatcher import Dispatcher
+from eventstream.ingest.admission import Admission
+
+from .conftest import DTYPE, make_records
+
+
+def drain(queue):
+    out = []
+    for ring in queue.rings:
+        got = ring.take(1 << 20, 0.0)
+        if len(got):
+            out.append(got)
+    return np.concatenate(out) if out else np.zeros(0, DTYPE)
+
+
+def test_routes_by_priority(small_cfg, topics):
+    bus = EventBusMulti(small_cfg, DTYPE)
+    try:
+        recs = make_records(topics, 50, priority=0)
+        recs["priority"] = np.arange(50) % 5
+        assert bus.publish(recs) == []
+        rt, tx, bt = drain(bus["realtime"]), drain(bus["transactional"]), drain(bus["batch"])
+        assert sorted(set(rt["priority"].tolist())) == [3, 4]
+        assert set(tx["priority"].tolist()) == {2}
+        assert sorted(set(bt["priority"].tolist())) == [0, 1]
+        assert len(rt) + len(tx) + len(bt) == 50
+        # order inside a queue is kept
+        assert np.all(np.diff(rt["seq"].astype(np.int64)) > 0)
+    finally:
+        bus.close()
+
+
+def test_partitions_keep_a_topic_in_one_ring(small_cfg, topics):
+    bus = EventBusMulti(small_cfg, DTYPE)
+    try:
+        names = [f"topic.{i % 7}" for i in range(140)]
+        bus.publish(make_records(topics, 140, topic=names, priority=2))
+        q = bus["transactional"]
+        assert q.partitions == small_cfg.processors.transactional.max_workers
+        seen = {}
+        for p, ring in enumerate(q.rings):
+            for tid in ring.take(1 << 20, 0.0)["topic_id"].tolist():
+                assert seen.setdefault(tid, p) == p
+        assert len(seen) == 7
+    finally:
+        bus.close()
+
+
+def test_overflow_is_returned_with_a_reason(small_cfg, topics):
+    cfg = load_config(environ={}, overrides={"records.payload_bytes": 32, "queues.batch.capacity": 16,
+                                             "processors.batch.max_workers": 1})
+    bus = EventBusMulti(cfg, DTYPE)
+    try:
+        refused = bus.publish(make_records(topics, 20, priority=1))
+        assert len(refused) == 1
+        recs, reason = refused[0]
+        assert reason == "overflow:batch" and len(recs) == 4
+        assert recs["seq"].tolist() == [17, 18, 19, 20]  # DROP_NEW refuses the newest
+    finally:
+        bus.close()
+
+
+def test_dispatcher_stamps_seq_filters_and_routes(small_cfg, topics):
+    bus = EventBusMulti(small_cfg, DTYPE)
+    source = MpscRing(1024, DTYPE)
+    dropped = []
+    adm = Admission()
+    disp = Dispatcher(source, bus, lambda r, why: dropped.append((r.copy(), why)), admission=adm, seq_base=1000)
+    try:
+        recs = make_records(topics, 100, priority=0)
+        recs["priority"] = np.arange(100) % 5
+        recs["seq"] = 0
+        adm.min_priority = 1  # CRITICAL level: BATCH priority is dropped
+        assert len(source.put_batch(recs)) == 0
+        disp.start()
+        disp.stop()
+        disp.join(30)
+        assert not disp.is_alive() and disp.error is None
+        assert disp.received == 100
+        got = np.concatenate([drain(bus[q]) for q in ("realtime", "transactional", "batch")])
+        dr = np.concatenate([d[0] for d in dropped])
+        assert {d[1] for d in dropped} == {"backpressure"}
+        assert set(dr["priority"].tolist()) == {0} and len(dr) == 20
+        assert sorted(got["seq"].tolist() + dr["seq"].tolist()) == list(range(1000, 1100))
+    finally:
+        source.close()
+        bus.close()
