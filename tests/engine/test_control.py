@@ -1,0 +1,181 @@
+"""Control plane: the transition table (strictness, jumps, hysteresis, warm-up) and the control thread."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import pytest
+
+from eventstream.config import BackpressureConfig
+from eventstream.engine.control import Backpressure, ControlThread, Level, RateSampler, Sample
+
+H, E, D, C, X = Level.HEALTHY, Level.ELEVATED, Level.DEGRADED, Level.CRITICAL, Level.EMERGENCY
+MAXQ = 5000
+
+
+def s(depth_frac=0.0, drop=0.0, processed=10_000):
+    return Sample(depth=round(depth_frac * MAXQ), drop_rate=drop, processed=processed)
+
+
+def machine(level=H):
+    bp = Backpressure(BackpressureConfig())
+    bp.level = level
+    return bp
+
+
+@pytest.mark.parametrize("sample, expected", [
+    # drop-rate thresholds: >1 %, >2 %, >=4 %, >=10 %
+    (s(drop=0.01), H), (s(drop=0.0101), E),
+    (s(drop=0.02), E), (s(drop=0.0201), D),
+    (s(drop=0.0399), D), (s(drop=0.04), C),
+    (s(drop=0.0999), C), (s(drop=0.10), X),
+    # depth thresholds: >50 %, >75 %, >=100 %, >150 %
+    (s(0.50), H), (s(0.5002), E),
+    (s(0.75), E), (s(0.7502), D),
+    (s(0.9998), D), (s(1.00), C),
+    (s(1.50), C), (s(1.5002), X),
+    # either metric is enough; the higher level wins
+    (s(0.6, drop=0.05), C), (s(1.6, drop=0.0), X),
+])
+def test_from_healthy_jumps_to_highest_exceeded_level(sample, expected):
+    bp = machine()
+    t = bp.evaluate(sample)
+    assert bp.level == expected
+    assert (t is None) == (expected == H)
+    if t is not None:
+        assert (t.previous, t.level) == (H, expected) and t.reason.startswith("up: ")
+
+
+def test_steps_up_from_intermediate_level():
+    bp = machine(E)
+    t = bp.evaluate(s(drop=0.05))
+    assert (t.previous, t.level) == (E, C)
+    assert bp.evaluate(s(drop=0.05)) is None  # stays
+
+
+@pytest.mark.parametrize("level, stays, leaves", [
+    # recovery needs BOTH metrics below threshold x 0.8 of the level being left
+    (E, s(0.40, drop=0.0), s(0.3998, drop=0.0079)),
+    (E, s(0.1, drop=0.008), s(0.1, drop=0.0079)),
+    (D, s(0.60, drop=0.0), s(0.5998, drop=0.0)),
+    (D, s(0.1, drop=0.016), s(0.1, drop=0.0159)),
+    (C, s(0.80, drop=0.0), s(0.7998, drop=0.0)),
+    (C, s(0.1, drop=0.032), s(0.1, drop=0.0319)),
+    (X, s(1.20, drop=0.0), s(1.1998, drop=0.0)),
+    (X, s(0.1, drop=0.08), s(0.1, drop=0.0799)),
+])
+def test_hysteresis_holds_level_until_below_threshold_times_recovery_factor(level, stays, leaves):
+    bp = machine(level)
+    assert bp.evaluate(stays) is None and bp.level == level
+    t = bp.evaluate(leaves)
+    assert (t.previous, t.level) == (level, Level(level - 1)) and t.reason.startswith("down: ")
+
+
+def test_steps_down_one_level_per_evaluation():
+    bp = machine()
+    assert bp.evaluate(s(2.0)).level == X
+    seen = [bp.evaluate(s()).level for _ in range(4)]
+    assert seen == [C, D, E, H]
+    assert bp.evaluate(s()) is None
+    assert bp.transitions[(X, C)] == 1 and bp.transitions[(H, X)] == 1
+
+
+def test_hovering_at_threshold_does_not_flap():
+    bp = machine()
+    levels = [bp.evaluate(x) for x in (s(0.51), s(0.49), s(0.51), s(0.45), s(0.52), s(0.41))]
+    assert [t and t.level for t in levels] == [E, None, None, None, None, None]
+    assert bp.evaluate(s(0.39)).level == H
+
+
+def test_no_decision_during_warm_up():
+    bp = machine()
+    assert bp.evaluate(s(2.0, drop=0.5, processed=999)) is None and bp.level == H
+    assert bp.evaluate(s(2.0, drop=0.5, processed=1000)).level == X
+    assert bp.evaluate(s(0.0, processed=10)) is None and bp.level == X  # no decision either way
+
+
+def test_thresholds_come_from_config():
+    cfg = BackpressureConfig(max_queue_depth=100, min_events_for_evaluation=0, recovery_factor=0.5)
+    cfg.elevated.depth = 0.1
+    bp = Backpressure(cfg)
+    assert bp.evaluate(Sample(depth=11, drop_rate=0.0, processed=0)).level == E
+    assert bp.evaluate(Sample(depth=6, drop_rate=0.0, processed=0)) is None
+    assert bp.evaluate(Sample(depth=4, drop_rate=0.0, processed=0)).level == H
+
+
+def test_rate_sampler_uses_interval_deltas():
+    counters = iter([(1000, 0, 900, 10, 5.0), (2000, 50, 1900, 20, 6.0), (2000, 50, 2000, 0, 0.0), (2000, 60, 2000, 0, 0)])
+    sampler = RateSampler(lambda: next(counters))
+    assert sampler().drop_rate == 0.0
+    x = sampler()
+    assert x.drop_rate == pytest.approx(0.05) and (x.depth, x.processed, x.p99_ns) == (20, 1900, 6.0)
+    assert sampler().drop_rate == 0.0
+    assert sampler().drop_rate == 1.0  # drops with nothing received: clamped
+
+
+class RecordingActions:
+    def __init__(self, expected: int):
+        self.calls: list[tuple[Level, Level]] = []
+        self.expected = expected
+        self.done = threading.Event()
+
+    def on_level(self, level, previous):
+        self.calls.append((previous, level))
+        if level == D and len(self.calls) == 2:
+            raise RuntimeError("action failed")  # must not stop the thread
+        if len(self.calls) >= self.expected:
+            self.done.set()
+
+
+def test_control_thread_drives_actions_from_a_sample_source():
+    samples: queue.Queue = queue.Queue()
+    script = [s(0.1), s(0.6), s(0.8), s(0.8), s(0.1), s(0.1), s(0.1)]
+    for x in script:
+        samples.put(x)
+    exhausted = threading.Event()
+
+    def source():
+        try:
+            return samples.get_nowait()
+        except queue.Empty:
+            exhausted.set()
+            return s(0.1)
+
+    seen = []
+    actions = RecordingActions(expected=4)
+    bp = Backpressure(BackpressureConfig())
+    thread = ControlThread(bp, source, actions, interval_ms=1, on_transition=seen.append)
+    thread.start()
+    try:
+        assert actions.done.wait(30), f"only {actions.calls} after 30 s"
+        assert exhausted.wait(30)
+    finally:
+        thread.stop()
+        thread.join(10)
+    assert not thread.is_alive()
+    assert actions.calls == [(H, E), (E, D), (D, E), (E, H)]
+    assert [(t.previous, t.level) for t in seen] == actions.calls
+    assert thread.failures == 1 and bp.level == H
+
+
+def test_control_thread_survives_a_failing_sample_source():
+    calls = {"n": 0}
+    done = threading.Event()
+
+    def source():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError("metrics unavailable")
+        done.set()
+        return s(2.0)
+
+    bp = Backpressure(BackpressureConfig())
+    thread = ControlThread(bp, source, None, interval_ms=1)
+    thread.start()
+    try:
+        assert done.wait(30)
+    finally:
+        thread.stop()
+        thread.join(10)
+    assert not thread.is_alive() and thread.failures == 1 and bp.level == X
