@@ -169,18 +169,23 @@ class FrameDecoder:
         offs, lens, pos, fatal = scan(src, 0, end, self.max_frame_bytes)
         records, indices, errors, bad_at = decode_frames(
             self, src, offs, lens, self.frames_seen + 1)
-        self.frames_seen += len(offs) if bad_at is None else bad_at
-        if bad_at is not None:
-            fatal = errors.pop().reason  # a header whose topic runs past the frame end
-        if fatal is not None:
-            self.frames_seen += 1
-            errors.append(FrameError(self.frames_seen, True, fatal))
+        if bad_at is not None:  # a header whose topic runs past the frame end: already the last error
+            self.frames_seen += bad_at + 1
+            self.failed = True
+            self._buf = bytearray()
+        elif fatal is not None:
+            self.frames_seen += len(offs) + 1
+            version = 2 if end - pos > 4 and src[pos + 4] == V2_MAGIC else 0
+            errors.append(FrameError(self.frames_seen, True, fatal, version=version))
             self.failed = True
             self._buf = bytearray()
         elif src is self._buf:
+            self.frames_seen += len(offs)
             del src[:pos]
-        elif pos < end:
-            self._buf = bytearray(memoryview(data)[pos:])
+        else:
+            self.frames_seen += len(offs)
+            if pos < end:
+                self._buf = bytearray(memoryview(data)[pos:])
         return records, indices, errors
 
     # topic interning with a per-decoder cache (one dict lookup per distinct topic per batch)

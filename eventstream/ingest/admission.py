@@ -1,0 +1,94 @@
+"""Admission: the engine's backpressure signals as plain attributes, and the rejection record.
+
+The control thread writes the attributes; ingest readers only read them (a plain attribute read is
+atomic on free-threaded CPython and costs nothing compared with a lock or an atomics call). A reader
+may act on a value one batch late; that is fine for flow control.
+
+* ``paused``: TCP readers stop reading their sockets, so the kernel buffers fill and TCP flow control
+  pushes back on clients; nothing is dropped. UDP has no flow control: its reader KEEPS READING while
+  paused and rejects every frame with reason "paused" (counted in backpressure_drops, sent to
+  on_reject for the dead-letter log). Why: if it stopped reading, the kernel would drop datagrams once
+  SO_RCVBUF fills, silently and without ids; reading and rejecting keeps every loss visible.
+* ``min_priority``: frames with a lower priority are rejected with reason "backpressure" (NACK on v2,
+  on_reject, backpressure_drops).
+* ``allowed_priorities``: None (all) or a set of priorities admitted; others are rejected the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import numpy as np
+
+from eventstream.core.records import PRIORITY_NAMES
+
+REASON_BACKPRESSURE = "backpressure"
+REASON_PAUSED = "paused"
+
+
+class Admission:
+    """Signals from the control thread to ingest readers (plain attributes; see module docstring)."""
+
+    def __init__(self, *, paused: bool = False, min_priority: int = 0,
+                 allowed_priorities: frozenset[int] | None = None):
+        self.paused = paused
+        self.min_priority = min_priority
+        self.allowed_priorities = allowed_priorities
+
+    def refused_mask(self, priorities: np.ndarray) -> np.ndarray | None:
+        """Boolean mask of records to reject for backpressure, or None when all are admitted."""
+        lo = self.min_priority
+        allowed = self.allowed_priorities
+        mask = None
+        if lo > 0:
+            mask = priorities < lo
+        if allowed is not None:
+            extra = ~np.isin(priorities, np.fromiter(allowed, dtype=np.uint8, count=len(allowed)))
+            mask = extra if mask is None else (mask | extra)
+        if mask is not None and not mask.any():
+            return None
+        return mask
+
+    def __repr__(self) -> str:
+        return (f"Admission(paused={self.paused}, min_priority={self.min_priority}, "
+                f"allowed_priorities={self.allowed_priorities})")
+
+
+class Rejection(NamedTuple):
+    """A frame that did not decode (content or framing error), with what could be parsed."""
+
+    conn_id: int
+    index: int  # 1-based frame number on the connection (or UDP socket)
+    event_id: int
+    topic: str
+    priority: int  # -1 = not parsed
+    reason: str
+    fatal: bool = False
+    version: int = 0
+
+
+# on_reject(records, reason, rejections): records = decoded records refused as a group (reason says
+# why: "backpressure", "paused", or "sink full"), None when there are none; rejections = frames that
+# failed to decode. Called once per batch by the reader thread that saw them; must not block long.
+RejectCallback = Callable[[np.ndarray | None, str, list[Rejection]], None]
+
+
+def dead_letter_lines(records: np.ndarray | None, reason: str, rejections: list[Rejection],
+                      topic_names: Callable[[np.ndarray], list[str]]) -> list[str]:
+    """Dead-letter log lines ``id=<id> topic=<topic> priority=<n> reason=<reason>`` for one callback.
+
+    `topic_names` is TopicTable.names. Records without an idempotency key (v1) show id=0.
+    """
+    lines = []
+    if records is not None and len(records):
+        names = topic_names(records["topic_id"])
+        for eid, topic, prio in zip(records["event_id"].tolist(), names, records["priority"].tolist()):
+            lines.append(f"id={eid} topic={topic} priority={prio} reason={reason}")
+    for r in rejections:
+        lines.append(f"id={r.event_id} topic={r.topic} priority={r.priority} reason={r.reason}")
+    return lines
+
+
+def priority_name(p: int) -> str:
+    return PRIORITY_NAMES[p] if 0 <= p < len(PRIORITY_NAMES) else str(p)

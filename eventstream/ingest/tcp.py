@@ -1,0 +1,164 @@
+"""TCP ingest server (:9000): one acceptor thread, N reader threads, both pinned from config.
+
+The acceptor only accepts and hands sockets round-robin to readers (see connection.py for the reader
+loop, ACK/NACK and backpressure). Past max_connections one more connection is accepted and closed at
+once with a log line, so a client sees a clean close instead of a hanging SYN, and the service keeps
+running.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import selectors
+import socket
+import threading
+
+import structlog
+
+from eventstream.config import TcpConfig
+from eventstream.core.topics import TopicTable
+from eventstream.ingest.admission import Admission
+from eventstream.ingest.connection import Reader
+from eventstream.ingest.delivery import Delivery, IngestStats, merge_stats
+from eventstream.runtime.affinity import pin_current_thread
+
+log = structlog.get_logger("eventstream.ingest.tcp")
+
+
+class BindError(OSError):
+    """The listening address cannot be bound (usually: the port is in use)."""
+
+
+def bind_error(kind: str, key: str, host: str, port: int, exc: OSError) -> BindError:
+    if exc.errno == errno.EADDRINUSE:
+        why = "is already in use"
+    elif exc.errno == errno.EACCES:
+        why = "needs privileges (ports below 1024)"
+    else:
+        why = f"cannot be bound ({exc.strerror})"
+    return BindError(exc.errno, f"{kind} {host}:{port} {why}; choose another port with {key} "
+                                f"(0 = any free port) or stop the process using it")
+
+
+class TcpServer:
+    def __init__(self, config: TcpConfig, sink, topics: TopicTable, *, admission: Admission | None = None,
+                 on_reject=None, cpus=None, reader_cpus=None, payload_bytes: int = 448):
+        self.config = config
+        self.sink = sink
+        self.topics = topics
+        self.admission = admission if admission is not None else Admission()
+        self.on_reject = on_reject
+        self.cpus = list(cpus or [])
+        self.reader_cpus = list(reader_cpus or [])
+        self.payload_bytes = payload_bytes
+        self._listener: socket.socket | None = None
+        self._acceptor: threading.Thread | None = None
+        self._readers: list[Reader] = []
+        self._stats: list[IngestStats] = []
+        self._stopping = threading.Event()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self.connections_total = 0
+        self.connections_refused = 0
+        self._address: tuple[str, int] | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._address is None:
+            raise RuntimeError("TcpServer.address is known after start()")
+        return self._address
+
+    def start(self) -> TcpServer:
+        cfg = self.config
+        sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((cfg.host, cfg.port))
+            sock.listen(cfg.backlog)
+        except OSError as exc:
+            sock.close()
+            raise bind_error("TCP", "server.tcp.port", cfg.host, cfg.port, exc) from None
+        sock.setblocking(False)
+        self._listener = sock
+        self._address = sock.getsockname()[:2]
+        for n in range(cfg.readers):
+            stats = IngestStats()
+            delivery = Delivery(self.sink, self.admission, self.on_reject, stats)
+            r = Reader(n, cfg, self.topics, delivery, stats, self.admission, self.reader_cpus, self.payload_bytes)
+            self._stats.append(stats)
+            self._readers.append(r)
+            r.start()
+        self._acceptor = threading.Thread(target=self._accept_loop, name="tcp-acceptor", daemon=True)
+        self._acceptor.start()
+        log.info("tcp_listening", host=self._address[0], port=self._address[1], readers=cfg.readers)
+        return self
+
+    def _open_connections(self) -> int:
+        return self.connections_total - sum(s.connections_closed for s in self._stats)
+
+    def _accept_loop(self) -> None:
+        pin_current_thread(self.cpus, "tcp-acceptor")
+        sel = selectors.DefaultSelector()
+        sel.register(self._listener, selectors.EVENT_READ)
+        sel.register(self._wake_r, selectors.EVENT_READ)
+        ids = itertools.count(1)
+        rr = itertools.cycle(self._readers)
+        try:
+            while not self._stopping.is_set():
+                for key, _ in sel.select(1.0):
+                    if key.fileobj is self._wake_r:
+                        continue
+                    while True:
+                        try:
+                            conn, peer = self._listener.accept()
+                        except (BlockingIOError, InterruptedError):
+                            break
+                        except OSError as exc:
+                            log.warning("accept_failed", error=str(exc))
+                            break
+                        if self._open_connections() >= self.config.max_connections:
+                            self.connections_refused += 1
+                            log.warning("connection_refused", peer=str(peer), reason="max_connections",
+                                        max_connections=self.config.max_connections)
+                            conn.close()
+                            continue
+                        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                        self.connections_total += 1
+                        next(rr).hand_over(conn, next(ids) & 0xFFFFFFFF, peer)
+        finally:
+            sel.close()
+
+    def stop(self, drain: bool = True, timeout: float = 5.0) -> None:
+        """Stop accepting; readers send final ACKs (drain) and close every connection."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+        if self._acceptor is not None:
+            self._acceptor.join(timeout)
+        if self._listener is not None:
+            self._listener.close()
+        for r in self._readers:
+            r.request_stop(drain)
+        for r in self._readers:
+            r.join(timeout)
+            if r.is_alive():
+                log.error("reader_did_not_stop", reader=r.name, timeout_s=timeout)
+        self._wake_r.close()
+        self._wake_w.close()
+        log.info("tcp_stopped", **self.statistics())
+
+    def statistics(self) -> dict:
+        out = merge_stats(self._stats)
+        out.update(connections_open=max(0, self._open_connections()), connections_total=self.connections_total,
+                   connections_refused=self.connections_refused)
+        return out
+
+    def __enter__(self) -> TcpServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
