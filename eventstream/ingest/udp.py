@@ -1,0 +1,263 @@
+"""UDP ingest server (:9001): one pinned thread, recvmmsg batches into preallocated buffers.
+
+Each datagram holds one or more complete frames of either version; there is no ACK/NACK. A datagram
+that ends inside a frame or carries a framing error is counted in datagrams_bad and logged (rate
+limited); the frames before the bad spot are kept and the socket keeps working. Content errors reject
+only their frame (on_reject, frames_rejected), as on TCP.
+
+recvmmsg is called through ctypes on libc (up to batch_datagrams datagrams per syscall, MSG_DONTWAIT
+after the selector reports the socket readable). Every ctypes object (iovecs, mmsghdrs) is built by the
+receiver thread itself and never shared: ctypes on 3.13t is not safe to share between threads. Where
+recvmmsg is unavailable, a loop of socket.recvmsg_into fills the same buffers.
+
+Backpressure while paused: the UDP reader keeps reading and rejects with reason "paused" (see
+admission.py for why).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import selectors
+import socket
+import threading
+import time
+
+import structlog
+
+from eventstream.config import UdpConfig
+from eventstream.core.topics import TopicTable
+from eventstream.ingest.admission import Admission
+from eventstream.ingest.delivery import Delivery, IngestStats, merge_stats
+from eventstream.ingest.tcp import bind_error
+from eventstream.protocol.decoder import FrameDecoder, FrameError, decode_frames, scan
+from eventstream.runtime.affinity import pin_current_thread
+
+log = structlog.get_logger("eventstream.ingest.udp")
+
+MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0x40)
+UDP_CONN_ID = 0
+
+
+class _IoVec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+class _MsgHdr(ctypes.Structure):
+    _fields_ = [("msg_name", ctypes.c_void_p), ("msg_namelen", ctypes.c_uint32),
+                ("msg_iov", ctypes.POINTER(_IoVec)), ("msg_iovlen", ctypes.c_size_t),
+                ("msg_control", ctypes.c_void_p), ("msg_controllen", ctypes.c_size_t), ("msg_flags", ctypes.c_int)]
+
+
+class _MMsgHdr(ctypes.Structure):
+    _fields_ = [("msg_hdr", _MsgHdr), ("msg_len", ctypes.c_uint)]
+
+
+def _load_recvmmsg():
+    """The libc recvmmsg prototype, built once at import (None where unavailable)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.recvmmsg
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.POINTER(_MMsgHdr), ctypes.c_uint, ctypes.c_int, ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_RECVMMSG = _load_recvmmsg()
+
+
+class _Receiver:
+    """Preallocated batch buffers + the per-thread ctypes structures (create inside the thread)."""
+
+    def __init__(self, sock: socket.socket, batch: int, slot: int, use_recvmmsg: bool):
+        self.sock = sock
+        self.batch = batch
+        self.slot = slot
+        self.buf = bytearray(batch * slot)
+        self.lengths = [0] * batch
+        self.mode = "recvmmsg" if use_recvmmsg and _RECVMMSG is not None else "recvmsg_into"
+        if self.mode == "recvmmsg":
+            base = ctypes.addressof((ctypes.c_char * len(self.buf)).from_buffer(self.buf))
+            self.iov = (_IoVec * batch)()
+            self.msgs = (_MMsgHdr * batch)()
+            for i in range(batch):
+                self.iov[i].iov_base = base + i * slot
+                self.iov[i].iov_len = slot
+                self.msgs[i].msg_hdr.msg_iov = ctypes.pointer(self.iov[i])
+                self.msgs[i].msg_hdr.msg_iovlen = 1
+        else:
+            mv = memoryview(self.buf)
+            self.views = [mv[i * slot:(i + 1) * slot] for i in range(batch)]
+
+    def receive(self) -> int:
+        """Datagrams now in the buffer (0 when none were waiting); lengths in self.lengths."""
+        if self.mode == "recvmmsg":
+            n = _RECVMMSG(self.sock.fileno(), self.msgs, self.batch, MSG_DONTWAIT, None)
+            if n < 0:
+                err = ctypes.get_errno()
+                if err in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
+                    return 0
+                raise OSError(err, f"recvmmsg failed: {errno.errorcode.get(err, err)}")
+            for i in range(n):
+                self.lengths[i] = self.msgs[i].msg_len
+            return n
+        n = 0
+        while n < self.batch:
+            try:
+                nbytes, _anc, _flags, _addr = self.sock.recvmsg_into([self.views[n]], 0, MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break
+            self.lengths[n] = nbytes
+            n += 1
+        return n
+
+
+class UdpServer:
+    def __init__(self, config: UdpConfig, sink, topics: TopicTable, *, admission: Admission | None = None,
+                 on_reject=None, cpus=None, payload_bytes: int = 448, max_frame_bytes: int = 1 << 20,
+                 use_recvmmsg: bool = True):
+        self.config = config
+        self.topics = topics
+        self.admission = admission if admission is not None else Admission()
+        self.cpus = list(cpus or [])
+        self.payload_bytes = payload_bytes
+        self.max_frame_bytes = max_frame_bytes
+        self.use_recvmmsg = use_recvmmsg
+        self.stats = IngestStats()
+        self.delivery = Delivery(sink, self.admission, on_reject, self.stats, udp=True)
+        self.recv_mode = ""
+        self.rcvbuf_effective = 0
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._address: tuple[str, int] | None = None
+        self._ready = threading.Event()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._address is None:
+            raise RuntimeError("UdpServer.address is known after start()")
+        return self._address
+
+    def start(self) -> UdpServer:
+        cfg = self.config
+        sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, cfg.rcvbuf_bytes)
+        try:
+            sock.bind((cfg.host, cfg.port))
+        except OSError as exc:
+            sock.close()
+            raise bind_error("UDP", "server.udp.port", cfg.host, cfg.port, exc) from None
+        self.rcvbuf_effective = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        if self.rcvbuf_effective < cfg.rcvbuf_bytes:
+            log.warning("udp_rcvbuf_capped", requested=cfg.rcvbuf_bytes, effective=self.rcvbuf_effective,
+                        hint="raise net.core.rmem_max to allow server.udp.rcvbuf_bytes")
+        sock.setblocking(False)
+        self._sock = sock
+        self._address = sock.getsockname()[:2]
+        self._thread = threading.Thread(target=self._run, name="udp-reader", daemon=True)
+        self._thread.start()
+        self._ready.wait(5.0)
+        log.info("udp_listening", host=self._address[0], port=self._address[1], mode=self.recv_mode)
+        return self
+
+    def _run(self) -> None:
+        pin_current_thread(self.cpus, "udp-reader")
+        cfg = self.config
+        rx = _Receiver(self._sock, cfg.batch_datagrams, cfg.max_datagram_bytes, self.use_recvmmsg)
+        self.recv_mode = rx.mode
+        self._ready.set()
+        dec = FrameDecoder(self.topics, max_frame_bytes=self.max_frame_bytes, payload_bytes=self.payload_bytes,
+                           conn_id=UDP_CONN_ID)
+        sel = selectors.DefaultSelector()
+        sel.register(self._sock, selectors.EVENT_READ)
+        last_bad_log = 0.0
+        try:
+            while not self._stopping.is_set():
+                if not sel.select(0.2):
+                    continue
+                while not self._stopping.is_set():
+                    n = rx.receive()
+                    if n == 0:
+                        break
+                    bad = self._handle(rx, n, dec)
+                    if bad and time.monotonic() - last_bad_log > 1.0:
+                        last_bad_log = time.monotonic()
+                        log.warning("udp_bad_datagrams", count=len(bad), example=bad[0],
+                                    total_bad=self.stats.datagrams_bad)
+                    if n < rx.batch:
+                        break
+        except Exception:
+            log.exception("udp_reader_crashed")
+        finally:
+            sel.close()
+
+    def _handle(self, rx: _Receiver, n: int, dec: FrameDecoder) -> list[str]:
+        """Decode n datagrams in one vectorized pass; returns reasons of bad datagrams."""
+        stats = self.stats
+        stats.datagrams += n
+        offs: list[int] = []
+        lens: list[int] = []
+        owner: list[int] = []
+        bad: list[str] = []
+        buf, slot, maxf = rx.buf, rx.slot, self.max_frame_bytes
+        for i in range(n):
+            start = i * slot
+            end = start + rx.lengths[i]
+            stats.bytes_received += end - start
+            o, ln, pos, fatal = scan(buf, start, end, maxf)
+            if fatal is not None or pos != end:
+                bad.append(fatal or f"datagram ends inside a frame ({end - pos} bytes left over)")
+            offs.extend(o)
+            lens.extend(ln)
+            owner.extend([i] * len(o))
+        ingest_ts = time.monotonic_ns()
+        first = 0
+        while first < len(offs):
+            records, indices, errors, bad_at = decode_frames(dec, buf, offs[first:], lens[first:],
+                                                             dec.frames_seen + 1, ingest_ts)
+            if bad_at is None:
+                dec.frames_seen += len(offs) - first
+                consumed = len(offs)
+            else:  # a frame whose topic runs past its end: drop the rest of that datagram
+                e: FrameError = errors.pop()
+                bad.append(e.reason)
+                dgram = owner[first + bad_at]
+                consumed = first + bad_at
+                while consumed < len(offs) and owner[consumed] == dgram:
+                    consumed += 1
+                dec.frames_seen += consumed - first
+            self.delivery.deliver(records, indices, errors, UDP_CONN_ID, want_nacks=False)
+            first = consumed
+        stats.datagrams_bad += len(bad)
+        return bad
+
+    def stop(self, drain: bool = True, timeout: float = 5.0) -> None:
+        """Stop reading; datagrams already received are decoded before the thread exits."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("udp_reader_did_not_stop", timeout_s=timeout)
+        if self._sock is not None:
+            self._sock.close()
+        log.info("udp_stopped", **self.statistics())
+
+    def statistics(self) -> dict:
+        out = merge_stats([self.stats])
+        out.update(datagrams_received=self.stats.datagrams, datagrams_bad=self.stats.datagrams_bad,
+                   recv_mode=self.recv_mode, rcvbuf_bytes=self.rcvbuf_effective)
+        return out
+
+    def __enter__(self) -> UdpServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+
