@@ -1,0 +1,126 @@
+"""Custom prometheus-client collectors: everything here is computed at scrape time, not on hot paths."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable
+
+import psutil
+import structlog
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from eventstream.metrics.histogram import VectorHistogram
+
+log = structlog.get_logger("eventstream.metrics")
+
+
+class LatencyCollector(Collector):
+    """`latency_ns{queue}` histograms plus `latency_recent_ns{queue,quantile}` exact over the reservoir."""
+
+    def __init__(self, histograms: dict[str, VectorHistogram], name: str = "latency_ns"):
+        self.histograms = histograms
+        self.name = name
+
+    def describe(self):
+        yield HistogramMetricFamily(self.name, "ingest-to-handled latency per queue (ns)", labels=["queue"])
+        yield GaugeMetricFamily(f"{self.name.removesuffix('_ns')}_recent_ns",
+                                "exact latency quantiles over the most recent events per queue (ns)",
+                                labels=["queue", "quantile"])
+
+    def collect(self):
+        hist = HistogramMetricFamily(self.name, "ingest-to-handled latency per queue (ns)", labels=["queue"])
+        recent = GaugeMetricFamily(f"{self.name.removesuffix('_ns')}_recent_ns",
+                                   "exact latency quantiles over the most recent events per queue (ns)",
+                                   labels=["queue", "quantile"])
+        for queue, h in list(self.histograms.items()):
+            counts, total, _ = h.snapshot()
+            cum = counts.cumsum().tolist()
+            buckets = [(floatToGoString(b), c) for b, c in zip(h.bounds.tolist(), cum)] + [("+Inf", cum[-1])]
+            hist.add_metric([queue], buckets, total)
+            for q, v in (("0.5", 50), ("0.99", 99), ("0.999", 99.9)):
+                recent.add_metric([queue, q], h.recent_percentile(v))
+        yield hist
+        yield recent
+
+
+class StateCollector(Collector):
+    """`pipeline_state{name}`: the backpressure level as a number, its name as a label (one series)."""
+
+    def __init__(self):
+        self.level = 0
+        self.name = "HEALTHY"
+
+    def describe(self):
+        yield GaugeMetricFamily("pipeline_state", "backpressure level 0..4 (label: its name)", labels=["name"])
+
+    def collect(self):
+        g = GaugeMetricFamily("pipeline_state", "backpressure level 0..4 (label: its name)", labels=["name"])
+        g.add_metric([self.name], self.level)
+        yield g
+
+
+class ProcessCollector(Collector):
+    """process_cpu_percent (since the previous scrape), process_rss_bytes, process_threads via psutil."""
+
+    def __init__(self, pid: int | None = None):
+        self.proc = psutil.Process(pid or os.getpid())
+        self.proc.cpu_percent(None)  # prime: the first reading is relative to this call
+        self._lock = threading.Lock()  # psutil's cpu_percent keeps state between calls
+
+    def describe(self):
+        yield GaugeMetricFamily("process_cpu_percent", "CPU use of the process since the previous scrape "
+                                "(100 = one core)")
+        yield GaugeMetricFamily("process_rss_bytes", "resident memory of the process")
+        yield GaugeMetricFamily("process_threads", "threads of the process")
+
+    def collect(self):
+        with self._lock:
+            with self.proc.oneshot():
+                cpu = self.proc.cpu_percent(None)
+                rss = self.proc.memory_info().rss
+                threads = self.proc.num_threads()
+        yield GaugeMetricFamily("process_cpu_percent", "CPU use of the process since the previous scrape "
+                                "(100 = one core)", value=cpu)
+        yield GaugeMetricFamily("process_rss_bytes", "resident memory of the process", value=rss)
+        yield GaugeMetricFamily("process_threads", "threads of the process", value=threads)
+
+
+ValueFn = Callable[[], float | int | dict]
+
+
+class CallbackMetric(Collector):
+    """One gauge or counter whose value is read from `fn` at scrape time.
+
+    `fn` returns a number (no labels) or a dict {label value or tuple of label values: number}. A
+    failing `fn` is logged and the metric is left out of that scrape (the rest still answers).
+    """
+
+    def __init__(self, name: str, doc: str, fn: ValueFn, kind: str = "gauge", labels: Iterable[str] = ()):
+        if kind not in ("gauge", "counter"):
+            raise ValueError(f"metric kind {kind!r} is not allowed; allowed: gauge, counter")
+        self.name, self.doc, self.fn, self.kind, self.labels = name, doc, fn, kind, list(labels)
+
+    def _family(self):
+        cls = GaugeMetricFamily if self.kind == "gauge" else CounterMetricFamily
+        return cls(self.name, self.doc, labels=self.labels)
+
+    def describe(self):
+        yield self._family()
+
+    def collect(self):
+        try:
+            value = self.fn()
+        except Exception as exc:  # noqa: BLE001 - one bad source must not break the scrape
+            log.warning("metric_callback_failed", metric=self.name, error=f"{type(exc).__name__}: {exc}")
+            return
+        fam = self._family()
+        if isinstance(value, dict):
+            for key, v in value.items():
+                key = key if isinstance(key, tuple) else (key,)
+                fam.add_metric([str(k) for k in key], float(v))
+        else:
+            fam.add_metric([], float(value))
+        yield fam

@@ -1,0 +1,104 @@
+"""A latency histogram updated a whole numpy batch at a time.
+
+prometheus-client's Histogram.observe() takes one value and a lock per call, ~µs per event on this
+build: too slow per event. Here a batch is bucketed with one np.searchsorted + np.bincount outside the
+lock, and only the bucket-count addition happens under it. Buckets follow Prometheus `le` semantics
+(a value equal to a bound falls in that bucket).
+
+Percentiles come two ways: from the buckets (cheap, bounded error, interpolated inside a bucket) and
+from a reservoir of the most recent `reservoir` values (exact over that window; filled with one
+vectorized copy per batch).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+# 1 µs .. 10 s in 1-2.5-5 steps (ns)
+DEFAULT_LATENCY_BUCKETS_NS: tuple[float, ...] = tuple(
+    float(m * 10**e) for e in range(3, 10) for m in (1, 2.5, 5)) + (1e10,)
+
+
+class VectorHistogram:
+    def __init__(self, bounds: tuple[float, ...] = DEFAULT_LATENCY_BUCKETS_NS, reservoir: int = 4096):
+        b = np.asarray(bounds, dtype=np.float64)
+        if b.ndim != 1 or b.size == 0 or np.any(np.diff(b) <= 0):
+            raise ValueError(f"histogram bounds {bounds!r} are not allowed; allowed: a non-empty increasing list")
+        self.bounds = b
+        self._counts = np.zeros(b.size + 1, dtype=np.int64)  # last slot: above the highest bound (+Inf)
+        self._sum = 0.0
+        self._lock = threading.Lock()
+        self._ring = np.zeros(max(reservoir, 1), dtype=np.float64)
+        self._ring_pos = 0  # total values ever written to the ring
+        self._reservoir = reservoir
+
+    def observe_many(self, values: np.ndarray) -> None:
+        """Add a batch of values (any numeric array; negative values count in the first bucket)."""
+        v = np.asarray(values, dtype=np.float64).ravel()
+        if v.size == 0:
+            return
+        add = np.bincount(np.searchsorted(self.bounds, v, side="left"), minlength=self._counts.size)
+        total = float(v.sum())
+        tail = v[-self._reservoir:] if self._reservoir else v[:0]
+        with self._lock:
+            self._counts += add
+            self._sum += total
+            if tail.size:
+                n, cap = tail.size, self._ring.size
+                start = self._ring_pos % cap
+                first = min(n, cap - start)
+                self._ring[start:start + first] = tail[:first]
+                self._ring[:n - first] = tail[first:]
+                self._ring_pos += n
+
+    def observe(self, value: float) -> None:
+        self.observe_many(np.array([value], dtype=np.float64))
+
+    def snapshot(self) -> tuple[np.ndarray, float, int]:
+        """(per-bucket counts incl. +Inf, sum, count) — a consistent copy."""
+        with self._lock:
+            counts = self._counts.copy()
+            return counts, self._sum, int(counts.sum())
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return int(self._counts.sum())
+
+    def percentile(self, q: float) -> float:
+        """The q-th percentile (0..100) estimated from the buckets, interpolated linearly inside the
+        bucket; the top bound if it falls in +Inf; 0.0 when empty."""
+        counts, _, n = self.snapshot()
+        if n == 0:
+            return 0.0
+        rank = q / 100.0 * n
+        cum = np.cumsum(counts)
+        i = int(np.searchsorted(cum, rank, side="left"))
+        if i >= self.bounds.size:
+            return float(self.bounds[-1])
+        lo = 0.0 if i == 0 else float(self.bounds[i - 1])
+        hi = float(self.bounds[i])
+        before = 0 if i == 0 else int(cum[i - 1])
+        inside = int(counts[i])
+        frac = (rank - before) / inside if inside else 1.0
+        return lo + (hi - lo) * min(max(frac, 0.0), 1.0)
+
+    def recent(self) -> np.ndarray:
+        """The reservoir: up to `reservoir` most recent values (unordered)."""
+        with self._lock:
+            return self._ring[:min(self._ring_pos, self._ring.size)].copy()
+
+    def recent_percentile(self, q: float) -> float:
+        """Exact q-th percentile (0..100) over the reservoir; 0.0 when empty."""
+        r = self.recent()
+        return float(np.percentile(r, q)) if r.size else 0.0
+
+    def percentiles(self) -> dict[str, float]:
+        """p50/p99/p999 from the buckets and (suffix _recent) exact over the reservoir."""
+        out = {f"p{k}": self.percentile(q) for k, q in (("50", 50), ("99", 99), ("999", 99.9))}
+        r = self.recent()
+        for k, q in (("50", 50), ("99", 99), ("999", 99.9)):
+            out[f"p{k}_recent"] = float(np.percentile(r, q)) if r.size else 0.0
+        return out

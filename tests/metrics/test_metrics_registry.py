@@ -1,0 +1,151 @@
+"""Metrics registry and exporter, scraped over real HTTP and parsed with prometheus_client.parser."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from eventstream.core import records as rec
+from eventstream.metrics import Metrics, MetricsServer, MetricsServerError, VectorHistogram
+
+
+def scrape(url: str) -> dict[str, list]:
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    fams = {}
+    for fam in text_string_to_metric_families(text):
+        fams[fam.name] = fam.samples
+    return fams
+
+
+def value(fams, family, sample_name=None, **labels):
+    for s in fams[family]:
+        if (sample_name is None or s.name == sample_name) and all(s.labels.get(k) == v for k, v in labels.items()):
+            return s.value
+    raise KeyError((family, sample_name, labels))
+
+
+@pytest.fixture
+def served():
+    m = Metrics()
+    server = MetricsServer(m.registry, port=0).start()
+    yield m, server
+    server.stop()
+
+
+def test_counters_gauges_state_and_process_over_http(served):
+    m, server = served
+    m.received(1000)
+    m.processed("transactional", count=900)
+    m.dropped("queue_full: BATCH ring", 60)
+    m.dropped("handler_error: ValueError: x", 40)
+    m.dedup_hits(7)
+    m.backpressure_dropped(5)
+    m.transition("HEALTHY", "ELEVATED")
+    m.set_state(1, "ELEVATED")
+    m.watch_queue("realtime", lambda: 12)
+    m.watch_queue("batch", lambda: 1 / 0)  # a failing source is left out, the scrape still works
+    fams = scrape(server.url)
+    assert value(fams, "events_received", "events_received_total") == 1000
+    assert value(fams, "events_processed", "events_processed_total") == 900
+    assert value(fams, "events_dropped", "events_dropped_total", reason="queue_full") == 60
+    assert value(fams, "events_dropped", "events_dropped_total", reason="handler_error") == 40
+    assert value(fams, "dedup_hits", "dedup_hits_total") == 7
+    assert value(fams, "backpressure_drops", "backpressure_drops_total") == 5
+    assert value(fams, "pipeline_transitions", "pipeline_transitions_total", **{"from": "HEALTHY", "to": "ELEVATED"}) == 1
+    assert value(fams, "pipeline_state", name="ELEVATED") == 1
+    assert value(fams, "queue_depth", queue="realtime") == 12
+    assert [s.labels["queue"] for s in fams["queue_depth"]] == ["realtime"]
+    assert value(fams, "process_rss_bytes") > 1 << 20
+    assert value(fams, "process_threads") >= 2
+    assert value(fams, "process_cpu_percent") >= 0
+    assert m.counts() == {"received": 1000, "processed": 900, "dropped": {"queue_full": 60, "handler_error": 40},
+                          "dropped_total": 100, "dedup_hits": 7, "backpressure_drops": 5, "state": "ELEVATED"}
+
+
+def test_latency_histogram_from_records_and_arrays(served):
+    m, server = served
+    b = rec.empty(100)
+    now = time.monotonic_ns()
+    b["ingest_ts"] = now - np.arange(1, 101) * 1000  # 1 µs .. 100 µs old
+    m.processed("realtime", b, now_ns=now)
+    m.processed("batch", latencies_ns=np.array([5e6, 2e10]))  # 5 ms and beyond the top bucket
+    fams = scrape(server.url)
+    bucket = lambda q, le: value(fams, "latency_ns", "latency_ns_bucket", queue=q, le=le)  # noqa: E731
+    assert bucket("realtime", "1000.0") == 1  # le: exactly 1 µs counts in the 1 µs bucket
+    assert bucket("realtime", "10000.0") == 10
+    assert bucket("realtime", "100000.0") == 100
+    assert bucket("realtime", "+Inf") == 100
+    assert value(fams, "latency_ns", "latency_ns_count", queue="realtime") == 100
+    assert value(fams, "latency_ns", "latency_ns_sum", queue="realtime") == sum(range(1, 101)) * 1000
+    assert bucket("batch", "1e+10") == 1 and bucket("batch", "+Inf") == 2
+    assert value(fams, "latency_recent_ns", queue="realtime", quantile="0.5") == pytest.approx(50_500)
+    assert value(fams, "events_processed", "events_processed_total") == 102
+    with pytest.raises(ValueError, match="allowed: realtime, transactional, batch"):
+        m.observe_latency("nope", np.array([1]))
+
+
+def test_callback_metrics_and_duplicates(served):
+    m, server = served
+    stats = {"claims": 5}
+    m.register_callback("ring_claims", "claims per ring", lambda: {("ingest", "0"): stats["claims"]},
+                        kind="counter", labels=["ring", "shard"])
+    cb = m.register_callback("ingest_connections", "open connections", lambda: 3)
+    m.register_callback("broken", "raises", lambda: 1 / 0)
+    stats["claims"] = 9  # read at scrape time, not at registration
+    fams = scrape(server.url)
+    assert value(fams, "ring_claims", "ring_claims_total", ring="ingest", shard="0") == 9
+    assert value(fams, "ingest_connections") == 3
+    assert "broken" not in fams
+    with pytest.raises(ValueError):
+        m.register_callback("ingest_connections", "again", lambda: 1)
+    m.unregister(cb)
+    assert "ingest_connections" not in scrape(server.url)
+    with pytest.raises(ValueError, match="allowed: gauge, counter"):
+        m.register_callback("x", "x", lambda: 1, kind="summary")
+
+
+def test_two_engines_do_not_collide():
+    a, b = Metrics(process=False), Metrics(process=False)
+    a.received(3)
+    assert a.counts()["received"] == 3 and b.counts()["received"] == 0
+    assert b"events_received_total 0.0" in b.render()
+
+
+def test_server_404_port_in_use_and_stop(served):
+    m, server = served
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"http://127.0.0.1:{server.port}/other", timeout=10)
+    assert err.value.code == 404
+    with pytest.raises(MetricsServerError, match=f"127.0.0.1:{server.port} is in use"):
+        MetricsServer(m.registry, port=server.port).start()
+    port = server.port
+    server.stop()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_vector_histogram_percentiles_and_concurrent_updates():
+    h = VectorHistogram((10, 20, 30, 40), reservoir=1000)
+    assert h.percentile(50) == 0.0 and h.recent_percentile(99) == 0.0
+    threads = [threading.Thread(target=lambda: [h.observe_many(np.arange(1, 41)) for _ in range(250)])
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+        assert not t.is_alive()
+    counts, total, n = h.snapshot()
+    assert n == 40_000 and counts.tolist() == [10_000] * 4 + [0]
+    assert total == 4 * 250 * sum(range(1, 41))
+    assert h.percentile(50) == pytest.approx(20.0)
+    assert h.percentile(99) == pytest.approx(39.6)
+    assert h.recent().size == 1000 and h.recent_percentile(100) == 40.0
+    with pytest.raises(ValueError, match="increasing"):
+        VectorHistogram((3, 2))
