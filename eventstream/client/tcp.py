@@ -1,0 +1,254 @@
+"""TCP client: batching, ACK tracking, and retry of unacknowledged events on reconnect (protocol v2).
+
+How acknowledgements map to events (docs/protocol.md, "Client rule"): frames are numbered 1, 2, ... per
+connection. The server sends NACKs in frame order before any later ACK, so after reading ACK(a) and n
+NACKs in total, every frame numbered <= a + n is resolved: NACKed if its number was NACKed, accepted
+otherwise.
+
+Threads: the caller's thread does all writes (and reconnects); a reader thread per connection only
+parses ACK/NACK frames and resolves pending events under a lock. Events still unresolved when the
+connection breaks are sent again, in order and with the same event_id, on the next connection (the
+engine deduplicates by event_id).
+"""
+
+from __future__ import annotations
+
+import collections
+import secrets
+import socket
+import threading
+import time
+
+from eventstream.protocol.frames import KIND_ACK, KIND_NACK, encode_v1, encode_v2, split_control_frames
+
+
+class ClientError(ConnectionError):
+    """The server cannot be reached or stopped answering within the timeout."""
+
+
+class _Pending:
+    __slots__ = ("index", "event_id", "frame", "sent_ns")
+
+    def __init__(self, event_id: int, frame: bytes):
+        self.index = 0
+        self.event_id = event_id
+        self.frame = frame
+        self.sent_ns = 0
+
+
+class TcpClient:
+    def __init__(self, host: str = "127.0.0.1", port: int = 9000, *, version: int = 2, batch_size: int = 256,
+                 timeout: float = 10.0, max_inflight: int = 65536, reconnect: bool = True):
+        if version not in (1, 2):
+            raise ValueError(f"version={version!r} is not allowed; allowed: 1 or 2")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} is not allowed; allowed: an integer >= 1")
+        self.host, self.port, self.version = host, port, version
+        self.batch_size = batch_size
+        self.timeout = timeout
+        self.max_inflight = max_inflight
+        self.reconnect = reconnect
+        self.sent = 0
+        self.acked = 0
+        self.nacked = 0
+        self.reconnects = 0
+        self.nacks: list[tuple[int, str]] = []  # (event_id, reason)
+        self.ack_latencies_ns: list[int] = []
+        self._batch: list[_Pending] = []
+        self._pending: collections.deque[_Pending] = collections.deque()
+        self._cond = threading.Condition()
+        self._sock: socket.socket | None = None
+        self._reader: threading.Thread | None = None
+        self._broken = False
+        self._next_index = 1
+        self._acked_count = 0  # last ACK value on this connection
+        self._nacked_here: dict[int, str] = {}
+        self._next_id = secrets.randbits(62) | 1
+
+    # ------------------------------------------------------------------ connection
+    def connect(self) -> TcpClient:
+        deadline = time.monotonic() + self.timeout
+        delay = 0.02
+        while True:
+            try:
+                sock = socket.create_connection((self.host, self.port), timeout=max(0.1, deadline - time.monotonic()))
+                break
+            except OSError as exc:
+                if time.monotonic() + delay >= deadline:
+                    raise ClientError(f"cannot connect to {self.host}:{self.port} within {self.timeout}s: {exc}") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(None)
+        with self._cond:
+            self._sock = sock
+            self._broken = False
+            self._next_index = 1
+            self._acked_count = 0
+            self._nacked_here = {}
+        if self.version == 2:
+            self._reader = threading.Thread(target=self._read_loop, args=(sock,), name="tcp-client-acks", daemon=True)
+            self._reader.start()
+        return self
+
+    def __enter__(self) -> TcpClient:
+        return self.connect()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.flush()
+                if self.version == 2:
+                    self.wait_acked(self.timeout)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Half-close (the server answers with a final ACK), wait for its close, release the socket."""
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        if self._reader is not None:
+            self._reader.join(self.timeout)
+        sock.close()
+        self._sock = None
+
+    # ------------------------------------------------------------------ sending
+    def send(self, topic: str | bytes, payload: bytes = b"", priority: int = 2, event_id: int | None = None,
+             timestamp_ns: int | None = None) -> int:
+        """Queue one event (sent when batch_size events are queued or on flush). Returns its event_id."""
+        if self.version == 1:
+            self._batch.append(_Pending(0, encode_v1(topic, payload, priority)))
+            eid = 0
+        else:
+            if event_id is None:
+                eid = self._next_id
+                self._next_id = (self._next_id + 1) & 0xFFFFFFFFFFFFFFFF or 1
+            else:
+                eid = event_id
+            ts = time.time_ns() if timestamp_ns is None else timestamp_ns
+            self._batch.append(_Pending(eid, encode_v2(topic, payload, priority, eid, ts)))
+        if len(self._batch) >= self.batch_size:
+            self.flush()
+        return eid
+
+    def flush(self) -> None:
+        """Send every queued event (reconnecting and resending unresolved ones if the link broke)."""
+        if self._sock is None:
+            raise ClientError("TcpClient is not connected; use it as a context manager or call connect()")
+        batch, self._batch = self._batch, []
+        if self.version == 2 and len(self._pending) + len(batch) > self.max_inflight:
+            self._wait_until(lambda: len(self._pending) + len(batch) <= self.max_inflight, self.timeout)
+        if self._broken:
+            self._recover()
+        now = time.monotonic_ns()
+        with self._cond:
+            for p in batch:
+                p.index = self._next_index
+                self._next_index += 1
+                p.sent_ns = now
+            if self.version == 2:
+                self._pending.extend(batch)
+        self.sent += len(batch)
+        data = b"".join(p.frame for p in batch)
+        try:
+            self._sock.sendall(data)
+        except OSError as exc:
+            if self.version == 1 or not self.reconnect:
+                raise ClientError(f"send to {self.host}:{self.port} failed: {exc}") from None
+            self._broken = True
+            self._recover()
+
+    def _recover(self) -> None:
+        """Reconnect and resend every unresolved event, in order, with its original event_id."""
+        if not self.reconnect:
+            raise ClientError(f"connection to {self.host}:{self.port} lost with {len(self._pending)} events "
+                              "unacknowledged (reconnect=False)")
+        old = self._sock
+        if old is not None:
+            try:
+                old.close()
+            except OSError:
+                pass
+        if self._reader is not None:
+            self._reader.join(self.timeout)
+        self.connect()
+        self.reconnects += 1
+        now = time.monotonic_ns()
+        with self._cond:
+            resend = list(self._pending)
+            for p in resend:
+                p.index = self._next_index
+                self._next_index += 1
+                p.sent_ns = now
+        try:
+            self._sock.sendall(b"".join(p.frame for p in resend))
+        except OSError:
+            self._broken = True
+
+    def wait_acked(self, timeout: float | None = None) -> bool:
+        """Flush, then wait until every sent event is ACKed or NACKed. False on timeout. v1: True at once."""
+        self.flush()
+        if self.version == 1:
+            return True
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            if self._wait_until(lambda: not self._pending or self._broken, deadline - time.monotonic()):
+                if not self._broken:
+                    return True
+                self._recover()
+            if time.monotonic() >= deadline:
+                return False
+
+    def _wait_until(self, predicate, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(predicate, max(0.0, timeout))
+
+    # ------------------------------------------------------------------ acknowledgements (reader thread)
+    def _read_loop(self, sock: socket.socket) -> None:
+        buf = bytearray()
+        try:
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                buf += data
+                frames = split_control_frames(buf)
+                if frames:
+                    self._resolve(frames)
+        except (OSError, ValueError):
+            pass
+        with self._cond:
+            if self._sock is sock and self._pending:
+                self._broken = True
+            self._cond.notify_all()
+
+    def _resolve(self, frames) -> None:
+        now = time.monotonic_ns()
+        with self._cond:
+            for kind, value, payload in frames:
+                if kind == KIND_ACK:
+                    self._acked_count = value
+                elif kind == KIND_NACK:
+                    self._nacked_here[value] = payload.decode("utf-8", "replace")
+            prefix = self._acked_count + len(self._nacked_here)
+            pend = self._pending
+            lat = self.ack_latencies_ns
+            while pend and pend[0].index <= prefix:
+                p = pend.popleft()
+                reason = self._nacked_here.get(p.index)
+                if reason is None:
+                    self.acked += 1
+                    lat.append(now - p.sent_ns)
+                else:
+                    self.nacked += 1
+                    self.nacks.append((p.event_id, reason))
+            self._cond.notify_all()
+
+    @property
+    def unacknowledged(self) -> int:
+        return len(self._pending)
