@@ -1,0 +1,207 @@
+"""Arena: one page-aligned block of NUMA memory handing out numpy arrays (bump allocation).
+
+Why an arena: rings, atomic cells, pools and dedup tables all want their memory on the node of the
+threads that touch it, freed exactly once, and viewed as numpy arrays with no copy. One libnuma
+allocation per structure keeps `numa_free` bookkeeping trivial (one address, one size) and lets a
+placement report cover everything the structure owns.
+
+Lifetime: `close()` frees the block (idempotent, also called by the context manager and, with a
+warning, by garbage collection of a forgotten arena). Arrays handed out keep the arena object alive,
+so a forgotten arena is never freed under a live view; after an explicit `close()` the views must not
+be used any more (their owner closes the arena only when it is done with them).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import threading
+import weakref
+
+import numpy as np
+import structlog
+
+from eventstream.core import numa
+
+log = structlog.get_logger("eventstream.arena")
+
+ALIGN = 64
+
+_stats_lock = threading.Lock()  # bookkeeping only (create/close), never on a hot path
+_live = {"arenas": 0, "bytes": 0}
+_warned_fallback = False
+
+
+class ArenaFull(MemoryError):
+    pass
+
+
+class ArenaClosed(ValueError):
+    pass
+
+
+def live_arenas() -> int:
+    """Arenas allocated and not yet freed in this process (for leak tests)."""
+    return _live["arenas"]
+
+
+def live_bytes() -> int:
+    return _live["bytes"]
+
+
+def _account(arenas: int, nbytes: int) -> None:
+    with _stats_lock:
+        _live["arenas"] += arenas
+        _live["bytes"] += nbytes
+
+
+def _warn_fallback(reason: str) -> None:
+    global _warned_fallback
+    if not _warned_fallback:
+        _warned_fallback = True
+        log.warning("numa_fallback", reason=reason, using="anonymous mmap")
+
+
+class _Block:
+    """The raw memory and how to give it back; freed at most once."""
+
+    def __init__(self, size: int, node: int):
+        self.size = size
+        self.addr = 0
+        self.backend = "mmap"
+        self._mmap = None
+        lib = numa.library()
+        if lib is not None and (node < 0 or node <= numa.max_node()):
+            addr = lib.numa_alloc_local(size) if node < 0 else lib.numa_alloc_onnode(size, node)
+            if not addr:
+                raise MemoryError(f"numa_alloc of {size} bytes on node {node} failed")
+            self.addr = int(addr)
+            self.backend = "libnuma"
+        else:
+            if lib is None:
+                _warn_fallback("libnuma is not available")
+            else:
+                _warn_fallback(f"node {node} does not exist (max node {numa.max_node()})")
+            self._mmap = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self._mmap))
+        self.freed = False
+        self._free_lock = threading.Lock()
+
+    def free(self) -> bool:
+        with self._free_lock:
+            if self.freed:
+                return False
+            self.freed = True
+        if self.backend == "libnuma":
+            numa.library().numa_free(ctypes.c_void_p(self.addr), self.size)
+        else:
+            try:
+                self._mmap.close()
+            except BufferError:  # a view is still exported: the mapping goes when the view does
+                pass
+        _account(-1, -self.size)
+        return True
+
+
+def _finalize(block: _Block, name: str) -> None:
+    if block.free():
+        log.warning("arena_not_closed", name=name, bytes=block.size, hint="call close() or use `with`")
+
+
+class Arena:
+    """`size_bytes` of memory on `node` (-1: the calling thread's local node)."""
+
+    def __init__(self, size_bytes: int, node: int = -1, *, name: str = ""):
+        if not isinstance(size_bytes, int) or size_bytes <= 0:
+            raise ValueError(f"Arena size_bytes={size_bytes!r} is not allowed; allowed: a positive integer")
+        if not isinstance(node, int) or node < -1:
+            raise ValueError(f"Arena node={node!r} is not allowed; allowed: -1 (local) or a node id >= 0")
+        page = numa.page_size()
+        self.size = (size_bytes + page - 1) // page * page
+        self.node = node
+        self.name = name
+        self._block = _Block(self.size, node)
+        _account(1, self.size)
+        self._finalizer = weakref.finalize(self, _finalize, self._block, name)
+        self._raw = (ctypes.c_char * self.size).from_address(self._block.addr)
+        self._raw._arena = self  # every view reaches the arena through its base: no free under a view
+        self._bytes = np.frombuffer(self._raw, dtype=np.uint8)
+        self._offset = 0
+        self._alloc_lock = threading.Lock()  # allocation happens at construction time, not on hot paths
+
+    # -- allocation -------------------------------------------------------------------------------
+    @property
+    def address(self) -> int:
+        return self._block.addr
+
+    @property
+    def backend(self) -> str:
+        return self._block.backend
+
+    @property
+    def used(self) -> int:
+        return self._offset
+
+    @property
+    def closed(self) -> bool:
+        return self._block.freed
+
+    def array(self, n: int, dtype=np.uint8, *, align: int = ALIGN) -> np.ndarray:
+        """A zeroed array of `n` elements of `dtype` inside the arena, `align`-byte aligned."""
+        if self.closed:
+            raise ArenaClosed(f"arena {self.name!r} is closed; allocate from an open arena")
+        dtype = np.dtype(dtype)
+        nbytes = int(n) * dtype.itemsize
+        with self._alloc_lock:
+            start = (self._offset + align - 1) // align * align
+            if start + nbytes > self.size:
+                raise ArenaFull(
+                    f"arena {self.name!r} has {self.size - start} bytes left, {nbytes} requested "
+                    f"({n} x {dtype}); allowed: at most {self.size} bytes in total - make the arena larger"
+                )
+            self._offset = start + nbytes
+        raw = self._bytes[start:start + nbytes]
+        raw[:] = 0  # fresh memory is zero already; writing it faults the pages in on this node now
+        return raw.view(dtype)
+
+    def node_of(self, array: np.ndarray) -> int:
+        """NUMA node of the first page of `array` (-1 if unknown)."""
+        if array.size == 0:
+            return -1
+        return numa.node_of_address(array.ctypes.data)
+
+    def nodes(self) -> dict:
+        """Placement report: where the arena's resident pages are (move_pages query)."""
+        by_node = {} if self.closed else numa.pages_by_node(self.address, self._offset or self.size)
+        return {
+            "name": self.name,
+            "backend": self.backend,
+            "requested_node": self.node,
+            "size_bytes": self.size,
+            "used_bytes": self._offset,
+            "pages_by_node": by_node,
+            "closed": self.closed,
+        }
+
+    # -- lifetime ---------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Free the memory (exactly once; later calls do nothing)."""
+        self._block.free()
+        self._finalizer.detach()
+
+    def __enter__(self) -> Arena:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{self._offset}/{self.size} bytes"
+        return f"<Arena {self.name!r} {self.backend} node={self.node} {state}>"
+
+
+def owned_arena(arena: Arena | None, size_bytes: int, node: int, name: str) -> tuple[Arena, bool]:
+    """The arena a structure should use: the caller's, or a new one it owns (and must close)."""
+    if arena is not None:
+        return arena, False
+    return Arena(size_bytes, node, name=name), True

@@ -1,0 +1,408 @@
+"""Batch ring buffers in arena memory: SpscRing (one producer) and MpscRing (many producers).
+
+Records are rows of a numpy structured dtype in a power-of-two slot array. A producer claims `n`
+slots with one atomic operation (see sequencer.py), copies the batch in with one or two numpy slice
+assignments, and publishes the range. The consumer polls up to `max_n` published records as VIEWS
+into the ring (two views when the range wraps; no copy), processes them, and releases them with one
+store. `take()` is the copying convenience. No mutex anywhere on these paths; blocking waits use a
+WaitStrategy and always have a timeout.
+
+Cells (each on its own cache line): `claim` (producers' cursor), `pos` (consumer cursor) and `held`
+(start of the range the consumer is reading, or IDLE).
+
+Overflow, when a batch does not fit:
+* DROP_NEW: enqueue what fits, return the rest.
+* BLOCK_PRODUCER: wait (wait strategy) up to `block_timeout` seconds for room, return what still
+  did not fit.
+* DROP_OLD: evict the oldest records to make room and return copies of them.
+
+Why DROP_OLD is correct under a concurrent consumer. Eviction means advancing the consumer's cursor
+from the producer side, so the two must never both own a record. In DROP_OLD mode `pos` therefore
+means "claimed by the consumer or evicted up to", and both sides move it only by CAS:
+* poll: the consumer loads `pos` = p, stores `held` = p, then CASes `pos` p -> p+k. Success means it
+  owns [p, p+k) until release, which stores `held` = IDLE (one store).
+* evict: a producer loads `pos` = p, copies the published records [p, p+e) out, then CASes `pos`
+  p -> p+e. Success means nobody claimed them in between (pos only grows, so no ABA) and, because
+  no slot below `pos` can be overwritten before `pos` passes it, the copy it took is intact. On
+  failure the copy is discarded and the producer retries.
+* gating: producers may write sequence s only when s < min(pos, held) + capacity, loading `pos`
+  first. Any range the consumer claims later starts at a `pos` >= the loaded one, and a range it
+  holds has `held` at its start, so the minimum never passes a record the consumer is reading.
+  A producer does not evict while the consumer holds a range (that would free nothing until the
+  release); it waits for the release instead, bounded by `block_timeout`.
+In the other modes `pos` is simply the release cursor: only the consumer stores it.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+
+import numpy as np
+import structlog
+
+from eventstream.core import atomic
+from eventstream.core.arena import ALIGN, owned_arena
+from eventstream.core.records import EVENT_DTYPE
+from eventstream.core.sequencer import MultiProducerSequencer, SingleProducerSequencer
+from eventstream.core.wait import WaitStrategy, make_wait
+
+log = structlog.get_logger("eventstream.ring")
+
+IDLE = (1 << 63) - 1
+
+
+class Overflow(enum.Enum):
+    DROP_OLD = "DROP_OLD"
+    BLOCK_PRODUCER = "BLOCK_PRODUCER"
+    DROP_NEW = "DROP_NEW"
+
+
+class RingClosed(RuntimeError):
+    pass
+
+
+class _Counters:
+    """One producer thread's counters: written by that thread only, summed by statistics()."""
+
+    __slots__ = ("claimed", "published", "rejected", "evicted")
+
+    def __init__(self):
+        self.claimed = self.published = self.rejected = self.evicted = 0
+
+
+class _Ring:
+    _multi = False
+    _default_capacity = 16384
+
+    def __init__(self, capacity: int | None = None, dtype: np.dtype = EVENT_DTYPE, *,
+                 overflow: Overflow | str = Overflow.BLOCK_PRODUCER, block_timeout: float = 1.0,
+                 wait: str | WaitStrategy = "sleep", arena=None, node: int = -1, name: str = "",
+                 on_drop=None):
+        kind = type(self).__name__
+        capacity = self._default_capacity if capacity is None else capacity
+        if not isinstance(capacity, int) or capacity < 2 or capacity & (capacity - 1):
+            raise ValueError(f"{kind} capacity={capacity!r} is not allowed; allowed: a power of two >= 2")
+        if isinstance(overflow, str):
+            if overflow not in Overflow.__members__:
+                raise ValueError(f"overflow={overflow!r} is not allowed; allowed: {', '.join(Overflow.__members__)}")
+            overflow = Overflow[overflow]
+        if not isinstance(block_timeout, (int, float)) or not 0 <= block_timeout < float("inf"):
+            raise ValueError(f"block_timeout={block_timeout!r} is not allowed; allowed: seconds >= 0 (finite)")
+        self.dtype = np.dtype(dtype)
+        self.capacity = capacity
+        self.mask = capacity - 1
+        self.overflow = overflow
+        self.block_timeout = float(block_timeout)
+        self.name = name or kind.lower()
+        self._wait = make_wait(wait)
+        self._on_drop = on_drop
+        self._drop_old = overflow is Overflow.DROP_OLD
+        need = capacity * self.dtype.itemsize + capacity * 8 + 8 * atomic.CACHE_LINE + 4 * ALIGN
+        self._arena, self._owns_arena = owned_arena(arena, need, node, f"{self.name}.arena")
+        try:
+            self._cells = atomic.CellBlock(self._arena, 4)
+            self.slots = self._arena.array(capacity, self.dtype)
+            # Copies go through an opaque void view: numpy copies structured rows field by field
+            # (µs of setup per call), opaque rows are a plain memcpy.
+            self._void = np.dtype((np.void, self.dtype.itemsize))
+            self._vslots = self.slots.view(self._void)
+            claim, self._pos, self._held, fence = self._cells.cells
+            self._held.store(IDLE)
+            if self._multi:
+                markers = self._arena.array(capacity, np.int64)
+                self._seq = MultiProducerSequencer(capacity, claim, markers, fence)
+            else:
+                self._seq = SingleProducerSequencer(capacity, claim)
+        except BaseException:
+            if self._owns_arena:
+                self._arena.close()
+            raise
+        self._empty = np.empty(0, dtype=self.dtype)  # creating structured arrays costs µs: share one
+        self._empty.flags.writeable = False
+        self._limit = capacity  # producers' cached gate: some past lowest + capacity
+        self._tls = threading.local()
+        self._all_counters: list[_Counters] = []
+        self._r = 0  # consumer-private cursor (non DROP_OLD) / claimed end
+        self._held_lo = self._held_hi = 0  # DROP_OLD: range the consumer holds
+        self._polled = 0
+        self._consumed = 0
+        self._closed = False
+        self._warned_put_evict = False
+
+    # -- producer side ----------------------------------------------------------------------------
+    def _counters(self) -> _Counters:
+        c = getattr(self._tls, "c", None)
+        if c is None:
+            c = self._tls.c = _Counters()
+            self._all_counters.append(c)
+        return c
+
+    def _lowest(self) -> int:
+        p = self._pos.load()
+        if self._drop_old:
+            return min(p, self._held.load())
+        return p
+
+    def _has_room(self) -> bool:
+        return self._lowest() + self.capacity - self._seq.claim_position() > 0
+
+    def _can_progress(self) -> bool:
+        if self._has_room():
+            return True
+        p = self._pos.load()
+        return self._held.load() > p and self._seq.producer_available(p, 1) > 0
+
+    def _as_batch(self, records) -> np.ndarray:
+        if not isinstance(records, np.ndarray) or (records.dtype is not self.dtype and records.dtype != self.dtype):
+            got = getattr(records, "dtype", type(records).__name__)
+            raise TypeError(f"{self.name}: records must be a numpy array of the ring's dtype; got {got}")
+        if records.ndim != 1:
+            records = records.reshape(-1)
+        if not records.flags.c_contiguous:
+            records = np.ascontiguousarray(records)
+        return records.view(self._void)
+
+    def _write(self, start: int, recs: np.ndarray) -> None:
+        k = len(recs)
+        idx = start & self.mask
+        first = min(k, self.capacity - idx)
+        self._vslots[idx:idx + first] = recs[:first]
+        if k > first:
+            self._vslots[:k - first] = recs[first:]
+
+    def _copy_range(self, start: int, k: int) -> np.ndarray:
+        idx = start & self.mask
+        first = min(k, self.capacity - idx)
+        if k == first:
+            out = self._vslots[idx:idx + k].copy()
+        else:
+            out = np.concatenate((self._vslots[idx:], self._vslots[:k - first]))
+        return out.view(self.dtype)
+
+    def _evict(self, want: int) -> np.ndarray | None:
+        """DROP_OLD: evict published, unclaimed records so `want` more fit; None when it cannot now."""
+        p = self._pos.load()
+        if self._held.load() <= p:
+            return None  # the consumer holds a range: evicting frees nothing until it releases
+        room = p + self.capacity - self._seq.claim_position()
+        e = self._seq.producer_available(p, max(1, want - max(room, 0)))
+        if e <= 0:
+            return None
+        copy = self._copy_range(p, e)
+        ok, _ = self._pos.cas(p, p + e)
+        return copy if ok else copy[:0]
+
+    def _put(self, records: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+        if self._closed:
+            raise RingClosed(f"{self.name} is closed")
+        recs = self._as_batch(records)
+        n = len(recs)
+        cnt = self._counters()
+        done = 0
+        evicted: list[np.ndarray] = []
+        deadline = None
+        cap = self.capacity
+        while done < n:
+            want = min(n - done, cap)
+            start, k = self._seq.claim(want, self._limit)
+            if k == 0:
+                self._limit = self._lowest() + cap
+                start, k = self._seq.claim(want, self._limit)
+            if k:
+                cnt.claimed += k
+                self._write(start, recs[done:done + k])
+                self._seq.publish(start, k)
+                cnt.published += k
+                done += k
+                continue
+            if self.overflow is Overflow.DROP_NEW:
+                break
+            if self._drop_old:
+                ev = self._evict(want)
+                if ev is not None:
+                    if len(ev):
+                        evicted.append(ev)
+                        cnt.evicted += len(ev)
+                    continue
+            if deadline is None:
+                deadline = time.monotonic() + self.block_timeout
+            left = deadline - time.monotonic()
+            ready = self._can_progress if self._drop_old else self._has_room
+            if left <= 0 or not self._wait.wait_for(ready, left):
+                break
+        if done == n:
+            return evicted, self._empty
+        cnt.rejected += n - done
+        return evicted, recs[done:].copy().view(self.dtype)
+
+    def put_batch(self, records: np.ndarray) -> np.ndarray:
+        """Enqueue `records` in order; return the records that are not (or no longer) in the ring.
+
+        DROP_NEW: the overflow. BLOCK_PRODUCER: what did not fit within `block_timeout`. DROP_OLD: the
+        old records evicted to make room (copies), followed by new ones if the consumer kept the
+        ring pinned for `block_timeout`. Empty array when everything went in and nothing was evicted.
+        """
+        evicted, rest = self._put(records)
+        if not evicted:
+            return rest  # (the shared read-only empty array when everything went in)
+        return np.concatenate([*evicted, rest])
+
+    def put(self, record) -> bool:
+        """Enqueue one record (np.void row or 1-element array); False if it was refused.
+
+        Records evicted by DROP_OLD go to `on_drop` (constructor argument) when given; use put_batch
+        to receive them directly.
+        """
+        arr = record.reshape(1) if isinstance(record, np.ndarray) else np.array([record], dtype=self.dtype)
+        evicted, rest = self._put(arr)
+        if evicted:
+            if self._on_drop is not None:
+                self._on_drop(np.concatenate(evicted))
+            elif not self._warned_put_evict:
+                self._warned_put_evict = True
+                log.warning("put_evicted_without_on_drop", ring=self.name,
+                            hint="pass on_drop= or use put_batch to receive evicted records")
+        return len(rest) == 0
+
+    # -- consumer side ----------------------------------------------------------------------------
+    def _views(self, start: int, k: int) -> tuple[np.ndarray, ...]:
+        if k <= 0:
+            return ()
+        idx = start & self.mask
+        first = min(k, self.capacity - idx)
+        if k == first:
+            return (self.slots[idx:idx + k],)
+        return (self.slots[idx:], self.slots[:k - first])
+
+    def poll(self, max_n: int = 4096, timeout: float = 0.0) -> tuple[np.ndarray, ...]:
+        """Up to `max_n` published records as views (two when the range wraps), oldest first.
+
+        Consumer thread only. The views stay valid until release(); call release(n) before the next
+        poll. Waits up to `timeout` seconds when nothing is there.
+        """
+        if self._closed:
+            raise RingClosed(f"{self.name} is closed")
+        max_n = min(int(max_n), self.capacity)
+        if max_n <= 0:
+            raise ValueError(f"poll max_n={max_n!r} is not allowed; allowed: >= 1")
+        if self._drop_old:
+            return self._poll_claiming(max_n, timeout)
+        k = self._seq.consumer_available(self._r, max_n)
+        if k == 0 and timeout > 0:
+            self._wait.wait_for(lambda: self._seq.consumer_available(self._r, 1) > 0, timeout)
+            k = self._seq.consumer_available(self._r, max_n)
+        self._polled = k
+        return self._views(self._r, k)
+
+    def _poll_claiming(self, max_n: int, timeout: float) -> tuple[np.ndarray, ...]:
+        if self._held_hi > self._held_lo:  # not fully released last time: the rest first
+            k = min(max_n, self._held_hi - self._held_lo)
+            self._polled = k
+            return self._views(self._held_lo, k)
+        deadline = None
+        while True:
+            p = self._pos.load()
+            k = self._seq.consumer_available(p, max_n)
+            if k > 0:
+                self._held.store(p)
+                ok, _ = self._pos.cas(p, p + k)
+                if ok:
+                    self._held_lo, self._held_hi, self._polled = p, p + k, k
+                    return self._views(p, k)
+                self._held.store(IDLE)
+                continue  # a producer evicted meanwhile: look again
+            if deadline is None:
+                if timeout <= 0:
+                    break
+                deadline = time.monotonic() + timeout
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._wait.wait_for(
+                    lambda: self._seq.consumer_available(self._pos.load(), 1) > 0, left):
+                break
+        self._polled = 0
+        return ()
+
+    def release(self, n: int) -> None:
+        """Give back the first `n` records of the last poll (one store)."""
+        if not 0 <= n <= self._polled:
+            raise ValueError(f"{self.name}: release({n}) is not allowed; allowed: 0..{self._polled} "
+                             "(the number of records returned by the last poll)")
+        if n == 0:
+            return
+        self._polled -= n
+        self._consumed += n
+        if self._drop_old:
+            self._held_lo += n
+            self._held.store(IDLE if self._held_lo == self._held_hi else self._held_lo)
+        else:
+            self._r += n
+            self._pos.store(self._r, atomic.RELEASE)
+
+    def take(self, max_n: int = 4096, timeout: float = 0.0) -> np.ndarray:
+        """poll + copy + release: up to `max_n` records as a new array (safe to keep)."""
+        views = self.poll(max_n, timeout)
+        if not views:
+            return self._empty
+        k = sum(len(v) for v in views)
+        start = self._held_lo if self._drop_old else self._r
+        out = self._copy_range(start, k)
+        self.release(k)
+        return out
+
+    # -- state --------------------------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        """Records in the ring not yet released by the consumer (approximate under concurrency)."""
+        return max(0, self._seq.claim_position() - self._lowest())
+
+    def statistics(self) -> dict:
+        """Lock-free counters (exact when producers and consumer are quiescent)."""
+        cs = list(self._all_counters)
+        rejected = sum(c.rejected for c in cs)
+        evicted = sum(c.evicted for c in cs)
+        return {
+            "depth": self.depth,
+            "claimed": sum(c.claimed for c in cs),
+            "published": sum(c.published for c in cs),
+            "consumed": self._consumed,
+            "dropped": rejected + evicted,
+            "rejected": rejected,
+            "evicted": evicted,
+            "capacity": self.capacity,
+        }
+
+    def placement(self) -> dict:
+        return self._arena.nodes()
+
+    def close(self) -> None:
+        """Free the ring's memory if it owns its arena (idempotent); views become invalid."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._owns_arena:
+            self._arena.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} capacity={self.capacity} {self.overflow.name}>"
+
+
+class SpscRing(_Ring):
+    """One producer thread, one consumer thread (default capacity 16384)."""
+
+    _multi = False
+    _default_capacity = 16384
+
+
+class MpscRing(_Ring):
+    """Any number of producer threads, one consumer thread (default capacity 65536)."""
+
+    _multi = True
+    _default_capacity = 65536

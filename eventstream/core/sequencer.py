@@ -1,0 +1,136 @@
+"""Sequencers: how producers claim ring slots and make them visible to the consumer.
+
+Sequences are 64-bit counters that only grow; slot = sequence & mask. A producer may claim sequence
+`s` only when `s < lowest + capacity`, where `lowest` is the oldest sequence the consumer side still
+needs (the ring computes it). Both sequencers claim a whole batch with at most one atomic operation.
+
+* SingleProducerSequencer: the producer keeps its next sequence in a plain attribute (nobody else
+  claims) and publishes a batch with ONE release store of the cursor cell.
+* MultiProducerSequencer (Disruptor's MultiProducerSequencer): producers claim with a CAS on the claim
+  cell (a CAS instead of fetch-add, so a producer never claims slots that are not free and a full ring
+  can refuse without rolling back). A batch is published by writing its round number
+  (sequence >> log2(capacity)) into a per-slot availability marker with numpy slice assignment; the
+  consumer accepts the contiguous prefix whose markers carry the expected round. Producers therefore
+  publish independently and out of order without any further atomic operation.
+
+Memory ordering of the marker protocol: records are written (one numpy copy), then markers (a second
+numpy fill, a separate call the compiler cannot reorder across). On x86 (TSO) stores become visible
+in program order and loads are not reordered with older loads, so a consumer that sees the marker sees
+the record. On other architectures a full fence (an atomic RMW) is issued between the two writes.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import numpy as np
+
+from eventstream.core import atomic
+
+_TSO = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+
+
+class SingleProducerSequencer:
+    """One producer thread: plain cursor + one release store per batch."""
+
+    def __init__(self, capacity: int, cursor: atomic.Cell):
+        self.capacity = capacity
+        self.mask = capacity - 1
+        self.cursor = cursor  # last published sequence + 1
+        self._next = cursor.load()  # producer-private
+        self._seen = self._next  # consumer-private cache of the cursor
+
+    def claim(self, want: int, limit: int) -> tuple[int, int]:
+        """Claim up to `want` sequences below `limit`; returns (first, count), count 0 if none free."""
+        start = self._next
+        k = min(want, limit - start)
+        if k <= 0:
+            return start, 0
+        self._next = start + k
+        return start, k
+
+    def publish(self, start: int, k: int) -> None:
+        self.cursor.store(start + k, atomic.RELEASE)
+
+    def claim_position(self) -> int:
+        """Next sequence to be claimed, as seen from any thread."""
+        return self.cursor.load()
+
+    def producer_available(self, lo: int, limit: int) -> int:
+        """Published records from `lo` (at most `limit`), asked by the producer itself."""
+        return max(0, min(self._next - lo, limit))
+
+    def consumer_available(self, lo: int, limit: int) -> int:
+        """Published records from `lo` (at most `limit`), asked by the consumer."""
+        if self._seen - lo < limit:
+            self._seen = self.cursor.load(atomic.ACQUIRE)
+        return max(0, min(self._seen - lo, limit))
+
+
+class MultiProducerSequencer:
+    """Several producer threads: CAS on the claim cell + per-slot round markers."""
+
+    def __init__(self, capacity: int, claim: atomic.Cell, markers: np.ndarray, fence: atomic.Cell):
+        self.capacity = capacity
+        self.mask = capacity - 1
+        self.shift = capacity.bit_length() - 1
+        self.claim_cell = claim
+        self.markers = markers  # int64 per slot: round of the last published sequence there
+        markers[:] = -1
+        self._fence = fence
+        self._hint = claim.load()  # shared hint: some past value of the claim cell (never ahead)
+        self._seen = self._hint  # consumer-private cache of the claim cell
+
+    def claim(self, want: int, limit: int) -> tuple[int, int]:
+        cur = self._hint
+        cas = atomic.cas
+        addr = self.claim_cell.address
+        while True:
+            k = min(want, limit - cur)
+            if k <= 0:
+                return cur, 0
+            ok, seen = cas(addr, cur, cur + k)
+            if ok:
+                self._hint = cur + k
+                return cur, k
+            cur = seen
+
+    def publish(self, start: int, k: int) -> None:
+        if not _TSO:
+            self._fence.fetch_add(0)
+        idx = start & self.mask
+        rnd = start >> self.shift
+        first = min(k, self.capacity - idx)
+        self.markers[idx:idx + first] = rnd
+        if k > first:
+            self.markers[:k - first] = rnd + 1
+
+    def claim_position(self) -> int:
+        return self.claim_cell.load()
+
+    def _published_prefix(self, lo: int, limit: int) -> int:
+        if limit <= 0:
+            return 0
+        idx = lo & self.mask
+        rnd = lo >> self.shift
+        first = min(limit, self.capacity - idx)
+        ok = self.markers[idx:idx + first] == rnd
+        j = int(ok.argmin())
+        if not ok[j]:
+            return j
+        if limit == first:
+            return first
+        ok = self.markers[:limit - first] == rnd + 1
+        j = int(ok.argmin())
+        n = first + (j if not ok[j] else limit - first)
+        if not _TSO:
+            self._fence.load()
+        return n
+
+    def producer_available(self, lo: int, limit: int) -> int:
+        return self._published_prefix(lo, limit)
+
+    def consumer_available(self, lo: int, limit: int) -> int:
+        if self._seen - lo < limit:
+            self._seen = self.claim_cell.load(atomic.ACQUIRE)
+        return self._published_prefix(lo, min(limit, self._seen - lo))

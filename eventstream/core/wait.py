@@ -1,0 +1,102 @@
+"""Wait strategies: how a blocked producer or consumer passes time until a condition holds.
+
+Why strategies instead of a Condition: the rings are lock-free, and a Condition needs a mutex on both
+sides of every handoff. A waiter here just re-checks a cheap predicate (a cursor load) with a
+strategy-specific pause between checks. Every wait has a deadline: the callers turn an expired
+deadline into a timeout result (BLOCK_PRODUCER returns the rest of the batch; poll returns nothing).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+
+class WaitStrategy:
+    """Base: `wait_for(ready, timeout)` returns True as soon as `ready()` does, False at the deadline."""
+
+    name = "base"
+
+    def pause(self, attempt: int) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def wait_for(self, ready: Callable[[], bool], timeout: float) -> bool:
+        if ready():
+            return True
+        if timeout is None or timeout != timeout or timeout < 0:
+            raise ValueError(f"wait timeout={timeout!r} is not allowed; allowed: a number of seconds >= 0")
+        if timeout == 0:
+            return False
+        deadline = time.monotonic() + timeout
+        attempt = 0
+        while True:
+            self.pause(attempt)
+            attempt += 1
+            if ready():
+                return True
+            if time.monotonic() >= deadline:
+                return ready()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}>"
+
+
+class BusySpin(WaitStrategy):
+    """Re-check immediately: lowest latency, burns a whole CPU (only with a CPU to spare)."""
+
+    name = "spin"
+
+    def pause(self, attempt: int) -> None:
+        return None
+
+
+class Yield(WaitStrategy):
+    """Give the CPU to another runnable thread between checks."""
+
+    name = "yield"
+
+    def pause(self, attempt: int) -> None:
+        os.sched_yield()
+
+
+class SleepBackoff(WaitStrategy):
+    """Spin a little, then yield, then sleep with exponential backoff up to `max_sleep` seconds."""
+
+    name = "sleep"
+
+    def __init__(self, spins: int = 16, yields: int = 16, min_sleep: float = 20e-6, max_sleep: float = 1e-3):
+        if not (0 < min_sleep <= max_sleep):
+            raise ValueError(
+                f"SleepBackoff min_sleep={min_sleep!r}, max_sleep={max_sleep!r} are not allowed; "
+                "allowed: 0 < min_sleep <= max_sleep"
+            )
+        self.spins = spins
+        self.yields = yields
+        self.min_sleep = min_sleep
+        self.max_sleep = max_sleep
+
+    def pause(self, attempt: int) -> None:
+        if attempt < self.spins:
+            return
+        if attempt < self.spins + self.yields:
+            os.sched_yield()
+            return
+        k = attempt - self.spins - self.yields
+        time.sleep(min(self.min_sleep * (1 << min(k, 20)), self.max_sleep))
+
+
+WAIT_NAMES = ("spin", "yield", "sleep")
+
+
+def make_wait(name: str | WaitStrategy) -> WaitStrategy:
+    """A wait strategy from its config name ("spin" | "yield" | "sleep"), or pass one through."""
+    if isinstance(name, WaitStrategy):
+        return name
+    if name == "spin":
+        return BusySpin()
+    if name == "yield":
+        return Yield()
+    if name == "sleep":
+        return SleepBackoff()
+    raise ValueError(f"wait strategy {name!r} is not allowed; allowed: {', '.join(WAIT_NAMES)}")
