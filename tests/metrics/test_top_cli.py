@@ -1,0 +1,47 @@
+"""`eventstream top --once` against a real metrics endpoint."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from eventstream.cli.main import main
+from eventstream.cli.top import bucket_quantile
+from eventstream.metrics import Metrics, MetricsServer
+
+
+def test_top_once_shows_key_numbers(capsys):
+    m = Metrics()
+    m.received(12345)
+    m.processed("realtime", latencies_ns=np.full(100, 40_000))
+    m.dropped("queue_full", 17)
+    m.set_state(2, "DEGRADED")
+    m.watch_queue("transactional", lambda: 321)
+    with MetricsServer(m.registry, port=0) as server:
+        assert main(["top", "--once", "--url", server.url]) == 0
+    out = capsys.readouterr().out
+    assert "state      DEGRADED (2)" in out
+    assert "received   12,345" in out and "processed  100" in out
+    assert "dropped    17  queue_full=17" in out
+    assert "transactional=321" in out
+    line = next(x for x in out.splitlines() if x.strip().startswith("realtime"))
+    assert line.split()[1] == "100" and "µs" in line
+    assert "process    cpu" in out
+
+
+def test_top_unreachable_and_bad_args(capsys, tmp_path):
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    assert main(["top", "--once", "--url", f"http://127.0.0.1:{port}/metrics"]) == 1
+    assert "cannot read metrics from" in capsys.readouterr().err
+    assert main(["top", "--once", "--url", "ftp://x"]) == 2
+    assert main(["top", "--once", "--interval", "0"]) == 2
+
+
+def test_bucket_quantile_interpolates():
+    b = [(10.0, 50.0), (20.0, 100.0), (float("inf"), 100.0)]
+    assert bucket_quantile(b, 0.5) == 10.0
+    assert bucket_quantile(b, 0.75) == 15.0
+    assert bucket_quantile([], 0.5) is None
