@@ -18,6 +18,7 @@ from eventstream.protocol.frames import encode_nack, encode_nacks
 log = structlog.get_logger("eventstream.ingest")
 
 REASON_SINK_FULL = "backpressure: ingest queue full"
+REASON_EVICTED = "evicted: ingest queue overflow (DROP_OLD)"
 
 
 class IngestStats:
@@ -81,7 +82,17 @@ class Delivery:
                     left = records
                 r = len(left) if left is not None else 0
                 if r:
-                    # sinks refuse the tail of a batch (BLOCK_PRODUCER timeout / DROP_NEW)
+                    # Refused records of this batch are its tail (BLOCK_PRODUCER timeout / DROP_NEW). A
+                    # DROP_OLD ring may also return older records it evicted: those were accepted and
+                    # ACKed before, so they are reported to on_reject but never NACKed.
+                    ours = (left["conn_id"] == conn_id) & (left["ingest_ts"] == records["ingest_ts"][0])
+                    mine = int(ours.sum())
+                    if mine != r:
+                        evicted = left[~ours]
+                        stats.frames_rejected[REASON_EVICTED] += len(evicted)
+                        self._report_evicted(evicted)
+                    r = mine
+                if r:
                     dropped.append((records[len(records) - r:], indices[len(records) - r:], REASON_SINK_FULL))
                 stats.frames_accepted += len(records) - r
                 accepted = len(records) - r
@@ -99,6 +110,13 @@ class Delivery:
         if not want_nacks or not (dropped or errors):
             return accepted, b""
         return accepted, _nacks(dropped, errors)
+
+    def _report_evicted(self, evicted: np.ndarray) -> None:
+        if self.on_reject is not None:
+            try:
+                self.on_reject(evicted, REASON_EVICTED, [])
+            except Exception as exc:
+                log.error("on_reject_failed", error=repr(exc))
 
     def _report(self, dropped, errors, conn_id) -> None:
         rejections = [Rejection(conn_id, e.index, e.event_id, e.topic, e.priority, e.reason, e.fatal, e.version)

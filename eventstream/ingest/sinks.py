@@ -1,0 +1,62 @@
+"""Small sinks for tests, benchmarks and tools that run ingest without the engine.
+
+A sink is any object with ``put_batch(records) -> records not accepted`` (empty when all were taken),
+the same method as eventstream.core.ring.MpscRing.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+
+class CollectingSink:
+    """Keeps copies of every accepted batch; refuses records beyond `capacity` (None = unbounded)."""
+
+    def __init__(self, capacity: int | None = None):
+        self.capacity = capacity
+        self.batches: list[np.ndarray] = []
+        self.count = 0
+        self._cond = threading.Condition()
+
+    def put_batch(self, records: np.ndarray) -> np.ndarray:
+        with self._cond:
+            room = len(records) if self.capacity is None else max(0, self.capacity - self.count)
+            take = records[:room]
+            if len(take):
+                self.batches.append(take.copy())
+                self.count += len(take)
+                self._cond.notify_all()
+            return records[room:]
+
+    def wait_for(self, n: int, timeout: float) -> bool:
+        """True once at least n records arrived; False after `timeout` seconds."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.count >= n, timeout)
+
+    def records(self) -> np.ndarray:
+        with self._cond:
+            if not self.batches:
+                return np.zeros(0)
+            return np.concatenate(self.batches)
+
+
+class CountingSink:
+    """Counts records and drops them (benchmarks): no copy, no lock beyond one add per batch."""
+
+    def __init__(self):
+        self.count = 0
+        self.first_ns = 0
+        self.last_ns = 0
+        self._lock = threading.Lock()
+
+    def put_batch(self, records: np.ndarray) -> np.ndarray:
+        now = time.perf_counter_ns()
+        with self._lock:
+            if not self.count:
+                self.first_ns = now
+            self.count += len(records)
+            self.last_ns = now
+        return records[:0]
