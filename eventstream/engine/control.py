@@ -8,8 +8,8 @@ issue states them — note which comparisons are strict::
     CRITICAL   drop_rate >= 4 %   or depth >= 100 %
     EMERGENCY  drop_rate >= 10 %  or depth >  150 %
 
-`depth` is the total queued events as a fraction of `max_queue_depth`; `drop_rate` is dropped / received
-over the last interval (see RateSampler).
+A Sample's `depth` is already a fraction: queued events / `max_queue_depth` (the sampler divides, see
+RateSampler); `drop_rate` is dropped / offered over the last interval.
 
 Going up: straight to the highest level whose thresholds are exceeded (an overload must be answered in
 one interval, not four). Going down: one level per evaluation, and only when *both* metrics are below
@@ -61,8 +61,8 @@ _SYMBOL = {operator.gt: ">", operator.ge: ">="}
 class Sample:
     """What the control plane looks at, once per interval."""
 
-    depth: int  # events queued now, summed over the engine's queues
-    drop_rate: float  # dropped / received during the last interval, 0..1
+    depth: float  # events queued now as a fraction of max_queue_depth (1.0 = max_queue_depth events)
+    drop_rate: float  # dropped / offered during the last interval, 0..1
     processed: int  # events processed since start (cumulative: gates the warm-up)
     p99_ns: float = 0.0  # handling latency p99 (logged with transitions; no threshold)
 
@@ -88,9 +88,6 @@ class Backpressure:
             Level.CRITICAL: config.critical, Level.EMERGENCY: config.emergency,
         }
 
-    def depth_fraction(self, sample: Sample) -> float:
-        return sample.depth / self.config.max_queue_depth
-
     def exceeded(self, level: Level, drop_rate: float, depth: float) -> str | None:
         """Why `level`'s thresholds are exceeded (text), or None."""
         t = self.thresholds[level]
@@ -111,7 +108,7 @@ class Backpressure:
         """Decide the level for this interval; a Transition when it changed."""
         if sample.processed < self.config.min_events_for_evaluation:
             return None
-        depth = self.depth_fraction(sample)
+        depth = sample.depth
         drop = sample.drop_rate
         for level in (Level.EMERGENCY, Level.CRITICAL, Level.DEGRADED, Level.ELEVATED):
             why = self.exceeded(level, drop, depth)
@@ -141,13 +138,18 @@ class Actions(Protocol):
 
 
 class RateSampler:
-    """Turns cumulative counters into Samples: drop_rate = Δdropped / Δreceived over one interval.
+    """Turns cumulative counters into Samples: drop_rate = Δdropped / Δreceived over one interval,
+    depth = queued events / max_queue_depth.
 
-    `read()` returns (received, dropped, processed, depth, p99_ns), all cumulative except depth/p99.
+    `read()` returns (received, dropped, processed, queued events, p99_ns), all cumulative except the
+    queued events and p99.
     """
 
-    def __init__(self, read: Callable[[], tuple[int, int, int, int, float]]):
+    def __init__(self, read: Callable[[], tuple[int, int, int, int, float]], max_queue_depth: int):
+        if max_queue_depth < 1:
+            raise ValueError(f"max_queue_depth={max_queue_depth!r} is not allowed; allowed: an integer >= 1")
         self.read = read
+        self.max_queue_depth = max_queue_depth
         self._last: tuple[int, int] | None = None
 
     def __call__(self) -> Sample:
@@ -156,7 +158,7 @@ class RateSampler:
         self._last = (received, dropped)
         d_r, d_d = received - last_r, dropped - last_d
         rate = min(1.0, d_d / max(d_r, 1)) if d_d > 0 else 0.0
-        return Sample(depth=int(depth), drop_rate=rate, processed=int(processed), p99_ns=float(p99))
+        return Sample(depth=depth / self.max_queue_depth, drop_rate=rate, processed=int(processed), p99_ns=float(p99))
 
 
 class ControlThread(threading.Thread):
@@ -203,7 +205,7 @@ class ControlThread(threading.Thread):
         s = t.sample
         (log.warning if t.level > t.previous else log.info)(
             "backpressure_transition", previous=t.previous.name, level=t.level.name, reason=t.reason,
-            depth=s.depth, depth_fraction=round(t.depth_fraction, 4), drop_rate=round(s.drop_rate, 5),
+            depth_fraction=round(s.depth, 4), drop_rate=round(s.drop_rate, 5),
             processed=s.processed, p99_ns=s.p99_ns, at_ns=time.time_ns())
         for fn in (self.on_transition, self.actions and (lambda tr: self.actions.on_level(tr.level, tr.previous))):
             if not fn:

@@ -124,3 +124,71 @@ class CallbackMetric(Collector):
         else:
             fam.add_metric([], float(value))
         yield fam
+
+
+class SummedCounter(Collector):
+    """An unlabelled counter = what hot paths add with inc(n) + what registered sources report.
+
+    Sources let a component that already counts (ingest statistics, the dispatcher) feed a standard
+    counter at scrape time instead of paying a metrics update per batch.
+    """
+
+    def __init__(self, name: str, doc: str):
+        self.name, self.doc = name, doc
+        self._value = 0
+        self._lock = threading.Lock()
+        self.sources: list[Callable[[], float]] = []
+
+    def inc(self, n: int = 1) -> None:
+        with self._lock:
+            self._value += n
+
+    def add_source(self, fn: Callable[[], float]) -> None:
+        self.sources.append(fn)
+
+    def value(self) -> int:
+        total = self._value
+        for fn in list(self.sources):
+            try:
+                total += int(fn())
+            except Exception as exc:  # noqa: BLE001 - one bad source must not break the total
+                log.warning("metric_source_failed", metric=self.name, error=f"{type(exc).__name__}: {exc}")
+        return total
+
+    def describe(self):
+        yield CounterMetricFamily(self.name, self.doc)
+
+    def collect(self):
+        yield CounterMetricFamily(self.name, self.doc, value=self.value())
+
+
+class LabelledCallbacks(Collector):
+    """One gauge/counter family whose labelled series each come from their own callback."""
+
+    def __init__(self, name: str, doc: str, kind: str, label_names: list[str]):
+        if kind not in ("gauge", "counter"):
+            raise ValueError(f"metric kind {kind!r} is not allowed; allowed: gauge, counter")
+        self.name, self.doc, self.kind, self.label_names = name, doc, kind, label_names
+        self.series: dict[tuple[str, ...], Callable[[], float]] = {}
+
+    def add(self, labels: dict[str, str], fn: Callable[[], float]) -> None:
+        if sorted(labels) != sorted(self.label_names):
+            raise ValueError(f"metric {self.name}: labels {sorted(labels)} are not allowed; allowed: "
+                             f"{sorted(self.label_names)} (as first registered)")
+        self.series[tuple(str(labels[k]) for k in self.label_names)] = fn
+
+    def _family(self):
+        cls = GaugeMetricFamily if self.kind == "gauge" else CounterMetricFamily
+        return cls(self.name, self.doc, labels=self.label_names)
+
+    def describe(self):
+        yield self._family()
+
+    def collect(self):
+        fam = self._family()
+        for key, fn in list(self.series.items()):
+            try:
+                fam.add_metric(list(key), float(fn()))
+            except Exception as exc:  # noqa: BLE001 - leave the series out of this scrape
+                log.warning("metric_callback_failed", metric=self.name, labels=key, error=f"{type(exc).__name__}: {exc}")
+        yield fam

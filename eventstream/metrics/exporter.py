@@ -70,6 +70,11 @@ class MetricsServer:
         return self._server.server_address[1] if self._server else self.requested_port
 
     @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) actually bound (the real port when 0 was asked)."""
+        return (self.host, self.port)
+
+    @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}{self.path}"
 

@@ -9,8 +9,9 @@ Names (Prometheus text format):
     + whatever components register with register_callback() (read at scrape time).
 
 A private CollectorRegistry (not prometheus-client's global one) so several engines, and tests, live
-in one process without name collisions. Counters are prometheus-client Counters: one inc(n) per batch
-is cheap. Latency uses VectorHistogram (see histogram.py). Queue depths and component statistics are
+in one process without name collisions. Unlabelled counters are SummedCounters: one locked add per
+batch, plus optional sources (counter_fn) read at scrape time; labelled ones are prometheus-client
+Counters (one inc(n) per batch and label). Latency uses VectorHistogram (see histogram.py). Queue depths and component statistics are
 callbacks read at scrape time, so the hot paths do nothing for them.
 """
 
@@ -21,10 +22,12 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter
+
+from eventstream.metrics.exporter import MetricsServer
 from prometheus_client.exposition import generate_latest
 
-from eventstream.metrics.collectors import (CallbackMetric, LatencyCollector, ProcessCollector, StateCollector,
-                                            ValueFn)
+from eventstream.metrics.collectors import (CallbackMetric, LabelledCallbacks, LatencyCollector, ProcessCollector,
+                                            StateCollector, SummedCounter, ValueFn)
 from eventstream.metrics.histogram import DEFAULT_LATENCY_BUCKETS_NS, VectorHistogram
 
 QUEUES = ("realtime", "transactional", "batch")
@@ -35,40 +38,47 @@ def reason_label(reason: str) -> str:
     return reason.split(":", 1)[0].strip() or "unknown"
 
 
-class Metrics:
+class MetricsRegistry:
     def __init__(self, queues: Iterable[str] = QUEUES, *, latency_buckets_ns=DEFAULT_LATENCY_BUCKETS_NS,
                  reservoir: int = 4096, process: bool = True):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self._received = Counter("events_received", "events accepted by ingest", registry=r)
-        self._processed = Counter("events_processed", "events handled by a processor", registry=r)
+        self._counters: dict[str, SummedCounter] = {}
+        for name, doc in (("events_received", "events accepted by ingest"),
+                          ("events_processed", "events handled by a processor"),
+                          ("dedup_hits", "transactional events skipped as duplicates"),
+                          ("backpressure_drops", "events shed by the control plane or refused by admission")):
+            self._counters[name] = SummedCounter(name, doc)
+            r.register(self._counters[name])
         self._dropped = Counter("events_dropped", "events dropped or failed (to the DLQ), by reason category",
                                 ["reason"], registry=r)
-        self._dedup = Counter("dedup_hits", "transactional events skipped as duplicates", registry=r)
-        self._bp_drops = Counter("backpressure_drops", "events shed by the control plane", registry=r)
         self._transitions = Counter("pipeline_transitions", "backpressure level changes", ["from", "to"],
                                     registry=r)
         self.latency = {q: VectorHistogram(latency_buckets_ns, reservoir) for q in queues}
         r.register(LatencyCollector(self.latency))
         self._state = StateCollector()
         r.register(self._state)
-        self._depth_sources: dict[str, Callable[[], int]] = {}
-        r.register(CallbackMetric("queue_depth", "events waiting in each queue", self._depths, labels=["queue"]))
+        self._labelled: dict[str, LabelledCallbacks] = {}
+        self.gauge_fn("queue_depth", {}, None, doc="events waiting in each queue", label_names=["queue"])
         if process:
             r.register(ProcessCollector())
 
     # ------------------------------------------------------------------------------ hot-path updates
     def received(self, n: int) -> None:
         if n:
-            self._received.inc(n)
+            self._counters["events_received"].inc(n)
 
-    def processed(self, queue: str, records: np.ndarray | None = None, *, count: int | None = None,
-                  latencies_ns: np.ndarray | None = None, now_ns: int | None = None) -> None:
-        """Count a handled batch and record its latencies: given, or now - records["ingest_ts"]
-        (time.monotonic_ns clock, as ingest stamps it)."""
-        n = count if count is not None else (len(records) if records is not None else len(latencies_ns))
+    def processed(self, queue: str, records: np.ndarray | int | None = None, latencies_ns: np.ndarray | None = None,
+                  *, now_ns: int | None = None) -> None:
+        """Count a handled batch and record its latencies. `records` is the batch or just its length;
+        latencies are given, or computed as now - records["ingest_ts"] (time.monotonic_ns, as ingest
+        stamps it)."""
+        if isinstance(records, (int, np.integer)):
+            n, records = int(records), None
+        else:
+            n = len(records) if records is not None else (len(latencies_ns) if latencies_ns is not None else 0)
         if n:
-            self._processed.inc(n)
+            self._counters["events_processed"].inc(n)
         if latencies_ns is None and records is not None and len(records):
             now = time.monotonic_ns() if now_ns is None else now_ns
             latencies_ns = np.int64(now) - records["ingest_ts"].astype(np.int64)
@@ -87,14 +97,19 @@ class Metrics:
 
     def dedup_hits(self, n: int) -> None:
         if n:
-            self._dedup.inc(n)
+            self._counters["dedup_hits"].inc(n)
 
     def backpressure_dropped(self, n: int) -> None:
         if n:
-            self._bp_drops.inc(n)
+            self._counters["backpressure_drops"].inc(n)
 
-    def set_state(self, level: int, name: str) -> None:
+    def set_state(self, level: int, name: str, previous_level: int | None = None,
+                  previous_name: str | None = None) -> None:
+        """Make `level` the current pipeline_state; with a different previous level, also count the
+        transition in pipeline_transitions_total{from,to}."""
         self._state.level, self._state.name = int(level), str(name)
+        if previous_name is not None and previous_level != level:
+            self.transition(previous_name, name)
 
     def transition(self, previous: str, level: str) -> None:
         """Count a level change (names such as "HEALTHY"); set_state() sets the current level."""
@@ -102,22 +117,39 @@ class Metrics:
 
     def on_transition(self, t) -> None:
         """ControlThread(on_transition=...) hook: takes an engine.control.Transition."""
-        self.transition(t.previous.name, t.level.name)
-        self.set_state(int(t.level), t.level.name)
+        self.set_state(int(t.level), t.level.name, int(t.previous), t.previous.name)
 
     # ------------------------------------------------------------------------------ scrape-time sources
     def watch_queue(self, queue: str, depth_fn: Callable[[], int]) -> None:
         """queue_depth{queue} is read from depth_fn at each scrape."""
-        self._depth_sources[queue] = depth_fn
+        self.gauge_fn("queue_depth", {"queue": queue}, depth_fn)
 
-    def _depths(self) -> dict[str, float]:
-        out = {}
-        for q, fn in list(self._depth_sources.items()):
-            try:
-                out[q] = float(fn())
-            except Exception:  # noqa: BLE001 - a dead queue reports nothing rather than failing the scrape
-                continue
-        return out
+    def gauge_fn(self, name: str, labels: dict[str, str], fn: Callable[[], float] | None, *, doc: str = "",
+                 label_names: list[str] | None = None) -> None:
+        """A labelled gauge series read from `fn` at scrape time; series of one name share a family
+        (its label names are fixed by the first registration)."""
+        self._labelled_fn(name, labels, fn, "gauge", doc, label_names)
+
+    def counter_fn(self, name: str, fn: Callable[[], float], labels: dict[str, str] | None = None, *,
+                   doc: str = "") -> None:
+        """A counter read at scrape time (name without `_total`). For a built-in unlabelled counter
+        (events_received, events_processed, dedup_hits, backpressure_drops) `fn` is a source added to
+        it, so its totals and the *_total() readers include it."""
+        if name in self._counters and not labels:
+            self._counters[name].add_source(fn)
+            return
+        self._labelled_fn(name, labels or {}, fn, "counter", doc, None)
+
+    def _labelled_fn(self, name, labels, fn, kind, doc, label_names) -> None:
+        fam = self._labelled.get(name)
+        if fam is None:
+            fam = LabelledCallbacks(name, doc or name.replace("_", " "), kind, label_names or sorted(labels))
+            self.registry.register(fam)  # ValueError if the name is taken
+            self._labelled[name] = fam
+        elif fam.kind != kind:
+            raise ValueError(f"metric {name!r} is already a {fam.kind}; allowed: another name")
+        if fn is not None:
+            fam.add(labels, fn)
 
     def register_callback(self, name: str, doc: str, fn: ValueFn, *, kind: str = "gauge",
                           labels: Iterable[str] = ()) -> CallbackMetric:
@@ -131,29 +163,57 @@ class Metrics:
         self.registry.unregister(metric)
 
     # ------------------------------------------------------------------------------ reading
-    def counts(self) -> dict:
-        """Current totals (for summaries, the control plane and tests)."""
-        dropped = {}
+    def received_total(self) -> int:
+        return self._counters["events_received"].value()
+
+    def processed_total(self) -> int:
+        return self._counters["events_processed"].value()
+
+    def dedup_hits_total(self) -> int:
+        return self._counters["dedup_hits"].value()
+
+    def backpressure_drops_total(self) -> int:
+        return self._counters["backpressure_drops"].value()
+
+    def dropped_by_reason(self) -> dict[str, int]:
+        out = {}
         for fam in self._dropped.collect():
             for s in fam.samples:
                 if s.name.endswith("_total"):
-                    dropped[s.labels["reason"]] = int(s.value)
+                    out[s.labels["reason"]] = int(s.value)
+        return out
+
+    def dropped_total(self) -> int:
+        return sum(self.dropped_by_reason().values())
+
+    def counts(self) -> dict:
+        """Current totals (for summaries, the control plane and tests)."""
+        dropped = self.dropped_by_reason()
         return {
-            "received": self._value("events_received_total"),
-            "processed": self._value("events_processed_total"),
+            "received": self.received_total(),
+            "processed": self.processed_total(),
             "dropped": dropped,
             "dropped_total": sum(dropped.values()),
-            "dedup_hits": self._value("dedup_hits_total"),
-            "backpressure_drops": self._value("backpressure_drops_total"),
+            "dedup_hits": self.dedup_hits_total(),
+            "backpressure_drops": self.backpressure_drops_total(),
             "state": self._state.name,
         }
 
-    def _value(self, sample: str) -> int:
-        return int(self.registry.get_sample_value(sample) or 0)
-
     def percentiles(self, queue: str) -> dict[str, float]:
+        """p50/p99/p999 from the buckets, and *_recent exact over the reservoir."""
         return self.latency[queue].percentiles()
+
+    def p99_ns(self, queue: str) -> float:
+        """p99 latency of `queue` from the buckets (0.0 before any event)."""
+        return self.latency[queue].percentile(99)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of everything in the registry."""
         return generate_latest(self.registry)
+
+    def serve(self, host: str = "127.0.0.1", port: int = 9100, path: str = "/metrics") -> MetricsServer:
+        """Start the HTTP endpoint for this registry (MetricsServerError, an OSError, if it cannot bind)."""
+        return MetricsServer(self.registry, host, port, path).start()
+
+
+Metrics = MetricsRegistry  # shorter alias

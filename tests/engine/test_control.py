@@ -15,7 +15,7 @@ MAXQ = 5000
 
 
 def s(depth_frac=0.0, drop=0.0, processed=10_000):
-    return Sample(depth=round(depth_frac * MAXQ), drop_rate=drop, processed=processed)
+    return Sample(depth=round(depth_frac * MAXQ) / MAXQ, drop_rate=drop, processed=processed)
 
 
 def machine(level=H):
@@ -96,20 +96,20 @@ def test_no_decision_during_warm_up():
 
 
 def test_thresholds_come_from_config():
-    cfg = BackpressureConfig(max_queue_depth=100, min_events_for_evaluation=0, recovery_factor=0.5)
+    cfg = BackpressureConfig(min_events_for_evaluation=0, recovery_factor=0.5)
     cfg.elevated.depth = 0.1
     bp = Backpressure(cfg)
-    assert bp.evaluate(Sample(depth=11, drop_rate=0.0, processed=0)).level == E
-    assert bp.evaluate(Sample(depth=6, drop_rate=0.0, processed=0)) is None
-    assert bp.evaluate(Sample(depth=4, drop_rate=0.0, processed=0)).level == H
+    assert bp.evaluate(Sample(depth=0.11, drop_rate=0.0, processed=0)).level == E
+    assert bp.evaluate(Sample(depth=0.06, drop_rate=0.0, processed=0)) is None
+    assert bp.evaluate(Sample(depth=0.04, drop_rate=0.0, processed=0)).level == H
 
 
 def test_rate_sampler_uses_interval_deltas():
     counters = iter([(1000, 0, 900, 10, 5.0), (2000, 50, 1900, 20, 6.0), (2000, 50, 2000, 0, 0.0), (2000, 60, 2000, 0, 0)])
-    sampler = RateSampler(lambda: next(counters))
+    sampler = RateSampler(lambda: next(counters), max_queue_depth=100)
     assert sampler().drop_rate == 0.0
     x = sampler()
-    assert x.drop_rate == pytest.approx(0.05) and (x.depth, x.processed, x.p99_ns) == (20, 1900, 6.0)
+    assert x.drop_rate == pytest.approx(0.05) and (x.depth, x.processed, x.p99_ns) == (0.2, 1900, 6.0)
     assert sampler().drop_rate == 0.0
     assert sampler().drop_rate == 1.0  # drops with nothing received: clamped
 

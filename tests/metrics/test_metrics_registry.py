@@ -42,13 +42,12 @@ def served():
 def test_counters_gauges_state_and_process_over_http(served):
     m, server = served
     m.received(1000)
-    m.processed("transactional", count=900)
+    m.processed("transactional", 900)
     m.dropped("queue_full: BATCH ring", 60)
     m.dropped("handler_error: ValueError: x", 40)
     m.dedup_hits(7)
     m.backpressure_dropped(5)
-    m.transition("HEALTHY", "ELEVATED")
-    m.set_state(1, "ELEVATED")
+    m.set_state(1, "ELEVATED", 0, "HEALTHY")  # also counts the transition
     m.watch_queue("realtime", lambda: 12)
     m.watch_queue("batch", lambda: 1 / 0)  # a failing source is left out, the scrape still works
     fams = scrape(server.url)
@@ -149,3 +148,30 @@ def test_vector_histogram_percentiles_and_concurrent_updates():
     assert h.recent().size == 1000 and h.recent_percentile(100) == 40.0
     with pytest.raises(ValueError, match="increasing"):
         VectorHistogram((3, 2))
+
+
+def test_engine_facing_api_sources_and_totals():
+    m = Metrics(process=False)
+    ingest = {"accepted": 40, "shed": 3}
+    m.counter_fn("events_received", lambda: ingest["accepted"])  # a source added to the built-in counter
+    m.counter_fn("backpressure_drops", lambda: ingest["shed"])
+    m.counter_fn("ring_claims", lambda: 11, {"ring": "ingest"})
+    m.gauge_fn("queue_depth", {"queue": "ingest"}, lambda: 9)
+    with pytest.raises(ValueError, match="allowed: \\['queue'\\]"):
+        m.gauge_fn("queue_depth", {"ring": "x"}, lambda: 1)
+    m.received(2)
+    m.processed("realtime", 3, np.array([1000, 2000, 3000]))
+    m.dropped("queue_full", 4)
+    m.set_state(3, "CRITICAL", 3, "CRITICAL")  # same level: no transition counted
+    assert (m.received_total(), m.processed_total(), m.dropped_total(), m.backpressure_drops_total()) == (42, 3, 4, 3)
+    assert m.dropped_by_reason() == {"queue_full": 4} and m.dedup_hits_total() == 0
+    assert 1000 <= m.p99_ns("realtime") <= 5000
+    with m.serve("127.0.0.1", 0) as server:
+        assert server.address == ("127.0.0.1", server.port) and server.port > 0
+        fams = scrape(server.url)
+    assert value(fams, "events_received", "events_received_total") == 42
+    assert value(fams, "backpressure_drops", "backpressure_drops_total") == 3
+    assert value(fams, "ring_claims", "ring_claims_total", ring="ingest") == 11
+    assert value(fams, "queue_depth", queue="ingest") == 9
+    assert value(fams, "pipeline_state", name="CRITICAL") == 3
+    assert fams["pipeline_transitions"] == []
