@@ -114,7 +114,7 @@ def _print(batches, fmt: str, limit: int) -> int:
     out = sys.stdout
     shown = 0
     if fmt == "table":
-        out.write(f"{'stored_at':27} {'seq':>10} {'event_id':>20} {'prio':8} {'topic':24} payload\n")
+        out.write(f"{'stored_at':27} {'seq':>20} {'event_id':>20} {'prio':8} {'topic':24} payload\n")
     for b in batches:
         names = b.topic_names()
         for i in range(len(b)):
@@ -126,7 +126,7 @@ def _print(batches, fmt: str, limit: int) -> int:
             else:
                 text = d.get("payload", "<binary>").replace("\n", "\\n")
                 text = text if len(text) <= 40 else text[:37] + "..."
-                out.write(f"{d['stored_at']:27} {d['seq']:>10} {d['event_id']:>20} {d['priority_name']:8} "
+                out.write(f"{d['stored_at']:27} {d['seq']:>20} {d['event_id']:>20} {d['priority_name']:8} "
                           f"{d['topic'][:24]:24} {text}\n")
             shown += 1
     return 0

@@ -25,6 +25,7 @@ from eventstream.core.topics import MAX_TOPIC_BYTES
 from eventstream.storage import format as fmt
 
 SCAN_CHUNK = 16384  # record entries checked per numpy step
+READ_CHUNK_RECORDS = 65536  # records scanned between yields of EventLogReader.batches
 
 
 @dataclass
@@ -36,6 +37,7 @@ class ScanResult:
     records: int = 0
     topics: dict[int, str] = field(default_factory=dict)
     problem: str | None = None  # why the scan stopped before the end of the file
+    partial: bool = False  # stopped at `limit_records` with more entries after valid_bytes
 
     @property
     def dropped_bytes(self) -> int:
@@ -54,8 +56,10 @@ def _crc_mismatches(mv: memoryview, size: int, n: int, stored: np.ndarray) -> in
 def scan_buffer(buf, record_dtype: np.dtype, *,
                 on_records: Callable[[np.ndarray], None] | None = None,
                 on_topic: Callable[[int, str], None] | None = None,
-                start: int = fmt.FILE_HEADER_BYTES) -> ScanResult:
+                start: int = fmt.FILE_HEADER_BYTES, limit_records: int | None = None) -> ScanResult:
     """Scan entries in `buf` (bytes or mmap) from `start`; call back per record run / topic entry.
+    With `limit_records`, stop (partial=True) once about that many records were scanned, so a caller
+    can resume from valid_bytes.
 
     `on_records` receives a structured view (format.entry_dtype) over `buf`: copy what you keep.
     """
@@ -68,6 +72,9 @@ def scan_buffer(buf, record_dtype: np.dtype, *,
     pos = start
     try:
         while pos < end:
+            if limit_records is not None and result.records >= limit_records:
+                result.partial = True
+                break
             if end - pos < fmt.ENTRY_HEADER_BYTES:
                 result.problem = f"torn entry header at offset {pos} ({end - pos} bytes)"
                 break
@@ -209,10 +216,22 @@ class EventLogReader:
         if size <= fmt.FILE_HEADER_BYTES:
             self.last_scan = ScanResult(file_bytes=size, valid_bytes=size)
             return
+        total = ScanResult(file_bytes=size, valid_bytes=fmt.FILE_HEADER_BYTES)
+        self.last_scan = total
         with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            self.last_scan = scan_buffer(mm, self.dtype, on_records=on_records, on_topic=on_topic)
-        # Batches were copied out of the mapping by fancy indexing; the mapping is closed now.
-        yield from out
+            pos = fmt.FILE_HEADER_BYTES
+            while True:  # a bounded chunk at a time, so memory stays bounded on big logs
+                part = scan_buffer(mm, self.dtype, on_records=on_records, on_topic=on_topic, start=pos,
+                                   limit_records=READ_CHUNK_RECORDS)
+                total.records += part.records
+                total.valid_bytes, total.problem = part.valid_bytes, part.problem
+                total.topics = topics
+                # `out` holds copies (fancy indexing), never views of the mapping: safe to yield
+                yield from out
+                out.clear()
+                if not part.partial:
+                    break
+                pos = part.valid_bytes
 
     def read(self, **filters) -> StoredBatch:
         """All matching records as one batch."""

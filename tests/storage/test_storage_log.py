@@ -177,3 +177,26 @@ def test_concurrent_appends_store_every_record_once(tmp_path, make_batch):
     for seq, name in zip(got.records["seq"].tolist(), names):
         k, j = divmod(seq // size, batches_n)
         assert name == (f"t{k}.{j % 7}" if (seq - (k * batches_n + j) * size) % 2 == 0 else "shared")
+
+
+def test_reading_in_small_chunks_matches_one_pass(tmp_path, monkeypatch, make_batch):
+    from eventstream.storage import reader as reader_mod
+
+    path = tmp_path / "events.bin"
+    topics = TopicTable()
+    with open_log(path, topics) as log:
+        for i in range(6):  # new topics appear between record runs
+            log.append(make_batch(topics, 23, start_seq=i * 23, names=(f"t{i}", "common")))
+    whole = EventLogReader(path).read(topic="t*")
+    monkeypatch.setattr(reader_mod, "SCAN_CHUNK", 5)
+    monkeypatch.setattr(reader_mod, "READ_CHUNK_RECORDS", 7)
+    r = EventLogReader(path)
+    parts = list(r.batches(topic="t*"))
+    assert len(parts) > 6
+    assert [n for p in parts for n in p.topic_names()] == whole.topic_names()
+    assert np.concatenate([p.records["seq"] for p in parts]).tolist() == whole.records["seq"].tolist()
+    assert r.last_scan.records == 138 and r.last_scan.problem is None and r.last_scan.valid_bytes == path.stat().st_size
+    for first in r.batches():  # abandoning the generator early closes the mapping cleanly
+        assert len(first) > 0
+        break
+    assert r.count() == 138
