@@ -25,7 +25,7 @@ from eventstream.core.topics import TopicTable
 from eventstream.engine.bus import QUEUE_NAMES, EventBusMulti
 from eventstream.engine.control import Backpressure, ControlThread, Level, Sample
 from eventstream.engine.dispatcher import Dispatcher
-from eventstream.engine.dlq import DeadLetterLog
+from eventstream.engine.dlq import DeadLetterLog, reason_category
 from eventstream.engine.manager import ProcessManager
 from eventstream.engine.processors import Sinks
 from eventstream.ingest.admission import Admission
@@ -88,17 +88,20 @@ class Service:
             return
         if isinstance(reason, str):
             self.dlq.write(records, reason, self.topics)
-            self.metrics.dropped(reason, len(records))
+            self.metrics.dropped(reason_category(reason), len(records))
         else:
             self.dlq.write_each(records, list(reason), self.topics)
             for r in reason:
-                self.metrics.dropped(r.split(":", 1)[0] if ":" in r else r, 1)
+                self.metrics.dropped(reason_category(r), 1)
 
-    def on_reject(self, rejections) -> None:
-        """Frames ingest refused (content errors, backpressure): one DLQ line each."""
+    def on_reject(self, records, reason: str, rejections) -> None:
+        """What ingest refused: decoded records refused as a group (backpressure, paused, sink full)
+        and frames that failed to decode. One DLQ line each, counted by reason."""
+        if records is not None and len(records):
+            self.drop(records, reason)
         for rj in rejections:
             self.dlq.write_line(rj.event_id, rj.topic, rj.priority, rj.reason)
-            self.metrics.dropped(rj.reason.split(":", 1)[0], 1)
+            self.metrics.dropped(reason_category(rj.reason), 1)
 
     def _processed(self, queue: str, records: np.ndarray) -> None:
         now = time.monotonic_ns()

@@ -10,7 +10,7 @@ from eventstream.engine.bus import EventBusMulti
 from eventstream.engine.dispatcher import Dispatcher
 from eventstream.ingest.admission import Admission
 
-from .conftest import DTYPE, make_records
+from engine_fixtures import DTYPE, make_records
 
 
 def drain(queue):

@@ -16,7 +16,7 @@ from eventstream.engine.processors import (BatchProcessor, RealtimeProcessor, Tr
                                            WindowTable)
 from eventstream.engine.processors.batch import flush_windows
 
-from .conftest import DTYPE, make_records, run_until_drained
+from engine_fixtures import DTYPE, make_records, run_until_drained
 
 
 @pytest.fixture
