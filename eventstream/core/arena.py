@@ -103,6 +103,23 @@ class _Block:
         return True
 
 
+class _View:
+    """The buffer behind one arena array: its base, so every view keeps the arena object alive.
+
+    (No reference from the arena back to its arrays: a cycle through ctypes/numpy objects would never
+    be collected.)
+    """
+
+    __slots__ = ("arena", "raw")
+
+    def __init__(self, arena: Arena, start: int, nbytes: int):
+        self.arena = arena
+        self.raw = (ctypes.c_char * max(nbytes, 1)).from_address(arena.address + start)
+
+    def __buffer__(self, flags):
+        return memoryview(self.raw).cast("B")
+
+
 def _finalize(block: _Block, name: str) -> None:
     if block.free():
         log.warning("arena_not_closed", name=name, bytes=block.size, hint="call close() or use `with`")
@@ -123,9 +140,6 @@ class Arena:
         self._block = _Block(self.size, node)
         _account(1, self.size)
         self._finalizer = weakref.finalize(self, _finalize, self._block, name)
-        self._raw = (ctypes.c_char * self.size).from_address(self._block.addr)
-        self._raw._arena = self  # every view reaches the arena through its base: no free under a view
-        self._bytes = np.frombuffer(self._raw, dtype=np.uint8)
         self._offset = 0
         self._alloc_lock = threading.Lock()  # allocation happens at construction time, not on hot paths
 
@@ -160,7 +174,7 @@ class Arena:
                     f"({n} x {dtype}); allowed: at most {self.size} bytes in total - make the arena larger"
                 )
             self._offset = start + nbytes
-        raw = self._bytes[start:start + nbytes]
+        raw = np.frombuffer(_View(self, start, nbytes), dtype=np.uint8)
         raw[:] = 0  # fresh memory is zero already; writing it faults the pages in on this node now
         return raw.view(dtype)
 
