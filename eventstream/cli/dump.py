@@ -98,8 +98,15 @@ def run(args) -> int:
                                  time_field=args.time_field)
         if args.count:
             print(sum(len(b) for b in batches))
-            return 0
-        return _print(batches, args.format, args.limit)
+            code = 0
+        else:
+            code = _print(batches, args.format, args.limit)
+        scan = reader.last_scan
+        if scan is not None and scan.problem and not args.limit:
+            print(f"eventstream: warning: {path}: read stopped at byte {scan.valid_bytes} of {scan.file_bytes}: "
+                  f"{scan.problem} (a torn tail while a server writes, or damage; the server cuts it on start)",
+                  file=sys.stderr)
+        return code
     except ValueError as exc:  # bad filter values (LogFormatError is one too, but a failure, not usage)
         if isinstance(exc, LogFormatError):
             print(f"eventstream: error: {exc}", file=sys.stderr)

@@ -48,7 +48,7 @@ def _crc_mismatches(mv: memoryview, size: int, n: int, stored: np.ndarray) -> in
     """Index of the first entry among n whose CRC does not match, or n."""
     crc32 = zlib.crc32
     start = fmt.CRC_START
-    computed = np.fromiter((crc32(mv[i * size + start:(i + 1) * size]) for i in range(n)), dtype=np.uint32, count=n)
+    computed = np.array([crc32(mv[i * size + start:(i + 1) * size]) for i in range(n)], dtype=np.uint32)
     bad = np.flatnonzero(computed != stored)
     return int(bad[0]) if bad.size else n
 

@@ -55,3 +55,13 @@ def test_missing_file_and_bad_filters_are_clear(tmp_path, log_dir, capsys):
     assert "allowed: 0-4 or BATCH" in capsys.readouterr().err
     assert main(["dump", str(log_dir / "events.bin"), "--since", "yesterday"]) == 2
     assert "--since 'yesterday' is not allowed" in capsys.readouterr().err
+
+
+def test_torn_tail_is_reported_not_fatal(log_dir, capsys):
+    path = log_dir / "events.bin"
+    with open(path, "ab") as f:
+        f.write(b"\x5a\x10")  # half an entry header
+    assert main(["dump", str(path), "--count"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == "60"
+    assert "torn entry header" in captured.err
