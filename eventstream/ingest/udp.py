@@ -199,7 +199,6 @@ class UdpServer:
     def _handle(self, rx: _Receiver, n: int, dec: FrameDecoder) -> list[str]:
         """Decode n datagrams in one vectorized pass; returns reasons of bad datagrams."""
         stats = self.stats
-        stats.datagrams += n
         offs: list[int] = []
         lens: list[int] = []
         owner: list[int] = []
@@ -234,6 +233,7 @@ class UdpServer:
             self.delivery.deliver(records, indices, errors, UDP_CONN_ID, want_nacks=False)
             first = consumed
         stats.datagrams_bad += len(bad)
+        stats.datagrams += n  # last: a reader of statistics() that sees the datagrams sees their outcome
         return bad
 
     def stop(self, drain: bool = True, timeout: float = 5.0) -> None:

@@ -1,0 +1,191 @@
+"""Codec properties: round trip, any re-splitting, content errors isolated, corruption never raises."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from eventstream.core.records import FLAG_V2, payloads
+from eventstream.core.topics import TopicTable
+from eventstream.protocol.decoder import FrameDecoder
+from eventstream.protocol.frames import (
+    KIND_ACK, V2_HEAD, V2_MAGIC, encode_ack, encode_nack, encode_nacks, encode_v1, encode_v2, split_control_frames,
+)
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+topics_st = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=12)
+event_st = st.tuples(
+    st.sampled_from([1, 2]), topics_st, st.binary(max_size=80), st.integers(0, 4),
+    st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1),
+)
+
+
+def encode(ev) -> bytes:
+    version, topic, payload, prio, eid, ts = ev
+    return encode_v1(topic, payload, prio) if version == 1 else encode_v2(topic, payload, prio, eid, ts)
+
+
+def feed_split(dec: FrameDecoder, stream: bytes, cuts: list[int]):
+    recs, errs = [], []
+    bounds = [0, *sorted(set(c % (len(stream) + 1) for c in cuts)), len(stream)]
+    for a, b in zip(bounds, bounds[1:]):
+        r, e = dec.feed(stream[a:b])
+        recs.append(r)
+        errs.extend(e)
+    return np.concatenate(recs), errs
+
+
+def check_matches(table: TopicTable, recs: np.ndarray, events: list) -> None:
+    assert len(recs) == len(events)
+    assert payloads(recs) == [ev[2] for ev in events]
+    assert table.names(recs["topic_id"]) == [ev[1] for ev in events]
+    assert recs["priority"].tolist() == [ev[3] for ev in events]
+    v2 = np.array([ev[0] == 2 for ev in events], dtype=bool)
+    assert recs["event_id"].tolist() == [ev[4] if ev[0] == 2 else 0 for ev in events]
+    assert recs["producer_ts"].tolist() == [ev[5] if ev[0] == 2 else 0 for ev in events]
+    assert ((recs["flags"] & FLAG_V2) != 0).tolist() == v2.tolist()
+    crcs = [zlib.crc32(ev[2], zlib.crc32(ev[1].encode())) if ev[0] == 2 else 0 for ev in events]
+    assert recs["crc32"].tolist() == crcs
+    assert (recs["seq"] == 0).all()
+
+
+@SETTINGS
+@given(st.lists(event_st, max_size=40), st.lists(st.integers(0, 10_000), max_size=30))
+def test_round_trip_any_split(events, cuts):
+    table = TopicTable()
+    dec = FrameDecoder(table, conn_id=7)
+    stream = b"".join(encode(ev) for ev in events)
+    recs, errs = feed_split(dec, stream, cuts)
+    assert errs == []
+    check_matches(table, recs, events)
+    assert (recs["conn_id"] == 7).all()
+    assert dec.buffered == 0 and dec.frames_seen == len(events)
+
+
+def test_one_byte_at_a_time_and_uniform_runs():
+    table = TopicTable()
+    events = [(2, "orders", bytes([i % 256]) * 64, 2, i + 1, 5) for i in range(300)]
+    events += [(1, "x", b"", 0, 0, 0), (2, "é", b"p", 4, 9, 9)]
+    stream = b"".join(encode(ev) for ev in events)
+    dec = FrameDecoder(table)
+    recs = [dec.feed(stream[i:i + 1])[0] for i in range(len(stream))]
+    check_matches(table, np.concatenate(recs), events)
+    whole, errs = FrameDecoder(table).feed(stream)
+    assert errs == []
+    check_matches(table, whole, events)
+
+
+def bad_content_frames(cap: int) -> list[tuple[bytes, str]]:
+    """(frame, error_class) for every content error; each keeps the stream's framing intact."""
+    good = encode_v2("t", b"abc", 2, 5, 6)
+    bad_crc = good[:26] + bytes([good[26] ^ 0xFF]) + good[27:]
+    bad_prio = bytearray(good)
+    bad_prio[6] = 9
+    v1_no_topic = struct.pack(">IBH", 3 + 2, 1, 0) + b"zz"
+    h = V2_HEAD.pack(26 + 2, V2_MAGIC, 1, 1, 0, 77, 0, 0, 0)
+    v2_no_topic = h + b"zz"
+    bad_utf8 = struct.pack(">IBH", 3 + 2 + 1, 2, 2) + b"\xff\xfe" + b"q"
+    too_large = encode_v1("t", b"x" * (cap + 1), 3)
+    ack_from_client = encode_v2("t", b"", 0, 1, 0, kind=KIND_ACK)
+    return [(bad_crc, "crc"), (bytes(bad_prio), "priority"), (v1_no_topic, "topic_len"),
+            (v2_no_topic, "topic_len"), (bad_utf8, "topic_utf8"), (too_large, "payload_too_large"),
+            (ack_from_client, "kind")]
+
+
+@SETTINGS
+@given(st.lists(st.one_of(event_st.map(lambda e: ("ok", e)), st.integers(0, 6).map(lambda k: ("bad", k))),
+                max_size=40),
+       st.lists(st.integers(0, 10_000), max_size=20))
+def test_content_errors_reject_only_their_frame(items, cuts):
+    table = TopicTable()
+    bads = bad_content_frames(cap=100)
+    dec = FrameDecoder(table, payload_bytes=100)
+    stream, good, expect_bad = [], [], []
+    for i, (what, x) in enumerate(items, 1):
+        if what == "ok":
+            stream.append(encode(x))
+            good.append(x)
+        else:
+            stream.append(bads[x][0])
+            expect_bad.append((i, bads[x][1]))
+    recs, errs = feed_split(dec, b"".join(stream), cuts)
+    assert [(e.index, e.error_class) for e in errs] == expect_bad
+    assert not any(e.fatal for e in errs)
+    check_matches(table, recs, good)
+
+
+def test_payload_too_large_names_the_limit():
+    dec = FrameDecoder(TopicTable(), payload_bytes=16)
+    recs, errs = dec.feed(encode_v2("t", b"x" * 17, 3, 42) + encode_v1("t", b"y" * 16))
+    assert len(recs) == 1 and payloads(recs) == [b"y" * 16]
+    (e,) = errs
+    assert "records.payload_bytes" in e.reason and "16" in e.reason and "17" in e.reason
+    assert (e.index, e.event_id, e.topic, e.priority, e.version, e.fatal) == (1, 42, "t", 3, 2, False)
+
+
+def test_framing_errors_are_fatal_and_stop_the_decoder():
+    cases = {
+        "unknown first byte": encode_v1("a", b"1") + struct.pack(">I", 5) + b"\x07abcd",
+        "length over max": encode_v1("a", b"1") + struct.pack(">I", 5000) + b"\xe5",
+        "v2 too short": encode_v1("a", b"1") + struct.pack(">I", 10) + b"\xe5" + b"\0" * 9,
+        "zero length": encode_v1("a", b"1") + struct.pack(">I", 0),
+        "topic past end": encode_v1("a", b"1") + struct.pack(">IBH", 5, 1, 9) + b"ab",
+    }
+    for name, stream in cases.items():
+        for step in (1, 3, len(stream)):
+            dec = FrameDecoder(TopicTable(), max_frame_bytes=1024)
+            recs, errs = [], []
+            for i in range(0, len(stream), step):
+                r, e = dec.feed(stream[i:i + step])
+                recs.append(r)
+                errs += e
+            assert sum(len(r) for r in recs) == 1, name
+            assert len(errs) == 1 and errs[0].fatal and errs[0].index == 2, (name, errs)
+            assert dec.failed
+            assert dec.feed(encode_v1("a", b"2")) [0].size == 0
+
+
+def test_garbage_fails_before_the_claimed_length_arrives():
+    dec = FrameDecoder(TopicTable())
+    recs, errs = dec.feed(b"GET / HTTP/1.1\r\n")
+    assert len(recs) == 0 and errs[0].fatal and "max_frame_bytes" in errs[0].reason
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(event_st, min_size=1, max_size=20), st.data())
+def test_random_corruption_never_raises_and_keeps_the_prefix(events, data):
+    table = TopicTable()
+    frames = [encode(ev) for ev in events]
+    stream = bytearray(b"".join(frames))
+    pos = data.draw(st.integers(0, len(stream) - 1))
+    mode = data.draw(st.sampled_from(["flip", "truncate", "insert"]))
+    if mode == "flip":
+        stream[pos] ^= data.draw(st.integers(1, 255))
+    elif mode == "truncate":
+        del stream[pos:]
+    else:
+        stream[pos:pos] = data.draw(st.binary(min_size=1, max_size=8))
+    cuts = data.draw(st.lists(st.integers(0, 10_000), max_size=10))
+    recs, errs = feed_split(FrameDecoder(table), bytes(stream), cuts)
+    intact, end = 0, 0
+    for f in frames:
+        if end + len(f) > pos:
+            break
+        end += len(f)
+        intact += 1
+    assert len(recs) >= intact
+    check_matches(table, recs[:intact], events[:intact])
+    assert all(e.index > intact for e in errs)
+
+
+def test_control_frames_round_trip():
+    buf = bytearray(encode_nack(3, "backpressure") + encode_ack(17) + encode_nacks(np.array([5, 9]), "paused"))
+    buf += encode_ack(1)[:10]
+    assert split_control_frames(buf) == [(3, 3, b"backpressure"), (2, 17, b""), (3, 5, b"paused"), (3, 9, b"paused")]
+    assert len(buf) == 10
+    assert encode_nacks(np.array([4]), "x") == encode_nack(4, "x")
