@@ -101,7 +101,7 @@ def scan_buffer(buf, record_dtype: np.dtype, *,
                     result.problem = f"CRC mismatch in record entry at offset {pos}"
                     break
                 continue
-            if kind == fmt.KIND_TOPIC and 4 < length <= 4 + MAX_TOPIC_BYTES:
+            if kind == fmt.KIND_TOPIC and 4 <= length <= 4 + MAX_TOPIC_BYTES:
                 if end - pos < fmt.ENTRY_HEADER_BYTES + length:
                     result.problem = f"torn topic entry at offset {pos}"
                     break

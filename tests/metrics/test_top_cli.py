@@ -28,7 +28,7 @@ def test_top_once_shows_key_numbers(capsys):
     assert "process    cpu" in out
 
 
-def test_top_unreachable_and_bad_args(capsys, tmp_path):
+def test_top_unreachable_and_bad_args(capsys):
     import socket
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

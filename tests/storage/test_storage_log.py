@@ -200,3 +200,14 @@ def test_reading_in_small_chunks_matches_one_pass(tmp_path, monkeypatch, make_ba
         assert len(first) > 0
         break
     assert r.count() == 138
+
+
+def test_records_without_topic_round_trip(tmp_path, topics, make_batch):
+    path = tmp_path / "events.bin"
+    b = make_batch(topics, 4)
+    b["topic_id"][::2] = 0  # id 0 = "no topic"
+    with open_log(path, topics) as log:
+        log.append(b)
+    with open_log(path, topics) as log:  # recovery accepts the empty topic name
+        assert log.recovery.records == 4 and log.recovery.problem is None
+    assert EventLogReader(path).read().topic_names() == ["", "orders.paid", "", "orders.new"]
