@@ -37,6 +37,8 @@ from eventstream.storage.writer import EventLog
 
 log = structlog.get_logger("eventstream.service")
 
+BACKPRESSURE_REASONS = ("backpressure", "paused")
+
 
 class StartupError(RuntimeError):
     """The service cannot start (port in use, bad handler, unwritable data dir...)."""
@@ -88,7 +90,10 @@ class Service:
             return
         if isinstance(reason, str):
             self.dlq.write(records, reason, self.topics)
-            self.metrics.dropped(reason_category(reason), len(records))
+            category = reason_category(reason)
+            self.metrics.dropped(category, len(records))
+            if category in BACKPRESSURE_REASONS:
+                self.metrics.backpressure_dropped(len(records))
         else:
             self.dlq.write_each(records, list(reason), self.topics)
             for r in reason:
@@ -152,6 +157,7 @@ class Service:
         self._register_gauges()
         self.manager.start()
         self.dispatcher = Dispatcher(self.ingest_ring, self.bus, self.drop, admission=self.admission,
+                                     on_received=self.metrics.received,
                                      cpus=cfg.affinity.dispatcher, max_batch=cfg.queues.max_batch)
         self.dispatcher.start()
         aff, pb = cfg.affinity, cfg.records.payload_bytes
@@ -193,14 +199,6 @@ class Service:
         for name in QUEUE_NAMES:
             m.gauge_fn("queue_depth", {"queue": name}, lambda q=self.bus[name]: q.depth)
         m.gauge_fn("queue_depth", {"queue": "ingest"}, lambda: self.ingest_ring.depth)
-        m.counter_fn("backpressure_drops", lambda: self._ingest_stat("backpressure_drops"))
-
-    def _ingest_stat(self, key: str) -> int:
-        total = 0
-        for srv in (self.tcp, self.udp):
-            if srv is not None:
-                total += int(srv.statistics().get(key, 0))
-        return total
 
     def sample(self) -> Sample:
         """Metrics the control thread evaluates: depth fraction, drop rate since the last sample."""

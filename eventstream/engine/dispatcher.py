@@ -29,13 +29,14 @@ def sequence_base() -> int:
 
 
 class Dispatcher(threading.Thread):
-    def __init__(self, source, bus: EventBusMulti, drop: DropFn, *, admission=None, cpus=(),
+    def __init__(self, source, bus: EventBusMulti, drop: DropFn, *, admission=None, on_received=None, cpus=(),
                  max_batch: int = 4096, seq_base: int | None = None, poll_timeout: float = 0.005):
         super().__init__(name="es-dispatcher", daemon=True)
         self.source = source
         self.bus = bus
         self.drop = drop
         self.admission = admission
+        self.on_received = on_received
         self.cpus = list(cpus)
         self.max_batch = max_batch
         self.poll_timeout = poll_timeout
@@ -74,6 +75,8 @@ class Dispatcher(threading.Thread):
         self.next_seq += n
         self.received += n
         self.batches += 1
+        if self.on_received is not None:
+            self.on_received(n)
         adm = self.admission
         min_priority = adm.min_priority if adm is not None else 0
         if min_priority > 0:

@@ -42,7 +42,7 @@ class ProcessManager:
             "aggregate": given.get("aggregate", resolve(p.batch.aggregate, "processors.batch.aggregate")),
         }
         self.dedup = Deduplicator(p.transactional.dedup_buckets, p.transactional.dedup_window_s,
-                                  when_full="evict")
+                                  when_full="grow")
         self.window_tables = [WindowTable() for _ in range(bus["batch"].partitions)]
         self.workers: dict[str, list[Processor]] = {"realtime": [], "transactional": [], "batch": []}
         self._lock = threading.Lock()  # guards worker lists (control plane vs shutdown), never the data path
@@ -110,6 +110,8 @@ class ProcessManager:
         if self.workers["batch"] and ok:
             flushed = flush_windows(self.workers["batch"][0])
             log.info("windows_flushed", windows=flushed)
+        if ok:
+            self.dedup.close()
         return ok
 
     def errors(self) -> list[tuple[str, BaseException]]:
