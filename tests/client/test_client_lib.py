@@ -1,0 +1,85 @@
+"""eventstream.client against real servers: ACKs, NACKs, v1, resend on reconnect, UDP batching."""
+
+from __future__ import annotations
+
+import pytest
+
+from eventstream.client import ClientError, TcpClient, UdpSender
+from eventstream.core.records import payloads
+from eventstream.ingest.admission import Admission
+from eventstream.ingest.sinks import CollectingSink
+
+
+def test_v2_client_gets_every_event_acknowledged(servers):
+    tcp, _ = servers
+    srv = tcp()
+    with TcpClient(*srv.address, batch_size=64) as c:
+        ids = [c.send("orders", b"payload-%d" % i, i % 5) for i in range(500)]
+        assert c.wait_acked(20)
+        assert (c.sent, c.acked, c.nacked) == (500, 500, 0)
+        assert len(c.ack_latencies_ns) == 500 and min(c.ack_latencies_ns) > 0
+    assert len(set(ids)) == 500 and 0 not in ids
+    recs = srv.test_sink.records()
+    assert recs["event_id"].tolist() == ids
+    assert payloads(recs[:2]) == [b"payload-0", b"payload-1"]
+
+
+def test_nacks_are_reported_with_event_id_and_reason(servers):
+    tcp, _ = servers
+    srv = tcp(admission=Admission(min_priority=2))
+    with TcpClient(*srv.address) as c:
+        sent = {c.send("q", b"", p, event_id=1000 + p): p for p in range(5)}
+        assert c.wait_acked(20)
+    assert (c.acked, c.nacked) == (3, 2)
+    assert sorted(c.nacks) == [(1000, "backpressure"), (1001, "backpressure")]
+    assert sorted(srv.test_sink.records()["event_id"].tolist()) == [k for k, p in sent.items() if p >= 2]
+
+
+def test_unacknowledged_events_are_resent_with_the_same_ids_after_reconnect(servers):
+    tcp, _ = servers
+    first = tcp(ack_interval_ms=60_000.0, ack_every_events=1_000_000)  # never ACKs on its own
+    port = first.address[1]
+    c = TcpClient("127.0.0.1", port, timeout=20).connect()
+    ids = [c.send("r", b"%d" % i) for i in range(10)]
+    c.flush()
+    assert first.test_sink.wait_for(10, 10)
+    first.stop(drain=False)  # the connection dies before any ACK
+    second = tcp(port=port)
+    assert c.wait_acked(20)
+    c.close()
+    assert c.reconnects >= 1 and c.acked == 10
+    assert first.test_sink.records()["event_id"].tolist() == ids
+    assert second.test_sink.records()["event_id"].tolist() == ids  # same ids: the engine dedups
+
+
+def test_v1_client_sends_without_acknowledgements(servers):
+    tcp, _ = servers
+    srv = tcp()
+    with TcpClient(*srv.address, version=1) as c:
+        for i in range(20):
+            assert c.send("legacy", b"%d" % i, 1) == 0
+        assert c.wait_acked(5)
+        assert c.acked == 0
+    assert srv.test_sink.wait_for(20, 10)
+    assert (srv.test_sink.records()["event_id"] == 0).all()
+
+
+def test_connect_failure_is_a_clear_error():
+    with pytest.raises(ClientError, match="cannot connect to 127.0.0.1:1"):
+        TcpClient("127.0.0.1", 1, timeout=0.2).connect()
+
+
+def test_udp_sender_packs_frames_into_datagrams(servers):
+    _, udp = servers
+    srv = udp()
+    with UdpSender(*srv.address, max_datagram_bytes=400) as s:
+        for i in range(100):
+            s.queue("u", b"x" * 20, 3)
+        s.send("u", b"single")
+    assert srv.test_sink.wait_for(101, 10)
+    assert s.datagrams < 50 and s.sent == 101
+    assert srv.statistics()["datagrams_bad"] == 0
+
+
+def test_sink_type_check():
+    assert CollectingSink(capacity=0).put_batch(CollectingSink().records()).size == 0
