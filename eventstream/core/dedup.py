@@ -255,8 +255,14 @@ class Deduplicator:
                 dupes += int(fresh.sum())
                 found = fresh  # expired ones go through the CAS path below
             kb, sb, m = t.key_base, t.stamp_base, t.mask
+            # inserts allowed before the table passes max_load: past it, probing slows down sharply,
+            # so the rest waits for the rebuild (grow/evict) instead of filling the table to the brim
+            budget = int(self.max_load * t.buckets) - self._used.load()
             for j in np.flatnonzero(~found).tolist():
                 i = int(todo[j])
+                if inserted >= budget:
+                    left.append(i)
+                    continue
                 key = int(ids[i])
                 slot = int(home[j])
                 for _ in range(t.buckets):
