@@ -60,6 +60,7 @@ def scan(src, pos: int, end: int, max_frame_bytes: int) -> tuple[list[int], list
     add = offs.append
     unpack = LENGTH.unpack_from
     prev = -1
+    cooldown = 0
     while end - pos >= 4:
         length = unpack(src, pos)[0]
         nxt = pos + 4 + length
@@ -67,11 +68,16 @@ def scan(src, pos: int, end: int, max_frame_bytes: int) -> tuple[list[int], list
             break
         add(pos)
         if length == prev and end - pos >= 8 * (4 + length):
-            run = _uniform_run(src, pos, end, 4 + length)
-            offs.extend(range(pos + 4 + length, pos + run * (4 + length), 4 + length))
-            pos += run * (4 + length)
-            prev = -1
-            continue
+            if cooldown:
+                cooldown -= 1
+            else:
+                run = _uniform_run(src, pos, end, 4 + length)
+                offs.extend(range(pos + 4 + length, pos + run * (4 + length), 4 + length))
+                pos += run * (4 + length)
+                prev = -1
+                if run < 16:  # short runs do not pay for the numpy call: try again later
+                    cooldown = 32
+                continue
         prev = length
         pos = nxt
     lens = [0] * len(offs)
@@ -111,7 +117,7 @@ def _framing_reason(length: int, first: int | None, max_frame_bytes: int) -> str
 
 
 def _uniform_run(src, pos: int, end: int, stride: int) -> int:
-    """How many complete frames from `pos` repeat the first one's length and first byte (>= 1).
+    """How many complete frames from `pos` repeat the first one's length field (>= 1).
 
     Checks a window that grows 8x while every row matches, so a run costs O(run), not O(buffer).
     """
@@ -119,7 +125,7 @@ def _uniform_run(src, pos: int, end: int, stride: int) -> int:
     window = min(total, 64)
     while True:
         rows = np.frombuffer(src, dtype=np.uint8, count=window * stride, offset=pos).reshape(window, stride)
-        head = rows[:, :5]
+        head = rows[:, :4]
         bad = np.flatnonzero((head != head[0]).any(axis=1))
         del rows, head
         if len(bad):

@@ -1,0 +1,186 @@
+"""Ingest throughput: the vectorized codec vs a plain struct-per-frame loop, and TCP ingest end to end.
+
+Rows:
+* codec       - FrameDecoder.feed over a stream of 64-byte-payload frames in 256 KiB chunks (as a TCP
+                reader sees them), producing record batches.
+* struct-loop - the same stream decoded the plain way: one struct.unpack_from per frame header, one
+                record row assigned per frame (what the codec avoids).
+* tcp         - TcpServer with 1, 2 and 4 client connections sending pre-encoded frames as fast as the
+                socket takes them, to a counting sink; clock from the first byte until the sink has
+                every frame (v2 also waits for the final ACK).
+
+Each for protocol v1 and v2. frames_per_s is the median of the measured runs.
+
+    python bench/ingest.py [--quick] [--json] [--repeats N] [--save]
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from eventstream.runtime import gil  # noqa: E402
+
+gil.reexec_without_gil()
+
+import numpy as np  # noqa: E402
+from harness import Bench  # noqa: E402
+
+from eventstream.config import TcpConfig  # noqa: E402
+from eventstream.core.records import FLAG_V2, record_dtype  # noqa: E402
+from eventstream.core.topics import TopicTable  # noqa: E402
+from eventstream.ingest.sinks import CountingSink  # noqa: E402
+from eventstream.ingest.tcp import TcpServer  # noqa: E402
+from eventstream.protocol.decoder import FrameDecoder  # noqa: E402
+from eventstream.protocol.frames import encode_v1, encode_v2, split_control_frames  # noqa: E402
+
+PAYLOAD = bytes(range(64))
+CHUNK = 256 << 10
+COLUMNS = ["case", "version", "connections", "frames_per_s", "ns_per_event", "spread_pct", "runs"]
+
+
+def frames(version: int, n: int, topics: int = 4) -> bytes:
+    if version == 1:
+        return b"".join(encode_v1(f"topic.{i % topics}", PAYLOAD, i % 5) for i in range(n))
+    return b"".join(encode_v2(f"topic.{i % topics}", PAYLOAD, i % 5, i + 1, 1) for i in range(n))
+
+
+def run_codec(stream: bytes, n: int) -> tuple[int, float]:
+    dec = FrameDecoder(TopicTable())
+    mv = memoryview(stream)
+    got = 0
+    t0 = time.perf_counter()
+    for k in range(0, len(stream), CHUNK):
+        recs, errs = dec.feed(mv[k:k + CHUNK])
+        got += len(recs)
+    elapsed = time.perf_counter() - t0
+    assert got == n, (got, n)
+    return n, elapsed
+
+
+V1_HEAD = struct.Struct(">IBH")
+V2_HEAD = struct.Struct(">IBBBBQQHI")
+
+
+def run_struct_loop(stream: bytes, n: int) -> tuple[int, float]:
+    """Baseline: header struct per frame, Python checks, one record row assigned per frame."""
+    topics = TopicTable()
+    rec = np.zeros(n, dtype=record_dtype(448))
+    t0 = time.perf_counter()
+    ingest = time.monotonic_ns()
+    pos, i, end = 0, 0, len(stream)
+    buf = stream
+    while pos + 4 <= end:
+        first = buf[pos + 4]
+        if first == 0xE5:
+            length, _m, kind, prio, flags, eid, ts, tlen, crc = V2_HEAD.unpack_from(buf, pos)
+            start = pos + 30
+            topic = buf[start:start + tlen]
+            payload = buf[start + tlen:pos + 4 + length]
+            if zlib.crc32(payload, zlib.crc32(topic)) != crc:
+                raise ValueError("crc")
+            fl = FLAG_V2
+        else:
+            length, prio, tlen = V1_HEAD.unpack_from(buf, pos)
+            start = pos + 7
+            topic = buf[start:start + tlen]
+            payload = buf[start + tlen:pos + 4 + length]
+            eid = ts = crc = fl = 0
+        topic.decode("utf-8")
+        tid = topics.intern(topic)
+        row = rec[i]
+        row["event_id"], row["producer_ts"], row["ingest_ts"] = eid, ts, ingest
+        row["topic_id"], row["payload_len"], row["crc32"], row["priority"], row["flags"] = (
+            tid, len(payload), crc, prio, fl)
+        row["payload"][:len(payload)] = np.frombuffer(payload, dtype=np.uint8)
+        i += 1
+        pos += 4 + length
+    elapsed = time.perf_counter() - t0
+    assert i == n
+    return n, elapsed
+
+
+def _tcp_client(address, data: bytes, version: int, n: int, errors: list, barrier: threading.Barrier) -> None:
+    try:
+        s = socket.create_connection(address, timeout=60)
+        barrier.wait(30)
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        buf = bytearray()
+        while True:
+            d = s.recv(65536)
+            if not d:
+                break
+            buf += d
+        if version == 2:
+            acks = [v for k, v, _ in split_control_frames(buf) if k == 2]
+            if not acks or acks[-1] != n:
+                errors.append(f"final ACK {acks[-1] if acks else None}, expected {n}")
+        s.close()
+    except Exception as exc:  # noqa: BLE001 - reported below
+        errors.append(repr(exc))
+
+
+def run_tcp(version: int, connections: int, per_conn: int, data: bytes) -> tuple[int, float]:
+    sink = CountingSink()
+    srv = TcpServer(TcpConfig(port=0, readers=2), sink, TopicTable()).start()
+    errors: list[str] = []
+    barrier = threading.Barrier(connections + 1)
+    threads = [threading.Thread(target=_tcp_client, args=(srv.address, data, version, per_conn, errors, barrier))
+               for _ in range(connections)]
+    try:
+        for t in threads:
+            t.start()
+        barrier.wait(30)
+        t0 = time.perf_counter()
+        for t in threads:
+            t.join(300)
+        total = connections * per_conn
+        deadline = time.monotonic() + 60
+        while sink.count < total and time.monotonic() < deadline:
+            time.sleep(0.001)
+        elapsed = time.perf_counter() - t0
+    finally:
+        srv.stop(drain=False)
+    if errors or sink.count != total:
+        raise RuntimeError(f"tcp run lost frames: sink {sink.count}/{total}, errors {errors[:3]}")
+    return total, elapsed
+
+
+def main(argv=None) -> None:
+    import logging
+
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    bench = Bench("ingest", argv, description=__doc__.split("\n")[0])
+    n = 20_000 if bench.quick else 100_000
+    for version in (1, 2):
+        stream = frames(version, n)
+        for case, fn in (("codec", run_codec), ("struct-loop", run_struct_loop)):
+            stats = bench.measure(lambda fn=fn: fn(stream, n))
+            bench.add_row({"case": case, "version": version, "connections": 0, "frames_per_s": stats.median}, stats)
+    per_conn_total = 40_000 if bench.quick else 200_000
+    for version in (1, 2):
+        for conns in (1, 2, 4):
+            per_conn = per_conn_total // conns
+            data = frames(version, per_conn)
+            stats = bench.measure(lambda v=version, c=conns, p=per_conn, d=data: run_tcp(v, c, p, d))
+            bench.add_row({"case": "tcp", "version": version, "connections": conns, "frames_per_s": stats.median},
+                          stats)
+    bench.finish(COLUMNS, notes=[
+        "codec / struct-loop: decode only (one thread); tcp: acceptor + 2 reader threads, clients in-process",
+        "64-byte payloads, 4 topics, priorities 0..4 round robin",
+    ])
+
+
+if __name__ == "__main__":
+    main()
