@@ -49,6 +49,14 @@ class SingleProducerSequencer:
         self._next = start + k
         return start, k
 
+    def claim_all(self, n: int, limit: int) -> int:
+        """Claim exactly `n` sequences below `limit`: the first one, or -1 (nothing claimed)."""
+        start = self._next
+        if n <= 0 or start + n > limit:
+            return -1
+        self._next = start + n
+        return start
+
     def publish(self, start: int, k: int) -> None:
         self.cursor.store(start + k, atomic.RELEASE)
 
@@ -94,6 +102,19 @@ class MultiProducerSequencer:
                 self._hint = cur + k
                 return cur, k
             cur = seen
+
+    def claim_all(self, n: int, limit: int) -> int:
+        """Claim exactly `n` sequences below `limit` with one CAS: the first one, or -1."""
+        cur = self._hint
+        cas = atomic.cas
+        addr = self.claim_cell.address
+        while 0 < n and cur + n <= limit:
+            ok, seen = cas(addr, cur, cur + n)
+            if ok:
+                self._hint = cur + n
+                return cur
+            cur = seen
+        return -1
 
     def publish(self, start: int, k: int) -> None:
         if not _TSO:
