@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import read_until_closed, wait_until
+from ingest_helpers import read_until_closed, wait_until
 from eventstream.core.records import payloads, record_dtype
 from eventstream.core.topics import TopicTable
 from eventstream.ingest.admission import Admission, dead_letter_lines

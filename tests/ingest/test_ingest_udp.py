@@ -7,7 +7,7 @@ import socket
 import numpy as np
 import pytest
 
-from conftest import wait_until
+from ingest_helpers import wait_until
 from eventstream.core.records import payloads
 from eventstream.ingest.admission import Admission
 from eventstream.ingest.udp import _RECVMMSG
