@@ -87,5 +87,9 @@ def run(args) -> int:
             log.error("thread_failed", failures=failed)
             svc.stop(drain=False)
             return EXIT_FAILURE
-    svc.stop()
+    # drain in a helper thread: the main thread keeps waking up so a second signal is handled at once
+    stopper = threading.Thread(target=svc.stop, name="es-shutdown", daemon=True)
+    stopper.start()
+    while stopper.is_alive():
+        stopper.join(0.1)
     return 0

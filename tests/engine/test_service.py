@@ -247,3 +247,29 @@ def test_startup_errors_exit_2_with_a_clear_message(tmp_path):
                         "--set", "processors.realtime.handler=no_such_module:f"],
                        capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 2 and "cannot import module 'no_such_module'" in r.stderr
+
+
+def test_second_signal_during_drain_exits_at_once_with_130(tmp_path):
+    (tmp_path / "es_slow_handlers.py").write_text(
+        "import time\n\ndef slow(batch):\n    time.sleep(0.5)\n")
+    data = tmp_path / "data"
+    os.environ["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    try:
+        proc, (port, _, _) = start_serve(tmp_path, data, "--set", "processors.realtime.handler=es_slow_handlers:slow",
+                                         "--set", "queues.max_batch=1")
+    finally:
+        os.environ["PYTHONPATH"] = os.environ["PYTHONPATH"].split(os.pathsep, 1)[1]
+    with TcpClient("127.0.0.1", port, version=2) as c:
+        for i in range(1, 41):
+            c.send("slow", b"x", priority=4, event_id=i)
+        assert c.wait_acked(30)  # accepted; the realtime tier needs ~20 s to handle them
+    proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    err = ""
+    while "signal_received" not in err and time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        err += line
+    proc.send_signal(signal.SIGTERM)
+    out, rest = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err + rest
+    assert "second_signal_exit_now" in rest
