@@ -1,0 +1,81 @@
+"""The control plane acting on a running service: overload raises the level, actions apply,
+the level comes back down, and nothing is lost."""
+
+from __future__ import annotations
+
+import time
+
+from eventstream.client import TcpClient
+from eventstream.config import load_config
+from eventstream.engine.control import Level
+from eventstream.service import Service
+from eventstream.storage import EventLogReader
+
+
+def slow_handler(batch):
+    time.sleep(0.003)
+
+
+def test_overload_escalates_adds_worker_pauses_and_recovers_without_loss(tmp_path):
+    data = tmp_path / "data"
+    cfg = load_config(environ={}, overrides={
+        "server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0, "storage.data_dir": str(data),
+        "records.payload_bytes": 32, "queues.max_batch": 8,
+        "backpressure.max_queue_depth": 200, "backpressure.min_events_for_evaluation": 50,
+        "backpressure.interval_ms": 10,
+        # CRITICAL/EMERGENCY would drop by policy; keep them out of reach so the outcome is exact
+        "backpressure.critical.depth": 90.0, "backpressure.emergency.depth": 100.0,
+    })
+    with Service(cfg, handlers={"transactional": slow_handler}) as svc:
+        with TcpClient("127.0.0.1", svc.tcp.address[1], version=2, timeout=120) as c:
+            for i in range(1, 4001):
+                c.send(f"t{i % 4}", b"x", priority=2, event_id=i)
+            assert c.wait_acked(120)
+            assert c.nacked == 0
+        deadline = time.monotonic() + 60  # let the queues drain and the level step back down (bounded)
+        while (svc.bus.depth or svc.backpressure.level != Level.HEALTHY) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        transitions = list(svc.backpressure.transitions)  # (previous, level) pairs
+        workers = svc.manager.worker_counts()
+        final_level = svc.backpressure.level
+        paused_after = svc.admission.paused
+    ups = [(a, b) for a, b in transitions if b > a]
+    downs = [(a, b) for a, b in transitions if b < a]
+    assert ups and max(b for _, b in ups) == Level.DEGRADED
+    assert downs and final_level == Level.HEALTHY and not paused_after
+    assert workers["transactional"] == 2  # ELEVATED added one (max_workers 2)
+    ids = sorted(EventLogReader(data / "events.bin").read().records["event_id"].tolist())
+    assert ids == list(range(1, 4001))  # paused, never dropped
+    assert svc.summary()["dropped"] == 0
+
+
+class FakeService:
+    def __init__(self):
+        from eventstream.ingest.admission import Admission
+
+        self.admission = Admission()
+        self.added = []
+        self.states = []
+        self.manager = type("M", (), {"add_worker": lambda _self, tier: self.added.append(tier) or True})()
+        self.metrics = type("R", (), {"set_state": lambda _self, *a: self.states.append(a)})()
+
+
+def test_level_actions_are_cumulative_and_undone_on_the_way_down():
+    from eventstream.service import LevelActions
+
+    svc = FakeService()
+    act = LevelActions(svc)
+    act.on_level(Level.ELEVATED, Level.HEALTHY)
+    assert svc.added == ["transactional", "batch"] and not svc.admission.paused
+    act.on_level(Level.DEGRADED, Level.ELEVATED)
+    assert svc.admission.paused and svc.admission.min_priority == 0
+    act.on_level(Level.CRITICAL, Level.DEGRADED)
+    assert svc.admission.paused and svc.admission.min_priority == 1  # BATCH priority dropped
+    act.on_level(Level.EMERGENCY, Level.CRITICAL)
+    assert svc.admission.min_priority == 4  # only CRITICAL admitted
+    act.on_level(Level.DEGRADED, Level.EMERGENCY)
+    assert svc.admission.paused and svc.admission.min_priority == 0
+    act.on_level(Level.HEALTHY, Level.DEGRADED)
+    assert not svc.admission.paused and svc.admission.min_priority == 0
+    assert svc.added == ["transactional", "batch"]  # workers are added once per climb out of HEALTHY
+    assert svc.states[-1][1] == "HEALTHY"
