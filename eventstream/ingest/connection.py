@@ -312,11 +312,12 @@ class Reader(threading.Thread):
     def _shutdown(self) -> None:
         # connections handed over but never registered still count as open: close them too
         self._accept_incoming(True)
+        deadline = time.monotonic() + 2.0  # one budget for all connections: a stop stays bounded
         for c in list(self.conns.values()):
             if self.drain and c.v2 and c.accepted != c.acked:
                 self._send_ack(c)
             if self.drain:
-                self._flush_blocking(c, 1.0)
+                self._flush_blocking(c, max(0.01, deadline - time.monotonic()))
             self._close(c, "server_stop")
         self._sel.close()
         self._wake_r.close()
