@@ -17,13 +17,14 @@ from ingest_helpers import Rejects
 def tcp_server():
     servers = []
 
-    def make(sink=None, *, admission=None, payload_bytes=448, **cfg):
+    def make(sink=None, *, admission=None, payload_bytes=448, cpus=None, reader_cpus=None, **cfg):
         cfg.setdefault("port", 0)
         cfg.setdefault("readers", 2)
         rejects = Rejects()
         sink = sink if sink is not None else CollectingSink()
         srv = TcpServer(TcpConfig(**cfg), sink, TopicTable(), admission=admission or Admission(),
-                        on_reject=rejects, payload_bytes=payload_bytes).start()
+                        on_reject=rejects, payload_bytes=payload_bytes, cpus=cpus,
+                        reader_cpus=reader_cpus).start()
         srv.test_sink, srv.test_rejects = sink, rejects
         servers.append(srv)
         return srv
