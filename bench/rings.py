@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 from harness import Bench  # noqa: E402
 
 from eventstream import log as eslog  # noqa: E402
-from eventstream.core.records import EVENT_DTYPE  # noqa: E402
+from eventstream.core.records import DEFAULT_PAYLOAD_BYTES, record_dtype  # noqa: E402
 from eventstream.core.ring import MpscRing, SpscRing  # noqa: E402
 from eventstream.runtime.affinity import pin_current_thread  # noqa: E402
 
@@ -42,7 +42,8 @@ PRODUCER_CPU, CONSUMER_CPU = CPUS[0], CPUS[-1]
 BATCHES = (1, 16, 256, 4096)
 RING_EVENTS = {1: 40_000, 16: 400_000, 256: 2_000_000, 4096: 4_000_000}
 BASELINE_EVENTS = 100_000
-COLUMNS = ["structure", "producers", "batch", "gil", "events_per_s", "ns_per_event", "spread_pct", "events"]
+DTYPE = record_dtype(DEFAULT_PAYLOAD_BYTES)
+COLUMNS = ["structure", "producers", "batch", "gil", "record_bytes", "events_per_s", "ns_per_event", "spread_pct", "events"]
 
 
 def _run_threads(producers: list, consumer) -> float:
@@ -76,11 +77,12 @@ def _run_threads(producers: list, consumer) -> float:
     return elapsed
 
 
-def ring_transfer(cls, producers: int, batch: int, total: int):
+def ring_transfer(cls, producers: int, batch: int, total: int, dtype=None):
     per = total // producers
     total = per * producers
-    ring = cls(dtype=EVENT_DTYPE, overflow="BLOCK_PRODUCER", block_timeout=60.0, wait="yield")
-    src = np.zeros(batch, dtype=EVENT_DTYPE)
+    dtype = DTYPE if dtype is None else dtype
+    ring = cls(dtype=dtype, overflow="BLOCK_PRODUCER", block_timeout=60.0, wait="yield")
+    src = np.zeros(batch, dtype=dtype)
 
     def produce():
         sent = 0
@@ -111,7 +113,7 @@ def ring_transfer(cls, producers: int, batch: int, total: int):
 
 def queue_transfer(batch: int, total: int):
     q: queue.Queue = queue.Queue()
-    items = list(np.zeros(batch, dtype=EVENT_DTYPE))
+    items = list(np.zeros(batch, dtype=DTYPE))
 
     def produce():
         sent = 0
@@ -132,7 +134,7 @@ def queue_transfer(batch: int, total: int):
 
 def deque_transfer(batch: int, total: int):
     dq: collections.deque = collections.deque()
-    items = list(np.zeros(batch, dtype=EVENT_DTYPE))
+    items = list(np.zeros(batch, dtype=DTYPE))
     n = (total // batch) * batch
 
     def produce():
@@ -158,12 +160,14 @@ def ring_rows(bench: Bench, gil_on: bool) -> None:
         for batch in BATCHES:
             total = max(RING_EVENTS[batch] // scale, batch * producers * 4)
             stats = bench.measure(lambda: ring_transfer(cls, producers, batch, total))
-            bench.add_row({"structure": structure, "producers": producers, "batch": batch, "gil": gil_on}, stats)
+            bench.add_row({"structure": structure, "producers": producers, "batch": batch, "gil": gil_on,
+                           "record_bytes": DTYPE.itemsize}, stats)
 
 
 def gil_child_rows(bench: Bench) -> list[dict]:
     env = dict(os.environ, PYTHON_GIL="1", EVENTSTREAM_ALLOW_GIL="1", EVENTSTREAM_NO_REEXEC="1")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--gil-child", "--json",
+           "--payload-bytes", str(bench.args.payload_bytes),
            "--repeats", str(bench.args.repeats), "--warmup", str(bench.args.warmup)]
     if bench.quick:
         cmd.append("--quick")
@@ -178,9 +182,13 @@ def main(argv=None) -> None:
 
     parser = argparse.ArgumentParser(prog="bench/rings.py", description=__doc__.splitlines()[0])
     parser.add_argument("--gil-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--payload-bytes", type=int, default=DEFAULT_PAYLOAD_BYTES,
+                        help="inline payload per record (default %(default)s: 512-byte records)")
     parser.add_argument("--no-gil-run", action="store_true", help="skip the GIL-on comparison rows")
     bench = Bench("rings", argv, parser=parser)
     eslog.configure("warning", stream=sys.stderr)
+    global DTYPE
+    DTYPE = record_dtype(bench.args.payload_bytes)
     if bench.args.gil_child:
         ring_rows(bench, gil.gil_enabled())
         bench.finish(COLUMNS)
@@ -189,9 +197,11 @@ def main(argv=None) -> None:
     ring_rows(bench, False)
     total = BASELINE_EVENTS // (5 if bench.quick else 1)
     for batch in (1, 256):
-        bench.add_row({"structure": "queue.Queue", "producers": 1, "batch": batch, "gil": False},
+        bench.add_row({"structure": "queue.Queue", "producers": 1, "batch": batch, "gil": False,
+                       "record_bytes": DTYPE.itemsize},
                       bench.measure(lambda: queue_transfer(batch, total)))
-        bench.add_row({"structure": "deque", "producers": 1, "batch": batch, "gil": False},
+        bench.add_row({"structure": "deque", "producers": 1, "batch": batch, "gil": False,
+                       "record_bytes": DTYPE.itemsize},
                       bench.measure(lambda: deque_transfer(batch, total)))
     if not bench.args.no_gil_run:
         for row in gil_child_rows(bench):

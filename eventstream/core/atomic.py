@@ -43,10 +43,25 @@ if not all((_load, _store, _exchange, _cas, _fetch_add, _fetch_sub)):  # pragma:
     raise ImportError("the atomics package has no lock-free 64-bit operations on this platform")
 
 
+_ADDRS = {name: ctypes.cast(fp, ctypes.c_void_p).value
+          for name, fp in (("load", _load), ("store", _store), ("exchange", _exchange), ("cas", _cas),
+                           ("fetch_add", _fetch_add))}
+_PROTOS = {name: type(fp) for name, fp in (("load", _load), ("store", _store), ("exchange", _exchange),
+                                            ("cas", _cas), ("fetch_add", _fetch_add))}
+
+
 class _Operands(threading.local):
-    """Per-thread operand buffers and their addresses (never shared between threads)."""
+    """Per-thread operand buffers, their addresses, and per-thread function-pointer objects.
+
+    The function pointers are the op table's own addresses wrapped in the op table's own prototypes
+    (classes built once, at import); each thread gets its own wrapper objects so that two threads
+    never touch the same ctypes object (on a free-threaded build that would be a shared refcount
+    bouncing between CPUs at best, a data race in ctypes at worst).
+    """
 
     def __init__(self):
+        for name, addr in _ADDRS.items():
+            setattr(self, name, _PROTOS[name](addr))
         self.a = ctypes.c_uint64(0)
         self.b = ctypes.c_uint64(0)
         self.res = ctypes.c_uint64(0)
@@ -60,20 +75,20 @@ _tls = _Operands()
 
 def load(addr: int, order: int = SEQ_CST) -> int:
     o = _tls
-    _load(addr, order, o.pres)
+    o.load(addr, order, o.pres)
     return o.res.value
 
 
 def store(addr: int, value: int, order: int = SEQ_CST) -> None:
     o = _tls
     o.a.value = value & _MASK
-    _store(addr, o.pa, order)
+    o.store(addr, o.pa, order)
 
 
 def exchange(addr: int, value: int, order: int = SEQ_CST) -> int:
     o = _tls
     o.a.value = value & _MASK
-    _exchange(addr, o.pa, order, o.pres)
+    o.exchange(addr, o.pa, order, o.pres)
     return o.res.value
 
 
@@ -82,7 +97,7 @@ def cas(addr: int, expected: int, desired: int, success: int = SEQ_CST, failure:
     o = _tls
     o.a.value = expected & _MASK
     o.b.value = desired & _MASK
-    ok = _cas(addr, o.pa, o.pb, success, failure)
+    ok = o.cas(addr, o.pa, o.pb, success, failure)
     return bool(ok), o.a.value
 
 
@@ -90,7 +105,7 @@ def fetch_add(addr: int, delta: int, order: int = SEQ_CST) -> int:
     """Add `delta` (wrapping modulo 2**64; negative deltas subtract) and return the previous value."""
     o = _tls
     o.a.value = delta & _MASK
-    _fetch_add(addr, o.pa, order, o.pres)
+    o.fetch_add(addr, o.pa, order, o.pres)
     return o.res.value
 
 

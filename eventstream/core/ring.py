@@ -72,6 +72,19 @@ class _Counters:
         self.claimed = self.published = self.rejected = self.evicted = 0
 
 
+class _ConsumerState:
+    """Consumer-private cursors and counters (see _Ring._consumer)."""
+
+    __slots__ = ("r", "held_lo", "held_hi", "polled", "consumed", "seen")
+
+    def __init__(self):
+        self.r = 0  # next sequence to read (modes other than DROP_OLD)
+        self.held_lo = self.held_hi = 0  # DROP_OLD: the range the consumer holds
+        self.polled = 0
+        self.consumed = 0
+        self.seen = 0  # cache of the producers' cursor
+
+
 class _Ring:
     _multi = False
     _default_capacity = 16384
@@ -124,10 +137,7 @@ class _Ring:
         self._limit = capacity  # producers' cached gate: some past lowest + capacity
         self._tls = threading.local()
         self._all_counters: list[_Counters] = []
-        self._r = 0  # consumer-private cursor (non DROP_OLD) / claimed end
-        self._held_lo = self._held_hi = 0  # DROP_OLD: range the consumer holds
-        self._polled = 0
-        self._consumed = 0
+        self._cs: _ConsumerState | None = None
         self._closed = False
         self._warned_put_evict = False
 
@@ -298,6 +308,18 @@ class _Ring:
             return (self.slots[idx:idx + k],)
         return (self.slots[idx:], self.slots[:k - first])
 
+    def _consumer(self) -> _ConsumerState:
+        """The consumer's private state, created by the consumer thread on its first call.
+
+        Why a separate object: on a free-threaded build, the consumer writing attributes of the ring
+        object would bounce the cache lines the producers read on every put_batch; an object
+        allocated by the consumer thread lives in that thread's own heap pages.
+        """
+        cs = self._cs
+        if cs is None:
+            cs = self._cs = _ConsumerState()
+        return cs
+
     def poll(self, max_n: int = 4096, timeout: float = 0.0) -> tuple[np.ndarray, ...]:
         """Up to `max_n` published records as views (two when the range wraps), oldest first.
 
@@ -306,32 +328,36 @@ class _Ring:
         """
         if self._closed:
             raise RingClosed(f"{self.name} is closed")
-        max_n = min(int(max_n), self.capacity)
+        cs = self._cs or self._consumer()
+        if max_n > self.capacity:
+            max_n = self.capacity
         if max_n <= 0:
             raise ValueError(f"poll max_n={max_n!r} is not allowed; allowed: >= 1")
         if self._drop_old:
-            return self._poll_claiming(max_n, timeout)
-        k = self._seq.consumer_available(self._r, max_n)
+            return self._poll_claiming(cs, max_n, timeout)
+        seq = self._seq
+        k = seq.consumer_available(cs.r, max_n, cs)
         if k == 0 and timeout > 0:
-            self._wait.wait_for(lambda: self._seq.consumer_available(self._r, 1) > 0, timeout)
-            k = self._seq.consumer_available(self._r, max_n)
-        self._polled = k
-        return self._views(self._r, k)
+            self._wait.wait_for(lambda: seq.consumer_available(cs.r, 1, cs) > 0, timeout)
+            k = seq.consumer_available(cs.r, max_n, cs)
+        cs.polled = k
+        return self._views(cs.r, k)
 
-    def _poll_claiming(self, max_n: int, timeout: float) -> tuple[np.ndarray, ...]:
-        if self._held_hi > self._held_lo:  # not fully released last time: the rest first
-            k = min(max_n, self._held_hi - self._held_lo)
-            self._polled = k
-            return self._views(self._held_lo, k)
+    def _poll_claiming(self, cs: _ConsumerState, max_n: int, timeout: float) -> tuple[np.ndarray, ...]:
+        if cs.held_hi > cs.held_lo:  # not fully released last time: the rest first
+            k = min(max_n, cs.held_hi - cs.held_lo)
+            cs.polled = k
+            return self._views(cs.held_lo, k)
         deadline = None
+        seq = self._seq
         while True:
             p = self._pos.load()
-            k = self._seq.consumer_available(p, max_n)
+            k = seq.consumer_available(p, max_n, cs)
             if k > 0:
                 self._held.store(p)
                 ok, _ = self._pos.cas(p, p + k)
                 if ok:
-                    self._held_lo, self._held_hi, self._polled = p, p + k, k
+                    cs.held_lo, cs.held_hi, cs.polled = p, p + k, k
                     return self._views(p, k)
                 self._held.store(IDLE)
                 continue  # a producer evicted meanwhile: look again
@@ -341,35 +367,36 @@ class _Ring:
                 deadline = time.monotonic() + timeout
             left = deadline - time.monotonic()
             if left <= 0 or not self._wait.wait_for(
-                    lambda: self._seq.consumer_available(self._pos.load(), 1) > 0, left):
+                    lambda: seq.consumer_available(self._pos.load(), 1, cs) > 0, left):
                 break
-        self._polled = 0
+        cs.polled = 0
         return ()
 
     def release(self, n: int) -> None:
         """Give back the first `n` records of the last poll (one store)."""
-        if not 0 <= n <= self._polled:
-            raise ValueError(f"{self.name}: release({n}) is not allowed; allowed: 0..{self._polled} "
+        cs = self._cs or self._consumer()
+        if not 0 <= n <= cs.polled:
+            raise ValueError(f"{self.name}: release({n}) is not allowed; allowed: 0..{cs.polled} "
                              "(the number of records returned by the last poll)")
         if n == 0:
             return
-        self._polled -= n
-        self._consumed += n
+        cs.polled -= n
+        cs.consumed += n
         if self._drop_old:
-            self._held_lo += n
-            self._held.store(IDLE if self._held_lo == self._held_hi else self._held_lo)
+            cs.held_lo += n
+            self._held.store(IDLE if cs.held_lo == cs.held_hi else cs.held_lo)
         else:
-            self._r += n
-            self._pos.store(self._r, atomic.RELEASE)
+            cs.r += n
+            self._pos.store(cs.r, atomic.RELEASE)
 
     def take(self, max_n: int = 4096, timeout: float = 0.0) -> np.ndarray:
         """poll + copy + release: up to `max_n` records as a new array (safe to keep)."""
         views = self.poll(max_n, timeout)
         if not views:
             return self._empty
+        cs = self._cs
         k = sum(len(v) for v in views)
-        start = self._held_lo if self._drop_old else self._r
-        out = self._copy_range(start, k)
+        out = self._copy_range(cs.held_lo if self._drop_old else cs.r, k)
         self.release(k)
         return out
 
@@ -388,7 +415,7 @@ class _Ring:
             "depth": self.depth,
             "claimed": sum(c.claimed for c in cs),
             "published": sum(c.published for c in cs),
-            "consumed": self._consumed,
+            "consumed": self._cs.consumed if self._cs is not None else 0,
             "dropped": rejected + evicted,
             "rejected": rejected,
             "evicted": evicted,

@@ -38,7 +38,6 @@ class SingleProducerSequencer:
         self.mask = capacity - 1
         self.cursor = cursor  # last published sequence + 1
         self._next = cursor.load()  # producer-private
-        self._seen = self._next  # consumer-private cache of the cursor
 
     def claim(self, want: int, limit: int) -> tuple[int, int]:
         """Claim up to `want` sequences below `limit`; returns (first, count), count 0 if none free."""
@@ -68,11 +67,11 @@ class SingleProducerSequencer:
         """Published records from `lo` (at most `limit`), asked by the producer itself."""
         return max(0, min(self._next - lo, limit))
 
-    def consumer_available(self, lo: int, limit: int) -> int:
-        """Published records from `lo` (at most `limit`), asked by the consumer."""
-        if self._seen - lo < limit:
-            self._seen = self.cursor.load(atomic.ACQUIRE)
-        return max(0, min(self._seen - lo, limit))
+    def consumer_available(self, lo: int, limit: int, cs) -> int:
+        """Published records from `lo` (at most `limit`), asked by the consumer (`cs.seen`: its cache)."""
+        if cs.seen - lo < limit:
+            cs.seen = self.cursor.load(atomic.ACQUIRE)
+        return max(0, min(cs.seen - lo, limit))
 
 
 class MultiProducerSequencer:
@@ -87,7 +86,6 @@ class MultiProducerSequencer:
         markers[:] = -1
         self._fence = fence
         self._hint = claim.load()  # shared hint: some past value of the claim cell (never ahead)
-        self._seen = self._hint  # consumer-private cache of the claim cell
 
     def claim(self, want: int, limit: int) -> tuple[int, int]:
         cur = self._hint
@@ -151,7 +149,7 @@ class MultiProducerSequencer:
     def producer_available(self, lo: int, limit: int) -> int:
         return self._published_prefix(lo, limit)
 
-    def consumer_available(self, lo: int, limit: int) -> int:
-        if self._seen - lo < limit:
-            self._seen = self.claim_cell.load(atomic.ACQUIRE)
-        return self._published_prefix(lo, min(limit, self._seen - lo))
+    def consumer_available(self, lo: int, limit: int, cs) -> int:
+        if cs.seen - lo < limit:
+            cs.seen = self.claim_cell.load(atomic.ACQUIRE)
+        return self._published_prefix(lo, min(limit, cs.seen - lo))

@@ -281,3 +281,32 @@ def test_drop_old_held_view_is_not_overwritten(workers):
         assert progress[0] == 200
         assert (np.concatenate(views) == snapshot).all()
         r.release(32)
+
+
+def test_constructor_failure_frees_the_ring_arena(monkeypatch):
+    from eventstream.core import atomic
+
+    before = arena_mod.live_arenas()
+
+    def broken(*a, **k):
+        raise RuntimeError("cells unavailable")
+
+    monkeypatch.setattr(atomic, "CellBlock", broken)
+    with pytest.raises(RuntimeError, match="cells unavailable"):
+        MpscRing(64, SMALL_DTYPE)
+    assert arena_mod.live_arenas() == before
+
+
+def test_too_small_caller_arena_is_a_clear_error():
+    with arena_mod.Arena(4096) as a, pytest.raises(arena_mod.ArenaFull, match="make the arena larger"):
+        SpscRing(1024, EVENT_DTYPE, arena=a)
+
+
+@pytest.mark.parametrize("cls", RINGS)
+def test_cycles_of_rings_do_not_leak(cls):
+    before = (arena_mod.live_arenas(), arena_mod.live_bytes())
+    for i in range(50):
+        with cls(256, SMALL_DTYPE) as r:
+            r.put_batch(make_batch(0, i, 10))
+            assert len(r.take()) == 10
+    assert (arena_mod.live_arenas(), arena_mod.live_bytes()) == before
