@@ -64,6 +64,7 @@ class TcpClient:
         self._acked_count = 0  # last ACK value on this connection
         self._nacked_here: dict[int, str] = {}
         self._next_id = secrets.randbits(62) | 1
+        self._failures = 0  # reconnects since the last acknowledgement
 
     # ------------------------------------------------------------------ connection
     def connect(self) -> TcpClient:
@@ -176,6 +177,9 @@ class TcpClient:
                 pass
         if self._reader is not None:
             self._reader.join(self.timeout)
+        if self._failures:  # back off when connections keep breaking without progress
+            time.sleep(min(0.5, 0.01 * 2 ** min(self._failures, 6)))
+        self._failures += 1
         self.connect()
         self.reconnects += 1
         now = time.monotonic_ns()
@@ -237,6 +241,8 @@ class TcpClient:
                     self._nacked_here[value] = payload.decode("utf-8", "replace")
             prefix = self._acked_count + len(self._nacked_here)
             pend = self._pending
+            if pend and pend[0].index <= prefix:
+                self._failures = 0
             lat = self.ack_latencies_ns
             while pend and pend[0].index <= prefix:
                 p = pend.popleft()

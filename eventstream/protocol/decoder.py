@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from eventstream.core.records import FLAG_V2, HEADER_BYTES, record_dtype
+from eventstream.core.records import FLAG_V2, record_dtype
 from eventstream.core.topics import TopicTable
 from eventstream.protocol.frames import (
     DEFAULT_MAX_FRAME_BYTES, KIND_EVENT, KIND_NAMES, LENGTH, LENGTH_BYTES, MAX_PRIORITY, MAX_TOPIC_BYTES,
@@ -373,10 +373,3 @@ def _describe(dec, arr, j, index, code, rec, v2, kind, tstart, tlen, plen, lengt
 
 _CLASSES = {_E_TOPIC_LEN: "topic_len", _E_KIND: "kind", _E_PRIORITY: "priority", _E_TOO_LARGE: "payload_too_large",
             _E_UTF8: "topic_utf8", _E_CRC: "crc", _E_SHORT: "framing"}
-
-
-def empty_batch(payload_bytes: int) -> np.ndarray:
-    return np.zeros(0, dtype=record_dtype(payload_bytes))
-
-
-assert HEADER_BYTES == 64
