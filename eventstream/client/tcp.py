@@ -67,7 +67,8 @@ class TcpClient:
         self._failures = 0  # reconnects since the last acknowledgement
 
     # ------------------------------------------------------------------ connection
-    def connect(self) -> TcpClient:
+    def connect(self, *, retry: bool = False) -> TcpClient:
+        """Connect; a refused first connect fails at once, reconnects (retry=True) keep trying up to timeout."""
         deadline = time.monotonic() + self.timeout
         delay = 0.02
         while True:
@@ -75,8 +76,8 @@ class TcpClient:
                 sock = socket.create_connection((self.host, self.port), timeout=max(0.1, deadline - time.monotonic()))
                 break
             except OSError as exc:
-                if time.monotonic() + delay >= deadline:
-                    raise ClientError(f"cannot connect to {self.host}:{self.port} within {self.timeout}s: {exc}") from None
+                if not retry or time.monotonic() + delay >= deadline:
+                    raise ClientError(f"cannot connect to {self.host}:{self.port}: {exc}") from None
                 time.sleep(delay)
                 delay = min(delay * 2, 0.5)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -180,7 +181,7 @@ class TcpClient:
         if self._failures:  # back off when connections keep breaking without progress
             time.sleep(min(0.5, 0.01 * 2 ** min(self._failures, 6)))
         self._failures += 1
-        self.connect()
+        self.connect(retry=True)
         self.reconnects += 1
         now = time.monotonic_ns()
         with self._cond:
