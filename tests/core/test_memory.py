@@ -148,3 +148,14 @@ def test_wait_strategies_time_out_and_wake(name):
 def test_make_wait_rejects_unknown_names():
     with pytest.raises(ValueError, match="allowed: spin, yield, sleep"):
         make_wait("nap")
+
+
+def test_arena_without_libnuma_uses_anonymous_memory(monkeypatch):
+    monkeypatch.setattr(numa, "library", lambda: None)
+    before = arena_mod.live_arenas()
+    with Arena(3 * 4096 + 1, name="nolib") as a:
+        assert a.backend == "mmap" and a.size == 4 * 4096
+        x = a.array(100, np.uint64)
+        x[:] = np.arange(100)
+        assert int(x.sum()) == 4950
+    assert arena_mod.live_arenas() == before
