@@ -42,6 +42,7 @@ def test_mixed_load_every_event_is_stored_or_dead_lettered(tmp_path):
     with Service(service_cfg(data)) as svc:
         port, uport = svc.tcp.address[1], svc.udp.address[1]
         sent_ids: list[list[int]] = [[] for _ in range(v2_clients)]
+        nacked: list[list[int]] = [[] for _ in range(v2_clients)]
         errors: list[BaseException] = []
 
         def v2_client(k):
@@ -51,7 +52,8 @@ def test_mixed_load_every_event_is_stored_or_dead_lettered(tmp_path):
                     for i in range(per_client):
                         sent_ids[k].append(c.send(f"orders.{k}", b"v2-%d-%d" % (k, i), priority=prios[i]))
                     assert c.wait_acked(60)
-                    assert c.nacked == 0 and c.acked == per_client
+                    assert c.acked + c.nacked == per_client
+                    nacked[k] = [eid for eid, _ in c.nacks]
             except BaseException as exc:  # noqa: BLE001 - reported by the test
                 errors.append(exc)
 
@@ -88,12 +90,20 @@ def test_mixed_load_every_event_is_stored_or_dead_lettered(tmp_path):
     dlq = read_dlq(data / "dlq_log.txt")
     assert len(recs) + len(dlq) == total
     assert summary["processed"] == len(recs) and summary["dropped"] == len(dlq)
-    assert summary["received"] == total
+    # under this load the control plane may shed BATCH-priority events (policy): each is NACKed (v2)
+    # and dead-lettered with its reason, never silently lost ...
+    assert summary["received"] <= total
+    # ... or a full queue under its overflow policy (realtime DROP_OLD, batch DROP_NEW, transactional
+    # BLOCK_PRODUCER timeout); nothing else may fail
+    assert {e.reason.split(":")[0] for e in dlq} <= {"backpressure", "paused", "overflow", "timeout", "evicted"}
     tokens = payload_tokens(recs)
     assert len(set(tokens)) == len(tokens)  # nothing stored twice
     ids = set(recs["event_id"].tolist()) | {e.id for e in dlq}
+    stored_ids = set(recs["event_id"].tolist())
+    dlq_ids = {e.id for e in dlq}
     for k in range(v2_clients):
         assert set(sent_ids[k]) <= ids
+        assert set(nacked[k]) <= dlq_ids and not set(nacked[k]) & stored_ids
     for e in dlq:
         assert e.reason  # every dead letter says why
 
