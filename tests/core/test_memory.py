@@ -159,3 +159,18 @@ def test_arena_without_libnuma_uses_anonymous_memory(monkeypatch):
         x[:] = np.arange(100)
         assert int(x.sum()) == 4950
     assert arena_mod.live_arenas() == before
+
+
+def test_sleep_backoff_adapts_to_idle_and_resets():
+    w = SleepBackoff()
+    assert w.first_attempt() == 0
+    assert not w.wait_for(lambda: False, 0.02)
+    assert w.first_attempt() > w.spins + w.yields  # idle: the next wait starts sleeping
+    box = [0]
+
+    def soon():
+        box[0] += 1
+        return box[0] > 2
+
+    assert w.wait_for(soon, 5.0)
+    assert w.first_attempt() == 0
