@@ -35,7 +35,7 @@ log = structlog.get_logger("eventstream.dlq")
 
 _ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r"})
 _LINE = re.compile(r"^\[(?P<ts>[^\]]+)\] DROPPED: id=(?P<id>\d+) topic=(?P<topic>.*?) "
-                   r"priority=(?P<priority>\d+) reason=(?P<reason>.*)$")
+                   r"priority=(?P<priority>-?\d+) reason=(?P<reason>.*)$")
 _UNESCAPE = re.compile(r"\\(.)")
 
 
@@ -83,7 +83,7 @@ class DeadLetterLog:
         self._stop = threading.Event()
         self._flusher: threading.Thread | None = None
         if flusher and self.flush_interval_ns > 0:
-            self._flusher = threading.Thread(target=self._flush_loop, name="dlq-flush", daemon=True)
+            self._flusher = threading.Thread(target=self._flush_loop, name="es-dlq-flush", daemon=True)
             self._flusher.start()
 
     # ------------------------------------------------------------------------------------ writing
