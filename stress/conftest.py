@@ -1,12 +1,12 @@
 """Fixtures of the stress suite: work scale, moved/lost accounting, a real Service per test.
 
-Scale: EVENTSTREAM_STRESS_SCALE picks how much work each test does. "quick" (what `make test` runs
+Scale: STRESS_SCALE picks how much work each test does. "quick" (what `make test` runs
 through tests/test_stress_quick.py) moves a few thousand events per test; "full" (the default, what
 `make stress` runs) moves tens of thousands. Tests scale their counts with `scaled(n)`; they never
 scale time limits down, only work.
 
 Accounting: every test reports how many events it moved end to end and how many were lost (an
-accepted event found neither where it should be nor in the DLQ). When EVENTSTREAM_STRESS_RESULTS
+accepted event found neither where it should be nor in the DLQ). When STRESS_RESULTS
 names a file, one JSON line per test run is appended there (O_APPEND: lines from concurrent pytest
 processes never interleave), so stress/run.py can sum them across processes and repeats.
 """
@@ -24,9 +24,9 @@ from eventstream.config import load_config
 from eventstream.runtime import gil
 
 SCALES = {"quick": 0.08, "full": 1.0, "heavy": 3.0}
-SCALE_NAME = os.environ.get("EVENTSTREAM_STRESS_SCALE", "full")
+SCALE_NAME = os.environ.get("STRESS_SCALE", "full")
 if SCALE_NAME not in SCALES:
-    raise pytest.UsageError(f"EVENTSTREAM_STRESS_SCALE={SCALE_NAME!r} is not allowed; allowed: {', '.join(SCALES)}")
+    raise pytest.UsageError(f"STRESS_SCALE={SCALE_NAME!r} is not allowed; allowed: {', '.join(SCALES)}")
 FACTOR = SCALES[SCALE_NAME]
 
 
@@ -64,7 +64,7 @@ def tally(request):
     t = Tally(request.node.nodeid)
     t0 = time.monotonic()
     yield t
-    path = os.environ.get("EVENTSTREAM_STRESS_RESULTS")
+    path = os.environ.get("STRESS_RESULTS")
     if not path:
         return
     failed = bool(getattr(request.node, "rep_call", None) and request.node.rep_call.failed)
