@@ -183,7 +183,9 @@ def test_malformed_frame_floods_nack_each_bad_frame_and_keep_every_good_one(make
             finally:
                 s.close()
             nacked = [v for k, v, _ in frames_back if k == KIND_NACK]
-            outcome[c] = {"good": good, "bad": bad, "ack": last_ack(frames_back), "nacks": nacked, "fatal": fatal}
+            ids = [event_id(c, i) for i in range(per)]
+            outcome[c] = {"good": good, "bad": bad, "ack": last_ack(frames_back), "fatal": fatal,
+                          "nacked_ids": {ids[v - 1] for v in nacked if v <= per}, "nacks": len(nacked)}
         return run
 
     run_threads([client(c) for c in range(1, conns + 1)], "malformed")
@@ -195,22 +197,32 @@ def test_malformed_frame_floods_nack_each_bad_frame_and_keep_every_good_one(make
     summary = svc.stop()
     assert not svc.failures()
     store = Store(svc.data_dir)
-    lost = 0
+    lost = refused_good = 0
+    # ids are unique across clients; frames with an invalid topic are dead-lettered under that topic
+    dlq = {e.id: e.reason for entries in store.dlq.values() for e in entries}
     for c, o in outcome.items():
         topic = f"bad.{c}"
         stored = set(store.stored_ids(topic).tolist())
-        missing = set(o["good"]) - stored
-        lost += len(missing)
-        assert not missing, f"{topic}: {len(missing)} valid frames not stored"
-        assert not (set(o["bad"]) & stored), f"{topic}: invalid frames were stored"
-        assert o["ack"] == len(o["good"]), f"{topic}: final ACK {o['ack']} != {len(o['good'])} valid frames"
-        expected_nacks = len(o["bad"]) + (1 if o["fatal"] else 0)
-        assert len(o["nacks"]) == expected_nacks, f"{topic}: {len(o['nacks'])} NACKs for {expected_nacks} bad frames"
+        good, bad = set(o["good"]), set(o["bad"])
+        # a valid frame may be refused under backpressure (NACKed, dead-lettered), never silently lost
+        refused = good - stored
+        assert refused <= o["nacked_ids"], f"{topic}: {len(refused - o['nacked_ids'])} valid frames lost"
+        wrong = {dlq.get(e) for e in refused if reason_category(dlq.get(e, "missing")) != "backpressure"}
+        assert not wrong, f"{topic}: valid frames refused for {wrong}"
+        refused_good += len(refused)
+        assert not (bad & stored), f"{topic}: invalid frames were stored"
+        assert bad <= o["nacked_ids"], f"{topic}: {len(bad - o['nacked_ids'])} invalid frames without a NACK"
+        assert bad <= set(dlq), f"{topic}: {len(bad - set(dlq))} invalid frames without a DLQ line"
+        assert o["ack"] == len(good & stored), f"{topic}: final ACK {o['ack']} != {len(good & stored)} stored"
+        assert o["nacks"] == len(bad) + len(refused) + (1 if o["fatal"] else 0), f"{topic}: NACK count"
     assert len(store.stored_ids("after.flood")) == 10
     bad_total = sum(len(o["bad"]) + o["fatal"] for o in outcome.values())
-    assert store.dlq_total == bad_total, f"DLQ has {store.dlq_total} lines for {bad_total} bad frames"
-    assert summary["dropped"] == bad_total
-    tally.add(moved=store.stored_total, lost=lost, rejected=bad_total)
+    assert store.dlq_total == bad_total + refused_good, \
+        f"DLQ has {store.dlq_total} lines for {bad_total} bad frames + {refused_good} refused"
+    assert summary["dropped"] == store.dlq_total
+    if refused_good:
+        print(f"malformed flood escalated backpressure: {refused_good} valid frames refused (NACKed, in DLQ)")
+    tally.add(moved=store.stored_total, lost=lost, rejected=bad_total, valid_refused_by_backpressure=refused_good)
 
 
 # ------------------------------------------------------------------------------------------ conn flood

@@ -124,5 +124,5 @@ def test_mixed_load_every_accepted_event_is_stored_or_dead_lettered(make_service
         + sum(udp_stats["frames_rejected"].values()) - summary["dedup_hits"]
     prios = np.unique(np.concatenate([store.stored_tags(t) % 5 for t in out])) if out else []
     assert len(prios) == 5, "every priority (so every queue) carried events"
-    tally.add(moved=store.stored_total, lost=lost, dlq=store.dlq_total,
+    tally.add(moved=store.stored_total, lost=lost, dlq=store.dlq_total, dlq_by_reason=summary["dropped_by_reason"],
               udp_kernel_drops=per - udp_taken)
