@@ -138,7 +138,7 @@ class Service:
         st = cfg.storage
         self.event_log = EventLog(data / st.events_file, dtype=self.dtype, topics=self.topics,
                                   flush_events=st.flush_events, flush_interval_ms=st.flush_interval_ms,
-                                  fsync=st.fsync, fsync_interval_ms=st.fsync_interval_ms)
+                                  fsync=st.fsync, fsync_interval_ms=st.fsync_interval_ms, cpus=cfg.affinity.storage)
         self._closers.append(self.event_log.close)
         qi = cfg.queues.ingest
         self.ingest_ring = MpscRing(qi.capacity, self.dtype, overflow=Overflow[qi.overflow],

@@ -6,6 +6,7 @@ Second signal: exit at once with code 130.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import sys
@@ -53,16 +54,18 @@ def run(args) -> int:
     signals = {"count": 0}
 
     def on_signal(signum, frame):
+        # no logging here: the handler may interrupt a log write that holds the logger's lock
         signals["count"] += 1
+        signals["last"] = signum
         if signals["count"] > 1:
-            log.warning("second_signal_exit_now", signal=signal.Signals(signum).name)
-            sys.stderr.flush()
+            name = signal.Signals(signum).name
+            os.write(2, f'{{"event": "second_signal_exit_now", "signal": "{name}", "level": "warning"}}\n'.encode())
             os._exit(EXIT_INTERRUPTED)
-        log.info("signal_received", signal=signal.Signals(signum).name, action="draining")
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` dumps every thread's stack
     svc = Service(cfg, allow_gil=args.allow_gil)
     try:
         svc.start()
@@ -87,6 +90,7 @@ def run(args) -> int:
             log.error("thread_failed", failures=failed)
             svc.stop(drain=False)
             return EXIT_FAILURE
+    log.info("signal_received", signal=signal.Signals(signals["last"]).name, action="draining")
     # drain in a helper thread: the main thread keeps waking up so a second signal is handled at once
     stopper = threading.Thread(target=svc.stop, name="es-shutdown", daemon=True)
     stopper.start()

@@ -54,7 +54,7 @@ class Connection:
 class Reader(threading.Thread):
     def __init__(self, n: int, config, topics: TopicTable, delivery: Delivery, stats: IngestStats,
                  admission, cpus, payload_bytes: int):
-        super().__init__(name=f"tcp-reader-{n}", daemon=True)
+        super().__init__(name=f"es-tcp-reader-{n}", daemon=True)
         self.config = config
         self.topics = topics
         self.delivery = delivery

@@ -88,7 +88,7 @@ class TcpServer:
             self._stats.append(stats)
             self._readers.append(r)
             r.start()
-        self._acceptor = threading.Thread(target=self._accept_loop, name="tcp-acceptor", daemon=True)
+        self._acceptor = threading.Thread(target=self._accept_loop, name="es-tcp-acceptor", daemon=True)
         self._acceptor.start()
         log.info("tcp_listening", host=self._address[0], port=self._address[1], readers=cfg.readers)
         return self
@@ -97,7 +97,7 @@ class TcpServer:
         return self.connections_total - sum(s.connections_closed for s in self._stats)
 
     def _accept_loop(self) -> None:
-        pin_current_thread(self.cpus, "tcp-acceptor")
+        pin_current_thread(self.cpus, "es-tcp-acceptor")
         sel = selectors.DefaultSelector()
         sel.register(self._listener, selectors.EVENT_READ)
         sel.register(self._wake_r, selectors.EVENT_READ)

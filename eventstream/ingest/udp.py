@@ -159,14 +159,14 @@ class UdpServer:
         sock.setblocking(False)
         self._sock = sock
         self._address = sock.getsockname()[:2]
-        self._thread = threading.Thread(target=self._run, name="udp-reader", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="es-udp", daemon=True)
         self._thread.start()
         self._ready.wait(5.0)
         log.info("udp_listening", host=self._address[0], port=self._address[1], mode=self.recv_mode)
         return self
 
     def _run(self) -> None:
-        pin_current_thread(self.cpus, "udp-reader")
+        pin_current_thread(self.cpus, "es-udp")
         cfg = self.config
         rx = _Receiver(self._sock, cfg.batch_datagrams, cfg.max_datagram_bytes, self.use_recvmmsg)
         self.recv_mode = rx.mode

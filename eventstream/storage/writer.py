@@ -67,7 +67,7 @@ class EventLog:
         self._cpus = cpus or []
         self._flusher: threading.Thread | None = None
         if flusher and self.flush_interval_ns > 0:
-            self._flusher = threading.Thread(target=self._flush_loop, name="storage-flush", daemon=True)
+            self._flusher = threading.Thread(target=self._flush_loop, name="es-storage-flush", daemon=True)
             self._flusher.start()
 
     # ------------------------------------------------------------------------------------ writing
@@ -148,7 +148,7 @@ class EventLog:
         self._stats["fsyncs"] += 1
 
     def _flush_loop(self) -> None:
-        pin_current_thread(self._cpus, "storage-flush")
+        pin_current_thread(self._cpus, "es-storage-flush")
         period = self.flush_interval_ns / 1e9
         while not self._stop.wait(period / 2):
             now = time.monotonic_ns()

@@ -280,6 +280,13 @@ def test_second_signal_during_drain_exits_at_once_with_130(tmp_path):
         line = proc.stderr.readline()
         err += line
     proc.send_signal(signal.SIGTERM)
-    out, rest = proc.communicate(timeout=30)
+    try:
+        out, rest = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)  # stacks of every thread, for the failure message
+        time.sleep(1)
+        proc.kill()
+        out, rest = proc.communicate(timeout=30)
+        raise AssertionError("serve did not exit on the second signal:\n" + err + rest) from None
     assert proc.returncode == 130, err + rest
     assert "second_signal_exit_now" in rest
