@@ -83,6 +83,7 @@ class Stats:
 
     events: int
     rates: list[float]
+    extras: dict[str, list[float]] | None = None  # other per-run numbers (median reported)
 
     @property
     def median(self) -> float:
@@ -111,24 +112,34 @@ class Stats:
             "spread_pct": self.spread_pct,
             "runs": len(self.rates),
             "events": self.events,
+            **{k: statistics.median(v) for k, v in (self.extras or {}).items() if v},
         }
 
 
-def measure(run_once: Callable[[], int | tuple[int, float]], *, warmup: int = 1, repeats: int = 5) -> Stats:
-    """Call `run_once` warmup + repeats times; it returns events, or (events, seconds it measured)."""
+def measure(run_once: Callable[[], int | tuple], *, warmup: int = 1, repeats: int = 5) -> Stats:
+    """Call `run_once` warmup + repeats times.
+
+    It returns events, or (events, seconds it measured), or (events, seconds, {name: number}) for
+    extra per-run numbers (e.g. CPU ns per event) whose medians join the row.
+    """
     rates: list[float] = []
+    extras: dict[str, list[float]] = {}
     events = 0
     for i in range(warmup + repeats):
         t0 = time.perf_counter()
         out = run_once()
         elapsed = time.perf_counter() - t0
+        more: dict = {}
         if isinstance(out, tuple):
-            events, elapsed = out
+            events, elapsed, *rest = out
+            more = rest[0] if rest else {}
         else:
             events = out
         if i >= warmup:
             rates.append(events / elapsed if elapsed > 0 else float("inf"))
-    return Stats(events, rates)
+            for k, v in more.items():
+                extras.setdefault(k, []).append(float(v))
+    return Stats(events, rates, extras)
 
 
 def _fmt(v) -> str:

@@ -43,7 +43,8 @@ BATCHES = (1, 16, 256, 4096)
 RING_EVENTS = {1: 40_000, 16: 400_000, 256: 2_000_000, 4096: 4_000_000}
 BASELINE_EVENTS = 100_000
 DTYPE = record_dtype(DEFAULT_PAYLOAD_BYTES)
-COLUMNS = ["structure", "producers", "batch", "gil", "record_bytes", "events_per_s", "ns_per_event", "spread_pct", "events"]
+COLUMNS = ["structure", "producers", "batch", "gil", "record_bytes", "events_per_s", "ns_per_event", "spread_pct",
+           "producer_cpu_ns", "consumer_cpu_ns", "events"]
 
 
 def _run_threads(producers: list, consumer) -> float:
@@ -84,7 +85,10 @@ def ring_transfer(cls, producers: int, batch: int, total: int, dtype=None):
     ring = cls(dtype=dtype, overflow="BLOCK_PRODUCER", block_timeout=60.0, wait="yield")
     src = np.zeros(batch, dtype=dtype)
 
+    cpu = {"producers": 0.0, "consumer": 0.0}
+
     def produce():
+        c0 = time.thread_time()
         sent = 0
         while sent < per:
             n = min(batch, per - sent)
@@ -92,8 +96,10 @@ def ring_transfer(cls, producers: int, batch: int, total: int, dtype=None):
             if len(rest):
                 raise RuntimeError(f"ring refused {len(rest)} records")
             sent += n
+        cpu["producers"] += time.thread_time() - c0
 
     def consume():
+        c0 = time.thread_time()
         got = 0
         deadline = time.monotonic() + 300
         while got < total and time.monotonic() < deadline:
@@ -102,13 +108,16 @@ def ring_transfer(cls, producers: int, batch: int, total: int, dtype=None):
                 k = len(views[0]) + (len(views[1]) if len(views) > 1 else 0)
                 got += k
                 ring.release(k)
+        cpu["consumer"] = time.thread_time() - c0
 
     try:
         elapsed = _run_threads([produce] * producers, consume)
         assert ring.statistics()["consumed"] == total
     finally:
         ring.close()
-    return total, elapsed
+    # CPU time per event: the work each side does, independent of how busy the machine was
+    return total, elapsed, {"producer_cpu_ns": cpu["producers"] / total * 1e9,
+                            "consumer_cpu_ns": cpu["consumer"] / total * 1e9}
 
 
 def queue_transfer(batch: int, total: int):
