@@ -122,6 +122,7 @@ class _Ring:
             self._void = np.dtype((np.void, self.dtype.itemsize))
             self._vslots = self.slots.view(self._void)
             claim, self._pos, self._held, fence = self._cells.cells
+            self._pos_addr = self._pos.address
             self._held.store(IDLE)
             if self._multi:
                 markers = self._arena.array(capacity, np.int64)
@@ -132,6 +133,7 @@ class _Ring:
             if self._owns_arena:
                 self._arena.close()
             raise
+        self._publish = self._seq.publish
         self._empty = np.empty(0, dtype=self.dtype)  # creating structured arrays costs µs: share one
         self._empty.flags.writeable = False
         self._limit = capacity  # producers' cached gate: some past lowest + capacity
@@ -268,7 +270,7 @@ class _Ring:
                 else:
                     self._vslots[idx:] = rv[:first]
                     self._vslots[:n - first] = rv[first:]
-                self._seq.publish(start, n)
+                self._publish(start, n)
                 try:
                     cnt = self._tls.c
                 except AttributeError:
@@ -387,7 +389,7 @@ class _Ring:
             self._held.store(IDLE if cs.held_lo == cs.held_hi else cs.held_lo)
         else:
             cs.r += n
-            self._pos.store(cs.r, atomic.RELEASE)
+            atomic.store(self._pos_addr, cs.r, atomic.RELEASE)
 
     def take(self, max_n: int = 4096, timeout: float = 0.0) -> np.ndarray:
         """poll + copy + release: up to `max_n` records as a new array (safe to keep)."""

@@ -27,6 +27,7 @@ import numpy as np
 
 from eventstream.core import atomic
 
+_load, _store, _ACQUIRE, _RELEASE = atomic.load, atomic.store, atomic.ACQUIRE, atomic.RELEASE
 _TSO = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
 
 
@@ -37,6 +38,7 @@ class SingleProducerSequencer:
         self.capacity = capacity
         self.mask = capacity - 1
         self.cursor = cursor  # last published sequence + 1
+        self._addr = cursor.address
         self._next = cursor.load()  # producer-private
 
     def claim(self, want: int, limit: int) -> tuple[int, int]:
@@ -57,7 +59,7 @@ class SingleProducerSequencer:
         return start
 
     def publish(self, start: int, k: int) -> None:
-        self.cursor.store(start + k, atomic.RELEASE)
+        _store(self._addr, start + k, _RELEASE)
 
     def claim_position(self) -> int:
         """Next sequence to be claimed, as seen from any thread."""
@@ -70,7 +72,7 @@ class SingleProducerSequencer:
     def consumer_available(self, lo: int, limit: int, cs) -> int:
         """Published records from `lo` (at most `limit`), asked by the consumer (`cs.seen`: its cache)."""
         if cs.seen - lo < limit:
-            cs.seen = self.cursor.load(atomic.ACQUIRE)
+            cs.seen = _load(self._addr, _ACQUIRE)
         return max(0, min(cs.seen - lo, limit))
 
 
