@@ -149,7 +149,7 @@ def test_spsc_drop_old_every_record_consumed_or_evicted_once(tally):
 
 
 def test_pool_slots_are_never_handed_out_twice(tally):
-    capacity, threads, rounds = 512, 4, scaled(4_000, 200)
+    capacity, threads, rounds = 512, 4, scaled(1_500, 150)
     pool = EventPool(capacity, DTYPE)
     owner = np.full(capacity, -1, dtype=np.int64)  # written only by the thread holding the slot
     handed = [0] * threads
@@ -213,3 +213,27 @@ def test_dedup_admits_each_id_exactly_once_across_threads(tally):
     finally:
         dedup.close()
     tally.add(moved=len(universe) * 2, lost=len(universe) - len(np.unique(all_won)), dedup_grows=dedup.grows)
+
+
+def test_dedup_seen_then_commit_while_the_table_grows(tally):
+    """The transactional tier's pattern (seen, then commit) from several threads, starting from a tiny
+    table so rebuilds (grow + free of the old table) happen while other threads are inside a call."""
+    threads, per = 4, scaled(40_000, 3_000)
+    dedup = Deduplicator(16, 3600.0, when_full="grow")
+
+    def worker(w):
+        def run():
+            ids = np.arange(1, per + 1, dtype=np.uint64) + np.uint64(w * per)
+            for k in range(0, per, 97):
+                batch = ids[k:k + 97]
+                assert not dedup.seen(batch).any(), f"worker {w}: fresh ids seen before commit"
+                dedup.commit(batch)
+                assert dedup.seen(batch).all(), f"worker {w}: committed ids not seen"
+        return run
+
+    try:
+        run_all([worker(w) for w in range(threads)], [f"commit-{w}" for w in range(threads)])
+        assert len(dedup) == threads * per, f"{len(dedup)} ids in the table, committed {threads * per}"
+    finally:
+        dedup.close()
+    tally.add(moved=threads * per, lost=0, dedup_grows=dedup.grows)

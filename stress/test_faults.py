@@ -197,7 +197,7 @@ def test_malformed_frame_floods_nack_each_bad_frame_and_keep_every_good_one(make
     summary = svc.stop()
     assert not svc.failures()
     store = Store(svc.data_dir)
-    lost = refused_good = 0
+    lost = refused_good = cut_off = 0
     # ids are unique across clients; frames with an invalid topic are dead-lettered under that topic
     dlq = {e.id: e.reason for entries in store.dlq.values() for e in entries}
     for c, o in outcome.items():
@@ -206,15 +206,24 @@ def test_malformed_frame_floods_nack_each_bad_frame_and_keep_every_good_one(make
         good, bad = set(o["good"]), set(o["bad"])
         # a valid frame may be refused under backpressure (NACKed, dead-lettered), never silently lost
         refused = good - stored
-        assert refused <= o["nacked_ids"], f"{topic}: {len(refused - o['nacked_ids'])} valid frames lost"
-        wrong = {dlq.get(e) for e in refused if reason_category(dlq.get(e, "missing")) != "backpressure"}
+        lost_here = refused - set(dlq)
+        lost += len(lost_here)
+        assert not lost_here, f"{topic}: {len(lost_here)} valid frames neither stored nor in the DLQ"
+        wrong = {dlq[e] for e in refused if reason_category(dlq[e]) != "backpressure"}
         assert not wrong, f"{topic}: valid frames refused for {wrong}"
         refused_good += len(refused)
         assert not (bad & stored), f"{topic}: invalid frames were stored"
-        assert bad <= o["nacked_ids"], f"{topic}: {len(bad - o['nacked_ids'])} invalid frames without a NACK"
         assert bad <= set(dlq), f"{topic}: {len(bad - set(dlq))} invalid frames without a DLQ line"
-        assert o["ack"] == len(good & stored), f"{topic}: final ACK {o['ack']} != {len(good & stored)} stored"
-        assert o["nacks"] == len(bad) + len(refused) + (1 if o["fatal"] else 0), f"{topic}: NACK count"
+        unresolved = (refused | bad) - o["nacked_ids"]
+        if o["fatal"]:
+            # after a framing error the server flushes its ACK/NACK backlog for at most 0.5 s and closes;
+            # a client that was not reading may miss part of it (it then resends: nothing is lost)
+            cut_off += len(unresolved)
+            assert o["ack"] is None or o["ack"] <= len(good & stored), f"{topic}: ACK {o['ack']} > stored"
+        else:
+            assert not unresolved, f"{topic}: {len(unresolved)} refused/invalid frames without a NACK"
+            assert o["ack"] == len(good & stored), f"{topic}: final ACK {o['ack']} != {len(good & stored)} stored"
+            assert o["nacks"] == len(bad) + len(refused), f"{topic}: NACK count"
     assert len(store.stored_ids("after.flood")) == 10
     bad_total = sum(len(o["bad"]) + o["fatal"] for o in outcome.values())
     assert store.dlq_total == bad_total + refused_good, \
@@ -222,7 +231,8 @@ def test_malformed_frame_floods_nack_each_bad_frame_and_keep_every_good_one(make
     assert summary["dropped"] == store.dlq_total
     if refused_good:
         print(f"malformed flood escalated backpressure: {refused_good} valid frames refused (NACKed, in DLQ)")
-    tally.add(moved=store.stored_total, lost=lost, rejected=bad_total, valid_refused_by_backpressure=refused_good)
+    tally.add(moved=store.stored_total, lost=lost, rejected=bad_total, valid_refused_by_backpressure=refused_good,
+              nacks_cut_off_at_framing_close=cut_off)
 
 
 # ------------------------------------------------------------------------------------------ conn flood

@@ -91,8 +91,8 @@ def test_mixed_load_every_accepted_event_is_stored_or_dead_lettered(make_service
         return time.monotonic() - seen["t"] > 0.5
 
     wait_until(udp_settled, 30, "UDP reader to settle")
+    summary = svc.stop()  # the UDP reader decodes what it already received before it exits
     tcp_stats, udp_stats = svc.tcp.statistics(), svc.udp.statistics()
-    summary = svc.stop()
     assert not svc.failures(), svc.failures()
 
     store = Store(svc.data_dir)
