@@ -31,7 +31,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-DEFAULT_COUNT = 3  # x DEFAULT_PROCS processes: about 5 minutes on a 2-core machine at full scale
+DEFAULT_COUNT = 2  # x DEFAULT_PROCS processes: about 5-7 minutes on a 2-core machine at full scale
 DEFAULT_PROCS = 3
 
 
