@@ -305,6 +305,7 @@ def write_outputs(bench: Bench, header: list[str], notes: list[str]) -> list[Pat
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"node {node} {mode}")
     sim = " (SIMULATED nodes)" if any(r.get("simulated") for r in rows) else ""
     ax.set_title(f"Processor scaling per NUMA node{sim}")
+    ax.set_xticks(sorted({r["threads"] for r in rows}))
     ax.set_xlabel("processor threads")
     ax.set_ylabel("events/s")
     ax.set_yscale("log")
