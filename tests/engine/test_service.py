@@ -149,6 +149,20 @@ def test_handler_from_yaml_failing_goes_to_dlq_after_retries(tmp_path, monkeypat
 
 
 # ------------------------------------------------------------------------------------ serve processes
+_SERVES: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _kill_leftover_serves():
+    """A failing test must not leave an `eventstream serve` running."""
+    yield
+    while _SERVES:
+        proc = _SERVES.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+
+
 def start_serve(tmp_path: Path, data: Path, *extra: str) -> tuple[subprocess.Popen, list[int]]:
     ready = tmp_path / f"ready-{time.monotonic_ns()}"
     env = dict(os.environ, PYTHON_GIL="0")
@@ -156,6 +170,7 @@ def start_serve(tmp_path: Path, data: Path, *extra: str) -> tuple[subprocess.Pop
         [sys.executable, "-m", "eventstream", "serve", "--port", "0", "--udp-port", "0", "--metrics-port", "0",
          "--data-dir", str(data), "--ready-file", str(ready), "--set", "records.payload_bytes=64", *extra],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    _SERVES.append(proc)
     deadline = time.monotonic() + 60
     while not ready.exists():
         if proc.poll() is not None:
