@@ -24,7 +24,7 @@ from typing import Any, Literal
 import yaml
 
 OverflowName = Literal["DROP_OLD", "BLOCK_PRODUCER", "DROP_NEW"]
-WaitName = Literal["spin", "yield", "sleep"]
+WaitName = Literal["spin", "yield", "sleep", "block"]
 
 
 class ConfigError(ValueError):
@@ -92,7 +92,7 @@ class QueuesConfig:
     realtime: QueueConfig = field(default_factory=lambda: QueueConfig(16384, "DROP_OLD", 100.0))
     transactional: QueueConfig = field(default_factory=lambda: QueueConfig(65536, "BLOCK_PRODUCER", 1000.0))
     batch: QueueConfig = field(default_factory=lambda: QueueConfig(65536, "DROP_NEW", 0.0))
-    wait_strategy: WaitName = "sleep"
+    wait_strategy: WaitName = "block"
     max_batch: int = field(default=4096, metadata={"range": (1, 1 << 20)})
 
 

@@ -133,7 +133,16 @@ class _Ring:
             if self._owns_arena:
                 self._arena.close()
             raise
-        self._publish = self._seq.publish
+        if self._wait.signals:  # wake a parked consumer after each publish
+            publish, signal = self._seq.publish, self._wait.signal
+
+            def _publish(start: int, n: int) -> None:
+                publish(start, n)
+                signal()
+
+            self._publish = _publish
+        else:
+            self._publish = self._seq.publish
         self._empty = np.empty(0, dtype=self.dtype)  # creating structured arrays costs µs: share one
         self._empty.flags.writeable = False
         self._limit = capacity  # producers' cached gate: some past lowest + capacity
@@ -225,7 +234,7 @@ class _Ring:
             if k:
                 cnt.claimed += k
                 self._write(start, recs[done:done + k])
-                self._seq.publish(start, k)
+                self._publish(start, k)
                 cnt.published += k
                 done += k
                 continue
@@ -390,6 +399,8 @@ class _Ring:
         else:
             cs.r += n
             atomic.store(self._pos_addr, cs.r, atomic.RELEASE)
+        if self._wait.signals:  # wake a producer parked on a full ring
+            self._wait.signal()
 
     def take(self, max_n: int = 4096, timeout: float = 0.0) -> np.ndarray:
         """poll + copy + release: up to `max_n` records as a new array (safe to keep)."""
