@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import SMALL_DTYPE
+from core_helpers import SMALL_DTYPE
 
 from eventstream.core.dedup import Deduplicator
 from eventstream.core.pool import DoubleRelease, EventPool, PoolExhausted

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import SMALL_DTYPE, checksum, make_batch
+from core_helpers import SMALL_DTYPE, checksum, make_batch
 
 from eventstream.core import arena as arena_mod
 from eventstream.core.records import EVENT_DTYPE, empty

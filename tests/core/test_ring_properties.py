@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from conftest import SMALL_DTYPE, make_batch
+from core_helpers import SMALL_DTYPE, make_batch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
