@@ -49,8 +49,8 @@ class LevelActions:
 
     ELEVATED   add a transactional and a batch worker (up to max_workers)
     DEGRADED   pause TCP reads: clients are pushed back by TCP flow control, nothing is dropped
-    CRITICAL   drop BATCH-priority events to the DLQ (reason "backpressure")
-    EMERGENCY  admit only CRITICAL events
+    CRITICAL   refuse BATCH-priority events at ingest: NACK (v2) + DLQ (reason "backpressure")
+    EMERGENCY  admit only CRITICAL events (the others likewise refused at ingest)
     """
 
     def __init__(self, service: Service):
@@ -156,7 +156,10 @@ class Service:
             raise StartupError(str(exc)) from None
         self._register_gauges()
         self.manager.start()
-        self.dispatcher = Dispatcher(self.ingest_ring, self.bus, self.drop, admission=self.admission,
+        # Admission (CRITICAL: no BATCH priority, EMERGENCY: only CRITICAL) is enforced at the edge,
+        # where a refused v2 event is NACKed so its client knows. Events already ACKed and queued are
+        # not shed by the control plane: only a full queue's overflow policy can drop them.
+        self.dispatcher = Dispatcher(self.ingest_ring, self.bus, self.drop, admission=None,
                                      on_received=self.metrics.received,
                                      cpus=cfg.affinity.dispatcher, max_batch=cfg.queues.max_batch)
         self.dispatcher.start()
