@@ -99,15 +99,21 @@ class EventBusMulti:
         if len(records) == 0:
             return refused
         qidx = ROUTE[records["priority"]]
-        for qi, queue in enumerate(self.queues):
-            sel = records[qidx == qi] if len(self.queues) > 1 else records
+        lo, hi = int(qidx.min()), int(qidx.max())
+        for qi in range(lo, hi + 1):
+            queue = self.queues[qi]
+            sel = records if lo == hi else records[qidx == qi]  # one queue: no mask, no copy
             if len(sel) == 0:
                 continue
             if queue.partitions == 1:
                 parts = [(queue.rings[0], sel)]
             else:
                 pidx = sel["topic_id"] % queue.partitions
-                parts = [(queue.rings[p], sel[pidx == p]) for p in range(queue.partitions)]
+                p0 = int(pidx[0])
+                if len(sel) == 1 or (pidx == p0).all():
+                    parts = [(queue.rings[p0], sel)]
+                else:
+                    parts = [(queue.rings[p], sel[pidx == p]) for p in range(queue.partitions)]
             for ring, sub in parts:
                 if len(sub) == 0:
                     continue
