@@ -95,7 +95,7 @@ def test_kill9_mid_stream_then_restart_keeps_every_stored_event(tmp_path, tally)
             for i in range(n1):
                 c.send(TOPIC, payload(i), priority=(2, 3, 0)[i % 3], event_id=event_id(1, i))
             assert c.wait_acked(60), f"phase 1: {c.unacknowledged} events unacknowledged"
-            assert not c.nacks, f"phase 1: NACKs {c.nacks[:3]}"
+            nacked1 = {eid for eid, _ in c.nacks}  # refused under backpressure on a loaded machine
         phase1 = {event_id(1, i) for i in range(n1)}
         wait_until(lambda: phase1 <= set().union(*stored_and_dead_lettered(data)), 120,
                    "phase-1 events to reach events.bin or the DLQ")
@@ -119,10 +119,9 @@ def test_kill9_mid_stream_then_restart_keeps_every_stored_event(tmp_path, tally)
                 c2.close()  # the server is gone: the ACK reader sees EOF or a reset at once
             except OSError:
                 pass
-        # ACKs are cumulative over frames in order and phase 2 gets no NACKs, so the ACKed events are
-        # a prefix of what was sent
-        assert not c2.nacks, f"phase 2: NACKs {c2.nacks[:3]}"
-        acked2 = set(sent2[:c2.acked])
+        # the client resolves frames in order: the first acked + nacked sent events are resolved
+        nacked2 = {eid for eid, _ in c2.nacks}
+        acked2 = set(sent2[:c2.acked + len(c2.nacks)]) - nacked2
     finally:
         if srv.proc.poll() is None:
             srv.proc.kill()
@@ -135,6 +134,7 @@ def test_kill9_mid_stream_then_restart_keeps_every_stored_event(tmp_path, tally)
             for i in range(n3):
                 c3.send(TOPIC, payload(n1 + n2 + i), priority=(2, 3, 0)[i % 3], event_id=event_id(3, i))
             assert c3.wait_acked(60), f"phase 3: {c3.unacknowledged} events unacknowledged"
+            nacked3 = {eid for eid, _ in c3.nacks}
     finally:
         rc = srv2.terminate()
     assert rc == 0, f"serve exited {rc} after SIGTERM; log: {log_path}"
@@ -148,6 +148,8 @@ def test_kill9_mid_stream_then_restart_keeps_every_stored_event(tmp_path, tally)
     missing1 = (durable_stored - have) | (durable_dlq - store.dlq_ids(TOPIC))
     phase3 = {event_id(3, i) for i in range(n3)}
     missing3 = phase3 - have - store.dlq_ids(TOPIC)
+    assert (nacked1 | nacked3) <= store.dlq_ids(TOPIC), "NACKed events without a DLQ line"
+    assert not ((nacked1 | nacked3) & have), "NACKed events were stored"
     assert not missing1, f"{len(missing1)} events that were in events.bin or the DLQ before the kill are gone"
     assert not (have & store.dlq_ids(TOPIC)), "events both stored and dead-lettered"
     assert not missing3, f"{len(missing3)} events ACKed by the restarted server are neither stored nor in the DLQ"
