@@ -29,6 +29,7 @@ from eventstream.engine.dlq import DeadLetterLog, reason_category
 from eventstream.engine.manager import ProcessManager
 from eventstream.engine.processors import Sinks
 from eventstream.ingest.admission import Admission
+from eventstream.ingest.delivery import REASON_SINK_FULL
 from eventstream.ingest.tcp import TcpServer
 from eventstream.ingest.udp import UdpServer
 from eventstream.metrics.registry import MetricsRegistry
@@ -38,6 +39,10 @@ from eventstream.storage.writer import EventLog
 log = structlog.get_logger("eventstream.service")
 
 BACKPRESSURE_REASONS = ("backpressure", "paused")
+# Drops the control plane reacts to: a full queue's overflow policy. Not its own shedding
+# ("backpressure", "paused": counting those would hold the level up by itself), not malformed input
+# (one bad client must not raise the level for everyone), not handler failures.
+OVERLOAD_REASONS = ("overflow", "timeout", "evicted")
 
 
 class StartupError(RuntimeError):
@@ -103,6 +108,8 @@ class Service:
         """What ingest refused: decoded records refused as a group (backpressure, paused, sink full)
         and frames that failed to decode. One DLQ line each, counted by reason."""
         if records is not None and len(records):
+            if reason == REASON_SINK_FULL:  # the ingest ring was full: an overflow, not shedding
+                reason = "overflow:ingest"
             self.drop(records, reason)
         for rj in rejections:
             self.dlq.write_line(rj.event_id, rj.topic, rj.priority, rj.reason)
@@ -204,8 +211,11 @@ class Service:
         m.gauge_fn("queue_depth", {"queue": "ingest"}, lambda: self.ingest_ring.depth)
 
     def sample(self) -> Sample:
-        """Metrics the control thread evaluates: depth fraction, drop rate since the last sample."""
-        received, dropped = self.metrics.received_total(), self.metrics.dropped_total()
+        """Metrics the control thread evaluates: depth fraction, and the rate of overload drops (see
+        OVERLOAD_REASONS) among the events offered since the last sample."""
+        by_reason = self.metrics.dropped_by_reason()
+        received = self.metrics.received_total()
+        dropped = sum(n for reason, n in by_reason.items() if reason in OVERLOAD_REASONS)
         r0, d0, _ = self._last_sample
         self._last_sample = (received, dropped, time.monotonic())
         offered = (received - r0) + (dropped - d0)

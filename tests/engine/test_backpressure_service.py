@@ -79,3 +79,33 @@ def test_level_actions_are_cumulative_and_undone_on_the_way_down():
     assert not svc.admission.paused and svc.admission.min_priority == 0
     assert svc.added == ["transactional", "batch"]  # workers are added once per climb out of HEALTHY
     assert svc.states[-1][1] == "HEALTHY"
+
+
+def test_malformed_frames_and_own_shedding_do_not_count_as_overload(tmp_path):
+    import socket
+
+    from eventstream.protocol.frames import encode_v2
+
+    cfg = load_config(environ={}, overrides={
+        "server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0, "storage.data_dir": str(tmp_path / "d"),
+        "records.payload_bytes": 32})
+    with Service(cfg) as svc:
+        svc.control.stop()  # sample by hand
+        svc.sample()
+        bad = bytearray(encode_v2("t", b"payload", 2, 1, 1))
+        bad[-1] ^= 0xFF  # CRC mismatch: a content error, only that frame is rejected
+        with socket.create_connection(svc.tcp.address) as s:
+            s.sendall(bytes(bad) * 500)
+            s.shutdown(socket.SHUT_WR)
+            s.settimeout(30)
+            while s.recv(65536):
+                pass  # NACKs, then the server closes after our half-close
+        svc.admission.min_priority = 4  # the control plane's own shedding (EMERGENCY)
+        with TcpClient("127.0.0.1", svc.tcp.address[1]) as c:
+            for i in range(1, 101):
+                c.send("t", b"x", priority=1, event_id=i)
+            assert c.wait_acked(30)
+            assert c.nacked == 100
+        sample = svc.sample()
+        assert svc.metrics.dropped_total() == 600
+    assert sample.drop_rate == 0.0
