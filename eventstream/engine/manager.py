@@ -1,7 +1,7 @@
 """ProcessManager: builds, starts, scales and stops the processor threads.
 
     EventBusMulti.realtime       --> RealtimeProcessor        x 1
-    EventBusMulti.transactional  --> TransactionalProcessor   x workers .. max_workers  (shared Deduplicator)
+    EventBusMulti.transactional  --> TransactionalProcessor   x workers .. max_workers  (a Deduplicator per partition)
     EventBusMulti.batch          --> BatchProcessor           x workers .. max_workers  (shared WindowTables)
 
 Workers of one tier share that tier's partitions through per-partition tokens (see engine/bus.py), so
@@ -41,8 +41,11 @@ class ProcessManager:
             "batch": given.get("batch", resolve(p.batch.handler, "processors.batch.handler")),
             "aggregate": given.get("aggregate", resolve(p.batch.aggregate, "processors.batch.aggregate")),
         }
-        self.dedup = Deduplicator(p.transactional.dedup_buckets, p.transactional.dedup_window_s,
-                                  when_full="grow")
+        # one dedup table per transactional partition: only the worker holding the partition's token
+        # touches it, so commits are vectorized (Deduplicator.commit_exclusive) instead of a CAS per id
+        self.dedups = [Deduplicator(p.transactional.dedup_buckets, p.transactional.dedup_window_s,
+                                    when_full="grow", node=cfg.numa.node)
+                       for _ in range(bus["transactional"].partitions)]
         self.window_tables = [WindowTable() for _ in range(bus["batch"].partitions)]
         self.workers: dict[str, list[Processor]] = {"realtime": [], "transactional": [], "batch": []}
         self._lock = threading.Lock()  # guards worker lists (control plane vs shutdown), never the data path
@@ -58,7 +61,7 @@ class ProcessManager:
         if tier == "transactional":
             t = cfg.processors.transactional
             return TransactionalProcessor(self.bus["transactional"], self.sinks, self.handlers["transactional"],
-                                          dedup=self.dedup, max_retries=t.max_retries,
+                                          dedups=self.dedups, max_retries=t.max_retries,
                                           retry_backoff_ms=t.retry_backoff_ms, **common)
         b = cfg.processors.batch
         return BatchProcessor(self.bus["batch"], self.sinks, self.handlers["batch"], tables=self.window_tables,
@@ -111,7 +114,8 @@ class ProcessManager:
             flushed = flush_windows(self.workers["batch"][0])
             log.info("windows_flushed", windows=flushed)
         if ok:
-            self.dedup.close()
+            for d in self.dedups:
+                d.close()
         return ok
 
     def errors(self) -> list[tuple[str, BaseException]]:

@@ -153,3 +153,25 @@ def test_dedup_each_id_admitted_exactly_once_across_threads(workers):
         assert d.seen(all_wins).all()
         st = d.statistics()
         assert st["admitted"] == len(all_wins) == len(d) and st["grows"] >= 1
+
+
+def test_commit_exclusive_matches_commit_and_grows():
+    clock = {"t": 100.0}
+    a = Deduplicator(16, 10.0, clock=lambda: clock["t"])
+    b = Deduplicator(16, 10.0, clock=lambda: clock["t"])
+    try:
+        rng = np.random.default_rng(3)
+        for _ in range(20):
+            ids = rng.integers(0, 500, size=int(rng.integers(1, 200)), dtype=np.uint64)
+            a.commit(ids)
+            b.commit_exclusive(ids)
+            probe = np.arange(0, 600, dtype=np.uint64)
+            assert np.array_equal(a.seen(probe), b.seen(probe))
+            assert len(a) == len(b)
+            clock["t"] += 1.0
+        assert b.statistics()["grows"] >= 1
+        clock["t"] += 100.0  # everything expired
+        assert not b.seen(np.arange(1, 600, dtype=np.uint64)).any()
+    finally:
+        a.close()
+        b.close()

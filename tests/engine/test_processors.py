@@ -72,9 +72,13 @@ def test_topic_filter_learns_new_topics(topics):
 
 
 def make_tx(bus, collected, handler, **kw):
-    dedup = kw.pop("dedup", None) or Deduplicator(256, 3600.0)
-    return TransactionalProcessor(bus["transactional"], collected.sinks(), handler, dedup=dedup,
-                                  max_retries=kw.pop("max_retries", 3), retry_backoff_ms=1.0, **kw), dedup
+    """A transactional processor with a dedup table per partition; returns it and the table of the
+    partition that topic "t" (used by these tests) lands in."""
+    q = bus["transactional"]
+    dedups = [Deduplicator(256, 3600.0) for _ in range(q.partitions)]
+    mine = dedups[collected.topics.intern("t") % q.partitions]
+    return TransactionalProcessor(q, collected.sinks(), handler, dedups=dedups,
+                                  max_retries=kw.pop("max_retries", 3), retry_backoff_ms=1.0, **kw), mine
 
 
 def test_transactional_dedup_skips_committed_and_repeated_ids(bus, collected, topics):

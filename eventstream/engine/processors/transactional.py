@@ -1,5 +1,8 @@
 """Transactional tier: MEDIUM events, exactly-once per event id within the dedup window.
 
+Dedup scope: one table per partition (partitions are by topic), so an id is deduplicated among the
+events of its partition; a resent event carries its topic, so it always meets its first copy.
+
 Per batch: skip ids already committed (and repeats inside the batch), counting `dedup_hits`; call the
 handler with the batch; if it raises, isolate the failures by calling it per event, retrying each
 failing event up to `max_retries` times with exponential backoff (one sleep per retry round, not per
@@ -21,18 +24,22 @@ from eventstream.engine.processors.base import Processor, error_text
 class TransactionalProcessor(Processor):
     kind = "transactional"
 
-    def __init__(self, queue, sinks, handler, *, dedup: Deduplicator, max_retries: int = 3,
+    def __init__(self, queue, sinks, handler, *, dedups: list[Deduplicator], max_retries: int = 3,
                  retry_backoff_ms: float = 10.0, **kw):
         super().__init__(queue, sinks, handler, **kw)
-        self.dedup = dedup
+        if len(dedups) != queue.partitions:
+            raise ValueError(f"one Deduplicator per partition is needed: got {len(dedups)} for "
+                             f"{queue.partitions} partitions")
+        self.dedups = dedups
         self.max_retries = max_retries
         self.backoff = retry_backoff_ms / 1000.0
         self.retried = 0
 
     def handle(self, records: np.ndarray, partition: int) -> None:
         sinks = self.sinks
+        dedup = self.dedups[partition]  # ours alone while we hold the partition's token
         ids = records["event_id"]
-        skip = self.dedup.seen(ids)
+        skip = dedup.seen(ids)
         has_id = (ids != 0) & ~skip
         if has_id.any():
             # repeats inside this batch: keep the first occurrence of each id
@@ -62,7 +69,7 @@ class TransactionalProcessor(Processor):
         good = records[ok] if not ok.all() else records
         if len(good):
             sinks.store(good)
-            self.dedup.commit(good["event_id"])
+            dedup.commit_exclusive(good["event_id"])
             sinks.processed("transactional", good)
 
     def _run(self, batch: np.ndarray) -> tuple[list[int], list[str]]:
