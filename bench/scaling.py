@@ -10,10 +10,13 @@ For each NUMA node (libnuma: nodes, their CPUs, distances), for threads = 1..k:
 * queue-baseline  a queue.Queue per priority (realtime / transactional / batch), pre-filled with the
                   same records as Python objects; k threads get() them one by one into batches of up
                   to 256 and run the same handler on np.array(batch).
-The handler does a fixed, small amount of numpy work per batch (48 hash rounds over every payload
-word, proportional to the batch size: about 1 µs per event), so processors do real work and none of it is per-event Python.
+The handler's work is chosen with --work: "python" (default; a few Python integer steps per event,
+1-2 µs, the code the GIL serializes), "numpy" (48 vectorized hash rounds over every payload word,
+about 1 µs per event; numpy releases the GIL, so this scales with the GIL on too), or "none" (the
+transport alone: rings and processors vs queue.Queue).
 
-    python bench/scaling.py [--quick] [--json] [--simulate-nodes N] [--max-threads K] [--repeats R]
+    python bench/scaling.py [--quick] [--json] [--work python|numpy|none] [--simulate-nodes N]
+                            [--max-threads K] [--repeats R]
 
 Outputs: a table (stdout), and bench/results/scaling.{csv,json,png}. With --simulate-nodes the CPUs
 are split into pretend nodes (memory still comes from the real node of those CPUs); every row then
@@ -74,8 +77,26 @@ def work(records: np.ndarray) -> int:
     return int(np.bitwise_xor.reduce(h, axis=None)) if h.size else 0
 
 
+PY_ROUNDS = 6  # Python-level steps per event in the "python" workload: about 1-2 µs per event
+
+
+def python_work(records: np.ndarray) -> int:
+    """A handler written in plain Python: a few integer steps per event over its fields (the kind of
+    code the GIL serializes and free-threading runs in parallel)."""
+    acc = 0
+    for plen, tid, seq in zip(records["payload_len"].tolist(), records["topic_id"].tolist(),
+                              records["seq"].tolist()):
+        for _ in range(PY_ROUNDS):
+            acc = (acc * 31 + plen + tid + seq) & 0xFFFFFFFF
+    return acc
+
+
+WORKLOADS = {"python": python_work, "numpy": work, "none": lambda records: 0}
+WORKLOAD = "python"  # set from --work in main()
+
+
 def handler(batch) -> None:
-    work(batch.records)
+    WORKLOADS[WORKLOAD](batch.records)
 
 
 def make_records(n: int, topics: TopicTable) -> np.ndarray:
@@ -170,7 +191,7 @@ def run_queue_baseline(records: np.ndarray, threads: int, cpus: list[int]):
             except queue.Empty:
                 pass
             if items:
-                work(np.array(items, dtype=DTYPE))
+                WORKLOADS[WORKLOAD](np.array(items, dtype=DTYPE))
                 handled.add(len(items))
             elif handled.total >= n:
                 return
@@ -241,7 +262,7 @@ def gil_child_rows(args, bench: Bench) -> list[dict]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--gil-child", "--json",
            "--repeats", str(bench.args.repeats), "--warmup", str(bench.args.warmup)]
     for flag, value in (("--simulate-nodes", args.simulate_nodes), ("--max-threads", args.max_threads),
-                        ("--events", args.events)):
+                        ("--events", args.events), ("--work", args.work)):
         if value:
             cmd += [flag, str(value)]
     if bench.quick:
@@ -328,10 +349,15 @@ def main(argv=None) -> None:
                         help="split the allowed CPUs into N pretend nodes (one-node machines)")
     parser.add_argument("--max-threads", type=int, default=0, help="threads 1..K (default: the node's CPUs, >= 2)")
     parser.add_argument("--events", type=int, default=0, help="events per run (default 600k, quick 200k)")
+    parser.add_argument("--work", choices=sorted(WORKLOADS), default="python",
+                        help="handler workload per batch: python (per-event Python, default: what the GIL "
+                             "serializes), numpy (vectorized hash rounds), none (transport only)")
     parser.add_argument("--no-gil-run", action="store_true", help="skip the GIL-on child")
     parser.add_argument("--gil-child", action="store_true", help=argparse.SUPPRESS)
     bench = Bench("scaling", argv, parser=parser)
     args = bench.args
+    global WORKLOAD
+    WORKLOAD = args.work
     if args.gil_child:
         rows_for(bench, args, ("gil-off",))
         bench.finish(COLUMNS)
