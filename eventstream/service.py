@@ -238,12 +238,14 @@ class Service:
         disp = getattr(self, "dispatcher", None)
         still_running = False
         if disp is not None:
-            disp.stop()
+            disp.stop(drain)
             disp.join(timeout)
             still_running = disp.is_alive()
         mgr = getattr(self, "manager", None)
         if mgr is not None:
-            still_running = not mgr.stop(timeout) or still_running
+            still_running = not mgr.stop(timeout, drain) or still_running
+        if not drain and not still_running and hasattr(self, "bus"):
+            self._dead_letter_leftovers()
         summary = self.summary()
         # A thread that did not finish still holds views into ring memory: freeing the rings under it
         # crashes the process (SIGSEGV). Leak them instead; everything else is flushed and closed.
@@ -262,6 +264,20 @@ class Service:
             log.info("service_stopped", seconds=round(time.monotonic() - t0, 3), **summary)
         self.started = False
         return summary
+
+    def _dead_letter_leftovers(self) -> None:
+        """Stopped without draining: whatever is still queued goes to the DLQ, never silently away."""
+        rings = [self.ingest_ring] + [r for q in self.bus.queues for r in q.rings]
+        left = 0
+        for ring in rings:
+            while True:
+                recs = ring.take(ring.capacity, 0.0)
+                if not len(recs):
+                    break
+                left += len(recs)
+                self.drop(recs, "shutdown: stopped without draining")
+        if left:
+            log.warning("stopped_without_draining", dead_lettered=left)
 
     def failures(self) -> list[str]:
         """Threads that died with an error (the service should then stop)."""

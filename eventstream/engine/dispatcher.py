@@ -44,16 +44,20 @@ class Dispatcher(threading.Thread):
         self.received = 0
         self.batches = 0
         self._stop_when_drained = threading.Event()
+        self._abandon = False
         self.error: BaseException | None = None
 
-    def stop(self) -> None:
-        """Finish what the source holds, then exit (callers stop the producers first)."""
+    def stop(self, drain: bool = True) -> None:
+        """Finish what the source holds, then exit (callers stop the producers first); without
+        `drain`, exit after the current batch."""
+        if not drain:
+            self._abandon = True
         self._stop_when_drained.set()
 
     def run(self) -> None:
         pin_current_thread(self.cpus, self.name)
         try:
-            while True:
+            while not self._abandon:
                 views = self.source.poll(self.max_batch, self.poll_timeout)
                 if not views:
                     if self._stop_when_drained.is_set() and self.source.depth == 0:

@@ -96,14 +96,15 @@ class ProcessManager:
     def worker_counts(self) -> dict[str, int]:
         return {t: len(w) for t, w in self.workers.items()}
 
-    def stop(self, timeout: float = 30.0) -> bool:
-        """Drain and stop every worker (the dispatcher must have stopped first), then flush the batch
-        windows. Returns False if a worker did not finish within `timeout`."""
+    def stop(self, timeout: float = 30.0, drain: bool = True) -> bool:
+        """Drain (or, without `drain`, abandon after the current batch) and stop every worker (the
+        dispatcher must have stopped first), then flush the batch windows. Returns False if a worker
+        did not finish within `timeout`."""
         with self._lock:
             self._stopping = True
             procs = [p for ws in self.workers.values() for p in ws]
         for proc in procs:
-            proc.stop()
+            proc.stop(drain)
         ok = True
         for proc in procs:
             proc.join(timeout)

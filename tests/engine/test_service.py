@@ -305,3 +305,38 @@ def test_second_signal_during_drain_exits_at_once_with_130(tmp_path):
         raise AssertionError("serve did not exit on the second signal:\n" + err + rest) from None
     assert proc.returncode == 130, err + rest
     assert "second_signal_exit_now" in rest
+
+
+def test_stop_without_drain_dead_letters_what_is_still_queued(tmp_path):
+    import threading as th
+
+    gate = th.Event()
+
+    def blocked(batch):
+        gate.wait(30)
+
+    data = tmp_path / "data"
+    svc = Service(service_cfg(data, **{"queues.max_batch": 10}), handlers={"transactional": blocked}).start()
+    try:
+        with TcpClient("127.0.0.1", svc.tcp.address[1]) as c:
+            for i in range(1, 501):
+                c.send("t", b"x", priority=2, event_id=i)
+            assert c.wait_acked(30)
+        out = {}
+        stopper = th.Thread(target=lambda: out.update(summary=svc.stop(drain=False)))
+        stopper.start()
+        workers = svc.manager.workers["transactional"]
+        deadline = time.monotonic() + 30
+        while not all(w._abandon for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.001)  # until stop() has told the workers to abandon; then unblock the handler
+        assert all(w._abandon for w in workers)
+    finally:
+        gate.set()
+    stopper.join(60)
+    assert not stopper.is_alive()
+    summary = out["summary"]
+    stored_ids = set(stored(data)["event_id"].tolist())
+    dlq = read_dlq(data / "dlq_log.txt")
+    assert len(stored_ids) + len(dlq) == 500
+    assert {e.reason for e in dlq} == {"shutdown: stopped without draining"}
+    assert summary["processed"] == len(stored_ids) and len(dlq) >= 1

@@ -53,8 +53,12 @@ class Processor(threading.Thread):
         self.batches = 0
         self.error: BaseException | None = None
         self._stop_requested = threading.Event()
+        self._abandon = False
 
-    def stop(self) -> None:
+    def stop(self, drain: bool = True) -> None:
+        """Finish: with `drain`, exit once the queue is empty; without, after the current batch."""
+        if not drain:
+            self._abandon = True
         self._stop_requested.set()
 
     def run(self) -> None:
@@ -62,7 +66,7 @@ class Processor(threading.Thread):
         parts = self.queue.partitions
         idle_sleep = 0.0
         try:
-            while True:
+            while not self._abandon:
                 worked = False
                 for k in range(parts):
                     i = (self.worker + k) % parts
