@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -124,3 +125,26 @@ def wait_until(pred, timeout: float, what: str, interval: float = 0.005) -> None
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def run_threads(fns: list, names: list[str], join_s: float) -> None:
+    """Run each fn in its own thread, join all within `join_s` seconds, re-raise the first error."""
+    errors: list[BaseException] = []
+
+    def wrap(fn):
+        def run():
+            try:
+                fn()
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+        return run
+
+    threads = [threading.Thread(target=wrap(f), name=n, daemon=True) for f, n in zip(fns, names)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(join_s)
+    stuck = [t.name for t in threads if t.is_alive()]
+    assert not stuck, f"threads did not finish within {join_s}s: {stuck}"
+    if errors:
+        raise errors[0]

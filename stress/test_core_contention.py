@@ -12,7 +12,7 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import scaled
+from conftest import run_threads, scaled
 
 from eventstream.core.dedup import Deduplicator
 from eventstream.core.pool import EventPool, PoolExhausted
@@ -24,25 +24,7 @@ JOIN_S = 120.0
 
 
 def run_all(targets: list, names: list[str]) -> None:
-    errors: list[BaseException] = []
-
-    def wrap(fn):
-        def run():
-            try:
-                fn()
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
-        return run
-
-    threads = [threading.Thread(target=wrap(t), name=n, daemon=True) for t, n in zip(targets, names)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(JOIN_S)
-    stuck = [t.name for t in threads if t.is_alive()]
-    assert not stuck, f"threads did not finish within {JOIN_S}s: {stuck}"
-    if errors:
-        raise errors[0]
+    run_threads(targets, names, JOIN_S)
 
 
 def stamped(producer: int, start: int, n: int) -> np.ndarray:

@@ -15,7 +15,7 @@ import zlib
 
 import numpy as np
 import psutil
-from conftest import scaled, wait_until
+from conftest import run_threads, scaled, wait_until
 from verify import Store, event_id, payload
 
 from eventstream.client import TcpClient
@@ -26,26 +26,8 @@ from eventstream.protocol.frames import KIND_ACK, KIND_NACK, V2_HEAD, V2_MAGIC, 
 JOIN_S = 180.0
 
 
-def run_threads(fns: list, prefix: str) -> None:
-    errors: list[BaseException] = []
-
-    def wrap(fn):
-        def run():
-            try:
-                fn()
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
-        return run
-
-    threads = [threading.Thread(target=wrap(f), name=f"{prefix}-{i}", daemon=True) for i, f in enumerate(fns)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(JOIN_S)
-    stuck = [t.name for t in threads if t.is_alive()]
-    assert not stuck, f"did not finish within {JOIN_S}s: {stuck}"
-    if errors:
-        raise errors[0]
+def run_named(fns: list, prefix: str) -> None:
+    run_threads(fns, [f"{prefix}-{i}" for i in range(len(fns))], JOIN_S)
 
 
 def read_to_eof(s: socket.socket, timeout: float = 60.0) -> list[tuple[int, int, bytes]]:
@@ -106,7 +88,7 @@ def test_slow_handler_overload_bounded_memory_and_every_drop_accounted(make_serv
         return run
 
     try:
-        run_threads([sender(k) for k in range(1, senders + 1)], "overload")
+        run_named([sender(k) for k in range(1, senders + 1)], "overload")
     finally:
         summary = svc.stop()
         sampling.set()
@@ -188,7 +170,7 @@ def test_malformed_frame_floods_nack_each_bad_frame_and_keep_every_good_one(make
                           "nacked_ids": {ids[v - 1] for v in nacked if v <= per}, "nacks": len(nacked)}
         return run
 
-    run_threads([client(c) for c in range(1, conns + 1)], "malformed")
+    run_named([client(c) for c in range(1, conns + 1)], "malformed")
     # the service is still healthy: a normal client works
     with TcpClient(*svc.tcp.address, version=2, timeout=30) as ok:
         for i in range(10):
@@ -261,7 +243,7 @@ def test_connection_flood_past_max_connections(make_service, tally):
                 s.close()
         return run
 
-    run_threads([extra(j) for j in range(extra_n)], "extra")
+    run_named([extra(j) for j in range(extra_n)], "extra")
     assert refused_results == [None] * extra_n, "a connection past the limit got an ACK"
     assert svc.tcp.statistics()["connections_refused"] == extra_n
     for h in holders:
@@ -298,7 +280,7 @@ def test_connection_flood_past_max_connections(make_service, tally):
                     assert time.monotonic() < deadline, "never got a connection in 60s"
         return run
 
-    run_threads([churn(w) for w in range(workers)], "churn")
+    run_named([churn(w) for w in range(workers)], "churn")
     stats = svc.tcp.statistics()
     svc.stop()
     store = Store(svc.data_dir)
@@ -358,7 +340,7 @@ def test_clients_disconnecting_mid_frame(make_service, tally):
                     expected[topic] = set(range(n))
         return run
 
-    run_threads([client(c) for c in range(clients)], "cut")
+    run_named([client(c) for c in range(clients)], "cut")
     # graceful closes: the server reads up to EOF; wait until every connection is gone
     wait_until(lambda: svc.tcp.statistics()["connections_open"] == 0, 60, "all cut connections to close")
     svc.stop()

@@ -14,6 +14,13 @@ import time
 from collections.abc import Callable
 
 
+def _deadline(timeout: float) -> float | None:
+    """The monotonic deadline of a wait of `timeout` seconds; None for 0 (do not wait)."""
+    if timeout is None or timeout != timeout or timeout < 0:
+        raise ValueError(f"wait timeout={timeout!r} is not allowed; allowed: a number of seconds >= 0")
+    return None if timeout == 0 else time.monotonic() + timeout
+
+
 class WaitStrategy:
     """Base: `wait_for(ready, timeout)` returns True as soon as `ready()` does, False at the deadline."""
 
@@ -36,11 +43,9 @@ class WaitStrategy:
     def wait_for(self, ready: Callable[[], bool], timeout: float) -> bool:
         if ready():
             return True
-        if timeout is None or timeout != timeout or timeout < 0:
-            raise ValueError(f"wait timeout={timeout!r} is not allowed; allowed: a number of seconds >= 0")
-        if timeout == 0:
+        deadline = _deadline(timeout)
+        if deadline is None:
             return False
-        deadline = time.monotonic() + timeout
         attempt = self.first_attempt()
         while True:
             self.pause(attempt)
@@ -148,11 +153,9 @@ class Blocking(WaitStrategy):
     def wait_for(self, ready: Callable[[], bool], timeout: float) -> bool:
         if ready():
             return True
-        if timeout is None or timeout != timeout or timeout < 0:
-            raise ValueError(f"wait timeout={timeout!r} is not allowed; allowed: a number of seconds >= 0")
-        if timeout == 0:
+        deadline = _deadline(timeout)
+        if deadline is None:
             return False
-        deadline = time.monotonic() + timeout
         for _ in range(self.spins):
             if ready():
                 return True

@@ -310,3 +310,34 @@ def test_cycles_of_rings_do_not_leak(cls):
             r.put_batch(make_batch(0, i, 10))
             assert len(r.take()) == 10
     assert (arena_mod.live_arenas(), arena_mod.live_bytes()) == before
+
+
+def test_blocking_wait_is_woken_by_a_publish_and_honours_its_timeout():
+    import threading
+
+    from eventstream.core.ring import SpscRing
+    from eventstream.core.wait import Blocking
+
+    ring = SpscRing(64, SMALL_DTYPE, wait="block")
+    try:
+        assert isinstance(ring._wait, Blocking)
+        assert ring.poll(8, 0.01) == ()  # nothing published: returns at the deadline
+        got = {}
+        started = threading.Event()
+
+        def consumer():
+            started.set()
+            views = ring.poll(8, 30.0)
+            got["n"] = sum(len(v) for v in views)
+            ring.release(got["n"])
+
+        t = threading.Thread(target=consumer)
+        t.start()
+        started.wait(10)
+        assert len(ring.put_batch(make_batch(1, 0, 3))) == 0
+        t.join(30)
+        assert not t.is_alive() and got["n"] == 3
+        with pytest.raises(ValueError, match="allowed: a number of seconds >= 0"):
+            ring._wait.wait_for(lambda: False, -1)
+    finally:
+        ring.close()
