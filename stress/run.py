@@ -31,7 +31,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-DEFAULT_COUNT = 2  # x DEFAULT_PROCS processes: about 5-7 minutes on a 2-core machine at full scale
+DEFAULT_COUNT = 10  # x DEFAULT_PROCS processes: about 5 minutes on a quiet 2-core machine at full scale (~30 s a round)
 DEFAULT_PROCS = 3
 
 
