@@ -153,14 +153,24 @@ ensure_venv() {
     say "creating $VENV with $py"
     "$py" -m venv "$VENV"
   fi
-  want=$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)
-  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    say "installing eventstream and its dev dependencies into $VENV (pip install -e '.[dev]')"
+  # the stamp holds the pyproject.toml hash and the extras installed with it: reinstall when the
+  # file changed or an extra is asked for that is not installed yet (never drop one already there)
+  want=$(sha256sum <"$ROOT/pyproject.toml" | cut -d' ' -f1)
+  local have_hash="" have_extras="" extras="dev" e missing=0
+  if [ -f "$stamp" ]; then read -r have_hash have_extras <"$stamp" || true; fi
+  extras="dev,${EVENTSTREAM_EXTRAS:-}"
+  [ "$have_hash" = "$want" ] && extras="$extras,${have_extras}"
+  extras=$(echo "$extras" | tr ',' '\n' | sed '/^$/d' | sort -u | paste -sd, -)
+  for e in ${extras//,/ }; do
+    case ",$have_extras," in *",$e,"*) ;; *) missing=1 ;; esac
+  done
+  if [ "$have_hash" != "$want" ] || [ "$missing" = 1 ]; then
+    say "installing eventstream into $VENV (pip install -e '.[$extras]')"
     export PYTHON_GIL=0
     "$VENV/bin/python" -m pip install --disable-pip-version-check -q --upgrade pip >&2
-    (cd "$ROOT" && "$VENV/bin/python" -m pip install --disable-pip-version-check -q -e ".[dev${EVENTSTREAM_EXTRAS:+,$EVENTSTREAM_EXTRAS}]") >&2 \
+    (cd "$ROOT" && "$VENV/bin/python" -m pip install --disable-pip-version-check -q -e ".[$extras]") >&2 \
       || die "pip install failed (see the output above)"
-    echo "$want" >"$stamp"
+    echo "$want $extras" >"$stamp"
   fi
 }
 
