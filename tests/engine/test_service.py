@@ -37,7 +37,7 @@ def payload_tokens(recs: np.ndarray) -> list[bytes]:
 
 def test_mixed_load_every_event_is_stored_or_dead_lettered(tmp_path):
     data = tmp_path / "data"
-    per_client, v2_clients = 20_000, 3
+    per_client, v2_clients = 25_000, 3  # + 25k v1 + 1k UDP: 101k events
     rng = np.random.default_rng(7)
     with Service(service_cfg(data)) as svc:
         port, uport = svc.tcp.address[1], svc.udp.address[1]
