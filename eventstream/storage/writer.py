@@ -137,8 +137,11 @@ class EventLog:
             self._pending.clear()
             self._pending_records = 0
             self._dirty = True
+        # "interval" fsyncs belong to the flusher thread, outside the lock (an fsync can take 100+ ms
+        # and appenders must not wait for it); without a flusher they happen here.
         if self._dirty and (self.fsync_policy == "always" or (
-                self.fsync_policy == "interval" and time.monotonic_ns() - self._last_fsync >= self.fsync_interval_ns)):
+                self.fsync_policy == "interval" and self._flusher is None
+                and time.monotonic_ns() - self._last_fsync >= self.fsync_interval_ns)):
             self._fsync_locked()
 
     def _fsync_locked(self) -> None:
@@ -152,13 +155,18 @@ class EventLog:
         period = self.flush_interval_ns / 1e9
         while not self._stop.wait(period / 2):
             now = time.monotonic_ns()
+            fd = None
             with self._lock:
                 if self._closed:
                     return
                 if self._pending and now - self._pending_since >= self.flush_interval_ns:
                     self._flush_locked()
-                elif self._dirty and self.fsync_policy == "interval" and now - self._last_fsync >= self.fsync_interval_ns:
-                    self._fsync_locked()
+                if self._dirty and self.fsync_policy == "interval" and now - self._last_fsync >= self.fsync_interval_ns:
+                    fd, self._dirty, self._last_fsync = self._file.fileno(), False, now
+            if fd is not None:
+                os.fsync(fd)  # outside the lock: appends go on meanwhile (close() joins us first)
+                with self._lock:
+                    self._stats["fsyncs"] += 1
 
     def close(self) -> None:
         """Flush, fsync (unless fsync is "none") and close. Idempotent."""

@@ -211,3 +211,32 @@ def test_records_without_topic_round_trip(tmp_path, topics, make_batch):
     with open_log(path, topics) as log:  # recovery accepts the empty topic name
         assert log.recovery.records == 4 and log.recovery.problem is None
     assert EventLogReader(path).read().topic_names() == ["", "orders.paid", "", "orders.new"]
+
+
+def test_interval_fsync_runs_in_the_flusher_and_never_blocks_appends(tmp_path, topics, make_batch, monkeypatch):
+    from eventstream.storage import writer as writer_mod
+
+    inside, release = threading.Event(), threading.Event()
+    real_fsync = writer_mod.os.fsync
+
+    def slow_fsync(fd):
+        inside.set()
+        release.wait(30)
+        real_fsync(fd)
+
+    monkeypatch.setattr(writer_mod.os, "fsync", slow_fsync)
+    log = EventLog(tmp_path / "events.bin", dtype=rec.EVENT_DTYPE, topics=topics, flush_events=1,
+                   flush_interval_ms=1, fsync="interval", fsync_interval_ms=1, flusher=True)
+    try:
+        log.append(make_batch(topics, 5))
+        assert inside.wait(30)  # the flusher thread is inside a (slow) fsync now
+        done = threading.Event()
+        t = threading.Thread(target=lambda: (log.append(make_batch(topics, 5, start_seq=5)), done.set()))
+        t.start()
+        assert done.wait(30)  # the append (and its write) finished while the fsync was still running
+        assert not release.is_set()
+    finally:
+        release.set()
+        t.join(30)
+        log.close()
+    assert len(EventLogReader(tmp_path / "events.bin").read()) == 10
