@@ -77,10 +77,11 @@ class LevelActions:
 
 
 class Service:
-    def __init__(self, cfg: Config, *, handlers: dict | None = None, allow_gil: bool = False):
+    def __init__(self, cfg: Config, *, handlers: dict | None = None, allow_gil: bool | None = None):
+        """`allow_gil`: run even with the GIL on (comparisons); None = as EVENTSTREAM_ALLOW_GIL says."""
         self.cfg = cfg
         self.handlers = handlers
-        self.allow_gil = allow_gil
+        self.allow_gil = gil.gil_allowed_by_env() if allow_gil is None else allow_gil
         self.topics = TopicTable()
         self.dtype = record_dtype(cfg.records.payload_bytes)
         self.started = False

@@ -27,7 +27,8 @@ def register(sub) -> None:
     p.add_argument("--udp-port", type=int, help="UDP port (shortcut for --set server.udp.port=N)")
     p.add_argument("--metrics-port", type=int, help="metrics port (shortcut for --set metrics.port=N)")
     p.add_argument("--data-dir", help="data directory (shortcut for --set storage.data_dir=DIR)")
-    p.add_argument("--allow-gil", action="store_true", help="run even if the GIL is on (comparisons only)")
+    p.add_argument("--allow-gil", action="store_true",
+                   help="run even if the GIL is on (comparisons only; also EVENTSTREAM_ALLOW_GIL=1)")
     p.add_argument("--ready-file", help="write 'tcp_port udp_port metrics_port' here once serving (for scripts)")
     p.set_defaults(func=run)
 
@@ -43,6 +44,7 @@ def run(args) -> int:
         return EXIT_USAGE
     logmod.configure(cfg.logging.level, cfg.logging.format, file=cfg.logging.file)
     log = logmod.get_logger("eventstream.serve")
+    args.allow_gil = args.allow_gil or gil.gil_allowed_by_env()
     gil.require_gil_off(args.allow_gil, "eventstream serve")
 
     from eventstream.engine.handlers import HandlerError

@@ -193,7 +193,11 @@ def test_sigterm_mid_stream_loses_nothing_that_was_acked(tmp_path):
         for i in range(1, stop_at + 1):
             sent.append(client.send("stream", b"p%d" % i, priority=i % 5, event_id=i))
             if i == 5_000:
-                proc.send_signal(signal.SIGTERM)  # mid-stream
+                client.flush()
+                deadline = time.monotonic() + 30
+                while client.acked == 0 and time.monotonic() < deadline:
+                    time.sleep(0.001)  # until the first ACK is back, so the stop is really mid-stream
+                proc.send_signal(signal.SIGTERM)
     except (OSError, ConnectionError):
         pass
     try:
