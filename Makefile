@@ -5,11 +5,12 @@ PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help bootstrap run test stress soak bench bench-rings bench-ingest bench-pipeline bench-scaling clean
+.PHONY: help bootstrap run test test-gil stress soak bench bench-rings bench-ingest bench-pipeline bench-scaling clean
 
 help:
 	@echo "make run    - start the service on the embedded default config (ARGS='--config FILE' to change)"
 	@echo "make test   - run the test suite"
+	@echo "make test-gil - the same suite with the GIL on (only speed may differ)"
 	@echo "make stress - run the stress suite (concurrent pytest runs, pytest-repeat)"
 	@echo "make bench  - run all benchmarks (tables; results in bench/results/)"
 
@@ -21,6 +22,9 @@ run: bootstrap
 
 test: bootstrap
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-gil: bootstrap
+	EVENTSTREAM_ALLOW_GIL=1 PYTHON_GIL=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 stress: bootstrap
 	$(PY) stress/run.py $(ARGS)
