@@ -1,0 +1,199 @@
+"""The configuration schema: one typed dataclass per section, with the defaults the service runs on
+when there is no file at all. Field metadata carries what validation allows ("range", "pow2",
+"cpus", "handler"); eventstream.config.loader applies files, environment and flags onto these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+OverflowName = Literal["DROP_OLD", "BLOCK_PRODUCER", "DROP_NEW"]
+WaitName = Literal["spin", "yield", "sleep", "block"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong. The message says where, what, and what is allowed."""
+
+    def __init__(self, source: str, path: str, value: Any, allowed: str):
+        self.source, self.path, self.value, self.allowed = source, path, value, allowed
+        super().__init__(f"{source}: {path}: {value!r} is not allowed; allowed: {allowed}")
+
+
+# ---------------------------------------------------------------------------------------- sections
+@dataclass
+class TcpConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = field(default=9000, metadata={"range": (0, 65535)})
+    max_connections: int = field(default=1000, metadata={"range": (1, 1_000_000)})
+    readers: int = field(default=2, metadata={"range": (1, 256)})
+    idle_timeout_s: float = field(default=300.0, metadata={"range": (0.0, 86400.0)})
+    max_frame_bytes: int = field(default=1 << 20, metadata={"range": (64, 64 << 20)})
+    recv_bytes: int = field(default=256 << 10, metadata={"range": (4096, 64 << 20)})
+    rate_limit_events_per_s: float = field(default=0.0, metadata={"range": (0.0, 1e12)})
+    ack_every_events: int = field(default=1000, metadata={"range": (1, 1_000_000)})
+    ack_interval_ms: float = field(default=5.0, metadata={"range": (0.1, 60_000.0)})
+    backlog: int = field(default=1024, metadata={"range": (1, 65535)})
+
+
+@dataclass
+class UdpConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = field(default=9001, metadata={"range": (0, 65535)})
+    rcvbuf_bytes: int = field(default=4 << 20, metadata={"range": (4096, 1 << 30)})
+    batch_datagrams: int = field(default=64, metadata={"range": (1, 1024)})
+    max_datagram_bytes: int = field(default=65535, metadata={"range": (64, 65535)})
+
+
+@dataclass
+class ServerConfig:
+    tcp: TcpConfig = field(default_factory=TcpConfig)
+    udp: UdpConfig = field(default_factory=UdpConfig)
+
+
+@dataclass
+class RecordsConfig:
+    payload_bytes: int = field(default=448, metadata={"range": (0, 1 << 20)})
+
+
+@dataclass
+class NumaConfig:
+    node: int = field(default=-1, metadata={"range": (-1, 4095), "doc": "-1 = local node"})
+    bind_memory: bool = True
+
+
+@dataclass
+class QueueConfig:
+    capacity: int = field(default=65536, metadata={"pow2": True, "range": (2, 1 << 26)})
+    overflow: OverflowName = "DROP_NEW"
+    block_timeout_ms: float = field(default=1000.0, metadata={"range": (0.0, 3_600_000.0)})
+
+
+@dataclass
+class QueuesConfig:
+    ingest: QueueConfig = field(default_factory=lambda: QueueConfig(65536, "BLOCK_PRODUCER", 1000.0))
+    realtime: QueueConfig = field(default_factory=lambda: QueueConfig(16384, "DROP_OLD", 100.0))
+    transactional: QueueConfig = field(default_factory=lambda: QueueConfig(65536, "BLOCK_PRODUCER", 1000.0))
+    batch: QueueConfig = field(default_factory=lambda: QueueConfig(65536, "DROP_NEW", 0.0))
+    wait_strategy: WaitName = "block"
+    max_batch: int = field(default=4096, metadata={"range": (1, 1 << 20)})
+
+
+@dataclass
+class AffinityConfig:
+    """CPU list per thread role; empty = not pinned (any allowed CPU)."""
+
+    acceptor: list[int] = field(default_factory=list, metadata={"cpus": True})
+    ingest: list[int] = field(default_factory=list, metadata={"cpus": True})
+    udp: list[int] = field(default_factory=list, metadata={"cpus": True})
+    dispatcher: list[int] = field(default_factory=list, metadata={"cpus": True})
+    realtime: list[int] = field(default_factory=list, metadata={"cpus": True})
+    transactional: list[int] = field(default_factory=list, metadata={"cpus": True})
+    batch: list[int] = field(default_factory=list, metadata={"cpus": True})
+    storage: list[int] = field(default_factory=list, metadata={"cpus": True})
+    control: list[int] = field(default_factory=list, metadata={"cpus": True})
+
+
+@dataclass
+class RealtimeConfig:
+    handler: str = field(default="eventstream.engine.handlers:noop", metadata={"handler": True})
+    topics: list[str] = field(default_factory=lambda: ["*"])
+    sla_us: float = field(default=100.0, metadata={"range": (0.0, 1e9)})
+
+
+@dataclass
+class TransactionalConfig:
+    handler: str = field(default="eventstream.engine.handlers:noop", metadata={"handler": True})
+    topics: list[str] = field(default_factory=lambda: ["*"])
+    max_retries: int = field(default=3, metadata={"range": (0, 100)})
+    retry_backoff_ms: float = field(default=10.0, metadata={"range": (0.0, 60_000.0)})
+    workers: int = field(default=1, metadata={"range": (1, 64)})
+    max_workers: int = field(default=2, metadata={"range": (1, 64)})
+    dedup_buckets: int = field(default=4096, metadata={"pow2": True, "range": (16, 1 << 26)})
+    dedup_window_s: float = field(default=3600.0, metadata={"range": (0.0, 30 * 86400.0)})
+
+
+@dataclass
+class BatchConfig:
+    handler: str = field(default="eventstream.engine.handlers:noop", metadata={"handler": True})
+    topics: list[str] = field(default_factory=lambda: ["*"])
+    aggregate: str = field(default="", metadata={"handler": True, "doc": "module:function or empty"})
+    window_s: float = field(default=5.0, metadata={"range": (0.001, 86400.0)})
+    workers: int = field(default=1, metadata={"range": (1, 64)})
+    max_workers: int = field(default=2, metadata={"range": (1, 64)})
+
+
+@dataclass
+class ProcessorsConfig:
+    realtime: RealtimeConfig = field(default_factory=RealtimeConfig)
+    transactional: TransactionalConfig = field(default_factory=TransactionalConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+
+
+@dataclass
+class LevelThresholds:
+    drop_rate: float = field(default=0.01, metadata={"range": (0.0, 1.0)})
+    depth: float = field(default=0.5, metadata={"range": (0.0, 100.0)})
+
+
+@dataclass
+class BackpressureConfig:
+    interval_ms: float = field(default=100.0, metadata={"range": (1.0, 60_000.0)})
+    max_queue_depth: int = field(default=5000, metadata={"range": (1, 1 << 30)})
+    min_events_for_evaluation: int = field(default=1000, metadata={"range": (0, 1 << 40)})
+    recovery_factor: float = field(default=0.8, metadata={"range": (0.0, 1.0)})
+    elevated: LevelThresholds = field(default_factory=lambda: LevelThresholds(0.01, 0.50))
+    degraded: LevelThresholds = field(default_factory=lambda: LevelThresholds(0.02, 0.75))
+    critical: LevelThresholds = field(default_factory=lambda: LevelThresholds(0.04, 1.00))
+    emergency: LevelThresholds = field(default_factory=lambda: LevelThresholds(0.10, 1.50))
+
+
+@dataclass
+class StorageConfig:
+    data_dir: str = "data"
+    events_file: str = "events.bin"
+    dlq_file: str = "dlq_log.txt"
+    flush_events: int = field(default=100, metadata={"range": (1, 1 << 30)})
+    flush_interval_ms: float = field(default=50.0, metadata={"range": (0.0, 3_600_000.0)})
+    fsync: Literal["none", "interval", "always"] = "interval"
+    fsync_interval_ms: float = field(default=1000.0, metadata={"range": (0.0, 3_600_000.0)})
+
+
+@dataclass
+class MetricsConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = field(default=9100, metadata={"range": (0, 65535)})
+    path: str = "/metrics"
+
+
+@dataclass
+class LoggingConfig:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+    file: str = ""
+
+
+@dataclass
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    records: RecordsConfig = field(default_factory=RecordsConfig)
+    numa: NumaConfig = field(default_factory=NumaConfig)
+    queues: QueuesConfig = field(default_factory=QueuesConfig)
+    affinity: AffinityConfig = field(default_factory=AffinityConfig)
+    processors: ProcessorsConfig = field(default_factory=ProcessorsConfig)
+    backpressure: BackpressureConfig = field(default_factory=BackpressureConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.storage.data_dir)
