@@ -11,7 +11,6 @@ Nothing that ingest accepted (and ACKed) is lost on a clean stop: it is in event
 from __future__ import annotations
 
 import os
-import threading
 import time
 from pathlib import Path
 

@@ -31,7 +31,8 @@ from eventstream.core.topics import TopicTable
 from eventstream.ingest.admission import Admission
 from eventstream.ingest.delivery import Delivery, IngestStats, merge_stats
 from eventstream.ingest.tcp import bind_error
-from eventstream.protocol.decoder import FrameDecoder, FrameError, decode_frames, scan
+from eventstream.protocol.decoder import FrameDecoder, FrameError, decode_frames
+from eventstream.protocol.framing import scan
 from eventstream.runtime.affinity import pin_current_thread
 
 log = structlog.get_logger("eventstream.ingest.udp")

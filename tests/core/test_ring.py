@@ -196,7 +196,6 @@ def _transfer(workers, ring, producers: int, per_producer: int, batch: int, over
         return run
 
     got = [0]
-    evicted_seen = [0]
 
     def consume():
         deadline = time.monotonic() + 110

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 from core_helpers import SMALL_DTYPE, make_batch
 from hypothesis import given, settings
 from hypothesis import strategies as st

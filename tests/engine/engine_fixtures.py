@@ -7,7 +7,6 @@ import time
 
 import numpy as np
 
-from eventstream.config import load_config
 from eventstream.core.records import record_dtype
 from eventstream.core.topics import TopicTable
 from eventstream.engine.processors import Sinks

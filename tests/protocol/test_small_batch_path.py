@@ -9,7 +9,9 @@ import pytest
 
 from eventstream.core.topics import TopicTable
 from eventstream.protocol import decoder as decmod
-from eventstream.protocol.decoder import FrameDecoder, decode_frames, scan
+from eventstream.protocol import framing
+from eventstream.protocol.decoder import FrameDecoder, decode_frames
+from eventstream.protocol.framing import scan
 from eventstream.protocol.frames import encode_v1, encode_v2
 
 
@@ -28,7 +30,7 @@ def frames(rng: random.Random, n: int) -> bytes:
 @pytest.mark.parametrize("seed", range(20))
 def test_small_path_equals_vectorized_path(seed, monkeypatch):
     rng = random.Random(seed)
-    n = rng.randint(1, decmod.SMALL_BATCH)
+    n = rng.randint(1, framing.SMALL_BATCH)
     data = frames(rng, n)
     topics = TopicTable()
     dec = FrameDecoder(topics, payload_bytes=64, conn_id=7)
@@ -36,6 +38,7 @@ def test_small_path_equals_vectorized_path(seed, monkeypatch):
     assert fatal is None and pos == len(data) and len(offs) == n
     small = decode_frames(dec, data, offs, lens, 1, ingest_ts=123)
     monkeypatch.setattr(decmod, "SMALL_BATCH", 0)
+    monkeypatch.setattr(framing, "SMALL_BATCH", 0)
     offs2, lens2, pos2, fatal2 = scan(data, 0, len(data), 1 << 20)
     assert (offs2, lens2, pos2, fatal2) == (offs, lens, pos, fatal)
     big = decode_frames(dec, data, offs, lens, 1, ingest_ts=123)
