@@ -146,7 +146,7 @@ def run_pipeline(records: np.ndarray, topics: TopicTable, threads: int, cpus: li
         setattr(cfg.affinity, role, list(cpus))
     handled, dropped = Counter(), Counter()
     sinks = Sinks(topics, store=lambda r: None, drop=lambda r, reason: dropped.add(len(r)),
-                  processed=lambda q, r: handled.add(len(r)))
+                  processed=lambda q, r, t=None: handled.add(len(r)))
     bus = EventBusMulti(cfg, DTYPE)
     try:
         refused = bus.publish(records)

@@ -115,8 +115,8 @@ class Service:
             self.dlq.write_line(rj.event_id, rj.topic, rj.priority, rj.reason)
             self.metrics.dropped(reason_category(rj.reason), 1)
 
-    def _processed(self, queue: str, records: np.ndarray) -> None:
-        now = time.monotonic_ns()
+    def _processed(self, queue: str, records: np.ndarray, handled_ns: int | None = None) -> None:
+        now = time.monotonic_ns() if handled_ns is None else handled_ns
         self.metrics.processed(queue, len(records), now - records["ingest_ts"].astype(np.int64))
 
     # ------------------------------------------------------------------------------------ lifecycle

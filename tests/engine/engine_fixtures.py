@@ -35,7 +35,7 @@ class Collected:
         with self.lock:
             self.dropped.append((records.copy(), reasons))
 
-    def processed(self, queue, records):
+    def processed(self, queue, records, handled_ns=None):
         with self.lock:
             self.processed_n[queue] = self.processed_n.get(queue, 0) + len(records)
 

@@ -31,7 +31,9 @@ class Sinks:
     topics: TopicTable
     store: Callable[[np.ndarray], None]  # processed records -> events.bin
     drop: Callable[[np.ndarray, str], None]  # failed/dropped records -> dead-letter log
-    processed: Callable[[str, np.ndarray], None]  # (queue, records) -> counters and latency
+    # (queue, records, handled_ns) -> counters, and latency = handled_ns - ingest_ts (handled_ns is
+    # time.monotonic_ns() when the handler was done, before storage: the latency is ingest -> handled)
+    processed: Callable[[str, np.ndarray, int], None]
     dedup_hit: Callable[[int], None] = lambda n: None
 
 

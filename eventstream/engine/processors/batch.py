@@ -105,8 +105,9 @@ class BatchProcessor(Processor):
                         w.aggregate = self.aggregate(w.aggregate, Batch(records[sel], topics, "batch"))
                     except Exception as exc:
                         log.warning("aggregate_failed", topic=w.topic, error=error_text(exc))
+        handled_ns = time.monotonic_ns()
         self.sinks.store(records)
-        self.sinks.processed("batch", records)
+        self.sinks.processed("batch", records, handled_ns)
         self._sweep(table, self.clock())
 
     def on_idle(self) -> None:

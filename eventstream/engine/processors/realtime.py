@@ -3,6 +3,8 @@ ingest -> handled latency per event (the SLA is reported, not enforced)."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from eventstream.engine.handlers import Batch
@@ -25,5 +27,6 @@ class RealtimeProcessor(Processor):
                                f"handler_error: {error_text(exc)}")
                     records = records[~mask]
         if len(records):
+            handled_ns = time.monotonic_ns()
             sinks.store(records)
-            sinks.processed("realtime", records)
+            sinks.processed("realtime", records, handled_ns)

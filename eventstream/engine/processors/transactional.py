@@ -68,9 +68,10 @@ class TransactionalProcessor(Processor):
                     sinks.drop(lost, [f"retries_exhausted: {e}" for e in errors])
         good = records[ok] if not ok.all() else records
         if len(good):
+            handled_ns = time.monotonic_ns()
             sinks.store(good)
             dedup.commit_exclusive(good["event_id"])
-            sinks.processed("transactional", good)
+            sinks.processed("transactional", good, handled_ns)
 
     def _run(self, batch: np.ndarray) -> tuple[list[int], list[str]]:
         """Handle `batch`; return indexes (into batch) that failed every attempt, with their errors."""
