@@ -12,7 +12,7 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import run_threads, scaled
+from stress_helpers import run_threads, scaled
 
 from eventstream.core.dedup import Deduplicator
 from eventstream.core.pool import EventPool, PoolExhausted

@@ -15,7 +15,7 @@ import zlib
 
 import numpy as np
 import psutil
-from conftest import run_threads, scaled, wait_until
+from stress_helpers import run_threads, scaled, wait_until
 from verify import Store, event_id, payload
 
 from eventstream.client import TcpClient

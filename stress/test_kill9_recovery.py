@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import scaled, wait_until
+from stress_helpers import scaled, wait_until
 from verify import Store, event_id, payload
 
 from eventstream.client import ClientError, TcpClient

@@ -15,7 +15,7 @@ import threading
 import time
 
 import numpy as np
-from conftest import scaled, wait_until
+from stress_helpers import scaled, wait_until
 from verify import Store, event_id, payload
 
 from eventstream.client import TcpClient, UdpSender

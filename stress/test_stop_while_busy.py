@@ -18,7 +18,7 @@ from pathlib import Path
 CHILD = textwrap.dedent("""
     import sys, threading, time
     sys.path.insert(0, {stress!r})
-    from conftest import service_config
+    from stress_helpers import service_config
     from eventstream.client import TcpClient
     from eventstream.service import Service
 
