@@ -291,9 +291,16 @@ class Service:
         m = getattr(self, "metrics", None)
         if m is None:
             return {}
-        return {"received": m.received_total(), "processed": m.processed_total(),
-                "dropped": m.dropped_total(), "dropped_by_reason": m.dropped_by_reason(),
-                "dedup_hits": m.dedup_hits_total()}
+        out = {"received": m.received_total(), "processed": m.processed_total(),
+               "dropped": m.dropped_total(), "dropped_by_reason": m.dropped_by_reason(),
+               "dedup_hits": m.dedup_hits_total()}
+        # the realtime SLA is reported, never enforced: exact p99 over the most recent events
+        recent = m.percentiles("realtime").get("p99_recent", 0.0)
+        sla_us = self.cfg.processors.realtime.sla_us
+        out["realtime_p99_recent_us"] = round(recent / 1000, 1)
+        out["realtime_sla_us"] = sla_us
+        out["realtime_sla_met"] = bool(recent / 1000 <= sla_us)
+        return out
 
     def __enter__(self) -> Service:
         return self.start()

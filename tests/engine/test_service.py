@@ -90,6 +90,9 @@ def test_mixed_load_every_event_is_stored_or_dead_lettered(tmp_path):
     dlq = read_dlq(data / "dlq_log.txt")
     assert len(recs) + len(dlq) == total
     assert summary["processed"] == len(recs) and summary["dropped"] == len(dlq)
+    # the realtime SLA is reported (never enforced)
+    assert summary["realtime_sla_us"] == 100.0 and summary["realtime_p99_recent_us"] > 0
+    assert isinstance(summary["realtime_sla_met"], bool)
     # under this load the control plane may shed BATCH-priority events (policy): each is NACKed (v2)
     # and dead-lettered with its reason, never silently lost ...
     assert summary["received"] <= total
