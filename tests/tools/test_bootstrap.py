@@ -117,3 +117,28 @@ def test_shared_tarball_checksum_matches_the_pinned_one():
     sums = (ROOT.parent / "shared" / "toolchain" / "SHA256SUMS").read_text()
     pinned = next(line.split("=", 1)[1] for line in BOOTSTRAP.read_text().splitlines() if line.startswith("PY_SHA256="))
     assert pinned in sums
+
+
+def test_install_stamp_reinstalls_only_for_a_changed_pyproject_or_a_new_extra(tmp_path):
+    """The venv's python is a fake that records pip calls; bootstrap must call pip only when needed."""
+    pip_log = tmp_path / "pip.log"
+    real = fake_python(tmp_path / "real" / "python3.13t", True)
+    venv_py = tmp_path / "venv" / "bin" / "python"
+    venv_py.parent.mkdir(parents=True)
+    venv_py.write_text(f'#!/bin/sh\nif [ "$1" = "-m" ] && [ "$2" = "pip" ]; then echo "$@" >> {pip_log}; exit 0; fi\n'
+                       f'exec {real} "$@"\n')
+    venv_py.chmod(0o755)
+
+    def boot(**env):
+        r = run(["--venv"], {"EVENTSTREAM_PYTHON": str(real), "EVENTSTREAM_VENV": str(tmp_path / "venv"), **env},
+                tmp_path)
+        assert r.returncode == 0, r.stderr
+        calls = pip_log.read_text().splitlines() if pip_log.exists() else []
+        pip_log.unlink(missing_ok=True)
+        return [c for c in calls if " -e " in c]
+
+    assert boot() == ["-m pip install --disable-pip-version-check -q -e .[dev]"]
+    assert boot() == []  # nothing changed
+    assert boot(EVENTSTREAM_EXTRAS="bench") == ["-m pip install --disable-pip-version-check -q -e .[bench,dev]"]
+    assert boot() == []  # the bench extra stays installed for plain runs
+    assert (tmp_path / "venv" / ".eventstream-installed").read_text().split()[1] == "bench,dev"
