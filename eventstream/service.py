@@ -1,11 +1,13 @@
 """Service: the whole engine built from a Config, started and stopped in the right order.
 
-    start:  storage (recovery) → DLQ → rings/bus → processors → dispatcher → TCP/UDP ingest
+    start:  storage (recovery) → DLQ → bus (queues) → processors → TCP/UDP ingest
             → control thread → metrics endpoint
-    stop:   ingest (stop reading, final ACKs) → dispatcher drains the ingest ring → processors drain
+    stop:   ingest (stop reading, held events placed, final ACKs once stored) → processors drain
             their queues → batch windows flushed → event log and DLQ flushed and closed → summary
 
-Nothing that ingest accepted (and ACKed) is lost on a clean stop: it is in events.bin or the DLQ.
+Ingest readers route decoded events straight into the processor queues; processors store each batch
+(written to the OS) before releasing it, and the released counts are the watermarks ACKs are sent
+from (see ingest/connection.py). So with `server.ack: stored` an ACKed event survives kill -9.
 """
 
 from __future__ import annotations
@@ -18,12 +20,11 @@ import numpy as np
 import structlog
 
 from eventstream.config import Config
-from eventstream.core.records import record_dtype
-from eventstream.core.ring import MpscRing, Overflow
+from eventstream.core.records import ACK_MODES, record_dtype
 from eventstream.core.topics import TopicTable
 from eventstream.engine.bus import QUEUE_NAMES, EventBusMulti
 from eventstream.engine.control import Backpressure, ControlThread, Level, Sample
-from eventstream.engine.dispatcher import Dispatcher
+from eventstream.engine.dispatcher import sequence_base
 from eventstream.engine.dlq import DeadLetterLog, reason_category
 from eventstream.engine.manager import ProcessManager
 from eventstream.engine.processors import Sinks
@@ -52,9 +53,11 @@ class LevelActions:
     """What each backpressure level does (cumulative as the level rises):
 
     ELEVATED   add a transactional and a batch worker (up to max_workers)
-    DEGRADED   pause TCP reads: clients are pushed back by TCP flow control, nothing is dropped
-    CRITICAL   refuse BATCH-priority events at ingest: NACK (v2) + DLQ (reason "backpressure")
-    EMERGENCY  admit only CRITICAL events (the others likewise refused at ingest)
+    DEGRADED   pause: TCP readers admit only CRITICAL events and hold the rest (a connection holding
+               events stops being read, so TCP flow control pushes its client back; nothing is
+               dropped); UDP sheds non-CRITICAL events (reason "paused", DLQ)
+    CRITICAL   as DEGRADED, and UDP refuses BATCH priority with reason "backpressure"
+    EMERGENCY  as DEGRADED: only CRITICAL events are admitted, over TCP and UDP
     """
 
     def __init__(self, service: Service):
@@ -86,6 +89,7 @@ class Service:
         self.started = False
         self._closers: list = []
         self.tcp = self.udp = self.control = None
+        self.bus = None
         self._last_sample = (0, 0, time.monotonic())
 
     # ------------------------------------------------------------------------------------ sinks
@@ -115,6 +119,18 @@ class Service:
             self.dlq.write_line(rj.event_id, rj.topic, rj.priority, rj.reason)
             self.metrics.dropped(reason_category(rj.reason), 1)
 
+    def _sync(self) -> None:
+        """Group commit for `synced` ACKs: everything stored (and dead-lettered) so far is fsynced."""
+        self.event_log.sync()
+        sync = getattr(self.dlq, "sync", None)
+        if sync is not None:
+            sync()
+
+    def _progress(self) -> None:
+        tcp = self.tcp
+        if tcp is not None:
+            tcp.progress()
+
     def _processed(self, queue: str, records: np.ndarray, handled_ns: int | None = None) -> None:
         now = time.monotonic_ns() if handled_ns is None else handled_ns
         self.metrics.processed(queue, len(records), now - records["ingest_ts"].astype(np.int64))
@@ -143,41 +159,39 @@ class Service:
         self.dlq = DeadLetterLog(data / cfg.storage.dlq_file)
         self._closers.append(self.dlq.close)
         st = cfg.storage
+        # flush_events=1: every append is written to the OS before it returns (the `stored` promise);
+        # the flusher thread only runs the interval fsync policy
         self.event_log = EventLog(data / st.events_file, dtype=self.dtype, topics=self.topics,
-                                  flush_events=st.flush_events, flush_interval_ms=st.flush_interval_ms,
-                                  fsync=st.fsync, fsync_interval_ms=st.fsync_interval_ms, cpus=cfg.affinity.storage)
+                                  flush_events=1, flush_interval_ms=max(st.fsync_interval_ms / 2, 1.0),
+                                  fsync=st.fsync, fsync_interval_ms=st.fsync_interval_ms, cpus=cfg.affinity.storage,
+                                  flusher=st.fsync == "interval")
         self._closers.append(self.event_log.close)
-        qi = cfg.queues.ingest
-        self.ingest_ring = MpscRing(qi.capacity, self.dtype, overflow=Overflow[qi.overflow],
-                                    block_timeout=qi.block_timeout_ms / 1000.0, wait=cfg.queues.wait_strategy,
-                                    node=cfg.numa.node, name="ingest")
-        self._closers.append(self.ingest_ring.close)
-        self.bus = EventBusMulti(cfg, self.dtype)
+        try:
+            self.bus = EventBusMulti(cfg, self.dtype, seq_base=sequence_base())
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
+        self.bus.on_received = self.metrics.received
         self._closers.append(self.bus.close)
         self.admission = Admission()
         sinks = Sinks(self.topics, store=self.event_log.append, drop=self.drop, processed=self._processed,
-                      dedup_hit=self.metrics.dedup_hits)
+                      dedup_hit=self.metrics.dedup_hits, sync=self._sync, progress=self._progress)
         try:
             self.manager = ProcessManager(cfg, self.bus, sinks, handlers=self.handlers)
         except ValueError as exc:
             raise StartupError(str(exc)) from None
         self._register_gauges()
         self.manager.start()
-        # Admission (CRITICAL: no BATCH priority, EMERGENCY: only CRITICAL) is enforced at the edge,
-        # where a refused v2 event is NACKed so its client knows. Events already ACKed and queued are
-        # not shed by the control plane: only a full queue's overflow policy can drop them.
-        self.dispatcher = Dispatcher(self.ingest_ring, self.bus, self.drop, admission=None,
-                                     on_received=self.metrics.received,
-                                     cpus=cfg.affinity.dispatcher, max_batch=cfg.queues.max_batch)
-        self.dispatcher.start()
+        # Admission (the control plane's level) is applied at the edge: TCP readers hold what is not
+        # admitted (pushing the client back), UDP sheds it (NACK-less: counted and dead-lettered).
+        # Events already accepted are never shed by the control plane.
         aff, pb = cfg.affinity, cfg.records.payload_bytes
         if cfg.server.tcp.enabled:
-            self.tcp = TcpServer(cfg.server.tcp, self.ingest_ring, self.topics, admission=self.admission,
+            self.tcp = TcpServer(cfg.server.tcp, self.bus, self.topics, admission=self.admission,
                                  on_reject=self.on_reject, cpus=aff.acceptor, reader_cpus=aff.ingest,
-                                 payload_bytes=pb)
+                                 payload_bytes=pb, ack_default=ACK_MODES[cfg.server.ack])
             self._start_server(self.tcp, "server.tcp")
         if cfg.server.udp.enabled:
-            self.udp = UdpServer(cfg.server.udp, self.ingest_ring, self.topics, admission=self.admission,
+            self.udp = UdpServer(cfg.server.udp, self.bus, self.topics, admission=self.admission,
                                  on_reject=self.on_reject, cpus=aff.udp, payload_bytes=pb)
             self._start_server(self.udp, "server.udp")
         self.backpressure = Backpressure(cfg.backpressure)
@@ -208,7 +222,6 @@ class Service:
         m = self.metrics
         for name in QUEUE_NAMES:
             m.gauge_fn("queue_depth", {"queue": name}, lambda q=self.bus[name]: q.depth)
-        m.gauge_fn("queue_depth", {"queue": "ingest"}, lambda: self.ingest_ring.depth)
 
     def sample(self) -> Sample:
         """Metrics the control thread evaluates: depth fraction, and the rate of overload drops (see
@@ -219,7 +232,7 @@ class Service:
         r0, d0, _ = self._last_sample
         self._last_sample = (received, dropped, time.monotonic())
         offered = (received - r0) + (dropped - d0)
-        depth = max(self.bus.depth, self.ingest_ring.depth)
+        depth = self.bus.depth
         return Sample(depth=depth / self.cfg.backpressure.max_queue_depth,
                       drop_rate=(dropped - d0) / offered if offered else 0.0,
                       processed=self.metrics.processed_total(), p99_ns=self.metrics.p99_ns("realtime"))
@@ -235,21 +248,16 @@ class Service:
                     log.exception("ingest_stop_failed")
         if getattr(self, "control", None) is not None:
             self.control.stop()
-        disp = getattr(self, "dispatcher", None)
         still_running = False
-        if disp is not None:
-            disp.stop(drain)
-            disp.join(timeout)
-            still_running = disp.is_alive()
         mgr = getattr(self, "manager", None)
         if mgr is not None:
             still_running = not mgr.stop(timeout, drain) or still_running
-        if not drain and not still_running and hasattr(self, "bus"):
+        if not drain and not still_running and self.bus is not None:
             self._dead_letter_leftovers()
         summary = self.summary()
         # A thread that did not finish still holds views into ring memory: freeing the rings under it
         # crashes the process (SIGSEGV). Leak them instead; everything else is flushed and closed.
-        keep = {self.bus.close, self.ingest_ring.close} if still_running and hasattr(self, "bus") else set()
+        keep = {self.bus.close} if still_running and self.bus is not None else set()
         if keep:
             log.error("threads_still_running_rings_not_freed", timeout_s=timeout)
         for close in reversed(self._closers):
@@ -267,7 +275,7 @@ class Service:
 
     def _dead_letter_leftovers(self) -> None:
         """Stopped without draining: whatever is still queued goes to the DLQ, never silently away."""
-        rings = [self.ingest_ring] + [r for q in self.bus.queues for r in q.rings]
+        rings = [r for q in self.bus.queues for r in q.rings]
         left = 0
         for ring in rings:
             while True:
@@ -282,9 +290,9 @@ class Service:
     def failures(self) -> list[str]:
         """Threads that died with an error (the service should then stop)."""
         out = [f"{name}: {exc!r}" for name, exc in self.manager.errors()] if hasattr(self, "manager") else []
-        disp = getattr(self, "dispatcher", None)
-        if disp is not None and disp.error is not None:
-            out.append(f"{disp.name}: {disp.error!r}")
+        for srv in (self.tcp, self.udp):
+            if srv is not None and hasattr(srv, "failures"):
+                out.extend(srv.failures())
         return out
 
     def summary(self) -> dict:

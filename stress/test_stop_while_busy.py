@@ -31,7 +31,8 @@ CHILD = textwrap.dedent("""
         seen.append(int(batch.records["payload_len"].sum()))  # reads ring memory after stop()
         done.set()
 
-    svc = Service(service_config({data!r}), handlers={{"transactional": stuck}}).start()
+    # ACK mode `accepted`: the events are ACKed while the handler holds them
+    svc = Service(service_config({data!r}, **{{"server.ack": "accepted"}}), handlers={{"transactional": stuck}}).start()
     with TcpClient(*svc.tcp.address, version=2, timeout=30) as c:
         for i in range(100):
             c.send("busy", b"x" * 64, priority=2, event_id=i + 1)

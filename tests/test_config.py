@@ -21,9 +21,10 @@ def write(tmp_path, text):
 def test_defaults_need_no_file():
     cfg = load_config(environ={})
     assert cfg.server.tcp.port == 9000 and cfg.server.udp.port == 9001
-    assert cfg.queues.realtime.capacity == 16384 and cfg.queues.realtime.overflow == "DROP_OLD"
+    assert cfg.queues.realtime.capacity == 16384 and cfg.queues.realtime.overflow == "BLOCK_PRODUCER"
     assert cfg.queues.transactional.overflow == "BLOCK_PRODUCER"
-    assert cfg.queues.batch.overflow == "DROP_NEW"
+    assert cfg.queues.batch.overflow == "BLOCK_PRODUCER"
+    assert cfg.server.ack == "stored"
     assert cfg.backpressure.max_queue_depth == 5000 and cfg.backpressure.recovery_factor == 0.8
     assert cfg.storage.fsync == "interval" and cfg.metrics.port == 9100
 
@@ -58,10 +59,12 @@ def test_config_path_from_env(tmp_path):
         ("server:\n  tcp:\n    port: nine\n", "server.tcp.port", "an integer"),
         ("server:\n  tcp:\n    enabled: 1\n", "server.tcp.enabled", "true or false"),
         ("queues:\n  batch:\n    capacity: 1000\n", "queues.batch.capacity", "power of two"),
-        ("queues:\n  batch:\n    overflow: DROP_ALL\n", "queues.batch.overflow", "'DROP_OLD'"),
+        ("queues:\n  batch:\n    overflow: DROP_ALL\n", "queues.batch.overflow", "'DROP_NEW'"),
+        ("queues:\n  realtime:\n    overflow: DROP_OLD\n", "queues.realtime.overflow", "'BLOCK_PRODUCER'"),
+        ("server:\n  ack: maybe\n", "server.ack", "'stored'"),
         ("storage:\n  fsync: sometimes\n", "storage.fsync", "'interval'"),
-        ("affinity:\n  dispatcher: [4096]\n", "affinity.dispatcher", "CPUs this process may run on"),
-        ("affinity:\n  dispatcher: \"0-x\"\n", "affinity.dispatcher", "a list of CPU ids"),
+        ("affinity:\n  realtime: [4096]\n", "affinity.realtime", "CPUs this process may run on"),
+        ("affinity:\n  realtime: \"0-x\"\n", "affinity.realtime", "a list of CPU ids"),
         ("processors:\n  transactional:\n    handler: nocolon\n", "processors.transactional.handler", "module:function"),
         ("processors:\n  batch:\n    workers: 3\n    max_workers: 2\n", "processors.batch.max_workers", ">="),
         ("backpressure:\n  degraded:\n    depth: 0.1\n", "backpressure.degraded.depth", ">="),
@@ -119,8 +122,8 @@ def test_cpu_lists_accept_ranges_and_ints():
 
 
 def test_overflow_names_are_case_insensitive():
-    cfg = load_config(environ={}, overrides=["queues.batch.overflow=drop_old"])
-    assert cfg.queues.batch.overflow == "DROP_OLD"
+    cfg = load_config(environ={}, overrides=["queues.batch.overflow=drop_new"])
+    assert cfg.queues.batch.overflow == "DROP_NEW"
 
 
 def test_dump_yaml_round_trips(tmp_path):

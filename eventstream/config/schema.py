@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-OverflowName = Literal["DROP_OLD", "BLOCK_PRODUCER", "DROP_NEW"]
+# DROP_OLD (a ring policy of eventstream.core) is not offered for the engine's queues: it would evict
+# events already accepted. BLOCK_PRODUCER pushes back on TCP clients; DROP_NEW sheds at the edge.
+OverflowName = Literal["BLOCK_PRODUCER", "DROP_NEW"]
+AckName = Literal["accepted", "stored", "synced"]
 WaitName = Literal["spin", "yield", "sleep", "block"]
 
 
@@ -34,8 +37,6 @@ class TcpConfig:
     max_frame_bytes: int = field(default=1 << 20, metadata={"range": (64, 64 << 20)})
     recv_bytes: int = field(default=256 << 10, metadata={"range": (4096, 64 << 20)})
     rate_limit_events_per_s: float = field(default=0.0, metadata={"range": (0.0, 1e12)})
-    ack_every_events: int = field(default=1000, metadata={"range": (1, 1_000_000)})
-    ack_interval_ms: float = field(default=5.0, metadata={"range": (0.1, 60_000.0)})
     backlog: int = field(default=1024, metadata={"range": (1, 65535)})
 
 
@@ -51,6 +52,10 @@ class UdpConfig:
 
 @dataclass
 class ServerConfig:
+    # what a v2 ACK promises for frames that ask for nothing else (docs/protocol.md): "accepted" (in
+    # a processor queue), "stored" (in events.bin or the DLQ, written to the OS: survives kill -9),
+    # "synced" (and fsynced: survives a power cut)
+    ack: AckName = "stored"
     tcp: TcpConfig = field(default_factory=TcpConfig)
     udp: UdpConfig = field(default_factory=UdpConfig)
 
@@ -69,16 +74,14 @@ class NumaConfig:
 @dataclass
 class QueueConfig:
     capacity: int = field(default=65536, metadata={"pow2": True, "range": (2, 1 << 26)})
-    overflow: OverflowName = "DROP_NEW"
-    block_timeout_ms: float = field(default=1000.0, metadata={"range": (0.0, 3_600_000.0)})
+    overflow: OverflowName = "BLOCK_PRODUCER"
 
 
 @dataclass
 class QueuesConfig:
-    ingest: QueueConfig = field(default_factory=lambda: QueueConfig(65536, "BLOCK_PRODUCER", 1000.0))
-    realtime: QueueConfig = field(default_factory=lambda: QueueConfig(16384, "DROP_OLD", 100.0))
-    transactional: QueueConfig = field(default_factory=lambda: QueueConfig(65536, "BLOCK_PRODUCER", 1000.0))
-    batch: QueueConfig = field(default_factory=lambda: QueueConfig(65536, "DROP_NEW", 0.0))
+    realtime: QueueConfig = field(default_factory=lambda: QueueConfig(16384))
+    transactional: QueueConfig = field(default_factory=lambda: QueueConfig(65536))
+    batch: QueueConfig = field(default_factory=lambda: QueueConfig(65536))
     wait_strategy: WaitName = "block"
     max_batch: int = field(default=4096, metadata={"range": (1, 1 << 20)})
 
@@ -90,7 +93,6 @@ class AffinityConfig:
     acceptor: list[int] = field(default_factory=list, metadata={"cpus": True})
     ingest: list[int] = field(default_factory=list, metadata={"cpus": True})
     udp: list[int] = field(default_factory=list, metadata={"cpus": True})
-    dispatcher: list[int] = field(default_factory=list, metadata={"cpus": True})
     realtime: list[int] = field(default_factory=list, metadata={"cpus": True})
     transactional: list[int] = field(default_factory=list, metadata={"cpus": True})
     batch: list[int] = field(default_factory=list, metadata={"cpus": True})
@@ -157,8 +159,8 @@ class StorageConfig:
     data_dir: str = "data"
     events_file: str = "events.bin"
     dlq_file: str = "dlq_log.txt"
-    flush_events: int = field(default=100, metadata={"range": (1, 1 << 30)})
-    flush_interval_ms: float = field(default=50.0, metadata={"range": (0.0, 3_600_000.0)})
+    # every processed batch is written to the OS before it is released (the `stored` ACK promise);
+    # fsync: background policy for events whose ACK does not ask for one ("synced" ACKs always do)
     fsync: Literal["none", "interval", "always"] = "interval"
     fsync_interval_ms: float = field(default=1000.0, metadata={"range": (0.0, 3_600_000.0)})
 

@@ -12,7 +12,9 @@ Layout (little-endian, native to the hosts we run on)::
     40     4    payload_len  bytes used in `payload`
     44     4    crc32        zlib.crc32(topic + payload) as sent on v2, 0 on v1
     48     1    priority     0 BATCH, 1 LOW, 2 MEDIUM, 3 HIGH, 4 CRITICAL
-    49     1    flags        bit 0: v2 frame (client expects ACKs), bit 1: replayed
+    49     1    flags        bit 0: v2 frame (client expects ACKs), bit 1: replayed,
+                             bits 2-3: the ACK mode the client asked for (0 default, 1 accepted,
+                             2 stored, 3 synced; the v2 frame's flags bits 0-1)
     50     1    attempts     handler attempts so far (transactional retries)
     51     13   (padding to the 64-byte header)
     64     P    payload      inline payload bytes, P = payload capacity
@@ -37,6 +39,12 @@ MAX_PAYLOAD_BYTES = 1 << 20
 
 FLAG_V2 = 0x01
 FLAG_REPLAYED = 0x02
+FLAG_ACK_SHIFT = 2
+FLAG_ACK_MASK = 0x0C
+
+# ACK modes (config `server.ack`, v2 frame flags bits 0-1): what an ACK promises about an event
+ACK_DEFAULT, ACK_ACCEPTED, ACK_STORED, ACK_SYNCED = 0, 1, 2, 3
+ACK_MODES = {"accepted": ACK_ACCEPTED, "stored": ACK_STORED, "synced": ACK_SYNCED}
 
 
 class Priority(enum.IntEnum):

@@ -292,6 +292,38 @@ class _Ring:
             return rest  # (the shared read-only empty array when everything went in)
         return np.concatenate([*evicted, rest])
 
+    def try_put(self, records: np.ndarray) -> tuple[int, int]:
+        """Enqueue the longest prefix of `records` that fits now, never waiting, whatever the overflow
+        policy (not for DROP_OLD rings). Returns (count enqueued, end): `end` is the ring sequence just
+        past the last enqueued record, so once `completed() >= end` the consumer has released every
+        one of them. (0, 0) when nothing fitted.
+        """
+        if self._drop_old:
+            raise ValueError(f"{self.name}: try_put is not available on a DROP_OLD ring")
+        if self._closed:
+            raise RingClosed(f"{self.name} is closed")
+        recs = self._as_batch(records)
+        n = len(recs)
+        done = end = 0
+        cap = self.capacity
+        while done < n:
+            want = min(n - done, cap)
+            start, k = self._seq.claim(want, self._limit)
+            if k == 0:
+                self._limit = self._lowest() + cap
+                start, k = self._seq.claim(want, self._limit)
+                if k == 0:
+                    break
+            self._write(start, recs[done:done + k])
+            self._publish(start, k)
+            done += k
+            end = start + k
+        if done:
+            cnt = self._counters()
+            cnt.claimed += done
+            cnt.published += done
+        return done, end
+
     def put(self, record) -> bool:
         """Enqueue one record (np.void row or 1-element array); False if it was refused.
 
@@ -401,6 +433,12 @@ class _Ring:
             atomic.store(self._pos_addr, cs.r, atomic.RELEASE)
         if self._wait.signals:  # wake a producer parked on a full ring
             self._wait.signal()
+
+    def completed(self) -> int:
+        """Records the consumer has released so far (the consumer's own counter, read without an
+        atomic: a completion watermark may lag by one release, never run ahead of one)."""
+        cs = self._cs
+        return cs.consumed if cs is not None else 0
 
     def take(self, max_n: int = 4096, timeout: float = 0.0) -> np.ndarray:
         """poll + copy + release: up to `max_n` records as a new array (safe to keep)."""

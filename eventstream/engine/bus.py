@@ -1,11 +1,19 @@
 """EventBusMulti: the three processor queues and the routing table from priority to queue.
 
     priority        queue           ring                     default overflow
-    CRITICAL, HIGH  realtime        SpscRing (1 partition)   DROP_OLD
+    CRITICAL, HIGH  realtime        MpscRing (1 partition)   BLOCK_PRODUCER
     MEDIUM          transactional   MpscRing x partitions    BLOCK_PRODUCER
-    LOW, BATCH      batch           MpscRing x partitions    DROP_NEW
+    LOW, BATCH      batch           MpscRing x partitions    BLOCK_PRODUCER
 
-The dispatcher is the only producer. Transactional and batch queues are split into `max_workers`
+Ingest readers are the producers: `offer()` routes a decoded batch straight into the queues (no
+dispatcher thread between them), so a CRITICAL event never waits behind bulk traffic in a shared
+ingest queue. `offer()` never waits: what does not fit is handed back to the reader, which holds it
+and stops reading that connection until there is room (TCP flow control pushes back on the
+client); a queue configured DROP_NEW sheds it at the edge instead (NACK + dead-letter log).
+Each placement comes back as a completion mark (ring, end): every record of the batch is handled
+and stored once `ring.completed() >= end` for each mark; ACK watermarks are built from those.
+
+Transactional and batch queues are split into `max_workers`
 partitions by topic id (topic_id % partitions), so every topic lives in exactly one ring. Workers share
 partitions through a per-partition ownership token: a worker try-acquires a partition's token, drains
 one batch, processes it completely, then gives the token back. At most one worker consumes a partition
@@ -22,7 +30,8 @@ import numpy as np
 
 from eventstream.config import Config, QueueConfig
 from eventstream.core.records import Priority
-from eventstream.core.ring import MpscRing, Overflow, SpscRing
+from eventstream.core.ring import MpscRing, Overflow
+from eventstream.core.wait import make_wait
 
 QUEUE_NAMES = ("realtime", "transactional", "batch")
 REALTIME, TRANSACTIONAL, BATCH = 0, 1, 2
@@ -39,11 +48,12 @@ ROUTE[Priority.BATCH] = BATCH
 class Queue:
     """One logical queue: its partition rings and their ownership tokens."""
 
-    def __init__(self, name: str, rings: list, overflow: Overflow):
+    def __init__(self, name: str, rings: list, overflow: Overflow, wait=None):
         self.name = name
         self.rings = rings
         self.tokens = [threading.Lock() for _ in rings]
         self.overflow = overflow
+        self.wait = wait  # the wait strategy all its rings share: a publish to any partition wakes it
 
     @property
     def partitions(self) -> int:
@@ -69,28 +79,115 @@ class Queue:
             r.close()
 
 
-def _ring(kind, qc: QueueConfig, dtype, wait: str, node: int, name: str):
-    return kind(qc.capacity, dtype, overflow=Overflow[qc.overflow], block_timeout=qc.block_timeout_ms / 1000.0,
-                wait=wait, node=node, name=name)
+def _ring(qc: QueueConfig, dtype, wait, node: int, name: str):
+    if qc.overflow == "DROP_OLD":
+        raise ValueError(f"queues.{name.split('.')[0]}.overflow: 'DROP_OLD' is not allowed (it would evict "
+                         "events already accepted); allowed: BLOCK_PRODUCER (push back), DROP_NEW (shed at the edge)")
+    # producers never wait inside the ring (offer() uses try_put; holding happens in ingest), so the
+    # block timeout only bounds publish(), the blocking path kept for embedders
+    return MpscRing(qc.capacity, dtype, overflow=Overflow[qc.overflow], block_timeout=1.0,
+                    wait=wait, node=node, name=name)
+
+
+class Offer:
+    """What `EventBusMulti.offer` did with a batch: completion marks (ring, end) of what went in,
+    positions (into the offered batch, ascending) of records it could not place now (None when all
+    were placed), and positions a shedding queue refused, as (positions, reason)."""
+
+    __slots__ = ("marks", "held", "refused", "placed")
+
+    def __init__(self):
+        self.marks: list[tuple[object, int]] = []
+        self.held: np.ndarray | None = None
+        self.refused: list[tuple[np.ndarray, str]] = []
+        self.placed = 0
 
 
 class EventBusMulti:
-    def __init__(self, cfg: Config, dtype: np.dtype):
-        q, node, wait = cfg.queues, cfg.numa.node, cfg.queues.wait_strategy
+    def __init__(self, cfg: Config, dtype: np.dtype, *, seq_base: int = 0):
+        q, node = cfg.queues, cfg.numa.node
         self.queues: list[Queue] = []
+        self.dtype = np.dtype(dtype)
+        self._seq_lock = threading.Lock()
+        self._next_seq = seq_base
+        self.received = 0
+        self.on_received = None  # callable(n) per stamped batch (metrics)
         try:
-            self.queues.append(Queue("realtime", [_ring(SpscRing, q.realtime, dtype, wait, node, "realtime")],
-                                     Overflow[q.realtime.overflow]))
-            for name, qc, workers in (("transactional", q.transactional, cfg.processors.transactional.max_workers),
-                                      ("batch", q.batch, cfg.processors.batch.max_workers)):
-                rings = [_ring(MpscRing, qc, dtype, wait, node, f"{name}.{i}") for i in range(workers)]
-                self.queues.append(Queue(name, rings, Overflow[qc.overflow]))
+            for name, qc, parts in (("realtime", q.realtime, 1),
+                                    ("transactional", q.transactional, cfg.processors.transactional.max_workers),
+                                    ("batch", q.batch, cfg.processors.batch.max_workers)):
+                wait = make_wait(q.wait_strategy)
+                rings = [_ring(qc, dtype, wait, node, name if parts == 1 else f"{name}.{i}") for i in range(parts)]
+                self.queues.append(Queue(name, rings, Overflow[qc.overflow], wait))
         except BaseException:
             self.close()
             raise
 
     def __getitem__(self, name: str) -> Queue:
         return self.queues[QUEUE_NAMES.index(name)]
+
+    def stamp(self, records: np.ndarray) -> None:
+        """Server sequence numbers for a batch (one lock per batch; unique per engine run)."""
+        n = len(records)
+        with self._seq_lock:
+            first = self._next_seq
+            self._next_seq = first + n
+            self.received += n
+        records["seq"] = np.arange(first, first + n, dtype=np.uint64)
+        if self.on_received is not None:
+            self.on_received(n)
+
+    def _split(self, records: np.ndarray):
+        """(queue, ring, selection) per destination; selection is None for 'all of records'."""
+        qidx = ROUTE[records["priority"]]
+        lo, hi = int(qidx.min()), int(qidx.max())
+        for qi in range(lo, hi + 1):
+            queue = self.queues[qi]
+            sel = None if lo == hi else np.flatnonzero(qidx == qi)
+            if sel is not None and len(sel) == 0:
+                continue
+            if queue.partitions == 1:
+                yield queue, queue.rings[0], sel
+                continue
+            tids = records["topic_id"] if sel is None else records["topic_id"][sel]
+            pidx = tids % queue.partitions
+            p0 = int(pidx[0])
+            if len(pidx) == 1 or (pidx == p0).all():
+                yield queue, queue.rings[p0], sel
+                continue
+            base = np.arange(len(records)) if sel is None else sel
+            for p in range(queue.partitions):
+                sub = base[pidx == p]
+                if len(sub):
+                    yield queue, queue.rings[p], sub
+
+    def offer(self, records: np.ndarray, *, stamp: bool = True, shed_all: bool = False) -> Offer:
+        """Route a batch into the queues without waiting (see the module docstring), stamping server
+        sequence numbers first unless `stamp` is False (a retry of held records). With `shed_all`
+        (UDP: no flow control) whatever does not fit is refused instead of held."""
+        out = Offer()
+        n = len(records)
+        if n == 0:
+            return out
+        if stamp:
+            self.stamp(records)
+        held: list[np.ndarray] = []
+        for queue, ring, sel in self._split(records):
+            sub = records if sel is None else records[sel]
+            k, end = ring.try_put(sub)
+            if k:
+                out.marks.append((ring, end))
+                out.placed += k
+            if k == len(sub):
+                continue
+            rest = np.arange(k, n) if sel is None else sel[k:]
+            if shed_all or queue.overflow is Overflow.DROP_NEW:
+                out.refused.append((rest, f"overflow:{queue.name}"))
+            else:
+                held.append(rest)
+        if held:
+            out.held = held[0] if len(held) == 1 else np.sort(np.concatenate(held))
+        return out
 
     def publish(self, records: np.ndarray) -> list[tuple[np.ndarray, str]]:
         """Route a batch by priority (and topic partition). Returns (records, reason) for whatever the

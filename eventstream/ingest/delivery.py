@@ -1,7 +1,17 @@
-"""Hand decoded batches to the sink: admission, sink refusals, rejection callback, counters, NACKs.
+"""Hand decoded batches to the sink: admission, placement, holding, shedding, counters, NACKs.
 
 Shared by the TCP readers and the UDP reader. Each reader thread owns one IngestStats and is its only
 writer; statistics() sums them (plain int reads, no locks on the hot path).
+
+A sink is either the engine's bus (``offer(records, stamp=, shed_all=) -> Offer``: routes into the
+processor queues without waiting and returns completion marks) or any object with
+``put_batch(records) -> records not taken`` (tests, benchmarks; a put is then complete at once).
+
+TCP never sheds what the engine could take later: records the queues cannot take now, or that the
+control plane does not admit now, are *held* by the reader (which stops reading that connection, so
+TCP flow control pushes back on the client) and offered again later. Only a queue configured to shed
+(DROP_NEW) refuses them at the edge (NACK + dead-letter log). UDP has no flow control: there the
+same cases are shed, counted and dead-lettered.
 """
 
 from __future__ import annotations
@@ -18,14 +28,13 @@ from eventstream.protocol.frames import encode_nack, encode_nacks
 log = structlog.get_logger("eventstream.ingest")
 
 REASON_SINK_FULL = "backpressure: ingest queue full"
-REASON_EVICTED = "evicted: ingest queue overflow (DROP_OLD)"
 
 
 class IngestStats:
     """Counters of one reader thread (single writer)."""
 
     __slots__ = ("frames_accepted", "frames_rejected", "backpressure_drops", "bytes_received",
-                 "connections_closed", "datagrams", "datagrams_bad")
+                 "connections_closed", "datagrams", "datagrams_bad", "holds")
 
     def __init__(self):
         self.frames_accepted = 0
@@ -35,6 +44,7 @@ class IngestStats:
         self.connections_closed = 0
         self.datagrams = 0
         self.datagrams_bad = 0
+        self.holds = 0  # times a connection's records were held (pushed back) instead of shed
 
 
 def merge_stats(parts: list[IngestStats]) -> dict:
@@ -46,11 +56,26 @@ def merge_stats(parts: list[IngestStats]) -> dict:
         "frames_rejected": dict(rejected),
         "backpressure_drops": sum(p.backpressure_drops for p in parts),
         "bytes_received": sum(p.bytes_received for p in parts),
+        "holds": sum(p.holds for p in parts),
     }
 
 
+class Delivered:
+    """Result of one `Delivery.deliver`: how many records went in, their completion marks, the
+    records held back (with their frame indices) and the NACK bytes for what was refused."""
+
+    __slots__ = ("accepted", "marks", "held", "held_indices", "nacks")
+
+    def __init__(self, accepted: int, marks: list, held, held_indices, nacks: bytes):
+        self.accepted = accepted
+        self.marks = marks
+        self.held = held
+        self.held_indices = held_indices
+        self.nacks = nacks
+
+
 class Delivery:
-    """Deliver one decoded batch; returns (accepted count, NACK bytes in frame-index order)."""
+    """Deliver decoded batches of one reader thread to the sink."""
 
     def __init__(self, sink, admission: Admission | None, on_reject, stats: IngestStats, *, udp: bool = False):
         self.sink = sink
@@ -58,48 +83,72 @@ class Delivery:
         self.on_reject = on_reject
         self.stats = stats
         self.udp = udp
+        self._offer = getattr(sink, "offer", None)
+
+    def admitted_below(self) -> int:
+        """First priority the control plane admits now (0 = all; paused: only CRITICAL)."""
+        adm = self.admission
+        return 4 if adm.paused else adm.min_priority
 
     def deliver(self, records: np.ndarray, indices: np.ndarray, errors: list[FrameError], conn_id: int,
-                *, want_nacks: bool) -> tuple[int, bytes]:
+                *, want_nacks: bool, retry: bool = False) -> Delivered:
+        """Offer `records` (frame `indices`); TCP holds what cannot go in now, UDP sheds it.
+
+        `retry`: these are held records offered again (already stamped, already counted)."""
         stats = self.stats
         dropped: list[tuple[np.ndarray, np.ndarray, str]] = []  # (records, indices, reason)
+        marks: list = []
+        held = held_idx = None
+        accepted = 0
         if len(records):
-            adm = self.admission
-            if self.udp and adm.paused:
-                dropped.append((records, indices, REASON_PAUSED))
-                records = records[:0]
-            else:
-                refused = adm.refused_mask(records["priority"])
-                if refused is not None:
-                    dropped.append((records[refused], indices[refused], REASON_BACKPRESSURE))
-                    keep = ~refused
-                    records, indices = records[keep], indices[keep]
-            if len(records):
-                try:
-                    left = self.sink.put_batch(records)
-                except Exception as exc:  # a broken sink must not kill the reader
-                    log.error("sink_failed", error=repr(exc), records=len(records))
-                    left = records
-                r = len(left) if left is not None else 0
-                if r:
-                    # Refused records of this batch are its tail (BLOCK_PRODUCER timeout / DROP_NEW). A
-                    # DROP_OLD ring may also return older records it evicted: those were accepted and
-                    # ACKed before, so they are reported to on_reject but never NACKed.
-                    ours = (left["conn_id"] == conn_id) & (left["ingest_ts"] == records["ingest_ts"][0])
-                    mine = int(ours.sum())
-                    if mine != r:
-                        evicted = left[~ours]
-                        stats.frames_rejected[REASON_EVICTED] += len(evicted)
-                        self._report_evicted(evicted)
-                    r = mine
-                if r:
-                    dropped.append((records[len(records) - r:], indices[len(records) - r:], REASON_SINK_FULL))
-                stats.frames_accepted += len(records) - r
-                accepted = len(records) - r
-            else:
-                accepted = 0
-        else:
-            accepted = 0
+            lo = self.admitted_below()
+            cut = len(records)
+            if lo > 0:
+                below = records["priority"] < lo
+                if below.any():
+                    if self.udp:
+                        reason = REASON_PAUSED if self.admission.paused else REASON_BACKPRESSURE
+                        dropped.append((records[below], indices[below], reason))
+                        keep = ~below
+                        records, indices = records[keep], indices[keep]
+                        cut = len(records)
+                    else:  # hold from the first record not admitted: the connection keeps its order
+                        cut = int(below.argmax())
+            head = records[:cut]
+            if len(head):
+                hpos = None
+                if self._offer is not None:
+                    try:
+                        off = self._offer(head, stamp=not retry, shed_all=self.udp)
+                    except Exception as exc:  # a broken sink must not kill the reader
+                        log.error("sink_failed", error=repr(exc), records=len(head))
+                        off = None
+                        dropped.append((head, indices[:cut], "sink_failed"))
+                    if off is not None:
+                        accepted = off.placed
+                        marks = off.marks
+                        for pos, reason in off.refused:
+                            dropped.append((head[pos], indices[pos], reason))
+                        hpos = off.held
+                else:
+                    rest = self.sink.put_batch(head)
+                    r = len(rest) if rest is not None else 0
+                    accepted = len(head) - r
+                    if r:
+                        tail = np.arange(accepted, len(head))
+                        if self.udp:
+                            dropped.append((head[tail], indices[tail], REASON_SINK_FULL))
+                        else:
+                            hpos = tail
+                if hpos is not None:
+                    held, held_idx = head[hpos], indices[hpos]
+            if cut < len(records):
+                rest, rest_idx = records[cut:], indices[cut:]
+                held = rest if held is None else np.concatenate((held, rest))
+                held_idx = rest_idx if held_idx is None else np.concatenate((held_idx, rest_idx))
+            if held is not None:
+                stats.holds += 1
+            stats.frames_accepted += accepted
         for recs, _idx, reason in dropped:
             stats.backpressure_drops += len(recs)
             stats.frames_rejected[reason] += len(recs)
@@ -107,16 +156,8 @@ class Delivery:
             stats.frames_rejected[e.error_class] += 1
         if (dropped or errors) and self.on_reject is not None:
             self._report(dropped, errors, conn_id)
-        if not want_nacks or not (dropped or errors):
-            return accepted, b""
-        return accepted, _nacks(dropped, errors)
-
-    def _report_evicted(self, evicted: np.ndarray) -> None:
-        if self.on_reject is not None:
-            try:
-                self.on_reject(evicted, REASON_EVICTED, [])
-            except Exception as exc:
-                log.error("on_reject_failed", error=repr(exc))
+        nacks = _nacks(dropped, errors) if want_nacks and (dropped or errors) else b""
+        return Delivered(accepted, marks, held, held_idx, nacks)
 
     def _report(self, dropped, errors, conn_id) -> None:
         rejections = [Rejection(conn_id, e.index, e.event_id, e.topic, e.priority, e.reason, e.fatal, e.version)

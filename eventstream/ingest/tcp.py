@@ -17,6 +17,7 @@ import threading
 import structlog
 
 from eventstream.config import TcpConfig
+from eventstream.core.records import ACK_STORED
 from eventstream.core.topics import TopicTable
 from eventstream.ingest.admission import Admission
 from eventstream.ingest.connection import Reader
@@ -43,7 +44,9 @@ def bind_error(kind: str, key: str, host: str, port: int, exc: OSError) -> BindE
 
 class TcpServer:
     def __init__(self, config: TcpConfig, sink, topics: TopicTable, *, admission: Admission | None = None,
-                 on_reject=None, cpus=None, reader_cpus=None, payload_bytes: int = 448):
+                 on_reject=None, cpus=None, reader_cpus=None, payload_bytes: int = 448,
+                 ack_default: int = ACK_STORED):
+        """`ack_default`: the ACK mode of v2 frames that ask for none (core.records.ACK_*)."""
         self.config = config
         self.sink = sink
         self.topics = topics
@@ -52,6 +55,7 @@ class TcpServer:
         self.cpus = list(cpus or [])
         self.reader_cpus = list(reader_cpus or [])
         self.payload_bytes = payload_bytes
+        self.ack_default = ack_default
         self._listener: socket.socket | None = None
         self._acceptor: threading.Thread | None = None
         self._readers: list[Reader] = []
@@ -84,7 +88,8 @@ class TcpServer:
         for n in range(cfg.readers):
             stats = IngestStats()
             delivery = Delivery(self.sink, self.admission, self.on_reject, stats)
-            r = Reader(n, cfg, self.topics, delivery, stats, self.admission, self.reader_cpus, self.payload_bytes)
+            r = Reader(n, cfg, self.topics, delivery, stats, self.admission, self.reader_cpus, self.payload_bytes,
+                       self.ack_default)
             self._stats.append(stats)
             self._readers.append(r)
             r.start()
@@ -92,6 +97,17 @@ class TcpServer:
         self._acceptor.start()
         log.info("tcp_listening", host=self._address[0], port=self._address[1], readers=cfg.readers)
         return self
+
+    def progress(self) -> None:
+        """A completion watermark moved (called by processors after each released batch): readers
+        waiting for one wake up and send the ACKs that became due."""
+        for r in self._readers:
+            if r.want_nudge:
+                r.nudge()
+
+    def failures(self) -> list[str]:
+        """Reader threads that died with an error."""
+        return [f"{r.name}: {r.error!r}" for r in self._readers if r.error is not None]
 
     def _open_connections(self) -> int:
         return self.connections_total - sum(s.connections_closed for s in self._stats)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from eventstream.core.records import FLAG_V2, record_dtype
+from eventstream.core.records import FLAG_ACK_SHIFT, FLAG_V2, record_dtype
 from eventstream.core.topics import TopicTable
 from eventstream.protocol.framing import SMALL_BATCH, scan
 from eventstream.protocol.frames import (
@@ -54,8 +54,11 @@ class FrameDecoder:
     """
 
     def __init__(self, topics: TopicTable, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
-                 payload_bytes: int = 448, conn_id: int = 0):
+                 payload_bytes: int = 448, conn_id: int = 0, ack_default: int = 0):
+        """`ack_default`: the ACK mode (core.records.ACK_*) stored in v2 records whose frame asks for
+        none (flags bits 0-1 = 0)."""
         self.topics = topics
+        self.ack_default = ack_default & 3
         self.max_frame_bytes = max_frame_bytes
         self.dtype = record_dtype(payload_bytes)
         self.payload_bytes = payload_bytes
@@ -167,7 +170,10 @@ def decode_frames(dec: FrameDecoder, src, offs: list[int], lens: list[int], firs
         rec["event_id"][i2] = h["event_id"]
         rec["producer_ts"][i2] = h["timestamp_ns"]
         rec["crc32"][i2] = h["crc32"]
-        rec["flags"][i2] = FLAG_V2
+        mode = h["flags"] & 3  # bits 0-1: the ACK mode the frame asks for, 0 = the connection's
+        if dec.ack_default:
+            mode[mode == 0] = dec.ack_default
+        rec["flags"][i2] = FLAG_V2 | (mode << FLAG_ACK_SHIFT)
     plen = length - hdr - tlen
     tstart = off + LENGTH_BYTES + hdr
     err[plen > dec.payload_bytes] = _E_TOO_LARGE
@@ -232,11 +238,11 @@ def _decode_small(dec: FrameDecoder, src, offs: list[int], lens: list[int], firs
             o = offs[i]
             end = o + LENGTH_BYTES + lens[i]
             if src[o + LENGTH_BYTES] == V2_MAGIC:
-                _, _, kind, prio, _, eid, pts, tl, crc = V2_HEAD.unpack_from(src, o)
+                _, _, kind, prio, wflags, eid, pts, tl, crc = V2_HEAD.unpack_from(src, o)
                 if kind != KIND_EVENT:
                     return None
                 t0 = o + LENGTH_BYTES + V2_HEADER_BYTES
-                flags = FLAG_V2
+                flags = FLAG_V2 | (((wflags & 3) or dec.ack_default) << FLAG_ACK_SHIFT)
             else:
                 _, prio, tl = V1_HEAD.unpack_from(src, o)
                 eid = pts = crc = flags = 0

@@ -11,6 +11,10 @@ pending record is `flush_interval_ms` old (a small flusher thread checks that, s
 not held back). fsync: "none" never (the OS decides), "always" after every flush, "interval" at most
 every `fsync_interval_ms` (checked on each flush and by the flusher thread). close() flushes and, unless
 fsync is "none", fsyncs.
+
+The engine runs it with `flush_events=1` (every append is written to the OS before it returns, one
+write(2) per batch) and calls `sync()` for events whose ACK promises an fsync: group commit, one
+fsync covers everything written when it starts, and callers that arrive meanwhile share the next one.
 """
 
 from __future__ import annotations
@@ -61,8 +65,10 @@ class EventLog:
         self._pending_since = 0
         self._last_fsync = time.monotonic_ns()
         self._dirty = False  # written but not fsynced
+        self._sync_lock = threading.Lock()  # one fsync at a time in sync(); waiters share it
+        self._synced_records = 0  # records covered by the last completed fsync
         self._closed = False
-        self._stats = {"records": 0, "bytes": 0, "flushes": 0, "fsyncs": 0, "topics": 0}
+        self._stats = {"records": 0, "bytes": 0, "flushes": 0, "fsyncs": 0, "topics": 0, "group_syncs": 0}
         self._stop = threading.Event()
         self._cpus = cpus or []
         self._flusher: threading.Thread | None = None
@@ -149,6 +155,33 @@ class EventLog:
         self._last_fsync = time.monotonic_ns()
         self._dirty = False
         self._stats["fsyncs"] += 1
+        self._synced_records = self._stats["records"]
+
+    def sync(self) -> None:
+        """Group commit: return once everything written to the OS before this call is fsynced.
+
+        Pending (unwritten) records are written first. Callers that arrive while an fsync runs wait
+        for it and then share one more fsync, so N concurrent callers cost about two fsyncs, not N.
+        """
+        with self._lock:
+            if self._pending:
+                self._flush_locked()
+            want = self._stats["records"]
+        if self._synced_records >= want:
+            return
+        with self._sync_lock:
+            if self._synced_records >= want:
+                return  # somebody's fsync covered us while we waited
+            with self._lock:
+                if self._closed:
+                    return  # close() fsynced
+                upto, fd = self._stats["records"], self._file.fileno()
+            os.fsync(fd)  # outside the log lock: appends go on meanwhile
+            with self._lock:
+                self._stats["fsyncs"] += 1
+                self._stats["group_syncs"] += 1
+                if upto > self._synced_records:
+                    self._synced_records = upto
 
     def _flush_loop(self) -> None:
         pin_current_thread(self._cpus, "es-storage-flush")
@@ -164,9 +197,11 @@ class EventLog:
                 if self._dirty and self.fsync_policy == "interval" and now - self._last_fsync >= self.fsync_interval_ns:
                     fd, self._dirty, self._last_fsync = self._file.fileno(), False, now
             if fd is not None:
+                upto = self._stats["records"]
                 os.fsync(fd)  # outside the lock: appends go on meanwhile (close() joins us first)
                 with self._lock:
                     self._stats["fsyncs"] += 1
+                    self._synced_records = max(self._synced_records, upto)
 
     def close(self) -> None:
         """Flush, fsync (unless fsync is "none") and close. Idempotent."""
@@ -186,7 +221,7 @@ class EventLog:
     def statistics(self) -> dict[str, int]:
         """records/bytes/flushes/fsyncs written by this EventLog (pending records not yet counted)."""
         with self._lock:
-            return dict(self._stats, pending=self._pending_records)
+            return dict(self._stats, pending=self._pending_records, synced_records=self._synced_records)
 
     def __enter__(self) -> EventLog:
         return self

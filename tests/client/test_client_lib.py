@@ -6,8 +6,24 @@ import pytest
 
 from eventstream.client import ClientError, TcpClient, UdpSender
 from eventstream.core.records import payloads
-from eventstream.ingest.admission import Admission
 from eventstream.ingest.sinks import CollectingSink
+
+
+class NeverStored(CollectingSink):
+    """A sink whose events are accepted but never complete (an engine that has not stored them):
+    offer() returns a completion mark that is never reached."""
+
+    def offer(self, records, *, stamp=True, shed_all=False):
+        from eventstream.engine.bus import Offer
+
+        self.put_batch(records)
+        out = Offer()
+        out.placed = len(records)
+        out.marks = [(self, 1)]
+        return out
+
+    def completed(self) -> int:
+        return 0
 
 
 def test_v2_client_gets_every_event_acknowledged(servers):
@@ -26,18 +42,21 @@ def test_v2_client_gets_every_event_acknowledged(servers):
 
 def test_nacks_are_reported_with_event_id_and_reason(servers):
     tcp, _ = servers
-    srv = tcp(admission=Admission(min_priority=2))
+    srv = tcp()
     with TcpClient(*srv.address) as c:
-        sent = {c.send("q", b"", p, event_id=1000 + p): p for p in range(5)}
+        sizes = {1000: 10, 1001: 449, 1002: 0, 1003: 1000, 1004: 448}  # the server's limit: 448 bytes
+        for eid, size in sizes.items():
+            c.send("q", b"x" * size, 2, event_id=eid)
         assert c.wait_acked(20)
     assert (c.acked, c.nacked) == (3, 2)
-    assert sorted(c.nacks) == [(1000, "backpressure"), (1001, "backpressure")]
-    assert sorted(srv.test_sink.records()["event_id"].tolist()) == [k for k, p in sent.items() if p >= 2]
+    assert sorted(eid for eid, _ in c.nacks) == [1001, 1003]
+    assert all("payload" in reason and "448" in reason for _, reason in c.nacks)
+    assert srv.test_sink.records()["event_id"].tolist() == [1000, 1002, 1004]
 
 
 def test_unacknowledged_events_are_resent_with_the_same_ids_after_reconnect(servers):
     tcp, _ = servers
-    first = tcp(ack_interval_ms=60_000.0, ack_every_events=1_000_000)  # never ACKs on its own
+    first = tcp(sink=NeverStored())  # takes events but never completes them: no ACK
     port = first.address[1]
     c = TcpClient("127.0.0.1", port, timeout=20).connect()
     ids = [c.send("r", b"%d" % i) for i in range(10)]

@@ -26,7 +26,6 @@ def small_cfg(tmp_path):
         "queues.realtime.capacity": 1024,
         "queues.transactional.capacity": 1024,
         "queues.batch.capacity": 1024,
-        "queues.ingest.capacity": 1024,
         "processors.transactional.retry_backoff_ms": 1.0,
         "storage.data_dir": str(tmp_path / "data"),
         "server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from eventstream.client import TcpClient
+from eventstream.client import TcpClient, UdpSender
 from eventstream.config import load_config
 from eventstream.engine.control import Level
 from eventstream.service import Service
@@ -100,12 +100,15 @@ def test_malformed_frames_and_own_shedding_do_not_count_as_overload(tmp_path):
             s.settimeout(30)
             while s.recv(65536):
                 pass  # NACKs, then the server closes after our half-close
-        svc.admission.min_priority = 4  # the control plane's own shedding (EMERGENCY)
-        with TcpClient("127.0.0.1", svc.tcp.address[1]) as c:
+        svc.admission.min_priority = 4  # the control plane's own shedding (EMERGENCY): UDP sheds
+        with UdpSender("127.0.0.1", svc.udp.address[1]) as u:
             for i in range(1, 101):
-                c.send("t", b"x", priority=1, event_id=i)
-            assert c.wait_acked(30)
-            assert c.nacked == 100
+                u.send("t", b"x", priority=1, event_id=i)
+            u.flush()
+        deadline = time.monotonic() + 30
+        while svc.metrics.dropped_total() < 600 and time.monotonic() < deadline:
+            time.sleep(0.005)  # until the UDP reader has counted the 100 shed events
         sample = svc.sample()
         assert svc.metrics.dropped_total() == 600
+        assert svc.metrics.dropped_by_reason().get("backpressure") == 100
     assert sample.drop_rate == 0.0

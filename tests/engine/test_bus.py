@@ -57,7 +57,7 @@ def test_partitions_keep_a_topic_in_one_ring(small_cfg, topics):
 
 def test_overflow_is_returned_with_a_reason(small_cfg, topics):
     cfg = load_config(environ={}, overrides={"records.payload_bytes": 32, "queues.batch.capacity": 16,
-                                             "processors.batch.max_workers": 1})
+                                             "queues.batch.overflow": "DROP_NEW", "processors.batch.max_workers": 1})
     bus = EventBusMulti(cfg, DTYPE)
     try:
         refused = bus.publish(make_records(topics, 20, priority=1))
@@ -65,6 +65,45 @@ def test_overflow_is_returned_with_a_reason(small_cfg, topics):
         recs, reason = refused[0]
         assert reason == "overflow:batch" and len(recs) == 4
         assert recs["seq"].tolist() == [17, 18, 19, 20]  # DROP_NEW refuses the newest
+    finally:
+        bus.close()
+
+
+def test_offer_holds_what_does_not_fit_and_marks_what_went_in(topics):
+    cfg = load_config(environ={}, overrides={"records.payload_bytes": 32, "queues.batch.capacity": 16,
+                                             "queues.realtime.capacity": 16, "processors.batch.max_workers": 1})
+    bus = EventBusMulti(cfg, DTYPE, seq_base=500)
+    try:
+        recs = make_records(topics, 40, priority=1)
+        recs["priority"][::2] = 4  # 20 realtime, 20 batch, interleaved
+        off = bus.offer(recs)
+        assert recs["seq"].tolist() == list(range(500, 540))  # stamped in order
+        assert off.placed == 32 and off.refused == []
+        # the last 4 of each queue did not fit: held, in the batch's order
+        assert off.held.tolist() == [32, 33, 34, 35, 36, 37, 38, 39]
+        rt, bt = bus["realtime"].rings[0], bus["batch"].rings[0]
+        assert sorted((r.name, end) for r, end in off.marks) == [("batch", 16), ("realtime", 16)]
+        assert rt.completed() == 0
+        views = rt.poll(100)
+        rt.release(sum(len(v) for v in views))
+        assert rt.completed() == 16  # the realtime mark is done, the batch mark is not
+        again = bus.offer(recs[off.held], stamp=False)
+        assert again.placed == 4 and again.held.tolist() == [1, 3, 5, 7]  # realtime had room again
+        assert bus.received == 40
+    finally:
+        bus.close()
+
+
+def test_offer_sheds_at_the_edge_only_where_configured(topics):
+    cfg = load_config(environ={}, overrides={"records.payload_bytes": 32, "queues.batch.capacity": 16,
+                                             "queues.batch.overflow": "DROP_NEW", "processors.batch.max_workers": 1})
+    bus = EventBusMulti(cfg, DTYPE)
+    try:
+        off = bus.offer(make_records(topics, 20, priority=0))
+        assert off.held is None and off.placed == 16
+        assert [(pos.tolist(), why) for pos, why in off.refused] == [([16, 17, 18, 19], "overflow:batch")]
+        off = bus.offer(make_records(topics, 3, priority=4), shed_all=True)  # UDP: never held
+        assert off.placed == 3 and off.held is None
     finally:
         bus.close()
 

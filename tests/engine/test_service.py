@@ -323,7 +323,9 @@ def test_stop_without_drain_dead_letters_what_is_still_queued(tmp_path):
         gate.wait(30)
 
     data = tmp_path / "data"
-    svc = Service(service_cfg(data, **{"queues.max_batch": 10}), handlers={"transactional": blocked}).start()
+    # ACK mode `accepted`: the events are ACKed while the handler still blocks them in the queue
+    svc = Service(service_cfg(data, **{"queues.max_batch": 10, "server.ack": "accepted"}),
+                  handlers={"transactional": blocked}).start()
     try:
         with TcpClient("127.0.0.1", svc.tcp.address[1]) as c:
             for i in range(1, 501):

@@ -3,7 +3,13 @@
 A processor thread walks its queue's partitions, try-acquires a partition's ownership token, polls up
 to `max_batch` records as views (zero copy), handles them, releases them in one store, and gives the
 token back. When no partition had work it calls `on_idle` (the batch tier closes windows there) and
-backs off. `stop()` lets it finish: it exits once stop was asked and its queue is empty.
+parks on the queue's wait strategy (a publish to any partition wakes it). `stop()` lets it finish: it
+exits once stop was asked and its queue is empty.
+
+Completion: handle() stores (or dead-letters) every record before the batch is released, so a ring's
+released count is a watermark of "stored"; a batch holding an event whose ACK promises an fsync is
+fsynced (group commit, `Sinks.sync`) before its release. After each release `Sinks.progress` tells
+ingest that watermarks moved, so ACKs leave as soon as they are due, never on a timer.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import structlog
 
+from eventstream.core.records import ACK_SYNCED, FLAG_ACK_MASK, FLAG_ACK_SHIFT
 from eventstream.core.topics import TopicTable
 from eventstream.engine.bus import Queue
 from eventstream.engine.handlers import Handler, TopicFilter
@@ -35,6 +42,18 @@ class Sinks:
     # time.monotonic_ns() when the handler was done, before storage: the latency is ingest -> handled)
     processed: Callable[[str, np.ndarray, int], None]
     dedup_hit: Callable[[int], None] = lambda n: None
+    sync: Callable[[], None] | None = None  # fsync what is stored (group commit) before a release
+    progress: Callable[[], None] | None = None  # a watermark moved: wake ACK senders
+
+
+def _wants_sync(views) -> bool:
+    for v in views:
+        if ((v["flags"] & FLAG_ACK_MASK) == _SYNCED_BITS).any():
+            return True
+    return False
+
+
+_SYNCED_BITS = ACK_SYNCED << FLAG_ACK_SHIFT
 
 
 class Processor(threading.Thread):
@@ -85,7 +104,14 @@ class Processor(threading.Thread):
                 self.on_idle()
                 if self._stop_requested.is_set() and self.queue.depth == 0:
                     return
-                if parts > 1 or self.queue.depth:
+                if parts > 1:
+                    wait = self.queue.wait
+                    if wait is not None and wait.signals:
+                        wait.wait_for(lambda: self.queue.depth > 0 or self._stop_requested.is_set(), 0.05)
+                    else:
+                        idle_sleep = min(0.002, idle_sleep * 2 or 0.00005)
+                        time.sleep(idle_sleep)
+                elif self.queue.depth:
                     idle_sleep = min(0.002, idle_sleep * 2 or 0.00005)
                     time.sleep(idle_sleep)
         except BaseException as exc:
@@ -104,7 +130,12 @@ class Processor(threading.Thread):
         for view in views:
             self.handle(view, partition)
             n += len(view)
+        sinks = self.sinks
+        if sinks.sync is not None and _wants_sync(views):
+            sinks.sync()
         ring.release(n)
+        if sinks.progress is not None:
+            sinks.progress()
         self.handled += n
         self.batches += 1
         return True
