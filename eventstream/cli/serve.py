@@ -15,7 +15,7 @@ import threading
 from eventstream import log as logmod
 from eventstream.cli.config import load_or_report
 from eventstream.cli.main import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, add_config_args
-from eventstream.runtime import gil
+from eventstream.runtime import gil, notify
 
 
 def register(sub) -> None:
@@ -86,12 +86,16 @@ def run(args) -> int:
         with open(tmp, "w") as f:
             f.write(" ".join(map(str, ports)) + "\n")
         os.replace(tmp, args.ready_file)
+    notify.ready("serving")  # systemd Type=notify (no-op without $NOTIFY_SOCKET); see runtime/notify.py
+    notify.start_watchdog(lambda: not svc.failures())  # only when systemd set WatchdogSec=
     while not stop.wait(0.2):
         failed = svc.failures()
         if failed:
             log.error("thread_failed", failures=failed)
+            notify.stopping("a thread failed: stopping without draining")
             svc.stop(drain=False)
             return EXIT_FAILURE
+    notify.stopping("draining")
     log.info("signal_received", signal=signal.Signals(signals["last"]).name, action="draining")
     # drain in a helper thread: the main thread keeps waking up so a second signal is handled at once
     stopper = threading.Thread(target=svc.stop, name="es-shutdown", daemon=True)
