@@ -1,45 +1,73 @@
-"""Dead-letter log: every dropped or failed event as one line of `data/dlq_log.txt`.
+"""Dead-letter log: every dropped or failed event, whole and replayable, in `data/dlq_log.txt`.
 
-Line format (EventStreamCore's)::
+Format (docs/dlq.md): JSON Lines, one object per event, keys in this order::
 
-    [2026-01-31T12:00:00.123Z] DROPPED: id=<id> topic=<topic> priority=<n> reason=<reason>
+    {"ts": "2026-01-31T12:00:00.123Z", "reason": "handler_error: ValueError: bad amount",
+     "category": "handler_error", "id": 5001, "event_id": 5001, "seq": 17, "topic": "orders.new",
+     "priority": 3, "producer_ts": 1769860800000000000, "flags": 1, "attempts": 3,
+     "payload_b64": "eyJhbW91bnQiOi0xfQ==", "payload_len": 12}
 
-`id` is the client's event_id, or the server sequence number when the client sent none. Backslashes,
-CR and LF in topics and reasons are escaped (``\\\\``, ``\\r``, ``\\n``) so one event is always one line.
+`id` is the client's event_id, or the server sequence number when the client sent none (0). A frame
+that failed to decode (`write_line`) never became a record: only id, topic, priority and reason are
+known, and event_id is the id given, the other record fields and `payload_b64` are null. Every string
+goes through json.dumps (ASCII only: control characters, quotes and non-ASCII are escaped), so no
+topic or reason text can end a line, forge a field or reach a terminal as an escape sequence.
 
 Reasons read as ``category: detail`` (e.g. ``handler_error: ValueError: bad amount``). Counts are kept
 per *category* (the text before the first colon): exception texts vary without bound and the counts
 feed metric labels, whose cardinality must stay small.
 
-Lines are buffered and written at most every `flush_interval_ms` (a small flusher thread) or when
-`flush_lines` are pending, and on flush()/close(); the lock only guards the buffer and the file.
+Write-through: each write*/write_line call is one os.write(2) of all its lines on an O_APPEND file
+descriptor, under a lock, before it returns. No buffer and no flusher thread: once a call has
+returned, its events are in the file as far as a kill -9 of the process is concerned (not a power
+loss: nothing is fsynced). A failed write raises OSError and leaves no partial line behind.
+
+Segments: when the next write would take the active file past `max_bytes`, the file is renamed to
+``<name>.<n>`` (n = 1, 2, ... never reused) and a new one is started. At most `max_segments` old
+segments are kept (oldest deleted first) and, with `max_age_s` > 0, segments last written longer ago
+than that are deleted; both rules run at every rotation and when the log is opened.
+
+Reading: `read_dlq(path)` yields every entry of every segment, oldest first, then the active file; it
+skips a torn (unterminated) last line, as a crash mid-write leaves, and still parses lines of the old
+text format (``[ts] DROPPED: id=.. topic=.. priority=.. reason=..``, no payload).
 """
 
 from __future__ import annotations
 
+import binascii
 import datetime as dt
+import json
 import os
 import re
 import threading
 import time
+import zlib
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import structlog
 
+from eventstream.core import records as rec
 from eventstream.core.topics import TopicTable
 
 log = structlog.get_logger("eventstream.dlq")
+
+DEFAULT_MAX_BYTES = 64 << 20
+DEFAULT_MAX_SEGMENTS = 8
 
 _ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r"})
 _LINE = re.compile(r"^\[(?P<ts>[^\]]+)\] DROPPED: id=(?P<id>\d+) topic=(?P<topic>.*?) "
                    r"priority=(?P<priority>-?\d+) reason=(?P<reason>.*)$")
 _UNESCAPE = re.compile(r"\\(.)")
+_FORMAT_HELP = ("a JSON object line of the DLQ format (docs/dlq.md) or an old text line "
+                "'[timestamp] DROPPED: id=<id> topic=<topic> priority=<n> reason=<reason>'")
 
 
 def escape(text: str) -> str:
+    """The old text format's escaping (backslash, CR, LF); kept for tools that still write it."""
     return text.translate(_ESCAPES)
 
 
@@ -58,42 +86,109 @@ def timestamp_now() -> str:
 
 
 @dataclass(frozen=True)
-class DlqEntry:
-    timestamp: dt.datetime
+class DlqRecord:
+    """One DLQ entry. Fields the entry does not know are None: everything but ts/reason/category/id/
+    topic/priority for old text lines; the record fields and payload for frames that failed to decode."""
+
+    ts: str
+    reason: str
+    category: str
     id: int
+    event_id: int | None
+    seq: int | None
     topic: str
     priority: int
-    reason: str
+    producer_ts: int | None
+    flags: int | None
+    attempts: int | None
+    payload: bytes | None
+    payload_len: int | None
+
+    @property
+    def timestamp(self) -> dt.datetime:
+        return dt.datetime.fromisoformat(self.ts.replace("Z", "+00:00"))
+
+    def to_json(self) -> dict:
+        """The entry as the DLQ format's object (the same keys, in the same order, as the file)."""
+        return {"ts": self.ts, "reason": self.reason, "category": self.category, "id": self.id,
+                "event_id": self.event_id, "seq": self.seq, "topic": self.topic, "priority": self.priority,
+                "producer_ts": self.producer_ts, "flags": self.flags, "attempts": self.attempts,
+                "payload_b64": None if self.payload is None else binascii.b2a_base64(self.payload, newline=False)
+                .decode("ascii"),
+                "payload_len": self.payload_len}
+
+
+DlqEntry = DlqRecord  # the name before payloads were kept
+
+
+def _js(text: str) -> str:
+    return json.dumps(text)  # ensure_ascii: control characters, quotes and non-ASCII are escaped
 
 
 class DeadLetterLog:
     def __init__(self, path: str | os.PathLike, *, flush_interval_ms: float = 50.0, flush_lines: int = 1000,
-                 flusher: bool = True):
+                 flusher: bool = True, max_bytes: int = DEFAULT_MAX_BYTES,
+                 max_segments: int = DEFAULT_MAX_SEGMENTS, max_age_s: float = 0.0):
+        """`flush_interval_ms`, `flush_lines` and `flusher` are accepted for compatibility and unused:
+        every write is write-through (see the module doc). `max_bytes`: size at which the active file
+        becomes a segment; `max_segments`: old segments kept (0 = none); `max_age_s`: delete segments
+        last written longer ago than this at rotation and open (0 = no age limit)."""
+        if not isinstance(max_bytes, int) or max_bytes < 1:
+            raise ValueError(f"max_bytes={max_bytes!r} is not allowed; allowed: an integer >= 1 (bytes)")
+        if not isinstance(max_segments, int) or max_segments < 0:
+            raise ValueError(f"max_segments={max_segments!r} is not allowed; allowed: an integer >= 0")
+        if not isinstance(max_age_s, (int, float)) or not max_age_s >= 0:
+            raise ValueError(f"max_age_s={max_age_s!r} is not allowed; allowed: seconds >= 0 (0 = no age limit)")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - lives until close()
+        self.max_bytes = max_bytes
+        self.max_segments = max_segments
+        self.max_age_s = float(max_age_s)
         self._lock = threading.Lock()
-        self._pending: list[str] = []
-        self._pending_since = 0
         self._counts: dict[str, int] = {}
         self._total = 0
+        self._rotations = 0
         self._closed = False
-        self.flush_interval_ns = int(flush_interval_ms * 1e6)
-        self.flush_lines = flush_lines
-        self._stop = threading.Event()
-        self._flusher: threading.Thread | None = None
-        if flusher and self.flush_interval_ns > 0:
-            self._flusher = threading.Thread(target=self._flush_loop, name="es-dlq-flush", daemon=True)
-            self._flusher.start()
+        self._fd = self._open()
+        self._size = os.fstat(self._fd).st_size
+        self._cut_torn_tail()
+        existing = segment_paths(self.path)
+        self._next_segment = (existing[-1][0] + 1) if existing else 1
+        self._retain()
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+    def _cut_torn_tail(self) -> None:
+        """A crash mid-write can leave an unterminated last line: cut it, so the next line starts clean
+        (its write never returned, so nothing was promised about it)."""
+        if not self._size:
+            return
+        with open(self.path, "rb") as f:
+            back = min(self._size, 1 << 20)
+            f.seek(self._size - back)
+            tail = f.read(back)
+        if tail.endswith(b"\n"):
+            return
+        nl = tail.rfind(b"\n")
+        if nl < 0 and back < self._size:
+            log.warning("dlq_torn_tail_kept", path=str(self.path), reason="last line longer than 1 MiB")
+            os.write(self._fd, b"\n")
+            self._size += 1
+            return
+        keep = self._size - back + nl + 1
+        os.ftruncate(self._fd, keep)
+        log.warning("dlq_torn_tail_cut", path=str(self.path), bytes=self._size - keep)
+        self._size = keep
 
     # ------------------------------------------------------------------------------------ writing
     def write(self, records: np.ndarray, reason: str, topics: TopicTable) -> None:
-        """One line per record, all with the same reason."""
+        """One entry per record, all with the same reason; in the file when this returns."""
         if len(records):
             self._write(records, [reason] * len(records), topics, {reason_category(reason): len(records)})
 
     def write_each(self, records: np.ndarray, reasons: list[str], topics: TopicTable) -> None:
-        """One line per record with its own reason (len(reasons) == len(records))."""
+        """One entry per record with its own reason (len(reasons) == len(records))."""
         n = len(records)
         if len(reasons) != n:
             raise ValueError(f"{len(reasons)} reasons for {n} records; allowed: exactly one reason per record")
@@ -101,62 +196,128 @@ class DeadLetterLog:
             self._write(records, reasons, topics, Counter(reason_category(r) for r in reasons))
 
     def _write(self, records: np.ndarray, reasons: list[str], topics: TopicTable, categories: dict[str, int]) -> None:
-        ids = np.where(records["event_id"] != 0, records["event_id"], records["seq"]).tolist()
-        names = [escape(t) for t in topics.names(records["topic_id"])]
+        eids = records["event_id"].tolist()
+        seqs = records["seq"].tolist()
+        tids = records["topic_id"].tolist()
         prios = records["priority"].tolist()
+        pts = records["producer_ts"].tolist()
+        flags = records["flags"].tolist()
+        attempts = records["attempts"].tolist()
+        lens = records["payload_len"].tolist()
+        pl = records["payload"] if "payload" in (records.dtype.names or ()) else None
+        topic_js: dict[int, str] = {}
+        reason_js: dict[str, tuple[str, str]] = {}
         ts = timestamp_now()
-        lines = [f"[{ts}] DROPPED: id={i} topic={t} priority={p} reason={escape(r)}\n"
-                 for i, t, p, r in zip(ids, names, prios, reasons)]
-        self._add(lines, categories)
+        lines = []
+        b64 = binascii.b2a_base64
+        for i in range(len(records)):
+            tid = tids[i]
+            t = topic_js.get(tid)
+            if t is None:
+                t = topic_js[tid] = _js(topics.name(tid))
+            r = reasons[i]
+            rc = reason_js.get(r)
+            if rc is None:
+                rc = reason_js[r] = (_js(r), _js(reason_category(r)))
+            payload = pl[i, :lens[i]].tobytes() if pl is not None else b""
+            eid = eids[i]
+            lines.append(
+                f'{{"ts": "{ts}", "reason": {rc[0]}, "category": {rc[1]}, "id": {eid or seqs[i]}, '
+                f'"event_id": {eid}, "seq": {seqs[i]}, "topic": {t}, "priority": {prios[i]}, '
+                f'"producer_ts": {pts[i]}, "flags": {flags[i]}, "attempts": {attempts[i]}, '
+                f'"payload_b64": "{b64(payload, newline=False).decode("ascii")}", "payload_len": {len(payload)}}}\n')
+        self._add("".join(lines).encode("ascii"), len(lines), categories)
 
     def write_line(self, id: int, topic: str, priority: int, reason: str) -> None:
-        """One event that never became a record (e.g. a rejected frame)."""
-        line = f"[{timestamp_now()}] DROPPED: id={int(id)} topic={escape(topic)} priority={int(priority)} reason={escape(reason)}\n"
-        self._add([line], {reason_category(reason): 1})
+        """One event that never became a record (e.g. a frame that failed to decode): no payload."""
+        if isinstance(topic, bytes):
+            topic = topic.decode("utf-8", "replace")
+        line = (f'{{"ts": "{timestamp_now()}", "reason": {_js(reason)}, "category": {_js(reason_category(reason))}, '
+                f'"id": {int(id)}, "event_id": {int(id)}, "seq": null, "topic": {_js(topic)}, '
+                f'"priority": {int(priority)}, "producer_ts": null, "flags": null, "attempts": null, '
+                f'"payload_b64": null, "payload_len": null}}\n')
+        self._add(line.encode("ascii"), 1, {reason_category(reason): 1})
 
-    def _add(self, lines: list[str], categories: dict[str, int]) -> None:
+    def _add(self, data: bytes, n: int, categories: dict[str, int]) -> None:
         with self._lock:
             if self._closed:
-                raise ValueError(f"{self.path}: write after close()")
-            if not self._pending:
-                self._pending_since = time.monotonic_ns()
-            self._pending.extend(lines)
-            self._total += len(lines)
+                raise ValueError(f"{self.path}: write after close(); allowed: writes before close()")
+            if self._size and self._size + len(data) > self.max_bytes:
+                self._rotate()
+            self._write_all(data)
+            self._total += n
             for c, k in categories.items():
                 self._counts[c] = self._counts.get(c, 0) + k
-            if len(self._pending) >= self.flush_lines:
-                self._flush_locked()
 
+    def _write_all(self, data: bytes) -> None:
+        """One write(2) (a loop only if the kernel writes less); on failure cut what was written."""
+        start = self._size
+        view = memoryview(data)
+        try:
+            while view:
+                k = os.write(self._fd, view)
+                view = view[k:]
+                self._size += k
+        except OSError:
+            if self._size != start:
+                try:
+                    os.ftruncate(self._fd, start)
+                    self._size = start
+                except OSError:
+                    self._size = os.fstat(self._fd).st_size
+            raise
+
+    # ------------------------------------------------------------------------------------ segments
+    def _rotate(self) -> None:
+        n = self._next_segment
+        target = self.path.with_name(f"{self.path.name}.{n}")
+        try:
+            os.rename(self.path, target)
+        except OSError as exc:
+            log.warning("dlq_rotate_failed", path=str(self.path), target=str(target), error=str(exc))
+            return  # keep appending to the active file: an event is never dropped for a failed rotation
+        self._next_segment = n + 1
+        old = self._fd
+        self._fd = self._open()
+        os.close(old)
+        self._size = os.fstat(self._fd).st_size
+        self._rotations += 1
+        log.info("dlq_rotated", path=str(self.path), segment=str(target))
+        self._retain()
+
+    def _retain(self) -> None:
+        segs = segment_paths(self.path)
+        doomed = segs[:max(0, len(segs) - self.max_segments)]
+        if self.max_age_s > 0:
+            cutoff = time.time() - self.max_age_s
+            for s in segs[len(doomed):]:
+                try:
+                    if os.stat(s[1]).st_mtime < cutoff:
+                        doomed.append(s)
+                except FileNotFoundError:
+                    pass
+        for _, p in doomed:
+            try:
+                os.unlink(p)
+                log.info("dlq_segment_deleted", segment=str(p))
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("dlq_segment_delete_failed", segment=str(p), error=str(exc))
+
+    # ------------------------------------------------------------------------------------ lifecycle
     def flush(self) -> None:
-        with self._lock:
-            self._flush_locked()
-
-    def _flush_locked(self) -> None:
-        if self._pending and not self._closed:
-            self._file.write("".join(self._pending))
-            self._file.flush()
-            self._pending.clear()
-
-    def _flush_loop(self) -> None:
-        while not self._stop.wait(self.flush_interval_ns / 2e9):
-            with self._lock:
-                if self._pending and time.monotonic_ns() - self._pending_since >= self.flush_interval_ns:
-                    self._flush_locked()
+        """Nothing to do: every write already reached the OS (kept for callers of the buffered log)."""
 
     def close(self) -> None:
-        """Flush and close (idempotent)."""
-        self._stop.set()
-        if self._flusher is not None:
-            self._flusher.join(timeout=5.0)
+        """Close the file (idempotent). Later writes raise ValueError."""
         with self._lock:
             if self._closed:
                 return
-            self._flush_locked()
-            self._file.close()
             self._closed = True
+            os.close(self._fd)
         log.info("dlq_closed", path=str(self.path), total=self._total, by_reason=dict(self._counts))
 
-    # ------------------------------------------------------------------------------------ reading
     def counts(self) -> dict[str, int]:
         """Dropped events per reason category."""
         with self._lock:
@@ -168,7 +329,8 @@ class DeadLetterLog:
 
     def statistics(self) -> dict:
         with self._lock:
-            return {"total": self._total, "by_reason": dict(self._counts), "pending": len(self._pending)}
+            return {"total": self._total, "by_reason": dict(self._counts), "pending": 0,
+                    "bytes": self._size, "rotations": self._rotations}
 
     def __enter__(self) -> DeadLetterLog:
         return self
@@ -177,17 +339,186 @@ class DeadLetterLog:
         self.close()
 
 
-def parse_line(line: str) -> DlqEntry:
-    """Parse one DLQ line; ValueError naming the line if it does not have the DLQ format."""
-    m = _LINE.match(line.rstrip("\n"))
+# ---------------------------------------------------------------------------------------- reading
+def segment_paths(path: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Old segments of the DLQ at `path` (``<name>.<n>``), oldest (smallest n) first."""
+    path = Path(path)
+    prefix = path.name + "."
+    try:
+        names = os.listdir(path.parent)
+    except FileNotFoundError:
+        return []
+    out = [(int(nm[len(prefix):]), path.parent / nm) for nm in names
+           if nm.startswith(prefix) and nm[len(prefix):].isdigit()]
+    return sorted(out)
+
+
+def _int(obj: dict, key: str, *, optional: bool = True) -> int | None:
+    v = obj.get(key)
+    if v is None and optional:
+        return None
+    if type(v) is not int:
+        raise ValueError(f"field {key!r} is {v!r}; allowed: an integer" + (" or null" if optional else ""))
+    return v
+
+
+def _str(obj: dict, key: str) -> str:
+    v = obj.get(key)
+    if not isinstance(v, str):
+        raise ValueError(f"field {key!r} is {v!r}; allowed: a string")
+    return v
+
+
+def parse_line(line: str | bytes) -> DlqRecord:
+    """Parse one DLQ line (JSON or the old text format); ValueError naming the problem otherwise."""
+    if isinstance(line, bytes):
+        line = line.decode("utf-8")
+    text = line.rstrip("\r\n")
+    if text.startswith("{"):
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not a DLQ line: {text[:120]!r} ({exc}); allowed: {_FORMAT_HELP}") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"not a DLQ line: {text[:120]!r}; allowed: {_FORMAT_HELP}")
+        try:
+            reason = _str(obj, "reason")
+            b64 = obj.get("payload_b64")
+            payload = None
+            if b64 is not None:
+                if not isinstance(b64, str):
+                    raise ValueError(f"field 'payload_b64' is {b64!r}; allowed: base64 text or null")
+                try:
+                    payload = binascii.a2b_base64(b64, strict_mode=True)
+                except binascii.Error as exc:
+                    raise ValueError(f"field 'payload_b64' is not base64 ({exc})") from None
+            plen = _int(obj, "payload_len")
+            if payload is not None and plen != len(payload):
+                raise ValueError(f"field 'payload_len' is {plen!r} but the payload has {len(payload)} bytes")
+            ts = _str(obj, "ts")
+            dt.datetime.fromisoformat(ts.replace("Z", "+00:00"))
+            return DlqRecord(ts=ts, reason=reason, category=obj.get("category") or reason_category(reason),
+                             id=_int(obj, "id", optional=False), event_id=_int(obj, "event_id"),
+                             seq=_int(obj, "seq"), topic=_str(obj, "topic"),
+                             priority=_int(obj, "priority", optional=False), producer_ts=_int(obj, "producer_ts"),
+                             flags=_int(obj, "flags"), attempts=_int(obj, "attempts"), payload=payload,
+                             payload_len=plen)
+        except ValueError as exc:
+            raise ValueError(f"not a DLQ line: {text[:120]!r}: {exc}; allowed: {_FORMAT_HELP}") from None
+    m = _LINE.match(text)
     if m is None:
-        raise ValueError(f"not a DLQ line: {line[:120]!r}; allowed: "
-                         "[timestamp] DROPPED: id=<id> topic=<topic> priority=<n> reason=<reason>")
-    ts = dt.datetime.fromisoformat(m["ts"].replace("Z", "+00:00"))
-    return DlqEntry(ts, int(m["id"]), unescape(m["topic"]), int(m["priority"]), unescape(m["reason"]))
+        raise ValueError(f"not a DLQ line: {text[:120]!r}; allowed: {_FORMAT_HELP}")
+    reason = unescape(m["reason"])
+    try:
+        dt.datetime.fromisoformat(m["ts"].replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"not a DLQ line: {text[:120]!r}: bad timestamp; allowed: {_FORMAT_HELP}") from None
+    return DlqRecord(ts=m["ts"], reason=reason, category=reason_category(reason), id=int(m["id"]), event_id=None,
+                     seq=None, topic=unescape(m["topic"]), priority=int(m["priority"]), producer_ts=None, flags=None,
+                     attempts=None, payload=None, payload_len=None)
 
 
-def read_dlq(path: str | os.PathLike) -> list[DlqEntry]:
-    """Every entry of a DLQ file, in order (for tests and tools)."""
-    with open(path, encoding="utf-8") as f:
-        return [parse_line(line) for line in f if line.strip()]
+BadLine = Callable[[Path, int, str], None]
+
+
+def read_dlq(path: str | os.PathLike, *, on_bad_line: BadLine | None = None) -> Iterator[DlqRecord]:
+    """Every entry of the DLQ at `path`: its segments oldest first, then the active file.
+
+    The files are opened (and their sizes taken) when this is called, so the entries are those written
+    up to that moment, even if the writer rotates or appends meanwhile (replaying into the engine that
+    owns the DLQ cannot read its own new entries). An unterminated last line of a file (a torn write)
+    is skipped. A damaged complete line raises ValueError naming file and line, or, with `on_bad_line`,
+    is reported as on_bad_line(file, line_number, problem) and skipped. FileNotFoundError if neither
+    the file nor any segment exists.
+    """
+    path = Path(path)
+    files = _open_snapshot(path)
+    if not files:
+        raise FileNotFoundError(f"{path}: no such DLQ file (and no segments {path.name}.<n>)")
+    return _entries(files, on_bad_line)
+
+
+def _open_snapshot(path: Path) -> list[tuple[Path, object, int]]:
+    """(name, open binary file, size) of every segment and the active file, in reading order. The active
+    file is opened first: if a rotation renames it meanwhile, the segment it became is recognised by
+    its inode and read once, last."""
+    active = None
+    try:
+        active = open(path, "rb")  # noqa: SIM115 - closed by _entries
+    except FileNotFoundError:
+        pass
+    ino = os.fstat(active.fileno())[1:3] if active is not None else None
+    out = []
+    for _, seg in segment_paths(path):
+        try:
+            f = open(seg, "rb")  # noqa: SIM115
+        except FileNotFoundError:  # deleted by retention meanwhile
+            continue
+        st = os.fstat(f.fileno())
+        if ino is not None and st[1:3] == ino:
+            f.close()
+            continue
+        out.append((seg, f, st.st_size))
+    if active is not None:
+        out.append((path, active, os.fstat(active.fileno()).st_size))
+    return out
+
+
+def _entries(files: list[tuple[Path, object, int]], on_bad_line: BadLine | None) -> Iterator[DlqRecord]:
+    try:
+        for name, f, size in files:
+            left = size
+            for lineno, line in enumerate(f, 1):
+                if left <= 0:
+                    break
+                if len(line) > left:
+                    line = line[:left]
+                left -= len(line)
+                if not line.endswith(b"\n"):
+                    break  # torn: its write never returned (or is still in progress)
+                if not line.strip():
+                    continue
+                try:
+                    yield parse_line(line)
+                except (ValueError, UnicodeDecodeError) as exc:
+                    problem = str(exc)
+                    if on_bad_line is None:
+                        raise ValueError(f"{name}:{lineno}: {problem}") from None
+                    on_bad_line(name, lineno, problem)
+    finally:
+        for _, f, _ in files:
+            f.close()
+
+
+def to_records(entries: Iterable[DlqRecord], dtype: np.dtype, topics: TopicTable, *,
+               replayed: bool = True) -> np.ndarray:
+    """Records of `dtype` rebuilt from DLQ entries (topics interned in `topics`), e.g. to put them back
+    into an engine. ingest_ts and conn_id are 0; crc32 is recomputed for v2 events; `replayed` sets
+    FLAG_REPLAYED. ValueError for an entry without payload (old format, undecodable frame) or whose
+    priority is out of range; PayloadTooLarge if a payload does not fit the dtype."""
+    entries = list(entries)
+    out = rec.empty(len(entries), dtype)
+    cap = rec.payload_capacity(dtype)
+    for i, e in enumerate(entries):
+        if e.payload is None:
+            raise ValueError(f"DLQ entry id={e.id} topic={e.topic!r} ({e.ts}) has no payload; allowed: entries "
+                             "with a payload (filter on entry.payload is not None)")
+        if not 0 <= e.priority <= 4:
+            raise ValueError(f"DLQ entry id={e.id} has priority {e.priority}; allowed: 0..4")
+        row = out[i]
+        flags = (e.flags or 0) | (rec.FLAG_REPLAYED if replayed else 0)
+        row["event_id"] = e.event_id if e.event_id is not None else e.id
+        row["seq"] = e.seq or 0
+        row["producer_ts"] = e.producer_ts or 0
+        row["topic_id"] = topics.intern(e.topic)
+        row["priority"] = e.priority
+        row["flags"] = flags
+        row["attempts"] = e.attempts or 0
+        if len(e.payload) > cap:
+            raise rec.PayloadTooLarge(len(e.payload), cap)
+        if e.payload:
+            row["payload"][: len(e.payload)] = np.frombuffer(e.payload, np.uint8)
+        row["payload_len"] = len(e.payload)
+        if flags & rec.FLAG_V2:
+            row["crc32"] = zlib.crc32(e.payload, zlib.crc32(e.topic.encode("utf-8")))
+    return out

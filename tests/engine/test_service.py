@@ -87,7 +87,7 @@ def test_mixed_load_every_event_is_stored_or_dead_lettered(tmp_path):
             time.sleep(0.05)
     summary = svc.summary()
     recs = stored(data)
-    dlq = read_dlq(data / "dlq_log.txt")
+    dlq = list(read_dlq(data / "dlq_log.txt"))
     assert len(recs) + len(dlq) == total
     assert summary["processed"] == len(recs) and summary["dropped"] == len(dlq)
     # the realtime SLA is reported (never enforced)
@@ -146,7 +146,7 @@ def test_handler_from_yaml_failing_goes_to_dlq_after_retries(tmp_path, monkeypat
                 c.send("bad" if i % 5 == 0 else "good", b"x", priority=2, event_id=i)
             assert c.wait_acked(30)
     assert sorted(stored(data)["event_id"].tolist()) == [i for i in range(1, 21) if i % 5]
-    dlq = read_dlq(data / "dlq_log.txt")
+    dlq = list(read_dlq(data / "dlq_log.txt"))
     assert sorted(e.id for e in dlq) == [5, 10, 15, 20]
     assert all(e.reason == "retries_exhausted: RuntimeError: refused topic bad" and e.topic == "bad" for e in dlq)
 
@@ -345,7 +345,7 @@ def test_stop_without_drain_dead_letters_what_is_still_queued(tmp_path):
     assert not stopper.is_alive()
     summary = out["summary"]
     stored_ids = set(stored(data)["event_id"].tolist())
-    dlq = read_dlq(data / "dlq_log.txt")
+    dlq = list(read_dlq(data / "dlq_log.txt"))
     assert len(stored_ids) + len(dlq) == 500
     assert {e.reason for e in dlq} == {"shutdown: stopped without draining"}
     assert summary["processed"] == len(stored_ids) and len(dlq) >= 1
