@@ -99,7 +99,7 @@ def render(snap: Snapshot, prev: Snapshot | None, url: str) -> str:
         f"state      {snap.state} ({int(snap.level)})" if snap.level >= 0 else "state      ?",
         f"received   {g('events_received_total', 0):,.0f}{rate('events_received_total')}",
         f"processed  {g('events_processed_total', 0):,.0f}{rate('events_processed_total')}",
-        f"dropped    {dropped_total:,.0f}" + "".join(f"  {r}={v:,.0f}" for r, v in sorted(snap.dropped.items())),
+        f"dropped    {dropped_total:,.0f}" + "".join(f"  {r}={v:,.0f}" for r, v in sorted(snap.dropped.items()) if v),
         f"dedup hits {g('dedup_hits_total', 0):,.0f}    backpressure drops {g('backpressure_drops_total', 0):,.0f}",
         "queues     " + ("  ".join(f"{q}={d:,.0f}" for q, d in sorted(snap.depths.items())) or "-"),
         f"{'latency':15}{'count':>10} {'p50':>9} {'p99':>9} {'p99.9':>9}   recent p50/p99",
