@@ -48,10 +48,10 @@ def parse(text: str, at: float) -> Snapshot:
                 snap.dropped[s.labels.get("reason", "?")] = s.value
             elif s.name == "queue_depth":
                 snap.depths[s.labels.get("queue", "?")] = s.value
-            elif s.name == "latency_ns_bucket":
-                snap.buckets.setdefault(s.labels["queue"], []).append((float(s.labels["le"]), s.value))
-            elif s.name == "latency_recent_ns":
-                snap.recent[(s.labels["queue"], s.labels["quantile"])] = s.value
+            elif s.name == "latency_seconds_bucket":  # seconds in the exposition, ns here
+                snap.buckets.setdefault(s.labels["queue"], []).append((float(s.labels["le"]) * 1e9, s.value))
+            elif s.name == "latency_recent_seconds" and "quantile" in s.labels:
+                snap.recent[(s.labels["queue"], s.labels["quantile"])] = s.value * 1e9
             elif s.name == "pipeline_state":
                 snap.state, snap.level = s.labels.get("name", "?"), s.value
             elif not s.labels:

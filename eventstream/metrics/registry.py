@@ -4,7 +4,7 @@ Names (Prometheus text format):
 
     events_received_total, events_processed_total, events_dropped_total{reason},
     dedup_hits_total, backpressure_drops_total, pipeline_transitions_total{from,to},
-    queue_depth{queue}, latency_ns{queue} (histogram), latency_recent_ns{queue,quantile},
+    queue_depth{queue}, latency_seconds{queue} (histogram), latency_recent_seconds{queue,quantile} (summary),
     pipeline_state{name}, process_cpu_percent, process_rss_bytes, process_threads,
     + whatever components register with register_callback() (read at scrape time).
 
@@ -232,9 +232,12 @@ class MetricsRegistry:
         """The Prometheus text exposition of everything in the registry."""
         return generate_latest(self.registry)
 
-    def serve(self, host: str = "127.0.0.1", port: int = 9100, path: str = "/metrics") -> MetricsServer:
-        """Start the HTTP endpoint for this registry (MetricsServerError, an OSError, if it cannot bind)."""
-        return MetricsServer(self.registry, host, port, path).start()
+    def serve(self, host: str = "127.0.0.1", port: int = 9100, path: str = "/metrics", *,
+              health=None, ready=None, **limits) -> MetricsServer:
+        """Start the HTTP endpoint for this registry (MetricsServerError, an OSError, if it cannot bind).
+        `health`/`ready`: callables () -> (ok, detail) behind /healthz and /readyz (see exporter.py);
+        `limits`: MetricsServer's timeout_s, max_connections, max_request_bytes."""
+        return MetricsServer(self.registry, host, port, path, health=health, ready=ready, **limits).start()
 
 
 Metrics = MetricsRegistry  # shorter alias

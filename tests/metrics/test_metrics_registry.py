@@ -76,15 +76,17 @@ def test_latency_histogram_from_records_and_arrays(served):
     m.processed("realtime", b, now_ns=now)
     m.processed("batch", latencies_ns=np.array([5e6, 2e10]))  # 5 ms and beyond the top bucket
     fams = scrape(server.url)
-    bucket = lambda q, le: value(fams, "latency_ns", "latency_ns_bucket", queue=q, le=le)  # noqa: E731
-    assert bucket("realtime", "1000.0") == 1  # le: exactly 1 µs counts in the 1 µs bucket
-    assert bucket("realtime", "10000.0") == 10
-    assert bucket("realtime", "100000.0") == 100
+    # recorded in ns, exported in seconds (base units)
+    bucket = lambda q, le: value(fams, "latency_seconds", "latency_seconds_bucket", queue=q, le=le)  # noqa: E731
+    assert bucket("realtime", "1e-06") == 1  # le: exactly 1 µs counts in the 1 µs bucket
+    assert bucket("realtime", "1e-05") == 10
+    assert bucket("realtime", "0.0001") == 100
     assert bucket("realtime", "+Inf") == 100
-    assert value(fams, "latency_ns", "latency_ns_count", queue="realtime") == 100
-    assert value(fams, "latency_ns", "latency_ns_sum", queue="realtime") == sum(range(1, 101)) * 1000
-    assert bucket("batch", "1e+10") == 1 and bucket("batch", "+Inf") == 2
-    assert value(fams, "latency_recent_ns", queue="realtime", quantile="0.5") == pytest.approx(50_500)
+    assert value(fams, "latency_seconds", "latency_seconds_count", queue="realtime") == 100
+    assert value(fams, "latency_seconds", "latency_seconds_sum", queue="realtime") == pytest.approx(sum(range(1, 101)) * 1e-6)
+    assert bucket("batch", "10.0") == 1 and bucket("batch", "+Inf") == 2
+    assert value(fams, "latency_recent_seconds", queue="realtime", quantile="0.5") == pytest.approx(50.5e-6)
+    assert value(fams, "latency_recent_seconds", "latency_recent_seconds_count", queue="realtime") == 100
     assert value(fams, "events_processed", "events_processed_total") == 102
     with pytest.raises(ValueError, match="allowed: realtime, transactional, batch"):
         m.observe_latency("nope", np.array([1]))
