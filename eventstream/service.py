@@ -129,6 +129,15 @@ class Service:
         except OSError as exc:
             raise StartupError(f"storage.data_dir: cannot create {data} ({exc.strerror}); "
                                "allowed: a writable directory") from None
+        import tempfile
+
+        try:  # an existing directory may still refuse files (read-only mount, permissions, /proc, /sys)
+            fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=data)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise StartupError(f"storage.data_dir: cannot write in {data} ({exc.strerror}); "
+                               "allowed: a writable directory") from None
         try:
             self._start(data)
         except BaseException:
