@@ -67,7 +67,8 @@ def test_half_open_connections_do_not_take_threads_and_a_scrape_still_answers(me
                 s.close()
         assert status == 200 and "events_received_total" in body
         assert threads <= base + 2, f"{threads} threads with 1,000 stalled clients (before: {base})"
-        assert server.evicted >= 1000 - server.max_connections
+        # each stalled connection was closed to make room (or, on a very slow machine, timed out)
+        assert server.evicted + server.timed_out >= 1000 - server.max_connections
         assert get(server.url)[0] == 200
 
 
