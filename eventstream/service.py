@@ -145,6 +145,15 @@ class Service:
         except OSError as exc:
             raise StartupError(f"storage.data_dir: cannot create {data} ({exc.strerror}); "
                                "allowed: a writable directory") from None
+        import tempfile
+
+        try:  # an existing directory may still refuse files (read-only mount, permissions, /proc, /sys)
+            fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=data)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise StartupError(f"storage.data_dir: cannot write in {data} ({exc.strerror}); "
+                               "allowed: a writable directory") from None
         try:
             self._start(data)
         except BaseException:
@@ -199,8 +208,22 @@ class Service:
                                      interval_ms=cfg.backpressure.interval_ms, cpus=aff.control)
         self.control.start()
         if cfg.metrics.enabled:
+            def health() -> tuple[bool, str]:  # /healthz: every engine thread alive
+                threads = [self.dispatcher, self.control, *(p for ws in self.manager.workers.values() for p in ws)]
+                failed = self.failures()
+                dead = failed + [f"{t.name}: not running" for t in threads
+                                 if not t.is_alive() and not any(f.startswith(f"{t.name}:") for f in failed)]
+                return (not dead, "; ".join(dead) or "ok")
+
+            def ready() -> tuple[bool, str]:  # /readyz: listening, and not shedding everything
+                level = self.backpressure.level
+                if not self.started:
+                    return False, "not started (or stopping)"
+                return (level < Level.EMERGENCY, f"backpressure {level.name}")
+
             try:
-                self.exporter = self.metrics.serve(cfg.metrics.host, cfg.metrics.port, cfg.metrics.path)
+                self.exporter = self.metrics.serve(cfg.metrics.host, cfg.metrics.port, cfg.metrics.path,
+                                                   health=health, ready=ready)
             except OSError as exc:
                 raise StartupError(f"metrics.port: cannot listen on {cfg.metrics.host}:{cfg.metrics.port} "
                                    f"({exc.strerror}); allowed: a free port, or metrics.enabled: false") from None

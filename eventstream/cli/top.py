@@ -48,10 +48,10 @@ def parse(text: str, at: float) -> Snapshot:
                 snap.dropped[s.labels.get("reason", "?")] = s.value
             elif s.name == "queue_depth":
                 snap.depths[s.labels.get("queue", "?")] = s.value
-            elif s.name == "latency_ns_bucket":
-                snap.buckets.setdefault(s.labels["queue"], []).append((float(s.labels["le"]), s.value))
-            elif s.name == "latency_recent_ns":
-                snap.recent[(s.labels["queue"], s.labels["quantile"])] = s.value
+            elif s.name == "latency_seconds_bucket":  # seconds in the exposition, ns here
+                snap.buckets.setdefault(s.labels["queue"], []).append((float(s.labels["le"]) * 1e9, s.value))
+            elif s.name == "latency_recent_seconds" and "quantile" in s.labels:
+                snap.recent[(s.labels["queue"], s.labels["quantile"])] = s.value * 1e9
             elif s.name == "pipeline_state":
                 snap.state, snap.level = s.labels.get("name", "?"), s.value
             elif not s.labels:
@@ -99,7 +99,7 @@ def render(snap: Snapshot, prev: Snapshot | None, url: str) -> str:
         f"state      {snap.state} ({int(snap.level)})" if snap.level >= 0 else "state      ?",
         f"received   {g('events_received_total', 0):,.0f}{rate('events_received_total')}",
         f"processed  {g('events_processed_total', 0):,.0f}{rate('events_processed_total')}",
-        f"dropped    {dropped_total:,.0f}" + "".join(f"  {r}={v:,.0f}" for r, v in sorted(snap.dropped.items())),
+        f"dropped    {dropped_total:,.0f}" + "".join(f"  {r}={v:,.0f}" for r, v in sorted(snap.dropped.items()) if v),
         f"dedup hits {g('dedup_hits_total', 0):,.0f}    backpressure drops {g('backpressure_drops_total', 0):,.0f}",
         "queues     " + ("  ".join(f"{q}={d:,.0f}" for q, d in sorted(snap.depths.items())) or "-"),
         f"{'latency':15}{'count':>10} {'p50':>9} {'p99':>9} {'p99.9':>9}   recent p50/p99",

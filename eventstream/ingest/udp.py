@@ -146,7 +146,10 @@ class UdpServer:
     def start(self) -> UdpServer:
         cfg = self.config
         sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_DGRAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Exclusive bind: no SO_REUSEADDR / SO_REUSEPORT. With either, another local process setting the
+        # same option could bind the port too and the kernel would hand it (some or all of) our
+        # datagrams; without them a port already bound by anyone fails here (EADDRINUSE) and a later
+        # bind by anyone else fails while we hold it.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, cfg.rcvbuf_bytes)
         try:
             sock.bind((cfg.host, cfg.port))

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 
 import psutil
 import structlog
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -18,30 +18,42 @@ log = structlog.get_logger("eventstream.metrics")
 
 
 class LatencyCollector(Collector):
-    """`latency_ns{queue}` histograms plus `latency_recent_ns{queue,quantile}` exact over the reservoir."""
+    """`latency_seconds{queue}` histograms plus `latency_recent_seconds{queue,quantile}`: a summary whose
+    quantiles are exact over the most recent events (the reservoir) and whose _count/_sum are the
+    cumulative totals, as a Prometheus client summary has them.
 
-    def __init__(self, histograms: dict[str, VectorHistogram], name: str = "latency_ns"):
+    Latencies are recorded in ns (VectorHistogram); the exposition uses base units (seconds), so the
+    exposition passes `promtool check metrics` (no abbreviated units in names, "quantile" only on a
+    summary).
+    """
+
+    QUANTILES = (("0.5", 50), ("0.99", 99), ("0.999", 99.9))
+
+    def __init__(self, histograms: dict[str, VectorHistogram], name: str = "latency_seconds"):
         self.histograms = histograms
         self.name = name
+        self.recent_name = f"{name.removesuffix('_seconds')}_recent_seconds"
+
+    def _families(self):
+        hist = HistogramMetricFamily(self.name, "ingest-to-handled latency per queue (seconds)", labels=["queue"])
+        recent = Metric(self.recent_name, "latency quantiles over the most recent events per queue (seconds, "
+                        "exact over a reservoir); _count/_sum over all events", "summary")
+        return hist, recent
 
     def describe(self):
-        yield HistogramMetricFamily(self.name, "ingest-to-handled latency per queue (ns)", labels=["queue"])
-        yield GaugeMetricFamily(f"{self.name.removesuffix('_ns')}_recent_ns",
-                                "exact latency quantiles over the most recent events per queue (ns)",
-                                labels=["queue", "quantile"])
+        yield from self._families()
 
     def collect(self):
-        hist = HistogramMetricFamily(self.name, "ingest-to-handled latency per queue (ns)", labels=["queue"])
-        recent = GaugeMetricFamily(f"{self.name.removesuffix('_ns')}_recent_ns",
-                                   "exact latency quantiles over the most recent events per queue (ns)",
-                                   labels=["queue", "quantile"])
+        hist, recent = self._families()
         for queue, h in list(self.histograms.items()):
             counts, total, _ = h.snapshot()
             cum = counts.cumsum().tolist()
-            buckets = [(floatToGoString(b), c) for b, c in zip(h.bounds.tolist(), cum)] + [("+Inf", cum[-1])]
-            hist.add_metric([queue], buckets, total)
-            for q, v in (("0.5", 50), ("0.99", 99), ("0.999", 99.9)):
-                recent.add_metric([queue, q], h.recent_percentile(v))
+            buckets = [(floatToGoString(b / 1e9), c) for b, c in zip(h.bounds.tolist(), cum)] + [("+Inf", cum[-1])]
+            hist.add_metric([queue], buckets, total / 1e9)
+            for q, v in self.QUANTILES:
+                recent.add_sample(self.recent_name, {"queue": queue, "quantile": q}, h.recent_percentile(v) / 1e9)
+            recent.add_sample(f"{self.recent_name}_count", {"queue": queue}, cum[-1])
+            recent.add_sample(f"{self.recent_name}_sum", {"queue": queue}, total / 1e9)
         yield hist
         yield recent
 

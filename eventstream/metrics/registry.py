@@ -4,9 +4,13 @@ Names (Prometheus text format):
 
     events_received_total, events_processed_total, events_dropped_total{reason},
     dedup_hits_total, backpressure_drops_total, pipeline_transitions_total{from,to},
-    queue_depth{queue}, latency_ns{queue} (histogram), latency_recent_ns{queue,quantile},
+    queue_depth{queue}, latency_seconds{queue} (histogram), latency_recent_seconds{queue,quantile} (summary),
     pipeline_state{name}, process_cpu_percent, process_rss_bytes, process_threads,
     + whatever components register with register_callback() (read at scrape time).
+
+`reason` label values come from the fixed set metrics.reasons.REASONS only (anything else is counted
+as "other"): reason texts can carry client input, and each label value is a series kept forever. Every
+reason and every possible pipeline transition is exported at 0 from the start.
 
 A private CollectorRegistry (not prometheus-client's global one) so several engines, and tests, live
 in one process without name collisions. Unlabelled counters are SummedCounters: one locked add per
@@ -29,13 +33,22 @@ from prometheus_client.exposition import generate_latest
 from eventstream.metrics.collectors import (CallbackMetric, LabelledCallbacks, LatencyCollector, ProcessCollector,
                                             StateCollector, SummedCounter, ValueFn)
 from eventstream.metrics.histogram import DEFAULT_LATENCY_BUCKETS_NS, VectorHistogram
+from eventstream.metrics.reasons import REASONS, category
 
 QUEUES = ("realtime", "transactional", "batch")
 
 
+# pipeline level names (engine/control.py Level) and the transitions the control plane can make: up by
+# any number of levels, down one level at a time
+LEVELS = ("HEALTHY", "ELEVATED", "DEGRADED", "CRITICAL", "EMERGENCY")
+TRANSITIONS = tuple((LEVELS[a], LEVELS[b]) for a in range(len(LEVELS)) for b in range(len(LEVELS))
+                    if b > a or b == a - 1)
+
+
 def reason_label(reason: str) -> str:
-    """The label value for a drop reason: its category, the text before the first colon."""
-    return reason.split(":", 1)[0].strip() or "unknown"
+    """The label value for a drop reason: its category from the FIXED set reasons.REASONS ("other" for
+    anything unrecognised), never text chosen by a client (see metrics/reasons.py)."""
+    return category(reason)
 
 
 class MetricsRegistry:
@@ -54,6 +67,12 @@ class MetricsRegistry:
                                 ["reason"], registry=r)
         self._transitions = Counter("pipeline_transitions", "backpressure level changes", ["from", "to"],
                                     registry=r)
+        # every series with a known label value exists (at 0) from the first scrape: rate() and alerts
+        # see a 0 -> n increase instead of a series appearing out of nowhere
+        for reason in REASONS:
+            self._dropped.labels(reason)
+        for frm, to in TRANSITIONS:
+            self._transitions.labels(frm, to)
         self.latency = {q: VectorHistogram(latency_buckets_ns, reservoir) for q in queues}
         r.register(LatencyCollector(self.latency))
         self._state = StateCollector()
@@ -176,10 +195,12 @@ class MetricsRegistry:
         return self._counters["backpressure_drops"].value()
 
     def dropped_by_reason(self) -> dict[str, int]:
+        """Dropped events per reason category, for the categories that dropped any (every category's
+        series is exported from the start at 0, see __init__)."""
         out = {}
         for fam in self._dropped.collect():
             for s in fam.samples:
-                if s.name.endswith("_total"):
+                if s.name.endswith("_total") and s.value:
                     out[s.labels["reason"]] = int(s.value)
         return out
 
@@ -211,9 +232,12 @@ class MetricsRegistry:
         """The Prometheus text exposition of everything in the registry."""
         return generate_latest(self.registry)
 
-    def serve(self, host: str = "127.0.0.1", port: int = 9100, path: str = "/metrics") -> MetricsServer:
-        """Start the HTTP endpoint for this registry (MetricsServerError, an OSError, if it cannot bind)."""
-        return MetricsServer(self.registry, host, port, path).start()
+    def serve(self, host: str = "127.0.0.1", port: int = 9100, path: str = "/metrics", *,
+              health=None, ready=None, **limits) -> MetricsServer:
+        """Start the HTTP endpoint for this registry (MetricsServerError, an OSError, if it cannot bind).
+        `health`/`ready`: callables () -> (ok, detail) behind /healthz and /readyz (see exporter.py);
+        `limits`: MetricsServer's timeout_s, max_connections, max_request_bytes."""
+        return MetricsServer(self.registry, host, port, path, health=health, ready=ready, **limits).start()
 
 
 Metrics = MetricsRegistry  # shorter alias

@@ -1,10 +1,19 @@
-"""Recovery on open: find the valid prefix of the log and truncate a torn or corrupt tail.
+"""Recovery on open: cut a torn tail, skip (and report) corrupt regions in the middle, keep the bytes.
 
-A crash (SIGKILL, power loss) can leave the last write half on disk. Entries carry a magic, a length and a
-CRC, so the scanner finds the first entry that is not whole and intact; everything from there on is cut
-off, and the report says how much. We cut rather than skip ahead to the next magic because entries are
-only ever appended: damage that is not at the tail means the disk lied, and silently resynchronising
-would hide that (the report names the offset and the reason, and the writer logs it as a warning).
+A crash (SIGKILL, power loss) can leave the last write half on disk: an incomplete last entry. That
+*torn tail* is cut (truncate), as before. Anything else is damage, and damage is never silently
+destroyed:
+
+* a corrupt region in the middle (a flipped byte, a bad length field, garbage) is left in place: the
+  scanner (storage.reader) resynchronises on the next entry whose magic, length and CRC verify, so
+  every record before and after it is kept; the report lists the regions (offsets, bytes, records)
+  and a `log_corrupt_regions_skipped` warning is logged;
+* a bad tail that is more than a torn last entry (a whole entry with a bad CRC, garbage longer than
+  one entry) must still go, or appends would follow garbage: its bytes are first copied to
+  `<events file>.corrupt-<UTC timestamp>` next to the log, then the tail is truncated; the report
+  says where they went.
+
+The rest of the file is never rewritten.
 """
 
 from __future__ import annotations
@@ -19,8 +28,9 @@ from pathlib import Path
 import structlog
 
 from eventstream.core import records as rec
+from eventstream.core.topics import MAX_TOPIC_BYTES
 from eventstream.storage import format as fmt
-from eventstream.storage.reader import scan_buffer
+from eventstream.storage.reader import CorruptRegion, scan_buffer
 
 log = structlog.get_logger("eventstream.storage.recovery")
 
@@ -31,14 +41,57 @@ class RecoveryReport:
     created: bool  # the file did not exist (or was empty) and a fresh header was written
     file_bytes: int  # size found on open
     valid_bytes: int  # bytes of the found file that were kept (0 when a fresh header was written)
-    records: int  # record entries kept
+    records: int  # valid record entries (before, between and after corrupt regions)
     dropped_records: int  # record entries (whole or partial) in the cut tail, estimated by size
     topics: dict[int, str] = field(default_factory=dict)  # file topic id -> name
-    problem: str | None = None
+    problem: str | None = None  # what was wrong (the tail, and/or a summary of the corrupt regions)
+    corrupt: list[CorruptRegion] = field(default_factory=list)  # skipped in place, in file order
+    skipped_records: int = 0  # record entries estimated lost inside the corrupt regions
+    saved_tail: str | None = None  # where the bytes of a cut corrupt (not torn) tail were copied
 
     @property
     def dropped_bytes(self) -> int:
+        """Bytes cut from the end of the file."""
         return self.file_bytes - self.valid_bytes
+
+    @property
+    def skipped_bytes(self) -> int:
+        """Bytes in corrupt regions, left in place and skipped by every reader."""
+        return sum(r.bytes for r in self.corrupt)
+
+
+_CHUNK = 16 << 20
+
+
+def _torn(mm, start: int, itemsize: int) -> bool:
+    """Whether the bytes from `start` to the end are a torn write: zeros (space the file system
+    allocated but the data never reached), or the start of ONE entry that the file ends inside of
+    (a partial header, or a plausible header whose entry is longer than what is left)."""
+    n = len(mm) - start
+    if n < fmt.ENTRY_HEADER_BYTES:
+        return True
+    magic, length, _crc, kind, _wall = fmt.ENTRY_HEADER.unpack_from(mm, start)
+    plausible = magic == fmt.ENTRY_MAGIC and (
+        (kind == fmt.KIND_RECORD and length == itemsize) or (kind == fmt.KIND_TOPIC and 4 <= length <= 4 + MAX_TOPIC_BYTES))
+    if plausible and n < fmt.ENTRY_HEADER_BYTES + length:
+        return True
+    return all(not mm[o:min(o + _CHUNK, len(mm))].strip(b"\0") for o in range(start, len(mm), _CHUNK))
+
+
+def _save_tail(p: Path, mm, start: int) -> Path:
+    """Copy bytes [start, end) of the log to <name>.corrupt-<UTC timestamp> (fsynced) before a cut."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest = p.with_name(f"{p.name}.corrupt-{stamp}")
+    k = 1
+    while dest.exists():
+        dest = p.with_name(f"{p.name}.corrupt-{stamp}.{k}")
+        k += 1
+    with open(dest, "xb") as f:
+        for o in range(start, len(mm), _CHUNK):
+            f.write(mm[o:min(o + _CHUNK, len(mm))])
+        f.flush()
+        os.fsync(f.fileno())
+    return dest
 
 
 def recover(path: str | os.PathLike, payload_bytes: int) -> RecoveryReport:
@@ -73,20 +126,35 @@ def recover(path: str | os.PathLike, payload_bytes: int) -> RecoveryReport:
     dtype = rec.record_dtype(payload_bytes)
     if size == fmt.FILE_HEADER_BYTES:
         return RecoveryReport(str(p), created=False, file_bytes=size, valid_bytes=size, records=0, dropped_records=0)
+    saved = None
     with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         scan = scan_buffer(mm, dtype)
+        if scan.dropped_bytes and not _torn(mm, scan.valid_bytes, dtype.itemsize):
+            saved = str(_save_tail(p, mm, scan.valid_bytes))  # damage, not a torn write: keep a copy
     entry_size = fmt.ENTRY_HEADER_BYTES + dtype.itemsize
     dropped = scan.dropped_bytes
+    skipped_records = sum(math.ceil(r.bytes / entry_size) for r in scan.corrupt)
+    problem = scan.problem
+    if scan.corrupt:
+        problem = f"{scan.describe_corrupt()}; then {problem}" if problem else scan.describe_corrupt()
     report = RecoveryReport(str(p), created=False, file_bytes=size, valid_bytes=scan.valid_bytes,
                             records=scan.records, dropped_records=math.ceil(dropped / entry_size),
-                            topics=scan.topics, problem=scan.problem)
+                            topics=scan.topics, problem=problem, corrupt=list(scan.corrupt),
+                            skipped_records=skipped_records, saved_tail=saved)
+    if scan.corrupt:
+        log.warning("log_corrupt_regions_skipped", path=str(p), regions=len(scan.corrupt),
+                    skipped_bytes=report.skipped_bytes, skipped_records_estimate=skipped_records,
+                    kept_records=scan.records,
+                    first=[{"start": r.start, "end": r.end, "reason": r.reason} for r in scan.corrupt[:10]],
+                    hint="the damaged bytes are left in place; readers skip them")
     if dropped:
         with open(p, "r+b") as f:
             f.truncate(scan.valid_bytes)
             f.flush()
             os.fsync(f.fileno())
-        log.warning("log_tail_truncated", path=str(p), dropped_bytes=dropped,
-                    dropped_records=report.dropped_records, kept_records=scan.records, reason=scan.problem)
-    else:
+        log.warning("log_tail_truncated", path=str(p), offset=scan.valid_bytes, dropped_bytes=dropped,
+                    dropped_records=report.dropped_records, kept_records=scan.records, reason=scan.problem,
+                    torn=report.saved_tail is None, saved_to=report.saved_tail)
+    elif not scan.corrupt:
         log.info("log_recovered", path=str(p), records=scan.records, bytes=size)
     return report

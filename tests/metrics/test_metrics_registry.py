@@ -43,7 +43,7 @@ def test_counters_gauges_state_and_process_over_http(served):
     m, server = served
     m.received(1000)
     m.processed("transactional", 900)
-    m.dropped("queue_full: BATCH ring", 60)
+    m.dropped("overflow:batch", 60)
     m.dropped("handler_error: ValueError: x", 40)
     m.dedup_hits(7)
     m.backpressure_dropped(5)
@@ -53,7 +53,7 @@ def test_counters_gauges_state_and_process_over_http(served):
     fams = scrape(server.url)
     assert value(fams, "events_received", "events_received_total") == 1000
     assert value(fams, "events_processed", "events_processed_total") == 900
-    assert value(fams, "events_dropped", "events_dropped_total", reason="queue_full") == 60
+    assert value(fams, "events_dropped", "events_dropped_total", reason="overflow") == 60
     assert value(fams, "events_dropped", "events_dropped_total", reason="handler_error") == 40
     assert value(fams, "dedup_hits", "dedup_hits_total") == 7
     assert value(fams, "backpressure_drops", "backpressure_drops_total") == 5
@@ -64,7 +64,7 @@ def test_counters_gauges_state_and_process_over_http(served):
     assert value(fams, "process_rss_bytes") > 1 << 20
     assert value(fams, "process_threads") >= 2
     assert value(fams, "process_cpu_percent") >= 0
-    assert m.counts() == {"received": 1000, "processed": 900, "dropped": {"queue_full": 60, "handler_error": 40},
+    assert m.counts() == {"received": 1000, "processed": 900, "dropped": {"overflow": 60, "handler_error": 40},
                           "dropped_total": 100, "dedup_hits": 7, "backpressure_drops": 5, "state": "ELEVATED"}
 
 
@@ -76,15 +76,17 @@ def test_latency_histogram_from_records_and_arrays(served):
     m.processed("realtime", b, now_ns=now)
     m.processed("batch", latencies_ns=np.array([5e6, 2e10]))  # 5 ms and beyond the top bucket
     fams = scrape(server.url)
-    bucket = lambda q, le: value(fams, "latency_ns", "latency_ns_bucket", queue=q, le=le)  # noqa: E731
-    assert bucket("realtime", "1000.0") == 1  # le: exactly 1 µs counts in the 1 µs bucket
-    assert bucket("realtime", "10000.0") == 10
-    assert bucket("realtime", "100000.0") == 100
+    # recorded in ns, exported in seconds (base units)
+    bucket = lambda q, le: value(fams, "latency_seconds", "latency_seconds_bucket", queue=q, le=le)  # noqa: E731
+    assert bucket("realtime", "1e-06") == 1  # le: exactly 1 µs counts in the 1 µs bucket
+    assert bucket("realtime", "1e-05") == 10
+    assert bucket("realtime", "0.0001") == 100
     assert bucket("realtime", "+Inf") == 100
-    assert value(fams, "latency_ns", "latency_ns_count", queue="realtime") == 100
-    assert value(fams, "latency_ns", "latency_ns_sum", queue="realtime") == sum(range(1, 101)) * 1000
-    assert bucket("batch", "1e+10") == 1 and bucket("batch", "+Inf") == 2
-    assert value(fams, "latency_recent_ns", queue="realtime", quantile="0.5") == pytest.approx(50_500)
+    assert value(fams, "latency_seconds", "latency_seconds_count", queue="realtime") == 100
+    assert value(fams, "latency_seconds", "latency_seconds_sum", queue="realtime") == pytest.approx(sum(range(1, 101)) * 1e-6)
+    assert bucket("batch", "10.0") == 1 and bucket("batch", "+Inf") == 2
+    assert value(fams, "latency_recent_seconds", queue="realtime", quantile="0.5") == pytest.approx(50.5e-6)
+    assert value(fams, "latency_recent_seconds", "latency_recent_seconds_count", queue="realtime") == 100
     assert value(fams, "events_processed", "events_processed_total") == 102
     with pytest.raises(ValueError, match="allowed: realtime, transactional, batch"):
         m.observe_latency("nope", np.array([1]))
@@ -161,10 +163,10 @@ def test_engine_facing_api_sources_and_totals():
         m.gauge_fn("queue_depth", {"ring": "x"}, lambda: 1)
     m.received(2)
     m.processed("realtime", 3, np.array([1000, 2000, 3000]))
-    m.dropped("queue_full", 4)
+    m.dropped("overflow", 4)
     m.set_state(3, "CRITICAL", 3, "CRITICAL")  # same level: no transition counted
     assert (m.received_total(), m.processed_total(), m.dropped_total(), m.backpressure_drops_total()) == (42, 3, 4, 3)
-    assert m.dropped_by_reason() == {"queue_full": 4} and m.dedup_hits_total() == 0
+    assert m.dropped_by_reason() == {"overflow": 4} and m.dedup_hits_total() == 0
     assert 1000 <= m.p99_ns("realtime") <= 5000
     with m.serve("127.0.0.1", 0) as server:
         assert server.address == ("127.0.0.1", server.port) and server.port > 0
@@ -174,4 +176,4 @@ def test_engine_facing_api_sources_and_totals():
     assert value(fams, "ring_claims", "ring_claims_total", ring="ingest") == 11
     assert value(fams, "queue_depth", queue="ingest") == 9
     assert value(fams, "pipeline_state", name="CRITICAL") == 3
-    assert fams["pipeline_transitions"] == []
+    assert fams["pipeline_transitions"] and all(s.value == 0 for s in fams["pipeline_transitions"])

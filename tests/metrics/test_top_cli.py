@@ -13,7 +13,7 @@ def test_top_once_shows_key_numbers(capsys):
     m = Metrics()
     m.received(12345)
     m.processed("realtime", latencies_ns=np.full(100, 40_000))
-    m.dropped("queue_full", 17)
+    m.dropped("overflow:realtime", 17)
     m.set_state(2, "DEGRADED")
     m.watch_queue("transactional", lambda: 321)
     with MetricsServer(m.registry, port=0) as server:
@@ -21,7 +21,7 @@ def test_top_once_shows_key_numbers(capsys):
     out = capsys.readouterr().out
     assert "state      DEGRADED (2)" in out
     assert "received   12,345" in out and "processed  100" in out
-    assert "dropped    17  queue_full=17" in out
+    assert "dropped    17  overflow=17\n" in out
     assert "transactional=321" in out
     line = next(x for x in out.splitlines() if x.strip().startswith("realtime"))
     assert line.split()[1] == "100" and "µs" in line
