@@ -165,7 +165,9 @@ class Service:
     def _start(self, data: Path) -> None:
         cfg = self.cfg
         self.metrics = MetricsRegistry()
-        self.dlq = DeadLetterLog(data / cfg.storage.dlq_file)
+        st = cfg.storage
+        self.dlq = DeadLetterLog(data / st.dlq_file, max_bytes=st.dlq_max_bytes, max_segments=st.dlq_max_segments,
+                                 max_age_s=st.dlq_max_age_s)
         self._closers.append(self.dlq.close)
         st = cfg.storage
         # flush_events=1: every append is written to the OS before it returns (the `stored` promise);
@@ -209,7 +211,10 @@ class Service:
         self.control.start()
         if cfg.metrics.enabled:
             def health() -> tuple[bool, str]:  # /healthz: every engine thread alive
-                threads = [self.dispatcher, self.control, *(p for ws in self.manager.workers.values() for p in ws)]
+                threads = [self.control, *(p for ws in self.manager.workers.values() for p in ws)]
+                for srv in (self.tcp, self.udp):
+                    if srv is not None:
+                        threads.extend(srv.threads())
                 failed = self.failures()
                 dead = failed + [f"{t.name}: not running" for t in threads
                                  if not t.is_alive() and not any(f.startswith(f"{t.name}:") for f in failed)]

@@ -159,6 +159,9 @@ class StorageConfig:
     data_dir: str = "data"
     events_file: str = "events.bin"
     dlq_file: str = "dlq_log.txt"
+    dlq_max_bytes: int = field(default=64 << 20, metadata={"range": (4096, 1 << 40)})  # then a new segment
+    dlq_max_segments: int = field(default=8, metadata={"range": (0, 100_000)})  # old segments kept
+    dlq_max_age_s: float = field(default=0.0, metadata={"range": (0.0, 10 * 365 * 86400.0)})  # 0 = no age limit
     # every processed batch is written to the OS before it is released (the `stored` ACK promise);
     # fsync: background policy for events whose ACK does not ask for one ("synced" ACKs always do)
     fsync: Literal["none", "interval", "always"] = "interval"

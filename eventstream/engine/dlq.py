@@ -52,6 +52,7 @@ import structlog
 
 from eventstream.core import records as rec
 from eventstream.core.topics import TopicTable
+from eventstream.metrics.reasons import category as bounded_category
 
 log = structlog.get_logger("eventstream.dlq")
 
@@ -145,6 +146,7 @@ class DeadLetterLog:
         self.max_segments = max_segments
         self.max_age_s = float(max_age_s)
         self._lock = threading.Lock()
+        self._dirty = False  # written since the last fsync
         self._counts: dict[str, int] = {}
         self._total = 0
         self._rotations = 0
@@ -245,8 +247,10 @@ class DeadLetterLog:
             if self._size and self._size + len(data) > self.max_bytes:
                 self._rotate()
             self._write_all(data)
+            self._dirty = True
             self._total += n
             for c, k in categories.items():
+                c = bounded_category(c)  # counts keep a fixed set of keys whatever clients send
                 self._counts[c] = self._counts.get(c, 0) + k
 
     def _write_all(self, data: bytes) -> None:
@@ -278,6 +282,9 @@ class DeadLetterLog:
             return  # keep appending to the active file: an event is never dropped for a failed rotation
         self._next_segment = n + 1
         old = self._fd
+        if self._dirty:
+            os.fsync(old)  # a `synced` promise made for lines in the old segment still holds
+            self._dirty = False
         self._fd = self._open()
         os.close(old)
         self._size = os.fstat(self._fd).st_size
@@ -308,6 +315,13 @@ class DeadLetterLog:
     # ------------------------------------------------------------------------------------ lifecycle
     def flush(self) -> None:
         """Nothing to do: every write already reached the OS (kept for callers of the buffered log)."""
+
+    def sync(self) -> None:
+        """fsync what was written (for `synced` ACKs; the DLQ is small, so under the lock)."""
+        with self._lock:
+            if self._dirty and not self._closed:
+                os.fsync(self._fd)
+                self._dirty = False
 
     def close(self) -> None:
         """Close the file (idempotent). Later writes raise ValueError."""

@@ -105,6 +105,10 @@ class TcpServer:
             if r.want_nudge:
                 r.nudge()
 
+    def threads(self) -> list[threading.Thread]:
+        """The acceptor and reader threads (for health checks)."""
+        return [t for t in (self._acceptor, *self._readers) if t is not None]
+
     def failures(self) -> list[str]:
         """Reader threads that died with an error."""
         return [f"{r.name}: {r.error!r}" for r in self._readers if r.error is not None]

@@ -240,6 +240,10 @@ class UdpServer:
         stats.datagrams += n  # last: a reader of statistics() that sees the datagrams sees their outcome
         return bad
 
+    def threads(self) -> list[threading.Thread]:
+        """The reader thread (for health checks)."""
+        return [self._thread] if self._thread is not None else []
+
     def stop(self, drain: bool = True, timeout: float = 5.0) -> None:
         """Stop reading; datagrams already received are decoded before the thread exits."""
         self._stopping.set()

@@ -159,7 +159,8 @@ def test_counts_by_reason_category(tmp_path):
         dlq.write(batch(topics, 10), "queue_full", topics)
         dlq.write_each(batch(topics, 3), ["handler_error: A", "handler_error: B", "retries_exhausted: C"], topics)
         dlq.write_line(1, "t", 0, "bad_frame: short")
-        assert dlq.counts() == {"queue_full": 10, "handler_error": 2, "retries_exhausted": 1, "bad_frame": 1}
+        # counted by the bounded categories of eventstream.metrics.reasons, whatever the text
+        assert dlq.counts() == {"other": 11, "handler_error": 2, "retries_exhausted": 1}
         assert dlq.statistics()["total"] == 14 == dlq.total
         with pytest.raises(ValueError, match="exactly one reason per record"):
             dlq.write_each(batch(topics, 2), ["x"], topics)
@@ -418,4 +419,5 @@ def test_concurrent_writers_lose_no_entry_across_rotations(tmp_path):
     assert dlq.statistics()["rotations"] >= 2
     entries = list(read_dlq(path))
     assert sorted(e.id for e in entries) == list(range(n_threads * rounds * 5))
-    assert dlq.counts() == {f"r{k}": rounds * 5 for k in range(n_threads)}
+    assert dlq.counts() == {"other": n_threads * rounds * 5}  # bounded categories: r0..r3 are "other"
+    assert sorted(e.reason for e in entries) == sorted(f"r{k}" for k in range(n_threads) for _ in range(rounds * 5))

@@ -146,7 +146,7 @@ def test_service_exposition_has_every_series_from_the_start_and_passes_promtool(
     dropped = {s.labels["reason"]: s.value for s in samples if s.name == "events_dropped_total"}
     assert dropped == {r: 0.0 for r in REASONS}
     depths = {s.labels["queue"] for s in samples if s.name == "queue_depth"}
-    assert depths == set(QUEUE_NAMES) | {"ingest"}
+    assert depths == set(QUEUE_NAMES)
     for q in QUEUE_NAMES:
         assert any(s.name == "latency_seconds_count" and s.labels["queue"] == q for s in samples)
         assert any(s.name == "latency_recent_seconds" and s.labels == {"queue": q, "quantile": "0.99"} for s in samples)
