@@ -22,7 +22,8 @@ import structlog
 from eventstream.config import Config
 from eventstream.core.records import ACK_MODES, record_dtype
 from eventstream.core.topics import TopicTable
-from eventstream.engine.bus import QUEUE_NAMES, EventBusMulti
+from eventstream.engine import idempotency
+from eventstream.engine.bus import QUEUE_NAMES, ROUTE, EventBusMulti
 from eventstream.engine.control import Backpressure, ControlThread, Level, Sample
 from eventstream.engine.dispatcher import sequence_base
 from eventstream.engine.dlq import DeadLetterLog, reason_category
@@ -190,6 +191,9 @@ class Service:
             self.manager = ProcessManager(cfg, self.bus, sinks, handlers=self.handlers)
         except ValueError as exc:
             raise StartupError(str(exc)) from None
+        if self.manager.dedups is not None:  # before any event: a resend after a restart is stored once
+            self.dedup_rebuilt = idempotency.rebuild(data / st.events_file, self.manager.dedups, self.topics,
+                                                     ROUTE, QUEUE_NAMES, cfg.dedup.window_s)
         self._register_gauges()
         self.manager.start()
         # Admission (the control plane's level) is applied at the edge: TCP readers hold what is not

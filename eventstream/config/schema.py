@@ -115,8 +115,6 @@ class TransactionalConfig:
     retry_backoff_ms: float = field(default=10.0, metadata={"range": (0.0, 60_000.0)})
     workers: int = field(default=1, metadata={"range": (1, 64)})
     max_workers: int = field(default=2, metadata={"range": (1, 64)})
-    dedup_buckets: int = field(default=4096, metadata={"pow2": True, "range": (16, 1 << 26)})
-    dedup_window_s: float = field(default=3600.0, metadata={"range": (0.0, 30 * 86400.0)})
 
 
 @dataclass
@@ -134,6 +132,15 @@ class ProcessorsConfig:
     realtime: RealtimeConfig = field(default_factory=RealtimeConfig)
     transactional: TransactionalConfig = field(default_factory=TransactionalConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
+
+
+@dataclass
+class DedupConfig:
+    """Idempotency: an event with an id is stored once per (topic, event id) within the window, in
+    every tier; the tables are rebuilt at start from the tail of events.bin."""
+
+    window_s: float = field(default=3600.0, metadata={"range": (0.0, 30 * 86400.0)})  # 0 = off
+    buckets: int = field(default=4096, metadata={"pow2": True, "range": (16, 1 << 26)})  # initial, grows
 
 
 @dataclass
@@ -191,6 +198,7 @@ class Config:
     queues: QueuesConfig = field(default_factory=QueuesConfig)
     affinity: AffinityConfig = field(default_factory=AffinityConfig)
     processors: ProcessorsConfig = field(default_factory=ProcessorsConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
     backpressure: BackpressureConfig = field(default_factory=BackpressureConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)

@@ -9,6 +9,7 @@ import pytest
 
 from eventstream.config import load_config
 from eventstream.core.dedup import Deduplicator
+from eventstream.engine import idempotency
 from eventstream.engine.bus import EventBusMulti
 from eventstream.engine.handlers import Batch, HandlerError, TopicFilter, resolve
 from eventstream.engine.manager import ProcessManager
@@ -77,20 +78,34 @@ def make_tx(bus, collected, handler, **kw):
     q = bus["transactional"]
     dedups = [Deduplicator(256, 3600.0) for _ in range(q.partitions)]
     mine = dedups[collected.topics.intern("t") % q.partitions]
+    for name in ("u",):
+        collected.topics.intern(name)
     return TransactionalProcessor(q, collected.sinks(), handler, dedups=dedups,
                                   max_retries=kw.pop("max_retries", 3), retry_backoff_ms=1.0, **kw), mine
 
 
 def test_transactional_dedup_skips_committed_and_repeated_ids(bus, collected, topics):
     proc, dedup = make_tx(bus, collected, None)
-    dedup.commit(np.array([5], dtype=np.uint64))
+    five = make_records(topics, 1, ids=np.array([5], dtype=np.uint64))
+    dedup.commit(idempotency.keys(five, topics))  # (t, 5) is already stored
     ids = np.array([1, 2, 2, 3, 5, 0, 0, 1], dtype=np.uint64)
     bus.publish(make_records(topics, len(ids), ids=ids))
     run_until_drained([proc], bus)
     stored = collected.stored_records()
     assert sorted(stored["event_id"].tolist()) == [0, 0, 1, 2, 3]  # id 0 is never deduplicated
     assert collected.dedup_hits == 3
-    assert dedup.seen(np.array([1, 2, 3], dtype=np.uint64)).all()
+    assert dedup.seen(idempotency.keys(stored[stored["event_id"] != 0], topics)).all()
+
+
+def test_the_same_id_on_another_topic_is_another_event(bus, collected, topics):
+    proc, dedup = make_tx(bus, collected, None)
+    recs = make_records(topics, 4, topic=["t", "t", "u", "u"], ids=np.array([7, 7, 7, 8], dtype=np.uint64))
+    bus.publish(recs)
+    run_until_drained([proc], bus)
+    got = sorted(zip(collected.topics.names(collected.stored_records()["topic_id"]),
+                     collected.stored_records()["event_id"].tolist()))
+    assert got == [("t", 7), ("u", 7), ("u", 8)]  # keyed by (topic, id): one client cannot mask another
+    assert collected.dedup_hits == 1
 
 
 def test_transactional_retries_then_succeeds(bus, collected, topics):
@@ -108,7 +123,7 @@ def test_transactional_retries_then_succeeds(bus, collected, topics):
     run_until_drained([proc], bus)
     assert sorted(collected.stored_records()["event_id"].tolist()) == list(range(1, 11))
     assert collected.dropped == []
-    assert dedup.seen(np.array([7], dtype=np.uint64)).all()
+    assert dedup.seen(idempotency.keys(make_records(topics, 1, ids=np.array([7], dtype=np.uint64)), topics)).all()
 
 
 def test_transactional_exhausted_retries_go_to_dlq_with_last_error(bus, collected, topics):
@@ -126,7 +141,9 @@ def test_transactional_exhausted_retries_go_to_dlq_with_last_error(bus, collecte
     assert dropped["event_id"].tolist() == [3]
     assert reasons == ["retries_exhausted: KeyError: 'attempt 3'"]  # batch try + 2 retries
     assert sorted(collected.stored_records()["event_id"].tolist()) == [1, 2, 4, 5]
-    assert not dedup.seen(np.array([3], dtype=np.uint64))[0]  # never committed
+    three = make_records(topics, 1, ids=np.array([3], dtype=np.uint64))
+    assert not dedup.seen(idempotency.keys(three, topics))[0]  # never committed
+    assert dedup.seen(idempotency.keys(make_records(topics, 1, ids=np.array([4], dtype=np.uint64)), topics))[0]
 
 
 def test_batch_windows_per_topic_with_aggregate(bus, collected, topics):

@@ -24,6 +24,7 @@ import structlog
 
 from eventstream.core.records import ACK_SYNCED, FLAG_ACK_MASK, FLAG_ACK_SHIFT
 from eventstream.core.topics import TopicTable
+from eventstream.engine import idempotency
 from eventstream.engine.bus import Queue
 from eventstream.engine.handlers import Handler, TopicFilter
 from eventstream.runtime.affinity import pin_current_thread
@@ -60,7 +61,8 @@ class Processor(threading.Thread):
     kind = "processor"
 
     def __init__(self, queue: Queue, sinks: Sinks, handler: Handler | None, *, topics: list[str] | None = None,
-                 worker: int = 0, cpus=(), max_batch: int = 4096, poll_timeout: float = 0.002):
+                 worker: int = 0, cpus=(), max_batch: int = 4096, poll_timeout: float = 0.002,
+                 dedups: list | None = None):
         super().__init__(name=f"es-{self.kind}-{worker}", daemon=True)
         self.queue = queue
         self.sinks = sinks
@@ -70,6 +72,11 @@ class Processor(threading.Thread):
         self.cpus = list(cpus)
         self.max_batch = max_batch
         self.poll_timeout = poll_timeout
+        # one Deduplicator per partition of this tier (engine/idempotency.py), or None: no dedup
+        if dedups is not None and len(dedups) != queue.partitions:
+            raise ValueError(f"one Deduplicator per partition is needed: got {len(dedups)} for "
+                             f"{queue.partitions} partitions")
+        self.dedups = dedups
         self.handled = 0
         self.batches = 0
         self.error: BaseException | None = None
@@ -139,6 +146,28 @@ class Processor(threading.Thread):
         self.handled += n
         self.batches += 1
         return True
+
+    # -- idempotency
+    def skip_duplicates(self, records: np.ndarray, partition: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Drop records already stored (same topic and event id, within the window) and repeats inside
+        the batch, counting them; returns (records to handle, their dedup keys or None)."""
+        if self.dedups is None:
+            return records, None
+        k, skip = idempotency.duplicates(records, self.dedups[partition], self.sinks.topics)
+        if skip.any():
+            self.sinks.dedup_hit(int(skip.sum()))
+            keep = ~skip
+            return records[keep], k[keep]
+        return records, k
+
+    def commit_ids(self, keys: np.ndarray | None, partition: int, ok: np.ndarray | None = None) -> None:
+        """Remember the keys of stored records (after the store: a failed store is retried by a resend)."""
+        if keys is None:
+            return
+        if ok is not None:
+            keys = keys[ok]
+        if keys.any():
+            self.dedups[partition].commit_exclusive(keys)
 
     # -- hooks
     def handle(self, records: np.ndarray, partition: int) -> None:  # pragma: no cover - abstract
