@@ -155,6 +155,7 @@ class BackpressureConfig:
     max_queue_depth: int = field(default=5000, metadata={"range": (1, 1 << 30)})
     min_events_for_evaluation: int = field(default=1000, metadata={"range": (0, 1 << 40)})
     recovery_factor: float = field(default=0.8, metadata={"range": (0.0, 1.0)})
+    min_dwell_ms: float = field(default=1000.0, metadata={"range": (0.0, 3_600_000.0)})  # held before a step down
     elevated: LevelThresholds = field(default_factory=lambda: LevelThresholds(0.01, 0.50))
     degraded: LevelThresholds = field(default_factory=lambda: LevelThresholds(0.02, 0.75))
     critical: LevelThresholds = field(default_factory=lambda: LevelThresholds(0.04, 1.00))
