@@ -132,6 +132,11 @@ class Service:
         if tcp is not None:
             tcp.progress()
 
+    def _stages(self, ingest_ns: np.ndarray, taken_ns: int, stored_ns: int) -> None:
+        m = self.metrics
+        m.observe_stage("queued", np.int64(taken_ns) - ingest_ns)
+        m.observe_stage("stored", np.int64(stored_ns) - ingest_ns)
+
     def _processed(self, queue: str, records: np.ndarray, handled_ns: int | None = None) -> None:
         now = time.monotonic_ns() if handled_ns is None else handled_ns
         self.metrics.processed(queue, len(records), now - records["ingest_ts"].astype(np.int64))
@@ -186,7 +191,8 @@ class Service:
         self._closers.append(self.bus.close)
         self.admission = Admission()
         sinks = Sinks(self.topics, store=self.event_log.append, drop=self.drop, processed=self._processed,
-                      dedup_hit=self.metrics.dedup_hits, sync=self._sync, progress=self._progress)
+                      dedup_hit=self.metrics.dedup_hits, sync=self._sync, progress=self._progress,
+                      stages=self._stages)
         try:
             self.manager = ProcessManager(cfg, self.bus, sinks, handlers=self.handlers)
         except ValueError as exc:
@@ -203,7 +209,8 @@ class Service:
         if cfg.server.tcp.enabled:
             self.tcp = TcpServer(cfg.server.tcp, self.bus, self.topics, admission=self.admission,
                                  on_reject=self.on_reject, cpus=aff.acceptor, reader_cpus=aff.ingest,
-                                 payload_bytes=pb, ack_default=ACK_MODES[cfg.server.ack])
+                                 payload_bytes=pb, ack_default=ACK_MODES[cfg.server.ack],
+                                 on_acked=lambda lat: self.metrics.observe_stage("acked", lat))
             self._start_server(self.tcp, "server.tcp")
         if cfg.server.udp.enabled:
             self.udp = UdpServer(cfg.server.udp, self.bus, self.topics, admission=self.admission,

@@ -227,3 +227,24 @@ def test_ack_mode_in_the_frame_flags_reaches_the_record(tmp_path):
         assert not errs
         modes = ((recs["flags"] & FLAG_ACK_MASK) >> FLAG_ACK_SHIFT).tolist()
         assert modes == [(i % 4) or 2 for i in range(n)]  # 0 = the connection's default
+
+
+def test_every_stage_of_an_events_way_is_measured(tmp_path):
+    svc = Service(cfg(tmp_path / "data")).start()
+    try:
+        c = Conn(svc)
+        c.send(*(encode_v2(f"s{p}", b"x", p, i + 1) for i, p in enumerate([0, 1, 2, 3, 4] * 2)))
+        c.wait_ack(10)
+        c.close()
+
+        def count(stage):
+            return int(svc.metrics.stages[stage].snapshot()[0].sum())
+
+        deadline = time.monotonic() + 30
+        while count("stored") < 10 and time.monotonic() < deadline:
+            time.sleep(0.001)  # recorded just after the release that let the ACK go
+        assert [count(st) for st in ("queued", "handled", "stored", "acked")] == [10, 10, 10, 10]
+        p = svc.metrics.stage_percentiles("acked")
+        assert 0 < p["p50_recent"] <= p["p99_recent"]
+    finally:
+        svc.stop()

@@ -45,6 +45,9 @@ class Sinks:
     dedup_hit: Callable[[int], None] = lambda n: None
     sync: Callable[[], None] | None = None  # fsync what is stored (group commit) before a release
     progress: Callable[[], None] | None = None  # a watermark moved: wake ACK senders
+    # (ingest_ts of a released batch, ns it was taken, ns it was stored) -> stage latencies; after the
+    # release, off the ACK path
+    stages: Callable[[np.ndarray, int, int], None] | None = None
 
 
 def _wants_sync(views) -> bool:
@@ -133,6 +136,7 @@ class Processor(threading.Thread):
         views = ring.poll(self.max_batch, timeout)
         if not views:
             return False
+        taken_ns = time.monotonic_ns()
         n = 0
         for view in views:
             self.handle(view, partition)
@@ -140,9 +144,16 @@ class Processor(threading.Thread):
         sinks = self.sinks
         if sinks.sync is not None and _wants_sync(views):
             sinks.sync()
+        stages = sinks.stages
+        if stages is not None:  # copied before the release: the views belong to the ring after it
+            stored_ns = time.monotonic_ns()
+            ingest = views[0]["ingest_ts"].astype(np.int64) if len(views) == 1 else \
+                np.concatenate([v["ingest_ts"] for v in views]).astype(np.int64)
         ring.release(n)
         if sinks.progress is not None:
             sinks.progress()
+        if stages is not None:
+            stages(ingest, taken_ns, stored_ns)
         self.handled += n
         self.batches += 1
         return True
