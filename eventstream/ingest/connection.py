@@ -45,6 +45,13 @@ STOP_BUDGET_S = 4.0  # a draining stop waits at most this long for held records 
 _STRONGER_THAN_ACCEPTED = ACK_ACCEPTED << FLAG_ACK_SHIFT
 
 
+def wants_completion(flags: np.ndarray) -> bool:
+    """Does any record ask for more than `accepted` (stored or synced)?"""
+    if len(flags) <= 8:  # the common small read: plain ints beat numpy temporaries
+        return any((f & FLAG_ACK_MASK) > _STRONGER_THAN_ACCEPTED for f in flags.tolist())
+    return bool(((flags & FLAG_ACK_MASK) > _STRONGER_THAN_ACCEPTED).any())
+
+
 def marks_done(marks) -> bool:
     for ring, end in marks:
         if ring.completed() < end:
@@ -254,7 +261,7 @@ class Reader(threading.Thread):
         d = self.delivery.deliver(records, indices, errors, c.conn_id, want_nacks=c.v2)
         c.accepted += d.accepted
         if c.v2:
-            if d.marks and not ((records["flags"] & FLAG_ACK_MASK) > _STRONGER_THAN_ACCEPTED).any():
+            if d.marks and not wants_completion(records["flags"]):
                 d.marks = []  # every frame asked for `accepted` (or is v1): complete once placed
             c.open_marks.extend(d.marks)
             c.open_nacks += d.nacks

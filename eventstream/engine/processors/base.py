@@ -40,7 +40,8 @@ class Sinks:
     store: Callable[[np.ndarray], None]  # processed records -> events.bin
     drop: Callable[[np.ndarray, str], None]  # failed/dropped records -> dead-letter log
     # (queue, records, handled_ns) -> counters, and latency = handled_ns - ingest_ts (handled_ns is
-    # time.monotonic_ns() when the handler was done, before storage: the latency is ingest -> handled)
+    # time.monotonic_ns() when the handler was done, before storage: the latency is ingest -> handled).
+    # Called after the batch's release (off the ACK path) with a copy holding only `ingest_ts`.
     processed: Callable[[str, np.ndarray, int], None]
     dedup_hit: Callable[[int], None] = lambda n: None
     sync: Callable[[], None] | None = None  # fsync what is stored (group commit) before a release
@@ -58,6 +59,7 @@ def _wants_sync(views) -> bool:
 
 
 _SYNCED_BITS = ACK_SYNCED << FLAG_ACK_SHIFT
+_TS_DTYPE = np.dtype([("ingest_ts", "<u8")])
 
 
 class Processor(threading.Thread):
@@ -80,6 +82,7 @@ class Processor(threading.Thread):
             raise ValueError(f"one Deduplicator per partition is needed: got {len(dedups)} for "
                              f"{queue.partitions} partitions")
         self.dedups = dedups
+        self._done: list[tuple[str, np.ndarray, int]] = []  # processed() calls, made after the release
         self.handled = 0
         self.batches = 0
         self.error: BaseException | None = None
@@ -154,9 +157,18 @@ class Processor(threading.Thread):
             sinks.progress()
         if stages is not None:
             stages(ingest, taken_ns, stored_ns)
+        for queue, ts, handled_ns in self._done:
+            sinks.processed(queue, ts, handled_ns)
+        self._done.clear()
         self.handled += n
         self.batches += 1
         return True
+
+    def processed(self, queue: str, records: np.ndarray, handled_ns: int) -> None:
+        """Count handled records; the metrics are recorded after the batch's release."""
+        ts = np.empty(len(records), dtype=_TS_DTYPE)
+        ts["ingest_ts"] = records["ingest_ts"]
+        self._done.append((queue, ts, handled_ns))
 
     # -- idempotency
     def skip_duplicates(self, records: np.ndarray, partition: int) -> tuple[np.ndarray, np.ndarray | None]:

@@ -111,7 +111,7 @@ class BatchProcessor(Processor):
         handled_ns = time.monotonic_ns()
         self.sinks.store(records)
         self.commit_ids(keys, partition)
-        self.sinks.processed("batch", records, handled_ns)
+        self.processed("batch", records, handled_ns)
         self._sweep(table, self.clock())
 
     def on_idle(self) -> None:

@@ -35,4 +35,4 @@ class RealtimeProcessor(Processor):
             handled_ns = time.monotonic_ns()
             sinks.store(records)
             self.commit_ids(keys, partition, stored)
-            sinks.processed("realtime", records, handled_ns)
+            self.processed("realtime", records, handled_ns)

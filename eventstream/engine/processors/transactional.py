@@ -49,7 +49,7 @@ class TransactionalProcessor(Processor):
             handled_ns = time.monotonic_ns()
             sinks.store(good)
             self.commit_ids(keys, partition, None if ok.all() else ok)
-            sinks.processed("transactional", good, handled_ns)
+            self.processed("transactional", good, handled_ns)
 
     def _run(self, batch: np.ndarray) -> tuple[list[int], list[str]]:
         """Handle `batch`; return indexes (into batch) that failed every attempt, with their errors."""
