@@ -27,22 +27,37 @@ from eventstream.core.topics import TopicTable, topic_hash
 log = structlog.get_logger("eventstream.idempotency")
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_GOLDEN_INT = 0x9E3779B97F4A7C15
+_M64 = (1 << 64) - 1
+SMALL = 8  # up to this many records: plain ints (a realtime batch at low load is one event)
 
 
 def keys(records: np.ndarray, topics: TopicTable) -> np.ndarray:
-    """The dedup key of each record (0 where the record has no event id)."""
+    """The dedup key of each record (0 where the record has no event id). uint64 arithmetic wraps."""
     ids = records["event_id"]
-    with np.errstate(over="ignore"):
-        k = (ids * _GOLDEN) ^ topics.hashes(records["topic_id"])
+    hashes = topics.hashes(records["topic_id"])
+    if len(ids) <= SMALL:
+        return np.array([((e * _GOLDEN_INT) & _M64) ^ h if e else 0 for e, h in zip(ids.tolist(), hashes.tolist())],
+                        dtype=np.uint64)
+    k = (ids * _GOLDEN) ^ hashes
     k[ids == 0] = 0
     return k
 
 
 def duplicates(records: np.ndarray, dedup: Deduplicator, topics: TopicTable) -> tuple[np.ndarray, np.ndarray]:
     """(keys, mask of records to skip): keys already committed, and repeats inside this batch (the
-    first occurrence of a key is kept)."""
+    first occurrence of a key is kept). For the table's only user (the partition's token holder)."""
     k = keys(records, topics)
-    skip = dedup.seen(k)
+    skip = dedup.seen_exclusive(k)
+    if len(k) <= SMALL:
+        if len(k) > 1:
+            first: set[int] = set()
+            for i, key in enumerate(k.tolist()):
+                if key and not skip[i]:
+                    if key in first:
+                        skip[i] = True
+                    first.add(key)
+        return k, skip
     fresh = (k != 0) & ~skip
     if fresh.sum() > 1:
         idx = np.flatnonzero(fresh)
@@ -86,8 +101,7 @@ def rebuild(path: Path, tables: dict[str, list[Deduplicator]], topics: TopicTabl
         for fid in file_ids.tolist():
             remap[fid] = topics.intern(b.topics[fid])
         tids = remap[r["topic_id"]]
-        with np.errstate(over="ignore"):
-            k = (r["event_id"] * _GOLDEN) ^ topics.hashes(tids)
+        k = (r["event_id"] * _GOLDEN) ^ topics.hashes(tids)
         # one commit per (tier, partition, age in seconds): stamps keep the age they have
         age_s = np.maximum(0, (wall_now - stored_ns.astype(np.int64)) // 1_000_000_000)
         tier = route[r["priority"]]
