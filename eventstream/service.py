@@ -51,15 +51,20 @@ class StartupError(RuntimeError):
 
 
 class LevelActions:
-    """What each backpressure level does (cumulative as the level rises):
+    """What each backpressure level does (cumulative as the level rises, undone step by step):
 
     ELEVATED   add a transactional and a batch worker (up to max_workers)
-    DEGRADED   pause: TCP readers admit only CRITICAL events and hold the rest (a connection holding
-               events stops being read, so TCP flow control pushes its client back; nothing is
-               dropped); UDP sheds non-CRITICAL events (reason "paused", DLQ)
-    CRITICAL   as DEGRADED, and UDP refuses BATCH priority with reason "backpressure"
-    EMERGENCY  as DEGRADED: only CRITICAL events are admitted, over TCP and UDP
+    DEGRADED   admit no BATCH-priority events at the edge
+    CRITICAL   admit no LOW or BATCH events
+    EMERGENCY  admit only CRITICAL events
+
+    "Not admitted" means: a TCP reader holds the events (and stops reading that connection until they
+    are admitted: TCP flow control pushes the client back, nothing is dropped); UDP, which has no flow
+    control, sheds them (reason "backpressure", DLQ). Independently of the level, a full queue pushes
+    TCP clients back the same way. Events already accepted are never shed.
     """
+
+    MIN_PRIORITY = {Level.HEALTHY: 0, Level.ELEVATED: 0, Level.DEGRADED: 1, Level.CRITICAL: 2, Level.EMERGENCY: 4}
 
     def __init__(self, service: Service):
         self.service = service
@@ -69,13 +74,7 @@ class LevelActions:
         if level >= Level.ELEVATED and previous < Level.ELEVATED:
             for tier in ("transactional", "batch"):
                 svc.manager.add_worker(tier)
-        svc.admission.paused = level >= Level.DEGRADED
-        if level >= Level.EMERGENCY:
-            svc.admission.min_priority = 4
-        elif level >= Level.CRITICAL:
-            svc.admission.min_priority = 1
-        else:
-            svc.admission.min_priority = 0
+        svc.admission.min_priority = self.MIN_PRIORITY[level]
         svc.metrics.set_state(int(level), level.name, int(previous), previous.name)
 
 
