@@ -201,6 +201,8 @@ class Service:
                                                      ROUTE, QUEUE_NAMES, cfg.dedup.window_s)
         self._register_gauges()
         self.manager.start()
+        if cfg.processors.realtime.inline:
+            self.bus.inline = self.manager.workers["realtime"][0].run_inline
         # Admission (the control plane's level) is applied at the edge: TCP readers hold what is not
         # admitted (pushing the client back), UDP sheds it (NACK-less: counted and dead-lettered).
         # Events already accepted are never shed by the control plane.

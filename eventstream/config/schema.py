@@ -105,6 +105,9 @@ class RealtimeConfig:
     handler: str = field(default="eventstream.engine.handlers:noop", metadata={"handler": True})
     topics: list[str] = field(default_factory=lambda: ["*"])
     sla_us: float = field(default=100.0, metadata={"range": (0.0, 1e9)})
+    # caller runs: an ingest reader handles realtime events itself when the realtime queue is idle
+    # (no thread handoff before the handler or the ACK); the handler then runs on ingest threads
+    inline: bool = True
 
 
 @dataclass

@@ -227,3 +227,41 @@ def test_manager_refuses_unknown_tier(small_cfg, collected):
             mgr.add_worker("realtime")
     finally:
         bus.close()
+
+
+def test_caller_runs_realtime_only_when_the_queue_is_idle(bus, collected, topics):
+    calls = []
+    proc = RealtimeProcessor(bus["realtime"], collected.sinks(), lambda b: calls.append(b.records["seq"].tolist()))
+    first = make_records(topics, 2, priority=4, start_seq=1)
+    assert proc.run_inline(first)  # idle: handled and stored on this thread, nothing queued
+    assert calls == [[1, 2]] and collected.stored_records()["seq"].tolist() == [1, 2]
+    assert proc.inline == 2 and bus["realtime"].depth == 0
+    queued = make_records(topics, 1, priority=4, start_seq=3)
+    bus.publish(queued)  # something is queued: a later event must not overtake it
+    assert not proc.run_inline(make_records(topics, 1, priority=4, start_seq=4))
+    with bus["realtime"].tokens[0]:  # a worker is inside the partition
+        bus["realtime"].rings[0].take(10)
+        assert not proc.run_inline(make_records(topics, 1, priority=4, start_seq=5))
+    assert calls == [[1, 2]]
+
+
+def test_bus_offer_runs_realtime_inline_and_queues_the_rest(bus, collected, topics):
+    proc = RealtimeProcessor(bus["realtime"], collected.sinks(), None)
+    bus.inline = proc.run_inline
+    recs = make_records(topics, 10, priority=2)
+    recs["priority"][::2] = 4
+    off = bus.offer(recs)
+    assert off.placed == 10 and off.held is None
+    assert [r.name for r, _ in off.marks] and all(r.name.startswith("transactional") for r, _ in off.marks)
+    assert sorted(collected.stored_records()["seq"].tolist()) == recs["seq"][::2].tolist()  # stored already
+    assert bus["realtime"].depth == 0 and bus["transactional"].depth == 5
+
+
+def test_inline_handler_error_goes_to_the_dlq_and_the_caller_survives(bus, collected, topics):
+    def boom(b):
+        raise RuntimeError("pager down")
+
+    proc = RealtimeProcessor(bus["realtime"], collected.sinks(), boom)
+    assert proc.run_inline(make_records(topics, 3, priority=4))
+    dropped, reasons = collected.dropped_records()
+    assert len(dropped) == 3 and reasons == ["handler_error: RuntimeError: pager down"] * 3

@@ -84,6 +84,7 @@ class Processor(threading.Thread):
         self.dedups = dedups
         self._done: list[tuple[str, np.ndarray, int]] = []  # processed() calls, made after the release
         self.handled = 0
+        self.inline = 0  # of which handled by run_inline on a caller's thread
         self.batches = 0
         self.error: BaseException | None = None
         self._stop_requested = threading.Event()
@@ -108,7 +109,7 @@ class Processor(threading.Thread):
                     if not token.acquire(blocking=False):
                         continue
                     try:
-                        worked |= self._drain_once(i, self.poll_timeout if parts == 1 else 0.0)
+                        worked |= self._drain_once(i, 0.0)
                     finally:
                         token.release()
                 if worked:
@@ -117,14 +118,12 @@ class Processor(threading.Thread):
                 self.on_idle()
                 if self._stop_requested.is_set() and self.queue.depth == 0:
                     return
-                if parts > 1:
-                    wait = self.queue.wait
-                    if wait is not None and wait.signals:
-                        wait.wait_for(lambda: self.queue.depth > 0 or self._stop_requested.is_set(), 0.05)
-                    else:
-                        idle_sleep = min(0.002, idle_sleep * 2 or 0.00005)
-                        time.sleep(idle_sleep)
-                elif self.queue.depth:
+                # wait outside every token, so a caller-runs thread (run_inline) can take one meanwhile
+                wait = self.queue.wait
+                if wait is not None:
+                    wait.wait_for(lambda: self.queue.depth > 0 or self._stop_requested.is_set(),
+                                  self.poll_timeout if wait.signals else 0.0)
+                if not (wait is not None and wait.signals):
                     idle_sleep = min(0.002, idle_sleep * 2 or 0.00005)
                     time.sleep(idle_sleep)
         except BaseException as exc:
@@ -163,6 +162,34 @@ class Processor(threading.Thread):
         self.handled += n
         self.batches += 1
         return True
+
+    def run_inline(self, records: np.ndarray) -> bool:
+        """Caller runs: handle `records` on the calling thread (an ingest reader), when partition 0
+        is idle: no worker inside it and nothing queued ahead of them (order is kept). The records are
+        then handled and stored when this returns True; False: not now (the caller queues them).
+        For the realtime tier: no thread handoff at all on the way to the handler and the ACK."""
+        token = self.queue.tokens[0]
+        if not token.acquire(blocking=False):
+            return False
+        try:
+            if self.queue.rings[0].depth:
+                return False
+            sinks = self.sinks
+            taken_ns = time.monotonic_ns()
+            self.handle(records, 0)
+            if sinks.sync is not None and _wants_sync((records,)):
+                sinks.sync()
+            if sinks.stages is not None:
+                sinks.stages(records["ingest_ts"].astype(np.int64), taken_ns, time.monotonic_ns())
+            for queue, ts, handled_ns in self._done:
+                sinks.processed(queue, ts, handled_ns)
+            self._done.clear()
+            self.handled += len(records)
+            self.inline += len(records)
+            self.batches += 1
+            return True
+        finally:
+            token.release()
 
     def processed(self, queue: str, records: np.ndarray, handled_ns: int) -> None:
         """Count handled records; the metrics are recorded after the batch's release."""
