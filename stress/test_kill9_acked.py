@@ -75,7 +75,7 @@ class Sender:
 def test_repeated_kill9_under_load_loses_no_acked_event_and_stores_each_once(tmp_path, tally):
     data = tmp_path / "data"
     log_path = tmp_path / "serve.log"
-    rounds, per_round = scaled(10, 3), scaled(20_000, 2_000)
+    rounds, per_round = scaled(10, 3), scaled(5_000, 2_000)
     rng = random.Random(9)
     senders = [Sender(k) for k in range(SENDERS)]
     acked_before_kill: set[tuple[int, int]] = set()
