@@ -31,7 +31,7 @@ import numpy as np
 from eventstream.config import Config, QueueConfig
 from eventstream.core.records import Priority
 from eventstream.core.ring import MpscRing, Overflow
-from eventstream.core.wait import make_wait
+from eventstream.core.wait import Blocking, make_wait
 
 QUEUE_NAMES = ("realtime", "transactional", "batch")
 REALTIME, TRANSACTIONAL, BATCH = 0, 1, 2
@@ -62,6 +62,13 @@ class Queue:
     @property
     def depth(self) -> int:
         return sum(r.depth for r in self.rings)
+
+    def has_work(self) -> bool:
+        """Any partition holds records (stops at the first: cheaper than depth)."""
+        for r in self.rings:
+            if r.depth:
+                return True
+        return False
 
     @property
     def capacity(self) -> int:
@@ -119,7 +126,9 @@ class EventBusMulti:
             for name, qc, parts in (("realtime", q.realtime, 1),
                                     ("transactional", q.transactional, cfg.processors.transactional.max_workers),
                                     ("batch", q.batch, cfg.processors.batch.max_workers)):
-                wait = make_wait(q.wait_strategy)
+                # one wait strategy per queue, shared by its partitions: a publish to any of them wakes
+                # the queue's idle workers. Few spins: an idle worker should park, not burn a core.
+                wait = Blocking(spins=4, yields=1) if q.wait_strategy == "block" else make_wait(q.wait_strategy)
                 rings = [_ring(qc, dtype, wait, node, name if parts == 1 else f"{name}.{i}") for i in range(parts)]
                 self.queues.append(Queue(name, rings, Overflow[qc.overflow], wait))
         except BaseException:

@@ -59,6 +59,7 @@ def _wants_sync(views) -> bool:
 
 
 _SYNCED_BITS = ACK_SYNCED << FLAG_ACK_SHIFT
+IDLE_WAIT_S = 0.1  # longest park of an idle processor between checks (publishes wake it at once)
 _TS_DTYPE = np.dtype([("ingest_ts", "<u8")])
 
 
@@ -95,6 +96,9 @@ class Processor(threading.Thread):
         if not drain:
             self._abandon = True
         self._stop_requested.set()
+        wait = self.queue.wait
+        if wait is not None and wait.signals:
+            wait.signal()  # wake it if it is parked idle
 
     def run(self) -> None:
         pin_current_thread(self.cpus, self.name)
@@ -118,11 +122,12 @@ class Processor(threading.Thread):
                 self.on_idle()
                 if self._stop_requested.is_set() and self.queue.depth == 0:
                     return
-                # wait outside every token, so a caller-runs thread (run_inline) can take one meanwhile
+                # wait outside every token, so a caller-runs thread (run_inline) can take one meanwhile;
+                # a publish to any partition (or stop()) signals the wait, the timeout is a safety net
                 wait = self.queue.wait
                 if wait is not None:
-                    wait.wait_for(lambda: self.queue.depth > 0 or self._stop_requested.is_set(),
-                                  self.poll_timeout if wait.signals else 0.0)
+                    wait.wait_for(lambda: self.queue.has_work() or self._stop_requested.is_set(),
+                                  IDLE_WAIT_S if wait.signals else 0.0)
                 if not (wait is not None and wait.signals):
                     idle_sleep = min(0.002, idle_sleep * 2 or 0.00005)
                     time.sleep(idle_sleep)
