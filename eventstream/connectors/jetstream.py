@@ -1,0 +1,610 @@
+"""NATS JetStream connector: a sink (processed events -> a stream) and a source (a durable pull
+consumer -> the engine, as another ingest).
+
+Threads. nats-py is asyncio; it runs in one dedicated thread (`es-nats`) with its own event loop.
+Engine threads never await and never wait for it:
+
+- sink: the service wraps `Sinks.store`; after a processed batch is stored, `forward()` (on the
+  processor thread) selects the forwarded rows with one numpy lookup, appends a copy to a deque and,
+  only if the connector thread sleeps, wakes it with `call_soon_threadsafe`. Past
+  `sink.max_pending` queued events the batch is dead-lettered instead ("connector: sink backlog
+  full"), so a NATS outage never blocks or grows the engine without bound.
+- source: the connector thread decodes fetched messages into a record batch and calls
+  `bus.offer()` (which never waits); what the queues hold back is offered again every millisecond
+  (never nak'ed). A message is acked only once its records are stored (every completion mark
+  `ring.completed() >= end`); processors call `progress()` after each release, which wakes the
+  connector thread when it waits for marks (the same watermark scheme as TCP ACKs).
+
+Sink messages: subject `<subject_prefix>.<topic>`, payload = event payload, headers `Nats-Msg-Id`
+(= the event id, or `<engine-run>-<seq>` for events without one, so JetStream deduplicates
+re-publishes within the stream's duplicate window), `Eventstream-Priority` (0..4) and
+`Eventstream-Producer-Ts` (ns). An event counts as delivered once JetStream acked the publish; at
+most `sink.max_in_flight` publishes wait for their ack; a failed attempt (timeout, no responders
+during a server restart, disconnect) is retried with backoff, and after `sink.max_attempts` the event
+goes to our DLQ ("connector: publish ... failed"). Events that came in through the source are not
+forwarded again (they carry conn_id NATS_CONN_ID), so a sink and a source on the same subjects do
+not loop.
+
+Source messages: topic = subject minus the prefix; priority from `Eventstream-Priority` (number or
+name) else `source.default_priority`; event id = `Nats-Msg-Id` when it is a decimal number in
+1..2^64-1, else a 64-bit hash of it (of `<stream>:<stream seq>` when there is no id), so a
+redelivered message keeps its id. Undecodable messages (no topic, bad priority, payload larger than
+`records.payload_bytes`) and messages delivered more than `source.max_deliver` times go to our DLQ
+with the reason and are terminated (`term()`), never redelivered. The JetStream consumer itself has
+no max_deliver (-1): nothing is dropped by the server silently; the limit is ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import threading
+import time
+import uuid
+
+import numpy as np
+import structlog
+
+from eventstream.connectors.subjects import glob_filter, glob_matches, subject_topic, topic_subject
+from eventstream.core.records import PRIORITY_NAMES
+from eventstream.core.topics import MAX_TOPIC_BYTES
+
+log = structlog.get_logger("eventstream.connectors.nats")
+
+NATS_CONN_ID = 0xFFFFFFF0  # conn_id of records that came from the NATS source
+H_MSG_ID = "Nats-Msg-Id"
+H_PRIORITY = "Eventstream-Priority"
+H_PRODUCER_TS = "Eventstream-Producer-Ts"
+FETCH_TIMEOUT_S = 0.5  # a fetch that finds nothing returns after this (bounds how long stop waits)
+HELD_RETRY_S = 0.001
+
+
+def import_nats():
+    """nats-py, imported only when the connector is enabled; a clear error when it is missing."""
+    try:
+        import nats  # noqa: F401
+        import nats.errors  # noqa: F401
+        import nats.js.api  # noqa: F401
+        import nats.js.errors  # noqa: F401
+    except ImportError as exc:
+        from eventstream.service import StartupError
+
+        raise StartupError(f"connectors.nats.enabled: true needs the nats-py package ({exc}); allowed: install it "
+                           "(pip install 'eventstream[nats]') or set connectors.nats.enabled: false") from None
+    return nats
+
+
+def hashed_id(key: str) -> int:
+    """A stable non-zero 64-bit event id for a non-numeric message id."""
+    v = int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little")
+    return v or 1
+
+
+def parse_priority(text) -> int | None:
+    t = str(text).strip()
+    if t.isdigit() and int(t) < len(PRIORITY_NAMES):
+        return int(t)
+    up = t.upper()
+    return PRIORITY_NAMES.index(up) if up in PRIORITY_NAMES else None
+
+
+class NatsConnector:
+    def __init__(self, cfg, service):
+        self.cfg = cfg
+        self.svc = service
+        self.topics = service.topics
+        self.dtype = service.dtype
+        self.capacity = self.dtype.itemsize - 64
+        self.prefix = cfg.subject_prefix
+        self.run_id = uuid.uuid4().hex[:16]  # `<engine-run>-<seq>` ids for events without an id
+        self.sink_on = cfg.sink.enabled
+        self.source_on = cfg.source.enabled
+        self.stats = {k: 0 for k in ("forwarded", "published", "duplicates", "retries", "publish_failed",
+                                     "refused_topic", "backlog_full", "consumed", "acked", "poison",
+                                     "reconnects", "disconnects")}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self.nc = self.js = None
+        self._started = False
+        self._closed = False
+        # sink state (the deque is shared with engine threads; the counters under _q_lock)
+        self._q: collections.deque = collections.deque()
+        self._q_lock = threading.Lock()
+        self._q_events = 0
+        self._sink_waiting = False
+        self._sink_closing = False
+        self._allow = np.zeros(1, dtype=bool)  # topic id -> forwarded (sink.topics); ids < len are decided
+        self._allow_lock = threading.Lock()
+        self._subjects: dict[int, tuple[str | None, str | None]] = {}
+        self._tasks: set = set()
+        # source state (connector thread only, except the two flags read by progress())
+        self._inflight: collections.deque = collections.deque()  # (marks, msgs)
+        self._want_progress = False
+        self._nudged = False
+        self._intake_stopped = False
+        self._source_task = self._ack_task = self._sink_task = None
+
+    # ------------------------------------------------------------------ called from engine threads
+    def wrap_store(self, append):
+        """The sink hook: `store` = append to the event log, then queue a copy for the sink."""
+        if not self.sink_on:
+            return append
+        forward = self.forward
+
+        def store(records):
+            append(records)
+            forward(records)
+
+        return store
+
+    def _grow_allow(self) -> np.ndarray:
+        with self._allow_lock:
+            n = len(self.topics) + 1
+            old = self._allow
+            if len(old) >= n:
+                return old
+            table = np.zeros(n, dtype=bool)
+            table[:len(old)] = old
+            globs = self.cfg.sink.topics
+            for tid in range(max(len(old), 1), n):
+                name = self.topics.name(tid)
+                table[tid] = any(glob_matches(g, name) for g in globs)
+            self._allow = table
+            return table
+
+    def forward(self, records: np.ndarray) -> None:
+        """Queue the forwarded part of a stored batch for the sink (never waits)."""
+        if len(records) == 0:
+            return
+        tids = records["topic_id"]
+        table = self._allow
+        if int(tids.max()) >= len(table):  # a topic not decided yet (one lock per new topic set)
+            table = self._grow_allow()
+        mask = table[tids] & (records["conn_id"] != NATS_CONN_ID)
+        if mask.all():
+            batch = records.copy()
+        elif mask.any():
+            batch = records[mask]  # fancy indexing copies
+        else:
+            return
+        n = len(batch)
+        wake = over = False
+        with self._q_lock:
+            if self._sink_closing or self._q_events + n > self.cfg.sink.max_pending:
+                over = True
+            else:
+                self._q.append(batch)
+                self._q_events += n
+                wake, self._sink_waiting = self._sink_waiting, False
+        if over:
+            self.stats["backlog_full"] += n
+            self.svc.drop(batch, "connector: sink backlog full (connectors.nats.sink.max_pending="
+                                 f"{self.cfg.sink.max_pending}); stored here, not published to JetStream")
+        elif wake:
+            self._loop.call_soon_threadsafe(self._sink_event.set)
+
+    def progress(self) -> None:
+        """A processor released a batch: wake the source if it waits for completion marks."""
+        if self._want_progress and not self._nudged:
+            self._nudged = True
+            loop = self._loop
+            if loop is not None:
+                loop.call_soon_threadsafe(self._progress_event.set)
+
+    # ------------------------------------------------------------------ lifecycle (service thread)
+    def start(self) -> None:
+        from eventstream.service import StartupError
+
+        nats = import_nats()
+        self._nats = nats
+        from eventstream.runtime import gil
+
+        gil.require_gil_off(self.svc.allow_gil, "the NATS connector (after importing nats-py)")
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, name="es-nats", daemon=True)
+        self._thread.start()
+        fut = asyncio.run_coroutine_threadsafe(self._setup(), self._loop)
+        try:
+            fut.result(self.cfg.connect_timeout_s * 3 + 10)
+        except Exception as exc:  # noqa: BLE001 - reported as a startup error naming the keys
+            fut.cancel()
+            self._stop_loop()
+            raise StartupError(f"connectors.nats.servers: cannot set up JetStream at {self.cfg.servers} "
+                               f"(stream {self.cfg.stream!r}): {type(exc).__name__}: {exc}; allowed: a reachable "
+                               "NATS server with JetStream enabled, or connectors.nats.enabled: false") from None
+        self._started = True
+        self._register_metrics()
+        log.info("nats_connector_started", servers=self.cfg.servers, stream=self.cfg.stream, sink=self.sink_on,
+                 source=self.source_on, durable=self.cfg.source.durable if self.source_on else None)
+
+    def _register_metrics(self) -> None:
+        m = getattr(self.svc, "metrics", None)
+        if m is None:
+            return
+        for key in self.stats:
+            m.counter_fn("connector_nats_events", lambda k=key: self.stats[k], {"what": key},
+                         doc="NATS JetStream connector counters (eventstream/connectors/jetstream.py)")
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_forever()
+        finally:
+            try:
+                self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            finally:
+                self._loop.close()
+
+    def _stop_loop(self) -> None:
+        if self._loop is not None and self._thread is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+
+    def stop_intake(self, timeout: float = 10.0) -> None:
+        """The source stops pulling (called with ingest, before the processors drain)."""
+        if not self._started or self._intake_stopped:
+            return
+        fut = asyncio.run_coroutine_threadsafe(self._stop_source(timeout), self._loop)
+        try:
+            fut.result(timeout + 5)
+        except Exception:  # noqa: BLE001
+            log.exception("nats_source_stop_failed")
+
+    def close(self, drain: bool = True, timeout: float = 30.0) -> None:
+        """After the processors drained: ack what is stored, flush the sink, disconnect."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self._started:
+            self._stop_loop()
+            return
+        self.stop_intake()
+        fut = asyncio.run_coroutine_threadsafe(self._shutdown(drain, timeout), self._loop)
+        try:
+            fut.result(timeout + 15)
+        except Exception:  # noqa: BLE001
+            log.exception("nats_connector_close_failed")
+        self._stop_loop()
+        log.info("nats_connector_stopped", **self.stats)
+
+    # ------------------------------------------------------------------ the connector thread
+    async def _setup(self) -> None:
+        nats = self._nats
+        cfg = self.cfg
+        self._sink_event = asyncio.Event()
+        self._progress_event = asyncio.Event()
+
+        async def on_error(exc):
+            log.warning("nats_error", error=f"{type(exc).__name__}: {exc}")
+
+        async def on_disconnected():
+            self.stats["disconnects"] += 1
+            log.warning("nats_disconnected")
+
+        async def on_reconnected():
+            self.stats["reconnects"] += 1
+            log.info("nats_reconnected", server=str(self.nc.connected_url.netloc if self.nc.connected_url else ""))
+
+        self.nc = await nats.connect(servers=list(cfg.servers), name=f"eventstream-{self.run_id}",
+                                     connect_timeout=cfg.connect_timeout_s, allow_reconnect=True,
+                                     max_reconnect_attempts=-1, reconnect_time_wait=0.2,
+                                     error_cb=on_error, disconnected_cb=on_disconnected,
+                                     reconnected_cb=on_reconnected)
+        self.js = self.nc.jetstream(timeout=cfg.connect_timeout_s)
+        if cfg.create_stream:
+            try:
+                await self.js.stream_info(cfg.stream)
+            except nats.js.errors.NotFoundError:
+                await self.js.add_stream(name=cfg.stream, subjects=[f"{self.prefix}.>"],
+                                         duplicate_window=cfg.duplicate_window_s)
+        if self.sink_on:
+            self._sink_sem = asyncio.Semaphore(cfg.sink.max_in_flight)
+            self._sink_task = asyncio.get_running_loop().create_task(self._sink_loop())
+        if self.source_on:
+            src = cfg.source
+            filters = [glob_filter(self.prefix, g) for g in src.subjects]
+            api = nats.js.api
+            ccfg = api.ConsumerConfig(durable_name=src.durable, ack_policy=api.AckPolicy.EXPLICIT,
+                                      ack_wait=src.ack_wait_s, max_deliver=-1, max_ack_pending=src.max_ack_pending)
+            if len(filters) > 1:
+                ccfg.filter_subjects = filters
+            self._psub = await self.js.pull_subscribe(filters[0], durable=src.durable, stream=cfg.stream, config=ccfg)
+            loop = asyncio.get_running_loop()
+            self._source_task = loop.create_task(self._source_loop())
+            self._ack_task = loop.create_task(self._ack_loop())
+
+    # -- sink
+    def _take(self):
+        with self._q_lock:
+            if self._q:
+                batch = self._q.popleft()
+                self._q_events -= len(batch)
+                return batch
+            self._sink_event.clear()
+            self._sink_waiting = True
+            return None
+
+    async def _sink_loop(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                if self._sink_closing:
+                    return
+                await self._sink_event.wait()
+                continue
+            try:
+                await self._publish_batch(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - never lose the loop; the batch goes to the DLQ
+                log.exception("nats_sink_batch_failed")
+                self.svc.drop(batch, "connector: sink failed on this batch (see the log)")
+
+    def _subject(self, tid: int) -> tuple[str | None, str | None]:
+        got = self._subjects.get(tid)
+        if got is None:
+            got = self._subjects[tid] = topic_subject(self.prefix, self.topics.name(tid))
+        return got
+
+    async def _publish_batch(self, batch: np.ndarray) -> None:
+        self.stats["forwarded"] += len(batch)
+        tids = batch["topic_id"].tolist()
+        ids = batch["event_id"].tolist()
+        seqs = batch["seq"].tolist()
+        prios = batch["priority"].tolist()
+        pts = batch["producer_ts"].tolist()
+        lens = batch["payload_len"].tolist()
+        pl = batch["payload"]
+        refused: list[int] = []
+        reasons: list[str] = []
+        loop = asyncio.get_running_loop()
+        for i in range(len(batch)):
+            subject, reason = self._subject(tids[i])
+            if subject is None:
+                refused.append(i)
+                reasons.append(reason)
+                continue
+            msg_id = str(ids[i]) if ids[i] else f"{self.run_id}-{seqs[i]}"
+            headers = {H_MSG_ID: msg_id, H_PRIORITY: str(prios[i]), H_PRODUCER_TS: str(pts[i])}
+            await self._sink_sem.acquire()
+            task = loop.create_task(self._publish_one(subject, pl[i, :lens[i]].tobytes(), headers, batch, i))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if refused:
+            self.stats["refused_topic"] += len(refused)
+            self.svc.drop(batch[np.array(refused, dtype=np.intp)], reasons)
+
+    async def _publish_one(self, subject: str, payload: bytes, headers: dict, batch: np.ndarray, i: int) -> None:
+        sink = self.cfg.sink
+        last = "?"
+        try:
+            for attempt in range(sink.max_attempts):
+                try:
+                    ack = await self.js.publish(subject, payload, timeout=sink.ack_timeout_s, stream=self.cfg.stream,
+                                                headers=dict(headers))
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - timeout, no responders, disconnected: retry
+                    last = f"{type(exc).__name__}: {exc}"[:200]
+                    if attempt + 1 < sink.max_attempts:
+                        self.stats["retries"] += 1
+                        await asyncio.sleep(min(1.0, 0.05 * (2 ** attempt)))
+                    continue
+                self.stats["published"] += 1
+                if ack.duplicate:
+                    self.stats["duplicates"] += 1
+                return
+            self.stats["publish_failed"] += 1
+            self.svc.drop(batch[i:i + 1], f"connector: publish to JetStream failed after {sink.max_attempts} "
+                                          f"attempts (connectors.nats.sink.max_attempts): {last}")
+        except asyncio.CancelledError:
+            self.stats["publish_failed"] += 1
+            self.svc.drop(batch[i:i + 1], "connector: shutdown: not acked by JetStream before the stop timeout")
+            raise
+        finally:
+            self._sink_sem.release()
+
+    # -- source
+    def _decode(self, msg, rec) -> str | None:
+        """Fill `rec` from `msg`; the DLQ reason when it cannot be decoded."""
+        topic = subject_topic(self.prefix, msg.subject)
+        if topic is None:
+            return f"connector: subject {msg.subject[:80]!r} is not under {self.prefix}.>"
+        tb = topic.encode("utf-8")
+        if len(tb) > MAX_TOPIC_BYTES:
+            return f"connector: topic of {len(tb)} bytes is longer than {MAX_TOPIC_BYTES}"
+        hdrs = msg.headers or {}
+        mid = hdrs.get(H_MSG_ID)
+        if mid and mid.isascii() and mid.isdigit() and 0 < int(mid) < (1 << 64):
+            eid = int(mid)
+        else:
+            eid = hashed_id(mid or f"{self.cfg.stream}:{msg.metadata.sequence.stream}")
+        rec["event_id"] = eid
+        rec["topic_id"] = self.topics.intern(tb)
+        prio = hdrs.get(H_PRIORITY)
+        if prio is None:
+            p = PRIORITY_NAMES.index(self.cfg.source.default_priority)
+        else:
+            p = parse_priority(prio)
+            if p is None:
+                return f"connector: header {H_PRIORITY} {prio[:20]!r} is not a priority (0..4 or a name)"
+        rec["priority"] = p
+        pts = hdrs.get(H_PRODUCER_TS, "")
+        rec["producer_ts"] = int(pts) if pts.isdigit() and int(pts) < (1 << 64) else 0
+        data = msg.data
+        if len(data) > self.capacity:
+            return (f"connector: payload of {len(data)} bytes exceeds records.payload_bytes ({self.capacity})")
+        if data:
+            rec["payload"][:len(data)] = np.frombuffer(data, dtype=np.uint8)
+        rec["payload_len"] = len(data)
+        rec["conn_id"] = NATS_CONN_ID
+        rec["ingest_ts"] = time.monotonic_ns()
+        delivered = msg.metadata.num_delivered
+        if delivered > self.cfg.source.max_deliver:
+            return (f"connector: delivered {delivered} times, more than connectors.nats.source.max_deliver "
+                    f"({self.cfg.source.max_deliver})")
+        return None
+
+    async def _poison(self, msg, recs: np.ndarray, k: int, reason: str) -> None:
+        self.stats["poison"] += 1
+        if recs["topic_id"][k]:
+            self.svc.drop(recs[k:k + 1].copy(), reason)
+        else:
+            self.svc.dlq.write_line(int(recs["event_id"][k]), msg.subject, int(recs["priority"][k]), reason)
+            self.svc.metrics.dropped("connector", 1)
+        try:
+            await msg.term()
+        except Exception as exc:  # noqa: BLE001 - redelivered later, dead-lettered again
+            log.warning("nats_term_failed", error=repr(exc))
+
+    async def _source_loop(self) -> None:
+        nats = self._nats
+        src = self.cfg.source
+        max_batches = max(2, src.max_ack_pending // src.batch)
+        while not self._intake_stopped:
+            if len(self._inflight) >= max_batches:
+                self._want_progress = True
+                await self._wait_progress(0.01)
+                continue
+            try:
+                msgs = await self._psub.fetch(src.batch, timeout=FETCH_TIMEOUT_S)
+            except nats.errors.TimeoutError:
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - disconnected, server restarting: try again
+                log.warning("nats_fetch_failed", error=f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(0.2)
+                continue
+            if msgs:
+                await self._take_in(msgs)
+
+    async def _take_in(self, msgs) -> None:
+        recs = np.zeros(len(msgs), dtype=self.dtype)
+        keep = []
+        for msg in msgs:
+            k = len(keep)
+            try:
+                reason = self._decode(msg, recs[k])
+            except Exception as exc:  # noqa: BLE001 - whatever it is, it is undecodable
+                reason = f"connector: undecodable message: {type(exc).__name__}: {exc}"[:300]
+            if reason is not None:
+                await self._poison(msg, recs, k, reason)
+                recs[k] = 0
+                continue
+            keep.append(msg)
+        n = len(keep)
+        if n == 0:
+            return
+        self.stats["consumed"] += n
+        recs = recs[:n]
+        bus = self.svc.bus
+        off = bus.offer(recs)
+        marks = list(off.marks)
+        self._refused(recs, None, off.refused)
+        held = off.held
+        touched = time.monotonic()
+        while held is not None:  # the queues are full: offer again, never nak
+            await asyncio.sleep(HELD_RETRY_S)
+            now = time.monotonic()
+            if now - touched > self.cfg.source.ack_wait_s / 2:
+                touched = now
+                for msg in keep:  # still working on it: do not redeliver yet
+                    try:
+                        await msg.in_progress()
+                    except Exception:  # noqa: BLE001
+                        pass
+            off = bus.offer(recs[held], stamp=False)
+            marks.extend(off.marks)
+            self._refused(recs, held, off.refused)
+            held = None if off.held is None else held[off.held]
+        self._inflight.append((marks, keep))
+        self._want_progress = True
+        self._progress_event.set()
+
+    def _refused(self, recs, held, refused) -> None:
+        """Positions a DROP_NEW queue shed at the edge: dead-lettered (as for TCP), then acked."""
+        for pos, reason in refused:
+            idx = pos if held is None else held[pos]
+            self.svc.drop(recs[idx], reason)
+
+    async def _wait_progress(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._progress_event.wait(), timeout)
+        except TimeoutError:
+            pass
+        self._progress_event.clear()
+        self._nudged = False
+
+    def _done_batches(self) -> list:
+        done, rest = [], collections.deque()
+        for marks, msgs in self._inflight:
+            if all(ring.completed() >= end for ring, end in marks):
+                done.append(msgs)
+            else:
+                rest.append((marks, msgs))
+        self._inflight = rest
+        return done
+
+    async def _ack_done(self) -> None:
+        for msgs in self._done_batches():
+            for msg in msgs:
+                try:
+                    await msg.ack()
+                    self.stats["acked"] += 1
+                except Exception as exc:  # noqa: BLE001 - redelivered after ack_wait: at-least-once
+                    log.warning("nats_ack_failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def _ack_loop(self) -> None:
+        while True:
+            self._want_progress = bool(self._inflight)
+            await self._ack_done()
+            await self._wait_progress(0.005 if self._inflight else 0.05)
+
+    async def _stop_source(self, timeout: float) -> None:
+        self._intake_stopped = True
+        task = self._source_task
+        if task is not None and not task.done():
+            try:
+                await asyncio.wait_for(task, timeout)
+            except (TimeoutError, asyncio.CancelledError):
+                log.warning("nats_source_stop_timeout", note="messages not placed are redelivered")
+            except Exception:  # noqa: BLE001
+                log.exception("nats_source_failed")
+
+    async def _shutdown(self, drain: bool, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        if self._ack_task is not None:
+            self._ack_task.cancel()
+            await self._ack_done()  # the processors drained: what they stored is acked now
+            if self._inflight:
+                log.warning("nats_not_acked", batches=len(self._inflight), note="JetStream redelivers them")
+        if self._sink_task is not None:
+            with self._q_lock:
+                self._sink_closing = True
+            self._sink_event.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._sink_task), max(0.1, deadline - time.monotonic()))
+            except TimeoutError:
+                self._sink_task.cancel()
+            if self._tasks:
+                _, pending = await asyncio.wait(set(self._tasks), timeout=max(0.1, deadline - time.monotonic()))
+                for t in pending:
+                    t.cancel()
+                if pending:
+                    await asyncio.wait(pending, timeout=5)
+            with self._q_lock:
+                left = list(self._q)
+                self._q.clear()
+                self._q_events = 0
+            for batch in left:
+                self.svc.drop(batch, "connector: shutdown: not published to JetStream before the stop timeout")
+        try:
+            await self.nc.flush(timeout=2)
+        except Exception:  # noqa: BLE001
+            pass
+        try:
+            await asyncio.wait_for(self.nc.close(), 5)
+        except Exception:  # noqa: BLE001
+            pass
