@@ -102,7 +102,7 @@ class NatsConnector:
         self.source_on = cfg.source.enabled
         self.stats = {k: 0 for k in ("forwarded", "published", "duplicates", "retries", "publish_failed",
                                      "refused_topic", "backlog_full", "consumed", "acked", "poison",
-                                     "reconnects", "disconnects")}
+                                     "reconnects", "disconnects", "source_errors")}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self.nc = self.js = None
@@ -478,7 +478,14 @@ class NatsConnector:
                 await asyncio.sleep(0.2)
                 continue
             if msgs:
-                await self._take_in(msgs)
+                try:
+                    await self._take_in(msgs)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # noqa: BLE001 - never lose the source; unacked messages are redelivered
+                    self.stats["source_errors"] += 1
+                    log.exception("nats_source_batch_failed")
+                    await asyncio.sleep(0.2)
 
     async def _take_in(self, msgs) -> None:
         recs = np.zeros(len(msgs), dtype=self.dtype)
@@ -491,7 +498,7 @@ class NatsConnector:
                 reason = f"connector: undecodable message: {type(exc).__name__}: {exc}"[:300]
             if reason is not None:
                 await self._poison(msg, recs, k, reason)
-                recs[k] = 0
+                recs[k:k + 1] = np.zeros(1, dtype=self.dtype)
                 continue
             keep.append(msg)
         n = len(keep)
