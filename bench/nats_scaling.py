@@ -152,10 +152,37 @@ async def one_run(url: str, n: int, engines: int, batch: int, workdir: Path, run
             "missing": n - len(ids), "load_1m_before": round(load_before, 2)}
 
 
+async def raw_run(url: str, n: int, batch: int, run: int) -> dict:
+    """The baseline: nats-py alone in one thread (fetch + ack per message, nothing stored)."""
+    import nats
+    import nats.js.api as api
+
+    nc = await nats.connect(url)
+    js = nc.jetstream(timeout=30)
+    durable = f"raw{run}"
+    sub = await js.pull_subscribe(f"{PREFIX}.in.>", durable=durable, stream=STREAM,
+                                  config=api.ConsumerConfig(max_ack_pending=20000, ack_wait=60))
+    got, t0 = 0, time.monotonic()
+    while got < n:
+        try:
+            msgs = await sub.fetch(batch, timeout=1)
+        except nats.errors.TimeoutError:
+            continue
+        for m in msgs:
+            await m.ack()
+        got += len(msgs)
+    await nc.flush()
+    seconds = time.monotonic() - t0
+    await nc.close()
+    return {"engines": 0, "events": n, "seconds": round(seconds, 3), "events_per_s": n / seconds,
+            "split": "nats-py only", "stored_twice": 0, "missing": 0, "load_1m_before": round(os.getloadavg()[0], 2)}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="bench/nats_scaling.py", description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=0, help="messages in the stream (default 60000, quick 20000)")
-    parser.add_argument("--engines", default="1,2", help="engine counts to run (default 1,2)")
+    parser.add_argument("--engines", default="0,1,2",
+                        help="engine counts to run (default 0,1,2; 0 = nats-py fetch+ack alone, the baseline)")
     parser.add_argument("--batch", type=int, default=256, help="connectors.nats.source.batch (fetch size)")
     bench = Bench("nats_scaling", argv, parser=parser)
     args = bench.args
@@ -170,7 +197,10 @@ def main(argv=None) -> None:
             results = []
             for _ in range(args.repeats):
                 run += 1
-                r = asyncio.run(one_run(url, n, engines, args.batch, workdir, run))
+                if engines == 0:
+                    r = asyncio.run(raw_run(url, n, args.batch, run))
+                else:
+                    r = asyncio.run(one_run(url, n, engines, args.batch, workdir, run))
                 results.append(r)
                 if not args.json:
                     print(f"  ... engines={engines} run {len(results)}: {r['events_per_s']:,.0f} events/s "
@@ -186,14 +216,21 @@ def main(argv=None) -> None:
         server.wait(30)
         shutil.rmtree(workdir, ignore_errors=True)
     bench.facts["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
-    base = bench.rows[0]["events_per_s"] if bench.rows else 0
+    ones = [r for r in bench.rows if r["engines"] == 1]
+    base = ones[0]["events_per_s"] if ones else 0
     for row in bench.rows:
         row["vs_one"] = round(row["events_per_s"] / base, 2) if base else 0.0
-    notes = [f"{n} messages per run; clock: consumer resumed -> every message acked (= stored by an engine)",
+    notes = ["engines=0: nats-py alone (pull fetch + ack per message in one asyncio thread, nothing stored)",
+             f"{n} messages per run; clock: consumer resumed -> every message acked (= stored by an engine)",
              "median of the runs; split = events stored per engine in the median run",
              f"{bench.facts['cores_allowed']} CPUs: engines, nats-server and this script share them"]
     if (bench.facts["cores_allowed"] or 0) <= 2:
         notes.append("on 2 cores two engines compete for the same CPUs: this measures sharing, not scaling")
+    if args.json:  # rows with the machine facts (the table mode prints them as a header)
+        import json
+
+        print(json.dumps({"facts": bench.facts, "rows": bench.rows}))
+        return
     bench.finish(["engines", "events_per_s", "min_per_s", "max_per_s", "vs_one", "runs", "split",
                   "stored_twice", "missing", "load_1m_before"], notes)
 

@@ -100,6 +100,7 @@ class NatsConnector:
         self.run_id = uuid.uuid4().hex[:16]  # `<engine-run>-<seq>` ids for events without an id
         self.sink_on = cfg.sink.enabled
         self.source_on = cfg.source.enabled
+        self._default_priority = PRIORITY_NAMES.index(cfg.source.default_priority)
         self.stats = {k: 0 for k in ("forwarded", "published", "duplicates", "retries", "publish_failed",
                                      "refused_topic", "backlog_full", "consumed", "acked", "poison",
                                      "reconnects", "disconnects", "source_errors")}
@@ -406,8 +407,9 @@ class NatsConnector:
             self._sink_sem.release()
 
     # -- source
-    def _decode(self, msg, rec) -> str | None:
-        """Fill `rec` from `msg`; the DLQ reason when it cannot be decoded."""
+    def _decode(self, msg) -> tuple:
+        """(event_id, topic_id, priority, producer_ts, payload) of `msg`, or a DLQ reason (str), or
+        (reason, event_id, topic_id, priority, payload) when it decoded but must not go in (poison)."""
         topic = subject_topic(self.prefix, msg.subject)
         if topic is None:
             return f"connector: subject {msg.subject[:80]!r} is not under {self.prefix}.>"
@@ -420,43 +422,58 @@ class NatsConnector:
             eid = int(mid)
         else:
             eid = hashed_id(mid or f"{self.cfg.stream}:{msg.metadata.sequence.stream}")
-        rec["event_id"] = eid
-        rec["topic_id"] = self.topics.intern(tb)
         prio = hdrs.get(H_PRIORITY)
         if prio is None:
-            p = PRIORITY_NAMES.index(self.cfg.source.default_priority)
+            p = self._default_priority
         else:
             p = parse_priority(prio)
             if p is None:
                 return f"connector: header {H_PRIORITY} {prio[:20]!r} is not a priority (0..4 or a name)"
-        rec["priority"] = p
         pts = hdrs.get(H_PRODUCER_TS, "")
-        rec["producer_ts"] = int(pts) if pts.isdigit() and int(pts) < (1 << 64) else 0
+        pts = int(pts) if pts.isdigit() and int(pts) < (1 << 64) else 0
         data = msg.data
         if len(data) > self.capacity:
-            return (f"connector: payload of {len(data)} bytes exceeds records.payload_bytes ({self.capacity})")
-        if data:
-            rec["payload"][:len(data)] = np.frombuffer(data, dtype=np.uint8)
-        rec["payload_len"] = len(data)
-        rec["conn_id"] = NATS_CONN_ID
-        rec["ingest_ts"] = time.monotonic_ns()
+            return f"connector: payload of {len(data)} bytes exceeds records.payload_bytes ({self.capacity})"
+        tid = self.topics.intern(tb)
         delivered = msg.metadata.num_delivered
         if delivered > self.cfg.source.max_deliver:
             return (f"connector: delivered {delivered} times, more than connectors.nats.source.max_deliver "
-                    f"({self.cfg.source.max_deliver})")
-        return None
+                    f"({self.cfg.source.max_deliver})", eid, tid, p, pts, data)
+        return eid, tid, p, pts, data
 
-    async def _poison(self, msg, recs: np.ndarray, k: int, reason: str) -> None:
+    async def _poison(self, msg, reason: str, fields: tuple | None) -> None:
         self.stats["poison"] += 1
-        if recs["topic_id"][k]:
-            self.svc.drop(recs[k:k + 1].copy(), reason)
+        if fields is not None:  # decoded: the DLQ line carries the payload
+            rec = self._records([fields])
+            self.svc.drop(rec, reason)
         else:
-            self.svc.dlq.write_line(int(recs["event_id"][k]), msg.subject, int(recs["priority"][k]), reason)
+            mid = (msg.headers or {}).get(H_MSG_ID, "")
+            eid = int(mid) if mid.isascii() and mid.isdigit() and int(mid) < (1 << 64) else 0
+            self.svc.dlq.write_line(eid, msg.subject, 0, reason)
             self.svc.metrics.dropped("connector", 1)
         try:
             await msg.term()
         except Exception as exc:  # noqa: BLE001 - redelivered later, dead-lettered again
             log.warning("nats_term_failed", error=repr(exc))
+
+    def _records(self, rows: list[tuple]) -> np.ndarray:
+        """A record batch from decoded (event_id, topic_id, priority, producer_ts, payload) rows: one
+        numpy assignment per column (payloads padded into one buffer)."""
+        n = len(rows)
+        recs = np.zeros(n, dtype=self.dtype)
+        eids, tids, prios, ptss, datas = zip(*rows)
+        recs["event_id"] = eids
+        recs["topic_id"] = tids
+        recs["priority"] = prios
+        recs["producer_ts"] = ptss
+        recs["payload_len"] = [len(d) for d in datas]
+        cap = self.capacity
+        if cap:
+            buf = b"".join(d.ljust(cap, b"\0") for d in datas)
+            recs["payload"] = np.frombuffer(buf, dtype=np.uint8).reshape(n, cap)
+        recs["conn_id"] = NATS_CONN_ID
+        recs["ingest_ts"] = time.monotonic_ns()
+        return recs
 
     async def _source_loop(self) -> None:
         nats = self._nats
@@ -488,24 +505,24 @@ class NatsConnector:
                     await asyncio.sleep(0.2)
 
     async def _take_in(self, msgs) -> None:
-        recs = np.zeros(len(msgs), dtype=self.dtype)
-        keep = []
+        rows, keep = [], []
         for msg in msgs:
-            k = len(keep)
             try:
-                reason = self._decode(msg, recs[k])
+                got = self._decode(msg)
             except Exception as exc:  # noqa: BLE001 - whatever it is, it is undecodable
-                reason = f"connector: undecodable message: {type(exc).__name__}: {exc}"[:300]
-            if reason is not None:
-                await self._poison(msg, recs, k, reason)
-                recs[k:k + 1] = np.zeros(1, dtype=self.dtype)
-                continue
-            keep.append(msg)
+                got = f"connector: undecodable message: {type(exc).__name__}: {exc}"[:300]
+            if isinstance(got, str):
+                await self._poison(msg, got, None)
+            elif isinstance(got[0], str):
+                await self._poison(msg, got[0], got[1:])
+            else:
+                rows.append(got)
+                keep.append(msg)
         n = len(keep)
         if n == 0:
             return
+        recs = self._records(rows)
         self.stats["consumed"] += n
-        recs = recs[:n]
         bus = self.svc.bus
         off = bus.offer(recs)
         marks = list(off.marks)
