@@ -124,6 +124,7 @@ class NatsConnector:
         self._want_progress = False
         self._nudged = False
         self._intake_stopped = False
+        self._ack_stop = False
         self._source_task = self._ack_task = self._sink_task = None
 
     # ------------------------------------------------------------------ called from engine threads
@@ -581,7 +582,7 @@ class NatsConnector:
                     log.warning("nats_ack_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def _ack_loop(self) -> None:
-        while True:
+        while not self._ack_stop:
             self._want_progress = bool(self._inflight)
             await self._ack_done()
             await self._wait_progress(0.005 if self._inflight else 0.05)
@@ -600,7 +601,12 @@ class NatsConnector:
     async def _shutdown(self, drain: bool, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         if self._ack_task is not None:
-            self._ack_task.cancel()
+            self._ack_stop = True  # not cancelled: a batch half acked would be redelivered
+            self._progress_event.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._ack_task), 10)
+            except TimeoutError:
+                self._ack_task.cancel()
             await self._ack_done()  # the processors drained: what they stored is acked now
             if self._inflight:
                 log.warning("nats_not_acked", batches=len(self._inflight), note="JetStream redelivers them")

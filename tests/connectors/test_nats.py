@@ -181,8 +181,8 @@ def test_two_engines_share_one_durable_consumer(nats_server, tmp_path):
 
 SLOW_HANDLER = """
 import time
-def slow(batch):
-    time.sleep(0.005)
+def slow(batch):  # 3 ms per event: 3000 events take engine A ~9 s, it is killed after ~1 s
+    time.sleep(0.003 * len(batch))
 """
 
 
@@ -210,7 +210,7 @@ def test_kill9_while_consuming_redelivers_to_the_other_engine(nats_server, tmp_p
     try:
         wait_until(lambda: ready.exists() or proc.poll() is not None, 60, "serve to start")
         assert proc.poll() is None, (tmp_path / "serve.err").read_text()[-3000:]
-        wait_until(lambda: consumer_state(nats_server.url, "k9")["ack_floor"] >= n // 5, 60, "A to ack 20 %")
+        wait_until(lambda: consumer_state(nats_server.url, "k9")["ack_floor"] >= n // 10, 60, "A to ack 10 %")
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:
@@ -220,16 +220,16 @@ def test_kill9_while_consuming_redelivers_to_the_other_engine(nats_server, tmp_p
     at_kill = consumer_state(nats_server.url, "k9")
     assert at_kill["ack_floor"] < n, "engine A finished before it was killed: the test proved nothing"
     a = ids_of(stored(d1))  # what A wrote before it died (recovery cuts a torn tail)
-    with Service(engine_cfg(d2, nats_server.url, **src)):
+    with Service(engine_cfg(d2, nats_server.url, **src)) as b_svc:
         wait_until(lambda: consumer_done(nats_server.url, "k9"), 120, "B to finish the stream")
-        redelivered = consumer_state(nats_server.url, "k9")["redelivered"]
+        b_consumed = b_svc.connectors.stats["consumed"]
     b = ids_of(stored(d2))
     want = {1_000_000 + i for i in range(1, n + 1)}
     assert set(a) | set(b) == want  # at least once: nothing lost
     assert len(set(a)) == len(a) and len(set(b)) == len(b)  # no duplicates inside one engine
     dup = set(a) & set(b)  # stored by A (not acked before the kill) and again by B
-    print(f"kill -9: A stored {len(a)}, B stored {len(b)}, in both {len(dup)}, acked by A {at_kill['ack_floor']}, "
-          f"redelivered {redelivered}")
+    print(f"kill -9: A stored {len(a)}, B consumed {b_consumed} and stored {len(b)}, stored by both {len(dup)}, "
+          f"A's ack floor at the kill {at_kill['ack_floor']}")
     assert len(a) + len(b) - len(dup) == n
 
 
