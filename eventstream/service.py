@@ -339,6 +339,8 @@ class Service:
         for srv in (self.tcp, self.udp):
             if srv is not None and hasattr(srv, "failures"):
                 out.extend(srv.failures())
+        if self.connectors is not None:  # connectors hook
+            out.extend(self.connectors.failures())
         return out
 
     def summary(self) -> dict:

@@ -243,6 +243,18 @@ class NatsConnector:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
 
+    def failures(self) -> list[str]:
+        """For /healthz: the connector thread or one of its loops died."""
+        if not self._started or self._closed:
+            return []
+        out = []
+        if self._thread is None or not self._thread.is_alive():
+            out.append("es-nats: not running")
+        for name, task in (("source", self._source_task), ("acks", self._ack_task), ("sink", self._sink_task)):
+            if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
+                out.append(f"es-nats: {name} loop failed: {task.exception()!r}")
+        return out
+
     def stop_intake(self, timeout: float = 10.0) -> None:
         """The source stops pulling (called with ingest, before the processors drain)."""
         if not self._started or self._intake_stopped:

@@ -324,3 +324,41 @@ def test_gil_stays_off_with_nats_in_the_engine_process(nats_server, tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert [ln for ln in r.stdout.splitlines() if ln.startswith("GIL_ENABLED")] == ["GIL_ENABLED False"]
+
+
+def test_stop_flushes_pending_publishes_before_the_log_closes(nats_server, tmp_path):
+    data = tmp_path / "data"
+    cfg = engine_cfg(data, nats_server.url, **{"connectors.nats.sink.enabled": True,
+                                               "connectors.nats.sink.max_in_flight": 8})
+    svc = Service(cfg).start()
+    try:
+        with TcpClient("127.0.0.1", svc.tcp.address[1], version=2, timeout=30) as c:
+            ids = [c.send("orders.eu", b"f%d" % i, priority=2) for i in range(2000)]
+            assert c.wait_acked(30)
+    finally:
+        svc.stop()  # at once: whatever the sink has not published yet is flushed by stop()
+    stats = svc.connectors.stats
+    assert stats["published"] == 2000 and stats["publish_failed"] == 0, stats
+    msgs = stream_messages(nats_server.url)
+    assert sorted(int(h["Nats-Msg-Id"]) for _, _, h in msgs) == sorted(ids)
+
+
+def test_unpublishable_events_go_to_our_dlq_after_max_attempts(nats_server, tmp_path):
+    # the stream exists but does not cover es.orders.*: every publish gets "no responders"
+    ensure_stream(nats_server.url, name="OTHER", prefix="elsewhere")
+    data = tmp_path / "data"
+    cfg = engine_cfg(data, nats_server.url, **{"connectors.nats.sink.enabled": True,
+                                               "connectors.nats.create_stream": False,
+                                               "connectors.nats.stream": "OTHER",
+                                               "connectors.nats.sink.max_attempts": 3,
+                                               "connectors.nats.sink.ack_timeout_s": 1.0})
+    with Service(cfg) as svc:
+        with TcpClient("127.0.0.1", svc.tcp.address[1], version=2, timeout=30) as c:
+            ids = [c.send("orders.eu", b"u%d" % i, priority=2) for i in range(5)]
+            assert c.wait_acked(30)
+        wait_until(lambda: svc.connectors.stats["publish_failed"] == 5, 60, "5 publishes to fail 3 times")
+        assert svc.connectors.stats["retries"] == 10
+    dlq = list(read_dlq(data / "dlq_log.txt"))
+    assert sorted(e.event_id for e in dlq) == sorted(ids)
+    assert all(e.category == "connector" and "failed after 3 attempts" in e.reason for e in dlq)
+    assert len(stored(data)) == 5  # stored here all the same
