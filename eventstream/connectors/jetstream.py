@@ -120,7 +120,7 @@ class NatsConnector:
         self._subjects: dict[int, tuple[str | None, str | None]] = {}
         self._tasks: set = set()
         # source state (connector thread only, except the two flags read by progress())
-        self._inflight: collections.deque = collections.deque()  # (marks, msgs)
+        self._inflight: collections.deque = collections.deque()  # [marks, msgs, last in_progress]
         self._want_progress = False
         self._nudged = False
         self._intake_stopped = False
@@ -556,7 +556,7 @@ class NatsConnector:
             marks.extend(off.marks)
             self._refused(recs, held, off.refused)
             held = None if off.held is None else held[off.held]
-        self._inflight.append((marks, keep))
+        self._inflight.append([marks, keep, time.monotonic()])
         self._want_progress = True
         self._progress_event.set()
 
@@ -576,11 +576,11 @@ class NatsConnector:
 
     def _done_batches(self) -> list:
         done, rest = [], collections.deque()
-        for marks, msgs in self._inflight:
-            if all(ring.completed() >= end for ring, end in marks):
-                done.append(msgs)
+        for entry in self._inflight:
+            if all(ring.completed() >= end for ring, end in entry[0]):
+                done.append(entry[1])
             else:
-                rest.append((marks, msgs))
+                rest.append(entry)
         self._inflight = rest
         return done
 
@@ -593,10 +593,28 @@ class NatsConnector:
                 except Exception as exc:  # noqa: BLE001 - redelivered after ack_wait: at-least-once
                     log.warning("nats_ack_failed", error=f"{type(exc).__name__}: {exc}")
 
+    async def _keep_alive(self) -> None:
+        """Messages placed in the queues but not stored yet (a slow handler, a deep queue) are marked
+        in progress every ack_wait/2, so JetStream does not redeliver them while this engine works on
+        them; only an engine that stops (or dies) lets them go after ack_wait."""
+        half = self.cfg.source.ack_wait_s / 2
+        now = time.monotonic()
+        for entry in list(self._inflight):
+            if now - entry[2] < half:
+                continue
+            entry[2] = now
+            for msg in entry[1]:
+                try:
+                    await msg.in_progress()
+                except Exception:  # noqa: BLE001 - then it is redelivered: at-least-once
+                    pass
+
     async def _ack_loop(self) -> None:
         while not self._ack_stop:
             self._want_progress = bool(self._inflight)
             await self._ack_done()
+            if self._inflight:
+                await self._keep_alive()
             await self._wait_progress(0.005 if self._inflight else 0.05)
 
     async def _stop_source(self, timeout: float) -> None:
