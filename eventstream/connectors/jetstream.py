@@ -300,11 +300,15 @@ class NatsConnector:
             self.stats["reconnects"] += 1
             log.info("nats_reconnected", server=str(self.nc.connected_url.netloc if self.nc.connected_url else ""))
 
+        # The first connection gives up after a few rounds over the servers (a startup error, not a hang:
+        # with max_reconnect_attempts=-1 nats-py retries the *first* connect forever too); once
+        # connected, reconnects never stop (nats-py reads the option on every reconnect round).
         self.nc = await nats.connect(servers=list(cfg.servers), name=f"eventstream-{self.run_id}",
                                      connect_timeout=cfg.connect_timeout_s, allow_reconnect=True,
-                                     max_reconnect_attempts=-1, reconnect_time_wait=0.2,
+                                     max_reconnect_attempts=2, reconnect_time_wait=0.2,
                                      error_cb=on_error, disconnected_cb=on_disconnected,
                                      reconnected_cb=on_reconnected)
+        self.nc.options["max_reconnect_attempts"] = -1
         self.js = self.nc.jetstream(timeout=cfg.connect_timeout_s)
         if cfg.create_stream:
             try:

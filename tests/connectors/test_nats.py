@@ -249,9 +249,13 @@ def test_nats_server_restart_mid_stream_loses_nothing(nats_server, tmp_path):
             out_ids = [c.send("out.a", b"o%d" % i, priority=2) for i in range(300)]
             assert c.wait_acked(60)
             wait_until(lambda: consumer_done(nats_server.url, "rs"), 60, "the first half consumed")
-            nats_server.restart()
-            out_ids += [c.send("out.a", b"o%d" % i, priority=2) for i in range(300, 600)]  # while reconnecting
-            assert c.wait_acked(60)
+            nats_server.stop()
+            out_ids += [c.send("out.a", b"o%d" % i, priority=2) for i in range(300, 600)]  # while it is down
+            assert c.wait_acked(60)  # stored here; the sink retries
+            # down long enough for a publish attempt to time out (5 s), i.e. well past nats-py's first
+            # reconnect rounds: the connector must keep reconnecting
+            wait_until(lambda: svc.connectors.stats["retries"] >= 1, 60, "a publish to time out while down")
+            nats_server.start()
         publish(nats_server.url, source_msgs(300, start=301))
         wait_until(lambda: consumer_done(nats_server.url, "rs"), 60, "the second half consumed")
         wait_until(lambda: svc.connectors.stats["published"] >= 600, 90, "every out event published")
@@ -362,3 +366,37 @@ def test_unpublishable_events_go_to_our_dlq_after_max_attempts(nats_server, tmp_
     assert sorted(e.event_id for e in dlq) == sorted(ids)
     assert all(e.category == "connector" and "failed after 3 attempts" in e.reason for e in dlq)
     assert len(stored(data)) == 5  # stored here all the same
+
+
+def test_missing_nats_py_is_a_startup_error_naming_the_key(tmp_path):
+    # nats-py made unimportable in a child process (sys.modules entry None): what a user without the
+    # `nats` extra sees
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules['nats'] = None
+        from eventstream.config import load_config
+        from eventstream.service import Service, StartupError
+        over = {engine_overrides(tmp_path / 'd', 'nats://127.0.0.1:1', **{'connectors.nats.sink.enabled': True,
+                                                                          'metrics.enabled': False})!r}
+        try:
+            Service(load_config(environ={{}}, overrides=over)).start()
+        except StartupError as exc:
+            print("ERROR", exc)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHON_GIL="0"), capture_output=True,
+                       text=True, timeout=120)
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("ERROR")]
+    assert line and "connectors.nats.enabled" in line[0] and "eventstream[nats]" in line[0], r.stdout + r.stderr
+
+
+def test_unreachable_server_is_a_startup_error_naming_the_key(tmp_path):
+    pytest.importorskip("nats")
+    from nats_fixtures import free_port
+
+    from eventstream.service import StartupError
+
+    cfg = engine_cfg(tmp_path / "d", f"nats://127.0.0.1:{free_port()}",
+                     **{"connectors.nats.sink.enabled": True, "connectors.nats.connect_timeout_s": 0.5})
+    with pytest.raises(StartupError) as ei:
+        Service(cfg).start()
+    assert "connectors.nats.servers" in str(ei.value)
