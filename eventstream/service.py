@@ -22,7 +22,8 @@ import structlog
 from eventstream.config import Config
 from eventstream.core.records import ACK_MODES, record_dtype
 from eventstream.core.topics import TopicTable
-from eventstream.engine.bus import QUEUE_NAMES, EventBusMulti
+from eventstream.engine import idempotency
+from eventstream.engine.bus import QUEUE_NAMES, ROUTE, EventBusMulti
 from eventstream.engine.control import Backpressure, ControlThread, Level, Sample
 from eventstream.engine.dispatcher import sequence_base
 from eventstream.engine.dlq import DeadLetterLog, reason_category
@@ -50,15 +51,20 @@ class StartupError(RuntimeError):
 
 
 class LevelActions:
-    """What each backpressure level does (cumulative as the level rises):
+    """What each backpressure level does (cumulative as the level rises, undone step by step):
 
     ELEVATED   add a transactional and a batch worker (up to max_workers)
-    DEGRADED   pause: TCP readers admit only CRITICAL events and hold the rest (a connection holding
-               events stops being read, so TCP flow control pushes its client back; nothing is
-               dropped); UDP sheds non-CRITICAL events (reason "paused", DLQ)
-    CRITICAL   as DEGRADED, and UDP refuses BATCH priority with reason "backpressure"
-    EMERGENCY  as DEGRADED: only CRITICAL events are admitted, over TCP and UDP
+    DEGRADED   admit no BATCH-priority events at the edge
+    CRITICAL   admit no LOW or BATCH events
+    EMERGENCY  admit only CRITICAL events
+
+    "Not admitted" means: a TCP reader holds the events (and stops reading that connection until they
+    are admitted: TCP flow control pushes the client back, nothing is dropped); UDP, which has no flow
+    control, sheds them (reason "backpressure", DLQ). Independently of the level, a full queue pushes
+    TCP clients back the same way. Events already accepted are never shed.
     """
+
+    MIN_PRIORITY = {Level.HEALTHY: 0, Level.ELEVATED: 0, Level.DEGRADED: 1, Level.CRITICAL: 2, Level.EMERGENCY: 4}
 
     def __init__(self, service: Service):
         self.service = service
@@ -68,13 +74,7 @@ class LevelActions:
         if level >= Level.ELEVATED and previous < Level.ELEVATED:
             for tier in ("transactional", "batch"):
                 svc.manager.add_worker(tier)
-        svc.admission.paused = level >= Level.DEGRADED
-        if level >= Level.EMERGENCY:
-            svc.admission.min_priority = 4
-        elif level >= Level.CRITICAL:
-            svc.admission.min_priority = 1
-        else:
-            svc.admission.min_priority = 0
+        svc.admission.min_priority = self.MIN_PRIORITY[level]
         svc.metrics.set_state(int(level), level.name, int(previous), previous.name)
 
 
@@ -134,6 +134,11 @@ class Service:
         conn = self.connectors
         if conn is not None:  # connectors: a NATS source waiting for marks
             conn.progress()
+
+    def _stages(self, ingest_ns: np.ndarray, taken_ns: int, stored_ns: int) -> None:
+        m = self.metrics
+        m.observe_stage("queued", np.int64(taken_ns) - ingest_ns)
+        m.observe_stage("stored", np.int64(stored_ns) - ingest_ns)
 
     def _processed(self, queue: str, records: np.ndarray, handled_ns: int | None = None) -> None:
         now = time.monotonic_ns() if handled_ns is None else handled_ns
@@ -196,13 +201,19 @@ class Service:
         store = self.event_log.append if self.connectors is None else self.connectors.wrap_store(self.event_log.append)
         # --- end connectors hook
         sinks = Sinks(self.topics, store=store, drop=self.drop, processed=self._processed,
-                      dedup_hit=self.metrics.dedup_hits, sync=self._sync, progress=self._progress)
+                      dedup_hit=self.metrics.dedup_hits, sync=self._sync, progress=self._progress,
+                      stages=self._stages)
         try:
             self.manager = ProcessManager(cfg, self.bus, sinks, handlers=self.handlers)
         except ValueError as exc:
             raise StartupError(str(exc)) from None
+        if self.manager.dedups is not None:  # before any event: a resend after a restart is stored once
+            self.dedup_rebuilt = idempotency.rebuild(data / st.events_file, self.manager.dedups, self.topics,
+                                                     ROUTE, QUEUE_NAMES, cfg.dedup.window_s)
         self._register_gauges()
         self.manager.start()
+        if cfg.processors.realtime.inline:
+            self.bus.inline = self.manager.workers["realtime"][0].run_inline
         if self.connectors is not None:  # connectors hook
             self.connectors.start()
         # Admission (the control plane's level) is applied at the edge: TCP readers hold what is not
@@ -212,7 +223,8 @@ class Service:
         if cfg.server.tcp.enabled:
             self.tcp = TcpServer(cfg.server.tcp, self.bus, self.topics, admission=self.admission,
                                  on_reject=self.on_reject, cpus=aff.acceptor, reader_cpus=aff.ingest,
-                                 payload_bytes=pb, ack_default=ACK_MODES[cfg.server.ack])
+                                 payload_bytes=pb, ack_default=ACK_MODES[cfg.server.ack],
+                                 on_acked=lambda lat: self.metrics.observe_stage("acked", lat))
             self._start_server(self.tcp, "server.tcp")
         if cfg.server.udp.enabled:
             self.udp = UdpServer(cfg.server.udp, self.bus, self.topics, admission=self.admission,

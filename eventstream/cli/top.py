@@ -36,6 +36,7 @@ class Snapshot:
     depths: dict[str, float] = field(default_factory=dict)
     buckets: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # queue -> [(le, cumulative)]
     recent: dict[tuple[str, str], float] = field(default_factory=dict)  # (queue, quantile) -> ns
+    stages: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # stage -> [(le, cumulative)]
     state: str = "?"
     level: float = -1
 
@@ -50,6 +51,8 @@ def parse(text: str, at: float) -> Snapshot:
                 snap.depths[s.labels.get("queue", "?")] = s.value
             elif s.name == "latency_seconds_bucket":  # seconds in the exposition, ns here
                 snap.buckets.setdefault(s.labels["queue"], []).append((float(s.labels["le"]) * 1e9, s.value))
+            elif s.name == "stage_latency_seconds_bucket":
+                snap.stages.setdefault(s.labels["stage"], []).append((float(s.labels["le"]) * 1e9, s.value))
             elif s.name == "latency_recent_seconds" and "quantile" in s.labels:
                 snap.recent[(s.labels["queue"], s.labels["quantile"])] = s.value * 1e9
             elif s.name == "pipeline_state":
@@ -110,6 +113,14 @@ def render(snap: Snapshot, prev: Snapshot | None, url: str) -> str:
                   if count else "-")
         lines.append(f"  {q:13}{count:>10,.0f} {human_ns(bucket_quantile(b, 0.5)):>9} "
                      f"{human_ns(bucket_quantile(b, 0.99)):>9} {human_ns(bucket_quantile(b, 0.999)):>9}   {recent}")
+    order = ("queued", "handled", "stored", "acked")
+    stages = sorted(snap.stages.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
+    if stages:
+        lines.append(f"{'decoded ->':15}{'count':>10} {'p50':>9} {'p99':>9} {'p99.9':>9}")
+    for st, b in stages:
+        count = max((c for _, c in b), default=0)
+        lines.append(f"  {st:13}{count:>10,.0f} {human_ns(bucket_quantile(b, 0.5)):>9} "
+                     f"{human_ns(bucket_quantile(b, 0.99)):>9} {human_ns(bucket_quantile(b, 0.999)):>9}")
     rss = g("process_rss_bytes")
     lines.append(f"process    cpu {g('process_cpu_percent', 0):.0f}%  rss "
                  f"{(rss or 0) / 2**20:,.1f} MiB  threads {g('process_threads', 0):.0f}")

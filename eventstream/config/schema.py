@@ -105,6 +105,9 @@ class RealtimeConfig:
     handler: str = field(default="eventstream.engine.handlers:noop", metadata={"handler": True})
     topics: list[str] = field(default_factory=lambda: ["*"])
     sla_us: float = field(default=100.0, metadata={"range": (0.0, 1e9)})
+    # caller runs: an ingest reader handles realtime events itself when the realtime queue is idle
+    # (no thread handoff before the handler or the ACK); the handler then runs on ingest threads
+    inline: bool = True
 
 
 @dataclass
@@ -115,8 +118,6 @@ class TransactionalConfig:
     retry_backoff_ms: float = field(default=10.0, metadata={"range": (0.0, 60_000.0)})
     workers: int = field(default=1, metadata={"range": (1, 64)})
     max_workers: int = field(default=2, metadata={"range": (1, 64)})
-    dedup_buckets: int = field(default=4096, metadata={"pow2": True, "range": (16, 1 << 26)})
-    dedup_window_s: float = field(default=3600.0, metadata={"range": (0.0, 30 * 86400.0)})
 
 
 @dataclass
@@ -137,6 +138,15 @@ class ProcessorsConfig:
 
 
 @dataclass
+class DedupConfig:
+    """Idempotency: an event with an id is stored once per (topic, event id) within the window, in
+    every tier; the tables are rebuilt at start from the tail of events.bin."""
+
+    window_s: float = field(default=3600.0, metadata={"range": (0.0, 30 * 86400.0)})  # 0 = off
+    buckets: int = field(default=4096, metadata={"pow2": True, "range": (16, 1 << 26)})  # initial, grows
+
+
+@dataclass
 class LevelThresholds:
     drop_rate: float = field(default=0.01, metadata={"range": (0.0, 1.0)})
     depth: float = field(default=0.5, metadata={"range": (0.0, 100.0)})
@@ -148,6 +158,7 @@ class BackpressureConfig:
     max_queue_depth: int = field(default=5000, metadata={"range": (1, 1 << 30)})
     min_events_for_evaluation: int = field(default=1000, metadata={"range": (0, 1 << 40)})
     recovery_factor: float = field(default=0.8, metadata={"range": (0.0, 1.0)})
+    min_dwell_ms: float = field(default=1000.0, metadata={"range": (0.0, 3_600_000.0)})  # held before a step down
     elevated: LevelThresholds = field(default_factory=lambda: LevelThresholds(0.01, 0.50))
     degraded: LevelThresholds = field(default_factory=lambda: LevelThresholds(0.02, 0.75))
     critical: LevelThresholds = field(default_factory=lambda: LevelThresholds(0.04, 1.00))
@@ -236,6 +247,7 @@ class Config:
     queues: QueuesConfig = field(default_factory=QueuesConfig)
     affinity: AffinityConfig = field(default_factory=AffinityConfig)
     processors: ProcessorsConfig = field(default_factory=ProcessorsConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
     backpressure: BackpressureConfig = field(default_factory=BackpressureConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)

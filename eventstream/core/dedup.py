@@ -31,7 +31,10 @@ from eventstream.core.arena import Arena
 from eventstream.core.wait import SleepBackoff
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_GOLDEN_INT = 0x9E3779B97F4A7C15
+_M64 = (1 << 64) - 1
 WHEN_FULL = ("grow", "evict")
+SMALL = 8  # up to this many ids, the *_exclusive calls probe with plain ints (no numpy temporaries)
 
 
 class DedupTableFull(RuntimeError):
@@ -239,13 +242,49 @@ class Deduplicator:
             if full or self._used.load() > self.max_load * self._table.buckets:
                 self._rebuild("full", now_ns)
 
+    def _home_int(self, t: _Table, k: int) -> int:
+        return 0 if t.bits == 0 else ((k * _GOLDEN_INT) & _M64) >> (64 - t.bits)
+
+    def seen_exclusive(self, ids, now=None) -> np.ndarray:
+        """seen() for the table's only user (no gate: no rebuild can run meanwhile)."""
+        ids = self._ids(ids)
+        now_ns = self._now_ns(now)
+        t = self._table
+        if len(ids) > SMALL:
+            out = np.zeros(len(ids), dtype=bool)
+            nz = np.flatnonzero(ids)  # id 0 is "no id": never seen (it would match an empty slot)
+            if len(nz):
+                slot_of, _ = self._lookup(t, ids[nz])
+                found = slot_of >= 0
+                out[nz[found]] = ~self._expired(t.stamps[slot_of[found]], now_ns)
+            return out
+        keys, stamps, mask, win = t.keys, t.stamps, t.mask, self.window_ns
+        res = []
+        for k in ids.tolist():
+            hit = False
+            if k:
+                pos = self._home_int(t, k)
+                while True:
+                    cur = int(keys[pos])
+                    if cur == k:
+                        st = int(stamps[pos])
+                        hit = st == 0 or st + win > now_ns
+                        break
+                    if cur == 0:
+                        break
+                    pos = (pos + 1) & mask
+            res.append(hit)
+        return np.array(res, dtype=bool)
+
     def commit_exclusive(self, ids, now=None) -> None:
         """commit() for a caller that is this table's only user while the call runs (the engine keeps
-        one table per transactional partition and calls this while holding the partition's token).
-        New ids go in with one vectorized probe loop instead of one CAS each."""
+        one table per partition and calls this while holding the partition's token). New ids go in
+        with one vectorized probe loop instead of one CAS each (a few ids: plain-int probes)."""
         if self.when_full != "grow":
             return self.commit(ids, now)
         ids = self._ids(ids)
+        if len(ids) <= SMALL and self._commit_few(ids, self._now_ns(now)):
+            return None
         ids = np.unique(ids[ids != 0])
         if not len(ids):
             return None
@@ -265,6 +304,35 @@ class Deduplicator:
         self._insert_bulk(t, new, np.full(len(new), now_ns, dtype=np.uint64))
         self._used.fetch_add(len(new))
         return None
+
+    def _commit_few(self, ids: np.ndarray, now_ns: int) -> bool:
+        """commit_exclusive for a few ids with plain ints; False (nothing done) when the table would
+        need a rebuild first (the vectorized path does that)."""
+        todo = {k for k in ids.tolist() if k}
+        if not todo:
+            return True
+        t = self._table
+        used = self._used.load()
+        if used + len(todo) > self.max_load * t.buckets:
+            return False
+        keys, stamps, mask = t.keys, t.stamps, t.mask
+        new = 0
+        for k in todo:
+            pos = self._home_int(t, k)
+            while True:
+                cur = int(keys[pos])
+                if cur == k:
+                    stamps[pos] = now_ns
+                    break
+                if cur == 0:
+                    keys[pos] = k
+                    stamps[pos] = now_ns
+                    new += 1
+                    break
+                pos = (pos + 1) & mask
+        if new:
+            self._used.fetch_add(new)
+        return True
 
     def _admit_some(self, ids, todo, out, now_ns: int, refresh: bool):
         """Admit ids[todo] into the current table; returns (indexes left for after a rebuild, full)."""

@@ -112,6 +112,9 @@ class EventBusMulti:
         self._next_seq = seq_base
         self.received = 0
         self.on_received = None  # callable(n) per stamped batch (metrics)
+        # callable(records) -> bool: handle realtime records on the offering thread when the realtime
+        # queue is idle (caller runs; Processor.run_inline); None = always queue them
+        self.inline = None
         try:
             for name, qc, parts in (("realtime", q.realtime, 1),
                                     ("transactional", q.transactional, cfg.processors.transactional.max_workers),
@@ -172,8 +175,12 @@ class EventBusMulti:
         if stamp:
             self.stamp(records)
         held: list[np.ndarray] = []
+        inline = self.inline
         for queue, ring, sel in self._split(records):
             sub = records if sel is None else records[sel]
+            if inline is not None and queue is self.queues[REALTIME] and inline(sub):
+                out.placed += len(sub)  # handled and stored already: complete, no mark
+                continue
             k, end = ring.try_put(sub)
             if k:
                 out.marks.append((ring, end))

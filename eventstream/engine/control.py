@@ -11,13 +11,13 @@ issue states them — note which comparisons are strict::
 A Sample's `depth` is already a fraction: queued events / `max_queue_depth` (the sampler divides, see
 RateSampler); `drop_rate` is dropped / offered over the last interval.
 
-Going up: straight to the highest level whose thresholds are exceeded (an overload must be answered in
-one interval, not four). Going down: one level per evaluation, and only when *both* metrics are below
-the thresholds of the level being left × `recovery_factor` (hysteresis: a load that hovers at a
-threshold does not flap). One step at a time because each level's action is undone separately
-(EMERGENCY's admission filter first, then CRITICAL's BATCH shedding, ...) and the next interval shows
-whether the system copes without it. No decision at all before `min_events_for_evaluation` events have
-been processed (warm-up: rates over a handful of events mean nothing).
+The level moves one step per evaluation, in both directions: each level's action is applied and
+undone separately (workers, then the TCP pause, then UDP shedding ...), and the next interval shows
+whether the system copes with it. Up: one level, when a higher level's thresholds are exceeded.
+Down: one level, only when *both* metrics are below the thresholds of the level being left ×
+`recovery_factor` (hysteresis), and only once that has held for `min_dwell_ms` in a row (so a load
+that hovers around a threshold does not flap: it stays at the higher level). No decision at all before `min_events_for_evaluation`
+events have been processed (warm-up: rates over a handful of events mean nothing).
 """
 
 from __future__ import annotations
@@ -79,9 +79,11 @@ class Transition:
 class Backpressure:
     """Pure state machine: evaluate(sample) -> Transition | None. Not thread-safe (one control thread)."""
 
-    def __init__(self, config: BackpressureConfig):
+    def __init__(self, config: BackpressureConfig, *, clock: Callable[[], float] = time.monotonic):
         self.config = config
+        self.clock = clock
         self.level = Level.HEALTHY
+        self.calm_since: float | None = None  # since when every sample allowed a step down
         self.transitions: Counter[tuple[Level, Level]] = Counter()
         self.thresholds = {
             Level.ELEVATED: config.elevated, Level.DEGRADED: config.degraded,
@@ -118,8 +120,14 @@ class Backpressure:
             level, why = Level.HEALTHY, None
         current = self.level
         if level > current:
-            return self._move(current, level, sample, depth, f"up: {why}")
-        if level < current and self.recovered_from(current, drop, depth):
+            return self._move(current, Level(current + 1), sample, depth, f"up: {why}")
+        if level >= current or not self.recovered_from(current, drop, depth):
+            self.calm_since = None
+            return None
+        now = self.clock()
+        if self.calm_since is None:
+            self.calm_since = now
+        if round((now - self.calm_since) * 1000.0, 6) >= self.config.min_dwell_ms:
             t = self.thresholds[current]
             rf = self.config.recovery_factor
             return self._move(current, Level(current - 1), sample, depth,
@@ -129,6 +137,7 @@ class Backpressure:
 
     def _move(self, previous: Level, level: Level, sample: Sample, depth: float, reason: str) -> Transition:
         self.level = level
+        self.calm_since = None  # the next step down needs its own calm period
         self.transitions[(previous, level)] += 1
         return Transition(previous, level, sample, depth, reason)
 

@@ -1,11 +1,12 @@
 """ProcessManager: builds, starts, scales and stops the processor threads.
 
     EventBusMulti.realtime       --> RealtimeProcessor        x 1
-    EventBusMulti.transactional  --> TransactionalProcessor   x workers .. max_workers  (a Deduplicator per partition)
+    EventBusMulti.transactional  --> TransactionalProcessor   x workers .. max_workers
     EventBusMulti.batch          --> BatchProcessor           x workers .. max_workers  (shared WindowTables)
 
 Workers of one tier share that tier's partitions through per-partition tokens (see engine/bus.py), so
-`add_worker` just starts one more thread; nothing is reassigned.
+`add_worker` just starts one more thread; nothing is reassigned. Every partition of every tier has
+its own Deduplicator (engine/idempotency.py).
 """
 
 from __future__ import annotations
@@ -41,11 +42,14 @@ class ProcessManager:
             "batch": given.get("batch", resolve(p.batch.handler, "processors.batch.handler")),
             "aggregate": given.get("aggregate", resolve(p.batch.aggregate, "processors.batch.aggregate")),
         }
-        # one dedup table per transactional partition: only the worker holding the partition's token
+        # one dedup table per partition of every tier: only the worker holding the partition's token
         # touches it, so commits are vectorized (Deduplicator.commit_exclusive) instead of a CAS per id
-        self.dedups = [Deduplicator(p.transactional.dedup_buckets, p.transactional.dedup_window_s,
-                                    when_full="grow", node=cfg.numa.node)
-                       for _ in range(bus["transactional"].partitions)]
+        d = cfg.dedup
+        self.dedups: dict[str, list[Deduplicator]] | None = None
+        if d.window_s > 0:
+            self.dedups = {tier: [Deduplicator(d.buckets, d.window_s, when_full="grow", node=cfg.numa.node)
+                                  for _ in range(bus[tier].partitions)]
+                           for tier in ("realtime", "transactional", "batch")}
         self.window_tables = [WindowTable() for _ in range(bus["batch"].partitions)]
         self.workers: dict[str, list[Processor]] = {"realtime": [], "transactional": [], "batch": []}
         self._lock = threading.Lock()  # guards worker lists (control plane vs shutdown), never the data path
@@ -55,13 +59,14 @@ class ProcessManager:
         cfg, aff = self.cfg, self.cfg.affinity
         n = len(self.workers[tier])
         common = dict(worker=n, cpus=getattr(aff, tier), max_batch=cfg.queues.max_batch,
-                      topics=getattr(cfg.processors, tier).topics)
+                      topics=getattr(cfg.processors, tier).topics,
+                      dedups=self.dedups[tier] if self.dedups is not None else None)
         if tier == "realtime":
             return RealtimeProcessor(self.bus["realtime"], self.sinks, self.handlers["realtime"], **common)
         if tier == "transactional":
             t = cfg.processors.transactional
             return TransactionalProcessor(self.bus["transactional"], self.sinks, self.handlers["transactional"],
-                                          dedups=self.dedups, max_retries=t.max_retries,
+                                          max_retries=t.max_retries,
                                           retry_backoff_ms=t.retry_backoff_ms, **common)
         b = cfg.processors.batch
         return BatchProcessor(self.bus["batch"], self.sinks, self.handlers["batch"], tables=self.window_tables,
@@ -114,9 +119,10 @@ class ProcessManager:
         if self.workers["batch"] and ok:
             flushed = flush_windows(self.workers["batch"][0])
             log.info("windows_flushed", windows=flushed)
-        if ok:
-            for d in self.dedups:
-                d.close()
+        if ok and self.dedups is not None:
+            for tables in self.dedups.values():
+                for d in tables:
+                    d.close()
         return ok
 
     def errors(self) -> list[tuple[str, BaseException]]:

@@ -4,14 +4,13 @@ The control thread writes the attributes; ingest readers only read them (a plain
 atomic on free-threaded CPython and costs nothing compared with a lock or an atomics call). A reader
 may act on a value one batch late; that is fine for flow control.
 
-* ``paused``: TCP readers stop reading their sockets, so the kernel buffers fill and TCP flow control
-  pushes back on clients; nothing is dropped. UDP has no flow control: its reader KEEPS READING while
-  paused and rejects every frame with reason "paused" (counted in backpressure_drops, sent to
-  on_reject for the dead-letter log). Why: if it stopped reading, the kernel would drop datagrams once
-  SO_RCVBUF fills, silently and without ids; reading and rejecting keeps every loss visible.
-* ``min_priority``: frames with a lower priority are rejected with reason "backpressure" (NACK on v2,
-  on_reject, backpressure_drops).
-* ``allowed_priorities``: None (all) or a set of priorities admitted; others are rejected the same way.
+* ``min_priority``: events with a lower priority are not admitted now. TCP readers hold them (and
+  stop reading that connection until they are admitted: TCP flow control pushes the client back,
+  nothing is dropped); UDP, which has no flow control, sheds them with reason "backpressure"
+  (counted in backpressure_drops, sent to on_reject for the dead-letter log).
+* ``paused``: as min_priority 4 (only CRITICAL admitted), with reason "paused" on UDP. The service's
+  control plane uses min_priority; `paused` is kept for embedders.
+* ``allowed_priorities``: None (all) or a set of priorities admitted (refused_mask; embedders).
 """
 
 from __future__ import annotations

@@ -45,6 +45,13 @@ STOP_BUDGET_S = 4.0  # a draining stop waits at most this long for held records 
 _STRONGER_THAN_ACCEPTED = ACK_ACCEPTED << FLAG_ACK_SHIFT
 
 
+def wants_completion(flags: np.ndarray) -> bool:
+    """Does any record ask for more than `accepted` (stored or synced)?"""
+    if len(flags) <= 8:  # the common small read: plain ints beat numpy temporaries
+        return any((f & FLAG_ACK_MASK) > _STRONGER_THAN_ACCEPTED for f in flags.tolist())
+    return bool(((flags & FLAG_ACK_MASK) > _STRONGER_THAN_ACCEPTED).any())
+
+
 def marks_done(marks) -> bool:
     for ring, end in marks:
         if ring.completed() < end:
@@ -54,7 +61,7 @@ def marks_done(marks) -> bool:
 
 class Connection:
     __slots__ = ("sock", "conn_id", "peer", "decoder", "v2", "accepted", "acked", "chunks", "held", "held_idx",
-                 "open_marks", "open_nacks", "outbox", "last_active", "tokens", "resume_at", "reading", "closing",
+                 "open_marks", "open_nacks", "open_ts", "outbox", "last_active", "tokens", "resume_at", "reading", "closing",
                  "closed")
 
     def __init__(self, sock: socket.socket, conn_id: int, peer, decoder: FrameDecoder, now: float, burst: float):
@@ -65,11 +72,12 @@ class Connection:
         self.v2 = False
         self.accepted = 0  # records placed in the engine (v1 and v2)
         self.acked = 0  # the last ACK sent
-        self.chunks: collections.deque = collections.deque()  # (count after, marks, nack bytes)
+        self.chunks: collections.deque = collections.deque()  # (count after, marks, nack bytes, ingest ns)
         self.held: np.ndarray | None = None  # records not placed yet (the connection stops reading)
         self.held_idx: np.ndarray | None = None
         self.open_marks: list = []  # marks and NACKs of the chunk whose records are partly held
         self.open_nacks = b""
+        self.open_ts = 0  # decode time of the chunk's first records (all records of a read share it)
         self.outbox = bytearray()
         self.last_active = now
         self.tokens = burst
@@ -86,7 +94,7 @@ class Connection:
 
 class Reader(threading.Thread):
     def __init__(self, n: int, config, topics: TopicTable, delivery: Delivery, stats: IngestStats,
-                 admission, cpus, payload_bytes: int, ack_default: int = ACK_STORED):
+                 admission, cpus, payload_bytes: int, ack_default: int = ACK_STORED, on_acked=None):
         super().__init__(name=f"es-tcp-reader-{n}", daemon=True)
         self.config = config
         self.topics = topics
@@ -96,6 +104,7 @@ class Reader(threading.Thread):
         self.cpus = cpus
         self.payload_bytes = payload_bytes
         self.ack_default = ack_default
+        self.on_acked = on_acked
         self.incoming: collections.deque = collections.deque()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -252,10 +261,12 @@ class Reader(threading.Thread):
         d = self.delivery.deliver(records, indices, errors, c.conn_id, want_nacks=c.v2)
         c.accepted += d.accepted
         if c.v2:
-            if d.marks and not ((records["flags"] & FLAG_ACK_MASK) > _STRONGER_THAN_ACCEPTED).any():
+            if d.marks and not wants_completion(records["flags"]):
                 d.marks = []  # every frame asked for `accepted` (or is v1): complete once placed
             c.open_marks.extend(d.marks)
             c.open_nacks += d.nacks
+            if not c.open_ts and len(records):
+                c.open_ts = int(records["ingest_ts"][0])
         if d.held is not None:
             self._hold(c, d.held, d.held_indices)
         else:
@@ -302,8 +313,8 @@ class Reader(threading.Thread):
         if not c.v2:
             return
         if c.open_marks or c.open_nacks or c.accepted != c.acked:
-            c.chunks.append((c.accepted, c.open_marks, c.open_nacks))
-            c.open_marks, c.open_nacks = [], b""
+            c.chunks.append((c.accepted, c.open_marks, c.open_nacks, c.open_ts))
+            c.open_marks, c.open_nacks, c.open_ts = [], b"", 0
             self._ack_due(c)
 
     def _ack_due(self, c: Connection) -> None:
@@ -316,19 +327,28 @@ class Reader(threading.Thread):
             self.want_nudge = True  # before reading the marks: a release after this point wakes us
         top = -1
         nacks = []
+        done = []  # (events, decode ns) of the completed chunks
+        prev = c.acked
         while chunks:
-            count, marks, nk = chunks[0]
+            count, marks, nk, ts = chunks[0]
             if marks and not marks_done(marks):
                 break
             chunks.popleft()
             if nk:
                 nacks.append(nk)
+            if count > prev and ts:
+                done.append((count - prev, ts))
+            prev = count
             top = count
         if top >= 0:
             if top != c.acked:
                 nacks.append(encode_ack(top))
                 c.acked = top
             self._write(c, b"".join(nacks))
+            if done and self.on_acked is not None:
+                now = time.monotonic_ns()
+                self.on_acked(np.repeat(np.array([now - ts for _, ts in done], dtype=np.int64),
+                                        [k for k, _ in done]))
         if chunks:
             self.awaiting.add(c)
         else:

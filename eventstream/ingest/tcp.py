@@ -45,8 +45,9 @@ def bind_error(kind: str, key: str, host: str, port: int, exc: OSError) -> BindE
 class TcpServer:
     def __init__(self, config: TcpConfig, sink, topics: TopicTable, *, admission: Admission | None = None,
                  on_reject=None, cpus=None, reader_cpus=None, payload_bytes: int = 448,
-                 ack_default: int = ACK_STORED):
-        """`ack_default`: the ACK mode of v2 frames that ask for none (core.records.ACK_*)."""
+                 ack_default: int = ACK_STORED, on_acked=None):
+        """`ack_default`: the ACK mode of v2 frames that ask for none (core.records.ACK_*);
+        `on_acked(latencies_ns)`: decode-to-ACK latency of every event an ACK covered (metrics)."""
         self.config = config
         self.sink = sink
         self.topics = topics
@@ -56,6 +57,7 @@ class TcpServer:
         self.reader_cpus = list(reader_cpus or [])
         self.payload_bytes = payload_bytes
         self.ack_default = ack_default
+        self.on_acked = on_acked
         self._listener: socket.socket | None = None
         self._acceptor: threading.Thread | None = None
         self._readers: list[Reader] = []
@@ -89,7 +91,7 @@ class TcpServer:
             stats = IngestStats()
             delivery = Delivery(self.sink, self.admission, self.on_reject, stats)
             r = Reader(n, cfg, self.topics, delivery, stats, self.admission, self.reader_cpus, self.payload_bytes,
-                       self.ack_default)
+                       self.ack_default, self.on_acked)
             self._stats.append(stats)
             self._readers.append(r)
             r.start()

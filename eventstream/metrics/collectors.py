@@ -29,14 +29,17 @@ class LatencyCollector(Collector):
 
     QUANTILES = (("0.5", 50), ("0.99", 99), ("0.999", 99.9))
 
-    def __init__(self, histograms: dict[str, VectorHistogram], name: str = "latency_seconds"):
+    def __init__(self, histograms: dict[str, VectorHistogram], name: str = "latency_seconds", *,
+                 label: str = "queue", doc: str = "ingest-to-handled latency per queue"):
         self.histograms = histograms
         self.name = name
+        self.label = label
+        self.doc = doc
         self.recent_name = f"{name.removesuffix('_seconds')}_recent_seconds"
 
     def _families(self):
-        hist = HistogramMetricFamily(self.name, "ingest-to-handled latency per queue (seconds)", labels=["queue"])
-        recent = Metric(self.recent_name, "latency quantiles over the most recent events per queue (seconds, "
+        hist = HistogramMetricFamily(self.name, f"{self.doc} (seconds)", labels=[self.label])
+        recent = Metric(self.recent_name, f"{self.doc}: quantiles over the most recent events (seconds, "
                         "exact over a reservoir); _count/_sum over all events", "summary")
         return hist, recent
 
@@ -51,9 +54,9 @@ class LatencyCollector(Collector):
             buckets = [(floatToGoString(b / 1e9), c) for b, c in zip(h.bounds.tolist(), cum)] + [("+Inf", cum[-1])]
             hist.add_metric([queue], buckets, total / 1e9)
             for q, v in self.QUANTILES:
-                recent.add_sample(self.recent_name, {"queue": queue, "quantile": q}, h.recent_percentile(v) / 1e9)
-            recent.add_sample(f"{self.recent_name}_count", {"queue": queue}, cum[-1])
-            recent.add_sample(f"{self.recent_name}_sum", {"queue": queue}, total / 1e9)
+                recent.add_sample(self.recent_name, {self.label: queue, "quantile": q}, h.recent_percentile(v) / 1e9)
+            recent.add_sample(f"{self.recent_name}_count", {self.label: queue}, cum[-1])
+            recent.add_sample(f"{self.recent_name}_sum", {self.label: queue}, total / 1e9)
         yield hist
         yield recent
 

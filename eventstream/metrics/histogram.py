@@ -12,9 +12,12 @@ vectorized copy per batch).
 
 from __future__ import annotations
 
+import bisect
 import threading
 
 import numpy as np
+
+SMALL_BATCH = 8  # up to this many values: bucketed in Python (no numpy temporaries: ~1 µs, not ~10)
 
 # 1 µs .. 10 s in 1-2.5-5 steps (ns)
 DEFAULT_LATENCY_BUCKETS_NS: tuple[float, ...] = tuple(
@@ -33,9 +36,13 @@ class VectorHistogram:
         self._ring = np.zeros(max(reservoir, 1), dtype=np.float64)
         self._ring_pos = 0  # total values ever written to the ring
         self._reservoir = reservoir
+        self._bounds_list = b.tolist()
 
     def observe_many(self, values: np.ndarray) -> None:
         """Add a batch of values (any numeric array; negative values count in the first bucket)."""
+        if len(values) <= SMALL_BATCH and self._reservoir:
+            self._observe_few(values.tolist() if isinstance(values, np.ndarray) else list(values))
+            return
         v = np.asarray(values, dtype=np.float64).ravel()
         if v.size == 0:
             return
@@ -52,6 +59,21 @@ class VectorHistogram:
                 self._ring[start:start + first] = tail[:first]
                 self._ring[:n - first] = tail[first:]
                 self._ring_pos += n
+
+    def _observe_few(self, values: list) -> None:
+        bounds, counts, ring = self._bounds_list, self._counts, self._ring
+        slots = [bisect.bisect_left(bounds, x) for x in values]
+        total = float(sum(values))
+        cap = ring.size
+        with self._lock:
+            for i in slots:
+                counts[i] += 1
+            self._sum += total
+            pos = self._ring_pos
+            for x in values:
+                ring[pos % cap] = x
+                pos += 1
+            self._ring_pos = pos
 
     def observe(self, value: float) -> None:
         self.observe_many(np.array([value], dtype=np.float64))

@@ -5,6 +5,9 @@ Names (Prometheus text format):
     events_received_total, events_processed_total, events_dropped_total{reason},
     dedup_hits_total, backpressure_drops_total, pipeline_transitions_total{from,to},
     queue_depth{queue}, latency_seconds{queue} (histogram), latency_recent_seconds{queue,quantile} (summary),
+    stage_latency_seconds{stage} (histogram), stage_latency_recent_seconds{stage,quantile} (summary): time
+    from decode to each stage of an event's way (STAGES: queued = taken by its processor, handled,
+    stored = in events.bin or the DLQ, acked = its ACK sent), so an operator sees where a tail comes from,
     pipeline_state{name}, process_cpu_percent, process_rss_bytes, process_threads,
     + whatever components register with register_callback() (read at scrape time).
 
@@ -36,13 +39,14 @@ from eventstream.metrics.histogram import DEFAULT_LATENCY_BUCKETS_NS, VectorHist
 from eventstream.metrics.reasons import REASONS, category
 
 QUEUES = ("realtime", "transactional", "batch")
+STAGES = ("queued", "handled", "stored", "acked")
 
 
-# pipeline level names (engine/control.py Level) and the transitions the control plane can make: up by
-# any number of levels, down one level at a time
+# pipeline level names (engine/control.py Level) and the transitions the control plane can make: one
+# level at a time, up or down
 LEVELS = ("HEALTHY", "ELEVATED", "DEGRADED", "CRITICAL", "EMERGENCY")
 TRANSITIONS = tuple((LEVELS[a], LEVELS[b]) for a in range(len(LEVELS)) for b in range(len(LEVELS))
-                    if b > a or b == a - 1)
+                    if abs(b - a) == 1)
 
 
 def reason_label(reason: str) -> str:
@@ -75,6 +79,9 @@ class MetricsRegistry:
             self._transitions.labels(frm, to)
         self.latency = {q: VectorHistogram(latency_buckets_ns, reservoir) for q in queues}
         r.register(LatencyCollector(self.latency))
+        self.stages = {st: VectorHistogram(latency_buckets_ns, reservoir) for st in STAGES}
+        r.register(LatencyCollector(self.stages, "stage_latency_seconds", label="stage",
+                                    doc="decode-to-stage latency per stage"))
         self._state = StateCollector()
         r.register(self._state)
         self._labelled: dict[str, LabelledCallbacks] = {}
@@ -103,6 +110,15 @@ class MetricsRegistry:
             latencies_ns = np.int64(now) - records["ingest_ts"].astype(np.int64)
         if latencies_ns is not None and len(latencies_ns):
             self.observe_latency(queue, latencies_ns)
+            self.stages["handled"].observe_many(latencies_ns)
+
+    def observe_stage(self, stage: str, latencies_ns: np.ndarray) -> None:
+        """Decode-to-`stage` latencies (ns) of a batch (STAGES)."""
+        if len(latencies_ns):
+            self.stages[stage].observe_many(latencies_ns)
+
+    def stage_percentiles(self, stage: str) -> dict[str, float]:
+        return self.stages[stage].percentiles()
 
     def observe_latency(self, queue: str, latencies_ns: np.ndarray) -> None:
         h = self.latency.get(queue)

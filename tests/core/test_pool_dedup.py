@@ -175,3 +175,28 @@ def test_commit_exclusive_matches_commit_and_grows():
     finally:
         a.close()
         b.close()
+
+
+def test_exclusive_small_and_vectorized_paths_agree():
+    import random
+
+    from eventstream.core.dedup import SMALL, Deduplicator
+
+    rng = random.Random(11)
+    clock = [1000.0]
+    small = Deduplicator(16, 10.0, clock=lambda: clock[0])
+    big = Deduplicator(16, 10.0, clock=lambda: clock[0])
+    universe = [rng.getrandbits(64) for _ in range(300)] + [0]
+    for _ in range(400):
+        batch = np.array([rng.choice(universe) for _ in range(rng.randint(1, SMALL))], dtype=np.uint64)
+        # the same ids through the plain-int path (<= SMALL) and, padded, the vectorized path
+        pad = np.concatenate([batch, np.zeros(SMALL + 1 - len(batch), dtype=np.uint64)])
+        assert small.seen_exclusive(batch).tolist() == big.seen_exclusive(pad)[:len(batch)].tolist()
+        if rng.random() < 0.7:
+            small.commit_exclusive(batch)
+            big.commit_exclusive(pad)
+        clock[0] += rng.uniform(0, 0.5)  # entries expire after 10 s; tables grow past 16 buckets
+    assert len(small) == len(big) and small.grows >= 1
+    live = np.array(universe[:-1], dtype=np.uint64)
+    assert small.seen_exclusive(live).tolist() == big.seen_exclusive(live).tolist()
+    assert small.seen_exclusive(live).tolist() == small.seen(live).tolist()

@@ -8,7 +8,7 @@ import time
 from eventstream.client import TcpClient, UdpSender
 from eventstream.config import load_config
 from eventstream.engine.control import Level
-from eventstream.service import Service
+from eventstream.service import LevelActions, Service
 from eventstream.storage import EventLogReader
 
 
@@ -66,17 +66,19 @@ def test_level_actions_are_cumulative_and_undone_on_the_way_down():
     svc = FakeService()
     act = LevelActions(svc)
     act.on_level(Level.ELEVATED, Level.HEALTHY)
-    assert svc.added == ["transactional", "batch"] and not svc.admission.paused
+    assert svc.added == ["transactional", "batch"] and svc.admission.min_priority == 0
     act.on_level(Level.DEGRADED, Level.ELEVATED)
-    assert svc.admission.paused and svc.admission.min_priority == 0
+    assert svc.admission.min_priority == 1  # BATCH priority not admitted
     act.on_level(Level.CRITICAL, Level.DEGRADED)
-    assert svc.admission.paused and svc.admission.min_priority == 1  # BATCH priority dropped
+    assert svc.admission.min_priority == 2  # LOW and BATCH not admitted
     act.on_level(Level.EMERGENCY, Level.CRITICAL)
     assert svc.admission.min_priority == 4  # only CRITICAL admitted
-    act.on_level(Level.DEGRADED, Level.EMERGENCY)
-    assert svc.admission.paused and svc.admission.min_priority == 0
-    act.on_level(Level.HEALTHY, Level.DEGRADED)
-    assert not svc.admission.paused and svc.admission.min_priority == 0
+    act.on_level(Level.CRITICAL, Level.EMERGENCY)
+    assert svc.admission.min_priority == 2
+    act.on_level(Level.DEGRADED, Level.CRITICAL)
+    act.on_level(Level.ELEVATED, Level.DEGRADED)
+    act.on_level(Level.HEALTHY, Level.ELEVATED)
+    assert svc.admission.min_priority == 0 and not svc.admission.paused
     assert svc.added == ["transactional", "batch"]  # workers are added once per climb out of HEALTHY
     assert svc.states[-1][1] == "HEALTHY"
 
@@ -112,3 +114,45 @@ def test_malformed_frames_and_own_shedding_do_not_count_as_overload(tmp_path):
         assert svc.metrics.dropped_total() == 600
         assert svc.metrics.dropped_by_reason().get("backpressure") == 100
     assert sample.drop_rate == 0.0
+
+
+def test_emergency_admits_critical_and_holds_the_rest_without_dropping(tmp_path):
+    import socket
+
+    from eventstream.protocol.frames import KIND_ACK, encode_v2, split_control_frames
+
+    cfg = load_config(environ={}, overrides={
+        "server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0, "storage.data_dir": str(tmp_path / "d"),
+        "records.payload_bytes": 32})
+
+    def acked(sock, buf, want, timeout):
+        sock.settimeout(timeout)
+        try:
+            while True:
+                data = sock.recv(4096)
+                assert data
+                buf += data
+                if any(k == KIND_ACK and v >= want for k, v, _ in split_control_frames(buf)):
+                    return True
+        except TimeoutError:
+            return False
+
+    with Service(cfg) as svc:
+        svc.control.stop()  # drive the level's action by hand
+        LevelActions(svc).on_level(Level.EMERGENCY, Level.CRITICAL)
+        bulk = socket.create_connection(svc.tcp.address)
+        crit = socket.create_connection(svc.tcp.address)
+        bulk.sendall(b"".join(encode_v2("bulk", b"b", p, 100 + i) for i, p in enumerate([2, 3, 1, 0] * 25)))
+        crit.sendall(b"".join(encode_v2("alarm", b"c", 4, 1 + i) for i in range(10)))
+        assert acked(crit, bytearray(), 10, 30)  # CRITICAL goes through at EMERGENCY
+        assert not acked(bulk, bytearray(), 1, 0.3)  # the rest is held: no ACK, nothing dropped
+        assert svc.tcp.statistics()["holds"] >= 1
+        LevelActions(svc).on_level(Level.CRITICAL, Level.EMERGENCY)
+        LevelActions(svc).on_level(Level.DEGRADED, Level.CRITICAL)
+        LevelActions(svc).on_level(Level.ELEVATED, Level.DEGRADED)
+        assert acked(bulk, bytearray(), 100, 30)
+        bulk.close()
+        crit.close()
+        assert svc.metrics.dropped_total() == 0
+    ids = EventLogReader(tmp_path / "d" / "events.bin").read().records["event_id"].tolist()
+    assert sorted(ids) == list(range(1, 11)) + list(range(100, 200))

@@ -18,8 +18,9 @@ def s(depth_frac=0.0, drop=0.0, processed=10_000):
     return Sample(depth=round(depth_frac * MAXQ) / MAXQ, drop_rate=drop, processed=processed)
 
 
-def machine(level=H):
-    bp = Backpressure(BackpressureConfig())
+def machine(level=H, **cfg):
+    cfg.setdefault("min_dwell_ms", 0.0)
+    bp = Backpressure(BackpressureConfig(**cfg))
     bp.level = level
     return bp
 
@@ -38,19 +39,20 @@ def machine(level=H):
     # either metric is enough; the higher level wins
     (s(0.6, drop=0.05), C), (s(1.6, drop=0.0), X),
 ])
-def test_from_healthy_jumps_to_highest_exceeded_level(sample, expected):
+def test_from_healthy_steps_up_one_level_per_evaluation_to_the_highest_exceeded(sample, expected):
     bp = machine()
-    t = bp.evaluate(sample)
+    steps = [bp.evaluate(sample) for _ in range(5)]
+    climbed = [t.level for t in steps if t is not None]
+    assert climbed == [E, D, C, X][:int(expected)]  # one step at a time, never past `expected`
     assert bp.level == expected
-    assert (t is None) == (expected == H)
-    if t is not None:
-        assert (t.previous, t.level) == (H, expected) and t.reason.startswith("up: ")
+    assert all(t.reason.startswith("up: ") and t.level == t.previous + 1 for t in steps if t is not None)
 
 
 def test_steps_up_from_intermediate_level():
     bp = machine(E)
     t = bp.evaluate(s(drop=0.05))
-    assert (t.previous, t.level) == (E, C)
+    assert (t.previous, t.level) == (E, D)
+    assert bp.evaluate(s(drop=0.05)).level == C
     assert bp.evaluate(s(drop=0.05)) is None  # stays
 
 
@@ -74,11 +76,25 @@ def test_hysteresis_holds_level_until_below_threshold_times_recovery_factor(leve
 
 def test_steps_down_one_level_per_evaluation():
     bp = machine()
-    assert bp.evaluate(s(2.0)).level == X
+    assert [bp.evaluate(s(2.0)).level for _ in range(4)] == [E, D, C, X]
     seen = [bp.evaluate(s()).level for _ in range(4)]
     assert seen == [C, D, E, H]
     assert bp.evaluate(s()) is None
-    assert bp.transitions[(X, C)] == 1 and bp.transitions[(H, X)] == 1
+    assert bp.transitions[(X, C)] == 1 and bp.transitions[(H, E)] == 1
+
+
+def test_a_step_down_needs_min_dwell_of_calm_in_a_row():
+    now = [100.0]
+    bp = Backpressure(BackpressureConfig(min_dwell_ms=1000.0), clock=lambda: now[0])
+    assert bp.evaluate(s(0.6)).level == E
+    for k in range(40):  # a load flapping around the threshold every 100 ms for 4 s
+        now[0] += 0.1
+        assert bp.evaluate(s(0.6 if k % 2 else 0.1)) is None  # no flapping: the level holds
+    for _ in range(10):  # calm, but not yet for 1 s
+        now[0] += 0.1
+        assert bp.evaluate(s(0.1)) is None
+    now[0] += 0.1
+    assert bp.evaluate(s(0.1)).level == H  # 1 s of calm in a row
 
 
 def test_hovering_at_threshold_does_not_flap():
@@ -91,12 +107,12 @@ def test_hovering_at_threshold_does_not_flap():
 def test_no_decision_during_warm_up():
     bp = machine()
     assert bp.evaluate(s(2.0, drop=0.5, processed=999)) is None and bp.level == H
-    assert bp.evaluate(s(2.0, drop=0.5, processed=1000)).level == X
-    assert bp.evaluate(s(0.0, processed=10)) is None and bp.level == X  # no decision either way
+    assert bp.evaluate(s(2.0, drop=0.5, processed=1000)).level == E
+    assert bp.evaluate(s(0.0, processed=10)) is None and bp.level == E  # no decision either way
 
 
 def test_thresholds_come_from_config():
-    cfg = BackpressureConfig(min_events_for_evaluation=0, recovery_factor=0.5)
+    cfg = BackpressureConfig(min_events_for_evaluation=0, recovery_factor=0.5, min_dwell_ms=0.0)
     cfg.elevated.depth = 0.1
     bp = Backpressure(cfg)
     assert bp.evaluate(Sample(depth=0.11, drop_rate=0.0, processed=0)).level == E
@@ -167,7 +183,8 @@ def test_control_thread_survives_a_failing_sample_source():
         calls["n"] += 1
         if calls["n"] == 1:
             raise OSError("metrics unavailable")
-        done.set()
+        if calls["n"] == 5:  # the failure, then 4 evaluations: one step up each
+            done.set()
         return s(2.0)
 
     bp = Backpressure(BackpressureConfig())
@@ -178,4 +195,4 @@ def test_control_thread_survives_a_failing_sample_source():
     finally:
         thread.stop()
         thread.join(10)
-    assert not thread.is_alive() and thread.failures == 1 and bp.level == X
+    assert not thread.is_alive() and thread.failures == 1 and bp.level >= C

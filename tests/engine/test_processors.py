@@ -9,6 +9,7 @@ import pytest
 
 from eventstream.config import load_config
 from eventstream.core.dedup import Deduplicator
+from eventstream.engine import idempotency
 from eventstream.engine.bus import EventBusMulti
 from eventstream.engine.handlers import Batch, HandlerError, TopicFilter, resolve
 from eventstream.engine.manager import ProcessManager
@@ -77,20 +78,34 @@ def make_tx(bus, collected, handler, **kw):
     q = bus["transactional"]
     dedups = [Deduplicator(256, 3600.0) for _ in range(q.partitions)]
     mine = dedups[collected.topics.intern("t") % q.partitions]
+    for name in ("u",):
+        collected.topics.intern(name)
     return TransactionalProcessor(q, collected.sinks(), handler, dedups=dedups,
                                   max_retries=kw.pop("max_retries", 3), retry_backoff_ms=1.0, **kw), mine
 
 
 def test_transactional_dedup_skips_committed_and_repeated_ids(bus, collected, topics):
     proc, dedup = make_tx(bus, collected, None)
-    dedup.commit(np.array([5], dtype=np.uint64))
+    five = make_records(topics, 1, ids=np.array([5], dtype=np.uint64))
+    dedup.commit(idempotency.keys(five, topics))  # (t, 5) is already stored
     ids = np.array([1, 2, 2, 3, 5, 0, 0, 1], dtype=np.uint64)
     bus.publish(make_records(topics, len(ids), ids=ids))
     run_until_drained([proc], bus)
     stored = collected.stored_records()
     assert sorted(stored["event_id"].tolist()) == [0, 0, 1, 2, 3]  # id 0 is never deduplicated
     assert collected.dedup_hits == 3
-    assert dedup.seen(np.array([1, 2, 3], dtype=np.uint64)).all()
+    assert dedup.seen(idempotency.keys(stored[stored["event_id"] != 0], topics)).all()
+
+
+def test_the_same_id_on_another_topic_is_another_event(bus, collected, topics):
+    proc, dedup = make_tx(bus, collected, None)
+    recs = make_records(topics, 4, topic=["t", "t", "u", "u"], ids=np.array([7, 7, 7, 8], dtype=np.uint64))
+    bus.publish(recs)
+    run_until_drained([proc], bus)
+    got = sorted(zip(collected.topics.names(collected.stored_records()["topic_id"]),
+                     collected.stored_records()["event_id"].tolist()))
+    assert got == [("t", 7), ("u", 7), ("u", 8)]  # keyed by (topic, id): one client cannot mask another
+    assert collected.dedup_hits == 1
 
 
 def test_transactional_retries_then_succeeds(bus, collected, topics):
@@ -108,7 +123,7 @@ def test_transactional_retries_then_succeeds(bus, collected, topics):
     run_until_drained([proc], bus)
     assert sorted(collected.stored_records()["event_id"].tolist()) == list(range(1, 11))
     assert collected.dropped == []
-    assert dedup.seen(np.array([7], dtype=np.uint64)).all()
+    assert dedup.seen(idempotency.keys(make_records(topics, 1, ids=np.array([7], dtype=np.uint64)), topics)).all()
 
 
 def test_transactional_exhausted_retries_go_to_dlq_with_last_error(bus, collected, topics):
@@ -126,7 +141,9 @@ def test_transactional_exhausted_retries_go_to_dlq_with_last_error(bus, collecte
     assert dropped["event_id"].tolist() == [3]
     assert reasons == ["retries_exhausted: KeyError: 'attempt 3'"]  # batch try + 2 retries
     assert sorted(collected.stored_records()["event_id"].tolist()) == [1, 2, 4, 5]
-    assert not dedup.seen(np.array([3], dtype=np.uint64))[0]  # never committed
+    three = make_records(topics, 1, ids=np.array([3], dtype=np.uint64))
+    assert not dedup.seen(idempotency.keys(three, topics))[0]  # never committed
+    assert dedup.seen(idempotency.keys(make_records(topics, 1, ids=np.array([4], dtype=np.uint64)), topics))[0]
 
 
 def test_batch_windows_per_topic_with_aggregate(bus, collected, topics):
@@ -210,3 +227,41 @@ def test_manager_refuses_unknown_tier(small_cfg, collected):
             mgr.add_worker("realtime")
     finally:
         bus.close()
+
+
+def test_caller_runs_realtime_only_when_the_queue_is_idle(bus, collected, topics):
+    calls = []
+    proc = RealtimeProcessor(bus["realtime"], collected.sinks(), lambda b: calls.append(b.records["seq"].tolist()))
+    first = make_records(topics, 2, priority=4, start_seq=1)
+    assert proc.run_inline(first)  # idle: handled and stored on this thread, nothing queued
+    assert calls == [[1, 2]] and collected.stored_records()["seq"].tolist() == [1, 2]
+    assert proc.inline == 2 and bus["realtime"].depth == 0
+    queued = make_records(topics, 1, priority=4, start_seq=3)
+    bus.publish(queued)  # something is queued: a later event must not overtake it
+    assert not proc.run_inline(make_records(topics, 1, priority=4, start_seq=4))
+    with bus["realtime"].tokens[0]:  # a worker is inside the partition
+        bus["realtime"].rings[0].take(10)
+        assert not proc.run_inline(make_records(topics, 1, priority=4, start_seq=5))
+    assert calls == [[1, 2]]
+
+
+def test_bus_offer_runs_realtime_inline_and_queues_the_rest(bus, collected, topics):
+    proc = RealtimeProcessor(bus["realtime"], collected.sinks(), None)
+    bus.inline = proc.run_inline
+    recs = make_records(topics, 10, priority=2)
+    recs["priority"][::2] = 4
+    off = bus.offer(recs)
+    assert off.placed == 10 and off.held is None
+    assert [r.name for r, _ in off.marks] and all(r.name.startswith("transactional") for r, _ in off.marks)
+    assert sorted(collected.stored_records()["seq"].tolist()) == recs["seq"][::2].tolist()  # stored already
+    assert bus["realtime"].depth == 0 and bus["transactional"].depth == 5
+
+
+def test_inline_handler_error_goes_to_the_dlq_and_the_caller_survives(bus, collected, topics):
+    def boom(b):
+        raise RuntimeError("pager down")
+
+    proc = RealtimeProcessor(bus["realtime"], collected.sinks(), boom)
+    assert proc.run_inline(make_records(topics, 3, priority=4))
+    dropped, reasons = collected.dropped_records()
+    assert len(dropped) == 3 and reasons == ["handler_error: RuntimeError: pager down"] * 3

@@ -177,3 +177,25 @@ def test_engine_facing_api_sources_and_totals():
     assert value(fams, "queue_depth", queue="ingest") == 9
     assert value(fams, "pipeline_state", name="CRITICAL") == 3
     assert fams["pipeline_transitions"] and all(s.value == 0 for s in fams["pipeline_transitions"])
+
+
+def test_small_batches_are_bucketed_exactly_like_large_ones():
+    import random
+
+    from eventstream.metrics.histogram import VectorHistogram
+
+    rng = random.Random(3)
+    values = [rng.choice([0, 1000, 2500, 2501, 1e10, 2e10, -5]) if rng.random() < 0.3 else rng.uniform(0, 2e9)
+              for _ in range(5000)]
+    few, many = VectorHistogram(reservoir=64), VectorHistogram(reservoir=64)
+    i = 0
+    while i < len(values):  # batches of 1..8 take the Python path
+        k = rng.randint(1, 8)
+        few.observe_many(np.array(values[i:i + k]))
+        i += k
+    many.observe_many(np.array(values))  # one numpy pass
+    c1, s1, n1 = few.snapshot()
+    c2, s2, n2 = many.snapshot()
+    assert c1.tolist() == c2.tolist() and n1 == n2 == len(values)
+    assert abs(s1 - s2) <= 1e-6 * abs(s2)
+    assert sorted(few.recent().tolist()) == sorted(values[-64:]) == sorted(many.recent().tolist())

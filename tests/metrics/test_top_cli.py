@@ -28,6 +28,20 @@ def test_top_once_shows_key_numbers(capsys):
     assert "process    cpu" in out
 
 
+def test_top_shows_where_the_time_goes_per_stage(capsys):
+    m = Metrics()
+    for k, stage in enumerate(("queued", "stored", "acked")):
+        m.observe_stage(stage, np.full(10 * (k + 1), 1_000 * 10 ** k, dtype=np.int64))
+    m.processed("realtime", latencies_ns=np.full(5, 20_000))  # handled: also a stage
+    with MetricsServer(m.registry, port=0) as server:
+        assert main(["top", "--once", "--url", server.url]) == 0
+    out = capsys.readouterr().out.splitlines()
+    at = next(i for i, x in enumerate(out) if x.startswith("decoded ->"))
+    rows = [x.split() for x in out[at + 1:at + 5]]
+    assert [r[0] for r in rows] == ["queued", "handled", "stored", "acked"]
+    assert [r[1] for r in rows] == ["10", "5", "20", "30"]
+
+
 def test_top_unreachable_and_bad_args(capsys):
     import socket
     s = socket.socket()

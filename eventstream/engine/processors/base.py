@@ -24,6 +24,7 @@ import structlog
 
 from eventstream.core.records import ACK_SYNCED, FLAG_ACK_MASK, FLAG_ACK_SHIFT
 from eventstream.core.topics import TopicTable
+from eventstream.engine import idempotency
 from eventstream.engine.bus import Queue
 from eventstream.engine.handlers import Handler, TopicFilter
 from eventstream.runtime.affinity import pin_current_thread
@@ -39,11 +40,15 @@ class Sinks:
     store: Callable[[np.ndarray], None]  # processed records -> events.bin
     drop: Callable[[np.ndarray, str], None]  # failed/dropped records -> dead-letter log
     # (queue, records, handled_ns) -> counters, and latency = handled_ns - ingest_ts (handled_ns is
-    # time.monotonic_ns() when the handler was done, before storage: the latency is ingest -> handled)
+    # time.monotonic_ns() when the handler was done, before storage: the latency is ingest -> handled).
+    # Called after the batch's release (off the ACK path) with a copy holding only `ingest_ts`.
     processed: Callable[[str, np.ndarray, int], None]
     dedup_hit: Callable[[int], None] = lambda n: None
     sync: Callable[[], None] | None = None  # fsync what is stored (group commit) before a release
     progress: Callable[[], None] | None = None  # a watermark moved: wake ACK senders
+    # (ingest_ts of a released batch, ns it was taken, ns it was stored) -> stage latencies; after the
+    # release, off the ACK path
+    stages: Callable[[np.ndarray, int, int], None] | None = None
 
 
 def _wants_sync(views) -> bool:
@@ -54,13 +59,15 @@ def _wants_sync(views) -> bool:
 
 
 _SYNCED_BITS = ACK_SYNCED << FLAG_ACK_SHIFT
+_TS_DTYPE = np.dtype([("ingest_ts", "<u8")])
 
 
 class Processor(threading.Thread):
     kind = "processor"
 
     def __init__(self, queue: Queue, sinks: Sinks, handler: Handler | None, *, topics: list[str] | None = None,
-                 worker: int = 0, cpus=(), max_batch: int = 4096, poll_timeout: float = 0.002):
+                 worker: int = 0, cpus=(), max_batch: int = 4096, poll_timeout: float = 0.002,
+                 dedups: list | None = None):
         super().__init__(name=f"es-{self.kind}-{worker}", daemon=True)
         self.queue = queue
         self.sinks = sinks
@@ -70,7 +77,14 @@ class Processor(threading.Thread):
         self.cpus = list(cpus)
         self.max_batch = max_batch
         self.poll_timeout = poll_timeout
+        # one Deduplicator per partition of this tier (engine/idempotency.py), or None: no dedup
+        if dedups is not None and len(dedups) != queue.partitions:
+            raise ValueError(f"one Deduplicator per partition is needed: got {len(dedups)} for "
+                             f"{queue.partitions} partitions")
+        self.dedups = dedups
+        self._done: list[tuple[str, np.ndarray, int]] = []  # processed() calls, made after the release
         self.handled = 0
+        self.inline = 0  # of which handled by run_inline on a caller's thread
         self.batches = 0
         self.error: BaseException | None = None
         self._stop_requested = threading.Event()
@@ -95,7 +109,7 @@ class Processor(threading.Thread):
                     if not token.acquire(blocking=False):
                         continue
                     try:
-                        worked |= self._drain_once(i, self.poll_timeout if parts == 1 else 0.0)
+                        worked |= self._drain_once(i, 0.0)
                     finally:
                         token.release()
                 if worked:
@@ -104,14 +118,12 @@ class Processor(threading.Thread):
                 self.on_idle()
                 if self._stop_requested.is_set() and self.queue.depth == 0:
                     return
-                if parts > 1:
-                    wait = self.queue.wait
-                    if wait is not None and wait.signals:
-                        wait.wait_for(lambda: self.queue.depth > 0 or self._stop_requested.is_set(), 0.05)
-                    else:
-                        idle_sleep = min(0.002, idle_sleep * 2 or 0.00005)
-                        time.sleep(idle_sleep)
-                elif self.queue.depth:
+                # wait outside every token, so a caller-runs thread (run_inline) can take one meanwhile
+                wait = self.queue.wait
+                if wait is not None:
+                    wait.wait_for(lambda: self.queue.depth > 0 or self._stop_requested.is_set(),
+                                  self.poll_timeout if wait.signals else 0.0)
+                if not (wait is not None and wait.signals):
                     idle_sleep = min(0.002, idle_sleep * 2 or 0.00005)
                     time.sleep(idle_sleep)
         except BaseException as exc:
@@ -126,6 +138,7 @@ class Processor(threading.Thread):
         views = ring.poll(self.max_batch, timeout)
         if not views:
             return False
+        taken_ns = time.monotonic_ns()
         n = 0
         for view in views:
             self.handle(view, partition)
@@ -133,12 +146,78 @@ class Processor(threading.Thread):
         sinks = self.sinks
         if sinks.sync is not None and _wants_sync(views):
             sinks.sync()
+        stages = sinks.stages
+        if stages is not None:  # copied before the release: the views belong to the ring after it
+            stored_ns = time.monotonic_ns()
+            ingest = views[0]["ingest_ts"].astype(np.int64) if len(views) == 1 else \
+                np.concatenate([v["ingest_ts"] for v in views]).astype(np.int64)
         ring.release(n)
         if sinks.progress is not None:
             sinks.progress()
+        if stages is not None:
+            stages(ingest, taken_ns, stored_ns)
+        for queue, ts, handled_ns in self._done:
+            sinks.processed(queue, ts, handled_ns)
+        self._done.clear()
         self.handled += n
         self.batches += 1
         return True
+
+    def run_inline(self, records: np.ndarray) -> bool:
+        """Caller runs: handle `records` on the calling thread (an ingest reader), when partition 0
+        is idle: no worker inside it and nothing queued ahead of them (order is kept). The records are
+        then handled and stored when this returns True; False: not now (the caller queues them).
+        For the realtime tier: no thread handoff at all on the way to the handler and the ACK."""
+        token = self.queue.tokens[0]
+        if not token.acquire(blocking=False):
+            return False
+        try:
+            if self.queue.rings[0].depth:
+                return False
+            sinks = self.sinks
+            taken_ns = time.monotonic_ns()
+            self.handle(records, 0)
+            if sinks.sync is not None and _wants_sync((records,)):
+                sinks.sync()
+            if sinks.stages is not None:
+                sinks.stages(records["ingest_ts"].astype(np.int64), taken_ns, time.monotonic_ns())
+            for queue, ts, handled_ns in self._done:
+                sinks.processed(queue, ts, handled_ns)
+            self._done.clear()
+            self.handled += len(records)
+            self.inline += len(records)
+            self.batches += 1
+            return True
+        finally:
+            token.release()
+
+    def processed(self, queue: str, records: np.ndarray, handled_ns: int) -> None:
+        """Count handled records; the metrics are recorded after the batch's release."""
+        ts = np.empty(len(records), dtype=_TS_DTYPE)
+        ts["ingest_ts"] = records["ingest_ts"]
+        self._done.append((queue, ts, handled_ns))
+
+    # -- idempotency
+    def skip_duplicates(self, records: np.ndarray, partition: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Drop records already stored (same topic and event id, within the window) and repeats inside
+        the batch, counting them; returns (records to handle, their dedup keys or None)."""
+        if self.dedups is None:
+            return records, None
+        k, skip = idempotency.duplicates(records, self.dedups[partition], self.sinks.topics)
+        if skip.any():
+            self.sinks.dedup_hit(int(skip.sum()))
+            keep = ~skip
+            return records[keep], k[keep]
+        return records, k
+
+    def commit_ids(self, keys: np.ndarray | None, partition: int, ok: np.ndarray | None = None) -> None:
+        """Remember the keys of stored records (after the store: a failed store is retried by a resend)."""
+        if keys is None:
+            return
+        if ok is not None:
+            keys = keys[ok]
+        if keys.any():
+            self.dedups[partition].commit_exclusive(keys)
 
     # -- hooks
     def handle(self, records: np.ndarray, partition: int) -> None:  # pragma: no cover - abstract

@@ -75,6 +75,9 @@ class BatchProcessor(Processor):
         self._last_sweep = 0
 
     def handle(self, records: np.ndarray, partition: int) -> None:
+        records, keys = self.skip_duplicates(records, partition)
+        if len(records) == 0:
+            return
         table = self.tables[partition]
         wall = records["ingest_ts"].astype(np.int64) + self.offset_ns
         win = wall // self.window_ns
@@ -107,7 +110,8 @@ class BatchProcessor(Processor):
                         log.warning("aggregate_failed", topic=w.topic, error=error_text(exc))
         handled_ns = time.monotonic_ns()
         self.sinks.store(records)
-        self.sinks.processed("batch", records, handled_ns)
+        self.commit_ids(keys, partition)
+        self.processed("batch", records, handled_ns)
         self._sweep(table, self.clock())
 
     def on_idle(self) -> None:

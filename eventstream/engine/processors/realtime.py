@@ -16,6 +16,10 @@ class RealtimeProcessor(Processor):
 
     def handle(self, records: np.ndarray, partition: int) -> None:
         sinks = self.sinks
+        records, keys = self.skip_duplicates(records, partition)
+        if len(records) == 0:
+            return
+        stored = None
         if self.handler is not None:
             mask = self.filter.mask(records["topic_id"])
             subscribed = records if self.filter.match_all else records[mask]
@@ -25,8 +29,10 @@ class RealtimeProcessor(Processor):
                 except Exception as exc:  # a handler never kills its thread
                     sinks.drop(subscribed.copy() if subscribed is records else subscribed,
                                f"handler_error: {error_text(exc)}")
-                    records = records[~mask]
+                    stored = ~mask
+                    records = records[stored]
         if len(records):
             handled_ns = time.monotonic_ns()
             sinks.store(records)
-            sinks.processed("realtime", records, handled_ns)
+            self.commit_ids(keys, partition, stored)
+            self.processed("realtime", records, handled_ns)

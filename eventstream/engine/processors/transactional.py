@@ -1,9 +1,7 @@
-"""Transactional tier: MEDIUM events, exactly-once per event id within the dedup window.
+"""Transactional tier: MEDIUM events, handled with retries.
 
-Dedup scope: one table per partition (partitions are by topic), so an id is deduplicated among the
-events of its partition; a resent event carries its topic, so it always meets its first copy.
-
-Per batch: skip ids already committed (and repeats inside the batch), counting `dedup_hits`; call the
+Per batch: skip events already stored (same topic and event id within the window, and repeats inside
+the batch, see engine/idempotency.py; every tier does this), counting `dedup_hits`; call the
 handler with the batch; if it raises, isolate the failures by calling it per event, retrying each
 failing event up to `max_retries` times with exponential backoff (one sleep per retry round, not per
 event); commit ids to the dedup table only after success; exhausted events go to the dead-letter log
@@ -16,7 +14,6 @@ import time
 
 import numpy as np
 
-from eventstream.core.dedup import Deduplicator
 from eventstream.engine.handlers import Batch
 from eventstream.engine.processors.base import Processor, error_text
 
@@ -24,34 +21,15 @@ from eventstream.engine.processors.base import Processor, error_text
 class TransactionalProcessor(Processor):
     kind = "transactional"
 
-    def __init__(self, queue, sinks, handler, *, dedups: list[Deduplicator], max_retries: int = 3,
-                 retry_backoff_ms: float = 10.0, **kw):
+    def __init__(self, queue, sinks, handler, *, max_retries: int = 3, retry_backoff_ms: float = 10.0, **kw):
         super().__init__(queue, sinks, handler, **kw)
-        if len(dedups) != queue.partitions:
-            raise ValueError(f"one Deduplicator per partition is needed: got {len(dedups)} for "
-                             f"{queue.partitions} partitions")
-        self.dedups = dedups
         self.max_retries = max_retries
         self.backoff = retry_backoff_ms / 1000.0
         self.retried = 0
 
     def handle(self, records: np.ndarray, partition: int) -> None:
         sinks = self.sinks
-        dedup = self.dedups[partition]  # ours alone while we hold the partition's token
-        ids = records["event_id"]
-        skip = dedup.seen(ids)
-        has_id = (ids != 0) & ~skip
-        if has_id.any():
-            # repeats inside this batch: keep the first occurrence of each id
-            idx = np.flatnonzero(has_id)
-            _, first = np.unique(ids[idx], return_index=True)
-            repeat = np.ones(len(idx), dtype=bool)
-            repeat[first] = False
-            skip[idx[repeat]] = True
-        hits = int(skip.sum())
-        if hits:
-            sinks.dedup_hit(hits)
-            records = records[~skip]
+        records, keys = self.skip_duplicates(records, partition)
         if len(records) == 0:
             return
         ok = np.ones(len(records), dtype=bool)
@@ -70,8 +48,8 @@ class TransactionalProcessor(Processor):
         if len(good):
             handled_ns = time.monotonic_ns()
             sinks.store(good)
-            dedup.commit_exclusive(good["event_id"])
-            sinks.processed("transactional", good, handled_ns)
+            self.commit_ids(keys, partition, None if ok.all() else ok)
+            self.processed("transactional", good, handled_ns)
 
     def _run(self, batch: np.ndarray) -> tuple[list[int], list[str]]:
         """Handle `batch`; return indexes (into batch) that failed every attempt, with their errors."""
