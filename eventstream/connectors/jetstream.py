@@ -16,8 +16,9 @@ Engine threads never await and never wait for it:
   connector thread when it waits for marks (the same watermark scheme as TCP ACKs).
 
 Sink messages: subject `<subject_prefix>.<topic>`, payload = event payload, headers `Nats-Msg-Id`
-(= the event id, or `<engine-run>-<seq>` for events without one, so JetStream deduplicates
-re-publishes within the stream's duplicate window), `Eventstream-Priority` (0..4) and
+(= `<topic>:<event id>`, or `<engine-run>-<seq>` for events without an id, so JetStream deduplicates
+re-publishes within the stream's duplicate window; the topic is part of it because the engine
+deduplicates by (topic, id) and a stream deduplicates ids across all its subjects), `Eventstream-Priority` (0..4) and
 `Eventstream-Producer-Ts` (ns). An event counts as delivered once JetStream acked the publish; at
 most `sink.max_in_flight` publishes wait for their ack; a failed attempt (timeout, no responders
 during a server restart, disconnect) is retried with backoff, and after `sink.max_attempts` the event
@@ -27,7 +28,7 @@ not loop.
 
 Source messages: topic = subject minus the prefix; priority from `Eventstream-Priority` (number or
 name) else `source.default_priority`; event id = `Nats-Msg-Id` when it is a decimal number in
-1..2^64-1, else a 64-bit hash of it (of `<stream>:<stream seq>` when there is no id), so a
+1..2^64-1 (or `<topic>:<number>` with the message's own topic, the sink's form), else a 64-bit hash of it (of `<stream>:<stream seq>` when there is no id), so a
 redelivered message keeps its id. Undecodable messages (no topic, bad priority, payload larger than
 `records.payload_bytes`) and messages delivered more than `source.max_deliver` times go to our DLQ
 with the reason and are terminated (`term()`), never redelivered. The JetStream consumer itself has
@@ -81,6 +82,18 @@ def hashed_id(key: str) -> int:
     return v or 1
 
 
+def numeric_id(mid: str | None, topic: str | None) -> int:
+    """The event id a Nats-Msg-Id carries: `<n>` or `<topic>:<n>` (the sink's form, the topic being the
+    message's own) with n in 1..2^64-1; 0 when it is none of these."""
+    if not mid:
+        return 0
+    head, sep, tail = mid.rpartition(":")
+    digits = tail if sep and head == topic else mid
+    if digits.isascii() and digits.isdigit() and 0 < int(digits) < (1 << 64):
+        return int(digits)
+    return 0
+
+
 def parse_priority(text) -> int | None:
     t = str(text).strip()
     if t.isdigit() and int(t) < len(PRIORITY_NAMES):
@@ -118,6 +131,7 @@ class NatsConnector:
         self._allow = np.zeros(1, dtype=bool)  # topic id -> forwarded (sink.topics); ids < len are decided
         self._allow_lock = threading.Lock()
         self._subjects: dict[int, tuple[str | None, str | None]] = {}
+        self._names: dict[int, str] = {}
         self._tasks: set = set()
         # source state (connector thread only, except the two flags read by progress())
         self._inflight: collections.deque = collections.deque()  # [marks, msgs, last in_progress]
@@ -359,6 +373,12 @@ class NatsConnector:
                 log.exception("nats_sink_batch_failed")
                 self.svc.drop(batch, "connector: sink failed on this batch (see the log)")
 
+    def _topic_name(self, tid: int) -> str:
+        name = self._names.get(tid)
+        if name is None:
+            name = self._names[tid] = self.topics.name(tid)
+        return name
+
     def _subject(self, tid: int) -> tuple[str | None, str | None]:
         got = self._subjects.get(tid)
         if got is None:
@@ -383,7 +403,8 @@ class NatsConnector:
                 refused.append(i)
                 reasons.append(reason)
                 continue
-            msg_id = str(ids[i]) if ids[i] else f"{self.run_id}-{seqs[i]}"
+            # (topic, id) as the engine deduplicates: one stream dedups ids across all its subjects
+            msg_id = f"{self._topic_name(tids[i])}:{ids[i]}" if ids[i] else f"{self.run_id}-{seqs[i]}"
             headers = {H_MSG_ID: msg_id, H_PRIORITY: str(prios[i]), H_PRODUCER_TS: str(pts[i])}
             await self._sink_sem.acquire()
             task = loop.create_task(self._publish_one(subject, pl[i, :lens[i]].tobytes(), headers, batch, i))
@@ -435,9 +456,8 @@ class NatsConnector:
             return f"connector: topic of {len(tb)} bytes is longer than {MAX_TOPIC_BYTES}"
         hdrs = msg.headers or {}
         mid = hdrs.get(H_MSG_ID)
-        if mid and mid.isascii() and mid.isdigit() and 0 < int(mid) < (1 << 64):
-            eid = int(mid)
-        else:
+        eid = numeric_id(mid, topic)
+        if not eid:
             eid = hashed_id(mid or f"{self.cfg.stream}:{msg.metadata.sequence.stream}")
         prio = hdrs.get(H_PRIORITY)
         if prio is None:
@@ -464,8 +484,7 @@ class NatsConnector:
             rec = self._records([fields])
             self.svc.drop(rec, reason)
         else:
-            mid = (msg.headers or {}).get(H_MSG_ID, "")
-            eid = int(mid) if mid.isascii() and mid.isdigit() and int(mid) < (1 << 64) else 0
+            eid = numeric_id((msg.headers or {}).get(H_MSG_ID), subject_topic(self.prefix, msg.subject))
             self.svc.dlq.write_line(eid, msg.subject, 0, reason)
             self.svc.metrics.dropped("connector", 1)
         try:

@@ -44,6 +44,10 @@ def test_topic_globs_use_nats_token_semantics():
     assert not glob_matches("orders.>", "orders") and glob_matches(">", "x") and not glob_matches("*", "a.b")
     assert glob_filter("es", "orders.**") == "es.orders.>" and glob_filter("es", "*") == "es.*"
     assert topic_subject("es", "orders.eu") == ("es.orders.eu", None)
+    from eventstream.connectors.jetstream import numeric_id
+
+    assert numeric_id("42", "t") == 42 and numeric_id("t:42", "t") == 42 and numeric_id("u:42", "t") == 0
+    assert numeric_id("0", "t") == 0 and numeric_id(str(1 << 64), "t") == 0 and numeric_id("abc", "t") == 0
     for bad in ("a b", "a..b", ".a", "a.", "a.*", "a.>", ""):
         subject, reason = topic_subject("es", bad)
         assert subject is None and reason.startswith("connector: topic"), bad
@@ -90,7 +94,7 @@ def test_sink_round_trip_headers_dedup_and_refused_topics(nats_server, tmp_path)
                 topic = "orders.eu" if i % 2 else "orders.us.west"
                 prio = i % 5
                 eid = c.send(topic, b"p%d" % i, priority=prio)
-                sent[eid] = (f"es.{topic}", b"p%d" % i, prio)
+                sent[eid] = (topic, b"p%d" % i, prio)
             c.send("bad topic", b"refused", priority=2)
             c.send("other.topic", b"not forwarded", priority=2)
             assert c.wait_acked(30)
@@ -100,29 +104,33 @@ def test_sink_round_trip_headers_dedup_and_refused_topics(nats_server, tmp_path)
             c1.flush()
         wait_until(lambda: stream_count(nats_server.url) >= n + 10, 60, "the sink to publish every event")
         run_id = svc.connectors.run_id
-        # the same ids again (LOW: the batch tier does not dedup, so the engine stores them twice):
-        # JetStream deduplicates them by Nats-Msg-Id
-        with TcpClient("127.0.0.1", port, version=2, timeout=30) as c:
-            for eid in list(sent)[:50]:
-                c.send("orders.eu", b"again", priority=1, event_id=eid)
-            assert c.wait_acked(30)
-        wait_until(lambda: svc.connectors.stats["duplicates"] >= 50, 60, "50 duplicate PubAcks")
         stats = dict(svc.connectors.stats)
+    # a second engine on a fresh data directory (its dedup tables know nothing) stores the first 50
+    # events again and publishes them: JetStream deduplicates them by Nats-Msg-Id (topic:id)
+    data2 = tmp_path / "data2"
+    with Service(engine_cfg(data2, nats_server.url, **{"connectors.nats.sink.enabled": True})) as svc2:
+        with TcpClient("127.0.0.1", svc2.tcp.address[1], version=2, timeout=30) as c:
+            for eid, (topic, payload, prio) in list(sent.items())[:50]:
+                c.send(topic, payload, priority=prio, event_id=eid)
+            assert c.wait_acked(30)
+        wait_until(lambda: svc2.connectors.stats["duplicates"] >= 50, 60, "50 duplicate PubAcks")
+        assert svc2.connectors.stats["published"] == 50
     msgs = stream_messages(nats_server.url)
     assert len(msgs) == n + 10, (len(msgs), stats)
     by_id = {h["Nats-Msg-Id"]: (s, d, h) for s, d, h in msgs}
-    for eid, (subject, payload, prio) in sent.items():
-        s, d, h = by_id[str(eid)]
-        assert (s, d, int(h["Eventstream-Priority"])) == (subject, payload, prio)
+    for eid, (topic, payload, prio) in sent.items():
+        s, d, h = by_id[f"{topic}:{eid}"]
+        assert (s, d, int(h["Eventstream-Priority"])) == (f"es.{topic}", payload, prio)
         assert int(h["Eventstream-Producer-Ts"]) > 0
     v1 = [(s, d, h) for s, d, h in msgs if s == "es.plain"]
     assert sorted(d for _, d, _ in v1) == sorted(b"v1-%d" % i for i in range(10))
     assert all(h["Nats-Msg-Id"].startswith(f"{run_id}-") for _, _, h in v1)
-    assert stats["duplicates"] == 50 and stats["publish_failed"] == 0 and stats["refused_topic"] == 1
+    assert stats["duplicates"] == 0 and stats["publish_failed"] == 0 and stats["refused_topic"] == 1
     dlq = list(read_dlq(data / "dlq_log.txt"))
     assert [(e.topic, e.category) for e in dlq] == [("bad topic", "connector")]
     assert "cannot be a NATS subject" in dlq[0].reason
-    assert len(stored(data)) == n + 2 + 10 + 50  # everything is stored here either way
+    assert len(stored(data)) == n + 2 + 10  # everything is stored here either way
+    assert len(stored(data2)) == 50
 
 
 # ------------------------------------------------------------------------------------ source
@@ -262,7 +270,7 @@ def test_nats_server_restart_mid_stream_loses_nothing(nats_server, tmp_path):
         stats = dict(svc.connectors.stats)
     assert stats["reconnects"] >= 1 and stats["publish_failed"] == 0, stats
     out = stream_messages(nats_server.url, subject="es.out.>")
-    assert sorted(int(h["Nats-Msg-Id"]) for _, _, h in out) == sorted(out_ids)
+    assert sorted(int(h["Nats-Msg-Id"].rpartition(":")[2]) for _, _, h in out) == sorted(out_ids)
     recs = stored(data)
     ins = [i for i, c in zip(ids_of(recs), recs["conn_id"].tolist()) if c == NATS_CONN_ID]
     assert set(ins) == {1_000_000 + i for i in range(1, 601)}
@@ -344,7 +352,7 @@ def test_stop_flushes_pending_publishes_before_the_log_closes(nats_server, tmp_p
     stats = svc.connectors.stats
     assert stats["published"] == 2000 and stats["publish_failed"] == 0, stats
     msgs = stream_messages(nats_server.url)
-    assert sorted(int(h["Nats-Msg-Id"]) for _, _, h in msgs) == sorted(ids)
+    assert sorted(int(h["Nats-Msg-Id"].rpartition(":")[2]) for _, _, h in msgs) == sorted(ids)
 
 
 def test_unpublishable_events_go_to_our_dlq_after_max_attempts(nats_server, tmp_path):
