@@ -25,6 +25,7 @@ from eventstream.connectors.jetstream import NATS_CONN_ID
 from eventstream.connectors.subjects import glob_filter, glob_matches, topic_subject
 from eventstream.engine.dlq import read_dlq
 from eventstream.service import Service
+from eventstream.storage import EventLogReader
 
 WT = Path(__file__).resolve().parents[2]
 
@@ -408,3 +409,27 @@ def test_unreachable_server_is_a_startup_error_naming_the_key(tmp_path):
     with pytest.raises(StartupError) as ei:
         Service(cfg).start()
     assert "connectors.nats.servers" in str(ei.value)
+
+
+def test_engine_to_stream_to_engine_keeps_ids_topics_priorities_payloads(nats_server, tmp_path):
+    """Engine A's sink publishes, engine B's source consumes the same subjects: B stores what A stored."""
+    da, db = tmp_path / "a", tmp_path / "b"
+    sent = {}
+    with Service(engine_cfg(da, nats_server.url, **{"connectors.nats.sink.enabled": True,
+                                                    "connectors.nats.sink.topics": ["orders.>"]})) as a:
+        with TcpClient("127.0.0.1", a.tcp.address[1], version=2, timeout=30) as c:
+            for i in range(400):
+                topic, prio = f"orders.r{i % 3}", i % 5
+                sent[c.send(topic, b"rt%d" % i, priority=prio)] = (topic, b"rt%d" % i, prio)
+            assert c.wait_acked(30)
+    assert a.connectors.stats["published"] == 400  # the stop flushed the sink
+    with Service(engine_cfg(db, nats_server.url, **{"connectors.nats.source.enabled": True,
+                                                    "connectors.nats.source.durable": "b",
+                                                    "connectors.nats.source.subjects": ["orders.>"]})) as b:
+        wait_until(lambda: consumer_done(nats_server.url, "b"), 60, "B to ack all 400")
+        assert b.connectors.stats["acked"] == 400
+    got = EventLogReader(db / "events.bin").read()
+    assert len(got) == 400
+    rows = zip(got.records["event_id"].tolist(), got.topic_names(), payload_list(got.records),
+               got.records["priority"].tolist())
+    assert {eid: (topic, payload, prio) for eid, topic, payload, prio in rows} == sent
