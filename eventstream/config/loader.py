@@ -168,6 +168,9 @@ def _check_whole(cfg: Config, source: str) -> None:
     if cfg.metrics.enabled and t.enabled and cfg.metrics.port and cfg.metrics.port == t.port and cfg.metrics.host == t.host:
         raise ConfigError(source, "metrics.port", cfg.metrics.port, f"a port other than server.tcp.port ({t.port})")
     del s
+    # connectors.* (eventstream/connectors/subjects.py: subjects, globs, names)
+    from eventstream.connectors.subjects import check_config
+    check_config(cfg, source)
 
 
 def _parse_scalar(text: str) -> Any:

@@ -194,6 +194,51 @@ class LoggingConfig:
     file: str = ""
 
 
+# ---------------------------------------------------------------------------------------- connectors
+# (eventstream/connectors: NATS JetStream sink and source; validated by connectors.subjects.check_config)
+PriorityName = Literal["BATCH", "LOW", "MEDIUM", "HIGH", "CRITICAL"]
+
+
+@dataclass
+class NatsSinkConfig:
+    enabled: bool = False
+    topics: list[str] = field(default_factory=lambda: [">"])  # topic globs forwarded (NATS token semantics)
+    max_in_flight: int = field(default=512, metadata={"range": (1, 1 << 20)})  # publishes awaiting their ack
+    max_attempts: int = field(default=5, metadata={"range": (1, 1000)})  # then our DLQ (category "connector")
+    ack_timeout_s: float = field(default=5.0, metadata={"range": (0.01, 3600.0)})
+    max_pending: int = field(default=200_000, metadata={"range": (1, 1 << 30)})  # queued events; past it: DLQ
+
+
+@dataclass
+class NatsSourceConfig:
+    enabled: bool = False
+    durable: str = "eventstream"
+    subjects: list[str] = field(default_factory=lambda: [">"])  # topic globs under subject_prefix
+    batch: int = field(default=256, metadata={"range": (1, 1 << 16)})
+    max_deliver: int = field(default=5, metadata={"range": (1, 1 << 20)})  # a later delivery goes to our DLQ
+    ack_wait_s: float = field(default=30.0, metadata={"range": (0.1, 86400.0)})
+    max_ack_pending: int = field(default=4096, metadata={"range": (1, 1 << 24)})
+    default_priority: PriorityName = "MEDIUM"
+
+
+@dataclass
+class NatsConfig:
+    enabled: bool = False
+    servers: list[str] = field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    stream: str = "EVENTS"
+    subject_prefix: str = "events"
+    create_stream: bool = True  # create `stream` on `<subject_prefix>.>` if it does not exist
+    duplicate_window_s: float = field(default=120.0, metadata={"range": (0.0, 86400.0)})
+    connect_timeout_s: float = field(default=5.0, metadata={"range": (0.1, 600.0)})
+    sink: NatsSinkConfig = field(default_factory=NatsSinkConfig)
+    source: NatsSourceConfig = field(default_factory=NatsSourceConfig)
+
+
+@dataclass
+class ConnectorsConfig:
+    nats: NatsConfig = field(default_factory=NatsConfig)
+
+
 @dataclass
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -207,6 +252,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    connectors: ConnectorsConfig = field(default_factory=ConnectorsConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -23,9 +23,11 @@ PROCESSING = ("handler_error", "retries_exhausted", "shutdown", "duplicate")
 FRAME = ("topic_len", "topic_utf8", "priority", "kind", "crc", "payload_too_large", "framing")
 # Per-client limits
 LIMITS = ("rate_limited", "too_many_topics")
+# Connectors (eventstream/connectors): publishes that failed, undecodable or poison messages
+CONNECTORS = ("connector",)
 OTHER = "other"
 
-REASONS: tuple[str, ...] = OVERLOAD + PROCESSING + FRAME + LIMITS + (OTHER,)
+REASONS: tuple[str, ...] = OVERLOAD + PROCESSING + FRAME + LIMITS + CONNECTORS + (OTHER,)
 _KNOWN = frozenset(REASONS)
 
 # decoder/framing messages without a category prefix -> their class (checked with str.startswith)

@@ -1,0 +1,693 @@
+"""NATS JetStream connector: a sink (processed events -> a stream) and a source (a durable pull
+consumer -> the engine, as another ingest).
+
+Threads. nats-py is asyncio; it runs in one dedicated thread (`es-nats`) with its own event loop.
+Engine threads never await and never wait for it:
+
+- sink: the service wraps `Sinks.store`; after a processed batch is stored, `forward()` (on the
+  processor thread) selects the forwarded rows with one numpy lookup, appends a copy to a deque and,
+  only if the connector thread sleeps, wakes it with `call_soon_threadsafe`. Past
+  `sink.max_pending` queued events the batch is dead-lettered instead ("connector: sink backlog
+  full"), so a NATS outage never blocks or grows the engine without bound.
+- source: the connector thread decodes fetched messages into a record batch and calls
+  `bus.offer()` (which never waits); what the queues hold back is offered again every millisecond
+  (never nak'ed). A message is acked only once its records are stored (every completion mark
+  `ring.completed() >= end`); processors call `progress()` after each release, which wakes the
+  connector thread when it waits for marks (the same watermark scheme as TCP ACKs).
+
+Sink messages: subject `<subject_prefix>.<topic>`, payload = event payload, headers `Nats-Msg-Id`
+(= `<topic>:<event id>`, or `<engine-run>-<seq>` for events without an id, so JetStream deduplicates
+re-publishes within the stream's duplicate window; the topic is part of it because the engine
+deduplicates by (topic, id) and a stream deduplicates ids across all its subjects), `Eventstream-Priority` (0..4) and
+`Eventstream-Producer-Ts` (ns). An event counts as delivered once JetStream acked the publish; at
+most `sink.max_in_flight` publishes wait for their ack; a failed attempt (timeout, no responders
+during a server restart, disconnect) is retried with backoff, and after `sink.max_attempts` the event
+goes to our DLQ ("connector: publish ... failed"). Events that came in through the source are not
+forwarded again (they carry conn_id NATS_CONN_ID), so a sink and a source on the same subjects do
+not loop.
+
+Source messages: topic = subject minus the prefix; priority from `Eventstream-Priority` (number or
+name) else `source.default_priority`; event id = `Nats-Msg-Id` when it is a decimal number in
+1..2^64-1 (or `<topic>:<number>` with the message's own topic, the sink's form), else a 64-bit hash of it (of `<stream>:<stream seq>` when there is no id), so a
+redelivered message keeps its id. Undecodable messages (no topic, bad priority, payload larger than
+`records.payload_bytes`) and messages delivered more than `source.max_deliver` times go to our DLQ
+with the reason and are terminated (`term()`), never redelivered. The JetStream consumer itself has
+no max_deliver (-1): nothing is dropped by the server silently; the limit is ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import threading
+import time
+import uuid
+
+import numpy as np
+import structlog
+
+from eventstream.connectors.subjects import glob_filter, glob_matches, subject_topic, topic_subject
+from eventstream.core.records import PRIORITY_NAMES
+from eventstream.core.topics import MAX_TOPIC_BYTES
+
+log = structlog.get_logger("eventstream.connectors.nats")
+
+NATS_CONN_ID = 0xFFFFFFF0  # conn_id of records that came from the NATS source
+H_MSG_ID = "Nats-Msg-Id"
+H_PRIORITY = "Eventstream-Priority"
+H_PRODUCER_TS = "Eventstream-Producer-Ts"
+FETCH_TIMEOUT_S = 0.5  # a fetch that finds nothing returns after this (bounds how long stop waits)
+HELD_RETRY_S = 0.001
+
+
+def import_nats():
+    """nats-py, imported only when the connector is enabled; a clear error when it is missing."""
+    try:
+        import nats  # noqa: F401
+        import nats.errors  # noqa: F401
+        import nats.js.api  # noqa: F401
+        import nats.js.errors  # noqa: F401
+    except ImportError as exc:
+        from eventstream.service import StartupError
+
+        raise StartupError(f"connectors.nats.enabled: true needs the nats-py package ({exc}); allowed: install it "
+                           "(pip install 'eventstream[nats]') or set connectors.nats.enabled: false") from None
+    return nats
+
+
+def hashed_id(key: str) -> int:
+    """A stable non-zero 64-bit event id for a non-numeric message id."""
+    v = int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little")
+    return v or 1
+
+
+def numeric_id(mid: str | None, topic: str | None) -> int:
+    """The event id a Nats-Msg-Id carries: `<n>` or `<topic>:<n>` (the sink's form, the topic being the
+    message's own) with n in 1..2^64-1; 0 when it is none of these."""
+    if not mid:
+        return 0
+    head, sep, tail = mid.rpartition(":")
+    digits = tail if sep and head == topic else mid
+    if digits.isascii() and digits.isdigit() and 0 < int(digits) < (1 << 64):
+        return int(digits)
+    return 0
+
+
+def parse_priority(text) -> int | None:
+    t = str(text).strip()
+    if t.isdigit() and int(t) < len(PRIORITY_NAMES):
+        return int(t)
+    up = t.upper()
+    return PRIORITY_NAMES.index(up) if up in PRIORITY_NAMES else None
+
+
+class NatsConnector:
+    def __init__(self, cfg, service):
+        self.cfg = cfg
+        self.svc = service
+        self.topics = service.topics
+        self.dtype = service.dtype
+        self.capacity = self.dtype.itemsize - 64
+        self.prefix = cfg.subject_prefix
+        self.run_id = uuid.uuid4().hex[:16]  # `<engine-run>-<seq>` ids for events without an id
+        self.sink_on = cfg.sink.enabled
+        self.source_on = cfg.source.enabled
+        self._default_priority = PRIORITY_NAMES.index(cfg.source.default_priority)
+        self.stats = {k: 0 for k in ("forwarded", "published", "duplicates", "retries", "publish_failed",
+                                     "refused_topic", "backlog_full", "consumed", "acked", "poison",
+                                     "reconnects", "disconnects", "source_errors")}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self.nc = self.js = None
+        self._started = False
+        self._closed = False
+        # sink state (the deque is shared with engine threads; the counters under _q_lock)
+        self._q: collections.deque = collections.deque()
+        self._q_lock = threading.Lock()
+        self._q_events = 0
+        self._sink_waiting = False
+        self._sink_closing = False
+        self._allow = np.zeros(1, dtype=bool)  # topic id -> forwarded (sink.topics); ids < len are decided
+        self._allow_lock = threading.Lock()
+        self._subjects: dict[int, tuple[str | None, str | None]] = {}
+        self._names: dict[int, str] = {}
+        self._tasks: set = set()
+        # source state (connector thread only, except the two flags read by progress())
+        self._inflight: collections.deque = collections.deque()  # [marks, msgs, last in_progress]
+        self._want_progress = False
+        self._nudged = False
+        self._intake_stopped = False
+        self._ack_stop = False
+        self._source_task = self._ack_task = self._sink_task = None
+
+    # ------------------------------------------------------------------ called from engine threads
+    def wrap_store(self, append):
+        """The sink hook: `store` = append to the event log, then queue a copy for the sink."""
+        if not self.sink_on:
+            return append
+        forward = self.forward
+
+        def store(records):
+            append(records)
+            forward(records)
+
+        return store
+
+    def _grow_allow(self) -> np.ndarray:
+        with self._allow_lock:
+            n = len(self.topics) + 1
+            old = self._allow
+            if len(old) >= n:
+                return old
+            table = np.zeros(n, dtype=bool)
+            table[:len(old)] = old
+            globs = self.cfg.sink.topics
+            for tid in range(max(len(old), 1), n):
+                name = self.topics.name(tid)
+                table[tid] = any(glob_matches(g, name) for g in globs)
+            self._allow = table
+            return table
+
+    def forward(self, records: np.ndarray) -> None:
+        """Queue the forwarded part of a stored batch for the sink (never waits)."""
+        if len(records) == 0:
+            return
+        tids = records["topic_id"]
+        table = self._allow
+        if int(tids.max()) >= len(table):  # a topic not decided yet (one lock per new topic set)
+            table = self._grow_allow()
+        mask = table[tids] & (records["conn_id"] != NATS_CONN_ID)
+        if mask.all():
+            batch = records.copy()
+        elif mask.any():
+            batch = records[mask]  # fancy indexing copies
+        else:
+            return
+        n = len(batch)
+        wake = over = False
+        with self._q_lock:
+            if self._sink_closing or self._q_events + n > self.cfg.sink.max_pending:
+                over = True
+            else:
+                self._q.append(batch)
+                self._q_events += n
+                wake, self._sink_waiting = self._sink_waiting, False
+        if over:
+            self.stats["backlog_full"] += n
+            self.svc.drop(batch, "connector: sink backlog full (connectors.nats.sink.max_pending="
+                                 f"{self.cfg.sink.max_pending}); stored here, not published to JetStream")
+        elif wake:
+            self._loop.call_soon_threadsafe(self._sink_event.set)
+
+    def progress(self) -> None:
+        """A processor released a batch: wake the source if it waits for completion marks."""
+        if self._want_progress and not self._nudged:
+            self._nudged = True
+            loop = self._loop
+            if loop is not None:
+                loop.call_soon_threadsafe(self._progress_event.set)
+
+    # ------------------------------------------------------------------ lifecycle (service thread)
+    def start(self) -> None:
+        from eventstream.service import StartupError
+
+        nats = import_nats()
+        self._nats = nats
+        from eventstream.runtime import gil
+
+        gil.require_gil_off(self.svc.allow_gil, "the NATS connector (after importing nats-py)")
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, name="es-nats", daemon=True)
+        self._thread.start()
+        fut = asyncio.run_coroutine_threadsafe(self._setup(), self._loop)
+        try:
+            fut.result(self.cfg.connect_timeout_s * 3 + 10)
+        except Exception as exc:  # noqa: BLE001 - reported as a startup error naming the keys
+            fut.cancel()
+            self._stop_loop()
+            raise StartupError(f"connectors.nats.servers: cannot set up JetStream at {self.cfg.servers} "
+                               f"(stream {self.cfg.stream!r}): {type(exc).__name__}: {exc}; allowed: a reachable "
+                               "NATS server with JetStream enabled, or connectors.nats.enabled: false") from None
+        self._started = True
+        self._register_metrics()
+        log.info("nats_connector_started", servers=self.cfg.servers, stream=self.cfg.stream, sink=self.sink_on,
+                 source=self.source_on, durable=self.cfg.source.durable if self.source_on else None)
+
+    def _register_metrics(self) -> None:
+        m = getattr(self.svc, "metrics", None)
+        if m is None:
+            return
+        for key in self.stats:
+            m.counter_fn("connector_nats_events", lambda k=key: self.stats[k], {"what": key},
+                         doc="NATS JetStream connector counters (eventstream/connectors/jetstream.py)")
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_forever()
+        finally:
+            try:
+                self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            finally:
+                self._loop.close()
+
+    def _stop_loop(self) -> None:
+        if self._loop is not None and self._thread is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+
+    def failures(self) -> list[str]:
+        """For /healthz: the connector thread or one of its loops died."""
+        if not self._started or self._closed:
+            return []
+        out = []
+        if self._thread is None or not self._thread.is_alive():
+            out.append("es-nats: not running")
+        for name, task in (("source", self._source_task), ("acks", self._ack_task), ("sink", self._sink_task)):
+            if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
+                out.append(f"es-nats: {name} loop failed: {task.exception()!r}")
+        return out
+
+    def stop_intake(self, timeout: float = 10.0) -> None:
+        """The source stops pulling (called with ingest, before the processors drain)."""
+        if not self._started or self._intake_stopped:
+            return
+        fut = asyncio.run_coroutine_threadsafe(self._stop_source(timeout), self._loop)
+        try:
+            fut.result(timeout + 5)
+        except Exception:  # noqa: BLE001
+            log.exception("nats_source_stop_failed")
+
+    def close(self, drain: bool = True, timeout: float = 30.0) -> None:
+        """After the processors drained: ack what is stored, flush the sink, disconnect."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self._started:
+            self._stop_loop()
+            return
+        self.stop_intake()
+        fut = asyncio.run_coroutine_threadsafe(self._shutdown(drain, timeout), self._loop)
+        try:
+            fut.result(timeout + 15)
+        except Exception:  # noqa: BLE001
+            log.exception("nats_connector_close_failed")
+        self._stop_loop()
+        log.info("nats_connector_stopped", **self.stats)
+
+    # ------------------------------------------------------------------ the connector thread
+    async def _setup(self) -> None:
+        nats = self._nats
+        cfg = self.cfg
+        self._sink_event = asyncio.Event()
+        self._progress_event = asyncio.Event()
+
+        async def on_error(exc):
+            log.warning("nats_error", error=f"{type(exc).__name__}: {exc}")
+
+        async def on_disconnected():
+            self.stats["disconnects"] += 1
+            log.warning("nats_disconnected")
+
+        async def on_reconnected():
+            self.stats["reconnects"] += 1
+            log.info("nats_reconnected", server=str(self.nc.connected_url.netloc if self.nc.connected_url else ""))
+
+        # The first connection gives up after a few rounds over the servers (a startup error, not a hang:
+        # with max_reconnect_attempts=-1 nats-py retries the *first* connect forever too); once
+        # connected, reconnects never stop (nats-py reads the option on every reconnect round).
+        self.nc = await nats.connect(servers=list(cfg.servers), name=f"eventstream-{self.run_id}",
+                                     connect_timeout=cfg.connect_timeout_s, allow_reconnect=True,
+                                     max_reconnect_attempts=2, reconnect_time_wait=0.2,
+                                     error_cb=on_error, disconnected_cb=on_disconnected,
+                                     reconnected_cb=on_reconnected)
+        self.nc.options["max_reconnect_attempts"] = -1
+        self.js = self.nc.jetstream(timeout=cfg.connect_timeout_s)
+        if cfg.create_stream:
+            try:
+                await self.js.stream_info(cfg.stream)
+            except nats.js.errors.NotFoundError:
+                await self.js.add_stream(name=cfg.stream, subjects=[f"{self.prefix}.>"],
+                                         duplicate_window=cfg.duplicate_window_s)
+        if self.sink_on:
+            self._sink_sem = asyncio.Semaphore(cfg.sink.max_in_flight)
+            self._sink_task = asyncio.get_running_loop().create_task(self._sink_loop())
+        if self.source_on:
+            src = cfg.source
+            filters = [glob_filter(self.prefix, g) for g in src.subjects]
+            api = nats.js.api
+            ccfg = api.ConsumerConfig(durable_name=src.durable, ack_policy=api.AckPolicy.EXPLICIT,
+                                      ack_wait=src.ack_wait_s, max_deliver=-1, max_ack_pending=src.max_ack_pending)
+            if len(filters) > 1:
+                ccfg.filter_subjects = filters
+            self._psub = await self.js.pull_subscribe(filters[0], durable=src.durable, stream=cfg.stream, config=ccfg)
+            loop = asyncio.get_running_loop()
+            self._source_task = loop.create_task(self._source_loop())
+            self._ack_task = loop.create_task(self._ack_loop())
+
+    # -- sink
+    def _take(self):
+        with self._q_lock:
+            if self._q:
+                batch = self._q.popleft()
+                self._q_events -= len(batch)
+                return batch
+            self._sink_event.clear()
+            self._sink_waiting = True
+            return None
+
+    async def _sink_loop(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                if self._sink_closing:
+                    return
+                await self._sink_event.wait()
+                continue
+            try:
+                await self._publish_batch(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - never lose the loop; the batch goes to the DLQ
+                log.exception("nats_sink_batch_failed")
+                self.svc.drop(batch, "connector: sink failed on this batch (see the log)")
+
+    def _topic_name(self, tid: int) -> str:
+        name = self._names.get(tid)
+        if name is None:
+            name = self._names[tid] = self.topics.name(tid)
+        return name
+
+    def _subject(self, tid: int) -> tuple[str | None, str | None]:
+        got = self._subjects.get(tid)
+        if got is None:
+            got = self._subjects[tid] = topic_subject(self.prefix, self.topics.name(tid))
+        return got
+
+    async def _publish_batch(self, batch: np.ndarray) -> None:
+        self.stats["forwarded"] += len(batch)
+        tids = batch["topic_id"].tolist()
+        ids = batch["event_id"].tolist()
+        seqs = batch["seq"].tolist()
+        prios = batch["priority"].tolist()
+        pts = batch["producer_ts"].tolist()
+        lens = batch["payload_len"].tolist()
+        pl = batch["payload"]
+        refused: list[int] = []
+        reasons: list[str] = []
+        loop = asyncio.get_running_loop()
+        for i in range(len(batch)):
+            subject, reason = self._subject(tids[i])
+            if subject is None:
+                refused.append(i)
+                reasons.append(reason)
+                continue
+            # (topic, id) as the engine deduplicates: one stream dedups ids across all its subjects
+            msg_id = f"{self._topic_name(tids[i])}:{ids[i]}" if ids[i] else f"{self.run_id}-{seqs[i]}"
+            headers = {H_MSG_ID: msg_id, H_PRIORITY: str(prios[i]), H_PRODUCER_TS: str(pts[i])}
+            await self._sink_sem.acquire()
+            task = loop.create_task(self._publish_one(subject, pl[i, :lens[i]].tobytes(), headers, batch, i))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if refused:
+            self.stats["refused_topic"] += len(refused)
+            self.svc.drop(batch[np.array(refused, dtype=np.intp)], reasons)
+
+    async def _publish_one(self, subject: str, payload: bytes, headers: dict, batch: np.ndarray, i: int) -> None:
+        sink = self.cfg.sink
+        last = "?"
+        try:
+            for attempt in range(sink.max_attempts):
+                try:
+                    ack = await self.js.publish(subject, payload, timeout=sink.ack_timeout_s, stream=self.cfg.stream,
+                                                headers=dict(headers))
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - timeout, no responders, disconnected: retry
+                    last = f"{type(exc).__name__}: {exc}"[:200]
+                    if attempt + 1 < sink.max_attempts:
+                        self.stats["retries"] += 1
+                        await asyncio.sleep(min(1.0, 0.05 * (2 ** attempt)))
+                    continue
+                self.stats["published"] += 1
+                if ack.duplicate:
+                    self.stats["duplicates"] += 1
+                return
+            self.stats["publish_failed"] += 1
+            self.svc.drop(batch[i:i + 1], f"connector: publish to JetStream failed after {sink.max_attempts} "
+                                          f"attempts (connectors.nats.sink.max_attempts): {last}")
+        except asyncio.CancelledError:
+            self.stats["publish_failed"] += 1
+            self.svc.drop(batch[i:i + 1], "connector: shutdown: not acked by JetStream before the stop timeout")
+            raise
+        finally:
+            self._sink_sem.release()
+
+    # -- source
+    def _decode(self, msg) -> tuple:
+        """(event_id, topic_id, priority, producer_ts, payload) of `msg`, or a DLQ reason (str), or
+        (reason, event_id, topic_id, priority, payload) when it decoded but must not go in (poison)."""
+        topic = subject_topic(self.prefix, msg.subject)
+        if topic is None:
+            return f"connector: subject {msg.subject[:80]!r} is not under {self.prefix}.>"
+        tb = topic.encode("utf-8")
+        if len(tb) > MAX_TOPIC_BYTES:
+            return f"connector: topic of {len(tb)} bytes is longer than {MAX_TOPIC_BYTES}"
+        hdrs = msg.headers or {}
+        mid = hdrs.get(H_MSG_ID)
+        eid = numeric_id(mid, topic)
+        if not eid:
+            eid = hashed_id(mid or f"{self.cfg.stream}:{msg.metadata.sequence.stream}")
+        prio = hdrs.get(H_PRIORITY)
+        if prio is None:
+            p = self._default_priority
+        else:
+            p = parse_priority(prio)
+            if p is None:
+                return f"connector: header {H_PRIORITY} {prio[:20]!r} is not a priority (0..4 or a name)"
+        pts = hdrs.get(H_PRODUCER_TS, "")
+        pts = int(pts) if pts.isdigit() and int(pts) < (1 << 64) else 0
+        data = msg.data
+        if len(data) > self.capacity:
+            return f"connector: payload of {len(data)} bytes exceeds records.payload_bytes ({self.capacity})"
+        tid = self.topics.intern(tb)
+        delivered = msg.metadata.num_delivered
+        if delivered > self.cfg.source.max_deliver:
+            return (f"connector: delivered {delivered} times, more than connectors.nats.source.max_deliver "
+                    f"({self.cfg.source.max_deliver})", eid, tid, p, pts, data)
+        return eid, tid, p, pts, data
+
+    async def _poison(self, msg, reason: str, fields: tuple | None) -> None:
+        self.stats["poison"] += 1
+        if fields is not None:  # decoded: the DLQ line carries the payload
+            rec = self._records([fields])
+            self.svc.drop(rec, reason)
+        else:
+            eid = numeric_id((msg.headers or {}).get(H_MSG_ID), subject_topic(self.prefix, msg.subject))
+            self.svc.dlq.write_line(eid, msg.subject, 0, reason)
+            self.svc.metrics.dropped("connector", 1)
+        try:
+            await msg.term()
+        except Exception as exc:  # noqa: BLE001 - redelivered later, dead-lettered again
+            log.warning("nats_term_failed", error=repr(exc))
+
+    def _records(self, rows: list[tuple]) -> np.ndarray:
+        """A record batch from decoded (event_id, topic_id, priority, producer_ts, payload) rows: one
+        numpy assignment per column (payloads padded into one buffer)."""
+        n = len(rows)
+        recs = np.zeros(n, dtype=self.dtype)
+        eids, tids, prios, ptss, datas = zip(*rows)
+        recs["event_id"] = eids
+        recs["topic_id"] = tids
+        recs["priority"] = prios
+        recs["producer_ts"] = ptss
+        recs["payload_len"] = [len(d) for d in datas]
+        cap = self.capacity
+        if cap:
+            buf = b"".join(d.ljust(cap, b"\0") for d in datas)
+            recs["payload"] = np.frombuffer(buf, dtype=np.uint8).reshape(n, cap)
+        recs["conn_id"] = NATS_CONN_ID
+        recs["ingest_ts"] = time.monotonic_ns()
+        return recs
+
+    async def _source_loop(self) -> None:
+        nats = self._nats
+        src = self.cfg.source
+        max_batches = max(2, src.max_ack_pending // src.batch)
+        while not self._intake_stopped:
+            if len(self._inflight) >= max_batches:
+                self._want_progress = True
+                await self._wait_progress(0.01)
+                continue
+            try:
+                msgs = await self._psub.fetch(src.batch, timeout=FETCH_TIMEOUT_S)
+            except nats.errors.TimeoutError:
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - disconnected, server restarting: try again
+                log.warning("nats_fetch_failed", error=f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(0.2)
+                continue
+            if msgs:
+                try:
+                    await self._take_in(msgs)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # noqa: BLE001 - never lose the source; unacked messages are redelivered
+                    self.stats["source_errors"] += 1
+                    log.exception("nats_source_batch_failed")
+                    await asyncio.sleep(0.2)
+
+    async def _take_in(self, msgs) -> None:
+        rows, keep = [], []
+        for msg in msgs:
+            try:
+                got = self._decode(msg)
+            except Exception as exc:  # noqa: BLE001 - whatever it is, it is undecodable
+                got = f"connector: undecodable message: {type(exc).__name__}: {exc}"[:300]
+            if isinstance(got, str):
+                await self._poison(msg, got, None)
+            elif isinstance(got[0], str):
+                await self._poison(msg, got[0], got[1:])
+            else:
+                rows.append(got)
+                keep.append(msg)
+        n = len(keep)
+        if n == 0:
+            return
+        recs = self._records(rows)
+        self.stats["consumed"] += n
+        bus = self.svc.bus
+        off = bus.offer(recs)
+        marks = list(off.marks)
+        self._refused(recs, None, off.refused)
+        held = off.held
+        touched = time.monotonic()
+        while held is not None:  # the queues are full: offer again, never nak
+            await asyncio.sleep(HELD_RETRY_S)
+            now = time.monotonic()
+            if now - touched > self.cfg.source.ack_wait_s / 2:
+                touched = now
+                for msg in keep:  # still working on it: do not redeliver yet
+                    try:
+                        await msg.in_progress()
+                    except Exception:  # noqa: BLE001
+                        pass
+            off = bus.offer(recs[held], stamp=False)
+            marks.extend(off.marks)
+            self._refused(recs, held, off.refused)
+            held = None if off.held is None else held[off.held]
+        self._inflight.append([marks, keep, time.monotonic()])
+        self._want_progress = True
+        self._progress_event.set()
+
+    def _refused(self, recs, held, refused) -> None:
+        """Positions a DROP_NEW queue shed at the edge: dead-lettered (as for TCP), then acked."""
+        for pos, reason in refused:
+            idx = pos if held is None else held[pos]
+            self.svc.drop(recs[idx], reason)
+
+    async def _wait_progress(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._progress_event.wait(), timeout)
+        except TimeoutError:
+            pass
+        self._progress_event.clear()
+        self._nudged = False
+
+    def _done_batches(self) -> list:
+        done, rest = [], collections.deque()
+        for entry in self._inflight:
+            if all(ring.completed() >= end for ring, end in entry[0]):
+                done.append(entry[1])
+            else:
+                rest.append(entry)
+        self._inflight = rest
+        return done
+
+    async def _ack_done(self) -> None:
+        for msgs in self._done_batches():
+            for msg in msgs:
+                try:
+                    await msg.ack()
+                    self.stats["acked"] += 1
+                except Exception as exc:  # noqa: BLE001 - redelivered after ack_wait: at-least-once
+                    log.warning("nats_ack_failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def _keep_alive(self) -> None:
+        """Messages placed in the queues but not stored yet (a slow handler, a deep queue) are marked
+        in progress every ack_wait/2, so JetStream does not redeliver them while this engine works on
+        them; only an engine that stops (or dies) lets them go after ack_wait."""
+        half = self.cfg.source.ack_wait_s / 2
+        now = time.monotonic()
+        for entry in list(self._inflight):
+            if now - entry[2] < half:
+                continue
+            entry[2] = now
+            for msg in entry[1]:
+                try:
+                    await msg.in_progress()
+                except Exception:  # noqa: BLE001 - then it is redelivered: at-least-once
+                    pass
+
+    async def _ack_loop(self) -> None:
+        while not self._ack_stop:
+            self._want_progress = bool(self._inflight)
+            await self._ack_done()
+            if self._inflight:
+                await self._keep_alive()
+            await self._wait_progress(0.005 if self._inflight else 0.05)
+
+    async def _stop_source(self, timeout: float) -> None:
+        self._intake_stopped = True
+        task = self._source_task
+        if task is not None and not task.done():
+            try:
+                await asyncio.wait_for(task, timeout)
+            except (TimeoutError, asyncio.CancelledError):
+                log.warning("nats_source_stop_timeout", note="messages not placed are redelivered")
+            except Exception:  # noqa: BLE001
+                log.exception("nats_source_failed")
+
+    async def _shutdown(self, drain: bool, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        if self._ack_task is not None:
+            self._ack_stop = True  # not cancelled: a batch half acked would be redelivered
+            self._progress_event.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._ack_task), 10)
+            except TimeoutError:
+                self._ack_task.cancel()
+            await self._ack_done()  # the processors drained: what they stored is acked now
+            if self._inflight:
+                log.warning("nats_not_acked", batches=len(self._inflight), note="JetStream redelivers them")
+        if self._sink_task is not None:
+            with self._q_lock:
+                self._sink_closing = True
+            self._sink_event.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._sink_task), max(0.1, deadline - time.monotonic()))
+            except TimeoutError:
+                self._sink_task.cancel()
+            if self._tasks:
+                _, pending = await asyncio.wait(set(self._tasks), timeout=max(0.1, deadline - time.monotonic()))
+                for t in pending:
+                    t.cancel()
+                if pending:
+                    await asyncio.wait(pending, timeout=5)
+            with self._q_lock:
+                left = list(self._q)
+                self._q.clear()
+                self._q_events = 0
+            for batch in left:
+                self.svc.drop(batch, "connector: shutdown: not published to JetStream before the stop timeout")
+        try:
+            await self.nc.flush(timeout=2)
+        except Exception:  # noqa: BLE001
+            pass
+        try:
+            await asyncio.wait_for(self.nc.close(), 5)
+        except Exception:  # noqa: BLE001
+            pass
