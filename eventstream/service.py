@@ -84,7 +84,7 @@ class Service:
         self.cfg = cfg
         self.handlers = handlers
         self.allow_gil = gil.gil_allowed_by_env() if allow_gil is None else allow_gil
-        self.topics = TopicTable()
+        self.topics = TopicTable(cfg.server.max_topics)
         self.dtype = record_dtype(cfg.records.payload_bytes)
         self.started = False
         self._closers: list = []
@@ -250,6 +250,9 @@ class Service:
         m = self.metrics
         for name in QUEUE_NAMES:
             m.gauge_fn("queue_depth", {"queue": name}, lambda q=self.bus[name]: q.depth)
+        m.gauge_fn("threads_failed", {}, lambda: len(self.failures()),
+                   doc="engine threads that died with an error (any: the service is unhealthy and stops)")
+        m.gauge_fn("topics", {}, lambda: len(self.topics), doc="distinct topics known (bound: server.max_topics)")
 
     def sample(self) -> Sample:
         """Metrics the control thread evaluates: depth fraction, and the rate of overload drops (see

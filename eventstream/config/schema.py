@@ -56,6 +56,10 @@ class ServerConfig:
     # a processor queue), "stored" (in events.bin or the DLQ, written to the OS: survives kill -9),
     # "synced" (and fsynced: survives a power cut)
     ack: AckName = "stored"
+    # distinct topics the engine accepts (TCP and UDP together); a frame naming one more is rejected
+    # with reason class too_many_topics. Each topic costs roughly 0.2-1 KiB (topic table, event log id
+    # map, processor state) until restart: topics are never evicted (docs/protocol.md)
+    max_topics: int = field(default=65536, metadata={"range": (1, 16_000_000)})
     tcp: TcpConfig = field(default_factory=TcpConfig)
     udp: UdpConfig = field(default_factory=UdpConfig)
 

@@ -115,11 +115,27 @@ class Reader(threading.Thread):
         self.want_nudge = False  # some chunk waits for a processor: nudge() should wake us
         self._nudged = False  # a wake byte is on its way (at most one outstanding)
         self.error: BaseException | None = None
+        self.finished = False  # the loop ended: nothing handed over from now on is served
 
     # ---------------------------------------------------------------- called from other threads
     def hand_over(self, sock: socket.socket, conn_id: int, peer) -> None:
         self.incoming.append((sock, conn_id, peer))
+        if self.finished:  # lost the race with _shutdown: nobody reads this deque any more
+            self._refuse_incoming()
+            return
         self.wake()
+
+    def _refuse_incoming(self) -> None:
+        while True:
+            try:
+                sock, _conn_id, _peer = self.incoming.popleft()
+            except IndexError:
+                return
+            try:
+                sock.close()
+            except OSError:
+                pass
+            self.stats.connections_closed += 1
 
     def wake(self) -> None:
         try:
@@ -442,6 +458,8 @@ class Reader(threading.Thread):
             if self.drain:
                 self._flush_blocking(c, max(0.01, deadline - time.monotonic()))
             self._close(c, "server_stop")
+        self.finished = True
+        self._refuse_incoming()  # handed over after the _accept_incoming above
         self._sel.close()
         self._wake_r.close()
         self._wake_w.close()

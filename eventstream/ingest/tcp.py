@@ -4,6 +4,11 @@ The acceptor only accepts and hands sockets round-robin to readers (see connecti
 loop, ACK/NACK and backpressure). Past max_connections one more connection is accepted and closed at
 once with a log line, so a client sees a clean close instead of a hanging SYN, and the service keeps
 running.
+
+A reader or the acceptor that dies with an error is a failure of the whole service: failures() lists
+it (Service.failures(): /healthz, the threads_failed gauge, `eventstream serve` exits 1). Until the
+service stops, a dead reader is skipped: new connections go to the readers still running (none left:
+they are refused with a log line).
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ class TcpServer:
         self._wake_r, self._wake_w = socket.socketpair()
         self.connections_total = 0
         self.connections_refused = 0
+        self.acceptor_error: BaseException | None = None
         self._address: tuple[str, int] | None = None
 
     @property
@@ -110,8 +116,19 @@ class TcpServer:
         return [t for t in (self._acceptor, *self._readers) if t is not None]
 
     def failures(self) -> list[str]:
-        """Reader threads that died with an error."""
-        return [f"{r.name}: {r.error!r}" for r in self._readers if r.error is not None]
+        """Reader and acceptor threads that died with an error."""
+        out = [f"{r.name}: {r.error!r}" for r in self._readers if r.error is not None]
+        if self.acceptor_error is not None:
+            out.append(f"es-tcp-acceptor: {self.acceptor_error!r}")
+        return out
+
+    def _next_reader(self, rr) -> Reader | None:
+        """The next reader in round-robin order that is still running (None: every reader died)."""
+        for _ in range(len(self._readers)):
+            r = next(rr)
+            if r.error is None and r.is_alive():
+                return r
+        return None
 
     def _open_connections(self) -> int:
         return self.connections_total - sum(s.connections_closed for s in self._stats)
@@ -142,9 +159,18 @@ class TcpServer:
                                         max_connections=self.config.max_connections)
                             conn.close()
                             continue
+                        reader = self._next_reader(rr)
+                        if reader is None:
+                            self.connections_refused += 1
+                            log.error("connection_refused", peer=str(peer), reason="no_reader_running")
+                            conn.close()
+                            continue
                         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                         self.connections_total += 1
-                        next(rr).hand_over(conn, next(ids) & 0xFFFFFFFF, peer)
+                        reader.hand_over(conn, next(ids) & 0xFFFFFFFF, peer)
+        except Exception as exc:
+            self.acceptor_error = exc
+            log.exception("acceptor_crashed")
         finally:
             sel.close()
 

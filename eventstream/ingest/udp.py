@@ -12,6 +12,9 @@ recvmmsg is unavailable, a loop of socket.recvmsg_into fills the same buffers.
 
 Backpressure while paused: the UDP reader keeps reading and rejects with reason "paused" (see
 admission.py for why).
+
+The reader thread dying with an error is a failure of the service: failures() lists it
+(Service.failures(): /healthz, the threads_failed gauge, `eventstream serve` exits 1).
 """
 
 from __future__ import annotations
@@ -136,6 +139,7 @@ class UdpServer:
         self._stopping = threading.Event()
         self._address: tuple[str, int] | None = None
         self._ready = threading.Event()
+        self.error: BaseException | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -195,7 +199,8 @@ class UdpServer:
                                     total_bad=self.stats.datagrams_bad)
                     if n < rx.batch:
                         break
-        except Exception:
+        except Exception as exc:
+            self.error = exc
             log.exception("udp_reader_crashed")
         finally:
             sel.close()
@@ -243,6 +248,10 @@ class UdpServer:
     def threads(self) -> list[threading.Thread]:
         """The reader thread (for health checks)."""
         return [self._thread] if self._thread is not None else []
+
+    def failures(self) -> list[str]:
+        """The reader thread, if it died with an error."""
+        return [f"es-udp: {self.error!r}"] if self.error is not None else []
 
     def stop(self, drain: bool = True, timeout: float = 5.0) -> None:
         """Stop reading; datagrams already received are decoded before the thread exits."""
