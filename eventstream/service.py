@@ -7,7 +7,7 @@
 
 Ingest readers route decoded events straight into the processor queues; processors store each batch
 (written to the OS) before releasing it, and the released counts are the watermarks ACKs are sent
-from (see ingest/connection.py). So with `server.ack: stored` an ACKed event survives kill -9.
+from (see ingest/reader.py). So with `server.ack: stored` an ACKed event survives kill -9.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from eventstream.engine.manager import ProcessManager
 from eventstream.engine.processors import Sinks
 from eventstream.ingest.admission import Admission
 from eventstream.ingest.delivery import REASON_SINK_FULL
+from eventstream.ingest.limits import CLOSE_REASONS
 from eventstream.ingest.tcp import TcpServer
 from eventstream.ingest.udp import UdpServer
 from eventstream.metrics.registry import MetricsRegistry
@@ -201,6 +202,7 @@ class Service:
                                  on_reject=self.on_reject, cpus=aff.acceptor, reader_cpus=aff.ingest,
                                  payload_bytes=pb, ack_default=ACK_MODES[cfg.server.ack])
             self._start_server(self.tcp, "server.tcp")
+            self._register_limit_metrics(self.tcp)
         if cfg.server.udp.enabled:
             self.udp = UdpServer(cfg.server.udp, self.bus, self.topics, admission=self.admission,
                                  on_reject=self.on_reject, cpus=aff.udp, payload_bytes=pb)
@@ -253,6 +255,15 @@ class Service:
         m.gauge_fn("threads_failed", {}, lambda: len(self.failures()),
                    doc="engine threads that died with an error (any: the service is unhealthy and stops)")
         m.gauge_fn("topics", {}, lambda: len(self.topics), doc="distinct topics known (bound: server.max_topics)")
+
+    def _register_limit_metrics(self, tcp: TcpServer) -> None:
+        """Per-client limits of the TCP ingest (ingest/limits.py): closes by reason, partial bytes."""
+        m = self.metrics
+        for reason in CLOSE_REASONS:
+            m.counter_fn("connections_limited", lambda r=reason: tcp.statistics()["connections_limited"].get(r, 0),
+                         {"reason": reason}, doc="TCP connections refused or closed for a per-client limit")
+        m.gauge_fn("partial_frame_bytes", {}, tcp.budget.total,
+                   doc="bytes held in partial frames over all TCP connections (bound: server.tcp.max_partial_bytes)")
 
     def sample(self) -> Sample:
         """Metrics the control thread evaluates: depth fraction, and the rate of overload drops (see

@@ -167,6 +167,9 @@ def _check_whole(cfg: Config, source: str) -> None:
         pass  # TCP and UDP may share a port number
     if cfg.metrics.enabled and t.enabled and cfg.metrics.port and cfg.metrics.port == t.port and cfg.metrics.host == t.host:
         raise ConfigError(source, "metrics.port", cfg.metrics.port, f"a port other than server.tcp.port ({t.port})")
+    if t.max_partial_bytes and t.max_partial_bytes < t.max_frame_bytes:
+        raise ConfigError(source, "server.tcp.max_partial_bytes", t.max_partial_bytes,
+                          f"0 (no bound) or a value >= server.tcp.max_frame_bytes ({t.max_frame_bytes})")
     del s
 
 

@@ -38,6 +38,13 @@ class TcpConfig:
     recv_bytes: int = field(default=256 << 10, metadata={"range": (4096, 64 << 20)})
     rate_limit_events_per_s: float = field(default=0.0, metadata={"range": (0.0, 1e12)})
     backlog: int = field(default=1024, metadata={"range": (1, 65535)})
+    # per-client limits (eventstream/ingest/limits.py): connections from one IP address; a partial frame
+    # that does not complete within frame_timeout_s closes its connection (0 = never; a connection the
+    # engine pushes back is not timed out for that); bytes in partial frames over all connections
+    # (past it the connection with the largest partial frame is closed; 0 = no bound)
+    max_connections_per_ip: int = field(default=64, metadata={"range": (1, 1_000_000)})
+    frame_timeout_s: float = field(default=30.0, metadata={"range": (0.0, 86400.0)})
+    max_partial_bytes: int = field(default=64 << 20, metadata={"range": (0, 1 << 40)})
 
 
 @dataclass

@@ -34,7 +34,7 @@ class IngestStats:
     """Counters of one reader thread (single writer)."""
 
     __slots__ = ("frames_accepted", "frames_rejected", "backpressure_drops", "bytes_received",
-                 "connections_closed", "datagrams", "datagrams_bad", "holds")
+                 "connections_closed", "datagrams", "datagrams_bad", "holds", "limit_closes")
 
     def __init__(self):
         self.frames_accepted = 0
@@ -45,18 +45,22 @@ class IngestStats:
         self.datagrams = 0
         self.datagrams_bad = 0
         self.holds = 0  # times a connection's records were held (pushed back) instead of shed
+        self.limit_closes: Counter[str] = Counter()  # connections closed for a limit (limits.CLOSE_REASONS)
 
 
 def merge_stats(parts: list[IngestStats]) -> dict:
     rejected: Counter[str] = Counter()
+    limited: Counter[str] = Counter()
     for p in parts:
         rejected.update(dict(p.frames_rejected))
+        limited.update(dict(p.limit_closes))
     return {
         "frames_accepted": sum(p.frames_accepted for p in parts),
         "frames_rejected": dict(rejected),
         "backpressure_drops": sum(p.backpressure_drops for p in parts),
         "bytes_received": sum(p.bytes_received for p in parts),
         "holds": sum(p.holds for p in parts),
+        "connections_limited": dict(limited),
     }
 
 

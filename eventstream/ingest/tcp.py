@@ -3,7 +3,7 @@
 The acceptor only accepts and hands sockets round-robin to readers (see connection.py for the reader
 loop, ACK/NACK and backpressure). Past max_connections one more connection is accepted and closed at
 once with a log line, so a client sees a clean close instead of a hanging SYN, and the service keeps
-running.
+running. The same holds past max_connections_per_ip connections from one address (limits.py).
 
 A reader or the acceptor that dies with an error is a failure of the whole service: failures() lists
 it (Service.failures(): /healthz, the threads_failed gauge, `eventstream serve` exits 1). Until the
@@ -18,6 +18,7 @@ import itertools
 import selectors
 import socket
 import threading
+import time
 
 import structlog
 
@@ -25,8 +26,9 @@ from eventstream.config import TcpConfig
 from eventstream.core.records import ACK_STORED
 from eventstream.core.topics import TopicTable
 from eventstream.ingest.admission import Admission
-from eventstream.ingest.connection import Reader
+from eventstream.ingest.reader import Reader
 from eventstream.ingest.delivery import Delivery, IngestStats, merge_stats
+from eventstream.ingest.limits import REASON_PER_IP, PartialBudget, PeerLimit
 from eventstream.runtime.affinity import pin_current_thread
 
 log = structlog.get_logger("eventstream.ingest.tcp")
@@ -70,6 +72,10 @@ class TcpServer:
         self.connections_total = 0
         self.connections_refused = 0
         self.acceptor_error: BaseException | None = None
+        self.peer_limit = PeerLimit(config.max_connections_per_ip)
+        self.budget = PartialBudget(config.max_partial_bytes)
+        self.refused_per_ip = 0
+        self._last_refusal_log = 0.0
         self._address: tuple[str, int] | None = None
 
     @property
@@ -95,9 +101,10 @@ class TcpServer:
             stats = IngestStats()
             delivery = Delivery(self.sink, self.admission, self.on_reject, stats)
             r = Reader(n, cfg, self.topics, delivery, stats, self.admission, self.reader_cpus, self.payload_bytes,
-                       self.ack_default)
+                       self.ack_default, peer_limit=self.peer_limit, budget=self.budget)
             self._stats.append(stats)
             self._readers.append(r)
+            self.budget.readers.append(r)
             r.start()
         self._acceptor = threading.Thread(target=self._accept_loop, name="es-tcp-acceptor", daemon=True)
         self._acceptor.start()
@@ -159,10 +166,14 @@ class TcpServer:
                                         max_connections=self.config.max_connections)
                             conn.close()
                             continue
+                        if not self.peer_limit.admit(peer[0]):
+                            self._refuse_per_ip(conn, peer)
+                            continue
                         reader = self._next_reader(rr)
                         if reader is None:
                             self.connections_refused += 1
                             log.error("connection_refused", peer=str(peer), reason="no_reader_running")
+                            self.peer_limit.release(peer[0])
                             conn.close()
                             continue
                         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -173,6 +184,18 @@ class TcpServer:
             log.exception("acceptor_crashed")
         finally:
             sel.close()
+
+    def _refuse_per_ip(self, conn: socket.socket, peer) -> None:
+        """One address has max_connections_per_ip open: close this one at once (a log line at most
+        once a second: a client retrying in a loop must not flood the log)."""
+        self.connections_refused += 1
+        self.refused_per_ip += 1
+        conn.close()
+        now = time.monotonic()
+        if now - self._last_refusal_log >= 1.0:
+            self._last_refusal_log = now
+            log.warning("connection_refused", peer=str(peer), reason=REASON_PER_IP,
+                        max_connections_per_ip=self.config.max_connections_per_ip, refused_total=self.refused_per_ip)
 
     def stop(self, drain: bool = True, timeout: float = 5.0) -> None:
         """Stop accepting; readers send final ACKs (drain) and close every connection."""
@@ -200,7 +223,9 @@ class TcpServer:
     def statistics(self) -> dict:
         out = merge_stats(self._stats)
         out.update(connections_open=max(0, self._open_connections()), connections_total=self.connections_total,
-                   connections_refused=self.connections_refused)
+                   connections_refused=self.connections_refused, partial_bytes=self.budget.total())
+        if self.refused_per_ip:
+            out["connections_limited"][REASON_PER_IP] = self.refused_per_ip
         return out
 
     def __enter__(self) -> TcpServer:
