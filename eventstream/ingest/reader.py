@@ -258,7 +258,9 @@ class Reader(threading.Thread):
             self._account_partial(c, buffered, bool(len(records) or errors), now)
             if c.closed:
                 return
-        if not c.v2 and (records["flags"].any() if len(records) else any(e.version == 2 for e in errors)):
+        # a v2 frame in this read, accepted or rejected, makes it a v2 connection before the NACKs of
+        # this read are built (a v1 record next to a rejected v2 frame must not hide its NACK)
+        if not c.v2 and ((len(records) and records["flags"].any()) or any(e.version == 2 for e in errors)):
             c.v2 = True
         fatal = errors[-1] if errors and errors[-1].fatal else None
         if fatal is not None and fatal.version == 2:
