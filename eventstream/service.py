@@ -29,9 +29,11 @@ from eventstream.engine.dlq import DeadLetterLog, reason_category
 from eventstream.engine.manager import ProcessManager
 from eventstream.engine.processors import Sinks
 from eventstream.ingest.admission import Admission
+from eventstream.ingest.auth import TokenError, TokenSet
 from eventstream.ingest.delivery import REASON_SINK_FULL
 from eventstream.ingest.limits import CLOSE_REASONS
 from eventstream.ingest.tcp import TcpServer
+from eventstream.ingest.tls import TlsConfigError
 from eventstream.ingest.udp import UdpServer
 from eventstream.metrics.registry import MetricsRegistry
 from eventstream.runtime import gil
@@ -198,9 +200,13 @@ class Service:
         # Events already accepted are never shed by the control plane.
         aff, pb = cfg.affinity, cfg.records.payload_bytes
         if cfg.server.tcp.enabled:
+            try:
+                tokens = TokenSet.from_config(cfg.server.auth)
+            except TokenError as exc:
+                raise StartupError(str(exc)) from None
             self.tcp = TcpServer(cfg.server.tcp, self.bus, self.topics, admission=self.admission,
                                  on_reject=self.on_reject, cpus=aff.acceptor, reader_cpus=aff.ingest,
-                                 payload_bytes=pb, ack_default=ACK_MODES[cfg.server.ack])
+                                 payload_bytes=pb, ack_default=ACK_MODES[cfg.server.ack], tokens=tokens)
             self._start_server(self.tcp, "server.tcp")
             self._register_limit_metrics(self.tcp)
         if cfg.server.udp.enabled:
@@ -243,6 +249,8 @@ class Service:
     def _start_server(self, server, key: str) -> None:
         try:
             server.start()
+        except TlsConfigError as exc:
+            raise StartupError(str(exc)) from None
         except OSError as exc:
             host, port = server.config.host, server.config.port
             raise StartupError(f"{key}.port: cannot bind {host}:{port} ({exc.strerror}); "
@@ -329,6 +337,19 @@ class Service:
         if left:
             log.warning("stopped_without_draining", dead_lettered=left)
 
+    def exposure_warnings(self) -> list[str]:
+        """Why this configuration may be reachable by anyone (serve logs each as a warning)."""
+        cfg, out = self.cfg, []
+        tcp, udp = cfg.server.tcp, cfg.server.udp
+        auth = bool(cfg.server.auth.tokens or cfg.server.auth.tokens_file)
+        if tcp.enabled and not _loopback(tcp.host) and not (tcp.tls.cert_file or auth):
+            out.append(f"server.tcp.host {tcp.host} is not a loopback address and neither TLS "
+                       "(server.tcp.tls.cert_file) nor client tokens (server.auth.tokens) are configured")
+        if udp.enabled and not _loopback(udp.host):
+            out.append(f"server.udp.host {udp.host} is not a loopback address: UDP has no authentication "
+                       "and no encryption")
+        return out
+
     def failures(self) -> list[str]:
         """Threads that died with an error (the service should then stop)."""
         out = [f"{name}: {exc!r}" for name, exc in self.manager.errors()] if hasattr(self, "manager") else []
@@ -359,3 +380,14 @@ class Service:
         self.stop()
 
 
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -9,6 +9,10 @@ Threads: the caller's thread does all writes (and reconnects); a reader thread p
 parses ACK/NACK frames and resolves pending events under a lock. Events still unresolved when the
 connection breaks are sent again, in order and with the same event_id, on the next connection (the
 engine deduplicates by event_id).
+
+Security (docs/protocol.md, HELLO): `token=` sends a HELLO frame with the token first on every
+connection; `tls=True` (system trust store) or `ssl_context=` wraps the socket in TLS. A server that
+refuses the token answers NACK(0, "auth: ...") and closes: the client raises AuthError (no retry).
 """
 
 from __future__ import annotations
@@ -16,14 +20,19 @@ from __future__ import annotations
 import collections
 import secrets
 import socket
+import ssl
 import threading
 import time
 
-from eventstream.protocol.frames import KIND_ACK, KIND_NACK, encode_v1, encode_v2, split_control_frames
+from eventstream.protocol.frames import KIND_ACK, KIND_NACK, encode_hello, encode_v1, encode_v2, split_control_frames
 
 
 class ClientError(ConnectionError):
     """The server cannot be reached or stopped answering within the timeout."""
+
+
+class AuthError(ClientError):
+    """The server refused the connection's token (or wanted one): its reason, starting with "auth:"."""
 
 
 class _Pending:
@@ -38,7 +47,8 @@ class _Pending:
 
 class TcpClient:
     def __init__(self, host: str = "127.0.0.1", port: int = 9000, *, version: int = 2, batch_size: int = 256,
-                 timeout: float = 10.0, max_inflight: int = 65536, reconnect: bool = True):
+                 timeout: float = 10.0, max_inflight: int = 65536, reconnect: bool = True,
+                 token: str | bytes | None = None, tls: bool = False, ssl_context: ssl.SSLContext | None = None):
         if version not in (1, 2):
             raise ValueError(f"version={version!r} is not allowed; allowed: 1 or 2")
         if batch_size < 1:
@@ -48,6 +58,10 @@ class TcpClient:
         self.timeout = timeout
         self.max_inflight = max_inflight
         self.reconnect = reconnect
+        self.token = token
+        self._hello = encode_hello(token) if token is not None else b""
+        self.ssl_context = ssl_context if ssl_context is not None else (ssl.create_default_context() if tls else None)
+        self.auth_error = ""
         self.sent = 0
         self.acked = 0
         self.nacked = 0
@@ -81,7 +95,19 @@ class TcpClient:
                 time.sleep(delay)
                 delay = min(delay * 2, 0.5)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context is not None:
+            try:
+                sock = self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+            except (ssl.SSLError, OSError) as exc:
+                sock.close()
+                raise ClientError(f"TLS handshake with {self.host}:{self.port} failed: {exc}") from None
         sock.settimeout(None)
+        if self._hello:
+            try:
+                sock.sendall(self._hello)
+            except OSError as exc:
+                sock.close()
+                raise ClientError(f"send to {self.host}:{self.port} failed: {exc}") from None
         with self._cond:
             self._sock = sock
             self._broken = False
@@ -167,6 +193,8 @@ class TcpClient:
 
     def _recover(self) -> None:
         """Reconnect and resend every unresolved event, in order, with its original event_id."""
+        if self.auth_error:
+            raise AuthError(f"{self.host}:{self.port} refused the connection: {self.auth_error}")
         if not self.reconnect:
             raise ClientError(f"connection to {self.host}:{self.port} lost with {len(self._pending)} events "
                               "unacknowledged (reconnect=False)")
@@ -238,6 +266,8 @@ class TcpClient:
             for kind, value, payload in frames:
                 if kind == KIND_ACK:
                     self._acked_count = value
+                elif kind == KIND_NACK and value == 0:  # frame 0: the HELLO (or its absence) refused
+                    self.auth_error = payload.decode("utf-8", "replace")
                 elif kind == KIND_NACK:
                     self._nacked_here[value] = payload.decode("utf-8", "replace")
             prefix = self._acked_count + len(self._nacked_here)

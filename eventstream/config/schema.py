@@ -27,6 +27,23 @@ class ConfigError(ValueError):
 
 # ---------------------------------------------------------------------------------------- sections
 @dataclass
+class TlsConfig:
+    """TLS on the TCP port (stdlib ssl): off while cert_file is empty; both files or neither."""
+
+    cert_file: str = ""  # PEM certificate chain
+    key_file: str = ""  # PEM private key
+
+
+@dataclass
+class AuthConfig:
+    """Shared client tokens: with any configured, a TCP connection must open with a HELLO frame
+    carrying one of them (docs/protocol.md, HELLO) or it is refused (NACK reason `auth`, closed)."""
+
+    tokens: list[str] = field(default_factory=list)
+    tokens_file: str = ""  # one token per line (blank lines and lines starting with # ignored)
+
+
+@dataclass
 class TcpConfig:
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -45,6 +62,7 @@ class TcpConfig:
     max_connections_per_ip: int = field(default=64, metadata={"range": (1, 1_000_000)})
     frame_timeout_s: float = field(default=30.0, metadata={"range": (0.0, 86400.0)})
     max_partial_bytes: int = field(default=64 << 20, metadata={"range": (0, 1 << 40)})
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
 
 @dataclass
@@ -67,6 +85,7 @@ class ServerConfig:
     # with reason class too_many_topics. Each topic costs roughly 0.2-1 KiB (topic table, event log id
     # map, processor state) until restart: topics are never evicted (docs/protocol.md)
     max_topics: int = field(default=65536, metadata={"range": (1, 16_000_000)})
+    auth: AuthConfig = field(default_factory=AuthConfig)
     tcp: TcpConfig = field(default_factory=TcpConfig)
     udp: UdpConfig = field(default_factory=UdpConfig)
 

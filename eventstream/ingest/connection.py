@@ -25,7 +25,7 @@ def marks_done(marks) -> bool:
 class Connection:
     __slots__ = ("sock", "conn_id", "peer", "decoder", "v2", "accepted", "acked", "chunks", "held", "held_idx",
                  "open_marks", "open_nacks", "outbox", "last_active", "tokens", "resume_at", "reading", "closing",
-                 "closed", "partial", "partial_since")
+                 "closed", "partial", "partial_since", "preamble", "handshaking")
 
     def __init__(self, sock: socket.socket, conn_id: int, peer, decoder: FrameDecoder, now: float, burst: float):
         self.sock = sock
@@ -49,6 +49,8 @@ class Connection:
         self.closed = False
         self.partial = 0  # bytes of an incomplete frame in the decoder (accounted in Reader.partial_bytes)
         self.partial_since = 0.0  # when the current partial frame started (or reading last resumed)
+        self.preamble = None  # preamble.Preamble until the first frame is known (HELLO or not)
+        self.handshaking = False  # TLS handshake not finished (tls.py)
 
     @property
     def busy(self) -> bool:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import collections
 import selectors
 import socket
+import ssl
 import threading
 import time
 
@@ -42,9 +43,13 @@ from eventstream.core.records import ACK_ACCEPTED, ACK_STORED, FLAG_ACK_MASK, FL
 from eventstream.core.topics import TopicTable
 from eventstream.ingest.connection import Connection, marks_done, peer_ip
 from eventstream.ingest.delivery import Delivery, IngestStats
-from eventstream.ingest.limits import REASON_FRAME_TIMEOUT, REASON_PARTIAL_BYTES, PartialBudget, PeerLimit
+from eventstream.ingest.auth import TokenSet
+from eventstream.ingest.limits import (REASON_AUTH, REASON_FRAME_TIMEOUT, REASON_PARTIAL_BYTES, PartialBudget,
+                                       PeerLimit)
+from eventstream.ingest.preamble import Preamble
+from eventstream.ingest.tls import handshake_step
 from eventstream.protocol.decoder import FrameDecoder
-from eventstream.protocol.frames import encode_ack
+from eventstream.protocol.frames import encode_ack, encode_nack
 from eventstream.runtime.affinity import pin_current_thread
 
 log = structlog.get_logger("eventstream.ingest.tcp")
@@ -53,11 +58,13 @@ MAX_OUTBOX_BYTES = 4 << 20  # a client that never reads its ACKs is disconnected
 HELD_RETRY_S = 0.001  # how often held records are offered again (only while a queue is full)
 STOP_BUDGET_S = 4.0  # a draining stop waits at most this long for held records and final ACKs
 _STRONGER_THAN_ACCEPTED = ACK_ACCEPTED << FLAG_ACK_SHIFT
+_WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 class Reader(threading.Thread):
     def __init__(self, n: int, config, topics: TopicTable, delivery: Delivery, stats: IngestStats,
                  admission, cpus, payload_bytes: int, ack_default: int = ACK_STORED, *,
-                 peer_limit: PeerLimit | None = None, budget: PartialBudget | None = None):
+                 peer_limit: PeerLimit | None = None, budget: PartialBudget | None = None,
+                 tokens: TokenSet | None = None, tls: ssl.SSLContext | None = None):
         super().__init__(name=f"es-tcp-reader-{n}", daemon=True)
         self.config = config
         self.topics = topics
@@ -91,6 +98,9 @@ class Reader(threading.Thread):
         self.partial_bytes = 0  # sum of this reader's connections' partial frames (read by other readers)
         self.evictions: collections.deque = collections.deque()  # conn ids other readers want closed
         self.finished = False  # the loop ended: nothing handed over from now on is served
+        self.tokens = tokens
+        self.tls = tls
+        self.tls_pending: set[Connection] = set()  # TLS connections with decrypted bytes not read yet
 
     # ---------------------------------------------------------------- called from other threads
     def hand_over(self, sock: socket.socket, conn_id: int, peer) -> None:
@@ -149,10 +159,20 @@ class Reader(threading.Thread):
                 timeout = 0.5
                 if self.stalled or self.throttled:
                     timeout = HELD_RETRY_S if self.stalled else 0.01
+                if self.tls_pending:
+                    timeout = 0.0
+                    for c in list(self.tls_pending):
+                        self.tls_pending.discard(c)
+                        if not c.closed and c.reading:
+                            self._read(c)
                 for key, mask in sel.select(timeout):
                     c = key.data
                     if c is None:
                         self._drain_wake()
+                        continue
+                    if c.handshaking:
+                        if not c.closed:
+                            self._handshake(c)
                         continue
                     if mask & selectors.EVENT_WRITE and not c.closed:
                         self._flush(c)
@@ -207,12 +227,49 @@ class Reader(threading.Thread):
         while self.incoming:
             sock, conn_id, peer = self.incoming.popleft()
             sock.setblocking(False)
+            if self.tls is not None:
+                try:
+                    sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+                except (ssl.SSLError, OSError) as exc:
+                    log.info("connection_closed", conn_id=conn_id, reason="tls_error", error=str(exc))
+                    sock.close()
+                    self.stats.connections_closed += 1
+                    if self.peer_limit is not None:
+                        self.peer_limit.release(peer_ip(peer))
+                    continue
             dec = FrameDecoder(self.topics, max_frame_bytes=self.config.max_frame_bytes,
                                payload_bytes=self.payload_bytes, conn_id=conn_id, ack_default=self.ack_default)
             c = Connection(sock, conn_id, peer, dec, now, self._burst)
+            c.preamble = Preamble(self.tokens)
+            c.partial_since = now  # the handshake and the HELLO are timed like a partial frame
+            c.handshaking = self.tls is not None
             self.conns[conn_id] = c
             self.open_count += 1
             self._sel.register(sock, selectors.EVENT_READ, c)
+
+    def _handshake(self, c: Connection) -> None:
+        """One step of a TLS handshake (tls.py); reading starts when it is done."""
+        try:
+            want = handshake_step(c.sock)
+        except (ssl.SSLError, OSError) as exc:
+            self._close(c, "tls_error", error=str(exc))
+            return
+        if want:
+            try:
+                self._sel.modify(c.sock, want, c)
+            except (KeyError, ValueError, OSError):
+                self._close(c, "socket_error")
+            return
+        c.handshaking = False
+        self._interest(c, True)
+        if c.sock.pending():
+            self.tls_pending.add(c)
+
+    def _refuse(self, c: Connection, reason: str) -> None:
+        """Refuse a connection before its events: NACK of frame 0 (the HELLO), then close."""
+        self._write(c, encode_nack(0, reason))
+        self._flush_blocking(c, 0.5)
+        self._close_limited(c, REASON_AUTH, why=reason)
 
     def _interest(self, c: Connection, reading: bool) -> None:
         """Register what the selector should watch for `c`: reads (unless held/throttled), writes."""
@@ -237,7 +294,7 @@ class Reader(threading.Thread):
     def _read(self, c: Connection) -> None:
         try:
             n = c.sock.recv_into(self._buf)
-        except (BlockingIOError, InterruptedError):
+        except _WOULD_BLOCK:
             return
         except OSError as exc:
             self._close(c, "reset", error=str(exc))
@@ -250,7 +307,20 @@ class Reader(threading.Thread):
             c.tokens = min(self._burst, c.tokens + (now - c.last_active) * self._rate)
         c.last_active = now
         self.stats.bytes_received += n
+        if self.tls is not None and c.sock.pending():
+            self.tls_pending.add(c)  # decrypted bytes the selector cannot see: read them next round
         data = memoryview(self._buf)[:n]
+        if c.preamble is not None:
+            rest, refusal = c.preamble.feed(data)
+            data.release()
+            if refusal:
+                self._refuse(c, refusal)
+                return
+            if rest is None:
+                return
+            c.preamble = None
+            c.partial_since = now
+            data = memoryview(rest)
         records, indices, errors = c.decoder.feed_indexed(data)
         data.release()
         buffered = c.decoder.buffered
@@ -375,7 +445,7 @@ class Reader(threading.Thread):
         else:
             try:
                 sent = c.sock.send(data)
-            except (BlockingIOError, InterruptedError):
+            except _WOULD_BLOCK:
                 sent = 0
             except OSError:
                 self._close(c, "reset")
@@ -390,7 +460,7 @@ class Reader(threading.Thread):
     def _flush(self, c: Connection) -> None:
         try:
             sent = c.sock.send(c.outbox)
-        except (BlockingIOError, InterruptedError):
+        except _WOULD_BLOCK:
             return
         except OSError:
             self._close(c, "reset")
@@ -429,8 +499,11 @@ class Reader(threading.Thread):
         """Close connections whose partial frame has not completed within `timeout` seconds while
         being read (slowloris). Held or throttled ones are not read, so they are not judged."""
         limit = time.monotonic() - timeout
-        for c in [c for c in self.conns.values() if c.partial and c.partial_since < limit and c.reading
-                  and c.held is None and c not in self.throttled and not c.closing]:
+        auth = self.tokens is not None  # then a connection that sent nothing yet is waited for this long too
+        for c in [c for c in self.conns.values()
+                  if (c.partial or c.handshaking or (c.preamble is not None and (auth or c.preamble.buf)))
+                  and c.partial_since < limit and c.reading and c.held is None and c not in self.throttled
+                  and not c.closing]:
             self._close_limited(c, REASON_FRAME_TIMEOUT, partial_bytes=c.partial, frame_timeout_s=timeout)
 
     def _close_limited(self, c: Connection, reason: str, **kw) -> None:

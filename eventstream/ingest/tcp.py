@@ -27,6 +27,8 @@ from eventstream.core.records import ACK_STORED
 from eventstream.core.topics import TopicTable
 from eventstream.ingest.admission import Admission
 from eventstream.ingest.reader import Reader
+from eventstream.ingest.tls import server_context
+from eventstream.ingest.auth import TokenSet
 from eventstream.ingest.delivery import Delivery, IngestStats, merge_stats
 from eventstream.ingest.limits import REASON_PER_IP, PartialBudget, PeerLimit
 from eventstream.runtime.affinity import pin_current_thread
@@ -52,8 +54,10 @@ def bind_error(kind: str, key: str, host: str, port: int, exc: OSError) -> BindE
 class TcpServer:
     def __init__(self, config: TcpConfig, sink, topics: TopicTable, *, admission: Admission | None = None,
                  on_reject=None, cpus=None, reader_cpus=None, payload_bytes: int = 448,
-                 ack_default: int = ACK_STORED):
-        """`ack_default`: the ACK mode of v2 frames that ask for none (core.records.ACK_*)."""
+                 ack_default: int = ACK_STORED, tokens: TokenSet | None = None):
+        """`ack_default`: the ACK mode of v2 frames that ask for none (core.records.ACK_*); `tokens`:
+        the client tokens a connection must present in a HELLO (auth.py; None = no authentication).
+        TLS is on when config.tls.cert_file is set (tls.py)."""
         self.config = config
         self.sink = sink
         self.topics = topics
@@ -63,6 +67,7 @@ class TcpServer:
         self.reader_cpus = list(reader_cpus or [])
         self.payload_bytes = payload_bytes
         self.ack_default = ack_default
+        self.tokens = tokens
         self._listener: socket.socket | None = None
         self._acceptor: threading.Thread | None = None
         self._readers: list[Reader] = []
@@ -85,7 +90,10 @@ class TcpServer:
         return self._address
 
     def start(self) -> TcpServer:
+        """Bind and start the threads. Raises BindError, or TlsConfigError (a ValueError naming the
+        key) when the certificate or key cannot be loaded."""
         cfg = self.config
+        tls = server_context(cfg.tls.cert_file, cfg.tls.key_file) if cfg.tls.cert_file else None
         sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -101,14 +109,16 @@ class TcpServer:
             stats = IngestStats()
             delivery = Delivery(self.sink, self.admission, self.on_reject, stats)
             r = Reader(n, cfg, self.topics, delivery, stats, self.admission, self.reader_cpus, self.payload_bytes,
-                       self.ack_default, peer_limit=self.peer_limit, budget=self.budget)
+                       self.ack_default, peer_limit=self.peer_limit, budget=self.budget, tokens=self.tokens,
+                       tls=tls)
             self._stats.append(stats)
             self._readers.append(r)
             self.budget.readers.append(r)
             r.start()
         self._acceptor = threading.Thread(target=self._accept_loop, name="es-tcp-acceptor", daemon=True)
         self._acceptor.start()
-        log.info("tcp_listening", host=self._address[0], port=self._address[1], readers=cfg.readers)
+        log.info("tcp_listening", host=self._address[0], port=self._address[1], readers=cfg.readers,
+                 tls=tls is not None, auth=self.tokens is not None)
         return self
 
     def progress(self) -> None:
