@@ -120,7 +120,7 @@ class Service:
             self.drop(records, reason)
         for rj in rejections:
             self.dlq.write_line(rj.event_id, rj.topic, rj.priority, rj.reason)
-            self.metrics.dropped(reason_category(rj.reason), 1)
+            self.metrics.dropped(reason_category(rj.reason), rj.count)
 
     def _sync(self) -> None:
         """Group commit for `synced` ACKs: everything stored (and dead-lettered) so far is fsynced."""

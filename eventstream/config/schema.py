@@ -62,6 +62,9 @@ class TcpConfig:
     max_connections_per_ip: int = field(default=64, metadata={"range": (1, 1_000_000)})
     frame_timeout_s: float = field(default=30.0, metadata={"range": (0.0, 86400.0)})
     max_partial_bytes: int = field(default=64 << 20, metadata={"range": (0, 1 << 40)})
+    # rejected frames per connection and second written to the DLQ one by one; past it they are
+    # counted and summarised in one line, and a connection sending nothing valid is closed
+    max_rejects_per_s: int = field(default=100, metadata={"range": (1, 1_000_000_000)})
     tls: TlsConfig = field(default_factory=TlsConfig)
 
 
@@ -73,6 +76,9 @@ class UdpConfig:
     rcvbuf_bytes: int = field(default=4 << 20, metadata={"range": (4096, 1 << 30)})
     batch_datagrams: int = field(default=64, metadata={"range": (1, 1024)})
     max_datagram_bytes: int = field(default=65535, metadata={"range": (64, 65535)})
+    # rejected frames per second (whole socket) written to the DLQ one by one; the rest are counted
+    # and summarised in one line per second
+    max_rejects_per_s: int = field(default=1000, metadata={"range": (1, 1_000_000_000)})
 
 
 @dataclass

@@ -13,6 +13,12 @@ sending a byte a second took every slot, and 300 half-sent 1 MiB frames took the
   connection with the largest partial frame is closed: by its own reader, which is asked through
   `Reader.evict()` when another reader noticed (a connection belongs to one reader thread).
 
+* RejectMeter: rejected frames of one connection (or of the UDP socket) per one-second window
+  (`server.tcp.max_rejects_per_s`, `server.udp.max_rejects_per_s`). Past the limit, rejects are still
+  counted (frames_rejected, events_dropped_total{reason="rejects_limited"}) and NACKed, but not each
+  written to the DLQ: one summary line per window instead. A TCP connection whose window went over
+  the limit without one good frame is closed (too_many_rejects): it only sends garbage.
+
 The frame-progress timeout (`server.tcp.frame_timeout_s`) lives in the reader loop, which knows
 whether a connection is held (pushed back by the engine: never timed out for that).
 
@@ -84,3 +90,40 @@ class PartialBudget:
                 if c.partial > size and not c.closed:
                     best, owner, size = c, r, c.partial
         return owner, best
+
+
+class RejectMeter:
+    """Rejected frames per one-second window, and how many of them were not reported one by one."""
+
+    __slots__ = ("limit", "start", "rejects", "good", "suppressed")
+
+    def __init__(self, limit: int, now: float = 0.0):
+        self.limit = limit
+        self.start = now
+        self.rejects = 0
+        self.good = 0
+        self.suppressed = 0
+
+    def admit(self, rejects: int, good: int, now: float) -> tuple[int, int]:
+        """Count a read's `rejects` and `good` frames. Returns (how many of these rejects may be
+        reported one by one, suppressed count of the window that just ended: report it as a summary)."""
+        ended = 0
+        if now - self.start >= 1.0:
+            ended, self.suppressed = self.suppressed, 0
+            self.start, self.rejects, self.good = now, 0, 0
+        self.good += good
+        room = max(0, self.limit - self.rejects)
+        report = min(room, rejects)
+        self.rejects += rejects
+        self.suppressed += rejects - report
+        return report, ended
+
+    def take_suppressed(self) -> int:
+        """The suppressed count not yet summarised (at close)."""
+        n, self.suppressed = self.suppressed, 0
+        return n
+
+    @property
+    def garbage_only(self) -> bool:
+        """This window went over the limit without a single good frame."""
+        return self.rejects > self.limit and self.good == 0

@@ -44,8 +44,8 @@ from eventstream.core.topics import TopicTable
 from eventstream.ingest.connection import Connection, marks_done, peer_ip
 from eventstream.ingest.delivery import Delivery, IngestStats
 from eventstream.ingest.auth import TokenSet
-from eventstream.ingest.limits import (REASON_AUTH, REASON_FRAME_TIMEOUT, REASON_PARTIAL_BYTES, PartialBudget,
-                                       PeerLimit)
+from eventstream.ingest.limits import (REASON_AUTH, REASON_FRAME_TIMEOUT, REASON_PARTIAL_BYTES,
+                                       REASON_TOO_MANY_REJECTS, PartialBudget, PeerLimit, RejectMeter)
 from eventstream.ingest.preamble import Preamble
 from eventstream.ingest.tls import handshake_step
 from eventstream.protocol.decoder import FrameDecoder
@@ -241,6 +241,7 @@ class Reader(threading.Thread):
                                payload_bytes=self.payload_bytes, conn_id=conn_id, ack_default=self.ack_default)
             c = Connection(sock, conn_id, peer, dec, now, self._burst)
             c.preamble = Preamble(self.tokens)
+            c.meter = RejectMeter(self.config.max_rejects_per_s, now)
             c.partial_since = now  # the handshake and the HELLO are timed like a partial frame
             c.handshaking = self.tls is not None
             self.conns[conn_id] = c
@@ -335,7 +336,14 @@ class Reader(threading.Thread):
         fatal = errors[-1] if errors and errors[-1].fatal else None
         if fatal is not None and fatal.version == 2:
             c.v2 = True
-        d = self.delivery.deliver(records, indices, errors, c.conn_id, want_nacks=c.v2)
+        report = None
+        if errors:
+            report, ended = c.meter.admit(len(errors), len(records), now)
+            if ended:
+                self.delivery.report_suppressed(c.conn_id, ended, "server.tcp.max_rejects_per_s", c.meter.limit)
+        elif len(records):
+            c.meter.good += len(records)
+        d = self.delivery.deliver(records, indices, errors, c.conn_id, want_nacks=c.v2, report_errors=report)
         c.accepted += d.accepted
         if c.v2:
             if d.marks and not ((records["flags"] & FLAG_ACK_MASK) > _STRONGER_THAN_ACCEPTED).any():
@@ -349,6 +357,12 @@ class Reader(threading.Thread):
         if fatal is not None:
             log.warning("framing_error", conn_id=c.conn_id, peer=str(c.peer), frame=fatal.index, reason=fatal.reason)
             self._finish(c, "framing_error")
+            return
+        if errors and c.meter.garbage_only and not c.closing:
+            self.stats.limit_closes[REASON_TOO_MANY_REJECTS] += 1
+            log.warning("connection_limited", conn_id=c.conn_id, peer=str(c.peer), reason=REASON_TOO_MANY_REJECTS,
+                        rejects=c.meter.rejects, max_rejects_per_s=c.meter.limit)
+            self._finish(c, REASON_TOO_MANY_REJECTS)  # after the NACKs and the ACK of what it sent
             return
         if self._rate:
             c.tokens -= len(records) + len(errors)
@@ -521,6 +535,9 @@ class Reader(threading.Thread):
         if c.closed:
             return
         c.closed = True
+        if c.meter is not None and c.meter.suppressed:
+            self.delivery.report_suppressed(c.conn_id, c.meter.take_suppressed(), "server.tcp.max_rejects_per_s",
+                                            c.meter.limit)
         if c.partial:
             self.partial_bytes -= c.partial
             c.partial = 0

@@ -33,6 +33,7 @@ from eventstream.config import UdpConfig
 from eventstream.core.topics import TopicTable
 from eventstream.ingest.admission import Admission
 from eventstream.ingest.delivery import Delivery, IngestStats, merge_stats
+from eventstream.ingest.limits import RejectMeter
 from eventstream.ingest.tcp import bind_error
 from eventstream.protocol.decoder import FrameDecoder, FrameError, decode_frames
 from eventstream.protocol.framing import scan
@@ -140,6 +141,7 @@ class UdpServer:
         self._address: tuple[str, int] | None = None
         self._ready = threading.Event()
         self.error: BaseException | None = None
+        self.meter = RejectMeter(config.max_rejects_per_s, time.monotonic())
 
     @property
     def address(self) -> tuple[str, int]:
@@ -239,7 +241,12 @@ class UdpServer:
                 while consumed < len(offs) and owner[consumed] == dgram:
                     consumed += 1
                 dec.frames_seen += consumed - first
-            self.delivery.deliver(records, indices, errors, UDP_CONN_ID, want_nacks=False)
+            report = None
+            if errors:
+                report, ended = self.meter.admit(len(errors), len(records), time.monotonic())
+                if ended:
+                    self.delivery.report_suppressed(UDP_CONN_ID, ended, "server.udp.max_rejects_per_s", self.meter.limit)
+            self.delivery.deliver(records, indices, errors, UDP_CONN_ID, want_nacks=False, report_errors=report)
             first = consumed
         stats.datagrams_bad += len(bad)
         stats.datagrams += n  # last: a reader of statistics() that sees the datagrams sees their outcome
@@ -262,6 +269,8 @@ class UdpServer:
                 log.error("udp_reader_did_not_stop", timeout_s=timeout)
         if self._sock is not None:
             self._sock.close()
+        self.delivery.report_suppressed(UDP_CONN_ID, self.meter.take_suppressed(), "server.udp.max_rejects_per_s",
+                                        self.meter.limit)
         log.info("udp_stopped", **self.statistics())
 
     def statistics(self) -> dict:
