@@ -13,11 +13,17 @@ engine deduplicates by event_id).
 Security (docs/protocol.md, HELLO): `token=` sends a HELLO frame with the token first on every
 connection; `tls=True` (system trust store) or `ssl_context=` wraps the socket in TLS. A server that
 refuses the token answers NACK(0, "auth: ...") and closes: the client raises AuthError (no retry).
+
+An SSL object must not be used by two threads at once (the ACK reader reading while the caller
+writes), so a TLS socket is non-blocking and every read or write on it holds `_io_lock` for one
+call; the waits happen outside the lock (select on the socket). A TLS connection is not half-closed
+(a half-close cannot be expressed below TLS): close() waits for the outstanding ACKs, then closes.
 """
 
 from __future__ import annotations
 
 import collections
+import select
 import secrets
 import socket
 import ssl
@@ -62,6 +68,7 @@ class TcpClient:
         self._hello = encode_hello(token) if token is not None else b""
         self.ssl_context = ssl_context if ssl_context is not None else (ssl.create_default_context() if tls else None)
         self.auth_error = ""
+        self._io_lock = threading.Lock()
         self.sent = 0
         self.acked = 0
         self.nacked = 0
@@ -102,9 +109,11 @@ class TcpClient:
                 sock.close()
                 raise ClientError(f"TLS handshake with {self.host}:{self.port} failed: {exc}") from None
         sock.settimeout(None)
+        if self.ssl_context is not None:
+            sock.setblocking(False)
         if self._hello:
             try:
-                sock.sendall(self._hello)
+                self._sendall(sock, self._hello)
             except OSError as exc:
                 sock.close()
                 raise ClientError(f"send to {self.host}:{self.port} failed: {exc}") from None
@@ -135,6 +144,16 @@ class TcpClient:
         """Half-close (the server answers with a final ACK), wait for its close, release the socket."""
         sock = self._sock
         if sock is None:
+            return
+        if self.ssl_context is not None:
+            if self._pending and not self._broken:
+                self._wait_until(lambda: not self._pending or self._broken, self.timeout)
+            with self._cond:
+                self._sock = None  # the reader sees it is no longer current and stops
+            with self._io_lock:
+                sock.close()
+            if self._reader is not None:
+                self._reader.join(self.timeout)
             return
         try:
             sock.shutdown(socket.SHUT_WR)
@@ -184,7 +203,7 @@ class TcpClient:
         self.sent += len(batch)
         data = b"".join(p.frame for p in batch)
         try:
-            self._sock.sendall(data)
+            self._sendall(self._sock, data)
         except OSError as exc:
             if self.version == 1 or not self.reconnect:
                 raise ClientError(f"send to {self.host}:{self.port} failed: {exc}") from None
@@ -199,6 +218,10 @@ class TcpClient:
             raise ClientError(f"connection to {self.host}:{self.port} lost with {len(self._pending)} events "
                               "unacknowledged (reconnect=False)")
         old = self._sock
+        if self._reader is not None:  # a server that closed on purpose said why first: read it
+            self._reader.join(min(1.0, self.timeout))
+        if self.auth_error:
+            raise AuthError(f"{self.host}:{self.port} refused the connection: {self.auth_error}")
         if old is not None:
             try:
                 old.close()
@@ -219,7 +242,7 @@ class TcpClient:
                 self._next_index += 1
                 p.sent_ns = now
         try:
-            self._sock.sendall(b"".join(p.frame for p in resend))
+            self._sendall(self._sock, b"".join(p.frame for p in resend))
         except OSError:
             self._broken = True
 
@@ -246,7 +269,7 @@ class TcpClient:
         buf = bytearray()
         try:
             while True:
-                data = sock.recv(65536)
+                data = self._recv(sock)
                 if not data:
                     break
                 buf += data
@@ -256,9 +279,40 @@ class TcpClient:
         except (OSError, ValueError):
             pass
         with self._cond:
-            if self._sock is sock and self._pending:
+            # the connection ended: even with nothing pending now (a server that refused the token may
+            # close before the first flush), the next flush must reconnect (or raise AuthError)
+            if self._sock is sock and (self._pending or self.auth_error):
                 self._broken = True
             self._cond.notify_all()
+
+    def _sendall(self, sock: socket.socket, data: bytes) -> None:
+        if self.ssl_context is None:
+            sock.sendall(data)
+            return
+        view = memoryview(data)
+        while view:
+            with self._io_lock:
+                try:
+                    n = sock.send(view[:65536])
+                except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                    n = 0
+            if n:
+                view = view[n:]
+            else:
+                select.select([], [sock], [], 1.0)
+
+    def _recv(self, sock: socket.socket) -> bytes:
+        if self.ssl_context is None:
+            return sock.recv(65536)
+        while True:
+            with self._io_lock:
+                if self._sock is not sock:
+                    return b""  # closed by close(): stop reading
+                try:
+                    return sock.recv(65536)
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                    pass
+            select.select([sock], [], [], 0.2)
 
     def _resolve(self, frames) -> None:
         now = time.monotonic_ns()

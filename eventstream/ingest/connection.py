@@ -25,7 +25,8 @@ def marks_done(marks) -> bool:
 class Connection:
     __slots__ = ("sock", "conn_id", "peer", "decoder", "v2", "accepted", "acked", "chunks", "held", "held_idx",
                  "open_marks", "open_nacks", "outbox", "last_active", "tokens", "resume_at", "reading", "closing",
-                 "closed", "partial", "partial_since", "preamble", "handshaking", "meter")
+                 "closed", "partial", "partial_since", "preamble", "handshaking", "meter",
+                 "linger_until")
 
     def __init__(self, sock: socket.socket, conn_id: int, peer, decoder: FrameDecoder, now: float, burst: float):
         self.sock = sock
@@ -52,6 +53,7 @@ class Connection:
         self.preamble = None  # preamble.Preamble until the first frame is known (HELLO or not)
         self.handshaking = False  # TLS handshake not finished (tls.py)
         self.meter = None  # limits.RejectMeter: rejected frames per second
+        self.linger_until = 0.0  # refused: its reads are discarded until EOF or this time, then closed
 
     @property
     def busy(self) -> bool:

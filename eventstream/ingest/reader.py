@@ -56,6 +56,7 @@ log = structlog.get_logger("eventstream.ingest.tcp")
 
 MAX_OUTBOX_BYTES = 4 << 20  # a client that never reads its ACKs is disconnected past this
 HELD_RETRY_S = 0.001  # how often held records are offered again (only while a queue is full)
+LINGER_S = 2.0  # a refused connection is read (and discarded) this long so its NACK is not lost to a reset
 STOP_BUDGET_S = 4.0  # a draining stop waits at most this long for held records and final ACKs
 _STRONGER_THAN_ACCEPTED = ACK_ACCEPTED << FLAG_ACK_SHIFT
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
@@ -195,9 +196,11 @@ class Reader(threading.Thread):
                             if not c.closed and c.held is None and not c.closing:
                                 c.partial_since = now  # it could not progress while throttled
                                 self._interest(c, True)
-                if frame_timeout and time.monotonic() >= next_frame_check:
-                    next_frame_check = time.monotonic() + min(1.0, frame_timeout / 4)
-                    self._close_stalled_frames(frame_timeout)
+                if time.monotonic() >= next_frame_check:
+                    next_frame_check = time.monotonic() + min(1.0, (frame_timeout or 4.0) / 4)
+                    if frame_timeout:
+                        self._close_stalled_frames(frame_timeout)
+                    self._close_lingering()
                 if self.config.idle_timeout_s and time.monotonic() >= next_idle_check:
                     next_idle_check = time.monotonic() + min(1.0, self.config.idle_timeout_s / 2)
                     self._close_idle()
@@ -267,10 +270,28 @@ class Reader(threading.Thread):
             self.tls_pending.add(c)
 
     def _refuse(self, c: Connection, reason: str) -> None:
-        """Refuse a connection before its events: NACK of frame 0 (the HELLO), then close."""
+        """Refuse a connection before its events: NACK of frame 0 (the HELLO), half-close, then
+        discard what it still sends until it closes (at most LINGER_S): closing with unread bytes
+        would send a reset, and a reset can destroy the NACK before the client reads it."""
+        self.stats.limit_closes[REASON_AUTH] += 1
+        log.warning("connection_limited", conn_id=c.conn_id, peer=str(c.peer), reason=REASON_AUTH, why=reason)
         self._write(c, encode_nack(0, reason))
         self._flush_blocking(c, 0.5)
-        self._close_limited(c, REASON_AUTH, why=reason)
+        c.preamble = None
+        c.closing = REASON_AUTH
+        c.linger_until = time.monotonic() + LINGER_S
+        try:
+            c.sock.setblocking(False)
+            c.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(c, REASON_AUTH, quiet=True)
+            return
+        self._interest(c, True)
+
+    def _close_lingering(self) -> None:
+        now = time.monotonic()
+        for c in [c for c in self.conns.values() if c.linger_until and c.linger_until < now]:
+            self._close(c, REASON_AUTH, quiet=True)
 
     def _interest(self, c: Connection, reading: bool) -> None:
         """Register what the selector should watch for `c`: reads (unless held/throttled), writes."""
@@ -299,6 +320,10 @@ class Reader(threading.Thread):
             return
         except OSError as exc:
             self._close(c, "reset", error=str(exc))
+            return
+        if c.linger_until:  # refused: discard, close at EOF
+            if n == 0 or time.monotonic() > c.linger_until:
+                self._close(c, REASON_AUTH, quiet=True)
             return
         if n == 0:  # client half-closed (or closed): final ACK once everything read is complete
             self._finish(c, "client_closed")
