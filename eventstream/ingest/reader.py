@@ -19,7 +19,13 @@ Limits (limits.py): each connection's partial-frame bytes are accounted in the r
 server's PartialBudget; a partial frame that makes no progress to its end within frame_timeout_s
 closes the connection (slowloris), unless the connection is held or throttled (we stopped reading it,
 so it cannot progress: its clock restarts when reading resumes). Closing releases the peer's slot in
-PeerLimit.
+PeerLimit. Past max_rejects_per_s rejects in a second, a connection's rejects are summarised
+(RejectMeter), and one that sends nothing valid is closed.
+
+Before its events: with TLS (tls.py) the handshake is driven by this loop; then the first frame goes
+through the connection's Preamble (preamble.py: an optional HELLO, required with client tokens). A
+refused connection gets NACK(0, "auth: ...") and is half-closed, its further bytes discarded until
+EOF (LINGER_S at most), so a reset cannot destroy the NACK. Both are timed like a partial frame.
 
 Backpressure: records the queues cannot take now (or that the control plane does not admit now) are
 held by the connection, which stops reading until they went in, so TCP flow control pushes back on
@@ -349,11 +355,6 @@ class Reader(threading.Thread):
             data = memoryview(rest)
         records, indices, errors = c.decoder.feed_indexed(data)
         data.release()
-        buffered = c.decoder.buffered
-        if buffered or c.partial:
-            self._account_partial(c, buffered, bool(len(records) or errors), now)
-            if c.closed:
-                return
         # a v2 frame in this read, accepted or rejected, makes it a v2 connection before the NACKs of
         # this read are built (a v1 record next to a rejected v2 frame must not hide its NACK)
         if not c.v2 and ((len(records) and records["flags"].any()) or any(e.version == 2 for e in errors)):
@@ -379,6 +380,11 @@ class Reader(threading.Thread):
             self._hold(c, d.held, d.held_indices)
         else:
             self._end_chunk(c)
+        buffered = c.decoder.buffered  # after delivery: closing c for the budget keeps this read's events
+        if buffered or c.partial:
+            self._account_partial(c, buffered, bool(len(records) or errors), now)
+            if c.closed:
+                return
         if fatal is not None:
             log.warning("framing_error", conn_id=c.conn_id, peer=str(c.peer), frame=fatal.index, reason=fatal.reason)
             self._finish(c, "framing_error")
