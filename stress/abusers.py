@@ -60,7 +60,8 @@ def run(kind: str, host: str, port: int, seconds: float, source: str) -> dict:
         while time.monotonic() < end:
             for _ in range(200):
                 i += 1
-                data = rng.randbytes(rng.randrange(1, 1400)) if i % 2 else encode_v2(f"udp.{i}", b"u", 2, i)
+                # random bytes after 0xff: a length over max_frame_bytes, never a valid frame by chance
+                data = b"\xff" + rng.randbytes(rng.randrange(1, 1400)) if i % 2 else encode_v2(f"udp.{i}", b"u", 2, i)
                 try:
                     u.sendto(data, (host, port))
                     stats["bytes"] += len(data)
@@ -77,7 +78,7 @@ def run(kind: str, host: str, port: int, seconds: float, source: str) -> dict:
                     continue
             i += 1
             if kind == "garbage":
-                data = rng.randbytes(4096)
+                data = b"\xff" + rng.randbytes(4095)  # a framing error from the first byte on
             elif kind == "badframes":
                 data = b"".join(bad_crc(i * 100 + k) for k in range(100))
             else:
