@@ -203,3 +203,19 @@ def test_serve_warns_when_exposed_without_tls_or_tokens(tmp_path):
     lines = [json.loads(x) for x in srv.log_text().splitlines() if x.startswith("{")]
     (warning,) = [x for x in lines if x.get("event") == "exposed_without_protection"]
     assert "server.tcp.host 0.0.0.0" in warning["detail"]
+
+
+def test_a_v1_client_with_a_token_gets_no_acknowledgements(server):
+    srv = server(tokens=[TOKEN])
+    assert exchange(srv, encode_hello(TOKEN) + encode_v1("v1.auth", b"a") + encode_v1("v1.auth", b"b")) == []
+    wait_until(lambda: len(srv.test_sink.records()) == 2, what="both v1 events")
+
+
+def test_load_with_a_token_over_tls(server, cert):
+    from eventstream.cli.load import run_load
+
+    srv = server(tokens=[TOKEN], cert=cert)
+    res = run_load(*srv.address, events=2000, connections=2, timeout=30,
+                   security={"token": TOKEN, "ssl_context": client_context(cert)})
+    assert res["acked"] == 2000 and not res["errors"], res
+    assert len(srv.test_sink.records()) == 2000
