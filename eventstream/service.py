@@ -12,6 +12,7 @@ from (see ingest/reader.py). So with `server.ack: stored` an ACKed event survive
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import time
 from pathlib import Path
@@ -380,11 +381,7 @@ class Service:
         self.stop()
 
 
-
-
 def _loopback(host: str) -> bool:
-    import ipaddress
-
     if host == "localhost":
         return True
     try:

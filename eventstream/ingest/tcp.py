@@ -26,11 +26,11 @@ from eventstream.config import TcpConfig
 from eventstream.core.records import ACK_STORED
 from eventstream.core.topics import TopicTable
 from eventstream.ingest.admission import Admission
-from eventstream.ingest.reader import Reader
-from eventstream.ingest.tls import server_context
 from eventstream.ingest.auth import TokenSet
 from eventstream.ingest.delivery import Delivery, IngestStats, merge_stats
 from eventstream.ingest.limits import REASON_PER_IP, PartialBudget, PeerLimit
+from eventstream.ingest.reader import Reader
+from eventstream.ingest.tls import server_context
 from eventstream.runtime.affinity import pin_current_thread
 
 log = structlog.get_logger("eventstream.ingest.tcp")
