@@ -233,6 +233,9 @@ class Service:
                 level = self.backpressure.level
                 if not self.started:
                     return False, "not started (or stopping)"
+                failed = self.failures()
+                if failed:
+                    return False, "thread failed: " + "; ".join(failed)
                 return (level < Level.EMERGENCY, f"backpressure {level.name}")
 
             try:

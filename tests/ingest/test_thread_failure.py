@@ -74,6 +74,8 @@ def test_dead_tcp_reader_is_unhealthy_and_gets_no_new_connections(service):
     assert failure.startswith("es-tcp-reader-") and "injected fault" in failure
     status, body = get(base + "/healthz")
     assert status == 503 and "injected fault" in body
+    status, body = get(base + "/readyz")
+    assert status == 503 and body.startswith("thread failed: es-tcp-reader-")
     _, text = get(base + "/metrics")
     assert "threads_failed 1.0" in text
     # every new connection goes to the reader still running: each is served (a dead reader would
