@@ -7,11 +7,12 @@
 
 Ingest readers route decoded events straight into the processor queues; processors store each batch
 (written to the OS) before releasing it, and the released counts are the watermarks ACKs are sent
-from (see ingest/connection.py). So with `server.ack: stored` an ACKed event survives kill -9.
+from (see ingest/reader.py). So with `server.ack: stored` an ACKed event survives kill -9.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import time
 from pathlib import Path
@@ -30,8 +31,11 @@ from eventstream.engine.dlq import DeadLetterLog, reason_category
 from eventstream.engine.manager import ProcessManager
 from eventstream.engine.processors import Sinks
 from eventstream.ingest.admission import Admission
+from eventstream.ingest.auth import TokenError, TokenSet
 from eventstream.ingest.delivery import REASON_SINK_FULL
+from eventstream.ingest.limits import CLOSE_REASONS
 from eventstream.ingest.tcp import TcpServer
+from eventstream.ingest.tls import TlsConfigError
 from eventstream.ingest.udp import UdpServer
 from eventstream.metrics.registry import MetricsRegistry
 from eventstream.runtime import gil
@@ -84,7 +88,7 @@ class Service:
         self.cfg = cfg
         self.handlers = handlers
         self.allow_gil = gil.gil_allowed_by_env() if allow_gil is None else allow_gil
-        self.topics = TopicTable()
+        self.topics = TopicTable(cfg.server.max_topics)
         self.dtype = record_dtype(cfg.records.payload_bytes)
         self.started = False
         self._closers: list = []
@@ -118,7 +122,7 @@ class Service:
             self.drop(records, reason)
         for rj in rejections:
             self.dlq.write_line(rj.event_id, rj.topic, rj.priority, rj.reason)
-            self.metrics.dropped(reason_category(rj.reason), 1)
+            self.metrics.dropped(reason_category(rj.reason), rj.count)
 
     def _sync(self) -> None:
         """Group commit for `synced` ACKs: everything stored (and dead-lettered) so far is fsynced."""
@@ -221,11 +225,16 @@ class Service:
         # Events already accepted are never shed by the control plane.
         aff, pb = cfg.affinity, cfg.records.payload_bytes
         if cfg.server.tcp.enabled:
+            try:
+                tokens = TokenSet.from_config(cfg.server.auth)
+            except TokenError as exc:
+                raise StartupError(str(exc)) from None
             self.tcp = TcpServer(cfg.server.tcp, self.bus, self.topics, admission=self.admission,
                                  on_reject=self.on_reject, cpus=aff.acceptor, reader_cpus=aff.ingest,
-                                 payload_bytes=pb, ack_default=ACK_MODES[cfg.server.ack],
+                                 payload_bytes=pb, ack_default=ACK_MODES[cfg.server.ack], tokens=tokens,
                                  on_acked=lambda lat: self.metrics.observe_stage("acked", lat))
             self._start_server(self.tcp, "server.tcp")
+            self._register_limit_metrics(self.tcp)
         if cfg.server.udp.enabled:
             self.udp = UdpServer(cfg.server.udp, self.bus, self.topics, admission=self.admission,
                                  on_reject=self.on_reject, cpus=aff.udp, payload_bytes=pb)
@@ -249,6 +258,9 @@ class Service:
                 level = self.backpressure.level
                 if not self.started:
                     return False, "not started (or stopping)"
+                failed = self.failures()
+                if failed:
+                    return False, "thread failed: " + "; ".join(failed)
                 return (level < Level.EMERGENCY, f"backpressure {level.name}")
 
             try:
@@ -266,6 +278,8 @@ class Service:
     def _start_server(self, server, key: str) -> None:
         try:
             server.start()
+        except TlsConfigError as exc:
+            raise StartupError(str(exc)) from None
         except OSError as exc:
             host, port = server.config.host, server.config.port
             raise StartupError(f"{key}.port: cannot bind {host}:{port} ({exc.strerror}); "
@@ -275,6 +289,18 @@ class Service:
         m = self.metrics
         for name in QUEUE_NAMES:
             m.gauge_fn("queue_depth", {"queue": name}, lambda q=self.bus[name]: q.depth)
+        m.gauge_fn("threads_failed", {}, lambda: len(self.failures()),
+                   doc="engine threads that died with an error (any: the service is unhealthy and stops)")
+        m.gauge_fn("topics", {}, lambda: len(self.topics), doc="distinct topics known (bound: server.max_topics)")
+
+    def _register_limit_metrics(self, tcp: TcpServer) -> None:
+        """Per-client limits of the TCP ingest (ingest/limits.py): closes by reason, partial bytes."""
+        m = self.metrics
+        for reason in CLOSE_REASONS:
+            m.counter_fn("connections_limited", lambda r=reason: tcp.statistics()["connections_limited"].get(r, 0),
+                         {"reason": reason}, doc="TCP connections refused or closed for a per-client limit")
+        m.gauge_fn("partial_frame_bytes", {}, tcp.budget.total,
+                   doc="bytes held in partial frames over all TCP connections (bound: server.tcp.max_partial_bytes)")
 
     def sample(self) -> Sample:
         """Metrics the control thread evaluates: depth fraction, and the rate of overload drops (see
@@ -345,6 +371,19 @@ class Service:
         if left:
             log.warning("stopped_without_draining", dead_lettered=left)
 
+    def exposure_warnings(self) -> list[str]:
+        """Why this configuration may be reachable by anyone (serve logs each as a warning)."""
+        cfg, out = self.cfg, []
+        tcp, udp = cfg.server.tcp, cfg.server.udp
+        auth = bool(cfg.server.auth.tokens or cfg.server.auth.tokens_file)
+        if tcp.enabled and not _loopback(tcp.host) and not (tcp.tls.cert_file or auth):
+            out.append(f"server.tcp.host {tcp.host} is not a loopback address and neither TLS "
+                       "(server.tcp.tls.cert_file) nor client tokens (server.auth.tokens) are configured")
+        if udp.enabled and not _loopback(udp.host):
+            out.append(f"server.udp.host {udp.host} is not a loopback address: UDP has no authentication "
+                       "and no encryption")
+        return out
+
     def failures(self) -> list[str]:
         """Threads that died with an error (the service should then stop)."""
         out = [f"{name}: {exc!r}" for name, exc in self.manager.errors()] if hasattr(self, "manager") else []
@@ -377,3 +416,10 @@ class Service:
         self.stop()
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

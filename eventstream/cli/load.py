@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from eventstream.cli.main import EXIT_FAILURE, EXIT_USAGE
+from eventstream.cli.main import EXIT_FAILURE, EXIT_USAGE, add_client_security_args, client_security
 from eventstream.client import ClientError, TcpClient, UdpSender
 
 
@@ -35,6 +35,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=1, help="seed of the priority mix (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
     p.add_argument("--json", action="store_true", help="print one JSON object with the results")
+    add_client_security_args(p)
     p.set_defaults(func=run)
 
 
@@ -85,8 +86,9 @@ class _Progress:
 
 def run_load(host: str, port: int, *, events: int, connections: int, rate: float = 0.0, priority_mix: str = "2",
              payload_bytes: int = 64, topic: str = "load", protocol: int = 2, udp: bool = False, batch: int = 256,
-             timeout: float = 30.0, seed: int = 1, progress: bool = False) -> dict:
-    """Run the load and return the result dict (also used by tests and benchmarks)."""
+             timeout: float = 30.0, seed: int = 1, progress: bool = False, security: dict | None = None) -> dict:
+    """Run the load and return the result dict (also used by tests and benchmarks). `security`:
+    TcpClient keyword arguments token= and ssl_context= (cli.main.client_security)."""
     prios, weights = parse_priority_mix(priority_mix)
     payload = bytes(range(256)) * (payload_bytes // 256) + bytes(range(payload_bytes % 256))
     shares = [events // connections + (1 if i < events % connections else 0) for i in range(connections)]
@@ -103,7 +105,8 @@ def run_load(host: str, port: int, *, events: int, connections: int, rate: float
             if udp:
                 client = UdpSender(host, port, version=protocol)
             else:
-                client = TcpClient(host, port, version=protocol, batch_size=batch, timeout=timeout).connect()
+                client = TcpClient(host, port, version=protocol, batch_size=batch, timeout=timeout,
+                                   **(security or {})).connect()
             clients[i] = client
             start.wait(timeout)
             t0 = time.monotonic()
@@ -184,7 +187,7 @@ def run(args) -> int:
     res = run_load(args.host, port, events=args.events, connections=args.connections, rate=args.rate,
                    priority_mix=args.priority_mix, payload_bytes=args.payload_bytes, topic=args.topic,
                    protocol=args.protocol, udp=args.udp, batch=args.batch, timeout=args.timeout, seed=args.seed,
-                   progress=not args.no_progress and not args.json)
+                   progress=not args.no_progress and not args.json, security=client_security(args))
     if args.json:
         print(json.dumps(res))
     else:

@@ -48,6 +48,33 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override one config key, e.g. --set server.tcp.port=9005 (repeatable)")
 
 
+def add_client_security_args(p: argparse.ArgumentParser) -> None:
+    """--token / --tls / --tls-ca / --tls-no-verify, shared by the commands that send over TCP."""
+    p.add_argument("--token", help="send this client token in a HELLO frame first (server.auth.tokens); "
+                   "also $EVENTSTREAM_TOKEN")
+    p.add_argument("--tls", action="store_true", help="connect with TLS, verifying the server against the "
+                   "system trust store")
+    p.add_argument("--tls-ca", metavar="FILE", help="connect with TLS, trusting this CA or self-signed "
+                   "certificate (PEM)")
+    p.add_argument("--tls-no-verify", action="store_true", help="connect with TLS without verifying the "
+                   "server (testing only)")
+
+
+def client_security(args) -> dict:
+    """TcpClient keyword arguments (token=, ssl_context=) from add_client_security_args flags."""
+    import os
+    import ssl
+
+    out: dict = {"token": args.token if args.token is not None else os.environ.get("EVENTSTREAM_TOKEN")}
+    if args.tls or args.tls_ca or args.tls_no_verify:
+        ctx = ssl.create_default_context(cafile=args.tls_ca)
+        if args.tls_no_verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        out["ssl_context"] = ctx
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         gil.reexec_without_gil()

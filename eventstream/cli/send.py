@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 
-from eventstream.cli.main import EXIT_FAILURE, EXIT_USAGE
+from eventstream.cli.main import EXIT_FAILURE, EXIT_USAGE, add_client_security_args, client_security
 from eventstream.client import ClientError, TcpClient, UdpSender
 from eventstream.protocol.frames import EncodeError
 
@@ -27,6 +27,7 @@ def register(sub) -> None:
     p.add_argument("--event-id", type=int, help="idempotency key (v2; default: generated)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for acknowledgements")
     p.add_argument("--json", action="store_true", help="print one JSON object with the outcome")
+    add_client_security_args(p)
     p.set_defaults(func=run)
 
 
@@ -64,7 +65,7 @@ def run(args) -> int:
                     s.send(ev["topic"], ev["payload"], ev["priority"], ev["event_id"])
                 result["sent"] = s.sent
         else:
-            with TcpClient(args.host, port, version=args.protocol, timeout=args.timeout) as c:
+            with TcpClient(args.host, port, version=args.protocol, timeout=args.timeout, **client_security(args)) as c:
                 for _n, ev in _events(args):
                     c.send(ev["topic"], ev["payload"], ev["priority"], ev["event_id"])
                 complete = c.wait_acked(args.timeout)

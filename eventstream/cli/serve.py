@@ -79,6 +79,8 @@ def run(args) -> int:
         log.exception("startup_failed")
         print(f"eventstream: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    for warning in svc.exposure_warnings():
+        log.warning("exposed_without_protection", detail=warning)
     if args.ready_file:
         ports = [svc.tcp.address[1] if svc.tcp else 0, svc.udp.address[1] if svc.udp else 0,
                  svc.exporter.address[1] if cfg.metrics.enabled else 0]

@@ -9,21 +9,36 @@ Threads: the caller's thread does all writes (and reconnects); a reader thread p
 parses ACK/NACK frames and resolves pending events under a lock. Events still unresolved when the
 connection breaks are sent again, in order and with the same event_id, on the next connection (the
 engine deduplicates by event_id).
+
+Security (docs/protocol.md, HELLO): `token=` sends a HELLO frame with the token first on every
+connection; `tls=True` (system trust store) or `ssl_context=` wraps the socket in TLS. A server that
+refuses the token answers NACK(0, "auth: ...") and closes: the client raises AuthError (no retry).
+
+An SSL object must not be used by two threads at once (the ACK reader reading while the caller
+writes), so a TLS socket is non-blocking and every read or write on it holds `_io_lock` for one
+call; the waits happen outside the lock (select on the socket). A TLS connection is not half-closed
+(a half-close cannot be expressed below TLS): close() waits for the outstanding ACKs, then closes.
 """
 
 from __future__ import annotations
 
 import collections
+import select
 import secrets
 import socket
+import ssl
 import threading
 import time
 
-from eventstream.protocol.frames import KIND_ACK, KIND_NACK, encode_v1, encode_v2, split_control_frames
+from eventstream.protocol.frames import KIND_ACK, KIND_NACK, encode_hello, encode_v1, encode_v2, split_control_frames
 
 
 class ClientError(ConnectionError):
     """The server cannot be reached or stopped answering within the timeout."""
+
+
+class AuthError(ClientError):
+    """The server refused the connection's token (or wanted one): its reason, starting with "auth:"."""
 
 
 class _Pending:
@@ -38,7 +53,8 @@ class _Pending:
 
 class TcpClient:
     def __init__(self, host: str = "127.0.0.1", port: int = 9000, *, version: int = 2, batch_size: int = 256,
-                 timeout: float = 10.0, max_inflight: int = 65536, reconnect: bool = True):
+                 timeout: float = 10.0, max_inflight: int = 65536, reconnect: bool = True,
+                 token: str | bytes | None = None, tls: bool = False, ssl_context: ssl.SSLContext | None = None):
         if version not in (1, 2):
             raise ValueError(f"version={version!r} is not allowed; allowed: 1 or 2")
         if batch_size < 1:
@@ -48,6 +64,11 @@ class TcpClient:
         self.timeout = timeout
         self.max_inflight = max_inflight
         self.reconnect = reconnect
+        self.token = token
+        self._hello = encode_hello(token) if token is not None else b""
+        self.ssl_context = ssl_context if ssl_context is not None else (ssl.create_default_context() if tls else None)
+        self.auth_error = ""
+        self._io_lock = threading.Lock()
         self.sent = 0
         self.acked = 0
         self.nacked = 0
@@ -81,7 +102,21 @@ class TcpClient:
                 time.sleep(delay)
                 delay = min(delay * 2, 0.5)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context is not None:
+            try:
+                sock = self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+            except (ssl.SSLError, OSError) as exc:
+                sock.close()
+                raise ClientError(f"TLS handshake with {self.host}:{self.port} failed: {exc}") from None
         sock.settimeout(None)
+        if self.ssl_context is not None:
+            sock.setblocking(False)
+        if self._hello:
+            try:
+                self._sendall(sock, self._hello)
+            except OSError as exc:
+                sock.close()
+                raise ClientError(f"send to {self.host}:{self.port} failed: {exc}") from None
         with self._cond:
             self._sock = sock
             self._broken = False
@@ -109,6 +144,16 @@ class TcpClient:
         """Half-close (the server answers with a final ACK), wait for its close, release the socket."""
         sock = self._sock
         if sock is None:
+            return
+        if self.ssl_context is not None:
+            if self._pending and not self._broken:
+                self._wait_until(lambda: not self._pending or self._broken, self.timeout)
+            with self._cond:
+                self._sock = None  # the reader sees it is no longer current and stops
+            with self._io_lock:
+                sock.close()
+            if self._reader is not None:
+                self._reader.join(self.timeout)
             return
         try:
             sock.shutdown(socket.SHUT_WR)
@@ -158,7 +203,7 @@ class TcpClient:
         self.sent += len(batch)
         data = b"".join(p.frame for p in batch)
         try:
-            self._sock.sendall(data)
+            self._sendall(self._sock, data)
         except OSError as exc:
             if self.version == 1 or not self.reconnect:
                 raise ClientError(f"send to {self.host}:{self.port} failed: {exc}") from None
@@ -167,10 +212,16 @@ class TcpClient:
 
     def _recover(self) -> None:
         """Reconnect and resend every unresolved event, in order, with its original event_id."""
+        if self.auth_error:
+            raise AuthError(f"{self.host}:{self.port} refused the connection: {self.auth_error}")
         if not self.reconnect:
             raise ClientError(f"connection to {self.host}:{self.port} lost with {len(self._pending)} events "
                               "unacknowledged (reconnect=False)")
         old = self._sock
+        if self._reader is not None:  # a server that closed on purpose said why first: read it
+            self._reader.join(min(1.0, self.timeout))
+        if self.auth_error:
+            raise AuthError(f"{self.host}:{self.port} refused the connection: {self.auth_error}")
         if old is not None:
             try:
                 old.close()
@@ -191,7 +242,7 @@ class TcpClient:
                 self._next_index += 1
                 p.sent_ns = now
         try:
-            self._sock.sendall(b"".join(p.frame for p in resend))
+            self._sendall(self._sock, b"".join(p.frame for p in resend))
         except OSError:
             self._broken = True
 
@@ -218,7 +269,7 @@ class TcpClient:
         buf = bytearray()
         try:
             while True:
-                data = sock.recv(65536)
+                data = self._recv(sock)
                 if not data:
                     break
                 buf += data
@@ -228,9 +279,40 @@ class TcpClient:
         except (OSError, ValueError):
             pass
         with self._cond:
-            if self._sock is sock and self._pending:
+            # the connection ended: even with nothing pending now (a server that refused the token may
+            # close before the first flush), the next flush must reconnect (or raise AuthError)
+            if self._sock is sock and (self._pending or self.auth_error):
                 self._broken = True
             self._cond.notify_all()
+
+    def _sendall(self, sock: socket.socket, data: bytes) -> None:
+        if self.ssl_context is None:
+            sock.sendall(data)
+            return
+        view = memoryview(data)
+        while view:
+            with self._io_lock:
+                try:
+                    n = sock.send(view[:65536])
+                except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                    n = 0
+            if n:
+                view = view[n:]
+            else:
+                select.select([], [sock], [], 1.0)
+
+    def _recv(self, sock: socket.socket) -> bytes:
+        if self.ssl_context is None:
+            return sock.recv(65536)
+        while True:
+            with self._io_lock:
+                if self._sock is not sock:
+                    return b""  # closed by close(): stop reading
+                try:
+                    return sock.recv(65536)
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                    pass
+            select.select([sock], [], [], 0.2)
 
     def _resolve(self, frames) -> None:
         now = time.monotonic_ns()
@@ -238,6 +320,8 @@ class TcpClient:
             for kind, value, payload in frames:
                 if kind == KIND_ACK:
                     self._acked_count = value
+                elif kind == KIND_NACK and value == 0:  # frame 0: the HELLO (or its absence) refused
+                    self.auth_error = payload.decode("utf-8", "replace")
                 elif kind == KIND_NACK:
                     self._nacked_here[value] = payload.decode("utf-8", "replace")
             prefix = self._acked_count + len(self._nacked_here)

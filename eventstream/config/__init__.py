@@ -13,13 +13,13 @@ Every error names the source (file or env var or flag), the key path, the bad va
 
 from eventstream.config.loader import (ENV_PREFIX, _ENV_NOT_CONFIG, available_cpus, dump_yaml, env_overrides,
                                        load_config, parse_cpu_list)
-from eventstream.config.schema import (AffinityConfig, BackpressureConfig, BatchConfig, Config, ConfigError,
-                                       LevelThresholds, LoggingConfig, MetricsConfig, NumaConfig, QueueConfig,
-                                       QueuesConfig, RealtimeConfig, RecordsConfig, ServerConfig, StorageConfig,
-                                       TcpConfig, TransactionalConfig, UdpConfig)
+from eventstream.config.schema import (AffinityConfig, AuthConfig, BackpressureConfig, BatchConfig, Config,
+                                       ConfigError, LevelThresholds, LoggingConfig, MetricsConfig, NumaConfig,
+                                       QueueConfig, QueuesConfig, RealtimeConfig, RecordsConfig, ServerConfig,
+                                       StorageConfig, TcpConfig, TlsConfig, TransactionalConfig, UdpConfig)
 
-__all__ = ["ENV_PREFIX", "AffinityConfig", "BackpressureConfig", "BatchConfig", "Config", "ConfigError",
+__all__ = ["ENV_PREFIX", "AffinityConfig", "AuthConfig", "BackpressureConfig", "BatchConfig", "Config", "ConfigError",
            "LevelThresholds", "LoggingConfig", "MetricsConfig", "NumaConfig", "QueueConfig", "QueuesConfig",
-           "RealtimeConfig", "RecordsConfig", "ServerConfig", "StorageConfig", "TcpConfig",
+           "RealtimeConfig", "RecordsConfig", "ServerConfig", "StorageConfig", "TcpConfig", "TlsConfig",
            "TransactionalConfig", "UdpConfig", "available_cpus", "dump_yaml", "env_overrides", "load_config",
            "parse_cpu_list", "_ENV_NOT_CONFIG"]

@@ -167,6 +167,13 @@ def _check_whole(cfg: Config, source: str) -> None:
         pass  # TCP and UDP may share a port number
     if cfg.metrics.enabled and t.enabled and cfg.metrics.port and cfg.metrics.port == t.port and cfg.metrics.host == t.host:
         raise ConfigError(source, "metrics.port", cfg.metrics.port, f"a port other than server.tcp.port ({t.port})")
+    if bool(t.tls.cert_file) != bool(t.tls.key_file):
+        key = "server.tcp.tls.key_file" if t.tls.cert_file else "server.tcp.tls.cert_file"
+        raise ConfigError(source, key, "", "a PEM file path when the other of cert_file/key_file is set "
+                          "(both empty: TLS off)")
+    if t.max_partial_bytes and t.max_partial_bytes < t.max_frame_bytes:
+        raise ConfigError(source, "server.tcp.max_partial_bytes", t.max_partial_bytes,
+                          f"0 (no bound) or a value >= server.tcp.max_frame_bytes ({t.max_frame_bytes})")
     del s
     # connectors.* (eventstream/connectors/subjects.py: subjects, globs, names)
     from eventstream.connectors.subjects import check_config
@@ -194,7 +201,8 @@ def _set_path(root: dict, dotted: str, value: Any) -> None:
 ENV_PREFIX = "EVENTSTREAM_"
 # environment variables of the same prefix that are not configuration keys
 _ENV_NOT_CONFIG = {"EVENTSTREAM_PYTHON", "EVENTSTREAM_CPYTHON_TARBALL", "EVENTSTREAM_ALLOW_GIL",
-                   "EVENTSTREAM_VENV", "EVENTSTREAM_EXTRAS", "EVENTSTREAM_CONFIG", "EVENTSTREAM_NO_REEXEC"}
+                   "EVENTSTREAM_VENV", "EVENTSTREAM_EXTRAS", "EVENTSTREAM_CONFIG", "EVENTSTREAM_NO_REEXEC",
+                   "EVENTSTREAM_TOKEN"}
 
 
 def env_overrides(environ: dict[str, str] | None = None) -> list[tuple[str, str, Any]]:

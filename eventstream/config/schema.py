@@ -27,6 +27,23 @@ class ConfigError(ValueError):
 
 # ---------------------------------------------------------------------------------------- sections
 @dataclass
+class TlsConfig:
+    """TLS on the TCP port (stdlib ssl): off while cert_file is empty; both files or neither."""
+
+    cert_file: str = ""  # PEM certificate chain
+    key_file: str = ""  # PEM private key
+
+
+@dataclass
+class AuthConfig:
+    """Shared client tokens: with any configured, a TCP connection must open with a HELLO frame
+    carrying one of them (docs/protocol.md, HELLO) or it is refused (NACK reason `auth`, closed)."""
+
+    tokens: list[str] = field(default_factory=list)
+    tokens_file: str = ""  # one token per line (blank lines and lines starting with # ignored)
+
+
+@dataclass
 class TcpConfig:
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -38,6 +55,17 @@ class TcpConfig:
     recv_bytes: int = field(default=256 << 10, metadata={"range": (4096, 64 << 20)})
     rate_limit_events_per_s: float = field(default=0.0, metadata={"range": (0.0, 1e12)})
     backlog: int = field(default=1024, metadata={"range": (1, 65535)})
+    # per-client limits (eventstream/ingest/limits.py): connections from one IP address; a partial frame
+    # that does not complete within frame_timeout_s closes its connection (0 = never; a connection the
+    # engine pushes back is not timed out for that); bytes in partial frames over all connections
+    # (past it the connection with the largest partial frame is closed; 0 = no bound)
+    max_connections_per_ip: int = field(default=64, metadata={"range": (1, 1_000_000)})
+    frame_timeout_s: float = field(default=30.0, metadata={"range": (0.0, 86400.0)})
+    max_partial_bytes: int = field(default=64 << 20, metadata={"range": (0, 1 << 40)})
+    # rejected frames per connection and second written to the DLQ one by one; past it they are
+    # counted and summarised in one line, and a connection sending nothing valid is closed
+    max_rejects_per_s: int = field(default=100, metadata={"range": (1, 1_000_000_000)})
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
 
 @dataclass
@@ -48,6 +76,9 @@ class UdpConfig:
     rcvbuf_bytes: int = field(default=4 << 20, metadata={"range": (4096, 1 << 30)})
     batch_datagrams: int = field(default=64, metadata={"range": (1, 1024)})
     max_datagram_bytes: int = field(default=65535, metadata={"range": (64, 65535)})
+    # rejected frames per second (whole socket) written to the DLQ one by one; the rest are counted
+    # and summarised in one line per second
+    max_rejects_per_s: int = field(default=1000, metadata={"range": (1, 1_000_000_000)})
 
 
 @dataclass
@@ -56,6 +87,11 @@ class ServerConfig:
     # a processor queue), "stored" (in events.bin or the DLQ, written to the OS: survives kill -9),
     # "synced" (and fsynced: survives a power cut)
     ack: AckName = "stored"
+    # distinct topics the engine accepts (TCP and UDP together); a frame naming one more is rejected
+    # with reason class too_many_topics. Each topic costs roughly 0.2-1 KiB (topic table, event log id
+    # map, processor state) until restart: topics are never evicted (docs/protocol.md)
+    max_topics: int = field(default=65536, metadata={"range": (1, 16_000_000)})
+    auth: AuthConfig = field(default_factory=AuthConfig)
     tcp: TcpConfig = field(default_factory=TcpConfig)
     udp: UdpConfig = field(default_factory=UdpConfig)
 

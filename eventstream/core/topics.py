@@ -2,6 +2,12 @@
 
 Lookups are lock-free dict reads (safe on free-threaded CPython); only the first sight of a new topic
 takes a lock, so ids are dense and assigned exactly once. Id 0 is reserved for "no topic".
+
+The table is bounded (`server.max_topics`): every client can name new topics, and each costs memory
+here, in the event log's file-id map and in per-topic processor state, forever. Past the bound a new
+name raises TopicLimitError, which the decoder turns into a rejected frame (reason class
+``too_many_topics``). Topics are never evicted: their ids live on in queued records, in the event
+log's id map and in batch windows, so reusing an id could file an event under another topic.
 """
 
 from __future__ import annotations
@@ -13,6 +19,16 @@ import threading
 import numpy as np
 
 MAX_TOPIC_BYTES = 255
+DEFAULT_MAX_TOPICS = 65536
+
+
+class TopicLimitError(OverflowError):
+    """A new topic name would exceed the table's bound; `str()` is the reason given to the client."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        super().__init__(f"too_many_topics: the server already has {limit} distinct topics "
+                         f"(server.max_topics); allowed: a topic it already knows")
 
 
 def topic_hash(name: bytes | str) -> int:
@@ -23,7 +39,7 @@ def topic_hash(name: bytes | str) -> int:
 
 
 class TopicTable:
-    def __init__(self, max_topics: int = 1 << 20):
+    def __init__(self, max_topics: int = DEFAULT_MAX_TOPICS):
         self._ids: dict[bytes, int] = {}
         self._names: list[bytes] = [b""]
         self._lock = threading.Lock()
@@ -42,8 +58,8 @@ class TopicTable:
         with self._lock:
             tid = self._ids.get(name)
             if tid is None:
-                if len(self._names) >= self._max:
-                    raise OverflowError(f"too many distinct topics (limit {self._max})")
+                if len(self._names) > self._max:
+                    raise TopicLimitError(self._max)
                 tid = len(self._names)
                 hashes = self._hashes
                 if tid >= len(hashes):
@@ -77,6 +93,11 @@ class TopicTable:
             [i for i, n in enumerate(names) if i and fnmatch.fnmatchcase(n.decode("utf-8"), pattern)],
             dtype=np.uint32,
         )
+
+    @property
+    def limit(self) -> int:
+        """Most distinct topics the table takes (id 0 is not counted)."""
+        return self._max
 
     def __len__(self) -> int:
         return len(self._names) - 1

@@ -65,6 +65,7 @@ class Rejection(NamedTuple):
     reason: str
     fatal: bool = False
     version: int = 0
+    count: int = 1  # frames this line stands for (a summary of rejects not reported one by one: more)
 
 
 # on_reject(records, reason, rejections): records = decoded records refused as a group (reason says

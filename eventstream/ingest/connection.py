@@ -1,55 +1,18 @@
-"""TCP reader thread: many connections on one selector, decode, deliver, ACK/NACK as watermarks.
+"""One TCP connection as its reader thread sees it: socket, decoder, ACK watermarks, held records.
 
-Each connection is owned by exactly one reader thread for its whole life, so its decoder, counters and
-outbox need no locks. New connections arrive from the acceptor through a deque plus a wake-up socket.
-
-ACKs are watermarks, never timers (v2 connections: once a v2 frame has been seen). Each read becomes
-a *chunk*: the cumulative accepted count after it, the completion marks of its records (ring, end:
-done once ``ring.completed() >= end``, i.e. the processor handled, stored or dead-lettered them and
-released them) and the NACKs of its rejected frames. Chunks complete in order; when the head chunks
-are complete their NACKs and one cumulative ACK go out together. Records whose ACK mode is
-`accepted` carry no marks, so their chunk completes as soon as it is placed. Processors call
-`nudge()` after each released batch; a reader with chunks in flight wakes up (one byte on its wake
-socket, at most one outstanding) and sends whatever became due: an idle connection's ACK leaves
-right after its event is stored, a busy one's ACKs are coalesced by what is ready.
-
-Backpressure: records the queues cannot take now (or that the control plane does not admit now) are
-held by the connection, which stops reading until they went in, so TCP flow control pushes back on
-the client; nothing the engine could take later is shed. On client half-close, and on a draining
-stop, the final ACK goes out once everything read is complete.
+A connection is owned by exactly one reader thread (reader.py) for its whole life, so these fields
+need no locks. The only fields other threads read are `partial` and `closed` (PartialBudget.largest in
+limits.py picks the connection with the largest partial frame across readers; its owner re-checks).
 """
 
 from __future__ import annotations
 
 import collections
-import selectors
 import socket
-import threading
-import time
 
 import numpy as np
-import structlog
 
-from eventstream.core.records import ACK_ACCEPTED, ACK_STORED, FLAG_ACK_MASK, FLAG_ACK_SHIFT
-from eventstream.core.topics import TopicTable
-from eventstream.ingest.delivery import Delivery, IngestStats
 from eventstream.protocol.decoder import FrameDecoder
-from eventstream.protocol.frames import encode_ack
-from eventstream.runtime.affinity import pin_current_thread
-
-log = structlog.get_logger("eventstream.ingest.tcp")
-
-MAX_OUTBOX_BYTES = 4 << 20  # a client that never reads its ACKs is disconnected past this
-HELD_RETRY_S = 0.001
-STOP_BUDGET_S = 4.0  # a draining stop waits at most this long for held records and final ACKs  # how often held records are offered again (only while a queue is full)
-_STRONGER_THAN_ACCEPTED = ACK_ACCEPTED << FLAG_ACK_SHIFT
-
-
-def wants_completion(flags: np.ndarray) -> bool:
-    """Does any record ask for more than `accepted` (stored or synced)?"""
-    if len(flags) <= 8:  # the common small read: plain ints beat numpy temporaries
-        return any((f & FLAG_ACK_MASK) > _STRONGER_THAN_ACCEPTED for f in flags.tolist())
-    return bool(((flags & FLAG_ACK_MASK) > _STRONGER_THAN_ACCEPTED).any())
 
 
 def marks_done(marks) -> bool:
@@ -62,7 +25,8 @@ def marks_done(marks) -> bool:
 class Connection:
     __slots__ = ("sock", "conn_id", "peer", "decoder", "v2", "accepted", "acked", "chunks", "held", "held_idx",
                  "open_marks", "open_nacks", "open_ts", "outbox", "last_active", "tokens", "resume_at", "reading", "closing",
-                 "closed")
+                 "closed", "partial", "partial_since", "preamble", "handshaking", "meter",
+                 "linger_until")
 
     def __init__(self, sock: socket.socket, conn_id: int, peer, decoder: FrameDecoder, now: float, burst: float):
         self.sock = sock
@@ -85,6 +49,12 @@ class Connection:
         self.reading = True
         self.closing = ""  # why it closes once its chunks are complete ("" = open)
         self.closed = False
+        self.partial = 0  # bytes of an incomplete frame in the decoder (accounted in Reader.partial_bytes)
+        self.partial_since = 0.0  # when the current partial frame started (or reading last resumed)
+        self.preamble = None  # preamble.Preamble until the first frame is known (HELLO or not)
+        self.handshaking = False  # TLS handshake not finished (tls.py)
+        self.meter = None  # limits.RejectMeter: rejected frames per second
+        self.linger_until = 0.0  # refused: its reads are discarded until EOF or this time, then closed
 
     @property
     def busy(self) -> bool:
@@ -92,376 +62,5 @@ class Connection:
         return self.held is not None or bool(self.chunks)
 
 
-class Reader(threading.Thread):
-    def __init__(self, n: int, config, topics: TopicTable, delivery: Delivery, stats: IngestStats,
-                 admission, cpus, payload_bytes: int, ack_default: int = ACK_STORED, on_acked=None):
-        super().__init__(name=f"es-tcp-reader-{n}", daemon=True)
-        self.config = config
-        self.topics = topics
-        self.delivery = delivery
-        self.stats = stats
-        self.admission = delivery.admission
-        self.cpus = cpus
-        self.payload_bytes = payload_bytes
-        self.ack_default = ack_default
-        self.on_acked = on_acked
-        self.incoming: collections.deque = collections.deque()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self.stopping = False
-        self.drain = True
-        self.conns: dict[int, Connection] = {}
-        self.open_count = 0
-        self._sel = selectors.DefaultSelector()
-        self._buf = bytearray(config.recv_bytes)
-        rate = config.rate_limit_events_per_s
-        self._rate = rate
-        self._burst = max(rate * 0.1, 1.0) if rate else 0.0
-        self.awaiting: set[Connection] = set()  # connections with chunks in flight
-        self.stalled: set[Connection] = set()  # connections holding records
-        self.throttled: set[Connection] = set()
-        self.want_nudge = False  # some chunk waits for a processor: nudge() should wake us
-        self._nudged = False  # a wake byte is on its way (at most one outstanding)
-        self.error: BaseException | None = None
-
-    # ---------------------------------------------------------------- called from other threads
-    def hand_over(self, sock: socket.socket, conn_id: int, peer) -> None:
-        self.incoming.append((sock, conn_id, peer))
-        self.wake()
-
-    def wake(self) -> None:
-        try:
-            self._wake_w.send(b"x")
-        except (BlockingIOError, OSError):
-            pass  # already awake (buffer full) or closing
-
-    def nudge(self) -> None:
-        """A completion watermark moved (a processor released a batch): wake up if we wait for one."""
-        if self.want_nudge and not self._nudged:
-            self._nudged = True
-            self.wake()
-
-    def request_stop(self, drain: bool) -> None:
-        self.drain = drain
-        self.stopping = True
-        self.wake()
-
-    # ---------------------------------------------------------------- the loop
-    def run(self) -> None:
-        pin_current_thread(self.cpus, self.name)
-        sel = self._sel
-        sel.register(self._wake_r, selectors.EVENT_READ, None)
-        next_idle_check = time.monotonic() + 1.0
-        try:
-            while not self.stopping:
-                timeout = 0.5
-                if self.stalled or self.throttled:
-                    timeout = HELD_RETRY_S if self.stalled else 0.01
-                for key, mask in sel.select(timeout):
-                    c = key.data
-                    if c is None:
-                        self._drain_wake()
-                        continue
-                    if mask & selectors.EVENT_WRITE and not c.closed:
-                        self._flush(c)
-                    if mask & selectors.EVENT_READ and not c.closed:
-                        self._read(c)
-                if self.stalled:
-                    for c in list(self.stalled):
-                        self._retry_held(c)
-                if self.awaiting:
-                    for c in list(self.awaiting):
-                        self._ack_due(c)
-                self.want_nudge = bool(self.awaiting)
-                if self.throttled:
-                    now = time.monotonic()
-                    for c in list(self.throttled):
-                        if c.closed or now >= c.resume_at:
-                            self.throttled.discard(c)
-                            c.resume_at = 0.0
-                            c.tokens = self._burst
-                            if not c.closed and c.held is None and not c.closing:
-                                self._interest(c, True)
-                if self.config.idle_timeout_s and time.monotonic() >= next_idle_check:
-                    next_idle_check = time.monotonic() + min(1.0, self.config.idle_timeout_s / 2)
-                    self._close_idle()
-        except Exception as exc:
-            self.error = exc
-            log.exception("reader_crashed", reader=self.name)
-        finally:
-            self._shutdown()
-
-    def _drain_wake(self) -> None:
-        self._nudged = False  # before looking at the watermarks: a later nudge sends a new byte
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except (BlockingIOError, OSError):
-            pass
-        if self.incoming:
-            self._accept_incoming()
-
-    def _accept_incoming(self) -> None:
-        now = time.monotonic()
-        while self.incoming:
-            sock, conn_id, peer = self.incoming.popleft()
-            sock.setblocking(False)
-            dec = FrameDecoder(self.topics, max_frame_bytes=self.config.max_frame_bytes,
-                               payload_bytes=self.payload_bytes, conn_id=conn_id, ack_default=self.ack_default)
-            c = Connection(sock, conn_id, peer, dec, now, self._burst)
-            self.conns[conn_id] = c
-            self.open_count += 1
-            self._sel.register(sock, selectors.EVENT_READ, c)
-
-    def _interest(self, c: Connection, reading: bool) -> None:
-        """Register what the selector should watch for `c`: reads (unless held/throttled), writes."""
-        if c.closed:
-            return
-        c.reading = reading
-        mask = (selectors.EVENT_READ if reading else 0) | (selectors.EVENT_WRITE if c.outbox else 0)
-        try:
-            if mask:
-                try:
-                    self._sel.modify(c.sock, mask, c)
-                except KeyError:
-                    self._sel.register(c.sock, mask, c)
-            else:
-                try:
-                    self._sel.unregister(c.sock)
-                except KeyError:
-                    pass
-        except (ValueError, OSError):
-            self._close(c, "socket_error")
-
-    def _read(self, c: Connection) -> None:
-        try:
-            n = c.sock.recv_into(self._buf)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._close(c, "reset", error=str(exc))
-            return
-        if n == 0:  # client half-closed (or closed): final ACK once everything read is complete
-            self._finish(c, "client_closed")
-            return
-        now = time.monotonic()
-        if self._rate:
-            c.tokens = min(self._burst, c.tokens + (now - c.last_active) * self._rate)
-        c.last_active = now
-        self.stats.bytes_received += n
-        data = memoryview(self._buf)[:n]
-        records, indices, errors = c.decoder.feed_indexed(data)
-        data.release()
-        if not c.v2 and (records["flags"].any() if len(records) else any(e.version == 2 for e in errors)):
-            c.v2 = True
-        fatal = errors[-1] if errors and errors[-1].fatal else None
-        if fatal is not None and fatal.version == 2:
-            c.v2 = True
-        d = self.delivery.deliver(records, indices, errors, c.conn_id, want_nacks=c.v2)
-        c.accepted += d.accepted
-        if c.v2:
-            if d.marks and not wants_completion(records["flags"]):
-                d.marks = []  # every frame asked for `accepted` (or is v1): complete once placed
-            c.open_marks.extend(d.marks)
-            c.open_nacks += d.nacks
-            if not c.open_ts and len(records):
-                c.open_ts = int(records["ingest_ts"][0])
-        if d.held is not None:
-            self._hold(c, d.held, d.held_indices)
-        else:
-            self._end_chunk(c)
-        if fatal is not None:
-            log.warning("framing_error", conn_id=c.conn_id, peer=str(c.peer), frame=fatal.index, reason=fatal.reason)
-            self._finish(c, "framing_error")
-            return
-        if self._rate:
-            c.tokens -= len(records) + len(errors)
-            if c.tokens < 0:
-                c.resume_at = time.monotonic() + (-c.tokens) / self._rate
-                self.throttled.add(c)
-                self._interest(c, False)
-
-    def _hold(self, c: Connection, held: np.ndarray, held_idx: np.ndarray) -> None:
-        c.held, c.held_idx = held, held_idx
-        if c not in self.stalled:
-            self.stalled.add(c)
-            self._interest(c, False)
-
-    def _retry_held(self, c: Connection) -> None:
-        if c.closed:
-            self.stalled.discard(c)
-            return
-        d = self.delivery.deliver(c.held, c.held_idx, [], c.conn_id, want_nacks=c.v2, retry=True)
-        c.accepted += d.accepted
-        if c.v2:
-            c.open_marks.extend(d.marks)
-            c.open_nacks += d.nacks
-        if d.held is not None:
-            c.held, c.held_idx = d.held, d.held_indices
-            return
-        c.held = c.held_idx = None
-        self.stalled.discard(c)
-        self._end_chunk(c)
-        if c.closing and not c.v2:
-            self._close(c, c.closing)
-        elif not c.closing and c not in self.throttled:
-            self._interest(c, True)
-
-    def _end_chunk(self, c: Connection) -> None:
-        """Everything read so far is placed: it becomes a chunk waiting for its marks."""
-        if not c.v2:
-            return
-        if c.open_marks or c.open_nacks or c.accepted != c.acked:
-            c.chunks.append((c.accepted, c.open_marks, c.open_nacks, c.open_ts))
-            c.open_marks, c.open_nacks, c.open_ts = [], b"", 0
-            self._ack_due(c)
-
-    def _ack_due(self, c: Connection) -> None:
-        """Send the NACKs and the cumulative ACK of every leading chunk that is complete."""
-        if c.closed:
-            self.awaiting.discard(c)
-            return
-        chunks = c.chunks
-        if chunks:
-            self.want_nudge = True  # before reading the marks: a release after this point wakes us
-        top = -1
-        nacks = []
-        done = []  # (events, decode ns) of the completed chunks
-        prev = c.acked
-        while chunks:
-            count, marks, nk, ts = chunks[0]
-            if marks and not marks_done(marks):
-                break
-            chunks.popleft()
-            if nk:
-                nacks.append(nk)
-            if count > prev and ts:
-                done.append((count - prev, ts))
-            prev = count
-            top = count
-        if top >= 0:
-            if top != c.acked:
-                nacks.append(encode_ack(top))
-                c.acked = top
-            self._write(c, b"".join(nacks))
-            if done and self.on_acked is not None:
-                now = time.monotonic_ns()
-                self.on_acked(np.repeat(np.array([now - ts for _, ts in done], dtype=np.int64),
-                                        [k for k, _ in done]))
-        if chunks:
-            self.awaiting.add(c)
-        else:
-            self.awaiting.discard(c)
-            if c.closing and c.held is None:
-                self._flush_blocking(c, 0.5)
-                self._close(c, c.closing)
-
-    def _finish(self, c: Connection, why: str) -> None:
-        """Stop reading `c`; close it once what it sent is placed and acknowledged."""
-        c.closing = why
-        self._interest(c, False)
-        if c.held is not None:
-            return  # closes once the held records went in (_retry_held)
-        if not c.v2:
-            self._close(c, why)
-            return
-        if c.held is None:
-            self._end_chunk(c)
-            self._ack_due(c)
-
-    def _write(self, c: Connection, data: bytes) -> None:
-        if c.closed or not data:
-            return
-        if c.outbox:
-            c.outbox += data
-        else:
-            try:
-                sent = c.sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                self._close(c, "reset")
-                return
-            if sent < len(data):
-                c.outbox += data[sent:]
-        if len(c.outbox) > MAX_OUTBOX_BYTES:
-            self._close(c, "not_reading_acks", outbox=len(c.outbox))
-        elif c.outbox:
-            self._interest(c, c.reading)
-
-    def _flush(self, c: Connection) -> None:
-        try:
-            sent = c.sock.send(c.outbox)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self._close(c, "reset")
-            return
-        del c.outbox[:sent]
-        if not c.outbox:
-            self._interest(c, c.reading)
-
-    def _flush_blocking(self, c: Connection, timeout: float) -> None:
-        if c.closed or not c.outbox:
-            return
-        try:
-            c.sock.settimeout(timeout)
-            c.sock.sendall(bytes(c.outbox))
-            c.outbox.clear()
-        except OSError:
-            pass
-
-    def _close_idle(self) -> None:
-        limit = time.monotonic() - self.config.idle_timeout_s
-        for c in [c for c in self.conns.values() if c.last_active < limit and not c.busy and not c.closing]:
-            self._close(c, "idle_timeout", idle_s=self.config.idle_timeout_s)
-
-    def _close(self, c: Connection, why: str, **kw) -> None:
-        if c.closed:
-            return
-        c.closed = True
-        self.awaiting.discard(c)
-        self.stalled.discard(c)
-        self.throttled.discard(c)
-        try:
-            self._sel.unregister(c.sock)
-        except (KeyError, ValueError, OSError):
-            pass
-        try:
-            c.sock.close()
-        except OSError:
-            pass
-        self.conns.pop(c.conn_id, None)
-        self.stats.connections_closed += 1
-        if why not in ("client_closed", "server_stop"):
-            log.info("connection_closed", conn_id=c.conn_id, reason=why, **kw)
-
-    def _shutdown(self) -> None:
-        """Stop reading everything; with `drain`, place what is held and send every ACK that becomes
-        due within one shared budget (the processors are still running), then close."""
-        self._accept_incoming()  # connections handed over but never registered are closed too
-        for c in list(self.conns.values()):
-            if not c.closing:
-                c.closing = "server_stop"
-                self._interest(c, False)
-        deadline = time.monotonic() + STOP_BUDGET_S
-        if self.drain:
-            while time.monotonic() < deadline and (self.stalled or self.awaiting):
-                for c in list(self.stalled):
-                    self._retry_held(c)
-                for c in list(self.conns.values()):
-                    if c.held is None:
-                        self._end_chunk(c)
-                    self._ack_due(c)
-                if self.stalled or self.awaiting:
-                    time.sleep(HELD_RETRY_S)
-        for c in list(self.conns.values()):
-            if c.held is not None:
-                log.warning("held_records_not_accepted_at_stop", conn_id=c.conn_id, records=len(c.held))
-            if self.drain:
-                self._flush_blocking(c, max(0.01, deadline - time.monotonic()))
-            self._close(c, "server_stop")
-        self._sel.close()
-        self._wake_r.close()
-        self._wake_w.close()
+def peer_ip(peer) -> str:
+    return peer[0] if isinstance(peer, tuple) and peer else str(peer)

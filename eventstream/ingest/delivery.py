@@ -34,7 +34,7 @@ class IngestStats:
     """Counters of one reader thread (single writer)."""
 
     __slots__ = ("frames_accepted", "frames_rejected", "backpressure_drops", "bytes_received",
-                 "connections_closed", "datagrams", "datagrams_bad", "holds")
+                 "connections_closed", "datagrams", "datagrams_bad", "holds", "limit_closes")
 
     def __init__(self):
         self.frames_accepted = 0
@@ -45,18 +45,22 @@ class IngestStats:
         self.datagrams = 0
         self.datagrams_bad = 0
         self.holds = 0  # times a connection's records were held (pushed back) instead of shed
+        self.limit_closes: Counter[str] = Counter()  # connections closed for a limit (limits.CLOSE_REASONS)
 
 
 def merge_stats(parts: list[IngestStats]) -> dict:
     rejected: Counter[str] = Counter()
+    limited: Counter[str] = Counter()
     for p in parts:
         rejected.update(dict(p.frames_rejected))
+        limited.update(dict(p.limit_closes))
     return {
         "frames_accepted": sum(p.frames_accepted for p in parts),
         "frames_rejected": dict(rejected),
         "backpressure_drops": sum(p.backpressure_drops for p in parts),
         "bytes_received": sum(p.bytes_received for p in parts),
         "holds": sum(p.holds for p in parts),
+        "connections_limited": dict(limited),
     }
 
 
@@ -91,10 +95,12 @@ class Delivery:
         return 4 if adm.paused else adm.min_priority
 
     def deliver(self, records: np.ndarray, indices: np.ndarray, errors: list[FrameError], conn_id: int,
-                *, want_nacks: bool, retry: bool = False) -> Delivered:
+                *, want_nacks: bool, retry: bool = False, report_errors: int | None = None) -> Delivered:
         """Offer `records` (frame `indices`); TCP holds what cannot go in now, UDP sheds it.
 
-        `retry`: these are held records offered again (already stamped, already counted)."""
+        `retry`: these are held records offered again (already stamped, already counted).
+        `report_errors`: how many of `errors` go to on_reject one by one (the rest are counted and
+        NACKed, and summarised later by report_suppressed; None = all)."""
         stats = self.stats
         dropped: list[tuple[np.ndarray, np.ndarray, str]] = []  # (records, indices, reason)
         marks: list = []
@@ -154,10 +160,23 @@ class Delivery:
             stats.frames_rejected[reason] += len(recs)
         for e in errors:
             stats.frames_rejected[e.error_class] += 1
-        if (dropped or errors) and self.on_reject is not None:
-            self._report(dropped, errors, conn_id)
+        reported = errors if report_errors is None else errors[:report_errors]
+        if (dropped or reported) and self.on_reject is not None:
+            self._report(dropped, reported, conn_id)
         nacks = _nacks(dropped, errors) if want_nacks and (dropped or errors) else b""
         return Delivered(accepted, marks, held, held_idx, nacks)
+
+    def report_suppressed(self, conn_id: int, n: int, limit_key: str, limit: int) -> None:
+        """One summary line for `n` rejected frames not reported one by one (limits.RejectMeter)."""
+        if not n or self.on_reject is None:
+            return
+        what = f"connection {conn_id}" if not self.udp else "the UDP socket"
+        reason = (f"rejects_limited: {n} more rejected frames from {what} within one second, not written "
+                  f"one by one ({limit_key}={limit})")
+        try:
+            self.on_reject(None, "", [Rejection(conn_id, 0, 0, "", -1, reason, False, 0, n)])
+        except Exception as exc:
+            log.error("on_reject_failed", error=repr(exc))
 
     def _report(self, dropped, errors, conn_id) -> None:
         rejections = [Rejection(conn_id, e.index, e.event_id, e.topic, e.priority, e.reason, e.fatal, e.version)

@@ -3,7 +3,12 @@
 The acceptor only accepts and hands sockets round-robin to readers (see connection.py for the reader
 loop, ACK/NACK and backpressure). Past max_connections one more connection is accepted and closed at
 once with a log line, so a client sees a clean close instead of a hanging SYN, and the service keeps
-running.
+running. The same holds past max_connections_per_ip connections from one address (limits.py).
+
+A reader or the acceptor that dies with an error is a failure of the whole service: failures() lists
+it (Service.failures(): /healthz, the threads_failed gauge, `eventstream serve` exits 1). Until the
+service stops, a dead reader is skipped: new connections go to the readers still running (none left:
+they are refused with a log line).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import itertools
 import selectors
 import socket
 import threading
+import time
 
 import structlog
 
@@ -20,8 +26,11 @@ from eventstream.config import TcpConfig
 from eventstream.core.records import ACK_STORED
 from eventstream.core.topics import TopicTable
 from eventstream.ingest.admission import Admission
-from eventstream.ingest.connection import Reader
+from eventstream.ingest.auth import TokenSet
 from eventstream.ingest.delivery import Delivery, IngestStats, merge_stats
+from eventstream.ingest.limits import REASON_PER_IP, PartialBudget, PeerLimit
+from eventstream.ingest.reader import Reader
+from eventstream.ingest.tls import server_context
 from eventstream.runtime.affinity import pin_current_thread
 
 log = structlog.get_logger("eventstream.ingest.tcp")
@@ -45,9 +54,11 @@ def bind_error(kind: str, key: str, host: str, port: int, exc: OSError) -> BindE
 class TcpServer:
     def __init__(self, config: TcpConfig, sink, topics: TopicTable, *, admission: Admission | None = None,
                  on_reject=None, cpus=None, reader_cpus=None, payload_bytes: int = 448,
-                 ack_default: int = ACK_STORED, on_acked=None):
-        """`ack_default`: the ACK mode of v2 frames that ask for none (core.records.ACK_*);
-        `on_acked(latencies_ns)`: decode-to-ACK latency of every event an ACK covered (metrics)."""
+                 ack_default: int = ACK_STORED, tokens: TokenSet | None = None, on_acked=None):
+        """`ack_default`: the ACK mode of v2 frames that ask for none (core.records.ACK_*); `tokens`:
+        the client tokens a connection must present in a HELLO (auth.py; None = no authentication).
+        TLS is on when config.tls.cert_file is set (tls.py). `on_acked(latencies_ns)`: decode-to-ACK
+        latency of every event an ACK covered (metrics)."""
         self.config = config
         self.sink = sink
         self.topics = topics
@@ -57,6 +68,7 @@ class TcpServer:
         self.reader_cpus = list(reader_cpus or [])
         self.payload_bytes = payload_bytes
         self.ack_default = ack_default
+        self.tokens = tokens
         self.on_acked = on_acked
         self._listener: socket.socket | None = None
         self._acceptor: threading.Thread | None = None
@@ -66,6 +78,11 @@ class TcpServer:
         self._wake_r, self._wake_w = socket.socketpair()
         self.connections_total = 0
         self.connections_refused = 0
+        self.acceptor_error: BaseException | None = None
+        self.peer_limit = PeerLimit(config.max_connections_per_ip)
+        self.budget = PartialBudget(config.max_partial_bytes)
+        self.refused_per_ip = 0
+        self._last_refusal_log = 0.0
         self._address: tuple[str, int] | None = None
 
     @property
@@ -75,7 +92,10 @@ class TcpServer:
         return self._address
 
     def start(self) -> TcpServer:
+        """Bind and start the threads. Raises BindError, or TlsConfigError (a ValueError naming the
+        key) when the certificate or key cannot be loaded."""
         cfg = self.config
+        tls = server_context(cfg.tls.cert_file, cfg.tls.key_file) if cfg.tls.cert_file else None
         sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -91,13 +111,16 @@ class TcpServer:
             stats = IngestStats()
             delivery = Delivery(self.sink, self.admission, self.on_reject, stats)
             r = Reader(n, cfg, self.topics, delivery, stats, self.admission, self.reader_cpus, self.payload_bytes,
-                       self.ack_default, self.on_acked)
+                       self.ack_default, peer_limit=self.peer_limit, budget=self.budget, tokens=self.tokens,
+                       tls=tls, on_acked=self.on_acked)
             self._stats.append(stats)
             self._readers.append(r)
+            self.budget.readers.append(r)
             r.start()
         self._acceptor = threading.Thread(target=self._accept_loop, name="es-tcp-acceptor", daemon=True)
         self._acceptor.start()
-        log.info("tcp_listening", host=self._address[0], port=self._address[1], readers=cfg.readers)
+        log.info("tcp_listening", host=self._address[0], port=self._address[1], readers=cfg.readers,
+                 tls=tls is not None, auth=self.tokens is not None)
         return self
 
     def progress(self) -> None:
@@ -112,8 +135,19 @@ class TcpServer:
         return [t for t in (self._acceptor, *self._readers) if t is not None]
 
     def failures(self) -> list[str]:
-        """Reader threads that died with an error."""
-        return [f"{r.name}: {r.error!r}" for r in self._readers if r.error is not None]
+        """Reader and acceptor threads that died with an error."""
+        out = [f"{r.name}: {r.error!r}" for r in self._readers if r.error is not None]
+        if self.acceptor_error is not None:
+            out.append(f"es-tcp-acceptor: {self.acceptor_error!r}")
+        return out
+
+    def _next_reader(self, rr) -> Reader | None:
+        """The next reader in round-robin order that is still running (None: every reader died)."""
+        for _ in range(len(self._readers)):
+            r = next(rr)
+            if r.error is None and r.is_alive():
+                return r
+        return None
 
     def _open_connections(self) -> int:
         return self.connections_total - sum(s.connections_closed for s in self._stats)
@@ -144,11 +178,36 @@ class TcpServer:
                                         max_connections=self.config.max_connections)
                             conn.close()
                             continue
+                        if not self.peer_limit.admit(peer[0]):
+                            self._refuse_per_ip(conn, peer)
+                            continue
+                        reader = self._next_reader(rr)
+                        if reader is None:
+                            self.connections_refused += 1
+                            log.error("connection_refused", peer=str(peer), reason="no_reader_running")
+                            self.peer_limit.release(peer[0])
+                            conn.close()
+                            continue
                         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                         self.connections_total += 1
-                        next(rr).hand_over(conn, next(ids) & 0xFFFFFFFF, peer)
+                        reader.hand_over(conn, next(ids) & 0xFFFFFFFF, peer)
+        except Exception as exc:
+            self.acceptor_error = exc
+            log.exception("acceptor_crashed")
         finally:
             sel.close()
+
+    def _refuse_per_ip(self, conn: socket.socket, peer) -> None:
+        """One address has max_connections_per_ip open: close this one at once (a log line at most
+        once a second: a client retrying in a loop must not flood the log)."""
+        self.connections_refused += 1
+        self.refused_per_ip += 1
+        conn.close()
+        now = time.monotonic()
+        if now - self._last_refusal_log >= 1.0:
+            self._last_refusal_log = now
+            log.warning("connection_refused", peer=str(peer), reason=REASON_PER_IP,
+                        max_connections_per_ip=self.config.max_connections_per_ip, refused_total=self.refused_per_ip)
 
     def stop(self, drain: bool = True, timeout: float = 5.0) -> None:
         """Stop accepting; readers send final ACKs (drain) and close every connection."""
@@ -176,7 +235,9 @@ class TcpServer:
     def statistics(self) -> dict:
         out = merge_stats(self._stats)
         out.update(connections_open=max(0, self._open_connections()), connections_total=self.connections_total,
-                   connections_refused=self.connections_refused)
+                   connections_refused=self.connections_refused, partial_bytes=self.budget.total())
+        if self.refused_per_ip:
+            out["connections_limited"][REASON_PER_IP] = self.refused_per_ip
         return out
 
     def __enter__(self) -> TcpServer:

@@ -12,6 +12,9 @@ recvmmsg is unavailable, a loop of socket.recvmsg_into fills the same buffers.
 
 Backpressure while paused: the UDP reader keeps reading and rejects with reason "paused" (see
 admission.py for why).
+
+The reader thread dying with an error is a failure of the service: failures() lists it
+(Service.failures(): /healthz, the threads_failed gauge, `eventstream serve` exits 1).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from eventstream.config import UdpConfig
 from eventstream.core.topics import TopicTable
 from eventstream.ingest.admission import Admission
 from eventstream.ingest.delivery import Delivery, IngestStats, merge_stats
+from eventstream.ingest.limits import RejectMeter
 from eventstream.ingest.tcp import bind_error
 from eventstream.protocol.decoder import FrameDecoder, FrameError, decode_frames
 from eventstream.protocol.framing import scan
@@ -136,6 +140,8 @@ class UdpServer:
         self._stopping = threading.Event()
         self._address: tuple[str, int] | None = None
         self._ready = threading.Event()
+        self.error: BaseException | None = None
+        self.meter = RejectMeter(config.max_rejects_per_s, time.monotonic())
 
     @property
     def address(self) -> tuple[str, int]:
@@ -195,7 +201,8 @@ class UdpServer:
                                     total_bad=self.stats.datagrams_bad)
                     if n < rx.batch:
                         break
-        except Exception:
+        except Exception as exc:
+            self.error = exc
             log.exception("udp_reader_crashed")
         finally:
             sel.close()
@@ -234,7 +241,12 @@ class UdpServer:
                 while consumed < len(offs) and owner[consumed] == dgram:
                     consumed += 1
                 dec.frames_seen += consumed - first
-            self.delivery.deliver(records, indices, errors, UDP_CONN_ID, want_nacks=False)
+            report = None
+            if errors:
+                report, ended = self.meter.admit(len(errors), len(records), time.monotonic())
+                if ended:
+                    self.delivery.report_suppressed(UDP_CONN_ID, ended, "server.udp.max_rejects_per_s", self.meter.limit)
+            self.delivery.deliver(records, indices, errors, UDP_CONN_ID, want_nacks=False, report_errors=report)
             first = consumed
         stats.datagrams_bad += len(bad)
         stats.datagrams += n  # last: a reader of statistics() that sees the datagrams sees their outcome
@@ -243,6 +255,10 @@ class UdpServer:
     def threads(self) -> list[threading.Thread]:
         """The reader thread (for health checks)."""
         return [self._thread] if self._thread is not None else []
+
+    def failures(self) -> list[str]:
+        """The reader thread, if it died with an error."""
+        return [f"es-udp: {self.error!r}"] if self.error is not None else []
 
     def stop(self, drain: bool = True, timeout: float = 5.0) -> None:
         """Stop reading; datagrams already received are decoded before the thread exits."""
@@ -253,6 +269,8 @@ class UdpServer:
                 log.error("udp_reader_did_not_stop", timeout_s=timeout)
         if self._sock is not None:
             self._sock.close()
+        self.delivery.report_suppressed(UDP_CONN_ID, self.meter.take_suppressed(), "server.udp.max_rejects_per_s",
+                                        self.meter.limit)
         log.info("udp_stopped", **self.statistics())
 
     def statistics(self) -> dict:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from eventstream.core.records import FLAG_ACK_SHIFT, FLAG_V2, record_dtype
-from eventstream.core.topics import TopicTable
+from eventstream.core.topics import TopicLimitError, TopicTable
 from eventstream.protocol.framing import SMALL_BATCH, scan
 from eventstream.protocol.frames import (
     DEFAULT_MAX_FRAME_BYTES, KIND_EVENT, KIND_NAMES, LENGTH_BYTES, MAX_PRIORITY, MAX_TOPIC_BYTES,
@@ -30,6 +30,7 @@ from eventstream.protocol.frames import (
 )
 
 _EMPTY_INDICES = np.zeros(0, dtype=np.uint64)
+TOPIC_REFUSED = 0xFFFFFFFF  # topic_id() of a new topic past the table's bound (never a real id)
 
 
 @dataclass(slots=True)
@@ -44,6 +45,7 @@ class FrameError:
     priority: int = -1  # -1 = not parsed
     version: int = 0  # 0 = not parsed
     error_class: str = "framing"  # framing | topic_len | kind | priority | payload_too_large | topic_utf8 | crc
+    #                               | too_many_topics
 
 
 class FrameDecoder:
@@ -67,6 +69,7 @@ class FrameDecoder:
         self.failed = False
         self._buf = bytearray()
         self._topic_cache: dict[bytes, int] = {}
+        self.topic_limit_reason = ""
 
     @property
     def buffered(self) -> int:
@@ -110,7 +113,8 @@ class FrameDecoder:
 
     # topic interning with a per-decoder cache (one dict lookup per distinct topic per batch)
     def topic_id(self, name: bytes) -> int:
-        """Topic id for `name`, or 0 when it is not UTF-8."""
+        """Topic id for `name`, 0 when it is not UTF-8, TOPIC_REFUSED when it is new and the topic
+        table is full (not cached: the answer is the same until restart, but the cache is for hits)."""
         tid = self._topic_cache.get(name)
         if tid is None:
             try:
@@ -118,14 +122,18 @@ class FrameDecoder:
             except UnicodeDecodeError:
                 tid = 0
             else:
-                tid = self.topics.intern(name)
+                try:
+                    tid = self.topics.intern(name)
+                except TopicLimitError as exc:
+                    self.topic_limit_reason = str(exc)
+                    return TOPIC_REFUSED
             if len(self._topic_cache) < 4096:
                 self._topic_cache[name] = tid
         return tid
 
 
 # content-error codes (0 = fine)
-_OK, _E_TOPIC_LEN, _E_KIND, _E_PRIORITY, _E_TOO_LARGE, _E_UTF8, _E_CRC, _E_SHORT = range(8)
+_OK, _E_TOPIC_LEN, _E_KIND, _E_PRIORITY, _E_TOO_LARGE, _E_UTF8, _E_CRC, _E_SHORT, _E_TOPICS = range(9)
 
 
 def decode_frames(dec: FrameDecoder, src, offs: list[int], lens: list[int], first_index: int,
@@ -251,7 +259,7 @@ def _decode_small(dec: FrameDecoder, src, offs: list[int], lens: list[int], firs
             if prio > MAX_PRIORITY or not 0 < tl <= MAX_TOPIC_BYTES or not 0 <= plen <= cap:
                 return None
             tid = dec.topic_id(bytes(mv[t0:t0 + tl]))
-            if not tid or (flags and zlib.crc32(mv[t0:end]) != crc):
+            if not tid or tid == TOPIC_REFUSED or (flags and zlib.crc32(mv[t0:end]) != crc):
                 return None
             base = i * size
             _RECORD_HEAD.pack_into(buf, base, eid, pts, ts, 0, tid, conn, plen, crc, prio, flags, 0)
@@ -277,7 +285,9 @@ def _fill_topics(dec, arr, rec, err, okidx, tstart, tlen) -> None:
     rows[cols >= tl[:, None]] = 0
     if (tl == tl[0]).all() and (rows == rows[0]).all():
         tid = dec.topic_id(rows[0, : int(tl[0])].tobytes())
-        if tid:
+        if tid == TOPIC_REFUSED:
+            err[okidx] = _E_TOPICS
+        elif tid:
             rec["topic_id"][okidx] = tid
         else:
             err[okidx] = _E_UTF8
@@ -290,8 +300,11 @@ def _fill_topics(dec, arr, rec, err, okidx, tstart, tlen) -> None:
         b = bytes(u)
         ids[k] = dec.topic_id(b[: int.from_bytes(b[-2:], "big")])
     tids = ids[inverse.ravel()]
+    refused = tids == TOPIC_REFUSED
+    tids[refused] = 0
     rec["topic_id"][okidx] = tids
     err[okidx[tids == 0]] = _E_UTF8
+    err[okidx[refused]] = _E_TOPICS
 
 
 def _copy_payloads(arr: np.ndarray, out: np.ndarray, pstart: np.ndarray, pl: np.ndarray) -> None:
@@ -331,6 +344,8 @@ def _describe(dec, arr, j, index, code, rec, v2, kind, tstart, tlen, plen, lengt
         reason = "topic is not valid UTF-8"
     elif code == _E_CRC:
         reason = "crc32 mismatch (zlib.crc32 of topic bytes then payload bytes)"
+    elif code == _E_TOPICS:
+        reason = dec.topic_limit_reason or "too_many_topics"
     else:
         reason = (f"frame length {int(length[j])} is too short for its v{version} header and topic_len {tl} "
                   f"(needs >= {(V2_HEADER_BYTES if version == 2 else V1_HEADER_BYTES) + tl})")
@@ -339,4 +354,4 @@ def _describe(dec, arr, j, index, code, rec, v2, kind, tstart, tlen, plen, lengt
 
 
 _CLASSES = {_E_TOPIC_LEN: "topic_len", _E_KIND: "kind", _E_PRIORITY: "priority", _E_TOO_LARGE: "payload_too_large",
-            _E_UTF8: "topic_utf8", _E_CRC: "crc", _E_SHORT: "framing"}
+            _E_UTF8: "topic_utf8", _E_CRC: "crc", _E_SHORT: "framing", _E_TOPICS: "too_many_topics"}

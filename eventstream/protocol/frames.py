@@ -18,8 +18,9 @@ import numpy as np
 
 LENGTH_BYTES = 4
 V2_MAGIC = 0xE5
-KIND_EVENT, KIND_ACK, KIND_NACK = 1, 2, 3
-KIND_NAMES = {KIND_EVENT: "EVENT", KIND_ACK: "ACK", KIND_NACK: "NACK"}
+KIND_EVENT, KIND_ACK, KIND_NACK, KIND_HELLO = 1, 2, 3, 4
+KIND_NAMES = {KIND_EVENT: "EVENT", KIND_ACK: "ACK", KIND_NACK: "NACK", KIND_HELLO: "HELLO"}
+MAX_TOKEN_BYTES = 1024  # a HELLO's payload (the client's token)
 MAX_PRIORITY = 4
 MAX_TOPIC_BYTES = 255
 V1_HEADER_BYTES = 3  # priority, topic_len
@@ -117,6 +118,43 @@ def encode_many(version: int, topic: str | bytes, payloads: Sequence[bytes], pri
         return b"".join(encode_v1(topic, p, pr) for p, pr in zip(payloads, prios))
     ids = event_ids if event_ids is not None else [0] * len(payloads)
     return b"".join(encode_v2(topic, p, pr, e, timestamp_ns) for p, pr, e in zip(payloads, prios, ids))
+
+
+def encode_hello(token: str | bytes) -> bytes:
+    """Client -> server, first frame of a TCP connection: the shared token (docs/protocol.md, HELLO)."""
+    t = token.encode("utf-8") if isinstance(token, str) else bytes(token)
+    if len(t) > MAX_TOKEN_BYTES:
+        raise EncodeError(f"token of {len(t)} bytes is not allowed; allowed: 0..{MAX_TOKEN_BYTES} bytes")
+    return V2_HEAD.pack(V2_HEADER_BYTES + len(t), V2_MAGIC, KIND_HELLO, 0, 0, 0, 0, 0, zlib.crc32(t)) + t
+
+
+HELLO_NEED_MORE, HELLO_ABSENT = "need_more", "absent"
+
+
+def parse_hello(buf) -> tuple[str, int, bytes]:
+    """Look for a HELLO frame at the start of `buf` (the first bytes of a connection).
+
+    Returns (status, consumed, token): status HELLO_NEED_MORE (too few bytes to tell), HELLO_ABSENT
+    (the first frame is something else: consumed 0), "ok" (a HELLO of `consumed` bytes carrying
+    `token`), or a reason text starting with "auth:" (a malformed HELLO)."""
+    n = len(buf)
+    if n < LENGTH_BYTES + 2:
+        return HELLO_NEED_MORE, 0, b""
+    if buf[LENGTH_BYTES] != V2_MAGIC or buf[LENGTH_BYTES + 1] != KIND_HELLO:
+        return HELLO_ABSENT, 0, b""
+    (length,) = LENGTH.unpack_from(buf, 0)
+    if not V2_HEADER_BYTES <= length <= V2_HEADER_BYTES + MAX_TOKEN_BYTES:
+        return (f"auth: HELLO length {length} is not allowed; allowed: {V2_HEADER_BYTES}.."
+                f"{V2_HEADER_BYTES + MAX_TOKEN_BYTES}"), 0, b""
+    if n < LENGTH_BYTES + length:
+        return HELLO_NEED_MORE, 0, b""
+    _l, _m, _k, _p, _f, _eid, _ts, tlen, crc = V2_HEAD.unpack_from(buf, 0)
+    token = bytes(buf[LENGTH_BYTES + V2_HEADER_BYTES:LENGTH_BYTES + length])
+    if tlen != 0:
+        return f"auth: HELLO topic_len {tlen} is not allowed; allowed: 0", 0, b""
+    if zlib.crc32(token) != crc:
+        return "auth: HELLO crc32 mismatch (zlib.crc32 of the token)", 0, b""
+    return "ok", LENGTH_BYTES + length, token
 
 
 def split_control_frames(buf: bytearray) -> list[tuple[int, int, bytes]]:

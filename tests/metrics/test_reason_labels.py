@@ -116,7 +116,10 @@ def test_service_rejects_with_distinct_numbers_keep_labels_fixed(tmp_path: Path)
     n = 10_000
     cfg = load_config(environ={}, overrides={
         "server.tcp.port": 0, "server.udp.enabled": False, "metrics.port": 0,
-        "storage.data_dir": str(tmp_path / "data"), "records.payload_bytes": 64})
+        "storage.data_dir": str(tmp_path / "data"), "records.payload_bytes": 64,
+        # every reject written one by one, and the connection kept (only rejects past the limit would
+        # be summarised in one line and the connection closed: tests/ingest/test_ingest_reject_limit.py)
+        "server.tcp.max_rejects_per_s": 1_000_000})
     with Service(cfg) as svc:
         # v1 frames (no NACKs to read back): header only, topic_len 256.. (not allowed, not fatal)
         data = b"".join(V1_HEAD.pack(3, 2, 256 + i) for i in range(n))

@@ -1,0 +1,456 @@
+"""TCP reader thread: many connections on one selector, decode, deliver, ACK/NACK as watermarks.
+
+(Per-connection state: connection.py; ACK/NACK writing: acks.py; enforcing limits and the preamble:
+guard.py; the limits' shared state: limits.py.)
+
+Each connection is owned by exactly one reader thread for its whole life, so its decoder, counters and
+outbox need no locks. New connections arrive from the acceptor through a deque plus a wake-up socket.
+
+ACKs are watermarks, never timers (v2 connections: once a v2 frame has been seen). Each read becomes
+a *chunk*: the cumulative accepted count after it, the completion marks of its records (ring, end:
+done once ``ring.completed() >= end``, i.e. the processor handled, stored or dead-lettered them and
+released them) and the NACKs of its rejected frames. Chunks complete in order; when the head chunks
+are complete their NACKs and one cumulative ACK go out together. Records whose ACK mode is
+`accepted` carry no marks, so their chunk completes as soon as it is placed. Processors call
+`nudge()` after each released batch; a reader with chunks in flight wakes up (one byte on its wake
+socket, at most one outstanding) and sends whatever became due: an idle connection's ACK leaves
+right after its event is stored, a busy one's ACKs are coalesced by what is ready.
+
+Limits (limits.py): each connection's partial-frame bytes are accounted in the reader's total and the
+server's PartialBudget; a partial frame that makes no progress to its end within frame_timeout_s
+closes the connection (slowloris), unless the connection is held or throttled (we stopped reading it,
+so it cannot progress: its clock restarts when reading resumes). Closing releases the peer's slot in
+PeerLimit. Past max_rejects_per_s rejects in a second, a connection's rejects are summarised
+(RejectMeter), and one that sends nothing valid is closed.
+
+Before its events: with TLS (tls.py) the handshake is driven by this loop; then the first frame goes
+through the connection's Preamble (preamble.py: an optional HELLO, required with client tokens). A
+refused connection gets NACK(0, "auth: ...") and is half-closed, its further bytes discarded until
+EOF (LINGER_S at most), so a reset cannot destroy the NACK. Both are timed like a partial frame.
+
+Backpressure: records the queues cannot take now (or that the control plane does not admit now) are
+held by the connection, which stops reading until they went in, so TCP flow control pushes back on
+the client; nothing the engine could take later is shed. On client half-close, and on a draining
+stop, the final ACK goes out once everything read is complete.
+"""
+
+from __future__ import annotations
+
+import collections
+import selectors
+import socket
+import ssl
+import threading
+import time
+
+import numpy as np
+import structlog
+
+from eventstream.core.records import ACK_ACCEPTED, ACK_STORED, FLAG_ACK_MASK, FLAG_ACK_SHIFT
+from eventstream.core.topics import TopicTable
+from eventstream.ingest.acks import WOULD_BLOCK, Acknowledger
+from eventstream.ingest.auth import TokenSet
+from eventstream.ingest.connection import Connection, peer_ip
+from eventstream.ingest.delivery import Delivery, IngestStats
+from eventstream.ingest.guard import Guard
+from eventstream.ingest.limits import (REASON_AUTH, REASON_PARTIAL_BYTES, REASON_TOO_MANY_REJECTS, PartialBudget,
+                                       PeerLimit, RejectMeter)
+from eventstream.ingest.preamble import Preamble
+from eventstream.protocol.decoder import FrameDecoder
+from eventstream.runtime.affinity import pin_current_thread
+
+log = structlog.get_logger("eventstream.ingest.tcp")
+
+HELD_RETRY_S = 0.001  # how often held records are offered again (only while a queue is full)
+STOP_BUDGET_S = 4.0  # a draining stop waits at most this long for held records and final ACKs
+_STRONGER_THAN_ACCEPTED = ACK_ACCEPTED << FLAG_ACK_SHIFT
+
+
+def wants_completion(flags: np.ndarray) -> bool:
+    """Does any record ask for more than `accepted` (stored or synced)?"""
+    if len(flags) <= 8:  # the common small read: plain ints beat numpy temporaries
+        return any((f & FLAG_ACK_MASK) > _STRONGER_THAN_ACCEPTED for f in flags.tolist())
+    return bool(((flags & FLAG_ACK_MASK) > _STRONGER_THAN_ACCEPTED).any())
+
+class Reader(Guard, Acknowledger, threading.Thread):
+    def __init__(self, n: int, config, topics: TopicTable, delivery: Delivery, stats: IngestStats,
+                 admission, cpus, payload_bytes: int, ack_default: int = ACK_STORED, *,
+                 peer_limit: PeerLimit | None = None, budget: PartialBudget | None = None,
+                 tokens: TokenSet | None = None, tls: ssl.SSLContext | None = None, on_acked=None):
+        super().__init__(name=f"es-tcp-reader-{n}", daemon=True)
+        self.config = config
+        self.topics = topics
+        self.delivery = delivery
+        self.stats = stats
+        self.admission = delivery.admission
+        self.cpus = cpus
+        self.payload_bytes = payload_bytes
+        self.on_acked = on_acked  # callable(latencies_ns): decode-to-ACK of every event an ACK covers
+        self.ack_default = ack_default
+        self.incoming: collections.deque = collections.deque()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.stopping = False
+        self.drain = True
+        self.conns: dict[int, Connection] = {}
+        self.open_count = 0
+        self._sel = selectors.DefaultSelector()
+        self._buf = bytearray(config.recv_bytes)
+        rate = config.rate_limit_events_per_s
+        self._rate = rate
+        self._burst = max(rate * 0.1, 1.0) if rate else 0.0
+        self.awaiting: set[Connection] = set()  # connections with chunks in flight
+        self.stalled: set[Connection] = set()  # connections holding records
+        self.throttled: set[Connection] = set()
+        self.want_nudge = False  # some chunk waits for a processor: nudge() should wake us
+        self._nudged = False  # a wake byte is on its way (at most one outstanding)
+        self.error: BaseException | None = None
+        self.peer_limit = peer_limit
+        self.budget = budget
+        self.partial_bytes = 0  # sum of this reader's connections' partial frames (read by other readers)
+        self.evictions: collections.deque = collections.deque()  # conn ids other readers want closed
+        self.finished = False  # the loop ended: nothing handed over from now on is served
+        self.tokens = tokens
+        self.tls = tls
+        self.tls_pending: set[Connection] = set()  # TLS connections with decrypted bytes not read yet
+
+    # ---------------------------------------------------------------- called from other threads
+    def hand_over(self, sock: socket.socket, conn_id: int, peer) -> None:
+        self.incoming.append((sock, conn_id, peer))
+        if self.finished:  # lost the race with _shutdown: nobody reads this deque any more
+            self._refuse_incoming()
+            return
+        self.wake()
+
+    def _refuse_incoming(self) -> None:
+        while True:
+            try:
+                sock, _conn_id, peer = self.incoming.popleft()
+            except IndexError:
+                return
+            try:
+                sock.close()
+            except OSError:
+                pass
+            self.stats.connections_closed += 1
+            if self.peer_limit is not None:
+                self.peer_limit.release(peer_ip(peer))
+
+    def wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except (BlockingIOError, OSError):
+            pass  # already awake (buffer full) or closing
+
+    def evict(self, conn_id: int) -> None:
+        """Another reader found our connection `conn_id` holding the largest partial frame while the
+        server is over max_partial_bytes: close it (if still so) from our own thread."""
+        self.evictions.append(conn_id)
+        self.wake()
+
+    def nudge(self) -> None:
+        """A completion watermark moved (a processor released a batch): wake up if we wait for one."""
+        if self.want_nudge and not self._nudged:
+            self._nudged = True
+            self.wake()
+
+    def request_stop(self, drain: bool) -> None:
+        self.drain = drain
+        self.stopping = True
+        self.wake()
+
+    # ---------------------------------------------------------------- the loop
+    def run(self) -> None:
+        pin_current_thread(self.cpus, self.name)
+        sel = self._sel
+        sel.register(self._wake_r, selectors.EVENT_READ, None)
+        next_idle_check = next_frame_check = time.monotonic() + 1.0
+        frame_timeout = self.config.frame_timeout_s
+        try:
+            while not self.stopping:
+                timeout = 0.5
+                if self.stalled or self.throttled:
+                    timeout = HELD_RETRY_S if self.stalled else 0.01
+                if self.tls_pending:
+                    timeout = 0.0
+                    for c in list(self.tls_pending):
+                        self.tls_pending.discard(c)
+                        if not c.closed and c.reading:
+                            self._read(c)
+                for key, mask in sel.select(timeout):
+                    c = key.data
+                    if c is None:
+                        self._drain_wake()
+                        continue
+                    if c.handshaking:
+                        if not c.closed:
+                            self._handshake(c)
+                        continue
+                    if mask & selectors.EVENT_WRITE and not c.closed:
+                        self._flush(c)
+                    if mask & selectors.EVENT_READ and not c.closed:
+                        self._read(c)
+                if self.stalled:
+                    for c in list(self.stalled):
+                        self._retry_held(c)
+                if self.awaiting:
+                    for c in list(self.awaiting):
+                        self._ack_due(c)
+                self.want_nudge = bool(self.awaiting)
+                if self.throttled:
+                    now = time.monotonic()
+                    for c in list(self.throttled):
+                        if c.closed or now >= c.resume_at:
+                            self.throttled.discard(c)
+                            c.resume_at = 0.0
+                            c.tokens = self._burst
+                            if not c.closed and c.held is None and not c.closing:
+                                c.partial_since = now  # it could not progress while throttled
+                                self._interest(c, True)
+                if time.monotonic() >= next_frame_check:
+                    next_frame_check = time.monotonic() + min(1.0, (frame_timeout or 4.0) / 4)
+                    if frame_timeout:
+                        self._close_stalled_frames(frame_timeout)
+                    self._close_lingering()
+                if self.config.idle_timeout_s and time.monotonic() >= next_idle_check:
+                    next_idle_check = time.monotonic() + min(1.0, self.config.idle_timeout_s / 2)
+                    self._close_idle()
+        except Exception as exc:
+            self.error = exc
+            log.exception("reader_crashed", reader=self.name)
+        finally:
+            self._shutdown()
+
+    def _drain_wake(self) -> None:
+        self._nudged = False  # before looking at the watermarks: a later nudge sends a new byte
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        if self.incoming:
+            self._accept_incoming()
+        while self.evictions:
+            c = self.conns.get(self.evictions.popleft())
+            if c is not None and c.partial and self.budget is not None and self.budget.over():
+                self._close_limited(c, REASON_PARTIAL_BYTES, partial_bytes=c.partial,
+                                    max_partial_bytes=self.budget.limit)
+
+    def _accept_incoming(self) -> None:
+        now = time.monotonic()
+        while self.incoming:
+            sock, conn_id, peer = self.incoming.popleft()
+            sock.setblocking(False)
+            if self.tls is not None:
+                try:
+                    sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+                except (ssl.SSLError, OSError) as exc:
+                    log.info("connection_closed", conn_id=conn_id, reason="tls_error", error=str(exc))
+                    sock.close()
+                    self.stats.connections_closed += 1
+                    if self.peer_limit is not None:
+                        self.peer_limit.release(peer_ip(peer))
+                    continue
+            dec = FrameDecoder(self.topics, max_frame_bytes=self.config.max_frame_bytes,
+                               payload_bytes=self.payload_bytes, conn_id=conn_id, ack_default=self.ack_default)
+            c = Connection(sock, conn_id, peer, dec, now, self._burst)
+            c.preamble = Preamble(self.tokens)
+            c.meter = RejectMeter(self.config.max_rejects_per_s, now)
+            c.partial_since = now  # the handshake and the HELLO are timed like a partial frame
+            c.handshaking = self.tls is not None
+            self.conns[conn_id] = c
+            self.open_count += 1
+            self._sel.register(sock, selectors.EVENT_READ, c)
+
+    def _interest(self, c: Connection, reading: bool) -> None:
+        """Register what the selector should watch for `c`: reads (unless held/throttled), writes."""
+        if c.closed:
+            return
+        c.reading = reading
+        mask = (selectors.EVENT_READ if reading else 0) | (selectors.EVENT_WRITE if c.outbox else 0)
+        try:
+            if mask:
+                try:
+                    self._sel.modify(c.sock, mask, c)
+                except KeyError:
+                    self._sel.register(c.sock, mask, c)
+            else:
+                try:
+                    self._sel.unregister(c.sock)
+                except KeyError:
+                    pass
+        except (ValueError, OSError):
+            self._close(c, "socket_error")
+
+    def _read(self, c: Connection) -> None:
+        try:
+            n = c.sock.recv_into(self._buf)
+        except WOULD_BLOCK:
+            return
+        except OSError as exc:
+            self._close(c, "reset", error=str(exc))
+            return
+        if c.linger_until:  # refused: discard, close at EOF
+            if n == 0 or time.monotonic() > c.linger_until:
+                self._close(c, REASON_AUTH, quiet=True)
+            return
+        if n == 0:  # client half-closed (or closed): final ACK once everything read is complete
+            self._finish(c, "client_closed")
+            return
+        now = time.monotonic()
+        if self._rate:
+            c.tokens = min(self._burst, c.tokens + (now - c.last_active) * self._rate)
+        c.last_active = now
+        self.stats.bytes_received += n
+        if self.tls is not None and c.sock.pending():
+            self.tls_pending.add(c)  # decrypted bytes the selector cannot see: read them next round
+        data = memoryview(self._buf)[:n]
+        if c.preamble is not None:
+            rest, refusal = c.preamble.feed(data)
+            data.release()
+            if refusal:
+                self._refuse(c, refusal)
+                return
+            if rest is None:
+                return
+            c.preamble = None
+            c.partial_since = now
+            data = memoryview(rest)
+        records, indices, errors = c.decoder.feed_indexed(data)
+        data.release()
+        # a v2 frame in this read, accepted or rejected, makes it a v2 connection before the NACKs of
+        # this read are built (a v1 record next to a rejected v2 frame must not hide its NACK)
+        if not c.v2 and ((len(records) and records["flags"].any()) or any(e.version == 2 for e in errors)):
+            c.v2 = True
+        fatal = errors[-1] if errors and errors[-1].fatal else None
+        if fatal is not None and fatal.version == 2:
+            c.v2 = True
+        report = None
+        if errors:
+            report, ended = c.meter.admit(len(errors), len(records), now)
+            if ended:
+                self.delivery.report_suppressed(c.conn_id, ended, "server.tcp.max_rejects_per_s", c.meter.limit)
+        elif len(records):
+            c.meter.good += len(records)
+        d = self.delivery.deliver(records, indices, errors, c.conn_id, want_nacks=c.v2, report_errors=report)
+        c.accepted += d.accepted
+        if c.v2:
+            if d.marks and not wants_completion(records["flags"]):
+                d.marks = []  # every frame asked for `accepted` (or is v1): complete once placed
+            c.open_marks.extend(d.marks)
+            c.open_nacks += d.nacks
+            if not c.open_ts and len(records):
+                c.open_ts = int(records["ingest_ts"][0])
+        if d.held is not None:
+            self._hold(c, d.held, d.held_indices)
+        else:
+            self._end_chunk(c)
+        buffered = c.decoder.buffered  # after delivery: closing c for the budget keeps this read's events
+        if buffered or c.partial:
+            self._account_partial(c, buffered, bool(len(records) or errors), now)
+            if c.closed:
+                return
+        if fatal is not None:
+            log.warning("framing_error", conn_id=c.conn_id, peer=str(c.peer), frame=fatal.index, reason=fatal.reason)
+            self._finish(c, "framing_error")
+            return
+        if errors and c.meter.garbage_only and not c.closing:
+            self.stats.limit_closes[REASON_TOO_MANY_REJECTS] += 1
+            log.warning("connection_limited", conn_id=c.conn_id, peer=str(c.peer), reason=REASON_TOO_MANY_REJECTS,
+                        rejects=c.meter.rejects, max_rejects_per_s=c.meter.limit)
+            self._finish(c, REASON_TOO_MANY_REJECTS)  # after the NACKs and the ACK of what it sent
+            return
+        if self._rate:
+            c.tokens -= len(records) + len(errors)
+            if c.tokens < 0:
+                c.resume_at = time.monotonic() + (-c.tokens) / self._rate
+                self.throttled.add(c)
+                self._interest(c, False)
+
+    def _hold(self, c: Connection, held: np.ndarray, held_idx: np.ndarray) -> None:
+        c.held, c.held_idx = held, held_idx
+        if c not in self.stalled:
+            self.stalled.add(c)
+            self._interest(c, False)
+
+    def _retry_held(self, c: Connection) -> None:
+        if c.closed:
+            self.stalled.discard(c)
+            return
+        d = self.delivery.deliver(c.held, c.held_idx, [], c.conn_id, want_nacks=c.v2, retry=True)
+        c.accepted += d.accepted
+        if c.v2:
+            c.open_marks.extend(d.marks)
+            c.open_nacks += d.nacks
+        if d.held is not None:
+            c.held, c.held_idx = d.held, d.held_indices
+            return
+        c.held = c.held_idx = None
+        self.stalled.discard(c)
+        self._end_chunk(c)
+        if c.closing and not c.v2:
+            self._close(c, c.closing)
+        elif not c.closing and c not in self.throttled:
+            c.partial_since = time.monotonic()  # it could not progress while held
+            self._interest(c, True)
+
+    def _close(self, c: Connection, why: str, quiet: bool = False, **kw) -> None:
+        if c.closed:
+            return
+        c.closed = True
+        if c.meter is not None and c.meter.suppressed:
+            self.delivery.report_suppressed(c.conn_id, c.meter.take_suppressed(), "server.tcp.max_rejects_per_s",
+                                            c.meter.limit)
+        if c.partial:
+            self.partial_bytes -= c.partial
+            c.partial = 0
+        if self.peer_limit is not None:
+            self.peer_limit.release(peer_ip(c.peer))
+        self.awaiting.discard(c)
+        self.stalled.discard(c)
+        self.throttled.discard(c)
+        try:
+            self._sel.unregister(c.sock)
+        except (KeyError, ValueError, OSError):
+            pass
+        try:
+            c.sock.close()
+        except OSError:
+            pass
+        self.conns.pop(c.conn_id, None)
+        self.stats.connections_closed += 1
+        if why not in ("client_closed", "server_stop") and not quiet:
+            log.info("connection_closed", conn_id=c.conn_id, reason=why, **kw)
+
+    def _shutdown(self) -> None:
+        """Stop reading everything; with `drain`, place what is held and send every ACK that becomes
+        due within one shared budget (the processors are still running), then close."""
+        self._accept_incoming()  # connections handed over but never registered are closed too
+        for c in list(self.conns.values()):
+            if not c.closing:
+                c.closing = "server_stop"
+                self._interest(c, False)
+        deadline = time.monotonic() + STOP_BUDGET_S
+        if self.drain:
+            while time.monotonic() < deadline and (self.stalled or self.awaiting):
+                for c in list(self.stalled):
+                    self._retry_held(c)
+                for c in list(self.conns.values()):
+                    if c.held is None:
+                        self._end_chunk(c)
+                    self._ack_due(c)
+                if self.stalled or self.awaiting:
+                    time.sleep(HELD_RETRY_S)
+        for c in list(self.conns.values()):
+            if c.held is not None:
+                log.warning("held_records_not_accepted_at_stop", conn_id=c.conn_id, records=len(c.held))
+            if self.drain:
+                self._flush_blocking(c, max(0.01, deadline - time.monotonic()))
+            self._close(c, "server_stop")
+        self.finished = True
+        self._refuse_incoming()  # handed over after the _accept_incoming above
+        self._sel.close()
+        self._wake_r.close()
+        self._wake_w.close()
+

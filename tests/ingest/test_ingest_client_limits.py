@@ -1,0 +1,130 @@
+"""Per-client limits of the TCP ingest (hardening issue #11 item 2): connections per IP, the
+frame-progress timeout (slowloris), and the bound on bytes held in partial frames."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from ingest_helpers import read_until_closed, wait_until
+from eventstream.config import ConfigError, load_config
+from eventstream.ingest.admission import Admission
+from eventstream.protocol.frames import KIND_ACK, KIND_NACK, encode_v2
+
+
+def connect(srv, source_ip: str = "127.0.0.1") -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.bind((source_ip, 0))
+    s.connect(srv.address)
+    return s
+
+
+def closed_by_server(s: socket.socket, timeout: float = 10.0) -> bool:
+    """True once the server closed `s` (EOF or reset); fails after `timeout` seconds."""
+    s.settimeout(timeout)
+    try:
+        while s.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def acked(s: socket.socket, frames: bytes) -> list[tuple[int, int]]:
+    s.sendall(frames)
+    s.shutdown(socket.SHUT_WR)
+    return [(k, i) for k, i, _ in read_until_closed(s)]
+
+
+def test_connections_per_ip_are_bounded_and_other_addresses_still_get_in(tcp_server):
+    srv = tcp_server(max_connections_per_ip=3)
+    mine = [connect(srv) for _ in range(3)]
+    extra = connect(srv)
+    assert closed_by_server(extra)
+    assert srv.statistics()["connections_limited"] == {"max_connections_per_ip": 1}
+    other = connect(srv, "127.0.0.2")  # another client address on loopback
+    assert acked(other, encode_v2("t", b"x", 2, 1)) == [(KIND_ACK, 1)]
+    mine[0].close()
+    wait_until(lambda: srv.peer_limit.open_from("127.0.0.1") == 2, what="the closed connection's slot freed")
+    again = connect(srv)
+    assert acked(again, encode_v2("t", b"y", 2, 2)) == [(KIND_ACK, 1)]
+    for s in mine[1:] + [extra, other, again]:
+        s.close()
+
+
+def test_a_stalled_partial_frame_closes_its_connection(tcp_server):
+    srv = tcp_server(frame_timeout_s=0.3)
+    frame = encode_v2("slow", b"p" * 40, 2, 7)
+    slow = connect(srv)
+    slow.sendall(frame[:12])
+    assert closed_by_server(slow)
+    assert srv.statistics()["connections_limited"] == {"frame_timeout": 1}
+    assert srv.budget.total() == 0
+    # a connection that completes its frames is not touched, even sent in pieces
+    ok = connect(srv)
+    ok.sendall(frame[:12])
+    ok.sendall(frame[12:] + encode_v2("slow", b"q", 2, 8))
+    assert acked(ok, b"") == [(KIND_ACK, 2)]
+
+
+def test_a_held_connection_is_not_timed_out_for_its_partial_frame(tcp_server):
+    adm = Admission()
+    adm.paused = True  # only CRITICAL is admitted: MEDIUM events are held, the connection is not read
+    srv = tcp_server(admission=adm, frame_timeout_s=0.3, readers=1)
+    frames = [encode_v2("held", b"%d" % i, 2, 100 + i) for i in range(3)]
+    held = connect(srv)
+    held.sendall(frames[0] + frames[1] + frames[2][:10])  # one read: two records held + a partial frame
+    wait_until(lambda: srv.statistics()["holds"] >= 1 and srv.budget.total() == 10, what="records held")
+    # a control connection whose partial frame starts later: once it is timed out, the held one's
+    # deadline has passed too
+    control = connect(srv)
+    control.sendall(frames[0][:10])
+    wait_until(lambda: srv.budget.total() == 20, what="the control connection's partial frame read")
+    assert closed_by_server(control)
+    wait_until(lambda: srv.statistics()["connections_open"] <= 1, what="the control connection counted closed")
+    # the held connection's deadline passed before the control's: it would be closed by now
+    assert srv.statistics()["connections_open"] == 1
+    assert srv.statistics()["connections_limited"] == {"frame_timeout": 1}
+    adm.paused = False
+    got = acked(held, frames[2][10:])  # ACKs as the held records went in, then the last frame's
+    assert got[-1] == (KIND_ACK, 3) and KIND_NACK not in [k for k, _ in got]
+    assert sorted(srv.test_sink.records()["event_id"].tolist()) == [100, 101, 102]
+
+
+@pytest.mark.parametrize("largest", ["same_reader", "other_reader"])
+def test_partial_bytes_over_the_bound_close_the_largest_partial_frame(tcp_server, largest):
+    srv = tcp_server(readers=2, max_frame_bytes=64 << 10, max_partial_bytes=100_000, payload_bytes=64 << 10)
+    frames = [encode_v2("big", bytes(60_000), 2, 1 + i) for i in range(3)]
+    # round robin: a -> reader 0, b -> reader 1, c -> reader 0; c's bytes push the total over
+    sizes = {"same_reader": (45_000, 40_000, 30_000), "other_reader": (40_000, 45_000, 30_000)}[largest]
+    socks, total = [], 0
+    for frame, size in zip(frames, sizes):
+        s = connect(srv)
+        socks.append(s)
+        s.sendall(frame[:size])
+        total += size
+        if total <= 100_000:
+            wait_until(lambda t=total: srv.budget.total() == t, what=f"{total} partial bytes")
+    victim = sizes.index(45_000)
+    assert closed_by_server(socks[victim])
+    wait_until(lambda: srv.budget.total() == 70_000, what="the largest partial frame released")
+    assert srv.statistics()["connections_limited"] == {"max_partial_bytes": 1}
+    for k, s in enumerate(socks):
+        if k != victim:
+            assert acked(s, frames[k][sizes[k]:]) == [(KIND_ACK, 1)]
+        s.close()
+    assert srv.budget.total() == 0
+
+
+def test_limit_keys_are_validated_by_name():
+    cfg = load_config(overrides={"server.tcp.max_connections_per_ip": 5, "server.tcp.frame_timeout_s": 2.5},
+                      environ={})
+    assert (cfg.server.tcp.max_connections_per_ip, cfg.server.tcp.frame_timeout_s) == (5, 2.5)
+    with pytest.raises(ConfigError, match="server.tcp.max_connections_per_ip"):
+        load_config(overrides={"server.tcp.max_connections_per_ip": 0}, environ={})
+    with pytest.raises(ConfigError, match="server.tcp.max_partial_bytes.*server.tcp.max_frame_bytes"):
+        load_config(overrides={"server.tcp.max_partial_bytes": 1000}, environ={})
+    with pytest.raises(ConfigError, match="server.max_topics"):
+        load_config(overrides={"server.max_topics": 0}, environ={})
