@@ -25,7 +25,7 @@ def test_defaults_need_no_file():
     assert cfg.queues.transactional.overflow == "BLOCK_PRODUCER"
     assert cfg.queues.batch.overflow == "BLOCK_PRODUCER"
     assert cfg.server.ack == "stored"
-    assert cfg.backpressure.max_queue_depth == 5000 and cfg.backpressure.recovery_factor == 0.8
+    assert cfg.backpressure.max_queue_depth == 65536 and cfg.backpressure.recovery_factor == 0.8
     assert cfg.storage.fsync == "interval" and cfg.metrics.port == 9100
 
 

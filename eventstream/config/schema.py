@@ -191,7 +191,8 @@ class LevelThresholds:
 @dataclass
 class BackpressureConfig:
     interval_ms: float = field(default=100.0, metadata={"range": (1.0, 60_000.0)})
-    max_queue_depth: int = field(default=5000, metadata={"range": (1, 1 << 30)})
+    # queued events (all queues) that count as depth 1.0 for the thresholds below
+    max_queue_depth: int = field(default=65536, metadata={"range": (1, 1 << 30)})
     min_events_for_evaluation: int = field(default=1000, metadata={"range": (0, 1 << 40)})
     recovery_factor: float = field(default=0.8, metadata={"range": (0.0, 1.0)})
     min_dwell_ms: float = field(default=1000.0, metadata={"range": (0.0, 3_600_000.0)})  # held before a step down

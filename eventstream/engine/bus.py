@@ -101,13 +101,14 @@ class Offer:
     positions (into the offered batch, ascending) of records it could not place now (None when all
     were placed), and positions a shedding queue refused, as (positions, reason)."""
 
-    __slots__ = ("marks", "held", "refused", "placed")
+    __slots__ = ("marks", "held", "refused", "placed", "blocked")
 
     def __init__(self):
         self.marks: list[tuple[object, int]] = []
         self.held: np.ndarray | None = None
         self.refused: list[tuple[np.ndarray, str]] = []
         self.placed = 0
+        self.blocked: list = []  # the rings that were full (why `held` is not None)
 
 
 class EventBusMulti:
@@ -201,6 +202,7 @@ class EventBusMulti:
                 out.refused.append((rest, f"overflow:{queue.name}"))
             else:
                 held.append(rest)
+                out.blocked.append(ring)
         if held:
             out.held = held[0] if len(held) == 1 else np.sort(np.concatenate(held))
         return out

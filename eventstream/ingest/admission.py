@@ -4,10 +4,13 @@ The control thread writes the attributes; ingest readers only read them (a plain
 atomic on free-threaded CPython and costs nothing compared with a lock or an atomics call). A reader
 may act on a value one batch late; that is fine for flow control.
 
-* ``min_priority``: events with a lower priority are not admitted now. TCP readers hold them (and
-  stop reading that connection until they are admitted: TCP flow control pushes the client back,
-  nothing is dropped); UDP, which has no flow control, sheds them with reason "backpressure"
-  (counted in backpressure_drops, sent to on_reject for the dead-letter log).
+* ``min_priority``: UDP events with a lower priority are not admitted now: UDP, which has no flow
+  control, sheds them with reason "backpressure" (counted in backpressure_drops, sent to on_reject
+  for the dead-letter log), so queue room is left for what matters.
+* ``tcp_min_priority``: TCP events with a lower priority are not admitted now: TCP readers hold them
+  (and stop reading that connection until they are admitted: TCP flow control pushes the client
+  back, nothing is dropped). Full queues push TCP clients back by themselves, tier by tier, so the
+  control plane sets this only at its last level (only CRITICAL admitted).
 * ``paused``: as min_priority 4 (only CRITICAL admitted), with reason "paused" on UDP. The service's
   control plane uses min_priority; `paused` is kept for embedders.
 * ``allowed_priorities``: None (all) or a set of priorities admitted (refused_mask; embedders).
@@ -29,10 +32,11 @@ REASON_PAUSED = "paused"
 class Admission:
     """Signals from the control thread to ingest readers (plain attributes; see module docstring)."""
 
-    def __init__(self, *, paused: bool = False, min_priority: int = 0,
+    def __init__(self, *, paused: bool = False, min_priority: int = 0, tcp_min_priority: int = 0,
                  allowed_priorities: frozenset[int] | None = None):
         self.paused = paused
         self.min_priority = min_priority
+        self.tcp_min_priority = tcp_min_priority
         self.allowed_priorities = allowed_priorities
 
     def refused_mask(self, priorities: np.ndarray) -> np.ndarray | None:
@@ -51,6 +55,7 @@ class Admission:
 
     def __repr__(self) -> str:
         return (f"Admission(paused={self.paused}, min_priority={self.min_priority}, "
+                f"tcp_min_priority={self.tcp_min_priority}, "
                 f"allowed_priorities={self.allowed_priorities})")
 
 

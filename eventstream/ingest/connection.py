@@ -24,7 +24,7 @@ def marks_done(marks) -> bool:
 
 class Connection:
     __slots__ = ("sock", "conn_id", "peer", "decoder", "v2", "accepted", "acked", "chunks", "held", "held_idx",
-                 "open_marks", "open_nacks", "open_ts", "outbox", "last_active", "tokens", "resume_at", "reading", "closing",
+                 "open_marks", "open_nacks", "open_ts", "blocked", "outbox", "last_active", "tokens", "resume_at", "reading", "closing",
                  "closed", "partial", "partial_since", "preamble", "handshaking", "meter",
                  "linger_until")
 
@@ -39,6 +39,7 @@ class Connection:
         self.chunks: collections.deque = collections.deque()  # (count after, marks, nack bytes, ingest ns)
         self.held: np.ndarray | None = None  # records not placed yet (the connection stops reading)
         self.held_idx: np.ndarray | None = None
+        self.blocked = ()  # the full rings that held records back (retried once they have room)
         self.open_marks: list = []  # marks and NACKs of the chunk whose records are partly held
         self.open_nacks = b""
         self.open_ts = 0  # decode time of the chunk's first records (all records of a read share it)

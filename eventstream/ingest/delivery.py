@@ -68,14 +68,15 @@ class Delivered:
     """Result of one `Delivery.deliver`: how many records went in, their completion marks, the
     records held back (with their frame indices) and the NACK bytes for what was refused."""
 
-    __slots__ = ("accepted", "marks", "held", "held_indices", "nacks")
+    __slots__ = ("accepted", "marks", "held", "held_indices", "nacks", "blocked")
 
-    def __init__(self, accepted: int, marks: list, held, held_indices, nacks: bytes):
+    def __init__(self, accepted: int, marks: list, held, held_indices, nacks: bytes, blocked=()):
         self.accepted = accepted
         self.marks = marks
         self.held = held
         self.held_indices = held_indices
         self.nacks = nacks
+        self.blocked = blocked  # full rings that held records back (empty: admission, or unknown)
 
 
 class Delivery:
@@ -90,9 +91,12 @@ class Delivery:
         self._offer = getattr(sink, "offer", None)
 
     def admitted_below(self) -> int:
-        """First priority the control plane admits now (0 = all; paused: only CRITICAL)."""
+        """First priority the control plane admits now (0 = all; paused: only CRITICAL). UDP sheds
+        below `min_priority`; TCP holds below `tcp_min_priority` (full queues push TCP back anyway)."""
         adm = self.admission
-        return 4 if adm.paused else adm.min_priority
+        if adm.paused:
+            return 4
+        return adm.min_priority if self.udp else adm.tcp_min_priority
 
     def deliver(self, records: np.ndarray, indices: np.ndarray, errors: list[FrameError], conn_id: int,
                 *, want_nacks: bool, retry: bool = False, report_errors: int | None = None) -> Delivered:
@@ -104,6 +108,7 @@ class Delivery:
         stats = self.stats
         dropped: list[tuple[np.ndarray, np.ndarray, str]] = []  # (records, indices, reason)
         marks: list = []
+        blocked: list = []
         held = held_idx = None
         accepted = 0
         if len(records):
@@ -136,6 +141,7 @@ class Delivery:
                         for pos, reason in off.refused:
                             dropped.append((head[pos], indices[pos], reason))
                         hpos = off.held
+                        blocked = off.blocked
                 else:
                     rest = self.sink.put_batch(head)
                     r = len(rest) if rest is not None else 0
@@ -164,7 +170,7 @@ class Delivery:
         if (dropped or reported) and self.on_reject is not None:
             self._report(dropped, reported, conn_id)
         nacks = _nacks(dropped, errors) if want_nacks and (dropped or errors) else b""
-        return Delivered(accepted, marks, held, held_idx, nacks)
+        return Delivered(accepted, marks, held, held_idx, nacks, blocked)
 
     def report_suppressed(self, conn_id: int, n: int, limit_key: str, limit: int) -> None:
         """One summary line for `n` rejected frames not reported one by one (limits.RejectMeter)."""

@@ -343,7 +343,7 @@ class Reader(Guard, Acknowledger, threading.Thread):
             if not c.open_ts and len(records):
                 c.open_ts = int(records["ingest_ts"][0])
         if d.held is not None:
-            self._hold(c, d.held, d.held_indices)
+            self._hold(c, d.held, d.held_indices, d.blocked)
         else:
             self._end_chunk(c)
         buffered = c.decoder.buffered  # after delivery: closing c for the budget keeps this read's events
@@ -368,8 +368,8 @@ class Reader(Guard, Acknowledger, threading.Thread):
                 self.throttled.add(c)
                 self._interest(c, False)
 
-    def _hold(self, c: Connection, held: np.ndarray, held_idx: np.ndarray) -> None:
-        c.held, c.held_idx = held, held_idx
+    def _hold(self, c: Connection, held: np.ndarray, held_idx: np.ndarray, blocked=()) -> None:
+        c.held, c.held_idx, c.blocked = held, held_idx, blocked
         if c not in self.stalled:
             self.stalled.add(c)
             self._interest(c, False)
@@ -378,15 +378,18 @@ class Reader(Guard, Acknowledger, threading.Thread):
         if c.closed:
             self.stalled.discard(c)
             return
+        if not self._may_progress(c):
+            return  # cheap checks first: offering a large held batch again costs more
         d = self.delivery.deliver(c.held, c.held_idx, [], c.conn_id, want_nacks=c.v2, retry=True)
         c.accepted += d.accepted
         if c.v2:
             c.open_marks.extend(d.marks)
             c.open_nacks += d.nacks
         if d.held is not None:
-            c.held, c.held_idx = d.held, d.held_indices
+            c.held, c.held_idx, c.blocked = d.held, d.held_indices, d.blocked
             return
         c.held = c.held_idx = None
+        c.blocked = ()
         self.stalled.discard(c)
         self._end_chunk(c)
         if c.closing and not c.v2:
@@ -394,6 +397,17 @@ class Reader(Guard, Acknowledger, threading.Thread):
         elif not c.closing and c not in self.throttled:
             c.partial_since = time.monotonic()  # it could not progress while held
             self._interest(c, True)
+
+    def _may_progress(self, c: Connection) -> bool:
+        """Whether offering `c`'s held records again can place some: the control plane admits the
+        first of them, and every queue that was full has room for a fair share again."""
+        lo = self.delivery.admitted_below()
+        if lo and int(c.held["priority"][0]) < lo:
+            return False
+        for ring in c.blocked:
+            if ring.capacity - ring.depth < min(len(c.held), ring.capacity // 8):
+                return False
+        return True
 
     def _close(self, c: Connection, why: str, quiet: bool = False, **kw) -> None:
         if c.closed:

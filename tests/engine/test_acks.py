@@ -248,3 +248,25 @@ def test_every_stage_of_an_events_way_is_measured(tmp_path):
         assert 0 < p["p50_recent"] <= p["p99_recent"]
     finally:
         svc.stop()
+
+
+def test_a_full_queue_pushes_back_without_busy_retries_and_loses_nothing(gated, tmp_path):
+    make, gate, entered = gated
+    svc = make(**{"queues.transactional.capacity": 64, "queues.max_batch": 8})
+    c = Conn(svc)
+    c.send(*(encode_v2("one.topic", b"x", 2, i + 1) for i in range(1000)))
+    assert entered.wait(30)
+    stats = svc.tcp.statistics
+    deadline = time.monotonic() + 30
+    while stats()["holds"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    first = stats()["holds"]
+    assert first >= 1  # the queue is full: the reader holds the rest and stops reading
+    threading.Event().wait(0.3)  # a while with the queue still full (the handler is blocked) ...
+    assert stats()["holds"] == first  # ... and no re-offer in a loop: it waits until there is room
+    assert c.poll(0.01) == []  # nothing ACKed, nothing NACKed
+    gate.set()
+    c.wait_ack(1000)
+    assert not any(k == KIND_NACK for k, _, _ in c.frames)
+    assert sorted(stored_ids(tmp_path / "data")) == list(range(1, 1001))
+    c.close()

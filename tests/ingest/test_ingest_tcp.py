@@ -197,13 +197,13 @@ def test_pause_still_admits_critical(tcp_server):
 
 
 def test_events_below_min_priority_are_held_not_shed(tcp_server):
-    adm = Admission(min_priority=3)
+    adm = Admission(tcp_min_priority=3, min_priority=3)  # min_priority alone is UDP's
     srv = tcp_server(admission=adm)
     s = connect(srv)
     s.sendall(b"".join(encode_v2("q", b"", p, 10 + p) for p in range(5)))
     wait_until(lambda: srv.statistics()["holds"] >= 1, what="events held")
     assert srv.test_sink.count == 0  # held from the first one not admitted: the order is kept
-    adm.min_priority = 0
+    adm.tcp_min_priority = 0
     s.shutdown(socket.SHUT_WR)
     frames = read_until_closed(s)
     assert [f for f in frames if f[0] == NACK] == []
