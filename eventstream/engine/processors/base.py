@@ -84,6 +84,7 @@ class Processor(threading.Thread):
                              f"{queue.partitions} partitions")
         self.dedups = dedups
         self._done: list[tuple[str, np.ndarray, int]] = []  # processed() calls, made after the release
+        self._stages: list[tuple[np.ndarray, int, int]] = []  # stage latencies left by run_inline
         self.handled = 0
         self.inline = 0  # of which handled by run_inline on a caller's thread
         self.batches = 0
@@ -120,6 +121,7 @@ class Processor(threading.Thread):
                     idle_sleep = 0.0
                     continue
                 self.on_idle()
+                self._flush_inline_metrics()
                 if self._stop_requested.is_set() and self.queue.depth == 0:
                     return
                 # wait outside every token, so a caller-runs thread (run_inline) can take one meanwhile;
@@ -136,6 +138,7 @@ class Processor(threading.Thread):
             log.exception("processor_failed", thread=self.name)
             raise
         finally:
+            self._flush_inline_metrics()
             self.on_exit()
 
     def _drain_once(self, partition: int, timeout: float) -> bool:
@@ -161,9 +164,7 @@ class Processor(threading.Thread):
             sinks.progress()
         if stages is not None:
             stages(ingest, taken_ns, stored_ns)
-        for queue, ts, handled_ns in self._done:
-            sinks.processed(queue, ts, handled_ns)
-        self._done.clear()
+        self._flush_metrics()
         self.handled += n
         self.batches += 1
         return True
@@ -184,17 +185,36 @@ class Processor(threading.Thread):
             self.handle(records, 0)
             if sinks.sync is not None and _wants_sync((records,)):
                 sinks.sync()
-            if sinks.stages is not None:
-                sinks.stages(records["ingest_ts"].astype(np.int64), taken_ns, time.monotonic_ns())
-            for queue, ts, handled_ns in self._done:
-                sinks.processed(queue, ts, handled_ns)
-            self._done.clear()
+            if sinks.stages is not None:  # recorded later, off the caller's way to its ACK
+                self._stages.append((records["ingest_ts"].astype(np.int64), taken_ns, time.monotonic_ns()))
+            if len(self._done) > 256:
+                self._flush_metrics()
             self.handled += len(records)
             self.inline += len(records)
             self.batches += 1
             return True
         finally:
             token.release()
+
+    def _flush_metrics(self) -> None:
+        """Record deferred metrics (token holder only)."""
+        sinks = self.sinks
+        if self._stages:
+            for ingest, taken_ns, stored_ns in self._stages:
+                sinks.stages(ingest, taken_ns, stored_ns)
+            self._stages.clear()
+        for queue, ts, handled_ns in self._done:
+            sinks.processed(queue, ts, handled_ns)
+        self._done.clear()
+
+    def _flush_inline_metrics(self) -> None:
+        """Idle: record what run_inline left for later, when no caller holds the partition."""
+        token = self.queue.tokens[0]
+        if (self._done or self._stages) and token.acquire(blocking=False):
+            try:
+                self._flush_metrics()
+            finally:
+                token.release()
 
     def processed(self, queue: str, records: np.ndarray, handled_ns: int) -> None:
         """Count handled records; the metrics are recorded after the batch's release."""
