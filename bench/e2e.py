@@ -1,0 +1,300 @@
+"""Engine side of the end-to-end benchmarks (bench/pipeline.py, bench/latency.py).
+
+* CPU placement: the engine (this process) and the load generator (bench/loadgen.py, a separate
+  process) get disjoint CPU sets: the generator the last allowed CPU, the engine the others (2 cores:
+  engine CPU 0, generator CPU 1). The engine side is pinned twice: this process's main thread before
+  any thread starts (threads inherit it) and every engine role through the ``affinity.*`` keys. With
+  one CPU both share it, and the header says so.
+* `Probe`: the realtime handler the bench installs. For every event whose payload carries a send
+  stamp (bytes 0..8, little-endian ``time.monotonic_ns()`` taken by the generator just before the
+  send) it records handled - stamp (end to end, measured by the client's clock and the handler, not by
+  the engine's metrics) and handled - ingest_ts (the engine's own ingest -> handled), exactly, per
+  event; byte 8 is a tag that says which phase or ACK mode the event belonged to.
+* `SinkServer`: the transport baseline: accepts, reads and discards bytes, closes on EOF.
+* Quantiles are exact (numpy.percentile over every collected value, linear interpolation).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROLES = ("acceptor", "ingest", "udp", "realtime", "transactional", "batch", "storage", "control")
+ACK_MODES = ("accepted", "stored", "synced")
+WARMUP = 50  # first events of each ping-pong run, not counted (connection set-up, first-touch costs)
+
+
+# ------------------------------------------------------------------------------------------ placement
+class Placement:
+    def __init__(self):
+        allowed = sorted(os.sched_getaffinity(0))
+        self.allowed = allowed
+        if len(allowed) >= 2:
+            self.gen = [allowed[-1]]
+            self.engine = allowed[:-1]
+            self.shared = False
+        else:
+            self.gen = self.engine = allowed
+            self.shared = True
+
+    def pin_engine_process(self) -> None:
+        """Pin this (the main) thread; call before any thread exists so all inherit it."""
+        if not self.shared:
+            os.sched_setaffinity(0, self.engine)
+
+    def overrides(self) -> dict:
+        if self.shared:
+            return {}
+        cpus = ",".join(map(str, self.engine))
+        return {f"affinity.{r}": cpus for r in ROLES}
+
+    def describe(self) -> str:
+        if self.shared:
+            return (f"only 1 CPU allowed ({self.allowed}): engine and load generator SHARE it; "
+                    "numbers include the generator's CPU use")
+        return (f"engine process (all its threads; affinity.* = {self.engine}) pinned to CPU(s) {self.engine}; "
+                f"load generator (bench/loadgen.py, separate process) pinned to CPU(s) {self.gen}")
+
+    def facts(self) -> dict:
+        return {"engine_cpus": self.engine, "generator_cpus": self.gen, "cpus_shared": self.shared,
+                "placement": self.describe()}
+
+
+# ------------------------------------------------------------------------------------------ probe
+class Probe:
+    """Realtime handler: exact per-event send -> handled and ingest -> handled, by tag."""
+
+    def __init__(self):
+        self.chunks: list = []
+
+    def __call__(self, batch) -> None:
+        now = time.monotonic_ns()
+        r = batch.records
+        pl = r["payload"]
+        stamp = np.ascontiguousarray(pl[:, :8]).view("<u8").ravel()
+        self.chunks.append((now, stamp, r["ingest_ts"].copy(), pl[:, 8].copy()))
+
+    def reset(self) -> None:
+        self.chunks = []
+
+    def collect(self, tag: int | None = None) -> dict:
+        """{'e2e_ns': array, 'ingest_ns': array} of the stamped events (with `tag`, if given)."""
+        e2e, ing = [], []
+        for now, stamp, ingest_ts, tags in list(self.chunks):
+            keep = stamp != 0
+            if tag is not None:
+                keep &= tags == tag
+            if keep.any():
+                e2e.append(now - stamp[keep].astype(np.int64))
+                ing.append(now - ingest_ts[keep].astype(np.int64))
+        cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))
+        return {"e2e_ns": cat(e2e), "ingest_ns": cat(ing)}
+
+
+def quantiles_us(ns: np.ndarray, prefix: str = "") -> dict:
+    """Exact p50/p99/p999/max in µs over every value (None when empty)."""
+    if len(ns) == 0:
+        return {f"{prefix}p50_us": None, f"{prefix}p99_us": None, f"{prefix}p999_us": None,
+                f"{prefix}max_us": None, f"{prefix}n": 0}
+    q = np.percentile(ns, [50, 99, 99.9]) / 1e3
+    return {f"{prefix}p50_us": round(float(q[0]), 1), f"{prefix}p99_us": round(float(q[1]), 1),
+            f"{prefix}p999_us": round(float(q[2]), 1), f"{prefix}max_us": round(float(ns.max()) / 1e3, 1),
+            f"{prefix}n": int(len(ns))}
+
+
+# ------------------------------------------------------------------------------------------ engine
+class Engine:
+    """One Service (fresh temp data dir on the real disk, ephemeral port, UDP and metrics off)."""
+
+    def __init__(self, placement: Placement, extra: dict | None = None):
+        from eventstream.config import load_config
+        from eventstream.service import Service
+
+        self.tmp = tempfile.TemporaryDirectory(prefix="eventstream-bench-")
+        overrides = {"server.tcp.port": 0, "server.udp.enabled": False, "metrics.enabled": False,
+                     "storage.data_dir": self.tmp.name, "storage.fsync": "none", "records.payload_bytes": 64,
+                     "logging.level": "warning", **placement.overrides(), **(extra or {})}
+        self.cfg = load_config(environ={}, overrides=overrides)
+        self.probe = Probe()
+        self.svc = Service(self.cfg, handlers={"realtime": self.probe}).start()
+        self.address = self.svc.tcp.address
+
+    def done(self) -> int:
+        m = self.svc.metrics
+        return m.processed_total() + m.dropped_total() + m.dedup_hits_total()
+
+    def wait_done(self, n: int, timeout: float = 300.0, poll: float = 0.001, proc=None) -> int:
+        """Poll until n events are processed/dropped; monotonic_ns when seen (poll period ≤ 1 ms)."""
+        deadline = time.monotonic() + timeout
+        while self.done() < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {self.done()} of {n} events done within {timeout}s")
+            if proc is not None and proc.poll() is not None and proc.returncode != 0:
+                raise RuntimeError(f"load generator exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+            time.sleep(poll)
+        return time.monotonic_ns()
+
+    def close(self) -> dict:
+        try:
+            return self.svc.stop()
+        finally:
+            self.tmp.cleanup()
+
+
+# ------------------------------------------------------------------------------------------ sink
+class SinkServer:
+    """Transport baseline: accept, read into one buffer and discard, close on EOF."""
+
+    def __init__(self):
+        self.lsock = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.address = self.lsock.getsockname()
+        self.bytes = 0
+        self.t_last_ns = 0
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._acceptor = threading.Thread(target=self._accept, daemon=True, name="bench-sink-acceptor")
+        self._acceptor.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                s, _ = self.lsock.accept()
+            except OSError:
+                return
+            t = threading.Thread(target=self._serve, args=(s,), daemon=True, name="bench-sink")
+            t.start()
+            self._threads.append(t)
+
+    def _serve(self, s: socket.socket) -> None:
+        buf = bytearray(1 << 20)
+        n = 0
+        try:
+            while k := s.recv_into(buf):
+                n += k
+        finally:
+            t = time.monotonic_ns()
+            with self._lock:
+                self.bytes += n
+                self.t_last_ns = max(self.t_last_ns, t)
+            s.close()
+
+    def close(self) -> None:
+        self.lsock.close()
+        for t in self._threads:
+            t.join(5)
+
+
+# ------------------------------------------------------------------------------------------ generator
+def start_gen(placement: Placement, spec: dict) -> subprocess.Popen:
+    spec = {**spec, "cpus": placement.gen}
+    env = {**os.environ, "PYTHON_GIL": "0", "PYTHONPATH": str(HERE.parent)}
+    return subprocess.Popen([sys.executable, str(HERE / "loadgen.py"), json.dumps(spec)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish_gen(proc: subprocess.Popen, timeout: float = 600.0) -> dict:
+    out, err = proc.communicate(timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"load generator failed ({proc.returncode}): {err[-2000:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run_gen(placement: Placement, spec: dict, timeout: float = 600.0) -> dict:
+    return finish_gen(start_gen(placement, spec), timeout)
+
+
+# ------------------------------------------------------------------------------------------ measurements
+def blast_engine(placement: Placement, n: int, mode: str, connections: int = 2,
+                 priorities=(0, 1, 2, 3, 4)) -> dict:
+    """Throughput TCP -> processed -> stored: from the generator's first send to all n processed."""
+    eng = Engine(placement)
+    try:
+        proc = start_gen(placement, {"mode": "blast", "address": list(eng.address), "n": n,
+                                     "connections": connections, "priorities": list(priorities),
+                                     "flags": {"default": 0, **{m: i + 1 for i, m in enumerate(ACK_MODES)}}[mode]})
+        t_done = eng.wait_done(n - n % connections, proc=proc)
+        gen = finish_gen(proc)
+        counts = eng.svc.metrics.counts()
+        processed = eng.svc.metrics.processed_total()
+    finally:
+        summary = eng.close()
+    secs = (t_done - gen["t_first_send_ns"]) / 1e9
+    ack_secs = (gen["t_eof_ns"] - gen["t_first_send_ns"]) / 1e9
+    return {"events": gen["events"], "processed": processed, "seconds": secs,
+            "events_per_s": processed / secs, "acked": gen["acked"], "ack_complete_s": ack_secs,
+            "dropped": summary.get("dropped", counts.get("dropped_total", 0)),
+            "dropped_by_reason": summary.get("dropped_by_reason", {}), "errors": gen["errors"],
+            "load_avg_1m": round(os.getloadavg()[0], 2)}
+
+
+def blast_sink(placement: Placement, n: int, connections: int = 2, repeat: int = 10) -> dict:
+    """The same sender against SinkServer: how fast this machine's loopback takes the sender's bytes
+    (n frames sent `repeat` times, so the run is long enough to time)."""
+    sink = SinkServer()
+    try:
+        gen = run_gen(placement, {"mode": "blast", "address": list(sink.address), "n": n, "repeat": repeat,
+                                  "connections": connections, "priorities": [0, 1, 2, 3, 4], "flags": 0})
+        time.sleep(0.01)
+    finally:
+        sink.close()
+    secs = (sink.t_last_ns - gen["t_first_send_ns"]) / 1e9
+    return {"events": gen["events"], "bytes": sink.bytes, "seconds": secs, "events_per_s": gen["events"] / secs,
+            "mb_per_s": sink.bytes / secs / 1e6, "errors": gen["errors"], "load_avg_1m": round(os.getloadavg()[0], 2)}
+
+
+def paced_engine(placement: Placement, rate: float, seconds: float, connections: int = 2,
+                 priorities=(0, 1, 2, 3, 4), mode: str = "default") -> dict:
+    """Open-loop paced load; exact realtime send -> handled and ingest -> handled over every event."""
+    eng = Engine(placement)
+    try:
+        flags = {"default": 0, **{m: i + 1 for i, m in enumerate(ACK_MODES)}}[mode]
+        proc = start_gen(placement, {"mode": "paced", "address": list(eng.address), "rate": rate,
+                                     "seconds": seconds, "connections": connections,
+                                     "priorities": list(priorities), "flags": flags, "tag": 7})
+        gen = finish_gen(proc)
+        eng.wait_done(gen["events"], proc=None)
+        lat = eng.probe.collect(7)
+        m = eng.svc.metrics
+        svc_rt = m.percentiles("realtime")
+        processed = m.processed_total()
+    finally:
+        summary = eng.close()
+    return {"offered_per_s": rate, "achieved_per_s": gen["achieved_per_s"], "events": gen["events"],
+            "processed": processed, "realtime_events": int(len(lat["e2e_ns"])),
+            **quantiles_us(lat["e2e_ns"], "e2e_"), **quantiles_us(lat["ingest_ns"], "ingest_"),
+            "svc_hist_p99_us": round(svc_rt["p99"] / 1e3, 1),
+            "dropped": summary.get("dropped", 0), "errors": gen["errors"],
+            "load_avg_1m": round(os.getloadavg()[0], 2)}
+
+
+def pingpong_engine(placement: Placement, seconds: float, modes=ACK_MODES, interval_ms: float = 1.0) -> dict:
+    """Waiting client, one CRITICAL event per interval, per ACK mode: ACK round trip and the same
+    events' send -> handled / ingest -> handled (exact). One Service; modes one after the other."""
+    eng = Engine(placement)
+    tags = {m: 20 + i for i, m in enumerate(modes)}
+    try:
+        gen = run_gen(placement, {"mode": "pingpong", "address": list(eng.address), "seconds": seconds,
+                                  "modes": list(modes), "interval_ms": interval_ms, "tags": tags,
+                                  "warmup": WARMUP})
+        out = {}
+        for m in modes:
+            g = gen["modes"][m]
+            rtt = np.asarray(g["rtt_ns"], dtype=np.int64)
+            rtt = rtt[rtt > 0]
+            lat = {k: v[WARMUP:] for k, v in eng.probe.collect(tags[m]).items()}  # as the RTTs: no warm-up
+            out[m] = {"events": g["events"], "late_ticks": g["late_ticks"], **quantiles_us(rtt, "ack_rtt_"),
+                      **quantiles_us(lat["e2e_ns"], "e2e_"), **quantiles_us(lat["ingest_ns"], "ingest_")}
+    finally:
+        summary = eng.close()
+    return {"modes": out, "dropped": summary.get("dropped", 0), "errors": gen["errors"],
+            "load_avg_1m": round(os.getloadavg()[0], 2), "interval_ms": interval_ms}
