@@ -70,6 +70,51 @@ class Placement:
                 "placement": self.describe()}
 
 
+# ------------------------------------------------------------------------------------------ cpu watch
+def _cpu_busy(cpus) -> int:
+    """Busy jiffies (user+nice+system+irq+softirq+steal) of `cpus`, from /proc/stat."""
+    total = 0
+    try:
+        for line in Path("/proc/stat").read_text().splitlines():
+            name, *f = line.split()
+            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                v = [int(x) for x in f]
+                total += v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
+    except (OSError, ValueError, IndexError):
+        pass
+    return total
+
+
+def _self_cpu() -> int:
+    """This process's utime+stime in jiffies."""
+    try:
+        f = Path("/proc/self/stat").read_text().rpartition(")")[2].split()
+        return int(f[11]) + int(f[12])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class CpuWatch:
+    """How busy the engine CPUs were during a run, and how much of that was OTHER processes (a
+    neighbour stealing the engine's CPU invalidates the numbers; the 1-minute load average lags)."""
+
+    def __init__(self, placement: Placement):
+        self.cpus = set(placement.engine)
+        self.shared = placement.shared
+        self.t0 = time.monotonic()
+        self.busy0 = _cpu_busy(self.cpus)
+        self.self0 = _self_cpu()
+
+    def result(self) -> dict:
+        tick = os.sysconf("SC_CLK_TCK")
+        secs = max(time.monotonic() - self.t0, 1e-9) * len(self.cpus)
+        busy = (_cpu_busy(self.cpus) - self.busy0) / tick
+        mine = (_self_cpu() - self.self0) / tick
+        return {"engine_cpu_busy_pct": round(100 * busy / secs, 1),
+                "engine_cpu_used_by_engine_pct": round(100 * mine / secs, 1),
+                "engine_cpu_used_by_others_pct": None if self.shared else round(100 * max(busy - mine, 0) / secs, 1)}
+
+
 # ------------------------------------------------------------------------------------------ probe
 class Probe:
     """Realtime handler: exact per-event send -> handled and ingest -> handled, by tag."""
@@ -218,11 +263,13 @@ def blast_engine(placement: Placement, n: int, mode: str, connections: int = 2,
                  priorities=(0, 1, 2, 3, 4)) -> dict:
     """Throughput TCP -> processed -> stored: from the generator's first send to all n processed."""
     eng = Engine(placement)
+    watch = CpuWatch(placement)
     try:
         proc = start_gen(placement, {"mode": "blast", "address": list(eng.address), "n": n,
                                      "connections": connections, "priorities": list(priorities),
                                      "flags": {"default": 0, **{m: i + 1 for i, m in enumerate(ACK_MODES)}}[mode]})
         t_done = eng.wait_done(n - n % connections, proc=proc)
+        cpu = watch.result()
         gen = finish_gen(proc)
         counts = eng.svc.metrics.counts()
         processed = eng.svc.metrics.processed_total()
@@ -234,28 +281,31 @@ def blast_engine(placement: Placement, n: int, mode: str, connections: int = 2,
             "events_per_s": processed / secs, "acked": gen["acked"], "ack_complete_s": ack_secs,
             "dropped": summary.get("dropped", counts.get("dropped_total", 0)),
             "dropped_by_reason": summary.get("dropped_by_reason", {}), "errors": gen["errors"],
-            "load_avg_1m": round(os.getloadavg()[0], 2)}
+            "load_avg_1m": round(os.getloadavg()[0], 2), **cpu}
 
 
 def blast_sink(placement: Placement, n: int, connections: int = 2, repeat: int = 10) -> dict:
     """The same sender against SinkServer: how fast this machine's loopback takes the sender's bytes
     (n frames sent `repeat` times, so the run is long enough to time)."""
     sink = SinkServer()
+    watch = CpuWatch(placement)
     try:
         gen = run_gen(placement, {"mode": "blast", "address": list(sink.address), "n": n, "repeat": repeat,
                                   "connections": connections, "priorities": [0, 1, 2, 3, 4], "flags": 0})
-        time.sleep(0.01)
+        cpu = watch.result()
     finally:
         sink.close()
     secs = (sink.t_last_ns - gen["t_first_send_ns"]) / 1e9
     return {"events": gen["events"], "bytes": sink.bytes, "seconds": secs, "events_per_s": gen["events"] / secs,
-            "mb_per_s": sink.bytes / secs / 1e6, "errors": gen["errors"], "load_avg_1m": round(os.getloadavg()[0], 2)}
+            "mb_per_s": sink.bytes / secs / 1e6, "errors": gen["errors"], "load_avg_1m": round(os.getloadavg()[0], 2),
+            **cpu}
 
 
 def paced_engine(placement: Placement, rate: float, seconds: float, connections: int = 2,
                  priorities=(0, 1, 2, 3, 4), mode: str = "default") -> dict:
     """Open-loop paced load; exact realtime send -> handled and ingest -> handled over every event."""
     eng = Engine(placement)
+    watch = CpuWatch(placement)
     try:
         flags = {"default": 0, **{m: i + 1 for i, m in enumerate(ACK_MODES)}}[mode]
         proc = start_gen(placement, {"mode": "paced", "address": list(eng.address), "rate": rate,
@@ -263,6 +313,7 @@ def paced_engine(placement: Placement, rate: float, seconds: float, connections:
                                      "priorities": list(priorities), "flags": flags, "tag": 7})
         gen = finish_gen(proc)
         eng.wait_done(gen["events"], proc=None)
+        cpu = watch.result()
         lat = eng.probe.collect(7)
         m = eng.svc.metrics
         svc_rt = m.percentiles("realtime")
@@ -274,7 +325,7 @@ def paced_engine(placement: Placement, rate: float, seconds: float, connections:
             **quantiles_us(lat["e2e_ns"], "e2e_"), **quantiles_us(lat["ingest_ns"], "ingest_"),
             "svc_hist_p99_us": round(svc_rt["p99"] / 1e3, 1),
             "dropped": summary.get("dropped", 0), "errors": gen["errors"],
-            "load_avg_1m": round(os.getloadavg()[0], 2)}
+            "load_avg_1m": round(os.getloadavg()[0], 2), **cpu}
 
 
 def pingpong_engine(placement: Placement, seconds: float, modes=ACK_MODES, interval_ms: float = 1.0) -> dict:
@@ -282,10 +333,12 @@ def pingpong_engine(placement: Placement, seconds: float, modes=ACK_MODES, inter
     events' send -> handled / ingest -> handled (exact). One Service; modes one after the other."""
     eng = Engine(placement)
     tags = {m: 20 + i for i, m in enumerate(modes)}
+    watch = CpuWatch(placement)
     try:
         gen = run_gen(placement, {"mode": "pingpong", "address": list(eng.address), "seconds": seconds,
                                   "modes": list(modes), "interval_ms": interval_ms, "tags": tags,
                                   "warmup": WARMUP})
+        cpu = watch.result()
         out = {}
         for m in modes:
             g = gen["modes"][m]
@@ -297,4 +350,4 @@ def pingpong_engine(placement: Placement, seconds: float, modes=ACK_MODES, inter
     finally:
         summary = eng.close()
     return {"modes": out, "dropped": summary.get("dropped", 0), "errors": gen["errors"],
-            "load_avg_1m": round(os.getloadavg()[0], 2), "interval_ms": interval_ms}
+            "load_avg_1m": round(os.getloadavg()[0], 2), "interval_ms": interval_ms, **cpu}

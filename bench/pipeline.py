@@ -113,7 +113,8 @@ def throughput(placement, n: int, warmup: int, repeats: int, progress) -> dict:
                      "dropped": sum(x["dropped"] for x in rs),
                      "processed_all": all(x["processed"] == x["events"] for x in rs),
                      "acked_all": all(x["acked"] == x["events"] for x in rs),
-                     "load_avg_1m": [x["load_avg_1m"] for x in rs]}
+                     "load_avg_1m": [x["load_avg_1m"] for x in rs],
+                     "engine_cpu_used_by_others_pct": [x["engine_cpu_used_by_others_pct"] for x in rs]}
     return out
 
 
@@ -122,7 +123,8 @@ def baseline(placement, n: int, repeats: int) -> dict:
     rates = [x["events_per_s"] for x in runs]
     return {"events_per_s": statistics.median(rates), "events_per_s_min": min(rates), "events_per_s_max": max(rates),
             "mb_per_s": statistics.median(x["mb_per_s"] for x in runs), "events": runs[0]["events"],
-            "runs": len(runs), "load_avg_1m": [x["load_avg_1m"] for x in runs]}
+            "runs": len(runs), "load_avg_1m": [x["load_avg_1m"] for x in runs],
+            "engine_cpu_used_by_others_pct": [x["engine_cpu_used_by_others_pct"] for x in runs]}
 
 
 def draw(res: dict, path: Path) -> bool:
@@ -208,6 +210,9 @@ def main(argv=None) -> None:
         placement.describe(),
         f"baseline (sink that discards bytes, same sender): {base['events_per_s']:,.0f} events/s "
         f"({base['mb_per_s']:,.0f} MB/s); engine (stored) reaches {100 * max_rate / base['events_per_s']:.1f} % of it",
+        "others_cpu_pct / engine_cpu_used_by_others_pct: share of the engine CPU used by OTHER processes during "
+        "the run (from /proc/stat; 10 ms ticks, so coarse for short runs); more than a few % means a neighbour "
+        "disturbed the run",
         "latency: send->handled = generator's monotonic_ns() before send -> realtime handler call; "
         "ingest->handled = the engine's decode time -> handler call; exact quantiles over every realtime event",
         f"quick={bench.quick}, {n:,} events per throughput run, {seconds} s per load level, "
@@ -224,22 +229,25 @@ def main(argv=None) -> None:
     print("\n## throughput TCP -> processed -> stored (64-byte payloads, 2 connections)")
     trows = [{"what": "baseline: sink discards bytes", "events_per_s": base["events_per_s"],
               "min": base["events_per_s_min"], "max": base["events_per_s_max"], "dropped": "-",
-              "load_avg": ",".join(map(str, base["load_avg_1m"]))}]
+              "load_avg": ",".join(map(str, base["load_avg_1m"])),
+              "others_cpu_pct": ",".join(map(str, base["engine_cpu_used_by_others_pct"]))}]
     for mode, t in tp.items():
         trows.append({"what": f"engine, ack={mode}", "events_per_s": t["events_per_s"], "min": t["events_per_s_min"],
                       "max": t["events_per_s_max"], "dropped": t["dropped"],
-                      "load_avg": ",".join(map(str, t["load_avg_1m"]))})
-    print(format_table(trows, ["what", "events_per_s", "min", "max", "dropped", "load_avg"]))
+                      "load_avg": ",".join(map(str, t["load_avg_1m"])),
+                      "others_cpu_pct": ",".join(map(str, t["engine_cpu_used_by_others_pct"]))})
+    print(format_table(trows, ["what", "events_per_s", "min", "max", "dropped", "load_avg", "others_cpu_pct"]))
     print("\n## realtime latency per load level (exact, µs)")
     print(format_table(levels, ["load_pct", "offered_per_s", "achieved_per_s", "realtime_events", "e2e_p50_us",
                                 "e2e_p99_us", "e2e_p999_us", "ingest_p50_us", "ingest_p99_us", "ingest_p999_us",
-                                "dropped", "load_avg_1m"]))
+                                "dropped", "load_avg_1m", "engine_cpu_used_by_others_pct"]))
     print("\n## waiting client, 1 CRITICAL event per ms: ACK round trip and send->handled (exact, µs)")
     arows = [{"ack_mode": m, **v} for m, v in rtt["modes"].items()]
     print(format_table(arows, ["ack_mode", "ack_rtt_n", "ack_rtt_p50_us", "ack_rtt_p99_us", "ack_rtt_p999_us",
                                "e2e_p50_us", "e2e_p99_us", "e2e_p999_us", "ingest_p50_us", "ingest_p99_us",
                                "ingest_p999_us"]))
-    print(f"# load average {rtt['load_avg_1m']}, dropped {rtt['dropped']}")
+    print(f"# load average {rtt['load_avg_1m']}, dropped {rtt['dropped']}, engine CPU busy "
+          f"{rtt['engine_cpu_busy_pct']} % ({rtt['engine_cpu_used_by_others_pct']} % by other processes)")
     print("\n## targets (issue #14)")
     print(format_table(res["targets"], ["target", "goal", "measured", "verdict"]))
     for note in res["notes"]:
