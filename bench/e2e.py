@@ -284,9 +284,10 @@ def blast_engine(placement: Placement, n: int, mode: str, connections: int = 2,
             "load_avg_1m": round(os.getloadavg()[0], 2), **cpu}
 
 
-def blast_sink(placement: Placement, n: int, connections: int = 2, repeat: int = 10) -> dict:
+def blast_sink(placement: Placement, n: int, connections: int = 2, repeat: int = 0) -> dict:
     """The same sender against SinkServer: how fast this machine's loopback takes the sender's bytes
     (n frames sent `repeat` times, so the run is long enough to time)."""
+    repeat = repeat or max(10, -(-3_000_000 // n))  # at least 3 M events: ~0.2 s at loopback speed
     sink = SinkServer()
     watch = CpuWatch(placement)
     try:

@@ -64,32 +64,42 @@ def _met(value, target) -> str:
     return "met" if value <= target else "NOT met"
 
 
+def _ok(d: dict, limits: dict) -> bool:
+    return all(d.get(k) is not None and d[k] <= v for k, v in limits.items())
+
+
+def _verdict(d: dict, limits: dict) -> str:
+    """Latency targets are judged on the engine's ingest -> handled (what the target names) and on the
+    end-to-end send -> handled (what the client sees)."""
+    ing = _ok(d, {f"ingest_{k}": v for k, v in limits.items()})
+    e2e_ = _ok(d, {f"e2e_{k}": v for k, v in limits.items()})
+    return f"ingest->handled {'met' if ing else 'NOT met'}; send->handled {'met' if e2e_ else 'NOT met'}"
+
+
 def evaluate(res: dict) -> list[dict]:
-    """One row per target of issue #14: measured (end to end, and the engine's ingest -> handled)."""
+    """One row per target of issue #14."""
     rows = []
     idle = res["ack_rtt"]["modes"].get("stored", {})
     rows.append({"target": "realtime ingest->handled, idle (1 event/ms)", "goal": "p50 <= 60 us, p99 <= 150 us",
-                 "measured": f"send->handled p50 {idle.get('e2e_p50_us')} / p99 {idle.get('e2e_p99_us')} us; "
-                             f"ingest->handled p50 {idle.get('ingest_p50_us')} / p99 {idle.get('ingest_p99_us')} us",
-                 "verdict": "met" if (idle.get("ingest_p50_us") or 1e9) <= TARGETS["idle_p50_us"]
-                 and (idle.get("ingest_p99_us") or 1e9) <= TARGETS["idle_p99_us"] else "NOT met"})
+                 "measured": f"ingest->handled p50 {idle.get('ingest_p50_us')} / p99 {idle.get('ingest_p99_us')} us; "
+                             f"send->handled p50 {idle.get('e2e_p50_us')} / p99 {idle.get('e2e_p99_us')} us",
+                 "verdict": _verdict(idle, {"p50_us": TARGETS["idle_p50_us"], "p99_us": TARGETS["idle_p99_us"]})})
     l50 = next((r for r in res["load_levels"] if r["load_pct"] == 50), {})
     rows.append({"target": "realtime ingest->handled at 50 % of max load", "goal": "p99 <= 200 us, p999 <= 1 ms",
-                 "measured": f"send->handled p99 {l50.get('e2e_p99_us')} / p999 {l50.get('e2e_p999_us')} us; "
-                             f"ingest->handled p99 {l50.get('ingest_p99_us')} / p999 {l50.get('ingest_p999_us')} us",
-                 "verdict": "met" if (l50.get("ingest_p99_us") or 1e9) <= TARGETS["load50_p99_us"]
-                 and (l50.get("ingest_p999_us") or 1e9) <= TARGETS["load50_p999_us"] else "NOT met"})
+                 "measured": f"ingest->handled p99 {l50.get('ingest_p99_us')} / p999 {l50.get('ingest_p999_us')} us; "
+                             f"send->handled p99 {l50.get('e2e_p99_us')} / p999 {l50.get('e2e_p999_us')} us",
+                 "verdict": _verdict(l50, {"p99_us": TARGETS["load50_p99_us"], "p999_us": TARGETS["load50_p999_us"]})})
     st = res["ack_rtt"]["modes"].get("stored", {})
     rows.append({"target": "v2 ACK round trip (waiting client, 1 event/ms), mode stored",
                  "goal": "p50 <= 150 us, p99 <= 500 us",
                  "measured": f"p50 {st.get('ack_rtt_p50_us')} / p99 {st.get('ack_rtt_p99_us')} us",
-                 "verdict": "met" if (st.get("ack_rtt_p50_us") or 1e9) <= TARGETS["ack_stored_p50_us"]
-                 and (st.get("ack_rtt_p99_us") or 1e9) <= TARGETS["ack_stored_p99_us"] else "NOT met"})
+                 "verdict": "met" if _ok(st, {"ack_rtt_p50_us": TARGETS["ack_stored_p50_us"],
+                                              "ack_rtt_p99_us": TARGETS["ack_stored_p99_us"]}) else "NOT met"})
     tp = res["throughput"].get("stored", {})
     rows.append({"target": "TCP->processed->stored max throughput", "goal": ">= 1 M events/s, 0 shed",
                  "measured": f"{tp.get('events_per_s', 0):,.0f} events/s, dropped {tp.get('dropped')}",
-                 "verdict": "met" if tp.get("events_per_s", 0) >= TARGETS["throughput_per_s"]
-                 and tp.get("dropped") == 0 else "NOT met"})
+                 "verdict": ("met" if tp.get("events_per_s", 0) >= TARGETS["throughput_per_s"] else "NOT met")
+                 + ("; 0 shed" if tp.get("dropped") == 0 else "; SHED")})
     return rows
 
 
