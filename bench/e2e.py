@@ -128,7 +128,9 @@ class Probe:
         now = time.monotonic_ns()
         r = batch.records
         pl = r["payload"]
-        stamp = np.ascontiguousarray(pl[:, :8]).view("<u8").ravel()
+        # a COPY, always: for a one-record batch pl[:, :8] is already contiguous and
+        # ascontiguousarray would return a view into ring memory, overwritten once the slot is reused
+        stamp = np.array(pl[:, :8], copy=True).view("<u8").ravel()
         self.chunks.append((now, stamp, r["ingest_ts"].copy(), pl[:, 8].copy()))
 
     def reset(self) -> None:
@@ -149,14 +151,16 @@ class Probe:
 
 
 def quantiles_us(ns: np.ndarray, prefix: str = "") -> dict:
-    """Exact p50/p99/p999/max in µs over every value (None when empty)."""
+    """Exact p50/p99/p999/max in µs over every value (None when empty). `negative` counts impossible
+    values (a send stamp after the handler call): it must be 0, else the measurement is broken."""
+    neg = int((ns < 0).sum())
     if len(ns) == 0:
         return {f"{prefix}p50_us": None, f"{prefix}p99_us": None, f"{prefix}p999_us": None,
-                f"{prefix}max_us": None, f"{prefix}n": 0}
+                f"{prefix}max_us": None, f"{prefix}n": 0, f"{prefix}negative": 0}
     q = np.percentile(ns, [50, 99, 99.9]) / 1e3
     return {f"{prefix}p50_us": round(float(q[0]), 1), f"{prefix}p99_us": round(float(q[1]), 1),
             f"{prefix}p999_us": round(float(q[2]), 1), f"{prefix}max_us": round(float(ns.max()) / 1e3, 1),
-            f"{prefix}n": int(len(ns))}
+            f"{prefix}n": int(len(ns)), f"{prefix}negative": neg}
 
 
 # ------------------------------------------------------------------------------------------ engine
