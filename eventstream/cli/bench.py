@@ -18,7 +18,8 @@ from eventstream.cli.main import EXIT_USAGE
 
 BENCHMARKS = {
     "scaling": "processor thread scaling per NUMA node: GIL off vs GIL on vs a queue.Queue baseline",
-    "pipeline": "TCP -> processed -> stored throughput and per-queue latency at 25/50/75/100% load",
+    "pipeline": "TCP -> processed -> stored throughput per ACK mode, realtime latency at 25..100% load, ACK round trip",
+    "latency": "idle case: 1 CRITICAL event per ms, realtime latency and ACK round trip per ACK mode",
     "rings": "SPSC/MPSC ring throughput vs queue.Queue and deque",
     "ingest": "frame codec and TCP ingest throughput",
 }
@@ -32,7 +33,7 @@ def bench_dir() -> Path | None:
 
 def register(sub) -> None:
     lines = "\n".join(f"  {k:<9} {v}" for k, v in BENCHMARKS.items())
-    p = sub.add_parser("bench", help="run a benchmark (scaling, pipeline, rings, ingest)",
+    p = sub.add_parser("bench", help="run a benchmark (scaling, pipeline, latency, rings, ingest)",
                        description=f"Run a benchmark script from bench/ with this interpreter.\n\n{lines}\n\n"
                                    "Further arguments go to the script, e.g. `eventstream bench scaling --quick "
                                    "--json`; `eventstream bench scaling --help` shows its options.",
