@@ -212,10 +212,12 @@ def pingpong(spec: dict) -> dict:
     addr = tuple(spec["address"])
     interval = spec.get("interval_ms", 1.0) / 1e3
     out = {"mode": "pingpong", "interval_ms": interval * 1e3, "modes": {}, "errors": []}
-    for name in spec["modes"]:
+    for k, name in enumerate(spec["modes"]):
         flags, tag = ACK_MODES[name], spec.get("tags", {}).get(name, ACK_MODES[name])
         count = max(1, int(spec["seconds"] / interval))
-        f = Frames(count + spec.get("warmup", 50), 1, [4], flags, tag)
+        # ids unique across the modes: the engine stores an id once per topic (a repeat is a duplicate,
+        # ACKed without being handled or stored again, which would measure nothing)
+        f = Frames(count + spec.get("warmup", 50), 1 + k * 1_000_000_000, [4], flags, tag)
         s = socket.create_connection(addr, timeout=10)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         rtts = np.zeros(count, dtype=np.int64)
