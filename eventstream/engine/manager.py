@@ -60,7 +60,8 @@ class ProcessManager:
         n = len(self.workers[tier])
         common = dict(worker=n, cpus=getattr(aff, tier), max_batch=cfg.queues.max_batch,
                       topics=getattr(cfg.processors, tier).topics,
-                      dedups=self.dedups[tier] if self.dedups is not None else None)
+                      dedups=self.dedups[tier] if self.dedups is not None else None,
+                      nice=0 if tier == "realtime" else getattr(cfg.processors, tier).nice)
         if tier == "realtime":
             return RealtimeProcessor(self.bus["realtime"], self.sinks, self.handlers["realtime"], **common)
         if tier == "transactional":

@@ -27,7 +27,7 @@ from eventstream.core.topics import TopicTable
 from eventstream.engine import idempotency
 from eventstream.engine.bus import Queue
 from eventstream.engine.handlers import Handler, TopicFilter
-from eventstream.runtime.affinity import pin_current_thread
+from eventstream.runtime.affinity import nice_current_thread, pin_current_thread
 
 log = structlog.get_logger("eventstream.processor")
 
@@ -68,7 +68,7 @@ class Processor(threading.Thread):
 
     def __init__(self, queue: Queue, sinks: Sinks, handler: Handler | None, *, topics: list[str] | None = None,
                  worker: int = 0, cpus=(), max_batch: int = 4096, poll_timeout: float = 0.002,
-                 dedups: list | None = None):
+                 dedups: list | None = None, nice: int = 0):
         super().__init__(name=f"es-{self.kind}-{worker}", daemon=True)
         self.queue = queue
         self.sinks = sinks
@@ -78,6 +78,7 @@ class Processor(threading.Thread):
         self.cpus = list(cpus)
         self.max_batch = max_batch
         self.poll_timeout = poll_timeout
+        self.nice = nice
         # one Deduplicator per partition of this tier (engine/idempotency.py), or None: no dedup
         if dedups is not None and len(dedups) != queue.partitions:
             raise ValueError(f"one Deduplicator per partition is needed: got {len(dedups)} for "
@@ -103,6 +104,7 @@ class Processor(threading.Thread):
 
     def run(self) -> None:
         pin_current_thread(self.cpus, self.name)
+        nice_current_thread(self.nice, self.name)
         parts = self.queue.partitions
         idle_sleep = 0.0
         try:
