@@ -1,6 +1,6 @@
 """TCP ingest server (:9000): one acceptor thread, N reader threads, both pinned from config.
 
-The acceptor only accepts and hands sockets round-robin to readers (see connection.py for the reader
+The acceptor only accepts and hands sockets round-robin to readers (see reader.py for the reader
 loop, ACK/NACK and backpressure). Past max_connections one more connection is accepted and closed at
 once with a log line, so a client sees a clean close instead of a hanging SYN, and the service keeps
 running. The same holds past max_connections_per_ip connections from one address (limits.py).
