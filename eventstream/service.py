@@ -189,7 +189,8 @@ class Service:
         self.event_log = EventLog(data / st.events_file, dtype=self.dtype, topics=self.topics,
                                   flush_events=1, flush_interval_ms=max(st.fsync_interval_ms / 2, 1.0),
                                   fsync=st.fsync, fsync_interval_ms=st.fsync_interval_ms, cpus=cfg.affinity.storage,
-                                  flusher=st.fsync == "interval")
+                                  flusher=st.fsync == "interval", max_segment_bytes=st.events_max_bytes,
+                                  max_segments=st.events_max_segments, max_age_s=st.events_max_age_s)
         self._closers.append(self.event_log.close)
         try:
             self.bus = EventBusMulti(cfg, self.dtype, seq_base=sequence_base())

@@ -213,6 +213,11 @@ class StorageConfig:
     data_dir: str = "data"
     events_file: str = "events.bin"
     dlq_file: str = "dlq_log.txt"
+    # events.bin in segments: past this size the file becomes events.bin.<n> and a new one starts
+    # (0 = one file forever); keep at most this many closed segments (0 = all) / this old (0 = any age)
+    events_max_bytes: int = field(default=1 << 30, metadata={"range": (0, 1 << 50)})
+    events_max_segments: int = field(default=0, metadata={"range": (0, 1_000_000)})
+    events_max_age_s: float = field(default=0.0, metadata={"range": (0.0, 100 * 365 * 86400.0)})
     dlq_max_bytes: int = field(default=64 << 20, metadata={"range": (4096, 1 << 40)})  # then a new segment
     dlq_max_segments: int = field(default=8, metadata={"range": (0, 100_000)})  # old segments kept
     dlq_max_age_s: float = field(default=0.0, metadata={"range": (0.0, 10 * 365 * 86400.0)})  # 0 = no age limit

@@ -293,6 +293,43 @@ class EventLogReader:
     def batches(self, *, topic: str | None = None, priorities: Iterable[int | str] | None = None,
                 since_ns: int | None = None, until_ns: int | None = None,
                 time_field: str = "stored") -> Iterator[StoredBatch]:
+        """Matching records in file order, a batch per run of entries: the closed segments
+        (`events.bin.<n>`, oldest first) and then the active file. `topic` is a glob (``orders.*``);
+        the time range is [since_ns, until_ns) on `time_field` = "stored" (append wall clock) or
+        "producer" (the record's producer_ts). `last_scan` covers every file read (a problem names
+        its file)."""
+        from eventstream.storage.writer import segment_paths
+
+        files = [p for _, p in segment_paths(self.path)] + [self.path]
+        total: ScanResult | None = None
+        for path in files:
+            if path != self.path:
+                try:
+                    with open(path, "rb") as f:
+                        payload, _ = fmt.decode_file_header(f.read(fmt.FILE_HEADER_BYTES), str(path))
+                except (OSError, fmt.LogFormatError) as exc:
+                    warnings.warn(CorruptLogWarning(f"{path}: segment skipped ({exc})"), stacklevel=2)
+                    continue
+                if payload != self.payload_bytes:
+                    warnings.warn(CorruptLogWarning(f"{path}: segment written with records.payload_bytes="
+                                                    f"{payload}, not {self.payload_bytes}: skipped"), stacklevel=2)
+                    continue
+            yield from self._file_batches(path, topic=topic, priorities=priorities, since_ns=since_ns,
+                                          until_ns=until_ns, time_field=time_field)
+            scan = self.last_scan
+            if total is None:
+                total = scan
+            elif scan is not None:
+                problem = total.problem
+                total = ScanResult(file_bytes=scan.file_bytes, valid_bytes=scan.valid_bytes,
+                                   records=total.records + scan.records,
+                                   problem=scan.problem or problem, corrupt=total.corrupt + scan.corrupt,
+                                   topics=scan.topics)
+        self.last_scan = total
+
+    def _file_batches(self, path: Path, *, topic: str | None = None, priorities: Iterable[int | str] | None = None,
+                      since_ns: int | None = None, until_ns: int | None = None,
+                      time_field: str = "stored") -> Iterator[StoredBatch]:
         """Matching records in file order, a batch per run of entries. `topic` is a glob (``orders.*``);
         the time range is [since_ns, until_ns) on `time_field` = "stored" (append wall clock) or
         "producer" (the record's producer_ts)."""
@@ -325,13 +362,13 @@ class EventLogReader:
             if idx.size:
                 out.append(StoredBatch(r[idx], view["wall_ns"][idx], topics))
 
-        size = self.path.stat().st_size
+        size = path.stat().st_size
         if size <= fmt.FILE_HEADER_BYTES:
             self.last_scan = ScanResult(file_bytes=size, valid_bytes=size)
             return
         total = ScanResult(file_bytes=size, valid_bytes=fmt.FILE_HEADER_BYTES)
         self.last_scan = total
-        with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             pos = fmt.FILE_HEADER_BYTES
             while True:  # a bounded chunk at a time, so memory stays bounded on big logs
                 part = scan_buffer(mm, self.dtype, on_records=on_records, on_topic=on_topic, start=pos,
@@ -351,7 +388,7 @@ class EventLogReader:
             # too, for callers that print it (dump); the warning reaches stderr of any tool (replay).
             what = total.describe_corrupt()
             total.problem = f"{what}; then {total.problem}" if total.problem else what
-            warnings.warn(CorruptLogWarning(f"{self.path}: {what}"), stacklevel=2)
+            warnings.warn(CorruptLogWarning(f"{path}: {what}"), stacklevel=2)
 
     def read(self, **filters) -> StoredBatch:
         """All matching records as one batch."""
@@ -359,6 +396,20 @@ class EventLogReader:
         topics = parts[-1].topics if parts else {}
         if not parts:
             return StoredBatch(np.zeros(0, dtype=self.dtype), np.zeros(0, dtype=np.uint64), topics)
+        if any(p.topics is not topics and p.topics != topics for p in parts):
+            # segments that number topics differently (a new log after a crash between segments):
+            # one numbering for the whole result, by name
+            ids: dict[str, int] = {}
+            merged: dict[int, str] = {}
+            for part in parts:
+                fids = part.records["topic_id"]
+                remap = np.zeros(int(fids.max()) + 1 if len(fids) else 1, dtype=np.uint32)
+                for fid in np.unique(fids).tolist():
+                    name = part.topics.get(fid, f"#{fid}")
+                    remap[fid] = ids.setdefault(name, len(ids) + 1)
+                    merged[remap[fid]] = name
+                part.records["topic_id"] = remap[fids]
+            topics = merged
         return StoredBatch(np.concatenate([p.records for p in parts]),
                            np.concatenate([p.stored_ns for p in parts]), topics)
 

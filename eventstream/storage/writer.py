@@ -32,6 +32,16 @@ from eventstream.runtime.affinity import pin_current_thread
 from eventstream.storage import format as fmt
 from eventstream.storage.recovery import RecoveryReport, recover
 
+
+def segment_paths(path: Path) -> list[tuple[int, Path]]:
+    """The closed segments `<name>.<n>` of a log, oldest first (the active file is `path` itself)."""
+    out = []
+    for p in path.parent.glob(f"{path.name}.*"):
+        suffix = p.name[len(path.name) + 1:]
+        if suffix.isdigit():
+            out.append((int(suffix), p))
+    return sorted(out)
+
 log = structlog.get_logger("eventstream.storage")
 
 FSYNC_POLICIES = ("none", "interval", "always")
@@ -40,7 +50,11 @@ FSYNC_POLICIES = ("none", "interval", "always")
 class EventLog:
     def __init__(self, path: str | os.PathLike, *, dtype: np.dtype, topics: TopicTable,
                  flush_events: int = 100, flush_interval_ms: float = 50.0, fsync: str = "interval",
-                 fsync_interval_ms: float = 1000.0, flusher: bool = True, cpus: list[int] | None = None):
+                 fsync_interval_ms: float = 1000.0, flusher: bool = True, cpus: list[int] | None = None,
+                 max_segment_bytes: int = 0, max_segments: int = 0, max_age_s: float = 0.0):
+        """Segments: past `max_segment_bytes` (0 = never) the file is renamed `<name>.<n>` and a new one
+        starts, declaring every known topic first (each segment reads on its own); `max_segments`
+        (0 = all) and `max_age_s` (0 = no limit) bound how many old segments are kept."""
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync={fsync!r} is not allowed; allowed: {', '.join(FSYNC_POLICIES)}")
         if flush_events < 1:
@@ -55,7 +69,13 @@ class EventLog:
         self.fsync_interval_ns = int(fsync_interval_ms * 1e6)
         self.recovery: RecoveryReport = recover(self.path, self.payload_bytes)
         self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - lives until close()
-        self._fd = self._file.fileno()
+        # what earlier runs wrote is made durable once at open: a duplicate of it gets a `synced` ACK
+        # (its first copy is stored), even if that run died before its own fsync
+        os.fsync(self._file.fileno())
+        self._size = self.path.stat().st_size
+        self.max_segment_bytes = max_segment_bytes
+        self.max_segments = max_segments
+        self.max_age_s = max_age_s
         self._lock = threading.Lock()
         # engine topic id -> file topic id (0 = not yet mapped); read lock-free, grown under the lock
         self._file_ids = np.zeros(64, dtype=np.uint32)
@@ -95,18 +115,17 @@ class EventLog:
         if file_ids is None or not file_ids.all():
             file_ids = self._map_new_topics(ids)
         data = fmt.record_entries(records, file_ids, time.time_ns())
-        if self.flush_events == 1 and not self._pending:
-            # write-through without the log lock: one write(2) on the O_APPEND file places the whole
-            # batch atomically, so appenders never queue behind each other's lock (a realtime
-            # append does not wait for a bulk tier's thread that was preempted holding it). Topic
-            # entries were written (under the lock) before any record that uses them.
-            self._write_all(data)
-            with self._lock:
-                self._stats["records"] += n
-                self._stats["bytes"] += len(data)
-                self._stats["flushes"] += 1
-                self._dirty = True
-            return
+        if self.flush_events == 1:
+            with self._lock:  # write-through: one write(2) per batch
+                if not self._pending:
+                    self._write_all(data)
+                    self._stats["records"] += n
+                    self._stats["bytes"] += len(data)
+                    self._stats["flushes"] += 1
+                    self._dirty = True
+                    if self.max_segment_bytes and self._size >= self.max_segment_bytes:
+                        self._rotate_locked()
+                    return
         with self._lock:
             if not self._pending:
                 self._pending_since = time.monotonic_ns()
@@ -116,10 +135,47 @@ class EventLog:
                 self._flush_locked()
 
     def _write_all(self, data: bytes) -> None:
+        """Write to the OS (under the lock): the whole of `data`, at the end of the active segment."""
         view = memoryview(data)
+        fd = self._file.fileno()
         while view:
-            k = os.write(self._fd, view)
+            k = os.write(fd, view)
             view = view[k:]
+            self._size += k
+
+    # ------------------------------------------------------------------------------------ segments
+    def _rotate_locked(self) -> None:
+        """Close the active file as segment `<name>.<n>` and start a new one (under the lock)."""
+        os.fsync(self._file.fileno())  # a `synced` promise for what is in the old segment holds
+        self._stats["fsyncs"] += 1
+        self._synced_records = self._stats["records"]
+        self._dirty = False
+        self._file.close()
+        n = max((k for k, _ in segment_paths(self.path)), default=0) + 1
+        os.rename(self.path, self.path.with_name(f"{self.path.name}.{n}"))
+        self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - lives until close()
+        self._size = 0
+        now = time.time_ns()
+        head = [fmt.encode_file_header(self.payload_bytes, now)]
+        head += [fmt.topic_entry(fid, name.encode("utf-8"), now)
+                 for name, fid in sorted(self._file_id_by_name.items(), key=lambda kv: kv[1])]
+        self._write_all(b"".join(head))
+        self._stats["segments"] = self._stats.get("segments", 0) + 1
+        log.info("log_rotated", path=str(self.path), segment=n)
+        self._retain()
+
+    def _retain(self) -> None:
+        segs = segment_paths(self.path)
+        doomed = segs[:max(0, len(segs) - self.max_segments)] if self.max_segments else []
+        if self.max_age_s > 0:
+            cutoff = time.time() - self.max_age_s
+            doomed += [s for s in segs[len(doomed):] if s[1].exists() and s[1].stat().st_mtime < cutoff]
+        for _, p in doomed:
+            try:
+                p.unlink()
+                log.info("log_segment_deleted", segment=str(p))
+            except OSError as exc:
+                log.warning("log_segment_delete_failed", segment=str(p), error=str(exc))
 
     def _map_new_topics(self, ids: np.ndarray) -> np.ndarray:
         """Assign file ids to engine topic ids seen for the first time; queue their topic entries."""
@@ -140,12 +196,9 @@ class EventLog:
                     self._next_file_id += 1
                     self._file_id_by_name[name] = fid
                     entry = fmt.topic_entry(fid, name.encode("utf-8"), time.time_ns())
-                    if self.flush_events == 1 and not self._pending:
-                        self._write_all(entry)  # now: before any record that uses it is written
-                    else:
-                        if not self._pending:
-                            self._pending_since = time.monotonic_ns()
-                        self._pending.append(entry)
+                    if not self._pending:
+                        self._pending_since = time.monotonic_ns()
+                    self._pending.append(entry)
                     self._stats["topics"] += 1
                 mapping[tid] = fid
             self._file_ids = mapping  # publish after the topic entries are queued
@@ -159,13 +212,15 @@ class EventLog:
     def _flush_locked(self) -> None:
         if self._pending:
             data = b"".join(self._pending)
-            self._file.write(data)
+            self._write_all(data)
             self._stats["records"] += self._pending_records
             self._stats["bytes"] += len(data)
             self._stats["flushes"] += 1
             self._pending.clear()
             self._pending_records = 0
             self._dirty = True
+            if self.max_segment_bytes and self._size >= self.max_segment_bytes:
+                self._rotate_locked()
         # "interval" fsyncs belong to the flusher thread, outside the lock (an fsync can take 100+ ms
         # and appenders must not wait for it); without a flusher they happen here.
         if self._dirty and (self.fsync_policy == "always" or (
@@ -198,8 +253,12 @@ class EventLog:
             with self._lock:
                 if self._closed:
                     return  # close() fsynced
-                upto, fd = self._stats["records"], self._file.fileno()
-            os.fsync(fd)  # outside the log lock: appends go on meanwhile
+                # a duplicate descriptor: still valid if a rotation closes the file meanwhile
+                upto, fd = self._stats["records"], os.dup(self._file.fileno())
+            try:
+                os.fsync(fd)  # outside the log lock: appends go on meanwhile
+            finally:
+                os.close(fd)
             with self._lock:
                 self._stats["fsyncs"] += 1
                 self._stats["group_syncs"] += 1
@@ -218,10 +277,13 @@ class EventLog:
                 if self._pending and now - self._pending_since >= self.flush_interval_ns:
                     self._flush_locked()
                 if self._dirty and self.fsync_policy == "interval" and now - self._last_fsync >= self.fsync_interval_ns:
-                    fd, self._dirty, self._last_fsync = self._file.fileno(), False, now
+                    fd, self._dirty, self._last_fsync = os.dup(self._file.fileno()), False, now
+                    upto = self._stats["records"]
             if fd is not None:
-                upto = self._stats["records"]
-                os.fsync(fd)  # outside the lock: appends go on meanwhile (close() joins us first)
+                try:
+                    os.fsync(fd)  # outside the lock: appends go on meanwhile (close() joins us first)
+                finally:
+                    os.close(fd)  # a duplicate: still valid if a rotation closed the file meanwhile
                 with self._lock:
                     self._stats["fsyncs"] += 1
                     self._synced_records = max(self._synced_records, upto)
