@@ -119,7 +119,7 @@ class EventBusMulti:
         self._seq_lock = threading.Lock()
         self._next_seq = seq_base
         self.received = 0
-        self.on_received = None  # callable(n) per stamped batch (metrics)
+        self.on_received = None  # callable(n): events placed in the queues (metrics "received")
         # callable(records) -> bool: handle realtime records on the offering thread when the realtime
         # queue is idle (caller runs; Processor.run_inline); None = always queue them
         self.inline = None
@@ -145,10 +145,7 @@ class EventBusMulti:
         with self._seq_lock:
             first = self._next_seq
             self._next_seq = first + n
-            self.received += n
         records["seq"] = np.arange(first, first + n, dtype=np.uint64)
-        if self.on_received is not None:
-            self.on_received(n)
 
     def _split(self, records: np.ndarray):
         """(queue, ring, selection) per destination; selection is None for 'all of records'."""
@@ -205,6 +202,11 @@ class EventBusMulti:
                 out.blocked.append(ring)
         if held:
             out.held = held[0] if len(held) == 1 else np.sort(np.concatenate(held))
+        if out.placed:  # received = taken in (not what a shedding queue refused or what is held)
+            with self._seq_lock:
+                self.received += out.placed
+            if self.on_received is not None:
+                self.on_received(out.placed)
         return out
 
     def publish(self, records: np.ndarray) -> list[tuple[np.ndarray, str]]:
