@@ -31,7 +31,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-DEFAULT_COUNT = 10  # x DEFAULT_PROCS processes: about 5 minutes on a quiet 2-core machine at full scale (~30 s a round)
+DEFAULT_COUNT = 3  # ~10 minutes at full scale on 2 cores (a round is ~3 minutes)
 DEFAULT_PROCS = 3
 
 
