@@ -106,6 +106,21 @@ def _drain(sock: socket.socket, out: dict) -> None:
         out["error"] = f"bad control frames: {exc}"
 
 
+def _run_senders(send, conns: int, readers, socks, outs, spec: dict, errors: list) -> None:
+    """Run send(c) for every connection in its own thread, then wait for the ACK readers, close the
+    sockets and collect the readers' errors into `errors`."""
+    senders = [threading.Thread(target=send, args=(c,)) for c in range(conns)]
+    for t in senders:
+        t.start()
+    for t in senders:
+        t.join()
+    for r in readers:
+        r.join(spec.get("timeout", 300))
+    for s in socks:
+        s.close()
+    errors += [o["error"] for o in outs if "error" in o]
+
+
 def blast(spec: dict) -> dict:
     addr = tuple(spec["address"])
     n, conns = spec["n"], spec["connections"]
@@ -136,16 +151,7 @@ def blast(spec: dict) -> dict:
         except Exception as exc:  # noqa: BLE001 - reported
             errors.append(repr(exc))
 
-    senders = [threading.Thread(target=send, args=(c,)) for c in range(conns)]
-    for t in senders:
-        t.start()
-    for t in senders:
-        t.join()
-    for r in readers:
-        r.join(spec.get("timeout", 300))
-    for s in socks:
-        s.close()
-    errors += [o["error"] for o in outs if "error" in o]
+    _run_senders(send, conns, readers, socks, outs, spec, errors)
     return {"mode": "blast", "events": per * conns * repeat, "bytes": per * conns * repeat * frames[0].width,
             "t_first_send_ns": min(t_first), "t_last_sent_ns": max(t_sent),
             "t_eof_ns": max(o.get("t_eof_ns", 0) for o in outs),
@@ -190,16 +196,7 @@ def paced(spec: dict) -> dict:
         except Exception as exc:  # noqa: BLE001 - reported
             errors.append(repr(exc))
 
-    senders = [threading.Thread(target=send, args=(c,)) for c in range(conns)]
-    for t in senders:
-        t.start()
-    for t in senders:
-        t.join()
-    for r in readers:
-        r.join(spec.get("timeout", 300))
-    for s in socks:
-        s.close()
-    errors += [o["error"] for o in outs if "error" in o]
+    _run_senders(send, conns, readers, socks, outs, spec, errors)
     done = [r for r in res if r]
     sent = sum(r[0] for r in done)
     secs = max((r[1] for r in done), default=0.0)

@@ -215,6 +215,19 @@ class _Ring:
         ok, _ = self._pos.cas(p, p + e)
         return copy if ok else copy[:0]
 
+    def _claim_write(self, recs: np.ndarray, done: int) -> tuple[int, int]:
+        """Claim room for as much of recs[done:] as fits now (refreshing the cached gate once), copy
+        it in and publish it. Returns (first sequence, count); count 0 when the ring is full."""
+        want = min(len(recs) - done, self.capacity)
+        start, k = self._seq.claim(want, self._limit)
+        if k == 0:
+            self._limit = self._lowest() + self.capacity
+            start, k = self._seq.claim(want, self._limit)
+        if k:
+            self._write(start, recs[done:done + k])
+            self._publish(start, k)
+        return start, k
+
     def _put(self, records: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
         if self._closed:
             raise RingClosed(f"{self.name} is closed")
@@ -227,14 +240,9 @@ class _Ring:
         cap = self.capacity
         while done < n:
             want = min(n - done, cap)
-            start, k = self._seq.claim(want, self._limit)
-            if k == 0:
-                self._limit = self._lowest() + cap
-                start, k = self._seq.claim(want, self._limit)
+            _start, k = self._claim_write(recs, done)
             if k:
                 cnt.claimed += k
-                self._write(start, recs[done:done + k])
-                self._publish(start, k)
                 cnt.published += k
                 done += k
                 continue
@@ -305,17 +313,10 @@ class _Ring:
         recs = self._as_batch(records)
         n = len(recs)
         done = end = 0
-        cap = self.capacity
         while done < n:
-            want = min(n - done, cap)
-            start, k = self._seq.claim(want, self._limit)
+            start, k = self._claim_write(recs, done)
             if k == 0:
-                self._limit = self._lowest() + cap
-                start, k = self._seq.claim(want, self._limit)
-                if k == 0:
-                    break
-            self._write(start, recs[done:done + k])
-            self._publish(start, k)
+                break
             done += k
             end = start + k
         if done:
