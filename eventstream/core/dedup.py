@@ -258,14 +258,23 @@ class Deduplicator:
                 found = slot_of >= 0
                 out[nz[found]] = ~self._expired(t.stamps[slot_of[found]], now_ns)
             return out
-        keys, stamps, mask, win = t.keys, t.stamps, t.mask, self.window_ns
+        return np.array(self.seen_few(ids.tolist(), now_ns), dtype=bool)
+
+    def seen_few(self, keys: list[int], now_ns: int | None = None) -> list[bool]:
+        """seen_exclusive for a few ids given as plain ints, answered as plain bools (no numpy
+        temporaries: the realtime lane at low load checks one id per call). `now_ns`: the clock in ns."""
+        if now_ns is None:
+            now_ns = self._now_ns(None)
+        t = self._table
+        tkeys, stamps, mask, win = t.keys, t.stamps, t.mask, self.window_ns
+        shift = 64 - t.bits
         res = []
-        for k in ids.tolist():
+        for k in keys:
             hit = False
             if k:
-                pos = self._home_int(t, k)
+                pos = 0 if t.bits == 0 else ((k * _GOLDEN_INT) & _M64) >> shift
                 while True:
-                    cur = int(keys[pos])
+                    cur = int(tkeys[pos])
                     if cur == k:
                         st = int(stamps[pos])
                         hit = st == 0 or st + win > now_ns
@@ -274,7 +283,14 @@ class Deduplicator:
                         break
                     pos = (pos + 1) & mask
             res.append(hit)
-        return np.array(res, dtype=bool)
+        return res
+
+    def commit_few(self, keys: list[int], now_ns: int | None = None) -> None:
+        """commit_exclusive for a few ids given as plain ints."""
+        if now_ns is None:
+            now_ns = self._now_ns(None)
+        if self.when_full != "grow" or not self._commit_few(keys, now_ns):
+            self.commit_exclusive(np.array(keys, dtype=np.uint64), now_ns / 1e9)
 
     def commit_exclusive(self, ids, now=None) -> None:
         """commit() for a caller that is this table's only user while the call runs (the engine keeps
@@ -283,7 +299,7 @@ class Deduplicator:
         if self.when_full != "grow":
             return self.commit(ids, now)
         ids = self._ids(ids)
-        if len(ids) <= SMALL and self._commit_few(ids, self._now_ns(now)):
+        if len(ids) <= SMALL and self._commit_few(ids.tolist(), self._now_ns(now)):
             return None
         ids = np.unique(ids[ids != 0])
         if not len(ids):
@@ -305,10 +321,10 @@ class Deduplicator:
         self._used.fetch_add(len(new))
         return None
 
-    def _commit_few(self, ids: np.ndarray, now_ns: int) -> bool:
+    def _commit_few(self, ids: list[int], now_ns: int) -> bool:
         """commit_exclusive for a few ids with plain ints; False (nothing done) when the table would
         need a rebuild first (the vectorized path does that)."""
-        todo = {k for k in ids.tolist() if k}
+        todo = {k for k in ids if k}
         if not todo:
             return True
         t = self._table

@@ -453,6 +453,11 @@ class _Ring:
         return out
 
     # -- state --------------------------------------------------------------------------------------
+    def drained(self) -> bool:
+        """Everything claimed so far is released: for a thread that excludes the consumer meanwhile
+        (holds its ownership token), so the consumer's own counter is stable (one atomic load)."""
+        return self._seq.claim_position() == self.completed()
+
     @property
     def depth(self) -> int:
         """Records in the ring not yet released by the consumer (approximate under concurrency)."""

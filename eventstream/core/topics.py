@@ -47,6 +47,7 @@ class TopicTable:
         # topic id -> topic_hash(name), for idempotency keys; grown (copied) under the lock and
         # published after it is filled, so lock-free readers see a complete array
         self._hashes = np.zeros(64, dtype=np.uint64)
+        self._hash_list: list[int] = [0]  # the same as plain ints (appended after the array is filled)
 
     def intern(self, name: bytes | str) -> int:
         """The id of `name`, assigning the next id on first sight."""
@@ -69,12 +70,17 @@ class TopicTable:
                 hashes[tid] = topic_hash(name)
                 self._hashes = hashes
                 self._names.append(name)
+                self._hash_list.append(int(hashes[tid]))
                 self._ids[name] = tid
             return tid
 
     def hashes(self, topic_ids: np.ndarray) -> np.ndarray:
         """topic_hash of each id's name (vectorized; ids must come from this table)."""
         return self._hashes[topic_ids]
+
+    def hash_of(self, topic_id: int) -> int:
+        """topic_hash of one id's name as a plain int (ids must come from this table)."""
+        return self._hash_list[topic_id]
 
     def name(self, topic_id: int) -> str:
         return self._names[topic_id].decode("utf-8")

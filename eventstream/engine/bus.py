@@ -43,6 +43,8 @@ ROUTE[Priority.HIGH] = REALTIME
 ROUTE[Priority.MEDIUM] = TRANSACTIONAL
 ROUTE[Priority.LOW] = BATCH
 ROUTE[Priority.BATCH] = BATCH
+_ROUTE = ROUTE.tolist()
+SMALL = 8  # up to this many records, routing uses plain ints
 
 
 class Queue:
@@ -149,6 +151,28 @@ class EventBusMulti:
 
     def _split(self, records: np.ndarray):
         """(queue, ring, selection) per destination; selection is None for 'all of records'."""
+        if len(records) <= SMALL:
+            return self._split_small(records)
+        return self._split_many(records)
+
+    def _split_small(self, records: np.ndarray) -> list:
+        """_split for a few records with plain ints (the common read at low load is one event)."""
+        queues = self.queues
+        dest = []  # (queue index, partition) per record
+        for prio, tid in zip(records["priority"].tolist(), records["topic_id"].tolist()):
+            q = _ROUTE[prio]
+            dest.append((q, tid % queues[q].partitions))
+        first = dest[0]
+        if all(d == first for d in dest):
+            queue = queues[first[0]]
+            return [(queue, queue.rings[first[1]], None)]
+        out = []
+        for d in sorted(set(dest)):
+            queue = queues[d[0]]
+            out.append((queue, queue.rings[d[1]], np.array([i for i, x in enumerate(dest) if x == d], dtype=np.intp)))
+        return out
+
+    def _split_many(self, records: np.ndarray):
         qidx = ROUTE[records["priority"]]
         lo, hi = int(qidx.min()), int(qidx.max())
         for qi in range(lo, hi + 1):

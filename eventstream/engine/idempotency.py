@@ -44,6 +44,22 @@ def keys(records: np.ndarray, topics: TopicTable) -> np.ndarray:
     return k
 
 
+def duplicates_few(records: np.ndarray, dedup: Deduplicator, topics: TopicTable) -> tuple[list[int], list[bool]]:
+    """duplicates() for at most SMALL records, with plain ints and bools (no numpy temporaries)."""
+    hash_of = topics.hash_of
+    ks = [((e * _GOLDEN_INT) & _M64) ^ hash_of(t) if e else 0
+          for e, t in zip(records["event_id"].tolist(), records["topic_id"].tolist())]
+    skip = dedup.seen_few(ks)
+    if len(ks) > 1:
+        first: set[int] = set()
+        for i, key in enumerate(ks):
+            if key and not skip[i]:
+                if key in first:
+                    skip[i] = True
+                first.add(key)
+    return ks, skip
+
+
 def duplicates(records: np.ndarray, dedup: Deduplicator, topics: TopicTable) -> tuple[np.ndarray, np.ndarray]:
     """(keys, mask of records to skip): keys already committed, and repeats inside this batch (the
     first occurrence of a key is kept). For the table's only user (the partition's token holder)."""

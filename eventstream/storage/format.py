@@ -84,8 +84,18 @@ def decode_file_header(data: bytes, path: str) -> tuple[int, int]:
     return payload_bytes, created_ns
 
 
+_entry_dtypes: dict[np.dtype, np.dtype] = {}
+
+
 def entry_dtype(record_dtype: np.dtype) -> np.dtype:
     """One record entry as a structured row: header fields + the record (packed, no padding)."""
+    dt = _entry_dtypes.get(record_dtype)
+    if dt is None:
+        dt = _entry_dtypes[record_dtype] = _make_entry_dtype(record_dtype)
+    return dt
+
+
+def _make_entry_dtype(record_dtype: np.dtype) -> np.dtype:
     return np.dtype([
         ("magic", "<u4"), ("length", "<u4"), ("crc", "<u4"), ("kind", "u1"), ("_z", "V3"),
         ("wall_ns", "<u8"), ("record", record_dtype),
@@ -100,9 +110,19 @@ def topic_entry(file_topic_id: int, name: bytes, wall_ns: int) -> bytes:
     return struct.pack("<III", ENTRY_MAGIC, len(body), crc) + head_tail + body
 
 
-def record_entries(batch: np.ndarray, file_topic_ids: np.ndarray, wall_ns: int) -> bytes:
-    """The bytes of len(batch) KIND_RECORD entries, built with numpy; CRC per entry (see module doc)."""
+SMALL_BATCH = 8  # up to this many records, entries are built with struct calls (numpy costs more)
+_TOPIC_ID = struct.Struct("<I")
+_TOPIC_ID_AT = 32  # offset of topic_id in a record (core/records.py)
+_KIND_WALL = struct.Struct("<B3xQ")
+_MAGIC_LEN_CRC = struct.Struct("<III")
+
+
+def record_entries(batch: np.ndarray, file_topic_ids, wall_ns: int) -> bytes:
+    """The bytes of len(batch) KIND_RECORD entries; CRC per entry (see module doc). `file_topic_ids`:
+    one file topic id per record (an array, or a list for a small batch)."""
     n = len(batch)
+    if n <= SMALL_BATCH:
+        return _record_entries_small(batch, file_topic_ids, wall_ns)
     out = np.zeros(n, dtype=entry_dtype(batch.dtype))
     out["magic"] = ENTRY_MAGIC
     out["length"] = batch.dtype.itemsize
@@ -116,3 +136,24 @@ def record_entries(batch: np.ndarray, file_topic_ids: np.ndarray, wall_ns: int) 
     crc32 = zlib.crc32
     out["crc"] = [crc32(mv[i * size + CRC_START:(i + 1) * size]) for i in range(n)]
     return raw.tobytes()
+
+
+def _record_entries_small(batch: np.ndarray, file_topic_ids, wall_ns: int) -> bytes:
+    """record_entries for a few records with struct calls: the bytes are the same."""
+    size = batch.dtype.itemsize
+    raw = bytearray(batch.tobytes())
+    head_tail = _KIND_WALL.pack(KIND_RECORD, wall_ns)
+    head_crc = zlib.crc32(head_tail)
+    ids = file_topic_ids if isinstance(file_topic_ids, list) else file_topic_ids.tolist()
+    out = []
+    mv = memoryview(raw)
+    for i, fid in enumerate(ids):
+        base = i * size
+        _TOPIC_ID.pack_into(raw, base + _TOPIC_ID_AT, fid)
+        body = mv[base:base + size]
+        out.append(_MAGIC_LEN_CRC.pack(ENTRY_MAGIC, size, zlib.crc32(body, head_crc)))
+        out.append(head_tail)
+        out.append(body)
+    data = b"".join(out)
+    mv.release()
+    return data

@@ -52,6 +52,8 @@ class Sinks:
 
 
 def _wants_sync(views) -> bool:
+    if len(views) == 1 and len(views[0]) <= 8:  # a few records: plain ints beat numpy temporaries
+        return any(f & FLAG_ACK_MASK == _SYNCED_BITS for f in views[0]["flags"].tolist())
     for v in views:
         if ((v["flags"] & FLAG_ACK_MASK) == _SYNCED_BITS).any():
             return True
@@ -180,7 +182,7 @@ class Processor(threading.Thread):
         if not token.acquire(blocking=False):
             return False
         try:
-            if self.queue.rings[0].depth:
+            if not self.queue.rings[0].drained():
                 return False
             sinks = self.sinks
             taken_ns = time.monotonic_ns()
@@ -230,6 +232,13 @@ class Processor(threading.Thread):
         the batch, counting them; returns (records to handle, their dedup keys or None)."""
         if self.dedups is None:
             return records, None
+        if len(records) <= idempotency.SMALL:  # keys as plain ints (see commit_ids)
+            ks, few = idempotency.duplicates_few(records, self.dedups[partition], self.sinks.topics)
+            if True in few:
+                keep = [i for i, s in enumerate(few) if not s]
+                self.sinks.dedup_hit(len(few) - len(keep))
+                return records[keep], [ks[i] for i in keep]
+            return records, ks
         k, skip = idempotency.duplicates(records, self.dedups[partition], self.sinks.topics)
         if skip.any():
             self.sinks.dedup_hit(int(skip.sum()))
@@ -237,9 +246,16 @@ class Processor(threading.Thread):
             return records[keep], k[keep]
         return records, k
 
-    def commit_ids(self, keys: np.ndarray | None, partition: int, ok: np.ndarray | None = None) -> None:
-        """Remember the keys of stored records (after the store: a failed store is retried by a resend)."""
+    def commit_ids(self, keys: np.ndarray | list[int] | None, partition: int, ok: np.ndarray | None = None) -> None:
+        """Remember the keys of stored records (after the store: a failed store is retried by a resend).
+        `keys` as skip_duplicates returned them (a list for a few records)."""
         if keys is None:
+            return
+        if isinstance(keys, list):
+            if ok is not None:
+                keys = [k for k, good in zip(keys, ok.tolist()) if good]
+            if any(keys):
+                self.dedups[partition].commit_few(keys)
             return
         if ok is not None:
             keys = keys[ok]

@@ -21,15 +21,15 @@ class RealtimeProcessor(Processor):
             return
         stored = None
         if self.handler is not None:
-            mask = self.filter.mask(records["topic_id"])
-            subscribed = records if self.filter.match_all else records[mask]
+            mask = None if self.filter.match_all else self.filter.mask(records["topic_id"])
+            subscribed = records if mask is None else records[mask]
             if len(subscribed):
                 try:
                     self.handler(Batch(subscribed, sinks.topics, "realtime"))
                 except Exception as exc:  # a handler never kills its thread
                     sinks.drop(subscribed.copy() if subscribed is records else subscribed,
                                f"handler_error: {error_text(exc)}")
-                    stored = ~mask
+                    stored = np.zeros(len(records), dtype=bool) if mask is None else ~mask
                     records = records[stored]
         if len(records):
             handled_ns = time.monotonic_ns()
