@@ -49,7 +49,9 @@ class TcpConfig:
     host: str = "127.0.0.1"
     port: int = field(default=9000, metadata={"range": (0, 65535)})
     max_connections: int = field(default=1000, metadata={"range": (1, 1_000_000)})
-    readers: int = field(default=2, metadata={"range": (1, 256)})
+    # reader threads; 0 = one per CPU the readers may run on (affinity.ingest, else the process's
+    # CPUs), at most 4: more readers than CPUs only take turns on them and split the realtime lane
+    readers: int = field(default=0, metadata={"range": (0, 256)})
     idle_timeout_s: float = field(default=300.0, metadata={"range": (0.0, 86400.0)})
     max_frame_bytes: int = field(default=1 << 20, metadata={"range": (64, 64 << 20)})
     recv_bytes: int = field(default=256 << 10, metadata={"range": (4096, 64 << 20)})

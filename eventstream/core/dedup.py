@@ -159,16 +159,17 @@ class Deduplicator:
         pending = np.arange(len(keys))
         while len(pending):
             slots = (home[pending] + offset[pending]) & t.mask
-            free = t.keys[slots] == 0
-            cand = np.flatnonzero(free)
-            _, first = np.unique(slots[cand], return_index=True)
-            win = cand[first]
-            t.keys[slots[win]] = keys[pending[win]]
+            cand = np.flatnonzero(t.keys[slots] == 0)
+            # keys racing for one free slot: the last assignment wins; reading back says who
+            # (no sort: the keys are distinct, so exactly one of them is there)
+            cslots, ckeys = slots[cand], keys[pending[cand]]
+            t.keys[cslots] = ckeys
+            win = cand[t.keys[cslots] == ckeys]
             t.stamps[slots[win]] = stamps[pending[win]]
-            offset[pending[~free]] += 1
-            done = np.zeros(len(pending), dtype=bool)
-            done[win] = True
-            pending = pending[~done]
+            lose = np.ones(len(pending), dtype=bool)
+            lose[win] = False
+            pending = pending[lose]
+            offset[pending] += 1  # its slot is taken now (by another key, or was already)
 
     # -- helpers --------------------------------------------------------------------------------------
     def _now_ns(self, now) -> int:
@@ -259,6 +260,45 @@ class Deduplicator:
                 out[nz[found]] = ~self._expired(t.stamps[slot_of[found]], now_ns)
             return out
         return np.array(self.seen_few(ids.tolist(), now_ns), dtype=bool)
+
+    def seen_probe(self, ids, now=None) -> tuple[np.ndarray, np.ndarray, _Table]:
+        """seen_exclusive, plus where each id sits in the table now: (seen, slots, table), slot -1 =
+        absent (an expired id is not seen but has a slot). For `commit_probed` by the only user."""
+        ids = self._ids(ids)
+        now_ns = self._now_ns(now)
+        t = self._table
+        out = np.zeros(len(ids), dtype=bool)
+        slot_of = np.full(len(ids), -1, dtype=np.int64)
+        nz = np.flatnonzero(ids)  # id 0 is "no id": never seen (it would match an empty slot)
+        if len(nz):
+            slots, _ = self._lookup(t, ids[nz])
+            slot_of[nz] = slots
+            found = slots >= 0
+            out[nz[found]] = ~self._expired(t.stamps[slots[found]], now_ns)
+        return out, slot_of, t
+
+    def commit_probed(self, ids: np.ndarray, slots: np.ndarray, table: _Table, now=None) -> None:
+        """commit_exclusive for DISTINCT ids whose slots `seen_probe` returned, by the table's only user
+        with no commit in between: refreshes found ids in place and inserts the others without a
+        second lookup (falls back to commit_exclusive when the table was rebuilt meanwhile)."""
+        if self.when_full != "grow" or table is not self._table:
+            return self.commit_exclusive(ids, now)
+        now_ns = self._now_ns(now)
+        present = slots >= 0
+        if present.any():
+            table.stamps[slots[present]] = now_ns
+        new = ids[~present & (ids != 0)]
+        if not len(new):
+            return None
+        t = table
+        if self._used.load() + len(new) > self.max_load * t.buckets:
+            self._rebuild("full", now_ns, extra=len(new))
+            t = self._table
+        if self._used.load() + len(new) > self.max_load * t.buckets:  # at max_buckets: the CAS path evicts
+            return self.commit(new, now)
+        self._insert_bulk(t, new, np.full(len(new), now_ns, dtype=np.uint64))
+        self._used.fetch_add(len(new))
+        return None
 
     def seen_few(self, keys: list[int], now_ns: int | None = None) -> list[bool]:
         """seen_exclusive for a few ids given as plain ints, answered as plain bools (no numpy

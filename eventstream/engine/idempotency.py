@@ -60,11 +60,36 @@ def duplicates_few(records: np.ndarray, dedup: Deduplicator, topics: TopicTable)
     return ks, skip
 
 
+class Probed:
+    """Dedup keys of records to store, with where `Deduplicator.seen_probe` found them, so the commit
+    after the store needs no second lookup (`commit`)."""
+
+    __slots__ = ("keys", "slots", "table")
+
+    def __init__(self, keys: np.ndarray, slots: np.ndarray, table):
+        self.keys, self.slots, self.table = keys, slots, table
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def select(self, which) -> "Probed":
+        return Probed(self.keys[which], self.slots[which], self.table)
+
+    def commit(self, dedup: Deduplicator) -> None:
+        dedup.commit_probed(self.keys, self.slots, self.table)
+
+
 def duplicates(records: np.ndarray, dedup: Deduplicator, topics: TopicTable) -> tuple[np.ndarray, np.ndarray]:
     """(keys, mask of records to skip): keys already committed, and repeats inside this batch (the
     first occurrence of a key is kept). For the table's only user (the partition's token holder)."""
+    k, skip, _probed = duplicates_probed(records, dedup, topics)
+    return k, skip
+
+
+def duplicates_probed(records: np.ndarray, dedup: Deduplicator, topics: TopicTable):
+    """duplicates(), plus a Probed of all the keys (select the kept ones before committing)."""
     k = keys(records, topics)
-    skip = dedup.seen_exclusive(k)
+    skip, slots, table = dedup.seen_probe(k)
     if len(k) <= SMALL:
         if len(k) > 1:
             first: set[int] = set()
@@ -73,7 +98,7 @@ def duplicates(records: np.ndarray, dedup: Deduplicator, topics: TopicTable) -> 
                     if key in first:
                         skip[i] = True
                     first.add(key)
-        return k, skip
+        return k, skip, Probed(k, slots, table)
     fresh = (k != 0) & ~skip
     if fresh.sum() > 1:
         idx = np.flatnonzero(fresh)
@@ -82,7 +107,7 @@ def duplicates(records: np.ndarray, dedup: Deduplicator, topics: TopicTable) -> 
             repeat = np.ones(len(idx), dtype=bool)
             repeat[first] = False
             skip[idx[repeat]] = True
-    return k, skip
+    return k, skip, Probed(k, slots, table)
 
 
 def rebuild(path: Path, tables: dict[str, list[Deduplicator]], topics: TopicTable, route: np.ndarray,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import os
 import selectors
 import socket
 import threading
@@ -107,7 +108,8 @@ class TcpServer:
         sock.setblocking(False)
         self._listener = sock
         self._address = sock.getsockname()[:2]
-        for n in range(cfg.readers):
+        self.readers = reader_count(cfg.readers, self.reader_cpus)
+        for n in range(self.readers):
             stats = IngestStats()
             delivery = Delivery(self.sink, self.admission, self.on_reject, stats)
             r = Reader(n, cfg, self.topics, delivery, stats, self.admission, self.reader_cpus, self.payload_bytes,
@@ -119,7 +121,7 @@ class TcpServer:
             r.start()
         self._acceptor = threading.Thread(target=self._accept_loop, name="es-tcp-acceptor", daemon=True)
         self._acceptor.start()
-        log.info("tcp_listening", host=self._address[0], port=self._address[1], readers=cfg.readers,
+        log.info("tcp_listening", host=self._address[0], port=self._address[1], readers=self.readers,
                  tls=tls is not None, auth=self.tokens is not None)
         return self
 
@@ -245,3 +247,16 @@ class TcpServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+AUTO_READERS_MAX = 4
+
+
+def reader_count(configured: int, reader_cpus) -> int:
+    """`server.tcp.readers`, or for 0 one reader per CPU the readers may run on (at most
+    AUTO_READERS_MAX): two readers sharing one CPU only take turns, and each holds the realtime lane
+    while it handles a read, so the other's realtime events queue behind it."""
+    if configured:
+        return configured
+    cpus = list(reader_cpus or ()) or sorted(os.sched_getaffinity(0))
+    return max(1, min(AUTO_READERS_MAX, len(cpus)))

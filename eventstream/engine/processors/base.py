@@ -239,16 +239,17 @@ class Processor(threading.Thread):
                 self.sinks.dedup_hit(len(few) - len(keep))
                 return records[keep], [ks[i] for i in keep]
             return records, ks
-        k, skip = idempotency.duplicates(records, self.dedups[partition], self.sinks.topics)
+        _k, skip, probed = idempotency.duplicates_probed(records, self.dedups[partition], self.sinks.topics)
         if skip.any():
             self.sinks.dedup_hit(int(skip.sum()))
             keep = ~skip
-            return records[keep], k[keep]
-        return records, k
+            return records[keep], probed.select(keep)
+        return records, probed
 
-    def commit_ids(self, keys: np.ndarray | list[int] | None, partition: int, ok: np.ndarray | None = None) -> None:
+    def commit_ids(self, keys, partition: int, ok: np.ndarray | None = None) -> None:
         """Remember the keys of stored records (after the store: a failed store is retried by a resend).
-        `keys` as skip_duplicates returned them (a list for a few records)."""
+        `keys` as skip_duplicates returned them: a list of ints for a few records, else an
+        idempotency.Probed (or a plain key array)."""
         if keys is None:
             return
         if isinstance(keys, list):
@@ -256,6 +257,12 @@ class Processor(threading.Thread):
                 keys = [k for k, good in zip(keys, ok.tolist()) if good]
             if any(keys):
                 self.dedups[partition].commit_few(keys)
+            return
+        if isinstance(keys, idempotency.Probed):
+            if ok is not None:
+                keys = keys.select(ok)
+            if len(keys):
+                keys.commit(self.dedups[partition])
             return
         if ok is not None:
             keys = keys[ok]
