@@ -57,10 +57,13 @@ from eventstream.ingest.limits import (REASON_AUTH, REASON_PARTIAL_BYTES, REASON
                                        PeerLimit, RejectMeter)
 from eventstream.ingest.preamble import Preamble
 from eventstream.protocol.decoder import FrameDecoder
+from eventstream.protocol.frames import encode_nacks
 from eventstream.runtime.affinity import pin_current_thread
 
 log = structlog.get_logger("eventstream.ingest.tcp")
 
+# records still held when a draining stop ends: dead-lettered and NACKed (metrics category "shutdown")
+REASON_HELD_AT_STOP = "shutdown: held (the queues had no room) when the server stopped; not ACKed"
 HELD_RETRY_S = 0.001  # how often held records are offered again (only while a queue is full)
 STOP_BUDGET_S = 4.0  # a draining stop waits at most this long for held records and final ACKs
 _STRONGER_THAN_ACCEPTED = ACK_ACCEPTED << FLAG_ACK_SHIFT
@@ -409,6 +412,25 @@ class Reader(Guard, Acknowledger, threading.Thread):
                 return False
         return True
 
+    def _dead_letter_held(self, c: Connection) -> None:
+        """Stopping with records still held (the queues never had room within the stop budget): they
+        were never ACKed; they go to the dead-letter log (replayable) and a v2 client gets their
+        NACKs once everything before them is complete (the protocol's order)."""
+        held, idx = c.held, c.held_idx
+        c.held = c.held_idx = None
+        self.stalled.discard(c)
+        log.warning("held_records_dead_lettered_at_stop", conn_id=c.conn_id, records=len(held))
+        self.stats.backpressure_drops += len(held)
+        self.stats.frames_rejected[REASON_HELD_AT_STOP] += len(held)
+        if self.delivery.on_reject is not None:
+            try:
+                self.delivery.on_reject(held, REASON_HELD_AT_STOP, [])
+            except Exception as exc:
+                log.error("on_reject_failed", error=repr(exc))
+        if c.v2 and not c.closed:  # they end the open chunk: sent once everything in it is complete
+            c.open_nacks += encode_nacks(idx, REASON_HELD_AT_STOP)
+            self._end_chunk(c)
+
     def _close(self, c: Connection, why: str, quiet: bool = False, **kw) -> None:
         if c.closed:
             return
@@ -458,7 +480,7 @@ class Reader(Guard, Acknowledger, threading.Thread):
                     time.sleep(HELD_RETRY_S)
         for c in list(self.conns.values()):
             if c.held is not None:
-                log.warning("held_records_not_accepted_at_stop", conn_id=c.conn_id, records=len(c.held))
+                self._dead_letter_held(c)
             if self.drain:
                 self._flush_blocking(c, max(0.01, deadline - time.monotonic()))
             self._close(c, "server_stop")

@@ -18,7 +18,7 @@ from __future__ import annotations
 # Queue overflow and flow control (engine/bus.py, ingest/delivery.py, ingest/admission.py)
 OVERLOAD = ("overflow", "timeout", "evicted", "backpressure", "paused")
 # Processing (engine/processors) and lifecycle (service.py)
-PROCESSING = ("handler_error", "retries_exhausted", "shutdown", "duplicate")
+PROCESSING = ("handler_error", "retries_exhausted", "shutdown", "duplicate", "sink_failed")
 # Frames refused by the decoder: FrameError.error_class (protocol/decoder.py)
 FRAME = ("topic_len", "topic_utf8", "priority", "kind", "crc", "payload_too_large", "framing")
 # Per-client limits (ingest/limits.py, ingest/auth.py; rejects_limited: rejected frames not written to
