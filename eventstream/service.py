@@ -218,8 +218,9 @@ class Service:
                                                      ROUTE, QUEUE_NAMES, cfg.dedup.window_s)
         self._register_gauges()
         self.manager.start()
-        if cfg.processors.realtime.inline:
-            self.bus.inline = self.manager.workers["realtime"][0].run_inline
+        for tier in QUEUE_NAMES:  # caller runs: ingest handles a tier's events itself when it is idle
+            if getattr(cfg.processors, tier).inline:
+                self.bus[tier].lanes = self.manager.lanes(tier)
         if self.connectors is not None:  # connectors hook
             self.connectors.start()
         # Admission (the control plane's level) is applied at the edge: TCP readers hold what is not

@@ -159,6 +159,10 @@ class TransactionalConfig:
     # lower this tier's scheduling priority by this much (0..19; 0 = as the rest of the engine). Measured
     # on 2 cores: 10 starved the tier (its ACKs waited 100s of ms) without helping realtime latency
     nice: int = field(default=0, metadata={"range": (0, 19)})
+    # caller runs: an ingest reader handles this tier's events itself when their queue partition is idle
+    # (no thread handoff, no wake-up: less CPU per event). Off by default: the handler then runs on
+    # ingest threads, so a slow or blocking handler stalls that reader, realtime events included
+    inline: bool = False  # a batch whose handler raises is queued (retries run on the tier's workers)
 
 
 @dataclass
@@ -172,6 +176,10 @@ class BatchConfig:
     # lower this tier's scheduling priority by this much (0..19; 0 = as the rest of the engine). Measured
     # on 2 cores: 10 starved the tier (its ACKs waited 100s of ms) without helping realtime latency
     nice: int = field(default=0, metadata={"range": (0, 19)})
+    # caller runs: an ingest reader handles this tier's events itself when their queue partition is idle
+    # (no thread handoff, no wake-up: less CPU per event). Off by default: the handler then runs on
+    # ingest threads, so a slow or blocking handler stalls that reader, realtime events included
+    inline: bool = False
 
 
 @dataclass

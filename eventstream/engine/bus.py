@@ -7,7 +7,8 @@
 
 Ingest readers are the producers: `offer()` routes a decoded batch straight into the queues (no
 dispatcher thread between them), so a CRITICAL event never waits behind bulk traffic in a shared
-ingest queue. `offer()` never waits: what does not fit is handed back to the reader, which holds it
+ingest queue. A partition with a lane (`Queue.lanes`, caller runs: Processor.run_inline) whose ring
+is idle has its records handled on the offering thread instead of queued. `offer()` never waits: what does not fit is handed back to the reader, which holds it
 and stops reading that connection until there is room (TCP flow control pushes back on the
 client); a queue configured DROP_NEW sheds it at the edge instead (NACK + dead-letter log).
 Each placement comes back as a completion mark (ring, end): every record of the batch is handled
@@ -56,6 +57,10 @@ class Queue:
         self.tokens = [threading.Lock() for _ in rings]
         self.overflow = overflow
         self.wait = wait  # the wait strategy all its rings share: a publish to any partition wakes it
+        self.partition_of = {id(r): i for i, r in enumerate(rings)}
+        # caller runs: per partition, a processor that handles records on the offering thread when
+        # the partition is idle (Processor.run_inline; None = always queue); set by the service
+        self.lanes: list = [None] * len(rings)
 
     @property
     def partitions(self) -> int:
@@ -122,9 +127,6 @@ class EventBusMulti:
         self._next_seq = seq_base
         self.received = 0
         self.on_received = None  # callable(n): events placed in the queues (metrics "received")
-        # callable(records) -> bool: handle realtime records on the offering thread when the realtime
-        # queue is idle (caller runs; Processor.run_inline); None = always queue them
-        self.inline = None
         try:
             for name, qc, parts in (("realtime", q.realtime, 1),
                                     ("transactional", q.transactional, cfg.processors.transactional.max_workers),
@@ -206,10 +208,11 @@ class EventBusMulti:
         if stamp:
             self.stamp(records)
         held: list[np.ndarray] = []
-        inline = self.inline
         for queue, ring, sel in self._split(records):
             sub = records if sel is None else records[sel]
-            if inline is not None and queue is self.queues[REALTIME] and inline(sub):
+            part = queue.partition_of[id(ring)]
+            lane = queue.lanes[part]
+            if lane is not None and lane.run_inline(sub, part):
                 out.placed += len(sub)  # handled and stored already: complete, no mark
                 continue
             k, end = ring.try_put(sub)

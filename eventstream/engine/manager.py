@@ -55,9 +55,9 @@ class ProcessManager:
         self._lock = threading.Lock()  # guards worker lists (control plane vs shutdown), never the data path
         self._stopping = False
 
-    def _make(self, tier: str) -> Processor:
+    def _make(self, tier: str, worker: int | None = None) -> Processor:
         cfg, aff = self.cfg, self.cfg.affinity
-        n = len(self.workers[tier])
+        n = len(self.workers[tier]) if worker is None else worker
         common = dict(worker=n, cpus=getattr(aff, tier), max_batch=cfg.queues.max_batch,
                       topics=getattr(cfg.processors, tier).topics,
                       dedups=self.dedups[tier] if self.dedups is not None else None,
@@ -72,6 +72,16 @@ class ProcessManager:
         b = cfg.processors.batch
         return BatchProcessor(self.bus["batch"], self.sinks, self.handlers["batch"], tables=self.window_tables,
                               window_s=b.window_s, aggregate=self.handlers["aggregate"], **common)
+
+    def lanes(self, tier: str) -> list[Processor]:
+        """Caller-runs lanes for `tier`: one processor per queue partition, never started (ingest
+        threads call its run_inline), sharing the tier's handler, dedup tables and windows."""
+        out = []
+        for i in range(self.bus[tier].partitions):
+            lane = self._make(tier, worker=i)
+            lane.name = f"es-{tier}-lane-{i}"
+            out.append(lane)
+        return out
 
     def start(self) -> None:
         p = self.cfg.processors

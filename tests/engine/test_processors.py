@@ -247,7 +247,7 @@ def test_caller_runs_realtime_only_when_the_queue_is_idle(bus, collected, topics
 
 def test_bus_offer_runs_realtime_inline_and_queues_the_rest(bus, collected, topics):
     proc = RealtimeProcessor(bus["realtime"], collected.sinks(), None)
-    bus.inline = proc.run_inline
+    bus["realtime"].lanes = [proc]
     recs = make_records(topics, 10, priority=2)
     recs["priority"][::2] = 4
     off = bus.offer(recs)

@@ -173,20 +173,23 @@ class Processor(threading.Thread):
         self.batches += 1
         return True
 
-    def run_inline(self, records: np.ndarray) -> bool:
-        """Caller runs: handle `records` on the calling thread (an ingest reader), when partition 0
+    def run_inline(self, records: np.ndarray, partition: int = 0) -> bool:
+        """Caller runs: handle `records` on the calling thread (an ingest reader), when `partition`
         is idle: no worker inside it and nothing queued ahead of them (order is kept). The records are
         then handled and stored when this returns True; False: not now (the caller queues them).
-        For the realtime tier: no thread handoff at all on the way to the handler and the ACK."""
-        token = self.queue.tokens[0]
+        No thread handoff at all on the way to the handler and the ACK. The service gives each
+        partition its own lane (a processor that is not started), so lanes of different partitions
+        never share their pending metrics; everything here runs under the partition's token."""
+        token = self.queue.tokens[partition]
         if not token.acquire(blocking=False):
             return False
         try:
-            if not self.queue.rings[0].drained():
+            if not self.queue.rings[partition].drained():
                 return False
             sinks = self.sinks
             taken_ns = time.monotonic_ns()
-            self.handle(records, 0)
+            if not self.handle_inline(records, partition):
+                return False
             if sinks.sync is not None and _wants_sync((records,)):
                 sinks.sync()
             if sinks.stages is not None:  # recorded later, off the caller's way to its ACK
@@ -212,13 +215,17 @@ class Processor(threading.Thread):
         self._done.clear()
 
     def _flush_inline_metrics(self) -> None:
-        """Idle: record what run_inline left for later, when no caller holds the partition."""
-        token = self.queue.tokens[0]
-        if (self._done or self._stages) and token.acquire(blocking=False):
-            try:
-                self._flush_metrics()
-            finally:
-                token.release()
+        """Idle: record what the lanes (run_inline) left for later, when no caller holds a partition."""
+        queue = self.queue
+        for i, lane in enumerate(queue.lanes):
+            if lane is None or not (lane._done or lane._stages):
+                continue
+            token = queue.tokens[i]
+            if token.acquire(blocking=False):
+                try:
+                    lane._flush_metrics()
+                finally:
+                    token.release()
 
     def processed(self, queue: str, records: np.ndarray, handled_ns: int) -> None:
         """Count handled records; the metrics are recorded after the batch's release."""
@@ -272,6 +279,11 @@ class Processor(threading.Thread):
     # -- hooks
     def handle(self, records: np.ndarray, partition: int) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def handle_inline(self, records: np.ndarray, partition: int) -> bool:
+        """handle() on a caller's thread; False: nothing was stored, the caller queues the records."""
+        self.handle(records, partition)
+        return True
 
     def on_idle(self) -> None:
         pass

@@ -18,8 +18,13 @@ from eventstream.engine.handlers import Batch
 from eventstream.engine.processors.base import Processor, error_text
 
 
+class _Requeue(Exception):
+    """The handler raised on a caller's thread: the batch goes to the queue, where workers retry."""
+
+
 class TransactionalProcessor(Processor):
     kind = "transactional"
+    _inline = False  # True while handle_inline runs (on a caller's thread: no retry sleeps there)
 
     def __init__(self, queue, sinks, handler, *, max_retries: int = 3, retry_backoff_ms: float = 10.0, **kw):
         super().__init__(queue, sinks, handler, **kw)
@@ -51,6 +56,18 @@ class TransactionalProcessor(Processor):
             self.commit_ids(keys, partition, None if ok.all() else ok)
             self.processed("transactional", good, handled_ns)
 
+    def handle_inline(self, records: np.ndarray, partition: int) -> bool:
+        """handle() without retries: when the handler raises, nothing is stored and the records are
+        queued for the tier's workers, which retry them with backoff (handlers are idempotent)."""
+        self._inline = True
+        try:
+            self.handle(records, partition)
+            return True
+        except _Requeue:
+            return False
+        finally:
+            self._inline = False
+
     def _run(self, batch: np.ndarray) -> tuple[list[int], list[str]]:
         """Handle `batch`; return indexes (into batch) that failed every attempt, with their errors."""
         topics = self.sinks.topics
@@ -58,6 +75,8 @@ class TransactionalProcessor(Processor):
             self.handler(Batch(batch, topics, "transactional"))
             return [], []
         except Exception as exc:
+            if self._inline:
+                raise _Requeue from exc
             last = {i: error_text(exc) for i in range(len(batch))}
         if len(batch) == 1 and self.max_retries == 0:
             return [0], [last[0]]

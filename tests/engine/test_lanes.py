@@ -1,0 +1,114 @@
+"""Caller-runs lanes for the bulk tiers (processors.<tier>.inline): an ingest thread handles a
+partition's events itself when the partition is idle; otherwise they are queued, in order."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import numpy as np
+import pytest
+
+from eventstream.config import load_config
+from eventstream.core.dedup import Deduplicator
+from eventstream.engine.bus import EventBusMulti
+from eventstream.engine.processors import BatchProcessor, TransactionalProcessor, WindowTable
+from eventstream.engine.processors.batch import flush_windows
+from eventstream.protocol.frames import KIND_ACK, KIND_NACK, encode_v2, split_control_frames
+from eventstream.service import Service
+from eventstream.storage import EventLogReader
+
+from engine_fixtures import DTYPE, make_records, run_until_drained
+
+
+@pytest.fixture
+def bus(small_cfg):
+    b = EventBusMulti(small_cfg, DTYPE)
+    yield b
+    b.close()
+
+
+def test_transactional_lane_handles_an_idle_partition_on_the_callers_thread(bus, collected, topics):
+    where = []
+    lane = TransactionalProcessor(bus["transactional"], collected.sinks(),
+                                  lambda b: where.append(threading.current_thread().name),
+                                  dedups=[Deduplicator(64, 60.0) for _ in bus["transactional"].rings])
+    recs = make_records(topics, 3, priority=2, ids=[1, 2, 3])
+    assert lane.run_inline(recs, 0)
+    assert where == [threading.current_thread().name]
+    assert collected.stored_records()["event_id"].tolist() == [1, 2, 3]
+    assert lane.run_inline(make_records(topics, 3, priority=2, ids=[1, 2, 3]), 0)  # a resend: stored once
+    assert len(collected.stored_records()) == 3 and collected.dedup_hits == 3
+    bus["transactional"].rings[0].put_batch(make_records(topics, 1, priority=2, ids=[9]))
+    assert not lane.run_inline(make_records(topics, 1, priority=2, ids=[10]), 0)  # queued ahead: not now
+
+
+def test_a_raising_transactional_handler_on_a_lane_queues_the_batch_for_the_workers(bus, collected, topics):
+    fail = {"left": 1}
+
+    def handler(b):
+        if fail["left"]:
+            fail["left"] -= 1
+            raise RuntimeError("database busy")
+
+    dedups = [Deduplicator(64, 60.0) for _ in bus["transactional"].rings]
+    lane = TransactionalProcessor(bus["transactional"], collected.sinks(), handler, dedups=dedups)
+    recs = make_records(topics, 4, priority=2, ids=[5, 6, 7, 8])
+    assert not lane.run_inline(recs, 0)  # raised: nothing stored, nothing remembered
+    assert len(collected.stored_records()) == 0 and not dedups[0].seen_exclusive(np.array([5], np.uint64))[0]
+    bus["transactional"].rings[0].put_batch(recs)  # what the bus does with a refused lane batch
+    worker = TransactionalProcessor(bus["transactional"], collected.sinks(), handler, dedups=dedups,
+                                    retry_backoff_ms=1.0)
+    run_until_drained([worker], bus)
+    assert collected.stored_records()["event_id"].tolist() == [5, 6, 7, 8]
+    assert collected.dropped == []
+
+
+def test_batch_lane_and_workers_share_the_windows(bus, collected, topics):
+    tables = [WindowTable() for _ in bus["batch"].rings]
+    closed = []
+    kw = dict(tables=tables, window_s=3600.0)
+    lane = BatchProcessor(bus["batch"], collected.sinks(), closed.append, **kw)
+    worker = BatchProcessor(bus["batch"], collected.sinks(), closed.append, **kw)
+    assert lane.run_inline(make_records(topics, 5, topic="w", priority=0), 0)
+    bus["batch"].rings[0].put_batch(make_records(topics, 7, topic="w", priority=0, start_seq=6))
+    run_until_drained([worker], bus)
+    assert flush_windows(worker) == 1
+    assert len(closed) == 1 and closed[0].count == 12  # one window, fed by both
+    assert len(collected.stored_records()) == 12
+
+
+def _cfg(data, **extra):
+    over = {"server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0, "storage.data_dir": str(data),
+            "records.payload_bytes": 64, "storage.fsync": "none",
+            "processors.transactional.inline": True, "processors.batch.inline": True}
+    over.update(extra)
+    return load_config(environ={}, overrides=over)
+
+
+def test_a_service_with_bulk_lanes_stores_every_event_once_in_order(tmp_path):
+    svc = Service(_cfg(tmp_path / "data")).start()
+    try:
+        s = socket.create_connection(svc.tcp.address, timeout=30)
+        n = 3000
+        frames = [encode_v2(f"t{i % 5}", b"p%d" % i, i % 5, i + 1) for i in range(n)]
+        for k in range(0, n, 100):  # many reads: some run on the lanes, some go to the workers
+            s.sendall(b"".join(frames[k:k + 100]))
+        s.sendall(b"".join(frames[:50]))  # resends: ACKed, not stored again
+        s.shutdown(socket.SHUT_WR)
+        buf = bytearray()
+        while data := s.recv(65536):
+            buf += data
+        got = split_control_frames(buf)
+        assert [f for f in got if f[0] == KIND_NACK] == []
+        assert max(v for k, v, _ in got if k == KIND_ACK) == n + 50
+        lanes = [lane for tier in ("transactional", "batch") for lane in svc.bus[tier].lanes]
+        assert sum(lane.handled for lane in lanes) > 0
+    finally:
+        svc.stop()
+    recs = EventLogReader(tmp_path / "data" / "events.bin").read().records
+    ids = recs["event_id"].tolist()
+    assert sorted(ids) == list(range(1, n + 1))
+    for p in range(5):  # per topic (one priority each), the order of the connection
+        mine = recs["event_id"][recs["priority"] == p]
+        assert (np.diff(mine.astype(np.int64)) > 0).all()
