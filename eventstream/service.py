@@ -21,6 +21,8 @@ import numpy as np
 import structlog
 
 from eventstream.config import Config
+from eventstream.config.loader import max_payload_bytes
+from eventstream.core.payloads import PayloadArena, release_records
 from eventstream.core.records import ACK_MODES, record_dtype
 from eventstream.core.topics import TopicTable
 from eventstream.engine import idempotency
@@ -95,6 +97,7 @@ class Service:
         self._closers: list = []
         self.tcp = self.udp = self.control = None
         self.bus = None
+        self.payloads = None  # PayloadArena (created at start)
         self.connectors = None  # eventstream/connectors (NATS JetStream), None when disabled
         self._last_sample = (0, 0, time.monotonic())
 
@@ -179,6 +182,13 @@ class Service:
     def _start(self, data: Path) -> None:
         cfg = self.cfg
         self.metrics = MetricsRegistry()
+        # payloads over records.payload_bytes (up to the largest frame) live here; closed last
+        try:
+            self.payloads = PayloadArena(cfg.payloads.arena_bytes, max_payload_bytes(cfg),
+                                         min_payload=cfg.records.payload_bytes, node=cfg.numa.node)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
+        self._closers.append(self.payloads.close)
         st = cfg.storage
         self.dlq = DeadLetterLog(data / st.dlq_file, max_bytes=st.dlq_max_bytes, max_segments=st.dlq_max_segments,
                                  max_age_s=st.dlq_max_age_s)
@@ -235,12 +245,14 @@ class Service:
             self.tcp = TcpServer(cfg.server.tcp, self.bus, self.topics, admission=self.admission,
                                  on_reject=self.on_reject, cpus=aff.acceptor, reader_cpus=aff.ingest,
                                  payload_bytes=pb, ack_default=ACK_MODES[cfg.server.ack], tokens=tokens,
-                                 on_acked=lambda lat: self.metrics.observe_stage("acked", lat))
+                                 on_acked=lambda lat: self.metrics.observe_stage("acked", lat),
+                                 payloads=self.payloads)
             self._start_server(self.tcp, "server.tcp")
             self._register_limit_metrics(self.tcp)
         if cfg.server.udp.enabled:
             self.udp = UdpServer(cfg.server.udp, self.bus, self.topics, admission=self.admission,
-                                 on_reject=self.on_reject, cpus=aff.udp, payload_bytes=pb)
+                                 on_reject=self.on_reject, cpus=aff.udp, payload_bytes=pb,
+                                 payloads=self.payloads)
             self._start_server(self.udp, "server.udp")
         self.backpressure = Backpressure(cfg.backpressure)
         self.control = ControlThread(self.backpressure, self.sample, LevelActions(self),
@@ -344,7 +356,7 @@ class Service:
         summary = self.summary()
         # A thread that did not finish still holds views into ring memory: freeing the rings under it
         # crashes the process (SIGSEGV). Leak them instead; everything else is flushed and closed.
-        keep = {self.bus.close} if still_running and self.bus is not None else set()
+        keep = {self.bus.close, getattr(self.payloads, "close", None)} if still_running and self.bus is not None else set()
         if keep:
             log.error("threads_still_running_rings_not_freed", timeout_s=timeout)
         for close in reversed(self._closers):
@@ -371,6 +383,7 @@ class Service:
                     break
                 left += len(recs)
                 self.drop(recs, "shutdown: stopped without draining")
+                release_records(recs)
         if left:
             log.warning("stopped_without_draining", dead_lettered=left)
 

@@ -148,6 +148,12 @@ def _apply(obj: Any, data: Any, source: str, prefix: str) -> None:
             setattr(obj, key, _coerce(value, tp, dict(f.metadata), source, path))
 
 
+def max_payload_bytes(cfg: Config) -> int:
+    """The largest payload a frame can carry: max_frame_bytes (TCP) or the datagram (UDP), less the
+    smallest header (v1: 3 bytes) and a 1-byte topic."""
+    return max(cfg.server.tcp.max_frame_bytes, cfg.server.udp.max_datagram_bytes - 4) - 4
+
+
 def _check_whole(cfg: Config, source: str) -> None:
     """Cross-field rules."""
     for tier in ("transactional", "batch"):
@@ -171,6 +177,13 @@ def _check_whole(cfg: Config, source: str) -> None:
         key = "server.tcp.tls.key_file" if t.tls.cert_file else "server.tcp.tls.cert_file"
         raise ConfigError(source, key, "", "a PEM file path when the other of cert_file/key_file is set "
                           "(both empty: TLS off)")
+    from eventstream.core.payloads import chunk_bytes_for
+
+    need = 2 * chunk_bytes_for(max_payload_bytes(cfg))
+    if cfg.payloads.arena_bytes < need:
+        raise ConfigError(source, "payloads.arena_bytes", cfg.payloads.arena_bytes,
+                          f"at least {need} bytes (two chunks of the largest payload, server.tcp.max_frame_bytes="
+                          f"{t.max_frame_bytes}, rounded up to a power of two), at most {1 << 40}")
     if t.max_partial_bytes and t.max_partial_bytes < t.max_frame_bytes:
         raise ConfigError(source, "server.tcp.max_partial_bytes", t.max_partial_bytes,
                           f"0 (no bound) or a value >= server.tcp.max_frame_bytes ({t.max_frame_bytes})")

@@ -104,6 +104,15 @@ class RecordsConfig:
 
 
 @dataclass
+class PayloadsConfig:
+    # payloads larger than records.payload_bytes (up to server.tcp.max_frame_bytes) live in one arena
+    # of this many bytes in NUMA memory (size-class slabs, core/payloads.py); when it is full the
+    # producer is pushed back like a full queue. At least two chunks (the largest payload rounded up
+    # to a power of two, at least 64 KiB): 2 MiB with the default 1 MiB frames
+    arena_bytes: int = field(default=128 << 20, metadata={"range": (1 << 17, 1 << 40)})
+
+
+@dataclass
 class NumaConfig:
     node: int = field(default=-1, metadata={"range": (-1, 4095), "doc": "-1 = local node"})
     bind_memory: bool = True
@@ -301,6 +310,7 @@ class ConnectorsConfig:
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     records: RecordsConfig = field(default_factory=RecordsConfig)
+    payloads: PayloadsConfig = field(default_factory=PayloadsConfig)
     numa: NumaConfig = field(default_factory=NumaConfig)
     queues: QueuesConfig = field(default_factory=QueuesConfig)
     affinity: AffinityConfig = field(default_factory=AffinityConfig)

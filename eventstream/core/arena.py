@@ -160,8 +160,11 @@ class Arena:
     def closed(self) -> bool:
         return self._block.freed
 
-    def array(self, n: int, dtype=np.uint8, *, align: int = ALIGN) -> np.ndarray:
-        """A zeroed array of `n` elements of `dtype` inside the arena, `align`-byte aligned."""
+    def array(self, n: int, dtype=np.uint8, *, align: int = ALIGN, zero: bool = True) -> np.ndarray:
+        """A zeroed array of `n` elements of `dtype` inside the arena, `align`-byte aligned.
+
+        `zero=False`: not written now (fresh memory reads as zero anyway), so its pages are faulted in
+        by their first use instead (large, sparsely used areas such as the payload arena)."""
         if self.closed:
             raise ArenaClosed(f"arena {self.name!r} is closed; allocate from an open arena")
         dtype = np.dtype(dtype)
@@ -175,7 +178,8 @@ class Arena:
                 )
             self._offset = start + nbytes
         raw = np.frombuffer(_View(self, start, nbytes), dtype=np.uint8)
-        raw[:] = 0  # fresh memory is zero already; writing it faults the pages in on this node now
+        if zero:
+            raw[:] = 0  # fresh memory is zero already; writing it faults the pages in on this node now
         return raw.view(dtype)
 
     def node_of(self, array: np.ndarray) -> int:

@@ -16,15 +16,20 @@ Layout (little-endian, native to the hosts we run on)::
                              bits 2-3: the ACK mode the client asked for (0 default, 1 accepted,
                              2 stored, 3 synced; the v2 frame's flags bits 0-1)
     50     1    attempts     handler attempts so far (transactional retries)
-    51     13   (padding to the 64-byte header)
+    51     8    ext_off      payload in an arena: byte offset of its slot (core/payloads.py)
+    59     1    ext_class    0 = payload inline; else the arena slot's size class + 1
+    60     1    ext_arena    id of the PayloadArena holding the payload (1..255; 0 = inline)
+    61     3    (padding to the 64-byte header)
     64     P    payload      inline payload bytes, P = payload capacity
 
-Payloads are stored inline. Why: a record is then one fixed-stride row, so a whole batch moves between
-rings with a single numpy copy and no second allocator has to be shared between producers and
-consumers (a payload arena would need its own claim/release protocol and a second cursor per ring).
-The cost is memory: capacity × (64 + P) bytes per ring. P is configurable (`records.payload_bytes`,
-default 448, so a record is 512 bytes); a payload larger than P is refused at the edge with a clear
-error (never truncated).
+Payloads of up to P bytes (`records.payload_bytes`, default 448, so a record is 512 bytes) are stored
+inline: the record is then one fixed-stride row, and a whole batch moves between rings with a single
+numpy copy. A larger payload (up to what `server.tcp.max_frame_bytes` allows) is copied once, at
+decode, into a slot of a PayloadArena (size-class slabs in NUMA memory, core/payloads.py); the record
+carries the slot (ext_arena, ext_off, ext_class) and `payload_len`, its inline bytes stay unused. The
+record still moves as one fixed-size row; the slot is given back when the record is released
+(`payloads.release_records`, called by the processor that released it, or after a refused record
+was dead-lettered). Memory: capacity x (64 + P) bytes per ring, plus `payloads.arena_bytes` once.
 """
 
 from __future__ import annotations
@@ -69,7 +74,10 @@ _HEADER_FIELDS = [
     ("priority", "u1"),
     ("flags", "u1"),
     ("attempts", "u1"),
-    ("_pad", "V13"),
+    ("ext_off", "<u8"),
+    ("ext_class", "u1"),
+    ("ext_arena", "u1"),
+    ("_pad", "V3"),
 ]
 
 _dtype_cache: dict[int, np.dtype] = {}
@@ -128,13 +136,17 @@ def set_payload(record: np.void | np.ndarray, data: bytes) -> None:
 
 
 def payload_of(record) -> bytes:
-    """The payload bytes of one record."""
+    """The payload bytes of one record (inline or in its payload arena)."""
     n = int(record["payload_len"])
-    return record["payload"][:n].tobytes()
+    if int(record["ext_class"]):
+        from eventstream.core.payloads import arena_by_id
+
+        return arena_by_id(int(record["ext_arena"])).view(int(record["ext_off"]), n).tobytes()
+    return record["payload"][:n].tobytes() if n else b""
 
 
 def payloads(batch: np.ndarray) -> list[bytes]:
-    """Payload bytes for every record of a batch (per-record Python: for handlers, not hot paths)."""
-    pl = batch["payload"]
-    lens = batch["payload_len"]
-    return [pl[i, : lens[i]].tobytes() for i in range(len(batch))]
+    """Payload bytes for every record of a batch (copies; per-record Python: not for hot paths)."""
+    from eventstream.core.payloads import payload_list
+
+    return payload_list(batch)

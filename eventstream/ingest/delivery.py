@@ -21,6 +21,7 @@ from collections import Counter
 import numpy as np
 import structlog
 
+from eventstream.core.payloads import release_records
 from eventstream.ingest.admission import REASON_BACKPRESSURE, REASON_PAUSED, Admission, Rejection
 from eventstream.protocol.decoder import FrameError
 from eventstream.protocol.frames import encode_nack, encode_nacks
@@ -169,6 +170,8 @@ class Delivery:
         reported = errors if report_errors is None else errors[:report_errors]
         if (dropped or reported) and self.on_reject is not None:
             self._report(dropped, reported, conn_id)
+        for recs, _idx, _reason in dropped:  # dead-lettered (their payloads copied out): slots back
+            release_records(recs)
         nacks = _nacks(dropped, errors) if want_nacks and (dropped or errors) else b""
         return Delivered(accepted, marks, held, held_idx, nacks, blocked)
 

@@ -46,6 +46,7 @@ import time
 import numpy as np
 import structlog
 
+from eventstream.core.payloads import release_records
 from eventstream.core.records import ACK_ACCEPTED, ACK_STORED, FLAG_ACK_MASK, FLAG_ACK_SHIFT
 from eventstream.core.topics import TopicTable
 from eventstream.ingest.acks import WOULD_BLOCK, Acknowledger
@@ -79,7 +80,8 @@ class Reader(Guard, Acknowledger, threading.Thread):
     def __init__(self, n: int, config, topics: TopicTable, delivery: Delivery, stats: IngestStats,
                  admission, cpus, payload_bytes: int, ack_default: int = ACK_STORED, *,
                  peer_limit: PeerLimit | None = None, budget: PartialBudget | None = None,
-                 tokens: TokenSet | None = None, tls: ssl.SSLContext | None = None, on_acked=None):
+                 tokens: TokenSet | None = None, tls: ssl.SSLContext | None = None, on_acked=None,
+                 payloads=None):
         super().__init__(name=f"es-tcp-reader-{n}", daemon=True)
         self.config = config
         self.topics = topics
@@ -88,6 +90,7 @@ class Reader(Guard, Acknowledger, threading.Thread):
         self.admission = delivery.admission
         self.cpus = cpus
         self.payload_bytes = payload_bytes
+        self.payloads = payloads  # PayloadArena for payloads over payload_bytes (None: refused)
         self.on_acked = on_acked  # callable(latencies_ns): decode-to-ACK of every event an ACK covers
         self.ack_default = ack_default
         self.incoming: collections.deque = collections.deque()
@@ -256,7 +259,8 @@ class Reader(Guard, Acknowledger, threading.Thread):
                         self.peer_limit.release(peer_ip(peer))
                     continue
             dec = FrameDecoder(self.topics, max_frame_bytes=self.config.max_frame_bytes,
-                               payload_bytes=self.payload_bytes, conn_id=conn_id, ack_default=self.ack_default)
+                               payload_bytes=self.payload_bytes, conn_id=conn_id, ack_default=self.ack_default,
+                               payloads=self.payloads)
             c = Connection(sock, conn_id, peer, dec, now, self._burst)
             c.preamble = Preamble(self.tokens)
             c.meter = RejectMeter(self.config.max_rejects_per_s, now)
@@ -320,8 +324,13 @@ class Reader(Guard, Acknowledger, threading.Thread):
             c.preamble = None
             c.partial_since = now
             data = memoryview(rest)
+        self._consume(c, data, now)
+
+    def _consume(self, c: Connection, data, now: float) -> None:
+        """Decode `data` (b"": what the decoder kept while the payload arena was full) and deliver."""
         records, indices, errors = c.decoder.feed_indexed(data)
-        data.release()
+        if isinstance(data, memoryview):
+            data.release()
         # a v2 frame in this read, accepted or rejected, makes it a v2 connection before the NACKs of
         # this read are built (a v1 record next to a rejected v2 frame must not hide its NACK)
         if not c.v2 and ((len(records) and records["flags"].any()) or any(e.version == 2 for e in errors)):
@@ -349,6 +358,12 @@ class Reader(Guard, Acknowledger, threading.Thread):
             self._hold(c, d.held, d.held_indices, d.blocked)
         else:
             self._end_chunk(c)
+        if c.decoder.arena_blocked and c not in self.stalled:
+            # the payload arena is full: push back like a full queue (stop reading this connection;
+            # _retry_held decodes the rest once the arena has room)
+            self.stats.holds += 1
+            self.stalled.add(c)
+            self._interest(c, False)
         buffered = c.decoder.buffered  # after delivery: closing c for the budget keeps this read's events
         if buffered or c.partial:
             self._account_partial(c, buffered, bool(len(records) or errors), now)
@@ -381,20 +396,29 @@ class Reader(Guard, Acknowledger, threading.Thread):
         if c.closed:
             self.stalled.discard(c)
             return
-        if not self._may_progress(c):
-            return  # cheap checks first: offering a large held batch again costs more
-        d = self.delivery.deliver(c.held, c.held_idx, [], c.conn_id, want_nacks=c.v2, retry=True)
-        c.accepted += d.accepted
-        if c.v2:
-            c.open_marks.extend(d.marks)
-            c.open_nacks += d.nacks
-        if d.held is not None:
-            c.held, c.held_idx, c.blocked = d.held, d.held_indices, d.blocked
-            return
-        c.held = c.held_idx = None
-        c.blocked = ()
+        if c.held is not None:
+            if not self._may_progress(c):
+                return  # cheap checks first: offering a large held batch again costs more
+            d = self.delivery.deliver(c.held, c.held_idx, [], c.conn_id, want_nacks=c.v2, retry=True)
+            c.accepted += d.accepted
+            if c.v2:
+                c.open_marks.extend(d.marks)
+                c.open_nacks += d.nacks
+            if d.held is not None:
+                c.held, c.held_idx, c.blocked = d.held, d.held_indices, d.blocked
+                return
+            c.held = c.held_idx = None
+            c.blocked = ()
+            self._end_chunk(c)
+        need = c.decoder.arena_blocked
+        if need:  # frames kept undecoded while the payload arena was full
+            if not self.payloads.has_room(need):
+                return
+            self.stalled.discard(c)
+            self._consume(c, b"", time.monotonic())
+            if c.closed or c in self.stalled:
+                return
         self.stalled.discard(c)
-        self._end_chunk(c)
         if c.closing and not c.v2:
             self._close(c, c.closing)
         elif not c.closing and c not in self.throttled:
@@ -435,6 +459,9 @@ class Reader(Guard, Acknowledger, threading.Thread):
         if c.closed:
             return
         c.closed = True
+        if c.held is not None:  # never placed nor ACKed: give their payload slots back
+            release_records(c.held)
+            c.held = c.held_idx = None
         if c.meter is not None and c.meter.suppressed:
             self.delivery.report_suppressed(c.conn_id, c.meter.take_suppressed(), "server.tcp.max_rejects_per_s",
                                             c.meter.limit)

@@ -55,8 +55,10 @@ def bind_error(kind: str, key: str, host: str, port: int, exc: OSError) -> BindE
 class TcpServer:
     def __init__(self, config: TcpConfig, sink, topics: TopicTable, *, admission: Admission | None = None,
                  on_reject=None, cpus=None, reader_cpus=None, payload_bytes: int = 448,
-                 ack_default: int = ACK_STORED, tokens: TokenSet | None = None, on_acked=None):
-        """`ack_default`: the ACK mode of v2 frames that ask for none (core.records.ACK_*); `tokens`:
+                 ack_default: int = ACK_STORED, tokens: TokenSet | None = None, on_acked=None,
+                 payloads=None):
+        """`payloads`: the PayloadArena for payloads over `payload_bytes` (None: such frames are
+        rejected as payload_too_large). `ack_default`: the ACK mode of v2 frames that ask for none (core.records.ACK_*); `tokens`:
         the client tokens a connection must present in a HELLO (auth.py; None = no authentication).
         TLS is on when config.tls.cert_file is set (tls.py). `on_acked(latencies_ns)`: decode-to-ACK
         latency of every event an ACK covered (metrics)."""
@@ -68,6 +70,7 @@ class TcpServer:
         self.cpus = list(cpus or [])
         self.reader_cpus = list(reader_cpus or [])
         self.payload_bytes = payload_bytes
+        self.payloads = payloads
         self.ack_default = ack_default
         self.tokens = tokens
         self.on_acked = on_acked
@@ -114,7 +117,7 @@ class TcpServer:
             delivery = Delivery(self.sink, self.admission, self.on_reject, stats)
             r = Reader(n, cfg, self.topics, delivery, stats, self.admission, self.reader_cpus, self.payload_bytes,
                        self.ack_default, peer_limit=self.peer_limit, budget=self.budget, tokens=self.tokens,
-                       tls=tls, on_acked=self.on_acked)
+                       tls=tls, on_acked=self.on_acked, payloads=self.payloads)
             self._stats.append(stats)
             self._readers.append(r)
             self.budget.readers.append(r)

@@ -31,13 +31,16 @@ import structlog
 
 from eventstream.config import UdpConfig
 from eventstream.core.topics import TopicTable
-from eventstream.ingest.admission import Admission
+from eventstream.ingest.admission import Admission, Rejection
 from eventstream.ingest.delivery import Delivery, IngestStats, merge_stats
 from eventstream.ingest.limits import RejectMeter
 from eventstream.ingest.tcp import bind_error
 from eventstream.protocol.decoder import FrameDecoder, FrameError, decode_frames
 from eventstream.protocol.framing import scan
 from eventstream.runtime.affinity import pin_current_thread
+
+# a datagram whose payload found no room in the payload arena (payloads.arena_bytes): shed, as a full queue
+REASON_ARENA_FULL = "overflow:payloads (the payload arena is full; payloads.arena_bytes)"
 
 log = structlog.get_logger("eventstream.ingest.udp")
 
@@ -122,13 +125,14 @@ class _Receiver:
 
 class UdpServer:
     def __init__(self, config: UdpConfig, sink, topics: TopicTable, *, admission: Admission | None = None,
-                 on_reject=None, cpus=None, payload_bytes: int = 448, max_frame_bytes: int = 1 << 20,
+                 on_reject=None, cpus=None, payload_bytes: int = 448, max_frame_bytes: int = 1 << 20, payloads=None,
                  use_recvmmsg: bool = True):
         self.config = config
         self.topics = topics
         self.admission = admission if admission is not None else Admission()
         self.cpus = list(cpus or [])
         self.payload_bytes = payload_bytes
+        self.payloads = payloads  # PayloadArena for payloads over payload_bytes (None: refused)
         self.max_frame_bytes = max_frame_bytes
         self.use_recvmmsg = use_recvmmsg
         self.stats = IngestStats()
@@ -182,7 +186,7 @@ class UdpServer:
         self.recv_mode = rx.mode
         self._ready.set()
         dec = FrameDecoder(self.topics, max_frame_bytes=self.max_frame_bytes, payload_bytes=self.payload_bytes,
-                           conn_id=UDP_CONN_ID)
+                           conn_id=UDP_CONN_ID, payloads=self.payloads)
         sel = selectors.DefaultSelector()
         sel.register(self._sock, selectors.EVENT_READ)
         last_bad_log = 0.0
@@ -230,7 +234,13 @@ class UdpServer:
         while first < len(offs):
             records, indices, errors, bad_at = decode_frames(dec, buf, offs[first:], lens[first:],
                                                              dec.frames_seen + 1, ingest_ts)
-            if bad_at is None:
+            stop = dec.arena_stop
+            if stop >= 0:  # the payload arena is full: no flow control here, shed that frame
+                dec.arena_stop = -1
+                dec.frames_seen += stop + 1
+                consumed = first + stop + 1
+                self._shed_arena_full(dec.frames_seen)
+            elif bad_at is None:
                 dec.frames_seen += len(offs) - first
                 consumed = len(offs)
             else:  # a frame whose topic runs past its end: drop the rest of that datagram
@@ -251,6 +261,15 @@ class UdpServer:
         stats.datagrams_bad += len(bad)
         stats.datagrams += n  # last: a reader of statistics() that sees the datagrams sees their outcome
         return bad
+
+    def _shed_arena_full(self, index: int) -> None:
+        self.stats.backpressure_drops += 1
+        self.stats.frames_rejected[REASON_ARENA_FULL] += 1
+        if self.delivery.on_reject is not None:
+            try:
+                self.delivery.on_reject(None, "", [Rejection(UDP_CONN_ID, index, 0, "", -1, REASON_ARENA_FULL)])
+            except Exception as exc:
+                log.error("on_reject_failed", error=repr(exc))
 
     def threads(self) -> list[threading.Thread]:
         """The reader thread (for health checks)."""

@@ -56,9 +56,14 @@ class FrameDecoder:
     """
 
     def __init__(self, topics: TopicTable, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
-                 payload_bytes: int = 448, conn_id: int = 0, ack_default: int = 0):
+                 payload_bytes: int = 448, conn_id: int = 0, ack_default: int = 0, payloads=None):
         """`ack_default`: the ACK mode (core.records.ACK_*) stored in v2 records whose frame asks for
-        none (flags bits 0-1 = 0)."""
+        none (flags bits 0-1 = 0). `payloads`: the PayloadArena (core/payloads.py) for payloads over
+        `payload_bytes`; without one such a payload is rejected (payload_too_large).
+
+        When the arena has no room for a payload, decoding stops before that frame: the frames from
+        there on stay buffered (`arena_blocked` = the bytes the first of them needs) until the caller
+        feeds again (feed(b"")) once `payloads.has_room(arena_blocked)`: the producer is pushed back."""
         self.topics = topics
         self.ack_default = ack_default & 3
         self.max_frame_bytes = max_frame_bytes
@@ -70,6 +75,10 @@ class FrameDecoder:
         self._buf = bytearray()
         self._topic_cache: dict[bytes, int] = {}
         self.topic_limit_reason = ""
+        self.payloads = payloads
+        self.max_payload = payloads.max_payload if payloads is not None else payload_bytes
+        self.arena_blocked = 0  # bytes the first undecoded frame needs in the payload arena (0: none)
+        self.arena_stop = -1  # set by decode_frames: position of the frame it stopped at, -1 = none
 
     @property
     def buffered(self) -> int:
@@ -90,9 +99,19 @@ class FrameDecoder:
             src = data
         end = len(src)
         offs, lens, pos, fatal = scan(src, 0, end, self.max_frame_bytes)
+        self.arena_blocked = 0
         records, indices, errors, bad_at = decode_frames(
             self, src, offs, lens, self.frames_seen + 1)
-        if bad_at is not None:  # a header whose topic runs past the frame end: already the last error
+        stop = self.arena_stop
+        if stop >= 0:  # the payload arena is full: keep the frames from `stop` on for later
+            self.arena_stop = -1
+            self.frames_seen += stop
+            at = offs[stop]
+            if src is self._buf:
+                del src[:at]
+            else:
+                self._buf = bytearray(memoryview(data)[at:])
+        elif bad_at is not None:  # a header whose topic runs past the frame end: already the last error
             self.frames_seen += bad_at + 1
             self.failed = True
             self._buf = bytearray()
@@ -184,7 +203,7 @@ def decode_frames(dec: FrameDecoder, src, offs: list[int], lens: list[int], firs
         rec["flags"][i2] = FLAG_V2 | (mode << FLAG_ACK_SHIFT)
     plen = length - hdr - tlen
     tstart = off + LENGTH_BYTES + hdr
-    err[plen > dec.payload_bytes] = _E_TOO_LARGE
+    err[plen > dec.max_payload] = _E_TOO_LARGE
     err[rec["priority"] > MAX_PRIORITY] = _E_PRIORITY
     err[kind != KIND_EVENT] = _E_KIND
     err[(tlen == 0) | (tlen > MAX_TOPIC_BYTES)] = _E_TOPIC_LEN
@@ -209,13 +228,33 @@ def decode_frames(dec: FrameDecoder, src, offs: list[int], lens: list[int], firs
                 err[j] = _E_CRC
         mv.release()
     keep = np.flatnonzero(err[:live] == _OK) if bad_at is None else np.flatnonzero(err[:bad_at] == _OK)
+    ext = None
+    if len(keep) and dec.payloads is not None:
+        big = plen[keep] > dec.payload_bytes
+        if big.any():
+            ext = np.flatnonzero(big)
+            offs_ext, cls_ext = dec.payloads.claim(plen[keep[ext]])
+            if len(offs_ext) < len(ext):  # the arena is full: stop before the first that did not fit
+                stop = int(keep[ext[len(offs_ext)]])
+                dec.arena_stop = stop
+                dec.arena_blocked = int(plen[stop])
+                live = stop
+                if bad_at is not None and bad_at >= stop:
+                    bad_at = None
+                keep = keep[keep < stop]
+                ext = ext[:len(offs_ext)]
     out = rec[keep]
     if len(keep):
         pl = plen[keep]
         out["payload_len"] = pl
         out["conn_id"] = dec.conn_id
         out["ingest_ts"] = time.monotonic_ns() if ingest_ts is None else ingest_ts
-        _copy_payloads(arr, out, (tstart + tlen)[keep], pl)
+        pstart = (tstart + tlen)[keep]
+        if ext is not None:
+            _copy_ext(dec.payloads, arr, out, pstart, pl, ext, offs_ext, cls_ext)
+            pl = pl.copy()
+            pl[ext] = 0
+        _copy_payloads(arr, out, pstart, pl)
     errors = []
     bad = np.flatnonzero(err[:live] != _OK)
     if len(bad):
@@ -321,6 +360,16 @@ def _copy_payloads(arr: np.ndarray, out: np.ndarray, pstart: np.ndarray, pl: np.
     out["payload"][:, :width] = g
 
 
+def _copy_ext(arena, arr, out, pstart, pl, ext, offs, cls) -> None:
+    """Copy the payloads of out[ext] into their claimed arena slots (one copy each; they are large)."""
+    out["ext_off"][ext] = offs
+    out["ext_class"][ext] = cls
+    out["ext_arena"][ext] = arena.id
+    buf = arena.buf
+    for o, s, n in zip(offs.tolist(), pstart[ext].tolist(), pl[ext].tolist()):
+        buf[o:o + n] = arr[s:s + n]
+
+
 def _describe(dec, arr, j, index, code, rec, v2, kind, tstart, tlen, plen, length) -> FrameError:
     """The FrameError of frame j (rare path: per-error Python is fine)."""
     version = 2 if v2[j] else 1
@@ -338,8 +387,12 @@ def _describe(dec, arr, j, index, code, rec, v2, kind, tstart, tlen, plen, lengt
     elif code == _E_PRIORITY:
         reason = f"priority {prio} is not allowed; allowed: 0..{MAX_PRIORITY}"
     elif code == _E_TOO_LARGE:
-        reason = (f"payload of {int(plen[j])} bytes exceeds the inline capacity of {dec.payload_bytes} bytes "
-                  f"(records.payload_bytes; allowed: 0..{dec.payload_bytes})")
+        if dec.payloads is None:
+            reason = (f"payload of {int(plen[j])} bytes exceeds the inline capacity of {dec.payload_bytes} "
+                      f"bytes (records.payload_bytes; no payload arena here; allowed: 0..{dec.payload_bytes})")
+        else:
+            reason = (f"payload of {int(plen[j])} bytes exceeds the largest payload of {dec.max_payload} bytes "
+                      f"(server.tcp.max_frame_bytes; allowed: 0..{dec.max_payload})")
     elif code == _E_UTF8:
         reason = "topic is not valid UTF-8"
     elif code == _E_CRC:

@@ -7,7 +7,8 @@ parks on the queue's wait strategy (a publish to any partition wakes it). `stop(
 exits once stop was asked and its queue is empty.
 
 Completion: handle() stores (or dead-letters) every record before the batch is released, so a ring's
-released count is a watermark of "stored"; a batch holding an event whose ACK promises an fsync is
+released count is a watermark of "stored" (payloads kept in the payload arena are given back in the
+same step, just before the release: core/payloads.py); a batch holding an event whose ACK promises an fsync is
 fsynced (group commit, `Sinks.sync`) before its release. After each release `Sinks.progress` tells
 ingest that watermarks moved, so ACKs leave as soon as they are due, never on a timer.
 """
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import structlog
 
+from eventstream.core.payloads import release_records
 from eventstream.core.records import ACK_SYNCED, FLAG_ACK_MASK, FLAG_ACK_SHIFT
 from eventstream.core.topics import TopicTable
 from eventstream.engine import idempotency
@@ -163,6 +165,8 @@ class Processor(threading.Thread):
             stored_ns = time.monotonic_ns()
             ingest = views[0]["ingest_ts"].astype(np.int64) if len(views) == 1 else \
                 np.concatenate([v["ingest_ts"] for v in views]).astype(np.int64)
+        for view in views:  # stored or dead-lettered: their payload arena slots go back first
+            release_records(view)
         ring.release(n)
         if sinks.progress is not None:
             sinks.progress()
@@ -190,6 +194,7 @@ class Processor(threading.Thread):
             taken_ns = time.monotonic_ns()
             if not self.handle_inline(records, partition):
                 return False
+            release_records(records)  # stored or dead-lettered: payload arena slots back
             if sinks.sync is not None and _wants_sync((records,)):
                 sinks.sync()
             if sinks.stages is not None:  # recorded later, off the caller's way to its ACK

@@ -1,0 +1,335 @@
+"""PayloadArena: payloads larger than a record's inline capacity, in size-class slabs of NUMA memory.
+
+A record keeps payloads of up to `records.payload_bytes` inline (core/records.py). A larger one is
+copied once, at decode, into a slot of this arena, and the record carries where it is: `ext_arena`
+(the arena's id in this process, 1..255), `ext_off` (byte offset) and `ext_class` (size class + 1;
+0 = inline); `payload_len` is the length as for inline payloads. Handlers get the slot as a
+zero-copy view; the processor that released the record's ring slot gives the payload slot back in
+the same step (one `release_records` call per batch), so a payload lives exactly as long as its
+record is in flight.
+
+Layout: the arena is `arena_bytes` of memory (core/arena.py, on the configured NUMA node) cut into
+chunks of `chunk` bytes (the largest possible payload rounded up to a power of two, at least 64 KiB).
+A chunk is taken from the shared pool by one size class (powers of two from just above the inline
+capacity up to `chunk`) and cut into slots of that size; a chunk whose slots are all free again goes
+back to the pool (unless it is its class's only chunk with free slots: that one is kept, so a
+trickle of one size does not cut a chunk on every claim). Waste is below half a slot per payload.
+
+Concurrency: claims come from every ingest thread, releases from every processor thread. Each
+size class has its own small lock (a claim or a release of a whole batch takes each class's lock
+once, never per byte), and the chunk pool has one more lock, taken only while a chunk changes hands
+(lock order: class, then pool). Why locks and not the rings' CAS cursors: slots are freed out of
+order (partitions release independently), so a cursor would need a second free structure anyway;
+the lock is held for a few list operations per batch, and payloads above the inline size cost far
+more to copy than the lock.
+
+Bounded: `claim` never grows the arena. When a payload does not fit, it claims the longest prefix
+that does and says so; ingest then pushes the producer back exactly as for a full ring (the TCP
+reader keeps the undecoded bytes and stops reading that connection until there is room; UDP sheds
+with reason `overflow:payloads`).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from eventstream.core.arena import Arena
+
+MIN_CLASS_BYTES = 64
+MIN_CHUNK_BYTES = 64 << 10
+DEFAULT_ARENA_BYTES = 128 << 20
+MAX_ARENAS = 255  # ids fit the record's u1 `ext_arena`
+
+_registry: list = [None] * (MAX_ARENAS + 1)  # arena id -> PayloadArena (0 = inline, never used)
+_registry_lock = threading.Lock()
+
+
+def pow2_at_least(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def chunk_bytes_for(max_payload: int) -> int:
+    """Chunk size of an arena whose largest payload is `max_payload` bytes."""
+    return max(pow2_at_least(max_payload), MIN_CHUNK_BYTES)
+
+
+def arena_by_id(arena_id: int) -> PayloadArena:
+    a = _registry[arena_id] if 0 < arena_id <= MAX_ARENAS else None
+    if a is None:
+        raise ValueError(f"record refers to payload arena {arena_id}, which does not exist (closed?); "
+                         "allowed: records whose payload arena is still open")
+    return a
+
+
+class _Class:
+    __slots__ = ("size", "lock", "avail", "used")
+
+    def __init__(self, size: int):
+        self.size = size
+        self.lock = threading.Lock()
+        self.avail: dict[int, list[int]] = {}  # chunk -> free slot offsets (only chunks with some)
+        self.used = 0  # slots in use
+
+
+class PayloadArena:
+    """`size_bytes` of payload slots for payloads of `min_payload + 1` .. `max_payload` bytes."""
+
+    def __init__(self, size_bytes: int, max_payload: int, *, min_payload: int = 0, node: int = -1,
+                 name: str = "payloads", key: str = "payloads.arena_bytes"):
+        if not isinstance(max_payload, int) or max_payload < 1:
+            raise ValueError(f"max_payload={max_payload!r} is not allowed; allowed: an integer >= 1")
+        self.chunk = chunk_bytes_for(max_payload)
+        if not isinstance(size_bytes, int) or size_bytes < 2 * self.chunk:
+            raise ValueError(
+                f"{key}={size_bytes!r} is not allowed; allowed: at least {2 * self.chunk} bytes (two "
+                f"chunks of {self.chunk} bytes: the largest payload, {max_payload} bytes from "
+                "server.tcp.max_frame_bytes, rounded up to a power of two)")
+        self.max_payload = max_payload
+        self.min_payload = min_payload
+        self.nchunks = size_bytes // self.chunk
+        self.size = self.nchunks * self.chunk
+        self.name = name
+        smallest = min(max(MIN_CLASS_BYTES, pow2_at_least(min_payload + 1)), self.chunk)
+        sizes = []
+        s = smallest
+        while s <= self.chunk:
+            sizes.append(s)
+            s *= 2
+        self.class_sizes = sizes
+        self._sizes_np = np.array(sizes, dtype=np.int64)
+        self._classes = [_Class(s) for s in sizes]
+        self._grain = smallest
+        self._arena = Arena(self.size, node, name=name)
+        self.buf = self._arena.array(self.size, np.uint8, zero=False)  # pages fault in on first use
+        self._pool = list(range(self.nchunks - 1, -1, -1))  # free chunks (a stack)
+        self._pool_lock = threading.Lock()
+        self._chunk_used = [0] * self.nchunks
+        self._claimed = bytearray(self.size // smallest)  # 1 = a slot starts here and is claimed
+        self._stats_lock = threading.Lock()
+        self._stats = {"claimed": 0, "released": 0, "claimed_bytes": 0, "full": 0, "bad_release": 0}
+        with _registry_lock:
+            free = [i for i in range(1, MAX_ARENAS + 1) if _registry[i] is None]
+            if not free:
+                self._arena.close()
+                raise RuntimeError(f"more than {MAX_ARENAS} payload arenas open in this process; "
+                                   "allowed: close() arenas that are no longer used")
+            self.id = free[0]
+            _registry[self.id] = self
+        self.closed = False
+
+    # -- claiming ---------------------------------------------------------------------------------
+    def class_of(self, sizes: np.ndarray) -> np.ndarray:
+        """Size-class index (0-based) of each payload size."""
+        return np.searchsorted(self._sizes_np, sizes)
+
+    def claim(self, sizes) -> tuple[np.ndarray, np.ndarray]:
+        """Slots for payloads of `sizes` bytes, in order: (offsets u8, ext classes u1 = class + 1) for
+        the longest prefix that fits now (all of them unless the arena is full). Never waits."""
+        sizes = np.asarray(sizes, dtype=np.int64)
+        n = len(sizes)
+        if n == 0:
+            return np.zeros(0, np.uint64), np.zeros(0, np.uint8)
+        if self.closed:
+            raise ValueError(f"payload arena {self.name!r} is closed")
+        big = int(sizes.max())
+        if big > self.chunk:
+            raise ValueError(f"payload of {big} bytes does not fit payload arena {self.name!r}; allowed: "
+                             f"0..{self.max_payload} bytes (server.tcp.max_frame_bytes)")
+        cls = self.class_of(sizes)
+        offs = np.zeros(n, dtype=np.uint64)
+        got_mask = np.zeros(n, dtype=bool)
+        cut = n
+        for c in np.unique(cls).tolist():
+            idx = np.flatnonzero(cls == c)
+            got = self._take(c, len(idx))
+            k = len(got)
+            if k:
+                offs[idx[:k]] = got
+                got_mask[idx[:k]] = True
+            if k < len(idx):
+                cut = min(cut, int(idx[k]))
+        ext = (cls + 1).astype(np.uint8)
+        if cut < n:
+            back = np.flatnonzero(got_mask[cut:]) + cut
+            if len(back):
+                self.release(offs[back], ext[back])
+            with self._stats_lock:
+                self._stats["full"] += 1
+        if cut:
+            with self._stats_lock:
+                self._stats["claimed"] += cut
+                self._stats["claimed_bytes"] += int(sizes[:cut].sum())
+        return offs[:cut], ext[:cut]
+
+    def _take(self, c: int, k: int) -> list[int]:
+        cl = self._classes[c]
+        out: list[int] = []
+        with cl.lock:
+            while len(out) < k:
+                if not cl.avail:
+                    with self._pool_lock:
+                        ch = self._pool.pop() if self._pool else -1
+                    if ch < 0:
+                        break
+                    base = ch * self.chunk
+                    cl.avail[ch] = list(range(base + self.chunk - cl.size, base - 1, -cl.size))
+                ch, free = next(iter(cl.avail.items()))
+                m = min(k - len(out), len(free))
+                out.extend(free[len(free) - m:])
+                del free[len(free) - m:]
+                self._chunk_used[ch] += m
+                if not free:
+                    del cl.avail[ch]
+            cl.used += len(out)
+            claimed, grain = self._claimed, self._grain
+            for o in out:
+                claimed[o // grain] = 1
+        return out
+
+    def has_room(self, size: int) -> bool:
+        """Whether a payload of `size` bytes would get a slot now (a hint: others claim meanwhile)."""
+        c = int(self.class_of(np.int64(size)))
+        return bool(self._classes[c].avail) or bool(self._pool)
+
+    # -- releasing --------------------------------------------------------------------------------
+    def release(self, offsets, ext_classes) -> None:
+        """Give slots back (a batch; offsets and ext classes as claim() returned them)."""
+        offs = np.asarray(offsets, dtype=np.uint64)
+        cls = np.asarray(ext_classes, dtype=np.int64) - 1
+        if len(offs) == 0:
+            return
+        bad = 0
+        for c in np.unique(cls).tolist():
+            sel = offs[cls == c].tolist()
+            if not 0 <= c < len(self._classes):
+                bad += len(sel)
+                continue
+            cl = self._classes[c]
+            chunk, grain, claimed, used = self.chunk, self._grain, self._claimed, self._chunk_used
+            done = 0
+            with cl.lock:
+                for o in sel:
+                    g = o // grain
+                    if o >= self.size or o % cl.size or not claimed[g]:
+                        bad += 1  # never claimed, or released twice: ignored (counted)
+                        continue
+                    claimed[g] = 0
+                    ch = o // chunk
+                    free = cl.avail.get(ch)
+                    if free is None:
+                        free = cl.avail[ch] = []
+                    free.append(o)
+                    used[ch] -= 1
+                    done += 1
+                    if used[ch] == 0 and len(cl.avail) > 1:  # keep one chunk per class cut
+                        del cl.avail[ch]
+                        with self._pool_lock:
+                            self._pool.append(ch)
+                cl.used -= done
+            with self._stats_lock:
+                self._stats["released"] += done
+        if bad:
+            with self._stats_lock:
+                self._stats["bad_release"] += bad
+
+    # -- access -----------------------------------------------------------------------------------
+    def view(self, offset: int, n: int) -> np.ndarray:
+        """The payload at `offset` as a zero-copy uint8 view (valid until its slot is released)."""
+        return self.buf[offset:offset + n]
+
+    def statistics(self) -> dict:
+        with self._stats_lock:
+            st = dict(self._stats)
+        used = sum(cl.used * cl.size for cl in self._classes)
+        st.update(bytes=self.size, chunk_bytes=self.chunk, chunks=self.nchunks,
+                  chunks_free=len(self._pool), used_bytes=used,
+                  slots_used={cl.size: cl.used for cl in self._classes if cl.used})
+        return st
+
+    def placement(self) -> dict:
+        return self._arena.nodes()
+
+    def close(self) -> None:
+        """Free the memory (idempotent); views of it become invalid."""
+        if self.closed:
+            return
+        self.closed = True
+        with _registry_lock:
+            if _registry[self.id] is self:
+                _registry[self.id] = None
+        self._arena.close()
+
+    def __enter__(self) -> PayloadArena:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<PayloadArena {self.name!r} id={self.id} {self.size} bytes chunk={self.chunk}>"
+
+
+# -- records that may carry payloads in an arena ---------------------------------------------------
+def has_ext(records: np.ndarray) -> bool:
+    """Does any record of the batch keep its payload in an arena?"""
+    if len(records) <= 8:
+        return any(records["ext_class"].tolist())
+    return bool(records["ext_class"].any())
+
+
+def release_records(records: np.ndarray) -> None:
+    """Give back the arena slots of every record of a batch that has one (no-op for inline-only)."""
+    ext = records["ext_class"]
+    if len(records) <= 8:
+        if not any(ext.tolist()):
+            return
+    elif not ext.any():
+        return
+    idx = np.flatnonzero(ext)
+    ids = records["ext_arena"][idx]
+    for aid in np.unique(ids).tolist():
+        sel = idx[ids == aid]
+        a = _registry[aid] if 0 < aid <= MAX_ARENAS else None
+        if a is not None:
+            a.release(records["ext_off"][sel], ext[sel])
+
+
+def payload_view(records: np.ndarray, i: int):
+    """Record i's payload as a zero-copy memoryview (inline or in its arena)."""
+    r = records[i]
+    n = int(r["payload_len"])
+    if r["ext_class"]:
+        return memoryview(arena_by_id(int(r["ext_arena"])).view(int(r["ext_off"]), n))
+    if n == 0:
+        return memoryview(b"")
+    return memoryview(records["payload"][i, :n])
+
+
+def payload_views(records: np.ndarray) -> list:
+    """Every record's payload as a zero-copy memoryview (valid while the records are in flight)."""
+    lens = records["payload_len"].tolist()
+    ext = records["ext_class"].tolist()
+    pl = records["payload"] if "payload" in (records.dtype.names or ()) else None
+    out = []
+    empty = memoryview(b"")
+    if not any(ext):
+        if pl is None:
+            return [empty] * len(lens)
+        return [memoryview(pl[i, :n]) if n else empty for i, n in enumerate(lens)]
+    offs = records["ext_off"].tolist()
+    aids = records["ext_arena"].tolist()
+    for i, n in enumerate(lens):
+        if ext[i]:
+            out.append(memoryview(arena_by_id(aids[i]).view(offs[i], n)))
+        elif n and pl is not None:
+            out.append(memoryview(pl[i, :n]))
+        else:
+            out.append(empty)
+    return out
+
+
+def payload_list(records: np.ndarray) -> list[bytes]:
+    """Every record's payload as bytes (copies: safe to keep after the records are released)."""
+    return [bytes(v) for v in payload_views(records)]
