@@ -102,18 +102,19 @@ class Service:
         self._last_sample = (0, 0, time.monotonic())
 
     # ------------------------------------------------------------------------------------ sinks
-    def drop(self, records: np.ndarray, reason) -> None:
-        """Every dropped or failed event: dead-letter log + events_dropped_total{reason}."""
+    def drop(self, records: np.ndarray, reason, payloads: list | None = None) -> None:
+        """Every dropped or failed event: dead-letter log + events_dropped_total{reason}. `payloads`:
+        the records' payloads when the caller copied them out of the payload arena already."""
         if len(records) == 0:
             return
         if isinstance(reason, str):
-            self.dlq.write(records, reason, self.topics)
+            self.dlq.write(records, reason, self.topics, payloads)
             category = reason_category(reason)
             self.metrics.dropped(category, len(records))
             if category in BACKPRESSURE_REASONS:
                 self.metrics.backpressure_dropped(len(records))
         else:
-            self.dlq.write_each(records, list(reason), self.topics)
+            self.dlq.write_each(records, list(reason), self.topics, payloads)
             for r in reason:
                 self.metrics.dropped(reason_category(r), 1)
 

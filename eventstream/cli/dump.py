@@ -63,8 +63,11 @@ def resolve_path(args) -> Path | None:
     return Path(cfg.storage.data_dir) / cfg.storage.events_file
 
 
-def record_dict(r, topic: str, stored_ns: int) -> dict:
-    payload = r["payload"][: int(r["payload_len"])].tobytes() if "payload" in r.dtype.names else b""
+def record_dict(r, topic: str, stored_ns: int, payload: bytes | None = None) -> dict:
+    """One stored record as a dict; `payload`: its whole payload (StoredBatch.payload), else the
+    record's inline bytes."""
+    if payload is None:
+        payload = r["payload"][: int(r["payload_len"])].tobytes() if "payload" in r.dtype.names else b""
     out = {
         "stored_at": iso_ns(stored_ns), "seq": int(r["seq"]), "event_id": int(r["event_id"]), "topic": topic,
         "priority": int(r["priority"]),
@@ -127,7 +130,7 @@ def _print(batches, fmt: str, limit: int) -> int:
         for i in range(len(b)):
             if limit and shown >= limit:
                 return 0
-            d = record_dict(b.records[i], names[i], int(b.stored_ns[i]))
+            d = record_dict(b.records[i], names[i], int(b.stored_ns[i]), b.payload(i))
             if fmt == "jsonl":
                 out.write(json.dumps(d, ensure_ascii=False) + "\n")
             else:

@@ -62,12 +62,10 @@ def run(args) -> int:
                 seqs = r["seq"].tolist()
                 prios = r["priority"].tolist()
                 ts = r["producer_ts"].tolist()
-                lens = r["payload_len"].tolist()
-                pl = r["payload"] if "payload" in r.dtype.names else None
+                pays = b.payloads()  # whole payloads, inline or stored after their record
                 for i in range(len(r)):
                     eid = (ids[i] or seqs[i]) if args.keep_ids else None
-                    payload = pl[i, :lens[i]].tobytes() if pl is not None else b""
-                    client.send(names[i], payload, priority=prios[i], event_id=eid, timestamp_ns=ts[i] or None)
+                    client.send(names[i], pays[i], priority=prios[i], event_id=eid, timestamp_ns=ts[i] or None)
                     sent += 1
             client.flush()
             client.wait_acked(args.timeout)

@@ -54,13 +54,17 @@ class _Pending:
 class TcpClient:
     def __init__(self, host: str = "127.0.0.1", port: int = 9000, *, version: int = 2, batch_size: int = 256,
                  timeout: float = 10.0, max_inflight: int = 65536, reconnect: bool = True,
-                 token: str | bytes | None = None, tls: bool = False, ssl_context: ssl.SSLContext | None = None):
+                 token: str | bytes | None = None, tls: bool = False, ssl_context: ssl.SSLContext | None = None,
+                 max_frame_bytes: int = 1 << 20):
+        """`max_frame_bytes`: the server's server.tcp.max_frame_bytes; send() refuses a bigger frame
+        (the server would close the connection on it). Payloads of any size up to that are fine."""
         if version not in (1, 2):
             raise ValueError(f"version={version!r} is not allowed; allowed: 1 or 2")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} is not allowed; allowed: an integer >= 1")
         self.host, self.port, self.version = host, port, version
         self.batch_size = batch_size
+        self.max_frame_bytes = max_frame_bytes
         self.timeout = timeout
         self.max_inflight = max_inflight
         self.reconnect = reconnect
@@ -169,8 +173,7 @@ class TcpClient:
              timestamp_ns: int | None = None) -> int:
         """Queue one event (sent when batch_size events are queued or on flush). Returns its event_id."""
         if self.version == 1:
-            self._batch.append(_Pending(0, encode_v1(topic, payload, priority)))
-            eid = 0
+            frame, eid = encode_v1(topic, payload, priority), 0
         else:
             if event_id is None:
                 eid = self._next_id
@@ -178,7 +181,13 @@ class TcpClient:
             else:
                 eid = event_id
             ts = time.time_ns() if timestamp_ns is None else timestamp_ns
-            self._batch.append(_Pending(eid, encode_v2(topic, payload, priority, eid, ts)))
+            frame = encode_v2(topic, payload, priority, eid, ts)
+        if len(frame) - 4 > self.max_frame_bytes:
+            head = len(frame) - 4 - len(payload)
+            raise ValueError(f"payload of {len(payload)} bytes makes a frame of {len(frame) - 4} bytes; allowed: "
+                             f"payloads of 0..{self.max_frame_bytes - head} bytes with this topic "
+                             f"(max_frame_bytes={self.max_frame_bytes}, the server's server.tcp.max_frame_bytes)")
+        self._batch.append(_Pending(eid, frame))
         if len(self._batch) >= self.batch_size:
             self.flush()
         return eid

@@ -30,7 +30,8 @@ Source messages: topic = subject minus the prefix; priority from `Eventstream-Pr
 name) else `source.default_priority`; event id = `Nats-Msg-Id` when it is a decimal number in
 1..2^64-1 (or `<topic>:<number>` with the message's own topic, the sink's form), else a 64-bit hash of it (of `<stream>:<stream seq>` when there is no id), so a
 redelivered message keeps its id. Undecodable messages (no topic, bad priority, payload larger than
-`records.payload_bytes`) and messages delivered more than `source.max_deliver` times go to our DLQ
+`records.payload_bytes`: the source builds inline records and does not use the payload arena, unlike
+TCP/UDP ingest; the sink publishes payloads of every size) and messages delivered more than `source.max_deliver` times go to our DLQ
 with the reason and are terminated (`term()`), never redelivered. The JetStream consumer itself has
 no max_deliver (-1): nothing is dropped by the server silently; the limit is ours.
 """
@@ -48,6 +49,7 @@ import numpy as np
 import structlog
 
 from eventstream.connectors.subjects import glob_filter, glob_matches, subject_topic, topic_subject
+from eventstream.core.payloads import has_ext, payload_list
 from eventstream.core.records import PRIORITY_NAMES
 from eventstream.core.topics import MAX_TOPIC_BYTES
 
@@ -185,18 +187,21 @@ class NatsConnector:
         else:
             return
         n = len(batch)
+        # payloads in the payload arena are copied out now: their slots go back when the engine
+        # releases the records, before the sink publishes them
+        pays = payload_list(batch) if has_ext(batch) else None
         wake = over = False
         with self._q_lock:
             if self._sink_closing or self._q_events + n > self.cfg.sink.max_pending:
                 over = True
             else:
-                self._q.append(batch)
+                self._q.append((batch, pays))
                 self._q_events += n
                 wake, self._sink_waiting = self._sink_waiting, False
         if over:
             self.stats["backlog_full"] += n
             self.svc.drop(batch, "connector: sink backlog full (connectors.nats.sink.max_pending="
-                                 f"{self.cfg.sink.max_pending}); stored here, not published to JetStream")
+                                 f"{self.cfg.sink.max_pending}); stored here, not published to JetStream", pays)
         elif wake:
             self._loop.call_soon_threadsafe(self._sink_event.set)
 
@@ -350,28 +355,29 @@ class NatsConnector:
     def _take(self):
         with self._q_lock:
             if self._q:
-                batch = self._q.popleft()
-                self._q_events -= len(batch)
-                return batch
+                item = self._q.popleft()
+                self._q_events -= len(item[0])
+                return item
             self._sink_event.clear()
             self._sink_waiting = True
             return None
 
     async def _sink_loop(self) -> None:
         while True:
-            batch = self._take()
-            if batch is None:
+            item = self._take()
+            if item is None:
                 if self._sink_closing:
                     return
                 await self._sink_event.wait()
                 continue
+            batch, pays = item
             try:
-                await self._publish_batch(batch)
+                await self._publish_batch(batch, pays)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - never lose the loop; the batch goes to the DLQ
                 log.exception("nats_sink_batch_failed")
-                self.svc.drop(batch, "connector: sink failed on this batch (see the log)")
+                self.svc.drop(batch, "connector: sink failed on this batch (see the log)", pays)
 
     def _topic_name(self, tid: int) -> str:
         name = self._names.get(tid)
@@ -385,15 +391,15 @@ class NatsConnector:
             got = self._subjects[tid] = topic_subject(self.prefix, self.topics.name(tid))
         return got
 
-    async def _publish_batch(self, batch: np.ndarray) -> None:
+    async def _publish_batch(self, batch: np.ndarray, pays: list | None = None) -> None:
         self.stats["forwarded"] += len(batch)
         tids = batch["topic_id"].tolist()
         ids = batch["event_id"].tolist()
         seqs = batch["seq"].tolist()
         prios = batch["priority"].tolist()
         pts = batch["producer_ts"].tolist()
-        lens = batch["payload_len"].tolist()
-        pl = batch["payload"]
+        if pays is None:
+            pays = payload_list(batch)
         refused: list[int] = []
         reasons: list[str] = []
         loop = asyncio.get_running_loop()
@@ -407,12 +413,12 @@ class NatsConnector:
             msg_id = f"{self._topic_name(tids[i])}:{ids[i]}" if ids[i] else f"{self.run_id}-{seqs[i]}"
             headers = {H_MSG_ID: msg_id, H_PRIORITY: str(prios[i]), H_PRODUCER_TS: str(pts[i])}
             await self._sink_sem.acquire()
-            task = loop.create_task(self._publish_one(subject, pl[i, :lens[i]].tobytes(), headers, batch, i))
+            task = loop.create_task(self._publish_one(subject, pays[i], headers, batch, i))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         if refused:
             self.stats["refused_topic"] += len(refused)
-            self.svc.drop(batch[np.array(refused, dtype=np.intp)], reasons)
+            self.svc.drop(batch[np.array(refused, dtype=np.intp)], reasons, [pays[j] for j in refused])
 
     async def _publish_one(self, subject: str, payload: bytes, headers: dict, batch: np.ndarray, i: int) -> None:
         sink = self.cfg.sink
@@ -436,10 +442,11 @@ class NatsConnector:
                 return
             self.stats["publish_failed"] += 1
             self.svc.drop(batch[i:i + 1], f"connector: publish to JetStream failed after {sink.max_attempts} "
-                                          f"attempts (connectors.nats.sink.max_attempts): {last}")
+                                          f"attempts (connectors.nats.sink.max_attempts): {last}", [payload])
         except asyncio.CancelledError:
             self.stats["publish_failed"] += 1
-            self.svc.drop(batch[i:i + 1], "connector: shutdown: not acked by JetStream before the stop timeout")
+            self.svc.drop(batch[i:i + 1], "connector: shutdown: not acked by JetStream before the stop timeout",
+                          [payload])
             raise
         finally:
             self._sink_sem.release()
@@ -681,8 +688,9 @@ class NatsConnector:
                 left = list(self._q)
                 self._q.clear()
                 self._q_events = 0
-            for batch in left:
-                self.svc.drop(batch, "connector: shutdown: not published to JetStream before the stop timeout")
+            for batch, pays in left:
+                self.svc.drop(batch, "connector: shutdown: not published to JetStream before the stop timeout",
+                              pays)
         try:
             await self.nc.flush(timeout=2)
         except Exception:  # noqa: BLE001

@@ -51,6 +51,7 @@ import numpy as np
 import structlog
 
 from eventstream.core import records as rec
+from eventstream.core.payloads import payload_views, release_records
 from eventstream.core.topics import TopicTable
 from eventstream.metrics.reasons import category as bounded_category
 
@@ -184,20 +185,25 @@ class DeadLetterLog:
         self._size = keep
 
     # ------------------------------------------------------------------------------------ writing
-    def write(self, records: np.ndarray, reason: str, topics: TopicTable) -> None:
-        """One entry per record, all with the same reason; in the file when this returns."""
+    def write(self, records: np.ndarray, reason: str, topics: TopicTable, payloads: list | None = None) -> None:
+        """One entry per record, all with the same reason; in the file when this returns. The whole
+        payload of every record is written, inline or in the payload arena; `payloads`: the payloads
+        (bytes-like, one per record) when the caller copied them out already (the arena slots given
+        back)."""
         if len(records):
-            self._write(records, [reason] * len(records), topics, {reason_category(reason): len(records)})
+            self._write(records, [reason] * len(records), topics, {reason_category(reason): len(records)}, payloads)
 
-    def write_each(self, records: np.ndarray, reasons: list[str], topics: TopicTable) -> None:
+    def write_each(self, records: np.ndarray, reasons: list[str], topics: TopicTable,
+                   payloads: list | None = None) -> None:
         """One entry per record with its own reason (len(reasons) == len(records))."""
         n = len(records)
         if len(reasons) != n:
             raise ValueError(f"{len(reasons)} reasons for {n} records; allowed: exactly one reason per record")
         if n:
-            self._write(records, reasons, topics, Counter(reason_category(r) for r in reasons))
+            self._write(records, reasons, topics, Counter(reason_category(r) for r in reasons), payloads)
 
-    def _write(self, records: np.ndarray, reasons: list[str], topics: TopicTable, categories: dict[str, int]) -> None:
+    def _write(self, records: np.ndarray, reasons: list[str], topics: TopicTable, categories: dict[str, int],
+               payloads: list | None = None) -> None:
         eids = records["event_id"].tolist()
         seqs = records["seq"].tolist()
         tids = records["topic_id"].tolist()
@@ -205,8 +211,7 @@ class DeadLetterLog:
         pts = records["producer_ts"].tolist()
         flags = records["flags"].tolist()
         attempts = records["attempts"].tolist()
-        lens = records["payload_len"].tolist()
-        pl = records["payload"] if "payload" in (records.dtype.names or ()) else None
+        pays = payload_views(records) if payloads is None else payloads
         topic_js: dict[int, str] = {}
         reason_js: dict[str, tuple[str, str]] = {}
         ts = timestamp_now()
@@ -221,7 +226,7 @@ class DeadLetterLog:
             rc = reason_js.get(r)
             if rc is None:
                 rc = reason_js[r] = (_js(r), _js(reason_category(r)))
-            payload = pl[i, :lens[i]].tobytes() if pl is not None else b""
+            payload = pays[i]
             eid = eids[i]
             lines.append(
                 f'{{"ts": "{ts}", "reason": {rc[0]}, "category": {rc[1]}, "id": {eid or seqs[i]}, '
@@ -505,14 +510,25 @@ def _entries(files: list[tuple[Path, object, int]], on_bad_line: BadLine | None)
 
 
 def to_records(entries: Iterable[DlqRecord], dtype: np.dtype, topics: TopicTable, *,
-               replayed: bool = True) -> np.ndarray:
+               replayed: bool = True, payloads=None) -> np.ndarray:
     """Records of `dtype` rebuilt from DLQ entries (topics interned in `topics`), e.g. to put them back
     into an engine. ingest_ts and conn_id are 0; crc32 is recomputed for v2 events; `replayed` sets
     FLAG_REPLAYED. ValueError for an entry without payload (old format, undecodable frame) or whose
-    priority is out of range; PayloadTooLarge if a payload does not fit the dtype."""
+    priority is out of range. A payload larger than the dtype's inline capacity goes to `payloads`
+    (a PayloadArena: its slot belongs to the record, given back when the engine releases it);
+    without one, or when the arena is full, PayloadTooLarge."""
     entries = list(entries)
     out = rec.empty(len(entries), dtype)
     cap = rec.payload_capacity(dtype)
+    try:
+        _fill_records(out, entries, topics, replayed, cap, payloads)
+    except BaseException:
+        release_records(out)
+        raise
+    return out
+
+
+def _fill_records(out, entries, topics, replayed, cap, payloads) -> None:
     for i, e in enumerate(entries):
         if e.payload is None:
             raise ValueError(f"DLQ entry id={e.id} topic={e.topic!r} ({e.ts}) has no payload; allowed: entries "
@@ -528,11 +544,16 @@ def to_records(entries: Iterable[DlqRecord], dtype: np.dtype, topics: TopicTable
         row["priority"] = e.priority
         row["flags"] = flags
         row["attempts"] = e.attempts or 0
-        if len(e.payload) > cap:
-            raise rec.PayloadTooLarge(len(e.payload), cap)
-        if e.payload:
-            row["payload"][: len(e.payload)] = np.frombuffer(e.payload, np.uint8)
-        row["payload_len"] = len(e.payload)
+        n = len(e.payload)
+        if n > cap:
+            got = payloads.claim([n]) if payloads is not None and n <= payloads.max_payload else None
+            if got is None or not len(got[0]):
+                raise rec.PayloadTooLarge(n, cap)
+            off = int(got[0][0])
+            payloads.buf[off:off + n] = np.frombuffer(e.payload, np.uint8)
+            row["ext_off"], row["ext_class"], row["ext_arena"] = off, int(got[1][0]), payloads.id
+        elif n:
+            row["payload"][:n] = np.frombuffer(e.payload, np.uint8)
+        row["payload_len"] = n
         if flags & rec.FLAG_V2:
             row["crc32"] = zlib.crc32(e.payload, zlib.crc32(e.topic.encode("utf-8")))
-    return out

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import structlog
 
-from eventstream.core.records import HEADER_BYTES, PRIORITY_NAMES
+from eventstream.core.payloads import payload_view, payload_views
+from eventstream.core.records import PRIORITY_NAMES
 from eventstream.core.topics import TopicTable
 
 log = structlog.get_logger("eventstream.handlers")
@@ -93,21 +94,20 @@ class Batch:
         return self.topics.names(self.records["topic_id"])
 
     def payload(self, i: int) -> bytes:
-        r = self.records[i]
-        return bytes(r["payload"][: int(r["payload_len"])]) if self.records.dtype.itemsize > HEADER_BYTES else b""
+        """Record i's payload as bytes (a copy: safe to keep after the handler returns)."""
+        return bytes(payload_view(self.records, i))
 
-    def payloads(self) -> list[bytes]:
-        r = self.records
-        if r.dtype.itemsize == HEADER_BYTES:
-            return [b""] * len(r)
-        pl, lens = r["payload"], r["payload_len"].tolist()
-        return [pl[i, :n].tobytes() for i, n in enumerate(lens)]
+    def payloads(self) -> list[memoryview]:
+        """Every record's payload as a zero-copy memoryview (format "B"), inline or in the payload
+        arena alike; `np.frombuffer(view, np.uint8)` gives a numpy view. Valid while the handler runs:
+        copy (bytes(view)) what you keep. A memoryview compares equal to bytes with the same content."""
+        return payload_views(self.records)
 
     def events(self) -> Iterator[Event]:
         r = self.records
         ids = self.ids.tolist()
         names = self.topic_names()
-        pays = self.payloads()
+        pays = [bytes(v) for v in self.payloads()]
         cols = [r[f].tolist() for f in ("seq", "priority", "producer_ts", "ingest_ts")]
         for i in range(len(r)):
             yield Event(ids[i], cols[0][i], names[i], cols[1][i], cols[2][i], cols[3][i], pays[i])

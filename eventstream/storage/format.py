@@ -19,7 +19,7 @@ Then entries, back to back, each = a 24-byte entry header + a body::
     0      4    magic          ENTRY_MAGIC (0xE5E7105A)
     4      4    length         body bytes after the 24-byte header
     8      4    crc32          zlib.crc32 of bytes [12, 24 + length): kind, wall_ns and the body
-    12     1    kind           KIND_RECORD or KIND_TOPIC
+    12     1    kind           KIND_RECORD, KIND_TOPIC or KIND_RECORD_EXT
     13     3    (zero)
     16     8    wall_ns        time.time_ns() when the entry was appended (same for one batch)
     24     ...  body
@@ -28,6 +28,12 @@ Then entries, back to back, each = a 24-byte entry header + a body::
   `topic_id` rewritten to the *file's* topic id (engine ids are per run; file ids are stable).
 * A KIND_TOPIC body is u32 file topic id + the topic name in UTF-8. A topic entry always precedes the
   first record entry that uses its id.
+* A KIND_RECORD_EXT body is a record whose payload did not fit inline (it was in the payload arena,
+  core/payloads.py), followed by its whole payload: the row as for KIND_RECORD (`ext_class` kept,
+  `ext_off` and `ext_arena` zeroed: they meant memory of the writing process) and then `payload_len`
+  bytes, so length = record size + payload_len (at most MAX_EXT_PAYLOAD_BYTES). The CRC covers the
+  payload too. A log of small payloads only has no such entry; readers of logs written before these
+  entries existed see them as corrupt regions (skipped and reported, never misread).
 
 Why one entry (and one CRC) per record rather than one per batch: recovery then loses at most the torn
 record(s), not a whole 4096-record batch, and a reader can filter entries with a fixed stride. The cost,
@@ -44,6 +50,7 @@ import zlib
 import numpy as np
 
 from eventstream.core import records as rec
+from eventstream.core.payloads import has_ext, payload_view
 
 FILE_MAGIC = b"ESEVLOG1"
 FILE_VERSION = 1
@@ -53,10 +60,21 @@ ENTRY_MAGIC = 0xE5E7105A
 ENTRY_HEADER_BYTES = 24
 KIND_RECORD = 1
 KIND_TOPIC = 2
+KIND_RECORD_EXT = 3
+MAX_EXT_PAYLOAD_BYTES = 64 << 20  # server.tcp.max_frame_bytes is at most 64 MiB
 CRC_START = 12  # CRC covers [CRC_START, end of body)
 ENTRY_HEADER = struct.Struct("<III B3x Q")
 assert ENTRY_HEADER.size == ENTRY_HEADER_BYTES
 assert FILE_HEADER_BYTES == 32
+
+
+def plausible(kind: int, length: int, itemsize: int) -> bool:
+    """Is `length` a possible body length for an entry of `kind` (records of `itemsize` bytes)?"""
+    if kind == KIND_RECORD:
+        return length == itemsize
+    if kind == KIND_TOPIC:
+        return 4 <= length <= 4 + 255
+    return kind == KIND_RECORD_EXT and itemsize <= length <= itemsize + MAX_EXT_PAYLOAD_BYTES
 
 
 class LogFormatError(ValueError):
@@ -118,9 +136,12 @@ _MAGIC_LEN_CRC = struct.Struct("<III")
 
 
 def record_entries(batch: np.ndarray, file_topic_ids, wall_ns: int) -> bytes:
-    """The bytes of len(batch) KIND_RECORD entries; CRC per entry (see module doc). `file_topic_ids`:
-    one file topic id per record (an array, or a list for a small batch)."""
+    """The bytes of len(batch) record entries; CRC per entry (see module doc). `file_topic_ids`:
+    one file topic id per record (an array, or a list for a small batch). Records whose payload is
+    in the payload arena become KIND_RECORD_EXT entries carrying it; the others KIND_RECORD."""
     n = len(batch)
+    if has_ext(batch):
+        return _mixed_entries(batch, file_topic_ids, wall_ns)
     if n <= SMALL_BATCH:
         return _record_entries_small(batch, file_topic_ids, wall_ns)
     out = np.zeros(n, dtype=entry_dtype(batch.dtype))
@@ -157,3 +178,34 @@ def _record_entries_small(batch: np.ndarray, file_topic_ids, wall_ns: int) -> by
     data = b"".join(out)
     mv.release()
     return data
+
+
+def _mixed_entries(batch: np.ndarray, file_topic_ids, wall_ns: int) -> bytes:
+    """record_entries for a batch with arena payloads: runs of inline records as usual, one
+    KIND_RECORD_EXT entry per arena payload, in the batch's order."""
+    fids = np.asarray(file_topic_ids, dtype=np.uint32)
+    parts = []
+    i = 0
+    for j in np.flatnonzero(batch["ext_class"]).tolist():
+        if j > i:
+            parts.append(record_entries(batch[i:j], fids[i:j], wall_ns))
+        parts.append(ext_entry(batch, j, int(fids[j]), wall_ns))
+        i = j + 1
+    if i < len(batch):
+        parts.append(record_entries(batch[i:], fids[i:], wall_ns))
+    return b"".join(parts)
+
+
+def ext_entry(batch: np.ndarray, j: int, file_topic_id: int, wall_ns: int, payload=None) -> bytes:
+    """The bytes of one KIND_RECORD_EXT entry for record j of `batch` (its payload read from its
+    arena slot unless given)."""
+    if payload is None:
+        payload = payload_view(batch, j)
+    row = batch[j:j + 1].copy()
+    row["topic_id"] = file_topic_id
+    row["ext_off"] = 0
+    row["ext_arena"] = 0
+    body = row.tobytes()
+    head_tail = _KIND_WALL.pack(KIND_RECORD_EXT, wall_ns)
+    crc = zlib.crc32(payload, zlib.crc32(body, zlib.crc32(head_tail)))
+    return b"".join((_MAGIC_LEN_CRC.pack(ENTRY_MAGIC, len(body) + len(payload), crc), head_tail, body, payload))

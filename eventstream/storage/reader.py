@@ -91,8 +91,7 @@ def entry_at(buf, pos: int, end: int, itemsize: int) -> int:
     magic, length, crc, kind, _wall = fmt.ENTRY_HEADER.unpack_from(buf, pos)
     if magic != fmt.ENTRY_MAGIC:
         return 0
-    if not ((kind == fmt.KIND_RECORD and length == itemsize)
-            or (kind == fmt.KIND_TOPIC and 4 <= length <= 4 + MAX_TOPIC_BYTES)):
+    if not fmt.plausible(kind, length, itemsize):
         return 0
     stop = pos + fmt.ENTRY_HEADER_BYTES + length
     if stop > end:
@@ -105,7 +104,16 @@ def entry_at(buf, pos: int, end: int, itemsize: int) -> int:
                 bytes(mv[pos + fmt.ENTRY_HEADER_BYTES + 4:stop]).decode("utf-8")
             except UnicodeDecodeError:
                 return 0
+        if kind == fmt.KIND_RECORD_EXT and _ext_len(mv, pos) != length - itemsize:
+            return 0
     return stop - pos
+
+
+_PAYLOAD_LEN_AT = fmt.ENTRY_HEADER_BYTES + 40  # payload_len in a record (core/records.py)
+
+
+def _ext_len(mv, pos: int) -> int:
+    return struct.unpack_from("<I", mv, pos + _PAYLOAD_LEN_AT)[0]
 
 
 def next_entry(buf, pos: int, end: int, itemsize: int) -> int:
@@ -131,13 +139,16 @@ def _crc_mismatches(mv: memoryview, size: int, n: int, stored: np.ndarray) -> in
 def scan_buffer(buf, record_dtype: np.dtype, *,
                 on_records: Callable[[np.ndarray], None] | None = None,
                 on_topic: Callable[[int, str], None] | None = None,
-                start: int = fmt.FILE_HEADER_BYTES, limit_records: int | None = None) -> ScanResult:
+                start: int = fmt.FILE_HEADER_BYTES, limit_records: int | None = None,
+                on_ext: Callable[[np.ndarray, memoryview], None] | None = None) -> ScanResult:
     """Scan entries in `buf` (bytes, bytearray or mmap) from `start`; call back per record run / topic
     entry. Corrupt regions are skipped (see the module doc) and listed in the result. With
     `limit_records`, stop (partial=True) once about that many records were scanned, so a caller can
     resume from valid_bytes.
 
     `on_records` receives a structured view (format.entry_dtype) over `buf`: copy what you keep.
+    A KIND_RECORD_EXT entry (a record with its payload after it) goes to `on_ext(view of 1 entry,
+    payload memoryview)`, or, without on_ext, to `on_records` as a run of one (its payload unread).
     """
     end = len(buf)
     edt = fmt.entry_dtype(record_dtype)
@@ -158,6 +169,9 @@ def scan_buffer(buf, record_dtype: np.dtype, *,
                 # a record entry whose body is damaged: the next entry is where it would have ended
                 # (checked first, so bytes inside its payload are never taken for an entry)
                 nxt = at + size
+            elif magic == fmt.ENTRY_MAGIC and kind == fmt.KIND_RECORD_EXT and fmt.plausible(kind, length, itemsize) \
+                    and entry_at(buf, at + fmt.ENTRY_HEADER_BYTES + length, end, itemsize):
+                nxt = at + fmt.ENTRY_HEADER_BYTES + length  # likewise for a large-payload entry
         if nxt < 0:
             nxt = next_entry(buf, at + 1, end, itemsize)
         if nxt < 0:
@@ -202,6 +216,31 @@ def scan_buffer(buf, record_dtype: np.dtype, *,
                     pos = bad(pos, f"CRC mismatch in record entry at offset {pos}")
                     if pos < 0:
                         break
+                continue
+            if kind == fmt.KIND_RECORD_EXT and fmt.plausible(kind, length, itemsize):
+                stop = pos + fmt.ENTRY_HEADER_BYTES + length
+                if stop > end:
+                    pos = bad(pos, f"torn large-payload record entry at offset {pos} ({end - pos} of "
+                                   f"{stop - pos} bytes)")
+                    if pos < 0:
+                        break
+                    continue
+                if zlib.crc32(mv[pos + fmt.CRC_START:stop]) != crc or _ext_len(mv, pos) != length - itemsize:
+                    pos = bad(pos, f"CRC mismatch in large-payload record entry at offset {pos}")
+                    if pos < 0:
+                        break
+                    continue
+                view = np.ndarray((1,), dtype=edt, buffer=mv, offset=pos)
+                if on_ext is not None:
+                    payload = mv[pos + size:stop]
+                    on_ext(view, payload)
+                    payload.release()
+                elif on_records is not None:
+                    on_records(view)
+                del view
+                result.records += 1
+                pos = stop
+                result.valid_bytes = pos
                 continue
             if kind == fmt.KIND_TOPIC and 4 <= length <= 4 + MAX_TOPIC_BYTES:
                 if end - pos < fmt.ENTRY_HEADER_BYTES + length:
@@ -248,9 +287,30 @@ class StoredBatch:
     records: np.ndarray
     stored_ns: np.ndarray  # wall clock ns when each record was appended
     topics: dict[int, str]
+    # row -> payload of the records stored with their payload after them (KIND_RECORD_EXT: larger
+    # than the inline capacity); their rows have ext_class != 0 and no inline payload
+    ext: dict[int, bytes] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def payload(self, i: int) -> bytes:
+        """Record i's whole payload, inline or stored after it."""
+        got = self.ext.get(i)
+        if got is not None:
+            return got
+        r = self.records
+        n = int(r["payload_len"][i])
+        return r["payload"][i, :n].tobytes() if n else b""
+
+    def payloads(self) -> list[bytes]:
+        """Every record's whole payload (bytes), in order."""
+        r = self.records
+        lens = r["payload_len"].tolist()
+        pl = r["payload"] if "payload" in (r.dtype.names or ()) else None
+        ext = self.ext
+        return [ext[i] if i in ext else (pl[i, :n].tobytes() if n and pl is not None else b"")
+                for i, n in enumerate(lens)]
 
     def topic_names(self) -> list[str]:
         t = self.topics
@@ -345,7 +405,7 @@ class EventLogReader:
             if topic is not None and fnmatch.fnmatchcase(name, topic):
                 matching.append(tid)
 
-        def on_records(view: np.ndarray) -> None:
+        def on_records(view: np.ndarray) -> np.ndarray:
             r = view["record"]
             mask = np.ones(len(view), dtype=bool)
             if topic is not None:
@@ -358,9 +418,16 @@ class EventLogReader:
                     mask &= t >= np.uint64(max(since_ns, 0))
                 if until_ns is not None:
                     mask &= t < np.uint64(max(until_ns, 0))
-            idx = np.flatnonzero(mask)
+            return mask
+
+        def on_records_kept(view: np.ndarray) -> None:
+            idx = np.flatnonzero(on_records(view))
             if idx.size:
-                out.append(StoredBatch(r[idx], view["wall_ns"][idx], topics))
+                out.append(StoredBatch(view["record"][idx], view["wall_ns"][idx], topics))
+
+        def on_ext(view: np.ndarray, payload: memoryview) -> None:
+            if on_records(view)[0]:
+                out.append(StoredBatch(view["record"].copy(), view["wall_ns"].copy(), topics, {0: bytes(payload)}))
 
         size = path.stat().st_size
         if size <= fmt.FILE_HEADER_BYTES:
@@ -371,8 +438,8 @@ class EventLogReader:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             pos = fmt.FILE_HEADER_BYTES
             while True:  # a bounded chunk at a time, so memory stays bounded on big logs
-                part = scan_buffer(mm, self.dtype, on_records=on_records, on_topic=on_topic, start=pos,
-                                   limit_records=READ_CHUNK_RECORDS)
+                part = scan_buffer(mm, self.dtype, on_records=on_records_kept, on_topic=on_topic, start=pos,
+                                   limit_records=READ_CHUNK_RECORDS, on_ext=on_ext)
                 total.records += part.records
                 total.valid_bytes, total.problem = part.valid_bytes, part.problem
                 total.corrupt.extend(part.corrupt)
@@ -410,8 +477,14 @@ class EventLogReader:
                     merged[remap[fid]] = name
                 part.records["topic_id"] = remap[fids]
             topics = merged
+        ext: dict[int, bytes] = {}
+        base = 0
+        for part in parts:
+            for i, payload in part.ext.items():
+                ext[base + i] = payload
+            base += len(part)
         return StoredBatch(np.concatenate([p.records for p in parts]),
-                           np.concatenate([p.stored_ns for p in parts]), topics)
+                           np.concatenate([p.stored_ns for p in parts]), topics, ext)
 
     def count(self, **filters) -> int:
         return sum(len(b) for b in self.batches(**filters))

@@ -28,7 +28,6 @@ from pathlib import Path
 import structlog
 
 from eventstream.core import records as rec
-from eventstream.core.topics import MAX_TOPIC_BYTES
 from eventstream.storage import format as fmt
 from eventstream.storage.reader import CorruptRegion, scan_buffer
 
@@ -71,8 +70,7 @@ def _torn(mm, start: int, itemsize: int) -> bool:
     if n < fmt.ENTRY_HEADER_BYTES:
         return True
     magic, length, _crc, kind, _wall = fmt.ENTRY_HEADER.unpack_from(mm, start)
-    plausible = magic == fmt.ENTRY_MAGIC and (
-        (kind == fmt.KIND_RECORD and length == itemsize) or (kind == fmt.KIND_TOPIC and 4 <= length <= 4 + MAX_TOPIC_BYTES))
+    plausible = magic == fmt.ENTRY_MAGIC and fmt.plausible(kind, length, itemsize)
     if plausible and n < fmt.ENTRY_HEADER_BYTES + length:
         return True
     return all(not mm[o:min(o + _CHUNK, len(mm))].strip(b"\0") for o in range(start, len(mm), _CHUNK))
