@@ -12,8 +12,8 @@ Layout: the arena is `arena_bytes` of memory (core/arena.py, on the configured N
 chunks of `chunk` bytes (the largest possible payload rounded up to a power of two, at least 64 KiB).
 A chunk is taken from the shared pool by one size class (powers of two from just above the inline
 capacity up to `chunk`) and cut into slots of that size; a chunk whose slots are all free again goes
-back to the pool (unless it is its class's only chunk with free slots: that one is kept, so a
-trickle of one size does not cut a chunk on every claim). Waste is below half a slot per payload.
+back to the pool at once, so a class never hoards memory another class waits for (cutting a chunk
+again costs one list of its slot offsets). Waste is below half a slot per payload.
 
 Concurrency: claims come from every ingest thread, releases from every processor thread. Each
 size class has its own small lock (a claim or a release of a whole batch takes each class's lock
@@ -151,16 +151,17 @@ class PayloadArena:
             if k < len(idx):
                 cut = min(cut, int(idx[k]))
         ext = (cls + 1).astype(np.uint8)
+        got_n = int(got_mask.sum())
+        if got_n:  # every slot taken counts, also those given back below (released counts them too)
+            with self._stats_lock:
+                self._stats["claimed"] += got_n
+                self._stats["claimed_bytes"] += int(sizes[got_mask].sum())
         if cut < n:
             back = np.flatnonzero(got_mask[cut:]) + cut
             if len(back):
                 self.release(offs[back], ext[back])
             with self._stats_lock:
                 self._stats["full"] += 1
-        if cut:
-            with self._stats_lock:
-                self._stats["claimed"] += cut
-                self._stats["claimed_bytes"] += int(sizes[:cut].sum())
         return offs[:cut], ext[:cut]
 
     def _take(self, c: int, k: int) -> list[int]:
@@ -223,7 +224,7 @@ class PayloadArena:
                     free.append(o)
                     used[ch] -= 1
                     done += 1
-                    if used[ch] == 0 and len(cl.avail) > 1:  # keep one chunk per class cut
+                    if used[ch] == 0:  # all free: the chunk goes back, any class may take it
                         del cl.avail[ch]
                         with self._pool_lock:
                             self._pool.append(ch)
