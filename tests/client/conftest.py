@@ -16,9 +16,10 @@ from eventstream.ingest.udp import UdpServer
 def servers():
     made = []
 
-    def tcp(admission=None, sink=None, **cfg):
+    def tcp(admission=None, sink=None, payloads=None, **cfg):
         cfg.setdefault("port", 0)
-        srv = TcpServer(TcpConfig(**cfg), sink or CollectingSink(), TopicTable(), admission=admission or Admission())
+        srv = TcpServer(TcpConfig(**cfg), sink or CollectingSink(), TopicTable(), admission=admission or Admission(),
+                        payloads=payloads)
         srv.test_sink = srv.sink
         made.append(srv)
         return srv.start()

@@ -40,11 +40,32 @@ def test_v2_client_gets_every_event_acknowledged(servers):
     assert payloads(recs[:2]) == [b"payload-0", b"payload-1"]
 
 
+def test_payloads_of_any_size_up_to_the_max_frame(servers):
+    """With a payload arena (as the service has) every size is accepted; only a frame over
+    max_frame_bytes is refused, by the client itself, with the limit in the message."""
+    from eventstream.core.payloads import PayloadArena, payload_list
+
+    tcp, _ = servers
+    with PayloadArena(4 << 20, (1 << 20) - 4, min_payload=448) as arena:
+        srv = tcp(payloads=arena)
+        sizes = [10, 449, 0, 1000, 448, 300_000, (1 << 20) - 26 - 1]
+        with TcpClient(*srv.address) as c:
+            for i, n in enumerate(sizes):
+                c.send("q", bytes([i]) * n, 2, event_id=1000 + i)
+            with pytest.raises(ValueError, match=r"max_frame_bytes=1048576"):
+                c.send("q", b"x" * (1 << 20), 2)
+            assert c.wait_acked(20)
+        assert (c.acked, c.nacked) == (len(sizes), 0)
+        recs = srv.test_sink.records()
+        assert payload_list(recs) == [bytes([i]) * n for i, n in enumerate(sizes)]
+        srv.stop(drain=False, timeout=5.0)
+
+
 def test_nacks_are_reported_with_event_id_and_reason(servers):
     tcp, _ = servers
-    srv = tcp()
+    srv = tcp()  # an ingest server without a payload arena: payloads over 448 bytes are refused
     with TcpClient(*srv.address) as c:
-        sizes = {1000: 10, 1001: 449, 1002: 0, 1003: 1000, 1004: 448}  # the server's limit: 448 bytes
+        sizes = {1000: 10, 1001: 449, 1002: 0, 1003: 1000, 1004: 448}  # this server's limit: 448 bytes
         for eid, size in sizes.items():
             c.send("q", b"x" * size, 2, event_id=eid)
         assert c.wait_acked(20)

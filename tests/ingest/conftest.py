@@ -17,14 +17,14 @@ from ingest_helpers import Rejects
 def tcp_server():
     servers = []
 
-    def make(sink=None, *, admission=None, payload_bytes=448, cpus=None, reader_cpus=None, **cfg):
+    def make(sink=None, *, admission=None, payload_bytes=448, cpus=None, reader_cpus=None, payloads=None, **cfg):
         cfg.setdefault("port", 0)
         cfg.setdefault("readers", 2)
         rejects = Rejects()
         sink = sink if sink is not None else CollectingSink()
         srv = TcpServer(TcpConfig(**cfg), sink, TopicTable(), admission=admission or Admission(),
                         on_reject=rejects, payload_bytes=payload_bytes, cpus=cpus,
-                        reader_cpus=reader_cpus).start()
+                        reader_cpus=reader_cpus, payloads=payloads).start()
         srv.test_sink, srv.test_rejects = sink, rejects
         servers.append(srv)
         return srv
@@ -38,12 +38,12 @@ def tcp_server():
 def udp_server():
     servers = []
 
-    def make(sink=None, *, admission=None, use_recvmmsg=True, **cfg):
+    def make(sink=None, *, admission=None, use_recvmmsg=True, payloads=None, **cfg):
         cfg.setdefault("port", 0)
         rejects = Rejects()
         sink = sink if sink is not None else CollectingSink()
         srv = UdpServer(UdpConfig(**cfg), sink, TopicTable(), admission=admission or Admission(),
-                        on_reject=rejects, use_recvmmsg=use_recvmmsg).start()
+                        on_reject=rejects, use_recvmmsg=use_recvmmsg, payloads=payloads).start()
         srv.test_sink, srv.test_rejects = sink, rejects
         servers.append(srv)
         return srv

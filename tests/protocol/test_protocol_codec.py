@@ -119,8 +119,33 @@ def test_content_errors_reject_only_their_frame(items, cuts):
     check_matches(table, recs, good)
 
 
+def test_large_payloads_go_to_the_arena_and_a_full_arena_stops_decoding():
+    """With a payload arena nothing is too large below max_frame_bytes; when the arena is full the
+    decoder stops before that frame, keeps the rest, and goes on once slots come back."""
+    from eventstream.core.payloads import PayloadArena, payload_list, release_records
+
+    with PayloadArena(3 << 20, (1 << 20) - 4, min_payload=16) as arena:  # 3 chunks of 1 MiB
+        dec = FrameDecoder(TopicTable(), payload_bytes=16, payloads=arena)
+        pays = [b"a" * 10, b"b" * 600_000, b"c" * 17, b"d" * 700_000, b"e" * 3, b"f" * 800_000, b"g"]
+        stream = b"".join(encode_v2("t", p, 2, i + 1) for i, p in enumerate(pays))
+        recs, idx, errs = dec.feed_indexed(stream[:1_500_000])  # the 800 KB frame arrives in part too
+        assert errs == [] and idx.tolist() == [1, 2, 3, 4, 5]
+        assert payload_list(recs) == pays[:5]
+        assert recs["ext_class"].tolist()[:4] == [0, 1 + arena.class_sizes.index(1 << 20), 1, len(arena.class_sizes)]
+        more, idx2, errs2 = dec.feed_indexed(stream[1_500_000:])
+        assert len(more) == 0 and errs2 == [] and dec.arena_blocked == 800_000  # every chunk in use
+        assert not arena.has_room(800_000)
+        release_records(recs)
+        assert arena.has_room(800_000)
+        rest, idx3, errs3 = dec.feed_indexed(b"")
+        assert errs3 == [] and idx3.tolist() == [6, 7] and dec.arena_blocked == 0 and dec.buffered == 0
+        assert payload_list(rest) == pays[5:]
+        release_records(rest)
+        assert arena.statistics()["used_bytes"] == 0
+
+
 def test_payload_too_large_names_the_limit():
-    dec = FrameDecoder(TopicTable(), payload_bytes=16)
+    dec = FrameDecoder(TopicTable(), payload_bytes=16)  # no payload arena: the inline capacity is the limit
     recs, errs = dec.feed(encode_v2("t", b"x" * 17, 3, 42) + encode_v1("t", b"y" * 16))
     assert len(recs) == 1 and payloads(recs) == [b"y" * 16]
     (e,) = errs
