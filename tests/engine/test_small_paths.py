@@ -111,6 +111,7 @@ def test_event_log_entries_are_the_same_bytes_either_way(n, monkeypatch):
     rng = np.random.default_rng(n)
     batch = np.zeros(n, DTYPE)
     batch.view(np.uint8)[:] = rng.integers(0, 256, n * DTYPE.itemsize, dtype=np.uint8)
+    batch["ext_class"] = 0  # payloads inline (arena payloads make KIND_RECORD_EXT entries)
     ids = rng.integers(1, 1000, n).astype(np.uint32)
     small = fmt._record_entries_small(batch, ids.tolist(), 1_700_000_000_000_000_000)
     monkeypatch.setattr(fmt, "SMALL_BATCH", 0)
