@@ -67,3 +67,27 @@ def test_paused_udp_keeps_reading_and_rejects_visibly(udp_server):
     adm.paused = False
     s.sendto(encode_v2("p", b"", 2, 99), srv.address)
     assert srv.test_sink.wait_for(1, 10)
+
+
+def test_large_datagram_payloads_use_the_arena_and_a_full_arena_sheds_visibly(udp_server):
+    """UDP has no flow control: a payload the full payload arena cannot take is shed with reason
+    overflow:payloads (counted, on_reject); the others arrive whole."""
+    from eventstream.core.payloads import PayloadArena, payload_list
+    from eventstream.metrics.reasons import category
+
+    with PayloadArena(128 << 10, 65535 - 8, min_payload=448) as arena:  # 2 chunks of 64 KiB
+        srv = udp_server(payloads=arena)
+        s = sender()
+        pays = [bytes([i]) * 40_000 for i in range(3)]  # each takes a whole 64 KiB slot
+        for i, p in enumerate(pays):
+            s.sendto(encode_v2("big", p, 2, i + 1), srv.address)
+            # one at a time: the order of arrival is the order of the claims
+            wait_until(lambda i=i: srv.statistics()["datagrams_received"] == i + 1, 10, "datagram")
+        s.sendto(encode_v2("big", b"small", 2, 9), srv.address)
+        wait_until(lambda: srv.test_sink.count == 3, 10, "3 records")
+        assert payload_list(srv.test_sink.records()) == pays[:2] + [b"small"]
+        st = srv.statistics()
+        (reason,) = [r for r in st["frames_rejected"] if r.startswith("overflow:payloads")]
+        assert st["frames_rejected"][reason] == 1 and category(reason) == "overflow"
+        assert [r.reason for r in srv.test_rejects.rejections()] == [reason]
+        srv.stop(timeout=5.0)
