@@ -301,14 +301,19 @@ def run_gen(placement: Placement, spec: dict, timeout: float = 600.0) -> dict:
 
 # ------------------------------------------------------------------------------------------ measurements
 def blast_engine(placement: Placement, n: int, mode: str, connections: int = 2,
-                 priorities=(0, 1, 2, 3, 4)) -> dict:
-    """Throughput TCP -> processed -> stored: from the generator's first send to all n processed."""
+                 priorities=(0, 1, 2, 3, 4), mixed: tuple[int, int] | None = None) -> dict:
+    """Throughput TCP -> processed -> stored: from the generator's first send to all n processed.
+    `mixed` = (lo, hi): random payload sizes in that range (most go to the payload arena) instead of
+    64 bytes inline."""
     eng = Engine(placement)
     watch = CpuWatch(placement)
     try:
-        proc = start_gen(placement, {"mode": "blast", "address": list(eng.address), "n": n,
-                                     "connections": connections, "priorities": list(priorities),
-                                     "flags": {"default": 0, **{m: i + 1 for i, m in enumerate(ACK_MODES)}}[mode]})
+        spec = {"mode": "blast", "address": list(eng.address), "n": n,
+                "connections": connections, "priorities": list(priorities),
+                "flags": {"default": 0, **{m: i + 1 for i, m in enumerate(ACK_MODES)}}[mode]}
+        if mixed:
+            spec["mixed"] = list(mixed)
+        proc = start_gen(placement, spec)
         t_done = eng.wait_done(n - n % connections, proc=proc)
         cpu = watch.result()
         gen = finish_gen(proc)
@@ -318,11 +323,18 @@ def blast_engine(placement: Placement, n: int, mode: str, connections: int = 2,
         summary = eng.close()
     secs = (t_done - gen["t_first_send_ns"]) / 1e9
     ack_secs = (gen["t_eof_ns"] - gen["t_first_send_ns"]) / 1e9
+    arena = eng_arena_stats(summary)
     return {"events": gen["events"], "processed": processed, "seconds": secs,
-            "events_per_s": processed / secs, "acked": gen["acked"], "ack_complete_s": ack_secs,
+            "events_per_s": processed / secs, "payload_mb_per_s": gen.get("payload_bytes", 0) / secs / 1e6,
+            "wire_mb_per_s": gen.get("bytes", 0) / secs / 1e6, "arena_full": arena.get("full", 0),
+            "acked": gen["acked"], "ack_complete_s": ack_secs,
             "dropped": summary.get("dropped", counts.get("dropped_total", 0)),
             "dropped_by_reason": summary.get("dropped_by_reason", {}), "errors": gen["errors"],
             "load_avg_1m": round(os.getloadavg()[0], 2), **cpu}
+
+
+def eng_arena_stats(summary: dict) -> dict:
+    return summary.get("payload_arena", {}) if isinstance(summary, dict) else {}
 
 
 def blast_sink(placement: Placement, n: int, connections: int = 2, repeat: int = 0) -> dict:

@@ -90,6 +90,25 @@ class Frames:
         return memoryview(self.arr).cast("B")
 
 
+class MixedFrames:
+    """n v2 frames with random payload sizes in [lo, hi] bytes (seeded), ids start..; priorities round
+    robin; flags = ack mode. No send stamp (throughput only)."""
+
+    def __init__(self, n: int, start_id: int, priorities, flags: int, seed: int, lo: int, hi: int):
+        prios = list(priorities)
+        rng = np.random.default_rng(seed)
+        sizes = rng.integers(lo, hi + 1, n)
+        blob = rng.bytes(hi)
+        self.buf = b"".join(encode_v2(f"pipe.q{prios[i % len(prios)]}", blob[:int(sizes[i])], prios[i % len(prios)],
+                                      start_id + i, 0, flags=flags) for i in range(n))
+        self.n = n
+        self.payload_bytes = int(sizes.sum())
+        self.width = len(self.buf) / n
+
+    def data(self) -> memoryview:
+        return memoryview(self.buf)
+
+
 def _drain(sock: socket.socket, out: dict) -> None:
     buf = bytearray()
     try:
@@ -126,7 +145,11 @@ def blast(spec: dict) -> dict:
     n, conns = spec["n"], spec["connections"]
     per = n // conns
     repeat = spec.get("repeat", 1)  # send the same frames this many times (sink baseline only: ids repeat)
-    frames = [Frames(per, 1 + c * per, spec["priorities"], spec["flags"], 0) for c in range(conns)]
+    mixed = spec.get("mixed")  # [lo, hi]: random payload sizes instead of 64 bytes
+    if mixed:
+        frames = [MixedFrames(per, 1 + c * per, spec["priorities"], spec["flags"], c, *mixed) for c in range(conns)]
+    else:
+        frames = [Frames(per, 1 + c * per, spec["priorities"], spec["flags"], 0) for c in range(conns)]
     socks = [socket.create_connection(addr, timeout=120) for _ in range(conns)]
     outs = [{} for _ in range(conns)]
     readers = [threading.Thread(target=_drain, args=(s, o), daemon=True) for s, o in zip(socks, outs)]
@@ -152,7 +175,9 @@ def blast(spec: dict) -> dict:
             errors.append(repr(exc))
 
     _run_senders(send, conns, readers, socks, outs, spec, errors)
-    return {"mode": "blast", "events": per * conns * repeat, "bytes": per * conns * repeat * frames[0].width,
+    return {"mode": "blast", "events": per * conns * repeat,
+            "bytes": int(sum(len(f.data()) for f in frames) * repeat),
+            "payload_bytes": int(sum(getattr(f, "payload_bytes", per * PAYLOAD_BYTES) for f in frames) * repeat),
             "t_first_send_ns": min(t_first), "t_last_sent_ns": max(t_sent),
             "t_eof_ns": max(o.get("t_eof_ns", 0) for o in outs),
             "acked": sum(o.get("final_ack", 0) for o in outs), "errors": errors}

@@ -13,6 +13,9 @@ gets events: 40 % realtime), unique event ids, 2 connections.
 * throughput, per ACK mode (frame flags: accepted / stored / synced): N pre-encoded frames as fast
   as the sockets take them; the clock runs from the generator's first send to the moment the engine
   counts all N processed (stored). Median of the repeats (modes interleaved); dropped must be 0.
+* mixed sizes (ack stored): N/10 frames with random payload sizes uniform in 16 B - 16 KB (records.
+  payload_bytes stays 64, so nearly all payloads go to the payload arena), interleaved with the
+  64-byte runs; events/s, payload MB/s, and how often a full arena pushed the reader back.
 * load levels: 25/50/75/100 % of the `stored` maximum, open loop for --seconds; realtime latency
   EXACT over every realtime event: send -> handled (the generator stamps time.monotonic_ns() into
   the payload just before sending; the bench's realtime handler takes monotonic_ns() when called:
@@ -50,6 +53,8 @@ import e2e  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 LOADS = (25, 50, 75, 100)
 CONNECTIONS = 2
+MIXED = "stored, mixed 16 B-16 KB"  # the mixed-size run's key in res["throughput"]
+MIXED_SIZES = (16, 16384)
 TARGETS = {
     "idle_p50_us": 60.0, "idle_p99_us": 150.0,
     "load50_p99_us": 200.0, "load50_p999_us": 1000.0,
@@ -103,12 +108,19 @@ def evaluate(res: dict) -> list[dict]:
     return rows
 
 
-def throughput(placement, n: int, warmup: int, repeats: int, progress) -> dict:
-    """Per ACK mode: medians over `repeats` runs (modes interleaved, after `warmup` rounds)."""
+def throughput(placement, n: int, warmup: int, repeats: int, progress, n_mixed: int = 0) -> dict:
+    """Per ACK mode: medians over `repeats` runs (modes interleaved, after `warmup` rounds); with
+    `n_mixed`, also the mixed-size run (random 16 B - 16 KB payloads, ack=stored), interleaved with
+    the 64-byte runs so both see the same machine."""
     runs: dict[str, list[dict]] = {m: [] for m in e2e.ACK_MODES}
+    if n_mixed:
+        runs[MIXED] = []
     for r in range(warmup + repeats):
-        for mode in e2e.ACK_MODES:
-            res = e2e.blast_engine(placement, n, mode, CONNECTIONS)
+        for mode in runs:
+            if mode == MIXED:
+                res = e2e.blast_engine(placement, n_mixed, "stored", CONNECTIONS, mixed=MIXED_SIZES)
+            else:
+                res = e2e.blast_engine(placement, n, mode, CONNECTIONS)
             if res["errors"]:
                 raise RuntimeError(f"throughput run ({mode}) failed: {res['errors'][:2]}")
             if r >= warmup:
@@ -119,8 +131,10 @@ def throughput(placement, n: int, warmup: int, repeats: int, progress) -> dict:
     for mode, rs in runs.items():
         rates = [x["events_per_s"] for x in rs]
         out[mode] = {"events_per_s": statistics.median(rates), "events_per_s_min": min(rates),
+                     "payload_mb_per_s": statistics.median(x["payload_mb_per_s"] for x in rs),
+                     "arena_full": sum(x["arena_full"] for x in rs),
                      "events_per_s_max": max(rates), "runs": len(rs), "events": n - n % CONNECTIONS,
-                     "dropped": sum(x["dropped"] for x in rs),
+                     "dropped": sum(x["dropped"] for x in rs), "events_per_run": rs[0]["events"],
                      "processed_all": all(x["processed"] == x["events"] for x in rs),
                      "acked_all": all(x["acked"] == x["events"] for x in rs),
                      "load_avg_1m": [x["load_avg_1m"] for x in rs],
@@ -181,6 +195,7 @@ def main(argv=None) -> None:
     placement = e2e.Placement()
     placement.pin_engine_process()  # before any thread of this process starts
     n = args.events or (150_000 if bench.quick else 400_000)
+    n_mixed = max(2, n // 10)  # ~8 KB a frame on average: a tenth of the events is about 130x the bytes
     seconds = args.seconds or (1.5 if bench.quick else 4.0)
     rtt_seconds = args.rtt_seconds or (2.0 if bench.quick else 5.0)
     facts = {**bench.facts, **placement.facts()}
@@ -198,7 +213,7 @@ def main(argv=None) -> None:
     base = baseline(placement, n, max(1, args.repeats))
     if progress:
         progress.update(1)
-    tp = throughput(placement, n, args.warmup, args.repeats, progress)
+    tp = throughput(placement, n, args.warmup, args.repeats, progress, n_mixed)
     max_rate = tp["stored"]["events_per_s"]
     levels = []
     for pct in LOADS:
@@ -225,6 +240,9 @@ def main(argv=None) -> None:
         "disturbed the run",
         "latency: send->handled = generator's monotonic_ns() before send -> realtime handler call; "
         "ingest->handled = the engine's decode time -> handler call; exact quantiles over every realtime event",
+        f"mixed-size run ({MIXED}): {n_mixed:,} events, payload sizes uniform in {MIXED_SIZES[0]}..{MIXED_SIZES[1]} "
+        "bytes (records.payload_bytes=64, so nearly all go to the payload arena); arena_full = claims cut short "
+        "by a full arena (the reader pushed back)",
         f"quick={bench.quick}, {n:,} events per throughput run, {seconds} s per load level, "
         f"{rtt_seconds} s per ACK mode at 1 event/ms; wall {res['wall_s']} s",
     ]
@@ -236,17 +254,22 @@ def main(argv=None) -> None:
         print(json.dumps(res))
         return
     print(format_facts(facts))
-    print("\n## throughput TCP -> processed -> stored (64-byte payloads, 2 connections)")
+    print(f"\n## throughput TCP -> processed -> stored (64-byte payloads, {n:,} events; mixed run: random "
+          f"{MIXED_SIZES[0]} B-{MIXED_SIZES[1] // 1024} KB payloads, {n_mixed:,} events, most in the payload arena; "
+          "2 connections)")
     trows = [{"what": "baseline: sink discards bytes", "events_per_s": base["events_per_s"],
               "min": base["events_per_s_min"], "max": base["events_per_s_max"], "dropped": "-",
+              "payload_mb_per_s": "-", "arena_full": "-",
               "load_avg": ",".join(map(str, base["load_avg_1m"])),
               "others_cpu_pct": ",".join(map(str, base["engine_cpu_used_by_others_pct"]))}]
     for mode, t in tp.items():
         trows.append({"what": f"engine, ack={mode}", "events_per_s": t["events_per_s"], "min": t["events_per_s_min"],
                       "max": t["events_per_s_max"], "dropped": t["dropped"],
+                      "payload_mb_per_s": round(t["payload_mb_per_s"], 1), "arena_full": t["arena_full"],
                       "load_avg": ",".join(map(str, t["load_avg_1m"])),
                       "others_cpu_pct": ",".join(map(str, t["engine_cpu_used_by_others_pct"]))})
-    print(format_table(trows, ["what", "events_per_s", "min", "max", "dropped", "load_avg", "others_cpu_pct"]))
+    print(format_table(trows, ["what", "events_per_s", "min", "max", "dropped", "payload_mb_per_s", "arena_full",
+                               "load_avg", "others_cpu_pct"]))
     print("\n## realtime latency per load level (exact, µs)")
     print(format_table(levels, ["load_pct", "offered_per_s", "achieved_per_s", "realtime_events", "e2e_p50_us",
                                 "e2e_p99_us", "e2e_p999_us", "ingest_p50_us", "ingest_p99_us", "ingest_p999_us",

@@ -424,6 +424,9 @@ class Service:
         out["realtime_p99_recent_us"] = round(recent / 1000, 1)
         out["realtime_sla_us"] = sla_us
         out["realtime_sla_met"] = bool(recent / 1000 <= sla_us)
+        if self.payloads is not None and not self.payloads.closed:  # payloads over records.payload_bytes
+            st = self.payloads.statistics()
+            out["payload_arena"] = {k: st[k] for k in ("claimed", "released", "full", "used_bytes", "bytes")}
         return out
 
     def __enter__(self) -> Service:
