@@ -11,9 +11,10 @@ record is in flight.
 Layout: the arena is `arena_bytes` of memory (core/arena.py, on the configured NUMA node) cut into
 chunks of `chunk` bytes (the largest possible payload rounded up to a power of two, at least 64 KiB).
 A chunk is taken from the shared pool by one size class (powers of two from just above the inline
-capacity up to `chunk`) and cut into slots of that size; a chunk whose slots are all free again goes
-back to the pool at once, so a class never hoards memory another class waits for (cutting a chunk
-again costs one list of its slot offsets). Waste is below half a slot per payload.
+capacity up to `chunk`) and cut into slots of that size as they are needed (a bump offset; freed
+slots are reused first). A chunk whose slots are all free again goes back to the pool at once, so a
+class never hoards memory another class waits for (taking it again costs nothing: slots are cut
+lazily). Waste is below half a slot per payload.
 
 Concurrency: claims come from every ingest thread, releases from every processor thread. Each
 size class has its own small lock (a claim or a release of a whole batch takes each class's lock
@@ -64,13 +65,16 @@ def arena_by_id(arena_id: int) -> PayloadArena:
 
 
 class _Class:
-    __slots__ = ("size", "lock", "avail", "used")
+    __slots__ = ("size", "lock", "avail", "used", "bump_ch", "bump_off", "bump_end")
 
     def __init__(self, size: int):
         self.size = size
         self.lock = threading.Lock()
-        self.avail: dict[int, list[int]] = {}  # chunk -> free slot offsets (only chunks with some)
+        self.avail: dict[int, list[int]] = {}  # chunk -> freed slot offsets (only chunks with some)
         self.used = 0  # slots in use
+        # the chunk being cut: slots from bump_off to bump_end were never handed out
+        self.bump_ch = -1
+        self.bump_off = self.bump_end = 0
 
 
 class PayloadArena:
@@ -137,52 +141,61 @@ class PayloadArena:
         if big > self.chunk:
             raise ValueError(f"payload of {big} bytes does not fit payload arena {self.name!r}; allowed: "
                              f"0..{self.max_payload} bytes (server.tcp.max_frame_bytes)")
-        cls = self.class_of(sizes)
-        offs = np.zeros(n, dtype=np.uint64)
-        got_mask = np.zeros(n, dtype=bool)
+        cls = self.class_of(sizes).tolist()
+        groups: dict[int, list[int]] = {}
+        for i, c in enumerate(cls):
+            g = groups.get(c)
+            if g is None:
+                groups[c] = [i]
+            else:
+                g.append(i)
+        offs = [0] * n
+        got = [False] * n
         cut = n
-        for c in np.unique(cls).tolist():
-            idx = np.flatnonzero(cls == c)
-            got = self._take(c, len(idx))
-            k = len(got)
-            if k:
-                offs[idx[:k]] = got
-                got_mask[idx[:k]] = True
-            if k < len(idx):
-                cut = min(cut, int(idx[k]))
-        ext = (cls + 1).astype(np.uint8)
-        got_n = int(got_mask.sum())
-        if got_n:  # every slot taken counts, also those given back below (released counts them too)
-            with self._stats_lock:
-                self._stats["claimed"] += got_n
-                self._stats["claimed_bytes"] += int(sizes[got_mask].sum())
-        if cut < n:
-            back = np.flatnonzero(got_mask[cut:]) + cut
-            if len(back):
-                self.release(offs[back], ext[back])
-            with self._stats_lock:
+        for c, idx in groups.items():
+            taken = self._take(c, len(idx))
+            for i, o in zip(idx, taken):
+                offs[i] = o
+                got[i] = True
+            if len(taken) < len(idx):
+                cut = min(cut, idx[len(taken)])
+        back = [i for i in range(cut, n) if got[i]]
+        sizes_l = sizes.tolist()
+        with self._stats_lock:  # every slot taken counts, also those given back below
+            self._stats["claimed"] += cut + len(back)
+            self._stats["claimed_bytes"] += sum(sizes_l[:cut]) + sum(sizes_l[i] for i in back)
+            if cut < n:
                 self._stats["full"] += 1
-        return offs[:cut], ext[:cut]
+        if back:
+            self.release([offs[i] for i in back], [cls[i] + 1 for i in back])
+        return np.array(offs[:cut], dtype=np.uint64), np.array(cls[:cut], dtype=np.uint8) + 1
 
     def _take(self, c: int, k: int) -> list[int]:
         cl = self._classes[c]
+        size, used = cl.size, self._chunk_used
         out: list[int] = []
         with cl.lock:
             while len(out) < k:
-                if not cl.avail:
-                    with self._pool_lock:
-                        ch = self._pool.pop() if self._pool else -1
-                    if ch < 0:
-                        break
-                    base = ch * self.chunk
-                    cl.avail[ch] = list(range(base + self.chunk - cl.size, base - 1, -cl.size))
-                ch, free = next(iter(cl.avail.items()))
-                m = min(k - len(out), len(free))
-                out.extend(free[len(free) - m:])
-                del free[len(free) - m:]
-                self._chunk_used[ch] += m
-                if not free:
-                    del cl.avail[ch]
+                if cl.avail:  # freed slots first (their chunks are cut already)
+                    ch, free = next(iter(cl.avail.items()))
+                    m = min(k - len(out), len(free))
+                    out.extend(free[len(free) - m:])
+                    del free[len(free) - m:]
+                    used[ch] += m
+                    if not free:
+                        del cl.avail[ch]
+                    continue
+                if cl.bump_ch >= 0 and cl.bump_off < cl.bump_end:  # cut more of the current chunk
+                    m = min(k - len(out), (cl.bump_end - cl.bump_off) // size)
+                    out.extend(range(cl.bump_off, cl.bump_off + m * size, size))
+                    cl.bump_off += m * size
+                    used[cl.bump_ch] += m
+                    continue
+                with self._pool_lock:
+                    ch = self._pool.pop() if self._pool else -1
+                if ch < 0:
+                    break
+                cl.bump_ch, cl.bump_off, cl.bump_end = ch, ch * self.chunk, (ch + 1) * self.chunk
             cl.used += len(out)
             claimed, grain = self._claimed, self._grain
             for o in out:
@@ -191,49 +204,57 @@ class PayloadArena:
 
     def has_room(self, size: int) -> bool:
         """Whether a payload of `size` bytes would get a slot now (a hint: others claim meanwhile)."""
-        c = int(self.class_of(np.int64(size)))
-        return bool(self._classes[c].avail) or bool(self._pool)
+        cl = self._classes[int(self.class_of(np.int64(size)))]
+        return bool(cl.avail) or cl.bump_off < cl.bump_end or bool(self._pool)
 
     # -- releasing --------------------------------------------------------------------------------
     def release(self, offsets, ext_classes) -> None:
         """Give slots back (a batch; offsets and ext classes as claim() returned them)."""
-        offs = np.asarray(offsets, dtype=np.uint64)
-        cls = np.asarray(ext_classes, dtype=np.int64) - 1
-        if len(offs) == 0:
+        offs = offsets.tolist() if isinstance(offsets, np.ndarray) else list(offsets)
+        ecl = ext_classes.tolist() if isinstance(ext_classes, np.ndarray) else list(ext_classes)
+        if not offs:
             return
-        bad = 0
-        for c in np.unique(cls).tolist():
-            sel = offs[cls == c].tolist()
+        groups: dict[int, list[int]] = {}
+        for o, e in zip(offs, ecl):
+            g = groups.get(e - 1)
+            if g is None:
+                groups[e - 1] = [o]
+            else:
+                g.append(o)
+        bad = done = 0
+        chunk, grain, claimed, used, size_all = self.chunk, self._grain, self._claimed, self._chunk_used, self.size
+        for c, sel in groups.items():
             if not 0 <= c < len(self._classes):
                 bad += len(sel)
                 continue
             cl = self._classes[c]
-            chunk, grain, claimed, used = self.chunk, self._grain, self._claimed, self._chunk_used
-            done = 0
+            n_done = 0
             with cl.lock:
                 for o in sel:
-                    g = o // grain
-                    if o >= self.size or o % cl.size or not claimed[g]:
+                    if o >= size_all or o % cl.size or not claimed[o // grain]:
                         bad += 1  # never claimed, or released twice: ignored (counted)
                         continue
-                    claimed[g] = 0
+                    claimed[o // grain] = 0
                     ch = o // chunk
-                    free = cl.avail.get(ch)
-                    if free is None:
-                        free = cl.avail[ch] = []
-                    free.append(o)
                     used[ch] -= 1
-                    done += 1
+                    n_done += 1
                     if used[ch] == 0:  # all free: the chunk goes back, any class may take it
-                        del cl.avail[ch]
+                        cl.avail.pop(ch, None)
+                        if cl.bump_ch == ch:
+                            cl.bump_ch, cl.bump_off, cl.bump_end = -1, 0, 0
                         with self._pool_lock:
                             self._pool.append(ch)
-                cl.used -= done
-            with self._stats_lock:
-                self._stats["released"] += done
-        if bad:
-            with self._stats_lock:
-                self._stats["bad_release"] += bad
+                        continue
+                    free = cl.avail.get(ch)
+                    if free is None:
+                        cl.avail[ch] = [o]
+                    else:
+                        free.append(o)
+                cl.used -= n_done
+            done += n_done
+        with self._stats_lock:
+            self._stats["released"] += done
+            self._stats["bad_release"] += bad
 
     # -- access -----------------------------------------------------------------------------------
     def view(self, offset: int, n: int) -> np.ndarray:

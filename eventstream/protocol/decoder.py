@@ -365,9 +365,11 @@ def _copy_ext(arena, arr, out, pstart, pl, ext, offs, cls) -> None:
     out["ext_off"][ext] = offs
     out["ext_class"][ext] = cls
     out["ext_arena"][ext] = arena.id
-    buf = arena.buf
+    dst, src = memoryview(arena.buf), memoryview(arr)
     for o, s, n in zip(offs.tolist(), pstart[ext].tolist(), pl[ext].tolist()):
-        buf[o:o + n] = arr[s:s + n]
+        dst[o:o + n] = src[s:s + n]
+    dst.release()
+    src.release()
 
 
 def _describe(dec, arr, j, index, code, rec, v2, kind, tstart, tlen, plen, length) -> FrameError:

@@ -50,7 +50,7 @@ import zlib
 import numpy as np
 
 from eventstream.core import records as rec
-from eventstream.core.payloads import has_ext, payload_view
+from eventstream.core.payloads import has_ext, payload_views
 
 FILE_MAGIC = b"ESEVLOG1"
 FILE_VERSION = 1
@@ -184,28 +184,28 @@ def _mixed_entries(batch: np.ndarray, file_topic_ids, wall_ns: int) -> bytes:
     """record_entries for a batch with arena payloads: runs of inline records as usual, one
     KIND_RECORD_EXT entry per arena payload, in the batch's order."""
     fids = np.asarray(file_topic_ids, dtype=np.uint32)
+    ext = np.flatnonzero(batch["ext_class"])
+    views = payload_views(batch[ext])
+    raw = batch[ext].tobytes()  # the rows of the ext records, copied once
+    size = batch.dtype.itemsize
+    head_tail = _KIND_WALL.pack(KIND_RECORD_EXT, wall_ns)
+    head_crc = zlib.crc32(head_tail)
     parts = []
     i = 0
-    for j in np.flatnonzero(batch["ext_class"]).tolist():
+    for k, j in enumerate(ext.tolist()):
         if j > i:
             parts.append(record_entries(batch[i:j], fids[i:j], wall_ns))
-        parts.append(ext_entry(batch, j, int(fids[j]), wall_ns))
+        body = bytearray(raw[k * size:(k + 1) * size])
+        _TOPIC_ID.pack_into(body, _TOPIC_ID_AT, int(fids[j]))
+        body[_EXT_AT:_EXT_AT + 8] = bytes(8)  # ext_off: memory of this process, meaningless in a file
+        body[_EXT_AT + 9] = 0  # ext_arena (ext_class, at _EXT_AT + 8, is kept)
+        payload = views[k]
+        crc = zlib.crc32(payload, zlib.crc32(body, head_crc))
+        parts += (_MAGIC_LEN_CRC.pack(ENTRY_MAGIC, size + len(payload), crc), head_tail, body, payload)
         i = j + 1
     if i < len(batch):
         parts.append(record_entries(batch[i:], fids[i:], wall_ns))
     return b"".join(parts)
 
 
-def ext_entry(batch: np.ndarray, j: int, file_topic_id: int, wall_ns: int, payload=None) -> bytes:
-    """The bytes of one KIND_RECORD_EXT entry for record j of `batch` (its payload read from its
-    arena slot unless given)."""
-    if payload is None:
-        payload = payload_view(batch, j)
-    row = batch[j:j + 1].copy()
-    row["topic_id"] = file_topic_id
-    row["ext_off"] = 0
-    row["ext_arena"] = 0
-    body = row.tobytes()
-    head_tail = _KIND_WALL.pack(KIND_RECORD_EXT, wall_ns)
-    crc = zlib.crc32(payload, zlib.crc32(body, zlib.crc32(head_tail)))
-    return b"".join((_MAGIC_LEN_CRC.pack(ENTRY_MAGIC, len(body) + len(payload), crc), head_tail, body, payload))
+_EXT_AT = 51  # offset of ext_off in a record (core/records.py), then ext_class, ext_arena
