@@ -451,6 +451,7 @@ class Reader(Guard, Acknowledger, threading.Thread):
                 self.delivery.on_reject(held, REASON_HELD_AT_STOP, [])
             except Exception as exc:
                 log.error("on_reject_failed", error=repr(exc))
+        release_records(held)  # dead-lettered with their payloads: the arena slots go back
         if c.v2 and not c.closed:  # they end the open chunk: sent once everything in it is complete
             c.open_nacks += encode_nacks(idx, REASON_HELD_AT_STOP)
             self._end_chunk(c)

@@ -199,8 +199,16 @@ def test_full_arena_pushes_the_client_back_and_loses_nothing(tmp_path):
     pays = {i + 1: payload_for(600_000 + i, 5) for i in range(12)}  # each takes a whole 1 MiB slot
     with Service(cfg, handlers={"transactional": slow}) as svc:
         with TcpClient("127.0.0.1", svc.tcp.address[1], timeout=60, batch_size=1) as c:
-            for eid, p in pays.items():
-                c.send("full.t", p, priority=2, event_id=eid)
+            sent = threading.Event()
+
+            def send_all():  # its own thread: pushback may block it in sendall until the gate opens
+                for eid, p in pays.items():
+                    c.send("full.t", p, priority=2, event_id=eid)
+                c.flush()
+                sent.set()
+
+            sender = threading.Thread(target=send_all)
+            sender.start()
             assert entered.wait(30)
             deadline = time.monotonic() + 30
             while svc.payloads.statistics()["full"] == 0 and time.monotonic() < deadline:
@@ -209,6 +217,8 @@ def test_full_arena_pushes_the_client_back_and_loses_nothing(tmp_path):
             assert st_["full"] >= 1 and st_["bytes"] == 2 * MIB and st_["used_bytes"] <= 2 * MIB
             assert c.acked < len(pays)
             gate.set()
+            sender.join(60)
+            assert sent.is_set() and not sender.is_alive()
             assert c.wait_acked(60) and c.nacked == 0
         stats = svc.tcp.statistics()
     assert stats["holds"] >= 1
