@@ -148,8 +148,8 @@ def test_malformed_frame_floods_nack_each_bad_frame_and_keep_every_good_one(make
                     frames.append(raw_v2(topic, payload(i), 2, eid, crc=0xDEADBEEF)); bad.append(eid)
                 elif k == 2:
                     frames.append(raw_v2(topic, payload(i), 9, eid)); bad.append(eid)
-                elif k == 3:
-                    frames.append(raw_v2(topic, payload(i, 8) + bytes(600), 2, eid)); bad.append(eid)
+                elif k == 3:  # over the inline capacity: valid, goes through the payload arena
+                    frames.append(raw_v2(topic, payload(i, 8) + bytes(600), 2 + i % 3, eid)); good.append(eid)
                 elif k == 4:
                     frames.append(raw_v2(topic, payload(i), 2, eid, kind=2)); bad.append(eid)
                 else:
