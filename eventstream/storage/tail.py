@@ -81,14 +81,27 @@ def file_created_ns(path: Path) -> int | None:
         return None
 
 
-def log_files(path: Path) -> list[tuple[int, Path]]:
-    """(created_ns, path) of every readable log file, oldest first: closed segments, then the active one."""
+def _list_once(path: Path) -> list[tuple[int, Path]]:
     out = []
     for _, p in [*segment_paths(path), (0, path)]:
         c = file_created_ns(p)
         if c is not None:
             out.append((c, p))
     return out
+
+
+def log_files(path: Path) -> list[tuple[int, Path]]:
+    """(created_ns, path) of every readable log file, oldest first: closed segments, then the active one.
+
+    A listing is not atomic: a rotation between the directory glob and the read of the active file's
+    header would hide the file just renamed. So it lists until two listings in a row agree."""
+    prev = _list_once(path)
+    for _ in range(20):
+        cur = _list_once(path)
+        if cur == prev:
+            return cur
+        prev = cur
+    return prev
 
 
 def count_records(path: Path, dtype: np.dtype) -> int:

@@ -174,9 +174,9 @@ class Session:
                   for ev in events]
         with self.credit_lock:
             self.credit -= len(events)
-        self._send(b"".join(frames))
-        self.sent += len(events)
+        self.sent += len(events)  # handed to the socket (counted first: a reader of `sent` saw the bytes)
         self.server.delivered(len(events))
+        self._send(b"".join(frames))
 
     def _send(self, data: bytes) -> None:
         with self.send_lock:
