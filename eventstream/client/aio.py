@@ -111,6 +111,7 @@ class AsyncSubscription:
         self._used = 0
         self.ended = False
         self.next_offset: int | None = None
+        self.taken = 0
 
     async def _pump(self) -> None:
         data = await self.reader.read(1 << 20)
@@ -136,6 +137,7 @@ class AsyncSubscription:
             await self._pump()
         ev = self._events.popleft()
         self.next_offset = ev.offset + 1
+        self.taken += 1
         self._used += 1
         if self._used >= max(1, self.credit // 2) and not self.ended:
             self.writer.write(sp.encode_credit(self._used))
@@ -151,14 +153,12 @@ class AsyncSubscription:
             raise StopAsyncIteration
         return ev
 
-    async def commit(self, offset: int | None = None) -> int:
-        """As Subscription.commit: returns the group's durable committed offset."""
+    async def commit(self) -> int:
+        """As Subscription.commit: every event returned so far is done; returns the group's durable
+        committed offset."""
         if not self.group:
             raise SubscribeError("commit() needs a group")
-        offset = self.next_offset if offset is None else offset
-        if offset is None:
-            raise SubscribeError("commit(): no event taken yet, and no offset given")
-        self.writer.write(sp.encode_commit(offset))
+        self.writer.write(sp.encode_commit(self.taken))
         await self.writer.drain()
         while not self._commits:
             await self._pump()

@@ -54,7 +54,8 @@ class Subscription:
         self._used = 0  # events taken by the caller since the last CREDIT
         self.ended = False
         self.end_offset: int | None = None
-        self.next_offset: int | None = None  # after the last event returned (what commit() sends)
+        self.next_offset: int | None = None  # after the last event returned
+        self.taken = 0  # events returned to the caller on this connection (what commit() sends)
         self.committed: int | None = None
         try:
             self.sock = socket.create_connection((host, port), timeout=timeout)
@@ -104,6 +105,7 @@ class Subscription:
             self._pump(left)
         ev = self._events.popleft()
         self.next_offset = ev.offset + 1
+        self.taken += 1
         self._used += 1
         if self._used >= max(1, self.credit // 2) and not self.ended:
             self.sock.sendall(sp.encode_credit(self._used))
@@ -123,16 +125,12 @@ class Subscription:
             raise StopIteration
         return ev
 
-    def commit(self, offset: int | None = None, timeout: float | None = None) -> int:
-        """Tell the group that every event this client took below `offset` (default: all it returned)
-        is done; returns the group's committed offset once the server has stored it durably."""
+    def commit(self, timeout: float | None = None) -> int:
+        """Tell the group that every event returned so far is done; returns the group's committed offset
+        once the server has stored it durably (the offset a restarted group resumes from)."""
         if not self.group:
             raise SubscribeError("commit() needs a group: subscribe(..., group='name')")
-        if offset is None:
-            if self.next_offset is None:
-                raise SubscribeError("commit(): no event taken yet, and no offset given")
-            offset = self.next_offset
-        self.sock.sendall(sp.encode_commit(offset))
+        self.sock.sendall(sp.encode_commit(self.taken))
         import time
 
         timeout = self.timeout if timeout is None else timeout

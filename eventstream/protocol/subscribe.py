@@ -9,8 +9,8 @@ then payload bytes. The kinds added here (EVENT/ACK/NACK/HELLO are 1..4):
     6 CREDIT     client -> server  event_id = more events the server may send
     7 DELIVER    server -> client  one stored event: priority, event_id, timestamp_ns = producer time,
                                    topic, payload = u64 offset + u64 stored_ns + the event's payload
-    8 COMMIT     both ways         event_id = the group's next offset (client: "everything delivered to
-                                   me below it is done"; server: "the group's offset is durable")
+    8 COMMIT     both ways         client: event_id = how many DELIVERs of this connection are done
+                                   (cumulative); server: event_id = the group's committed offset, durable
     9 SUB_ERROR  server -> client  payload = the reason (UTF-8); the server then closes
    10 END        server -> client  event_id = next offset; the stored events (no follow) are all sent
 
@@ -129,10 +129,11 @@ def encode_credit(n: int) -> bytes:
     return _frame(KIND_CREDIT, event_id=n)
 
 
-def encode_commit(offset: int) -> bytes:
-    if not 0 <= offset <= U64:
-        raise SubscribeProtocolError(f"commit offset {offset!r} is not allowed; allowed: 0..2**64-1")
-    return _frame(KIND_COMMIT, event_id=offset)
+def encode_commit(value: int) -> bytes:
+    """Client: events done on this connection (cumulative count); server: the group's committed offset."""
+    if not 0 <= value <= U64:
+        raise SubscribeProtocolError(f"COMMIT value {value!r} is not allowed; allowed: 0..2**64-1")
+    return _frame(KIND_COMMIT, event_id=value)
 
 
 def encode_sub_error(reason: str) -> bytes:

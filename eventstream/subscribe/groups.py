@@ -2,8 +2,10 @@
 
 Consumer group (docs/protocol.md, "Consumer groups"): the members of one group share one cursor over
 the log. A member asks for up to its credit; the group hands out the next events (events that do not
-match the group's glob are passed over) and remembers them as *in flight* for that member. A member's
-COMMIT(x) says "every event you gave me below offset x is done"; the group's *committed offset* is
+match the group's glob are passed over) and remembers them as *in flight* for that member, in the
+order they were sent. A member's COMMIT(n) says "the first n events you sent me on this connection
+are done" (a cumulative count, like an ACK: exact even when redelivered events arrive out of offset
+order); the group's *committed offset* is
 the lowest offset still outstanding (in flight with any member, or read and not yet handed out), or
 the cursor when none is. It is stored durably (write, fsync, atomic rename, fsync of the directory)
 before the COMMIT answer leaves. When a member leaves, its in-flight events go back to the front of
@@ -115,7 +117,7 @@ class SoloSource:
     def at_end(self) -> bool:
         return not self.pending
 
-    def commit(self, member, offset: int) -> int:
+    def commit(self, member, count: int) -> int:
         raise GroupError("COMMIT is not allowed without a group; allowed: SUBSCRIBE with a group name first")
 
     def leave(self, member) -> None:
@@ -133,7 +135,8 @@ class Group:
         self.committed = committed
         self.lock = threading.Lock()
         self.queue: collections.deque[TailEvent] = collections.deque()  # read, not handed out (redeliveries first)
-        self.inflight: dict[object, dict[int, TailEvent]] = {}
+        self.inflight: dict[object, collections.deque[TailEvent]] = {}  # per member, in sending order
+        self.done: dict[object, int] = {}  # per member: events committed (the count COMMIT carries)
         self.wakers: dict[object, threading.Event] = {}
         self._match: dict[str, bool] = {}
 
@@ -150,9 +153,7 @@ class Group:
             q = self.queue
             while q and len(out) < n:
                 out.append(q.popleft())
-            mine = self.inflight.setdefault(member, {})
-            for ev in out:
-                mine[ev.offset] = ev
+            self.inflight.setdefault(member, collections.deque()).extend(out)
             return out
 
     def _low_locked(self) -> int:
@@ -161,15 +162,21 @@ class Group:
             low = min(low, min(ev.offset for ev in self.queue))
         for evs in self.inflight.values():
             if evs:
-                low = min(low, min(evs))
+                low = min(low, min(ev.offset for ev in evs))
         return low
 
-    def commit(self, member, offset: int) -> int:
-        """Member `member` is done with what it got below `offset`; returns the group's durable offset."""
+    def commit(self, member, count: int) -> int:
+        """Member `member` is done with the first `count` events sent to it; returns the group's durable
+        committed offset."""
         with self.lock:
-            mine = self.inflight.get(member, {})
-            for off in [o for o in mine if o < offset]:
-                del mine[off]
+            mine = self.inflight.setdefault(member, collections.deque())
+            done = self.done.get(member, 0)
+            if not done <= count <= done + len(mine):
+                raise GroupError(f"COMMIT {count} is not allowed; allowed: {done}..{done + len(mine)} (the number "
+                                 "of events sent to this connection that are done, cumulative)")
+            for _ in range(count - done):
+                mine.popleft()
+            self.done[member] = count
             low = self._low_locked()
             if self.committed is None or low > self.committed:
                 self.store.save(self.name, low)  # under the lock: saves are ordered, never go backwards
@@ -179,7 +186,8 @@ class Group:
     def leave(self, member) -> bool:
         """Hand the member's in-flight events back; True when the group has no member left."""
         with self.lock:
-            back = sorted(self.inflight.pop(member, {}).values())
+            back = sorted(self.inflight.pop(member, ()))
+            self.done.pop(member, None)
             self.wakers.pop(member, None)
             if back:
                 self.queue.extendleft(reversed(back))
@@ -216,8 +224,8 @@ class GroupSource:
     def at_end(self) -> bool:
         return self.g.at_end()
 
-    def commit(self, member, offset: int) -> int:
-        return self.g.commit(self.member, offset)
+    def commit(self, member, count: int) -> int:
+        return self.g.commit(self.member, count)
 
     def leave(self, member) -> None:
         self.registry.leave(self.g, self.member)
@@ -245,7 +253,7 @@ class GroupRegistry:
                 raise GroupError(f"group {sub.group!r} follows topic glob {g.glob!r}; a member subscribing to "
                                  f"{sub.glob!r} is not allowed (allowed: the same glob, or another group name)")
             with g.lock:
-                g.inflight.setdefault(member, {})
+                g.inflight.setdefault(member, collections.deque())
                 g.wakers[member] = waker
             return GroupSource(self, g, member)
 

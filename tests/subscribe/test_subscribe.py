@@ -138,7 +138,7 @@ def test_group_resumes_after_a_server_restart_without_loss(service, tmp_path):
     seen = []
     with subscribe("127.0.0.1", sub_port(svc), "g", group="billing", credit=20) as s:
         seen += take(s, 40)
-        assert s.commit(40) == 40  # durable: the group resumes at 40
+        assert s.commit() == 40  # durable: the group resumes at 40
         seen += take(s, 10)  # taken, never committed: may come again
     svc.stop()
     assert (data / "subscribe" / "groups" / "billing.json").exists()
@@ -240,6 +240,7 @@ def _raw_error(port: int, data: bytes) -> str:
     (sp._frame(sp.KIND_SUBSCRIBE, topic=b"t")[:-1] + b"u", "crc32"),
     (sp.encode_subscribe("t") + sp.encode_credit(1 << 20), "CREDIT 1048576 is not allowed"),
     (sp.encode_subscribe("t") + sp.encode_commit(3), "COMMIT is not allowed without a group"),
+    (sp.encode_subscribe("t", group="g") + sp.encode_commit(3), "COMMIT 3 is not allowed; allowed: 0..0"),
 ])
 def test_bad_frames_get_a_sub_error_naming_the_field(service, data, expect):
     svc = service()
