@@ -153,16 +153,23 @@ class AsyncSubscription:
             raise StopAsyncIteration
         return ev
 
-    async def commit(self) -> int:
+    async def commit(self, timeout: float = 10.0) -> int:
         """As Subscription.commit: every event returned so far is done; returns the group's durable
-        committed offset."""
+        committed offset (SubscribeError when no answer comes within `timeout` seconds)."""
         if not self.group:
             raise SubscribeError("commit() needs a group")
         self.writer.write(sp.encode_commit(self.taken))
         await self.writer.drain()
-        while not self._commits:
-            await self._pump()
-        return self._commits.popleft()
+
+        async def answer() -> int:
+            while not self._commits:
+                await self._pump()
+            return self._commits.popleft()
+
+        try:
+            return await asyncio.wait_for(answer(), timeout)
+        except asyncio.TimeoutError:
+            raise SubscribeError(f"no COMMIT answer within {timeout} s") from None
 
     async def close(self) -> None:
         self.writer.close()

@@ -156,7 +156,9 @@ class Session:
                 continue
             if not sub.follow and src.at_end():
                 self._send(sp.encode_end(src.position()))
-                self._linger_close()
+                while not self.closed:  # COMMITs may still come: the client closes when it is done
+                    self.wake.wait(WAIT_S)
+                    self.wake.clear()
                 return
             progress.register(self.wake)
             try:
@@ -226,13 +228,6 @@ class Session:
         self.wake.set()
         with self.send_lock:
             refuse(self.sock, reason)
-
-    def _linger_close(self) -> None:
-        self.closed = True
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
 
     def _close(self) -> None:
         self.closed = True
