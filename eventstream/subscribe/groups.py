@@ -81,6 +81,20 @@ def open_tail(log_path: Path, dtype, index: SegmentIndex, sub: sp.Subscribe, res
     return tail
 
 
+def fill(tail: LogTail, glob: str, cache: dict[str, bool], out: collections.deque) -> None:
+    """Read from `tail` until some event matches `glob` (appended to `out`) or the log has no more."""
+    while not out:
+        events = tail.read()
+        if not events:
+            return
+        for ev in events:
+            m = cache.get(ev.topic)
+            if m is None:
+                m = cache[ev.topic] = fnmatch.fnmatchcase(ev.topic, glob)
+            if m:
+                out.append(ev)
+
+
 class SoloSource:
     """A subscriber without a group: its own tail and glob."""
 
@@ -101,14 +115,7 @@ class SoloSource:
         return out
 
     def _fill(self) -> None:
-        match = self._match
-        glob = self.glob
-        for ev in self.tail.read():
-            m = match.get(ev.topic)
-            if m is None:
-                m = match[ev.topic] = fnmatch.fnmatchcase(ev.topic, glob)
-            if m:
-                self.pending.append(ev)
+        fill(self.tail, self.glob, self._match, self.pending)
 
     def position(self) -> int:
         """The offset after everything read so far (END frames)."""
@@ -143,12 +150,7 @@ class Group:
     def take(self, member, n: int) -> list[TailEvent]:
         with self.lock:
             if not self.queue:
-                for ev in self.tail.read():
-                    m = self._match.get(ev.topic)
-                    if m is None:
-                        m = self._match[ev.topic] = fnmatch.fnmatchcase(ev.topic, self.glob)
-                    if m:
-                        self.queue.append(ev)
+                fill(self.tail, self.glob, self._match, self.queue)
             out = []
             q = self.queue
             while q and len(out) < n:

@@ -284,3 +284,15 @@ def test_tokens_are_required_when_configured(service):
     send_ok = subscribe("127.0.0.1", port, "*", token="s3cret", follow=False)
     with send_ok as s:
         assert list(s) == []
+
+
+def test_a_selective_glob_reads_past_chunks_without_a_match(service):
+    svc = service()
+    # about 3 MiB of log (3 tail chunks) of another topic, then one match: a chunk without a match is not
+    # the end of the log (an END there would end this no-follow subscription early)
+    send(svc, [("noise", b"n" * 60) for _ in range(20_000)])
+    send(svc, [("wanted", b"w")], start_id=50_000)
+    with subscribe("127.0.0.1", sub_port(svc), "wanted", follow=False) as s:
+        got = list(s)
+        assert s.end_offset == 20_001
+    assert [(e.payload, e.offset) for e in got] == [(b"w", 20_000)]
