@@ -257,6 +257,11 @@ class Service:
         if self.subscribe is not None:  # subscribe hook: stopped (closers run reversed) before the log closes
             self._start_server(self.subscribe, "server.subscribe")
             self._closers.append(self.subscribe.stop)
+            sub = self.subscribe
+            self.metrics.gauge_fn("subscribers", {}, lambda: sub.statistics()["subscribers"],
+                                  doc="subscriber connections (bound: server.subscribe.max_subscribers)")
+            self.metrics.counter_fn("subscribe_delivered", lambda: sub.statistics()["delivered"], {},
+                                    doc="events sent to subscribers (DELIVER frames)")
         self.backpressure = Backpressure(cfg.backpressure)
         self.control = ControlThread(self.backpressure, self.sample, LevelActions(self),
                                      interval_ms=cfg.backpressure.interval_ms, cpus=aff.control)

@@ -112,6 +112,10 @@ class Session:
                 sub = self._handshake()
             except sp.SubscribeProtocolError as exc:
                 return self._fail(str(exc))
+            except TimeoutError:
+                t = self.server.config.handshake_timeout_s
+                return self._fail(f"no SUBSCRIBE within {t:g} s; allowed: HELLO (if tokens are configured) and "
+                                  f"SUBSCRIBE within server.subscribe.handshake_timeout_s={t:g}")
             except (SessionClosed, OSError):
                 return self._close()
             self.sub = sub

@@ -272,6 +272,8 @@ def test_subscribers_over_the_limit_are_refused_with_a_clear_error(service):
             c.poll(T)
         assert "too many subscribers" in str(err.value) and "max_subscribers=2" in str(err.value)
         assert svc.subscribe.statistics()["refused"] == 1
+        text = svc.metrics.render().decode()
+        assert "subscribers 2" in text and "subscribe_delivered_total 0" in text
 
 
 def test_tokens_are_required_when_configured(service):
@@ -296,3 +298,9 @@ def test_a_selective_glob_reads_past_chunks_without_a_match(service):
         got = list(s)
         assert s.end_offset == 20_001
     assert [(e.payload, e.offset) for e in got] == [(b"w", 20_000)]
+
+
+def test_a_silent_connection_is_refused_after_the_handshake_timeout(service):
+    svc = service(**{"server.subscribe.handshake_timeout_s": 0.2})
+    reason = _raw_error(sub_port(svc), b"")
+    assert "no SUBSCRIBE within 0.2 s" in reason and "handshake_timeout_s" in reason
