@@ -20,6 +20,7 @@ tail reads it to its end, then moves to the next file (the smallest created_ns a
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import threading
@@ -34,6 +35,9 @@ from eventstream.storage.reader import scan_buffer
 from eventstream.storage.writer import segment_paths
 
 CHUNK_BYTES = 1 << 20
+MAX_CHUNK_BYTES = 1 << 30
+# a reader that knows entries carrying their payload after the record (large payloads) calls on_ext
+_SCAN_HAS_EXT = "on_ext" in inspect.signature(scan_buffer).parameters
 
 
 class TailEvent(NamedTuple):
@@ -285,7 +289,7 @@ class LogTail:
             def on_topic(tid: int, name: str) -> None:
                 topics[tid] = name
 
-            def on_records(view: np.ndarray) -> None:
+            def on_records(view: np.ndarray, ext: bytes | None = None) -> None:
                 n = len(view)
                 first = base + self._ordinal
                 self._ordinal += n
@@ -309,16 +313,26 @@ class LogTail:
                 pts = r["producer_ts"].tolist()
                 walls = wall.tolist()
                 for i in range(len(tids)):
-                    payload = pl[i, :lens[i]].tobytes() if pl is not None else b""
+                    if ext is not None:  # one large-payload entry: its payload follows the record
+                        payload = ext
+                    else:
+                        payload = pl[i, :lens[i]].tobytes() if pl is not None and lens[i] else b""
                     out.append(TailEvent(first + lo + i, topics.get(tids[i], f"#{tids[i]}"), eids[i], prios[i],
                                          pts[i], walls[i], payload))
 
-            res = scan_buffer(data, self.dtype, on_records=on_records, on_topic=on_topic, start=0)
+            def on_ext(view: np.ndarray, payload) -> None:
+                on_records(view, bytes(payload))
+
+            kw = {"on_ext": on_ext} if _SCAN_HAS_EXT else {}
+            res = scan_buffer(data, self.dtype, on_records=on_records, on_topic=on_topic, start=0, **kw)
             self._pos += res.valid_bytes
             if out:
                 self.next_offset = out[-1].offset + 1
                 return out
             if res.valid_bytes == 0:
+                if len(data) < size - self._pos and self.chunk_bytes < MAX_CHUNK_BYTES:
+                    self.chunk_bytes *= 2  # one entry larger than a chunk (a large payload): read more
+                    continue
                 return []  # a partial entry at the end: wait for the rest
 
     def seek_end(self) -> int:

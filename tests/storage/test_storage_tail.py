@@ -144,3 +144,15 @@ def test_a_torn_tail_is_not_delivered_until_it_is_whole(tmp_path):
     with open(path, "ab") as f:
         f.write(full[len(whole) + 40:])
     assert [e.offset for e in tail.read()] == [2]
+
+
+def test_an_entry_larger_than_a_chunk_is_read_whole(tmp_path):
+    path = tmp_path / "events.bin"
+    topics = TopicTable(100)
+    log = open_log(path, topics)
+    log.append(recs(topics, ["t"] * 40, start=0))
+    log.close()
+    index = SegmentIndex(path, tmp_path / "idx.json", DT)
+    tail = LogTail(path, DT, index, 0)
+    tail.chunk_bytes = 50  # smaller than one entry (as a large-payload entry can be): the read has to grow
+    assert [e.event_id for e in drain(tail)] == list(range(40))
