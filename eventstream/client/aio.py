@@ -17,10 +17,9 @@ connection breaks (ClientError). Flow control of the subscription is as in clien
 from __future__ import annotations
 
 import asyncio
-import collections
 import secrets
 
-from eventstream.client.subscriber import SubscribeError, start_of
+from eventstream.client.subscriber import SubscribeError, SubscriberState, start_of
 from eventstream.client.tcp import ClientError
 from eventstream.protocol import subscribe as sp
 from eventstream.protocol.frames import KIND_ACK, KIND_NACK, encode_hello, encode_v2, split_control_frames
@@ -105,43 +104,33 @@ class AsyncSubscription:
         self.writer = writer
         self.group = group
         self.credit = credit
-        self._dec = sp.SubscribeDecoder(sp.SERVER_KINDS, 1 << 30)
-        self._events: collections.deque[sp.Delivered] = collections.deque()
-        self._commits: collections.deque[int] = collections.deque()
-        self._used = 0
-        self.ended = False
-        self.next_offset: int | None = None
-        self.taken = 0
+        self.state = SubscriberState(credit)
+
+    @property
+    def ended(self) -> bool:
+        return self.state.ended
+
+    @property
+    def next_offset(self) -> int | None:
+        return self.state.next_offset
+
+    @property
+    def taken(self) -> int:
+        return self.state.taken
 
     async def _pump(self) -> None:
-        data = await self.reader.read(1 << 20)
-        if not data:
-            if self.ended:
-                return
-            raise SubscribeError("the server closed the subscription")
-        for f in self._dec.feed(data):
-            if f.kind == sp.KIND_DELIVER:
-                self._events.append(sp.parse_deliver(f))
-            elif f.kind == sp.KIND_COMMIT:
-                self._commits.append(f.event_id)
-            elif f.kind == sp.KIND_END:
-                self.ended = True
-            elif f.kind == sp.KIND_SUB_ERROR:
-                raise SubscribeError(f.payload.decode("utf-8", "replace"))
+        self.state.receive(await self.reader.read(1 << 20))
 
     async def next(self) -> sp.Delivered | None:
         """The next event (None at END)."""
-        while not self._events:
-            if self.ended:
+        st = self.state
+        while not st.has_event():
+            if st.ended:
                 return None
             await self._pump()
-        ev = self._events.popleft()
-        self.next_offset = ev.offset + 1
-        self.taken += 1
-        self._used += 1
-        if self._used >= max(1, self.credit // 2) and not self.ended:
-            self.writer.write(sp.encode_credit(self._used))
-            self._used = 0
+        ev, credit = st.take()
+        if credit:
+            self.writer.write(credit)
         return ev
 
     def __aiter__(self):
@@ -158,13 +147,13 @@ class AsyncSubscription:
         committed offset (SubscribeError when no answer comes within `timeout` seconds)."""
         if not self.group:
             raise SubscribeError("commit() needs a group")
-        self.writer.write(sp.encode_commit(self.taken))
+        self.writer.write(sp.encode_commit(self.state.taken))
         await self.writer.drain()
 
         async def answer() -> int:
-            while not self._commits:
+            while (offset := self.state.commit_answer()) is None:
                 await self._pump()
-            return self._commits.popleft()
+            return offset
 
         try:
             return await asyncio.wait_for(answer(), timeout)

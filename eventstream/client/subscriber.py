@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import socket
+import time
 
 from eventstream.protocol import subscribe as sp
 from eventstream.protocol.frames import encode_hello
@@ -37,17 +38,14 @@ def start_of(start) -> tuple[int, int]:
     return sp.parse_start(str(start))
 
 
-class Subscription:
-    def __init__(self, host: str, port: int, glob: str, *, start="earliest", group: str | None = None,
-                 credit: int = 1000, follow: bool = True, token: str | bytes | None = None, timeout: float = 10.0):
-        mode, value = start_of(start)
+class SubscriberState:
+    """The client side of a subscription without I/O (shared by Subscription and the asyncio client):
+    feed it what the server sent, take events from it; it says when to grant credit."""
+
+    def __init__(self, credit: int):
         if credit < 1:
             raise ValueError(f"credit={credit!r} is not allowed; allowed: at least 1")
-        self.glob = glob
-        self.group = group or ""
         self.credit = credit
-        self.follow = follow
-        self.timeout = timeout
         self._dec = sp.SubscribeDecoder(sp.SERVER_KINDS, 1 << 30)
         self._events: collections.deque[sp.Delivered] = collections.deque()
         self._commits: collections.deque[int] = collections.deque()
@@ -55,7 +53,58 @@ class Subscription:
         self.ended = False
         self.end_offset: int | None = None
         self.next_offset: int | None = None  # after the last event returned
-        self.taken = 0  # events returned to the caller on this connection (what commit() sends)
+        self.taken = 0  # events returned to the caller on this connection (what a commit sends)
+
+    def receive(self, data: bytes) -> None:
+        """Bytes from the server (b"": it closed the connection). SubscribeError on a SUB_ERROR, or
+        when the server closes before END."""
+        if not data:
+            if not self.ended:
+                raise SubscribeError("the server closed the subscription")
+            return
+        for f in self._dec.feed(data):
+            if f.kind == sp.KIND_DELIVER:
+                self._events.append(sp.parse_deliver(f))
+            elif f.kind == sp.KIND_COMMIT:
+                self._commits.append(f.event_id)
+            elif f.kind == sp.KIND_END:
+                self.ended = True
+                self.end_offset = f.event_id
+            elif f.kind == sp.KIND_SUB_ERROR:
+                raise SubscribeError(f.payload.decode("utf-8", "replace"))
+
+    def has_event(self) -> bool:
+        return bool(self._events)
+
+    def take(self) -> tuple[sp.Delivered, bytes]:
+        """The next received event, and the CREDIT frame to send now (b"" if none is due)."""
+        ev = self._events.popleft()
+        self.next_offset = ev.offset + 1
+        self.taken += 1
+        self._used += 1
+        if self._used >= max(1, self.credit // 2) and not self.ended:
+            used, self._used = self._used, 0
+            return ev, sp.encode_credit(used)
+        return ev, b""
+
+    def commit_answer(self) -> int | None:
+        """The group's durable offset from the oldest unanswered COMMIT, if it came."""
+        return self._commits.popleft() if self._commits else None
+
+    def buffered(self) -> int:
+        return len(self._events)
+
+
+class Subscription:
+    def __init__(self, host: str, port: int, glob: str, *, start="earliest", group: str | None = None,
+                 credit: int = 1000, follow: bool = True, token: str | bytes | None = None, timeout: float = 10.0):
+        mode, value = start_of(start)
+        self.state = SubscriberState(credit)
+        self.glob = glob
+        self.group = group or ""
+        self.credit = credit
+        self.follow = follow
+        self.timeout = timeout
         self.committed: int | None = None
         try:
             self.sock = socket.create_connection((host, port), timeout=timeout)
@@ -75,46 +124,28 @@ class Subscription:
             return False
         except OSError as exc:
             raise SubscribeError(f"connection lost: {exc}") from None
-        if not data:
-            if not self.ended:
-                raise SubscribeError("the server closed the subscription")
-            return True
-        for f in self._dec.feed(data):
-            if f.kind == sp.KIND_DELIVER:
-                self._events.append(sp.parse_deliver(f))
-            elif f.kind == sp.KIND_COMMIT:
-                self._commits.append(f.event_id)
-            elif f.kind == sp.KIND_END:
-                self.ended = True
-                self.end_offset = f.event_id
-            elif f.kind == sp.KIND_SUB_ERROR:
-                raise SubscribeError(f.payload.decode("utf-8", "replace"))
+        self.state.receive(data)
         return True
 
     def poll(self, timeout: float | None = None) -> sp.Delivered | None:
         """The next event, waiting at most `timeout` seconds (None = forever); None on timeout or at END."""
-        import time
-
+        st = self.state
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._events:
-            if self.ended:
+        while not st.has_event():
+            if st.ended:
                 return None
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return None
             self._pump(left)
-        ev = self._events.popleft()
-        self.next_offset = ev.offset + 1
-        self.taken += 1
-        self._used += 1
-        if self._used >= max(1, self.credit // 2) and not self.ended:
-            self.sock.sendall(sp.encode_credit(self._used))
-            self._used = 0
+        ev, credit = st.take()
+        if credit:
+            self.sock.sendall(credit)
         return ev
 
     def buffered(self) -> int:
         """Events received and not yet taken (poll() returns them without waiting)."""
-        return len(self._events)
+        return self.state.buffered()
 
     def __iter__(self):
         return self
@@ -130,17 +161,33 @@ class Subscription:
         once the server has stored it durably (the offset a restarted group resumes from)."""
         if not self.group:
             raise SubscribeError("commit() needs a group: subscribe(..., group='name')")
-        self.sock.sendall(sp.encode_commit(self.taken))
-        import time
-
+        self.sock.sendall(sp.encode_commit(self.state.taken))
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        while not self._commits:
+        while (answer := self.state.commit_answer()) is None:
             left = deadline - time.monotonic()
-            if left <= 0 or (not self._pump(left) and not self._commits):
+            if left <= 0 or not self._pump(left):
                 raise SubscribeError(f"no COMMIT answer within {timeout} s")
-        self.committed = self._commits.popleft()
-        return self.committed
+        self.committed = answer
+        return answer
+
+    @property
+    def ended(self) -> bool:
+        return self.state.ended
+
+    @property
+    def end_offset(self) -> int | None:
+        return self.state.end_offset
+
+    @property
+    def next_offset(self) -> int | None:
+        """The offset after the last event returned (None before the first)."""
+        return self.state.next_offset
+
+    @property
+    def taken(self) -> int:
+        """Events returned to the caller on this connection (what commit() sends)."""
+        return self.state.taken
 
     def close(self) -> None:
         try:
