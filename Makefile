@@ -21,9 +21,11 @@ run: bootstrap
 	$(VENV)/bin/eventstream serve $(ARGS)
 
 test: bootstrap
+	@bash tools/test-deps.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-gil: bootstrap
+	@bash tools/test-deps.sh
 	EVENTSTREAM_ALLOW_GIL=1 PYTHON_GIL=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 stress: bootstrap

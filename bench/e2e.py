@@ -11,6 +11,9 @@
   the engine's metrics) and handled - ingest_ts (the engine's own ingest -> handled), exactly, per
   event; byte 8 is a tag that says which phase or ACK mode the event belonged to.
 * `SinkServer`: the transport baseline: accepts, reads and discards bytes, closes on EOF.
+* `AckEchoServer`: the round-trip baseline: answers each complete frame with a cumulative ACK at
+  once (no decoding, handling or storing): what a Python server pays on this machine for the socket
+  wake-ups and the two sends alone.
 * Quantiles are exact (numpy.percentile over every collected value, linear interpolation).
 """
 
@@ -272,6 +275,58 @@ class SinkServer:
             t.join(5)
 
 
+class AckEchoServer:
+    """Round-trip baseline: one thread per connection (on the engine CPUs, like the engine's reader);
+    for every complete length-prefixed frame it has read, it sends the cumulative ACK right away."""
+
+    def __init__(self):
+        self.lsock = socket.create_server(("127.0.0.1", 0), backlog=8)
+        self.address = self.lsock.getsockname()
+        self._threads: list[threading.Thread] = []
+        self._acceptor = threading.Thread(target=self._accept, daemon=True, name="bench-echo-acceptor")
+        self._acceptor.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                s, _ = self.lsock.accept()
+            except OSError:
+                return
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            t = threading.Thread(target=self._serve, args=(s,), daemon=True, name="bench-echo")
+            t.start()
+            self._threads.append(t)
+
+    @staticmethod
+    def _serve(s: socket.socket) -> None:
+        from eventstream.protocol.frames import encode_ack
+
+        buf = bytearray()
+        frames = 0
+        try:
+            while d := s.recv(65536):
+                buf += d
+                pos = 0
+                while len(buf) - pos >= 4:
+                    end = pos + 4 + int.from_bytes(buf[pos:pos + 4], "big")
+                    if end > len(buf):
+                        break
+                    pos = end
+                    frames += 1
+                if pos:
+                    del buf[:pos]
+                    s.sendall(encode_ack(frames))
+        except OSError:
+            pass
+        finally:
+            s.close()
+
+    def close(self) -> None:
+        self.lsock.close()
+        for t in self._threads:
+            t.join(5)
+
+
 # ------------------------------------------------------------------------------------------ generator
 def start_gen(placement: Placement, spec: dict) -> subprocess.Popen:
     spec = {**spec, "cpus": placement.gen}
@@ -380,6 +435,20 @@ def paced_engine(placement: Placement, rate: float, seconds: float, connections:
             "svc_hist_p99_us": round(svc_rt["p99"] / 1e3, 1), "warm_up_s": round(eng.warm_up_s, 3),
             "dropped": summary.get("dropped", 0), "errors": gen["errors"],
             "load_avg_1m": round(os.getloadavg()[0], 2), **cpu}
+
+
+def pingpong_baseline(placement: Placement, seconds: float, interval_ms: float = 1.0) -> dict:
+    """The same waiting client against AckEchoServer: the round trip without the engine."""
+    srv = AckEchoServer()
+    try:
+        gen = run_gen(placement, {"mode": "pingpong", "address": list(srv.address), "seconds": seconds,
+                                  "modes": ["accepted"], "interval_ms": interval_ms, "warmup": WARMUP})
+    finally:
+        srv.close()
+    g = gen["modes"]["accepted"]
+    rtt = np.asarray(g["rtt_ns"], dtype=np.int64)
+    return {"events": g["events"], "late_ticks": g["late_ticks"], **quantiles_us(rtt[rtt > 0], "ack_rtt_"),
+            "errors": gen["errors"]}
 
 
 def pingpong_engine(placement: Placement, seconds: float, modes=ACK_MODES, interval_ms: float = 1.0) -> dict:

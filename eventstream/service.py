@@ -99,6 +99,7 @@ class Service:
         self.bus = None
         self.payloads = None  # PayloadArena (created at start)
         self.connectors = None  # eventstream/connectors (NATS JetStream), None when disabled
+        self.subscribe = None  # eventstream/subscribe (server.subscribe), None when disabled
         self._last_sample = (0, 0, time.monotonic())
 
     # ------------------------------------------------------------------------------------ sinks
@@ -217,6 +218,17 @@ class Service:
         self.connectors = connectors.build(cfg, self)
         store = self.event_log.append if self.connectors is None else self.connectors.wrap_store(self.event_log.append)
         # --- end connectors hook
+        # --- subscribe hook (eventstream/subscribe): each store bumps the tails' progress signal
+        from eventstream.subscribe import server as subscribe
+
+        try:
+            sub_tokens = TokenSet.from_config(cfg.server.auth) if cfg.server.subscribe.enabled else None
+            self.subscribe = subscribe.build(cfg, data, self.dtype, tokens=sub_tokens)
+        except (TokenError, ValueError) as exc:
+            raise StartupError(str(exc)) from None
+        if self.subscribe is not None:
+            store = self.subscribe.wrap_store(store)
+        # --- end subscribe hook
         sinks = Sinks(self.topics, store=store, drop=self.drop, processed=self._processed,
                       dedup_hit=self.metrics.dedup_hits, sync=self._sync, progress=self._progress,
                       stages=self._stages)
@@ -255,6 +267,14 @@ class Service:
                                  on_reject=self.on_reject, cpus=aff.udp, payload_bytes=pb,
                                  payloads=self.payloads)
             self._start_server(self.udp, "server.udp")
+        if self.subscribe is not None:  # subscribe hook: stopped (closers run reversed) before the log closes
+            self._start_server(self.subscribe, "server.subscribe")
+            self._closers.append(self.subscribe.stop)
+            sub = self.subscribe
+            self.metrics.gauge_fn("subscribers", {}, lambda: sub.statistics()["subscribers"],
+                                  doc="subscriber connections (bound: server.subscribe.max_subscribers)")
+            self.metrics.counter_fn("subscribe_delivered", lambda: sub.statistics()["delivered"], {},
+                                    doc="events sent to subscribers (DELIVER frames)")
         self.backpressure = Backpressure(cfg.backpressure)
         self.control = ControlThread(self.backpressure, self.sample, LevelActions(self),
                                      interval_ms=cfg.backpressure.interval_ms, cpus=aff.control)
@@ -262,7 +282,7 @@ class Service:
         if cfg.metrics.enabled:
             def health() -> tuple[bool, str]:  # /healthz: every engine thread alive
                 threads = [self.control, *(p for ws in self.manager.workers.values() for p in ws)]
-                for srv in (self.tcp, self.udp):
+                for srv in (self.tcp, self.udp, self.subscribe):
                     if srv is not None:
                         threads.extend(srv.threads())
                 failed = self.failures()
@@ -396,6 +416,10 @@ class Service:
         if tcp.enabled and not _loopback(tcp.host) and not (tcp.tls.cert_file or auth):
             out.append(f"server.tcp.host {tcp.host} is not a loopback address and neither TLS "
                        "(server.tcp.tls.cert_file) nor client tokens (server.auth.tokens) are configured")
+        sub = cfg.server.subscribe
+        if sub.enabled and not _loopback(sub.host) and not auth:
+            out.append(f"server.subscribe.host {sub.host} is not a loopback address and no client tokens "
+                       "(server.auth.tokens) are configured: anyone reaching it can read every stored event")
         if udp.enabled and not _loopback(udp.host):
             out.append(f"server.udp.host {udp.host} is not a loopback address: UDP has no authentication "
                        "and no encryption")

@@ -84,6 +84,20 @@ class UdpConfig:
 
 
 @dataclass
+class SubscribeConfig:
+    """Subscribers over the wire (eventstream/subscribe, docs/protocol.md "Subscribe"): off by default,
+    since it exposes every stored event to whoever connects; on loopback unless you choose otherwise."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = field(default=9002, metadata={"range": (0, 65535)})
+    max_subscribers: int = field(default=64, metadata={"range": (1, 100_000)})  # more are refused (SUB_ERROR)
+    max_credit: int = field(default=65536, metadata={"range": (1, 1 << 30)})  # outstanding credit per subscriber
+    handshake_timeout_s: float = field(default=10.0, metadata={"range": (0.0, 3600.0)})  # HELLO/SUBSCRIBE within
+    group_dir: str = ""  # committed group offsets and the segment index; "" = <storage.data_dir>/subscribe
+
+
+@dataclass
 class ServerConfig:
     # what a v2 ACK promises for frames that ask for nothing else (docs/protocol.md): "accepted" (in
     # a processor queue), "stored" (in events.bin or the DLQ, written to the OS: survives kill -9),
@@ -96,6 +110,7 @@ class ServerConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     tcp: TcpConfig = field(default_factory=TcpConfig)
     udp: UdpConfig = field(default_factory=UdpConfig)
+    subscribe: SubscribeConfig = field(default_factory=SubscribeConfig)
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Deduplicator: which event ids were seen within the idempotency window (CAS open addressing).
 
-Table: two u64 arrays in arena memory, `keys` (0 = empty) and `stamps` (ns of the clock when the id
-was admitted/committed; 0 = being inserted right now, which counts as present). Linear probing, and
+Table (core/idtable.py): u64 `keys` (0 = empty) and `stamps` (ns of the clock when the id was
+admitted/committed; 0 = being inserted right now, which counts as present). Linear probing, and
 slots are only ever filled in place, never emptied: a lookup can therefore stop at the first empty
 slot, and two threads inserting the same id race for the same first empty slot - one CAS wins, the
 other sees the id there. That is what makes `admit` hand each id out exactly once across threads.
@@ -28,39 +28,15 @@ import numpy as np
 
 from eventstream.core import atomic
 from eventstream.core.arena import Arena
+from eventstream.core.idtable import IdTable
 from eventstream.core.wait import SleepBackoff
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_GOLDEN_INT = 0x9E3779B97F4A7C15
-_M64 = (1 << 64) - 1
 WHEN_FULL = ("grow", "evict")
 SMALL = 8  # up to this many ids, the *_exclusive calls probe with plain ints (no numpy temporaries)
 
 
 class DedupTableFull(RuntimeError):
     pass
-
-
-class _Table:
-    def __init__(self, buckets: int, arena: Arena | None, node: int):
-        self.buckets = buckets
-        self.mask = buckets - 1
-        self.bits = buckets.bit_length() - 1
-        self.own = arena is None
-        self.arena = arena if arena is not None else Arena(buckets * 16 + 256, node, name="dedup.table")
-        self.keys = self.arena.array(buckets, np.uint64)
-        self.stamps = self.arena.array(buckets, np.uint64)
-        self.key_base = atomic.address_of(self.keys)
-        self.stamp_base = atomic.address_of(self.stamps)
-
-    def home(self, ids: np.ndarray) -> np.ndarray:
-        if self.bits == 0:
-            return np.zeros(len(ids), dtype=np.int64)
-        return ((ids * _GOLDEN) >> np.uint64(64 - self.bits)).astype(np.int64)
-
-    def close(self) -> None:
-        if self.own:
-            self.arena.close()
 
 
 class Deduplicator:
@@ -87,14 +63,14 @@ class Deduplicator:
         cells = atomic.CellBlock(self._ctl_arena, 6)
         self._gate, self._active, self._used, self._admitted, self._dupes, self._removed = cells.cells
         self._cells = cells
-        self._table = _Table(buckets, arena, node)
+        self._table = IdTable(buckets, arena, node)
         self._struct_lock = threading.Lock()  # serializes rebuilds only; batch calls never take it
         self._wait = SleepBackoff()
         self.grows = 0
         self.evictions = 0
 
     # -- gate ---------------------------------------------------------------------------------------
-    def _enter(self) -> _Table:
+    def _enter(self) -> IdTable:
         while True:
             if self._gate.load() == 0:
                 self._active.fetch_add(1)
@@ -139,11 +115,11 @@ class Deduplicator:
                 self.evictions += 1
         if buckets == old.buckets and removed == 0:
             return 0
-        table = old if buckets == old.buckets else _Table(buckets, None, self._node)
+        table = old if buckets == old.buckets else IdTable(buckets, None, self._node)
         if table is old:
             old.keys[:] = 0
             old.stamps[:] = 0
-        self._insert_bulk(table, keys, stamps)
+        table.insert_bulk(keys, stamps)
         self._table = table
         self._used.store(len(keys))
         self._removed.fetch_add(removed)
@@ -151,47 +127,12 @@ class Deduplicator:
             old.close()
         return removed
 
-    @staticmethod
-    def _insert_bulk(t: _Table, keys: np.ndarray, stamps: np.ndarray) -> None:
-        """Vectorized linear-probing insert of distinct keys into a table nobody else touches."""
-        home = t.home(keys)
-        offset = np.zeros(len(keys), dtype=np.int64)
-        pending = np.arange(len(keys))
-        while len(pending):
-            slots = (home[pending] + offset[pending]) & t.mask
-            cand = np.flatnonzero(t.keys[slots] == 0)
-            # keys racing for one free slot: the last assignment wins; reading back says who
-            # (no sort: the keys are distinct, so exactly one of them is there)
-            cslots, ckeys = slots[cand], keys[pending[cand]]
-            t.keys[cslots] = ckeys
-            win = cand[t.keys[cslots] == ckeys]
-            t.stamps[slots[win]] = stamps[pending[win]]
-            lose = np.ones(len(pending), dtype=bool)
-            lose[win] = False
-            pending = pending[lose]
-            offset[pending] += 1  # its slot is taken now (by another key, or was already)
-
     # -- helpers --------------------------------------------------------------------------------------
     def _now_ns(self, now) -> int:
         return max(1, int((self.clock() if now is None else now) * 1e9))
 
     def _expired(self, stamps: np.ndarray, now_ns: int) -> np.ndarray:
         return (stamps != 0) & (stamps.astype(np.int64) + self.window_ns <= now_ns)
-
-    def _lookup(self, t: _Table, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Slot of each id (-1 if absent), vectorized probing."""
-        slot_of = np.full(len(ids), -1, dtype=np.int64)
-        home = t.home(ids)
-        active = np.arange(len(ids))
-        for probe in range(t.buckets):
-            if not len(active):
-                break
-            slots = (home[active] + probe) & t.mask
-            k = t.keys[slots]
-            hit = k == ids[active]
-            slot_of[active[hit]] = slots[hit]
-            active = active[(k != 0) & ~hit]
-        return slot_of, home
 
     @staticmethod
     def _ids(ids) -> np.ndarray:
@@ -208,7 +149,7 @@ class Deduplicator:
             return out
         t = self._enter()
         try:
-            slot_of, _ = self._lookup(t, ids[nz])
+            slot_of, _ = t.lookup(ids[nz])
             found = slot_of >= 0
             stamps = t.stamps[slot_of[found]]
             out[nz[found]] = ~self._expired(stamps, now_ns)
@@ -243,9 +184,6 @@ class Deduplicator:
             if full or self._used.load() > self.max_load * self._table.buckets:
                 self._rebuild("full", now_ns)
 
-    def _home_int(self, t: _Table, k: int) -> int:
-        return 0 if t.bits == 0 else ((k * _GOLDEN_INT) & _M64) >> (64 - t.bits)
-
     def seen_exclusive(self, ids, now=None) -> np.ndarray:
         """seen() for the table's only user (no gate: no rebuild can run meanwhile)."""
         ids = self._ids(ids)
@@ -255,13 +193,13 @@ class Deduplicator:
             out = np.zeros(len(ids), dtype=bool)
             nz = np.flatnonzero(ids)  # id 0 is "no id": never seen (it would match an empty slot)
             if len(nz):
-                slot_of, _ = self._lookup(t, ids[nz])
+                slot_of, _ = t.lookup(ids[nz])
                 found = slot_of >= 0
                 out[nz[found]] = ~self._expired(t.stamps[slot_of[found]], now_ns)
             return out
         return np.array(self.seen_few(ids.tolist(), now_ns), dtype=bool)
 
-    def seen_probe(self, ids, now=None) -> tuple[np.ndarray, np.ndarray, _Table]:
+    def seen_probe(self, ids, now=None) -> tuple[np.ndarray, np.ndarray, IdTable]:
         """seen_exclusive, plus where each id sits in the table now: (seen, slots, table), slot -1 =
         absent (an expired id is not seen but has a slot). For `commit_probed` by the only user."""
         ids = self._ids(ids)
@@ -271,13 +209,13 @@ class Deduplicator:
         slot_of = np.full(len(ids), -1, dtype=np.int64)
         nz = np.flatnonzero(ids)  # id 0 is "no id": never seen (it would match an empty slot)
         if len(nz):
-            slots, _ = self._lookup(t, ids[nz])
+            slots, _ = t.lookup(ids[nz])
             slot_of[nz] = slots
             found = slots >= 0
             out[nz[found]] = ~self._expired(t.stamps[slots[found]], now_ns)
         return out, slot_of, t
 
-    def commit_probed(self, ids: np.ndarray, slots: np.ndarray, table: _Table, now=None) -> None:
+    def commit_probed(self, ids: np.ndarray, slots: np.ndarray, table: IdTable, now=None) -> None:
         """commit_exclusive for DISTINCT ids whose slots `seen_probe` returned, by the table's only user
         with no commit in between: refreshes found ids in place and inserts the others without a
         second lookup (falls back to commit_exclusive when the table was rebuilt meanwhile)."""
@@ -296,7 +234,7 @@ class Deduplicator:
             t = self._table
         if self._used.load() + len(new) > self.max_load * t.buckets:  # at max_buckets: the CAS path evicts
             return self.commit(new, now)
-        self._insert_bulk(t, new, np.full(len(new), now_ns, dtype=np.uint64))
+        t.insert_bulk(new, np.full(len(new), now_ns, dtype=np.uint64))
         self._used.fetch_add(len(new))
         return None
 
@@ -306,22 +244,15 @@ class Deduplicator:
         if now_ns is None:
             now_ns = self._now_ns(None)
         t = self._table
-        tkeys, stamps, mask, win = t.keys, t.stamps, t.mask, self.window_ns
-        shift = 64 - t.bits
+        stamps, win = t.stamps, self.window_ns
         res = []
         for k in keys:
             hit = False
             if k:
-                pos = 0 if t.bits == 0 else ((k * _GOLDEN_INT) & _M64) >> shift
-                while True:
-                    cur = int(tkeys[pos])
-                    if cur == k:
-                        st = int(stamps[pos])
-                        hit = st == 0 or st + win > now_ns
-                        break
-                    if cur == 0:
-                        break
-                    pos = (pos + 1) & mask
+                pos, found = t.slot_int(k)
+                if found:
+                    st = int(stamps[pos])
+                    hit = st == 0 or st + win > now_ns
             res.append(hit)
         return res
 
@@ -346,7 +277,7 @@ class Deduplicator:
             return None
         now_ns = self._now_ns(now)
         t = self._table
-        slot_of, _ = self._lookup(t, ids)
+        slot_of, _ = t.lookup(ids)
         found = slot_of >= 0
         t.stamps[slot_of[found]] = now_ns
         new = ids[~found]
@@ -357,7 +288,7 @@ class Deduplicator:
             t = self._table
         if self._used.load() + len(new) > self.max_load * t.buckets:  # at max_buckets: the CAS path evicts
             return self.commit(new, now)
-        self._insert_bulk(t, new, np.full(len(new), now_ns, dtype=np.uint64))
+        t.insert_bulk(new, np.full(len(new), now_ns, dtype=np.uint64))
         self._used.fetch_add(len(new))
         return None
 
@@ -371,21 +302,14 @@ class Deduplicator:
         used = self._used.load()
         if used + len(todo) > self.max_load * t.buckets:
             return False
-        keys, stamps, mask = t.keys, t.stamps, t.mask
+        keys, stamps = t.keys, t.stamps
         new = 0
         for k in todo:
-            pos = self._home_int(t, k)
-            while True:
-                cur = int(keys[pos])
-                if cur == k:
-                    stamps[pos] = now_ns
-                    break
-                if cur == 0:
-                    keys[pos] = k
-                    stamps[pos] = now_ns
-                    new += 1
-                    break
-                pos = (pos + 1) & mask
+            pos, found = t.slot_int(k)
+            if not found:
+                keys[pos] = k
+                new += 1
+            stamps[pos] = now_ns
         if new:
             self._used.fetch_add(new)
         return True
@@ -397,7 +321,7 @@ class Deduplicator:
         left = []
         t = self._enter()
         try:
-            slot_of, home = self._lookup(t, ids[todo])
+            slot_of, home = t.lookup(ids[todo])
             found = slot_of >= 0
             if refresh:  # commit: present ids just get a new stamp (vectorized)
                 t.stamps[slot_of[found]] = now_ns
@@ -466,7 +390,7 @@ class Deduplicator:
 
     def __len__(self) -> int:
         """Entries stored (expired ones count until expire() removes them)."""
-        return int(np.count_nonzero(self._table.keys))
+        return self._table.occupied()
 
     def statistics(self) -> dict:
         t = self._table

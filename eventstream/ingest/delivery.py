@@ -159,7 +159,7 @@ class Delivery:
                 rest, rest_idx = records[cut:], indices[cut:]
                 held = rest if held is None else np.concatenate((held, rest))
                 held_idx = rest_idx if held_idx is None else np.concatenate((held_idx, rest_idx))
-            if held is not None:
+            if held is not None and not retry:  # a retry still held is the same hold going on
                 stats.holds += 1
             stats.frames_accepted += accepted
         for recs, _idx, reason in dropped:

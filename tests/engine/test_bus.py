@@ -94,6 +94,26 @@ def test_offer_holds_what_does_not_fit_and_marks_what_went_in(topics):
         bus.close()
 
 
+def test_a_hold_is_counted_once_however_often_it_is_offered_again(topics):
+    from eventstream.ingest.delivery import Delivery, IngestStats
+
+    cfg = load_config(environ={}, overrides={"records.payload_bytes": 32, "queues.batch.capacity": 16,
+                                             "processors.batch.max_workers": 1})
+    bus = EventBusMulti(cfg, DTYPE)
+    try:
+        stats = IngestStats()
+        delivery = Delivery(bus, None, None, stats)
+        recs = make_records(topics, 20, priority=0)
+        d = delivery.deliver(recs, np.arange(20), [], 1, want_nacks=True)
+        assert d.accepted == 16 and len(d.held) == 4 and stats.holds == 1
+        for _ in range(3):  # the queue is still full: the same hold goes on
+            d = delivery.deliver(d.held, d.held_indices, [], 1, want_nacks=True, retry=True)
+            assert d.accepted == 0 and len(d.held) == 4
+        assert stats.holds == 1
+    finally:
+        bus.close()
+
+
 def test_offer_sheds_at_the_edge_only_where_configured(topics):
     cfg = load_config(environ={}, overrides={"records.payload_bytes": 32, "queues.batch.capacity": 16,
                                              "queues.batch.overflow": "DROP_NEW", "processors.batch.max_workers": 1})

@@ -64,6 +64,27 @@ def test_a_raising_transactional_handler_on_a_lane_queues_the_batch_for_the_work
     assert collected.dropped == []
 
 
+def test_a_requeued_lane_batch_counts_its_duplicates_once(bus, collected, topics):
+    fail = {"left": 1}
+
+    def handler(b):
+        if fail["left"]:
+            fail["left"] -= 1
+            raise RuntimeError("database busy")
+
+    dedups = [Deduplicator(64, 60.0) for _ in bus["transactional"].rings]
+    lane = TransactionalProcessor(bus["transactional"], collected.sinks(), handler, dedups=dedups)
+    recs = make_records(topics, 4, priority=2, ids=[5, 5, 6, 6])  # two repeats inside the batch
+    assert not lane.run_inline(recs, 0)
+    assert collected.dedup_hits == 0  # handed back: the workers will look at these records again
+    bus["transactional"].rings[0].put_batch(recs)
+    worker = TransactionalProcessor(bus["transactional"], collected.sinks(), handler, dedups=dedups,
+                                    retry_backoff_ms=1.0)
+    run_until_drained([worker], bus)
+    assert collected.stored_records()["event_id"].tolist() == [5, 6]
+    assert collected.dedup_hits == 2
+
+
 def test_batch_lane_and_workers_share_the_windows(bus, collected, topics):
     tables = [WindowTable() for _ in bus["batch"].rings]
     closed = []

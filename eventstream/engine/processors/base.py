@@ -239,21 +239,25 @@ class Processor(threading.Thread):
         self._done.append((queue, ts, handled_ns))
 
     # -- idempotency
-    def skip_duplicates(self, records: np.ndarray, partition: int) -> tuple[np.ndarray, np.ndarray | None]:
+    def skip_duplicates(self, records: np.ndarray, partition: int,
+                        count: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """Drop records already stored (same topic and event id, within the window) and repeats inside
-        the batch, counting them; returns (records to handle, their dedup keys or None)."""
+        the batch, counting them (unless `count` is False: the caller counts once it is sure it will
+        not hand the batch back); returns (records to handle, their dedup keys or None)."""
         if self.dedups is None:
             return records, None
         if len(records) <= idempotency.SMALL:  # keys as plain ints (see commit_ids)
             ks, few = idempotency.duplicates_few(records, self.dedups[partition], self.sinks.topics)
             if True in few:
                 keep = [i for i, s in enumerate(few) if not s]
-                self.sinks.dedup_hit(len(few) - len(keep))
+                if count:
+                    self.sinks.dedup_hit(len(few) - len(keep))
                 return records[keep], [ks[i] for i in keep]
             return records, ks
         _k, skip, probed = idempotency.duplicates_probed(records, self.dedups[partition], self.sinks.topics)
         if skip.any():
-            self.sinks.dedup_hit(int(skip.sum()))
+            if count:
+                self.sinks.dedup_hit(int(skip.sum()))
             keep = ~skip
             return records[keep], probed.select(keep)
         return records, probed

@@ -34,8 +34,12 @@ class TransactionalProcessor(Processor):
 
     def handle(self, records: np.ndarray, partition: int) -> None:
         sinks = self.sinks
-        records, keys = self.skip_duplicates(records, partition)
+        n = len(records)
+        # duplicates are counted once the batch cannot be handed back (an inline attempt whose handler
+        # raises goes to the workers, which look at the same records again)
+        records, keys = self.skip_duplicates(records, partition, count=False)
         if len(records) == 0:
+            sinks.dedup_hit(n)
             return
         ok = np.ones(len(records), dtype=bool)
         if self.handler is not None:
@@ -49,6 +53,8 @@ class TransactionalProcessor(Processor):
                     lost = records[bad]
                     lost["attempts"] = min(255, 1 + self.max_retries)
                     sinks.drop(lost, [f"retries_exhausted: {e}" for e in errors])
+        if len(records) < n:
+            sinks.dedup_hit(n - len(records))
         good = records[ok] if not ok.all() else records
         if len(good):
             handled_ns = time.monotonic_ns()

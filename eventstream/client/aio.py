@@ -1,0 +1,182 @@
+"""asyncio clients: AsyncSender (v2 events, waits for ACKs) and AsyncSubscription (docs/protocol.md).
+
+    sender = await AsyncSender.connect("127.0.0.1", 9000)
+    await sender.send("orders.eu", b"...", event_id=7)
+    await sender.flush()                     # every event sent so far is ACKed (or NACKed: sender.nacks)
+    await sender.close()
+
+    sub = await aio_subscribe("127.0.0.1", 9002, "orders.*", group="billing")
+    async for ev in sub:
+        ...
+        await sub.commit()
+
+The sender does not resend on reconnect (TcpClient does); it reports what was not ACKed when the
+connection breaks (ClientError). Flow control of the subscription is as in client/subscriber.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+from eventstream.client.subscriber import SubscribeError, SubscriberState, start_of
+from eventstream.client.tcp import ClientError
+from eventstream.protocol import subscribe as sp
+from eventstream.protocol.frames import KIND_ACK, KIND_NACK, encode_hello, encode_v2, split_control_frames
+
+
+class AsyncSender:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader = reader
+        self.writer = writer
+        self.sent = 0  # frames sent on this connection
+        self.acked = 0
+        self.nacks: list[tuple[int, str]] = []  # (frame index, reason)
+        self._changed = asyncio.Event()
+        self._error: BaseException | None = None
+        self._task = asyncio.get_running_loop().create_task(self._read_acks())
+
+    @classmethod
+    async def connect(cls, host: str = "127.0.0.1", port: int = 9000, *, token: str | bytes | None = None,
+                      ssl=None, timeout: float = 10.0) -> AsyncSender:
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=ssl), timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise ClientError(f"cannot connect to {host}:{port} ({exc!r})") from None
+        if token:
+            writer.write(encode_hello(token))
+        return cls(reader, writer)
+
+    async def _read_acks(self) -> None:
+        buf = bytearray()
+        try:
+            while True:
+                data = await self.reader.read(65536)
+                if not data:
+                    raise ClientError("the server closed the connection")
+                buf += data
+                for kind, eid, payload in split_control_frames(buf):
+                    if kind == KIND_ACK:
+                        self.acked = max(self.acked, eid)
+                    elif kind == KIND_NACK:
+                        self.nacks.append((eid, payload.decode("utf-8", "replace")))
+                self._changed.set()
+        except BaseException as exc:  # noqa: BLE001 - reported to flush()
+            self._error = exc
+            self._changed.set()
+
+    async def send(self, topic: str, payload: bytes = b"", *, priority: int = 2, event_id: int | None = None,
+                   timestamp_ns: int = 0) -> int:
+        """Queue one v2 EVENT; returns its event_id (a random one unless given)."""
+        eid = secrets.randbits(63) + 1 if event_id is None else event_id
+        self.writer.write(encode_v2(topic, payload, priority, eid, timestamp_ns))
+        self.sent += 1
+        if self.writer.transport.get_write_buffer_size() > 1 << 20:
+            await self.writer.drain()
+        return eid
+
+    async def flush(self, timeout: float = 30.0) -> None:
+        """Wait until every frame sent so far is resolved (ACKed or NACKed)."""
+        await self.writer.drain()
+
+        async def wait():
+            while self.acked + len(self.nacks) < self.sent:
+                if self._error is not None:
+                    raise ClientError(f"{self.sent - self.acked - len(self.nacks)} events not ACKed: "
+                                      f"{self._error}")
+                self._changed.clear()
+                await self._changed.wait()
+
+        await asyncio.wait_for(wait(), timeout)
+
+    async def close(self) -> None:
+        self._task.cancel()
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except OSError:
+            pass
+
+
+class AsyncSubscription:
+    def __init__(self, reader, writer, group: str, credit: int):
+        self.reader = reader
+        self.writer = writer
+        self.group = group
+        self.credit = credit
+        self.state = SubscriberState(credit)
+
+    @property
+    def ended(self) -> bool:
+        return self.state.ended
+
+    @property
+    def next_offset(self) -> int | None:
+        return self.state.next_offset
+
+    @property
+    def taken(self) -> int:
+        return self.state.taken
+
+    async def _pump(self) -> None:
+        self.state.receive(await self.reader.read(1 << 20))
+
+    async def next(self) -> sp.Delivered | None:
+        """The next event (None at END)."""
+        st = self.state
+        while not st.has_event():
+            if st.ended:
+                return None
+            await self._pump()
+        ev, credit = st.take()
+        if credit:
+            self.writer.write(credit)
+        return ev
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> sp.Delivered:
+        ev = await self.next()
+        if ev is None:
+            raise StopAsyncIteration
+        return ev
+
+    async def commit(self, timeout: float = 10.0) -> int:
+        """As Subscription.commit: every event returned so far is done; returns the group's durable
+        committed offset (SubscribeError when no answer comes within `timeout` seconds)."""
+        if not self.group:
+            raise SubscribeError("commit() needs a group")
+        self.writer.write(sp.encode_commit(self.state.taken))
+        await self.writer.drain()
+
+        async def answer() -> int:
+            while (offset := self.state.commit_answer()) is None:
+                await self._pump()
+            return offset
+
+        try:
+            return await asyncio.wait_for(answer(), timeout)
+        except asyncio.TimeoutError:
+            raise SubscribeError(f"no COMMIT answer within {timeout} s") from None
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except OSError:
+            pass
+
+
+async def aio_subscribe(host: str, port: int, glob: str, start="earliest", group: str | None = None, *,
+                        credit: int = 1000, follow: bool = True, token: str | bytes | None = None,
+                        timeout: float = 10.0) -> AsyncSubscription:
+    mode, value = start_of(start)
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, asyncio.TimeoutError) as exc:
+        raise SubscribeError(f"cannot connect to {host}:{port} ({exc!r})") from None
+    writer.write((encode_hello(token) if token else b"")
+                 + sp.encode_subscribe(glob, mode, value, credit, group or "", follow))
+    await writer.drain()
+    return AsyncSubscription(reader, writer, group or "", credit)

@@ -1,0 +1,270 @@
+"""Subscribe frames (docs/protocol.md, "Subscribe"): sans-I/O codec, no sockets.
+
+Every frame uses the v2 header of protocol/frames.py (u32 length, magic 0xE5, kind, priority, flags,
+u64 event_id, u64 timestamp_ns, u16 topic_len, u32 crc32, topic, payload); crc32 covers topic bytes
+then payload bytes. The kinds added here (EVENT/ACK/NACK/HELLO are 1..4):
+
+    5 SUBSCRIBE  client -> server  flags = start mode, event_id = start value, timestamp_ns = initial
+                                   credit, topic = topic glob, payload = consumer group name (may be empty)
+    6 CREDIT     client -> server  event_id = more events the server may send
+    7 DELIVER    server -> client  one stored event: priority, event_id, timestamp_ns = producer time,
+                                   topic, payload = u64 offset + u64 stored_ns + the event's payload
+    8 COMMIT     both ways         client: event_id = how many DELIVERs of this connection are done
+                                   (cumulative); server: event_id = the group's committed offset, durable
+    9 SUB_ERROR  server -> client  payload = the reason (UTF-8); the server then closes
+   10 END        server -> client  event_id = next offset; the stored events (no follow) are all sent
+
+Use: `SubscribeDecoder` turns received bytes into `Frame`s (either direction); the encoders build
+bytes. A malformed frame raises `SubscribeProtocolError` whose message names the field, its value and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import struct
+import zlib
+from dataclasses import dataclass
+
+from eventstream.protocol.frames import (
+    KIND_HELLO,
+    LENGTH,
+    LENGTH_BYTES,
+    MAX_TOPIC_BYTES,
+    V2_HEAD,
+    V2_HEADER_BYTES,
+    V2_MAGIC,
+)
+
+KIND_SUBSCRIBE, KIND_CREDIT, KIND_DELIVER, KIND_COMMIT, KIND_SUB_ERROR, KIND_END = 5, 6, 7, 8, 9, 10
+KIND_NAMES = {KIND_HELLO: "HELLO", KIND_SUBSCRIBE: "SUBSCRIBE", KIND_CREDIT: "CREDIT", KIND_DELIVER: "DELIVER",
+              KIND_COMMIT: "COMMIT", KIND_SUB_ERROR: "SUB_ERROR", KIND_END: "END"}
+CLIENT_KINDS = (KIND_HELLO, KIND_SUBSCRIBE, KIND_CREDIT, KIND_COMMIT)
+SERVER_KINDS = (KIND_DELIVER, KIND_COMMIT, KIND_SUB_ERROR, KIND_END)
+
+# SUBSCRIBE flags: bits 0-1 the start mode, bit 2 "no follow" (send what is stored, then END)
+START_EARLIEST, START_LATEST, START_OFFSET, START_TIME = 0, 1, 2, 3
+START_NAMES = {START_EARLIEST: "earliest", START_LATEST: "latest", START_OFFSET: "offset", START_TIME: "time"}
+FLAG_START_MASK = 0x03
+FLAG_NO_FOLLOW = 0x04
+MAX_GROUP_BYTES = 128
+MAX_CONTROL_FRAME = V2_HEADER_BYTES + MAX_TOPIC_BYTES + MAX_GROUP_BYTES  # largest client frame body
+DELIVER_PREFIX = struct.Struct(">QQ")  # offset, stored_ns
+U64 = (1 << 64) - 1
+
+
+class SubscribeProtocolError(ValueError):
+    """A frame that breaks the subscribe protocol: the message names the field, value, what is allowed."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    kind: int
+    priority: int = 0
+    flags: int = 0
+    event_id: int = 0
+    timestamp_ns: int = 0
+    topic: bytes = b""
+    payload: bytes = b""
+
+
+@dataclass(frozen=True)
+class Subscribe:
+    """A decoded SUBSCRIBE request."""
+
+    glob: str
+    start: int  # START_*
+    value: int  # offset or time (ns since the epoch); 0 for earliest/latest
+    credit: int
+    group: str  # "" = no group
+    follow: bool = True
+
+    def matches(self, topic: str) -> bool:
+        return fnmatch.fnmatchcase(topic, self.glob)
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """One event as a subscriber sees it (a decoded DELIVER frame)."""
+
+    offset: int
+    topic: str
+    payload: bytes
+    event_id: int
+    priority: int
+    producer_ts: int
+    stored_ns: int
+
+
+# ------------------------------------------------------------------------------------ encoders
+def _frame(kind: int, *, priority: int = 0, flags: int = 0, event_id: int = 0, timestamp_ns: int = 0,
+           topic: bytes = b"", payload: bytes = b"") -> bytes:
+    crc = zlib.crc32(payload, zlib.crc32(topic))
+    return V2_HEAD.pack(V2_HEADER_BYTES + len(topic) + len(payload), V2_MAGIC, kind, priority, flags,
+                        event_id, timestamp_ns, len(topic), crc) + topic + payload
+
+
+def encode_subscribe(glob: str, start: int = START_EARLIEST, value: int = 0, credit: int = 1000,
+                     group: str = "", follow: bool = True) -> bytes:
+    g = glob.encode("utf-8")
+    if not 1 <= len(g) <= MAX_TOPIC_BYTES:
+        raise SubscribeProtocolError(f"topic glob of {len(g)} bytes is not allowed; allowed: 1..{MAX_TOPIC_BYTES} "
+                                     "bytes of UTF-8")
+    if start not in START_NAMES:
+        raise SubscribeProtocolError(f"start {start!r} is not allowed; allowed: "
+                                     + ", ".join(f"{k} {v}" for k, v in START_NAMES.items()))
+    if not 0 <= value <= U64 or not 0 <= credit <= U64:
+        raise SubscribeProtocolError(f"start value {value!r} / credit {credit!r} is not allowed; allowed: 0..2**64-1")
+    grp = group.encode("utf-8")
+    if len(grp) > MAX_GROUP_BYTES:
+        raise SubscribeProtocolError(f"group name of {len(grp)} bytes is not allowed; allowed: "
+                                     f"0..{MAX_GROUP_BYTES} bytes of UTF-8")
+    flags = start | (0 if follow else FLAG_NO_FOLLOW)
+    return _frame(KIND_SUBSCRIBE, flags=flags, event_id=value, timestamp_ns=credit, topic=g, payload=grp)
+
+
+def encode_credit(n: int) -> bytes:
+    if not 0 < n <= U64:
+        raise SubscribeProtocolError(f"credit {n!r} is not allowed; allowed: 1..2**64-1")
+    return _frame(KIND_CREDIT, event_id=n)
+
+
+def encode_commit(value: int) -> bytes:
+    """Client: events done on this connection (cumulative count); server: the group's committed offset."""
+    if not 0 <= value <= U64:
+        raise SubscribeProtocolError(f"COMMIT value {value!r} is not allowed; allowed: 0..2**64-1")
+    return _frame(KIND_COMMIT, event_id=value)
+
+
+def encode_sub_error(reason: str) -> bytes:
+    return _frame(KIND_SUB_ERROR, payload=reason.encode("utf-8"))
+
+
+def encode_end(next_offset: int) -> bytes:
+    return _frame(KIND_END, event_id=next_offset)
+
+
+def encode_deliver(offset: int, topic: bytes, payload: bytes, *, event_id: int = 0, priority: int = 0,
+                   producer_ts: int = 0, stored_ns: int = 0) -> bytes:
+    return _frame(KIND_DELIVER, priority=priority, event_id=event_id, timestamp_ns=producer_ts, topic=topic,
+                  payload=DELIVER_PREFIX.pack(offset, stored_ns) + payload)
+
+
+# ------------------------------------------------------------------------------------ decoding
+class SubscribeDecoder:
+    """Incremental decoder: feed(bytes) -> complete Frames. `kinds` are the kinds this side accepts;
+    `max_frame` bounds `length` (checked as soon as the 4 length bytes arrive)."""
+
+    def __init__(self, kinds, max_frame: int):
+        self.kinds = tuple(kinds)
+        self.max_frame = max_frame
+        self.buf = bytearray()
+
+    def feed(self, data: bytes) -> list[Frame]:
+        self.buf += data
+        out = []
+        buf = self.buf
+        pos = 0
+        n = len(buf)
+        while n - pos >= LENGTH_BYTES + 2:
+            (length,) = LENGTH.unpack_from(buf, pos)
+            magic, kind = buf[pos + 4], buf[pos + 5]
+            if magic != V2_MAGIC:
+                raise SubscribeProtocolError(f"magic 0x{magic:02x} is not allowed; allowed: 0x{V2_MAGIC:02x} "
+                                             "(a v2 frame)")
+            if kind not in self.kinds:
+                raise SubscribeProtocolError(
+                    f"kind {kind} is not allowed here; allowed: "
+                    + ", ".join(f"{k} {KIND_NAMES.get(k, '?')}" for k in self.kinds))
+            if length > self.max_frame:
+                raise SubscribeProtocolError(f"frame length {length} exceeds the limit of {self.max_frame} bytes "
+                                             f"for a {KIND_NAMES[kind]} frame; allowed: "
+                                             f"{V2_HEADER_BYTES}..{self.max_frame}")
+            if length < V2_HEADER_BYTES:
+                raise SubscribeProtocolError(f"frame length {length} is too short; allowed: at least "
+                                             f"{V2_HEADER_BYTES} (the v2 header)")
+            if n - pos < LENGTH_BYTES + length:
+                break
+            _l, _m, _k, prio, flags, eid, ts, tlen, crc = V2_HEAD.unpack_from(buf, pos)
+            if V2_HEADER_BYTES + tlen > length:
+                raise SubscribeProtocolError(f"topic_len {tlen} does not fit in frame length {length}; allowed: "
+                                             f"0..{length - V2_HEADER_BYTES}")
+            start = pos + LENGTH_BYTES + V2_HEADER_BYTES
+            topic = bytes(buf[start:start + tlen])
+            payload = bytes(buf[start + tlen:pos + LENGTH_BYTES + length])
+            if zlib.crc32(payload, zlib.crc32(topic)) != crc:
+                raise SubscribeProtocolError(f"crc32 0x{crc:08x} of a {KIND_NAMES[kind]} frame does not match; "
+                                             "allowed: zlib.crc32(topic bytes + payload bytes)")
+            out.append(Frame(kind, prio, flags, eid, ts, topic, payload))
+            pos += LENGTH_BYTES + length
+        if pos:
+            del buf[:pos]
+        return out
+
+
+def parse_subscribe(f: Frame, max_credit: int) -> Subscribe:
+    """Check a SUBSCRIBE frame's fields; SubscribeProtocolError names the first bad one."""
+    if f.kind != KIND_SUBSCRIBE:
+        raise SubscribeProtocolError(f"kind {f.kind} ({KIND_NAMES.get(f.kind, '?')}) is not allowed as the first "
+                                     f"frame; allowed: {KIND_SUBSCRIBE} SUBSCRIBE (after an optional HELLO)")
+    if f.flags & ~(FLAG_START_MASK | FLAG_NO_FOLLOW):
+        raise SubscribeProtocolError(f"SUBSCRIBE flags 0x{f.flags:02x} is not allowed; allowed: bits 0-1 the start "
+                                     "mode, bit 2 no-follow, bits 3-7 zero")
+    if not 1 <= len(f.topic) <= MAX_TOPIC_BYTES:
+        raise SubscribeProtocolError(f"SUBSCRIBE topic glob of {len(f.topic)} bytes is not allowed; allowed: "
+                                     f"1..{MAX_TOPIC_BYTES} bytes of UTF-8")
+    try:
+        glob = f.topic.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SubscribeProtocolError("SUBSCRIBE topic glob is not valid UTF-8; allowed: UTF-8 text") from None
+    if len(f.payload) > MAX_GROUP_BYTES:
+        raise SubscribeProtocolError(f"SUBSCRIBE group name of {len(f.payload)} bytes is not allowed; allowed: "
+                                     f"0..{MAX_GROUP_BYTES} bytes of UTF-8")
+    try:
+        group = f.payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SubscribeProtocolError("SUBSCRIBE group name is not valid UTF-8; allowed: UTF-8 text") from None
+    if group and not all(c.isalnum() or c in "._-" for c in group):
+        raise SubscribeProtocolError(f"SUBSCRIBE group name {group!r} is not allowed; allowed: letters, digits, "
+                                     "'.', '_' and '-'")
+    if f.timestamp_ns > max_credit:
+        raise SubscribeProtocolError(f"SUBSCRIBE credit {f.timestamp_ns} is not allowed; allowed: 0..{max_credit} "
+                                     "(server.subscribe.max_credit)")
+    start = f.flags & FLAG_START_MASK
+    value = f.event_id if start in (START_OFFSET, START_TIME) else 0
+    return Subscribe(glob, start, value, f.timestamp_ns, group, follow=not f.flags & FLAG_NO_FOLLOW)
+
+
+def parse_deliver(f: Frame) -> Delivered:
+    if len(f.payload) < DELIVER_PREFIX.size:
+        raise SubscribeProtocolError(f"DELIVER payload of {len(f.payload)} bytes is too short; allowed: at least "
+                                     f"{DELIVER_PREFIX.size} (offset, stored_ns)")
+    offset, stored_ns = DELIVER_PREFIX.unpack_from(f.payload)
+    return Delivered(offset, f.topic.decode("utf-8", "replace"), f.payload[DELIVER_PREFIX.size:], f.event_id,
+                     f.priority, f.timestamp_ns, stored_ns)
+
+
+def parse_start(text: str) -> tuple[int, int]:
+    """`earliest`, `latest`, an offset (digits) or a time (ISO 8601, or `<digits>ns`) -> (mode, value).
+
+    Raises ValueError naming what is allowed."""
+    t = text.strip()
+    if t == "earliest":
+        return START_EARLIEST, 0
+    if t == "latest":
+        return START_LATEST, 0
+    if t.isdigit():
+        return START_OFFSET, int(t)
+    if t.endswith("ns") and t[:-2].isdigit():
+        return START_TIME, int(t[:-2])
+    from datetime import datetime, timezone
+
+    try:
+        dt = datetime.fromisoformat(t)
+    except ValueError:
+        raise ValueError(f"start {text!r} is not allowed; allowed: earliest, latest, an offset (e.g. 1200), "
+                         "a time in ISO 8601 (e.g. 2026-12-06T10:00:00Z) or ns since the epoch (e.g. "
+                         "1765000000000000000ns)") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return START_TIME, int(dt.timestamp() * 1_000_000) * 1000

@@ -1,0 +1,146 @@
+"""The subscribe listener (`server.subscribe.*`): accepts subscriber connections, one Session each.
+
+Subscribers read events.bin (storage/tail.py), never the engine's rings: a slow or stalled
+subscriber stops only its own session. The service wraps its store sink (`wrap_store`) so every
+append bumps `progress`, which wakes the sessions waiting at the end of the log.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from pathlib import Path
+
+import structlog
+
+from eventstream.runtime.affinity import pin_current_thread
+from eventstream.storage.tail import Progress, SegmentIndex
+from eventstream.subscribe.groups import GroupRegistry, GroupStore
+from eventstream.subscribe.session import Session, refuse
+
+log = structlog.get_logger("eventstream.subscribe")
+
+
+class SubscribeServer:
+    def __init__(self, config, log_path: Path, dtype, data_dir: Path, *, tokens=None, progress: Progress | None = None,
+                 cpus: list[int] | None = None):
+        self.config = config
+        self.log_path = Path(log_path)
+        self.dtype = dtype
+        self.tokens = tokens
+        self.progress = progress or Progress()
+        self.cpus = cpus or []
+        sub_dir = Path(config.group_dir) if config.group_dir else Path(data_dir) / "subscribe"
+        self.index = SegmentIndex(self.log_path, sub_dir / "segments.json", dtype)
+        self.groups = GroupRegistry(GroupStore(sub_dir / "groups"), self.log_path, dtype, self.index)
+        self.lock = threading.Lock()
+        self.sessions: dict[int, Session] = {}
+        self._next_sid = 0
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.address: tuple[str, int] | None = None
+        self.stats = {"accepted": 0, "refused": 0, "delivered": 0, "errors": 0}
+
+    # ------------------------------------------------------------------------------------ lifecycle
+    def start(self) -> SubscribeServer:
+        self.index.refresh()  # bases of the files that exist now (counted once, then kept)
+        s = socket.socket(socket.AF_INET6 if ":" in self.config.host else socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((self.config.host, self.config.port))
+            s.listen(128)
+        except OSError:
+            s.close()
+            raise
+        self._sock = s
+        self.address = s.getsockname()[:2]
+        self._thread = threading.Thread(target=self._accept_loop, name="es-sub-acceptor", daemon=True)
+        self._thread.start()
+        log.info("subscribe_listening", address=f"{self.address[0]}:{self.address[1]}")
+        return self
+
+    def threads(self) -> list[threading.Thread]:
+        return [self._thread] if self._thread is not None else []
+
+    def wrap_store(self, store):
+        bump = self.progress.bump
+
+        def store_and_bump(records):
+            store(records)
+            bump()
+
+        return store_and_bump
+
+    def _accept_loop(self) -> None:
+        pin_current_thread(self.cpus, "es-sub-acceptor")
+        while not self._stopping:
+            try:
+                conn, addr = self._sock.accept()
+            except OSError:
+                if self._stopping:
+                    return
+                continue
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self.lock:
+                if self._stopping:
+                    conn.close()
+                    return
+                full = len(self.sessions) >= self.config.max_subscribers
+                if not full:
+                    self._next_sid += 1
+                    sess = Session(self, conn, addr, self._next_sid)
+                    self.sessions[sess.sid] = sess
+                    self.stats["accepted"] += 1
+                else:
+                    self.stats["refused"] += 1
+            if full:
+                reason = (f"too many subscribers: {self.config.max_subscribers} connected; allowed: at most "
+                          f"server.subscribe.max_subscribers={self.config.max_subscribers}")
+                log.warning("subscriber_refused", peer=str(addr), reason=reason)
+                threading.Thread(target=refuse, args=(conn, reason), name="es-sub-refuse", daemon=True).start()
+                continue
+            sess.start()
+
+    def ended(self, sess: Session) -> None:
+        with self.lock:
+            self.sessions.pop(sess.sid, None)
+
+    def delivered(self, n: int) -> None:
+        with self.lock:
+            self.stats["delivered"] += n
+
+    def errors(self, n: int) -> None:
+        with self.lock:
+            self.stats["errors"] += n
+
+    def statistics(self) -> dict:
+        with self.lock:
+            return dict(self.stats, subscribers=len(self.sessions))
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping = True
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._sock.close()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self.lock:
+            sessions = list(self.sessions.values())
+        for s in sessions:
+            s.stop()
+        for s in sessions:
+            s.thread.join(timeout)
+        log.info("subscribe_stopped", **self.statistics())
+
+
+def build(cfg, data_dir: Path, dtype, tokens=None) -> SubscribeServer | None:
+    """The subscribe server of a configuration, or None when `server.subscribe.enabled` is false."""
+    sc = cfg.server.subscribe
+    if not sc.enabled:
+        return None
+    return SubscribeServer(sc, Path(data_dir) / cfg.storage.events_file, dtype, data_dir, tokens=tokens,
+                           cpus=cfg.affinity.acceptor)
