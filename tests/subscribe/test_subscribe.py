@@ -304,3 +304,15 @@ def test_a_silent_connection_is_refused_after_the_handshake_timeout(service):
     svc = service(**{"server.subscribe.handshake_timeout_s": 0.2})
     reason = _raw_error(sub_port(svc), b"")
     assert "no SUBSCRIBE within 0.2 s" in reason and "handshake_timeout_s" in reason
+
+
+def test_payloads_of_every_size_reach_subscribers_whole(service):
+    """payloads.arena_bytes: payloads over records.payload_bytes (64 here) are stored with their
+    record and delivered to subscribers exactly, up to the largest a frame can carry."""
+    svc = service()
+    sizes = [0, 64, 65, 4096, 70_000, (1 << 20) - 26 - len("big")]
+    pays = [bytes([i + 1]) * n for i, n in enumerate(sizes)]
+    send(svc, [("big", p) for p in pays])
+    with subscribe("127.0.0.1", sub_port(svc), "big", follow=False) as s:
+        got = list(s)
+    assert [e.payload for e in got] == pays
