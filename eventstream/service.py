@@ -328,6 +328,11 @@ class Service:
         m.gauge_fn("threads_failed", {}, lambda: len(self.failures()),
                    doc="engine threads that died with an error (any: the service is unhealthy and stops)")
         m.gauge_fn("topics", {}, lambda: len(self.topics), doc="distinct topics known (bound: server.max_topics)")
+        arena = self.payloads
+        m.gauge_fn("payload_arena_used_bytes", {}, lambda: arena.statistics()["used_bytes"],
+                   doc="bytes of payloads over records.payload_bytes in flight (bound: payloads.arena_bytes)")
+        m.counter_fn("payload_arena_full", lambda: arena.statistics()["full"],
+                     doc="claims the full payload arena cut short (the producer was pushed back; UDP: shed)")
 
     def _register_limit_metrics(self, tcp: TcpServer) -> None:
         """Per-client limits of the TCP ingest (ingest/limits.py): closes by reason, partial bytes."""

@@ -221,6 +221,10 @@ def test_full_arena_pushes_the_client_back_and_loses_nothing(tmp_path):
             assert sent.is_set() and not sender.is_alive()
             assert c.wait_acked(60) and c.nacked == 0
         stats = svc.tcp.statistics()
+        text = svc.metrics.render().decode()
+        full = [ln for ln in text.splitlines() if ln.startswith("payload_arena_full_total ")]
+        assert full and float(full[0].split()[1]) >= 1, text[:2000]
+        assert "payload_arena_used_bytes " in text
     assert stats["holds"] >= 1
     got = EventLogReader(tmp_path / "data" / "events.bin").read()
     assert dict(zip(got.records["event_id"].tolist(), got.payloads())) == pays
