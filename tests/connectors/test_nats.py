@@ -433,3 +433,25 @@ def test_engine_to_stream_to_engine_keeps_ids_topics_priorities_payloads(nats_se
     rows = zip(got.records["event_id"].tolist(), got.topic_names(), payload_list(got.records),
                got.records["priority"].tolist())
     assert {eid: (topic, payload, prio) for eid, topic, payload, prio in rows} == sent
+
+
+def test_sink_publishes_payloads_of_every_size_whole(nats_server, tmp_path):
+    """Payloads over records.payload_bytes live in the payload arena until their record is released;
+    the sink copies them out first, so JetStream gets every byte (and so does the DLQ for a topic
+    the sink refuses)."""
+    data = tmp_path / "data"
+    cfg = engine_cfg(data, nats_server.url, **{"connectors.nats.sink.enabled": True,
+                                               "connectors.nats.sink.topics": ["*"]})
+    sizes = [0, 64, 65, 449, 5000, 70_000, 900_000]  # NATS max_payload is 1 MiB with headers
+    pays = {i + 1: bytes([i + 1]) * n for i, n in enumerate(sizes)}
+    with Service(cfg) as svc:
+        with TcpClient("127.0.0.1", svc.tcp.address[1], version=2, timeout=30) as c:
+            for eid, p in pays.items():
+                c.send("large", p, priority=2, event_id=eid)
+            c.send("bad topic", b"z" * 20_000, priority=2, event_id=99)
+            assert c.wait_acked(30)
+        wait_until(lambda: stream_count(nats_server.url) >= len(pays), 60, "the sink to publish every event")
+    got = {h["Nats-Msg-Id"]: d or b"" for s, d, h in stream_messages(nats_server.url) if s == "es.large"}  # nats-py: None = empty
+    assert got == {f"large:{eid}": p for eid, p in pays.items()}
+    dlq = list(read_dlq(data / "dlq_log.txt"))
+    assert [(e.topic, e.payload) for e in dlq] == [("bad topic", b"z" * 20_000)]
