@@ -117,6 +117,14 @@ def test_records_without_payload_field_and_to_records_limits(tmp_path):
     big.close()
     with pytest.raises(rec.PayloadTooLarge, match="allowed: payloads of 0..32 bytes"):
         to_records(read_dlq(tmp_path / "big.txt"), rec.record_dtype(32), topics)
+    # with a payload arena the large payload is rebuilt whole (its slot belongs to the record)
+    from eventstream.core.payloads import PayloadArena, payload_list, release_records
+
+    with PayloadArena(2 << 20, 1000, min_payload=32) as arena:
+        back = to_records(read_dlq(tmp_path / "big.txt"), rec.record_dtype(32), topics, payloads=arena)
+        assert payload_list(back) == [b"x" * 100] and back["ext_arena"][0] == arena.id
+        release_records(back)
+        assert arena.statistics()["used_bytes"] == 0
 
 
 def test_undecodable_frame_entry_has_null_payload_and_unknown_fields(tmp_path):
