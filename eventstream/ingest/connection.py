@@ -59,8 +59,9 @@ class Connection:
 
     @property
     def busy(self) -> bool:
-        """Something read is not yet acknowledged (held records or chunks in flight)."""
-        return self.held is not None or bool(self.chunks)
+        """Something read is not yet acknowledged (held records, chunks in flight, or frames kept
+        undecoded while the payload arena is full)."""
+        return self.held is not None or bool(self.chunks) or bool(self.decoder.arena_blocked)
 
 
 def peer_ip(peer) -> str:
