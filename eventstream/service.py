@@ -1,9 +1,11 @@
 """Service: the whole engine built from a Config, started and stopped in the right order.
 
-    start:  storage (recovery) → DLQ → bus (queues) → processors → TCP/UDP ingest
+    start:  payload arena → DLQ → events.bin (recovery) → bus (queues) → store (+ connectors,
+            subscribe) → processors and their lanes → TCP/UDP ingest → subscribe listener
             → control thread → metrics endpoint
     stop:   ingest (stop reading, held events placed, final ACKs once stored) → processors drain
-            their queues → batch windows flushed → event log and DLQ flushed and closed → summary
+            their queues → batch windows flushed → connectors → subscribe listener → event log and
+            DLQ flushed and closed → payload arena → summary
 
 Ingest readers route decoded events straight into the processor queues; processors store each batch
 (written to the OS) before releasing it, and the released counts are the watermarks ACKs are sent
@@ -12,8 +14,8 @@ from (see ingest/reader.py). So with `server.ack: stored` an ACKed event survive
 
 from __future__ import annotations
 
-import ipaddress
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import numpy as np
 import structlog
 
 from eventstream.config import Config
+from eventstream.config.exposure import exposure_warnings
 from eventstream.config.loader import max_payload_bytes
 from eventstream.core.payloads import PayloadArena, release_records
 from eventstream.core.records import ACK_MODES, record_dtype
@@ -30,6 +33,7 @@ from eventstream.engine.bus import QUEUE_NAMES, ROUTE, EventBusMulti
 from eventstream.engine.control import Backpressure, ControlThread, Level, Sample
 from eventstream.engine.dispatcher import sequence_base
 from eventstream.engine.dlq import DeadLetterLog, reason_category
+from eventstream.engine.levels import LevelActions
 from eventstream.engine.manager import ProcessManager
 from eventstream.engine.processors import Sinks
 from eventstream.ingest.admission import Admission
@@ -39,6 +43,7 @@ from eventstream.ingest.limits import CLOSE_REASONS
 from eventstream.ingest.tcp import TcpServer
 from eventstream.ingest.tls import TlsConfigError
 from eventstream.ingest.udp import UdpServer
+from eventstream.metrics.engine_gauges import register_engine_gauges, register_tcp_limits
 from eventstream.metrics.registry import MetricsRegistry
 from eventstream.runtime import gil
 from eventstream.storage.writer import EventLog
@@ -54,35 +59,6 @@ OVERLOAD_REASONS = ("overflow", "timeout", "evicted")
 
 class StartupError(RuntimeError):
     """The service cannot start (port in use, bad handler, unwritable data dir...)."""
-
-
-class LevelActions:
-    """What each backpressure level does (cumulative as the level rises, undone step by step):
-
-    ELEVATED   add a transactional and a batch worker (up to max_workers)
-    DEGRADED   UDP: admit no BATCH-priority events
-    CRITICAL   UDP: admit no LOW or BATCH events
-    EMERGENCY  admit only CRITICAL events, over UDP and TCP
-
-    Over TCP a full queue already pushes the client back, tier by tier (the reader holds what did not
-    fit and stops reading that connection; nothing is dropped), so the levels hold TCP events only at
-    EMERGENCY. UDP has no flow control: what it does not admit is shed (reason "backpressure", DLQ),
-    leaving queue room for higher priorities. Events already accepted are never shed.
-    """
-
-    MIN_PRIORITY = {Level.HEALTHY: 0, Level.ELEVATED: 0, Level.DEGRADED: 1, Level.CRITICAL: 2, Level.EMERGENCY: 4}
-
-    def __init__(self, service: Service):
-        self.service = service
-
-    def on_level(self, level: Level, previous: Level) -> None:
-        svc = self.service
-        if level >= Level.ELEVATED and previous < Level.ELEVATED:
-            for tier in ("transactional", "batch"):
-                svc.manager.add_worker(tier)
-        svc.admission.min_priority = self.MIN_PRIORITY[level]
-        svc.admission.tcp_min_priority = 4 if level >= Level.EMERGENCY else 0
-        svc.metrics.set_state(int(level), level.name, int(previous), previous.name)
 
 
 class Service:
@@ -156,16 +132,37 @@ class Service:
 
     # ------------------------------------------------------------------------------------ lifecycle
     def start(self) -> Service:
-        cfg = self.cfg
+        """Build the engine and start its threads, in the order data flows backwards: storage and
+        sinks first, then processors, then ingest, then the control plane and the exporter."""
         gil.require_gil_off(self.allow_gil, "the eventstream engine")
-        data = Path(cfg.storage.data_dir)
+        data = self._data_dir()
+        try:
+            self.metrics = MetricsRegistry()
+            self._open_storage(data)
+            self._build_bus()
+            store = self._build_store(data)
+            self._start_processors(data, store)
+            self._start_ingest()
+            self._start_subscribe()
+            self._start_control()
+            self._start_exporter()
+        except BaseException:
+            self.stop(drain=False)
+            raise
+        log.info("service_started", tcp=self.tcp.address if self.tcp else None,
+                 udp=self.udp.address if self.udp else None, data_dir=str(data),
+                 metrics=self.exporter.address if self.cfg.metrics.enabled else None,
+                 workers=self.manager.worker_counts(), pid=os.getpid())
+        self.started = True
+        return self
+
+    def _data_dir(self) -> Path:
+        data = Path(self.cfg.storage.data_dir)
         try:
             data.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StartupError(f"storage.data_dir: cannot create {data} ({exc.strerror}); "
                                "allowed: a writable directory") from None
-        import tempfile
-
         try:  # an existing directory may still refuse files (read-only mount, permissions, /proc, /sys)
             fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=data)
             os.close(fd)
@@ -173,29 +170,21 @@ class Service:
         except OSError as exc:
             raise StartupError(f"storage.data_dir: cannot write in {data} ({exc.strerror}); "
                                "allowed: a writable directory") from None
-        try:
-            self._start(data)
-        except BaseException:
-            self.stop(drain=False)
-            raise
-        self.started = True
-        return self
+        return data
 
-    def _start(self, data: Path) -> None:
-        cfg = self.cfg
-        self.metrics = MetricsRegistry()
-        # payloads over records.payload_bytes (up to the largest frame) live here; closed last
+    def _open_storage(self, data: Path) -> None:
+        """The payload arena (closed last), the dead-letter log and events.bin."""
+        cfg, st = self.cfg, self.cfg.storage
+        # payloads over records.payload_bytes (up to the largest frame) live here
         try:
             self.payloads = PayloadArena(cfg.payloads.arena_bytes, max_payload_bytes(cfg),
                                          min_payload=cfg.records.payload_bytes, node=cfg.numa.node)
         except ValueError as exc:
             raise StartupError(str(exc)) from None
         self._closers.append(self.payloads.close)
-        st = cfg.storage
         self.dlq = DeadLetterLog(data / st.dlq_file, max_bytes=st.dlq_max_bytes, max_segments=st.dlq_max_segments,
                                  max_age_s=st.dlq_max_age_s)
         self._closers.append(self.dlq.close)
-        st = cfg.storage
         # flush_events=1: every append is written to the OS before it returns (the `stored` promise);
         # the flusher thread only runs the interval fsync policy
         self.event_log = EventLog(data / st.events_file, dtype=self.dtype, topics=self.topics,
@@ -204,23 +193,28 @@ class Service:
                                   flusher=st.fsync == "interval", max_segment_bytes=st.events_max_bytes,
                                   max_segments=st.events_max_segments, max_age_s=st.events_max_age_s)
         self._closers.append(self.event_log.close)
+
+    def _build_bus(self) -> None:
         try:
-            self.bus = EventBusMulti(cfg, self.dtype, seq_base=sequence_base())
+            self.bus = EventBusMulti(self.cfg, self.dtype, seq_base=sequence_base())
         except ValueError as exc:
             raise StartupError(str(exc)) from None
         self.bus.on_received = self.metrics.received
         self._closers.append(self.bus.close)
         self.admission = Admission()
-        # --- connectors hook (eventstream/connectors): the sink wraps `store` (a copy of each stored
-        # batch is queued for the connector thread); started after the processors, stopped around them
-        from eventstream import connectors
 
-        self.connectors = connectors.build(cfg, self)
-        store = self.event_log.append if self.connectors is None else self.connectors.wrap_store(self.event_log.append)
-        # --- end connectors hook
-        # --- subscribe hook (eventstream/subscribe): each store bumps the tails' progress signal
+    def _build_store(self, data: Path):
+        """What processors call to store a handled batch: events.bin, wrapped by the connectors (a
+        copy of each stored batch is queued for the connector thread) and by the subscribe server
+        (each store bumps the tails' progress signal)."""
+        from eventstream import connectors
         from eventstream.subscribe import server as subscribe
 
+        cfg = self.cfg
+        store = self.event_log.append
+        self.connectors = connectors.build(cfg, self)
+        if self.connectors is not None:
+            store = self.connectors.wrap_store(store)
         try:
             sub_tokens = TokenSet.from_config(cfg.server.auth) if cfg.server.subscribe.enabled else None
             self.subscribe = subscribe.build(cfg, data, self.dtype, tokens=sub_tokens)
@@ -228,7 +222,12 @@ class Service:
             raise StartupError(str(exc)) from None
         if self.subscribe is not None:
             store = self.subscribe.wrap_store(store)
-        # --- end subscribe hook
+        return store
+
+    def _start_processors(self, data: Path, store) -> None:
+        """Processors (deduplication rebuilt from events.bin first), their caller-runs lanes, then
+        the connectors (started after the processors, stopped around them)."""
+        cfg = self.cfg
         sinks = Sinks(self.topics, store=store, drop=self.drop, processed=self._processed,
                       dedup_hit=self.metrics.dedup_hits, sync=self._sync, progress=self._progress,
                       stages=self._stages)
@@ -237,18 +236,21 @@ class Service:
         except ValueError as exc:
             raise StartupError(str(exc)) from None
         if self.manager.dedups is not None:  # before any event: a resend after a restart is stored once
-            self.dedup_rebuilt = idempotency.rebuild(data / st.events_file, self.manager.dedups, self.topics,
-                                                     ROUTE, QUEUE_NAMES, cfg.dedup.window_s)
-        self._register_gauges()
+            self.dedup_rebuilt = idempotency.rebuild(data / cfg.storage.events_file, self.manager.dedups,
+                                                     self.topics, ROUTE, QUEUE_NAMES, cfg.dedup.window_s)
+        register_engine_gauges(self.metrics, self.bus, QUEUE_NAMES, self.topics, self.payloads, self.failures)
         self.manager.start()
         for tier in QUEUE_NAMES:  # caller runs: ingest handles a tier's events itself when it is idle
             if getattr(cfg.processors, tier).inline:
                 self.bus[tier].lanes = self.manager.lanes(tier)
-        if self.connectors is not None:  # connectors hook
+        if self.connectors is not None:
             self.connectors.start()
-        # Admission (the control plane's level) is applied at the edge: TCP readers hold what is not
-        # admitted (pushing the client back), UDP sheds it (NACK-less: counted and dead-lettered).
-        # Events already accepted are never shed by the control plane.
+
+    def _start_ingest(self) -> None:
+        """TCP and UDP. Admission (the control plane's level) is applied at the edge: TCP readers hold
+        what is not admitted (pushing the client back), UDP sheds it (NACK-less: counted and
+        dead-lettered). Events already accepted are never shed by the control plane."""
+        cfg = self.cfg
         aff, pb = cfg.affinity, cfg.records.payload_bytes
         if cfg.server.tcp.enabled:
             try:
@@ -261,55 +263,62 @@ class Service:
                                  on_acked=lambda lat: self.metrics.observe_stage("acked", lat),
                                  payloads=self.payloads)
             self._start_server(self.tcp, "server.tcp")
-            self._register_limit_metrics(self.tcp)
+            register_tcp_limits(self.metrics, self.tcp, CLOSE_REASONS)
         if cfg.server.udp.enabled:
             self.udp = UdpServer(cfg.server.udp, self.bus, self.topics, admission=self.admission,
                                  on_reject=self.on_reject, cpus=aff.udp, payload_bytes=pb,
                                  payloads=self.payloads)
             self._start_server(self.udp, "server.udp")
-        if self.subscribe is not None:  # subscribe hook: stopped (closers run reversed) before the log closes
-            self._start_server(self.subscribe, "server.subscribe")
-            self._closers.append(self.subscribe.stop)
-            sub = self.subscribe
-            self.metrics.gauge_fn("subscribers", {}, lambda: sub.statistics()["subscribers"],
-                                  doc="subscriber connections (bound: server.subscribe.max_subscribers)")
-            self.metrics.counter_fn("subscribe_delivered", lambda: sub.statistics()["delivered"], {},
-                                    doc="events sent to subscribers (DELIVER frames)")
-        self.backpressure = Backpressure(cfg.backpressure)
+
+    def _start_subscribe(self) -> None:
+        """The subscribe listener (stopped before the log closes: closers run in reverse)."""
+        sub = self.subscribe
+        if sub is None:
+            return
+        self._start_server(sub, "server.subscribe")
+        self._closers.append(sub.stop)
+        self.metrics.gauge_fn("subscribers", {}, lambda: sub.statistics()["subscribers"],
+                              doc="subscriber connections (bound: server.subscribe.max_subscribers)")
+        self.metrics.counter_fn("subscribe_delivered", lambda: sub.statistics()["delivered"], {},
+                                doc="events sent to subscribers (DELIVER frames)")
+
+    def _start_control(self) -> None:
+        self.backpressure = Backpressure(self.cfg.backpressure)
         self.control = ControlThread(self.backpressure, self.sample, LevelActions(self),
-                                     interval_ms=cfg.backpressure.interval_ms, cpus=aff.control)
+                                     interval_ms=self.cfg.backpressure.interval_ms, cpus=self.cfg.affinity.control)
         self.control.start()
-        if cfg.metrics.enabled:
-            def health() -> tuple[bool, str]:  # /healthz: every engine thread alive
-                threads = [self.control, *(p for ws in self.manager.workers.values() for p in ws)]
-                for srv in (self.tcp, self.udp, self.subscribe):
-                    if srv is not None:
-                        threads.extend(srv.threads())
-                failed = self.failures()
-                dead = failed + [f"{t.name}: not running" for t in threads
-                                 if not t.is_alive() and not any(f.startswith(f"{t.name}:") for f in failed)]
-                return (not dead, "; ".join(dead) or "ok")
 
-            def ready() -> tuple[bool, str]:  # /readyz: listening, and not shedding everything
-                level = self.backpressure.level
-                if not self.started:
-                    return False, "not started (or stopping)"
-                failed = self.failures()
-                if failed:
-                    return False, "thread failed: " + "; ".join(failed)
-                return (level < Level.EMERGENCY, f"backpressure {level.name}")
+    def _start_exporter(self) -> None:
+        m = self.cfg.metrics
+        if not m.enabled:
+            return
+        try:
+            self.exporter = self.metrics.serve(m.host, m.port, m.path, health=self._health, ready=self._ready)
+        except OSError as exc:
+            raise StartupError(f"metrics.port: cannot listen on {m.host}:{m.port} "
+                               f"({exc.strerror}); allowed: a free port, or metrics.enabled: false") from None
+        self._closers.append(self.exporter.stop)
 
-            try:
-                self.exporter = self.metrics.serve(cfg.metrics.host, cfg.metrics.port, cfg.metrics.path,
-                                                   health=health, ready=ready)
-            except OSError as exc:
-                raise StartupError(f"metrics.port: cannot listen on {cfg.metrics.host}:{cfg.metrics.port} "
-                                   f"({exc.strerror}); allowed: a free port, or metrics.enabled: false") from None
-            self._closers.append(self.exporter.stop)
-        log.info("service_started", tcp=self.tcp.address if self.tcp else None,
-                 udp=self.udp.address if self.udp else None, data_dir=str(data),
-                 metrics=self.exporter.address if cfg.metrics.enabled else None,
-                 workers=self.manager.worker_counts(), pid=os.getpid())
+    def _health(self) -> tuple[bool, str]:
+        """/healthz: every engine thread alive."""
+        threads = [self.control, *(p for ws in self.manager.workers.values() for p in ws)]
+        for srv in (self.tcp, self.udp, self.subscribe):
+            if srv is not None:
+                threads.extend(srv.threads())
+        failed = self.failures()
+        dead = failed + [f"{t.name}: not running" for t in threads
+                         if not t.is_alive() and not any(f.startswith(f"{t.name}:") for f in failed)]
+        return (not dead, "; ".join(dead) or "ok")
+
+    def _ready(self) -> tuple[bool, str]:
+        """/readyz: listening, and not shedding everything."""
+        if not self.started:
+            return False, "not started (or stopping)"
+        failed = self.failures()
+        if failed:
+            return False, "thread failed: " + "; ".join(failed)
+        level = self.backpressure.level
+        return (level < Level.EMERGENCY, f"backpressure {level.name}")
 
     def _start_server(self, server, key: str) -> None:
         try:
@@ -320,28 +329,6 @@ class Service:
             host, port = server.config.host, server.config.port
             raise StartupError(f"{key}.port: cannot bind {host}:{port} ({exc.strerror}); "
                                f"allowed: a free port (or 0 for any)") from None
-
-    def _register_gauges(self) -> None:
-        m = self.metrics
-        for name in QUEUE_NAMES:
-            m.gauge_fn("queue_depth", {"queue": name}, lambda q=self.bus[name]: q.depth)
-        m.gauge_fn("threads_failed", {}, lambda: len(self.failures()),
-                   doc="engine threads that died with an error (any: the service is unhealthy and stops)")
-        m.gauge_fn("topics", {}, lambda: len(self.topics), doc="distinct topics known (bound: server.max_topics)")
-        arena = self.payloads
-        m.gauge_fn("payload_arena_used_bytes", {}, lambda: arena.statistics()["used_bytes"],
-                   doc="bytes of payloads over records.payload_bytes in flight (bound: payloads.arena_bytes)")
-        m.counter_fn("payload_arena_full", lambda: arena.statistics()["full"],
-                     doc="claims the full payload arena cut short (the producer was pushed back; UDP: shed)")
-
-    def _register_limit_metrics(self, tcp: TcpServer) -> None:
-        """Per-client limits of the TCP ingest (ingest/limits.py): closes by reason, partial bytes."""
-        m = self.metrics
-        for reason in CLOSE_REASONS:
-            m.counter_fn("connections_limited", lambda r=reason: tcp.statistics()["connections_limited"].get(r, 0),
-                         {"reason": reason}, doc="TCP connections refused or closed for a per-client limit")
-        m.gauge_fn("partial_frame_bytes", {}, tcp.budget.total,
-                   doc="bytes held in partial frames over all TCP connections (bound: server.tcp.max_partial_bytes)")
 
     def sample(self) -> Sample:
         """Metrics the control thread evaluates: depth fraction, and the rate of overload drops (see
@@ -415,20 +402,7 @@ class Service:
 
     def exposure_warnings(self) -> list[str]:
         """Why this configuration may be reachable by anyone (serve logs each as a warning)."""
-        cfg, out = self.cfg, []
-        tcp, udp = cfg.server.tcp, cfg.server.udp
-        auth = bool(cfg.server.auth.tokens or cfg.server.auth.tokens_file)
-        if tcp.enabled and not _loopback(tcp.host) and not (tcp.tls.cert_file or auth):
-            out.append(f"server.tcp.host {tcp.host} is not a loopback address and neither TLS "
-                       "(server.tcp.tls.cert_file) nor client tokens (server.auth.tokens) are configured")
-        sub = cfg.server.subscribe
-        if sub.enabled and not _loopback(sub.host) and not auth:
-            out.append(f"server.subscribe.host {sub.host} is not a loopback address and no client tokens "
-                       "(server.auth.tokens) are configured: anyone reaching it can read every stored event")
-        if udp.enabled and not _loopback(udp.host):
-            out.append(f"server.udp.host {udp.host} is not a loopback address: UDP has no authentication "
-                       "and no encryption")
-        return out
+        return exposure_warnings(self.cfg)
 
     def failures(self) -> list[str]:
         """Threads that died with an error (the service should then stop)."""
@@ -464,11 +438,3 @@ class Service:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
