@@ -233,17 +233,16 @@ class Engine:
 
 
 # ------------------------------------------------------------------------------------------ sink
-class SinkServer:
-    """Transport baseline: accept, read into one buffer and discard, close on EOF."""
+class _ConnectionServer:
+    """A listener on an ephemeral loopback port with one thread per accepted connection (`_serve`)."""
+
+    name = "bench-server"
 
     def __init__(self):
         self.lsock = socket.create_server(("127.0.0.1", 0), backlog=64)
         self.address = self.lsock.getsockname()
-        self.bytes = 0
-        self.t_last_ns = 0
-        self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
-        self._acceptor = threading.Thread(target=self._accept, daemon=True, name="bench-sink-acceptor")
+        self._acceptor = threading.Thread(target=self._accept, daemon=True, name=f"{self.name}-acceptor")
         self._acceptor.start()
 
     def _accept(self) -> None:
@@ -252,9 +251,30 @@ class SinkServer:
                 s, _ = self.lsock.accept()
             except OSError:
                 return
-            t = threading.Thread(target=self._serve, args=(s,), daemon=True, name="bench-sink")
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            t = threading.Thread(target=self._serve, args=(s,), daemon=True, name=self.name)
             t.start()
             self._threads.append(t)
+
+    def _serve(self, s: socket.socket) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.lsock.close()
+        for t in self._threads:
+            t.join(5)
+
+
+class SinkServer(_ConnectionServer):
+    """Transport baseline: accept, read into one buffer and discard, close on EOF."""
+
+    name = "bench-sink"
+
+    def __init__(self):
+        self.bytes = 0
+        self.t_last_ns = 0
+        self._lock = threading.Lock()
+        super().__init__()
 
     def _serve(self, s: socket.socket) -> None:
         buf = bytearray(1 << 20)
@@ -269,36 +289,14 @@ class SinkServer:
                 self.t_last_ns = max(self.t_last_ns, t)
             s.close()
 
-    def close(self) -> None:
-        self.lsock.close()
-        for t in self._threads:
-            t.join(5)
 
-
-class AckEchoServer:
+class AckEchoServer(_ConnectionServer):
     """Round-trip baseline: one thread per connection (on the engine CPUs, like the engine's reader);
     for every complete length-prefixed frame it has read, it sends the cumulative ACK right away."""
 
-    def __init__(self):
-        self.lsock = socket.create_server(("127.0.0.1", 0), backlog=8)
-        self.address = self.lsock.getsockname()
-        self._threads: list[threading.Thread] = []
-        self._acceptor = threading.Thread(target=self._accept, daemon=True, name="bench-echo-acceptor")
-        self._acceptor.start()
+    name = "bench-echo"
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                s, _ = self.lsock.accept()
-            except OSError:
-                return
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            t = threading.Thread(target=self._serve, args=(s,), daemon=True, name="bench-echo")
-            t.start()
-            self._threads.append(t)
-
-    @staticmethod
-    def _serve(s: socket.socket) -> None:
+    def _serve(self, s: socket.socket) -> None:
         from eventstream.protocol.frames import encode_ack
 
         buf = bytearray()
@@ -320,11 +318,6 @@ class AckEchoServer:
             pass
         finally:
             s.close()
-
-    def close(self) -> None:
-        self.lsock.close()
-        for t in self._threads:
-            t.join(5)
 
 
 # ------------------------------------------------------------------------------------------ generator

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 
-from eventstream.client.subscriber import SubscribeError, SubscriberState, start_of
+from eventstream.client.subscriber import StateView, SubscribeError, SubscriberState, start_of
 from eventstream.client.tcp import ClientError
 from eventstream.protocol import subscribe as sp
 from eventstream.protocol.frames import KIND_ACK, KIND_NACK, encode_hello, encode_v2, split_control_frames
@@ -98,25 +98,13 @@ class AsyncSender:
             pass
 
 
-class AsyncSubscription:
+class AsyncSubscription(StateView):
     def __init__(self, reader, writer, group: str, credit: int):
         self.reader = reader
         self.writer = writer
         self.group = group
         self.credit = credit
         self.state = SubscriberState(credit)
-
-    @property
-    def ended(self) -> bool:
-        return self.state.ended
-
-    @property
-    def next_offset(self) -> int | None:
-        return self.state.next_offset
-
-    @property
-    def taken(self) -> int:
-        return self.state.taken
 
     async def _pump(self) -> None:
         self.state.receive(await self.reader.read(1 << 20))

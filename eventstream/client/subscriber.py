@@ -95,7 +95,31 @@ class SubscriberState:
         return len(self._events)
 
 
-class Subscription:
+class StateView:
+    """Read-only views of a client's SubscriberState (`self.state`)."""
+
+    state: SubscriberState
+
+    @property
+    def ended(self) -> bool:
+        return self.state.ended
+
+    @property
+    def end_offset(self) -> int | None:
+        return self.state.end_offset
+
+    @property
+    def next_offset(self) -> int | None:
+        """The offset after the last event returned (None before the first)."""
+        return self.state.next_offset
+
+    @property
+    def taken(self) -> int:
+        """Events returned to the caller on this connection (what commit() sends)."""
+        return self.state.taken
+
+
+class Subscription(StateView):
     def __init__(self, host: str, port: int, glob: str, *, start="earliest", group: str | None = None,
                  credit: int = 1000, follow: bool = True, token: str | bytes | None = None, timeout: float = 10.0):
         mode, value = start_of(start)
@@ -170,24 +194,6 @@ class Subscription:
                 raise SubscribeError(f"no COMMIT answer within {timeout} s")
         self.committed = answer
         return answer
-
-    @property
-    def ended(self) -> bool:
-        return self.state.ended
-
-    @property
-    def end_offset(self) -> int | None:
-        return self.state.end_offset
-
-    @property
-    def next_offset(self) -> int | None:
-        """The offset after the last event returned (None before the first)."""
-        return self.state.next_offset
-
-    @property
-    def taken(self) -> int:
-        """Events returned to the caller on this connection (what commit() sends)."""
-        return self.state.taken
 
     def close(self) -> None:
         try:

@@ -43,7 +43,7 @@ def test_transactional_lane_handles_an_idle_partition_on_the_callers_thread(bus,
     assert not lane.run_inline(make_records(topics, 1, priority=2, ids=[10]), 0)  # queued ahead: not now
 
 
-def test_a_raising_transactional_handler_on_a_lane_queues_the_batch_for_the_workers(bus, collected, topics):
+def _raising_once():
     fail = {"left": 1}
 
     def handler(b):
@@ -51,36 +51,39 @@ def test_a_raising_transactional_handler_on_a_lane_queues_the_batch_for_the_work
             fail["left"] -= 1
             raise RuntimeError("database busy")
 
+    return handler
+
+
+def _refused_then_worked(bus, collected, recs, check_refused):
+    """A lane whose handler raises once refuses `recs` (check_refused(dedups) runs then); the bus
+    queues them as it does a refused lane batch, and a worker retries them."""
+    handler = _raising_once()
     dedups = [Deduplicator(64, 60.0) for _ in bus["transactional"].rings]
     lane = TransactionalProcessor(bus["transactional"], collected.sinks(), handler, dedups=dedups)
-    recs = make_records(topics, 4, priority=2, ids=[5, 6, 7, 8])
-    assert not lane.run_inline(recs, 0)  # raised: nothing stored, nothing remembered
-    assert len(collected.stored_records()) == 0 and not dedups[0].seen_exclusive(np.array([5], np.uint64))[0]
+    assert not lane.run_inline(recs, 0)  # raised
+    check_refused(dedups)
     bus["transactional"].rings[0].put_batch(recs)  # what the bus does with a refused lane batch
     worker = TransactionalProcessor(bus["transactional"], collected.sinks(), handler, dedups=dedups,
                                     retry_backoff_ms=1.0)
     run_until_drained([worker], bus)
+
+
+def test_a_raising_transactional_handler_on_a_lane_queues_the_batch_for_the_workers(bus, collected, topics):
+    def nothing_stored_nothing_remembered(dedups):
+        assert len(collected.stored_records()) == 0
+        assert not dedups[0].seen_exclusive(np.array([5], np.uint64))[0]
+
+    _refused_then_worked(bus, collected, make_records(topics, 4, priority=2, ids=[5, 6, 7, 8]),
+                         nothing_stored_nothing_remembered)
     assert collected.stored_records()["event_id"].tolist() == [5, 6, 7, 8]
     assert collected.dropped == []
 
 
 def test_a_requeued_lane_batch_counts_its_duplicates_once(bus, collected, topics):
-    fail = {"left": 1}
+    def no_hits_yet(dedups):  # handed back: the workers will look at these records again
+        assert collected.dedup_hits == 0
 
-    def handler(b):
-        if fail["left"]:
-            fail["left"] -= 1
-            raise RuntimeError("database busy")
-
-    dedups = [Deduplicator(64, 60.0) for _ in bus["transactional"].rings]
-    lane = TransactionalProcessor(bus["transactional"], collected.sinks(), handler, dedups=dedups)
-    recs = make_records(topics, 4, priority=2, ids=[5, 5, 6, 6])  # two repeats inside the batch
-    assert not lane.run_inline(recs, 0)
-    assert collected.dedup_hits == 0  # handed back: the workers will look at these records again
-    bus["transactional"].rings[0].put_batch(recs)
-    worker = TransactionalProcessor(bus["transactional"], collected.sinks(), handler, dedups=dedups,
-                                    retry_backoff_ms=1.0)
-    run_until_drained([worker], bus)
+    _refused_then_worked(bus, collected, make_records(topics, 4, priority=2, ids=[5, 5, 6, 6]), no_hits_yet)
     assert collected.stored_records()["event_id"].tolist() == [5, 6]
     assert collected.dedup_hits == 2
 
