@@ -29,9 +29,9 @@ not loop.
 Source messages: topic = subject minus the prefix; priority from `Eventstream-Priority` (number or
 name) else `source.default_priority`; event id = `Nats-Msg-Id` when it is a decimal number in
 1..2^64-1 (or `<topic>:<number>` with the message's own topic, the sink's form), else a 64-bit hash of it (of `<stream>:<stream seq>` when there is no id), so a
-redelivered message keeps its id. Undecodable messages (no topic, bad priority, payload larger than
-`records.payload_bytes`: the source builds inline records and does not use the payload arena, unlike
-TCP/UDP ingest; the sink publishes payloads of every size) and messages delivered more than `source.max_deliver` times go to our DLQ
+redelivered message keeps its id. Payloads over `records.payload_bytes` go to the payload
+arena, as from TCP (a full arena makes the source wait: it stops fetching). Undecodable messages (no
+topic, bad priority, a payload larger than the largest frame) and messages delivered more than `source.max_deliver` times go to our DLQ
 with the reason and are terminated (`term()`), never redelivered. The JetStream consumer itself has
 no max_deliver (-1): nothing is dropped by the server silently; the limit is ours.
 """
@@ -118,7 +118,7 @@ class NatsConnector:
         self._default_priority = PRIORITY_NAMES.index(cfg.source.default_priority)
         self.stats = {k: 0 for k in ("forwarded", "published", "duplicates", "retries", "publish_failed",
                                      "refused_topic", "backlog_full", "consumed", "acked", "poison",
-                                     "reconnects", "disconnects", "source_errors")}
+                                     "reconnects", "disconnects", "source_errors", "arena_waits")}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self.nc = self.js = None
@@ -476,8 +476,11 @@ class NatsConnector:
         pts = hdrs.get(H_PRODUCER_TS, "")
         pts = int(pts) if pts.isdigit() and int(pts) < (1 << 64) else 0
         data = msg.data
-        if len(data) > self.capacity:
-            return f"connector: payload of {len(data)} bytes exceeds records.payload_bytes ({self.capacity})"
+        arena = self.svc.payloads
+        biggest = self.capacity if arena is None else max(self.capacity, arena.max_payload)
+        if len(data) > biggest:
+            return (f"connector: payload of {len(data)} bytes exceeds the largest payload the engine takes "
+                    f"({biggest} bytes: from server.tcp.max_frame_bytes and server.udp.max_datagram_bytes)")
         tid = self.topics.intern(tb)
         delivered = msg.metadata.num_delivered
         if delivered > self.cfg.source.max_deliver:
@@ -487,9 +490,9 @@ class NatsConnector:
 
     async def _poison(self, msg, reason: str, fields: tuple | None) -> None:
         self.stats["poison"] += 1
-        if fields is not None:  # decoded: the DLQ line carries the payload
+        if fields is not None:  # decoded: the DLQ line carries the payload (whole, whatever its size)
             rec = self._records([fields])
-            self.svc.drop(rec, reason)
+            self.svc.drop(rec, reason, [fields[-1]])
         else:
             eid = numeric_id((msg.headers or {}).get(H_MSG_ID), subject_topic(self.prefix, msg.subject))
             self.svc.dlq.write_line(eid, msg.subject, 0, reason)
@@ -511,8 +514,8 @@ class NatsConnector:
         recs["producer_ts"] = ptss
         recs["payload_len"] = [len(d) for d in datas]
         cap = self.capacity
-        if cap:
-            buf = b"".join(d.ljust(cap, b"\0") for d in datas)
+        if cap:  # payloads over the inline capacity go to the payload arena (_claim_large), not here
+            buf = b"".join(d.ljust(cap, b"\0") if len(d) <= cap else bytes(cap) for d in datas)
             recs["payload"] = np.frombuffer(buf, dtype=np.uint8).reshape(n, cap)
         recs["conn_id"] = NATS_CONN_ID
         recs["ingest_ts"] = time.monotonic_ns()
@@ -565,6 +568,8 @@ class NatsConnector:
         if n == 0:
             return
         recs = self._records(rows)
+        if not await self._claim_large(recs, [r[-1] for r in rows], keep):
+            return  # stopping while the arena was full: not acked, JetStream redelivers them
         self.stats["consumed"] += n
         bus = self.svc.bus
         off = bus.offer(recs)
@@ -589,6 +594,45 @@ class NatsConnector:
         self._inflight.append([marks, keep, time.monotonic()])
         self._want_progress = True
         self._progress_event.set()
+
+    async def _claim_large(self, recs: np.ndarray, datas: list, msgs: list) -> bool:
+        """Copy the payloads over the inline capacity into the payload arena (as TCP ingest does).
+        When the arena is full the source waits for room (it stops fetching, like a TCP connection that
+        is pushed back), marking its messages in progress; False if the intake stops meanwhile."""
+        cap = self.capacity
+        big = [i for i, d in enumerate(datas) if len(d) > cap]
+        if not big:
+            return True
+        arena = self.svc.payloads
+        sizes = [len(datas[i]) for i in big]
+        touched = time.monotonic()
+        while True:
+            offs, cls = arena.claim(sizes)
+            if len(offs) == len(big):
+                break
+            arena.release(offs, cls)  # all or nothing: wait for room for the whole batch
+            self.stats["arena_waits"] += 1
+            if self._intake_stopped:
+                return False
+            await asyncio.sleep(HELD_RETRY_S)
+            now = time.monotonic()
+            if now - touched > self.cfg.source.ack_wait_s / 2:
+                touched = now
+                for msg in msgs:  # still working on it: do not redeliver yet
+                    try:
+                        await msg.in_progress()
+                    except Exception:  # noqa: BLE001
+                        pass
+        idx = np.array(big, dtype=np.intp)
+        recs["ext_off"][idx] = offs
+        recs["ext_class"][idx] = cls
+        recs["ext_arena"][idx] = arena.id
+        dst = memoryview(arena.buf)
+        for o, i in zip(offs.tolist(), big):
+            d = datas[i]
+            dst[o:o + len(d)] = d
+        dst.release()
+        return True
 
     def _refused(self, recs, held, refused) -> None:
         """Positions a DROP_NEW queue shed at the edge: dead-lettered (as for TCP), then acked."""

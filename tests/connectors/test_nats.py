@@ -299,13 +299,14 @@ def test_poison_messages_go_to_our_dlq_and_are_terminated(nats_server, tmp_path)
 
     publish(nats_server.url, [("es.in.p", b"poison", {"Nats-Msg-Id": "7"})])
     _run(deliver_twice, nats_server.url)
-    publish(nats_server.url, [("es.in.big", b"x" * 100, {"Nats-Msg-Id": "8"}),
+    publish(nats_server.url, [("es.in.big", b"x" * 100_000, {"Nats-Msg-Id": "8"}),  # over any frame or datagram
                               ("es.in.prio", b"y", {"Nats-Msg-Id": "9", "Eventstream-Priority": "URGENT"}),
                               ("es.in.ok", b"fine", {"Nats-Msg-Id": "10"})])
     data = tmp_path / "data"
     cfg = engine_cfg(data, nats_server.url, **{"connectors.nats.source.enabled": True,
                                                "connectors.nats.source.durable": durable,
                                                "connectors.nats.source.max_deliver": 2,
+                                               "server.tcp.max_frame_bytes": 4096,
                                                "connectors.nats.source.subjects": ["in.>"]})
     with Service(cfg) as svc:
         wait_until(lambda: consumer_done(nats_server.url, durable), 60, "every message acked or terminated")
@@ -314,11 +315,28 @@ def test_poison_messages_go_to_our_dlq_and_are_terminated(nats_server, tmp_path)
     dlq = {e.event_id: e for e in list(read_dlq(data / "dlq_log.txt"))}
     assert sorted(dlq) == [7, 8, 9] and all(e.category == "connector" for e in dlq.values())
     assert "delivered 3 times" in dlq[7].reason and "max_deliver" in dlq[7].reason
-    assert "exceeds records.payload_bytes" in dlq[8].reason
+    assert "exceeds the largest payload" in dlq[8].reason
     assert "Eventstream-Priority" in dlq[9].reason
     assert summary_drops.get("connector") == 3
     st = consumer_state(nats_server.url, durable)
     assert st["pending"] == 0 and st["ack_pending"] == 0
+
+
+def test_source_takes_payloads_of_every_size_into_the_payload_arena(nats_server, tmp_path):
+    ensure_stream(nats_server.url)
+    sizes = [0, 63, 64, 65, 449, 5000, 70_000, 900_000]  # inline capacity 64; NATS max_payload 1 MiB
+    pays = {i + 1: bytes([i + 1]) * n for i, n in enumerate(sizes)}
+    publish(nats_server.url, [("es.in.large", p, {"Nats-Msg-Id": str(eid)}) for eid, p in pays.items()])
+    data = tmp_path / "data"
+    cfg = engine_cfg(data, nats_server.url, **{"connectors.nats.source.enabled": True,
+                                               "connectors.nats.source.durable": "big",
+                                               "connectors.nats.source.subjects": ["in.>"]})
+    with Service(cfg) as svc:
+        wait_until(lambda: consumer_done(nats_server.url, "big"), 60, "every message acked")
+        assert svc.connectors.stats["acked"] == len(pays) and svc.connectors.stats["poison"] == 0
+        wait_until(lambda: svc.payloads.statistics()["used_bytes"] == 0, 30, "every arena slot released")
+    got = EventLogReader(data / "events.bin").read()
+    assert dict(zip(ids_of(got.records), got.payloads())) == pays
 
 
 def test_gil_stays_off_with_nats_in_the_engine_process(nats_server, tmp_path):
