@@ -1,6 +1,9 @@
 """NATS JetStream connector: a sink (processed events -> a stream) and a source (a durable pull
 consumer -> the engine, as another ingest).
 
+Modules: this one connects, runs and stops the connector; nats_sink.py publishes, nats_source.py
+consumes (both mixins of NatsConnector); headers.py maps headers to event ids and priorities.
+
 Threads. nats-py is asyncio; it runs in one dedicated thread (`es-nats`) with its own event loop.
 Engine threads never await and never wait for it:
 
@@ -40,7 +43,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import threading
 import time
 import uuid
@@ -48,20 +50,14 @@ import uuid
 import numpy as np
 import structlog
 
-from eventstream.connectors.subjects import glob_filter, glob_matches, subject_topic, topic_subject
+from eventstream.connectors.headers import NATS_CONN_ID
+from eventstream.connectors.nats_sink import SinkSide
+from eventstream.connectors.nats_source import SourceSide
+from eventstream.connectors.subjects import glob_filter, glob_matches
 from eventstream.core.payloads import has_ext, payload_list
 from eventstream.core.records import PRIORITY_NAMES
-from eventstream.core.topics import MAX_TOPIC_BYTES
 
 log = structlog.get_logger("eventstream.connectors.nats")
-
-NATS_CONN_ID = 0xFFFFFFF0  # conn_id of records that came from the NATS source
-H_MSG_ID = "Nats-Msg-Id"
-H_PRIORITY = "Eventstream-Priority"
-H_PRODUCER_TS = "Eventstream-Producer-Ts"
-FETCH_TIMEOUT_S = 0.5  # a fetch that finds nothing returns after this (bounds how long stop waits)
-HELD_RETRY_S = 0.001
-
 
 def import_nats():
     """nats-py, imported only when the connector is enabled; a clear error when it is missing."""
@@ -78,33 +74,7 @@ def import_nats():
     return nats
 
 
-def hashed_id(key: str) -> int:
-    """A stable non-zero 64-bit event id for a non-numeric message id."""
-    v = int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little")
-    return v or 1
-
-
-def numeric_id(mid: str | None, topic: str | None) -> int:
-    """The event id a Nats-Msg-Id carries: `<n>` or `<topic>:<n>` (the sink's form, the topic being the
-    message's own) with n in 1..2^64-1; 0 when it is none of these."""
-    if not mid:
-        return 0
-    head, sep, tail = mid.rpartition(":")
-    digits = tail if sep and head == topic else mid
-    if digits.isascii() and digits.isdigit() and 0 < int(digits) < (1 << 64):
-        return int(digits)
-    return 0
-
-
-def parse_priority(text) -> int | None:
-    t = str(text).strip()
-    if t.isdigit() and int(t) < len(PRIORITY_NAMES):
-        return int(t)
-    up = t.upper()
-    return PRIORITY_NAMES.index(up) if up in PRIORITY_NAMES else None
-
-
-class NatsConnector:
+class NatsConnector(SinkSide, SourceSide):
     def __init__(self, cfg, service):
         self.cfg = cfg
         self.svc = service
@@ -350,357 +320,6 @@ class NatsConnector:
             loop = asyncio.get_running_loop()
             self._source_task = loop.create_task(self._source_loop())
             self._ack_task = loop.create_task(self._ack_loop())
-
-    # -- sink
-    def _take(self):
-        with self._q_lock:
-            if self._q:
-                item = self._q.popleft()
-                self._q_events -= len(item[0])
-                return item
-            self._sink_event.clear()
-            self._sink_waiting = True
-            return None
-
-    async def _sink_loop(self) -> None:
-        while True:
-            item = self._take()
-            if item is None:
-                if self._sink_closing:
-                    return
-                await self._sink_event.wait()
-                continue
-            batch, pays = item
-            try:
-                await self._publish_batch(batch, pays)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - never lose the loop; the batch goes to the DLQ
-                log.exception("nats_sink_batch_failed")
-                self.svc.drop(batch, "connector: sink failed on this batch (see the log)", pays)
-
-    def _topic_name(self, tid: int) -> str:
-        name = self._names.get(tid)
-        if name is None:
-            name = self._names[tid] = self.topics.name(tid)
-        return name
-
-    def _subject(self, tid: int) -> tuple[str | None, str | None]:
-        got = self._subjects.get(tid)
-        if got is None:
-            got = self._subjects[tid] = topic_subject(self.prefix, self.topics.name(tid))
-        return got
-
-    async def _publish_batch(self, batch: np.ndarray, pays: list | None = None) -> None:
-        self.stats["forwarded"] += len(batch)
-        tids = batch["topic_id"].tolist()
-        ids = batch["event_id"].tolist()
-        seqs = batch["seq"].tolist()
-        prios = batch["priority"].tolist()
-        pts = batch["producer_ts"].tolist()
-        if pays is None:
-            pays = payload_list(batch)
-        refused: list[int] = []
-        reasons: list[str] = []
-        loop = asyncio.get_running_loop()
-        for i in range(len(batch)):
-            subject, reason = self._subject(tids[i])
-            if subject is None:
-                refused.append(i)
-                reasons.append(reason)
-                continue
-            # (topic, id) as the engine deduplicates: one stream dedups ids across all its subjects
-            msg_id = f"{self._topic_name(tids[i])}:{ids[i]}" if ids[i] else f"{self.run_id}-{seqs[i]}"
-            headers = {H_MSG_ID: msg_id, H_PRIORITY: str(prios[i]), H_PRODUCER_TS: str(pts[i])}
-            await self._sink_sem.acquire()
-            task = loop.create_task(self._publish_one(subject, pays[i], headers, batch, i))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        if refused:
-            self.stats["refused_topic"] += len(refused)
-            self.svc.drop(batch[np.array(refused, dtype=np.intp)], reasons, [pays[j] for j in refused])
-
-    async def _publish_one(self, subject: str, payload: bytes, headers: dict, batch: np.ndarray, i: int) -> None:
-        sink = self.cfg.sink
-        last = "?"
-        try:
-            for attempt in range(sink.max_attempts):
-                try:
-                    ack = await self.js.publish(subject, payload, timeout=sink.ack_timeout_s, stream=self.cfg.stream,
-                                                headers=dict(headers))
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - timeout, no responders, disconnected: retry
-                    last = f"{type(exc).__name__}: {exc}"[:200]
-                    if attempt + 1 < sink.max_attempts:
-                        self.stats["retries"] += 1
-                        await asyncio.sleep(min(1.0, 0.05 * (2 ** attempt)))
-                    continue
-                self.stats["published"] += 1
-                if ack.duplicate:
-                    self.stats["duplicates"] += 1
-                return
-            self.stats["publish_failed"] += 1
-            self.svc.drop(batch[i:i + 1], f"connector: publish to JetStream failed after {sink.max_attempts} "
-                                          f"attempts (connectors.nats.sink.max_attempts): {last}", [payload])
-        except asyncio.CancelledError:
-            self.stats["publish_failed"] += 1
-            self.svc.drop(batch[i:i + 1], "connector: shutdown: not acked by JetStream before the stop timeout",
-                          [payload])
-            raise
-        finally:
-            self._sink_sem.release()
-
-    # -- source
-    def _decode(self, msg) -> tuple:
-        """(event_id, topic_id, priority, producer_ts, payload) of `msg`, or a DLQ reason (str), or
-        (reason, event_id, topic_id, priority, payload) when it decoded but must not go in (poison)."""
-        topic = subject_topic(self.prefix, msg.subject)
-        if topic is None:
-            return f"connector: subject {msg.subject[:80]!r} is not under {self.prefix}.>"
-        tb = topic.encode("utf-8")
-        if len(tb) > MAX_TOPIC_BYTES:
-            return f"connector: topic of {len(tb)} bytes is longer than {MAX_TOPIC_BYTES}"
-        hdrs = msg.headers or {}
-        mid = hdrs.get(H_MSG_ID)
-        eid = numeric_id(mid, topic)
-        if not eid:
-            eid = hashed_id(mid or f"{self.cfg.stream}:{msg.metadata.sequence.stream}")
-        prio = hdrs.get(H_PRIORITY)
-        if prio is None:
-            p = self._default_priority
-        else:
-            p = parse_priority(prio)
-            if p is None:
-                return f"connector: header {H_PRIORITY} {prio[:20]!r} is not a priority (0..4 or a name)"
-        pts = hdrs.get(H_PRODUCER_TS, "")
-        pts = int(pts) if pts.isdigit() and int(pts) < (1 << 64) else 0
-        data = msg.data
-        arena = self.svc.payloads
-        biggest = self.capacity if arena is None else max(self.capacity, arena.max_payload)
-        if len(data) > biggest:
-            return (f"connector: payload of {len(data)} bytes exceeds the largest payload the engine takes "
-                    f"({biggest} bytes: from server.tcp.max_frame_bytes and server.udp.max_datagram_bytes)")
-        tid = self.topics.intern(tb)
-        delivered = msg.metadata.num_delivered
-        if delivered > self.cfg.source.max_deliver:
-            return (f"connector: delivered {delivered} times, more than connectors.nats.source.max_deliver "
-                    f"({self.cfg.source.max_deliver})", eid, tid, p, pts, data)
-        return eid, tid, p, pts, data
-
-    async def _poison(self, msg, reason: str, fields: tuple | None) -> None:
-        self.stats["poison"] += 1
-        if fields is not None:  # decoded: the DLQ line carries the payload (whole, whatever its size)
-            rec = self._records([fields])
-            self.svc.drop(rec, reason, [fields[-1]])
-        else:
-            eid = numeric_id((msg.headers or {}).get(H_MSG_ID), subject_topic(self.prefix, msg.subject))
-            self.svc.dlq.write_line(eid, msg.subject, 0, reason)
-            self.svc.metrics.dropped("connector", 1)
-        try:
-            await msg.term()
-        except Exception as exc:  # noqa: BLE001 - redelivered later, dead-lettered again
-            log.warning("nats_term_failed", error=repr(exc))
-
-    def _records(self, rows: list[tuple]) -> np.ndarray:
-        """A record batch from decoded (event_id, topic_id, priority, producer_ts, payload) rows: one
-        numpy assignment per column (payloads padded into one buffer)."""
-        n = len(rows)
-        recs = np.zeros(n, dtype=self.dtype)
-        eids, tids, prios, ptss, datas = zip(*rows)
-        recs["event_id"] = eids
-        recs["topic_id"] = tids
-        recs["priority"] = prios
-        recs["producer_ts"] = ptss
-        recs["payload_len"] = [len(d) for d in datas]
-        cap = self.capacity
-        if cap:  # payloads over the inline capacity go to the payload arena (_claim_large), not here
-            buf = b"".join(d.ljust(cap, b"\0") if len(d) <= cap else bytes(cap) for d in datas)
-            recs["payload"] = np.frombuffer(buf, dtype=np.uint8).reshape(n, cap)
-        recs["conn_id"] = NATS_CONN_ID
-        recs["ingest_ts"] = time.monotonic_ns()
-        return recs
-
-    async def _source_loop(self) -> None:
-        nats = self._nats
-        src = self.cfg.source
-        max_batches = max(2, src.max_ack_pending // src.batch)
-        while not self._intake_stopped:
-            if len(self._inflight) >= max_batches:
-                self._want_progress = True
-                await self._wait_progress(0.01)
-                continue
-            try:
-                msgs = await self._psub.fetch(src.batch, timeout=FETCH_TIMEOUT_S)
-            except nats.errors.TimeoutError:
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - disconnected, server restarting: try again
-                log.warning("nats_fetch_failed", error=f"{type(exc).__name__}: {exc}")
-                await asyncio.sleep(0.2)
-                continue
-            if msgs:
-                try:
-                    await self._take_in(msgs)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:  # noqa: BLE001 - never lose the source; unacked messages are redelivered
-                    self.stats["source_errors"] += 1
-                    log.exception("nats_source_batch_failed")
-                    await asyncio.sleep(0.2)
-
-    async def _take_in(self, msgs) -> None:
-        rows, keep = [], []
-        for msg in msgs:
-            try:
-                got = self._decode(msg)
-            except Exception as exc:  # noqa: BLE001 - whatever it is, it is undecodable
-                got = f"connector: undecodable message: {type(exc).__name__}: {exc}"[:300]
-            if isinstance(got, str):
-                await self._poison(msg, got, None)
-            elif isinstance(got[0], str):
-                await self._poison(msg, got[0], got[1:])
-            else:
-                rows.append(got)
-                keep.append(msg)
-        n = len(keep)
-        if n == 0:
-            return
-        recs = self._records(rows)
-        if not await self._claim_large(recs, [r[-1] for r in rows], keep):
-            return  # stopping while the arena was full: not acked, JetStream redelivers them
-        self.stats["consumed"] += n
-        bus = self.svc.bus
-        off = bus.offer(recs)
-        marks = list(off.marks)
-        self._refused(recs, None, off.refused)
-        held = off.held
-        touched = time.monotonic()
-        while held is not None:  # the queues are full: offer again, never nak
-            await asyncio.sleep(HELD_RETRY_S)
-            now = time.monotonic()
-            if now - touched > self.cfg.source.ack_wait_s / 2:
-                touched = now
-                for msg in keep:  # still working on it: do not redeliver yet
-                    try:
-                        await msg.in_progress()
-                    except Exception:  # noqa: BLE001
-                        pass
-            off = bus.offer(recs[held], stamp=False)
-            marks.extend(off.marks)
-            self._refused(recs, held, off.refused)
-            held = None if off.held is None else held[off.held]
-        self._inflight.append([marks, keep, time.monotonic()])
-        self._want_progress = True
-        self._progress_event.set()
-
-    async def _claim_large(self, recs: np.ndarray, datas: list, msgs: list) -> bool:
-        """Copy the payloads over the inline capacity into the payload arena (as TCP ingest does).
-        When the arena is full the source waits for room (it stops fetching, like a TCP connection that
-        is pushed back), marking its messages in progress; False if the intake stops meanwhile."""
-        cap = self.capacity
-        big = [i for i, d in enumerate(datas) if len(d) > cap]
-        if not big:
-            return True
-        arena = self.svc.payloads
-        sizes = [len(datas[i]) for i in big]
-        touched = time.monotonic()
-        while True:
-            offs, cls = arena.claim(sizes)
-            if len(offs) == len(big):
-                break
-            arena.release(offs, cls)  # all or nothing: wait for room for the whole batch
-            self.stats["arena_waits"] += 1
-            if self._intake_stopped:
-                return False
-            await asyncio.sleep(HELD_RETRY_S)
-            now = time.monotonic()
-            if now - touched > self.cfg.source.ack_wait_s / 2:
-                touched = now
-                for msg in msgs:  # still working on it: do not redeliver yet
-                    try:
-                        await msg.in_progress()
-                    except Exception:  # noqa: BLE001
-                        pass
-        idx = np.array(big, dtype=np.intp)
-        recs["ext_off"][idx] = offs
-        recs["ext_class"][idx] = cls
-        recs["ext_arena"][idx] = arena.id
-        dst = memoryview(arena.buf)
-        for o, i in zip(offs.tolist(), big):
-            d = datas[i]
-            dst[o:o + len(d)] = d
-        dst.release()
-        return True
-
-    def _refused(self, recs, held, refused) -> None:
-        """Positions a DROP_NEW queue shed at the edge: dead-lettered (as for TCP), then acked."""
-        for pos, reason in refused:
-            idx = pos if held is None else held[pos]
-            self.svc.drop(recs[idx], reason)
-
-    async def _wait_progress(self, timeout: float) -> None:
-        try:
-            await asyncio.wait_for(self._progress_event.wait(), timeout)
-        except TimeoutError:
-            pass
-        self._progress_event.clear()
-        self._nudged = False
-
-    def _done_batches(self) -> list:
-        done, rest = [], collections.deque()
-        for entry in self._inflight:
-            if all(ring.completed() >= end for ring, end in entry[0]):
-                done.append(entry[1])
-            else:
-                rest.append(entry)
-        self._inflight = rest
-        return done
-
-    async def _ack_done(self) -> None:
-        for msgs in self._done_batches():
-            for msg in msgs:
-                try:
-                    await msg.ack()
-                    self.stats["acked"] += 1
-                except Exception as exc:  # noqa: BLE001 - redelivered after ack_wait: at-least-once
-                    log.warning("nats_ack_failed", error=f"{type(exc).__name__}: {exc}")
-
-    async def _keep_alive(self) -> None:
-        """Messages placed in the queues but not stored yet (a slow handler, a deep queue) are marked
-        in progress every ack_wait/2, so JetStream does not redeliver them while this engine works on
-        them; only an engine that stops (or dies) lets them go after ack_wait."""
-        half = self.cfg.source.ack_wait_s / 2
-        now = time.monotonic()
-        for entry in list(self._inflight):
-            if now - entry[2] < half:
-                continue
-            entry[2] = now
-            for msg in entry[1]:
-                try:
-                    await msg.in_progress()
-                except Exception:  # noqa: BLE001 - then it is redelivered: at-least-once
-                    pass
-
-    async def _ack_loop(self) -> None:
-        while not self._ack_stop:
-            self._want_progress = bool(self._inflight)
-            await self._ack_done()
-            if self._inflight:
-                await self._keep_alive()
-            await self._wait_progress(0.005 if self._inflight else 0.05)
-
-    async def _stop_source(self, timeout: float) -> None:
-        self._intake_stopped = True
-        task = self._source_task
-        if task is not None and not task.done():
-            try:
-                await asyncio.wait_for(task, timeout)
-            except (TimeoutError, asyncio.CancelledError):
-                log.warning("nats_source_stop_timeout", note="messages not placed are redelivered")
-            except Exception:  # noqa: BLE001
-                log.exception("nats_source_failed")
 
     async def _shutdown(self, drain: bool, timeout: float) -> None:
         deadline = time.monotonic() + timeout

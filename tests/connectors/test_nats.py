@@ -45,7 +45,7 @@ def test_topic_globs_use_nats_token_semantics():
     assert not glob_matches("orders.>", "orders") and glob_matches(">", "x") and not glob_matches("*", "a.b")
     assert glob_filter("es", "orders.**") == "es.orders.>" and glob_filter("es", "*") == "es.*"
     assert topic_subject("es", "orders.eu") == ("es.orders.eu", None)
-    from eventstream.connectors.jetstream import numeric_id
+    from eventstream.connectors.headers import numeric_id
 
     assert numeric_id("42", "t") == 42 and numeric_id("t:42", "t") == 42 and numeric_id("u:42", "t") == 0
     assert numeric_id("0", "t") == 0 and numeric_id(str(1 << 64), "t") == 0 and numeric_id("abc", "t") == 0
@@ -158,7 +158,7 @@ def test_source_round_trip_into_events_bin(nats_server, tmp_path):
         assert svc.connectors.stats["acked"] == len(msgs)
     recs = stored(data)
     assert len(recs) == len(msgs)
-    from eventstream.connectors.jetstream import hashed_id
+    from eventstream.connectors.headers import hashed_id
 
     got = dict(zip(ids_of(recs), payload_list(recs)))
     want = {1_000_000 + i: b"m%d" % i for i in range(1, 501)}
