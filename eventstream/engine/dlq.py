@@ -27,7 +27,7 @@ Segments: when the next write would take the active file past `max_bytes`, the f
 segments are kept (oldest deleted first) and, with `max_age_s` > 0, segments last written longer ago
 than that are deleted; both rules run at every rotation and when the log is opened.
 
-Reading: `read_dlq(path)` yields every entry of every segment, oldest first, then the active file; it
+Reading (dlq_reader.py): `read_dlq(path)` yields every entry of every segment, oldest first, then the active file; it
 skips a torn (unterminated) last line, as a crash mid-write leaves, and still parses lines of the old
 text format (``[ts] DROPPED: id=.. topic=.. priority=.. reason=..``, no payload).
 """
@@ -41,17 +41,14 @@ import os
 import re
 import threading
 import time
-import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import structlog
 
-from eventstream.core import records as rec
-from eventstream.core.payloads import payload_views, release_records
+from eventstream.core.payloads import payload_views
 from eventstream.core.topics import TopicTable
 from eventstream.metrics.reasons import category as bounded_category
 
@@ -61,11 +58,7 @@ DEFAULT_MAX_BYTES = 64 << 20
 DEFAULT_MAX_SEGMENTS = 8
 
 _ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r"})
-_LINE = re.compile(r"^\[(?P<ts>[^\]]+)\] DROPPED: id=(?P<id>\d+) topic=(?P<topic>.*?) "
-                   r"priority=(?P<priority>-?\d+) reason=(?P<reason>.*)$")
 _UNESCAPE = re.compile(r"\\(.)")
-_FORMAT_HELP = ("a JSON object line of the DLQ format (docs/dlq.md) or an old text line "
-                "'[timestamp] DROPPED: id=<id> topic=<topic> priority=<n> reason=<reason>'")
 
 
 def escape(text: str) -> str:
@@ -358,7 +351,6 @@ class DeadLetterLog:
         self.close()
 
 
-# ---------------------------------------------------------------------------------------- reading
 def segment_paths(path: str | os.PathLike) -> list[tuple[int, Path]]:
     """Old segments of the DLQ at `path` (``<name>.<n>``), oldest (smallest n) first."""
     path = Path(path)
@@ -372,188 +364,5 @@ def segment_paths(path: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def _int(obj: dict, key: str, *, optional: bool = True) -> int | None:
-    v = obj.get(key)
-    if v is None and optional:
-        return None
-    if type(v) is not int:
-        raise ValueError(f"field {key!r} is {v!r}; allowed: an integer" + (" or null" if optional else ""))
-    return v
-
-
-def _str(obj: dict, key: str) -> str:
-    v = obj.get(key)
-    if not isinstance(v, str):
-        raise ValueError(f"field {key!r} is {v!r}; allowed: a string")
-    return v
-
-
-def parse_line(line: str | bytes) -> DlqRecord:
-    """Parse one DLQ line (JSON or the old text format); ValueError naming the problem otherwise."""
-    if isinstance(line, bytes):
-        line = line.decode("utf-8")
-    text = line.rstrip("\r\n")
-    if text.startswith("{"):
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"not a DLQ line: {text[:120]!r} ({exc}); allowed: {_FORMAT_HELP}") from None
-        if not isinstance(obj, dict):
-            raise ValueError(f"not a DLQ line: {text[:120]!r}; allowed: {_FORMAT_HELP}")
-        try:
-            reason = _str(obj, "reason")
-            b64 = obj.get("payload_b64")
-            payload = None
-            if b64 is not None:
-                if not isinstance(b64, str):
-                    raise ValueError(f"field 'payload_b64' is {b64!r}; allowed: base64 text or null")
-                try:
-                    payload = binascii.a2b_base64(b64, strict_mode=True)
-                except binascii.Error as exc:
-                    raise ValueError(f"field 'payload_b64' is not base64 ({exc})") from None
-            plen = _int(obj, "payload_len")
-            if payload is not None and plen != len(payload):
-                raise ValueError(f"field 'payload_len' is {plen!r} but the payload has {len(payload)} bytes")
-            ts = _str(obj, "ts")
-            dt.datetime.fromisoformat(ts.replace("Z", "+00:00"))
-            return DlqRecord(ts=ts, reason=reason, category=obj.get("category") or reason_category(reason),
-                             id=_int(obj, "id", optional=False), event_id=_int(obj, "event_id"),
-                             seq=_int(obj, "seq"), topic=_str(obj, "topic"),
-                             priority=_int(obj, "priority", optional=False), producer_ts=_int(obj, "producer_ts"),
-                             flags=_int(obj, "flags"), attempts=_int(obj, "attempts"), payload=payload,
-                             payload_len=plen)
-        except ValueError as exc:
-            raise ValueError(f"not a DLQ line: {text[:120]!r}: {exc}; allowed: {_FORMAT_HELP}") from None
-    m = _LINE.match(text)
-    if m is None:
-        raise ValueError(f"not a DLQ line: {text[:120]!r}; allowed: {_FORMAT_HELP}")
-    reason = unescape(m["reason"])
-    try:
-        dt.datetime.fromisoformat(m["ts"].replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"not a DLQ line: {text[:120]!r}: bad timestamp; allowed: {_FORMAT_HELP}") from None
-    return DlqRecord(ts=m["ts"], reason=reason, category=reason_category(reason), id=int(m["id"]), event_id=None,
-                     seq=None, topic=unescape(m["topic"]), priority=int(m["priority"]), producer_ts=None, flags=None,
-                     attempts=None, payload=None, payload_len=None)
-
-
-BadLine = Callable[[Path, int, str], None]
-
-
-def read_dlq(path: str | os.PathLike, *, on_bad_line: BadLine | None = None) -> Iterator[DlqRecord]:
-    """Every entry of the DLQ at `path`: its segments oldest first, then the active file.
-
-    The files are opened (and their sizes taken) when this is called, so the entries are those written
-    up to that moment, even if the writer rotates or appends meanwhile (replaying into the engine that
-    owns the DLQ cannot read its own new entries). An unterminated last line of a file (a torn write)
-    is skipped. A damaged complete line raises ValueError naming file and line, or, with `on_bad_line`,
-    is reported as on_bad_line(file, line_number, problem) and skipped. FileNotFoundError if neither
-    the file nor any segment exists.
-    """
-    path = Path(path)
-    files = _open_snapshot(path)
-    if not files:
-        raise FileNotFoundError(f"{path}: no such DLQ file (and no segments {path.name}.<n>)")
-    return _entries(files, on_bad_line)
-
-
-def _open_snapshot(path: Path) -> list[tuple[Path, object, int]]:
-    """(name, open binary file, size) of every segment and the active file, in reading order. The active
-    file is opened first: if a rotation renames it meanwhile, the segment it became is recognised by
-    its inode and read once, last."""
-    active = None
-    try:
-        active = open(path, "rb")  # noqa: SIM115 - closed by _entries
-    except FileNotFoundError:
-        pass
-    ino = os.fstat(active.fileno())[1:3] if active is not None else None
-    out = []
-    for _, seg in segment_paths(path):
-        try:
-            f = open(seg, "rb")  # noqa: SIM115
-        except FileNotFoundError:  # deleted by retention meanwhile
-            continue
-        st = os.fstat(f.fileno())
-        if ino is not None and st[1:3] == ino:
-            f.close()
-            continue
-        out.append((seg, f, st.st_size))
-    if active is not None:
-        out.append((path, active, os.fstat(active.fileno()).st_size))
-    return out
-
-
-def _entries(files: list[tuple[Path, object, int]], on_bad_line: BadLine | None) -> Iterator[DlqRecord]:
-    try:
-        for name, f, size in files:
-            left = size
-            for lineno, line in enumerate(f, 1):
-                if left <= 0:
-                    break
-                if len(line) > left:
-                    line = line[:left]
-                left -= len(line)
-                if not line.endswith(b"\n"):
-                    break  # torn: its write never returned (or is still in progress)
-                if not line.strip():
-                    continue
-                try:
-                    yield parse_line(line)
-                except (ValueError, UnicodeDecodeError) as exc:
-                    problem = str(exc)
-                    if on_bad_line is None:
-                        raise ValueError(f"{name}:{lineno}: {problem}") from None
-                    on_bad_line(name, lineno, problem)
-    finally:
-        for _, f, _ in files:
-            f.close()
-
-
-def to_records(entries: Iterable[DlqRecord], dtype: np.dtype, topics: TopicTable, *,
-               replayed: bool = True, payloads=None) -> np.ndarray:
-    """Records of `dtype` rebuilt from DLQ entries (topics interned in `topics`), e.g. to put them back
-    into an engine. ingest_ts and conn_id are 0; crc32 is recomputed for v2 events; `replayed` sets
-    FLAG_REPLAYED. ValueError for an entry without payload (old format, undecodable frame) or whose
-    priority is out of range. A payload larger than the dtype's inline capacity goes to `payloads`
-    (a PayloadArena: its slot belongs to the record, given back when the engine releases it);
-    without one, or when the arena is full, PayloadTooLarge."""
-    entries = list(entries)
-    out = rec.empty(len(entries), dtype)
-    cap = rec.payload_capacity(dtype)
-    try:
-        _fill_records(out, entries, topics, replayed, cap, payloads)
-    except BaseException:
-        release_records(out)
-        raise
-    return out
-
-
-def _fill_records(out, entries, topics, replayed, cap, payloads) -> None:
-    for i, e in enumerate(entries):
-        if e.payload is None:
-            raise ValueError(f"DLQ entry id={e.id} topic={e.topic!r} ({e.ts}) has no payload; allowed: entries "
-                             "with a payload (filter on entry.payload is not None)")
-        if not 0 <= e.priority <= 4:
-            raise ValueError(f"DLQ entry id={e.id} has priority {e.priority}; allowed: 0..4")
-        row = out[i]
-        flags = (e.flags or 0) | (rec.FLAG_REPLAYED if replayed else 0)
-        row["event_id"] = e.event_id if e.event_id is not None else e.id
-        row["seq"] = e.seq or 0
-        row["producer_ts"] = e.producer_ts or 0
-        row["topic_id"] = topics.intern(e.topic)
-        row["priority"] = e.priority
-        row["flags"] = flags
-        row["attempts"] = e.attempts or 0
-        n = len(e.payload)
-        if n > cap:
-            got = payloads.claim([n]) if payloads is not None and n <= payloads.max_payload else None
-            if got is None or not len(got[0]):
-                raise rec.PayloadTooLarge(n, cap)
-            off = int(got[0][0])
-            payloads.buf[off:off + n] = np.frombuffer(e.payload, np.uint8)
-            row["ext_off"], row["ext_class"], row["ext_arena"] = off, int(got[1][0]), payloads.id
-        elif n:
-            row["payload"][:n] = np.frombuffer(e.payload, np.uint8)
-        row["payload_len"] = n
-        if flags & rec.FLAG_V2:
-            row["crc32"] = zlib.crc32(e.payload, zlib.crc32(e.topic.encode("utf-8")))
+# reading lives in dlq_reader.py; these names stay importable from here
+from eventstream.engine.dlq_reader import BadLine, parse_line, read_dlq, to_records  # noqa: E402,F401,I001
