@@ -1,7 +1,7 @@
 """TCP reader thread: many connections on one selector, decode, deliver, ACK/NACK as watermarks.
 
-(Per-connection state: connection.py; ACK/NACK writing: acks.py; enforcing limits and the preamble:
-guard.py; the limits' shared state: limits.py.)
+(Per-connection state: connection.py; ACK/NACK writing: acks.py; held records: holding.py;
+enforcing limits and the preamble: guard.py; the limits' shared state: limits.py.)
 
 Each connection is owned by exactly one reader thread for its whole life, so its decoder, counters and
 outbox need no locks. New connections arrive from the acceptor through a deque plus a wake-up socket.
@@ -54,17 +54,15 @@ from eventstream.ingest.auth import TokenSet
 from eventstream.ingest.connection import Connection, peer_ip
 from eventstream.ingest.delivery import Delivery, IngestStats
 from eventstream.ingest.guard import Guard
+from eventstream.ingest.holding import REASON_HELD_AT_STOP, Holding  # noqa: F401 - REASON_HELD_AT_STOP: API
 from eventstream.ingest.limits import (REASON_AUTH, REASON_PARTIAL_BYTES, REASON_TOO_MANY_REJECTS, PartialBudget,
                                        PeerLimit, RejectMeter)
 from eventstream.ingest.preamble import Preamble
 from eventstream.protocol.decoder import FrameDecoder
-from eventstream.protocol.frames import encode_nacks
 from eventstream.runtime.affinity import pin_current_thread
 
 log = structlog.get_logger("eventstream.ingest.tcp")
 
-# records still held when a draining stop ends: dead-lettered and NACKed (metrics category "shutdown")
-REASON_HELD_AT_STOP = "shutdown: held (the queues had no room) when the server stopped; not ACKed"
 HELD_RETRY_S = 0.001  # how often held records are offered again (only while a queue is full)
 STOP_BUDGET_S = 4.0  # a draining stop waits at most this long for held records and final ACKs
 _STRONGER_THAN_ACCEPTED = ACK_ACCEPTED << FLAG_ACK_SHIFT
@@ -76,7 +74,7 @@ def wants_completion(flags: np.ndarray) -> bool:
         return any((f & FLAG_ACK_MASK) > _STRONGER_THAN_ACCEPTED for f in flags.tolist())
     return bool(((flags & FLAG_ACK_MASK) > _STRONGER_THAN_ACCEPTED).any())
 
-class Reader(Guard, Acknowledger, threading.Thread):
+class Reader(Guard, Acknowledger, Holding, threading.Thread):
     def __init__(self, n: int, config, topics: TopicTable, delivery: Delivery, stats: IngestStats,
                  admission, cpus, payload_bytes: int, ack_default: int = ACK_STORED, *,
                  peer_limit: PeerLimit | None = None, budget: PartialBudget | None = None,
@@ -385,76 +383,6 @@ class Reader(Guard, Acknowledger, threading.Thread):
                 c.resume_at = time.monotonic() + (-c.tokens) / self._rate
                 self.throttled.add(c)
                 self._interest(c, False)
-
-    def _hold(self, c: Connection, held: np.ndarray, held_idx: np.ndarray, blocked=()) -> None:
-        c.held, c.held_idx, c.blocked = held, held_idx, blocked
-        if c not in self.stalled:
-            self.stalled.add(c)
-            self._interest(c, False)
-
-    def _retry_held(self, c: Connection) -> None:
-        if c.closed:
-            self.stalled.discard(c)
-            return
-        if c.held is not None:
-            if not self._may_progress(c):
-                return  # cheap checks first: offering a large held batch again costs more
-            d = self.delivery.deliver(c.held, c.held_idx, [], c.conn_id, want_nacks=c.v2, retry=True)
-            c.accepted += d.accepted
-            if c.v2:
-                c.open_marks.extend(d.marks)
-                c.open_nacks += d.nacks
-            if d.held is not None:
-                c.held, c.held_idx, c.blocked = d.held, d.held_indices, d.blocked
-                return
-            c.held = c.held_idx = None
-            c.blocked = ()
-            self._end_chunk(c)
-        need = c.decoder.arena_blocked
-        if need:  # frames kept undecoded while the payload arena was full
-            if not self.payloads.has_room(need):
-                return
-            self.stalled.discard(c)
-            self._consume(c, b"", time.monotonic())
-            if c.closed or c in self.stalled:
-                return
-        self.stalled.discard(c)
-        if c.closing and not c.v2:
-            self._close(c, c.closing)
-        elif not c.closing and c not in self.throttled:
-            c.partial_since = time.monotonic()  # it could not progress while held
-            self._interest(c, True)
-
-    def _may_progress(self, c: Connection) -> bool:
-        """Whether offering `c`'s held records again can place some: the control plane admits the
-        first of them, and every queue that was full has room for a fair share again."""
-        lo = self.delivery.admitted_below()
-        if lo and int(c.held["priority"][0]) < lo:
-            return False
-        for ring in c.blocked:
-            if ring.capacity - ring.depth < min(len(c.held), ring.capacity // 8):
-                return False
-        return True
-
-    def _dead_letter_held(self, c: Connection) -> None:
-        """Stopping with records still held (the queues never had room within the stop budget): they
-        were never ACKed; they go to the dead-letter log (replayable) and a v2 client gets their
-        NACKs once everything before them is complete (the protocol's order)."""
-        held, idx = c.held, c.held_idx
-        c.held = c.held_idx = None
-        self.stalled.discard(c)
-        log.warning("held_records_dead_lettered_at_stop", conn_id=c.conn_id, records=len(held))
-        self.stats.backpressure_drops += len(held)
-        self.stats.frames_rejected[REASON_HELD_AT_STOP] += len(held)
-        if self.delivery.on_reject is not None:
-            try:
-                self.delivery.on_reject(held, REASON_HELD_AT_STOP, [])
-            except Exception as exc:
-                log.error("on_reject_failed", error=repr(exc))
-        release_records(held)  # dead-lettered with their payloads: the arena slots go back
-        if c.v2 and not c.closed:  # they end the open chunk: sent once everything in it is complete
-            c.open_nacks += encode_nacks(idx, REASON_HELD_AT_STOP)
-            self._end_chunk(c)
 
     def _close(self, c: Connection, why: str, quiet: bool = False, **kw) -> None:
         if c.closed:
