@@ -1,4 +1,4 @@
-"""Storage: the append-only event log `data/events.bin` (format, writer, reader, recovery)."""
+"""Storage: the append-only event log `data/events.bin` (format, writer, scan, reader, recovery, tail)."""
 
 from eventstream.storage.format import LogFormatError
 from eventstream.storage.reader import EventLogReader, ScanResult, StoredBatch

@@ -29,7 +29,7 @@ import structlog
 
 from eventstream.core import records as rec
 from eventstream.storage import format as fmt
-from eventstream.storage.reader import CorruptRegion, scan_buffer
+from eventstream.storage.scan import CorruptRegion, scan_buffer
 
 log = structlog.get_logger("eventstream.storage.recovery")
 

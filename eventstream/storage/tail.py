@@ -31,7 +31,7 @@ import numpy as np
 
 from eventstream.core import records as rec
 from eventstream.storage import format as fmt
-from eventstream.storage.reader import scan_buffer
+from eventstream.storage.scan import scan_buffer
 from eventstream.storage.writer import segment_paths
 
 CHUNK_BYTES = 1 << 20

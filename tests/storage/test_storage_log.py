@@ -181,6 +181,7 @@ def test_concurrent_appends_store_every_record_once(tmp_path, make_batch):
 
 def test_reading_in_small_chunks_matches_one_pass(tmp_path, monkeypatch, make_batch):
     from eventstream.storage import reader as reader_mod
+    from eventstream.storage import scan as scan_mod
 
     path = tmp_path / "events.bin"
     topics = TopicTable()
@@ -188,7 +189,7 @@ def test_reading_in_small_chunks_matches_one_pass(tmp_path, monkeypatch, make_ba
         for i in range(6):  # new topics appear between record runs
             log.append(make_batch(topics, 23, start_seq=i * 23, names=(f"t{i}", "common")))
     whole = EventLogReader(path).read(topic="t*")
-    monkeypatch.setattr(reader_mod, "SCAN_CHUNK", 5)
+    monkeypatch.setattr(scan_mod, "SCAN_CHUNK", 5)
     monkeypatch.setattr(reader_mod, "READ_CHUNK_RECORDS", 7)
     r = EventLogReader(path)
     parts = list(r.batches(topic="t*"))

@@ -136,7 +136,7 @@ def test_sigkill_mid_stream_recovers_every_written_record(tmp_path):
 from structlog.testing import capture_logs  # noqa: E402
 
 from eventstream.cli.main import main as cli_main  # noqa: E402
-from eventstream.storage.reader import CorruptLogWarning  # noqa: E402
+from eventstream.storage.scan import CorruptLogWarning  # noqa: E402
 
 N_BIG = 50_000
 
