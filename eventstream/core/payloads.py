@@ -26,8 +26,8 @@ more to copy than the lock.
 
 Bounded: `claim` never grows the arena. When a payload does not fit, it claims the longest prefix
 that does and says so; ingest then pushes the producer back exactly as for a full ring (the TCP
-reader keeps the undecoded bytes and stops reading that connection until there is room; UDP sheds
-with reason `overflow:payloads`).
+reader keeps the undecoded bytes and stops reading that connection until there is room; the NATS
+source stops fetching; UDP sheds with reason `overflow:payloads`).
 """
 
 from __future__ import annotations
