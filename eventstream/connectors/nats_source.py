@@ -151,15 +151,7 @@ class SourceSide:
         held = off.held
         touched = time.monotonic()
         while held is not None:  # the queues are full: offer again, never nak
-            await asyncio.sleep(HELD_RETRY_S)
-            now = time.monotonic()
-            if now - touched > self.cfg.source.ack_wait_s / 2:
-                touched = now
-                for msg in keep:  # still working on it: do not redeliver yet
-                    try:
-                        await msg.in_progress()
-                    except Exception:  # noqa: BLE001
-                        pass
+            touched = await self._pause_in_progress(keep, touched)
             off = bus.offer(recs[held], stamp=False)
             marks.extend(off.marks)
             self._refused(recs, held, off.refused)
@@ -167,6 +159,21 @@ class SourceSide:
         self._inflight.append([marks, keep, time.monotonic()])
         self._want_progress = True
         self._progress_event.set()
+
+    async def _pause_in_progress(self, msgs: list, touched: float) -> float:
+        """Wait HELD_RETRY_S before offering again; every ack_wait/2 (since `touched`) mark `msgs` in
+        progress so JetStream does not redeliver what this engine still works on. Returns the new
+        `touched`."""
+        await asyncio.sleep(HELD_RETRY_S)
+        now = time.monotonic()
+        if now - touched <= self.cfg.source.ack_wait_s / 2:
+            return touched
+        for msg in msgs:
+            try:
+                await msg.in_progress()
+            except Exception:  # noqa: BLE001 - then it is redelivered: at-least-once
+                pass
+        return now
 
     async def _claim_large(self, recs: np.ndarray, datas: list, msgs: list) -> bool:
         """Copy the payloads over the inline capacity into the payload arena (as TCP ingest does).
@@ -187,15 +194,7 @@ class SourceSide:
             self.stats["arena_waits"] += 1
             if self._intake_stopped:
                 return False
-            await asyncio.sleep(HELD_RETRY_S)
-            now = time.monotonic()
-            if now - touched > self.cfg.source.ack_wait_s / 2:
-                touched = now
-                for msg in msgs:  # still working on it: do not redeliver yet
-                    try:
-                        await msg.in_progress()
-                    except Exception:  # noqa: BLE001
-                        pass
+            touched = await self._pause_in_progress(msgs, touched)
         idx = np.array(big, dtype=np.intp)
         recs["ext_off"][idx] = offs
         recs["ext_class"][idx] = cls
