@@ -141,22 +141,19 @@ class SourceSide:
         if n == 0:
             return
         recs = self._records(rows)
-        if not await self._claim_large(recs, [r[-1] for r in rows], keep):
-            return  # stopping while the arena was full: not acked, JetStream redelivers them
-        self.stats["consumed"] += n
-        bus = self.svc.bus
-        off = bus.offer(recs)
-        marks = list(off.marks)
-        self._refused(recs, None, off.refused)
-        held = off.held
-        touched = time.monotonic()
-        while held is not None:  # the queues are full: offer again, never nak
-            touched = await self._pause_in_progress(keep, touched)
-            off = bus.offer(recs[held], stamp=False)
-            marks.extend(off.marks)
-            self._refused(recs, held, off.refused)
-            held = None if off.held is None else held[off.held]
-        self._inflight.append([marks, keep, time.monotonic()])
+        datas = [r[-1] for r in rows]
+        marks: list = []
+        start = 0
+        while start < n:  # in pieces when the payload arena has room for only some large payloads
+            end = await self._claim_large(recs, datas, keep, start)
+            if end < 0:
+                break  # stopping while the arena was full: the rest is not acked, JetStream redelivers it
+            marks.extend(await self._offer_all(recs[start:end], keep))
+            start = end
+        if start == 0:
+            return
+        self.stats["consumed"] += start
+        self._inflight.append([marks, keep[:start], time.monotonic()])
         self._want_progress = True
         self._progress_event.set()
 
@@ -175,36 +172,58 @@ class SourceSide:
                 pass
         return now
 
-    async def _claim_large(self, recs: np.ndarray, datas: list, msgs: list) -> bool:
-        """Copy the payloads over the inline capacity into the payload arena (as TCP ingest does).
-        When the arena is full the source waits for room (it stops fetching, like a TCP connection that
-        is pushed back), marking its messages in progress; False if the intake stops meanwhile."""
+    async def _offer_all(self, recs: np.ndarray, msgs: list) -> list:
+        """Offer `recs` until every one is placed (the queues hold some back: offer again, never nak);
+        returns their completion marks."""
+        bus = self.svc.bus
+        off = bus.offer(recs)
+        marks = list(off.marks)
+        self._refused(recs, None, off.refused)
+        held = off.held
+        touched = time.monotonic()
+        while held is not None:
+            touched = await self._pause_in_progress(msgs, touched)
+            off = bus.offer(recs[held], stamp=False)
+            marks.extend(off.marks)
+            self._refused(recs, held, off.refused)
+            held = None if off.held is None else held[off.held]
+        return marks
+
+    async def _claim_large(self, recs: np.ndarray, datas: list, msgs: list, start: int) -> int:
+        """Copy payloads over the inline capacity, from row `start` on, into the payload arena (as TCP
+        ingest does), as many as it has room for now. Returns the end of the rows ready to offer (past
+        `start`), or -1 if the intake stops while the arena has no room at all: the source waits for
+        room meanwhile (it stops fetching, like a TCP connection that is pushed back), marking its
+        messages in progress."""
         cap = self.capacity
-        big = [i for i, d in enumerate(datas) if len(d) > cap]
+        big = [i for i in range(start, len(datas)) if len(datas[i]) > cap]
         if not big:
-            return True
+            return len(datas)
         arena = self.svc.payloads
         sizes = [len(datas[i]) for i in big]
         touched = time.monotonic()
         while True:
-            offs, cls = arena.claim(sizes)
-            if len(offs) == len(big):
+            offs, cls = arena.claim(sizes)  # the longest prefix that fits now
+            if len(offs):
                 break
-            arena.release(offs, cls)  # all or nothing: wait for room for the whole batch
             self.stats["arena_waits"] += 1
             if self._intake_stopped:
-                return False
+                return -1
             touched = await self._pause_in_progress(msgs, touched)
-        idx = np.array(big, dtype=np.intp)
+        got = big[:len(offs)]
+        idx = np.array(got, dtype=np.intp)
         recs["ext_off"][idx] = offs
         recs["ext_class"][idx] = cls
         recs["ext_arena"][idx] = arena.id
         dst = memoryview(arena.buf)
-        for o, i in zip(offs.tolist(), big):
+        for o, i in zip(offs.tolist(), got):
             d = datas[i]
             dst[o:o + len(d)] = d
         dst.release()
-        return True
+        if len(offs) < len(big):
+            self.stats["arena_waits"] += 1
+            return big[len(offs)]  # up to the first payload that found no room
+        return len(datas)
 
     def _refused(self, recs, held, refused) -> None:
         """Positions a DROP_NEW queue shed at the edge: dead-lettered (as for TCP), then acked."""

@@ -339,6 +339,28 @@ def test_source_takes_payloads_of_every_size_into_the_payload_arena(nats_server,
     assert dict(zip(ids_of(got.records), got.payloads())) == pays
 
 
+def test_source_waits_for_a_full_payload_arena_and_loses_nothing(nats_server, tmp_path):
+    ensure_stream(nats_server.url)
+    # 64 KiB chunks, an arena of two: room for two 40 KB payloads at a time, twelve arrive in one fetch
+    pays = {i: bytes([i]) * 40_000 for i in range(1, 13)}
+    publish(nats_server.url, [("es.in.full", p, {"Nats-Msg-Id": str(eid)}) for eid, p in pays.items()])
+    data = tmp_path / "data"
+    cfg = engine_cfg(data, nats_server.url, **{"connectors.nats.source.enabled": True,
+                                               "connectors.nats.source.durable": "full",
+                                               "connectors.nats.source.subjects": ["in.>"],
+                                               "server.tcp.max_frame_bytes": 65536,
+                                               "server.udp.max_datagram_bytes": 65507,
+                                               "payloads.arena_bytes": 2 * 65536})
+    with Service(cfg) as svc:
+        assert svc.payloads.nchunks == 2
+        wait_until(lambda: consumer_done(nats_server.url, "full"), 60, "every message acked")
+        st = svc.connectors.stats
+        assert st["acked"] == len(pays) and st["arena_waits"] > 0 and st["poison"] == 0
+        wait_until(lambda: svc.payloads.statistics()["used_bytes"] == 0, 30, "every arena slot released")
+    got = EventLogReader(data / "events.bin").read()
+    assert dict(zip(ids_of(got.records), got.payloads())) == pays
+
+
 def test_gil_stays_off_with_nats_in_the_engine_process(nats_server, tmp_path):
     code = textwrap.dedent(f"""
         import sys
