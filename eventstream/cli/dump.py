@@ -75,11 +75,22 @@ def record_dict(r, topic: str, stored_ns: int, payload: bytes | None = None) -> 
         "producer_ts": int(r["producer_ts"]), "conn_id": int(r["conn_id"]), "flags": int(r["flags"]),
         "attempts": int(r["attempts"]),
     }
+    return put_payload(out, payload)
+
+
+def put_payload(out: dict, payload: bytes) -> dict:
+    """`payload` as text when it is UTF-8, else `payload_b64` (the jsonl form of dump and tail)."""
     try:
         out["payload"] = payload.decode("utf-8")
     except UnicodeDecodeError:
         out["payload_b64"] = base64.b64encode(payload).decode("ascii")
     return out
+
+
+def preview(d: dict) -> str:
+    """The payload column of the table form: text on one line, at most 40 characters."""
+    text = d.get("payload", "<binary>").replace("\n", "\\n")
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def run(args) -> int:
@@ -134,9 +145,7 @@ def _print(batches, fmt: str, limit: int) -> int:
             if fmt == "jsonl":
                 out.write(json.dumps(d, ensure_ascii=False) + "\n")
             else:
-                text = d.get("payload", "<binary>").replace("\n", "\\n")
-                text = text if len(text) <= 40 else text[:37] + "..."
                 out.write(f"{d['stored_at']:27} {d['seq']:>20} {d['event_id']:>20} {d['priority_name']:8} "
-                          f"{d['topic'][:24]:24} {text}\n")
+                          f"{d['topic'][:24]:24} {preview(d)}\n")
             shown += 1
     return 0

@@ -10,10 +10,10 @@ payload_b64), or a table with --format table.
 
 from __future__ import annotations
 
-import base64
 import json
 import sys
 
+from eventstream.cli.dump import preview
 from eventstream.cli.main import EXIT_FAILURE, EXIT_USAGE
 from eventstream.client.subscriber import SubscribeError, Subscription
 from eventstream.core import records as rec
@@ -39,16 +39,12 @@ def register(sub) -> None:
 
 
 def event_dict(ev: sp.Delivered) -> dict:
-    from eventstream.cli.dump import iso_ns
+    from eventstream.cli.dump import iso_ns, put_payload
 
     out = {"offset": ev.offset, "topic": ev.topic, "event_id": ev.event_id, "priority": ev.priority,
            "priority_name": rec.PRIORITY_NAMES[ev.priority] if ev.priority < 5 else "?",
            "producer_ts": ev.producer_ts, "stored_at": iso_ns(ev.stored_ns)}
-    try:
-        out["payload"] = ev.payload.decode("utf-8")
-    except UnicodeDecodeError:
-        out["payload_b64"] = base64.b64encode(ev.payload).decode("ascii")
-    return out
+    return put_payload(out, ev.payload)
 
 
 def run(args) -> int:
@@ -94,10 +90,8 @@ def run(args) -> int:
                 if args.format == "jsonl":
                     out.write(json.dumps(d, ensure_ascii=False) + "\n")
                 else:
-                    text = d.get("payload", "<binary>").replace("\n", "\\n")
-                    text = text if len(text) <= 40 else text[:37] + "..."
                     out.write(f"{d['offset']:>12} {d['stored_at']:27} {d['priority_name']:8} {d['topic'][:24]:24} "
-                              f"{text}\n")
+                              f"{preview(d)}\n")
                 shown += 1
                 if args.limit and shown >= args.limit:
                     out.flush()
