@@ -255,6 +255,25 @@ def test_restart_after_sigkill_recovers_the_log(tmp_path):
     assert sorted(stored(data)["event_id"].tolist()) == list(range(1, 1501))
 
 
+def test_acked_large_payloads_survive_sigkill_whole(tmp_path):
+    """ACK mode stored (the default) for payloads in the payload arena: the ACK leaves only after the
+    entry carrying the whole payload was written, so a kill -9 right after it loses none."""
+    data = tmp_path / "data"
+    proc, (port, _, _) = start_serve(tmp_path, data)
+    sizes = [65, 4096, 70_000, 500_000, 65, 1_000_000]
+    pays = {i + 1: bytes([i + 1]) * n for i, n in enumerate(sizes)}
+    try:
+        with TcpClient("127.0.0.1", port, version=2, timeout=30) as c:
+            for eid, p in pays.items():
+                c.send("big", p, priority=eid % 5, event_id=eid)
+            assert c.wait_acked(30) and c.unacknowledged == 0
+    finally:
+        proc.kill()  # no drain, no flush: only what the ACKs promised
+        proc.communicate(timeout=30)
+    got = EventLogReader(data / "events.bin").read()
+    assert dict(zip(got.records["event_id"].tolist(), got.payloads())) == pays
+
+
 def test_startup_errors_exit_2_with_a_clear_message(tmp_path):
     import socket
 
