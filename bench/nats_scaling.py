@@ -99,7 +99,7 @@ def serve(url: str, data: Path, durable: str, batch: int) -> tuple[subprocess.Po
     env = dict(os.environ, PYTHON_GIL="0", PYTHONPATH=str(ROOT))
     err = open(data.parent / f"{data.name}.err", "w")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen([sys.executable, "-m", "eventstream", "serve", "--port", "0", "--udp-port", "0",
-                             "--metrics-port", "0", "--data-dir", str(data), "--ready-file", str(ready), *args],
+                             "--metrics-port", "0", "--subscribe-port", "0", "--data-dir", str(data), "--ready-file", str(ready), *args],
                             env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=data.parent)
     err.close()
     return proc, ready

@@ -41,6 +41,7 @@ from eventstream.ingest.auth import TokenError, TokenSet
 from eventstream.ingest.delivery import REASON_SINK_FULL
 from eventstream.ingest.limits import CLOSE_REASONS
 from eventstream.ingest.tcp import TcpServer
+from eventstream.ingest import tls as tlsmod
 from eventstream.ingest.tls import TlsConfigError
 from eventstream.ingest.udp import UdpServer
 from eventstream.metrics.engine_gauges import register_engine_gauges, register_tcp_limits
@@ -72,6 +73,7 @@ class Service:
         self.started = False
         self._closers: list = []
         self.tcp = self.udp = self.control = None
+        self.tls = self.tokens = None  # server.tls context, server.auth tokens (set at start, shared by every port)
         self.bus = None
         self.payloads = None  # PayloadArena (created at start)
         self.connectors = None  # eventstream/connectors (NATS JetStream), None when disabled
@@ -136,6 +138,11 @@ class Service:
         sinks first, then processors, then ingest, then the control plane and the exporter."""
         gil.require_gil_off(self.allow_gil, "the eventstream engine")
         data = self._data_dir()
+        try:  # one server.tls context and one token set for every TCP port
+            self.tls = tlsmod.from_config(self.cfg.server.tls)
+            self.tokens = TokenSet.from_config(self.cfg.server.auth)
+        except (TlsConfigError, TokenError) as exc:
+            raise StartupError(str(exc)) from None
         try:
             self.metrics = MetricsRegistry()
             self._open_storage(data)
@@ -216,9 +223,8 @@ class Service:
         if self.connectors is not None:
             store = self.connectors.wrap_store(store)
         try:
-            sub_tokens = TokenSet.from_config(cfg.server.auth) if cfg.server.subscribe.enabled else None
-            self.subscribe = subscribe.build(cfg, data, self.dtype, tokens=sub_tokens)
-        except (TokenError, ValueError) as exc:
+            self.subscribe = subscribe.build(cfg, data, self.dtype, tokens=self.tokens, tls=self.tls)
+        except ValueError as exc:
             raise StartupError(str(exc)) from None
         if self.subscribe is not None:
             store = self.subscribe.wrap_store(store)
@@ -253,15 +259,12 @@ class Service:
         cfg = self.cfg
         aff, pb = cfg.affinity, cfg.records.payload_bytes
         if cfg.server.tcp.enabled:
-            try:
-                tokens = TokenSet.from_config(cfg.server.auth)
-            except TokenError as exc:
-                raise StartupError(str(exc)) from None
+            tokens = self.tokens
             self.tcp = TcpServer(cfg.server.tcp, self.bus, self.topics, admission=self.admission,
                                  on_reject=self.on_reject, cpus=aff.acceptor, reader_cpus=aff.ingest,
                                  payload_bytes=pb, ack_default=ACK_MODES[cfg.server.ack], tokens=tokens,
                                  on_acked=lambda lat: self.metrics.observe_stage("acked", lat),
-                                 payloads=self.payloads)
+                                 payloads=self.payloads, tls=self.tls)
             self._start_server(self.tcp, "server.tcp")
             register_tcp_limits(self.metrics, self.tcp, CLOSE_REASONS)
         if cfg.server.udp.enabled:
@@ -293,7 +296,9 @@ class Service:
         if not m.enabled:
             return
         try:
-            self.exporter = self.metrics.serve(m.host, m.port, m.path, health=self._health, ready=self._ready)
+            self.exporter = self.metrics.serve(m.host, m.port, m.path, health=self._health, ready=self._ready,
+                                               tls=self.tls if m.tls else None,
+                                               tokens=self.tokens if m.auth else None)
         except OSError as exc:
             raise StartupError(f"metrics.port: cannot listen on {m.host}:{m.port} "
                                f"({exc.strerror}); allowed: a free port, or metrics.enabled: false") from None

@@ -31,7 +31,7 @@ def scaled(n: int, minimum: int = 1) -> int:
 def service_config(data_dir: Path, **overrides):
     """A Config for one test: every port 0 (ephemeral), its own data dir, small fast flushes."""
     base = {
-        "server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0,
+        "server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0, "server.subscribe.port": 0,
         "storage.data_dir": str(data_dir), "storage.fsync": "none",
         "logging.level": "warning",
     }
@@ -83,7 +83,7 @@ class Server:
         self.log = open(log_path, "ab")  # noqa: SIM115 - closed in wait()
         self.proc = subprocess.Popen(
             [sys.executable, "-X", "gil=0", "-m", "eventstream", "serve", "--port", "0", "--udp-port", "0",
-             "--metrics-port", "0", "--data-dir", str(data_dir), "--ready-file", str(self.ready),
+             "--metrics-port", "0", "--subscribe-port", "0", "--data-dir", str(data_dir), "--ready-file", str(self.ready),
              "--set", "storage.fsync=none", "--set", "logging.level=warning",
              *[arg for kv in settings for arg in ("--set", kv)]],
             stdout=self.log, stderr=subprocess.STDOUT, env=env)
@@ -95,7 +95,7 @@ class Server:
                 self.proc.kill()
                 raise AssertionError(f"serve not ready within 90s; log: {log_path}")
             time.sleep(0.02)
-        tcp, _udp, _metrics = map(int, self.ready.read_text().split())
+        tcp, _udp, _metrics, _subscribe = map(int, self.ready.read_text().split())
         self.address = ("127.0.0.1", tcp)
 
     def wait(self, timeout: float = 60) -> int:

@@ -54,7 +54,7 @@ class AbuseServer:
         env.update(PYTHON_GIL="0", EVENTSTREAM_NO_REEXEC="1")
         sets = {"storage.fsync": "none", "logging.level": "warning", "logging.format": "json", **LIMITS}
         args = [sys.executable, "-X", "gil=0", "-m", "eventstream", "serve", "--port", "0", "--udp-port", "0",
-                "--metrics-port", "0", "--data-dir", str(self.data), "--ready-file", str(ready)]
+                "--metrics-port", "0", "--subscribe-port", "0", "--data-dir", str(self.data), "--ready-file", str(ready)]
         for k, v in sets.items():
             args += ["--set", f"{k}={v}"]
         self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
@@ -64,7 +64,7 @@ class AbuseServer:
             assert self.proc.poll() is None, f"serve exited {self.proc.returncode} before ready: {self.log_path}"
             assert time.monotonic() < deadline, "serve not ready within 90 s"
             time.sleep(0.02)
-        self.tcp_port, self.udp_port, self.metrics_port = map(int, ready.read_text().split())
+        self.tcp_port, self.udp_port, self.metrics_port, self.subscribe_port = map(int, ready.read_text().split())
 
     def get(self, path: str) -> tuple[int, str]:
         try:

@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 from eventstream.cli.config import load_or_report
-from eventstream.cli.main import EXIT_FAILURE, EXIT_USAGE, add_config_args
+from eventstream.cli.main import EXIT_FAILURE, EXIT_USAGE, add_client_security_args, add_config_args, client_security
 from eventstream.core.records import PRIORITY_NAMES
 
 ACTIONS = ("list", "replay")
@@ -45,6 +45,7 @@ def register(sub) -> None:
     rp.add_argument("--port", type=int, default=9000, help="server TCP port (default 9000)")
     rp.add_argument("--dry-run", action="store_true", help="only count what would be sent and skipped")
     rp.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for all ACKs (default 60)")
+    add_client_security_args(rp)
     rp.set_defaults(func=run_replay)
 
 
@@ -212,7 +213,7 @@ def run_replay(args) -> int:
     client = None
     try:
         if not args.dry_run:
-            client = TcpClient(args.host, args.port, version=2, timeout=args.timeout).connect()
+            client = TcpClient(args.host, args.port, version=2, timeout=args.timeout, **client_security(args)).connect()
         for e in entries:
             categories[e.category] += 1
             if not keep(e):

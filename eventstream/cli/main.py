@@ -49,11 +49,12 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_client_security_args(p: argparse.ArgumentParser) -> None:
-    """--token / --tls / --tls-ca / --tls-no-verify, shared by the commands that send over TCP."""
+    """--token / --tls / --tls-ca / --tls-no-verify, shared by every command that talks to a server
+    (send, load, replay, dlq replay, tail, top)."""
     p.add_argument("--token", help="send this client token in a HELLO frame first (server.auth.tokens); "
                    "also $EVENTSTREAM_TOKEN")
-    p.add_argument("--tls", action="store_true", help="connect with TLS, verifying the server against the "
-                   "system trust store")
+    p.add_argument("--tls", action="store_true", help="connect with TLS (server.tls), verifying the server "
+                   "against the system trust store")
     p.add_argument("--tls-ca", metavar="FILE", help="connect with TLS, trusting this CA or self-signed "
                    "certificate (PEM)")
     p.add_argument("--tls-no-verify", action="store_true", help="connect with TLS without verifying the "
@@ -61,7 +62,8 @@ def add_client_security_args(p: argparse.ArgumentParser) -> None:
 
 
 def client_security(args) -> dict:
-    """TcpClient keyword arguments (token=, ssl_context=) from add_client_security_args flags."""
+    """Client keyword arguments (token=, ssl_context=) from add_client_security_args flags: for
+    TcpClient and Subscription alike."""
     import os
     import ssl
 

@@ -1,8 +1,13 @@
 """`eventstream replay`: re-send stored events from events.bin to a running server.
 
-Events go out as v2 frames with their original event id (or their server sequence number when they
-had none, so a replay into the same engine is deduplicated by the transactional tier), priority,
-producer timestamp, topic and payload, and the command waits until the server ACKed all of them.
+Events go out as v2 frames with their original event id, priority, producer timestamp, topic and
+payload, and the command waits until the server ACKed all of them. It exits 1 and says how many when
+any was NACKed (with the reasons) or not acknowledged within --timeout.
+
+An event stored without an id (v1, or v2 with id 0) is sent with a deterministic id derived from its
+position in the source log: REPLAY_ID_BIT | its server sequence number (unique within the engine that
+stored it, across restarts). Replaying the same log again, into any engine, sends the same ids, so the
+engine's deduplication (every tier, within dedup.window_s) stores each such event at most once.
 """
 
 from __future__ import annotations
@@ -11,7 +16,15 @@ import sys
 import time
 
 from eventstream.cli.dump import parse_time, resolve_path
-from eventstream.cli.main import EXIT_FAILURE, EXIT_USAGE, add_config_args
+from eventstream.cli.main import EXIT_FAILURE, EXIT_USAGE, add_client_security_args, add_config_args, client_security
+
+REPLAY_ID_BIT = 1 << 63  # marks an id derived from a server sequence number (never chosen by our clients)
+
+
+def replay_id(event_id: int, seq: int) -> int:
+    """The id a replayed event is sent with: its own, or for an id-less event one derived from its
+    position in the source log (its server sequence number)."""
+    return event_id or (REPLAY_ID_BIT | (seq & (REPLAY_ID_BIT - 1)))
 
 
 def register(sub) -> None:
@@ -28,6 +41,7 @@ def register(sub) -> None:
     p.add_argument("--keep-ids", action=__import__("argparse").BooleanOptionalAction, default=True,
                    help="send the stored event id (default) or let the server treat them as new events")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for all ACKs (default 60)")
+    add_client_security_args(p)
     p.set_defaults(func=run)
 
 
@@ -54,7 +68,8 @@ def run(args) -> int:
     sent = 0
     t0 = time.monotonic()
     try:
-        with TcpClient(args.host, args.port, version=2, timeout=args.timeout) as client:
+        client = TcpClient(args.host, args.port, version=2, timeout=args.timeout, **client_security(args)).connect()
+        try:
             for b in batches:
                 r = b.records
                 names = b.topic_names()
@@ -64,14 +79,30 @@ def run(args) -> int:
                 ts = r["producer_ts"].tolist()
                 pays = b.payloads()  # whole payloads, inline or stored after their record
                 for i in range(len(r)):
-                    eid = (ids[i] or seqs[i]) if args.keep_ids else None
+                    eid = replay_id(ids[i], seqs[i]) if args.keep_ids else None
                     client.send(names[i], pays[i], priority=prios[i], event_id=eid, timestamp_ns=ts[i] or None)
                     sent += 1
-            client.flush()
-            client.wait_acked(args.timeout)
-    except OSError as exc:
+            complete = client.wait_acked(args.timeout)
+        finally:
+            try:
+                client.close()
+            except OSError:
+                pass
+    except OSError as exc:  # ClientError and AuthError are ConnectionErrors
         print(f"eventstream replay: cannot replay to {args.host}:{args.port}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     dt = time.monotonic() - t0
-    print(f"replayed {sent} events to {args.host}:{args.port} in {dt:.2f}s")
-    return 0
+    acked, nacked = client.acked, client.nacked
+    missing = sent - acked - nacked
+    print(f"replayed {sent} events to {args.host}:{args.port} in {dt:.2f}s: acked {acked}, nacked {nacked}, "
+          f"not acknowledged {missing}")
+    if nacked:
+        from collections import Counter
+
+        why = Counter(r.split(";", 1)[0].strip() or "unknown" for _, r in client.nacks)
+        print(f"eventstream replay: {nacked} events were NACKed by {args.host}:{args.port}: "
+              + ", ".join(f"{r} ({n})" for r, n in why.most_common(10)), file=sys.stderr)
+    if missing or not complete:
+        print(f"eventstream replay: {missing} events were not acknowledged within {args.timeout}s "
+              "(allowed: a longer --timeout)", file=sys.stderr)
+    return 0 if complete and not nacked and not missing else EXIT_FAILURE

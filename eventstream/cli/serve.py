@@ -26,16 +26,20 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, help="TCP port (shortcut for --set server.tcp.port=N)")
     p.add_argument("--udp-port", type=int, help="UDP port (shortcut for --set server.udp.port=N)")
     p.add_argument("--metrics-port", type=int, help="metrics port (shortcut for --set metrics.port=N)")
+    p.add_argument("--subscribe-port", type=int,
+                   help="subscribe port (shortcut for --set server.subscribe.port=N)")
     p.add_argument("--data-dir", help="data directory (shortcut for --set storage.data_dir=DIR)")
     p.add_argument("--allow-gil", action="store_true",
                    help="run even if the GIL is on (comparisons only; also EVENTSTREAM_ALLOW_GIL=1)")
-    p.add_argument("--ready-file", help="write 'tcp_port udp_port metrics_port' here once serving (for scripts)")
+    p.add_argument("--ready-file", help="write 'tcp_port udp_port metrics_port subscribe_port' here once serving "
+                   "(0 for a port that is off; for scripts)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     for flag, key in (("port", "server.tcp.port"), ("udp_port", "server.udp.port"),
-                      ("metrics_port", "metrics.port"), ("data_dir", "storage.data_dir")):
+                      ("metrics_port", "metrics.port"), ("subscribe_port", "server.subscribe.port"),
+                      ("data_dir", "storage.data_dir")):
         value = getattr(args, flag)
         if value is not None:
             args.overrides.append(f"{key}={value}")
@@ -83,7 +87,8 @@ def run(args) -> int:
         log.warning("exposed_without_protection", detail=warning)
     if args.ready_file:
         ports = [svc.tcp.address[1] if svc.tcp else 0, svc.udp.address[1] if svc.udp else 0,
-                 svc.exporter.address[1] if cfg.metrics.enabled else 0]
+                 svc.exporter.address[1] if cfg.metrics.enabled else 0,
+                 svc.subscribe.address[1] if svc.subscribe is not None else 0]
         tmp = args.ready_file + ".tmp"
         with open(tmp, "w") as f:
             f.write(" ".join(map(str, ports)) + "\n")

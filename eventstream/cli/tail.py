@@ -14,7 +14,7 @@ import json
 import sys
 
 from eventstream.cli.dump import preview
-from eventstream.cli.main import EXIT_FAILURE, EXIT_USAGE
+from eventstream.cli.main import EXIT_FAILURE, EXIT_USAGE, add_client_security_args, client_security
 from eventstream.client.subscriber import SubscribeError, Subscription
 from eventstream.core import records as rec
 from eventstream.protocol import subscribe as sp
@@ -30,7 +30,7 @@ def register(sub) -> None:
     p.add_argument("--group", help="consumer group: resume from its committed offset, commit what was printed")
     p.add_argument("--host", default="127.0.0.1", help="server host (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=9002, help="subscribe port (server.subscribe.port, default 9002)")
-    p.add_argument("--token", help="client token (server.auth.tokens); also $EVENTSTREAM_TOKEN")
+    add_client_security_args(p)
     p.add_argument("--credit", type=int, default=1000, help="events the server may send ahead (default 1000)")
     p.add_argument("--limit", type=int, default=0, help="stop after N events (0 = no limit)")
     p.add_argument("--format", choices=("jsonl", "table"), default="jsonl", help="output format (default jsonl)")
@@ -48,8 +48,6 @@ def event_dict(ev: sp.Delivered) -> dict:
 
 
 def run(args) -> int:
-    import os
-
     start = args.start or ("latest" if args.follow else "earliest")
     try:
         mode = sp.parse_start(start)
@@ -69,12 +67,11 @@ def run(args) -> int:
     except ValueError as exc:
         print(f"eventstream: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    token = args.token if args.token is not None else os.environ.get("EVENTSTREAM_TOKEN")
     out = sys.stdout
     shown = 0
     try:
         sub = Subscription(args.host, args.port, args.glob, start=mode, group=args.group, credit=args.credit,
-                           follow=args.follow, token=token, timeout=args.timeout)
+                           follow=args.follow, timeout=args.timeout, **client_security(args))
     except SubscribeError as exc:
         print(f"eventstream: error: {exc} (is server.subscribe.enabled true on the server?)", file=sys.stderr)
         return EXIT_FAILURE

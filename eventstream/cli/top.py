@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from eventstream.cli.main import EXIT_FAILURE, EXIT_USAGE
+from eventstream.cli.main import EXIT_FAILURE, EXIT_USAGE, add_client_security_args, client_security
 
 DEFAULT_URL = "http://127.0.0.1:9100/metrics"
 
@@ -25,6 +25,7 @@ def register(sub) -> None:
     p.add_argument("--url", default=DEFAULT_URL, help=f"metrics URL (default {DEFAULT_URL})")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
     p.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    add_client_security_args(p)  # --token: "Authorization: Bearer"; --tls/--tls-ca: https (also implied by https://)
     p.set_defaults(func=run)
 
 
@@ -127,8 +128,9 @@ def render(snap: Snapshot, prev: Snapshot | None, url: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def fetch(url: str, timeout: float = 5.0) -> Snapshot:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
+def fetch(url: str, timeout: float = 5.0, *, token: str | None = None, ssl_context=None) -> Snapshot:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(req, timeout=timeout, context=ssl_context) as resp:
         return parse(resp.read().decode("utf-8"), time.time())
 
 
@@ -139,11 +141,15 @@ def run(args) -> int:
     if not args.url.startswith(("http://", "https://")):
         print(f"eventstream: error: --url {args.url!r} is not allowed; allowed: an http:// URL", file=sys.stderr)
         return EXIT_USAGE
+    sec = client_security(args)
+    url = args.url
+    if "ssl_context" in sec and url.startswith("http://"):
+        url = "https://" + url[len("http://"):]  # --tls/--tls-ca: the metrics port speaks HTTPS (server.tls)
     tty = sys.stdout.isatty()
     prev = None
     while True:
         try:
-            snap = fetch(args.url)
+            snap = fetch(url, token=sec["token"], ssl_context=sec.get("ssl_context"))
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
             msg = (f"eventstream: error: cannot read metrics from {args.url}: {reason}; allowed: the metrics URL "

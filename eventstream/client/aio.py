@@ -158,10 +158,11 @@ class AsyncSubscription(StateView):
 
 async def aio_subscribe(host: str, port: int, glob: str, start="earliest", group: str | None = None, *,
                         credit: int = 1000, follow: bool = True, token: str | bytes | None = None,
-                        timeout: float = 10.0) -> AsyncSubscription:
+                        timeout: float = 10.0, ssl=None) -> AsyncSubscription:
+    """`ssl`: an SSLContext (or True) to speak TLS to a server with server.tls configured."""
     mode, value = start_of(start)
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=ssl), timeout)
     except (OSError, asyncio.TimeoutError) as exc:
         raise SubscribeError(f"cannot connect to {host}:{port} ({exc!r})") from None
     writer.write((encode_hello(token) if token else b"")

@@ -10,12 +10,16 @@
 Flow control: the client grants `credit` events when it subscribes and grants more as the caller takes
 them (once half of it is used), so the server never sends more than `credit` events ahead of the
 caller. `follow=False` ends the iteration once the events stored at subscription time are delivered.
+
+Security: `token=` sends a HELLO first; `tls=True` (system trust store) or `ssl_context=` speaks TLS
+(`server.tls`). The socket is only ever used by the caller's thread, so no lock is needed.
 """
 
 from __future__ import annotations
 
 import collections
 import socket
+import ssl
 import time
 
 from eventstream.protocol import subscribe as sp
@@ -121,7 +125,8 @@ class StateView:
 
 class Subscription(StateView):
     def __init__(self, host: str, port: int, glob: str, *, start="earliest", group: str | None = None,
-                 credit: int = 1000, follow: bool = True, token: str | bytes | None = None, timeout: float = 10.0):
+                 credit: int = 1000, follow: bool = True, token: str | bytes | None = None, timeout: float = 10.0,
+                 tls: bool = False, ssl_context: ssl.SSLContext | None = None):
         mode, value = start_of(start)
         self.state = SubscriberState(credit)
         self.glob = glob
@@ -135,8 +140,18 @@ class Subscription(StateView):
         except OSError as exc:
             raise SubscribeError(f"cannot connect to {host}:{port} ({exc})") from None
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        ctx = ssl_context if ssl_context is not None else (ssl.create_default_context() if tls else None)
+        if ctx is not None:
+            try:
+                self.sock = ctx.wrap_socket(self.sock, server_hostname=host)
+            except (ssl.SSLError, OSError) as exc:
+                self.sock.close()
+                raise SubscribeError(f"TLS handshake with {host}:{port} failed: {exc}") from None
         hello = encode_hello(token) if token else b""
-        self.sock.sendall(hello + sp.encode_subscribe(glob, mode, value, credit, self.group, follow))
+        try:
+            self.sock.sendall(hello + sp.encode_subscribe(glob, mode, value, credit, self.group, follow))
+        except OSError as exc:
+            raise SubscribeError(f"connection lost: {exc}") from None
 
     # ------------------------------------------------------------------------------------ receiving
     def _pump(self, timeout: float | None) -> bool:
@@ -212,5 +227,6 @@ def subscribe(host: str, port: int, glob: str, start="earliest", group: str | No
     """Subscribe to stored and live events whose topic matches `glob` (fnmatch: `orders.*`).
 
     start: "earliest", "latest", an offset (int), or a time ("2026-12-06T10:00:00Z", "<ns>ns"). A group
-    with a committed offset resumes there whatever `start` says. Keywords: credit, follow, token, timeout."""
+    with a committed offset resumes there whatever `start` says. Keywords: credit, follow, token, timeout,
+    tls, ssl_context."""
     return Subscription(host, port, glob, start=start, group=group, **kw)

@@ -173,8 +173,8 @@ def _check_whole(cfg: Config, source: str) -> None:
         pass  # TCP and UDP may share a port number
     if cfg.metrics.enabled and t.enabled and cfg.metrics.port and cfg.metrics.port == t.port and cfg.metrics.host == t.host:
         raise ConfigError(source, "metrics.port", cfg.metrics.port, f"a port other than server.tcp.port ({t.port})")
-    if bool(t.tls.cert_file) != bool(t.tls.key_file):
-        key = "server.tcp.tls.key_file" if t.tls.cert_file else "server.tcp.tls.cert_file"
+    if bool(s.tls.cert_file) != bool(s.tls.key_file):
+        key = "server.tls.key_file" if s.tls.cert_file else "server.tls.cert_file"
         raise ConfigError(source, key, "", "a PEM file path when the other of cert_file/key_file is set "
                           "(both empty: TLS off)")
     from eventstream.core.payloads import chunk_bytes_for

@@ -28,7 +28,8 @@ class ConfigError(ValueError):
 # ---------------------------------------------------------------------------------------- sections
 @dataclass
 class TlsConfig:
-    """TLS on the TCP port (stdlib ssl): off while cert_file is empty; both files or neither."""
+    """TLS on every TCP port: ingest, subscribe and metrics/health (stdlib ssl, TLS 1.2+); off while
+    cert_file is empty; both files or neither (eventstream/ingest/tls.py)."""
 
     cert_file: str = ""  # PEM certificate chain
     key_file: str = ""  # PEM private key
@@ -67,7 +68,6 @@ class TcpConfig:
     # rejected frames per connection and second written to the DLQ one by one; past it they are
     # counted and summarised in one line, and a connection sending nothing valid is closed
     max_rejects_per_s: int = field(default=100, metadata={"range": (1, 1_000_000_000)})
-    tls: TlsConfig = field(default_factory=TlsConfig)
 
 
 @dataclass
@@ -85,10 +85,11 @@ class UdpConfig:
 
 @dataclass
 class SubscribeConfig:
-    """Subscribers over the wire (eventstream/subscribe, docs/protocol.md "Subscribe"): off by default,
-    since it exposes every stored event to whoever connects; on loopback unless you choose otherwise."""
+    """Subscribers over the wire (eventstream/subscribe, docs/protocol.md "Subscribe"): on by default,
+    on loopback like ingest (anyone who reaches it can read every stored event: bind it elsewhere only
+    with TLS and tokens, see config/exposure.py)."""
 
-    enabled: bool = False
+    enabled: bool = True
     host: str = "127.0.0.1"
     port: int = field(default=9002, metadata={"range": (0, 65535)})
     max_subscribers: int = field(default=64, metadata={"range": (1, 100_000)})  # more are refused (SUB_ERROR)
@@ -108,6 +109,7 @@ class ServerConfig:
     # map, processor state) until restart: topics are never evicted (docs/protocol.md)
     max_topics: int = field(default=65536, metadata={"range": (1, 16_000_000)})
     auth: AuthConfig = field(default_factory=AuthConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)  # one section for every TCP port
     tcp: TcpConfig = field(default_factory=TcpConfig)
     udp: UdpConfig = field(default_factory=UdpConfig)
     subscribe: SubscribeConfig = field(default_factory=SubscribeConfig)
@@ -267,6 +269,11 @@ class MetricsConfig:
     host: str = "127.0.0.1"
     port: int = field(default=9100, metadata={"range": (0, 65535)})
     path: str = "/metrics"
+    # with server.tls configured, this port speaks HTTPS too (false: plain HTTP, e.g. a scraper on loopback)
+    tls: bool = True
+    # with server.auth tokens configured, `path` needs "Authorization: Bearer <token>"; /healthz and
+    # /readyz stay open (they tell only ok / not ok and the names of dead threads)
+    auth: bool = True
 
 
 @dataclass

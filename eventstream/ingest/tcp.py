@@ -18,6 +18,7 @@ import itertools
 import os
 import selectors
 import socket
+import ssl
 import threading
 import time
 
@@ -31,7 +32,6 @@ from eventstream.ingest.auth import TokenSet
 from eventstream.ingest.delivery import Delivery, IngestStats, merge_stats
 from eventstream.ingest.limits import REASON_PER_IP, PartialBudget, PeerLimit
 from eventstream.ingest.reader import Reader
-from eventstream.ingest.tls import server_context
 from eventstream.runtime.affinity import pin_current_thread
 
 log = structlog.get_logger("eventstream.ingest.tcp")
@@ -56,11 +56,11 @@ class TcpServer:
     def __init__(self, config: TcpConfig, sink, topics: TopicTable, *, admission: Admission | None = None,
                  on_reject=None, cpus=None, reader_cpus=None, payload_bytes: int = 448,
                  ack_default: int = ACK_STORED, tokens: TokenSet | None = None, on_acked=None,
-                 payloads=None):
+                 payloads=None, tls: ssl.SSLContext | None = None):
         """`payloads`: the PayloadArena for payloads over `payload_bytes` (None: such frames are
         rejected as payload_too_large). `ack_default`: the ACK mode of v2 frames that ask for none (core.records.ACK_*); `tokens`:
         the client tokens a connection must present in a HELLO (auth.py; None = no authentication).
-        TLS is on when config.tls.cert_file is set (tls.py). `on_acked(latencies_ns)`: decode-to-ACK
+        `tls`: the server context of `server.tls` (tls.from_config; None = plain TCP). `on_acked(latencies_ns)`: decode-to-ACK
         latency of every event an ACK covered (metrics)."""
         self.config = config
         self.sink = sink
@@ -74,6 +74,7 @@ class TcpServer:
         self.ack_default = ack_default
         self.tokens = tokens
         self.on_acked = on_acked
+        self.tls = tls
         self._listener: socket.socket | None = None
         self._acceptor: threading.Thread | None = None
         self._readers: list[Reader] = []
@@ -96,10 +97,9 @@ class TcpServer:
         return self._address
 
     def start(self) -> TcpServer:
-        """Bind and start the threads. Raises BindError, or TlsConfigError (a ValueError naming the
-        key) when the certificate or key cannot be loaded."""
+        """Bind and start the threads. Raises BindError."""
         cfg = self.config
-        tls = server_context(cfg.tls.cert_file, cfg.tls.key_file) if cfg.tls.cert_file else None
+        tls = self.tls
         sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:

@@ -13,6 +13,11 @@ forever (the hardening issue saw 1,000 such connections hold 1,013 threads). Her
 * a request head over `max_request_bytes` is answered 431 and closed;
 * one request per connection (`Connection: close`), GET or HEAD.
 
+Security: with `tls` (the server.tls context, unless metrics.tls is false) the port speaks HTTPS; the
+handshake is driven by the same loop (a plain-HTTP client gets a clear-text 400 saying the port needs
+https). With `tokens` (server.auth, unless metrics.auth is false) `path` needs the header
+"Authorization: Bearer <token>" (else 401); /healthz and /readyz stay open.
+
 Paths: `path` (default /metrics) serves the registry's text exposition; `/healthz` answers 200 when
 `health()` says ok, else 503 with its detail (e.g. the names of dead engine threads); `/readyz` answers
 200 when `ready()` says ok (listening, not in EMERGENCY backpressure), else 503. Without callables both
@@ -24,6 +29,7 @@ from __future__ import annotations
 import errno
 import selectors
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -38,7 +44,9 @@ Check = Callable[[], tuple[bool, str]]
 
 HEALTH_PATH = "/healthz"
 READY_PATH = "/readyz"
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+PLAIN_HTTP_ON_TLS = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
+                     b"Content-Length: 58\r\n\r\nthis port requires TLS: use https:// (server.tls is set)\r\n")
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
             431: "Request Header Fields Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}
 
 
@@ -47,10 +55,11 @@ class MetricsServerError(OSError):
 
 
 class _Conn:
-    __slots__ = ("sock", "buf", "out", "deadline", "writing", "closing", "opened")
+    __slots__ = ("sock", "buf", "out", "deadline", "writing", "closing", "opened", "handshaking")
 
-    def __init__(self, sock: socket.socket, deadline: float, opened: float):
+    def __init__(self, sock: socket.socket, deadline: float, opened: float, handshaking: bool = False):
         self.sock = sock
+        self.handshaking = handshaking  # TLS handshake not finished
         self.buf = bytearray()
         self.out = memoryview(b"")
         self.deadline = deadline
@@ -62,7 +71,8 @@ class _Conn:
 class MetricsServer:
     def __init__(self, registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 9100,
                  path: str = "/metrics", *, health: Check | None = None, ready: Check | None = None,
-                 timeout_s: float = 10.0, max_connections: int = 64, max_request_bytes: int = 8192):
+                 timeout_s: float = 10.0, max_connections: int = 64, max_request_bytes: int = 8192,
+                 tls: ssl.SSLContext | None = None, tokens=None):
         if not path.startswith("/"):
             raise ValueError(f"metrics.path {path!r} is not allowed; allowed: a path starting with '/'")
         if max_connections < 1 or timeout_s <= 0 or max_request_bytes < 64:
@@ -70,6 +80,8 @@ class MetricsServer:
                              "timeout_s > 0, max_request_bytes >= 64")
         self.registry, self.host, self.requested_port, self.path = registry, host, port, path
         self.health, self.ready = health, ready
+        self.tls, self.tokens = tls, tokens
+        self.unauthorized = 0  # requests for `path` without a valid token
         self.timeout_s = timeout_s
         self.max_connections = max_connections
         self.max_request_bytes = max_request_bytes
@@ -134,7 +146,7 @@ class MetricsServer:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}{self.path}"
+        return f"{'https' if self.tls is not None else 'http'}://{host}:{self.port}{self.path}"
 
     def __enter__(self) -> MetricsServer:
         return self.start() if self._sock is None else self
@@ -165,7 +177,9 @@ class MetricsServer:
                         if c.sock.fileno() not in conns:
                             continue
                         try:
-                            if c.closing:
+                            if c.handshaking:
+                                self._handshake(sel, conns, c)
+                            elif c.closing:
                                 self._drain(sel, conns, c)
                             elif c.writing:
                                 self._write(sel, conns, c)
@@ -199,13 +213,46 @@ class MetricsServer:
                 self.evicted += 1
                 self._close(sel, conns, victim)
             s.setblocking(False)
+            if self.tls is not None:
+                try:
+                    s = self.tls.wrap_socket(s, server_side=True, do_handshake_on_connect=False)
+                except (ssl.SSLError, OSError):
+                    s.close()
+                    continue
             now = time.monotonic()
-            c = _Conn(s, now + self.timeout_s, now)
+            c = _Conn(s, now + self.timeout_s, now, handshaking=self.tls is not None)
             conns[s.fileno()] = c
             sel.register(s, selectors.EVENT_READ, c)
 
+    def _handshake(self, sel, conns, c: _Conn) -> None:
+        """One step of the TLS handshake; a plain-HTTP client is answered in clear text."""
+        from eventstream.ingest.tls import is_plain_text, plain_answer
+
+        try:
+            c.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            sel.modify(c.sock, selectors.EVENT_READ, c)
+            return
+        except ssl.SSLWantWriteError:
+            sel.modify(c.sock, selectors.EVENT_WRITE, c)
+            return
+        except ssl.SSLError as exc:
+            if is_plain_text(exc):
+                plain_answer(c.sock, PLAIN_HTTP_ON_TLS)
+            self._close(sel, conns, c)
+            return
+        c.handshaking = False
+        sel.modify(c.sock, selectors.EVENT_READ, c)
+        if c.sock.pending():
+            self._read(sel, conns, c)
+
     def _read(self, sel, conns, c: _Conn) -> None:
-        data = c.sock.recv(4096)
+        try:
+            data = c.sock.recv(4096)
+            while self.tls is not None and data and c.sock.pending():  # decrypted bytes the selector cannot see
+                data += c.sock.recv(4096)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return
         if not data:
             self._close(sel, conns, c)
             return
@@ -229,8 +276,23 @@ class MetricsServer:
         if method not in ("GET", "HEAD"):
             self._respond(sel, c, 405, b"allowed: GET, HEAD\n", head_only=False, extra=(("Allow", "GET, HEAD"),))
             return
-        status, ctype, body = self._route(target.split("?", 1)[0])
+        path = target.split("?", 1)[0]
+        if self.tokens is not None and path == self.path and not self._authorized(c.buf):
+            self.unauthorized += 1
+            self._respond(sel, c, 401, b"a client token is required: Authorization: Bearer <token> "
+                          b"(server.auth.tokens)\n", head_only=False, extra=(("WWW-Authenticate", "Bearer"),))
+            return
+        status, ctype, body = self._route(path)
         self._respond(sel, c, status, body, head_only=method == "HEAD", ctype=ctype)
+
+    def _authorized(self, head: bytes) -> bool:
+        for line in bytes(head).split(b"\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"authorization":
+                scheme, _, token = value.strip().partition(b" ")
+                if scheme.lower() == b"bearer":
+                    return self.tokens.check(token.strip())
+        return False
 
     def _route(self, path: str) -> tuple[int, str, bytes]:
         text = "text/plain; charset=utf-8"
@@ -266,9 +328,16 @@ class MetricsServer:
     def _write(self, sel, conns, c: _Conn) -> None:
         try:
             n = c.sock.send(c.out)
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             return
         c.out = c.out[n:]
+        if not c.out and self.tls is not None:  # TLS: close_notify, then close (no half-close below TLS)
+            try:
+                c.sock.unwrap()
+            except (ssl.SSLError, OSError, ValueError):
+                pass
+            self._close(sel, conns, c)
+            return
         if not c.out:
             # Close gracefully: FIN after the response, then read until the client closes (closing
             # with unread input would send a RST that can destroy the response in flight).

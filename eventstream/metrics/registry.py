@@ -252,7 +252,7 @@ class MetricsRegistry:
               health=None, ready=None, **limits) -> MetricsServer:
         """Start the HTTP endpoint for this registry (MetricsServerError, an OSError, if it cannot bind).
         `health`/`ready`: callables () -> (ok, detail) behind /healthz and /readyz (see exporter.py);
-        `limits`: MetricsServer's timeout_s, max_connections, max_request_bytes."""
+        `limits`: MetricsServer's timeout_s, max_connections, max_request_bytes, tls, tokens."""
         return MetricsServer(self.registry, host, port, path, health=health, ready=ready, **limits).start()
 
 

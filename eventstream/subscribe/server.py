@@ -23,11 +23,14 @@ log = structlog.get_logger("eventstream.subscribe")
 
 class SubscribeServer:
     def __init__(self, config, log_path: Path, dtype, data_dir: Path, *, tokens=None, progress: Progress | None = None,
-                 cpus: list[int] | None = None):
+                 cpus: list[int] | None = None, tls=None):
+        """`tokens`: the TokenSet a HELLO must carry (None: no authentication); `tls`: the server.tls
+        context (ingest/tls.py; None: plain TCP)."""
         self.config = config
         self.log_path = Path(log_path)
         self.dtype = dtype
         self.tokens = tokens
+        self.tls = tls
         self.progress = progress or Progress()
         self.cpus = cpus or []
         sub_dir = Path(config.group_dir) if config.group_dir else Path(data_dir) / "subscribe"
@@ -57,7 +60,8 @@ class SubscribeServer:
         self.address = s.getsockname()[:2]
         self._thread = threading.Thread(target=self._accept_loop, name="es-sub-acceptor", daemon=True)
         self._thread.start()
-        log.info("subscribe_listening", address=f"{self.address[0]}:{self.address[1]}")
+        log.info("subscribe_listening", address=f"{self.address[0]}:{self.address[1]}", tls=self.tls is not None,
+                 auth=self.tokens is not None)
         return self
 
     def threads(self) -> list[threading.Thread]:
@@ -137,10 +141,10 @@ class SubscribeServer:
         log.info("subscribe_stopped", **self.statistics())
 
 
-def build(cfg, data_dir: Path, dtype, tokens=None) -> SubscribeServer | None:
+def build(cfg, data_dir: Path, dtype, tokens=None, tls=None) -> SubscribeServer | None:
     """The subscribe server of a configuration, or None when `server.subscribe.enabled` is false."""
     sc = cfg.server.subscribe
     if not sc.enabled:
         return None
     return SubscribeServer(sc, Path(data_dir) / cfg.storage.events_file, dtype, data_dir, tokens=tokens,
-                           cpus=cfg.affinity.acceptor)
+                           cpus=cfg.affinity.acceptor, tls=tls)

@@ -9,15 +9,26 @@ wait has a bound (WAIT_S) as a safety net only.
 
 The reader thread reads CREDIT and COMMIT frames. A protocol error gets a SUB_ERROR frame naming the
 field and what is allowed; the server then closes the connection.
+
+The handshake (TLS when `server.tls` is configured, the optional HELLO, SUBSCRIBE) has one total
+deadline, `server.subscribe.handshake_timeout_s`: a client trickling bytes does not extend it. With TLS
+the socket is non-blocking and every read or write holds `io_lock` for one call (an SSL object must
+not be used by two threads at once: the reader thread reads while the session thread sends); the
+waits happen outside the lock. A plain-text client on a TLS port gets a clear-text SUB_ERROR saying so.
 """
 
 from __future__ import annotations
 
+import os
+import select
 import socket
+import ssl
 import threading
+import time
 
 import structlog
 
+from eventstream.ingest.tls import PLAIN_TEXT_REASON, TLS_RECORD_HANDSHAKE
 from eventstream.protocol import subscribe as sp
 from eventstream.protocol.frames import parse_hello
 from eventstream.subscribe.groups import GroupError, SoloSource, open_tail
@@ -29,6 +40,10 @@ MAX_SEND_EVENTS = 1024  # DELIVER frames per write
 
 
 class SessionClosed(Exception):
+    pass
+
+
+class HandshakeTimeout(Exception):
     pass
 
 
@@ -50,10 +65,110 @@ def refuse(sock: socket.socket, reason: str, linger_s: float = 1.0) -> None:
             pass
 
 
+def shutdown_raw(sock: socket.socket) -> None:
+    """shutdown(SHUT_RDWR) of the TCP connection under `sock` (also under a TLS socket another thread
+    may be reading: SSLSocket.shutdown would drop the SSL object under that thread)."""
+    try:
+        fd = sock.fileno()
+        if fd < 0:
+            return
+        raw = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return
+    try:
+        raw.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        raw.close()
+
+
+class Channel:
+    """The session's socket: plain (blocking) or TLS (non-blocking, one SSL call at a time)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        self.io_lock = threading.Lock()
+        if self.tls:
+            sock.setblocking(False)
+
+    def recv(self, deadline: float | None = None) -> bytes:
+        """Some bytes (b"" at EOF); HandshakeTimeout when `deadline` (time.monotonic) passes first."""
+        if not self.tls:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise HandshakeTimeout()
+                self.sock.settimeout(left)
+            else:
+                self.sock.settimeout(None)
+            try:
+                return self.sock.recv(65536)
+            except TimeoutError:
+                raise HandshakeTimeout() from None
+        while True:
+            with self.io_lock:
+                try:
+                    return self.sock.recv(65536)
+                except ssl.SSLWantReadError:
+                    want_write = False
+                except ssl.SSLWantWriteError:
+                    want_write = True
+                except ssl.SSLZeroReturnError:
+                    return b""
+            self._wait(want_write, deadline)
+
+    def sendall(self, data: bytes) -> None:
+        if not self.tls:
+            self.sock.sendall(data)
+            return
+        view = memoryview(data)
+        while view:
+            with self.io_lock:
+                try:
+                    n = self.sock.send(view)
+                    view = view[n:]
+                    continue
+                except ssl.SSLWantWriteError:
+                    want_write = True
+                except ssl.SSLWantReadError:
+                    want_write = False
+            self._wait(want_write, None)
+
+    def _wait(self, write: bool, deadline: float | None) -> None:
+        left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+        if left <= 0:
+            raise HandshakeTimeout()
+        if self.sock.fileno() < 0:
+            raise OSError("socket closed")
+        r, w, _ = select.select([] if write else [self.sock], [self.sock] if write else [], [], left)
+        del r, w
+
+    def refuse(self, reason: str, linger_s: float = 1.0) -> None:
+        """SUB_ERROR(reason), then close (see refuse())."""
+        if not self.tls:
+            refuse(self.sock, reason, linger_s)
+            return
+        try:
+            self.sendall(sp.encode_sub_error(reason))
+            end = time.monotonic() + linger_s
+            while self.recv(end):
+                pass
+        except (OSError, HandshakeTimeout):
+            pass
+        finally:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+
+
 class Session:
     def __init__(self, server, sock: socket.socket, addr, sid: int):
         self.server = server
         self.sock = sock
+        self.chan: Channel | None = None  # set by the handshake (after TLS, if any)
         self.addr = addr
         self.sid = sid
         self.wake = threading.Event()
@@ -72,20 +187,58 @@ class Session:
         self.thread.start()
 
     # ------------------------------------------------------------------------------------ handshake
-    def _recv_frames(self, dec: sp.SubscribeDecoder) -> list[sp.Frame]:
-        data = self.sock.recv(65536)
+    def _recv_frames(self, dec: sp.SubscribeDecoder, deadline: float | None = None) -> list[sp.Frame]:
+        data = self.chan.recv(deadline)
         if not data:
             raise SessionClosed()
         return dec.feed(data)
 
+    def _start_tls(self, ctx: ssl.SSLContext, deadline: float | None) -> bool:
+        """TLS handshake within the deadline; False (after telling the client, in clear text, that this
+        port needs TLS) when the client speaks plain text."""
+        sock = self.sock
+        sock.settimeout(None if deadline is None else max(0.001, deadline - time.monotonic()))
+        try:
+            first = sock.recv(1, socket.MSG_PEEK)
+        except TimeoutError:
+            raise HandshakeTimeout() from None
+        if not first:
+            raise SessionClosed()
+        if first[0] != TLS_RECORD_HANDSHAKE:
+            self.error = PLAIN_TEXT_REASON
+            log.info("subscriber_refused", sid=self.sid, peer=str(self.addr), reason=PLAIN_TEXT_REASON)
+            self.server.errors(1)
+            self.closed = True
+            refuse(sock, PLAIN_TEXT_REASON)
+            return False
+        tls = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        self.sock = tls
+        tls.setblocking(False)
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                want = False
+            except ssl.SSLWantWriteError:
+                want = True
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise HandshakeTimeout()
+            select.select([] if want else [tls], [tls] if want else [], [], 1.0 if left is None else min(left, 1.0))
+        return True
+
     def _handshake(self) -> sp.Subscribe | None:
         cfg = self.server.config
-        self.sock.settimeout(cfg.handshake_timeout_s or None)
+        deadline = time.monotonic() + cfg.handshake_timeout_s if cfg.handshake_timeout_s else None
+        if self.server.tls is not None and not self._start_tls(self.server.tls, deadline):
+            return None
+        self.chan = Channel(self.sock)
         dec = sp.SubscribeDecoder(sp.CLIENT_KINDS, sp.MAX_CONTROL_FRAME + 1024)  # + a HELLO's token
         tokens = self.server.tokens
         frames: list[sp.Frame] = []
         while not frames:
-            frames = self._recv_frames(dec)
+            frames = self._recv_frames(dec, deadline)
         f = frames.pop(0)
         if f.kind == sp.KIND_HELLO:
             raw = sp._frame(sp.KIND_HELLO, topic=f.topic, payload=f.payload)
@@ -95,13 +248,12 @@ class Session:
             if tokens is not None and not tokens.check(token):
                 raise sp.SubscribeProtocolError("auth: token not accepted; allowed: one of server.auth.tokens")
             while not frames:
-                frames = self._recv_frames(dec)
+                frames = self._recv_frames(dec, deadline)
             f = frames.pop(0)
         elif tokens is not None:
             raise sp.SubscribeProtocolError("auth: this server requires a HELLO frame with a client token first; "
                                             "allowed: HELLO, then SUBSCRIBE")
         sub = sp.parse_subscribe(f, cfg.max_credit)
-        self.sock.settimeout(None)
         self._leftover = (dec, frames)
         return sub
 
@@ -112,11 +264,13 @@ class Session:
                 sub = self._handshake()
             except sp.SubscribeProtocolError as exc:
                 return self._fail(str(exc))
-            except TimeoutError:
+            except HandshakeTimeout:
                 t = self.server.config.handshake_timeout_s
                 return self._fail(f"no SUBSCRIBE within {t:g} s; allowed: HELLO (if tokens are configured) and "
-                                  f"SUBSCRIBE within server.subscribe.handshake_timeout_s={t:g}")
+                                  f"SUBSCRIBE within server.subscribe.handshake_timeout_s={t:g} in total")
             except (SessionClosed, OSError):
+                return self._close()
+            if sub is None:  # refused already (plain text on a TLS port)
                 return self._close()
             self.sub = sub
             self.credit = sub.credit
@@ -186,7 +340,7 @@ class Session:
 
     def _send(self, data: bytes) -> None:
         with self.send_lock:
-            self.sock.sendall(data)
+            self.chan.sendall(data)
 
     def _read_loop(self, dec: sp.SubscribeDecoder) -> None:
         try:
@@ -231,7 +385,10 @@ class Session:
         self.closed = True
         self.wake.set()
         with self.send_lock:
-            refuse(self.sock, reason)
+            if self.chan is not None:
+                self.chan.refuse(reason)
+            else:
+                refuse(self.sock, reason)
 
     def _close(self) -> None:
         self.closed = True
@@ -241,10 +398,7 @@ class Session:
             src.leave(self)
         if threading.current_thread() is self.thread:
             if self.reader is not None and self.reader.is_alive():
-                try:
-                    self.sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                shutdown_raw(self.sock)
                 self.reader.join(5.0)
             try:
                 self.sock.close()
@@ -256,7 +410,4 @@ class Session:
         """From the server: end the session (its thread closes the socket and leaves the group)."""
         self.closed = True
         self.wake.set()
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        shutdown_raw(self.sock)

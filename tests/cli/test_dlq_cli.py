@@ -153,7 +153,7 @@ def test_replay_dry_run_and_unreachable_server(dlq_dir, capsys):
 
 # ------------------------------------------------------------------------------------ a real engine
 def engine_cfg(data: Path, **extra):
-    over = {"server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0, "storage.data_dir": str(data),
+    over = {"server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0, "server.subscribe.port": 0, "storage.data_dir": str(data),
             "records.payload_bytes": 64, "processors.transactional.retry_backoff_ms": 1.0,
             "processors.transactional.max_retries": 1}
     over.update(extra)

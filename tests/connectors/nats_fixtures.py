@@ -115,7 +115,7 @@ def nats_server(tmp_path):
 
 # ------------------------------------------------------------------------------------ engine config
 def engine_overrides(data: Path, url: str, **extra) -> dict:
-    over = {"server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0, "storage.data_dir": str(data),
+    over = {"server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0, "server.subscribe.port": 0, "storage.data_dir": str(data),
             "records.payload_bytes": 64, "processors.batch.window_s": 0.02,
             "connectors.nats.enabled": True, "connectors.nats.servers": [url],
             "connectors.nats.stream": "EVENTS", "connectors.nats.subject_prefix": "es",

@@ -214,7 +214,7 @@ def test_kill9_while_consuming_redelivers_to_the_other_engine(nats_server, tmp_p
     env = dict(os.environ, PYTHON_GIL="0", PYTHONPATH=os.pathsep.join([str(tmp_path), str(WT)]))
     with open(tmp_path / "serve.err", "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "eventstream", "serve", "--port", "0", "--udp-port", "0",
-                                 "--metrics-port", "0", "--data-dir", str(d1), "--ready-file", str(ready), *args],
+                                 "--metrics-port", "0", "--subscribe-port", "0", "--data-dir", str(d1), "--ready-file", str(ready), *args],
                                 env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path)
     try:
         wait_until(lambda: ready.exists() or proc.poll() is not None, 60, "serve to start")

@@ -28,7 +28,7 @@ def small_cfg(tmp_path):
         "queues.batch.capacity": 1024,
         "processors.transactional.retry_backoff_ms": 1.0,
         "storage.data_dir": str(tmp_path / "data"),
-        "server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0,
+        "server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0, "server.subscribe.port": 0,
     })
 
 

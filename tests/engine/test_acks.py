@@ -22,7 +22,7 @@ from eventstream.storage import EventLogReader
 
 
 def cfg(data, **extra):
-    over = {"server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0, "storage.data_dir": str(data),
+    over = {"server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0, "server.subscribe.port": 0, "storage.data_dir": str(data),
             "records.payload_bytes": 64, "storage.fsync": "none"}
     over.update(extra)
     return load_config(environ={}, overrides=over)

@@ -19,7 +19,7 @@ def slow_handler(batch):
 def test_overload_escalates_adds_worker_pauses_and_recovers_without_loss(tmp_path):
     data = tmp_path / "data"
     cfg = load_config(environ={}, overrides={
-        "server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0, "storage.data_dir": str(data),
+        "server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0, "server.subscribe.port": 0, "storage.data_dir": str(data),
         "records.payload_bytes": 32, "queues.max_batch": 8,
         "backpressure.max_queue_depth": 200, "backpressure.min_events_for_evaluation": 50,
         "backpressure.interval_ms": 10,
@@ -89,7 +89,7 @@ def test_malformed_frames_and_own_shedding_do_not_count_as_overload(tmp_path):
     from eventstream.protocol.frames import encode_v2
 
     cfg = load_config(environ={}, overrides={
-        "server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0, "storage.data_dir": str(tmp_path / "d"),
+        "server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0, "server.subscribe.port": 0, "storage.data_dir": str(tmp_path / "d"),
         "records.payload_bytes": 32})
     with Service(cfg) as svc:
         svc.control.stop()  # sample by hand
@@ -122,7 +122,7 @@ def test_emergency_admits_critical_and_holds_the_rest_without_dropping(tmp_path)
     from eventstream.protocol.frames import KIND_ACK, encode_v2, split_control_frames
 
     cfg = load_config(environ={}, overrides={
-        "server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0, "storage.data_dir": str(tmp_path / "d"),
+        "server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0, "server.subscribe.port": 0, "storage.data_dir": str(tmp_path / "d"),
         "records.payload_bytes": 32})
 
     def acked(sock, buf, want, timeout):

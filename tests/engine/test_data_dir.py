@@ -37,7 +37,7 @@ def unwritable_dirs(tmp_path: Path) -> list[str]:
 def serve(data_dir: str, tmp_path: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHON_GIL="0", PYTHONPATH=str(REPO))
     return subprocess.run(
-        [sys.executable, "-m", "eventstream", "serve", "--port", "0", "--udp-port", "0", "--metrics-port", "0",
+        [sys.executable, "-m", "eventstream", "serve", "--port", "0", "--udp-port", "0", "--metrics-port", "0", "--subscribe-port", "0",
          "--data-dir", data_dir], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
 
 

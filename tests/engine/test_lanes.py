@@ -103,7 +103,7 @@ def test_batch_lane_and_workers_share_the_windows(bus, collected, topics):
 
 
 def _cfg(data, **extra):
-    over = {"server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0, "storage.data_dir": str(data),
+    over = {"server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0, "server.subscribe.port": 0, "storage.data_dir": str(data),
             "records.payload_bytes": 64, "storage.fsync": "none",
             "processors.transactional.inline": True, "processors.batch.inline": True}
     over.update(extra)

@@ -49,7 +49,7 @@ def payload_for(n: int, salt: int) -> bytes:
 
 
 def cfg_for(data, **extra):
-    over = {"server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0, "storage.data_dir": str(data),
+    over = {"server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0, "server.subscribe.port": 0, "storage.data_dir": str(data),
             "storage.fsync": "none"}
     over.update(extra)
     return load_config(environ={}, overrides=over)

@@ -87,7 +87,7 @@ def meet_in_handlers(tmp_path: Path, rounds: int) -> tuple[Meeting, list[int]]:
     """Run a Service whose transactional handler is a Meeting; returns it and the stored event ids."""
     data = tmp_path / "data"
     cfg = load_config(environ={}, overrides={
-        "server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0, "storage.data_dir": str(data),
+        "server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0, "server.subscribe.port": 0, "storage.data_dir": str(data),
         "records.payload_bytes": 64, "processors.transactional.workers": 2,
         "processors.transactional.max_workers": 2, "processors.transactional.max_retries": 0,
     })

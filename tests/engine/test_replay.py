@@ -12,7 +12,7 @@ from eventstream.service import Service
 from eventstream.storage import EventLogReader
 
 def cfg_for(data):
-    return load_config(environ={}, overrides={"server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0,
+    return load_config(environ={}, overrides={"server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0, "server.subscribe.port": 0,
                                               "storage.data_dir": str(data), "records.payload_bytes": 64})
 
 def test_replay_into_a_second_engine(tmp_path):

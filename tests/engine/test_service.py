@@ -21,7 +21,7 @@ from eventstream.storage import EventLogReader
 
 
 def service_cfg(data: Path, **extra):
-    over = {"server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0, "storage.data_dir": str(data),
+    over = {"server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0, "server.subscribe.port": 0, "storage.data_dir": str(data),
             "records.payload_bytes": 64, "processors.transactional.retry_backoff_ms": 1.0}
     over.update(extra)
     return load_config(environ={}, overrides=over)
@@ -170,7 +170,7 @@ def start_serve(tmp_path: Path, data: Path, *extra: str) -> tuple[subprocess.Pop
     ready = tmp_path / f"ready-{time.monotonic_ns()}"
     env = dict(os.environ, PYTHON_GIL="0")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "eventstream", "serve", "--port", "0", "--udp-port", "0", "--metrics-port", "0",
+        [sys.executable, "-m", "eventstream", "serve", "--port", "0", "--udp-port", "0", "--metrics-port", "0", "--subscribe-port", "0",
          "--data-dir", str(data), "--ready-file", str(ready), "--set", "records.payload_bytes=64", *extra],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     _SERVES.append(proc)
@@ -187,7 +187,7 @@ def start_serve(tmp_path: Path, data: Path, *extra: str) -> tuple[subprocess.Pop
 
 def test_sigterm_mid_stream_loses_nothing_that_was_acked(tmp_path):
     data = tmp_path / "data"
-    proc, (port, _, _) = start_serve(tmp_path, data)
+    proc, (port, *_) = start_serve(tmp_path, data)
     sent: list[int] = []
     client = TcpClient("127.0.0.1", port, version=2, timeout=5, reconnect=False, batch_size=64)
     client.connect()
@@ -224,7 +224,7 @@ def test_sigterm_mid_stream_loses_nothing_that_was_acked(tmp_path):
 
 def test_restart_after_sigkill_recovers_the_log(tmp_path):
     data = tmp_path / "data"
-    proc, (port, _, _) = start_serve(tmp_path, data)
+    proc, (port, *_) = start_serve(tmp_path, data)
     try:
         with TcpClient("127.0.0.1", port, version=2) as c:
             for i in range(1, 1001):
@@ -240,7 +240,7 @@ def test_restart_after_sigkill_recovers_the_log(tmp_path):
         proc.communicate(timeout=30)
     with open(data / "events.bin", "ab") as f:
         f.write(b"\xee" * 77)  # a torn tail, as a crash mid-write leaves
-    proc, (port, _, _) = start_serve(tmp_path, data)
+    proc, (port, *_) = start_serve(tmp_path, data)
     with TcpClient("127.0.0.1", port, version=2) as c:
         for i in range(1001, 1501):
             c.send("k", b"after", priority=2, event_id=i)
@@ -259,7 +259,7 @@ def test_acked_large_payloads_survive_sigkill_whole(tmp_path):
     """ACK mode stored (the default) for payloads in the payload arena: the ACK leaves only after the
     entry carrying the whole payload was written, so a kill -9 right after it loses none."""
     data = tmp_path / "data"
-    proc, (port, _, _) = start_serve(tmp_path, data)
+    proc, (port, *_) = start_serve(tmp_path, data)
     sizes = [65, 4096, 70_000, 500_000, 65, 1_000_000]
     pays = {i + 1: bytes([i + 1]) * n for i, n in enumerate(sizes)}
     try:
@@ -284,7 +284,7 @@ def test_startup_errors_exit_2_with_a_clear_message(tmp_path):
     env = dict(os.environ, PYTHON_GIL="0")
     try:
         r = subprocess.run([sys.executable, "-m", "eventstream", "serve", "--port", str(port), "--udp-port", "0",
-                            "--metrics-port", "0", "--data-dir", str(tmp_path / "d")],
+                            "--metrics-port", "0", "--subscribe-port", "0", "--data-dir", str(tmp_path / "d")],
                            capture_output=True, text=True, timeout=60, env=env)
     finally:
         busy.close()
@@ -294,7 +294,7 @@ def test_startup_errors_exit_2_with_a_clear_message(tmp_path):
                        capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 2 and "affinity.realtime" in r.stderr and "allowed" in r.stderr
     r = subprocess.run([sys.executable, "-m", "eventstream", "serve", "--data-dir", str(tmp_path / "e"),
-                        "--port", "0", "--udp-port", "0", "--metrics-port", "0",
+                        "--port", "0", "--udp-port", "0", "--metrics-port", "0", "--subscribe-port", "0",
                         "--set", "processors.realtime.handler=no_such_module:f"],
                        capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 2 and "cannot import module 'no_such_module'" in r.stderr
@@ -306,7 +306,7 @@ def test_second_signal_during_drain_exits_at_once_with_130(tmp_path):
     data = tmp_path / "data"
     os.environ["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     try:
-        proc, (port, _, _) = start_serve(tmp_path, data, "--set", "processors.realtime.handler=es_slow_handlers:slow",
+        proc, (port, *_) = start_serve(tmp_path, data, "--set", "processors.realtime.handler=es_slow_handlers:slow",
                                          "--set", "queues.max_batch=1")
     finally:
         os.environ["PYTHONPATH"] = os.environ["PYTHONPATH"].split(os.pathsep, 1)[1]

@@ -37,7 +37,7 @@ class ServeProcess:
         env.update(PYTHON_GIL="0", EVENTSTREAM_NO_REEXEC="1")
         head = [sys.executable, "-X", "gil=0"]
         head += ["-c", _INJECT, inject_topic] if inject_topic else ["-m", "eventstream"]
-        args = ["serve", "--port", "0", "--udp-port", "0", "--metrics-port", "0", "--data-dir", str(self.data),
+        args = ["serve", "--port", "0", "--udp-port", "0", "--metrics-port", "0", "--subscribe-port", "0", "--data-dir", str(self.data),
                 "--ready-file", str(ready), "--set", "storage.fsync=none", "--set", "logging.format=json"]
         for s in sets:
             args += ["--set", s]
@@ -52,8 +52,9 @@ class ServeProcess:
                 self.kill()
                 raise AssertionError(f"serve not ready within 60 s:\n{self.log_text()}")
             time.sleep(0.02)
-        self.tcp_port, self.udp_port, self.metrics_port = map(int, ready.read_text().split())
+        self.tcp_port, self.udp_port, self.metrics_port, self.subscribe_port = map(int, ready.read_text().split())
         self.tcp = ("127.0.0.1", self.tcp_port)
+        self.subscribe = ("127.0.0.1", self.subscribe_port)
         self.udp = ("127.0.0.1", self.udp_port)
 
     def log_text(self) -> str:

@@ -43,7 +43,7 @@ def get(url: str) -> tuple[int, str]:
 
 @pytest.fixture
 def service(tmp_path):
-    cfg = load_config(overrides={"server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0,
+    cfg = load_config(overrides={"server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0, "server.subscribe.port": 0,
                                  "server.tcp.readers": 2, "storage.data_dir": str(tmp_path / "data"),
                                  "storage.fsync": "none", "logging.level": "warning"}, environ={})
     svc = Service(cfg)

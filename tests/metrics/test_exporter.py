@@ -118,7 +118,7 @@ def test_healthz_and_readyz_follow_their_checks(metrics):
 
 def service_cfg(tmp_path: Path):
     return load_config(environ={}, overrides={
-        "server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0,
+        "server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0, "server.subscribe.port": 0,
         "storage.data_dir": str(tmp_path / "data"), "records.payload_bytes": 64})
 
 

@@ -115,7 +115,7 @@ def test_service_rejects_with_distinct_numbers_keep_labels_fixed(tmp_path: Path)
     text), reach on_reject and the DLQ; the exposition still has only fixed reason labels."""
     n = 10_000
     cfg = load_config(environ={}, overrides={
-        "server.tcp.port": 0, "server.udp.enabled": False, "metrics.port": 0,
+        "server.tcp.port": 0, "server.udp.enabled": False, "metrics.port": 0, "server.subscribe.port": 0,
         "storage.data_dir": str(tmp_path / "data"), "records.payload_bytes": 64,
         # every reject written one by one, and the connection kept (only rejects past the limit would
         # be summarised in one line and the connection closed: tests/ingest/test_ingest_reject_limit.py)

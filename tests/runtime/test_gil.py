@@ -74,7 +74,7 @@ def test_serve_refuses_with_gil_on_and_exit_code_3():
     e = {k: v for k, v in os.environ.items() if k != "EVENTSTREAM_ALLOW_GIL"}
     e.update(PYTHON_GIL="1", EVENTSTREAM_NO_REEXEC="1")
     r = subprocess.run([sys.executable, "-m", "eventstream", "serve", "--set", "server.tcp.port=0",
-                        "--set", "server.udp.port=0", "--set", "metrics.port=0"],
+                        "--set", "server.udp.port=0", "--set", "metrics.port=0", "--set", "server.subscribe.port=0"],
                        env=e, capture_output=True, text=True, timeout=60)
     assert r.returncode == 3
     assert "refuses to run with the GIL enabled" in r.stderr

@@ -165,7 +165,7 @@ def test_serve_notifies_ready_watchdog_and_stopping_then_exits_0(listener, tmp_p
     env = {k: v for k, v in os.environ.items() if k not in ("WATCHDOG_PID", "EVENTSTREAM_NO_REEXEC")}
     env.update(PYTHON_GIL="0", NOTIFY_SOCKET=path, WATCHDOG_USEC="400000")  # ping every 0.2 s
     proc = subprocess.Popen(
-        [sys.executable, "-m", "eventstream", "serve", "--port", "0", "--udp-port", "0", "--metrics-port", "0",
+        [sys.executable, "-m", "eventstream", "serve", "--port", "0", "--udp-port", "0", "--metrics-port", "0", "--subscribe-port", "0",
          "--data-dir", str(tmp_path / "data"), "--set", "records.payload_bytes=64",
          "--set", "logging.format=json"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)

@@ -95,7 +95,7 @@ def test_restart_after_rotation_keeps_topic_names_right(tmp_path):
 
 def test_rotation_covers_synced_records_and_a_resend_after_restart_is_stored_once(tmp_path):
     data = tmp_path / "data"
-    over = {"server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0, "storage.data_dir": str(data),
+    over = {"server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0, "server.subscribe.port": 0, "storage.data_dir": str(data),
             "records.payload_bytes": 64, "storage.events_max_bytes": 8192, "server.ack": "synced"}
     frames = [encode_v2(f"s{i % 4}", b"p%d" % i, i % 5, 100 + i) for i in range(300)]
 
