@@ -44,7 +44,7 @@ from eventstream.ingest.tcp import TcpServer
 from eventstream.ingest import tls as tlsmod
 from eventstream.ingest.tls import TlsConfigError
 from eventstream.ingest.udp import UdpServer
-from eventstream.metrics.engine_gauges import register_engine_gauges, register_tcp_limits
+from eventstream.metrics.engine_gauges import register_dedup, register_engine_gauges, register_tcp_limits
 from eventstream.metrics.registry import MetricsRegistry
 from eventstream.runtime import gil
 from eventstream.storage.writer import EventLog
@@ -245,6 +245,8 @@ class Service:
             self.dedup_rebuilt = idempotency.rebuild(data / cfg.storage.events_file, self.manager.dedups,
                                                      self.topics, ROUTE, QUEUE_NAMES, cfg.dedup.window_s)
         register_engine_gauges(self.metrics, self.bus, QUEUE_NAMES, self.topics, self.payloads, self.failures)
+        if self.manager.dedups is not None:
+            register_dedup(self.metrics, self.manager.dedups)
         self.manager.start()
         for tier in QUEUE_NAMES:  # caller runs: ingest handles a tier's events itself when it is idle
             if getattr(cfg.processors, tier).inline:

@@ -1,4 +1,4 @@
-"""Rings, pool and dedup under contention: real threads, exact counts, per-producer order.
+"""Rings and pool under contention: real threads, exact counts, per-producer order.
 
 Every producer stamps (producer id, sequence) into the records it sends, so the consumer can check
 that nothing was lost, duplicated or reordered per producer. Threads are joined with timeouts and a
@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from stress_helpers import run_threads, scaled
 
-from eventstream.core.dedup import Deduplicator
 from eventstream.core.pool import EventPool, PoolExhausted
 from eventstream.core.records import record_dtype
 from eventstream.core.ring import MpscRing, SpscRing
@@ -165,57 +164,3 @@ def test_pool_slots_are_never_handed_out_twice(tally):
     finally:
         pool.close()
     tally.add(moved=sum(handed), lost=0)
-
-
-def test_dedup_admits_each_id_exactly_once_across_threads(tally):
-    threads, per = 4, scaled(30_000, 2_000)
-    # overlapping ranges: every id is offered by two threads, in different orders, in batches
-    universe = np.arange(1, per * threads // 2 + 1, dtype=np.uint64)
-    dedup = Deduplicator(1024, 3600.0, when_full="grow")
-    won: list[np.ndarray] = [np.zeros(0, np.uint64)] * threads
-
-    def worker(w):
-        def run():
-            rng = np.random.default_rng(w)
-            mine = np.concatenate([universe[w::threads], universe[(w + 1) % threads::threads]])
-            rng.shuffle(mine)
-            wins = []
-            for k in range(0, len(mine), 257):
-                batch = mine[k:k + 257]
-                wins.append(batch[dedup.admit(batch)])
-            won[w] = np.concatenate(wins)
-        return run
-
-    try:
-        run_all([worker(w) for w in range(threads)], [f"dedup-{w}" for w in range(threads)])
-        all_won = np.sort(np.concatenate(won))
-        assert np.array_equal(all_won, universe), \
-            f"{len(all_won)} admissions for {len(universe)} ids ({len(all_won) - len(np.unique(all_won))} twice)"
-        assert dedup.seen(universe).all(), "an admitted id is not seen"
-    finally:
-        dedup.close()
-    tally.add(moved=len(universe) * 2, lost=len(universe) - len(np.unique(all_won)), dedup_grows=dedup.grows)
-
-
-def test_dedup_seen_then_commit_while_the_table_grows(tally):
-    """The transactional tier's pattern (seen, then commit) from several threads, starting from a tiny
-    table so rebuilds (grow + free of the old table) happen while other threads are inside a call."""
-    threads, per = 4, scaled(40_000, 3_000)
-    dedup = Deduplicator(16, 3600.0, when_full="grow")
-
-    def worker(w):
-        def run():
-            ids = np.arange(1, per + 1, dtype=np.uint64) + np.uint64(w * per)
-            for k in range(0, per, 97):
-                batch = ids[k:k + 97]
-                assert not dedup.seen(batch).any(), f"worker {w}: fresh ids seen before commit"
-                dedup.commit(batch)
-                assert dedup.seen(batch).all(), f"worker {w}: committed ids not seen"
-        return run
-
-    try:
-        run_all([worker(w) for w in range(threads)], [f"commit-{w}" for w in range(threads)])
-        assert len(dedup) == threads * per, f"{len(dedup)} ids in the table, committed {threads * per}"
-    finally:
-        dedup.close()
-    tally.add(moved=threads * per, lost=0, dedup_grows=dedup.grows)

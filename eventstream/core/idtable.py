@@ -1,102 +1,119 @@
-"""IdTable: the open-addressing table under the Deduplicator (u64 ids -> u64 stamps, arena memory).
+"""IdTable: the open-addressing table under the Deduplicator: exact (id, tag) pairs -> stamps.
 
-Two u64 arrays, `keys` (0 = empty) and `stamps`. Linear probing from a Fibonacci-hash home slot;
-slots are filled in place and never emptied (a rebuild makes a new table), so a lookup stops at the
-first empty slot. This module knows nothing of windows or expiry: core/dedup.py gives stamps their
-meaning and does the concurrent (CAS) inserts through `key_base` / `stamp_base`.
+Three arrays in arena memory: `ids` (u64, 0 = empty slot), `tags` (u32: which scope the id belongs
+to, e.g. the topic) and `stamps` (u64). A pair is present only where BOTH the id and the tag match:
+the hash only chooses where probing starts, it never decides equality, so no (tag, id) can stand in
+for another one (an id chosen to collide on another topic's hash only lengthens a probe).
 
-Three ways in, by who is asking:
-* `lookup` / `insert_bulk`: numpy over a whole batch (`insert_bulk` only for a table nobody else
-  is writing: a rebuild, or the one thread that owns a partition's table);
-* `home_int` and the plain arrays: a few ids as plain ints, no numpy temporaries.
+Linear probing from a home slot given by a seeded multiplicative hash of the pair (the seed is drawn
+per table, so nobody outside can aim ids at one probe chain). Slots are filled in place and never
+emptied (a rebuild makes a new table), so a lookup stops at the first empty slot. This module knows
+nothing of windows or expiry: core/dedup.py gives stamps their meaning. The table has one user at a
+time (core/dedup.py says who); nothing here is atomic.
+
+Two ways in:
+* `lookup` / `insert_bulk`: numpy over a whole batch;
+* `slot_int`: one pair as plain ints, no numpy temporaries (a few events at a time).
 """
 
 from __future__ import annotations
 
+import secrets
+
 import numpy as np
 
-from eventstream.core import atomic
 from eventstream.core.arena import Arena
 
-GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-GOLDEN_INT = 0x9E3779B97F4A7C15
-M64 = (1 << 64) - 1
+_G1 = 0x9E3779B97F4A7C15
+_G2 = 0xC2B2AE3D27D4EB4F
+_M64 = (1 << 64) - 1
+BYTES_PER_BUCKET = 8 + 8 + 4  # ids, stamps, tags
 
 
 class IdTable:
     """`buckets` (a power of two) slots in `arena` (or a private arena on `node` when None)."""
 
-    def __init__(self, buckets: int, arena: Arena | None, node: int):
+    def __init__(self, buckets: int, arena: Arena | None, node: int, seed: int | None = None):
         self.buckets = buckets
         self.mask = buckets - 1
         self.bits = buckets.bit_length() - 1
+        self.seed = secrets.randbits(64) if seed is None else seed & _M64
+        self._seed = np.uint64(self.seed)
         self.own = arena is None
-        self.arena = arena if arena is not None else Arena(buckets * 16 + 256, node, name="dedup.table")
-        self.keys = self.arena.array(buckets, np.uint64)
+        self.arena = arena if arena is not None else Arena(buckets * BYTES_PER_BUCKET + 256, node,
+                                                           name="dedup.table")
+        self.ids = self.arena.array(buckets, np.uint64)
         self.stamps = self.arena.array(buckets, np.uint64)
-        self.key_base = atomic.address_of(self.keys)
-        self.stamp_base = atomic.address_of(self.stamps)
+        self.tags = self.arena.array(buckets, np.uint32)
 
-    def home(self, ids: np.ndarray) -> np.ndarray:
-        """Home slot of each id (vectorized)."""
+    def home(self, ids: np.ndarray, tags: np.ndarray) -> np.ndarray:
+        """Home slot of each pair (vectorized; uint64 arithmetic wraps)."""
         if self.bits == 0:
             return np.zeros(len(ids), dtype=np.int64)
-        return ((ids * GOLDEN) >> np.uint64(64 - self.bits)).astype(np.int64)
+        x = (ids ^ self._seed) * np.uint64(_G1)
+        x ^= tags.astype(np.uint64) * np.uint64(_G2)
+        x *= np.uint64(_G1)
+        return (x >> np.uint64(64 - self.bits)).astype(np.int64)
 
-    def home_int(self, k: int) -> int:
-        """Home slot of one id given as a plain int."""
-        return 0 if self.bits == 0 else ((k * GOLDEN_INT) & M64) >> (64 - self.bits)
+    def home_int(self, i: int, tag: int) -> int:
+        """Home slot of one pair given as plain ints (the same value as `home`)."""
+        if self.bits == 0:
+            return 0
+        x = ((i ^ self.seed) * _G1) & _M64
+        x ^= (tag * _G2) & _M64
+        return ((x * _G1) & _M64) >> (64 - self.bits)
 
-    def slot_int(self, k: int) -> tuple[int, bool]:
-        """(slot, True) where the id `k` (a plain int, not 0) sits, else (the empty slot that ends its
-        probe, False): where an owner inserts it."""
-        keys, mask = self.keys, self.mask
-        pos = 0 if self.bits == 0 else ((k * GOLDEN_INT) & M64) >> (64 - self.bits)
+    def slot_int(self, i: int, tag: int) -> tuple[int, bool]:
+        """(slot, True) where the pair (i, tag) (plain ints, i != 0) sits, else (the empty slot that
+        ends its probe, False): where the owner inserts it."""
+        ids, tags, mask = self.ids, self.tags, self.mask
+        pos = self.home_int(i, tag)
         while True:
-            cur = int(keys[pos])
-            if cur == k:
+            cur = int(ids[pos])
+            if cur == i and int(tags[pos]) == tag:
                 return pos, True
             if cur == 0:
                 return pos, False
             pos = (pos + 1) & mask
 
-    def lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(slot of each id or -1 if absent, home slots), vectorized probing."""
+    def lookup(self, ids: np.ndarray, tags: np.ndarray) -> np.ndarray:
+        """Slot of each pair, or -1 where absent (vectorized probing)."""
         slot_of = np.full(len(ids), -1, dtype=np.int64)
-        home = self.home(ids)
+        home = self.home(ids, tags)
         active = np.arange(len(ids))
         for probe in range(self.buckets):
             if not len(active):
                 break
             slots = (home[active] + probe) & self.mask
-            k = self.keys[slots]
-            hit = k == ids[active]
+            k = self.ids[slots]
+            hit = (k == ids[active]) & (self.tags[slots] == tags[active])
             slot_of[active[hit]] = slots[hit]
             active = active[(k != 0) & ~hit]
-        return slot_of, home
+        return slot_of
 
-    def insert_bulk(self, keys: np.ndarray, stamps: np.ndarray) -> None:
-        """Vectorized linear-probing insert of distinct keys into a table nobody else touches."""
-        home = self.home(keys)
-        offset = np.zeros(len(keys), dtype=np.int64)
-        pending = np.arange(len(keys))
+    def insert_bulk(self, ids: np.ndarray, tags: np.ndarray, stamps: np.ndarray) -> None:
+        """Vectorized linear-probing insert of distinct pairs that are not in the table yet."""
+        home = self.home(ids, tags)
+        offset = np.zeros(len(ids), dtype=np.int64)
+        pending = np.arange(len(ids))
         while len(pending):
             slots = (home[pending] + offset[pending]) & self.mask
-            cand = np.flatnonzero(self.keys[slots] == 0)
-            # keys racing for one free slot: the last assignment wins; reading back says who
-            # (no sort: the keys are distinct, so exactly one of them is there)
-            cslots, ckeys = slots[cand], keys[pending[cand]]
-            self.keys[cslots] = ckeys
-            win = cand[self.keys[cslots] == ckeys]
-            self.stamps[slots[win]] = stamps[pending[win]]
+            cand = np.flatnonzero(self.ids[slots] == 0)
+            # pairs racing for one free slot: the first of them takes it, the others probe on
+            _, first = np.unique(slots[cand], return_index=True)
+            win = cand[first]
+            at, who = slots[win], pending[win]
+            self.ids[at] = ids[who]
+            self.tags[at] = tags[who]
+            self.stamps[at] = stamps[who]
             lose = np.ones(len(pending), dtype=bool)
             lose[win] = False
             pending = pending[lose]
-            offset[pending] += 1  # its slot is taken now (by another key, or was already)
+            offset[pending] += 1  # its slot is taken now (by another pair, or was already)
 
     def occupied(self) -> int:
-        """Slots holding an id."""
-        return int(np.count_nonzero(self.keys))
+        """Slots holding a pair."""
+        return int(np.count_nonzero(self.ids))
 
     def close(self) -> None:
         if self.own:

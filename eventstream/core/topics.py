@@ -13,7 +13,6 @@ log's id map and in batch windows, so reusing an id could file an event under an
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import threading
 
 import numpy as np
@@ -31,23 +30,12 @@ class TopicLimitError(OverflowError):
                          f"(server.max_topics); allowed: a topic it already knows")
 
 
-def topic_hash(name: bytes | str) -> int:
-    """A stable 64-bit hash of a topic name (the same in every run and process; never 0)."""
-    if isinstance(name, str):
-        name = name.encode("utf-8")
-    return int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "little") or 1
-
-
 class TopicTable:
     def __init__(self, max_topics: int = DEFAULT_MAX_TOPICS):
         self._ids: dict[bytes, int] = {}
         self._names: list[bytes] = [b""]
         self._lock = threading.Lock()
         self._max = max_topics
-        # topic id -> topic_hash(name), for idempotency keys; grown (copied) under the lock and
-        # published after it is filled, so lock-free readers see a complete array
-        self._hashes = np.zeros(64, dtype=np.uint64)
-        self._hash_list: list[int] = [0]  # the same as plain ints (appended after the array is filled)
 
     def intern(self, name: bytes | str) -> int:
         """The id of `name`, assigning the next id on first sight."""
@@ -62,25 +50,9 @@ class TopicTable:
                 if len(self._names) > self._max:
                     raise TopicLimitError(self._max)
                 tid = len(self._names)
-                hashes = self._hashes
-                if tid >= len(hashes):
-                    grown = np.zeros(2 * len(hashes), dtype=np.uint64)
-                    grown[:len(hashes)] = hashes
-                    hashes = grown
-                hashes[tid] = topic_hash(name)
-                self._hashes = hashes
                 self._names.append(name)
-                self._hash_list.append(int(hashes[tid]))
                 self._ids[name] = tid
             return tid
-
-    def hashes(self, topic_ids: np.ndarray) -> np.ndarray:
-        """topic_hash of each id's name (vectorized; ids must come from this table)."""
-        return self._hashes[topic_ids]
-
-    def hash_of(self, topic_id: int) -> int:
-        """topic_hash of one id's name as a plain int (ids must come from this table)."""
-        return self._hash_list[topic_id]
 
     def name(self, topic_id: int) -> str:
         return self._names[topic_id].decode("utf-8")

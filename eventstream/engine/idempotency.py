@@ -1,16 +1,18 @@
 """Idempotency: events with an id are stored once per (topic, event id) within `dedup.window_s`.
 
 Every tier deduplicates. Each queue partition has its own Deduplicator (core/dedup.py), used only by
-the worker holding that partition's token, so commits are vectorized (`commit_exclusive`). A topic
-lives in exactly one partition of its tier, so a resent event (same topic, priority and id) always
-meets its first copy there.
+the worker holding that partition's token. A topic lives in exactly one partition of its tier, so a
+resent event (same topic, priority and id) always meets its first copy there.
 
-    key = event_id * golden ^ topic_hash(topic name)      (0 = no id: never deduplicated)
+The dedup key of a record is the exact pair (event id, tag) with tag = the record's topic id in this
+run (`key_columns`, the one place that says so; id 0 = no id: never deduplicated). The table compares
+both halves, so an event is a duplicate only of an event with the same topic and the same id: no
+client can pick an id on its own topic that stands for another topic's event.
 
-The topic hash is stable across runs (core.topics.topic_hash), so the tables can be rebuilt at start
-from the tail of events.bin (`rebuild`): a client that resends after a restart gets its event
-stored once. A duplicate is not stored again but is counted (dedup_hits) and ACKed like any other
-event: its first copy is stored.
+Topic ids are per run, names are stable: `rebuild` maps the names events.bin stores to this run's ids
+and commits the pairs of every record stored within the window, so a client that resends after a
+restart gets its event stored once. A duplicate is not stored again but is counted (dedup_hits) and
+ACKed like any other event: its first copy is stored.
 """
 
 from __future__ import annotations
@@ -21,93 +23,73 @@ from pathlib import Path
 import numpy as np
 import structlog
 
-from eventstream.core.dedup import Deduplicator
-from eventstream.core.topics import TopicTable, topic_hash
+from eventstream.core.dedup import SMALL, Deduplicator
+from eventstream.core.topics import TopicTable
 
 log = structlog.get_logger("eventstream.idempotency")
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_GOLDEN_INT = 0x9E3779B97F4A7C15
-_M64 = (1 << 64) - 1
-SMALL = 8  # up to this many records: plain ints (a realtime batch at low load is one event)
+
+def key_columns(records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, tags): the dedup key of each record (id 0 = the record has no id)."""
+    return records["event_id"], records["topic_id"]
 
 
-def keys(records: np.ndarray, topics: TopicTable) -> np.ndarray:
-    """The dedup key of each record (0 where the record has no event id). uint64 arithmetic wraps."""
-    ids = records["event_id"]
-    hashes = topics.hashes(records["topic_id"])
-    if len(ids) <= SMALL:
-        return np.array([((e * _GOLDEN_INT) & _M64) ^ h if e else 0 for e, h in zip(ids.tolist(), hashes.tolist())],
-                        dtype=np.uint64)
-    k = (ids * _GOLDEN) ^ hashes
-    k[ids == 0] = 0
-    return k
+def repeats(ids: np.ndarray, tags: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """Mask over `candidates` (indexes) of pairs that repeat an earlier candidate's pair."""
+    out = np.zeros(len(candidates), dtype=bool)
+    if len(candidates) < 2:
+        return out
+    ci, ct = ids[candidates], tags[candidates]
+    order = np.lexsort((candidates, ct, ci))  # equal pairs adjacent, in batch order
+    same = (ci[order][1:] == ci[order][:-1]) & (ct[order][1:] == ct[order][:-1])
+    out[order[1:][same]] = True
+    return out
 
 
-def duplicates_few(records: np.ndarray, dedup: Deduplicator, topics: TopicTable) -> tuple[list[int], list[bool]]:
+def duplicates_few(records: np.ndarray, dedup: Deduplicator) -> tuple[list[tuple[int, int]], list[bool]]:
     """duplicates() for at most SMALL records, with plain ints and bools (no numpy temporaries)."""
-    hash_of = topics.hash_of
-    ks = [((e * _GOLDEN_INT) & _M64) ^ hash_of(t) if e else 0
-          for e, t in zip(records["event_id"].tolist(), records["topic_id"].tolist())]
-    skip = dedup.seen_few(ks)
-    if len(ks) > 1:
-        first: set[int] = set()
-        for i, key in enumerate(ks):
-            if key and not skip[i]:
-                if key in first:
+    pairs = list(zip(records["event_id"].tolist(), records["topic_id"].tolist()))
+    skip = dedup.seen_few(pairs)
+    if len(pairs) > 1:
+        first: set[tuple[int, int]] = set()
+        for i, p in enumerate(pairs):
+            if p[0] and not skip[i]:
+                if p in first:
                     skip[i] = True
-                first.add(key)
-    return ks, skip
+                first.add(p)
+    return pairs, skip
 
 
 class Probed:
     """Dedup keys of records to store, with where `Deduplicator.seen_probe` found them, so the commit
     after the store needs no second lookup (`commit`)."""
 
-    __slots__ = ("keys", "slots", "table")
+    __slots__ = ("ids", "tags", "slots", "table")
 
-    def __init__(self, keys: np.ndarray, slots: np.ndarray, table):
-        self.keys, self.slots, self.table = keys, slots, table
+    def __init__(self, ids: np.ndarray, tags: np.ndarray, slots: np.ndarray, table):
+        self.ids, self.tags, self.slots, self.table = ids, tags, slots, table
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.ids)
 
     def select(self, which) -> "Probed":
-        return Probed(self.keys[which], self.slots[which], self.table)
+        return Probed(self.ids[which], self.tags[which], self.slots[which], self.table)
 
     def commit(self, dedup: Deduplicator) -> None:
-        dedup.commit_probed(self.keys, self.slots, self.table)
+        dedup.commit_probed(self.ids, self.tags, self.slots, self.table)
 
 
-def duplicates(records: np.ndarray, dedup: Deduplicator, topics: TopicTable) -> tuple[np.ndarray, np.ndarray]:
-    """(keys, mask of records to skip): keys already committed, and repeats inside this batch (the
-    first occurrence of a key is kept). For the table's only user (the partition's token holder)."""
-    k, skip, _probed = duplicates_probed(records, dedup, topics)
-    return k, skip
-
-
-def duplicates_probed(records: np.ndarray, dedup: Deduplicator, topics: TopicTable):
-    """duplicates(), plus a Probed of all the keys (select the kept ones before committing)."""
-    k = keys(records, topics)
-    skip, slots, table = dedup.seen_probe(k)
-    if len(k) <= SMALL:
-        if len(k) > 1:
-            first: set[int] = set()
-            for i, key in enumerate(k.tolist()):
-                if key and not skip[i]:
-                    if key in first:
-                        skip[i] = True
-                    first.add(key)
-        return k, skip, Probed(k, slots, table)
-    fresh = (k != 0) & ~skip
-    if fresh.sum() > 1:
-        idx = np.flatnonzero(fresh)
-        _, first = np.unique(k[idx], return_index=True)
-        if len(first) != len(idx):
-            repeat = np.ones(len(idx), dtype=bool)
-            repeat[first] = False
-            skip[idx[repeat]] = True
-    return k, skip, Probed(k, slots, table)
+def duplicates(records: np.ndarray, dedup: Deduplicator) -> tuple[Probed, np.ndarray]:
+    """(keys as a Probed, mask of records to skip): pairs already committed, and repeats inside this
+    batch (the first occurrence is kept). For the table's only user (the partition's token holder);
+    select the kept ones of the Probed before committing them."""
+    ids, tags = key_columns(records)
+    skip, slots, table = dedup.seen_probe(ids, tags)
+    fresh = np.flatnonzero((ids != 0) & ~skip)
+    again = repeats(ids, tags, fresh)
+    if again.any():
+        skip[fresh[again]] = True
+    return Probed(ids, tags, slots, table), skip
 
 
 def rebuild(path: Path, tables: dict[str, list[Deduplicator]], topics: TopicTable, route: np.ndarray,
@@ -142,7 +124,7 @@ def rebuild(path: Path, tables: dict[str, list[Deduplicator]], topics: TopicTabl
         for fid in file_ids.tolist():
             remap[fid] = topics.intern(b.topics[fid])
         tids = remap[r["topic_id"]]
-        k = (r["event_id"] * _GOLDEN) ^ topics.hashes(tids)
+        ids = r["event_id"]
         # one commit per (tier, partition, age in seconds): stamps keep the age they have
         age_s = np.maximum(0, (wall_now - stored_ns.astype(np.int64)) // 1_000_000_000)
         tier = route[r["priority"]]
@@ -154,7 +136,7 @@ def rebuild(path: Path, tables: dict[str, list[Deduplicator]], topics: TopicTabl
                 sel = np.flatnonzero(sel_t)[part == p]
                 for a in np.unique(age_s[sel]).tolist():
                     s = sel[age_s[sel] == a]
-                    parts[p].commit_exclusive(k[s], now=max(mono_now - a, 1e-9))
+                    parts[p].commit(ids[s], tids[s], now=max(mono_now - a, 1e-9))
                     done += len(s)
     log.info("dedup_rebuilt", path=str(path), keys=done, window_s=window_s)
     return done

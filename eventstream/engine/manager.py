@@ -16,7 +16,7 @@ import threading
 import structlog
 
 from eventstream.config import Config
-from eventstream.core.dedup import Deduplicator
+from eventstream.core.dedup import Deduplicator, MemoryBudget
 from eventstream.engine.bus import EventBusMulti
 from eventstream.engine.handlers import resolve
 from eventstream.engine.processors import (BatchProcessor, Processor, RealtimeProcessor, Sinks,
@@ -42,12 +42,13 @@ class ProcessManager:
             "batch": given.get("batch", resolve(p.batch.handler, "processors.batch.handler")),
             "aggregate": given.get("aggregate", resolve(p.batch.aggregate, "processors.batch.aggregate")),
         }
-        # one dedup table per partition of every tier: only the worker holding the partition's token
-        # touches it, so commits are vectorized (Deduplicator.commit_exclusive) instead of a CAS per id
+        # one dedup table per partition of every tier, all sharing one memory budget: only the worker
+        # holding the partition's token touches a table, so it is probed and filled with numpy
         d = cfg.dedup
         self.dedups: dict[str, list[Deduplicator]] | None = None
         if d.window_s > 0:
-            self.dedups = {tier: [Deduplicator(d.buckets, d.window_s, when_full="grow", node=cfg.numa.node)
+            budget = MemoryBudget(d.max_bytes)
+            self.dedups = {tier: [Deduplicator(d.buckets, d.window_s, node=cfg.numa.node, budget=budget)
                                   for _ in range(bus[tier].partitions)]
                            for tier in ("realtime", "transactional", "batch")}
         self.window_tables = [WindowTable() for _ in range(bus["batch"].partitions)]

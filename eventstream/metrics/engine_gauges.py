@@ -1,5 +1,5 @@
 """Gauges and counters read from the running engine's objects when the exposition is scraped
-(queue depths, failed threads, topics, the payload arena, the TCP per-client limits)."""
+(queue depths, failed threads, topics, the payload arena, the dedup tables, the TCP per-client limits)."""
 
 from __future__ import annotations
 
@@ -24,3 +24,23 @@ def register_tcp_limits(m, tcp, close_reasons) -> None:
                      {"reason": reason}, doc="TCP connections refused or closed for a per-client limit")
     m.gauge_fn("partial_frame_bytes", {}, tcp.budget.total,
                doc="bytes held in partial frames over all TCP connections (bound: server.tcp.max_partial_bytes)")
+
+
+def register_dedup(m, dedups: dict) -> None:
+    """The dedup tables of each tier (core/dedup.py): ids held, memory, evictions, the window held."""
+    def total(tier, key):
+        return lambda: sum(d.statistics()[key] for d in dedups[tier])
+
+    def held(tier):
+        return lambda: min(d.window_held_s() for d in dedups[tier])
+
+    for tier in dedups:
+        lab = {"tier": tier}
+        m.gauge_fn("dedup_entries", lab, total(tier, "entries"),
+                   doc="ids held in the dedup tables (expired ones until the next rebuild)")
+        m.gauge_fn("dedup_table_bytes", lab, total(tier, "bytes"),
+                   doc="memory of the dedup tables (all tiers share dedup.max_bytes)")
+        m.counter_fn("dedup_evicted", total(tier, "evicted"), lab,
+                     doc="ids evicted before their window ended because dedup.max_bytes was reached")
+        m.gauge_fn("dedup_window_held_seconds", lab, held(tier),
+                   doc="the window the dedup tables still answer for (dedup.window_s unless ids were evicted)")

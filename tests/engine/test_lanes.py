@@ -11,6 +11,7 @@ import pytest
 
 from eventstream.config import load_config
 from eventstream.core.dedup import Deduplicator
+from eventstream.engine import idempotency
 from eventstream.engine.bus import EventBusMulti
 from eventstream.engine.processors import BatchProcessor, TransactionalProcessor, WindowTable
 from eventstream.engine.processors.batch import flush_windows
@@ -69,12 +70,13 @@ def _refused_then_worked(bus, collected, recs, check_refused):
 
 
 def test_a_raising_transactional_handler_on_a_lane_queues_the_batch_for_the_workers(bus, collected, topics):
+    recs = make_records(topics, 4, priority=2, ids=[5, 6, 7, 8])
+
     def nothing_stored_nothing_remembered(dedups):
         assert len(collected.stored_records()) == 0
-        assert not dedups[0].seen_exclusive(np.array([5], np.uint64))[0]
+        assert not dedups[0].seen(*idempotency.key_columns(recs)).any()
 
-    _refused_then_worked(bus, collected, make_records(topics, 4, priority=2, ids=[5, 6, 7, 8]),
-                         nothing_stored_nothing_remembered)
+    _refused_then_worked(bus, collected, recs, nothing_stored_nothing_remembered)
     assert collected.stored_records()["event_id"].tolist() == [5, 6, 7, 8]
     assert collected.dropped == []
 

@@ -87,14 +87,14 @@ def make_tx(bus, collected, handler, **kw):
 def test_transactional_dedup_skips_committed_and_repeated_ids(bus, collected, topics):
     proc, dedup = make_tx(bus, collected, None)
     five = make_records(topics, 1, ids=np.array([5], dtype=np.uint64))
-    dedup.commit(idempotency.keys(five, topics))  # (t, 5) is already stored
+    dedup.commit(*idempotency.key_columns(five))  # (t, 5) is already stored
     ids = np.array([1, 2, 2, 3, 5, 0, 0, 1], dtype=np.uint64)
     bus.publish(make_records(topics, len(ids), ids=ids))
     run_until_drained([proc], bus)
     stored = collected.stored_records()
     assert sorted(stored["event_id"].tolist()) == [0, 0, 1, 2, 3]  # id 0 is never deduplicated
     assert collected.dedup_hits == 3
-    assert dedup.seen(idempotency.keys(stored[stored["event_id"] != 0], topics)).all()
+    assert dedup.seen(*idempotency.key_columns(stored[stored["event_id"] != 0])).all()
 
 
 def test_the_same_id_on_another_topic_is_another_event(bus, collected, topics):
@@ -123,7 +123,7 @@ def test_transactional_retries_then_succeeds(bus, collected, topics):
     run_until_drained([proc], bus)
     assert sorted(collected.stored_records()["event_id"].tolist()) == list(range(1, 11))
     assert collected.dropped == []
-    assert dedup.seen(idempotency.keys(make_records(topics, 1, ids=np.array([7], dtype=np.uint64)), topics)).all()
+    assert dedup.seen(*idempotency.key_columns(make_records(topics, 1, ids=np.array([7], dtype=np.uint64)))).all()
 
 
 def test_transactional_exhausted_retries_go_to_dlq_with_last_error(bus, collected, topics):
@@ -142,8 +142,8 @@ def test_transactional_exhausted_retries_go_to_dlq_with_last_error(bus, collecte
     assert reasons == ["retries_exhausted: KeyError: 'attempt 3'"]  # batch try + 2 retries
     assert sorted(collected.stored_records()["event_id"].tolist()) == [1, 2, 4, 5]
     three = make_records(topics, 1, ids=np.array([3], dtype=np.uint64))
-    assert not dedup.seen(idempotency.keys(three, topics))[0]  # never committed
-    assert dedup.seen(idempotency.keys(make_records(topics, 1, ids=np.array([4], dtype=np.uint64)), topics))[0]
+    assert not dedup.seen(*idempotency.key_columns(three))[0]  # never committed
+    assert dedup.seen(*idempotency.key_columns(make_records(topics, 1, ids=np.array([4], dtype=np.uint64))))[0]
 
 
 def test_batch_windows_per_topic_with_aggregate(bus, collected, topics):

@@ -128,6 +128,40 @@ def test_dedup_across_reconnects_with_the_same_ids(tmp_path):
     assert svc.summary()["dedup_hits"] == 51
 
 
+def _old_key(event_id: int, topic: str) -> int:
+    """The dedup key before keys were exact: id * golden ^ blake2b-64(topic)."""
+    import hashlib
+    h = int.from_bytes(hashlib.blake2b(topic.encode(), digest_size=8).digest(), "little") or 1
+    return ((event_id * 0x9E3779B97F4A7C15) & (2**64 - 1)) ^ h
+
+
+@pytest.mark.parametrize("priority", [3, 2, 0])  # realtime, transactional, batch tiers
+def test_ids_forged_on_another_topic_do_not_suppress_a_victims_events(tmp_path, priority):
+    """An attacker computes, for each of a victim's (topic, id), an id on its own topic that had the
+    same dedup key, and sends those first. Every victim event must still be stored: one partition per
+    tier here, so attacker and victim share one dedup table."""
+    data = tmp_path / "data"
+    inv = pow(0x9E3779B97F4A7C15, -1, 2**64)
+    victim_ids = list(range(1, 21))
+    forged = [((_old_key(v, "victim") ^ _old_key(0, "attacker")) * inv) & (2**64 - 1) for v in victim_ids]
+    assert [_old_key(f, "attacker") for f in forged] == [_old_key(v, "victim") for v in victim_ids]
+    cfg = service_cfg(data, **{"processors.transactional.max_workers": 1, "processors.batch.max_workers": 1})
+    with Service(cfg) as svc:
+        port = svc.tcp.address[1]
+        with TcpClient("127.0.0.1", port, version=2) as attacker:
+            for f in forged:
+                attacker.send("attacker", b"forged", priority=priority, event_id=f)
+            assert attacker.wait_acked(30) and attacker.nacked == 0
+        with TcpClient("127.0.0.1", port, version=2) as victim:
+            for v in victim_ids:
+                victim.send("victim", b"mine", priority=priority, event_id=v)
+            assert victim.wait_acked(30) and victim.acked == 20 and victim.nacked == 0
+        assert svc.summary()["dedup_hits"] == 0
+    recs = stored(data)
+    got = sorted(recs["event_id"].tolist())
+    assert got == sorted(victim_ids + forged), f"{40 - len(got)} ACKed events were not stored"
+
+
 def test_handler_from_yaml_failing_goes_to_dlq_after_retries(tmp_path, monkeypatch):
     mod = tmp_path / "es_test_handlers.py"
     mod.write_text(

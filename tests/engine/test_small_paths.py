@@ -55,55 +55,21 @@ def test_few_duplicates_match_the_vectorized_ones(rows, committed):
         for d in (a, b):  # the same history in both tables
             earlier = make_records(topics, len(committed), topic="t0", ids=committed) if committed else None
             if earlier is not None:
-                d.commit_exclusive(idempotency.keys(earlier, topics))
-        ks, skip = idempotency.duplicates_few(recs, a, topics)
-        kv, skipv = idempotency.duplicates(recs, b, topics)
-        assert ks == kv.tolist()
+                d.commit(*idempotency.key_columns(earlier))
+        pairs, skip = idempotency.duplicates_few(recs, a)
+        probed, skipv = idempotency.duplicates(recs, b)
+        assert pairs == list(zip(probed.ids.tolist(), probed.tags.tolist()))
         assert skip == skipv.tolist()
         # the kept keys, committed either way, leave the same table behind
-        keep = [k for k, s in zip(ks, skip) if not s]
-        a.commit_few(keep)
-        b.commit_exclusive(np.array(keep, dtype=np.uint64))
-        probe = make_records(topics, len(rows), topic=[f"t{t}" for _p, t, _i in rows], ids=ids)
-        k = idempotency.keys(probe, topics)
-        assert a.seen_exclusive(k).tolist() == b.seen_exclusive(k).tolist()
-        assert all(a.seen_few([x for x in k.tolist() if x]))
+        a.commit_few([p for p, s in zip(pairs, skip) if not s])
+        probed.select(~skipv).commit(b)
+        ids_, tags_ = idempotency.key_columns(recs)
+        assert a.seen(ids_, tags_).tolist() == b.seen(ids_, tags_).tolist()
+        assert all(a.seen_few([p for p in pairs if p[0]]))
         assert len(a) == len(b)
     finally:
         a.close()
         b.close()
-
-
-def test_probed_commit_refreshes_expired_ids_and_inserts_new_ones_once():
-    clock = [100.0]
-    d = Deduplicator(16, 10.0, clock=lambda: clock[0])
-    try:
-        old = np.array([11, 12], dtype=np.uint64)
-        d.commit_exclusive(old)
-        clock[0] += 20.0  # both expired, still in the table
-        ids = np.array([11, 12, 13, 14, 0], dtype=np.uint64)
-        seen, slots, table = d.seen_probe(ids)
-        assert seen.tolist() == [False] * 5
-        assert (slots[:2] >= 0).all() and (slots[2:] == -1).all()
-        d.commit_probed(ids, slots, table)
-        assert d.seen_exclusive(ids).tolist() == [True, True, True, True, False]
-        assert d.statistics()["entries"] == 4  # refreshed in place, not inserted twice
-    finally:
-        d.close()
-
-
-def test_probed_commit_after_a_rebuild_falls_back_to_a_fresh_lookup():
-    d = Deduplicator(8, 60.0)
-    try:
-        ids = np.arange(1, 6, dtype=np.uint64)
-        _seen, slots, table = d.seen_probe(ids)
-        d.commit_exclusive(np.arange(100, 120, dtype=np.uint64))  # grows: a new table
-        assert d._table is not table
-        d.commit_probed(ids, slots, table)
-        assert d.seen_exclusive(ids).all()
-        assert d.seen_exclusive(np.arange(100, 120, dtype=np.uint64)).all()
-    finally:
-        d.close()
 
 
 @pytest.mark.parametrize("n", [1, 2, fmt.SMALL_BATCH, fmt.SMALL_BATCH + 1, 50])

@@ -246,15 +246,15 @@ class Processor(threading.Thread):
         not hand the batch back); returns (records to handle, their dedup keys or None)."""
         if self.dedups is None:
             return records, None
-        if len(records) <= idempotency.SMALL:  # keys as plain ints (see commit_ids)
-            ks, few = idempotency.duplicates_few(records, self.dedups[partition], self.sinks.topics)
+        if len(records) <= idempotency.SMALL:  # keys as plain (id, tag) ints (see commit_ids)
+            pairs, few = idempotency.duplicates_few(records, self.dedups[partition])
             if True in few:
                 keep = [i for i, s in enumerate(few) if not s]
                 if count:
                     self.sinks.dedup_hit(len(few) - len(keep))
-                return records[keep], [ks[i] for i in keep]
-            return records, ks
-        _k, skip, probed = idempotency.duplicates_probed(records, self.dedups[partition], self.sinks.topics)
+                return records[keep], [pairs[i] for i in keep]
+            return records, pairs
+        probed, skip = idempotency.duplicates(records, self.dedups[partition])
         if skip.any():
             if count:
                 self.sinks.dedup_hit(int(skip.sum()))
@@ -264,26 +264,20 @@ class Processor(threading.Thread):
 
     def commit_ids(self, keys, partition: int, ok: np.ndarray | None = None) -> None:
         """Remember the keys of stored records (after the store: a failed store is retried by a resend).
-        `keys` as skip_duplicates returned them: a list of ints for a few records, else an
-        idempotency.Probed (or a plain key array)."""
+        `keys` as skip_duplicates returned them: a list of (id, tag) pairs for a few records, else an
+        idempotency.Probed."""
         if keys is None:
             return
         if isinstance(keys, list):
             if ok is not None:
                 keys = [k for k, good in zip(keys, ok.tolist()) if good]
-            if any(keys):
+            if keys:
                 self.dedups[partition].commit_few(keys)
             return
-        if isinstance(keys, idempotency.Probed):
-            if ok is not None:
-                keys = keys.select(ok)
-            if len(keys):
-                keys.commit(self.dedups[partition])
-            return
         if ok is not None:
-            keys = keys[ok]
-        if keys.any():
-            self.dedups[partition].commit_exclusive(keys)
+            keys = keys.select(ok)
+        if len(keys):
+            keys.commit(self.dedups[partition])
 
     # -- hooks
     def handle(self, records: np.ndarray, partition: int) -> None:  # pragma: no cover - abstract
