@@ -181,7 +181,7 @@ class Deduplicator:
             table.stamps[slots[present]] = now_ns
         new = ~present & (ids != 0)
         if new.any():
-            self._insert(ids[new], tags[new], now_ns)
+            self._insert(ids[new], tags[new], now_ns, now_ns)
         return None
 
     def commit(self, ids, tags, now=None) -> None:
@@ -204,19 +204,47 @@ class Deduplicator:
         found = slots >= 0
         t.stamps[slots[found]] = now_ns
         if not found.all():
-            self._insert(ids[~found], tags[~found], now_ns)
+            self._insert(ids[~found], tags[~found], now_ns, now_ns)
 
-    def _insert(self, ids: np.ndarray, tags: np.ndarray, now_ns: int) -> None:
-        """Insert distinct pairs known to be absent from the current table."""
+    def load(self, ids, tags, stamps_ns) -> None:
+        """Commit pairs each with its own stamp (clock ns), as the rebuild at start does: a pair given
+        more than once, or already present, keeps its newest stamp. One sort, one lookup, one insert."""
+        ids, tags = self._pairs(ids, tags)
+        stamps = np.asarray(stamps_ns, dtype=np.uint64).reshape(-1)
+        nz = ids != 0
+        ids, tags, stamps = ids[nz], tags[nz], np.maximum(stamps[nz], 1)
+        if not len(ids):
+            return
+        order = np.lexsort((stamps, tags, ids))  # by pair, then stamp: the newest of a pair is last
+        ids, tags, stamps = ids[order], tags[order], stamps[order]
+        last = np.ones(len(ids), dtype=bool)
+        last[:-1] = (ids[1:] != ids[:-1]) | (tags[1:] != tags[:-1])
+        ids, tags, stamps = ids[last], tags[last], stamps[last]
+        t = self._table
+        slots = t.lookup(ids, tags)
+        found = slots >= 0
+        at = slots[found]
+        t.stamps[at] = np.maximum(t.stamps[at], stamps[found])
+        if not found.all():
+            self._insert(ids[~found], tags[~found], stamps[~found], self._now_ns(None))
+
+    def _insert(self, ids: np.ndarray, tags: np.ndarray, stamps, now_ns: int) -> None:
+        """Insert distinct pairs known to be absent from the current table, stamped `stamps` (one
+        clock ns for all, or one each); `now_ns` decides what has expired if the table is rebuilt."""
+        if np.isscalar(stamps):
+            stamps = np.full(len(ids), stamps, dtype=np.uint64)
         t = self._room(len(ids), now_ns)
-        if t.buckets * self.max_load < len(ids):  # more than the bound holds: the newest part fits
-            keep = int(t.buckets * self.max_load)
-            self.evicted += len(ids) - keep
-            self.removed += len(ids) - keep
+        keep = int(t.buckets * self.max_load)
+        if len(ids) > keep:  # more than the bound holds: the newest part fits
+            order = np.argsort(stamps, kind="stable")
+            drop = len(ids) - keep
+            self._evicted_ns = max(self._evicted_ns, int(stamps[order[drop - 1]]))
+            self.evicted += drop
+            self.removed += drop
             self.evictions += 1
-            self._evicted_ns = max(self._evicted_ns, now_ns)
-            ids, tags = ids[len(ids) - keep:], tags[len(ids) - keep:]
-        t.insert_bulk(ids, tags, np.full(len(ids), now_ns, dtype=np.uint64))
+            order = order[drop:]
+            ids, tags, stamps = ids[order], tags[order], stamps[order]
+        t.insert_bulk(ids, tags, stamps)
         self._used += len(ids)
 
     # -- a few pairs (plain ints) -----------------------------------------------------------------------

@@ -99,9 +99,11 @@ class IdTable:
         while len(pending):
             slots = (home[pending] + offset[pending]) & self.mask
             cand = np.flatnonzero(self.ids[slots] == 0)
-            # pairs racing for one free slot: the first of them takes it, the others probe on
-            _, first = np.unique(slots[cand], return_index=True)
-            win = cand[first]
+            # pairs racing for one free slot: each writes its index into the free slot's stamp (free
+            # slots' stamps mean nothing) and reading back says which one took it; the others probe on
+            cslots = slots[cand]
+            self.stamps[cslots] = cand
+            win = cand[self.stamps[cslots] == cand.astype(np.uint64)]
             at, who = slots[win], pending[win]
             self.ids[at] = ids[who]
             self.tags[at] = tags[who]

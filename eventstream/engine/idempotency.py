@@ -111,7 +111,9 @@ def rebuild(path: Path, tables: dict[str, list[Deduplicator]], topics: TopicTabl
     except (OSError, ValueError) as exc:
         log.warning("dedup_rebuild_skipped", path=str(path), error=str(exc))
         return 0
-    done = 0
+    # per (tier, partition): the pairs and their stamps on this run's clock (the age they have)
+    found: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+    mono_now_ns = int(mono_now * 1e9)
     for b in batches:
         r = b.records
         has = r["event_id"] != 0
@@ -124,19 +126,19 @@ def rebuild(path: Path, tables: dict[str, list[Deduplicator]], topics: TopicTabl
         for fid in file_ids.tolist():
             remap[fid] = topics.intern(b.topics[fid])
         tids = remap[r["topic_id"]]
-        ids = r["event_id"]
-        # one commit per (tier, partition, age in seconds): stamps keep the age they have
-        age_s = np.maximum(0, (wall_now - stored_ns.astype(np.int64)) // 1_000_000_000)
+        age_ns = np.maximum(0, wall_now - stored_ns.astype(np.int64))
+        stamps = np.maximum(1, mono_now_ns - age_ns).astype(np.uint64)
         tier = route[r["priority"]]
         for t in np.unique(tier).tolist():
-            parts = tables[names[t]]
-            sel_t = tier == t
-            part = tids[sel_t] % len(parts)
+            sel_t = np.flatnonzero(tier == t)
+            part = tids[sel_t] % len(tables[names[t]])
             for p in np.unique(part).tolist():
-                sel = np.flatnonzero(sel_t)[part == p]
-                for a in np.unique(age_s[sel]).tolist():
-                    s = sel[age_s[sel] == a]
-                    parts[p].commit(ids[s], tids[s], now=max(mono_now - a, 1e-9))
-                    done += len(s)
+                sel = sel_t[part == p]
+                found.setdefault((t, p), []).append((r["event_id"][sel], tids[sel], stamps[sel]))
+    done = 0
+    for (t, p), chunks in found.items():
+        ids, tags, stamps = (np.concatenate(c) for c in zip(*chunks))
+        tables[names[t]][p].load(ids, tags, stamps)
+        done += len(ids)
     log.info("dedup_rebuilt", path=str(path), keys=done, window_s=window_s)
     return done

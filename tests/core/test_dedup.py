@@ -200,3 +200,15 @@ def test_plain_int_and_numpy_paths_agree():
     finally:
         small.close()
         big.close()
+
+
+def test_load_keeps_each_pairs_newest_stamp_and_expires_by_it():
+    clock = FakeClock(100.0)
+    with Deduplicator(16, window_s=10.0, clock=clock) as d:
+        d.commit(*pairs([9], [1]), now=85.0)  # present already, older than what the log says
+        s = lambda t: int(t * 1e9)  # noqa: E731
+        d.load(*pairs([1, 1, 2, 9, 0], [1, 1, 1, 1, 1]), [s(95.0), s(89.0), s(89.0), s(96.0), s(99.0)])
+        assert len(d) == 3  # (1,1) (2,1) (9,1); id 0 never
+        assert d.seen(*pairs([1, 2, 9], [1, 1, 1])).tolist() == [True, False, True]  # (2,1) expired at 99
+        clock.t = 105.5
+        assert d.seen(*pairs([1, 9], [1, 1])).tolist() == [False, True]  # 95 + 10 <= 105.5 < 96 + 10
