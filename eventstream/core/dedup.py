@@ -142,7 +142,7 @@ class Deduplicator:
             self.evicted += drop
             self.evictions += 1
         table = IdTable(buckets, None, self._node)
-        table.insert_bulk(ids, tags, stamps)
+        table.upsert_bulk(ids, tags, stamps)
         self._table = table
         self._used = len(ids)
         self.removed += removed
@@ -187,50 +187,35 @@ class Deduplicator:
     def commit(self, ids, tags, now=None) -> None:
         """Record pairs as done at `now`: refresh present ones, insert the others (repeats allowed)."""
         ids, tags = self._pairs(ids, tags)
-        nz = ids != 0
-        if not nz.all():
-            ids, tags = ids[nz], tags[nz]
-        if not len(ids):
-            return
-        if len(ids) > 1:  # distinct pairs only (insert_bulk places each once)
-            order = np.lexsort((tags, ids))
-            ids, tags = ids[order], tags[order]
-            first = np.ones(len(ids), dtype=bool)
-            first[1:] = (ids[1:] != ids[:-1]) | (tags[1:] != tags[:-1])
-            ids, tags = ids[first], tags[first]
         now_ns = self._now_ns(now)
-        t = self._table
-        slots = t.lookup(ids, tags)
-        found = slots >= 0
-        t.stamps[slots[found]] = now_ns
-        if not found.all():
-            self._insert(ids[~found], tags[~found], now_ns, now_ns)
+        self._upsert(ids, tags, np.full(len(ids), now_ns, dtype=np.uint64), now_ns)
 
     def load(self, ids, tags, stamps_ns) -> None:
         """Commit pairs each with its own stamp (clock ns), as the rebuild at start does: a pair given
-        more than once, or already present, keeps its newest stamp. One sort, one lookup, one insert."""
+        more than once, or already present, keeps its newest stamp."""
         ids, tags = self._pairs(ids, tags)
-        stamps = np.asarray(stamps_ns, dtype=np.uint64).reshape(-1)
+        stamps = np.maximum(np.asarray(stamps_ns, dtype=np.uint64).reshape(-1), 1)
+        self._upsert(ids, tags, stamps, self._now_ns(None))
+
+    def _upsert(self, ids: np.ndarray, tags: np.ndarray, stamps: np.ndarray, now_ns: int) -> None:
         nz = ids != 0
-        ids, tags, stamps = ids[nz], tags[nz], np.maximum(stamps[nz], 1)
+        if not nz.all():
+            ids, tags, stamps = ids[nz], tags[nz], stamps[nz]
         if not len(ids):
             return
-        order = np.lexsort((stamps, tags, ids))  # by pair, then stamp: the newest of a pair is last
-        ids, tags, stamps = ids[order], tags[order], stamps[order]
-        last = np.ones(len(ids), dtype=bool)
-        last[:-1] = (ids[1:] != ids[:-1]) | (tags[1:] != tags[:-1])
-        ids, tags, stamps = ids[last], tags[last], stamps[last]
         t = self._table
         slots = t.lookup(ids, tags)
         found = slots >= 0
-        at = slots[found]
-        t.stamps[at] = np.maximum(t.stamps[at], stamps[found])
+        if found.any():
+            at = slots[found]
+            t.stamps[at] = np.maximum(t.stamps[at], stamps[found])
         if not found.all():
-            self._insert(ids[~found], tags[~found], stamps[~found], self._now_ns(None))
+            self._insert(ids[~found], tags[~found], stamps[~found], now_ns)
 
     def _insert(self, ids: np.ndarray, tags: np.ndarray, stamps, now_ns: int) -> None:
-        """Insert distinct pairs known to be absent from the current table, stamped `stamps` (one
-        clock ns for all, or one each); `now_ns` decides what has expired if the table is rebuilt."""
+        """Insert pairs absent from the current table (a pair may repeat: it keeps its newest stamp),
+        stamped `stamps` (one clock ns for all, or one each); `now_ns` decides what has expired if
+        the table is rebuilt to make room."""
         if np.isscalar(stamps):
             stamps = np.full(len(ids), stamps, dtype=np.uint64)
         t = self._room(len(ids), now_ns)
@@ -244,8 +229,7 @@ class Deduplicator:
             self.evictions += 1
             order = order[drop:]
             ids, tags, stamps = ids[order], tags[order], stamps[order]
-        t.insert_bulk(ids, tags, stamps)
-        self._used += len(ids)
+        self._used += t.upsert_bulk(ids, tags, stamps)
 
     # -- a few pairs (plain ints) -----------------------------------------------------------------------
     def seen_few(self, pairs: list[tuple[int, int]], now_ns: int | None = None) -> list[bool]:

@@ -12,7 +12,7 @@ nothing of windows or expiry: core/dedup.py gives stamps their meaning. The tabl
 time (core/dedup.py says who); nothing here is atomic.
 
 Two ways in:
-* `lookup` / `insert_bulk`: numpy over a whole batch;
+* `lookup` / `upsert_bulk`: numpy over a whole batch;
 * `slot_int`: one pair as plain ints, no numpy temporaries (a few events at a time).
 """
 
@@ -91,27 +91,38 @@ class IdTable:
             active = active[(k != 0) & ~hit]
         return slot_of
 
-    def insert_bulk(self, ids: np.ndarray, tags: np.ndarray, stamps: np.ndarray) -> None:
-        """Vectorized linear-probing insert of distinct pairs that are not in the table yet."""
-        home = self.home(ids, tags)
-        offset = np.zeros(len(ids), dtype=np.int64)
+    def upsert_bulk(self, ids: np.ndarray, tags: np.ndarray, stamps: np.ndarray) -> int:
+        """Vectorized: a pair already present keeps the newer of its stamps, an absent one is inserted;
+        a pair may be given several times. Returns the slots filled (the caller makes room first)."""
+        pos = self.home(ids, tags)
         pending = np.arange(len(ids))
+        filled = 0
         while len(pending):
-            slots = (home[pending] + offset[pending]) & self.mask
-            cand = np.flatnonzero(self.ids[slots] == 0)
-            # pairs racing for one free slot: each writes its index into the free slot's stamp (free
-            # slots' stamps mean nothing) and reading back says which one took it; the others probe on
-            cslots = slots[cand]
-            self.stamps[cslots] = cand
-            win = cand[self.stamps[cslots] == cand.astype(np.uint64)]
-            at, who = slots[win], pending[win]
-            self.ids[at] = ids[who]
-            self.tags[at] = tags[who]
-            self.stamps[at] = stamps[who]
-            lose = np.ones(len(pending), dtype=bool)
-            lose[win] = False
-            pending = pending[lose]
-            offset[pending] += 1  # its slot is taken now (by another pair, or was already)
+            slots = pos[pending]
+            cur = self.ids[slots]
+            same = (cur == ids[pending]) & (self.tags[slots] == tags[pending])
+            if same.any():  # rare (a repeat): maximum.at handles repeats of one slot
+                np.maximum.at(self.stamps, slots[same], stamps[pending[same]])
+            cand = np.flatnonzero(cur == 0)
+            won = np.zeros(len(pending), dtype=bool)
+            if len(cand):
+                # pairs racing for one free slot: each writes its index into the free slot's stamp
+                # (free slots' stamps mean nothing) and reading back says which one took it
+                cslots = slots[cand]
+                self.stamps[cslots] = cand
+                win = cand[self.stamps[cslots] == cand.astype(np.uint64)]
+                at, who = slots[win], pending[win]
+                self.ids[at] = ids[who]
+                self.tags[at] = tags[who]
+                self.stamps[at] = stamps[who]
+                won[win] = True
+                filled += len(win)
+            # the losers of a race look at the same slot again (the winner may be the same pair);
+            # the others move on
+            move = (cur != 0) & ~same
+            pos[pending[move]] = (slots[move] + 1) & self.mask
+            pending = pending[~(same | won)]
+        return filled
 
     def occupied(self) -> int:
         """Slots holding a pair."""

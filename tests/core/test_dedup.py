@@ -78,7 +78,7 @@ def test_pairs_sharing_one_probe_chain_stay_apart():
         assert len(same) >= 8
         ids, tags = pairs([p[0] for p in same], [p[1] for p in same])
         assert (t.home(ids, tags) == want).all()
-        t.insert_bulk(ids, tags, np.arange(1, len(same) + 1, dtype=U64))
+        assert t.upsert_bulk(ids, tags, np.arange(1, len(same) + 1, dtype=U64)) == len(same)
         slots = t.lookup(ids, tags)
         assert len(set(slots.tolist())) == len(same) and (slots >= 0).all()
         assert t.stamps[slots].tolist() == list(range(1, len(same) + 1))
@@ -212,3 +212,16 @@ def test_load_keeps_each_pairs_newest_stamp_and_expires_by_it():
         assert d.seen(*pairs([1, 2, 9], [1, 1, 1])).tolist() == [True, False, True]  # (2,1) expired at 99
         clock.t = 105.5
         assert d.seen(*pairs([1, 9], [1, 1])).tolist() == [False, True]  # 95 + 10 <= 105.5 < 96 + 10
+
+
+def test_upsert_places_a_repeated_pair_once_with_its_newest_stamp():
+    t = IdTable(64, None, -1, seed=7)
+    try:
+        ids, tags = pairs([4, 4, 5, 4, 5, 6], [1, 1, 1, 1, 2, 1])
+        assert t.upsert_bulk(ids, tags, np.array([3, 9, 2, 5, 8, 1], dtype=U64)) == 4  # (4,1) (5,1) (5,2) (6,1)
+        slots = t.lookup(*pairs([4, 5, 5, 6], [1, 1, 2, 1]))
+        assert t.stamps[slots].tolist() == [9, 2, 8, 1]
+        assert t.upsert_bulk(*pairs([4, 7], [1, 1]), np.array([4, 4], dtype=U64)) == 1  # (4,1) keeps 9
+        assert t.stamps[t.lookup(*pairs([4, 7], [1, 1]))].tolist() == [9, 4] and t.occupied() == 5
+    finally:
+        t.close()
