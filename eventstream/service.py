@@ -63,10 +63,14 @@ class StartupError(RuntimeError):
 
 
 class Service:
-    def __init__(self, cfg: Config, *, handlers: dict | None = None, allow_gil: bool | None = None):
-        """`allow_gil`: run even with the GIL on (comparisons); None = as EVENTSTREAM_ALLOW_GIL says."""
+    def __init__(self, cfg: Config, *, handlers: dict | None = None, allow_gil: bool | None = None,
+                 flows: list | None = None):
+        """`allow_gil`: run even with the GIL on (comparisons); None = as EVENTSTREAM_ALLOW_GIL says.
+        `flows`: eventstream.flow.Flow objects to run inside the engine (with those of `flows.builders`)."""
         self.cfg = cfg
         self.handlers = handlers
+        self.flow_defs = flows
+        self.flows = None  # eventstream/flow/runtime.py FlowSet, started after the processors
         self.allow_gil = gil.gil_allowed_by_env() if allow_gil is None else allow_gil
         self.topics = TopicTable(cfg.server.max_topics)
         self.dtype = record_dtype(cfg.records.payload_bytes)
@@ -149,6 +153,7 @@ class Service:
             self._build_bus()
             store = self._build_store(data)
             self._start_processors(data, store)
+            self._start_flows(data)
             self._start_ingest()
             self._start_subscribe()
             self._start_control()
@@ -253,6 +258,16 @@ class Service:
                 self.bus[tier].lanes = self.manager.lanes(tier)
         if self.connectors is not None:
             self.connectors.start()
+
+    def _start_flows(self, data: Path) -> None:
+        """Dataflows (eventstream/flow): log consumers writing back through the bus; stopped before the
+        processors so their last outputs are stored."""
+        from eventstream.flow.runtime import start_flows
+
+        try:
+            self.flows = start_flows(self, data, self.flow_defs)
+        except (ValueError, OSError) as exc:
+            raise StartupError(str(exc)) from None
 
     def _start_ingest(self) -> None:
         """TCP and UDP. Admission (the control plane's level) is applied at the edge: TCP readers hold
@@ -363,6 +378,8 @@ class Service:
         conn = self.connectors
         if conn is not None:  # connectors hook: the NATS source stops pulling, like ingest
             conn.stop_intake()
+        if self.flows is not None:  # before the processors: a flow's last outputs are stored
+            self.flows.stop()
         if getattr(self, "control", None) is not None:
             self.control.stop()
         still_running = False
@@ -419,6 +436,8 @@ class Service:
                 out.extend(srv.failures())
         if self.connectors is not None:  # connectors hook
             out.extend(self.connectors.failures())
+        if self.flows is not None:
+            out.extend(self.flows.failures())
         return out
 
     def summary(self) -> dict:

@@ -16,7 +16,7 @@ import sys
 
 from eventstream.runtime import gil
 
-COMMANDS = ("serve", "config", "send", "load", "dump", "tail", "replay", "dlq", "top", "bench")
+COMMANDS = ("serve", "config", "send", "load", "dump", "tail", "replay", "dlq", "top", "bench", "flows")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_GIL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 

@@ -332,6 +332,18 @@ class ConnectorsConfig:
 
 
 @dataclass
+class FlowsConfig:
+    # dataflows run inside the engine (eventstream/flow, docs/flows.md): each entry 'module:function'
+    # names a function returning a Flow (or a list of them)
+    builders: list[str] = field(default_factory=list)
+    parallelism: int = field(default=1, metadata={"range": (1, 64)})  # partition threads per flow
+    cpus: list[int] = field(default_factory=list, metadata={"cpus": True})  # CPUs of the flow threads
+    snapshot_interval_s: float = field(default=5.0, metadata={"range": (0.0, 86400.0)})  # state + offset
+    chunk_bytes: int = field(default=1 << 20, metadata={"range": (4096, 1 << 30)})  # log read per step
+    state_dir: str = ""  # snapshots and status files; '' = <storage.data_dir>/flows
+
+
+@dataclass
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     records: RecordsConfig = field(default_factory=RecordsConfig)
@@ -346,6 +358,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     connectors: ConnectorsConfig = field(default_factory=ConnectorsConfig)
+    flows: FlowsConfig = field(default_factory=FlowsConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -19,6 +19,8 @@ from __future__ import annotations
 OVERLOAD = ("overflow", "timeout", "evicted", "backpressure", "paused")
 # Processing (engine/processors) and lifecycle (service.py)
 PROCESSING = ("handler_error", "retries_exhausted", "shutdown", "duplicate", "sink_failed")
+# Dataflows (eventstream/flow): events behind the watermark, events an operator raised on
+FLOWS = ("late", "flow_error")
 # Frames refused by the decoder: FrameError.error_class (protocol/decoder.py)
 FRAME = ("topic_len", "topic_utf8", "priority", "kind", "crc", "payload_too_large", "framing")
 # Per-client limits (ingest/limits.py, ingest/auth.py; rejects_limited: rejected frames not written to
@@ -28,7 +30,7 @@ LIMITS = ("rate_limited", "too_many_topics", "auth", "rejects_limited")
 CONNECTORS = ("connector",)
 OTHER = "other"
 
-REASONS: tuple[str, ...] = OVERLOAD + PROCESSING + FRAME + LIMITS + CONNECTORS + (OTHER,)
+REASONS: tuple[str, ...] = OVERLOAD + PROCESSING + FLOWS + FRAME + LIMITS + CONNECTORS + (OTHER,)
 _KNOWN = frozenset(REASONS)
 
 # decoder/framing messages without a category prefix -> their class (checked with str.startswith)
