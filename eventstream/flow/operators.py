@@ -13,19 +13,23 @@ when the log is replayed after a crash.
 
 from __future__ import annotations
 
+import functools
 import heapq
 from collections.abc import Callable
+from itertools import repeat
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from eventstream.flow import ids
-from eventstream.flow.aggregators import Aggregator, Vector
+from eventstream.flow.aggregators import Aggregator, Fold, Vector
 from eventstream.flow.batch import Batch, as_list, merge_in_order
 from eventstream.flow.watermarks import MIN_TS, BoundedOutOfOrderness
 from eventstream.flow.windows import Session, WindowResult
 
 LATE_SALT = ids.name_hash("late")
+_MISSING = object()
+_SIMPLE_KEYS = frozenset((int, str, bytes, float, bool, type(None)))
 
 
 class Joined(NamedTuple):
@@ -36,6 +40,9 @@ class Joined(NamedTuple):
     end: int
     left: Any
     right: Any
+
+
+_make_result = functools.partial(tuple.__new__, WindowResult)  # WindowResult from a tuple, no Python frame
 
 
 class Context:
@@ -264,10 +271,11 @@ class KeyBy(Op):
             return batch.replace(keys=keys)
         else:
             keys, bad = self.each(p["fn"], batch.values, ctx)
-        try:  # keys must hash the same in every run (ids.key_hash): check them here, once
-            ctx.hasher.hashes(keys)
-        except TypeError:
-            bad = sorted(bad + self._bad_keys(keys, {p for p, _ in bad}, ctx))
+        if not set(map(type, keys)) <= _SIMPLE_KEYS:  # tuples, or keys that cannot be hashed stably
+            try:
+                ctx.hasher.hashes(keys)
+            except TypeError:
+                bad = sorted(bad + self._bad_keys(keys, {p for p, _ in bad}, ctx))
         out = batch.replace(keys=keys)
         if bad:
             out = out.take(self.drop_bad(batch, bad, ctx))
@@ -342,13 +350,18 @@ class Sink(Op):
 
 # ---------------------------------------------------------------------------------------- stateful
 class KeyTable:
-    """Keys of one stateful operator in one partition -> dense rows (arrival order), with their hashes."""
+    """Keys of one stateful operator in one partition -> dense rows (arrival order), with their hashes.
+
+    Integer key columns (numpy) are looked up without Python per event: a sorted array of the known
+    keys and np.searchsorted; only keys seen for the first time go through the dict."""
 
     def __init__(self, hasher: ids.KeyHasher):
         self.hasher = hasher
         self.rows: dict = {}
         self.keys: list = []
         self.hashes = np.zeros(16, dtype=np.uint64)
+        self._sorted = np.zeros(0, dtype=np.int64)  # known integer keys, sorted
+        self._sorted_rows = np.zeros(0, dtype=np.intp)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -367,24 +380,42 @@ class KeyTable:
 
     def rows_of(self, keys) -> np.ndarray:
         """The row of every key of a key column (new keys are added, in order of first appearance)."""
-        rows = self.rows
+        if isinstance(keys, np.ndarray) and keys.dtype.kind in "iu":
+            return self._rows_int(keys.astype(np.int64, copy=False))
         if isinstance(keys, np.ndarray):
-            uniq, first, inv = np.unique(keys, return_index=True, return_inverse=True)
-            ul = uniq.tolist()
-            missing = [i for i, k in enumerate(ul) if k not in rows]
-            if missing:  # in order of first appearance in the batch: deterministic rows
-                missing.sort(key=lambda i: first[i])
-                self._add([ul[i] for i in missing])
-            ur = np.fromiter((rows[k] for k in ul), dtype=np.intp, count=len(ul))
-            return ur[inv.reshape(-1)]
-        out = []
-        for k in keys:
-            r = rows.get(k)
-            if r is None:
-                self._add([k])
-                r = len(self.keys) - 1
-            out.append(r)
-        return np.array(out, dtype=np.intp)
+            keys = keys.tolist()
+        rows = list(map(self.rows.get, keys))
+        if None in rows:  # new keys, added in order of first appearance
+            self._add(list(dict.fromkeys(k for k, r in zip(keys, rows) if r is None)))
+            rows = list(map(self.rows.get, keys))
+        return np.array(rows, dtype=np.intp)
+
+    def _rows_int(self, keys: np.ndarray) -> np.ndarray:
+        known = self._sorted
+        pos = np.searchsorted(known, keys)
+        if len(known):
+            hit = known[np.minimum(pos, len(known) - 1)] == keys
+        else:
+            hit = np.zeros(len(keys), dtype=bool)
+        if not hit.all():
+            miss = keys[~hit]
+            uniq, first = np.unique(miss, return_index=True)
+            new = uniq[np.argsort(first, kind="stable")]  # in order of first appearance
+            n0 = len(self.keys)
+            self._add(new.tolist())
+            ks = np.concatenate((self._sorted, new))
+            rs = np.concatenate((self._sorted_rows, np.arange(n0, n0 + len(new), dtype=np.intp)))
+            order = np.argsort(ks, kind="stable")
+            self._sorted, self._sorted_rows = ks[order], rs[order]
+            return self._rows_int(keys)
+        return self._sorted_rows[pos]
+
+    def _index_ints(self) -> None:
+        ints = [(k, r) for k, r in self.rows.items() if isinstance(k, int)]
+        ks = np.fromiter((k for k, _ in ints), dtype=np.int64, count=len(ints))
+        rs = np.fromiter((r for _, r in ints), dtype=np.intp, count=len(ints))
+        order = np.argsort(ks, kind="stable")
+        self._sorted, self._sorted_rows = ks[order], rs[order]
 
     def state(self):
         return self.keys
@@ -394,6 +425,7 @@ class KeyTable:
         self.hashes = np.zeros(16, dtype=np.uint64)
         if keys:
             self._add(list(keys))
+        self._index_ints()
 
 
 class Reduce(Op):
@@ -607,22 +639,29 @@ class WindowAgg(Windowed):
     def _fold_each(self, batch, ev, starts, rows, ctx) -> None:
         values = as_list(batch.values)
         agg, open_ = self.agg, self.open
+        add = agg._add if isinstance(agg, Fold) else agg.add  # skip a wrapper call per event
+        create = agg.create
         bad: list[tuple[int, str]] = []
-        seen_bad: set[int] = set()
-        for i, s, r in zip(ev.tolist(), starts.tolist(), rows.tolist()):
-            if i in seen_bad:
-                continue
+        uniq = np.unique(starts)
+        for s in uniq.tolist():
+            sel = None if len(uniq) == 1 else np.flatnonzero(starts == s)
+            evs = ev if sel is None else ev[sel]
+            rs = rows if sel is None else rows[sel]
             d = open_.get(s)
             if d is None:
                 d = open_[s] = {}
-            acc = d.get(r)
-            try:
-                d[r] = agg.add(agg.create() if acc is None else acc, values[i])
-            except Exception as exc:  # noqa: BLE001
-                seen_bad.add(i)
-                bad.append((i, self.reason(exc)))
-        if bad:
-            self.drop_bad(batch, bad, ctx)
+            get = d.get
+            pairs = zip(rs.tolist(), evs.tolist())
+            while True:  # resumes after an event add() raised on (dead-lettered below)
+                try:
+                    for r, i in pairs:
+                        acc = get(r, _MISSING)
+                        d[r] = add(create() if acc is _MISSING else acc, values[i])
+                    break
+                except Exception as exc:  # noqa: BLE001
+                    bad.append((i, self.reason(exc)))
+        if bad:  # an event of several (hopping) windows is dead-lettered once
+            self.drop_bad(batch, sorted(dict(bad).items()), ctx)
 
     def due(self, ctx: Context) -> list[int]:
         if ctx.final:
@@ -646,6 +685,7 @@ class WindowAgg(Windowed):
         out_keys: list = []
         parts_rows, parts_start = [], []
         result = self.agg.result
+        identity = type(self.agg).result is Aggregator.result
         for s in due:
             acc = self.open.pop(s)
             if self.vector:
@@ -654,10 +694,11 @@ class WindowAgg(Windowed):
             else:
                 rows = np.fromiter(acc.keys(), dtype=np.intp, count=len(acc))
                 vals = list(acc.values())
-            for r, v in zip(rows.tolist(), vals):
-                k = keys[r]
-                values.append(WindowResult(k, s, s + size, result(v)))
-                out_keys.append(k)
+            ks = [keys[r] for r in rows.tolist()]
+            if not identity:
+                vals = list(map(result, vals))
+            values.extend(map(_make_result, zip(ks, repeat(s), repeat(s + size), vals)))
+            out_keys.extend(ks)
             parts_rows.append(rows)
             parts_start.append(np.full(len(rows), s, dtype=np.int64))
         rows = np.concatenate(parts_rows)

@@ -80,6 +80,66 @@ class FlowSettings:
     tick_s: float = 0.1  # processing-time windows: how often an idle flow looks at the clock
 
 
+class PartitionThreads:
+    """Runs an Executor's steps on P threads: the caller is partition 0, threads 1..P-1 are started
+    here; every stage runs on all partitions at once, with a barrier between stages."""
+
+    def __init__(self, executor: Executor, name: str, cpus=()):
+        self.executor = executor
+        self.P = executor.partitions
+        self.cpus = tuple(cpus)
+        self.name = name
+        self._barrier = threading.Barrier(self.P)
+        self._errors: list[BaseException] = []
+        self.threads = [threading.Thread(target=self._helper, args=(p,), name=f"{name}-{p}", daemon=True)
+                        for p in range(1, self.P)]
+
+    def start(self) -> PartitionThreads:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._barrier.abort()
+        for t in self.threads:
+            if t.is_alive() and t is not threading.current_thread():
+                t.join(timeout)
+
+    def _helper(self, p: int) -> None:
+        pin_current_thread(self.cpus, self.name)
+        stages = len(self.executor.stages)
+        try:
+            while True:
+                self._barrier.wait()  # a step begins (BrokenBarrierError: stop)
+                for s in range(stages):
+                    self._stage(s, p)
+                    self._barrier.wait()
+        except threading.BrokenBarrierError:
+            return
+
+    def _stage(self, s: int, p: int) -> None:
+        try:
+            self.executor.run_stage(s, p)
+        except BaseException as exc:  # a bug, not a user's operator (those dead-letter): stop the flow
+            self._errors.append(exc)
+
+    def step(self, batch: Batch) -> tuple[list, list]:
+        """Run every stage over `batch` on all partitions; returns what they emitted and dead-lettered."""
+        ex = self.executor
+        ex.load(batch)
+        if self.P == 1:
+            for s in range(len(ex.stages)):
+                self._stage(s, 0)
+        else:
+            self._barrier.wait()
+            for s in range(len(ex.stages)):
+                self._stage(s, 0)
+                self._barrier.wait()
+        if self._errors:
+            raise self._errors[0]
+        return ex.collect()
+
+
 class FlowRunner:
     """One flow in the engine (see the module doc). start() / stop() / statistics()."""
 
@@ -100,9 +160,8 @@ class FlowRunner:
         self.dead_lettered = 0
         self.error: BaseException | None = None
         self._stop = threading.Event()
-        self._barrier = threading.Barrier(self.P)
-        self._threads: list[threading.Thread] = []
-        self._stage_errors: list[BaseException] = []
+        self._parts = PartitionThreads(self.executor, f"es-flow-{flow.name}", s.cpus)
+        self._main = threading.Thread(target=self._run, name=f"es-flow-{flow.name}-0", daemon=True)
         self._own_topics = {t.name for t in flow.outputs() if isinstance(t, Topic)}
         self._match: dict[str, int] = {}
         self._topic_names: list[str] = []
@@ -118,61 +177,27 @@ class FlowRunner:
             self.executor.restore(state)
             self.snapshot_offset = self.offset
             log.info("flow_restored", flow=self.flow.name, offset=self.offset)
-        for p in range(self.P):
-            t = threading.Thread(target=self._run if p == 0 else self._helper, args=(p,),
-                                 name=f"es-flow-{self.flow.name}-{p}", daemon=True)
-            self._threads.append(t)
-        for t in self._threads:
-            t.start()
+        self._parts.start()
+        self._main.start()
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
-        for t in self._threads:
-            t.join(timeout)
+        if self._main.is_alive():
+            self._main.join(timeout)
+        self._parts.stop(timeout)
         for target in self.flow.outputs():
             if isinstance(target, NatsSubject):
                 target.close()
 
     def threads(self) -> list[threading.Thread]:
-        return list(self._threads)
+        return [self._main, *self._parts.threads]
 
-    # ------------------------------------------------------------------ threads
-    def _helper(self, p: int) -> None:
-        pin_current_thread(self.settings.cpus, f"flow {self.flow.name}")
-        ex = self.executor
-        try:
-            while True:
-                self._barrier.wait()  # a step begins (BrokenBarrierError: the flow stops)
-                for s in range(len(ex.stages)):
-                    self._stage(s, p)
-                    self._barrier.wait()
-        except threading.BrokenBarrierError:
-            return
-
-    def _stage(self, s: int, p: int) -> None:
-        try:
-            self.executor.run_stage(s, p)
-        except BaseException as exc:  # a bug, not a user's operator (those dead-letter): stop the flow
-            self._stage_errors.append(exc)
-
-    def _step(self, batch: Batch, *, final: bool = False) -> None:
-        ex = self.executor
-        ex.load(batch)
-        if self.P == 1:
-            for s in range(len(ex.stages)):
-                self._stage(s, 0)
-        else:
-            self._barrier.wait()
-            for s in range(len(ex.stages)):
-                self._stage(s, 0)
-                self._barrier.wait()
-        if self._stage_errors:
-            raise self._stage_errors[0]
-        emitted, dead = ex.collect()
+    def _step(self, batch: Batch) -> None:
+        emitted, dead = self._parts.step(batch)
         self._write(emitted, dead)
 
-    def _run(self, p: int) -> None:
+    def _run(self) -> None:
         pin_current_thread(self.settings.cpus, f"flow {self.flow.name}")
         tail = LogTail(self.ports.log_path, self.ports.dtype, self.ports.index, start=self.offset,
                        chunk_bytes=self.settings.chunk_bytes)
@@ -208,7 +233,7 @@ class FlowRunner:
             log.exception("flow_failed", flow=self.flow.name)
         finally:
             tail.close()
-            self._barrier.abort()
+            self._parts.stop(0)
 
     def _park(self, timeout: float) -> None:
         wait = self.ports.wait_stored
