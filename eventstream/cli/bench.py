@@ -22,6 +22,7 @@ BENCHMARKS = {
     "latency": "idle case: 1 CRITICAL event per ms, realtime latency and ACK round trip per ACK mode",
     "rings": "SPSC/MPSC ring throughput vs queue.Queue and deque",
     "ingest": "frame codec and TCP ingest throughput",
+    "flows": "dataflows: keyed window count (numpy, per-event Python), map + reduce; 1 vs 2 threads, GIL off and on",
 }
 
 

@@ -77,6 +77,12 @@ def test_an_operator_that_raises_dead_letters_with_its_name_and_the_flow_keeps_r
         wait_until(lambda: len(stored(data, "ratios")) >= 2, 30, "the outputs")
         wait_until(lambda: svc.metrics.dropped_by_reason().get("flow_error"), 30, "the dead letter")
         assert svc.failures() == []
+        text = svc.metrics.render().decode()
+    # per-operator metrics, labels {flow, operator} only
+    assert 'flow_operator_errors_total{flow="ratio",operator="divide"} 1.0' in text
+    assert 'flow_operator_in_total{flow="ratio",operator="divide"} 3.0' in text
+    assert 'flow_operator_out_total{flow="ratio",operator="divide"} 2.0' in text
+    assert 'flow_operator_state_keys{flow="ratio",operator="divide"} 0.0' in text
     assert stored_json(data, "ratios") == [{"r": 25}, {"r": 20}]
     entries = [e for e in read_dlq(data / "dlq_log.txt") if e.reason.startswith("flow_error")]
     assert len(entries) == 1
