@@ -34,6 +34,7 @@ from eventstream.engine.control import Backpressure, ControlThread, Level, Sampl
 from eventstream.engine.dispatcher import sequence_base
 from eventstream.engine.dlq import DeadLetterLog, reason_category
 from eventstream.engine.levels import LevelActions
+from eventstream.errors import StartupError
 from eventstream.engine.manager import ProcessManager
 from eventstream.engine.processors import Sinks
 from eventstream.ingest.admission import Admission
@@ -56,10 +57,6 @@ BACKPRESSURE_REASONS = ("backpressure", "paused")
 # ("backpressure", "paused": counting those would hold the level up by itself), not malformed input
 # (one bad client must not raise the level for everyone), not handler failures.
 OVERLOAD_REASONS = ("overflow", "timeout", "evicted")
-
-
-class StartupError(RuntimeError):
-    """The service cannot start (port in use, bad handler, unwritable data dir...)."""
 
 
 class Service:

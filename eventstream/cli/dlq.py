@@ -125,7 +125,7 @@ def _prio(p: int) -> str:
 
 def _open(args):
     """(entries iterator, bad-line list) or an exit code."""
-    from eventstream.engine.dlq import read_dlq
+    from eventstream.engine.dlq_reader import read_dlq
 
     path = resolve(args)
     if path is None:

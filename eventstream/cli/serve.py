@@ -52,7 +52,8 @@ def run(args) -> int:
     gil.require_gil_off(args.allow_gil, "eventstream serve")
 
     from eventstream.engine.handlers import HandlerError
-    from eventstream.service import Service, StartupError
+    from eventstream.errors import StartupError
+    from eventstream.service import Service
 
     # importing the engine pulled in atomics/cffi: check again
     gil.require_gil_off(args.allow_gil, "eventstream serve")

@@ -188,8 +188,8 @@ def _check_whole(cfg: Config, source: str) -> None:
         raise ConfigError(source, "server.tcp.max_partial_bytes", t.max_partial_bytes,
                           f"0 (no bound) or a value >= server.tcp.max_frame_bytes ({t.max_frame_bytes})")
     del s
-    # connectors.* (eventstream/connectors/subjects.py: subjects, globs, names)
-    from eventstream.connectors.subjects import check_config
+    # connectors.* (eventstream/config/subjects.py: subjects, globs, names)
+    from eventstream.config.subjects import check_config
     check_config(cfg, source)
 
 

@@ -287,7 +287,7 @@ class LoggingConfig:
 
 
 # ---------------------------------------------------------------------------------------- connectors
-# (eventstream/connectors: NATS JetStream sink and source; validated by connectors.subjects.check_config)
+# (eventstream/connectors: NATS JetStream sink and source; validated by config.subjects.check_config)
 PriorityName = Literal["BATCH", "LOW", "MEDIUM", "HIGH", "CRITICAL"]
 
 

@@ -53,7 +53,7 @@ import structlog
 from eventstream.connectors.headers import NATS_CONN_ID
 from eventstream.connectors.nats_sink import SinkSide
 from eventstream.connectors.nats_source import SourceSide
-from eventstream.connectors.subjects import glob_filter, glob_matches
+from eventstream.config.subjects import glob_filter, glob_matches
 from eventstream.core.payloads import has_ext, payload_list
 from eventstream.core.records import PRIORITY_NAMES
 
@@ -67,7 +67,7 @@ def import_nats():
         import nats.js.api  # noqa: F401
         import nats.js.errors  # noqa: F401
     except ImportError as exc:
-        from eventstream.service import StartupError
+        from eventstream.errors import StartupError
 
         raise StartupError(f"connectors.nats.enabled: true needs the nats-py package ({exc}); allowed: install it "
                            "(pip install 'eventstream[nats]') or set connectors.nats.enabled: false") from None
@@ -185,7 +185,7 @@ class NatsConnector(SinkSide, SourceSide):
 
     # ------------------------------------------------------------------ lifecycle (service thread)
     def start(self) -> None:
-        from eventstream.service import StartupError
+        from eventstream.errors import StartupError
 
         nats = import_nats()
         self._nats = nats

@@ -9,7 +9,7 @@ import numpy as np
 import structlog
 
 from eventstream.connectors.headers import H_MSG_ID, H_PRIORITY, H_PRODUCER_TS
-from eventstream.connectors.subjects import topic_subject
+from eventstream.config.subjects import topic_subject
 from eventstream.core.payloads import payload_list
 
 log = structlog.get_logger("eventstream.connectors.nats")

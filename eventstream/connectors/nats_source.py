@@ -13,7 +13,7 @@ import structlog
 
 from eventstream.connectors.headers import (H_MSG_ID, H_PRIORITY, H_PRODUCER_TS, NATS_CONN_ID, hashed_id,
                                             numeric_id, parse_priority)
-from eventstream.connectors.subjects import subject_topic
+from eventstream.config.subjects import subject_topic
 from eventstream.core.topics import MAX_TOPIC_BYTES
 
 log = structlog.get_logger("eventstream.connectors.nats")

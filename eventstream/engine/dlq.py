@@ -363,6 +363,3 @@ def segment_paths(path: str | os.PathLike) -> list[tuple[int, Path]]:
            if nm.startswith(prefix) and nm[len(prefix):].isdigit()]
     return sorted(out)
 
-
-# reading lives in dlq_reader.py; these names stay importable from here
-from eventstream.engine.dlq_reader import BadLine, parse_line, read_dlq, to_records  # noqa: E402,F401,I001

@@ -19,7 +19,8 @@ from eventstream.client import TcpClient
 from eventstream.config import load_config
 from eventstream.core import records as rec
 from eventstream.core.topics import TopicTable
-from eventstream.engine.dlq import DeadLetterLog, read_dlq
+from eventstream.engine.dlq import DeadLetterLog
+from eventstream.engine.dlq_reader import read_dlq
 from eventstream.protocol.frames import KIND_NACK, encode_v2, split_control_frames
 from eventstream.service import Service
 from eventstream.storage import EventLogReader

@@ -22,8 +22,8 @@ from nats_fixtures import (_run, consumer_done, consumer_state, engine_cfg, engi
 from eventstream.client import TcpClient
 from eventstream.config import ConfigError, load_config
 from eventstream.connectors.jetstream import NATS_CONN_ID
-from eventstream.connectors.subjects import glob_filter, glob_matches, topic_subject
-from eventstream.engine.dlq import read_dlq
+from eventstream.config.subjects import glob_filter, glob_matches, topic_subject
+from eventstream.engine.dlq_reader import read_dlq
 from eventstream.service import Service
 from eventstream.storage import EventLogReader
 
@@ -424,7 +424,8 @@ def test_missing_nats_py_is_a_startup_error_naming_the_key(tmp_path):
         import sys
         sys.modules['nats'] = None
         from eventstream.config import load_config
-        from eventstream.service import Service, StartupError
+        from eventstream.errors import StartupError
+        from eventstream.service import Service
         over = {engine_overrides(tmp_path / 'd', 'nats://127.0.0.1:1', **{'connectors.nats.sink.enabled': True,
                                                                           'metrics.enabled': False})!r}
         try:
@@ -442,7 +443,7 @@ def test_unreachable_server_is_a_startup_error_naming_the_key(tmp_path):
     pytest.importorskip("nats")
     from nats_fixtures import free_port
 
-    from eventstream.service import StartupError
+    from eventstream.errors import StartupError
 
     cfg = engine_cfg(tmp_path / "d", f"nats://127.0.0.1:{free_port()}",
                      **{"connectors.nats.sink.enabled": True, "connectors.nats.connect_timeout_s": 0.5})

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from eventstream.config import load_config
-from eventstream.service import Service, StartupError
+from eventstream.errors import StartupError
+from eventstream.service import Service
 
 REPO = Path(__file__).resolve().parents[2]
 

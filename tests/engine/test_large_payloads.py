@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from eventstream.client import TcpClient
 from eventstream.config import load_config
 from eventstream.core.payloads import chunk_bytes_for
-from eventstream.engine.dlq import read_dlq
+from eventstream.engine.dlq_reader import read_dlq
 from eventstream.service import Service
 from eventstream.storage import EventLogReader
 

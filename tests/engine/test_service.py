@@ -15,7 +15,7 @@ import pytest
 
 from eventstream.client import TcpClient, UdpSender
 from eventstream.config import load_config
-from eventstream.engine.dlq import read_dlq
+from eventstream.engine.dlq_reader import read_dlq
 from eventstream.service import Service
 from eventstream.storage import EventLogReader
 

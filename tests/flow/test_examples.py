@@ -12,7 +12,8 @@ import pytest
 from flow_helpers import S, engine_config, stored_json, wait_until
 
 from eventstream.client import TcpClient
-from eventstream.service import Service, StartupError
+from eventstream.errors import StartupError
+from eventstream.service import Service
 from eventstream.testing import run_flow
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ import pytest
 from flow_helpers import S, engine_config, stored, stored_json, wait_until
 
 from eventstream.client import TcpClient
-from eventstream.engine.dlq import read_dlq
+from eventstream.engine.dlq_reader import read_dlq
 from eventstream.flow import Count, Flow, Json, Tumbling, ids
 from eventstream.runtime import gil
 from eventstream.service import Service

@@ -20,7 +20,8 @@ from eventstream.core.topics import TopicTable
 from eventstream.ingest.sinks import CollectingSink
 from eventstream.ingest.udp import UdpServer
 from eventstream.protocol.frames import encode_v2
-from eventstream.service import Service, StartupError
+from eventstream.errors import StartupError
+from eventstream.service import Service
 
 REPO = Path(__file__).resolve().parents[2]
 

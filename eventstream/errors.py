@@ -1,0 +1,8 @@
+"""Errors raised across layers. Imports nothing from eventstream, so any layer may raise them."""
+
+from __future__ import annotations
+
+
+class StartupError(RuntimeError):
+    """The service cannot start (port in use, bad handler, unwritable data dir, missing nats-py...).
+    The message names what was wrong and what is allowed; `eventstream serve` prints it and exits 2."""
