@@ -45,7 +45,8 @@ from eventstream.ingest.tcp import TcpServer
 from eventstream.ingest import tls as tlsmod
 from eventstream.ingest.tls import TlsConfigError
 from eventstream.ingest.udp import UdpServer
-from eventstream.metrics.engine_gauges import register_dedup, register_engine_gauges, register_tcp_limits
+from eventstream.metrics.engine_gauges import (register_dedup, register_engine_gauges, register_storage,
+                                               register_subscribe, register_tcp_limits)
 from eventstream.metrics.registry import MetricsRegistry
 from eventstream.runtime import gil
 from eventstream.storage.writer import EventLog
@@ -247,6 +248,7 @@ class Service:
             self.dedup_rebuilt = idempotency.rebuild(data / cfg.storage.events_file, self.manager.dedups,
                                                      self.topics, ROUTE, QUEUE_NAMES, cfg.dedup.window_s)
         register_engine_gauges(self.metrics, self.bus, QUEUE_NAMES, self.topics, self.payloads, self.failures)
+        register_storage(self.metrics, self.event_log, self.dlq)
         if self.manager.dedups is not None:
             register_dedup(self.metrics, self.manager.dedups)
         self.manager.start()
@@ -294,10 +296,7 @@ class Service:
             return
         self._start_server(sub, "server.subscribe")
         self._closers.append(sub.stop)
-        self.metrics.gauge_fn("subscribers", {}, lambda: sub.statistics()["subscribers"],
-                              doc="subscriber connections (bound: server.subscribe.max_subscribers)")
-        self.metrics.counter_fn("subscribe_delivered", lambda: sub.statistics()["delivered"], {},
-                                doc="events sent to subscribers (DELIVER frames)")
+        register_subscribe(self.metrics, sub)
 
     def _start_control(self) -> None:
         self.backpressure = Backpressure(self.cfg.backpressure)

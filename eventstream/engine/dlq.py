@@ -144,6 +144,7 @@ class DeadLetterLog:
         self._counts: dict[str, int] = {}
         self._total = 0
         self._rotations = 0
+        self._deleted = 0  # old segments deleted by retention (max_segments, max_age_s)
         self._closed = False
         self._fd = self._open()
         self._size = os.fstat(self._fd).st_size
@@ -304,6 +305,7 @@ class DeadLetterLog:
         for _, p in doomed:
             try:
                 os.unlink(p)
+                self._deleted += 1
                 log.info("dlq_segment_deleted", segment=str(p))
             except FileNotFoundError:
                 pass
@@ -342,7 +344,8 @@ class DeadLetterLog:
     def statistics(self) -> dict:
         with self._lock:
             return {"total": self._total, "by_reason": dict(self._counts), "pending": 0,
-                    "bytes": self._size, "rotations": self._rotations}
+                    "bytes": self._size, "rotations": self._rotations,
+                    "segments_deleted": self._deleted}
 
     def __enter__(self) -> DeadLetterLog:
         return self

@@ -42,5 +42,42 @@ def register_dedup(m, dedups: dict) -> None:
                    doc="memory of the dedup tables (all tiers share dedup.max_bytes)")
         m.counter_fn("dedup_evicted", total(tier, "evicted"), lab,
                      doc="ids evicted before their window ended because dedup.max_bytes was reached")
+        m.gauge_fn("dedup_window_seconds", lab, lambda t=tier: max(d.statistics()["window_s"] for d in dedups[t]),
+                   doc="the window the dedup tables are configured to answer for (dedup.window_s)")
         m.gauge_fn("dedup_window_held_seconds", lab, held(tier),
                    doc="the window the dedup tables still answer for (dedup.window_s unless ids were evicted)")
+
+
+def register_storage(m, event_log, dlq) -> None:
+    """Retention of the event log and the DLQ: segments deleted."""
+    m.counter_fn("log_segments_deleted", lambda: event_log.statistics().get("segments_deleted", 0), {},
+                 doc="closed events.bin segments deleted by retention (storage.events_max_segments/_age_s)")
+    m.counter_fn("dlq_segments_deleted", lambda: dlq.statistics().get("segments_deleted", 0), {},
+                 doc="closed DLQ segments deleted by retention (storage.dlq_max_segments/_age_s)")
+
+
+def register_subscribe(m, sub) -> None:
+    """Subscribers (subscribe/server.py): sessions by kind, credit, refusals, deliveries, group lag.
+    Group names come from clients, so lag is the worst over all named groups, not one series each."""
+    for kind in ("handshake", "solo", "group"):
+        m.gauge_fn("subscribe_sessions", {"kind": kind}, lambda k=kind: sub.sessions_by_kind()[k],
+                   doc="subscriber connections by kind: in the handshake, solo tail, group member "
+                       "(bound: server.subscribe.max_subscribers together)")
+    m.gauge_fn("subscribers", {}, lambda: sub.statistics()["subscribers"],
+               doc="subscriber connections (bound: server.subscribe.max_subscribers)")
+    m.gauge_fn("subscribe_credit_outstanding", {}, lambda: sub.credit()["outstanding"],
+               doc="credit granted by subscribers and not yet used, over all sessions")
+    m.gauge_fn("subscribe_credit_exhausted", {}, lambda: sub.credit()["exhausted"],
+               doc="subscribed sessions with no credit left (waiting for their consumer)")
+    m.counter_fn("subscribe_delivered", lambda: sub.statistics()["delivered"], {},
+                 doc="events sent to subscribers (DELIVER frames)")
+    m.counter_fn("subscribe_refused", lambda: sub.statistics()["refused"], {},
+                 doc="subscriber connections refused (server.subscribe.max_subscribers reached)")
+    m.counter_fn("subscribe_errors", lambda: sub.statistics()["errors"], {},
+                 doc="subscriber sessions ended by a SUB_ERROR (protocol, auth, handshake deadline)")
+    m.gauge_fn("subscribe_groups", {}, lambda: sub.lag.lag()["groups"],
+               doc="named consumer groups with a committed offset")
+    m.gauge_fn("subscribe_group_lag_events", {}, lambda: sub.lag.lag()["events"],
+               doc="events stored after the lowest committed offset of any named group (the group furthest behind)")
+    m.gauge_fn("subscribe_group_lag_seconds", {}, lambda: sub.lag.lag()["seconds"],
+               doc="age of the oldest event some named group has not committed (0: every group caught up)")

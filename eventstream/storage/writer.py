@@ -89,7 +89,8 @@ class EventLog:
         self._sync_lock = threading.Lock()  # one fsync at a time in sync(); waiters share it
         self._synced_records = 0  # records covered by the last completed fsync
         self._closed = False
-        self._stats = {"records": 0, "bytes": 0, "flushes": 0, "fsyncs": 0, "topics": 0, "group_syncs": 0}
+        self._stats = {"records": 0, "bytes": 0, "flushes": 0, "fsyncs": 0, "topics": 0, "group_syncs": 0,
+                       "segments_deleted": 0}
         self._stop = threading.Event()
         self._cpus = cpus or []
         self._flusher: threading.Thread | None = None
@@ -178,6 +179,7 @@ class EventLog:
         for _, p in doomed:
             try:
                 p.unlink()
+                self._stats["segments_deleted"] += 1
                 log.info("log_segment_deleted", segment=str(p))
             except OSError as exc:
                 log.warning("log_segment_delete_failed", segment=str(p), error=str(exc))

@@ -37,6 +37,24 @@ class GroupStore:
     def __init__(self, directory: Path):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        # every group's committed offset (for lag, metrics and retention), read once, kept current by save()
+        self._offsets: dict[str, int] = {}
+        for p in self.dir.glob("*.json"):
+            try:
+                self._offsets[p.stem] = int(json.loads(p.read_text(encoding="utf-8"))["offset"])
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # load() names the file when a member of that group joins
+
+    def offsets(self) -> dict[str, int]:
+        """Committed offset of every named group that ever committed (live or not)."""
+        with self._lock:
+            return dict(self._offsets)
+
+    def lowest(self) -> int | None:
+        """The lowest committed offset of any named group (None: no group has committed)."""
+        with self._lock:
+            return min(self._offsets.values(), default=None)
 
     def _path(self, name: str) -> Path:
         return self.dir / f"{name}.json"
@@ -65,6 +83,8 @@ class GroupStore:
             os.fsync(dfd)  # the rename itself survives a power cut
         finally:
             os.close(dfd)
+        with self._lock:
+            self._offsets[name] = offset
 
 
 def open_tail(log_path: Path, dtype, index: SegmentIndex, sub: sp.Subscribe, resume: int | None = None) -> LogTail:

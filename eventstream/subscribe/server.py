@@ -16,9 +16,12 @@ import structlog
 from eventstream.runtime.affinity import pin_current_thread
 from eventstream.storage.tail import Progress, SegmentIndex
 from eventstream.subscribe.groups import GroupRegistry, GroupStore
+from eventstream.subscribe.lag import GroupLag
 from eventstream.subscribe.session import Session, refuse
 
 log = structlog.get_logger("eventstream.subscribe")
+
+SESSION_KINDS = ("handshake", "solo", "group")
 
 
 class SubscribeServer:
@@ -36,6 +39,7 @@ class SubscribeServer:
         sub_dir = Path(config.group_dir) if config.group_dir else Path(data_dir) / "subscribe"
         self.index = SegmentIndex(self.log_path, sub_dir / "segments.json", dtype)
         self.groups = GroupRegistry(GroupStore(sub_dir / "groups"), self.log_path, dtype, self.index)
+        self.lag = GroupLag(self.log_path, dtype, self.index, self.groups.store)
         self.lock = threading.Lock()
         self.sessions: dict[int, Session] = {}
         self._next_sid = 0
@@ -122,6 +126,23 @@ class SubscribeServer:
         with self.lock:
             return dict(self.stats, subscribers=len(self.sessions))
 
+    def sessions_by_kind(self) -> dict[str, int]:
+        """Connected sessions: in the handshake, following their own tail (solo), members of a group."""
+        out = dict.fromkeys(SESSION_KINDS, 0)
+        with self.lock:
+            sessions = list(self.sessions.values())
+        for s in sessions:
+            out["handshake" if s.source is None else ("group" if s.source.group else "solo")] += 1
+        return out
+
+    def credit(self) -> dict[str, int]:
+        """outstanding: credit granted and not yet used, over all sessions; exhausted: sessions past the
+        handshake with none left (their consumer is the bottleneck, not the log)."""
+        with self.lock:
+            sessions = list(self.sessions.values())
+        live = [s for s in sessions if s.source is not None]
+        return {"outstanding": sum(s.credit for s in live), "exhausted": sum(1 for s in live if s.credit <= 0)}
+
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping = True
         if self._sock is not None:
@@ -138,6 +159,7 @@ class SubscribeServer:
             s.stop()
         for s in sessions:
             s.thread.join(timeout)
+        self.lag.close()
         log.info("subscribe_stopped", **self.statistics())
 
 
