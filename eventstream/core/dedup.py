@@ -42,6 +42,9 @@ def buckets_within(max_bytes: int) -> int:
     return b
 
 
+_BUILD_MIN = 4096  # load() of at least this many pairs into an empty table builds it by sorting
+
+
 class MemoryBudget:
     """Bytes that several tables may use together (`dedup.max_bytes`): a table grows only while the
     sum stays within it, so a busy partition can use what idle ones leave. Growing is rare (a table
@@ -195,7 +198,28 @@ class Deduplicator:
         more than once, or already present, keeps its newest stamp."""
         ids, tags = self._pairs(ids, tags)
         stamps = np.maximum(np.asarray(stamps_ns, dtype=np.uint64).reshape(-1), 1)
+        if self._used == 0 and len(ids) >= _BUILD_MIN:  # an empty table: sized once, built by sorting
+            nz = ids != 0
+            if not nz.all():
+                ids, tags, stamps = ids[nz], tags[nz], stamps[nz]
+            if self._presize(len(ids)):
+                self._used = self._table.build(ids, tags, stamps)
+                return
         self._upsert(ids, tags, stamps, self._now_ns(None))
+
+    def _presize(self, n: int) -> bool:
+        """Grow the (empty) table at once so that `n` entries fill it at most half of max_load, as
+        far as max_buckets and the budget allow; True when `n` then fit under max_load."""
+        old = self._table
+        buckets = old.buckets
+        while (n > self.max_load * buckets / 2 and buckets < self.max_buckets
+               and self.budget.take(bytes_for(buckets))):
+            buckets *= 2
+        if buckets > old.buckets:
+            self.grows += 1
+            self._table = IdTable(buckets, None, self._node)
+            old.close()
+        return n <= self.max_load * buckets
 
     def _upsert(self, ids: np.ndarray, tags: np.ndarray, stamps: np.ndarray, now_ns: int) -> None:
         nz = ids != 0

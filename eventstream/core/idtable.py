@@ -46,14 +46,18 @@ class IdTable:
         self.stamps = self.arena.array(buckets, np.uint64)
         self.tags = self.arena.array(buckets, np.uint32)
 
+    def mix(self, ids: np.ndarray, tags: np.ndarray) -> np.ndarray:
+        """The seeded 64-bit hash of each pair; its top `bits` bits are the home slot."""
+        x = (ids ^ self._seed) * np.uint64(_G1)
+        x ^= tags.astype(np.uint64) * np.uint64(_G2)
+        x *= np.uint64(_G1)
+        return x
+
     def home(self, ids: np.ndarray, tags: np.ndarray) -> np.ndarray:
         """Home slot of each pair (vectorized; uint64 arithmetic wraps)."""
         if self.bits == 0:
             return np.zeros(len(ids), dtype=np.int64)
-        x = (ids ^ self._seed) * np.uint64(_G1)
-        x ^= tags.astype(np.uint64) * np.uint64(_G2)
-        x *= np.uint64(_G1)
-        return (x >> np.uint64(64 - self.bits)).astype(np.int64)
+        return (self.mix(ids, tags) >> np.uint64(64 - self.bits)).astype(np.int64)
 
     def home_int(self, i: int, tag: int) -> int:
         """Home slot of one pair given as plain ints (the same value as `home`)."""
@@ -123,6 +127,50 @@ class IdTable:
             pos[pending[move]] = (slots[move] + 1) & self.mask
             pending = pending[~(same | won)]
         return filled
+
+    def build(self, ids: np.ndarray, tags: np.ndarray, stamps: np.ndarray) -> int:
+        """Fill this EMPTY table with pairs (ids != 0; a repeated pair keeps its newest stamp) by one
+        sort and sequential writes instead of probing: the rebuild at start loads millions of pairs.
+
+        Sorted by hash, pairs come in home-slot order, and linear probing places the k-th at
+        max(its home, the slot after the (k-1)-th): a running maximum. The sort key is the hash's top
+        bits with the pair's index in the low bits (a plain sort, no argsort). Pairs whose top bits
+        meet another's (repeats, and rare look-alikes) and the few that would run past the last slot
+        go in afterwards through `upsert_bulk`. Returns the slots filled."""
+        n = len(ids)
+        low = max(1, (n - 1).bit_length())
+        if self.bits == 0 or n < 2 or self.bits + low > 64:
+            return self.upsert_bulk(ids, tags, stamps)
+        low_mask = np.uint64((1 << low) - 1)
+        key = self.mix(ids, tags)
+        key &= ~low_mask
+        key |= np.arange(n, dtype=np.uint64)
+        key.sort()
+        order = (key & low_mask).astype(np.int64)
+        key >>= np.uint64(low)  # the top 64 - low bits of each hash, in rising order
+        alike = key[1:] == key[:-1]
+        if alike.any():
+            later = np.zeros(n, dtype=bool)
+            later[1:] = alike
+            later[:-1] |= alike
+            rest, order, key = order[later], order[~later], key[~later]
+        else:
+            rest = order[:0]
+        k = np.arange(len(order), dtype=np.int64)
+        pos = (key >> np.uint64(64 - low - self.bits)).astype(np.int64)  # home slots
+        pos -= k
+        np.maximum.accumulate(pos, out=pos)
+        pos += k
+        n_in = int(np.searchsorted(pos, self.buckets))  # pos rises strictly: the ones that fit come first
+        at, take = pos[:n_in], order[:n_in]
+        self.ids[at] = ids[take]
+        self.tags[at] = tags[take]
+        self.stamps[at] = stamps[take]
+        if n_in < len(order):
+            rest = np.concatenate((order[n_in:], rest))
+        if len(rest):
+            return n_in + self.upsert_bulk(ids[rest], tags[rest], stamps[rest])
+        return n_in
 
     def occupied(self) -> int:
         """Slots holding a pair."""

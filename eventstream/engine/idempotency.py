@@ -17,7 +17,9 @@ ACKed like any other event: its first copy is stored.
 
 from __future__ import annotations
 
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -135,10 +137,16 @@ def rebuild(path: Path, tables: dict[str, list[Deduplicator]], topics: TopicTabl
             for p in np.unique(part).tolist():
                 sel = sel_t[part == p]
                 found.setdefault((t, p), []).append((r["event_id"][sel], tids[sel], stamps[sel]))
-    done = 0
-    for (t, p), chunks in found.items():
+    def load(item) -> int:
+        (t, p), chunks = item
         ids, tags, stamps = (np.concatenate(c) for c in zip(*chunks))
-        tables[names[t]][p].load(ids, tags, stamps)
-        done += len(ids)
+        tables[names[t]][p].load(ids, tags, stamps)  # each table has one loader: no sharing
+        return len(ids)
+
+    # the tables are independent: load them on every allowed CPU at once (numpy runs in parallel
+    # with the GIL off)
+    workers = max(1, min(len(found), len(os.sched_getaffinity(0))))
+    with ThreadPoolExecutor(workers, thread_name_prefix="es-dedup-load") as pool:
+        done = sum(pool.map(load, found.items()))
     log.info("dedup_rebuilt", path=str(path), keys=done, window_s=window_s)
     return done

@@ -225,3 +225,51 @@ def test_upsert_places_a_repeated_pair_once_with_its_newest_stamp():
         assert t.stamps[t.lookup(*pairs([4, 7], [1, 1]))].tolist() == [9, 4] and t.occupied() == 5
     finally:
         t.close()
+
+
+@pytest.mark.parametrize("buckets,n,distinct,seed", [
+    (1 << 12, 3000, 2500, 1),   # load 0.73: long runs, many wrap past the last slot
+    (1 << 10, 700, 40, 2),      # mostly repeats
+    (1 << 16, 20000, 20000, 3),  # no repeats
+    (16, 12, 5, 4),             # tiny
+])
+def test_build_by_sorting_places_what_probing_places(buckets, n, distinct, seed):
+    """IdTable.build (the rebuild's sort-and-place) answers every lookup as upsert_bulk does: each
+    distinct pair once, findable by probing from its home, with its newest stamp."""
+    rng = np.random.default_rng(seed)
+    pool_ids = rng.integers(1, 2**64 - 1, distinct, dtype=U64)
+    pool_tags = rng.integers(0, 5, distinct).astype(U32)
+    pick = rng.integers(0, distinct, n)
+    ids, tags = pool_ids[pick], pool_tags[pick]
+    stamps = rng.integers(1, 10**12, n).astype(U64)
+    built, probed = IdTable(buckets, None, -1, seed=seed), IdTable(buckets, None, -1, seed=seed)
+    try:
+        filled = built.build(ids, tags, stamps)
+        assert filled == probed.upsert_bulk(ids, tags, stamps) == built.occupied()
+        uniq = {(int(i), int(t)) for i, t in zip(ids, tags)}
+        assert filled == len(uniq)
+        slots = built.lookup(ids, tags)
+        assert (slots >= 0).all()
+        assert (built.stamps[slots] == probed.stamps[probed.lookup(ids, tags)]).all()
+        newest: dict[tuple[int, int], int] = {}
+        for i, t, s in zip(ids.tolist(), tags.tolist(), stamps.tolist()):
+            newest[(i, t)] = max(s, newest.get((i, t), 0))
+        assert built.stamps[slots].tolist() == [newest[(i, t)] for i, t in zip(ids.tolist(), tags.tolist())]
+        absent = built.lookup(*pairs(rng.integers(1, 2**64 - 1, 500, dtype=U64), np.zeros(500)))
+        assert (absent == -1).all()
+    finally:
+        built.close()
+        probed.close()
+
+
+def test_load_into_an_empty_table_sizes_it_once_and_builds_it():
+    clock = FakeClock(100.0)
+    with Deduplicator(16, window_s=10.0, clock=clock, max_buckets=1 << 16) as d:
+        ids = np.arange(1, 10001, dtype=U64)
+        d.load(ids, np.full(10000, 3, dtype=U32), np.full(10000, int(95e9), dtype=U64))
+        st = d.statistics()
+        assert st["entries"] == 10000 and st["grows"] == 1 and st["buckets"] == 1 << 15
+        assert d.seen(ids, np.full(10000, 3, dtype=U32)).all()
+        assert not d.seen(ids, np.full(10000, 4, dtype=U32)).any()  # the same ids on another topic
+        clock.t = 105.0
+        assert not d.seen(ids[:5], np.full(5, 3, dtype=U32)).any()  # expired by the stamps loaded
