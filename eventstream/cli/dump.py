@@ -6,6 +6,7 @@ import base64
 import datetime as dt
 import decimal
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -87,9 +88,25 @@ def put_payload(out: dict, payload: bytes) -> dict:
     return out
 
 
+# what a terminal could act on: C0/C1 controls (ESC starts cursor moves, colours, title changes), DEL,
+# line/paragraph separators and the bidirectional overrides that reorder what is shown
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\\\\]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
+
+
+def escape_text(text: str) -> str:
+    """`text` for one terminal line: controls as \\n, \\r, \\t, \\xNN or \\uNNNN, backslash doubled
+    (so an event's bytes can neither move the cursor, recolour, nor fake another line)."""
+    def one(m: re.Match) -> str:
+        c = m.group(0)
+        return _NAMED.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+    return _UNSAFE.sub(one, text)
+
+
 def preview(d: dict) -> str:
-    """The payload column of the table form: text on one line, at most 40 characters."""
-    text = d.get("payload", "<binary>").replace("\n", "\\n")
+    """The payload column of the table form: text on one line with controls escaped, at most 40 characters."""
+    text = escape_text(d["payload"]) if "payload" in d else "<binary>"
     return text if len(text) <= 40 else text[:37] + "..."
 
 
@@ -146,6 +163,6 @@ def _print(batches, fmt: str, limit: int) -> int:
                 out.write(json.dumps(d, ensure_ascii=False) + "\n")
             else:
                 out.write(f"{d['stored_at']:27} {d['seq']:>20} {d['event_id']:>20} {d['priority_name']:8} "
-                          f"{d['topic'][:24]:24} {preview(d)}\n")
+                          f"{escape_text(d['topic'])[:24]:24} {preview(d)}\n")
             shown += 1
     return 0

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sys
 
-from eventstream.cli.dump import preview
+from eventstream.cli.dump import escape_text, preview
 from eventstream.cli.main import EXIT_FAILURE, EXIT_USAGE, add_client_security_args, client_security
 from eventstream.client.subscriber import SubscribeError, Subscription
 from eventstream.core import records as rec
@@ -87,7 +87,8 @@ def run(args) -> int:
                 if args.format == "jsonl":
                     out.write(json.dumps(d, ensure_ascii=False) + "\n")
                 else:
-                    out.write(f"{d['offset']:>12} {d['stored_at']:27} {d['priority_name']:8} {d['topic'][:24]:24} "
+                    out.write(f"{d['offset']:>12} {d['stored_at']:27} {d['priority_name']:8} "
+                              f"{escape_text(d['topic'])[:24]:24} "
                               f"{preview(d)}\n")
                 shown += 1
                 if args.limit and shown >= args.limit:
