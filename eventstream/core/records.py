@@ -10,7 +10,7 @@ Layout (little-endian, native to the hosts we run on)::
     32     4    topic_id     interned topic (see core.topics.TopicTable)
     36     4    conn_id      source connection id (0 = local / unknown)
     40     4    payload_len  bytes used in `payload`
-    44     4    crc32        zlib.crc32(topic + payload) as sent on v2, 0 on v1
+    44     4    crc32        zlib.crc32(topic + payload) as sent on v2, 0 on v1 and in BATCH frames
     48     1    priority     0 BATCH, 1 LOW, 2 MEDIUM, 3 HIGH, 4 CRITICAL
     49     1    flags        bit 0: v2 frame (client expects ACKs), bit 1: replayed,
                              bits 2-3: the ACK mode the client asked for (0 default, 1 accepted,

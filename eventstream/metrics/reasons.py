@@ -22,7 +22,7 @@ PROCESSING = ("handler_error", "retries_exhausted", "shutdown", "duplicate", "si
 # Dataflows (eventstream/flow): events behind the watermark, events an operator raised on
 FLOWS = ("late", "flow_error")
 # Frames refused by the decoder: FrameError.error_class (protocol/decoder.py)
-FRAME = ("topic_len", "topic_utf8", "priority", "kind", "crc", "payload_too_large", "framing")
+FRAME = ("topic_len", "topic_utf8", "priority", "kind", "crc", "payload_too_large", "framing", "batch")
 # Per-client limits (ingest/limits.py, ingest/auth.py; rejects_limited: rejected frames not written to
 # the DLQ one by one past server.tcp.max_rejects_per_s, counted here)
 LIMITS = ("rate_limited", "too_many_topics", "auth", "rejects_limited")
@@ -36,6 +36,8 @@ _KNOWN = frozenset(REASONS)
 # decoder/framing messages without a category prefix -> their class (checked with str.startswith)
 _MESSAGE_PREFIXES = (
     ("frame length ", "framing"),
+    ("batch frame ", "framing"),
+    ("batch ", "batch"),
     ("first byte ", "framing"),
     ("datagram ends inside a frame", "framing"),
     ("topic_len ", "topic_len"),

@@ -7,6 +7,11 @@ big-endian numpy arrays, validated with array comparisons, topics are grouped wi
 interned once per distinct topic, payloads are copied with one fancy-indexing gather. The only other
 per-frame Python call is zlib.crc32 on v2 frames (see bench/ingest.py for the numbers).
 
+BATCH frames (kind 11) carry many events: their fixed 24-byte record table is read with one
+numpy.frombuffer, their one CRC is checked once, topics are interned once per batch, and payloads are
+copied with a constant number of numpy operations per batch. A batch of N events takes N consecutive
+indices (ACKs count events, a rejected event is NACKed by its own index).
+
 Errors: a *framing* error (unknown first byte, length over max_frame_bytes, length too short for its
 header) means frame boundaries can no longer be trusted: it is reported with fatal=True and the decoder
 stops (the connection must close). A *content* error rejects only its own frame.
@@ -25,8 +30,9 @@ from eventstream.core.records import FLAG_ACK_SHIFT, FLAG_V2, record_dtype
 from eventstream.core.topics import TopicLimitError, TopicTable
 from eventstream.protocol.framing import SMALL_BATCH, scan
 from eventstream.protocol.frames import (
-    DEFAULT_MAX_FRAME_BYTES, KIND_EVENT, KIND_NAMES, LENGTH_BYTES, MAX_PRIORITY, MAX_TOPIC_BYTES,
-    V1_HEAD, V1_HEADER_BYTES, V1_HEADER_DTYPE, V2_HEAD, V2_HEADER_BYTES, V2_HEADER_DTYPE, V2_MAGIC,
+    BATCH_HEAD, BATCH_RECORD_BYTES, BATCH_RECORD_DTYPE, DEFAULT_MAX_FRAME_BYTES, KIND_BATCH, KIND_EVENT, KIND_NAMES,
+    LENGTH_BYTES, MAX_PRIORITY, MAX_TOPIC_BYTES, V1_HEAD, V1_HEADER_BYTES, V1_HEADER_DTYPE, V2_HEAD, V2_HEADER_BYTES,
+    V2_HEADER_DTYPE, V2_MAGIC,
 )
 
 _EMPTY_INDICES = np.zeros(0, dtype=np.uint64)
@@ -45,7 +51,7 @@ class FrameError:
     priority: int = -1  # -1 = not parsed
     version: int = 0  # 0 = not parsed
     error_class: str = "framing"  # framing | topic_len | kind | priority | payload_too_large | topic_utf8 | crc
-    #                               | too_many_topics
+    #                               | too_many_topics | batch
 
 
 class FrameDecoder:
@@ -79,6 +85,8 @@ class FrameDecoder:
         self.max_payload = payloads.max_payload if payloads is not None else payload_bytes
         self.arena_blocked = 0  # bytes the first undecoded frame needs in the payload arena (0: none)
         self.arena_stop = -1  # set by decode_frames: position of the frame it stopped at, -1 = none
+        self.next_index = 1  # set by decode_frames: the index after the last event (or frame) it consumed
+        self.batch_skip = 0  # events of the first buffered BATCH frame already delivered (the arena was full)
 
     @property
     def buffered(self) -> int:
@@ -101,31 +109,32 @@ class FrameDecoder:
         offs, lens, pos, fatal = scan(src, 0, end, self.max_frame_bytes)
         self.arena_blocked = 0
         records, indices, errors, bad_at = decode_frames(
-            self, src, offs, lens, self.frames_seen + 1)
+            self, src, offs, lens, self.frames_seen + 1, skip=self.batch_skip)
         stop = self.arena_stop
+        consumed = self.next_index - 1  # frames_seen after what decode_frames consumed
         if stop >= 0:  # the payload arena is full: keep the frames from `stop` on for later
             self.arena_stop = -1
-            self.frames_seen += stop
+            self.frames_seen = consumed
             at = offs[stop]
             if src is self._buf:
                 del src[:at]
             else:
                 self._buf = bytearray(memoryview(data)[at:])
         elif bad_at is not None:  # a header whose topic runs past the frame end: already the last error
-            self.frames_seen += bad_at + 1
+            self.frames_seen = consumed
             self.failed = True
             self._buf = bytearray()
         elif fatal is not None:
-            self.frames_seen += len(offs) + 1
+            self.frames_seen = consumed + 1
             version = 2 if end - pos > 4 and src[pos + 4] == V2_MAGIC else 0
             errors.append(FrameError(self.frames_seen, True, fatal, version=version))
             self.failed = True
             self._buf = bytearray()
         elif src is self._buf:
-            self.frames_seen += len(offs)
+            self.frames_seen = consumed
             del src[:pos]
         else:
-            self.frames_seen += len(offs)
+            self.frames_seen = consumed
             if pos < end:
                 self._buf = bytearray(memoryview(data)[pos:])
         return records, indices, errors
@@ -152,24 +161,91 @@ class FrameDecoder:
 
 
 # content-error codes (0 = fine)
-_OK, _E_TOPIC_LEN, _E_KIND, _E_PRIORITY, _E_TOO_LARGE, _E_UTF8, _E_CRC, _E_SHORT, _E_TOPICS = range(9)
+(_OK, _E_TOPIC_LEN, _E_KIND, _E_PRIORITY, _E_TOO_LARGE, _E_UTF8, _E_CRC, _E_SHORT, _E_TOPICS, _E_FLAGS,
+ _E_TOPIC_INDEX) = range(11)
+_E_DONE = 255  # a BATCH record delivered by an earlier feed (the payload arena was full then)
 
 
 def decode_frames(dec: FrameDecoder, src, offs: list[int], lens: list[int], first_index: int,
-                  ingest_ts: int | None = None):
+                  ingest_ts: int | None = None, skip: int = 0):
     """Vectorized decode of complete frames at `offs` in `src`.
 
     Returns (records, indices, errors, bad_at): bad_at is the position in `offs` of a frame whose
-    topic runs past its end (a framing error: frames from there on are not decoded; its error is last
-    in `errors`), else None.
+    topic runs past its end, or of a BATCH frame whose tables do not fit it (a framing error: frames
+    from there on are not decoded; its error is last in `errors`), else None. Sets dec.next_index to
+    the index after the last event consumed (a BATCH frame of N events takes N indices; a frame
+    refused as a whole takes one) and, when the payload arena stopped decoding (dec.arena_stop >= 0)
+    inside a BATCH frame, dec.batch_skip to how many of its events were delivered: pass it back as
+    `skip` when the same frame is decoded again.
     """
+    dec.arena_stop = -1
+    dec.batch_skip = 0
+    n = len(offs)
+    if n == 0:
+        dec.next_index = first_index
+        return np.zeros(0, dec.dtype), _EMPTY_INDICES, [], None
+    at = _batch_positions(src, offs)
+    if not at:
+        return _decode_singles(dec, src, offs, lens, first_index, ingest_ts)
+    if ingest_ts is None:
+        ingest_ts = time.monotonic_ns()
+    recs, idxs, errors = [], [], []
+    bad_at = None
+    index = first_index
+    a = 0
+    for b in at + [n]:
+        if a < b:  # a run of single frames
+            r, i, e, bad = _decode_singles(dec, src, offs[a:b], lens[a:b], index, ingest_ts)
+            recs.append(r)
+            idxs.append(i)
+            errors.extend(e)
+            if dec.arena_stop >= 0:
+                dec.arena_stop += a
+                break
+            if bad is not None:
+                bad_at = a + bad
+                break
+            index = dec.next_index
+        if b == n:
+            break
+        r, i, e, fatal = _decode_batch(dec, src, offs[b], lens[b], index, skip if b == 0 else 0, ingest_ts)
+        recs.append(r)
+        idxs.append(i)
+        errors.extend(e)
+        if dec.arena_stop >= 0:
+            dec.arena_stop = b
+            break
+        if fatal:
+            bad_at = b
+            break
+        index = dec.next_index
+        a = b + 1
+    if len(recs) == 1:
+        return recs[0], idxs[0], errors, bad_at
+    return np.concatenate(recs), np.concatenate(idxs), errors, bad_at
+
+
+def _batch_positions(src, offs: list[int]) -> list[int]:
+    """Positions in `offs` of BATCH frames (v2 magic, kind 11)."""
+    if len(offs) <= 4 * SMALL_BATCH:
+        return [j for j, o in enumerate(offs) if src[o + LENGTH_BYTES + 1] == KIND_BATCH
+                and src[o + LENGTH_BYTES] == V2_MAGIC]
+    arr = np.frombuffer(src, dtype=np.uint8)
+    o = np.asarray(offs, dtype=np.int64) + LENGTH_BYTES
+    out = np.flatnonzero((arr[o + 1] == KIND_BATCH) & (arr[o] == V2_MAGIC)).tolist()
+    del arr
+    return out
+
+
+def _decode_singles(dec: FrameDecoder, src, offs: list[int], lens: list[int], first_index: int,
+                    ingest_ts: int | None):
+    """decode_frames for frames that are not BATCH frames (v1, v2 EVENT, and anything refused)."""
     n = len(offs)
     dtype = dec.dtype
-    if n == 0:
-        return np.zeros(0, dtype), _EMPTY_INDICES, [], None
     if n <= SMALL_BATCH:
         small = _decode_small(dec, src, offs, lens, first_index, ingest_ts)
         if small is not None:
+            dec.next_index = first_index + n
             return small
     arr = np.frombuffer(src, dtype=np.uint8)
     off = np.asarray(offs, dtype=np.int64)
@@ -237,6 +313,7 @@ def decode_frames(dec: FrameDecoder, src, offs: list[int], lens: list[int], firs
             if len(offs_ext) < len(ext):  # the arena is full: stop before the first that did not fit
                 stop = int(keep[ext[len(offs_ext)]])
                 dec.arena_stop = stop
+                dec.next_index = first_index + stop
                 dec.arena_blocked = int(plen[stop])
                 live = stop
                 if bad_at is not None and bad_at >= stop:
@@ -261,7 +338,187 @@ def decode_frames(dec: FrameDecoder, src, offs: list[int], lens: list[int], firs
         errors = [_describe(dec, arr, int(j), first_index + int(j), int(err[j]), rec, v2, kind, tstart, tlen,
                             plen, length) for j in bad.tolist()]
     del arr
+    if dec.arena_stop < 0:
+        dec.next_index = first_index + (n if bad_at is None else bad_at + 1)
     return out, (first_index + keep).astype(np.uint64), errors, bad_at
+
+
+_BATCH_BODY = LENGTH_BYTES + V2_HEADER_BYTES  # a BATCH frame's topic table starts here
+
+
+def _decode_batch(dec: FrameDecoder, src, o: int, length: int, first_index: int, skip: int, ingest_ts: int):
+    """Decode the BATCH frame at `o` whose events from `skip` on are still to deliver; `first_index` is
+    the index of event `skip`. Returns (records, indices, errors, fatal); sets dec.next_index, and
+    dec.arena_stop = 0 and dec.batch_skip when the payload arena stopped it part way."""
+    _l, _m, _k, reserved, hflags, count, tcount, tbytes, zeros, crc = BATCH_HEAD.unpack_from(src, o)
+    base = first_index - skip  # index of event 0
+    body = o + _BATCH_BODY
+    end = o + LENGTH_BYTES + length
+    table_at = body + tbytes
+    pay_at = table_at + BATCH_RECORD_BYTES * count
+    empty = np.zeros(0, dec.dtype)
+    if count == 0 or tcount == 0 or pay_at > end:
+        dec.next_index = first_index + 1
+        need = V2_HEADER_BYTES + tbytes + BATCH_RECORD_BYTES * count
+        reason = (f"batch frame of {count} events and topic_count {tcount} is not allowed; allowed: 1 or more of each"
+                  if count == 0 or tcount == 0 else
+                  f"batch frame length {length} is too short for its {tbytes}-byte topic table and {count} "
+                  f"records of {BATCH_RECORD_BYTES} bytes (needs >= {need})")
+        return empty, _EMPTY_INDICES, [FrameError(first_index, True, reason, version=2)], True
+    dec.next_index = base + count
+    mv = memoryview(src)
+    try:
+        crc_ok = zlib.crc32(mv[body:end]) == crc
+        names = []
+        whole = None
+        if reserved or hflags > 3 or any(zeros):
+            whole = ("batch header reserved bits are not 0 (byte 6, flags bits 2-7, bytes 18-25); allowed: 0",
+                     "batch")
+        elif not crc_ok:
+            whole = ("crc32 mismatch (zlib.crc32 of the batch's topic table, record table and payloads)", "crc")
+        else:
+            p = body
+            for _ in range(tcount):
+                if p >= table_at:
+                    break
+                tl = src[p]
+                names.append(bytes(mv[p + 1:p + 1 + tl]))
+                p += 1 + tl
+            if p != table_at or len(names) != tcount:
+                whole = (f"batch topic table of {tbytes} bytes does not hold exactly its topic_count {tcount} "
+                         "topics (u8 length + name each)", "batch")
+    finally:
+        mv.release()
+    if whole is None:
+        table = np.frombuffer(src, dtype=BATCH_RECORD_DTYPE, count=count, offset=table_at).copy()
+        plen = table["payload_len"].astype(np.int64)
+        carried = end - pay_at
+        if int(plen.sum()) != carried:
+            whole = (f"batch payload lengths sum to {int(plen.sum())} bytes but the frame carries {carried}; "
+                     "allowed: equal", "batch")
+    if whole is not None:
+        errors = [FrameError(base + j, False, whole[0], version=2, error_class=whole[1]) for j in range(skip, count)]
+        return empty, _EMPTY_INDICES, errors, False
+    prio = table["priority"]
+    rflags = table["flags"]
+    ti = table["topic"].astype(np.int64)
+    err = np.zeros(count, dtype=np.uint8)
+    err[plen > dec.max_payload] = _E_TOO_LARGE
+    err[prio > MAX_PRIORITY] = _E_PRIORITY
+    err[rflags > 3] = _E_FLAGS
+    inrange = ti < tcount
+    err[~inrange] = _E_TOPIC_INDEX
+    err[:skip] = _E_DONE
+    tid_of = np.zeros(tcount, dtype=np.uint32)
+    terr = np.zeros(tcount, dtype=np.uint8)
+    live = (err == _OK)
+    for k in np.unique(ti[live]).tolist():  # per distinct topic of the batch, not per event
+        name = names[k]
+        if not name:
+            terr[k] = _E_TOPIC_LEN
+            continue
+        tid = dec.topic_id(name)
+        if tid == TOPIC_REFUSED:
+            terr[k] = _E_TOPICS
+        elif tid == 0:
+            terr[k] = _E_UTF8
+        else:
+            tid_of[k] = tid
+    tsafe = np.where(inrange, ti, 0)
+    err[live] = terr[tsafe[live]]
+    keep = np.flatnonzero(err == _OK)
+    ext = offs_ext = cls_ext = None
+    stop = count
+    if len(keep) and dec.payloads is not None:
+        big = plen[keep] > dec.payload_bytes
+        if big.any():
+            ext = np.flatnonzero(big)
+            offs_ext, cls_ext = dec.payloads.claim(plen[keep[ext]])
+            if len(offs_ext) < len(ext):  # the arena is full: deliver up to the first that did not fit
+                stop = int(keep[ext[len(offs_ext)]])
+                keep = keep[keep < stop]
+                ext = ext[:len(offs_ext)]
+                dec.arena_stop = 0
+                dec.batch_skip = stop
+                dec.arena_blocked = int(plen[stop])
+                dec.next_index = base + stop
+    out = np.zeros(len(keep), dtype=dec.dtype)
+    if len(keep):
+        t = table[keep]
+        pl = plen[keep]
+        out["priority"] = t["priority"]
+        out["event_id"] = t["event_id"]
+        out["producer_ts"] = t["timestamp_ns"]
+        mode = t["flags"] & 3
+        default = (hflags & 3) or dec.ack_default
+        if default:
+            mode[mode == 0] = default
+        out["flags"] = FLAG_V2 | (mode << FLAG_ACK_SHIFT)
+        out["topic_id"] = tid_of[tsafe[keep]]
+        out["conn_id"] = dec.conn_id
+        out["ingest_ts"] = ingest_ts
+        out["payload_len"] = pl
+        starts = pay_at + np.cumsum(plen) - plen
+        arr = np.frombuffer(src, dtype=np.uint8)
+        try:
+            pstart = starts[keep]
+            if ext is not None:
+                _copy_ext(dec.payloads, arr, out, pstart, pl, ext, offs_ext, cls_ext)
+                pl = pl.copy()
+                pl[ext] = 0
+            if ext is None and len(keep) == count and int(plen.min()) == int(plen.max()):
+                w = int(plen[0])  # every event the same size and all of them kept: one reshape
+                if w:
+                    out["payload"][:, :w] = arr[pay_at:pay_at + count * w].reshape(count, w)
+            else:
+                _copy_packed(arr, out, pstart, pl)
+        finally:
+            del arr
+    errors = []
+    bad = np.flatnonzero((err[:stop] != _OK) & (err[:stop] != _E_DONE))
+    if len(bad):
+        errors = [_describe_batch(dec, base + j, int(err[j]), table[j], names, tcount) for j in bad.tolist()]
+    return out, (base + keep).astype(np.uint64), errors, False
+
+
+def _copy_packed(arr: np.ndarray, out: np.ndarray, pstart: np.ndarray, pl: np.ndarray) -> None:
+    """Copy payloads lying at arr[pstart[i]:pstart[i] + pl[i]] into out[i]'s inline bytes, with a
+    constant number of numpy operations over the payload bytes (no n x width gather)."""
+    total = int(pl.sum())
+    if total == 0:
+        return
+    rows = np.repeat(np.arange(len(pl)), pl)
+    within = np.arange(total) - np.repeat(np.cumsum(pl) - pl, pl)
+    out["payload"][rows, within] = arr[np.repeat(pstart, pl) + within]
+
+
+def _describe_batch(dec, index: int, code: int, row, names: list[bytes], tcount: int) -> FrameError:
+    """The FrameError of one refused event of a BATCH frame (rare path)."""
+    prio = int(row["priority"])
+    ti = int(row["topic"])
+    name = names[ti] if ti < tcount else b""
+    topic = name.decode("utf-8", "replace")
+    plen = int(row["payload_len"])
+    if code == _E_TOPIC_LEN:
+        reason = f"topic_len 0 is not allowed; allowed: 1..{MAX_TOPIC_BYTES}"
+    elif code == _E_PRIORITY:
+        reason = f"priority {prio} is not allowed; allowed: 0..{MAX_PRIORITY}"
+    elif code == _E_TOO_LARGE:
+        if dec.payloads is None:
+            reason = (f"payload of {plen} bytes exceeds the inline capacity of {dec.payload_bytes} "
+                      f"bytes (records.payload_bytes; no payload arena here; allowed: 0..{dec.payload_bytes})")
+        else:
+            reason = (f"payload of {plen} bytes exceeds the largest payload of {dec.max_payload} bytes "
+                      f"(server.tcp.max_frame_bytes; allowed: 0..{dec.max_payload})")
+    elif code == _E_UTF8:
+        reason = "topic is not valid UTF-8"
+    elif code == _E_TOPICS:
+        reason = dec.topic_limit_reason or "too_many_topics"
+    elif code == _E_FLAGS:
+        reason = f"batch record flags {int(row['flags'])} are not allowed; allowed: 0..3 (bits 0-1: the ACK mode)"
+    else:
+        reason = f"batch topic index {ti} is not allowed; allowed: 0..{tcount - 1} (the batch's topic table)"
+    return FrameError(index, False, reason, int(row["event_id"]), topic, prio, 2, _CLASSES[code])
 
 
 # the record header (core/records.py) as a struct: event_id, producer_ts, ingest_ts, seq, topic_id,
@@ -385,7 +642,7 @@ def _describe(dec, arr, j, index, code, rec, v2, kind, tstart, tlen, plen, lengt
         reason = f"topic_len {tl} is not allowed; allowed: 1..{MAX_TOPIC_BYTES}"
     elif code == _E_KIND:
         k = int(kind[j])
-        reason = f"frame kind {k} ({KIND_NAMES.get(k, 'unknown')}) is not allowed from a client; allowed: 1 (EVENT)"
+        reason = f"frame kind {k} ({KIND_NAMES.get(k, 'unknown')}) is not allowed from a client; allowed: 1 (EVENT), 11 (BATCH)"
     elif code == _E_PRIORITY:
         reason = f"priority {prio} is not allowed; allowed: 0..{MAX_PRIORITY}"
     elif code == _E_TOO_LARGE:
@@ -409,4 +666,5 @@ def _describe(dec, arr, j, index, code, rec, v2, kind, tstart, tlen, plen, lengt
 
 
 _CLASSES = {_E_TOPIC_LEN: "topic_len", _E_KIND: "kind", _E_PRIORITY: "priority", _E_TOO_LARGE: "payload_too_large",
-            _E_UTF8: "topic_utf8", _E_CRC: "crc", _E_SHORT: "framing", _E_TOPICS: "too_many_topics"}
+            _E_UTF8: "topic_utf8", _E_CRC: "crc", _E_SHORT: "framing", _E_TOPICS: "too_many_topics",
+            _E_FLAGS: "batch", _E_TOPIC_INDEX: "batch"}

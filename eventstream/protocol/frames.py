@@ -19,7 +19,8 @@ import numpy as np
 LENGTH_BYTES = 4
 V2_MAGIC = 0xE5
 KIND_EVENT, KIND_ACK, KIND_NACK, KIND_HELLO = 1, 2, 3, 4
-KIND_NAMES = {KIND_EVENT: "EVENT", KIND_ACK: "ACK", KIND_NACK: "NACK", KIND_HELLO: "HELLO"}
+KIND_BATCH = 11  # many events in one frame (client to server; kinds 5..10 are the subscribe port's)
+KIND_NAMES = {KIND_EVENT: "EVENT", KIND_ACK: "ACK", KIND_NACK: "NACK", KIND_HELLO: "HELLO", KIND_BATCH: "BATCH"}
 MAX_TOKEN_BYTES = 1024  # a HELLO's payload (the client's token)
 MAX_PRIORITY = 4
 MAX_TOPIC_BYTES = 255
@@ -37,6 +38,20 @@ V2_HEADER_DTYPE = np.dtype([
     ("length", ">u4"), ("magic", "u1"), ("kind", "u1"), ("priority", "u1"), ("flags", "u1"),
     ("event_id", ">u8"), ("timestamp_ns", ">u8"), ("topic_len", ">u2"), ("crc32", ">u4"),
 ])
+# BATCH frame (docs/protocol.md, "v2 BATCH frame"): a 26-byte header like every v2 frame, then the
+# topic table (u8 length + name, topic_count times), the record table (count fixed 24-byte rows, read
+# with one numpy.frombuffer) and the payloads back to back, in record order. crc32 covers everything
+# after the header.
+BATCH_HEAD = struct.Struct(">IBBBBIHI8sI")  # length, magic, kind, reserved, flags, count, topic_count,
+#                                             topics_bytes, reserved (8 zero bytes), crc32
+BATCH_RECORD_DTYPE = np.dtype([
+    ("priority", "u1"), ("flags", "u1"), ("topic", ">u2"), ("payload_len", ">u4"),
+    ("event_id", ">u8"), ("timestamp_ns", ">u8"),
+])
+BATCH_RECORD_BYTES = 24
+MAX_BATCH_TOPICS = 65535  # a record's topic index is a u16
+assert BATCH_HEAD.size == LENGTH_BYTES + V2_HEADER_BYTES
+assert BATCH_RECORD_DTYPE.itemsize == BATCH_RECORD_BYTES
 assert V1_HEADER_DTYPE.itemsize == LENGTH_BYTES + V1_HEADER_BYTES
 assert V2_HEADER_DTYPE.itemsize == LENGTH_BYTES + V2_HEADER_BYTES
 
@@ -118,6 +133,91 @@ def encode_many(version: int, topic: str | bytes, payloads: Sequence[bytes], pri
         return b"".join(encode_v1(topic, p, pr) for p, pr in zip(payloads, prios))
     ids = event_ids if event_ids is not None else [0] * len(payloads)
     return b"".join(encode_v2(topic, p, pr, e, timestamp_ns) for p, pr, e in zip(payloads, prios, ids))
+
+
+def batch_frame_bytes(topics_bytes: int, count: int, payload_bytes: int) -> int:
+    """Size of a BATCH frame (with its length field) holding `count` records whose topic table takes
+    `topics_bytes` and whose payloads take `payload_bytes` (clients size their batches with it)."""
+    return LENGTH_BYTES + V2_HEADER_BYTES + topics_bytes + BATCH_RECORD_BYTES * count + payload_bytes
+
+
+def encode_batch_columns(topics: Sequence[str | bytes], topic_index, payload_lens, payloads,
+                         priorities=2, event_ids=0, timestamps_ns=0, flags=0, *, ack: int = 0) -> bytes:
+    """One BATCH frame from columns (no per-event Python beyond what the caller built).
+
+    `topics`: the batch's topic table; `topic_index[i]`: record i's topic (0-based into `topics`);
+    `payload_lens[i]`: its payload size; `payloads`: every payload back to back, in record order (one
+    bytes-like of sum(payload_lens) bytes); `priorities`, `event_ids`, `timestamps_ns`, `flags`: a
+    column or one value for every record. `ack`: the ACK mode of records whose flags ask for none
+    (header flags bits 0-1)."""
+    lens = np.asarray(payload_lens, dtype=np.int64)
+    n = len(lens)
+    if n == 0:
+        raise EncodeError("a batch of 0 events is not allowed; allowed: 1 or more")
+    tb = [_topic_bytes(t) for t in topics]
+    if not 1 <= len(tb) <= MAX_BATCH_TOPICS:
+        raise EncodeError(f"a batch of {len(tb)} topics is not allowed; allowed: 1..{MAX_BATCH_TOPICS}")
+    ti = np.asarray(topic_index, dtype=np.int64)
+    if ti.size and (int(ti.min()) < 0 or int(ti.max()) >= len(tb)):
+        bad = int(ti.max()) if int(ti.max()) >= len(tb) else int(ti.min())
+        raise EncodeError(f"topic index {bad} is not allowed; allowed: 0..{len(tb) - 1} (the batch's topic table)")
+    if int(lens.min()) < 0:
+        raise EncodeError(f"payload length {int(lens.min())} is not allowed; allowed: 0 or more")
+    table = np.empty(n, dtype=BATCH_RECORD_DTYPE)
+    for name, col in (("priority", priorities), ("flags", flags)):
+        c = np.asarray(col, dtype=np.int64)
+        if c.size and (int(c.min()) < 0 or int(c.max()) > (MAX_PRIORITY if name == "priority" else 3)):
+            bad = int(c.max()) if int(c.min()) >= 0 else int(c.min())
+            if name == "priority":
+                _check_priority(bad)
+            raise EncodeError(f"record flags {bad} are not allowed; allowed: 0..3 (the ACK mode)")
+        table[name] = c
+    table["topic"] = ti
+    table["payload_len"] = lens
+    table["event_id"] = event_ids
+    table["timestamp_ns"] = timestamps_ns
+    if not 0 <= ack <= 3:
+        raise EncodeError(f"ack mode {ack!r} is not allowed; allowed: 0..3 (default, accepted, stored, synced)")
+    pb = payloads if isinstance(payloads, (bytes, bytearray, memoryview)) else bytes(payloads)
+    total = int(lens.sum())
+    if len(pb) != total:
+        raise EncodeError(f"payloads of {len(pb)} bytes do not match payload_lens summing to {total}")
+    ttab = b"".join(bytes((len(t),)) + t for t in tb)
+    body_crc = zlib.crc32(pb, zlib.crc32(table.data, zlib.crc32(ttab)))
+    head = BATCH_HEAD.pack(V2_HEADER_BYTES + len(ttab) + BATCH_RECORD_BYTES * n + total, V2_MAGIC, KIND_BATCH,
+                           0, ack, n, len(tb), len(ttab), bytes(8), body_crc)
+    return b"".join((head, ttab, table.tobytes(), pb))
+
+
+def encode_batch(events: Sequence, *, ack: int = 0) -> bytes:
+    """One BATCH frame of `events`: (topic, payload[, priority[, event_id[, timestamp_ns]]]) tuples.
+
+    Topics are interned into the batch's topic table in order of first use."""
+    index: dict[bytes, int] = {}
+    topics: list[bytes] = []
+    tix, prios, ids, tss, pls = [], [], [], [], []
+    for ev in events:
+        t = ev[0].encode("utf-8") if isinstance(ev[0], str) else bytes(ev[0])
+        k = index.get(t)
+        if k is None:
+            k = index[t] = len(topics)
+            topics.append(t)
+        tix.append(k)
+        pls.append(bytes(ev[1]))
+        prios.append(ev[2] if len(ev) > 2 else 2)
+        ids.append(ev[3] if len(ev) > 3 else 0)
+        tss.append(ev[4] if len(ev) > 4 else 0)
+    for p in prios:
+        _check_priority(p)
+    for e in ids:
+        if not 0 <= e < 1 << 64:
+            raise EncodeError(f"event_id {e!r} is not allowed; allowed: 0..2**64-1 (0 = none)")
+    for t in tss:
+        if not 0 <= t < 1 << 64:
+            raise EncodeError(f"timestamp_ns {t!r} is not allowed; allowed: 0..2**64-1 (0 = unknown)")
+    return encode_batch_columns(topics, np.array(tix, dtype=np.int64), [len(p) for p in pls], b"".join(pls),
+                                np.array(prios, dtype=np.uint8), np.array(ids, dtype=np.uint64),
+                                np.array(tss, dtype=np.uint64), ack=ack)
 
 
 def encode_hello(token: str | bytes) -> bytes:
