@@ -387,6 +387,7 @@ class Service:
         if not drain and not still_running and self.bus is not None:
             self._dead_letter_leftovers()
         summary = self.summary()
+        summary["drained"] = not still_running  # False: a worker did not finish within `timeout`
         # A thread that did not finish still holds views into ring memory: freeing the rings under it
         # crashes the process (SIGSEGV). Leak them instead; everything else is flushed and closed.
         keep = {self.bus.close, getattr(self.payloads, "close", None)} if still_running and self.bus is not None else set()

@@ -1,6 +1,7 @@
 """`eventstream serve`: run the engine until SIGTERM/SIGINT.
 
-First signal: stop accepting, drain the queues, flush storage and windows, log a summary, exit 0.
+First signal: stop accepting, drain the queues, flush storage and windows, log a summary, exit 0
+(exit 1 when the engine workers do not finish within server.drain_timeout_s).
 Second signal: exit at once with code 130.
 """
 
@@ -106,8 +107,18 @@ def run(args) -> int:
     notify.stopping("draining")
     log.info("signal_received", signal=signal.Signals(signals["last"]).name, action="draining")
     # drain in a helper thread: the main thread keeps waking up so a second signal is handled at once
-    stopper = threading.Thread(target=svc.stop, name="es-shutdown", daemon=True)
+    result: dict = {}
+    timeout = cfg.server.drain_timeout_s
+    stopper = threading.Thread(target=lambda: result.update(svc.stop(timeout=timeout)), name="es-shutdown",
+                               daemon=True)
     stopper.start()
     while stopper.is_alive():
         stopper.join(0.1)
+    if not result.get("drained", False):
+        log.error("drain_timed_out", timeout_s=timeout,
+                  detail="engine workers did not finish within server.drain_timeout_s; events they held are "
+                         "not stored (the next start recovers the log); exit 1")
+        print(f"eventstream: error: the drain did not finish within server.drain_timeout_s={timeout:g}; "
+              "allowed: a larger server.drain_timeout_s, or handlers that return", file=sys.stderr)
+        return EXIT_FAILURE
     return 0

@@ -108,6 +108,9 @@ class ServerConfig:
     # with reason class too_many_topics. Each topic costs roughly 0.2-1 KiB (topic table, event log id
     # map, processor state) until restart: topics are never evicted (docs/protocol.md)
     max_topics: int = field(default=65536, metadata={"range": (1, 16_000_000)})
+    # a stop drains: engine workers get this long to finish what was accepted; past it `serve` exits 1
+    # (drain_timed_out; what they held is not stored, the next start recovers the log)
+    drain_timeout_s: float = field(default=60.0, metadata={"range": (0.1, 86400.0)})
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)  # one section for every TCP port
     tcp: TcpConfig = field(default_factory=TcpConfig)
