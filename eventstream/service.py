@@ -231,6 +231,8 @@ class Service:
             raise StartupError(str(exc)) from None
         if self.subscribe is not None:
             store = self.subscribe.wrap_store(store)
+            self.event_log.unread_by = self.subscribe.unread_by  # retention asks the named groups
+            self.event_log.keep_unread = cfg.storage.retention_respects_groups
         return store
 
     def _start_processors(self, data: Path, store) -> None:

@@ -260,6 +260,9 @@ class StorageConfig:
     events_max_bytes: int = field(default=1 << 30, metadata={"range": (0, 1 << 50)})
     events_max_segments: int = field(default=0, metadata={"range": (0, 1_000_000)})
     events_max_age_s: float = field(default=0.0, metadata={"range": (0.0, 100 * 365 * 86400.0)})
+    # retention keeps a segment (and every newer one) until every named consumer group has committed
+    # past it (false: delete anyway; each such segment is counted in log_segments_deleted_unread_total)
+    retention_respects_groups: bool = True
     dlq_max_bytes: int = field(default=64 << 20, metadata={"range": (4096, 1 << 40)})  # then a new segment
     dlq_max_segments: int = field(default=8, metadata={"range": (0, 100_000)})  # old segments kept
     dlq_max_age_s: float = field(default=0.0, metadata={"range": (0.0, 10 * 365 * 86400.0)})  # 0 = no age limit

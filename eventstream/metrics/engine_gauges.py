@@ -52,6 +52,12 @@ def register_storage(m, event_log, dlq) -> None:
     """Retention of the event log and the DLQ: segments deleted."""
     m.counter_fn("log_segments_deleted", lambda: event_log.statistics().get("segments_deleted", 0), {},
                  doc="closed events.bin segments deleted by retention (storage.events_max_segments/_age_s)")
+    m.counter_fn("log_segments_deleted_unread", lambda: event_log.statistics().get("segments_deleted_unread", 0), {},
+                 doc="closed events.bin segments deleted before every named consumer group committed past them "
+                     "(storage.retention_respects_groups: false)")
+    m.gauge_fn("log_segments_kept_unread", {}, lambda: event_log.statistics().get("segments_kept_unread", 0),
+               doc="closed events.bin segments retention would delete but keeps for a named group that has not "
+                   "committed past them (delete subscribe/groups/<name>.json to release them)")
     m.counter_fn("dlq_segments_deleted", lambda: dlq.statistics().get("segments_deleted", 0), {},
                  doc="closed DLQ segments deleted by retention (storage.dlq_max_segments/_age_s)")
 

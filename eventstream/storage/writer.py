@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -90,9 +91,15 @@ class EventLog:
         self._synced_records = 0  # records covered by the last completed fsync
         self._closed = False
         self._stats = {"records": 0, "bytes": 0, "flushes": 0, "fsyncs": 0, "topics": 0, "group_syncs": 0,
-                       "segments_deleted": 0}
+                       "segments_deleted": 0, "segments_deleted_unread": 0, "segments_kept_unread": 0}
         self._stop = threading.Event()
         self._cpus = cpus or []
+        # readers that must not lose unread events (set by the service when consumer groups exist):
+        # unread_by(segment path) -> names of the readers that have not read past that segment. With
+        # keep_unread (storage.retention_respects_groups) such a segment, and every newer one, is kept;
+        # without, it is deleted and counted in segments_deleted_unread
+        self.unread_by: Callable[[Path], list[str]] | None = None
+        self.keep_unread = True
         self._flusher: threading.Thread | None = None
         if flusher and self.flush_interval_ns > 0:
             self._flusher = threading.Thread(target=self._flush_loop, name="es-storage-flush", daemon=True)
@@ -176,13 +183,35 @@ class EventLog:
         if self.max_age_s > 0:
             cutoff = time.time() - self.max_age_s
             doomed += [s for s in segs[len(doomed):] if s[1].exists() and s[1].stat().st_mtime < cutoff]
-        for _, p in doomed:
+        kept = 0
+        for i, (_, p) in enumerate(doomed):
+            readers = self._unread_by(p)
+            if readers and self.keep_unread:  # every newer segment is unread by them too: keep the rest
+                kept = len(doomed) - i
+                log.info("log_segments_kept_unread", segment=str(p), kept=kept, readers=readers[:8],
+                         readers_total=len(readers))
+                break
             try:
                 p.unlink()
                 self._stats["segments_deleted"] += 1
-                log.info("log_segment_deleted", segment=str(p))
+                if readers:
+                    self._stats["segments_deleted_unread"] += 1
+                    log.warning("log_segment_deleted_unread", segment=str(p), readers=readers[:8],
+                                readers_total=len(readers))
+                else:
+                    log.info("log_segment_deleted", segment=str(p))
             except OSError as exc:
                 log.warning("log_segment_delete_failed", segment=str(p), error=str(exc))
+        self._stats["segments_kept_unread"] = kept
+
+    def _unread_by(self, p: Path) -> list[str]:
+        if self.unread_by is None:
+            return []
+        try:
+            return list(self.unread_by(p))
+        except Exception as exc:  # noqa: BLE001 - unknown: keep the segment rather than lose events
+            log.warning("log_segment_readers_unknown", segment=str(p), error=f"{type(exc).__name__}: {exc}")
+            return ["?"]
 
     def _map_new_topics(self, ids: np.ndarray) -> np.ndarray:
         """Assign file ids to engine topic ids seen for the first time; queue their topic entries."""

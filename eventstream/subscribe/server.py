@@ -14,7 +14,7 @@ from pathlib import Path
 import structlog
 
 from eventstream.runtime.affinity import pin_current_thread
-from eventstream.storage.tail import Progress, SegmentIndex
+from eventstream.storage.tail import Progress, SegmentIndex, file_created_ns, log_files
 from eventstream.subscribe.groups import GroupRegistry, GroupStore
 from eventstream.subscribe.lag import GroupLag
 from eventstream.subscribe.session import Session, refuse
@@ -125,6 +125,23 @@ class SubscribeServer:
     def statistics(self) -> dict:
         with self.lock:
             return dict(self.stats, subscribers=len(self.sessions))
+
+    def unread_by(self, segment: Path) -> list[str]:
+        """Named groups whose committed offset is before the end of `segment` (a closed events.bin
+        segment): they have not read all of it. Called by the event log's retention (under its lock):
+        the lag tail counts what was appended since its last call, which records each file's first
+        offset as it crosses a rotation; a segment whose end offset is unknown counts as unread."""
+        offsets = self.groups.store.offsets()
+        if not offsets:
+            return []
+        self.lag.end_offset()
+        created = file_created_ns(segment)
+        files = log_files(self.log_path)
+        later = [c for c, _ in files if created is not None and c > created]
+        end = self.index.base(later[0]) if later else None
+        if end is None:
+            return sorted(offsets)
+        return sorted(name for name, off in offsets.items() if off < end)
 
     def sessions_by_kind(self) -> dict[str, int]:
         """Connected sessions: in the handshake, following their own tail (solo), members of a group."""
