@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help bootstrap run test test-gil stress soak bench bench-rings bench-ingest bench-pipeline bench-scaling bench-nats bench-flows clean
+.PHONY: help bootstrap run test test-gil stress soak bench bench-rings bench-ingest bench-pipeline bench-scaling bench-nats bench-flows bench-readiness clean
 
 help:
 	@echo "make run    - start the service on the embedded default config (ARGS='--config FILE' to change)"
