@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eventstream.engine.dlq import read_dlq
+from eventstream.engine.dlq_reader import read_dlq
 from eventstream.storage.reader import EventLogReader
 
 TAG = struct.Struct(">Q")
