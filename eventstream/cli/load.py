@@ -1,7 +1,9 @@
 """`eventstream load`: N events over C connections at a target rate; prints rate and ACK latency.
 
 Each connection is one thread with its own TcpClient (or UdpSender). Priorities follow a weighted mix
-(seeded, so runs are repeatable). ACK latency is measured per event from the flush that sent it to the
+and payload sizes a uniform draw from --payload-bytes (both seeded, so runs are repeatable). Every
+--batch events are handed to the client at once: with --frame batch (the default) they leave as
+BATCH frames of up to --batch-bytes, with --frame single as one v2 frame each. ACK latency is measured per event from the flush that sent it to the
 ACK that resolved it. Progress goes to stderr (tqdm when installed).
 """
 
@@ -28,11 +30,17 @@ def register(sub) -> None:
     p.add_argument("-c", "--connections", type=int, default=1, help="parallel connections (default 1)")
     p.add_argument("--rate", type=float, default=0.0, help="target events/s over all connections (0 = as fast as possible)")
     p.add_argument("--priority-mix", default="2", help='priority or weights, e.g. "2" or "0:1,2:8,4:1" (default 2)')
-    p.add_argument("--payload-bytes", type=int, default=64, help="payload size (default 64)")
+    p.add_argument("--payload-bytes", default="64",
+                   help='payload size, or a range "MIN:MAX" drawn uniformly per event, seeded (default 64)')
+    p.add_argument("--frame", choices=("batch", "single"), default="batch",
+                   help="v2 frames: batch (BATCH frames, default) or single (one frame per event)")
+    p.add_argument("--batch-bytes", type=int, default=256 << 10, help="largest BATCH frame in bytes (default 262144)")
+    p.add_argument("--linger-ms", type=float, default=0.0,
+                   help="ms the client may hold events back to fill a batch (default 0: never)")
     p.add_argument("--topic", default="load", help="topic (default 'load')")
-    p.add_argument("--batch", type=int, default=256, help="events per flush (default 256)")
+    p.add_argument("--batch", type=int, default=256, help="events handed to the client at once (default 256)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the last ACKs (default 30)")
-    p.add_argument("--seed", type=int, default=1, help="seed of the priority mix (default 1)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the priority mix and payload sizes (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
     p.add_argument("--json", action="store_true", help="print one JSON object with the results")
     add_client_security_args(p)
@@ -84,13 +92,30 @@ class _Progress:
             print(file=sys.stderr)
 
 
+def parse_payload_bytes(text) -> tuple[int, int]:
+    """'64' -> (64, 64); '16:16384' -> (16, 16384): the range payload sizes are drawn from."""
+    allowed = 'a size >= 0 like "64", or a range "MIN:MAX" with 0 <= MIN <= MAX'
+    try:
+        lo, _, hi = str(text).partition(":")
+        lo_i = int(lo)
+        hi_i = int(hi) if hi else lo_i
+    except ValueError:
+        raise ValueError(f"--payload-bytes {text!r} is not allowed; allowed: {allowed}") from None
+    if not 0 <= lo_i <= hi_i:
+        raise ValueError(f"--payload-bytes {text!r} is not allowed; allowed: {allowed}")
+    return lo_i, hi_i
+
+
 def run_load(host: str, port: int, *, events: int, connections: int, rate: float = 0.0, priority_mix: str = "2",
-             payload_bytes: int = 64, topic: str = "load", protocol: int = 2, udp: bool = False, batch: int = 256,
-             timeout: float = 30.0, seed: int = 1, progress: bool = False, security: dict | None = None) -> dict:
+             payload_bytes: int | str = 64, topic: str = "load", protocol: int = 2, udp: bool = False, batch: int = 256,
+             timeout: float = 30.0, seed: int = 1, progress: bool = False, security: dict | None = None,
+             frame: str = "batch", batch_bytes: int = 256 << 10, linger_ms: float = 0.0) -> dict:
     """Run the load and return the result dict (also used by tests and benchmarks). `security`:
-    TcpClient keyword arguments token= and ssl_context= (cli.main.client_security)."""
+    TcpClient keyword arguments token= and ssl_context= (cli.main.client_security). `payload_bytes`:
+    a size or "MIN:MAX" (each event's size drawn uniformly, seeded)."""
     prios, weights = parse_priority_mix(priority_mix)
-    payload = bytes(range(256)) * (payload_bytes // 256) + bytes(range(payload_bytes % 256))
+    lo, hi = parse_payload_bytes(payload_bytes)
+    pattern = bytes(range(256)) * (hi // 256 + 1)
     shares = [events // connections + (1 if i < events % connections else 0) for i in range(connections)]
     per_conn_rate = rate / connections if rate > 0 else 0.0
     clients: list = [None] * connections
@@ -101,28 +126,32 @@ def run_load(host: str, port: int, *, events: int, connections: int, rate: float
     def worker(i: int) -> None:
         rng = np.random.default_rng(seed + i)
         mix = rng.choice(prios, size=shares[i], p=weights).tolist()
+        sizes = rng.integers(lo, hi + 1, size=shares[i]).tolist() if hi > lo else [lo] * shares[i]
+        payloads = {n: pattern[:n] for n in set(sizes)} if hi - lo < 4096 else None
         try:
             if udp:
                 client = UdpSender(host, port, version=protocol)
             else:
-                client = TcpClient(host, port, version=protocol, batch_size=batch, timeout=timeout,
-                                   **(security or {})).connect()
+                client = TcpClient(host, port, version=protocol, batch_size=batch, timeout=timeout, frame=frame,
+                                   batch_bytes=batch_bytes, linger_ms=linger_ms, **(security or {})).connect()
             clients[i] = client
             start.wait(timeout)
             t0 = time.monotonic()
-            for k, pr in enumerate(mix):
+            for a in range(0, len(mix), batch):
+                chunk = [(topic, payloads[n] if payloads is not None else pattern[:n], pr)
+                         for pr, n in zip(mix[a:a + batch], sizes[a:a + batch])]
                 if udp:
-                    client.queue(topic, payload, pr)
+                    for ev in chunk:
+                        client.queue(*ev)
+                    client.flush()
                 else:
-                    client.send(topic, payload, pr)
-                if (k + 1) % batch == 0:
-                    sent_counts[i] = k + 1
-                    if udp:
-                        client.flush()
-                    if per_conn_rate:
-                        ahead = t0 + (k + 1) / per_conn_rate - time.monotonic()
-                        if ahead > 0:
-                            time.sleep(ahead)
+                    client.send_many(chunk)
+                done = a + len(chunk)
+                sent_counts[i] = done
+                if per_conn_rate:
+                    ahead = t0 + done / per_conn_rate - time.monotonic()
+                    if ahead > 0:
+                        time.sleep(ahead)
             if udp:
                 client.flush()
             else:
@@ -168,18 +197,20 @@ def run_load(host: str, port: int, *, events: int, connections: int, rate: float
         "elapsed_s": round(elapsed, 3),
         "ack_p50_us": pct(50), "ack_p99_us": pct(99), "ack_p999_us": pct(99.9),
         "connections": connections, "protocol": protocol, "transport": "udp" if udp else "tcp",
+        "frame": frame if protocol == 2 and not udp else "single", "payload_bytes": f"{lo}:{hi}" if hi > lo else lo,
         "reconnects": sum(getattr(c, "reconnects", 0) for c in live),
         "errors": errors,
     }
 
 
 def run(args) -> int:
-    if args.events < 1 or args.connections < 1 or args.payload_bytes < 0 or args.batch < 1 or args.rate < 0:
-        print("eventstream load: error: --events, --connections and --batch must be >= 1, --payload-bytes and "
+    if args.events < 1 or args.connections < 1 or args.batch < 1 or args.rate < 0 or args.batch_bytes < 1:
+        print("eventstream load: error: --events, --connections, --batch and --batch-bytes must be >= 1, "
               "--rate >= 0", file=sys.stderr)
         return EXIT_USAGE
     try:
         parse_priority_mix(args.priority_mix)
+        parse_payload_bytes(args.payload_bytes)
     except ValueError as exc:
         print(f"eventstream load: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -187,7 +218,8 @@ def run(args) -> int:
     res = run_load(args.host, port, events=args.events, connections=args.connections, rate=args.rate,
                    priority_mix=args.priority_mix, payload_bytes=args.payload_bytes, topic=args.topic,
                    protocol=args.protocol, udp=args.udp, batch=args.batch, timeout=args.timeout, seed=args.seed,
-                   progress=not args.no_progress and not args.json, security=client_security(args))
+                   progress=not args.no_progress and not args.json, security=client_security(args),
+                   frame=args.frame, batch_bytes=args.batch_bytes, linger_ms=args.linger_ms)
     if args.json:
         print(json.dumps(res))
     else:

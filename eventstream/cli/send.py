@@ -25,6 +25,8 @@ def register(sub) -> None:
     p.add_argument("--payload-hex", help="payload as hex bytes (instead of --payload)")
     p.add_argument("--priority", type=int, default=2, help="0 BATCH, 1 LOW, 2 MEDIUM (default), 3 HIGH, 4 CRITICAL")
     p.add_argument("--event-id", type=int, help="idempotency key (v2; default: generated)")
+    p.add_argument("--frame", choices=("batch", "single"), default="batch",
+                   help="v2 over TCP: BATCH frames (default; what is ready leaves together) or one frame per event")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for acknowledgements")
     p.add_argument("--json", action="store_true", help="print one JSON object with the outcome")
     add_client_security_args(p)
@@ -55,6 +57,29 @@ def _events(args):
                   "event_id": obj.get("event_id")}
 
 
+def _ready(events, most: int = 4096):
+    """Group events into what is ready: the lines stdin already holds (without waiting for more), at
+    most `most` at a time; a flag-given event alone."""
+    import select
+
+    chunk = []
+    for item in events:
+        chunk.append(item)
+        if len(chunk) >= most or item[0] == 0 or not _stdin_has_more(select):
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _stdin_has_more(select) -> bool:
+    """Whether stdin can be read without waiting (bytes in the pipe or file, or its end)."""
+    try:
+        return bool(select.select([sys.stdin], [], [], 0)[0])
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def run(args) -> int:
     port = args.port if args.port is not None else (9001 if args.udp else 9000)
     result = {"sent": 0, "acked": 0, "nacked": 0, "nacks": []}
@@ -65,9 +90,10 @@ def run(args) -> int:
                     s.send(ev["topic"], ev["payload"], ev["priority"], ev["event_id"])
                 result["sent"] = s.sent
         else:
-            with TcpClient(args.host, port, version=args.protocol, timeout=args.timeout, **client_security(args)) as c:
-                for _n, ev in _events(args):
-                    c.send(ev["topic"], ev["payload"], ev["priority"], ev["event_id"])
+            with TcpClient(args.host, port, version=args.protocol, timeout=args.timeout, frame=args.frame,
+                           **client_security(args)) as c:
+                for chunk in _ready(_events(args)):
+                    c.send_many([(ev["topic"], ev["payload"], ev["priority"], ev["event_id"]) for _n, ev in chunk])
                 complete = c.wait_acked(args.timeout)
             result.update(sent=c.sent, acked=c.acked, nacked=c.nacked,
                           nacks=[{"event_id": e, "reason": r} for e, r in c.nacks])

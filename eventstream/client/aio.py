@@ -10,6 +10,11 @@
         ...
         await sub.commit()
 
+The sender sends BATCH frames by default (`frame="batch"`): events given to send() in one turn of the
+event loop leave together in one frame (linger_ms 0: nothing waits to fill a batch), or after
+`linger_ms` when it is set, in frames of up to `batch_bytes`; `frame="single"` sends one v2 EVENT
+frame per event. ACKs count events either way.
+
 The sender does not resend on reconnect (TcpClient does); it reports what was not ACKed when the
 connection breaks (ClientError). Flow control of the subscription is as in client/subscriber.py.
 """
@@ -22,14 +27,29 @@ import secrets
 from eventstream.client.subscriber import StateView, SubscribeError, SubscriberState, start_of
 from eventstream.client.tcp import ClientError
 from eventstream.protocol import subscribe as sp
-from eventstream.protocol.frames import KIND_ACK, KIND_NACK, encode_hello, encode_v2, split_control_frames
+from eventstream.client.tcp import FRAMES, _Pending, encode_batches
+from eventstream.protocol.frames import (
+    KIND_ACK, KIND_NACK, MAX_PRIORITY, MAX_TOPIC_BYTES, EncodeError, encode_hello, encode_v2, split_control_frames,
+)
 
 
 class AsyncSender:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, frame: str = "batch",
+                 linger_ms: float = 0.0, batch_bytes: int = 256 << 10):
+        if frame not in FRAMES:
+            raise ValueError(f"frame={frame!r} is not allowed; allowed: {', '.join(FRAMES)}")
+        if not linger_ms >= 0 or batch_bytes < 1:
+            raise ValueError(f"linger_ms={linger_ms!r}, batch_bytes={batch_bytes!r} are not allowed; allowed: "
+                             "linger_ms >= 0, batch_bytes >= 1")
         self.reader = reader
         self.writer = writer
-        self.sent = 0  # frames sent on this connection
+        self.batching = frame == "batch"
+        self.linger_s = linger_ms / 1000
+        self.batch_bytes = batch_bytes
+        self._queued: list[_Pending] = []
+        self._queued_bytes = 0
+        self._timer: asyncio.Handle | None = None
+        self.sent = 0  # events sent on this connection (= the indices they took)
         self.acked = 0
         self.nacks: list[tuple[int, str]] = []  # (frame index, reason)
         self._changed = asyncio.Event()
@@ -38,14 +58,15 @@ class AsyncSender:
 
     @classmethod
     async def connect(cls, host: str = "127.0.0.1", port: int = 9000, *, token: str | bytes | None = None,
-                      ssl=None, timeout: float = 10.0) -> AsyncSender:
+                      ssl=None, timeout: float = 10.0, frame: str = "batch", linger_ms: float = 0.0,
+                      batch_bytes: int = 256 << 10) -> AsyncSender:
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=ssl), timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             raise ClientError(f"cannot connect to {host}:{port} ({exc!r})") from None
         if token:
             writer.write(encode_hello(token))
-        return cls(reader, writer)
+        return cls(reader, writer, frame=frame, linger_ms=linger_ms, batch_bytes=batch_bytes)
 
     async def _read_acks(self) -> None:
         buf = bytearray()
@@ -67,16 +88,43 @@ class AsyncSender:
 
     async def send(self, topic: str, payload: bytes = b"", *, priority: int = 2, event_id: int | None = None,
                    timestamp_ns: int = 0) -> int:
-        """Queue one v2 EVENT; returns its event_id (a random one unless given)."""
+        """Queue one event; returns its event_id (a random one unless given). With BATCH frames it leaves
+        with the others queued in this turn of the event loop (or after linger_ms)."""
         eid = secrets.randbits(63) + 1 if event_id is None else event_id
-        self.writer.write(encode_v2(topic, payload, priority, eid, timestamp_ns))
-        self.sent += 1
+        if not self.batching:
+            self.writer.write(encode_v2(topic, payload, priority, eid, timestamp_ns))
+            self.sent += 1
+        else:
+            t = topic.encode("utf-8") if isinstance(topic, str) else bytes(topic)
+            if not 1 <= len(t) <= MAX_TOPIC_BYTES:
+                raise EncodeError(f"topic of {len(t)} bytes is not allowed; allowed: 1..{MAX_TOPIC_BYTES} bytes of UTF-8")
+            if not isinstance(priority, int) or not 0 <= priority <= MAX_PRIORITY:
+                raise EncodeError(f"priority {priority!r} is not allowed; allowed: 0..{MAX_PRIORITY}")
+            p = _Pending(eid, None, t, bytes(payload), priority, timestamp_ns)
+            self._queued.append(p)
+            self._queued_bytes += p.size
+            if self._queued_bytes >= self.batch_bytes:
+                self._write_queued()
+            elif self._timer is None:
+                loop = asyncio.get_running_loop()
+                self._timer = (loop.call_later(self.linger_s, self._write_queued) if self.linger_s
+                               else loop.call_soon(self._write_queued))
         if self.writer.transport.get_write_buffer_size() > 1 << 20:
             await self.writer.drain()
         return eid
 
+    def _write_queued(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        items, self._queued, self._queued_bytes = self._queued, [], 0
+        if items and not self.writer.is_closing():
+            self.writer.write(encode_batches(items, self.batch_bytes))
+            self.sent += len(items)
+
     async def flush(self, timeout: float = 30.0) -> None:
-        """Wait until every frame sent so far is resolved (ACKed or NACKed)."""
+        """Wait until every event sent so far is resolved (ACKed or NACKed)."""
+        self._write_queued()
         await self.writer.drain()
 
         async def wait():
@@ -90,6 +138,7 @@ class AsyncSender:
         await asyncio.wait_for(wait(), timeout)
 
     async def close(self) -> None:
+        self._write_queued()
         self._task.cancel()
         self.writer.close()
         try:

@@ -5,6 +5,15 @@ connection. The server sends NACKs in frame order before any later ACK, so after
 NACKs in total, every frame numbered <= a + n is resolved: NACKed if its number was NACKed, accepted
 otherwise.
 
+Batching (v2, `frame="batch"`, the default): queued events leave as BATCH frames (docs/protocol.md), one
+header and one CRC for up to `batch_bytes` of events; a batch of N takes N indices, so the rule above
+is unchanged. `linger_ms` (default 0) is how long send() may hold an event back to fill a batch: 0
+sends whatever is queued at once (never waits to fill a batch); send_many() hands over many events at
+once, which go out together. With linger_ms > 0 queued events leave when batch_size events or
+batch_bytes are queued, or on the first send() after the oldest waited linger_ms, and always on
+flush(), wait_acked() and close() (there is no timer thread). `frame="single"` sends one v2 EVENT
+frame per event, as before.
+
 Threads: the caller's thread does all writes (and reconnects); a reader thread per connection only
 parses ACK/NACK frames and resolves pending events under a lock. Events still unresolved when the
 connection breaks are sent again, in order and with the same event_id, on the next connection (the
@@ -30,7 +39,12 @@ import ssl
 import threading
 import time
 
-from eventstream.protocol.frames import KIND_ACK, KIND_NACK, encode_hello, encode_v1, encode_v2, split_control_frames
+from eventstream.protocol.frames import (
+    BATCH_RECORD_BYTES, KIND_ACK, KIND_NACK, LENGTH_BYTES, MAX_PRIORITY, MAX_TOPIC_BYTES, V2_HEADER_BYTES, EncodeError,
+    encode_batch_columns, encode_hello, encode_v1, encode_v2, split_control_frames,
+)
+
+FRAMES = ("batch", "single")
 
 
 class ClientError(ConnectionError):
@@ -42,29 +56,94 @@ class AuthError(ClientError):
 
 
 class _Pending:
-    __slots__ = ("index", "event_id", "frame", "sent_ns")
+    """One event: its frame (single frames) or its fields (batch frames: encoded with its batch)."""
 
-    def __init__(self, event_id: int, frame: bytes):
+    __slots__ = ("index", "event_id", "frame", "sent_ns", "topic", "payload", "priority", "ts")
+
+    def __init__(self, event_id: int, frame: bytes | None, topic: bytes = b"", payload: bytes = b"",
+                 priority: int = 0, ts: int = 0):
         self.index = 0
         self.event_id = event_id
         self.frame = frame
         self.sent_ns = 0
+        self.topic = topic
+        self.payload = payload
+        self.priority = priority
+        self.ts = ts
+
+    @property
+    def size(self) -> int:
+        """Bytes this event adds to a frame."""
+        if self.frame is not None:
+            return len(self.frame)
+        return 1 + len(self.topic) + BATCH_RECORD_BYTES + len(self.payload)
+
+
+def encode_batches(items: list[_Pending], batch_bytes: int) -> bytes:
+    """BATCH frames of `items` in order, each at most `batch_bytes` long (an event larger than that
+    gets a frame of its own; one already encoded as a single frame, too large for a batch of its own,
+    goes as that frame)."""
+    out = []
+    i, n = 0, len(items)
+    head = LENGTH_BYTES + V2_HEADER_BYTES
+    while i < n:
+        if items[i].frame is not None:
+            out.append(items[i].frame)
+            i += 1
+            continue
+        topics: dict[bytes, int] = {}
+        tix, prios, ids, tss, pays = [], [], [], [], []
+        size = head
+        while i < n:
+            p = items[i]
+            if p.frame is not None:
+                break
+            k = topics.get(p.topic)
+            grow = BATCH_RECORD_BYTES + len(p.payload) + (0 if k is not None else 1 + len(p.topic))
+            if tix and (size + grow > batch_bytes or len(tix) >= 65535 or (k is None and len(topics) >= 65535)):
+                break
+            if k is None:
+                k = topics[p.topic] = len(topics)
+            tix.append(k)
+            prios.append(p.priority)
+            ids.append(p.event_id)
+            tss.append(p.ts)
+            pays.append(p.payload)
+            size += grow
+            i += 1
+        out.append(encode_batch_columns(list(topics), tix, [len(x) for x in pays], b"".join(pays), prios, ids, tss))
+    return b"".join(out)
 
 
 class TcpClient:
     def __init__(self, host: str = "127.0.0.1", port: int = 9000, *, version: int = 2, batch_size: int = 256,
                  timeout: float = 10.0, max_inflight: int = 65536, reconnect: bool = True,
                  token: str | bytes | None = None, tls: bool = False, ssl_context: ssl.SSLContext | None = None,
-                 max_frame_bytes: int = 1 << 20):
+                 max_frame_bytes: int = 1 << 20, frame: str = "batch", linger_ms: float = 0.0,
+                 batch_bytes: int = 256 << 10):
         """`max_frame_bytes`: the server's server.tcp.max_frame_bytes; send() refuses a bigger frame
-        (the server would close the connection on it). Payloads of any size up to that are fine."""
+        (the server would close the connection on it). Payloads of any size up to that are fine.
+        `frame`: "batch" (v2 BATCH frames, the default) or "single" (one frame per event; v1 is always
+        single). `linger_ms`, `batch_size`, `batch_bytes`: see the module doc (batch_bytes is capped at
+        max_frame_bytes + 4)."""
         if version not in (1, 2):
             raise ValueError(f"version={version!r} is not allowed; allowed: 1 or 2")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} is not allowed; allowed: an integer >= 1")
+        if frame not in FRAMES:
+            raise ValueError(f"frame={frame!r} is not allowed; allowed: {', '.join(FRAMES)}")
+        if not linger_ms >= 0:
+            raise ValueError(f"linger_ms={linger_ms!r} is not allowed; allowed: a number >= 0")
+        if batch_bytes < 1:
+            raise ValueError(f"batch_bytes={batch_bytes!r} is not allowed; allowed: an integer >= 1")
         self.host, self.port, self.version = host, port, version
         self.batch_size = batch_size
         self.max_frame_bytes = max_frame_bytes
+        self.batching = version == 2 and frame == "batch"
+        self.linger_ns = int(linger_ms * 1e6)
+        self.batch_bytes = min(batch_bytes, max_frame_bytes + LENGTH_BYTES)
+        self._queued_bytes = 0
+        self._queued_since = 0
         self.timeout = timeout
         self.max_inflight = max_inflight
         self.reconnect = reconnect
@@ -171,9 +250,29 @@ class TcpClient:
     # ------------------------------------------------------------------ sending
     def send(self, topic: str | bytes, payload: bytes = b"", priority: int = 2, event_id: int | None = None,
              timestamp_ns: int | None = None) -> int:
-        """Queue one event (sent when batch_size events are queued or on flush). Returns its event_id."""
+        """Queue one event; it leaves at once with linger_ms 0 (else see the module doc). Returns its
+        event_id."""
+        eid = self._queue(topic, payload, priority, event_id, timestamp_ns)
+        q = self._batch
+        if (not self.linger_ns or len(q) >= self.batch_size or self._queued_bytes >= self.batch_bytes
+                or time.monotonic_ns() - self._queued_since >= self.linger_ns):
+            self.flush()
+        return eid
+
+    def send_many(self, events) -> list[int]:
+        """Queue many events at once, (topic, payload[, priority[, event_id[, timestamp_ns]]]) each, and
+        send them (with linger_ms 0; in BATCH frames of up to batch_bytes). Returns their event_ids."""
+        ids = [self._queue(*ev) for ev in events]
+        if (not self.linger_ns or len(self._batch) >= self.batch_size or self._queued_bytes >= self.batch_bytes
+                or time.monotonic_ns() - self._queued_since >= self.linger_ns):
+            self.flush()
+        return ids
+
+    def _queue(self, topic: str | bytes, payload: bytes = b"", priority: int = 2, event_id: int | None = None,
+               timestamp_ns: int | None = None) -> int:
         if self.version == 1:
-            frame, eid = encode_v1(topic, payload, priority), 0
+            p = _Pending(0, encode_v1(topic, payload, priority))
+            size = len(p.frame) - 4
         else:
             if event_id is None:
                 eid = self._next_id
@@ -181,22 +280,48 @@ class TcpClient:
             else:
                 eid = event_id
             ts = time.time_ns() if timestamp_ns is None else timestamp_ns
-            frame = encode_v2(topic, payload, priority, eid, ts)
-        if len(frame) - 4 > self.max_frame_bytes:
-            head = len(frame) - 4 - len(payload)
-            raise ValueError(f"payload of {len(payload)} bytes makes a frame of {len(frame) - 4} bytes; allowed: "
+            if self.batching:
+                t = topic.encode("utf-8") if isinstance(topic, str) else bytes(topic)
+                if not 1 <= len(t) <= MAX_TOPIC_BYTES:
+                    raise EncodeError(f"topic of {len(t)} bytes is not allowed; allowed: 1..{MAX_TOPIC_BYTES} "
+                                      "bytes of UTF-8")
+                if not isinstance(priority, int) or not 0 <= priority <= MAX_PRIORITY:
+                    raise EncodeError(f"priority {priority!r} is not allowed; allowed: 0..{MAX_PRIORITY} "
+                                      "(BATCH, LOW, MEDIUM, HIGH, CRITICAL)")
+                if not 0 <= eid < 1 << 64 or not 0 <= ts < 1 << 64:
+                    raise EncodeError(f"event_id {eid!r} / timestamp_ns {ts!r} is not allowed; allowed: 0..2**64-1")
+                p = _Pending(eid, None, t, bytes(payload), priority, ts)
+                size = V2_HEADER_BYTES + p.size  # alone in a batch
+                if size > self.max_frame_bytes:  # the largest payloads only fit a single frame
+                    p = _Pending(eid, encode_v2(topic, payload, priority, eid, ts))
+                    size = len(p.frame) - 4
+            else:
+                p = _Pending(eid, encode_v2(topic, payload, priority, eid, ts))
+                size = len(p.frame) - 4
+        if size > self.max_frame_bytes:
+            head = size - len(payload)
+            raise ValueError(f"payload of {len(payload)} bytes makes a frame of {size} bytes; allowed: "
                              f"payloads of 0..{self.max_frame_bytes - head} bytes with this topic "
                              f"(max_frame_bytes={self.max_frame_bytes}, the server's server.tcp.max_frame_bytes)")
-        self._batch.append(_Pending(eid, frame))
-        if len(self._batch) >= self.batch_size:
-            self.flush()
-        return eid
+        if not self._batch:
+            self._queued_since = time.monotonic_ns()
+        self._batch.append(p)
+        self._queued_bytes += size
+        return p.event_id
+
+    def _encode(self, items: list[_Pending]) -> bytes:
+        if self.batching:
+            return encode_batches(items, self.batch_bytes)
+        return b"".join(p.frame for p in items)
 
     def flush(self) -> None:
         """Send every queued event (reconnecting and resending unresolved ones if the link broke)."""
         if self._sock is None:
             raise ClientError("TcpClient is not connected; use it as a context manager or call connect()")
         batch, self._batch = self._batch, []
+        self._queued_bytes = 0
+        if not batch and not self._broken:
+            return
         if self.version == 2 and len(self._pending) + len(batch) > self.max_inflight:
             self._wait_until(lambda: len(self._pending) + len(batch) <= self.max_inflight, self.timeout)
         if self._broken:
@@ -210,7 +335,7 @@ class TcpClient:
             if self.version == 2:
                 self._pending.extend(batch)
         self.sent += len(batch)
-        data = b"".join(p.frame for p in batch)
+        data = self._encode(batch)
         try:
             self._sendall(self._sock, data)
         except OSError as exc:
@@ -251,7 +376,7 @@ class TcpClient:
                 self._next_index += 1
                 p.sent_ns = now
         try:
-            self._sendall(self._sock, b"".join(p.frame for p in resend))
+            self._sendall(self._sock, self._encode(resend))
         except OSError:
             self._broken = True
 

@@ -104,7 +104,9 @@ def test_every_size_round_trips_through_the_service(engine, sizes, to_dlq):
     k = next(_counter)
     topic = f"p{k:06d}"
     sent = {}
-    with TcpClient("127.0.0.1", svc.tcp.address[1], timeout=60) as c:
+    # single frames: each record then carries its frame's crc32, which the handler checks (a BATCH
+    # frame's events carry 0: the batch's one CRC covered them)
+    with TcpClient("127.0.0.1", svc.tcp.address[1], timeout=60, frame="single") as c:
         for i, n in enumerate(sizes):
             payload = payload_for(n, k)
             prio = 3 if to_dlq[i] else 2  # HIGH: the realtime handler fails it -> DLQ; MEDIUM: stored
