@@ -14,7 +14,7 @@ def exposure_warnings(cfg: Config) -> list[str]:
     out = []
     s = cfg.server
     tls = bool(s.tls.cert_file)
-    auth = bool(s.auth.tokens or s.auth.tokens_file)
+    auth = bool(s.auth.tokens or s.auth.tokens_file or s.auth.principals)
     ports = [("server.tcp", s.tcp.enabled, s.tcp.host, tls, auth, "anyone reaching it can write events"),
              ("server.subscribe", s.subscribe.enabled, s.subscribe.host, tls, auth,
               "anyone reaching it can read every stored event"),

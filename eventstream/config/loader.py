@@ -80,6 +80,13 @@ def _coerce(value: Any, tp: Any, meta: dict, source: str, path: str) -> Any:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
             raise ConfigError(source, path, value, _type_name(tp))
+        if dataclasses.is_dataclass(item_tp):  # a list of sections (server.auth.principals)
+            out_items = []
+            for i, v in enumerate(value):
+                item = item_tp()
+                _apply(item, v, source, f"{path}[{i}]")
+                out_items.append(item)
+            return out_items
         return [_coerce(v, item_tp, {}, source, f"{path}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
@@ -187,10 +194,31 @@ def _check_whole(cfg: Config, source: str) -> None:
     if t.max_partial_bytes and t.max_partial_bytes < t.max_frame_bytes:
         raise ConfigError(source, "server.tcp.max_partial_bytes", t.max_partial_bytes,
                           f"0 (no bound) or a value >= server.tcp.max_frame_bytes ({t.max_frame_bytes})")
+    _check_principals(s.auth.principals, source)
     del s
     # connectors.* (eventstream/config/subjects.py: subjects, globs, names)
     from eventstream.config.subjects import check_config
     check_config(cfg, source)
+
+
+def _check_principals(principals, source: str) -> None:
+    """server.auth.principals: unique names, exactly one token source, globs that are text."""
+    seen = set()
+    for i, p in enumerate(principals):
+        path = f"server.auth.principals[{i}]"
+        if not p.name or not all(c.isalnum() or c in "._-" for c in p.name) or len(p.name) > 64:
+            raise ConfigError(source, f"{path}.name", p.name, "1..64 letters, digits, '.', '_' or '-'")
+        if p.name in seen:
+            raise ConfigError(source, f"{path}.name", p.name, "a name no other principal has")
+        seen.add(p.name)
+        if bool(p.token_env) == bool(p.token_file):
+            raise ConfigError(source, f"{path}.token_env", p.token_env,
+                              "exactly one of token_env (an environment variable) and token_file (a file) "
+                              "(the token itself is never written in the configuration)")
+        for key in ("produce", "consume"):
+            for j, g in enumerate(getattr(p, key)):
+                if not g or len(g.encode("utf-8")) > 255:
+                    raise ConfigError(source, f"{path}.{key}[{j}]", g, "a topic glob of 1..255 bytes, e.g. 'orders.*'")
 
 
 def _parse_scalar(text: str) -> Any:

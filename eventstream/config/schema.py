@@ -36,12 +36,29 @@ class TlsConfig:
 
 
 @dataclass
+class PrincipalConfig:
+    """One client identity (server.auth.principals): where its token is, what it may do. The token
+    itself is never in the configuration (so never in a config dump or a log): it is read at start
+    from the environment variable `token_env` or the file `token_file` (its first line that is not
+    blank or a # comment). Rights are topic globs (fnmatch: `*` matches dots too); none = nothing."""
+
+    name: str = ""  # letters, digits, '.', '_', '-'; named in NACKs, SUB_ERRORs and logs
+    token_env: str = ""
+    token_file: str = ""
+    produce: list[str] = field(default_factory=list)  # topics it may send to
+    consume: list[str] = field(default_factory=list)  # topics it may subscribe to (the SUBSCRIBE glob)
+
+
+@dataclass
 class AuthConfig:
-    """Shared client tokens: with any configured, a TCP connection must open with a HELLO frame
-    carrying one of them (docs/protocol.md, HELLO) or it is refused (NACK reason `auth`, closed)."""
+    """Client tokens: with any configured (shared tokens or principals), a TCP connection must open
+    with a HELLO frame carrying one of them (docs/protocol.md, HELLO) or it is refused (NACK reason
+    `auth`, closed). A shared token may produce and consume every topic; a principal's token only what
+    its globs allow (ingest/auth.py)."""
 
     tokens: list[str] = field(default_factory=list)
     tokens_file: str = ""  # one token per line (blank lines and lines starting with # ignored)
+    principals: list[PrincipalConfig] = field(default_factory=list)
 
 
 @dataclass

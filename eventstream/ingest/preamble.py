@@ -18,11 +18,12 @@ REFUSE_BAD_TOKEN = "auth: the token is not valid"
 class Preamble:
     """The first bytes of one connection until its first frame is known."""
 
-    __slots__ = ("tokens", "buf")
+    __slots__ = ("tokens", "buf", "principal")
 
     def __init__(self, tokens: TokenSet | None):
         self.tokens = tokens
         self.buf = bytearray()
+        self.principal = None  # auth.Principal of the accepted token (None: no tokens configured)
 
     def feed(self, data) -> tuple[bytes | None, str]:
         """(bytes for the decoder, "") once the preamble is over; (None, "") while more bytes are
@@ -37,6 +38,8 @@ class Preamble:
             return bytes(self.buf), ""
         if status != "ok":
             return None, status
-        if self.tokens is not None and not self.tokens.check(token):
-            return None, REFUSE_BAD_TOKEN
+        if self.tokens is not None:
+            self.principal = self.tokens.identify(token)
+            if self.principal is None:
+                return None, REFUSE_BAD_TOKEN
         return bytes(memoryview(self.buf)[consumed:]), ""

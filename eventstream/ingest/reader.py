@@ -50,7 +50,7 @@ from eventstream.core.payloads import release_records
 from eventstream.core.records import ACK_ACCEPTED, ACK_STORED, FLAG_ACK_MASK, FLAG_ACK_SHIFT
 from eventstream.core.topics import TopicTable
 from eventstream.ingest.acks import WOULD_BLOCK, Acknowledger
-from eventstream.ingest.auth import TokenSet
+from eventstream.ingest.auth import TokenSet, authorize
 from eventstream.ingest.connection import Connection, peer_ip
 from eventstream.ingest.delivery import Delivery, IngestStats
 from eventstream.ingest.guard import Guard
@@ -319,6 +319,7 @@ class Reader(Guard, Acknowledger, Holding, threading.Thread):
                 return
             if rest is None:
                 return
+            authorize(c, c.preamble.principal, self.topics)
             c.preamble = None
             c.partial_since = now
             data = memoryview(rest)

@@ -23,9 +23,10 @@ PROCESSING = ("handler_error", "retries_exhausted", "shutdown", "duplicate", "si
 FLOWS = ("late", "flow_error")
 # Frames refused by the decoder: FrameError.error_class (protocol/decoder.py)
 FRAME = ("topic_len", "topic_utf8", "priority", "kind", "crc", "payload_too_large", "framing", "batch")
-# Per-client limits (ingest/limits.py, ingest/auth.py; rejects_limited: rejected frames not written to
-# the DLQ one by one past server.tcp.max_rejects_per_s, counted here)
-LIMITS = ("rate_limited", "too_many_topics", "auth", "rejects_limited")
+# Per-client limits and rights (ingest/limits.py, ingest/auth.py; forbidden: a topic outside the
+# principal's produce globs; rejects_limited: rejected frames not written to the DLQ one by one past
+# server.tcp.max_rejects_per_s, counted here)
+LIMITS = ("rate_limited", "too_many_topics", "auth", "rejects_limited", "forbidden")
 # Connectors (eventstream/connectors): publishes that failed, undecodable or poison messages
 CONNECTORS = ("connector",)
 OTHER = "other"

@@ -51,7 +51,7 @@ class FrameError:
     priority: int = -1  # -1 = not parsed
     version: int = 0  # 0 = not parsed
     error_class: str = "framing"  # framing | topic_len | kind | priority | payload_too_large | topic_utf8 | crc
-    #                               | too_many_topics | batch
+    #                               | too_many_topics | batch | forbidden (a topic table's own class)
 
 
 class FrameDecoder:
@@ -81,6 +81,9 @@ class FrameDecoder:
         self._buf = bytearray()
         self._topic_cache: dict[bytes, int] = {}
         self.topic_limit_reason = ""
+        # reason and class per refused topic name (a table's TopicLimitError may carry its own
+        # `error_class`, e.g. "forbidden" from a principal's ProduceGate, ingest/auth.py); bounded
+        self.topic_refusals: dict[bytes, tuple[str, str]] = {}
         self.payloads = payloads
         self.max_payload = payloads.max_payload if payloads is not None else payload_bytes
         self.arena_blocked = 0  # bytes the first undecoded frame needs in the payload arena (0: none)
@@ -154,6 +157,8 @@ class FrameDecoder:
                     tid = self.topics.intern(name)
                 except TopicLimitError as exc:
                     self.topic_limit_reason = str(exc)
+                    if len(self.topic_refusals) < 1024:
+                        self.topic_refusals[bytes(name)] = (str(exc), getattr(exc, "error_class", "too_many_topics"))
                     return TOPIC_REFUSED
             if len(self._topic_cache) < 4096:
                 self._topic_cache[name] = tid
@@ -513,7 +518,8 @@ def _describe_batch(dec, index: int, code: int, row, names: list[bytes], tcount:
     elif code == _E_UTF8:
         reason = "topic is not valid UTF-8"
     elif code == _E_TOPICS:
-        reason = dec.topic_limit_reason or "too_many_topics"
+        reason, cls = _refusal(dec, name)
+        return FrameError(index, False, reason, int(row["event_id"]), topic, prio, 2, cls)
     elif code == _E_FLAGS:
         reason = f"batch record flags {int(row['flags'])} are not allowed; allowed: 0..3 (bits 0-1: the ACK mode)"
     else:
@@ -657,12 +663,19 @@ def _describe(dec, arr, j, index, code, rec, v2, kind, tstart, tlen, plen, lengt
     elif code == _E_CRC:
         reason = "crc32 mismatch (zlib.crc32 of topic bytes then payload bytes)"
     elif code == _E_TOPICS:
-        reason = dec.topic_limit_reason or "too_many_topics"
+        s = int(tstart[j])
+        reason, cls = _refusal(dec, arr[s:s + tl].tobytes())
+        return FrameError(index, False, reason, int(rec["event_id"][j]), topic, prio, version, cls)
     else:
         reason = (f"frame length {int(length[j])} is too short for its v{version} header and topic_len {tl} "
                   f"(needs >= {(V2_HEADER_BYTES if version == 2 else V1_HEADER_BYTES) + tl})")
     eid = int(rec["event_id"][j])
     return FrameError(index, code == _E_SHORT, reason, eid, topic, prio, version, _CLASSES[code])
+
+
+def _refusal(dec, name: bytes) -> tuple[str, str]:
+    """(reason, class) of a frame whose topic the table refused."""
+    return dec.topic_refusals.get(bytes(name)) or (dec.topic_limit_reason or "too_many_topics", "too_many_topics")
 
 
 _CLASSES = {_E_TOPIC_LEN: "topic_len", _E_KIND: "kind", _E_PRIORITY: "priority", _E_TOO_LARGE: "payload_too_large",

@@ -19,6 +19,7 @@ waits happen outside the lock. A plain-text client on a TLS port gets a clear-te
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import select
 import socket
@@ -179,6 +180,7 @@ class Session:
         self.error: str | None = None
         self.source = None
         self.sub: sp.Subscribe | None = None
+        self.principal = None  # ingest.auth.Principal of the HELLO's token (None: no tokens configured)
         self.sent = 0
         self.thread = threading.Thread(target=self._run, name=f"es-sub-{sid}", daemon=True)
         self.reader: threading.Thread | None = None
@@ -245,8 +247,11 @@ class Session:
             status, _, token = parse_hello(raw)
             if status != "ok":
                 raise sp.SubscribeProtocolError(status)
-            if tokens is not None and not tokens.check(token):
-                raise sp.SubscribeProtocolError("auth: token not accepted; allowed: one of server.auth.tokens")
+            if tokens is not None:
+                self.principal = tokens.identify(token)
+                if self.principal is None:
+                    raise sp.SubscribeProtocolError("auth: token not accepted; allowed: one of server.auth.tokens "
+                                                    "or a principal's (server.auth.principals)")
             while not frames:
                 frames = self._recv_frames(dec, deadline)
             f = frames.pop(0)
@@ -254,6 +259,12 @@ class Session:
             raise sp.SubscribeProtocolError("auth: this server requires a HELLO frame with a client token first; "
                                             "allowed: HELLO, then SUBSCRIBE")
         sub = sp.parse_subscribe(f, cfg.max_credit)
+        p = self.principal
+        if p is not None and not p.unrestricted:
+            if not p.may_subscribe(sub.glob):
+                raise sp.SubscribeProtocolError(p.refuse_subscribe(sub.glob))
+            if sub.group:  # a principal's groups are its own: another cannot join or commit them
+                sub = dataclasses.replace(sub, group=f"{p.name}:{sub.group}")
         self._leftover = (dec, frames)
         return sub
 
