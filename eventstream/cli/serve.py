@@ -53,6 +53,7 @@ def run(args) -> int:
     gil.require_gil_off(args.allow_gil, "eventstream serve")
 
     from eventstream.engine.handlers import HandlerError
+    from eventstream.config.exposure import exposure_warnings
     from eventstream.errors import StartupError
     from eventstream.service import Service
 
@@ -85,7 +86,7 @@ def run(args) -> int:
         log.exception("startup_failed")
         print(f"eventstream: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    for warning in svc.exposure_warnings():
+    for warning in exposure_warnings(cfg):
         log.warning("exposed_without_protection", detail=warning)
     if args.ready_file:
         ports = [svc.tcp.address[1] if svc.tcp else 0, svc.udp.address[1] if svc.udp else 0,

@@ -7,16 +7,17 @@ consumes (both mixins of NatsConnector); headers.py maps headers to event ids an
 Threads. nats-py is asyncio; it runs in one dedicated thread (`es-nats`) with its own event loop.
 Engine threads never await and never wait for it:
 
-- sink: the service wraps `Sinks.store`; after a processed batch is stored, `forward()` (on the
-  processor thread) selects the forwarded rows with one numpy lookup, appends a copy to a deque and,
+- sink: the engine calls `forward()` (one of `Engine.forwarders`) after it stored a processed batch:
+  on the processor thread, it selects the forwarded rows with one numpy lookup, appends a copy to a deque and,
   only if the connector thread sleeps, wakes it with `call_soon_threadsafe`. Past
   `sink.max_pending` queued events the batch is dead-lettered instead ("connector: sink backlog
   full"), so a NATS outage never blocks or grows the engine without bound.
 - source: the connector thread decodes fetched messages into a record batch and calls
-  `bus.offer()` (which never waits); what the queues hold back is offered again every millisecond
-  (never nak'ed). A message is acked only once its records are stored (every completion mark
-  `ring.completed() >= end`); processors call `progress()` after each release, which wakes the
-  connector thread when it waits for marks (the same watermark scheme as TCP ACKs).
+  `engine.offer()` (which never waits, and holds what the control plane does not admit, as for TCP);
+  what is held back is offered again every millisecond (never nak'ed). A message is acked only once
+  its records are stored (every completion mark `ring.completed() >= end`); `progress()` follows the
+  engine's `stored` barrier and wakes the connector thread when it waits for marks (the same
+  watermark scheme as TCP ACKs).
 
 Sink messages: subject `<subject_prefix>.<topic>`, payload = event payload, headers `Nats-Msg-Id`
 (= `<topic>:<event id>`, or `<engine-run>-<seq>` for events without an id, so JetStream deduplicates
@@ -75,11 +76,13 @@ def import_nats():
 
 
 class NatsConnector(SinkSide, SourceSide):
-    def __init__(self, cfg, service):
+    def __init__(self, cfg, engine):
+        """`engine`: engine/engine.py's Engine (its `offer` and `stored` ports, topics, payload arena,
+        `drop` to the dead-letter log, metrics). Built before the engine starts its processors."""
         self.cfg = cfg
-        self.svc = service
-        self.topics = service.topics
-        self.dtype = service.dtype
+        self.engine = engine
+        self.topics = engine.topics
+        self.dtype = engine.dtype
         self.capacity = self.dtype.itemsize - 64
         self.prefix = cfg.subject_prefix
         self.run_id = uuid.uuid4().hex[:16]  # `<engine-run>-<seq>` ids for events without an id
@@ -88,7 +91,7 @@ class NatsConnector(SinkSide, SourceSide):
         self._default_priority = PRIORITY_NAMES.index(cfg.source.default_priority)
         self.stats = {k: 0 for k in ("forwarded", "published", "duplicates", "retries", "publish_failed",
                                      "refused_topic", "backlog_full", "consumed", "acked", "poison",
-                                     "reconnects", "disconnects", "source_errors", "arena_waits")}
+                                     "reconnects", "disconnects", "source_errors", "arena_waits", "holds")}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self.nc = self.js = None
@@ -112,20 +115,11 @@ class NatsConnector(SinkSide, SourceSide):
         self._intake_stopped = False
         self._ack_stop = False
         self._source_task = self._ack_task = self._sink_task = None
+        if self.sink_on:  # a copy of every batch the engine stores
+            engine.forwarders.append(self.forward)
+        engine.stored.follow(self.progress)  # a release: JetStream acks may be due
 
     # ------------------------------------------------------------------ called from engine threads
-    def wrap_store(self, append):
-        """The sink hook: `store` = append to the event log, then queue a copy for the sink."""
-        if not self.sink_on:
-            return append
-        forward = self.forward
-
-        def store(records):
-            append(records)
-            forward(records)
-
-        return store
-
     def _grow_allow(self) -> np.ndarray:
         with self._allow_lock:
             n = len(self.topics) + 1
@@ -170,7 +164,7 @@ class NatsConnector(SinkSide, SourceSide):
                 wake, self._sink_waiting = self._sink_waiting, False
         if over:
             self.stats["backlog_full"] += n
-            self.svc.drop(batch, "connector: sink backlog full (connectors.nats.sink.max_pending="
+            self.engine.drop(batch, "connector: sink backlog full (connectors.nats.sink.max_pending="
                                  f"{self.cfg.sink.max_pending}); stored here, not published to JetStream", pays)
         elif wake:
             self._loop.call_soon_threadsafe(self._sink_event.set)
@@ -191,7 +185,7 @@ class NatsConnector(SinkSide, SourceSide):
         self._nats = nats
         from eventstream.runtime import gil
 
-        gil.require_gil_off(self.svc.allow_gil, "the NATS connector (after importing nats-py)")
+        gil.require_gil_off(self.engine.allow_gil, "the NATS connector (after importing nats-py)")
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name="es-nats", daemon=True)
         self._thread.start()
@@ -210,7 +204,7 @@ class NatsConnector(SinkSide, SourceSide):
                  source=self.source_on, durable=self.cfg.source.durable if self.source_on else None)
 
     def _register_metrics(self) -> None:
-        m = getattr(self.svc, "metrics", None)
+        m = getattr(self.engine, "metrics", None)
         if m is None:
             return
         for key in self.stats:
@@ -352,7 +346,7 @@ class NatsConnector(SinkSide, SourceSide):
                 self._q.clear()
                 self._q_events = 0
             for batch, pays in left:
-                self.svc.drop(batch, "connector: shutdown: not published to JetStream before the stop timeout",
+                self.engine.drop(batch, "connector: shutdown: not published to JetStream before the stop timeout",
                               pays)
         try:
             await self.nc.flush(timeout=2)

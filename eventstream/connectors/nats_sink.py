@@ -43,7 +43,7 @@ class SinkSide:
                 raise
             except Exception:  # noqa: BLE001 - never lose the loop; the batch goes to the DLQ
                 log.exception("nats_sink_batch_failed")
-                self.svc.drop(batch, "connector: sink failed on this batch (see the log)", pays)
+                self.engine.drop(batch, "connector: sink failed on this batch (see the log)", pays)
 
     def _topic_name(self, tid: int) -> str:
         name = self._names.get(tid)
@@ -84,7 +84,7 @@ class SinkSide:
             task.add_done_callback(self._tasks.discard)
         if refused:
             self.stats["refused_topic"] += len(refused)
-            self.svc.drop(batch[np.array(refused, dtype=np.intp)], reasons, [pays[j] for j in refused])
+            self.engine.drop(batch[np.array(refused, dtype=np.intp)], reasons, [pays[j] for j in refused])
 
     async def _publish_one(self, subject: str, payload: bytes, headers: dict, batch: np.ndarray, i: int) -> None:
         sink = self.cfg.sink
@@ -107,11 +107,11 @@ class SinkSide:
                     self.stats["duplicates"] += 1
                 return
             self.stats["publish_failed"] += 1
-            self.svc.drop(batch[i:i + 1], f"connector: publish to JetStream failed after {sink.max_attempts} "
+            self.engine.drop(batch[i:i + 1], f"connector: publish to JetStream failed after {sink.max_attempts} "
                                           f"attempts (connectors.nats.sink.max_attempts): {last}", [payload])
         except asyncio.CancelledError:
             self.stats["publish_failed"] += 1
-            self.svc.drop(batch[i:i + 1], "connector: shutdown: not acked by JetStream before the stop timeout",
+            self.engine.drop(batch[i:i + 1], "connector: shutdown: not acked by JetStream before the stop timeout",
                           [payload])
             raise
         finally:

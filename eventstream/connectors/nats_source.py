@@ -49,7 +49,7 @@ class SourceSide:
         pts = hdrs.get(H_PRODUCER_TS, "")
         pts = int(pts) if pts.isdigit() and int(pts) < (1 << 64) else 0
         data = msg.data
-        arena = self.svc.payloads
+        arena = self.engine.payloads
         biggest = self.capacity if arena is None else max(self.capacity, arena.max_payload)
         if len(data) > biggest:
             return (f"connector: payload of {len(data)} bytes exceeds the largest payload the engine takes "
@@ -65,11 +65,11 @@ class SourceSide:
         self.stats["poison"] += 1
         if fields is not None:  # decoded: the DLQ line carries the payload (whole, whatever its size)
             rec = self._records([fields])
-            self.svc.drop(rec, reason, [fields[-1]])
+            self.engine.drop(rec, reason, [fields[-1]])
         else:
             eid = numeric_id((msg.headers or {}).get(H_MSG_ID), subject_topic(self.prefix, msg.subject))
-            self.svc.dlq.write_line(eid, msg.subject, 0, reason)
-            self.svc.metrics.dropped("connector", 1)
+            self.engine.dlq.write_line(eid, msg.subject, 0, reason)
+            self.engine.metrics.dropped("connector", 1)
         try:
             await msg.term()
         except Exception as exc:  # noqa: BLE001 - redelivered later, dead-lettered again
@@ -175,15 +175,17 @@ class SourceSide:
     async def _offer_all(self, recs: np.ndarray, msgs: list) -> list:
         """Offer `recs` until every one is placed (the queues hold some back: offer again, never nak);
         returns their completion marks."""
-        bus = self.svc.bus
-        off = bus.offer(recs)
+        offer = self.engine.offer  # admission behind it: held below the level admitted, like TCP
+        off = offer(recs)
         marks = list(off.marks)
         self._refused(recs, None, off.refused)
         held = off.held
+        if held is not None:  # full queues, or not admitted at this level (engine.offer): held, offered again
+            self.stats["holds"] += 1
         touched = time.monotonic()
         while held is not None:
             touched = await self._pause_in_progress(msgs, touched)
-            off = bus.offer(recs[held], stamp=False)
+            off = offer(recs[held], stamp=False)
             marks.extend(off.marks)
             self._refused(recs, held, off.refused)
             held = None if off.held is None else held[off.held]
@@ -199,7 +201,7 @@ class SourceSide:
         big = [i for i in range(start, len(datas)) if len(datas[i]) > cap]
         if not big:
             return len(datas)
-        arena = self.svc.payloads
+        arena = self.engine.payloads
         sizes = [len(datas[i]) for i in big]
         touched = time.monotonic()
         while True:
@@ -229,7 +231,7 @@ class SourceSide:
         """Positions a DROP_NEW queue shed at the edge: dead-lettered (as for TCP), then acked."""
         for pos, reason in refused:
             idx = pos if held is None else held[pos]
-            self.svc.drop(recs[idx], reason)
+            self.engine.drop(recs[idx], reason)
 
     async def _wait_progress(self, timeout: float) -> None:
         try:

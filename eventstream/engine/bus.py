@@ -26,6 +26,7 @@ per event, and never inside a ring operation.
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 
@@ -46,6 +47,12 @@ ROUTE[Priority.LOW] = BATCH
 ROUTE[Priority.BATCH] = BATCH
 _ROUTE = ROUTE.tolist()
 SMALL = 8  # up to this many records, routing uses plain ints
+
+
+def sequence_base() -> int:
+    """First server sequence number of this run: boot time in the high 32 bits, so sequence numbers
+    (the ids of v1 events) stay unique across restarts."""
+    return (int(time.time()) & 0x7FFFFFFF) << 32
 
 
 class Queue:

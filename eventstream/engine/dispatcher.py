@@ -14,18 +14,12 @@ from collections.abc import Callable
 import numpy as np
 import structlog
 
-from eventstream.engine.bus import EventBusMulti
+from eventstream.engine.bus import EventBusMulti, sequence_base
 from eventstream.runtime.affinity import pin_current_thread
 
 log = structlog.get_logger("eventstream.dispatcher")
 
 DropFn = Callable[[np.ndarray, str], None]
-
-
-def sequence_base() -> int:
-    """First server sequence number of this run: boot time in the high 32 bits, so sequence numbers
-    (the ids of v1 events) stay unique across restarts."""
-    return (int(time.time()) & 0x7FFFFFFF) << 32
 
 
 class Dispatcher(threading.Thread):

@@ -11,25 +11,26 @@ class LevelActions:
     ELEVATED   add a transactional and a batch worker (up to max_workers)
     DEGRADED   UDP: admit no BATCH-priority events
     CRITICAL   UDP: admit no LOW or BATCH events
-    EMERGENCY  admit only CRITICAL events, over UDP and TCP
+    EMERGENCY  admit only CRITICAL events, from every source (TCP, UDP, the NATS source, flows)
 
-    Over TCP a full queue already pushes the client back, tier by tier (the reader holds what did not
-    fit and stops reading that connection; nothing is dropped), so the levels hold TCP events only at
-    EMERGENCY. UDP has no flow control: what it does not admit is shed (reason "backpressure", DLQ),
+    The levels are applied by `Engine.offer`. A source with flow control (TCP, the NATS source, flows)
+    is already pushed back tier by tier by a full queue (it holds what did not fit and offers it
+    again; nothing is dropped), so the levels hold its events only at EMERGENCY. UDP has no flow control: what it does not admit is shed (reason "backpressure", DLQ),
     leaving queue room for higher priorities. Events already accepted are never shed.
     """
 
     MIN_PRIORITY = {Level.HEALTHY: 0, Level.ELEVATED: 0, Level.DEGRADED: 1, Level.CRITICAL: 2, Level.EMERGENCY: 4}
 
-    def __init__(self, service):
-        """`service`: what the actions act on (its manager, admission and metrics)."""
-        self.service = service
+    def __init__(self, engine):
+        """`engine`: what the actions act on (its manager, its admission: every source offers
+        through `Engine.offer`, which applies it, and its metrics)."""
+        self.engine = engine
 
     def on_level(self, level: Level, previous: Level) -> None:
-        svc = self.service
+        engine = self.engine
         if level >= Level.ELEVATED and previous < Level.ELEVATED:
             for tier in ("transactional", "batch"):
-                svc.manager.add_worker(tier)
-        svc.admission.min_priority = self.MIN_PRIORITY[level]
-        svc.admission.tcp_min_priority = 4 if level >= Level.EMERGENCY else 0
-        svc.metrics.set_state(int(level), level.name, int(previous), previous.name)
+                engine.manager.add_worker(tier)
+        engine.admission.min_priority = self.MIN_PRIORITY[level]
+        engine.admission.tcp_min_priority = 4 if level >= Level.EMERGENCY else 0
+        engine.metrics.set_state(int(level), level.name, int(previous), previous.name)

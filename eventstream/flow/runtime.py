@@ -402,35 +402,32 @@ def load_builders(specs: list[str]) -> list[Flow]:
     return out
 
 
-def offer_until_stored(bus, drop) -> Callable[[np.ndarray], None]:
-    """An `offer` port over the engine's bus: place the records (waiting while the queues are full:
-    the flow is pushed back like a TCP client), then wait until each is stored (its completion mark)."""
+def offer_until_stored(engine) -> Callable[[np.ndarray], None]:
+    """An `offer` port over the engine's: place the records (waiting while they are held: the flow is
+    pushed back like a TCP client), then wait on `engine.stored` until each is stored (its marks)."""
     from eventstream.core.payloads import release_records
 
     def offer(records: np.ndarray) -> None:
         pending, stamp, marks = records, True, []
         while True:
-            off = bus.offer(pending, stamp=stamp)
+            off = engine.offer(pending, stamp=stamp)
             marks += off.marks
             for pos, reason in off.refused:  # a queue configured DROP_NEW: dead-lettered, never lost
-                drop(pending[pos], reason)
+                engine.drop(pending[pos], reason)
                 release_records(pending[pos])
             if off.held is None:
                 break
             pending, stamp = pending[off.held], False
             time.sleep(OUTPUT_RETRY_S)
-        for ring, end in marks:
-            spin = 0
-            while ring.completed() < end:
-                spin += 1
-                time.sleep(0.0001 if spin < 100 else 0.001)
+        engine.stored.wait(marks)
 
     return offer
 
 
-def start_flows(service, data_dir: Path, flows: list[Flow] | None) -> FlowSet | None:
-    """Start the flows of a Service (its config's builders and those passed to it); None if none."""
-    cfg = service.cfg.flows
+def start_flows(engine, data_dir: Path, flows: list[Flow] | None) -> FlowSet | None:
+    """Start the flows on an engine (its config's builders and those passed in); None if none. A flow
+    reads events.bin, woken by `engine.stored`, and writes back through `engine.offer`."""
+    cfg = engine.cfg.flows
     all_flows = load_builders(cfg.builders) + list(flows or [])
     if not all_flows:
         return None
@@ -439,17 +436,15 @@ def start_flows(service, data_dir: Path, flows: list[Flow] | None) -> FlowSet | 
     if dup:
         raise ValueError(f"flows: the name {dup[0]!r} is used by two flows; allowed: unique flow names (the name "
                          "keys the flow's snapshot)")
-    st = service.cfg.storage
+    st = engine.cfg.storage
     state_dir = Path(cfg.state_dir) if cfg.state_dir else Path(data_dir) / "flows"
     state_dir.mkdir(parents=True, exist_ok=True)
     log_path = Path(data_dir) / st.events_file
-    index = SegmentIndex(log_path, state_dir / "segments.json", service.dtype)
-    sub = getattr(service, "subscribe", None)
-    progress = getattr(sub, "progress", None)
-    ports = Ports(log_path=log_path, dtype=service.dtype, topics=service.topics,
-                  offer=offer_until_stored(service.bus, service.drop), dead_letter=service.drop,
-                  state_dir=state_dir, index=index, payloads=service.payloads,
-                  wait_stored=None if progress is None else _progress_wait(progress))
+    index = SegmentIndex(log_path, state_dir / "segments.json", engine.dtype)
+    ports = Ports(log_path=log_path, dtype=engine.dtype, topics=engine.topics,
+                  offer=offer_until_stored(engine), dead_letter=engine.drop,
+                  state_dir=state_dir, index=index, payloads=engine.payloads,
+                  wait_stored=_progress_wait(engine.stored))
     settings = FlowSettings(parallelism=cfg.parallelism, cpus=tuple(cfg.cpus),
                             snapshot_interval_s=cfg.snapshot_interval_s, chunk_bytes=cfg.chunk_bytes)
     runners = [FlowRunner(f, ports, settings) for f in all_flows]
@@ -462,7 +457,7 @@ def start_flows(service, data_dir: Path, flows: list[Flow] | None) -> FlowSet | 
             r.stop()
         raise
     fs = FlowSet(runners)
-    metrics = getattr(service, "metrics", None)
+    metrics = getattr(engine, "metrics", None)
     if metrics is not None:
         register_metrics(metrics, fs)
     return fs

@@ -85,7 +85,8 @@ class Delivery:
 
     def __init__(self, sink, admission: Admission | None, on_reject, stats: IngestStats, *, udp: bool = False):
         self.sink = sink
-        self.admission = admission if admission is not None else Admission()
+        # the engine's admission when the sink is the engine (the control plane's level), else this one
+        self.admission = getattr(sink, "admission", None) or (admission if admission is not None else Admission())
         self.on_reject = on_reject
         self.stats = stats
         self.udp = udp
@@ -113,52 +114,23 @@ class Delivery:
         held = held_idx = None
         accepted = 0
         if len(records):
-            lo = self.admitted_below()
-            cut = len(records)
-            if lo > 0:
-                below = records["priority"] < lo
-                if below.any():
-                    if self.udp:
-                        reason = REASON_PAUSED if self.admission.paused else REASON_BACKPRESSURE
-                        dropped.append((records[below], indices[below], reason))
-                        keep = ~below
-                        records, indices = records[keep], indices[keep]
-                        cut = len(records)
-                    else:  # hold from the first record not admitted: the connection keeps its order
-                        cut = int(below.argmax())
-            head = records[:cut]
-            if len(head):
-                hpos = None
-                if self._offer is not None:
-                    try:
-                        off = self._offer(head, stamp=not retry, shed_all=self.udp)
-                    except Exception as exc:  # a broken sink must not kill the reader
-                        log.error("sink_failed", error=repr(exc), records=len(head))
-                        off = None
-                        dropped.append((head, indices[:cut], "sink_failed"))
-                    if off is not None:
-                        accepted = off.placed
-                        marks = off.marks
-                        for pos, reason in off.refused:
-                            dropped.append((head[pos], indices[pos], reason))
-                        hpos = off.held
-                        blocked = off.blocked
-                else:
-                    rest = self.sink.put_batch(head)
-                    r = len(rest) if rest is not None else 0
-                    accepted = len(head) - r
-                    if r:
-                        tail = np.arange(accepted, len(head))
-                        if self.udp:
-                            dropped.append((head[tail], indices[tail], REASON_SINK_FULL))
-                        else:
-                            hpos = tail
-                if hpos is not None:
-                    held, held_idx = head[hpos], indices[hpos]
-            if cut < len(records):
-                rest, rest_idx = records[cut:], indices[cut:]
-                held = rest if held is None else np.concatenate((held, rest))
-                held_idx = rest_idx if held_idx is None else np.concatenate((held_idx, rest_idx))
+            if self._offer is not None:  # the engine: admission is behind its offer
+                try:
+                    off = self._offer(records, stamp=not retry, shed_all=self.udp)
+                except Exception as exc:  # a broken sink must not kill the reader
+                    log.error("sink_failed", error=repr(exc), records=len(records))
+                    off = None
+                    dropped.append((records, indices, "sink_failed"))
+                if off is not None:
+                    accepted = off.placed
+                    marks = off.marks
+                    for pos, reason in off.refused:
+                        dropped.append((records[pos], indices[pos], reason))
+                    if off.held is not None:
+                        held, held_idx = records[off.held], indices[off.held]
+                    blocked = off.blocked
+            else:
+                held, held_idx, accepted = self._put(records, indices, dropped)
             if held is not None and not retry:  # a retry still held is the same hold going on
                 stats.holds += 1
             stats.frames_accepted += accepted
@@ -174,6 +146,38 @@ class Delivery:
             release_records(recs)
         nacks = _nacks(dropped, errors) if want_nacks and (dropped or errors) else b""
         return Delivered(accepted, marks, held, held_idx, nacks, blocked)
+
+    def _put(self, records, indices, dropped) -> tuple:
+        """A `put_batch` sink (tests, benchmarks): admission applied here, a put is complete at once."""
+        held = held_idx = None
+        lo = self.admitted_below()
+        cut = len(records)
+        if lo > 0:
+            below = records["priority"] < lo
+            if below.any():
+                if self.udp:
+                    reason = REASON_PAUSED if self.admission.paused else REASON_BACKPRESSURE
+                    dropped.append((records[below], indices[below], reason))
+                    keep = ~below
+                    records, indices = records[keep], indices[keep]
+                    cut = len(records)
+                else:  # hold from the first record not admitted: the connection keeps its order
+                    cut = int(below.argmax())
+        head = records[:cut]
+        rest = self.sink.put_batch(head) if len(head) else None
+        r = len(rest) if rest is not None else 0
+        accepted = len(head) - r
+        if r:
+            tail = np.arange(accepted, len(head))
+            if self.udp:
+                dropped.append((head[tail], indices[tail], REASON_SINK_FULL))
+            else:
+                held, held_idx = head[tail], indices[tail]
+        if cut < len(records):
+            rest, rest_idx = records[cut:], indices[cut:]
+            held = rest if held is None else np.concatenate((held, rest))
+            held_idx = rest_idx if held_idx is None else np.concatenate((held_idx, rest_idx))
+        return held, held_idx, accepted
 
     def report_suppressed(self, conn_id: int, n: int, limit_key: str, limit: int) -> None:
         """One summary line for `n` rejected frames not reported one by one (limits.RejectMeter)."""

@@ -4,17 +4,21 @@
 from __future__ import annotations
 
 
-def register_engine_gauges(m, bus, queue_names, topics, payloads, failures) -> None:
-    """`m`: the MetricsRegistry; `failures`: a callable listing the engine threads that died."""
+def register_engine_gauges(m, bus, queue_names, topics, payloads) -> None:
+    """`m`: the MetricsRegistry."""
     for name in queue_names:
         m.gauge_fn("queue_depth", {"queue": name}, lambda q=bus[name]: q.depth)
-    m.gauge_fn("threads_failed", {}, lambda: len(failures()),
-               doc="engine threads that died with an error (any: the service is unhealthy and stops)")
     m.gauge_fn("topics", {}, lambda: len(topics), doc="distinct topics known (bound: server.max_topics)")
     m.gauge_fn("payload_arena_used_bytes", {}, lambda: payloads.statistics()["used_bytes"],
                doc="bytes of payloads over records.payload_bytes in flight (bound: payloads.arena_bytes)")
     m.counter_fn("payload_arena_full", lambda: payloads.statistics()["full"],
                  doc="claims the full payload arena cut short (the producer was pushed back; UDP: shed)")
+
+
+def register_failures(m, failures) -> None:
+    """`failures`: a callable listing the threads (engine and edges) that died."""
+    m.gauge_fn("threads_failed", {}, lambda: len(failures()),
+               doc="engine threads that died with an error (any: the service is unhealthy and stops)")
 
 
 def register_tcp_limits(m, tcp, close_reasons) -> None:

@@ -1,8 +1,8 @@
 """The subscribe listener (`server.subscribe.*`): accepts subscriber connections, one Session each.
 
 Subscribers read events.bin (storage/tail.py), never the engine's rings: a slow or stalled
-subscriber stops only its own session. The service wraps its store sink (`wrap_store`) so every
-append bumps `progress`, which wakes the sessions waiting at the end of the log.
+subscriber stops only its own session. `progress` is the engine's `stored` barrier (engine/stored.py):
+every release of a stored batch wakes the sessions waiting at the end of the log.
 """
 
 from __future__ import annotations
@@ -70,15 +70,6 @@ class SubscribeServer:
 
     def threads(self) -> list[threading.Thread]:
         return [self._thread] if self._thread is not None else []
-
-    def wrap_store(self, store):
-        bump = self.progress.bump
-
-        def store_and_bump(records):
-            store(records)
-            bump()
-
-        return store_and_bump
 
     def _accept_loop(self) -> None:
         pin_current_thread(self.cpus, "es-sub-acceptor")
@@ -180,10 +171,11 @@ class SubscribeServer:
         log.info("subscribe_stopped", **self.statistics())
 
 
-def build(cfg, data_dir: Path, dtype, tokens=None, tls=None) -> SubscribeServer | None:
-    """The subscribe server of a configuration, or None when `server.subscribe.enabled` is false."""
+def build(cfg, data_dir: Path, dtype, tokens=None, tls=None, stored=None) -> SubscribeServer | None:
+    """The subscribe server of a configuration, or None when `server.subscribe.enabled` is false.
+    `stored`: the engine's `stored` barrier (engine/stored.py), which wakes sessions at the end of the log."""
     sc = cfg.server.subscribe
     if not sc.enabled:
         return None
     return SubscribeServer(sc, Path(data_dir) / cfg.storage.events_file, dtype, data_dir, tokens=tokens,
-                           cpus=cfg.affinity.acceptor, tls=tls)
+                           progress=stored, cpus=cfg.affinity.acceptor, tls=tls)

@@ -334,7 +334,7 @@ def test_source_takes_payloads_of_every_size_into_the_payload_arena(nats_server,
     with Service(cfg) as svc:
         wait_until(lambda: consumer_done(nats_server.url, "big"), 60, "every message acked")
         assert svc.connectors.stats["acked"] == len(pays) and svc.connectors.stats["poison"] == 0
-        wait_until(lambda: svc.payloads.statistics()["used_bytes"] == 0, 30, "every arena slot released")
+        wait_until(lambda: svc.engine.payloads.statistics()["used_bytes"] == 0, 30, "every arena slot released")
     got = EventLogReader(data / "events.bin").read()
     assert dict(zip(ids_of(got.records), got.payloads())) == pays
 
@@ -352,11 +352,11 @@ def test_source_waits_for_a_full_payload_arena_and_loses_nothing(nats_server, tm
                                                "server.udp.max_datagram_bytes": 65507,
                                                "payloads.arena_bytes": 2 * 65536})
     with Service(cfg) as svc:
-        assert svc.payloads.nchunks == 2
+        assert svc.engine.payloads.nchunks == 2
         wait_until(lambda: consumer_done(nats_server.url, "full"), 60, "every message acked")
         st = svc.connectors.stats
         assert st["acked"] == len(pays) and st["arena_waits"] > 0 and st["poison"] == 0
-        wait_until(lambda: svc.payloads.statistics()["used_bytes"] == 0, 30, "every arena slot released")
+        wait_until(lambda: svc.engine.payloads.statistics()["used_bytes"] == 0, 30, "every arena slot released")
     got = EventLogReader(data / "events.bin").read()
     assert dict(zip(ids_of(got.records), got.payloads())) == pays
 
@@ -496,3 +496,38 @@ def test_sink_publishes_payloads_of_every_size_whole(nats_server, tmp_path):
     assert got == {f"large:{eid}": p for eid, p in pays.items()}
     dlq = list(read_dlq(data / "dlq_log.txt"))
     assert [(e.topic, e.payload) for e in dlq] == [("bad topic", b"z" * 20_000)]
+
+
+def test_source_is_held_at_emergency_like_every_other_source(nats_server, tmp_path):
+    """The NATS source enters by engine.offer: at EMERGENCY only CRITICAL goes in, the rest is held
+    (marked in progress, never nak'ed, never dropped) and goes in when the level comes down."""
+    from eventstream.engine.control import Level
+    from eventstream.engine.levels import LevelActions
+
+    ensure_stream(nats_server.url)
+    data = tmp_path / "data"
+    cfg = engine_cfg(data, nats_server.url, **{"connectors.nats.source.enabled": True,
+                                               "connectors.nats.source.durable": "emerg",
+                                               "connectors.nats.source.subjects": ["in.>"]})
+    crit = [("es.in.alarm", b"c%d" % i, {"Nats-Msg-Id": str(i), "Eventstream-Priority": "critical"})
+            for i in range(1, 11)]
+    bulk = [("es.in.bulk", b"b%d" % i, {"Nats-Msg-Id": str(i), "Eventstream-Priority": str(i % 4)})
+            for i in range(100, 120)]
+    with Service(cfg) as svc:
+        svc.control.stop()  # drive the level by hand
+        levels = LevelActions(svc.engine)
+        levels.on_level(Level.EMERGENCY, Level.CRITICAL)
+        publish(nats_server.url, crit)
+        wait_until(lambda: consumer_done(nats_server.url, "emerg"), 60, "the CRITICAL messages acked")
+        wait_until(lambda: svc.metrics.processed_total() == 10, 30, "the CRITICAL messages counted")
+        publish(nats_server.url, bulk)
+        st = svc.connectors.stats
+        wait_until(lambda: st["holds"] >= 1, 60, "the source holding what EMERGENCY does not admit")
+        assert svc.metrics.processed_total() == 10 and st["acked"] == 10  # held: not stored, not acked
+        assert svc.metrics.dropped_total() == 0
+        for level, previous in ((Level.CRITICAL, Level.EMERGENCY), (Level.DEGRADED, Level.CRITICAL),
+                                (Level.ELEVATED, Level.DEGRADED), (Level.HEALTHY, Level.ELEVATED)):
+            levels.on_level(level, previous)
+        wait_until(lambda: consumer_done(nats_server.url, "emerg"), 60, "every message acked")
+        assert st["acked"] == 30 and svc.metrics.dropped_total() == 0
+    assert sorted(ids_of(stored(data))) == list(range(1, 11)) + list(range(100, 120))

@@ -157,8 +157,8 @@ def test_synced_ack_never_precedes_the_fsync(tmp_path):
                 for k, v, _ in c.poll(5.0):
                     if k == KIND_ACK:
                         # at the moment ACK(v) is read, an fsync covering at least v records finished
-                        assert svc.event_log.statistics()["synced_records"] >= v
-        assert svc.event_log.statistics()["group_syncs"] >= 1
+                        assert svc.engine.event_log.statistics()["synced_records"] >= v
+        assert svc.engine.event_log.statistics()["group_syncs"] >= 1
         c.close()
     finally:
         svc.stop()
@@ -170,7 +170,7 @@ def test_per_frame_synced_on_a_stored_server_is_fsynced(tmp_path):
         c = Conn(svc)
         c.send(encode_v2("s", b"x", 3, 1, flags=ACK_SYNCED))
         c.wait_ack(1)
-        assert svc.event_log.statistics()["synced_records"] >= 1
+        assert svc.engine.event_log.statistics()["synced_records"] >= 1
         c.close()
     finally:
         svc.stop()

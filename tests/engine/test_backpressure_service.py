@@ -8,7 +8,8 @@ import time
 from eventstream.client import TcpClient, UdpSender
 from eventstream.config import load_config
 from eventstream.engine.control import Level
-from eventstream.service import LevelActions, Service
+from eventstream.engine.levels import LevelActions
+from eventstream.service import Service
 from eventstream.storage import EventLogReader
 
 
@@ -33,12 +34,12 @@ def test_overload_escalates_adds_worker_pauses_and_recovers_without_loss(tmp_pat
             assert c.wait_acked(120)
             assert c.nacked == 0
         deadline = time.monotonic() + 60  # let the queues drain and the level step back down (bounded)
-        while (svc.bus.depth or svc.backpressure.level != Level.HEALTHY) and time.monotonic() < deadline:
+        while (svc.engine.bus.depth or svc.backpressure.level != Level.HEALTHY) and time.monotonic() < deadline:
             time.sleep(0.02)
         transitions = list(svc.backpressure.transitions)  # (previous, level) pairs
-        workers = svc.manager.worker_counts()
+        workers = svc.engine.manager.worker_counts()
         final_level = svc.backpressure.level
-        paused_after = svc.admission.paused
+        paused_after = svc.engine.admission.paused
     ups = [(a, b) for a, b in transitions if b > a]
     downs = [(a, b) for a, b in transitions if b < a]
     assert ups and max(b for _, b in ups) == Level.DEGRADED
@@ -49,7 +50,7 @@ def test_overload_escalates_adds_worker_pauses_and_recovers_without_loss(tmp_pat
     assert svc.summary()["dropped"] == 0
 
 
-class FakeService:
+class FakeEngine:
     def __init__(self):
         from eventstream.ingest.admission import Admission
 
@@ -61,26 +62,24 @@ class FakeService:
 
 
 def test_level_actions_are_cumulative_and_undone_on_the_way_down():
-    from eventstream.service import LevelActions
-
-    svc = FakeService()
-    act = LevelActions(svc)
+    engine = FakeEngine()
+    act = LevelActions(engine)
     act.on_level(Level.ELEVATED, Level.HEALTHY)
-    assert svc.added == ["transactional", "batch"] and svc.admission.min_priority == 0
+    assert engine.added == ["transactional", "batch"] and engine.admission.min_priority == 0
     act.on_level(Level.DEGRADED, Level.ELEVATED)
-    assert svc.admission.min_priority == 1  # BATCH priority not admitted
+    assert engine.admission.min_priority == 1  # BATCH priority not admitted
     act.on_level(Level.CRITICAL, Level.DEGRADED)
-    assert svc.admission.min_priority == 2  # LOW and BATCH not admitted
+    assert engine.admission.min_priority == 2  # LOW and BATCH not admitted
     act.on_level(Level.EMERGENCY, Level.CRITICAL)
-    assert svc.admission.min_priority == 4  # only CRITICAL admitted
+    assert engine.admission.min_priority == 4  # only CRITICAL admitted
     act.on_level(Level.CRITICAL, Level.EMERGENCY)
-    assert svc.admission.min_priority == 2
+    assert engine.admission.min_priority == 2
     act.on_level(Level.DEGRADED, Level.CRITICAL)
     act.on_level(Level.ELEVATED, Level.DEGRADED)
     act.on_level(Level.HEALTHY, Level.ELEVATED)
-    assert svc.admission.min_priority == 0 and not svc.admission.paused
-    assert svc.added == ["transactional", "batch"]  # workers are added once per climb out of HEALTHY
-    assert svc.states[-1][1] == "HEALTHY"
+    assert engine.admission.min_priority == 0 and not engine.admission.paused
+    assert engine.added == ["transactional", "batch"]  # workers are added once per climb out of HEALTHY
+    assert engine.states[-1][1] == "HEALTHY"
 
 
 def test_malformed_frames_and_own_shedding_do_not_count_as_overload(tmp_path):
@@ -93,7 +92,7 @@ def test_malformed_frames_and_own_shedding_do_not_count_as_overload(tmp_path):
         "records.payload_bytes": 32})
     with Service(cfg) as svc:
         svc.control.stop()  # sample by hand
-        svc.sample()
+        svc.engine.sample()
         bad = bytearray(encode_v2("t", b"payload", 2, 1, 1))
         bad[-1] ^= 0xFF  # CRC mismatch: a content error, only that frame is rejected
         with socket.create_connection(svc.tcp.address) as s:
@@ -102,7 +101,7 @@ def test_malformed_frames_and_own_shedding_do_not_count_as_overload(tmp_path):
             s.settimeout(30)
             while s.recv(65536):
                 pass  # NACKs, then the server closes after our half-close
-        svc.admission.min_priority = 4  # the control plane's own shedding (EMERGENCY): UDP sheds
+        svc.engine.admission.min_priority = 4  # the control plane's own shedding (EMERGENCY): UDP sheds
         with UdpSender("127.0.0.1", svc.udp.address[1]) as u:
             for i in range(1, 101):
                 u.send("t", b"x", priority=1, event_id=i)
@@ -110,7 +109,7 @@ def test_malformed_frames_and_own_shedding_do_not_count_as_overload(tmp_path):
         deadline = time.monotonic() + 30
         while svc.metrics.dropped_total() < 600 and time.monotonic() < deadline:
             time.sleep(0.005)  # until the UDP reader has counted the 100 shed events
-        sample = svc.sample()
+        sample = svc.engine.sample()
         assert svc.metrics.dropped_total() == 600
         assert svc.metrics.dropped_by_reason().get("backpressure") == 100
     assert sample.drop_rate == 0.0
@@ -139,7 +138,7 @@ def test_emergency_admits_critical_and_holds_the_rest_without_dropping(tmp_path)
 
     with Service(cfg) as svc:
         svc.control.stop()  # drive the level's action by hand
-        LevelActions(svc).on_level(Level.EMERGENCY, Level.CRITICAL)
+        LevelActions(svc.engine).on_level(Level.EMERGENCY, Level.CRITICAL)
         bulk = socket.create_connection(svc.tcp.address)
         crit = socket.create_connection(svc.tcp.address)
         bulk.sendall(b"".join(encode_v2("bulk", b"b", p, 100 + i) for i, p in enumerate([2, 3, 1, 0] * 25)))
@@ -147,9 +146,9 @@ def test_emergency_admits_critical_and_holds_the_rest_without_dropping(tmp_path)
         assert acked(crit, bytearray(), 10, 30)  # CRITICAL goes through at EMERGENCY
         assert not acked(bulk, bytearray(), 1, 0.3)  # the rest is held: no ACK, nothing dropped
         assert svc.tcp.statistics()["holds"] >= 1
-        LevelActions(svc).on_level(Level.CRITICAL, Level.EMERGENCY)
-        LevelActions(svc).on_level(Level.DEGRADED, Level.CRITICAL)
-        LevelActions(svc).on_level(Level.ELEVATED, Level.DEGRADED)
+        LevelActions(svc.engine).on_level(Level.CRITICAL, Level.EMERGENCY)
+        LevelActions(svc.engine).on_level(Level.DEGRADED, Level.CRITICAL)
+        LevelActions(svc.engine).on_level(Level.ELEVATED, Level.DEGRADED)
         assert acked(bulk, bytearray(), 100, 30)
         bulk.close()
         crit.close()

@@ -128,7 +128,7 @@ def test_a_service_with_bulk_lanes_stores_every_event_once_in_order(tmp_path):
         got = split_control_frames(buf)
         assert [f for f in got if f[0] == KIND_NACK] == []
         assert max(v for k, v, _ in got if k == KIND_ACK) == n + 50
-        lanes = [lane for tier in ("transactional", "batch") for lane in svc.bus[tier].lanes]
+        lanes = [lane for tier in ("transactional", "batch") for lane in svc.engine.bus[tier].lanes]
         assert sum(lane.handled for lane in lanes) > 0
     finally:
         svc.stop()

@@ -124,16 +124,16 @@ def test_every_size_round_trips_through_the_service(engine, sizes, to_dlq):
         assert eid in where, f"event {eid} ({len(payload)} bytes) missing from {'DLQ' if dead else 'events.bin'}"
         assert where[eid] == payload, f"event {eid}: {len(payload)} bytes not stored exactly"
     assert checker.bad == [] and checker.views_ok
-    assert svc.payloads.statistics()["bad_release"] == 0
+    assert svc.engine.payloads.statistics()["bad_release"] == 0
 
 
 def test_arena_is_empty_after_the_traffic(engine):
     svc, _data, _checker = engine
     # every payload stored or dead-lettered gave its slot back (the processors release them)
     deadline = time.monotonic() + 10
-    while svc.payloads.statistics()["used_bytes"] and time.monotonic() < deadline:
+    while svc.engine.payloads.statistics()["used_bytes"] and time.monotonic() < deadline:
         time.sleep(0.01)
-    st_ = svc.payloads.statistics()
+    st_ = svc.engine.payloads.statistics()
     assert st_["used_bytes"] == 0 and st_["claimed"] == st_["released"], st_
 
 
@@ -213,9 +213,9 @@ def test_full_arena_pushes_the_client_back_and_loses_nothing(tmp_path):
             sender.start()
             assert entered.wait(30)
             deadline = time.monotonic() + 30
-            while svc.payloads.statistics()["full"] == 0 and time.monotonic() < deadline:
+            while svc.engine.payloads.statistics()["full"] == 0 and time.monotonic() < deadline:
                 time.sleep(0.005)  # waiting for the reader to hit the full arena (bounded)
-            st_ = svc.payloads.statistics()
+            st_ = svc.engine.payloads.statistics()
             assert st_["full"] >= 1 and st_["bytes"] == 2 * MIB and st_["used_bytes"] <= 2 * MIB
             assert c.acked < len(pays)
             gate.set()

@@ -95,10 +95,10 @@ def meet_in_handlers(tmp_path: Path, rounds: int) -> tuple[Meeting, list[int]]:
     svc = Service(cfg, handlers={"transactional": meeting})
     # topics get ids on first sight; name them now so the test knows their partitions
     names = ("orders.eu", "orders.us")
-    ids = [svc.topics.intern(n) for n in names]
+    ids = [svc.engine.topics.intern(n) for n in names]
     with svc:
-        parts = svc.bus["transactional"].partitions
-        assert parts == 2 and len(svc.manager.workers["transactional"]) == 2
+        parts = svc.engine.bus["transactional"].partitions
+        assert parts == 2 and len(svc.engine.manager.workers["transactional"]) == 2
         assert ids[0] % parts != ids[1] % parts, "the two topics must land in different partitions"
         with TcpClient("127.0.0.1", svc.tcp.address[1], version=2, timeout=30) as client:
             for i, name in enumerate(names, 1):

@@ -387,7 +387,7 @@ def test_stop_without_drain_dead_letters_what_is_still_queued(tmp_path):
         out = {}
         stopper = th.Thread(target=lambda: out.update(summary=svc.stop(drain=False)))
         stopper.start()
-        workers = svc.manager.workers["transactional"]
+        workers = svc.engine.manager.workers["transactional"]
         deadline = time.monotonic() + 30
         while not all(w._abandon for w in workers) and time.monotonic() < deadline:
             time.sleep(0.001)  # until stop() has told the workers to abandon; then unblock the handler

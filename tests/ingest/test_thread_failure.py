@@ -47,7 +47,7 @@ def service(tmp_path):
                                  "server.tcp.readers": 2, "storage.data_dir": str(tmp_path / "data"),
                                  "storage.fsync": "none", "logging.level": "warning"}, environ={})
     svc = Service(cfg)
-    svc.topics = CrashingTopics(cfg.server.max_topics)
+    svc.engine.topics = CrashingTopics(cfg.server.max_topics)
     svc.start()
     yield svc
     svc.stop(drain=False, timeout=10)

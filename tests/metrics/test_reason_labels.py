@@ -130,7 +130,7 @@ def test_service_rejects_with_distinct_numbers_keep_labels_fixed(tmp_path: Path)
                 assert time.monotonic() < deadline, f"only {svc.metrics.dropped_total()} of {n} rejects counted"
                 time.sleep(0.01)
         text = urllib.request.urlopen(svc.exporter.url, timeout=10).read().decode()
-        dlq_counts = svc.dlq.counts()
+        dlq_counts = svc.engine.dlq.counts()
     labels = reason_labels(text)
     assert set(labels) <= set(REASONS), sorted(set(labels) - set(REASONS))[:5]
     assert labels["topic_len"] == n

@@ -110,7 +110,7 @@ def test_rotation_covers_synced_records_and_a_resend_after_restart_is_stored_onc
                 buf += data_
                 acks += [v for kind, v, _ in split_control_frames(buf) if kind == KIND_ACK]
                 if acks and check_sync:
-                    assert svc.event_log.statistics()["synced_records"] >= acks[-1]  # never before the fsync
+                    assert svc.engine.event_log.statistics()["synced_records"] >= acks[-1]  # never before the fsync
             return acks[-1]
 
     svc = Service(load_config(environ={}, overrides=over)).start()

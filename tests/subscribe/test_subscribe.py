@@ -203,7 +203,7 @@ def test_a_stalled_subscriber_does_not_stall_ingest(service):
     with subscribe("127.0.0.1", sub_port(svc), "*", credit=1) as one:
         n = 20_000  # far more than the queue holds: ingest has to go on storing
         send(svc, [("bulk", b"%d" % i) for i in range(n)])
-        assert svc.event_log.statistics()["records"] == n
+        assert svc.engine.event_log.statistics()["records"] == n
         assert take(one, 1)[0].offset == 0
         zero = [s for s in svc.subscribe.sessions.values() if s.sub is not None and s.sub.credit == 0]
         assert len(zero) == 1 and zero[0].sent == 0 and zero[0].credit == 0  # it got nothing, ingest went on

@@ -188,25 +188,32 @@ class Processor(threading.Thread):
         if not token.acquire(blocking=False):
             return False
         try:
-            if not self.queue.rings[partition].drained():
-                return False
-            sinks = self.sinks
-            taken_ns = time.monotonic_ns()
-            if not self.handle_inline(records, partition):
-                return False
-            release_records(records)  # stored or dead-lettered: payload arena slots back
-            if sinks.sync is not None and _wants_sync((records,)):
-                sinks.sync()
-            if sinks.stages is not None:  # recorded later, off the caller's way to its ACK
-                self._stages.append((records["ingest_ts"].astype(np.int64), taken_ns, time.monotonic_ns()))
-            if len(self._done) > 256:
-                self._flush_metrics()
-            self.handled += len(records)
-            self.inline += len(records)
-            self.batches += 1
-            return True
+            ran = self._run_inline_locked(records, partition)
         finally:
             token.release()
+        if ran and self.sinks.progress is not None:  # followers of `stored` (tails, flows); the caller ACKs itself
+            self.sinks.progress()
+        return ran
+
+    def _run_inline_locked(self, records: np.ndarray, partition: int) -> bool:
+        """run_inline's work, under the partition's token."""
+        if not self.queue.rings[partition].drained():
+            return False
+        sinks = self.sinks
+        taken_ns = time.monotonic_ns()
+        if not self.handle_inline(records, partition):
+            return False
+        release_records(records)  # stored or dead-lettered: payload arena slots back
+        if sinks.sync is not None and _wants_sync((records,)):
+            sinks.sync()
+        if sinks.stages is not None:  # recorded later, off the caller's way to its ACK
+            self._stages.append((records["ingest_ts"].astype(np.int64), taken_ns, time.monotonic_ns()))
+        if len(self._done) > 256:
+            self._flush_metrics()
+        self.handled += len(records)
+        self.inline += len(records)
+        self.batches += 1
+        return True
 
     def _flush_metrics(self) -> None:
         """Record deferred metrics (token holder only)."""

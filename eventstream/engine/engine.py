@@ -1,0 +1,300 @@
+"""Engine: the pipeline as one object, with two ports.
+
+    offer(records) ──▶ admission (the control plane's level: hold, or shed with shed_all)
+        │              EventBusMulti: route by priority and topic partition, try_put, never waits
+        │              (a lane whose partition is idle runs the handler on the offering thread)
+        ▼
+    realtime MpscRing            transactional MpscRing × partitions    batch MpscRing × partitions
+        │ es-realtime-0                 │ es-transactional-0..k                 │ es-batch-0..k
+        ▼                               ▼                                       ▼
+    skip duplicates (topic, id) → handler → store: EventLog events.bin (es-storage-flush runs the
+    interval fsync) → [fsync if a `synced` event] → release ring and payload arena slots
+        │                                   refused / failed ─▶ DeadLetterLog (dlq_log.txt)
+        ▼
+    stored.advance() ─▶ every follower of `stored`: TCP ACK writers, subscribe tails, flows, the
+                         NATS source (JetStream acks)
+
+The ports. `offer(records, stamp=, shed_all=)` is the only way in: TCP and UDP readers (through
+ingest/delivery.py), the NATS source and flows' outputs enter by it and obey the same levels. It
+never waits; it returns an `Offer`: completion marks `(ring, end)` of what went in, positions held
+back (full queues, or below the level admitted: the caller holds them and offers them again with
+`stamp=False`), positions refused with a reason (a shedding queue; with `shed_all`, UDP, also what
+is not admitted). `stored` (engine/stored.py) is the barrier over the rings' completed() sequences
+that ACK writers and every other follower wait on.
+
+What the engine owns: the payload arena (large payloads), the dead-letter log, the event log, the
+bus and its queues, the processors and their lanes (ProcessManager), the dedup tables rebuilt from
+events.bin before the first event, and the admission signals the control plane sets. The edges
+(ingest servers, subscribe, connectors, control thread, exporter) are assembled by service.py and
+receive the engine, never the service.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import structlog
+
+from eventstream.config.loader import max_payload_bytes
+from eventstream.core.payloads import PayloadArena, release_records
+from eventstream.core.records import record_dtype
+from eventstream.core.topics import TopicTable
+from eventstream.engine import idempotency
+from eventstream.engine.bus import QUEUE_NAMES, ROUTE, EventBusMulti, Offer, sequence_base
+from eventstream.engine.control import Sample
+from eventstream.engine.dlq import DeadLetterLog, reason_category
+from eventstream.engine.manager import ProcessManager
+from eventstream.engine.processors import Sinks
+from eventstream.engine.stored import Stored
+from eventstream.errors import StartupError
+from eventstream.ingest.admission import Admission
+from eventstream.ingest.delivery import REASON_SINK_FULL
+from eventstream.metrics.engine_gauges import register_dedup, register_engine_gauges, register_storage
+from eventstream.storage.writer import EventLog
+
+log = structlog.get_logger("eventstream.engine")
+
+BACKPRESSURE_REASONS = ("backpressure", "paused")
+# Drops the control plane reacts to: a full queue's overflow policy. Not its own shedding
+# ("backpressure", "paused": counting those would hold the level up by itself), not malformed input
+# (one bad client must not raise the level for everyone), not handler failures.
+OVERLOAD_REASONS = ("overflow", "timeout", "evicted")
+
+
+class Engine:
+    def __init__(self, cfg, metrics, *, handlers: dict | None = None, allow_gil: bool = False):
+        """`metrics`: the MetricsRegistry every count goes to; `allow_gil`: edges that import more
+        (nats-py) check the GIL again with it. Nothing is opened before `open()`."""
+        self.cfg = cfg
+        self.data = Path(cfg.storage.data_dir)
+        self.metrics = metrics
+        self.handlers = handlers
+        self.allow_gil = allow_gil
+        self.topics = TopicTable(cfg.server.max_topics)
+        self.dtype = record_dtype(cfg.records.payload_bytes)
+        self.admission = Admission()  # written by the control plane (engine/levels.py), read by offer
+        self.stored = Stored()
+        self.forwarders: list = []  # called with each stored batch (the NATS sink's copy), set before start
+        self.payloads = self.dlq = self.event_log = self.bus = self.manager = None
+        self.dedup_rebuilt = None
+        self._last_sample = (0, 0, time.monotonic())
+
+    # ------------------------------------------------------------------------------------ ports
+    def offer(self, records: np.ndarray, *, stamp: bool = True, shed_all: bool = False) -> Offer:
+        """Put `records` in without waiting (module docstring). Positions in the result index `records`."""
+        adm = self.admission
+        lo = 4 if adm.paused else (adm.min_priority if shed_all else adm.tcp_min_priority)
+        if lo == 0 or len(records) == 0:
+            return self.bus.offer(records, stamp=stamp, shed_all=shed_all)
+        below = records["priority"] < lo
+        if not below.any():
+            return self.bus.offer(records, stamp=stamp, shed_all=shed_all)
+        if shed_all:  # no flow control (UDP): what is not admitted is refused, the rest goes in
+            keep = np.flatnonzero(~below)
+            off = self.bus.offer(records[keep], stamp=stamp, shed_all=True) if len(keep) else Offer()
+            off.refused = [(keep[pos], why) for pos, why in off.refused]
+            off.refused.append((np.flatnonzero(below), "paused" if adm.paused else "backpressure"))
+            return off
+        # held from the first record not admitted: the source keeps its order (stamped now, like
+        # records a full queue holds back, so the retry keeps their sequence numbers)
+        if stamp:
+            self.bus.stamp(records)
+        cut = int(below.argmax())
+        off = self.bus.offer(records[:cut], stamp=False) if cut else Offer()
+        tail = np.arange(cut, len(records))
+        off.held = tail if off.held is None else np.concatenate((off.held, tail))
+        return off
+
+    # ------------------------------------------------------------------------------------ sinks
+    def drop(self, records: np.ndarray, reason, payloads: list | None = None) -> None:
+        """Every dropped or failed event: dead-letter log + events_dropped_total{reason}. `payloads`:
+        the records' payloads when the caller copied them out of the payload arena already."""
+        if len(records) == 0:
+            return
+        if isinstance(reason, str):
+            self.dlq.write(records, reason, self.topics, payloads)
+            category = reason_category(reason)
+            self.metrics.dropped(category, len(records))
+            if category in BACKPRESSURE_REASONS:
+                self.metrics.backpressure_dropped(len(records))
+        else:
+            self.dlq.write_each(records, list(reason), self.topics, payloads)
+            for r in reason:
+                self.metrics.dropped(reason_category(r), 1)
+
+    def reject(self, records, reason: str, rejections) -> None:
+        """What ingest refused: decoded records refused as a group (backpressure, paused, sink full)
+        and frames that failed to decode. One DLQ line each, counted by reason."""
+        if records is not None and len(records):
+            if reason == REASON_SINK_FULL:  # the ingest ring was full: an overflow, not shedding
+                reason = "overflow:ingest"
+            self.drop(records, reason)
+        for rj in rejections:
+            self.dlq.write_line(rj.event_id, rj.topic, rj.priority, rj.reason)
+            self.metrics.dropped(reason_category(rj.reason), rj.count)
+
+    def _store(self, records: np.ndarray) -> None:
+        self.event_log.append(records)
+        for forward in self.forwarders:
+            forward(records)
+
+    def _sync(self) -> None:
+        """Group commit for `synced` ACKs: everything stored (and dead-lettered) so far is fsynced."""
+        self.event_log.sync()
+        self.dlq.sync()
+
+    def _stages(self, ingest_ns: np.ndarray, taken_ns: int, stored_ns: int) -> None:
+        m = self.metrics
+        m.observe_stage("queued", np.int64(taken_ns) - ingest_ns)
+        m.observe_stage("stored", np.int64(stored_ns) - ingest_ns)
+
+    def _processed(self, queue: str, records: np.ndarray, handled_ns: int | None = None) -> None:
+        now = time.monotonic_ns() if handled_ns is None else handled_ns
+        self.metrics.processed(queue, len(records), now - records["ingest_ts"].astype(np.int64))
+
+    # ------------------------------------------------------------------------------------ lifecycle
+    def _data_dir(self) -> Path:
+        data = self.data
+        try:
+            data.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(f"storage.data_dir: cannot create {data} ({exc.strerror}); "
+                               "allowed: a writable directory") from None
+        try:  # an existing directory may still refuse files (read-only mount, permissions, /proc, /sys)
+            fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=data)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise StartupError(f"storage.data_dir: cannot write in {data} ({exc.strerror}); "
+                               "allowed: a writable directory") from None
+        return data
+
+    def open(self) -> Engine:
+        """Payload arena, dead-letter log, events.bin (recovered), bus; nothing runs yet. On failure
+        the caller runs close()."""
+        cfg, st, data = self.cfg, self.cfg.storage, self._data_dir()
+        try:  # payloads over records.payload_bytes (up to the largest frame) live here
+            self.payloads = PayloadArena(cfg.payloads.arena_bytes, max_payload_bytes(cfg),
+                                         min_payload=cfg.records.payload_bytes, node=cfg.numa.node)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
+        self.dlq = DeadLetterLog(data / st.dlq_file, max_bytes=st.dlq_max_bytes, max_segments=st.dlq_max_segments,
+                                 max_age_s=st.dlq_max_age_s)
+        # flush_events=1: every append is written to the OS before it returns (the `stored` promise);
+        # the flusher thread (es-storage-flush) only runs the interval fsync policy
+        self.event_log = EventLog(data / st.events_file, dtype=self.dtype, topics=self.topics,
+                                  flush_events=1, flush_interval_ms=max(st.fsync_interval_ms / 2, 1.0),
+                                  fsync=st.fsync, fsync_interval_ms=st.fsync_interval_ms, cpus=cfg.affinity.storage,
+                                  flusher=st.fsync == "interval", max_segment_bytes=st.events_max_bytes,
+                                  max_segments=st.events_max_segments, max_age_s=st.events_max_age_s)
+        try:
+            self.bus = EventBusMulti(cfg, self.dtype, seq_base=sequence_base())
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
+        self.bus.on_received = self.metrics.received
+        return self
+
+    def start(self) -> Engine:
+        """Processors (dedup tables rebuilt from events.bin first: a resend after a restart is stored
+        once) and their caller-runs lanes."""
+        cfg = self.cfg
+        sinks = Sinks(self.topics, store=self._store, drop=self.drop, processed=self._processed,
+                      dedup_hit=self.metrics.dedup_hits, sync=self._sync, progress=self.stored.advance,
+                      stages=self._stages)
+        try:
+            self.manager = ProcessManager(cfg, self.bus, sinks, handlers=self.handlers)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
+        if self.manager.dedups is not None:
+            self.dedup_rebuilt = idempotency.rebuild(self.data / cfg.storage.events_file, self.manager.dedups,
+                                                     self.topics, ROUTE, QUEUE_NAMES, cfg.dedup.window_s)
+            register_dedup(self.metrics, self.manager.dedups)
+        register_engine_gauges(self.metrics, self.bus, QUEUE_NAMES, self.topics, self.payloads)
+        register_storage(self.metrics, self.event_log, self.dlq)
+        self.manager.start()
+        for tier in QUEUE_NAMES:  # caller runs: ingest handles a tier's events itself when it is idle
+            if getattr(cfg.processors, tier).inline:
+                self.bus[tier].lanes = self.manager.lanes(tier)
+        return self
+
+    def stop(self, drain: bool = True, timeout: float = 60.0) -> bool:
+        """Processors drain their queues (batch windows flushed); without `drain`, whatever is still
+        queued is dead-lettered. Returns False when a processor thread did not finish in time."""
+        mgr = self.manager
+        finished = mgr.stop(timeout, drain) if mgr is not None else True
+        if not drain and finished and self.bus is not None:
+            self._dead_letter_leftovers()
+        return finished
+
+    def close(self, threads_finished: bool = True) -> None:
+        """Event log and DLQ flushed and closed, then the rings and the payload arena. A thread that
+        did not finish still holds views into ring memory: freeing the rings under it crashes the
+        process (SIGSEGV), so they are leaked instead."""
+        if not threads_finished and self.bus is not None:
+            log.error("threads_still_running_rings_not_freed")
+        closers = [self.event_log, self.dlq]
+        if threads_finished:
+            closers = [self.bus, *closers, self.payloads]
+        for part in closers:
+            if part is None:
+                continue
+            try:
+                part.close()
+            except Exception:
+                log.exception("close_failed", part=type(part).__name__)
+
+    def _dead_letter_leftovers(self) -> None:
+        """Stopped without draining: whatever is still queued goes to the DLQ, never silently away."""
+        left = 0
+        for ring in (r for q in self.bus.queues for r in q.rings):
+            while True:
+                recs = ring.take(ring.capacity, 0.0)
+                if not len(recs):
+                    break
+                left += len(recs)
+                self.drop(recs, "shutdown: stopped without draining")
+                release_records(recs)
+        if left:
+            log.warning("stopped_without_draining", dead_lettered=left)
+
+    # ------------------------------------------------------------------------------------ state
+    def sample(self) -> Sample:
+        """What the control thread evaluates: depth fraction, and the rate of overload drops (see
+        OVERLOAD_REASONS) among the events offered since the last sample."""
+        m = self.metrics
+        by_reason = m.dropped_by_reason()
+        received = m.received_total()
+        dropped = sum(n for reason, n in by_reason.items() if reason in OVERLOAD_REASONS)
+        r0, d0, _ = self._last_sample
+        self._last_sample = (received, dropped, time.monotonic())
+        offered = (received - r0) + (dropped - d0)
+        return Sample(depth=self.bus.depth / self.cfg.backpressure.max_queue_depth,
+                      drop_rate=(dropped - d0) / offered if offered else 0.0,
+                      processed=m.processed_total(), p99_ns=m.p99_ns("realtime"))
+
+    def threads(self) -> list:
+        return [p for ws in self.manager.workers.values() for p in ws] if self.manager is not None else []
+
+    def failures(self) -> list[str]:
+        """Processor threads that died with an error."""
+        return [f"{name}: {exc!r}" for name, exc in self.manager.errors()] if self.manager is not None else []
+
+    def summary(self) -> dict:
+        m = self.metrics
+        out = {"received": m.received_total(), "processed": m.processed_total(),
+               "dropped": m.dropped_total(), "dropped_by_reason": m.dropped_by_reason(),
+               "dedup_hits": m.dedup_hits_total()}
+        # the realtime SLA is reported, never enforced: exact p99 over the most recent events
+        recent = m.percentiles("realtime").get("p99_recent", 0.0)
+        sla_us = self.cfg.processors.realtime.sla_us
+        out["realtime_p99_recent_us"] = round(recent / 1000, 1)
+        out["realtime_sla_us"] = sla_us
+        out["realtime_sla_met"] = bool(recent / 1000 <= sla_us)
+        if self.payloads is not None and not self.payloads.closed:  # payloads over records.payload_bytes
+            st = self.payloads.statistics()
+            out["payload_arena"] = {k: st[k] for k in ("claimed", "released", "full", "used_bytes", "bytes")}
+        return out
