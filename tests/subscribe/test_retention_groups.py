@@ -27,7 +27,7 @@ def take(sub, n, timeout=T):
 
 
 def segments(svc) -> int:
-    return len(list(svc.event_log.path.parent.glob(svc.event_log.path.name + ".*")))
+    return len(list(svc.engine.event_log.path.parent.glob(svc.engine.event_log.path.name + ".*")))
 
 
 def fill(svc, n, start_id):
@@ -53,7 +53,7 @@ def test_segments_a_group_has_not_committed_are_kept_until_it_has(service):
         take(s, 20)
         assert s.commit() == 20
     fill(svc, 1000, 100)
-    st = svc.event_log.statistics()
+    st = svc.engine.event_log.statistics()
     assert st["segments"] >= 4, st  # it rotated several times ...
     assert segments(svc) == st["segments"]  # ... and kept every closed segment for the group
     assert st["segments_kept_unread"] >= 2 and st["segments_deleted_unread"] == 0
@@ -63,7 +63,7 @@ def test_segments_a_group_has_not_committed_are_kept_until_it_has(service):
         assert [e.offset for e in got] == list(range(20, 1020))  # nothing lost
         assert s.commit() == 1020
     fill(svc, 300, 5000)  # the next rotations may delete what the group committed
-    st = svc.event_log.statistics()
+    st = svc.engine.event_log.statistics()
     assert st["segments_deleted"] >= 4 and st["segments_deleted_unread"] == 0
     # what is left: the newest closed segment, plus one holding events stored after the commit if any
     assert segments(svc) == 1 + st["segments_kept_unread"] <= 2
@@ -77,7 +77,7 @@ def test_without_respect_for_groups_unread_segments_go_and_are_counted(service):
         take(s, 20)
         assert s.commit() == 20
     fill(svc, 1000, 100)
-    st = svc.event_log.statistics()
+    st = svc.engine.event_log.statistics()
     assert segments(svc) == 1
     assert st["segments_deleted_unread"] >= 3 and st["segments_deleted_unread"] == st["segments_deleted"]
     assert metric(svc, "log_segments_deleted_unread_total") == st["segments_deleted_unread"]
@@ -86,5 +86,5 @@ def test_without_respect_for_groups_unread_segments_go_and_are_counted(service):
 def test_without_named_groups_retention_is_unchanged(service):
     svc = service(**small_segments())
     fill(svc, 1000, 1)
-    st = svc.event_log.statistics()
+    st = svc.engine.event_log.statistics()
     assert segments(svc) == 1 and st["segments_deleted"] >= 3 and st["segments_deleted_unread"] == 0
