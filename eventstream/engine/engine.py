@@ -52,7 +52,6 @@ from eventstream.engine.processors import Sinks
 from eventstream.engine.stored import Stored
 from eventstream.errors import StartupError
 from eventstream.ingest.admission import Admission
-from eventstream.ingest.delivery import REASON_SINK_FULL
 from eventstream.metrics.engine_gauges import register_dedup, register_engine_gauges, register_storage
 from eventstream.storage.writer import EventLog
 
@@ -130,8 +129,6 @@ class Engine:
         """What ingest refused: decoded records refused as a group (backpressure, paused, sink full)
         and frames that failed to decode. One DLQ line each, counted by reason."""
         if records is not None and len(records):
-            if reason == REASON_SINK_FULL:  # the ingest ring was full: an overflow, not shedding
-                reason = "overflow:ingest"
             self.drop(records, reason)
         for rj in rejections:
             self.dlq.write_line(rj.event_id, rj.topic, rj.priority, rj.reason)

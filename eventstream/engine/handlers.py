@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import structlog
@@ -26,7 +26,12 @@ from eventstream.core.topics import TopicTable
 
 log = structlog.get_logger("eventstream.handlers")
 
-Handler = Callable[["Batch"], Any]
+class Handler(Protocol):
+    """What a handler is: any callable taking one Batch (a function, a bound method, an object with
+    __call__). Its return value is ignored; an exception it raises fails the batch, and the tier's
+    policy decides what follows (transactional: retries, then the dead-letter log)."""
+
+    def __call__(self, batch: Batch) -> Any: ...
 
 
 class HandlerError(ValueError):

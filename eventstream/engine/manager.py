@@ -114,8 +114,8 @@ class ProcessManager:
         return {t: len(w) for t, w in self.workers.items()}
 
     def stop(self, timeout: float = 30.0, drain: bool = True) -> bool:
-        """Drain (or, without `drain`, abandon after the current batch) and stop every worker (the
-        dispatcher must have stopped first), then flush the batch windows. Returns False if a worker
+        """Drain (or, without `drain`, abandon after the current batch) and stop every worker (every
+        source must have stopped offering first), then flush the batch windows. Returns False if a worker
         did not finish within `timeout`."""
         with self._lock:
             self._stopping = True

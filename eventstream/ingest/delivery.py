@@ -3,9 +3,10 @@
 Shared by the TCP readers and the UDP reader. Each reader thread owns one IngestStats and is its only
 writer; statistics() sums them (plain int reads, no locks on the hot path).
 
-A sink is either the engine's bus (``offer(records, stamp=, shed_all=) -> Offer``: routes into the
-processor queues without waiting and returns completion marks) or any object with
-``put_batch(records) -> records not taken`` (tests, benchmarks; a put is then complete at once).
+A sink is either the engine (``offer(records, stamp=, shed_all=) -> Offer``, engine/engine.py: the
+control plane's admission, then the processor queues, without waiting; completion marks come back; a
+bare EventBusMulti offers the same without admission) or any object with ``put_batch(records) ->
+records not taken`` (tests, benchmarks; admission is then applied here and a put is complete at once).
 
 TCP never sheds what the engine could take later: records the queues cannot take now, or that the
 control plane does not admit now, are *held* by the reader (which stops reading that connection, so
@@ -28,7 +29,7 @@ from eventstream.protocol.frames import encode_nack, encode_nacks
 
 log = structlog.get_logger("eventstream.ingest")
 
-REASON_SINK_FULL = "backpressure: ingest queue full"
+REASON_SINK_FULL = "backpressure: ingest queue full"  # a put_batch sink that took only part (UDP sheds the rest)
 
 
 class IngestStats:

@@ -144,7 +144,7 @@ class CallbackMetric(Collector):
 class SummedCounter(Collector):
     """An unlabelled counter = what hot paths add with inc(n) + what registered sources report.
 
-    Sources let a component that already counts (ingest statistics, the dispatcher) feed a standard
+    Sources let a component that already counts (ingest statistics, the bus) feed a standard
     counter at scrape time instead of paying a metrics update per batch.
     """
 

@@ -9,8 +9,9 @@ offsets stay the same across restarts and when retention deletes old segments. F
 before the index are counted once (a scan) when it is built.
 
 Live. `LogTail.read()` returns what was appended since the last call (a bounded chunk), or nothing.
-The writer side calls `Progress.bump()` after each append (service.py wraps the store sink); a tail
-at the end registers an Event with `Progress` and is woken by the next append. No timer drives it:
+The writer side calls `Progress.bump()` after each append (in the service: the engine's `stored`
+barrier, advanced after each stored batch's release); a tail at the end registers an Event with it
+and is woken by the next append. No timer drives it:
 a waiter's bounded wait (subscribe/session.py) is only a safety net.
 
 A tail reads the files through its own descriptor: it never touches the engine's rings, so a slow

@@ -9,8 +9,9 @@ exits once stop was asked and its queue is empty.
 Completion: handle() stores (or dead-letters) every record before the batch is released, so a ring's
 released count is a watermark of "stored" (payloads kept in the payload arena are given back in the
 same step, just before the release: core/payloads.py); a batch holding an event whose ACK promises an fsync is
-fsynced (group commit, `Sinks.sync`) before its release. After each release `Sinks.progress` tells
-ingest that watermarks moved, so ACKs leave as soon as they are due, never on a timer.
+fsynced (group commit, `Sinks.sync`) before its release. After each release `Sinks.progress` (the
+engine's `stored.advance`) wakes every follower of `stored`, so ACKs leave as soon as they are due,
+never on a timer.
 """
 
 from __future__ import annotations
