@@ -242,7 +242,7 @@ class DedupConfig:
 
     window_s: float = field(default=3600.0, metadata={"range": (0.0, 30 * 86400.0)})  # 0 = off
     buckets: int = field(default=4096, metadata={"pow2": True, "range": (16, 1 << 26)})  # initial, grows
-    # memory all dedup tables share (20 bytes a bucket; 27-53 bytes per id held); past it the oldest
+    # memory all dedup tables share (24 bytes a bucket; 32-64 bytes per id held); past it the oldest
     # ids are evicted and the window actually held shrinks (exported, counted)
     max_bytes: int = field(default=1 << 30, metadata={"range": (1 << 16, 1 << 40)})
 

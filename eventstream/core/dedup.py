@@ -1,7 +1,7 @@
 """Deduplicator: which (tag, id) pairs were committed within the idempotency window.
 
-A pair is an event id (u64, 0 = "no id": never deduplicated) and a tag (u32: the scope the id lives
-in; the engine uses the topic, see engine/idempotency.py). Two events are duplicates only when both
+A pair is an event id (u64, 0 = "no id": never deduplicated) and a tag (u64: the scope the id lives
+in; the engine uses the topic and the principal, see engine/idempotency.py). Two events are duplicates only when both
 the id and the tag are equal: the table (core/idtable.py) compares both, the hash only places them.
 
 One user at a time: the engine keeps one table per queue partition, touched only by the thread
@@ -11,7 +11,7 @@ nothing here is atomic, and whole batches are probed and inserted with numpy.
 Stamps are the clock's ns when a pair was committed. An expired entry stays in place until a
 rebuild; committing its pair again refreshes the stamp. When the table would pass `max_load`, it is
 rebuilt without expired entries and doubled while the MemoryBudget it shares with the other tables
-allows (`dedup.max_bytes`; 20 bytes a bucket, tables 37.5-75 % full: 27-53 bytes per id held; a
+allows (`dedup.max_bytes`; 24 bytes a bucket, tables 37.5-75 % full: 32-64 bytes per id held; a
 rebuild briefly holds the old table too). At the bound, the oldest entries are evicted instead: the
 window actually held then shrinks, and `window_held_s()` says by how much (`evictions` counts the
 rebuilds that evicted, `evicted` the entries).
@@ -109,7 +109,7 @@ class Deduplicator:
     @staticmethod
     def _pairs(ids, tags) -> tuple[np.ndarray, np.ndarray]:
         ids = np.asarray(ids, dtype=np.uint64).reshape(-1)
-        tags = np.asarray(tags, dtype=np.uint32).reshape(-1)
+        tags = np.asarray(tags, dtype=np.uint64).reshape(-1)
         if len(tags) != len(ids):
             raise ValueError(f"{len(ids)} ids but {len(tags)} tags; allowed: one tag per id")
         return ids, tags
@@ -283,7 +283,7 @@ class Deduplicator:
         t = self._table
         if self._used + len(todo) > self.max_load * t.buckets:  # the vectorized path rebuilds first
             ids = np.array([p[0] for p in todo], dtype=np.uint64)
-            tags = np.array([p[1] for p in todo], dtype=np.uint32)
+            tags = np.array([p[1] for p in todo], dtype=np.uint64)
             return self.commit(ids, tags, now_ns / 1e9)
         ids, tags, stamps = t.ids, t.tags, t.stamps
         for i, tag in todo:

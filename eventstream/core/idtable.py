@@ -1,7 +1,7 @@
 """IdTable: the open-addressing table under the Deduplicator: exact (id, tag) pairs -> stamps.
 
-Three arrays in arena memory: `ids` (u64, 0 = empty slot), `tags` (u32: which scope the id belongs
-to, e.g. the topic) and `stamps` (u64). A pair is present only where BOTH the id and the tag match:
+Three arrays in arena memory: `ids` (u64, 0 = empty slot), `tags` (u64: which scope the id belongs
+to, e.g. the topic and who sent it) and `stamps` (u64). A pair is present only where BOTH the id and the tag match:
 the hash only chooses where probing starts, it never decides equality, so no (tag, id) can stand in
 for another one (an id chosen to collide on another topic's hash only lengthens a probe).
 
@@ -27,7 +27,7 @@ from eventstream.core.arena import Arena
 _G1 = 0x9E3779B97F4A7C15
 _G2 = 0xC2B2AE3D27D4EB4F
 _M64 = (1 << 64) - 1
-BYTES_PER_BUCKET = 8 + 8 + 4  # ids, stamps, tags
+BYTES_PER_BUCKET = 8 + 8 + 8  # ids, stamps, tags
 
 
 class IdTable:
@@ -44,12 +44,12 @@ class IdTable:
                                                            name="dedup.table")
         self.ids = self.arena.array(buckets, np.uint64)
         self.stamps = self.arena.array(buckets, np.uint64)
-        self.tags = self.arena.array(buckets, np.uint32)
+        self.tags = self.arena.array(buckets, np.uint64)
 
     def mix(self, ids: np.ndarray, tags: np.ndarray) -> np.ndarray:
         """The seeded 64-bit hash of each pair; its top `bits` bits are the home slot."""
         x = (ids ^ self._seed) * np.uint64(_G1)
-        x ^= tags.astype(np.uint64) * np.uint64(_G2)
+        x ^= tags.astype(np.uint64, copy=False) * np.uint64(_G2)
         x *= np.uint64(_G1)
         return x
 

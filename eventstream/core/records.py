@@ -19,7 +19,9 @@ Layout (little-endian, native to the hosts we run on)::
     51     8    ext_off      payload in an arena: byte offset of its slot (core/payloads.py)
     59     1    ext_class    0 = payload inline; else the arena slot's size class + 1
     60     1    ext_arena    id of the PayloadArena holding the payload (1..255; 0 = inline)
-    61     3    (padding to the 64-byte header)
+    61     2    principal    who sent it: the stable key of its principal (ingest/auth.py), 0 = none
+                             or a shared token; part of the dedup key (engine/idempotency.py)
+    63     1    (padding to the 64-byte header)
     64     P    payload      inline payload bytes, P = payload capacity
 
 Payloads of up to P bytes (`records.payload_bytes`, default 448, so a record is 512 bytes) are stored
@@ -77,7 +79,8 @@ _HEADER_FIELDS = [
     ("ext_off", "<u8"),
     ("ext_class", "u1"),
     ("ext_arena", "u1"),
-    ("_pad", "V3"),
+    ("principal", "<u2"),
+    ("_pad", "V1"),
 ]
 
 _dtype_cache: dict[int, np.dtype] = {}

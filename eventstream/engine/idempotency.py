@@ -5,9 +5,12 @@ the worker holding that partition's token. A topic lives in exactly one partitio
 resent event (same topic, priority and id) always meets its first copy there.
 
 The dedup key of a record is the exact pair (event id, tag) with tag = the record's topic id in this
-run (`key_columns`, the one place that says so; id 0 = no id: never deduplicated). The table compares
-both halves, so an event is a duplicate only of an event with the same topic and the same id: no
-client can pick an id on its own topic that stands for another topic's event.
+run and the key of the principal that sent it (`key_columns`, the one place that says so; id 0 = no
+id: never deduplicated). The table compares both halves, so an event is a duplicate only of an event
+with the same topic, the same id and the same principal: no client can pick an id on its own topic
+that stands for another topic's event, and with server.auth.principals no principal can send ids
+first that stand for another principal's events on a topic both may write (without principals, or
+with a shared token, the principal is 0 for everyone).
 
 Topic ids are per run, names are stable: `rebuild` maps the names events.bin stores to this run's ids
 and commits the pairs of every record stored within the window, so a client that resends after a
@@ -31,9 +34,16 @@ from eventstream.core.topics import TopicTable
 log = structlog.get_logger("eventstream.idempotency")
 
 
+PRINCIPAL_SHIFT = 32  # tag = topic id | principal key << 32
+
+
 def key_columns(records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, tags): the dedup key of each record (id 0 = the record has no id)."""
-    return records["event_id"], records["topic_id"]
+    """(ids, tags): the dedup key of each record (id 0 = the record has no id); the tag is the
+    record's topic id and its principal's key (ingest/auth.principal_keys) in one u64."""
+    tags = records["principal"].astype(np.uint64)
+    tags <<= np.uint64(PRINCIPAL_SHIFT)
+    tags |= records["topic_id"]
+    return records["event_id"], tags
 
 
 def repeats(ids: np.ndarray, tags: np.ndarray, candidates: np.ndarray) -> np.ndarray:
@@ -50,7 +60,8 @@ def repeats(ids: np.ndarray, tags: np.ndarray, candidates: np.ndarray) -> np.nda
 
 def duplicates_few(records: np.ndarray, dedup: Deduplicator) -> tuple[list[tuple[int, int]], list[bool]]:
     """duplicates() for at most SMALL records, with plain ints and bools (no numpy temporaries)."""
-    pairs = list(zip(records["event_id"].tolist(), records["topic_id"].tolist()))
+    pairs = [(i, t | w << PRINCIPAL_SHIFT) for i, t, w in
+             zip(records["event_id"].tolist(), records["topic_id"].tolist(), records["principal"].tolist())]
     skip = dedup.seen_few(pairs)
     if len(pairs) > 1:
         first: set[tuple[int, int]] = set()
@@ -128,6 +139,7 @@ def rebuild(path: Path, tables: dict[str, list[Deduplicator]], topics: TopicTabl
         for fid in file_ids.tolist():
             remap[fid] = topics.intern(b.topics[fid])
         tids = remap[r["topic_id"]]
+        tags = (r["principal"].astype(np.uint64) << np.uint64(PRINCIPAL_SHIFT)) | tids
         age_ns = np.maximum(0, wall_now - stored_ns.astype(np.int64))
         stamps = np.maximum(1, mono_now_ns - age_ns).astype(np.uint64)
         tier = route[r["priority"]]
@@ -136,7 +148,7 @@ def rebuild(path: Path, tables: dict[str, list[Deduplicator]], topics: TopicTabl
             part = tids[sel_t] % len(tables[names[t]])
             for p in np.unique(part).tolist():
                 sel = sel_t[part == p]
-                found.setdefault((t, p), []).append((r["event_id"][sel], tids[sel], stamps[sel]))
+                found.setdefault((t, p), []).append((r["event_id"][sel], tags[sel], stamps[sel]))
     def load(item) -> int:
         (t, p), chunks = item
         ids, tags, stamps = (np.concatenate(c) for c in zip(*chunks))

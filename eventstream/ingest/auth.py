@@ -30,6 +30,7 @@ from __future__ import annotations
 import fnmatch
 import hmac
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,7 @@ class Principal:
     produce: tuple[str, ...] = ()
     consume: tuple[str, ...] = ()
     unrestricted: bool = False
+    key: int = 0  # stable 16-bit key in the dedup key and the log (principal_keys); 0 = SHARED
     _produce_cache: dict = field(default_factory=dict, repr=False)
 
     def may_produce(self, topic: str) -> bool:
@@ -132,6 +134,7 @@ def authorize(conn, principal: Principal | None, table) -> None:
     conn.principal_id = 0 if principal is None else principal.id
     dec = conn.decoder
     dec.principal_id = conn.principal_id
+    dec.principal_key = 0 if principal is None else principal.key
     if principal is not None and not principal.unrestricted:
         dec.topics = ProduceGate(table, principal)
 
@@ -159,6 +162,25 @@ def _principal_token(p, i: int) -> bytes:
     if not raw or len(raw) > MAX_TOKEN_BYTES:
         raise TokenError(f"{where}: a token of {len(raw)} bytes is not allowed; allowed: 1..{MAX_TOKEN_BYTES} bytes")
     return raw
+
+
+def principal_keys(names: list[str]) -> dict[str, int]:
+    """The stable 16-bit key of each principal (1..65535; 0 is no principal or a shared token): what
+    its events carry into the dedup key and the log (core/records.py `principal`), so an id one
+    principal sends never stands for another's, also after a restart that rebuilds the tables from
+    the log. A key depends on the name, not on the order of the configuration: crc32 of the name,
+    folded to 16 bits; names whose keys meet are taken in sorted order and the later one moves to the
+    next free key (so only the set of such colliding names must stay the same across restarts)."""
+    taken: dict[int, str] = {}
+    out: dict[str, int] = {}
+    for name in sorted(names):
+        h = zlib.crc32(name.encode("utf-8"))
+        k = ((h >> 16) ^ h) & 0xFFFF or 1
+        while k in taken:
+            k = k % 0xFFFF + 1
+        taken[k] = name
+        out[name] = k
+    return out
 
 
 class TokenSet:
@@ -213,6 +235,9 @@ class TokenSet:
                                  "or a shared token; allowed: a token of its own")
             seen.add(raw)
             pairs.append((raw, Principal(i + 1, pc.name, tuple(pc.produce), tuple(pc.consume))))
+        keys = principal_keys([p.name for _, p in pairs])
+        for _, p in pairs:
+            p.key = keys[p.name]
         return cls(tokens, pairs) if tokens or pairs else None
 
     def __len__(self) -> int:

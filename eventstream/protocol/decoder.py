@@ -76,6 +76,7 @@ class FrameDecoder:
         self.dtype = record_dtype(payload_bytes)
         self.payload_bytes = payload_bytes
         self.conn_id = conn_id
+        self.principal_key = 0  # stamped into every record (`principal`): set by ingest/auth.authorize
         self.frames_seen = 0
         self.failed = False
         self._buf = bytearray()
@@ -330,6 +331,7 @@ def _decode_singles(dec: FrameDecoder, src, offs: list[int], lens: list[int], fi
         pl = plen[keep]
         out["payload_len"] = pl
         out["conn_id"] = dec.conn_id
+        out["principal"] = dec.principal_key
         out["ingest_ts"] = time.monotonic_ns() if ingest_ts is None else ingest_ts
         pstart = (tstart + tlen)[keep]
         if ext is not None:
@@ -461,6 +463,7 @@ def _decode_batch(dec: FrameDecoder, src, o: int, length: int, first_index: int,
         out["flags"] = FLAG_V2 | (mode << FLAG_ACK_SHIFT)
         out["topic_id"] = tid_of[tsafe[keep]]
         out["conn_id"] = dec.conn_id
+        out["principal"] = dec.principal_key
         out["ingest_ts"] = ingest_ts
         out["payload_len"] = pl
         starts = pay_at + np.cumsum(plen) - plen
@@ -528,8 +531,8 @@ def _describe_batch(dec, index: int, code: int, row, names: list[bytes], tcount:
 
 
 # the record header (core/records.py) as a struct: event_id, producer_ts, ingest_ts, seq, topic_id,
-# conn_id, payload_len, crc32, priority, flags, attempts, padding
-_RECORD_HEAD = struct.Struct("<QQQQIIIIBBB13x")
+# conn_id, payload_len, crc32, priority, flags, attempts, (ext_off, ext_class, ext_arena), principal, padding
+_RECORD_HEAD = struct.Struct("<QQQQIIIIBBB10xHx")
 
 
 def _decode_small(dec: FrameDecoder, src, offs: list[int], lens: list[int], first_index: int,
@@ -542,6 +545,7 @@ def _decode_small(dec: FrameDecoder, src, offs: list[int], lens: list[int], firs
     buf = bytearray(n * size)
     ts = time.monotonic_ns() if ingest_ts is None else ingest_ts
     conn = dec.conn_id
+    who = dec.principal_key
     mv = memoryview(src)
     try:
         for i in range(n):
@@ -564,7 +568,7 @@ def _decode_small(dec: FrameDecoder, src, offs: list[int], lens: list[int], firs
             if not tid or tid == TOPIC_REFUSED or (flags and zlib.crc32(mv[t0:end]) != crc):
                 return None
             base = i * size
-            _RECORD_HEAD.pack_into(buf, base, eid, pts, ts, 0, tid, conn, plen, crc, prio, flags, 0)
+            _RECORD_HEAD.pack_into(buf, base, eid, pts, ts, 0, tid, conn, plen, crc, prio, flags, 0, who)
             if plen:
                 buf[base + 64:base + 64 + plen] = mv[end - plen:end]
     finally:
