@@ -57,7 +57,7 @@ def test_produce_rights_nack_naming_topic_and_principal(secure_service, cert, tm
     assert "allowed: topics matching orders.*" in reasons[101]
     assert "'secret.x'" in reasons[103]
     # a refused topic never enters the shared topic table (no lock-out by names one may not use)
-    assert {svc.topics.name(i) for i in range(1, len(svc.topics) + 1)} == {"orders.new", "orders.paid"}
+    assert {svc.engine.topics.name(i) for i in range(1, len(svc.engine.topics) + 1)} == {"orders.new", "orders.paid"}
     c = send(svc, cert, BILLING_TOKEN, ["billing.invoice", "orders.new"])
     assert c.acked == 1 and "principal 'billing'" in dict(c.nacks)[101]
     c = send(svc, cert, TOKEN, ["anything.at.all"])  # the shared token may do everything
