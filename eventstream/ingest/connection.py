@@ -3,6 +3,10 @@
 A connection is owned by exactly one reader thread (reader.py) for its whole life, so these fields
 need no locks. The only fields other threads read are `partial` and `closed` (PartialBudget.largest in
 limits.py picks the connection with the largest partial frame across readers; its owner re-checks).
+
+The ACK bookkeeping is here and touches no socket (`end_chunk`, `take_due`: records placed -> chunks
+with completion marks -> the NACK and ACK bytes that are due), so it is tested without sockets
+(tests/ingest/test_ack_state.py); reader.py writes the bytes.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import socket
 import numpy as np
 
 from eventstream.protocol.decoder import FrameDecoder
+from eventstream.protocol.frames import encode_ack
 
 
 def marks_done(marks) -> bool:
@@ -58,6 +63,43 @@ class Connection:
         self.linger_until = 0.0  # refused: its reads are discarded until EOF or this time, then closed
         self.principal = None  # auth.Principal once its HELLO was accepted (None: no tokens configured)
         self.principal_id = 0  # its small integer (0: shared token or none; auth.py)
+
+    # ------------------------------------------------------------ ACK bookkeeping (no socket: testable alone)
+    def end_chunk(self) -> bool:
+        """Everything read so far is placed: it becomes a chunk waiting for its marks (v2 only).
+        Returns whether a chunk was added (then ACKs may be due)."""
+        if not self.v2:
+            return False
+        if self.open_marks or self.open_nacks or self.accepted != self.acked:
+            self.chunks.append((self.accepted, self.open_marks, self.open_nacks, self.open_ts))
+            self.open_marks, self.open_nacks, self.open_ts = [], b"", 0
+            return True
+        return False
+
+    def take_due(self) -> tuple[bytes, list[tuple[int, int]]]:
+        """Pop the leading chunks whose completion marks are all passed (chunks complete in order).
+        Returns the bytes to send for them (their NACKs in order, then one cumulative ACK if it moved)
+        and (events, decode ns) of each completed chunk that accepted events."""
+        chunks = self.chunks
+        top = -1
+        out: list[bytes] = []
+        done: list[tuple[int, int]] = []
+        prev = self.acked
+        while chunks:
+            count, marks, nk, ts = chunks[0]
+            if marks and not marks_done(marks):
+                break
+            chunks.popleft()
+            if nk:
+                out.append(nk)
+            if count > prev and ts:
+                done.append((count - prev, ts))
+            prev = count
+            top = count
+        if top >= 0 and top != self.acked:
+            out.append(encode_ack(top))
+            self.acked = top
+        return b"".join(out), done
 
     @property
     def busy(self) -> bool:

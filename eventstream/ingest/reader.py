@@ -1,7 +1,7 @@
 """TCP reader thread: many connections on one selector, decode, deliver, ACK/NACK as watermarks.
 
-(Per-connection state: connection.py; ACK/NACK writing: acks.py; held records: holding.py;
-enforcing limits and the preamble: guard.py; the limits' shared state: limits.py.)
+(Per-connection state, and its socket-free ACK bookkeeping: connection.py; the limits' shared state:
+limits.py. This module is the socket loop: reading, ACK/NACK writing, holding, limits and the preamble.)
 
 Each connection is owned by exactly one reader thread for its whole life, so its decoder, counters and
 outbox need no locks. New connections arrive from the acceptor through a deque plus a wake-up socket.
@@ -49,22 +49,27 @@ import structlog
 from eventstream.core.payloads import release_records
 from eventstream.core.records import ACK_ACCEPTED, ACK_STORED, FLAG_ACK_MASK, FLAG_ACK_SHIFT
 from eventstream.core.topics import TopicTable
-from eventstream.ingest.acks import WOULD_BLOCK, Acknowledger
 from eventstream.ingest.auth import TokenSet, authorize
 from eventstream.ingest.connection import Connection, peer_ip
 from eventstream.ingest.delivery import Delivery, IngestStats
-from eventstream.ingest.guard import Guard
-from eventstream.ingest.holding import REASON_HELD_AT_STOP, Holding  # noqa: F401 - REASON_HELD_AT_STOP: API
-from eventstream.ingest.limits import (REASON_AUTH, REASON_PARTIAL_BYTES, REASON_TOO_MANY_REJECTS, PartialBudget,
-                                       PeerLimit, RejectMeter)
+from eventstream.ingest.limits import (REASON_AUTH, REASON_FRAME_TIMEOUT, REASON_PARTIAL_BYTES,
+                                       REASON_TOO_MANY_REJECTS, PartialBudget, PeerLimit, RejectMeter)
 from eventstream.ingest.preamble import Preamble
+from eventstream.ingest.tls import handshake_step
 from eventstream.protocol.decoder import FrameDecoder
+from eventstream.protocol.frames import encode_nack, encode_nacks
 from eventstream.runtime.affinity import pin_current_thread
 
 log = structlog.get_logger("eventstream.ingest.tcp")
 
 HELD_RETRY_S = 0.001  # how often held records are offered again (only while a queue is full)
 STOP_BUDGET_S = 4.0  # a draining stop waits at most this long for held records and final ACKs
+LINGER_S = 2.0  # a refused connection is read (and discarded) this long so its NACK is not lost to a reset
+MAX_OUTBOX_BYTES = 4 << 20  # a client that never reads its ACKs is disconnected past this
+# a non-blocking send/recv that cannot proceed now (TLS: a record needs more bytes or room)
+WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+# records still held when a draining stop ends: dead-lettered and NACKed (metrics category "shutdown")
+REASON_HELD_AT_STOP = "shutdown: held (the queues had no room) when the server stopped; not ACKed"
 _STRONGER_THAN_ACCEPTED = ACK_ACCEPTED << FLAG_ACK_SHIFT
 
 
@@ -74,7 +79,7 @@ def wants_completion(flags: np.ndarray) -> bool:
         return any((f & FLAG_ACK_MASK) > _STRONGER_THAN_ACCEPTED for f in flags.tolist())
     return bool(((flags & FLAG_ACK_MASK) > _STRONGER_THAN_ACCEPTED).any())
 
-class Reader(Guard, Acknowledger, Holding, threading.Thread):
+class Reader(threading.Thread):
     def __init__(self, n: int, config, topics: TopicTable, delivery: Delivery, stats: IngestStats,
                  admission, cpus, payload_bytes: int, ack_default: int = ACK_STORED, *,
                  peer_limit: PeerLimit | None = None, budget: PartialBudget | None = None,
@@ -447,3 +452,243 @@ class Reader(Guard, Acknowledger, Holding, threading.Thread):
         self._wake_r.close()
         self._wake_w.close()
 
+    # ---------------------------------------------------------------- ACKs and NACKs (see the module docstring)
+
+    def _end_chunk(self, c: Connection) -> None:
+        """Everything read so far is placed: it becomes a chunk waiting for its marks."""
+        if c.end_chunk():
+            self._ack_due(c)
+
+    def _ack_due(self, c: Connection) -> None:
+        """Send the NACKs and the cumulative ACK of every leading chunk that is complete."""
+        if c.closed:
+            self.awaiting.discard(c)
+            return
+        if c.chunks:
+            self.want_nudge = True  # before reading the marks: a release after this point wakes us
+        data, done = c.take_due()
+        if data:
+            self._write(c, data)
+        if done and self.on_acked is not None:  # (events, decode ns) per chunk: the "acked" stage latency
+            now = time.monotonic_ns()
+            if len(done) == 1 and done[0][0] <= 8:  # a few events: a list, no numpy temporaries
+                self.on_acked([now - done[0][1]] * done[0][0])
+            else:
+                self.on_acked(np.repeat(np.array([now - ts for _, ts in done], dtype=np.int64),
+                                        [k for k, _ in done]))
+        if c.chunks:
+            self.awaiting.add(c)
+        else:
+            self.awaiting.discard(c)
+            if c.closing and c.held is None:
+                self._flush_blocking(c, 0.5)
+                self._close(c, c.closing)
+
+    def _finish(self, c: Connection, why: str) -> None:
+        """Stop reading `c`; close it once what it sent is placed and acknowledged."""
+        c.closing = why
+        self._interest(c, False)
+        if c.held is not None:
+            return  # closes once the held records went in (_retry_held)
+        if not c.v2:
+            self._close(c, why)
+            return
+        if c.held is None:
+            self._end_chunk(c)
+            self._ack_due(c)
+
+    def _write(self, c: Connection, data: bytes) -> None:
+        if c.closed or not data:
+            return
+        if c.outbox:
+            c.outbox += data
+        else:
+            try:
+                sent = c.sock.send(data)
+            except WOULD_BLOCK:
+                sent = 0
+            except OSError:
+                self._close(c, "reset")
+                return
+            if sent < len(data):
+                c.outbox += data[sent:]
+        if len(c.outbox) > MAX_OUTBOX_BYTES:
+            self._close(c, "not_reading_acks", outbox=len(c.outbox))
+        elif c.outbox:
+            self._interest(c, c.reading)
+
+    def _flush(self, c: Connection) -> None:
+        try:
+            sent = c.sock.send(c.outbox)
+        except WOULD_BLOCK:
+            return
+        except OSError:
+            self._close(c, "reset")
+            return
+        del c.outbox[:sent]
+        if not c.outbox:
+            self._interest(c, c.reading)
+
+    def _flush_blocking(self, c: Connection, timeout: float) -> None:
+        if c.closed or not c.outbox:
+            return
+        try:
+            c.sock.settimeout(timeout)
+            c.sock.sendall(bytes(c.outbox))
+            c.outbox.clear()
+        except OSError:
+            pass
+
+    # ---------------------------------------------------------------- held records (pushback)
+
+    def _hold(self, c: Connection, held: np.ndarray, held_idx: np.ndarray, blocked=()) -> None:
+        c.held, c.held_idx, c.blocked = held, held_idx, blocked
+        if c not in self.stalled:
+            self.stalled.add(c)
+            self._interest(c, False)
+
+    def _retry_held(self, c: Connection) -> None:
+        if c.closed:
+            self.stalled.discard(c)
+            return
+        if c.held is not None:
+            if not self._may_progress(c):
+                return  # cheap checks first: offering a large held batch again costs more
+            d = self.delivery.deliver(c.held, c.held_idx, [], c.conn_id, want_nacks=c.v2, retry=True)
+            c.accepted += d.accepted
+            if c.v2:
+                c.open_marks.extend(d.marks)
+                c.open_nacks += d.nacks
+            if d.held is not None:
+                c.held, c.held_idx, c.blocked = d.held, d.held_indices, d.blocked
+                return
+            c.held = c.held_idx = None
+            c.blocked = ()
+            self._end_chunk(c)
+        need = c.decoder.arena_blocked
+        if need:  # frames kept undecoded while the payload arena was full
+            if not self.payloads.has_room(need):
+                return
+            self.stalled.discard(c)
+            self._consume(c, b"", time.monotonic())
+            if c.closed or c in self.stalled:
+                return
+        self.stalled.discard(c)
+        if c.closing and not c.v2:
+            self._close(c, c.closing)
+        elif not c.closing and c not in self.throttled:
+            c.partial_since = time.monotonic()  # it could not progress while held
+            self._interest(c, True)
+
+    def _may_progress(self, c: Connection) -> bool:
+        """Whether offering `c`'s held records again can place some: the control plane admits the
+        first of them, and every queue that was full has room for a fair share again."""
+        lo = self.delivery.admitted_below()
+        if lo and int(c.held["priority"][0]) < lo:
+            return False
+        for ring in c.blocked:
+            if ring.capacity - ring.depth < min(len(c.held), ring.capacity // 8):
+                return False
+        return True
+
+    def _dead_letter_held(self, c: Connection) -> None:
+        """Stopping with records still held (the queues never had room within the stop budget): they
+        were never ACKed; they go to the dead-letter log (replayable) and a v2 client gets their
+        NACKs once everything before them is complete (the protocol's order)."""
+        held, idx = c.held, c.held_idx
+        c.held = c.held_idx = None
+        self.stalled.discard(c)
+        log.warning("held_records_dead_lettered_at_stop", conn_id=c.conn_id, records=len(held))
+        self.stats.backpressure_drops += len(held)
+        self.stats.frames_rejected[REASON_HELD_AT_STOP] += len(held)
+        if self.delivery.on_reject is not None:
+            try:
+                self.delivery.on_reject(held, REASON_HELD_AT_STOP, [])
+            except Exception as exc:
+                log.error("on_reject_failed", error=repr(exc))
+        release_records(held)  # dead-lettered with their payloads: the arena slots go back
+        if c.v2 and not c.closed:  # they end the open chunk: sent once everything in it is complete
+            c.open_nacks += encode_nacks(idx, REASON_HELD_AT_STOP)
+            self._end_chunk(c)
+
+    # ---------------------------------------------------------------- limits, TLS handshake, refusal
+
+    def _handshake(self, c: Connection) -> None:
+        """One step of a TLS handshake (tls.py); reading starts when it is done."""
+        try:
+            want = handshake_step(c.sock)
+        except (ssl.SSLError, OSError) as exc:
+            self._close(c, "tls_error", error=str(exc))
+            return
+        if want:
+            try:
+                self._sel.modify(c.sock, want, c)
+            except (KeyError, ValueError, OSError):
+                self._close(c, "socket_error")
+            return
+        c.handshaking = False
+        self._interest(c, True)
+        if c.sock.pending():
+            self.tls_pending.add(c)
+
+    def _refuse(self, c: Connection, reason: str) -> None:
+        """Refuse a connection before its events: NACK of frame 0 (the HELLO), half-close, then
+        discard what it still sends until it closes (at most LINGER_S): closing with unread bytes
+        would send a reset, and a reset can destroy the NACK before the client reads it."""
+        self.stats.limit_closes[REASON_AUTH] += 1
+        log.warning("connection_limited", conn_id=c.conn_id, peer=str(c.peer), reason=REASON_AUTH, why=reason)
+        self._write(c, encode_nack(0, reason))
+        self._flush_blocking(c, 0.5)
+        c.preamble = None
+        c.closing = REASON_AUTH
+        c.linger_until = time.monotonic() + LINGER_S
+        try:
+            c.sock.setblocking(False)
+            c.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(c, REASON_AUTH, quiet=True)
+            return
+        self._interest(c, True)
+
+    def _close_lingering(self) -> None:
+        now = time.monotonic()
+        for c in [c for c in self.conns.values() if c.linger_until and c.linger_until < now]:
+            self._close(c, REASON_AUTH, quiet=True)
+
+    def _account_partial(self, c: Connection, buffered: int, completed: bool, now: float) -> None:
+        """After a read: the connection's partial frame is `buffered` bytes; `completed`: frames
+        ended in this read (so a partial frame now is a new one)."""
+        grew = buffered > c.partial
+        if buffered and (not c.partial or completed):
+            c.partial_since = now
+        self.partial_bytes += buffered - c.partial
+        c.partial = buffered
+        if grew and self.budget is not None and self.budget.over():
+            owner, victim = self.budget.largest()
+            if owner is self:
+                self._close_limited(victim, REASON_PARTIAL_BYTES, partial_bytes=victim.partial,
+                                    max_partial_bytes=self.budget.limit)
+            elif owner is not None:
+                owner.evict(victim.conn_id)
+
+    def _close_stalled_frames(self, timeout: float) -> None:
+        """Close connections whose partial frame has not completed within `timeout` seconds while
+        being read (slowloris). Held or throttled ones are not read, so they are not judged."""
+        limit = time.monotonic() - timeout
+        auth = self.tokens is not None  # then a connection that sent nothing yet is waited for this long too
+        for c in [c for c in self.conns.values()
+                  if (c.partial or c.handshaking or (c.preamble is not None and (auth or c.preamble.buf)))
+                  and c.partial_since < limit and c.reading and c.held is None and c not in self.throttled
+                  and not c.closing]:
+            self._close_limited(c, REASON_FRAME_TIMEOUT, partial_bytes=c.partial, frame_timeout_s=timeout)
+
+    def _close_limited(self, c: Connection, reason: str, **kw) -> None:
+        """Close `c` for a per-client limit: counted by reason (limits.CLOSE_REASONS) and logged."""
+        self.stats.limit_closes[reason] += 1
+        log.warning("connection_limited", conn_id=c.conn_id, peer=str(c.peer), reason=reason, **kw)
+        self._close(c, reason, quiet=True)
+
+    def _close_idle(self) -> None:
+        limit = time.monotonic() - self.config.idle_timeout_s
+        for c in [c for c in self.conns.values() if c.last_active < limit and not c.busy and not c.closing]:
+            self._close(c, "idle_timeout", idle_s=self.config.idle_timeout_s)
