@@ -120,7 +120,7 @@ def rebuild(path: Path, tables: dict[str, list[Deduplicator]], topics: TopicTabl
     since = wall_now - int(window_s * 1e9)
     try:
         reader = EventLogReader(path)
-        batches = list(reader.batches(since_ns=since))
+        batches = list(reader.batches(since_ns=since, payloads=False))  # the headers: ids, topics, priorities
     except (OSError, ValueError) as exc:
         log.warning("dedup_rebuild_skipped", path=str(path), error=str(exc))
         return 0

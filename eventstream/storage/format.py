@@ -7,7 +7,7 @@ File header (32 bytes, little-endian)::
 
     offset size field
     0      8    magic          b"ESEVLOG1"
-    8      4    version        1
+    8      4    version        2 (1: written before KIND_BATCH entries existed; still read)
     12     4    payload_bytes  records.payload_bytes of the writer (record size = 64 + payload_bytes)
     16     4    entry_header   24 (size of every entry header, so a reader can check it)
     20     4    reserved
@@ -19,7 +19,7 @@ Then entries, back to back, each = a 24-byte entry header + a body::
     0      4    magic          ENTRY_MAGIC (0xE5E7105A)
     4      4    length         body bytes after the 24-byte header
     8      4    crc32          zlib.crc32 of bytes [12, 24 + length): kind, wall_ns and the body
-    12     1    kind           KIND_RECORD, KIND_TOPIC or KIND_RECORD_EXT
+    12     1    kind           KIND_RECORD, KIND_TOPIC, KIND_RECORD_EXT or KIND_BATCH
     13     3    (zero)
     16     8    wall_ns        time.time_ns() when the entry was appended (same for one batch)
     24     ...  body
@@ -35,11 +35,32 @@ Then entries, back to back, each = a 24-byte entry header + a body::
   payload too. A log of small payloads only has no such entry; readers of logs written before these
   entries existed see them as corrupt regions (skipped and reported, never misread).
 
-Why one entry (and one CRC) per record rather than one per batch: recovery then loses at most the torn
-record(s), not a whole 4096-record batch, and a reader can filter entries with a fixed stride. The cost,
-zlib.crc32 called per record from Python, measured 0.73 µs/record (536-byte entries) on the target
-machine, against 0.15 µs/record for one CRC over a whole batch — acceptable for a sink that already pays
-a write(2) per flush.
+* A KIND_BATCH body (version 2) holds many records packed, written for every run of records whose
+  payloads are inline (the writer's whole append, minus large payloads, which stay KIND_RECORD_EXT
+  entries)::
+
+      offset      size         field
+      0           4            count           records in the entry (1..)
+      4           4            payload_bytes   records.payload_bytes of the writer (so the entry can
+                                               be read without the file header)
+      8           53 x count   rows            each record's first 51 bytes (core/records.py:
+                                               event_id .. attempts; topic_id = the file's id),
+                                               then its u16 principal
+      8 + 53n     rest         payloads        every record's payload_len bytes, back to back
+
+  The payload lengths add up to exactly the rest of the body. One CRC covers the whole entry. A
+  64-byte event takes 53 + 64 bytes plus its share of one 32-byte header per batch (~1.17x the 100
+  bytes of its single v2 frame), instead of a 536-byte KIND_RECORD entry. Version 1 files hold only
+  KIND_RECORD, KIND_RECORD_EXT and KIND_TOPIC entries and read as before; a version 1 reader sees a
+  version 2 file as unsupported (the version says so) rather than misreading it.
+
+Why one entry (and one CRC) per batch: the CRC is one zlib call over the whole append instead of one
+per record (0.73 µs/record for 536-byte entries), and a torn write loses only an entry that was never
+completely written (an ACK follows the write). A reader verifies the entry's CRC once and turns its
+rows and payloads into records with a constant number of numpy operations.
+
+A file header whose magic was damaged (an otherwise valid header: version, entry header size and
+payload_bytes in range) is still read (decode_file_header), and recovery writes the magic back.
 """
 
 from __future__ import annotations
@@ -53,7 +74,8 @@ from eventstream.core import records as rec
 from eventstream.core.payloads import has_ext, payload_views
 
 FILE_MAGIC = b"ESEVLOG1"
-FILE_VERSION = 1
+FILE_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 FILE_HEADER = struct.Struct("<8sIIII Q")
 FILE_HEADER_BYTES = FILE_HEADER.size  # 32
 ENTRY_MAGIC = 0xE5E7105A
@@ -61,7 +83,12 @@ ENTRY_HEADER_BYTES = 24
 KIND_RECORD = 1
 KIND_TOPIC = 2
 KIND_RECORD_EXT = 3
+KIND_BATCH = 4
 MAX_EXT_PAYLOAD_BYTES = 64 << 20  # server.tcp.max_frame_bytes is at most 64 MiB
+BATCH_ROW_BYTES = 53  # a record's header up to and including `attempts`, then `principal` (core/records.py)
+_ROW_HEAD = 51  # the bytes of a row that are the record's first 51 bytes
+BATCH_HEAD = struct.Struct("<II")  # count, payload_bytes
+MAX_BATCH_ENTRY_BYTES = 256 << 20
 CRC_START = 12  # CRC covers [CRC_START, end of body)
 ENTRY_HEADER = struct.Struct("<III B3x Q")
 assert ENTRY_HEADER.size == ENTRY_HEADER_BYTES
@@ -74,6 +101,8 @@ def plausible(kind: int, length: int, itemsize: int) -> bool:
         return length == itemsize
     if kind == KIND_TOPIC:
         return 4 <= length <= 4 + 255
+    if kind == KIND_BATCH:
+        return BATCH_HEAD.size + BATCH_ROW_BYTES <= length <= MAX_BATCH_ENTRY_BYTES
     return kind == KIND_RECORD_EXT and itemsize <= length <= itemsize + MAX_EXT_PAYLOAD_BYTES
 
 
@@ -91,15 +120,26 @@ def decode_file_header(data: bytes, path: str) -> tuple[int, int]:
         raise LogFormatError(f"{path}: {len(data)} bytes is too short for an event log header "
                              f"(allowed: a file written by eventstream, at least {FILE_HEADER_BYTES} bytes)")
     magic, version, payload_bytes, entry_header, _, created_ns = FILE_HEADER.unpack_from(data)
-    if magic != FILE_MAGIC:
+    if magic != FILE_MAGIC and not header_magic_damaged(data):
         raise LogFormatError(f"{path}: not an eventstream event log (magic {magic!r}; allowed: {FILE_MAGIC!r})")
-    if version != FILE_VERSION or entry_header != ENTRY_HEADER_BYTES:
+    if version not in READABLE_VERSIONS or entry_header != ENTRY_HEADER_BYTES:
         raise LogFormatError(f"{path}: event log version {version} (entry header {entry_header}) is not "
-                             f"supported; allowed: version {FILE_VERSION}")
+                             f"supported; allowed: versions {', '.join(map(str, READABLE_VERSIONS))}")
     if payload_bytes > rec.MAX_PAYLOAD_BYTES:
         raise LogFormatError(f"{path}: payload_bytes={payload_bytes} in the header is out of range "
                              f"(allowed: 0..{rec.MAX_PAYLOAD_BYTES})")
     return payload_bytes, created_ns
+
+
+def header_magic_damaged(data: bytes) -> bool:
+    """Whether a file header is an event log's whose magic alone was damaged: at most two bytes of it
+    differ and every other field is valid (so the file is read on, and recovery repairs the magic)."""
+    if len(data) < FILE_HEADER_BYTES:
+        return False
+    magic, version, payload_bytes, entry_header, _, _ = FILE_HEADER.unpack_from(data)
+    differ = sum(a != b for a, b in zip(magic, FILE_MAGIC))
+    return (0 < differ <= 2 and version in READABLE_VERSIONS and entry_header == ENTRY_HEADER_BYTES
+            and payload_bytes <= rec.MAX_PAYLOAD_BYTES)
 
 
 _entry_dtypes: dict[np.dtype, np.dtype] = {}
@@ -135,13 +175,106 @@ _KIND_WALL = struct.Struct("<B3xQ")
 _MAGIC_LEN_CRC = struct.Struct("<III")
 
 
+ROW_DTYPE = np.dtype([(name, t) for name, t in rec._HEADER_FIELDS if name in (
+    "event_id", "producer_ts", "ingest_ts", "seq", "topic_id", "conn_id", "payload_len", "crc32", "priority",
+    "flags", "attempts", "principal")])
+assert ROW_DTYPE.itemsize == BATCH_ROW_BYTES
+
+
 def record_entries(batch: np.ndarray, file_topic_ids, wall_ns: int) -> bytes:
-    """The bytes of len(batch) record entries; CRC per entry (see module doc). `file_topic_ids`:
-    one file topic id per record (an array, or a list for a small batch). Records whose payload is
-    in the payload arena become KIND_RECORD_EXT entries carrying it; the others KIND_RECORD."""
-    n = len(batch)
+    """The bytes of the entries storing `batch`: one KIND_BATCH entry per run of records whose payload
+    is inline, one KIND_RECORD_EXT entry per record whose payload is in the payload arena (see the
+    module doc). `file_topic_ids`: one file topic id per record (an array or a list)."""
     if has_ext(batch):
         return _mixed_entries(batch, file_topic_ids, wall_ns)
+    return batch_entry(batch, file_topic_ids, wall_ns)
+
+
+def batch_entry(batch: np.ndarray, file_topic_ids, wall_ns: int) -> bytes:
+    """One KIND_BATCH entry holding `batch` (inline payloads only), with a constant number of numpy
+    operations and one CRC."""
+    n = len(batch)
+    size = batch.dtype.itemsize
+    cap = size - rec.HEADER_BYTES
+    raw = np.ascontiguousarray(batch).view(np.uint8).reshape(n, size)
+    rows = np.empty(n, dtype=ROW_DTYPE)
+    rows.view(np.uint8).reshape(n, BATCH_ROW_BYTES)[:, :_ROW_HEAD] = raw[:, :_ROW_HEAD]
+    rows["principal"] = batch["principal"]
+    rows["topic_id"] = file_topic_ids
+    pl = batch["payload_len"]
+    top = int(pl.max()) if n else 0
+    if top == 0 or cap == 0:
+        payloads = b""
+    elif int(pl.min()) == top:
+        payloads = raw[:, rec.HEADER_BYTES:rec.HEADER_BYTES + top].tobytes()
+    else:
+        mask = np.arange(top) < pl[:, None].astype(np.int64)
+        payloads = raw[:, rec.HEADER_BYTES:rec.HEADER_BYTES + top][mask].tobytes()
+    body_head = BATCH_HEAD.pack(n, cap)
+    head_tail = _KIND_WALL.pack(KIND_BATCH, wall_ns)
+    crc = zlib.crc32(payloads, zlib.crc32(rows.data, zlib.crc32(body_head, zlib.crc32(head_tail))))
+    length = BATCH_HEAD.size + rows.nbytes + len(payloads)
+    return b"".join((_MAGIC_LEN_CRC.pack(ENTRY_MAGIC, length, crc), head_tail, body_head, rows.tobytes(), payloads))
+
+
+def batch_entry_columns(buf, pos: int, length: int, out_dtype: np.dtype, capacity: int) -> np.ndarray | str:
+    """The records of the KIND_BATCH entry at `pos` (its CRC already checked) as an array of
+    `out_dtype` (a record dtype; record_dtype(0) gives the headers alone, without copying payloads),
+    or a reason text when the body is not consistent with itself or with this log's `capacity` (its
+    records.payload_bytes). A constant number of numpy operations."""
+    body = pos + ENTRY_HEADER_BYTES
+    end = body + length
+    count, _cap = BATCH_HEAD.unpack_from(buf, body)
+    rows_at = body + BATCH_HEAD.size
+    pay_at = rows_at + BATCH_ROW_BYTES * count
+    if count == 0 or pay_at > end:
+        return f"batch entry at offset {pos}: {count} records do not fit its {length} bytes"
+    rows = np.frombuffer(buf, dtype=ROW_DTYPE, count=count, offset=rows_at)
+    pl = rows["payload_len"].astype(np.int64)
+    top = int(pl.max())
+    if int(pl.sum()) != end - pay_at or top > capacity:
+        del rows
+        return (f"batch entry at offset {pos}: payload lengths (sum {int(pl.sum())}, largest {top}) do not "
+                f"match its {end - pay_at} payload bytes or this log's {capacity}-byte records")
+    out = np.zeros(count, dtype=out_dtype)
+    raw = out.view(np.uint8).reshape(count, out_dtype.itemsize)
+    raw[:, :_ROW_HEAD] = rows.view(np.uint8).reshape(count, BATCH_ROW_BYTES)[:, :_ROW_HEAD]
+    out["principal"] = rows["principal"]
+    del rows
+    room = out_dtype.itemsize - rec.HEADER_BYTES
+    if top and room:
+        src = np.frombuffer(buf, dtype=np.uint8, count=end - pay_at, offset=pay_at)
+        at = rec.HEADER_BYTES
+        if int(pl.min()) == top:
+            raw[:, at:at + top] = src.reshape(count, top)
+        else:
+            raw[:, at:at + top][np.arange(top) < pl[:, None]] = src
+        del src
+    return out
+
+
+def batch_entry_records(buf, pos: int, length: int, wall_ns: int, record_dtype: np.dtype) -> np.ndarray | str:
+    """batch_entry_columns as entry rows (entry_dtype: magic, length, kind and wall_ns filled in, as if
+    each record were a KIND_RECORD entry), for callers that take entry views."""
+    recs = batch_entry_columns(buf, pos, length, record_dtype, record_dtype.itemsize - rec.HEADER_BYTES)
+    if isinstance(recs, str):
+        return recs
+    out = np.empty(len(recs), dtype=entry_dtype(record_dtype))
+    out["magic"] = ENTRY_MAGIC
+    out["length"] = record_dtype.itemsize
+    out["crc"] = 0
+    out["kind"] = KIND_RECORD
+    out["_z"] = b"\0\0\0"
+    out["wall_ns"] = wall_ns
+    raw = out.view(np.uint8).reshape(len(recs), out.dtype.itemsize)
+    raw[:, ENTRY_HEADER_BYTES:] = recs.view(np.uint8).reshape(len(recs), record_dtype.itemsize)
+    return out
+
+
+def _record_entries_v1(batch: np.ndarray, file_topic_ids, wall_ns: int) -> bytes:
+    """Version 1 entries, one KIND_RECORD per record (what earlier versions wrote; tests build old
+    logs with it). CRC per entry."""
+    n = len(batch)
     if n <= SMALL_BATCH:
         return _record_entries_small(batch, file_topic_ids, wall_ns)
     out = np.zeros(n, dtype=entry_dtype(batch.dtype))
@@ -180,9 +313,18 @@ def _record_entries_small(batch: np.ndarray, file_topic_ids, wall_ns: int) -> by
     return data
 
 
-def _mixed_entries(batch: np.ndarray, file_topic_ids, wall_ns: int) -> bytes:
-    """record_entries for a batch with arena payloads: runs of inline records as usual, one
-    KIND_RECORD_EXT entry per arena payload, in the batch's order."""
+def record_entries_v1(batch: np.ndarray, file_topic_ids, wall_ns: int) -> bytes:
+    """What a version 1 writer wrote for `batch`: a KIND_RECORD entry per inline record, a
+    KIND_RECORD_EXT entry per arena payload (tests build old-format logs with it)."""
+    if has_ext(batch):
+        return _mixed_entries(batch, file_topic_ids, wall_ns, run=_record_entries_v1)
+    return _record_entries_v1(batch, file_topic_ids, wall_ns)
+
+
+def _mixed_entries(batch: np.ndarray, file_topic_ids, wall_ns: int, run=None) -> bytes:
+    """record_entries for a batch with arena payloads: runs of inline records as usual (one batch
+    entry each, or `run`'s entries), one KIND_RECORD_EXT entry per arena payload, in the batch's order."""
+    run = run or batch_entry
     fids = np.asarray(file_topic_ids, dtype=np.uint32)
     ext = np.flatnonzero(batch["ext_class"])
     views = payload_views(batch[ext])
@@ -194,7 +336,7 @@ def _mixed_entries(batch: np.ndarray, file_topic_ids, wall_ns: int) -> bytes:
     i = 0
     for k, j in enumerate(ext.tolist()):
         if j > i:
-            parts.append(record_entries(batch[i:j], fids[i:j], wall_ns))
+            parts.append(run(batch[i:j], fids[i:j], wall_ns))
         body = bytearray(raw[k * size:(k + 1) * size])
         _TOPIC_ID.pack_into(body, _TOPIC_ID_AT, int(fids[j]))
         body[_EXT_AT:_EXT_AT + 8] = bytes(8)  # ext_off: memory of this process, meaningless in a file
@@ -204,7 +346,7 @@ def _mixed_entries(batch: np.ndarray, file_topic_ids, wall_ns: int) -> bytes:
         parts += (_MAGIC_LEN_CRC.pack(ENTRY_MAGIC, size + len(payload), crc), head_tail, body, payload)
         i = j + 1
     if i < len(batch):
-        parts.append(record_entries(batch[i:], fids[i:], wall_ns))
+        parts.append(run(batch[i:], fids[i:], wall_ns))
     return b"".join(parts)
 
 

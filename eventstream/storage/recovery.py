@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,28 @@ def _save_tail(p: Path, mm, start: int) -> Path:
     return dest
 
 
+def _upgrade_header(p: Path, head: bytes) -> None:
+    """Before a writer appends: write back a damaged magic, and mark a version 1 file version 2 (the
+    writer appends KIND_BATCH entries, which only version 2 readers know)."""
+    version = fmt.FILE_HEADER.unpack_from(head)[1]
+    damaged = fmt.header_magic_damaged(head)
+    if not damaged and version == fmt.FILE_VERSION:
+        return
+    with open(p, "r+b") as f:
+        if damaged:
+            f.write(fmt.FILE_MAGIC)
+        if version != fmt.FILE_VERSION:
+            f.seek(8)
+            f.write(struct.pack("<I", fmt.FILE_VERSION))
+        f.flush()
+        os.fsync(f.fileno())
+    if damaged:
+        log.warning("log_header_repaired", path=str(p), magic=head[:8].hex(), hint="the file header's magic was "
+                    "damaged; the rest of the header was valid, so the log was read on and the magic written back")
+    if version != fmt.FILE_VERSION:
+        log.info("log_format_upgraded", path=str(p), version_was=version, version=fmt.FILE_VERSION)
+
+
 def recover(path: str | os.PathLike, payload_bytes: int) -> RecoveryReport:
     """Make `path` a valid log for records of `payload_bytes`: create it, or truncate a bad tail.
 
@@ -115,7 +138,9 @@ def recover(path: str | os.PathLike, payload_bytes: int) -> RecoveryReport:
         return RecoveryReport(str(p), created=True, file_bytes=size, valid_bytes=0, records=0, dropped_records=0,
                               problem="torn file header" if size else None)
     with open(p, "rb") as f:
-        found_payload, _ = fmt.decode_file_header(f.read(fmt.FILE_HEADER_BYTES), str(p))
+        head = f.read(fmt.FILE_HEADER_BYTES)
+    found_payload, _ = fmt.decode_file_header(head, str(p))
+    _upgrade_header(p, head)
     if found_payload != payload_bytes:
         raise fmt.LogFormatError(
             f"{p}: written with records.payload_bytes={found_payload}, but the configuration says "

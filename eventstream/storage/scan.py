@@ -1,8 +1,10 @@
 """The event log's entry scanner: vectorized over runs of record entries, resilient to damage.
 
-The scanner walks entries from the file header on. Record entries have a fixed size, so a run of them is
-viewed as one numpy structured array straight over the mapped file and checked in one pass (magic,
-length, kind); only the CRC is computed per entry. Topic entries are rare and parsed one by one.
+The scanner walks entries from the file header on. A batch entry (format version 2) is checked with one
+CRC and turned into records with a constant number of numpy operations (format.batch_entry_records).
+Record entries (version 1) have a fixed size, so a run of them is viewed as one numpy structured array
+straight over the mapped file and checked in one pass (magic, length, kind); only the CRC is computed
+per entry. Topic entries are rare and parsed one by one.
 
 An entry that is short, has a bad magic/length/kind or a CRC mismatch does not end the scan: the
 scanner looks forward for the next offset holding a whole, verified entry (magic, kind, length and
@@ -99,7 +101,23 @@ def entry_at(buf, pos: int, end: int, itemsize: int) -> int:
                 return 0
         if kind == fmt.KIND_RECORD_EXT and _ext_len(mv, pos) != length - itemsize:
             return 0
+        if kind == fmt.KIND_BATCH and not _batch_consistent(mv, pos, length, itemsize):
+            return 0
     return stop - pos
+
+
+def _batch_consistent(mv, pos: int, length: int, itemsize: int) -> bool:
+    """Whether a batch entry's count and payload lengths agree with its length (CRC already good)."""
+    body = pos + fmt.ENTRY_HEADER_BYTES
+    count, _cap = fmt.BATCH_HEAD.unpack_from(mv, body)
+    pay_at = body + fmt.BATCH_HEAD.size + fmt.BATCH_ROW_BYTES * count
+    if count == 0 or pay_at > body + length:
+        return False
+    rows = np.frombuffer(mv, dtype=fmt.ROW_DTYPE, count=count, offset=body + fmt.BATCH_HEAD.size)
+    pl = rows["payload_len"].astype(np.int64)
+    ok = int(pl.sum()) == body + length - pay_at and int(pl.max()) <= itemsize - 64
+    del rows
+    return ok
 
 
 _PAYLOAD_LEN_AT = fmt.ENTRY_HEADER_BYTES + 40  # payload_len in a record (core/records.py)
@@ -133,7 +151,9 @@ def scan_buffer(buf, record_dtype: np.dtype, *,
                 on_records: Callable[[np.ndarray], None] | None = None,
                 on_topic: Callable[[int, str], None] | None = None,
                 start: int = fmt.FILE_HEADER_BYTES, limit_records: int | None = None,
-                on_ext: Callable[[np.ndarray, memoryview], None] | None = None) -> ScanResult:
+                on_ext: Callable[[np.ndarray, memoryview], None] | None = None,
+                on_batch: Callable[[np.ndarray, int], None] | None = None,
+                batch_dtype: np.dtype | None = None) -> ScanResult:
     """Scan entries in `buf` (bytes, bytearray or mmap) from `start`; call back per record run / topic
     entry. Corrupt regions are skipped (see the module doc) and listed in the result. With
     `limit_records`, stop (partial=True) once about that many records were scanned, so a caller can
@@ -142,6 +162,9 @@ def scan_buffer(buf, record_dtype: np.dtype, *,
     `on_records` receives a structured view (format.entry_dtype) over `buf`: copy what you keep.
     A KIND_RECORD_EXT entry (a record with its payload after it) goes to `on_ext(view of 1 entry,
     payload memoryview)`, or, without on_ext, to `on_records` as a run of one (its payload unread).
+    A KIND_BATCH entry goes to `on_batch(records of batch_dtype (default record_dtype), wall_ns)` when
+    given (no entry rows built: a reader that wants the headers alone passes record_dtype(0)), else to
+    `on_records` as entry rows.
     """
     end = len(buf)
     edt = fmt.entry_dtype(record_dtype)
@@ -162,9 +185,10 @@ def scan_buffer(buf, record_dtype: np.dtype, *,
                 # a record entry whose body is damaged: the next entry is where it would have ended
                 # (checked first, so bytes inside its payload are never taken for an entry)
                 nxt = at + size
-            elif magic == fmt.ENTRY_MAGIC and kind == fmt.KIND_RECORD_EXT and fmt.plausible(kind, length, itemsize) \
+            elif magic == fmt.ENTRY_MAGIC and kind in (fmt.KIND_RECORD_EXT, fmt.KIND_BATCH) \
+                    and fmt.plausible(kind, length, itemsize) \
                     and entry_at(buf, at + fmt.ENTRY_HEADER_BYTES + length, end, itemsize):
-                nxt = at + fmt.ENTRY_HEADER_BYTES + length  # likewise for a large-payload entry
+                nxt = at + fmt.ENTRY_HEADER_BYTES + length  # likewise for a large-payload or batch entry
         if nxt < 0:
             nxt = next_entry(buf, at + 1, end, itemsize)
         if nxt < 0:
@@ -209,6 +233,36 @@ def scan_buffer(buf, record_dtype: np.dtype, *,
                     pos = bad(pos, f"CRC mismatch in record entry at offset {pos}")
                     if pos < 0:
                         break
+                continue
+            if kind == fmt.KIND_BATCH and fmt.plausible(kind, length, itemsize):
+                stop = pos + fmt.ENTRY_HEADER_BYTES + length
+                if stop > end:
+                    pos = bad(pos, f"torn batch entry at offset {pos} ({end - pos} of {stop - pos} bytes)")
+                    if pos < 0:
+                        break
+                    continue
+                if zlib.crc32(mv[pos + fmt.CRC_START:stop]) != crc:
+                    pos = bad(pos, f"CRC mismatch in batch entry at offset {pos}")
+                    if pos < 0:
+                        break
+                    continue
+                if on_batch is not None:
+                    view = fmt.batch_entry_columns(mv, pos, length, batch_dtype or record_dtype, itemsize - 64)
+                else:
+                    view = fmt.batch_entry_records(mv, pos, length, _wall, record_dtype)
+                if isinstance(view, str):
+                    pos = bad(pos, view)
+                    if pos < 0:
+                        break
+                    continue
+                if on_batch is not None:
+                    on_batch(view, _wall)
+                elif on_records is not None:
+                    on_records(view)
+                result.records += len(view)
+                del view
+                pos = stop
+                result.valid_bytes = pos
                 continue
             if kind == fmt.KIND_RECORD_EXT and fmt.plausible(kind, length, itemsize):
                 stop = pos + fmt.ENTRY_HEADER_BYTES + length

@@ -81,6 +81,6 @@ def test_event_log_entries_are_the_same_bytes_either_way(n, monkeypatch):
     ids = rng.integers(1, 1000, n).astype(np.uint32)
     small = fmt._record_entries_small(batch, ids.tolist(), 1_700_000_000_000_000_000)
     monkeypatch.setattr(fmt, "SMALL_BATCH", 0)
-    vectorized = fmt.record_entries(batch, ids, 1_700_000_000_000_000_000)
+    vectorized = fmt._record_entries_v1(batch, ids, 1_700_000_000_000_000_000)  # version 1 entries
     assert small == vectorized
     assert len(small) == n * (fmt.ENTRY_HEADER_BYTES + DTYPE.itemsize)

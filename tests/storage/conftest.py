@@ -31,3 +31,13 @@ def make_batch_fixture():
 @pytest.fixture
 def topics():
     return TopicTable()
+
+
+@pytest.fixture
+def v1_writer(monkeypatch):
+    """EventLog writes what a version 1 writer wrote (a KIND_RECORD entry per record, header version
+    1): these logs must still read and recover exactly as before."""
+    from eventstream.storage import format as fmt
+
+    monkeypatch.setattr(fmt, "record_entries", fmt.record_entries_v1)
+    monkeypatch.setattr(fmt, "FILE_VERSION", 1)

@@ -18,6 +18,12 @@ from eventstream.storage import format as fmt
 ENTRY = fmt.ENTRY_HEADER_BYTES + rec.EVENT_DTYPE.itemsize
 
 
+@pytest.fixture(autouse=True)
+def _old_format(v1_writer):
+    """These tests pin the geometry of version 1 logs (one entry per record): old logs still read,
+    recover and rotate as they did. tests/storage/test_batch_entries.py covers version 2."""
+
+
 def write_log(path, topics, make_batch, n=50):
     with EventLog(path, dtype=rec.EVENT_DTYPE, topics=topics, flusher=False) as log:
         log.append(make_batch(topics, n))
@@ -157,7 +163,10 @@ def big_log(tmp_path_factory):
         return b
 
     path = tmp_path_factory.mktemp("big") / "events.bin"
-    write_log(path, TopicTable(), batch, n=N_BIG)
+    with pytest.MonkeyPatch.context() as mp:  # a version 1 log, as _old_format makes for every test
+        mp.setattr(fmt, "record_entries", fmt.record_entries_v1)
+        mp.setattr(fmt, "FILE_VERSION", 1)
+        write_log(path, TopicTable(), batch, n=N_BIG)
     data = path.read_bytes()
     first = len(data) - N_BIG * ENTRY
     return data, first

@@ -8,6 +8,7 @@ import socket
 import time
 
 import numpy as np
+import pytest
 
 from eventstream.config import load_config
 from eventstream.core import records as rec
@@ -16,6 +17,12 @@ from eventstream.protocol.frames import KIND_ACK, encode_v2, split_control_frame
 from eventstream.service import Service
 from eventstream.storage import EventLogReader
 from eventstream.storage.writer import EventLog, segment_paths
+
+
+@pytest.fixture(autouse=True)
+def _old_format(v1_writer):
+    """These tests pin the geometry of version 1 logs (one entry per record): old logs still read,
+    recover and rotate as they did. tests/storage/test_batch_entries.py covers version 2."""
 
 
 def batch(topics: TopicTable, start: int, n: int, topic: str) -> np.ndarray:
