@@ -5,11 +5,12 @@ PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help bootstrap run test test-gil stress soak bench bench-rings bench-ingest bench-pipeline bench-scaling bench-nats bench-flows bench-readiness clean
+.PHONY: help bootstrap run test lint test-gil stress soak bench bench-rings bench-ingest bench-pipeline bench-scaling bench-nats bench-flows bench-readiness clean
 
 help:
 	@echo "make run    - start the service on the embedded default config (ARGS='--config FILE' to change)"
 	@echo "make test   - run the test suite"
+	@echo "make lint   - ruff check, ruff format --check and mypy on eventstream/ (tools/lint.sh)"
 	@echo "make test-gil - the same suite with the GIL on (only speed may differ)"
 	@echo "make stress - run the stress suite (concurrent pytest runs, pytest-repeat)"
 	@echo "make bench  - run all benchmarks (tables; results in bench/results/)"
@@ -23,6 +24,9 @@ run: bootstrap
 test: bootstrap
 	@bash tools/test-deps.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: bootstrap
+	@bash tools/lint.sh
 
 test-gil: bootstrap
 	@bash tools/test-deps.sh
