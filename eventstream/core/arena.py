@@ -62,10 +62,25 @@ def _warn_fallback(reason: str) -> None:
         log.warning("numa_fallback", reason=reason, using="anonymous mmap")
 
 
+_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)  # Linux
+
+
+def _advise_huge_pages(addr: int, size: int) -> None:
+    """Ask for transparent huge pages over a large block (best effort; Linux's THP in `madvise` mode):
+    zeroing a 400 MB dedup table then faults in 200 pages instead of 100,000."""
+    if size < (4 << 20):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)  # a handle of our own: ctypes objects are not shared across threads
+        libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(size), ctypes.c_int(_MADV_HUGEPAGE))
+    except (OSError, AttributeError):
+        pass
+
+
 class _Block:
     """The raw memory and how to give it back; freed at most once."""
 
-    def __init__(self, size: int, node: int):
+    def __init__(self, size: int, node: int, huge_pages: bool = False):
         self.size = size
         self.addr = 0
         self.backend = "mmap"
@@ -84,6 +99,8 @@ class _Block:
                 _warn_fallback(f"node {node} does not exist (max node {numa.max_node()})")
             self._mmap = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self._mmap))
+        if huge_pages:
+            _advise_huge_pages(self.addr, size)
         self.freed = False
         self._free_lock = threading.Lock()
 
@@ -128,7 +145,7 @@ def _finalize(block: _Block, name: str) -> None:
 class Arena:
     """`size_bytes` of memory on `node` (-1: the calling thread's local node)."""
 
-    def __init__(self, size_bytes: int, node: int = -1, *, name: str = ""):
+    def __init__(self, size_bytes: int, node: int = -1, *, name: str = "", huge_pages: bool = False):
         if not isinstance(size_bytes, int) or size_bytes <= 0:
             raise ValueError(f"Arena size_bytes={size_bytes!r} is not allowed; allowed: a positive integer")
         if not isinstance(node, int) or node < -1:
@@ -137,7 +154,7 @@ class Arena:
         self.size = (size_bytes + page - 1) // page * page
         self.node = node
         self.name = name
-        self._block = _Block(self.size, node)
+        self._block = _Block(self.size, node, huge_pages)
         _account(1, self.size)
         self._finalizer = weakref.finalize(self, _finalize, self._block, name)
         self._offset = 0

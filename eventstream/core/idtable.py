@@ -41,7 +41,7 @@ class IdTable:
         self._seed = np.uint64(self.seed)
         self.own = arena is None
         self.arena = arena if arena is not None else Arena(buckets * BYTES_PER_BUCKET + 256, node,
-                                                           name="dedup.table")
+                                                           name="dedup.table", huge_pages=True)
         self.ids = self.arena.array(buckets, np.uint64)
         self.stamps = self.arena.array(buckets, np.uint64)
         self.tags = self.arena.array(buckets, np.uint64)

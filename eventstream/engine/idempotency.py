@@ -116,42 +116,62 @@ def rebuild(path: Path, tables: dict[str, list[Deduplicator]], topics: TopicTabl
 
     if window_s <= 0 or not path.exists() or path.stat().st_size == 0:
         return 0
-    wall_now, mono_now = time.time_ns(), time.monotonic()
+    wall_now, mono_now_ns = time.time_ns(), time.monotonic_ns()
     since = wall_now - int(window_s * 1e9)
+    fields = ("event_id", "topic_id", "priority", "principal")
     try:
         reader = EventLogReader(path)
-        batches = list(reader.batches(since_ns=since, payloads=False))  # the headers: ids, topics, priorities
+        parts = list(reader.columns(fields, since_ns=since))  # header columns only: no record is built
     except (OSError, ValueError) as exc:
         log.warning("dedup_rebuild_skipped", path=str(path), error=str(exc))
         return 0
-    # per (tier, partition): the pairs and their stamps on this run's clock (the age they have)
-    found: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
-    mono_now_ns = int(mono_now * 1e9)
-    for b in batches:
-        r = b.records
-        has = r["event_id"] != 0
+    ids_l, tids_l, prio_l, who_l, wall_l = [], [], [], [], []
+    for part in parts:
+        c = part.cols
+        has = c["event_id"] != 0
         if not has.any():
             continue
-        r, stored_ns = r[has], b.stored_ns[has]
-        # file topic ids -> this run's ids (interning the names the file knows)
-        file_ids = np.unique(r["topic_id"])
-        remap = np.zeros(int(file_ids.max()) + 1, dtype=np.uint32)
-        for fid in file_ids.tolist():
-            remap[fid] = topics.intern(b.topics[fid])
-        tids = remap[r["topic_id"]]
-        tags = (r["principal"].astype(np.uint64) << np.uint64(PRINCIPAL_SHIFT)) | tids
-        age_ns = np.maximum(0, wall_now - stored_ns.astype(np.int64))
-        stamps = np.maximum(1, mono_now_ns - age_ns).astype(np.uint64)
-        tier = route[r["priority"]]
-        for t in np.unique(tier).tolist():
-            sel_t = np.flatnonzero(tier == t)
-            part = tids[sel_t] % len(tables[names[t]])
-            for p in np.unique(part).tolist():
-                sel = sel_t[part == p]
-                found.setdefault((t, p), []).append((r["event_id"][sel], tags[sel], stamps[sel]))
+        fids = c["topic_id"][has]
+        # file topic ids -> this run's ids (each file numbers its own topics; interning the names)
+        known = np.unique(fids)
+        remap = np.zeros(int(known.max()) + 1, dtype=np.uint32)
+        for fid in known.tolist():
+            remap[fid] = topics.intern(part.topics[fid])
+        ids_l.append(c["event_id"][has])
+        tids_l.append(remap[fids])
+        prio_l.append(c["priority"][has])
+        who_l.append(c["principal"][has])
+        wall_l.append(part.stored_ns[has])
+    if not ids_l:
+        log.info("dedup_rebuilt", path=str(path), keys=0, window_s=window_s)
+        return 0
+    ids, tids, prio = np.concatenate(ids_l), np.concatenate(tids_l), np.concatenate(prio_l)
+    tags = np.concatenate(who_l).astype(np.uint64)
+    tags <<= np.uint64(PRINCIPAL_SHIFT)
+    tags |= tids
+    # a key is committed with the age it has, so it expires when it would have
+    stamps = np.concatenate(wall_l).astype(np.int64)
+    stamps -= wall_now
+    stamps += mono_now_ns
+    np.clip(stamps, 1, mono_now_ns, out=stamps)  # stored "in the future" (the clock stepped back): age 0
+    stamps = stamps.view(np.uint64)
+    # per (tier, partition): the keys of the table that sees them in this run
+    tier = route[prio]
+    found: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for t in np.unique(tier).tolist():
+        sel_t = np.flatnonzero(tier == t)
+        n_parts = len(tables[names[t]])
+        if n_parts == 1:
+            found[(t, 0)] = (ids[sel_t], tags[sel_t], stamps[sel_t])
+            continue
+        part_of = tids[sel_t] % n_parts  # the bus's rule: topic id % partitions (engine/bus.py)
+        for p in np.unique(part_of).tolist():
+            sel = sel_t[part_of == p]
+            found[(t, p)] = (ids[sel], tags[sel], stamps[sel])
+    del ids, tids, prio, tags, stamps
+
     def load(item) -> int:
-        (t, p), chunks = item
-        ids, tags, stamps = (np.concatenate(c) for c in zip(*chunks))
+        (t, p), (ids, tags, stamps) = item
         tables[names[t]][p].load(ids, tags, stamps)  # each table has one loader: no sharing
         return len(ids)
 

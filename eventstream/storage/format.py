@@ -217,6 +217,28 @@ def batch_entry(batch: np.ndarray, file_topic_ids, wall_ns: int) -> bytes:
     return b"".join((_MAGIC_LEN_CRC.pack(ENTRY_MAGIC, length, crc), head_tail, body_head, rows.tobytes(), payloads))
 
 
+def batch_entry_rows(buf, pos: int, length: int, capacity: int) -> np.ndarray | str:
+    """The header rows (ROW_DTYPE, a view over `buf`: copy what you keep) of the KIND_BATCH entry at
+    `pos` (its CRC already checked), or a reason text when the body is not consistent with itself or
+    with this log's `capacity` (its records.payload_bytes). Nothing is copied: recovery counts the
+    records and the dedup rebuild reads its columns from these rows."""
+    body = pos + ENTRY_HEADER_BYTES
+    end = body + length
+    count, _cap = BATCH_HEAD.unpack_from(buf, body)
+    rows_at = body + BATCH_HEAD.size
+    pay_at = rows_at + BATCH_ROW_BYTES * count
+    if count == 0 or pay_at > end:
+        return f"batch entry at offset {pos}: {count} records do not fit its {length} bytes"
+    rows = np.frombuffer(buf, dtype=ROW_DTYPE, count=count, offset=rows_at)
+    pl = rows["payload_len"]
+    total, top = int(pl.sum(dtype=np.int64)), int(pl.max())
+    if total != end - pay_at or top > capacity:
+        del rows
+        return (f"batch entry at offset {pos}: payload lengths (sum {total}, largest {top}) do not "
+                f"match its {end - pay_at} payload bytes or this log's {capacity}-byte records")
+    return rows
+
+
 def batch_entry_columns(buf, pos: int, length: int, out_dtype: np.dtype, capacity: int) -> np.ndarray | str:
     """The records of the KIND_BATCH entry at `pos` (its CRC already checked) as an array of
     `out_dtype` (a record dtype; record_dtype(0) gives the headers alone, without copying payloads),

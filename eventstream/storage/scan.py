@@ -153,7 +153,8 @@ def scan_buffer(buf, record_dtype: np.dtype, *,
                 start: int = fmt.FILE_HEADER_BYTES, limit_records: int | None = None,
                 on_ext: Callable[[np.ndarray, memoryview], None] | None = None,
                 on_batch: Callable[[np.ndarray, int], None] | None = None,
-                batch_dtype: np.dtype | None = None) -> ScanResult:
+                batch_dtype: np.dtype | None = None,
+                on_rows: Callable[[np.ndarray, int], None] | None = None) -> ScanResult:
     """Scan entries in `buf` (bytes, bytearray or mmap) from `start`; call back per record run / topic
     entry. Corrupt regions are skipped (see the module doc) and listed in the result. With
     `limit_records`, stop (partial=True) once about that many records were scanned, so a caller can
@@ -164,7 +165,9 @@ def scan_buffer(buf, record_dtype: np.dtype, *,
     payload memoryview)`, or, without on_ext, to `on_records` as a run of one (its payload unread).
     A KIND_BATCH entry goes to `on_batch(records of batch_dtype (default record_dtype), wall_ns)` when
     given (no entry rows built: a reader that wants the headers alone passes record_dtype(0)), else to
-    `on_records` as entry rows.
+    `on_rows(header rows (format.ROW_DTYPE, a view over `buf`), wall_ns)` when given, else to
+    `on_records` as entry rows; with none of the three it is verified and counted, not decoded (what
+    recovery needs).
     """
     end = len(buf)
     edt = fmt.entry_dtype(record_dtype)
@@ -248,6 +251,8 @@ def scan_buffer(buf, record_dtype: np.dtype, *,
                     continue
                 if on_batch is not None:
                     view = fmt.batch_entry_columns(mv, pos, length, batch_dtype or record_dtype, itemsize - 64)
+                elif on_rows is not None or on_records is None:
+                    view = fmt.batch_entry_rows(mv, pos, length, itemsize - 64)
                 else:
                     view = fmt.batch_entry_records(mv, pos, length, _wall, record_dtype)
                 if isinstance(view, str):
@@ -257,6 +262,8 @@ def scan_buffer(buf, record_dtype: np.dtype, *,
                     continue
                 if on_batch is not None:
                     on_batch(view, _wall)
+                elif on_rows is not None:
+                    on_rows(view, _wall)
                 elif on_records is not None:
                     on_records(view)
                 result.records += len(view)

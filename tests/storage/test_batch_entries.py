@@ -256,3 +256,43 @@ def test_segments_and_retention_with_batch_entries(tmp_path):
     for _, seg in segs:  # each segment reads alone (its header and topic entries are its own)
         alone = EventLogReader(seg).read()
         assert len(alone) and alone.topic_names()[0] in ("a.b", "c")
+
+
+def test_header_columns_read_every_kind_of_entry_as_batches_do(tmp_path, monkeypatch):
+    """EventLogReader.columns (the dedup rebuild's read: header fields straight from batch rows, no
+    record built) gives the same fields as batches() over version 1 entries, batch entries and
+    segments, and its `since_ns` keeps what was stored at or after it."""
+    topics = TopicTable()
+    path = tmp_path / "events.bin"
+    with monkeypatch.context() as mp:  # a version 1 log first
+        mp.setattr(fmt, "record_entries", fmt.record_entries_v1)
+        mp.setattr(fmt, "FILE_VERSION", 1)
+        with open_log(path, topics) as log:
+            log.append(events(40, topics=topics))
+    with open_log(path, topics, max_segment_bytes=20_000) as log:
+        log.append(events(300, start=40, topics=topics, names=("x", "y", "z")))
+        middle = time_ns_between()
+        log.append(events(205, start=340, topics=topics))
+    fields = ("event_id", "topic_id", "priority", "principal", "seq")
+    reader = EventLogReader(path)
+    want = reader.read(payloads=False)
+    parts = list(reader.columns(fields))
+    got = {f: np.concatenate([p.cols[f] for p in parts]) for f in fields}
+    assert got["seq"].tolist() == list(range(545))
+    names = [p.topics[int(t)] for p in parts for t in p.cols["topic_id"]]
+    assert names == [want.topics[int(t)] for t in want.records["topic_id"]]
+    for f in ("event_id", "priority", "principal"):
+        assert np.array_equal(got[f], want.records[f]), f
+    assert np.array_equal(np.concatenate([p.stored_ns for p in parts]), want.stored_ns)
+    later = list(reader.columns(("seq",), since_ns=middle))
+    assert np.concatenate([p.cols["seq"] for p in later]).tolist() == list(range(340, 545))
+
+
+def time_ns_between() -> int:
+    """A wall-clock instant strictly after every entry appended so far and before any later one."""
+    import time
+
+    t0 = time.time_ns()
+    while time.time_ns() == t0:
+        pass
+    return time.time_ns()
