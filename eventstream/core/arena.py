@@ -84,7 +84,7 @@ class _Block:
         self.size = size
         self.addr = 0
         self.backend = "mmap"
-        self._mmap = None
+        self._mmap: mmap.mmap | None = None
         lib = numa.library()
         if lib is not None and (node < 0 or node <= numa.max_node()):
             addr = lib.numa_alloc_local(size) if node < 0 else lib.numa_alloc_onnode(size, node)
@@ -112,6 +112,7 @@ class _Block:
         if self.backend == "libnuma":
             numa.library().numa_free(ctypes.c_void_p(self.addr), self.size)
         else:
+            assert self._mmap is not None  # the mmap backend
             try:
                 self._mmap.close()
             except BufferError:  # a view is still exported: the mapping goes when the view does

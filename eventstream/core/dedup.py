@@ -340,7 +340,7 @@ class Deduplicator:
         if self._table is not None:
             self.budget.give(bytes_for(self._table.buckets))
             self._table.close()
-            self._table = None
+            self._table = None  # type: ignore[assignment]  # closed: a use after close() fails loudly
 
     def __enter__(self):
         return self

@@ -124,7 +124,7 @@ class PayloadArena:
         self.closed = False
 
     # -- claiming ---------------------------------------------------------------------------------
-    def class_of(self, sizes: np.ndarray) -> np.ndarray:
+    def class_of(self, sizes: np.ndarray | np.int64) -> np.ndarray:
         """Size-class index (0-based) of each payload size."""
         return np.searchsorted(self._sizes_np, sizes)
 
@@ -263,7 +263,7 @@ class PayloadArena:
 
     def statistics(self) -> dict:
         with self._stats_lock:
-            st = dict(self._stats)
+            st: dict[str, object] = dict(self._stats)
         used = sum(cl.used * cl.size for cl in self._classes)
         st.update(bytes=self.size, chunk_bytes=self.chunk, chunks=self.nchunks,
                   chunks_free=len(self._pool), used_bytes=used,

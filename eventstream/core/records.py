@@ -95,7 +95,7 @@ def record_dtype(payload_bytes: int = DEFAULT_PAYLOAD_BYTES) -> np.dtype:
         raise ValueError(
             f"payload_bytes={payload_bytes!r} is not allowed; allowed: an integer 0..{MAX_PAYLOAD_BYTES}"
         )
-    fields = list(_HEADER_FIELDS)
+    fields: list[tuple] = list(_HEADER_FIELDS)
     if payload_bytes:
         fields.append(("payload", "u1", (payload_bytes,)))
     dt = np.dtype(fields, align=False)

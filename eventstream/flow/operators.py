@@ -511,7 +511,8 @@ class Windowed(Op):
         self.wm = BoundedOutOfOrderness(p["max_out_of_orderness_ns"])
         self.keys: KeyTable | None = None
 
-    def event_time(self, batch: Batch, ctx: Context) -> np.ndarray | None:
+    def event_time(self, batch: Batch, ctx: Context) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Each event's time, or (times, keep) when events whose time failed were dead-lettered."""
         if self.processing:
             return np.full(len(batch), ctx.clock(), dtype=np.int64)
         if self.time_fn is None:
@@ -547,6 +548,13 @@ class Windowed(Op):
         if pending:
             self.keys.restore(pending)
         self._pending_keys = None
+
+    @property
+    def table(self) -> KeyTable:
+        """The key table, bound by the first process() call."""
+        if self.keys is None:
+            raise RuntimeError(f"{self.where}: key table used before the first batch bound it")
+        return self.keys
 
     def watermark(self) -> int | None:
         if self.processing:
@@ -600,7 +608,7 @@ class WindowAgg(Windowed):
         ev = np.arange(len(batch)) if pos is None else pos
         if not len(ev):
             return
-        rows = self.keys.rows_of(batch.keys)[ev]
+        rows = self.table.rows_of(batch.keys)[ev]
         if self.vector:
             col = self._column(batch, ctx)
             if col is None:
@@ -613,7 +621,8 @@ class WindowAgg(Windowed):
         else:
             self._fold_each(batch, ev, starts, rows, ctx)
 
-    def _column(self, batch: Batch, ctx: Context):
+    def _column(self, batch: Batch, ctx: Context) -> np.ndarray | None:
+        assert isinstance(self.agg, Vector)
         try:
             return self.agg.column(batch.values)
         except Exception as exc:  # noqa: BLE001
@@ -622,7 +631,8 @@ class WindowAgg(Windowed):
             return None
 
     def _fold(self, start: int, rows: np.ndarray, col: np.ndarray) -> None:
-        n = len(self.keys)
+        assert isinstance(self.agg, Vector)
+        n = len(self.table)
         acc = self.open.get(start)
         if acc is None or len(acc) < n:
             cap = max(n, 64) if acc is None else max(n, 2 * len(acc))
@@ -680,7 +690,7 @@ class WindowAgg(Windowed):
         if not due:
             return Batch.empty()
         size = self.window.size_ns
-        keys = self.keys.keys
+        keys = self.table.keys
         values: list = []
         out_keys: list = []
         parts_rows, parts_start = [], []
@@ -703,7 +713,7 @@ class WindowAgg(Windowed):
             parts_start.append(np.full(len(rows), s, dtype=np.int64))
         rows = np.concatenate(parts_rows)
         starts = np.concatenate(parts_start)
-        origin = ids.mix(self.keys.hashes[rows] ^ np.uint64(self.hash), starts.view(np.uint64))
+        origin = ids.mix(self.table.hashes[rows] ^ np.uint64(self.hash), starts.view(np.uint64))
         n = len(values)
         return self.expand(Batch(values, starts + size - 1, np.full(n, -1, dtype=np.int64), origin, out_keys), ctx)
 
@@ -750,7 +760,10 @@ class Join(WindowAgg):
 
     def expand(self, batch: Batch, ctx: Context) -> Batch:
         how = self.node.params["how"]
-        values, keys, rows, j = [], [], [], []
+        values: list[Joined] = []
+        keys: list = []
+        rows: list[int] = []
+        j: list[int] = []
         for i, w in enumerate(batch.values):
             left, right = w.value
             if not right and how == "left":
@@ -803,7 +816,7 @@ class SessionAgg(Windowed):
             if late.any():
                 self.route_late(batch.take(late), ctx, self.window)
                 batch, ts = batch.take(~late), ts[~late]
-        rows = self.keys.rows_of(batch.keys)
+        rows = self.table.rows_of(batch.keys)
         agg, sessions, heap = self.agg, self.sessions, self.heap
         values = as_list(batch.values)
         bad: list[tuple[int, str]] = []
@@ -854,13 +867,13 @@ class SessionAgg(Windowed):
         if not out:
             return Batch.empty()
         out.sort(key=lambda o: (o[2], o[0], o[1]))  # by end, then key row, then start
-        keys = self.keys.keys
+        keys = self.table.keys
         result = self.agg.result
         values = [WindowResult(keys[r], s, e, result(a)) for r, s, e, a in out]
         rows = np.array([o[0] for o in out], dtype=np.intp)
         starts = np.array([o[1] for o in out], dtype=np.int64)
         ends = np.array([o[2] for o in out], dtype=np.int64)
-        origin = ids.mix(self.keys.hashes[rows] ^ np.uint64(self.hash), starts.view(np.uint64))
+        origin = ids.mix(self.table.hashes[rows] ^ np.uint64(self.hash), starts.view(np.uint64))
         return Batch(values, ends - 1, np.full(len(out), -1, dtype=np.int64), origin, [v.key for v in values])
 
     def snapshot(self):

@@ -79,7 +79,7 @@ class Executor:
         """Run one stage's operators for partition p (the runtime calls this on p's thread)."""
         ctx = self.ctx[p]
         ops = self.ops[p]
-        outs: dict[int, object] = {}
+        outs: dict[int, Batch | tuple[Batch, Batch]] = {}
         for node in self.stages[stage]:
             if node.kind == "source":
                 inputs = [self.source_in[p]]

@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import structlog
@@ -50,6 +51,10 @@ from eventstream.flow.sinks import Call, NatsSubject, Topic
 from eventstream.runtime.affinity import pin_current_thread
 from eventstream.storage.tail import LogTail, SegmentIndex
 
+if TYPE_CHECKING:
+    from eventstream.core.payloads import PayloadArena
+    from eventstream.core.topics import TopicTable
+
 log = structlog.get_logger("eventstream.flow")
 
 OUTPUT_RETRY_S = 0.001
@@ -62,12 +67,12 @@ class Ports:
 
     log_path: Path
     dtype: np.dtype
-    topics: object  # core.topics.TopicTable
+    topics: TopicTable
     offer: Callable[[np.ndarray], None]  # returns once the records are stored (or dead-lettered)
     dead_letter: Callable  # (records, reason or reasons, payloads) -> None
     state_dir: Path
     index: SegmentIndex
-    payloads: object = None  # core.payloads.PayloadArena for outputs over records.payload_bytes
+    payloads: PayloadArena | None = None  # for outputs over records.payload_bytes
     wait_stored: Callable[[float], None] | None = None  # park until something is stored (or timeout)
 
 
@@ -387,7 +392,7 @@ def load_builders(specs: list[str]) -> list[Flow]:
     out: list[Flow] = []
     for i, spec in enumerate(specs):
         key = f"flows.builders[{i}]"
-        fn = resolve(spec, key)
+        fn: Any = resolve(spec, key)  # a builder, not a handler: resolve imports it and checks it is callable
         try:
             got = fn()
         except Exception as exc:  # noqa: BLE001 - a user's builder: say which one and what is allowed

@@ -117,7 +117,7 @@ class NatsSubject(Target):
         with self._lock:
             if self._sock is None:
                 self._sock = self._connect()
-            parts = []
+            parts: list[bytes] = []
             for p in payloads:
                 parts += (b"PUB ", subj, b" ", str(len(p)).encode(), b"\r\n", p, b"\r\n")
             parts.append(b"PING\r\n")
