@@ -154,7 +154,7 @@ class PayloadArena:
         cut = n
         for c, idx in groups.items():
             taken = self._take(c, len(idx))
-            for i, o in zip(idx, taken):
+            for i, o in zip(idx, taken, strict=False):  # taken: the prefix that fit
                 offs[i] = o
                 got[i] = True
             if len(taken) < len(idx):
@@ -215,7 +215,7 @@ class PayloadArena:
         if not offs:
             return
         groups: dict[int, list[int]] = {}
-        for o, e in zip(offs, ecl):
+        for o, e in zip(offs, ecl, strict=True):
             g = groups.get(e - 1)
             if g is None:
                 groups[e - 1] = [o]

@@ -150,7 +150,9 @@ class EventPool:
             self._push(int(chain[0]), int(chain[-1]))
             self._free.fetch_add(len(freed))
         if bad:
-            raise DoubleRelease(f"{self.name}: slots {bad[:10]} released twice (already free); the others were released")
+            raise DoubleRelease(
+                f"{self.name}: slots {bad[:10]} released twice (already free); the others were released"
+            )
 
     def _push(self, first: int, last: int) -> None:
         head = self._head

@@ -108,7 +108,7 @@ class MultiProducerSequencer:
         cur = self._hint
         cas = atomic.cas
         addr = self.claim_cell.address
-        while 0 < n and cur + n <= limit:
+        while n > 0 and cur + n <= limit:
             ok, seen = cas(addr, cur, cur + n)
             if ok:
                 self._hint = cur + n

@@ -21,7 +21,8 @@ import fnmatch
 from collections.abc import Callable
 from typing import Any
 
-from eventstream.flow import aggregators, serde as serdes, sinks
+from eventstream.flow import aggregators, sinks
+from eventstream.flow import serde as serdes
 from eventstream.flow.windows import Hopping, Session, Tumbling, Window, to_ns
 
 EMITS = ("each", "final")

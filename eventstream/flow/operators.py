@@ -386,7 +386,7 @@ class KeyTable:
             keys = keys.tolist()
         rows = list(map(self.rows.get, keys))
         if None in rows:  # new keys, added in order of first appearance
-            self._add(list(dict.fromkeys(k for k, r in zip(keys, rows) if r is None)))
+            self._add(list(dict.fromkeys(k for k, r in zip(keys, rows, strict=True) if r is None)))
             rows = list(map(self.rows.get, keys))
         return np.array(rows, dtype=np.intp)
 
@@ -452,7 +452,7 @@ class Reduce(Op):
             accs: list = []
             counts: list = []
             bad: list[tuple[int, str]] = []
-            for i, (k, v) in enumerate(zip(keys, values)):
+            for i, (k, v) in enumerate(zip(keys, values, strict=True)):
                 st = state.get(k)
                 try:
                     if st is None:
@@ -527,7 +527,7 @@ class Windowed(Op):
             times, bad = self.each(self.time_fn, vals, ctx)
         if bad:
             keep = self.drop_bad(batch, bad, ctx)
-            times = [t if k else 0 for t, k in zip(times, keep.tolist())]
+            times = [t if k else 0 for t, k in zip(times, keep.tolist(), strict=True)]
             return np.array(times, dtype=np.int64), keep
         return np.array(times, dtype=np.int64)
 
@@ -661,7 +661,7 @@ class WindowAgg(Windowed):
             if d is None:
                 d = open_[s] = {}
             get = d.get
-            pairs = zip(rs.tolist(), evs.tolist())
+            pairs = zip(rs.tolist(), evs.tolist(), strict=True)
             while True:  # resumes after an event add() raised on (dead-lettered below)
                 try:
                     for r, i in pairs:
@@ -820,7 +820,7 @@ class SessionAgg(Windowed):
         agg, sessions, heap = self.agg, self.sessions, self.heap
         values = as_list(batch.values)
         bad: list[tuple[int, str]] = []
-        for i, (t, r) in enumerate(zip(ts.tolist(), rows.tolist())):
+        for i, (t, r) in enumerate(zip(ts.tolist(), rows.tolist(), strict=True)):
             ss = sessions.get(r)
             if ss is None:
                 ss = sessions[r] = []

@@ -53,7 +53,7 @@ def build(dtype: np.dtype, topic_id: int | np.ndarray, payloads: list[bytes], ev
         rec["ext_class"][idx] = cls
         rec["ext_arena"][idx] = arena.id
         dst = memoryview(arena.buf)
-        for o, i in zip(offs.tolist(), idx.tolist()):
+        for o, i in zip(offs.tolist(), idx.tolist(), strict=True):
             p = payloads[i]
             dst[o:o + len(p)] = p
         dst.release()

@@ -125,7 +125,7 @@ class PartitionThreads:
     def _stage(self, s: int, p: int) -> None:
         try:
             self.executor.run_stage(s, p)
-        except BaseException as exc:  # a bug, not a user's operator (those dead-letter): stop the flow
+        except BaseException as exc:  # noqa: BLE001 - a bug, not a user's operator (those dead-letter): stop the flow
             self._errors.append(exc)
 
     def step(self, batch: Batch) -> tuple[list, list]:
