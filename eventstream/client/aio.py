@@ -207,14 +207,15 @@ class AsyncSubscription(StateView):
 
 async def aio_subscribe(host: str, port: int, glob: str, start="earliest", group: str | None = None, *,
                         credit: int = 1000, follow: bool = True, token: str | bytes | None = None,
-                        timeout: float = 10.0, ssl=None) -> AsyncSubscription:
-    """`ssl`: an SSLContext (or True) to speak TLS to a server with server.tls configured."""
+                        timeout: float = 10.0, ssl=None, batch: bool = True) -> AsyncSubscription:
+    """`ssl`: an SSLContext (or True) to speak TLS to a server with server.tls configured. `batch`
+    (default): many events per frame (DELIVER_BATCH); False: one DELIVER frame per event."""
     mode, value = start_of(start)
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=ssl), timeout)
     except (OSError, asyncio.TimeoutError) as exc:
         raise SubscribeError(f"cannot connect to {host}:{port} ({exc!r})") from None
     writer.write((encode_hello(token) if token else b"")
-                 + sp.encode_subscribe(glob, mode, value, credit, group or "", follow))
+                 + sp.encode_subscribe(glob, mode, value, credit, group or "", follow, batch))
     await writer.drain()
     return AsyncSubscription(reader, writer, group or "", credit)

@@ -7,6 +7,9 @@
             handle(ev)
             sub.commit()                # the group resumes after ev when restarted (at-least-once)
 
+Delivery: many events per DELIVER_BATCH frame (its record table decoded with numpy), unless
+`batch=False` asks for one DELIVER frame per event.
+
 Flow control: the client grants `credit` events when it subscribes and grants more as the caller takes
 them (once half of it is used), so the server never sends more than `credit` events ahead of the
 caller. `follow=False` ends the iteration once the events stored at subscription time are delivered.
@@ -67,7 +70,9 @@ class SubscriberState:
                 raise SubscribeError("the server closed the subscription")
             return
         for f in self._dec.feed(data):
-            if f.kind == sp.KIND_DELIVER:
+            if f.kind == sp.KIND_DELIVER_BATCH:
+                self._events.extend(sp.parse_deliver_batch(f))
+            elif f.kind == sp.KIND_DELIVER:
                 self._events.append(sp.parse_deliver(f))
             elif f.kind == sp.KIND_COMMIT:
                 self._commits.append(f.event_id)
@@ -126,7 +131,9 @@ class StateView:
 class Subscription(StateView):
     def __init__(self, host: str, port: int, glob: str, *, start="earliest", group: str | None = None,
                  credit: int = 1000, follow: bool = True, token: str | bytes | None = None, timeout: float = 10.0,
-                 tls: bool = False, ssl_context: ssl.SSLContext | None = None):
+                 tls: bool = False, ssl_context: ssl.SSLContext | None = None, batch: bool = True):
+        """`batch` (default): the server sends many events per frame (DELIVER_BATCH); False: one DELIVER
+        frame per event. Credit counts events either way."""
         mode, value = start_of(start)
         self.state = SubscriberState(credit)
         self.glob = glob
@@ -149,7 +156,7 @@ class Subscription(StateView):
                 raise SubscribeError(f"TLS handshake with {host}:{port} failed: {exc}") from None
         hello = encode_hello(token) if token else b""
         try:
-            self.sock.sendall(hello + sp.encode_subscribe(glob, mode, value, credit, self.group, follow))
+            self.sock.sendall(hello + sp.encode_subscribe(glob, mode, value, credit, self.group, follow, batch))
         except OSError as exc:
             raise SubscribeError(f"connection lost: {exc}") from None
 
@@ -228,5 +235,5 @@ def subscribe(host: str, port: int, glob: str, start="earliest", group: str | No
 
     start: "earliest", "latest", an offset (int), or a time ("2026-12-06T10:00:00Z", "<ns>ns"). A group
     with a committed offset resumes there whatever `start` says. Keywords: credit, follow, token, timeout,
-    tls, ssl_context."""
+    tls, ssl_context, batch (default True: many events per frame)."""
     return Subscription(host, port, glob, start=start, group=group, **kw)

@@ -26,6 +26,8 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+import numpy as np
+
 from eventstream.protocol.frames import (
     KIND_HELLO,
     LENGTH,
@@ -37,16 +39,27 @@ from eventstream.protocol.frames import (
 )
 
 KIND_SUBSCRIBE, KIND_CREDIT, KIND_DELIVER, KIND_COMMIT, KIND_SUB_ERROR, KIND_END = 5, 6, 7, 8, 9, 10
+KIND_DELIVER_BATCH = 12  # many stored events in one frame (a subscription that asked for it: FLAG_BATCH)
 KIND_NAMES = {KIND_HELLO: "HELLO", KIND_SUBSCRIBE: "SUBSCRIBE", KIND_CREDIT: "CREDIT", KIND_DELIVER: "DELIVER",
-              KIND_COMMIT: "COMMIT", KIND_SUB_ERROR: "SUB_ERROR", KIND_END: "END"}
+              KIND_COMMIT: "COMMIT", KIND_SUB_ERROR: "SUB_ERROR", KIND_END: "END",
+              KIND_DELIVER_BATCH: "DELIVER_BATCH"}
 CLIENT_KINDS = (KIND_HELLO, KIND_SUBSCRIBE, KIND_CREDIT, KIND_COMMIT)
-SERVER_KINDS = (KIND_DELIVER, KIND_COMMIT, KIND_SUB_ERROR, KIND_END)
+SERVER_KINDS = (KIND_DELIVER, KIND_COMMIT, KIND_SUB_ERROR, KIND_END, KIND_DELIVER_BATCH)
 
 # SUBSCRIBE flags: bits 0-1 the start mode, bit 2 "no follow" (send what is stored, then END)
 START_EARLIEST, START_LATEST, START_OFFSET, START_TIME = 0, 1, 2, 3
 START_NAMES = {START_EARLIEST: "earliest", START_LATEST: "latest", START_OFFSET: "offset", START_TIME: "time"}
 FLAG_START_MASK = 0x03
 FLAG_NO_FOLLOW = 0x04
+FLAG_BATCH = 0x08  # deliver in DELIVER_BATCH frames (many events each) instead of one DELIVER per event
+MAX_DELIVER_BATCH_BYTES = 256 << 10  # a DELIVER_BATCH frame holds events up to about this many bytes
+# DELIVER_BATCH record table row (big-endian, like every frame)
+DELIVER_ROW_DTYPE = np.dtype([
+    ("priority", "u1"), ("flags", "u1"), ("topic", ">u2"), ("payload_len", ">u4"), ("event_id", ">u8"),
+    ("producer_ts", ">u8"), ("offset", ">u8"), ("stored_ns", ">u8"),
+])
+DELIVER_ROW_BYTES = 40
+assert DELIVER_ROW_DTYPE.itemsize == DELIVER_ROW_BYTES
 MAX_GROUP_BYTES = 128
 MAX_CONTROL_FRAME = V2_HEADER_BYTES + MAX_TOPIC_BYTES + MAX_GROUP_BYTES  # largest client frame body
 DELIVER_PREFIX = struct.Struct(">QQ")  # offset, stored_ns
@@ -78,6 +91,7 @@ class Subscribe:
     credit: int
     group: str  # "" = no group
     follow: bool = True
+    batch: bool = False  # DELIVER_BATCH frames
 
     def matches(self, topic: str) -> bool:
         return fnmatch.fnmatchcase(topic, self.glob)
@@ -105,7 +119,7 @@ def _frame(kind: int, *, priority: int = 0, flags: int = 0, event_id: int = 0, t
 
 
 def encode_subscribe(glob: str, start: int = START_EARLIEST, value: int = 0, credit: int = 1000,
-                     group: str = "", follow: bool = True) -> bytes:
+                     group: str = "", follow: bool = True, batch: bool = False) -> bytes:
     g = glob.encode("utf-8")
     if not 1 <= len(g) <= MAX_TOPIC_BYTES:
         raise SubscribeProtocolError(f"topic glob of {len(g)} bytes is not allowed; allowed: 1..{MAX_TOPIC_BYTES} "
@@ -119,7 +133,7 @@ def encode_subscribe(glob: str, start: int = START_EARLIEST, value: int = 0, cre
     if len(grp) > MAX_GROUP_BYTES:
         raise SubscribeProtocolError(f"group name of {len(grp)} bytes is not allowed; allowed: "
                                      f"0..{MAX_GROUP_BYTES} bytes of UTF-8")
-    flags = start | (0 if follow else FLAG_NO_FOLLOW)
+    flags = start | (0 if follow else FLAG_NO_FOLLOW) | (FLAG_BATCH if batch else 0)
     return _frame(KIND_SUBSCRIBE, flags=flags, event_id=value, timestamp_ns=credit, topic=g, payload=grp)
 
 
@@ -148,6 +162,68 @@ def encode_deliver(offset: int, topic: bytes, payload: bytes, *, event_id: int =
                    producer_ts: int = 0, stored_ns: int = 0) -> bytes:
     return _frame(KIND_DELIVER, priority=priority, event_id=event_id, timestamp_ns=producer_ts, topic=topic,
                   payload=DELIVER_PREFIX.pack(offset, stored_ns) + payload)
+
+
+def encode_deliver_batches(events) -> bytes:
+    """DELIVER_BATCH frames for `events` (objects with offset, topic (str), payload, event_id, priority,
+    producer_ts, stored_ns), in order, each holding events up to about MAX_DELIVER_BATCH_BYTES (an
+    event larger than that gets a frame of its own). Payload of a frame: u16 topic_count, the topic
+    table (u8 length + name each), `event_id` = count rows of DELIVER_ROW_DTYPE, the payloads back to
+    back (docs/protocol.md)."""
+    out = []
+    i, n = 0, len(events)
+    while i < n:
+        topics: dict[str, int] = {}
+        j, size = i, 0
+        while j < n and (j == i or size + DELIVER_ROW_BYTES + len(events[j].payload) <= MAX_DELIVER_BATCH_BYTES) \
+                and len(topics) < 65535:
+            topics.setdefault(events[j].topic, len(topics))
+            size += DELIVER_ROW_BYTES + len(events[j].payload)
+            j += 1
+        chunk = events[i:j]
+        rows = np.empty(len(chunk), dtype=DELIVER_ROW_DTYPE)
+        rows["priority"] = [e.priority for e in chunk]
+        rows["flags"] = 0
+        rows["topic"] = [topics[e.topic] for e in chunk]
+        rows["payload_len"] = [len(e.payload) for e in chunk]
+        rows["event_id"] = [e.event_id for e in chunk]
+        rows["producer_ts"] = [e.producer_ts for e in chunk]
+        rows["offset"] = [e.offset for e in chunk]
+        rows["stored_ns"] = [e.stored_ns for e in chunk]
+        names = [t.encode("utf-8") for t in topics]
+        table = struct.pack(">H", len(names)) + b"".join(bytes((len(t),)) + t for t in names)
+        body = b"".join([table, rows.tobytes(), *(e.payload for e in chunk)])
+        out.append(_frame(KIND_DELIVER_BATCH, event_id=len(chunk), payload=body))
+        i = j
+    return b"".join(out)
+
+
+def parse_deliver_batch(f: Frame) -> list[Delivered]:
+    """The events of a DELIVER_BATCH frame: its record table read with one numpy.frombuffer."""
+    p = f.payload
+    count = f.event_id
+    try:
+        (tcount,) = struct.unpack_from(">H", p, 0)
+        pos = 2
+        names = []
+        for _ in range(tcount):
+            tl = p[pos]
+            names.append(p[pos + 1:pos + 1 + tl].decode("utf-8", "replace"))
+            pos += 1 + tl
+        rows = np.frombuffer(p, dtype=DELIVER_ROW_DTYPE, count=count, offset=pos)
+    except (IndexError, ValueError, struct.error):
+        raise SubscribeProtocolError(f"DELIVER_BATCH of {count} events does not hold its topic table and record "
+                                     f"table in {len(p)} bytes") from None
+    lens = rows["payload_len"].astype(np.int64)
+    start = pos + DELIVER_ROW_BYTES * count
+    if start + int(lens.sum()) != len(p) or (count and int(rows["topic"].max()) >= tcount):
+        raise SubscribeProtocolError(f"DELIVER_BATCH of {count} events: payload lengths or topic indices do not "
+                                     f"match its {len(p)} bytes and {tcount} topics")
+    ends = (start + np.cumsum(lens)).tolist()
+    starts = [start, *ends[:-1]]
+    return [Delivered(o, names[t], p[a:b], e, pr, pt, sn) for o, t, a, b, e, pr, pt, sn in zip(
+        rows["offset"].tolist(), rows["topic"].tolist(), starts, ends, rows["event_id"].tolist(),
+        rows["priority"].tolist(), rows["producer_ts"].tolist(), rows["stored_ns"].tolist())]
 
 
 # ------------------------------------------------------------------------------------ decoding
@@ -207,9 +283,9 @@ def parse_subscribe(f: Frame, max_credit: int) -> Subscribe:
     if f.kind != KIND_SUBSCRIBE:
         raise SubscribeProtocolError(f"kind {f.kind} ({KIND_NAMES.get(f.kind, '?')}) is not allowed as the first "
                                      f"frame; allowed: {KIND_SUBSCRIBE} SUBSCRIBE (after an optional HELLO)")
-    if f.flags & ~(FLAG_START_MASK | FLAG_NO_FOLLOW):
+    if f.flags & ~(FLAG_START_MASK | FLAG_NO_FOLLOW | FLAG_BATCH):
         raise SubscribeProtocolError(f"SUBSCRIBE flags 0x{f.flags:02x} is not allowed; allowed: bits 0-1 the start "
-                                     "mode, bit 2 no-follow, bits 3-7 zero")
+                                     "mode, bit 2 no-follow, bit 3 batch delivery, bits 4-7 zero")
     if not 1 <= len(f.topic) <= MAX_TOPIC_BYTES:
         raise SubscribeProtocolError(f"SUBSCRIBE topic glob of {len(f.topic)} bytes is not allowed; allowed: "
                                      f"1..{MAX_TOPIC_BYTES} bytes of UTF-8")
@@ -232,7 +308,8 @@ def parse_subscribe(f: Frame, max_credit: int) -> Subscribe:
                                      "(server.subscribe.max_credit)")
     start = f.flags & FLAG_START_MASK
     value = f.event_id if start in (START_OFFSET, START_TIME) else 0
-    return Subscribe(glob, start, value, f.timestamp_ns, group, follow=not f.flags & FLAG_NO_FOLLOW)
+    return Subscribe(glob, start, value, f.timestamp_ns, group, follow=not f.flags & FLAG_NO_FOLLOW,
+                     batch=bool(f.flags & FLAG_BATCH))
 
 
 def parse_deliver(f: Frame) -> Delivered:

@@ -340,9 +340,12 @@ class Session:
                 progress.unregister(self.wake)
 
     def _deliver(self, events) -> None:
-        frames = [sp.encode_deliver(ev.offset, ev.topic.encode("utf-8"), ev.payload, event_id=ev.event_id,
-                                    priority=ev.priority, producer_ts=ev.producer_ts, stored_ns=ev.stored_ns)
-                  for ev in events]
+        if self.sub.batch:  # many events per frame (credit still counts events)
+            frames = [sp.encode_deliver_batches(events)]
+        else:
+            frames = [sp.encode_deliver(ev.offset, ev.topic.encode("utf-8"), ev.payload, event_id=ev.event_id,
+                                        priority=ev.priority, producer_ts=ev.producer_ts, stored_ns=ev.stored_ns)
+                      for ev in events]
         with self.credit_lock:
             self.credit -= len(events)
         self.sent += len(events)  # handed to the socket (counted first: a reader of `sent` saw the bytes)
