@@ -80,6 +80,7 @@ class Engine:
         self.forwarders: list = []  # called with each stored batch (the NATS sink's copy), set before start
         self.payloads = self.dlq = self.event_log = self.bus = self.manager = None
         self.dedup_rebuilt = None
+        self._keys = None  # dedup keys of the active file, collected by its recovery (open) for start()
         self._last_sample = (0, 0, time.monotonic())
 
     # ------------------------------------------------------------------------------------ ports
@@ -183,11 +184,14 @@ class Engine:
                                  max_age_s=st.dlq_max_age_s)
         # flush_events=1: every append is written to the OS before it returns (the `stored` promise);
         # the flusher thread (es-storage-flush) only runs the interval fsync policy
+        # the dedup keys of the active file are read while recovery verifies it (one pass, not two)
+        self._keys = idempotency.collector(cfg.dedup.window_s)
         self.event_log = EventLog(data / st.events_file, dtype=self.dtype, topics=self.topics,
                                   flush_events=1, flush_interval_ms=max(st.fsync_interval_ms / 2, 1.0),
                                   fsync=st.fsync, fsync_interval_ms=st.fsync_interval_ms, cpus=cfg.affinity.storage,
                                   flusher=st.fsync == "interval", max_segment_bytes=st.events_max_bytes,
-                                  max_segments=st.events_max_segments, max_age_s=st.events_max_age_s)
+                                  max_segments=st.events_max_segments, max_age_s=st.events_max_age_s,
+                                  collect=self._keys)
         try:
             self.bus = EventBusMulti(cfg, self.dtype, seq_base=sequence_base())
         except ValueError as exc:
@@ -208,7 +212,9 @@ class Engine:
             raise StartupError(str(exc)) from None
         if self.manager.dedups is not None:
             self.dedup_rebuilt = idempotency.rebuild(self.data / cfg.storage.events_file, self.manager.dedups,
-                                                     self.topics, ROUTE, QUEUE_NAMES, cfg.dedup.window_s)
+                                                     self.topics, ROUTE, QUEUE_NAMES, cfg.dedup.window_s,
+                                                     active=self._keys)
+            self._keys = None  # its arrays are in the tables now
             register_dedup(self.metrics, self.manager.dedups)
         register_engine_gauges(self.metrics, self.bus, QUEUE_NAMES, self.topics, self.payloads)
         register_storage(self.metrics, self.event_log, self.dlq)

@@ -30,6 +30,7 @@ import structlog
 
 from eventstream.core.dedup import SMALL, Deduplicator
 from eventstream.core.topics import TopicTable
+from eventstream.storage.reader import ColumnCollector, EventLogReader
 
 log = structlog.get_logger("eventstream.idempotency")
 
@@ -105,23 +106,40 @@ def duplicates(records: np.ndarray, dedup: Deduplicator) -> tuple[Probed, np.nda
     return Probed(ids, tags, slots, table), skip
 
 
+KEY_FIELDS = ("event_id", "topic_id", "priority", "principal")  # what the rebuild reads of each record
+
+
+def collector(window_s: float) -> ColumnCollector | None:
+    """What the event log's recovery collects while it verifies the active file (EventLog(collect=)),
+    so `rebuild` reads the keys of that file in the same pass (None: dedup is off)."""
+    if window_s <= 0:
+        return None
+    return ColumnCollector(KEY_FIELDS, time.time_ns() - int(window_s * 1e9))
+
+
 def rebuild(path: Path, tables: dict[str, list[Deduplicator]], topics: TopicTable, route: np.ndarray,
-            names: tuple[str, ...], window_s: float) -> int:
+            names: tuple[str, ...], window_s: float, active: ColumnCollector | None = None) -> int:
     """Commit the keys of every record stored in `path` within the last `window_s` seconds into the
     table its tier and partition use in this run. Returns the number of keys committed.
 
     `route` maps priority -> index into `names` (the tiers). Stored entries carry their wall-clock
-    store time; a key is committed with the age it has, so it expires when it would have."""
-    from eventstream.storage.reader import EventLogReader
-
+    store time; a key is committed with the age it has, so it expires when it would have. `active`:
+    the collector the recovery of the active file filled (`collector`); then only the closed segments
+    are read here."""
     if window_s <= 0 or not path.exists() or path.stat().st_size == 0:
         return 0
+    t0 = time.perf_counter()
     wall_now, mono_now_ns = time.time_ns(), time.monotonic_ns()
     since = wall_now - int(window_s * 1e9)
-    fields = ("event_id", "topic_id", "priority", "principal")
     try:
         reader = EventLogReader(path)
-        parts = list(reader.columns(fields, since_ns=since))  # header columns only: no record is built
+        if active is None:
+            parts = list(reader.columns(KEY_FIELDS, since_ns=since))  # header columns only: no record built
+        else:
+            parts = list(reader.columns(KEY_FIELDS, since_ns=int(active.since), segments_only=True))
+            last = active.result()
+            if last is not None:
+                parts.append(last)
     except (OSError, ValueError) as exc:
         log.warning("dedup_rebuild_skipped", path=str(path), error=str(exc))
         return 0
@@ -169,6 +187,7 @@ def rebuild(path: Path, tables: dict[str, list[Deduplicator]], topics: TopicTabl
             sel = sel_t[part_of == p]
             found[(t, p)] = (ids[sel], tags[sel], stamps[sel])
     del ids, tids, prio, tags, stamps
+    t_read = time.perf_counter()
 
     def load(item) -> int:
         (t, p), (ids, tags, stamps) = item
@@ -180,5 +199,6 @@ def rebuild(path: Path, tables: dict[str, list[Deduplicator]], topics: TopicTabl
     workers = max(1, min(len(found), len(os.sched_getaffinity(0))))
     with ThreadPoolExecutor(workers, thread_name_prefix="es-dedup-load") as pool:
         done = sum(pool.map(load, found.items()))
-    log.info("dedup_rebuilt", path=str(path), keys=done, window_s=window_s)
+    log.info("dedup_rebuilt", path=str(path), keys=done, window_s=window_s, read_s=round(t_read - t0, 3),
+             load_s=round(time.perf_counter() - t_read, 3), tables=len(found))
     return done

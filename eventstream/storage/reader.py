@@ -70,6 +70,49 @@ class StoredColumns:
         return len(self.stored_ns)
 
 
+class ColumnCollector:
+    """Collects header `fields` of the records a scan_buffer pass meets (stored at or after
+    `since_ns`) as arrays: `callbacks()` are scan_buffer's keyword arguments, `result()` the columns.
+    EventLogReader.columns uses it per file; recovery can take one too, so the engine reads the keys
+    of the active file in the same pass that verifies it (engine/idempotency.py)."""
+
+    def __init__(self, fields: tuple[str, ...], since_ns: int | None = None):
+        self.fields = fields
+        self.since = np.uint64(max(since_ns or 0, 0))
+        self.topics: dict[int, str] = {}
+        self._cols: dict[str, list[np.ndarray]] = {f: [] for f in fields}
+        self._walls: list[np.ndarray] = []
+
+    def callbacks(self) -> dict:
+        return {"on_rows": self.on_rows, "on_records": self.on_records, "on_topic": self.on_topic,
+                "on_ext": lambda view, _payload: self.on_records(view)}
+
+    def on_topic(self, tid: int, name: str) -> None:
+        self.topics[tid] = name
+
+    def on_rows(self, rows: np.ndarray, wall_ns: int) -> None:
+        """A batch entry's header rows (format.ROW_DTYPE, a view: copied here)."""
+        if wall_ns >= self.since:
+            for f in self.fields:
+                self._cols[f].append(rows[f].copy())
+            self._walls.append(np.full(len(rows), wall_ns, dtype=np.uint64))
+
+    def on_records(self, view: np.ndarray) -> None:
+        """Version 1 record entries and large-payload entries (entry rows, a view)."""
+        keep = view["wall_ns"] >= self.since
+        if keep.any():
+            r = view["record"]
+            for f in self.fields:
+                self._cols[f].append(r[f][keep])
+            self._walls.append(view["wall_ns"][keep].astype(np.uint64))
+
+    def result(self) -> StoredColumns | None:
+        if not self._walls:
+            return None
+        return StoredColumns({f: np.concatenate(c) for f, c in self._cols.items()}, np.concatenate(self._walls),
+                             self.topics)
+
+
 def _priority_values(priorities: Iterable[int | str] | None) -> np.ndarray | None:
     if priorities is None:
         return None
@@ -243,16 +286,18 @@ class EventLogReader:
             total.problem = f"{what}; then {total.problem}" if total.problem else what
             warnings.warn(CorruptLogWarning(f"{path}: {what}"), stacklevel=2)
 
-    def columns(self, fields: tuple[str, ...], *, since_ns: int | None = None) -> Iterator[StoredColumns]:
+    def columns(self, fields: tuple[str, ...], *, since_ns: int | None = None,
+                segments_only: bool = False) -> Iterator[StoredColumns]:
         """The header `fields` (names of core/records.py header fields) of every record stored at or
-        after `since_ns` (append wall clock), closed segments first, as arrays, a chunk per file
-        part: no record is built (a batch entry's fields are read straight from its rows), so the
-        dedup rebuild reads 10 M ids in about the time their CRCs take. Damage is skipped as by
-        `batches` (and reported in `last_scan`)."""
+        after `since_ns` (append wall clock), closed segments first, as arrays, one chunk per file:
+        no record is built (a batch entry's fields are read straight from its rows), so the dedup
+        rebuild reads 10 M ids in about the time their CRCs take. Damage is skipped as by `batches`
+        (and reported in `last_scan`). `segments_only`: the closed segments alone (the active file's
+        columns were collected while it was recovered, see ColumnCollector)."""
         from eventstream.storage.writer import segment_paths
 
-        since = np.uint64(max(since_ns or 0, 0))
-        for path in [p for _, p in segment_paths(self.path)] + [self.path]:
+        files = [p for _, p in segment_paths(self.path)] + ([] if segments_only else [self.path])
+        for path in files:
             if path != self.path:
                 try:
                     with open(path, "rb") as f:
@@ -262,36 +307,14 @@ class EventLogReader:
                     continue
                 if payload != self.payload_bytes:
                     continue
-            size = path.stat().st_size
-            if size <= fmt.FILE_HEADER_BYTES:
+            if path.stat().st_size <= fmt.FILE_HEADER_BYTES:
                 continue
-            topics: dict[int, str] = {}
-            cols: dict[str, list[np.ndarray]] = {f: [] for f in fields}
-            walls: list[np.ndarray] = []
-
-            def on_topic(tid: int, name: str) -> None:
-                topics[tid] = name
-
-            def on_rows(rows: np.ndarray, wall_ns: int) -> None:
-                if wall_ns >= since:
-                    for f in fields:
-                        cols[f].append(rows[f].copy())
-                    walls.append(np.full(len(rows), wall_ns, dtype=np.uint64))
-
-            def on_records(view: np.ndarray) -> None:  # version 1 entries, and large-payload ones
-                keep = view["wall_ns"] >= since
-                if keep.any():
-                    r = view["record"]
-                    for f in fields:
-                        cols[f].append(r[f][keep])
-                    walls.append(view["wall_ns"][keep].astype(np.uint64))
-
+            got = ColumnCollector(fields, since_ns)
             with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                scan = scan_buffer(mm, self.dtype, on_records=on_records, on_topic=on_topic, on_rows=on_rows,
-                                   on_ext=lambda view, _payload: on_records(view))
-            self.last_scan = scan
-            if walls:
-                yield StoredColumns({f: np.concatenate(c) for f, c in cols.items()}, np.concatenate(walls), topics)
+                self.last_scan = scan_buffer(mm, self.dtype, **got.callbacks())
+            part = got.result()
+            if part is not None:
+                yield part
 
     def read(self, **filters) -> StoredBatch:
         """All matching records as one batch."""

@@ -115,11 +115,12 @@ def _upgrade_header(p: Path, head: bytes) -> None:
         log.info("log_format_upgraded", path=str(p), version_was=version, version=fmt.FILE_VERSION)
 
 
-def recover(path: str | os.PathLike, payload_bytes: int) -> RecoveryReport:
+def recover(path: str | os.PathLike, payload_bytes: int, collect=None) -> RecoveryReport:
     """Make `path` a valid log for records of `payload_bytes`: create it, or truncate a bad tail.
 
     Raises format.LogFormatError if the file is not an event log, or was written with another
-    payload size (the message says how to proceed).
+    payload size (the message says how to proceed). `collect`: a reader.ColumnCollector that meets
+    every kept record in the same pass (records of a cut tail are never passed to it).
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -151,7 +152,7 @@ def recover(path: str | os.PathLike, payload_bytes: int) -> RecoveryReport:
         return RecoveryReport(str(p), created=False, file_bytes=size, valid_bytes=size, records=0, dropped_records=0)
     saved = None
     with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        scan = scan_buffer(mm, dtype)
+        scan = scan_buffer(mm, dtype, **(collect.callbacks() if collect is not None else {}))
         if scan.dropped_bytes and not _torn(mm, scan.valid_bytes, dtype.itemsize):
             saved = str(_save_tail(p, mm, scan.valid_bytes))  # damage, not a torn write: keep a copy
     entry_size = fmt.ENTRY_HEADER_BYTES + dtype.itemsize

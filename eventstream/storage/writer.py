@@ -52,7 +52,7 @@ class EventLog:
     def __init__(self, path: str | os.PathLike, *, dtype: np.dtype, topics: TopicTable,
                  flush_events: int = 100, flush_interval_ms: float = 50.0, fsync: str = "interval",
                  fsync_interval_ms: float = 1000.0, flusher: bool = True, cpus: list[int] | None = None,
-                 max_segment_bytes: int = 0, max_segments: int = 0, max_age_s: float = 0.0):
+                 max_segment_bytes: int = 0, max_segments: int = 0, max_age_s: float = 0.0, collect=None):
         """Segments: past `max_segment_bytes` (0 = never) the file is renamed `<name>.<n>` and a new one
         starts, declaring every known topic first (each segment reads on its own); `max_segments`
         (0 = all) and `max_age_s` (0 = no limit) bound how many old segments are kept."""
@@ -68,7 +68,7 @@ class EventLog:
         self.flush_interval_ns = int(flush_interval_ms * 1e6)
         self.fsync_policy = fsync
         self.fsync_interval_ns = int(fsync_interval_ms * 1e6)
-        self.recovery: RecoveryReport = recover(self.path, self.payload_bytes)
+        self.recovery: RecoveryReport = recover(self.path, self.payload_bytes, collect)
         self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - lives until close()
         # what earlier runs wrote is made durable once at open: a duplicate of it gets a `synced` ACK
         # (its first copy is stored), even if that run died before its own fsync

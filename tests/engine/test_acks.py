@@ -12,6 +12,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+
 import pytest
 
 from eventstream.config import load_config
@@ -193,16 +194,23 @@ def test_nacks_and_acks_stay_in_frame_order(tmp_path):
         svc.stop()
 
 
-def test_a_resend_after_a_restart_is_stored_once(tmp_path):
+@pytest.mark.parametrize("segment_bytes", [0, 600], ids=["one-file", "segments"])
+def test_a_resend_after_a_restart_is_stored_once(tmp_path, segment_bytes):
+    """The keys come back from the closed segments (read at start) and from the active file (read
+    while its recovery verifies it)."""
     data = tmp_path / "data"
     frames = [encode_v2(f"t{p}", b"x%d" % i, p, 1000 + i) for i, p in enumerate([0, 1, 2, 3, 4] * 4)]
-    svc = Service(cfg(data)).start()
+    conf = cfg(data, **{"storage.events_max_bytes": segment_bytes})
+    svc = Service(conf).start()
     c = Conn(svc)
-    c.send(*frames)
+    for f in frames:  # one at a time: several entries, so the log rotates into segments
+        c.send(f)
     c.wait_ack(len(frames))
     c.close()
     svc.stop()
-    svc = Service(cfg(data)).start()  # a new run: the dedup tables are rebuilt from events.bin
+    if segment_bytes:
+        assert len(list(data.glob("events.bin.*"))) >= 2
+    svc = Service(conf).start()  # a new run: the dedup tables are rebuilt from events.bin
     try:
         c = Conn(svc)
         c.send(*frames, encode_v2("t2", b"new", 2, 5000))
