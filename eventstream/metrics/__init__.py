@@ -4,4 +4,11 @@ from eventstream.metrics.exporter import MetricsServer, MetricsServerError
 from eventstream.metrics.histogram import DEFAULT_LATENCY_BUCKETS_NS, VectorHistogram
 from eventstream.metrics.registry import Metrics, MetricsRegistry
 
-__all__ = ["DEFAULT_LATENCY_BUCKETS_NS", "Metrics", "MetricsRegistry", "MetricsServer", "MetricsServerError", "VectorHistogram"]
+__all__ = [
+    "DEFAULT_LATENCY_BUCKETS_NS",
+    "Metrics",
+    "MetricsRegistry",
+    "MetricsServer",
+    "MetricsServerError",
+    "VectorHistogram",
+]

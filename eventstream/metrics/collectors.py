@@ -51,7 +51,9 @@ class LatencyCollector(Collector):
         for queue, h in list(self.histograms.items()):
             counts, total, _ = h.snapshot()
             cum = counts.cumsum().tolist()
-            buckets = [(floatToGoString(b / 1e9), c) for b, c in zip(h.bounds.tolist(), cum)] + [("+Inf", cum[-1])]
+            # cum has one more entry than bounds: the +Inf bucket
+            buckets = [(floatToGoString(b / 1e9), c) for b, c in zip(h.bounds.tolist(), cum, strict=False)]
+            buckets.append(("+Inf", cum[-1]))
             hist.add_metric([queue], buckets, total / 1e9)
             for q, v in self.QUANTILES:
                 recent.add_sample(self.recent_name, {self.label: queue, "quantile": q}, h.recent_percentile(v) / 1e9)
@@ -92,11 +94,10 @@ class ProcessCollector(Collector):
         yield GaugeMetricFamily("process_threads", "threads of the process")
 
     def collect(self):
-        with self._lock:
-            with self.proc.oneshot():
-                cpu = self.proc.cpu_percent(None)
-                rss = self.proc.memory_info().rss
-                threads = self.proc.num_threads()
+        with self._lock, self.proc.oneshot():
+            cpu = self.proc.cpu_percent(None)
+            rss = self.proc.memory_info().rss
+            threads = self.proc.num_threads()
         yield GaugeMetricFamily("process_cpu_percent", "CPU use of the process since the previous scrape "
                                 "(100 = one core)", value=cpu)
         yield GaugeMetricFamily("process_rss_bytes", "resident memory of the process", value=rss)
@@ -205,5 +206,6 @@ class LabelledCallbacks(Collector):
             try:
                 fam.add_metric(list(key), float(fn()))
             except Exception as exc:  # noqa: BLE001 - leave the series out of this scrape
-                log.warning("metric_callback_failed", metric=self.name, labels=key, error=f"{type(exc).__name__}: {exc}")
+                log.warning("metric_callback_failed", metric=self.name, labels=key,
+                            error=f"{type(exc).__name__}: {exc}")
         yield fam

@@ -57,7 +57,7 @@ class MetricsServerError(OSError):
 class _Conn:
     __slots__ = ("sock", "buf", "out", "deadline", "writing", "closing", "opened", "handshaking")
 
-    def __init__(self, sock: socket.socket, deadline: float, opened: float, handshaking: bool = False):
+    def __init__(self, sock: socket.socket | ssl.SSLSocket, deadline: float, opened: float, handshaking: bool = False):
         self.sock = sock
         self.handshaking = handshaking  # TLS handshake not finished
         self.buf = bytearray()
@@ -105,8 +105,8 @@ class MetricsServer:
         except OSError as exc:
             sock.close()
             what = "is in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror})"
-            raise MetricsServerError(exc.errno, f"metrics endpoint {self.host}:{self.requested_port} {what}; "
-                                     "allowed: a free port (metrics.port), 0 for any, or metrics.enabled: false") from None
+            raise MetricsServerError(exc.errno, f"metrics endpoint {self.host}:{self.requested_port} {what}; allowed: "
+                                     "a free port (metrics.port), 0 for any, or metrics.enabled: false") from None
         sock.setblocking(False)
         self._sock = sock
         self._wake_r, self._wake_w = socket.socketpair()
@@ -120,6 +120,7 @@ class MetricsServer:
     def stop(self, timeout: float = 5.0) -> None:
         if self._sock is None:
             return
+        assert self._wake_r is not None and self._wake_w is not None  # made with _sock
         self._stop.set()
         try:
             self._wake_w.send(b"x")
@@ -158,18 +159,20 @@ class MetricsServer:
     def _serve(self) -> None:
         sel = selectors.DefaultSelector()
         conns: dict[int, _Conn] = {}
+        wake_r = self._wake_r
+        assert self._sock is not None and wake_r is not None  # start() made them before this thread
         sel.register(self._sock, selectors.EVENT_READ, None)
-        sel.register(self._wake_r, selectors.EVENT_READ, None)
+        sel.register(wake_r, selectors.EVENT_READ, None)
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
                 wait = min((c.deadline for c in conns.values()), default=now + 1.0) - now
-                for key, events in sel.select(max(0.0, min(wait, 1.0))):
+                for key, _events in sel.select(max(0.0, min(wait, 1.0))):
                     if key.fileobj is self._sock:
                         self._accept(sel, conns)
-                    elif key.fileobj is self._wake_r:
+                    elif key.fileobj is wake_r:
                         try:
-                            self._wake_r.recv(64)
+                            wake_r.recv(64)
                         except OSError:
                             pass
                     else:
@@ -199,6 +202,7 @@ class MetricsServer:
             sel.close()
 
     def _accept(self, sel, conns: dict[int, _Conn]) -> None:
+        assert self._sock is not None  # listening while the loop runs
         for _ in range(256):  # a bounded burst per wakeup, then serve the others
             try:
                 s, _addr = self._sock.accept()
@@ -228,6 +232,7 @@ class MetricsServer:
         """One step of the TLS handshake; a plain-HTTP client is answered in clear text."""
         from eventstream.ingest.tls import is_plain_text, plain_answer
 
+        assert isinstance(c.sock, ssl.SSLSocket)  # handshaking: a TLS connection
         try:
             c.sock.do_handshake()
         except ssl.SSLWantReadError:
@@ -249,7 +254,8 @@ class MetricsServer:
     def _read(self, sel, conns, c: _Conn) -> None:
         try:
             data = c.sock.recv(4096)
-            while self.tls is not None and data and c.sock.pending():  # decrypted bytes the selector cannot see
+            # TLS: decrypted bytes the selector cannot see
+            while data and isinstance(c.sock, ssl.SSLSocket) and c.sock.pending():
                 data += c.sock.recv(4096)
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return
@@ -311,7 +317,8 @@ class MetricsServer:
             except Exception as exc:  # noqa: BLE001 - a failing check means not ok
                 ok, detail = False, f"check failed: {type(exc).__name__}: {exc}"
             return (200 if ok else 503), text, (str(detail or ("ok" if ok else "not ok")) + "\n").encode()
-        return 404, text, f"not found; metrics are at {self.path}, health at {HEALTH_PATH}, readiness at {READY_PATH}\n".encode()
+        return 404, text, (f"not found; metrics are at {self.path}, health at {HEALTH_PATH}, "
+                           f"readiness at {READY_PATH}\n").encode()
 
     def _respond(self, sel, c: _Conn, status: int, body: bytes, *, head_only: bool,
                  ctype: str = "text/plain; charset=utf-8", extra=()) -> None:
@@ -331,7 +338,7 @@ class MetricsServer:
         except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             return
         c.out = c.out[n:]
-        if not c.out and self.tls is not None:  # TLS: close_notify, then close (no half-close below TLS)
+        if not c.out and isinstance(c.sock, ssl.SSLSocket):  # TLS: close_notify, then close (no half-close below TLS)
             try:
                 c.sock.unwrap()
             except (ssl.SSLError, OSError, ValueError):

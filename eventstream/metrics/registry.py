@@ -18,8 +18,8 @@ reason and every possible pipeline transition is exported at 0 from the start.
 A private CollectorRegistry (not prometheus-client's global one) so several engines, and tests, live
 in one process without name collisions. Unlabelled counters are SummedCounters: one locked add per
 batch, plus optional sources (counter_fn) read at scrape time; labelled ones are prometheus-client
-Counters (one inc(n) per batch and label). Latency uses VectorHistogram (see histogram.py). Queue depths and component statistics are
-callbacks read at scrape time, so the hot paths do nothing for them.
+Counters (one inc(n) per batch and label). Latency uses VectorHistogram (see histogram.py). Queue depths and
+component statistics are callbacks read at scrape time, so the hot paths do nothing for them.
 """
 
 from __future__ import annotations
@@ -29,12 +29,18 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter
-
-from eventstream.metrics.exporter import MetricsServer
 from prometheus_client.exposition import generate_latest
 
-from eventstream.metrics.collectors import (CallbackMetric, LabelledCallbacks, LatencyCollector, ProcessCollector,
-                                            StateCollector, SummedCounter, ValueFn)
+from eventstream.metrics.collectors import (
+    CallbackMetric,
+    LabelledCallbacks,
+    LatencyCollector,
+    ProcessCollector,
+    StateCollector,
+    SummedCounter,
+    ValueFn,
+)
+from eventstream.metrics.exporter import MetricsServer
 from eventstream.metrics.histogram import DEFAULT_LATENCY_BUCKETS_NS, VectorHistogram
 from eventstream.metrics.reasons import REASONS, category
 

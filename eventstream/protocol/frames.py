@@ -112,7 +112,7 @@ def encode_nacks(indices: np.ndarray, reason: str) -> bytes:
     n = len(indices)
     if n == 0:
         return b""
-    dt = np.dtype([("h", V2_HEADER_DTYPE), ("r", "V%d" % len(r))]) if r else np.dtype([("h", V2_HEADER_DTYPE)])
+    dt = np.dtype([("h", V2_HEADER_DTYPE), ("r", f"V{len(r)}")]) if r else np.dtype([("h", V2_HEADER_DTYPE)])
     out = np.zeros(n, dtype=dt)
     h = out["h"]
     h["length"] = V2_HEADER_BYTES + len(r)
@@ -130,9 +130,9 @@ def encode_many(version: int, topic: str | bytes, payloads: Sequence[bytes], pri
     """A run of frames on one topic, concatenated (load tools and benchmarks)."""
     prios = [priorities] * len(payloads) if isinstance(priorities, int) else list(priorities)
     if version == 1:
-        return b"".join(encode_v1(topic, p, pr) for p, pr in zip(payloads, prios))
+        return b"".join(encode_v1(topic, p, pr) for p, pr in zip(payloads, prios, strict=False))
     ids = event_ids if event_ids is not None else [0] * len(payloads)
-    return b"".join(encode_v2(topic, p, pr, e, timestamp_ns) for p, pr, e in zip(payloads, prios, ids))
+    return b"".join(encode_v2(topic, p, pr, e, timestamp_ns) for p, pr, e in zip(payloads, prios, ids, strict=False))
 
 
 def batch_frame_bytes(topics_bytes: int, count: int, payload_bytes: int) -> int:
@@ -212,9 +212,9 @@ def encode_batch(events: Sequence, *, ack: int = 0) -> bytes:
     for e in ids:
         if not 0 <= e < 1 << 64:
             raise EncodeError(f"event_id {e!r} is not allowed; allowed: 0..2**64-1 (0 = none)")
-    for t in tss:
-        if not 0 <= t < 1 << 64:
-            raise EncodeError(f"timestamp_ns {t!r} is not allowed; allowed: 0..2**64-1 (0 = unknown)")
+    for ts in tss:
+        if not 0 <= ts < 1 << 64:
+            raise EncodeError(f"timestamp_ns {ts!r} is not allowed; allowed: 0..2**64-1 (0 = unknown)")
     return encode_batch_columns(topics, np.array(tix, dtype=np.int64), [len(p) for p in pls], b"".join(pls),
                                 np.array(prios, dtype=np.uint8), np.array(ids, dtype=np.uint64),
                                 np.array(tss, dtype=np.uint64), ack=ack)

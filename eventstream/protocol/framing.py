@@ -64,18 +64,18 @@ def scan(src, pos: int, end: int, max_frame_bytes: int) -> tuple[list[int], list
                 return offs[:k], lens, o, _framing_reason(ln, first, max_frame_bytes)
             lens.append(ln)
     elif offs:
-        o = np.asarray(offs, dtype=np.int64)
-        ln = np.diff(o, append=pos) - 4
-        first = np.frombuffer(src, dtype=np.uint8, count=end)[np.minimum(o + 4, end - 1)]
-        need = _NEED_ARR[first]
-        bad = np.flatnonzero((need == 0) | (ln < need))
+        oa = np.asarray(offs, dtype=np.int64)
+        lns = np.diff(oa, append=pos) - 4
+        firsts = np.frombuffer(src, dtype=np.uint8, count=end)[np.minimum(oa + 4, end - 1)]
+        needs = _NEED_ARR[firsts]
+        bad = np.flatnonzero((needs == 0) | (lns < needs))
         if len(bad):
             k = int(bad[0])
-            reason = _framing_reason(int(ln[k]), int(first[k]), max_frame_bytes)
-            del first
-            return offs[:k], ln[:k].tolist(), offs[k], reason
-        lens = ln.tolist()
-        del first
+            reason = _framing_reason(int(lns[k]), int(firsts[k]), max_frame_bytes)
+            del firsts
+            return offs[:k], lns[:k].tolist(), offs[k], reason
+        lens = lns.tolist()
+        del firsts
     if end - pos >= 4:
         length = unpack(src, pos)[0]
         first = src[pos + 4] if end - pos > 4 else None
