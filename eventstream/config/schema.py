@@ -152,7 +152,7 @@ class PayloadsConfig:
 @dataclass
 class NumaConfig:
     node: int = field(default=-1, metadata={"range": (-1, 4095), "doc": "-1 = local node"})
-    bind_memory: bool = True
+    bind_memory: bool = field(default=True, metadata={"doc": "false: plain memory, libnuma not asked"})
 
 
 @dataclass

@@ -77,6 +77,14 @@ def _advise_huge_pages(addr: int, size: int) -> None:
         pass
 
 
+UNBOUND = -2  # node value: plain anonymous memory, libnuma not asked (numa.bind_memory: false)
+
+
+def memory_node(node: int, bind_memory: bool) -> int:
+    """The node to give Arena for the `numa.node` and `numa.bind_memory` keys (the one place they meet)."""
+    return node if bind_memory else UNBOUND
+
+
 class _Block:
     """The raw memory and how to give it back; freed at most once."""
 
@@ -85,7 +93,7 @@ class _Block:
         self.addr = 0
         self.backend = "mmap"
         self._mmap: mmap.mmap | None = None
-        lib = numa.library()
+        lib = numa.library() if node != UNBOUND else None
         if lib is not None and (node < 0 or node <= numa.max_node()):
             addr = lib.numa_alloc_local(size) if node < 0 else lib.numa_alloc_onnode(size, node)
             if not addr:
@@ -93,7 +101,9 @@ class _Block:
             self.addr = int(addr)
             self.backend = "libnuma"
         else:
-            if lib is None:
+            if node == UNBOUND:
+                pass  # asked for (numa.bind_memory: false): no warning
+            elif lib is None:
                 _warn_fallback("libnuma is not available")
             else:
                 _warn_fallback(f"node {node} does not exist (max node {numa.max_node()})")
@@ -144,13 +154,14 @@ def _finalize(block: _Block, name: str) -> None:
 
 
 class Arena:
-    """`size_bytes` of memory on `node` (-1: the calling thread's local node)."""
+    """`size_bytes` of memory on `node` (-1: the calling thread's local node; UNBOUND: plain memory)."""
 
     def __init__(self, size_bytes: int, node: int = -1, *, name: str = "", huge_pages: bool = False):
         if not isinstance(size_bytes, int) or size_bytes <= 0:
             raise ValueError(f"Arena size_bytes={size_bytes!r} is not allowed; allowed: a positive integer")
-        if not isinstance(node, int) or node < -1:
-            raise ValueError(f"Arena node={node!r} is not allowed; allowed: -1 (local) or a node id >= 0")
+        if not isinstance(node, int) or node < UNBOUND:
+            raise ValueError(f"Arena node={node!r} is not allowed; allowed: -1 (local), a node id >= 0 or "
+                             "UNBOUND (-2: plain memory)")
         page = numa.page_size()
         self.size = (size_bytes + page - 1) // page * page
         self.node = node

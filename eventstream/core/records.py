@@ -146,10 +146,3 @@ def payload_of(record) -> bytes:
 
         return arena_by_id(int(record["ext_arena"])).view(int(record["ext_off"]), n).tobytes()
     return record["payload"][:n].tobytes() if n else b""
-
-
-def payloads(batch: np.ndarray) -> list[bytes]:
-    """Payload bytes for every record of a batch (copies; per-record Python: not for hot paths)."""
-    from eventstream.core.payloads import payload_list
-
-    return payload_list(batch)

@@ -31,6 +31,7 @@ import time
 import numpy as np
 
 from eventstream.config import Config, QueueConfig
+from eventstream.core.arena import memory_node
 from eventstream.core.records import Priority
 from eventstream.core.ring import MpscRing, Overflow
 from eventstream.core.wait import Blocking, make_wait
@@ -127,7 +128,7 @@ class Offer:
 
 class EventBusMulti:
     def __init__(self, cfg: Config, dtype: np.dtype, *, seq_base: int = 0):
-        q, node = cfg.queues, cfg.numa.node
+        q, node = cfg.queues, memory_node(cfg.numa.node, cfg.numa.bind_memory)
         self.queues: list[Queue] = []
         self.dtype = np.dtype(dtype)
         self._seq_lock = threading.Lock()

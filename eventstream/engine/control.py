@@ -8,8 +8,8 @@ issue states them — note which comparisons are strict::
     CRITICAL   drop_rate >= 4 %   or depth >= 100 %
     EMERGENCY  drop_rate >= 10 %  or depth >  150 %
 
-A Sample's `depth` is already a fraction: queued events / `max_queue_depth` (the sampler divides, see
-RateSampler); `drop_rate` is dropped / offered over the last interval.
+A Sample's `depth` is already a fraction: queued events / `max_queue_depth` (Engine.sample divides);
+`drop_rate` is overload drops / offered over the last interval.
 
 The level moves one step per evaluation, in both directions: each level's action is applied and
 undone separately (workers, then the TCP pause, then UDP shedding ...), and the next interval shows
@@ -144,30 +144,6 @@ class Backpressure:
 
 class Actions(Protocol):
     def on_level(self, level: Level, previous: Level) -> None: ...
-
-
-class RateSampler:
-    """Turns cumulative counters into Samples: drop_rate = Δdropped / Δreceived over one interval,
-    depth = queued events / max_queue_depth.
-
-    `read()` returns (received, dropped, processed, queued events, p99_ns), all cumulative except the
-    queued events and p99.
-    """
-
-    def __init__(self, read: Callable[[], tuple[int, int, int, int, float]], max_queue_depth: int):
-        if max_queue_depth < 1:
-            raise ValueError(f"max_queue_depth={max_queue_depth!r} is not allowed; allowed: an integer >= 1")
-        self.read = read
-        self.max_queue_depth = max_queue_depth
-        self._last: tuple[int, int] | None = None
-
-    def __call__(self) -> Sample:
-        received, dropped, processed, depth, p99 = self.read()
-        last_r, last_d = self._last or (0, 0)
-        self._last = (received, dropped)
-        d_r, d_d = received - last_r, dropped - last_d
-        rate = min(1.0, d_d / max(d_r, 1)) if d_d > 0 else 0.0
-        return Sample(depth=depth / self.max_queue_depth, drop_rate=rate, processed=int(processed), p99_ns=float(p99))
 
 
 class ControlThread(threading.Thread):

@@ -40,6 +40,7 @@ import numpy as np
 import structlog
 
 from eventstream.config.loader import max_payload_bytes
+from eventstream.core.arena import memory_node
 from eventstream.core.payloads import PayloadArena, release_records
 from eventstream.core.records import record_dtype
 from eventstream.core.topics import TopicTable
@@ -177,7 +178,8 @@ class Engine:
         cfg, st, data = self.cfg, self.cfg.storage, self._data_dir()
         try:  # payloads over records.payload_bytes (up to the largest frame) live here
             self.payloads = PayloadArena(cfg.payloads.arena_bytes, max_payload_bytes(cfg),
-                                         min_payload=cfg.records.payload_bytes, node=cfg.numa.node)
+                                         min_payload=cfg.records.payload_bytes,
+                                         node=memory_node(cfg.numa.node, cfg.numa.bind_memory))
         except ValueError as exc:
             raise StartupError(str(exc)) from None
         self.dlq = DeadLetterLog(data / st.dlq_file, max_bytes=st.dlq_max_bytes, max_segments=st.dlq_max_segments,

@@ -16,6 +16,7 @@ import threading
 import structlog
 
 from eventstream.config import Config
+from eventstream.core.arena import memory_node
 from eventstream.core.dedup import Deduplicator, MemoryBudget
 from eventstream.engine.bus import EventBusMulti
 from eventstream.engine.handlers import resolve
@@ -48,7 +49,7 @@ class ProcessManager:
         self.dedups: dict[str, list[Deduplicator]] | None = None
         if d.window_s > 0:
             budget = MemoryBudget(d.max_bytes)
-            self.dedups = {tier: [Deduplicator(d.buckets, d.window_s, node=cfg.numa.node, budget=budget)
+            self.dedups = {tier: [Deduplicator(d.buckets, d.window_s, node=memory_node(cfg.numa.node, cfg.numa.bind_memory), budget=budget)
                                   for _ in range(bus[tier].partitions)]
                            for tier in ("realtime", "transactional", "batch")}
         self.window_tables = [WindowTable() for _ in range(bus["batch"].partitions)]

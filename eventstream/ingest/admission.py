@@ -13,7 +13,6 @@ may act on a value one batch late; that is fine for flow control.
   control plane sets this only at its last level (only CRITICAL admitted).
 * ``paused``: as min_priority 4 (only CRITICAL admitted), with reason "paused" on UDP. The service's
   control plane uses min_priority; `paused` is kept for embedders.
-* ``allowed_priorities``: None (all) or a set of priorities admitted (refused_mask; embedders).
 """
 
 from __future__ import annotations
@@ -32,31 +31,14 @@ REASON_PAUSED = "paused"
 class Admission:
     """Signals from the control thread to ingest readers (plain attributes; see module docstring)."""
 
-    def __init__(self, *, paused: bool = False, min_priority: int = 0, tcp_min_priority: int = 0,
-                 allowed_priorities: frozenset[int] | None = None):
+    def __init__(self, *, paused: bool = False, min_priority: int = 0, tcp_min_priority: int = 0):
         self.paused = paused
         self.min_priority = min_priority
         self.tcp_min_priority = tcp_min_priority
-        self.allowed_priorities = allowed_priorities
-
-    def refused_mask(self, priorities: np.ndarray) -> np.ndarray | None:
-        """Boolean mask of records to reject for backpressure, or None when all are admitted."""
-        lo = self.min_priority
-        allowed = self.allowed_priorities
-        mask = None
-        if lo > 0:
-            mask = priorities < lo
-        if allowed is not None:
-            extra = ~np.isin(priorities, np.fromiter(allowed, dtype=np.uint8, count=len(allowed)))
-            mask = extra if mask is None else (mask | extra)
-        if mask is not None and not mask.any():
-            return None
-        return mask
 
     def __repr__(self) -> str:
         return (f"Admission(paused={self.paused}, min_priority={self.min_priority}, "
-                f"tcp_min_priority={self.tcp_min_priority}, "
-                f"allowed_priorities={self.allowed_priorities})")
+                f"tcp_min_priority={self.tcp_min_priority})")
 
 
 class Rejection(NamedTuple):

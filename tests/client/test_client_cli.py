@@ -6,7 +6,7 @@ import io
 import json
 
 from eventstream.cli.main import main
-from eventstream.core.records import payloads
+from eventstream.core.payloads import payload_list as payloads
 
 
 def json_line(out: str) -> dict:

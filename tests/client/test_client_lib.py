@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from eventstream.client import ClientError, TcpClient, UdpSender
-from eventstream.core.records import payloads
+from eventstream.core.payloads import payload_list as payloads
 from eventstream.ingest.sinks import CollectingSink
 
 

@@ -74,6 +74,23 @@ def test_arena_on_missing_node_falls_back_to_plain_memory():
         a.array(16, np.uint64)[:] = 3
 
 
+def test_bind_memory_false_gives_plain_memory_everywhere_the_engine_allocates(tmp_path):
+    from eventstream.config import load_config
+    from eventstream.service import Service
+
+    assert arena_mod.memory_node(0, True) == 0 and arena_mod.memory_node(0, False) == arena_mod.UNBOUND
+    with Arena(8192, arena_mod.UNBOUND) as a:
+        assert a.backend == "mmap"
+    over = {"server.tcp.port": 0, "server.udp.enabled": False, "metrics.enabled": False,
+            "server.subscribe.enabled": False, "storage.data_dir": str(tmp_path / "d"), "records.payload_bytes": 64}
+    for bind, want in ((False, {"mmap"}), (True, {"libnuma"} if numa.available() else {"mmap"})):
+        with Service(load_config(environ={}, overrides={**over, "numa.bind_memory": bind})) as svc:
+            rings = [r for q in svc.engine.bus.queues for r in q.rings]
+            got = {r._arena.backend for r in rings if getattr(r, "_arena", None) is not None}
+            got.add(svc.engine.payloads._arena.backend)
+            assert got == want
+
+
 def test_views_keep_a_forgotten_arena_alive():
     before = arena_mod.live_arenas()
     view = Arena(4096).array(4, np.uint64)

@@ -1,4 +1,4 @@
-"""EventBusMulti routing and the dispatcher."""
+"""EventBusMulti routing and offers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import numpy as np
 from eventstream.config import load_config
 from eventstream.core.ring import MpscRing
 from eventstream.engine.bus import EventBusMulti
-from eventstream.engine.dispatcher import Dispatcher
 from eventstream.ingest.admission import Admission
 
 from engine_fixtures import DTYPE, make_records
@@ -128,28 +127,3 @@ def test_offer_sheds_at_the_edge_only_where_configured(topics):
         bus.close()
 
 
-def test_dispatcher_stamps_seq_filters_and_routes(small_cfg, topics):
-    bus = EventBusMulti(small_cfg, DTYPE)
-    source = MpscRing(1024, DTYPE)
-    dropped = []
-    adm = Admission()
-    disp = Dispatcher(source, bus, lambda r, why: dropped.append((r.copy(), why)), admission=adm, seq_base=1000)
-    try:
-        recs = make_records(topics, 100, priority=0)
-        recs["priority"] = np.arange(100) % 5
-        recs["seq"] = 0
-        adm.min_priority = 1  # CRITICAL level: BATCH priority is dropped
-        assert len(source.put_batch(recs)) == 0
-        disp.start()
-        disp.stop()
-        disp.join(30)
-        assert not disp.is_alive() and disp.error is None
-        assert disp.received == 100
-        got = np.concatenate([drain(bus[q]) for q in ("realtime", "transactional", "batch")])
-        dr = np.concatenate([d[0] for d in dropped])
-        assert {d[1] for d in dropped} == {"backpressure"}
-        assert set(dr["priority"].tolist()) == {0} and len(dr) == 20
-        assert sorted(got["seq"].tolist() + dr["seq"].tolist()) == list(range(1000, 1100))
-    finally:
-        source.close()
-        bus.close()

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from eventstream.config import BackpressureConfig
-from eventstream.engine.control import Backpressure, ControlThread, Level, RateSampler, Sample
+from eventstream.engine.control import Backpressure, ControlThread, Level, Sample
 
 H, E, D, C, X = Level.HEALTHY, Level.ELEVATED, Level.DEGRADED, Level.CRITICAL, Level.EMERGENCY
 MAXQ = 5000
@@ -118,16 +118,6 @@ def test_thresholds_come_from_config():
     assert bp.evaluate(Sample(depth=0.11, drop_rate=0.0, processed=0)).level == E
     assert bp.evaluate(Sample(depth=0.06, drop_rate=0.0, processed=0)) is None
     assert bp.evaluate(Sample(depth=0.04, drop_rate=0.0, processed=0)).level == H
-
-
-def test_rate_sampler_uses_interval_deltas():
-    counters = iter([(1000, 0, 900, 10, 5.0), (2000, 50, 1900, 20, 6.0), (2000, 50, 2000, 0, 0.0), (2000, 60, 2000, 0, 0)])
-    sampler = RateSampler(lambda: next(counters), max_queue_depth=100)
-    assert sampler().drop_rate == 0.0
-    x = sampler()
-    assert x.drop_rate == pytest.approx(0.05) and (x.depth, x.processed, x.p99_ns) == (0.2, 1900, 6.0)
-    assert sampler().drop_rate == 0.0
-    assert sampler().drop_rate == 1.0  # drops with nothing received: clamped
 
 
 class RecordingActions:

@@ -71,12 +71,12 @@ def test_service_start_raises_startup_error_and_leaves_no_probe(tmp_path):
     dirs = unwritable_dirs(tmp_path)
     if not dirs:
         pytest.skip("no existing unwritable directory on this machine (/proc/self, /sys/kernel)")
-    cfg = load_config(environ={}, overrides={"server.tcp.port": 0, "server.udp.port": 0, "metrics.enabled": False,
+    cfg = load_config(environ={}, overrides={"server.tcp.port": 0, "server.udp.port": 0, "metrics.enabled": False, "server.subscribe.port": 0,
                                              "storage.data_dir": dirs[0]})
     with pytest.raises(StartupError, match=r"storage\.data_dir: cannot write in"):
         Service(cfg).start()
     good = tmp_path / "data"
-    cfg = load_config(environ={}, overrides={"server.tcp.port": 0, "server.udp.port": 0, "metrics.enabled": False,
+    cfg = load_config(environ={}, overrides={"server.tcp.port": 0, "server.udp.port": 0, "metrics.enabled": False, "server.subscribe.port": 0,
                                              "storage.data_dir": str(good), "records.payload_bytes": 64})
     with Service(cfg):
         pass

@@ -1,6 +1,6 @@
 """Plain-Python handlers run in parallel with the GIL off (issue #13).
 
-A real Service (TCP ingest, dispatcher, two transactional workers) receives two MEDIUM events on two
+A real Service (TCP ingest, two transactional workers) receives two MEDIUM events on two
 topics that live in different partitions, so each worker takes one event, holding its partition's token.
 The handler meets the other worker at a `threading.Barrier(2)`: passing it proves two processor
 threads were inside handler code at the same moment. That alone is also true with the GIL (a thread

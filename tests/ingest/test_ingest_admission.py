@@ -1,24 +1,14 @@
-"""Admission masks, dead-letter lines, and thread pinning of the servers."""
+"""Dead-letter lines and thread pinning of the servers."""
 
 from __future__ import annotations
 
 import os
 
-import numpy as np
 
 from eventstream.core.records import empty, record_dtype
 from eventstream.core.topics import TopicTable
 from eventstream.ingest.admission import Admission, Rejection, dead_letter_lines
 from ingest_helpers import wait_until
-
-
-def test_refused_mask_combines_min_priority_and_allowed_set():
-    prios = np.array([0, 1, 2, 3, 4], dtype=np.uint8)
-    assert Admission().refused_mask(prios) is None
-    assert Admission(min_priority=2).refused_mask(prios).tolist() == [True, True, False, False, False]
-    adm = Admission(min_priority=1, allowed_priorities=frozenset({2, 4}))
-    assert adm.refused_mask(prios).tolist() == [True, True, False, True, False]
-    assert Admission(min_priority=0, allowed_priorities=frozenset(range(5))).refused_mask(prios) is None
 
 
 def test_dead_letter_lines_for_records_and_rejections():

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from ingest_helpers import read_until_closed, wait_until
-from eventstream.core.records import payloads, record_dtype
+from eventstream.core.payloads import payload_list as payloads
+from eventstream.core.records import record_dtype
 from eventstream.core.topics import TopicTable
 from eventstream.ingest.admission import Admission, dead_letter_lines
 from eventstream.ingest.sinks import CollectingSink

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ingest_helpers import wait_until
-from eventstream.core.records import payloads
+from eventstream.core.payloads import payload_list as payloads
 from eventstream.ingest.admission import Admission
 from eventstream.ingest.udp import _RECVMMSG
 from eventstream.protocol.frames import encode_v1, encode_v2

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eventstream.core.records import ACK_STORED, ACK_SYNCED, FLAG_ACK_SHIFT, FLAG_V2, payloads
+from eventstream.core.payloads import payload_list as payloads
+from eventstream.core.records import ACK_STORED, ACK_SYNCED, FLAG_ACK_SHIFT, FLAG_V2
 from eventstream.core.topics import TopicTable
 from eventstream.protocol.decoder import FrameDecoder
 from eventstream.protocol.frames import (

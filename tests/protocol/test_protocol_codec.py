@@ -9,7 +9,8 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eventstream.core.records import FLAG_V2, payloads
+from eventstream.core.payloads import payload_list as payloads
+from eventstream.core.records import FLAG_V2
 from eventstream.core.topics import TopicTable
 from eventstream.protocol.decoder import FrameDecoder
 from eventstream.protocol.frames import (
