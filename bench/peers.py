@@ -79,9 +79,10 @@ def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 60.
 class Server:
     name = ""
 
-    def __init__(self, cpus: list[int]):
+    def __init__(self, cpus: list[int], subscribe: bool = False):
         self.tmp = tempfile.mkdtemp(prefix=f"peers-{self.name}-")
         self.port = free_port()
+        self.sub_port = free_port() if subscribe else 0
         self.log = open(Path(self.tmp) / "server.log", "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(self.command(), stdout=self.log, stderr=subprocess.STDOUT,
                                      preexec_fn=pinned(cpus), cwd=self.tmp, env=self.env())
@@ -111,7 +112,9 @@ class EventstreamServer(Server):
         return dict(os.environ, PYTHON_GIL="0")
 
     def command(self) -> list[str]:
-        sets = {"server.udp.enabled": "false", "metrics.enabled": "false", "server.subscribe.enabled": "false",
+        sub = {"server.subscribe.enabled": "true", "server.subscribe.port": str(self.sub_port)} if self.sub_port \
+            else {"server.subscribe.enabled": "false"}
+        sets = {"server.udp.enabled": "false", "metrics.enabled": "false", **sub,
                 "storage.fsync": "none", "server.ack": "stored", "logging.level": "warning",
                 "records.payload_bytes": "448"}
         args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
@@ -367,8 +370,18 @@ def main(argv=None) -> None:
     p.add_argument("--server-cpus", default="0", help="CPUs every server is pinned to (default 0)")
     p.add_argument("--client-cpus", default="", help="CPUs of this client (default: the others)")
     p.add_argument("--only", default="eventstream,redis,nats", help="systems to run (default all three)")
+    p.add_argument("--scaling", action="store_true",
+                   help="instead: eventstream alone on 1 CPU and on 2 (the client shares the second), and the ratio")
+    p.add_argument("--consume", action="store_true",
+                   help="instead: a subscriber reading --events stored 64-byte events (batch and single delivery)")
     p.add_argument("--json", action="store_true", help="print one JSON object (facts, rows, ratios)")
     args = p.parse_args(argv)
+    if args.consume:
+        consume(args)
+        return
+    if args.scaling:
+        scaling(args)
+        return
     allowed = sorted(os.sched_getaffinity(0))
     server_cpus = [int(x) for x in args.server_cpus.split(",") if x != ""]
     client_cpus = [int(x) for x in args.client_cpus.split(",") if x != ""] or \
@@ -415,6 +428,84 @@ def main(argv=None) -> None:
     print(format_table(rows, ["system", "pipelined_64B_ev_s", "mixed_ev_s", "mixed_MB_s", "rtt_p50_us", "rtt_p99_us"]))
     print()
     print(format_table(ratios, ["eventstream", "peer", "pipelined_64B", "mixed_MB_s", "rtt_p50"]))
+
+
+def consume(args) -> None:
+    """eventstream alone: store --events 64-byte events (BATCH frames), then read them back with the
+    bundled subscriber (follow=False) with DELIVER_BATCH frames and with one DELIVER per event."""
+    from eventstream.client import subscribe
+
+    allowed = sorted(os.sched_getaffinity(0))
+    server_cpus = [int(x) for x in args.server_cpus.split(",") if x != ""]
+    client = [c for c in allowed if c not in server_cpus] or allowed
+    facts = machine_facts()
+    os.sched_setaffinity(0, client)
+    facts.update(server_cpus=server_cpus, client_cpus=client, load_avg_1m_start=facts.pop("load_avg_1m"))
+    server = EventstreamServer(server_cpus, subscribe=True)
+    rows = []
+    try:
+        throughput(System("eventstream batch", server, "batch", args.batch), np.full(args.events, 64))
+        for batch in (True, False):
+            rates = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                with subscribe("127.0.0.1", server.sub_port, "*", credit=65536, follow=False, batch=batch) as sub:
+                    n = sum(1 for _ in sub)
+                rates.append(n / (time.perf_counter() - t0))
+            rows.append({"delivery": "DELIVER_BATCH" if batch else "DELIVER", "events": n, "read_ev_s": median(rates)})
+    finally:
+        server.stop()
+    facts["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
+    if args.json:
+        print(json.dumps({"facts": facts, "rows": rows}))
+        return
+    print(format_facts(facts))
+    print(format_table(rows, ["delivery", "events", "read_ev_s"]))
+
+
+def scaling(args) -> None:
+    """eventstream on server CPU set [a] and then [a, b]; the client is pinned to b both times (on 2
+    CPUs it shares b with the engine: prebuilt buffers, so it costs little; its share is in the CPU
+    times reported)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        raise SystemExit("--scaling needs 2 allowed CPUs")
+    a, b = allowed[0], allowed[1]
+    facts = machine_facts()
+    os.sched_setaffinity(0, [b])
+    facts.update(client_cpus=[b], load_avg_1m_start=facts.pop("load_avg_1m"))
+    small = np.full(args.events, 64)
+    mixed = payload_sizes(args.mixed_events, 16, 16384)
+    rows = []
+    for cpus in ([a], [a, b]):
+        server = EventstreamServer(cpus)
+        try:
+            for frame in ("single", "batch"):
+                system = System(f"eventstream {frame}", server, frame, args.batch)
+                c0 = os.times()
+                pipe = [throughput(system, small)[0] for _ in range(args.repeats)]
+                mix = [throughput(system, mixed)[1] for _ in range(args.repeats)]
+                c1 = os.times()
+                rows.append({"system": system.name, "server_cpus": ",".join(map(str, cpus)),
+                             "pipelined_64B_ev_s": median(pipe), "mixed_MB_s": median(mix),
+                             "client_cpu_s": round((c1.user - c0.user) + (c1.system - c0.system), 2)})
+                if not args.json:
+                    print(json.dumps(rows[-1]), file=sys.stderr)
+        finally:
+            server.stop()
+    ratios = []
+    for frame in ("single", "batch"):
+        one, two = (r for r in rows if r["system"] == f"eventstream {frame}")
+        ratios.append({"frame": frame, "pipelined_64B_2_vs_1": round(two["pipelined_64B_ev_s"] / one["pipelined_64B_ev_s"], 2),
+                       "mixed_MB_s_2_vs_1": round(two["mixed_MB_s"] / one["mixed_MB_s"], 2)})
+    facts["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
+    if args.json:
+        print(json.dumps({"facts": facts, "rows": rows, "ratios": ratios}))
+        return
+    print(format_facts(facts))
+    print(format_table(rows, ["system", "server_cpus", "pipelined_64B_ev_s", "mixed_MB_s", "client_cpu_s"]))
+    print()
+    print(format_table(ratios, ["frame", "pipelined_64B_2_vs_1", "mixed_MB_s_2_vs_1"]))
 
 
 def ratio_rows(rows: list[dict]) -> list[dict]:
