@@ -103,9 +103,9 @@ class Serve:
         raise SystemExit(f"serve not ready within {timeout} s; see {self.log_path}")
 
     @staticmethod
-    def get(port: int, path: str) -> tuple[int, str]:
+    def get(port: int, path: str, timeout: float = 5.0) -> tuple[int, str]:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as r:
                 return r.status, r.read().decode()
         except urllib.error.HTTPError as e:
             return e.code, ""
@@ -114,7 +114,7 @@ class Serve:
 
     def dedup_entries(self) -> int:
         total = 0.0
-        for line in self.get(self.port, "/metrics")[1].splitlines():
+        for line in self.get(self.port, "/metrics", timeout=60)[1].splitlines():
             if line.startswith(("eventstream_dedup_entries", "dedup_entries")):
                 total += float(line.rsplit(" ", 1)[1])
         return int(total)

@@ -151,8 +151,8 @@ def rebuild(path: Path, tables: dict[str, list[Deduplicator]], topics: TopicTabl
             continue
         fids = c["topic_id"][has]
         # file topic ids -> this run's ids (each file numbers its own topics; interning the names)
-        known = np.unique(fids)
-        remap = np.zeros(int(known.max()) + 1, dtype=np.uint32)
+        known = np.flatnonzero(np.bincount(fids))
+        remap = np.zeros(int(known[-1]) + 1, dtype=np.uint32)
         for fid in known.tolist():
             remap[fid] = topics.intern(part.topics[fid])
         ids_l.append(c["event_id"][has])
@@ -163,42 +163,39 @@ def rebuild(path: Path, tables: dict[str, list[Deduplicator]], topics: TopicTabl
     if not ids_l:
         log.info("dedup_rebuilt", path=str(path), keys=0, window_s=window_s)
         return 0
-    ids, tids, prio = np.concatenate(ids_l), np.concatenate(tids_l), np.concatenate(prio_l)
-    tags = np.concatenate(who_l).astype(np.uint64)
-    tags <<= np.uint64(PRINCIPAL_SHIFT)
-    tags |= tids
-    # a key is committed with the age it has, so it expires when it would have
-    stamps = np.concatenate(wall_l).astype(np.int64)
-    stamps -= wall_now
-    stamps += mono_now_ns
-    np.clip(stamps, 1, mono_now_ns, out=stamps)  # stored "in the future" (the clock stepped back): age 0
-    stamps = stamps.view(np.uint64)
-    # per (tier, partition): the keys of the table that sees them in this run
+    one = len(ids_l) == 1
+    ids, tids, prio, who, wall = (a[0] if one else np.concatenate(a) for a in (ids_l, tids_l, prio_l, who_l, wall_l))
+    del ids_l, tids_l, prio_l, who_l, wall_l
     tier = route[prio]
-    found: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    for t in np.unique(tier).tolist():
-        sel_t = np.flatnonzero(tier == t)
-        n_parts = len(tables[names[t]])
-        if n_parts == 1:
-            found[(t, 0)] = (ids[sel_t], tags[sel_t], stamps[sel_t])
-            continue
-        part_of = tids[sel_t] % n_parts  # the bus's rule: topic id % partitions (engine/bus.py)
-        for p in np.unique(part_of).tolist():
-            sel = sel_t[part_of == p]
-            found[(t, p)] = (ids[sel], tags[sel], stamps[sel])
-    del ids, tids, prio, tags, stamps
+    groups = [(t, p) for t in np.flatnonzero(np.bincount(tier)).tolist() for p in range(len(tables[names[t]]))]
     t_read = time.perf_counter()
 
-    def load(item) -> int:
-        (t, p), (ids, tags, stamps) = item
-        tables[names[t]][p].load(ids, tags, stamps)  # each table has one loader: no sharing
-        return len(ids)
+    def load(group: tuple[int, int]) -> int:
+        """One table's keys, selected, tagged and stamped on the loading thread (the tables are
+        independent: they load on every allowed CPU at once, numpy runs in parallel with the GIL off)."""
+        t, p = group
+        n_parts = len(tables[names[t]])
+        mask = tier == t
+        if n_parts > 1:
+            mask &= tids % n_parts == p  # the bus's rule: topic id % partitions (engine/bus.py)
+        sel = np.flatnonzero(mask)
+        del mask
+        if not len(sel):
+            return 0
+        tags = who[sel].astype(np.uint64)
+        tags <<= np.uint64(PRINCIPAL_SHIFT)
+        tags |= tids[sel]
+        # a key is committed with the age it has, so it expires when it would have
+        stamps = wall[sel].view(np.int64)
+        stamps -= wall_now
+        stamps += mono_now_ns
+        np.clip(stamps, 1, mono_now_ns, out=stamps)  # stored "in the future" (the clock stepped back): age 0
+        tables[names[t]][p].load(ids[sel], tags, stamps.view(np.uint64))  # each table has one loader
+        return len(sel)
 
-    # the tables are independent: load them on every allowed CPU at once (numpy runs in parallel
-    # with the GIL off)
-    workers = max(1, min(len(found), len(os.sched_getaffinity(0))))
+    workers = max(1, min(len(groups), len(os.sched_getaffinity(0))))
     with ThreadPoolExecutor(workers, thread_name_prefix="es-dedup-load") as pool:
-        done = sum(pool.map(load, found.items()))
+        done = sum(pool.map(load, groups))
     log.info("dedup_rebuilt", path=str(path), keys=done, window_s=window_s, read_s=round(t_read - t0, 3),
-             load_s=round(time.perf_counter() - t_read, 3), tables=len(found))
+             load_s=round(time.perf_counter() - t_read, 3), tables=len(groups))
     return done
