@@ -42,9 +42,12 @@ class IdTable:
         self.own = arena is None
         self.arena = arena if arena is not None else Arena(buckets * BYTES_PER_BUCKET + 256, node,
                                                            name="dedup.table", huge_pages=True)
-        self.ids = self.arena.array(buckets, np.uint64)
-        self.stamps = self.arena.array(buckets, np.uint64)
-        self.tags = self.arena.array(buckets, np.uint64)
+        # a private arena is fresh memory, zero already: not written now, so a table of millions of
+        # slots costs no pass over its memory before the first insert (pages come in as it fills)
+        fresh = {"zero": False} if self.own else {}
+        self.ids = self.arena.array(buckets, np.uint64, **fresh)
+        self.stamps = self.arena.array(buckets, np.uint64, **fresh)
+        self.tags = self.arena.array(buckets, np.uint64, **fresh)
 
     def mix(self, ids: np.ndarray, tags: np.ndarray) -> np.ndarray:
         """The seeded 64-bit hash of each pair; its top `bits` bits are the home slot."""
