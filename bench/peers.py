@@ -44,9 +44,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from harness import format_facts, format_table, machine_facts  # noqa: E402
-
 import numpy as np  # noqa: E402
+from harness import format_facts, format_table, machine_facts  # noqa: E402
 
 from eventstream.protocol.frames import KIND_ACK, encode_batch_columns, encode_v2, split_control_frames  # noqa: E402
 
@@ -322,7 +321,7 @@ def throughput(system: System, sizes: np.ndarray, chunk: int = 1000, window: int
     try:
         t0 = time.perf_counter()
         sent = 0
-        for part, a in zip(parts, range(0, len(sizes), chunk)):
+        for part, a in zip(parts, range(0, len(sizes), chunk), strict=True):
             if sent - window > 0:
                 c.wait(sent - window)
             c.sock.sendall(part)
@@ -402,7 +401,8 @@ def main(argv=None) -> None:
             if name == "nats":
                 nats_setup(server.port)
             variants = [System(f"{name}", server)] if name != "eventstream" else [
-                System("eventstream single", server, "single"), System("eventstream batch", server, "batch", args.batch)]
+                System("eventstream single", server, "single"),
+                System("eventstream batch", server, "batch", args.batch)]
             for system in variants:
                 row = {"system": system.name}
                 pipe = [throughput(system, small)[0] for _ in range(args.repeats)]
@@ -496,7 +496,8 @@ def scaling(args) -> None:
     ratios = []
     for frame in ("single", "batch"):
         one, two = (r for r in rows if r["system"] == f"eventstream {frame}")
-        ratios.append({"frame": frame, "pipelined_64B_2_vs_1": round(two["pipelined_64B_ev_s"] / one["pipelined_64B_ev_s"], 2),
+        ratios.append({"frame": frame,
+                       "pipelined_64B_2_vs_1": round(two["pipelined_64B_ev_s"] / one["pipelined_64B_ev_s"], 2),
                        "mixed_MB_s_2_vs_1": round(two["mixed_MB_s"] / one["mixed_MB_s"], 2)})
     facts["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
     if args.json:

@@ -3,8 +3,9 @@
 Each connection is one thread with its own TcpClient (or UdpSender). Priorities follow a weighted mix
 and payload sizes a uniform draw from --payload-bytes (both seeded, so runs are repeatable). Every
 --batch events are handed to the client at once: with --frame batch (the default) they leave as
-BATCH frames of up to --batch-bytes, with --frame single as one v2 frame each. ACK latency is measured per event from the flush that sent it to the
-ACK that resolved it. Progress goes to stderr (tqdm when installed).
+BATCH frames of up to --batch-bytes, with --frame single as one v2 frame each. ACK latency is
+measured per event from the flush that sent it to the ACK that resolved it. Progress goes to stderr
+(tqdm when installed).
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ def run_load(host: str, port: int, *, events: int, connections: int, rate: float
             t0 = time.monotonic()
             for a in range(0, len(mix), batch):
                 chunk = [(topic, payloads[n] if payloads is not None else pattern[:n], pr)
-                         for pr, n in zip(mix[a:a + batch], sizes[a:a + batch])]
+                         for pr, n in zip(mix[a:a + batch], sizes[a:a + batch], strict=True)]
                 if udp:
                     for ev in chunk:
                         client.queue(*ev)

@@ -97,7 +97,8 @@ class AsyncSender:
         else:
             t = topic.encode("utf-8") if isinstance(topic, str) else bytes(topic)
             if not 1 <= len(t) <= MAX_TOPIC_BYTES:
-                raise EncodeError(f"topic of {len(t)} bytes is not allowed; allowed: 1..{MAX_TOPIC_BYTES} bytes of UTF-8")
+                raise EncodeError(f"topic of {len(t)} bytes is not allowed; allowed: 1..{MAX_TOPIC_BYTES} "
+                                  "bytes of UTF-8")
             if not isinstance(priority, int) or not 0 <= priority <= MAX_PRIORITY:
                 raise EncodeError(f"priority {priority!r} is not allowed; allowed: 0..{MAX_PRIORITY}")
             p = _Pending(eid, None, t, bytes(payload), priority, timestamp_ns)

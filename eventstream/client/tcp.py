@@ -32,16 +32,27 @@ call; the waits happen outside the lock (select on the socket). A TLS connection
 from __future__ import annotations
 
 import collections
-import select
 import secrets
+import select
 import socket
 import ssl
 import threading
 import time
 
 from eventstream.protocol.frames import (
-    BATCH_RECORD_BYTES, KIND_ACK, KIND_NACK, LENGTH_BYTES, MAX_PRIORITY, MAX_TOPIC_BYTES, V2_HEADER_BYTES, EncodeError,
-    encode_batch_columns, encode_hello, encode_v1, encode_v2, split_control_frames,
+    BATCH_RECORD_BYTES,
+    KIND_ACK,
+    KIND_NACK,
+    LENGTH_BYTES,
+    MAX_PRIORITY,
+    MAX_TOPIC_BYTES,
+    V2_HEADER_BYTES,
+    EncodeError,
+    encode_batch_columns,
+    encode_hello,
+    encode_v1,
+    encode_v2,
+    split_control_frames,
 )
 
 FRAMES = ("batch", "single")

@@ -652,7 +652,8 @@ def _describe(dec, arr, j, index, code, rec, v2, kind, tstart, tlen, plen, lengt
         reason = f"topic_len {tl} is not allowed; allowed: 1..{MAX_TOPIC_BYTES}"
     elif code == _E_KIND:
         k = int(kind[j])
-        reason = f"frame kind {k} ({KIND_NAMES.get(k, 'unknown')}) is not allowed from a client; allowed: 1 (EVENT), 11 (BATCH)"
+        reason = (f"frame kind {k} ({KIND_NAMES.get(k, 'unknown')}) is not allowed from a client; "
+                  "allowed: 1 (EVENT), 11 (BATCH)")
     elif code == _E_PRIORITY:
         reason = f"priority {prio} is not allowed; allowed: 0..{MAX_PRIORITY}"
     elif code == _E_TOO_LARGE:

@@ -223,7 +223,7 @@ def parse_deliver_batch(f: Frame) -> list[Delivered]:
     starts = [start, *ends[:-1]]
     return [Delivered(o, names[t], p[a:b], e, pr, pt, sn) for o, t, a, b, e, pr, pt, sn in zip(
         rows["offset"].tolist(), rows["topic"].tolist(), starts, ends, rows["event_id"].tolist(),
-        rows["priority"].tolist(), rows["producer_ts"].tolist(), rows["stored_ns"].tolist())]
+        rows["priority"].tolist(), rows["producer_ts"].tolist(), rows["stored_ns"].tolist(), strict=True)]
 
 
 # ------------------------------------------------------------------------------------ decoding

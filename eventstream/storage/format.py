@@ -137,7 +137,7 @@ def header_magic_damaged(data: bytes) -> bool:
     if len(data) < FILE_HEADER_BYTES:
         return False
     magic, version, payload_bytes, entry_header, _, _ = FILE_HEADER.unpack_from(data)
-    differ = sum(a != b for a, b in zip(magic, FILE_MAGIC))
+    differ = sum(a != b for a, b in zip(magic, FILE_MAGIC, strict=True))
     return (0 < differ <= 2 and version in READABLE_VERSIONS and entry_header == ENTRY_HEADER_BYTES
             and payload_bytes <= rec.MAX_PAYLOAD_BYTES)
 
