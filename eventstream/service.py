@@ -24,10 +24,12 @@ from eventstream.errors import StartupError
 from eventstream.ingest import tls as tlsmod
 from eventstream.ingest.auth import TokenError, TokenSet
 from eventstream.ingest.limits import CLOSE_REASONS
+from eventstream.ingest.tenants import Tenants
 from eventstream.ingest.tcp import TcpServer
 from eventstream.ingest.tls import TlsConfigError
 from eventstream.ingest.udp import UdpServer
-from eventstream.metrics.engine_gauges import register_failures, register_subscribe, register_tcp_limits
+from eventstream.metrics.engine_gauges import (register_failures, register_subscribe, register_tcp_limits,
+                                               register_tenants, register_udp)
 from eventstream.metrics.registry import MetricsRegistry
 from eventstream.runtime import gil
 
@@ -46,6 +48,7 @@ class Service:
         self.engine = Engine(cfg, self.metrics, handlers=handlers, allow_gil=self.allow_gil)
         self.tcp = self.udp = self.control = self.exporter = self.backpressure = None
         self.connectors = self.subscribe = self.flows = None  # None when disabled
+        self.tenants = Tenants(cfg.server.tenants)  # bounds per principal or address (TCP, subscribe)
         self._closers: list = []  # edges stopped after the processors, in reverse order
 
     def start(self) -> Service:
@@ -64,11 +67,12 @@ class Service:
             data = engine.data
             self.connectors = connectors.build(cfg, engine)
             sub = self.subscribe = _refused(subscribe.build, cfg, data, engine.dtype, tokens=tokens, tls=tls,
-                                            stored=engine.stored)
+                                            stored=engine.stored, tenants=self.tenants)
             if sub is not None:  # retention asks the named groups
                 engine.event_log.unread_by, engine.event_log.keep_unread = sub.unread_by, cfg.storage.retention_respects_groups
             engine.start()
             register_failures(self.metrics, self.failures)
+            register_tenants(self.metrics, self.tenants)
             if self.connectors is not None:
                 self.connectors.start()
             self.flows = _refused(start_flows, engine, data, self.flow_defs)
@@ -100,7 +104,7 @@ class Service:
             self.tcp = TcpServer(cfg.server.tcp, engine, engine.topics, on_reject=engine.reject, cpus=aff.acceptor,
                                  reader_cpus=aff.ingest, payload_bytes=pb, ack_default=ACK_MODES[cfg.server.ack],
                                  tokens=tokens, on_acked=lambda lat: self.metrics.observe_stage("acked", lat),
-                                 payloads=engine.payloads, tls=tls)
+                                 payloads=engine.payloads, tls=tls, tenants=self.tenants)
             self._start_server(self.tcp, "server.tcp")
             engine.stored.follow(self.tcp.progress)
             register_tcp_limits(self.metrics, self.tcp, CLOSE_REASONS)
@@ -108,6 +112,7 @@ class Service:
             self.udp = UdpServer(cfg.server.udp, engine, engine.topics, on_reject=engine.reject, cpus=aff.udp,
                                  payload_bytes=pb, payloads=engine.payloads)
             self._start_server(self.udp, "server.udp")
+            register_udp(self.metrics, self.udp)
 
     def _start_exporter(self, tls, tokens) -> None:
         m = self.cfg.metrics

@@ -8,6 +8,12 @@ abusers sent was stored unless it was a valid event (topic floods, valid UDP fra
 should have acted did (its counter on /metrics), and the server drains and exits 0 on SIGTERM.
 Abusers bind 127.0.0.3 as their source address, the good client connects from 127.0.0.1: per-IP
 limits must shut out the abuser, not its neighbours.
+
+The second half (issue 22 item 5) runs each attack FIRST and lets the good client arrive after it,
+from another address and from the same one (there the two are different principals): a topic flood
+(also across a restart), slow senders filling the connection table, subscriber slots taken by
+finished and by never-finished handshakes, one tenant's events/s over many connections, a UDP flood
+from one source. The good client must get every event through.
 """
 
 from __future__ import annotations
@@ -24,11 +30,14 @@ from pathlib import Path
 
 import pytest
 
-from stress_helpers import FACTOR, scaled, wait_until
+from stress_helpers import FACTOR, scaled, service_config, wait_until
 from verify import Store, event_id, payload
 
-from eventstream.client import TcpClient
+from eventstream.client import TcpClient, subscribe
 from eventstream.config import _ENV_NOT_CONFIG
+from eventstream.protocol import subscribe as sp
+from eventstream.protocol.frames import encode_hello, encode_v2
+from eventstream.service import Service
 
 HERE = Path(__file__).resolve().parent
 ABUSE_S = 2.5 if FACTOR < 1 else 8.0  # long enough for the 1 s frame timeout to act several times
@@ -180,3 +189,216 @@ def test_abuse_keeps_the_server_healthy_and_the_good_client_whole(tmp_path, tall
         assert not others, f"abuse traffic was stored under {sorted(others)[:5]}"
     tally.add(moved=n_good, lost=lost, abusers=n_abusers, abuse_bytes=sum(r["bytes"] for r in reports),
               dlq_lines=store.dlq_total)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Issue 22 item 5: every attack first, the good client AFTER it, from another address and from the
+# same one (there told apart by principals: a tenant is a principal, else an address). In-process
+# services (real sockets, threads), bounded waits on the server's own counters, no sleeps as sync.
+
+GOOD_TOKEN, EVIL_TOKEN = "alice-token-5b1d", "mallory-token-93e0"
+ADDRESSES = {"other_address": ABUSER_IP, "same_address": "127.0.0.1"}
+
+
+def raw(port: int, source: str):
+    import socket
+
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.bind((source, 0))
+    s.connect(("127.0.0.1", port))
+    return s
+
+
+def tenant_config(tmp_path: Path, where: str, **extra):
+    """Same address: alice and mallory are principals (tenants told apart by their tokens)."""
+    over = {"server.udp.enabled": False, **extra}
+    if where == "same_address":
+        for name, tok in (("alice", GOOD_TOKEN), ("mallory", EVIL_TOKEN)):
+            (tmp_path / f"{name}.token").write_text(tok)
+        over["server.auth.principals"] = [
+            {"name": n, "token_file": str(tmp_path / f"{n}.token"), "produce": ["*"], "consume": ["*"]}
+            for n in ("alice", "mallory")]
+    return service_config(tmp_path / "data", **over)
+
+
+def hello(where: str, token: str) -> bytes:
+    return encode_hello(token) if where == "same_address" else b""
+
+
+def good_client(svc, where: str, topics: list[str], n: int) -> TcpClient:
+    """The good client arrives: n events over `topics`, every one ACKed, none NACKed."""
+    c = TcpClient("127.0.0.1", svc.tcp.address[1], token=GOOD_TOKEN if where == "same_address" else None,
+                  timeout=60).connect()
+    for i in range(n):
+        c.send(topics[i % len(topics)], payload(i), event_id=event_id(7, i))
+    assert c.wait_acked(60), f"{c.unacknowledged} good events unacknowledged"
+    c.close()
+    assert c.acked == n and not c.nacks, f"good client: {c.acked} of {n} ACKed, NACKs {c.nacks[:3]}"
+    return c
+
+
+@pytest.mark.parametrize("where", list(ADDRESSES))
+def test_topic_flood_first_then_a_new_tenant_still_gets_new_topics_also_after_a_restart(tmp_path, tally, where):
+    cfg = tenant_config(tmp_path, where, **{"server.max_topics": 400, "server.tenants.max_new_topics": 100})
+    svc = Service(cfg).start()
+    try:
+        s = raw(svc.tcp.address[1], ADDRESSES[where])
+        s.sendall(hello(where, EVIL_TOKEN) + b"".join(encode_v2(f"flood.{i}", b"t", 2, i + 1) for i in range(1000)))
+        wait_until(lambda: svc.tenants.refused["topics"] >= 900, 30, "the flood to hit its tenant's quota")
+        s.close()
+        assert len(svc.topics) == 100  # one tenant could not fill the table for the others
+        good_client(svc, where, [f"good.{k}" for k in range(20)], scaled(2000, 200))
+    finally:
+        svc.stop()
+    svc = Service(cfg).start()  # the table is rebuilt from the log; the tenants' counts are not
+    try:
+        c = good_client(svc, where, [f"after.{k}" for k in range(20)], 100)
+        s = raw(svc.tcp.address[1], ADDRESSES[where])  # nor is the attacker itself locked out for good
+        s.sendall(hello(where, EVIL_TOKEN) + encode_v2("flood.new", b"t", 2, 5000))
+        wait_until(lambda: "flood.new" in {svc.topics.name(i) for i in range(1, len(svc.topics) + 1)}, 30,
+                   "a new topic of the attacker after the restart")
+        s.close()
+    finally:
+        svc.stop()
+    tally.add(moved=c.acked, lost=0)
+
+
+@pytest.mark.parametrize("where", list(ADDRESSES))
+def test_slow_senders_fill_the_connection_table_first_then_the_idlest_make_room(tmp_path, tally, where):
+    cfg = tenant_config(tmp_path, where, **{"server.tcp.max_connections": 20, "server.tcp.evict_idle_s": 0.0,
+                                            "server.tcp.max_connections_per_ip": 64})
+    svc = Service(cfg).start()
+    socks = []
+    try:
+        for i in range(20):  # valid but slow: one event each, then nothing
+            s = raw(svc.tcp.address[1], ADDRESSES[where])
+            s.sendall(hello(where, EVIL_TOKEN) + encode_v2("slow", b"s", 2, i + 1))
+            socks.append(s)
+        wait_until(lambda: svc.tcp.statistics()["frames_accepted"] == 20, 30, "the 20 slow events")
+        wait_until(lambda: svc.tcp.statistics()["connections_open"] == 20, 30, "20 open connections")
+        c = good_client(svc, where, ["good"], scaled(3000, 300))
+        assert svc.tcp.statistics()["connections_limited"].get("evicted_idle", 0) >= 1
+        assert svc.tcp.statistics()["connections_open"] <= 20
+    finally:
+        for s in socks:
+            s.close()
+        svc.stop()
+    tally.add(moved=c.acked, lost=0)
+
+
+@pytest.mark.parametrize("where", list(ADDRESSES))
+def test_subscriber_slots_taken_first_then_a_new_subscriber_is_served(tmp_path, tally, where):
+    import psutil
+
+    cfg = tenant_config(tmp_path, where, **{"server.subscribe.max_subscribers": 8,
+                                            "server.tenants.max_subscribers": 4})
+    svc = Service(cfg).start()
+    proc = psutil.Process()
+    base = proc.num_threads()
+    port = svc.subscribe.address[1]
+    socks = []
+    try:
+        good_client(svc, where, ["feed"], 50)
+        # the attacker: 4 finished subscriptions (its tenant's share; a 5th is refused), then 30
+        # connections that never finish their handshake (a SUBSCRIBE trickled one byte at a time)
+        first = hello(where, EVIL_TOKEN) + sp.encode_subscribe("feed", credit=1)
+        for _ in range(4):
+            s = raw(port, ADDRESSES[where])
+            s.sendall(first)
+            socks.append(s)
+        wait_until(lambda: svc.subscribe.sessions_by_kind()["solo"] == 4, 30, "4 attacker subscriptions")
+        over = raw(port, ADDRESSES[where])
+        over.sendall(first)
+        assert b"server.tenants.max_subscribers=4" in over.recv(4096)
+        over.close()
+        first = hello(where, EVIL_TOKEN) + sp.encode_subscribe("feed")
+        for _ in range(30):
+            s = raw(port, ADDRESSES[where])
+            s.sendall(first[:1])
+            socks.append(s)
+        wait_until(lambda: svc.subscribe.statistics()["accepted"] >= 35, 30, "the trickling connections")
+        threads = proc.num_threads()
+        assert threads <= base + 2 * 8 + 4, f"{threads} threads (before: {base}) with 35 attacker connections"
+        # the good subscriber arrives last and reads everything
+        with subscribe("127.0.0.1", port, "feed", token=GOOD_TOKEN if where == "same_address" else None,
+                       follow=False) as s:
+            got = list(s)
+        assert len(got) == 50
+        assert svc.subscribe.statistics()["evicted"] >= 1
+    finally:
+        for s in socks:
+            s.close()
+        svc.stop()
+    tally.add(moved=len(got), lost=50 - len(got))
+
+
+@pytest.mark.parametrize("where", list(ADDRESSES))
+def test_a_tenants_events_per_s_hold_across_its_connections_and_a_later_client_gets_through(tmp_path, tally,
+                                                                                             where):
+    import threading
+
+    cfg = tenant_config(tmp_path, where, **{"server.tenants.max_events_per_s": 2000.0})
+    svc = Service(cfg).start()
+    stop = threading.Event()
+    socks = [raw(svc.tcp.address[1], ADDRESSES[where]) for _ in range(8)]
+    frames = b"".join(encode_v2("blast", b"b", 2, 0) for _ in range(500))
+
+    def blast(s):
+        try:
+            s.sendall(hello(where, EVIL_TOKEN))
+            while not stop.is_set():
+                s.sendall(frames)
+        except OSError:
+            pass
+
+    threads = [threading.Thread(target=blast, args=(s,), daemon=True) for s in socks]
+    try:
+        for t in threads:
+            t.start()
+        wait_until(lambda: svc.tenants.throttled > 0, 30, "the attacker's tenant to be throttled")
+        t0 = time.monotonic()
+        before = svc.tcp.statistics()["frames_accepted"]
+        n = scaled(3000, 300)
+        c = good_client(svc, where, ["good"], n)  # its own tenant: its own budget
+        elapsed = time.monotonic() - t0
+        attacker = svc.tcp.statistics()["frames_accepted"] - before - n
+        # 8 connections, one budget: at most its rate over the time, plus one read per connection
+        assert attacker <= 2000 * elapsed + 8 * 6600 + 200, (attacker, elapsed)
+    finally:
+        stop.set()
+        for s in socks:
+            s.close()
+        for t in threads:
+            t.join(10)
+        svc.stop()
+    tally.add(moved=c.acked, lost=0)
+
+
+def test_udp_flood_is_limited_per_source_and_exported(tmp_path, tally):
+    import socket
+
+    cfg = service_config(tmp_path / "data", **{"server.udp.max_datagrams_per_s_per_source": 200.0})
+    svc = Service(cfg).start()
+    try:
+        flood = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        flood.bind((ABUSER_IP, 0))
+        for i in range(3000):
+            flood.sendto(b"\xff" + bytes(200), svc.udp.address)  # garbage: never a frame
+        flood.close()
+        wait_until(lambda: svc.udp.stats.datagrams + svc.udp.kernel_drops() >= 3000, 30, "the flood read")
+        st = svc.udp.statistics()
+        assert st["datagrams_rate_limited"] >= 2000 and st["datagrams_bad"] >= 1
+        assert st["datagrams_bad"] + st["datagrams_rate_limited"] + st["kernel_drops"] == 3000
+        good = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # arrives after, from 127.0.0.1: its own
+        for i in range(15):  # budget (a burst of 20 at 200/s) is untouched by the flood
+            good.sendto(encode_v2("udp.good", payload(i), 2, event_id(9, i)), svc.udp.address)
+        good.close()
+        wait_until(lambda: svc.metrics.processed_total() >= 15, 30, "the good datagrams")
+        assert svc.udp.statistics()["datagrams_rate_limited"] == st["datagrams_rate_limited"]
+        text = svc.metrics.render().decode()
+        for name in ("udp_datagrams_bad_total", "udp_kernel_drops_total", "udp_datagrams_rate_limited_total"):
+            assert name in text
+    finally:
+        svc.stop()
+    tally.add(moved=15, lost=0)

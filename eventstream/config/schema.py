@@ -85,6 +85,9 @@ class TcpConfig:
     # rejected frames per connection and second written to the DLQ one by one; past it they are
     # counted and summarised in one line, and a connection sending nothing valid is closed
     max_rejects_per_s: int = field(default=100, metadata={"range": (1, 1_000_000_000)})
+    # at max_connections a new connection is still accepted when some connection has sent nothing for
+    # this long: the idlest one is closed to make room (else the newcomer is refused)
+    evict_idle_s: float = field(default=1.0, metadata={"range": (0.0, 86400.0)})
 
 
 @dataclass
@@ -98,6 +101,11 @@ class UdpConfig:
     # rejected frames per second (whole socket) written to the DLQ one by one; the rest are counted
     # and summarised in one line per second
     max_rejects_per_s: int = field(default=1000, metadata={"range": (1, 1_000_000_000)})
+    # datagrams per second from one source address (0 = no bound): past it that source's datagrams
+    # are discarded before decoding (counted: udp_datagrams_rate_limited_total), so one flooding
+    # sender cannot take the reader from the others; sources tracked at once (oldest forgotten)
+    max_datagrams_per_s_per_source: float = field(default=0.0, metadata={"range": (0.0, 1e9)})
+    max_sources: int = field(default=65536, metadata={"range": (16, 1 << 24)})
 
 
 @dataclass
@@ -113,6 +121,22 @@ class SubscribeConfig:
     max_credit: int = field(default=65536, metadata={"range": (1, 1 << 30)})  # outstanding credit per subscriber
     handshake_timeout_s: float = field(default=10.0, metadata={"range": (0.0, 3600.0)})  # HELLO/SUBSCRIBE within
     group_dir: str = ""  # committed group offsets and the segment index; "" = <storage.data_dir>/subscribe
+
+
+@dataclass
+class TenantsConfig:
+    """Bounds per tenant: a named principal (server.auth.principals), else a client IP address
+    (eventstream/ingest/tenants.py). None survives a restart."""
+
+    # topics one tenant may name first (new to the server) since start; known topics are always allowed
+    max_new_topics: int = field(default=4096, metadata={"range": (0, 16_000_000)})  # 0 = no bound
+    # TCP connections of one principal (an address: server.tcp.max_connections_per_ip)
+    max_connections: int = field(default=256, metadata={"range": (0, 1_000_000)})  # 0 = no bound
+    # subscriber connections of one principal or address (all: server.subscribe.max_subscribers)
+    max_subscribers: int = field(default=16, metadata={"range": (0, 100_000)})  # 0 = no bound
+    # events per second over all of one tenant's TCP connections (0 = no bound); past it its
+    # connections are not read until the budget refills (flow control, nothing dropped)
+    max_events_per_s: float = field(default=0.0, metadata={"range": (0.0, 1e12)})
 
 
 @dataclass
@@ -133,6 +157,7 @@ class ServerConfig:
     tcp: TcpConfig = field(default_factory=TcpConfig)
     udp: UdpConfig = field(default_factory=UdpConfig)
     subscribe: SubscribeConfig = field(default_factory=SubscribeConfig)
+    tenants: TenantsConfig = field(default_factory=TenantsConfig)
 
 
 @dataclass

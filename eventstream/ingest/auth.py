@@ -16,7 +16,7 @@ value is read from the environment or a file at start and never logged or shown:
 variable or file, not the value. Ids: 0 is SHARED, principals are 1.. in configuration order (the small
 integer the engine sees, see Principal.id).
 
-Produce: ProduceGate stands in for the topic table of a restricted connection's decoder. The decoder
+Produce: tenants.TopicGate stands in for the topic table of a connection's decoder. The decoder
 interns each new topic once per connection (protocol/decoder.py caches the id); the gate refuses a
 topic outside the principal's globs by raising Forbidden, which the decoder turns into a rejected
 frame (class "forbidden") whose NACK reason names the principal and the topic. So a refused topic is
@@ -106,37 +106,6 @@ class Forbidden(TopicLimitError):
     def __init__(self, reason: str):
         self.limit = 0
         OverflowError.__init__(self, reason)
-
-
-class ProduceGate:
-    """The topic table as a restricted principal's connection sees it (see the module doc)."""
-
-    __slots__ = ("table", "principal")
-
-    def __init__(self, table, principal: Principal):
-        self.table, self.principal = table, principal
-
-    def intern(self, name: bytes | str) -> int:
-        text = name.decode("utf-8") if isinstance(name, (bytes, bytearray, memoryview)) else name
-        if not self.principal.may_produce(text):
-            raise Forbidden(self.principal.refuse_produce(text))
-        return self.table.intern(name)
-
-    def __getattr__(self, attr):  # name(), names(), limit, ... of the real table
-        return getattr(self.table, attr)
-
-
-def authorize(conn, principal: Principal | None, table) -> None:
-    """A connection's HELLO was accepted: remember its principal (conn.principal, conn.principal_id;
-    the decoder's principal_id too) and, for a restricted one, put the ProduceGate between its
-    decoder and the topic table."""
-    conn.principal = principal
-    conn.principal_id = 0 if principal is None else principal.id
-    dec = conn.decoder
-    dec.principal_id = conn.principal_id
-    dec.principal_key = 0 if principal is None else principal.key
-    if principal is not None and not principal.unrestricted:
-        dec.topics = ProduceGate(table, principal)
 
 
 def _principal_token(p, i: int) -> bytes:

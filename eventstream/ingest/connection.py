@@ -31,7 +31,7 @@ class Connection:
     __slots__ = ("sock", "conn_id", "peer", "decoder", "v2", "accepted", "acked", "chunks", "held", "held_idx",
                  "open_marks", "open_nacks", "open_ts", "blocked", "outbox", "last_active", "tokens", "resume_at", "reading", "closing",
                  "closed", "partial", "partial_since", "preamble", "handshaking", "meter",
-                 "linger_until", "principal", "principal_id")
+                 "linger_until", "principal", "principal_id", "tenant")
 
     def __init__(self, sock: socket.socket, conn_id: int, peer, decoder: FrameDecoder, now: float, burst: float):
         self.sock = sock
@@ -63,6 +63,7 @@ class Connection:
         self.linger_until = 0.0  # refused: its reads are discarded until EOF or this time, then closed
         self.principal = None  # auth.Principal once its HELLO was accepted (None: no tokens configured)
         self.principal_id = 0  # its small integer (0: shared token or none; auth.py)
+        self.tenant = None  # tenants.Tenant once admitted (its connection is counted there)
 
     # ------------------------------------------------------------ ACK bookkeeping (no socket: testable alone)
     def end_chunk(self) -> bool:

@@ -35,7 +35,11 @@ REASON_FRAME_TIMEOUT = "frame_timeout"
 REASON_PARTIAL_BYTES = "max_partial_bytes"
 REASON_TOO_MANY_REJECTS = "too_many_rejects"
 REASON_AUTH = "auth"
-CLOSE_REASONS = (REASON_PER_IP, REASON_FRAME_TIMEOUT, REASON_PARTIAL_BYTES, REASON_TOO_MANY_REJECTS, REASON_AUTH)
+REASON_TENANT = "tenant"  # a principal over server.tenants.max_connections (ingest/tenants.py)
+REASON_EVICTED = "evicted_idle"  # max_connections reached: the idlest connection made room for a new one
+REASON_MAX_CONNECTIONS = "max_connections"  # refused: the table is full and no connection was idle enough
+CLOSE_REASONS = (REASON_PER_IP, REASON_FRAME_TIMEOUT, REASON_PARTIAL_BYTES, REASON_TOO_MANY_REJECTS, REASON_AUTH,
+                 REASON_TENANT, REASON_EVICTED, REASON_MAX_CONNECTIONS)
 
 
 class PeerLimit:

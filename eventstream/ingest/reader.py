@@ -49,12 +49,13 @@ import structlog
 from eventstream.core.payloads import release_records
 from eventstream.core.records import ACK_ACCEPTED, ACK_STORED, FLAG_ACK_MASK, FLAG_ACK_SHIFT
 from eventstream.core.topics import TopicTable
-from eventstream.ingest.auth import TokenSet, authorize
+from eventstream.ingest.auth import TokenSet
 from eventstream.ingest.connection import Connection, peer_ip
 from eventstream.ingest.delivery import Delivery, IngestStats
-from eventstream.ingest.limits import (REASON_AUTH, REASON_FRAME_TIMEOUT, REASON_PARTIAL_BYTES,
-                                       REASON_TOO_MANY_REJECTS, PartialBudget, PeerLimit, RejectMeter)
+from eventstream.ingest.limits import (REASON_AUTH, REASON_EVICTED, REASON_FRAME_TIMEOUT, REASON_PARTIAL_BYTES,
+                                       REASON_TENANT, REASON_TOO_MANY_REJECTS, PartialBudget, PeerLimit, RejectMeter)
 from eventstream.ingest.preamble import Preamble
+from eventstream.ingest.tenants import Tenants, admit
 from eventstream.ingest.tls import handshake_step
 from eventstream.protocol.decoder import FrameDecoder
 from eventstream.protocol.frames import encode_nack, encode_nacks
@@ -84,7 +85,7 @@ class Reader(threading.Thread):
                  admission, cpus, payload_bytes: int, ack_default: int = ACK_STORED, *,
                  peer_limit: PeerLimit | None = None, budget: PartialBudget | None = None,
                  tokens: TokenSet | None = None, tls: ssl.SSLContext | None = None, on_acked=None,
-                 payloads=None):
+                 payloads=None, tenants: Tenants | None = None):
         super().__init__(name=f"es-tcp-reader-{n}", daemon=True)
         self.config = config
         self.topics = topics
@@ -121,6 +122,8 @@ class Reader(threading.Thread):
         self.evictions: collections.deque = collections.deque()  # conn ids other readers want closed
         self.finished = False  # the loop ended: nothing handed over from now on is served
         self.tokens = tokens
+        self.tenants = tenants if tenants is not None else Tenants.unbounded()
+        self.idle_evictions: collections.deque = collections.deque()  # conn ids the acceptor wants closed
         self.tls = tls
         self.tls_pending: set[Connection] = set()  # TLS connections with decrypted bytes not read yet
 
@@ -156,6 +159,12 @@ class Reader(threading.Thread):
         """Another reader found our connection `conn_id` holding the largest partial frame while the
         server is over max_partial_bytes: close it (if still so) from our own thread."""
         self.evictions.append(conn_id)
+        self.wake()
+
+    def evict_idle(self, conn_id: int) -> None:
+        """The server is at max_connections and our connection `conn_id` is the idlest: close it (if
+        still idle) from our own thread to make room for a new one."""
+        self.idle_evictions.append(conn_id)
         self.wake()
 
     def nudge(self) -> None:
@@ -240,6 +249,11 @@ class Reader(threading.Thread):
             pass
         if self.incoming:
             self._accept_incoming()
+        while self.idle_evictions:
+            c = self.conns.get(self.idle_evictions.popleft())
+            if c is not None and not c.closed and not c.busy:
+                self._close_limited(c, REASON_EVICTED, idle_s=round(time.monotonic() - c.last_active, 3),
+                                    max_connections=self.config.max_connections)
         while self.evictions:
             c = self.conns.get(self.evictions.popleft())
             if c is not None and c.partial and self.budget is not None and self.budget.over():
@@ -324,7 +338,10 @@ class Reader(threading.Thread):
                 return
             if rest is None:
                 return
-            authorize(c, c.preamble.principal, self.topics)
+            refusal = admit(c, c.preamble.principal, peer_ip(c.peer), self.tenants)
+            if refusal:
+                self._refuse(c, refusal, REASON_TENANT)
+                return
             c.preamble = None
             c.partial_since = now
             data = memoryview(rest)
@@ -389,6 +406,12 @@ class Reader(threading.Thread):
                 c.resume_at = time.monotonic() + (-c.tokens) / self._rate
                 self.throttled.add(c)
                 self._interest(c, False)
+        if self.tenants.rate and c.tenant is not None and len(records):
+            wait = self.tenants.take(c.tenant, len(records), now)  # events/s over all the tenant's connections
+            if wait > 0:
+                c.resume_at = max(c.resume_at, now + wait)
+                self.throttled.add(c)
+                self._interest(c, False)
 
     def _close(self, c: Connection, why: str, quiet: bool = False, **kw) -> None:
         if c.closed:
@@ -405,6 +428,9 @@ class Reader(threading.Thread):
             c.partial = 0
         if self.peer_limit is not None:
             self.peer_limit.release(peer_ip(c.peer))
+        if c.tenant is not None:
+            self.tenants.disconnect(c.tenant)
+            c.tenant = None
         self.awaiting.discard(c)
         self.stalled.discard(c)
         self.throttled.discard(c)
@@ -631,12 +657,12 @@ class Reader(threading.Thread):
         if c.sock.pending():
             self.tls_pending.add(c)
 
-    def _refuse(self, c: Connection, reason: str) -> None:
+    def _refuse(self, c: Connection, reason: str, counted: str = REASON_AUTH) -> None:
         """Refuse a connection before its events: NACK of frame 0 (the HELLO), half-close, then
         discard what it still sends until it closes (at most LINGER_S): closing with unread bytes
         would send a reset, and a reset can destroy the NACK before the client reads it."""
-        self.stats.limit_closes[REASON_AUTH] += 1
-        log.warning("connection_limited", conn_id=c.conn_id, peer=str(c.peer), reason=REASON_AUTH, why=reason)
+        self.stats.limit_closes[counted] += 1
+        log.warning("connection_limited", conn_id=c.conn_id, peer=str(c.peer), reason=counted, why=reason)
         self._write(c, encode_nack(0, reason))
         self._flush_blocking(c, 0.5)
         c.preamble = None

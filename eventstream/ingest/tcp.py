@@ -1,9 +1,12 @@
 """TCP ingest server (:9000): one acceptor thread, N reader threads, both pinned from config.
 
 The acceptor only accepts and hands sockets round-robin to readers (see reader.py for the reader
-loop, ACK/NACK and backpressure). Past max_connections one more connection is accepted and closed at
-once with a log line, so a client sees a clean close instead of a hanging SYN, and the service keeps
-running. The same holds past max_connections_per_ip connections from one address (limits.py).
+loop, ACK/NACK and backpressure). At max_connections the idlest connection that has sent nothing for
+server.tcp.evict_idle_s makes room for the newcomer (closed by its reader: evicted_idle); when none
+is that idle the newcomer is accepted and closed at once, so a client sees a clean close instead of a
+hanging SYN. The same refusal holds past max_connections_per_ip connections from one address
+(limits.py). Refusals cost no thread and are logged at most once a second (with a count).
+Per-tenant bounds (connections of a principal, new topics, events/s): tenants.py.
 
 A reader or the acceptor that dies with an error is a failure of the whole service: failures() lists
 it (Service.failures(): /healthz, the threads_failed gauge, `eventstream serve` exits 1). Until the
@@ -30,8 +33,9 @@ from eventstream.core.topics import TopicTable
 from eventstream.ingest.admission import Admission
 from eventstream.ingest.auth import TokenSet
 from eventstream.ingest.delivery import Delivery, IngestStats, merge_stats
-from eventstream.ingest.limits import REASON_PER_IP, PartialBudget, PeerLimit
+from eventstream.ingest.limits import REASON_MAX_CONNECTIONS, REASON_PER_IP, PartialBudget, PeerLimit
 from eventstream.ingest.reader import Reader
+from eventstream.ingest.tenants import Tenants
 from eventstream.runtime.affinity import pin_current_thread
 
 log = structlog.get_logger("eventstream.ingest.tcp")
@@ -56,7 +60,7 @@ class TcpServer:
     def __init__(self, config: TcpConfig, sink, topics: TopicTable, *, admission: Admission | None = None,
                  on_reject=None, cpus=None, reader_cpus=None, payload_bytes: int = 448,
                  ack_default: int = ACK_STORED, tokens: TokenSet | None = None, on_acked=None,
-                 payloads=None, tls: ssl.SSLContext | None = None):
+                 payloads=None, tls: ssl.SSLContext | None = None, tenants: Tenants | None = None):
         """`payloads`: the PayloadArena for payloads over `payload_bytes` (None: such frames are
         rejected as payload_too_large). `ack_default`: the ACK mode of v2 frames that ask for none (core.records.ACK_*); `tokens`:
         the client tokens a connection must present in a HELLO (auth.py; None = no authentication).
@@ -75,6 +79,9 @@ class TcpServer:
         self.tokens = tokens
         self.on_acked = on_acked
         self.tls = tls
+        self.tenants = tenants if tenants is not None else Tenants.unbounded()
+        self.refused_full = 0  # refused at max_connections (no connection idle enough to make room)
+        self._evicting: dict[int, object] = {}  # conn id -> Connection asked to make room, not closed yet
         self._listener: socket.socket | None = None
         self._acceptor: threading.Thread | None = None
         self._readers: list[Reader] = []
@@ -117,7 +124,7 @@ class TcpServer:
             delivery = Delivery(self.sink, self.admission, self.on_reject, stats)
             r = Reader(n, cfg, self.topics, delivery, stats, self.admission, self.reader_cpus, self.payload_bytes,
                        self.ack_default, peer_limit=self.peer_limit, budget=self.budget, tokens=self.tokens,
-                       tls=tls, on_acked=self.on_acked, payloads=self.payloads)
+                       tls=tls, on_acked=self.on_acked, payloads=self.payloads, tenants=self.tenants)
             self._stats.append(stats)
             self._readers.append(r)
             self.budget.readers.append(r)
@@ -177,11 +184,10 @@ class TcpServer:
                         except OSError as exc:
                             log.warning("accept_failed", error=str(exc))
                             break
-                        if self._open_connections() >= self.config.max_connections:
-                            self.connections_refused += 1
-                            log.warning("connection_refused", peer=str(peer), reason="max_connections",
-                                        max_connections=self.config.max_connections)
-                            conn.close()
+                        if self._open_connections() >= self.config.max_connections and not self._make_room():
+                            self.refused_full += 1
+                            self._refuse(conn, peer, REASON_MAX_CONNECTIONS, self.refused_full,
+                                         max_connections=self.config.max_connections)
                             continue
                         if not self.peer_limit.admit(peer[0]):
                             self._refuse_per_ip(conn, peer)
@@ -202,17 +208,43 @@ class TcpServer:
         finally:
             sel.close()
 
+    def _make_room(self) -> bool:
+        """At max_connections: ask the reader of the idlest connection (nothing sent for at least
+        evict_idle_s, nothing in flight) to close it. False when none is that idle. Reads the readers'
+        connection tables as a snapshot; the owner re-checks before it closes."""
+        for cid, c in list(self._evicting.items()):
+            if c.closed:
+                del self._evicting[cid]
+        if self._open_connections() - len(self._evicting) < self.config.max_connections:
+            return True  # room is being made already
+        cutoff = time.monotonic() - self.config.evict_idle_s
+        best, owner = None, None
+        for r in self._readers:
+            for c in list(r.conns.values()):
+                if (c.last_active <= cutoff and not c.closed and not c.closing and c.conn_id not in self._evicting
+                        and (best is None or c.last_active < best.last_active) and not c.busy):
+                    best, owner = c, r
+        if best is None:
+            return False
+        self._evicting[best.conn_id] = best
+        owner.evict_idle(best.conn_id)
+        return True
+
     def _refuse_per_ip(self, conn: socket.socket, peer) -> None:
-        """One address has max_connections_per_ip open: close this one at once (a log line at most
-        once a second: a client retrying in a loop must not flood the log)."""
-        self.connections_refused += 1
+        """One address has max_connections_per_ip open: close this one at once."""
         self.refused_per_ip += 1
+        self._refuse(conn, peer, REASON_PER_IP, self.refused_per_ip,
+                     max_connections_per_ip=self.config.max_connections_per_ip)
+
+    def _refuse(self, conn: socket.socket, peer, reason: str, count: int, **kw) -> None:
+        """Close a new connection at once (no thread, no buffer); a log line at most once a second:
+        a client retrying in a loop must not flood the log."""
+        self.connections_refused += 1
         conn.close()
         now = time.monotonic()
         if now - self._last_refusal_log >= 1.0:
             self._last_refusal_log = now
-            log.warning("connection_refused", peer=str(peer), reason=REASON_PER_IP,
-                        max_connections_per_ip=self.config.max_connections_per_ip, refused_total=self.refused_per_ip)
+            log.warning("connection_refused", peer=str(peer), reason=reason, refused_total=count, **kw)
 
     def stop(self, drain: bool = True, timeout: float = 5.0) -> None:
         """Stop accepting; readers send final ACKs (drain) and close every connection."""
@@ -243,6 +275,9 @@ class TcpServer:
                    connections_refused=self.connections_refused, partial_bytes=self.budget.total())
         if self.refused_per_ip:
             out["connections_limited"][REASON_PER_IP] = self.refused_per_ip
+        if self.refused_full:
+            out["connections_limited"][REASON_MAX_CONNECTIONS] = self.refused_full
+        out["tenants"] = self.tenants.statistics()
         return out
 
     def __enter__(self) -> TcpServer:

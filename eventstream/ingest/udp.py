@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import os
 import selectors
 import socket
 import threading
@@ -77,25 +78,35 @@ def _load_recvmmsg():
 _RECVMMSG = _load_recvmmsg()
 
 
-class _Receiver:
-    """Preallocated batch buffers + the per-thread ctypes structures (create inside the thread)."""
+NAME_BYTES = 128  # a sockaddr_storage per datagram (its source address; only with a per-source limit)
 
-    def __init__(self, sock: socket.socket, batch: int, slot: int, use_recvmmsg: bool):
+
+class _Receiver:
+    """Preallocated batch buffers + the per-thread ctypes structures (create inside the thread).
+    With `sources`, each datagram's source address is kept too (self.source(i))."""
+
+    def __init__(self, sock: socket.socket, batch: int, slot: int, use_recvmmsg: bool, sources: bool = False):
         self.sock = sock
         self.batch = batch
         self.slot = slot
         self.buf = bytearray(batch * slot)
         self.lengths = [0] * batch
+        self.sources = sources
+        self.names = bytearray(batch * NAME_BYTES) if sources else None
+        self.addrs: list = [None] * batch
         self.mode = "recvmmsg" if use_recvmmsg and _RECVMMSG is not None else "recvmsg_into"
         if self.mode == "recvmmsg":
             base = ctypes.addressof((ctypes.c_char * len(self.buf)).from_buffer(self.buf))
             self.iov = (_IoVec * batch)()
             self.msgs = (_MMsgHdr * batch)()
+            names = ctypes.addressof((ctypes.c_char * len(self.names)).from_buffer(self.names)) if sources else 0
             for i in range(batch):
                 self.iov[i].iov_base = base + i * slot
                 self.iov[i].iov_len = slot
                 self.msgs[i].msg_hdr.msg_iov = ctypes.pointer(self.iov[i])
                 self.msgs[i].msg_hdr.msg_iovlen = 1
+                if sources:
+                    self.msgs[i].msg_hdr.msg_name = names + i * NAME_BYTES
         else:
             mv = memoryview(self.buf)
             self.views = [mv[i * slot:(i + 1) * slot] for i in range(batch)]
@@ -103,6 +114,9 @@ class _Receiver:
     def receive(self) -> int:
         """Datagrams now in the buffer (0 when none were waiting); lengths in self.lengths."""
         if self.mode == "recvmmsg":
+            if self.sources:
+                for i in range(self.batch):  # the kernel writes back each address's length
+                    self.msgs[i].msg_hdr.msg_namelen = NAME_BYTES
             n = _RECVMMSG(self.sock.fileno(), self.msgs, self.batch, MSG_DONTWAIT, None)
             if n < 0:
                 err = ctypes.get_errno()
@@ -115,12 +129,78 @@ class _Receiver:
         n = 0
         while n < self.batch:
             try:
-                nbytes, _anc, _flags, _addr = self.sock.recvmsg_into([self.views[n]], 0, MSG_DONTWAIT)
+                nbytes, _anc, _flags, addr = self.sock.recvmsg_into([self.views[n]], 0, MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 break
             self.lengths[n] = nbytes
+            self.addrs[n] = addr
             n += 1
         return n
+
+    def source(self, i: int):
+        """A hashable key of datagram i's source address (the address bytes, or the address tuple)."""
+        if self.mode != "recvmmsg":
+            return self.addrs[i][0] if self.addrs[i] else None
+        o = i * NAME_BYTES
+        family = self.names[o] | (self.names[o + 1] << 8)
+        if family == socket.AF_INET6:
+            return bytes(self.names[o + 8:o + 24])
+        return bytes(self.names[o + 4:o + 8])
+
+
+class SourceLimit:
+    """Datagrams per second per source address: a token bucket each, in a bounded table."""
+
+    def __init__(self, rate: float, max_sources: int):
+        self.rate = float(rate)
+        self.burst = max(self.rate * 0.1, 1.0)
+        self.max_sources = max_sources
+        self.buckets: dict = {}  # key -> [tokens, stamp]
+        self.limited = 0  # datagrams discarded
+
+    def admit(self, key, now: float) -> bool:
+        b = self.buckets.get(key)
+        if b is None:
+            if len(self.buckets) >= self.max_sources:
+                self._forget(now)
+            b = self.buckets[key] = [self.burst, now]
+        b[0] = min(self.burst, b[0] + (now - b[1]) * self.rate)
+        b[1] = now
+        if b[0] >= 1.0:
+            b[0] -= 1.0
+            return True
+        self.limited += 1
+        return False
+
+    def _forget(self, now: float) -> None:
+        """Full: forget sources not heard from for a second (all of them if that frees nothing)."""
+        stale = [k for k, b in self.buckets.items() if now - b[1] > 1.0]
+        for k in stale:
+            del self.buckets[k]
+        if len(self.buckets) >= self.max_sources:
+            self.buckets.clear()
+
+
+def kernel_drops(sock: socket.socket | None) -> int:
+    """Datagrams the kernel dropped for this socket (its receive buffer was full): the `drops` column
+    of /proc/net/udp(6) for the socket's inode (0 where that is not available)."""
+    if sock is None or sock.fileno() < 0:
+        return 0
+    try:
+        inode = str(os.fstat(sock.fileno()).st_ino)
+    except OSError:
+        return 0
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            with open(table, encoding="ascii") as f:
+                next(f, None)
+                for line in f:
+                    cols = line.split()
+                    if len(cols) >= 13 and cols[9] == inode:
+                        return int(cols[-1])
+        except OSError:
+            continue
+    return 0
 
 
 class UdpServer:
@@ -146,6 +226,8 @@ class UdpServer:
         self._ready = threading.Event()
         self.error: BaseException | None = None
         self.meter = RejectMeter(config.max_rejects_per_s, time.monotonic())
+        rate = getattr(config, "max_datagrams_per_s_per_source", 0.0)
+        self.source_limit = SourceLimit(rate, getattr(config, "max_sources", 65536)) if rate else None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -182,7 +264,8 @@ class UdpServer:
     def _run(self) -> None:
         pin_current_thread(self.cpus, "es-udp")
         cfg = self.config
-        rx = _Receiver(self._sock, cfg.batch_datagrams, cfg.max_datagram_bytes, self.use_recvmmsg)
+        rx = _Receiver(self._sock, cfg.batch_datagrams, cfg.max_datagram_bytes, self.use_recvmmsg,
+                       sources=self.source_limit is not None)
         self.recv_mode = rx.mode
         self._ready.set()
         dec = FrameDecoder(self.topics, max_frame_bytes=self.max_frame_bytes, payload_bytes=self.payload_bytes,
@@ -219,7 +302,11 @@ class UdpServer:
         owner: list[int] = []
         bad: list[str] = []
         buf, slot, maxf = rx.buf, rx.slot, self.max_frame_bytes
+        limit = self.source_limit
+        now = time.monotonic()
         for i in range(n):
+            if limit is not None and not limit.admit(rx.source(i), now):
+                continue  # this source is over its datagrams/s: not even decoded
             start = i * slot
             end = start + rx.lengths[i]
             stats.bytes_received += end - start
@@ -271,6 +358,9 @@ class UdpServer:
             except Exception as exc:
                 log.error("on_reject_failed", error=repr(exc))
 
+    def kernel_drops(self) -> int:
+        return kernel_drops(self._sock)
+
     def threads(self) -> list[threading.Thread]:
         """The reader thread (for health checks)."""
         return [self._thread] if self._thread is not None else []
@@ -286,16 +376,19 @@ class UdpServer:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.error("udp_reader_did_not_stop", timeout_s=timeout)
+        final = self.statistics()  # kernel drops are read from the socket: before it closes
         if self._sock is not None:
             self._sock.close()
         self.delivery.report_suppressed(UDP_CONN_ID, self.meter.take_suppressed(), "server.udp.max_rejects_per_s",
                                         self.meter.limit)
-        log.info("udp_stopped", **self.statistics())
+        log.info("udp_stopped", **final)
 
     def statistics(self) -> dict:
         out = merge_stats([self.stats])
         out.update(datagrams_received=self.stats.datagrams, datagrams_bad=self.stats.datagrams_bad,
-                   recv_mode=self.recv_mode, rcvbuf_bytes=self.rcvbuf_effective)
+                   recv_mode=self.recv_mode, rcvbuf_bytes=self.rcvbuf_effective,
+                   datagrams_rate_limited=self.source_limit.limited if self.source_limit is not None else 0,
+                   kernel_drops=self.kernel_drops())
         return out
 
     def __enter__(self) -> UdpServer:

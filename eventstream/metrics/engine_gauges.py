@@ -91,3 +91,28 @@ def register_subscribe(m, sub) -> None:
                doc="events stored after the lowest committed offset of any named group (the group furthest behind)")
     m.gauge_fn("subscribe_group_lag_seconds", {}, lambda: sub.lag.lag()["seconds"],
                doc="age of the oldest event some named group has not committed (0: every group caught up)")
+
+
+def register_udp(m, udp) -> None:
+    """UDP ingest: datagrams received, bad, discarded by the per-source limit, dropped by the kernel."""
+    st = udp.stats
+    m.counter_fn("udp_datagrams_received", lambda: st.datagrams, {}, doc="datagrams read from the UDP socket")
+    m.counter_fn("udp_datagrams_bad", lambda: st.datagrams_bad, {},
+                 doc="datagrams that ended inside a frame or carried a framing error (their good frames kept)")
+    m.counter_fn("udp_datagrams_rate_limited",
+                 lambda: udp.source_limit.limited if udp.source_limit is not None else 0, {},
+                 doc="datagrams discarded undecoded: their source was over server.udp.max_datagrams_per_s_per_source")
+    m.counter_fn("udp_kernel_drops", udp.kernel_drops, {},
+                 doc="datagrams the kernel dropped because the socket's receive buffer was full "
+                     "(server.udp.rcvbuf_bytes; the reader did not keep up)")
+
+
+def register_tenants(m, tenants) -> None:
+    """Tenant bounds (ingest/tenants.py): refusals by what was bounded, throttling, tenants tracked."""
+    for what in ("topics", "connections", "subscribers"):
+        m.counter_fn("tenant_refused", lambda w=what: tenants.refused[w], {"bound": what},
+                     doc="frames or connections refused for a tenant bound (server.tenants.max_new_topics, "
+                         "max_connections, max_subscribers)")
+    m.counter_fn("tenant_throttled", lambda: tenants.throttled, {},
+                 doc="times a connection waited for its tenant's events/s budget (server.tenants.max_events_per_s)")
+    m.gauge_fn("tenants", {}, lambda: len(tenants), doc="tenants tracked (principals and client addresses)")

@@ -76,14 +76,14 @@ class FrameDecoder:
         self.dtype = record_dtype(payload_bytes)
         self.payload_bytes = payload_bytes
         self.conn_id = conn_id
-        self.principal_key = 0  # stamped into every record (`principal`): set by ingest/auth.authorize
+        self.principal_key = 0  # stamped into every record (`principal`): set by ingest/tenants.admit
         self.frames_seen = 0
         self.failed = False
         self._buf = bytearray()
         self._topic_cache: dict[bytes, int] = {}
         self.topic_limit_reason = ""
         # reason and class per refused topic name (a table's TopicLimitError may carry its own
-        # `error_class`, e.g. "forbidden" from a principal's ProduceGate, ingest/auth.py); bounded
+        # `error_class`, e.g. "forbidden" from a connection's TopicGate, ingest/tenants.py); bounded
         self.topic_refusals: dict[bytes, tuple[str, str]] = {}
         self.payloads = payloads
         self.max_payload = payloads.max_payload if payloads is not None else payload_bytes

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from pathlib import Path
 
 import structlog
@@ -17,7 +18,8 @@ from eventstream.runtime.affinity import pin_current_thread
 from eventstream.storage.tail import Progress, SegmentIndex, file_created_ns, log_files
 from eventstream.subscribe.groups import GroupRegistry, GroupStore
 from eventstream.subscribe.lag import GroupLag
-from eventstream.subscribe.session import Session, refuse
+from eventstream.ingest.tenants import Tenants
+from eventstream.subscribe.session import Refuser, Session
 
 log = structlog.get_logger("eventstream.subscribe")
 
@@ -26,7 +28,7 @@ SESSION_KINDS = ("handshake", "solo", "group")
 
 class SubscribeServer:
     def __init__(self, config, log_path: Path, dtype, data_dir: Path, *, tokens=None, progress: Progress | None = None,
-                 cpus: list[int] | None = None, tls=None):
+                 cpus: list[int] | None = None, tls=None, tenants: Tenants | None = None):
         """`tokens`: the TokenSet a HELLO must carry (None: no authentication); `tls`: the server.tls
         context (ingest/tls.py; None: plain TCP)."""
         self.config = config
@@ -34,6 +36,9 @@ class SubscribeServer:
         self.dtype = dtype
         self.tokens = tokens
         self.tls = tls
+        self.tenants = tenants if tenants is not None else Tenants.unbounded()
+        self.refuser = Refuser()
+        self._last_refusal_log = 0.0
         self.progress = progress or Progress()
         self.cpus = cpus or []
         sub_dir = Path(config.group_dir) if config.group_dir else Path(data_dir) / "subscribe"
@@ -47,7 +52,7 @@ class SubscribeServer:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.address: tuple[str, int] | None = None
-        self.stats = {"accepted": 0, "refused": 0, "delivered": 0, "errors": 0}
+        self.stats = {"accepted": 0, "refused": 0, "delivered": 0, "errors": 0, "evicted": 0}
 
     # ------------------------------------------------------------------------------------ lifecycle
     def start(self) -> SubscribeServer:
@@ -81,25 +86,48 @@ class SubscribeServer:
                     return
                 continue
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            reason, victim = "", None
             with self.lock:
                 if self._stopping:
                     conn.close()
                     return
-                full = len(self.sessions) >= self.config.max_subscribers
-                if not full:
+                # connections still in their handshake (TLS, HELLO, SUBSCRIBE not complete): one address
+                # holds at most server.tenants.max_subscribers of them; past that, or when the table is
+                # full, the oldest such connection (of that address first) makes room for the newcomer
+                waiting = [s for s in self.sessions.values() if s.sub is None and not s.closed]
+                mine = [s for s in waiting if s.addr[0] == addr[0]]
+                per_ip = self.tenants.config.max_subscribers
+                if per_ip and len(mine) >= per_ip:
+                    victim = min(mine, key=lambda s: s.opened)
+                elif len(self.sessions) >= self.config.max_subscribers:
+                    victim = min(waiting, key=lambda s: s.opened, default=None)
+                    if victim is None:
+                        reason = (f"too many subscribers: {self.config.max_subscribers} connected; allowed: at most "
+                                  f"server.subscribe.max_subscribers={self.config.max_subscribers}")
+                if victim is not None:
+                    self.sessions.pop(victim.sid, None)  # its slot is the newcomer's from now on
+                if not reason:
                     self._next_sid += 1
                     sess = Session(self, conn, addr, self._next_sid)
                     self.sessions[sess.sid] = sess
                     self.stats["accepted"] += 1
                 else:
                     self.stats["refused"] += 1
-            if full:
-                reason = (f"too many subscribers: {self.config.max_subscribers} connected; allowed: at most "
-                          f"server.subscribe.max_subscribers={self.config.max_subscribers}")
-                log.warning("subscriber_refused", peer=str(addr), reason=reason)
-                threading.Thread(target=refuse, args=(conn, reason), name="es-sub-refuse", daemon=True).start()
+            if victim is not None:
+                self.stats["evicted"] += 1
+                victim.evict("made room for a new subscriber: this connection had not finished its handshake "
+                             "(server.subscribe.max_subscribers, server.tenants.max_subscribers)")
+            if reason:
+                self._log_refusal(addr, reason)
+                self.refuser.refuse(conn, reason)  # no thread per refused connection
                 continue
             sess.start()
+
+    def _log_refusal(self, addr, reason: str) -> None:
+        now = time.monotonic()
+        if now - self._last_refusal_log >= 1.0:  # a client retrying in a loop must not flood the log
+            self._last_refusal_log = now
+            log.warning("subscriber_refused", peer=str(addr), reason=reason, refused_total=self.stats["refused"])
 
     def ended(self, sess: Session) -> None:
         with self.lock:
@@ -168,14 +196,16 @@ class SubscribeServer:
         for s in sessions:
             s.thread.join(timeout)
         self.lag.close()
+        self.refuser.stop()
         log.info("subscribe_stopped", **self.statistics())
 
 
-def build(cfg, data_dir: Path, dtype, tokens=None, tls=None, stored=None) -> SubscribeServer | None:
+def build(cfg, data_dir: Path, dtype, tokens=None, tls=None, stored=None, tenants=None) -> SubscribeServer | None:
     """The subscribe server of a configuration, or None when `server.subscribe.enabled` is false.
-    `stored`: the engine's `stored` barrier (engine/stored.py), which wakes sessions at the end of the log."""
+    `stored`: the engine's `stored` barrier (engine/stored.py), which wakes sessions at the end of the log;
+    `tenants`: the service's ingest.tenants.Tenants (subscriber slots per principal or address)."""
     sc = cfg.server.subscribe
     if not sc.enabled:
         return None
     return SubscribeServer(sc, Path(data_dir) / cfg.storage.events_file, dtype, data_dir, tokens=tokens,
-                           progress=stored, cpus=cfg.affinity.acceptor, tls=tls)
+                           progress=stored, cpus=cfg.affinity.acceptor, tls=tls, tenants=tenants)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import queue
 import select
 import socket
 import ssl
@@ -64,6 +65,60 @@ def refuse(sock: socket.socket, reason: str, linger_s: float = 1.0) -> None:
             sock.close()
         except OSError:
             pass
+
+
+class Refuser:
+    """Refuses connections the server will not serve (full, over a tenant bound) on ONE thread, started
+    on first use: SUB_ERROR, half-close, a short linger so the reason is read (refuse()). At most
+    MAX_QUEUED wait; past that a refused connection is closed at once without a reason. So refusals
+    never cost a thread each, however many arrive."""
+
+    MAX_QUEUED = 256
+    LINGER_S = 0.25
+
+    def __init__(self):
+        self._q: queue.Queue = queue.Queue(self.MAX_QUEUED)
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.dropped = 0  # closed without a reason (queue full)
+
+    def refuse(self, sock: socket.socket, reason: str) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="es-sub-refuser", daemon=True)
+                self._thread.start()
+        try:
+            self._q.put_nowait((sock, reason))
+        except queue.Full:
+            self.dropped += 1
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            refuse(*item, linger_s=self.LINGER_S)
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                return
+        while True:  # whatever still waits is closed without its reason
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                try:
+                    item[0].close()
+                except OSError:
+                    pass
+        self._q.put(None)
+        self._thread.join(2.0)
 
 
 def shutdown_raw(sock: socket.socket) -> None:
@@ -168,6 +223,8 @@ class Channel:
 class Session:
     def __init__(self, server, sock: socket.socket, addr, sid: int):
         self.server = server
+        self.tenant = None  # tenants.Tenant (named principal, else address) once the handshake is done
+        self.opened = time.monotonic()
         self.sock = sock
         self.chan: Channel | None = None  # set by the handshake (after TLS, if any)
         self.addr = addr
@@ -265,6 +322,12 @@ class Session:
                 raise sp.SubscribeProtocolError(p.refuse_subscribe(sub.glob))
             if sub.group:  # a principal's groups are its own: another cannot join or commit them
                 sub = dataclasses.replace(sub, group=f"{p.name}:{sub.group}")
+        tenants = self.server.tenants  # subscriber slots of a named principal, else of the address
+        t = tenants.get(tenants.key(p, self.addr[0] if isinstance(self.addr, tuple) else str(self.addr)))
+        why = tenants.subscribe(t)
+        if why:
+            raise sp.SubscribeProtocolError(why)
+        self.tenant = t
         self._leftover = (dec, frames)
         return sub
 
@@ -418,7 +481,17 @@ class Session:
                 self.sock.close()
             except OSError:
                 pass
+            if self.tenant is not None:
+                self.server.tenants.unsubscribe(self.tenant)
+                self.tenant = None
             self.server.ended(self)
+
+    def evict(self, reason: str) -> None:
+        """From the acceptor: this session, still in its handshake, gives its slot to a newcomer."""
+        self.error = reason
+        self.closed = True
+        log.info("subscriber_evicted", sid=self.sid, peer=str(self.addr), reason=reason)
+        shutdown_raw(self.sock)
 
     def stop(self) -> None:
         """From the server: end the session (its thread closes the socket and leaves the group)."""

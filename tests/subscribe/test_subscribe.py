@@ -268,6 +268,11 @@ def test_subscribers_over_the_limit_are_refused_with_a_clear_error(service):
     b = subscribe("127.0.0.1", port, "*")
     with a, b:
         assert a.poll(0.05) is None and b.poll(0.05) is None  # both are served
+        # both handshakes done (a connection still in its handshake would be evicted to make room)
+        deadline = time.monotonic() + T
+        while svc.subscribe.sessions_by_kind()["solo"] < 2:
+            assert time.monotonic() < deadline, svc.subscribe.sessions_by_kind()
+            time.sleep(0.01)
         with subscribe("127.0.0.1", port, "*") as c, pytest.raises(SubscribeError) as err:
             c.poll(T)
         assert "too many subscribers" in str(err.value) and "max_subscribers=2" in str(err.value)
