@@ -247,7 +247,7 @@ def test_topic_flood_first_then_a_new_tenant_still_gets_new_topics_also_after_a_
         s.sendall(hello(where, EVIL_TOKEN) + b"".join(encode_v2(f"flood.{i}", b"t", 2, i + 1) for i in range(1000)))
         wait_until(lambda: svc.tenants.refused["topics"] >= 900, 30, "the flood to hit its tenant's quota")
         s.close()
-        assert len(svc.topics) == 100  # one tenant could not fill the table for the others
+        assert len(svc.engine.topics) == 100  # one tenant could not fill the table for the others
         good_client(svc, where, [f"good.{k}" for k in range(20)], scaled(2000, 200))
     finally:
         svc.stop()
@@ -256,7 +256,7 @@ def test_topic_flood_first_then_a_new_tenant_still_gets_new_topics_also_after_a_
         c = good_client(svc, where, [f"after.{k}" for k in range(20)], 100)
         s = raw(svc.tcp.address[1], ADDRESSES[where])  # nor is the attacker itself locked out for good
         s.sendall(hello(where, EVIL_TOKEN) + encode_v2("flood.new", b"t", 2, 5000))
-        wait_until(lambda: "flood.new" in {svc.topics.name(i) for i in range(1, len(svc.topics) + 1)}, 30,
+        wait_until(lambda: "flood.new" in {svc.engine.topics.name(i) for i in range(1, len(svc.engine.topics) + 1)}, 30,
                    "a new topic of the attacker after the restart")
         s.close()
     finally:
