@@ -110,7 +110,7 @@ class Service:
             register_tcp_limits(self.metrics, self.tcp, CLOSE_REASONS)
         if cfg.server.udp.enabled:
             self.udp = UdpServer(cfg.server.udp, engine, engine.topics, on_reject=engine.reject, cpus=aff.udp,
-                                 payload_bytes=pb, payloads=engine.payloads)
+                                 payload_bytes=pb, payloads=engine.payloads, tenants=self.tenants)
             self._start_server(self.udp, "server.udp")
             register_udp(self.metrics, self.udp)
 

@@ -36,6 +36,7 @@ from eventstream.ingest.admission import Admission, Rejection
 from eventstream.ingest.delivery import Delivery, IngestStats, merge_stats
 from eventstream.ingest.limits import RejectMeter
 from eventstream.ingest.tcp import bind_error
+from eventstream.ingest.tenants import TopicGate
 from eventstream.protocol.decoder import FrameDecoder, FrameError, decode_frames
 from eventstream.protocol.framing import scan
 from eventstream.runtime.affinity import pin_current_thread
@@ -206,7 +207,9 @@ def kernel_drops(sock: socket.socket | None) -> int:
 class UdpServer:
     def __init__(self, config: UdpConfig, sink, topics: TopicTable, *, admission: Admission | None = None,
                  on_reject=None, cpus=None, payload_bytes: int = 448, max_frame_bytes: int = 1 << 20, payloads=None,
-                 use_recvmmsg: bool = True):
+                 use_recvmmsg: bool = True, tenants=None):
+        """`tenants`: the service's tenants.Tenants: all UDP sources together are one tenant for new
+        topics (server.tenants.max_new_topics), so UDP cannot fill the topic table for TCP clients."""
         self.config = config
         self.topics = topics
         self.admission = admission if admission is not None else Admission()
@@ -215,6 +218,7 @@ class UdpServer:
         self.payloads = payloads  # PayloadArena for payloads over payload_bytes (None: refused)
         self.max_frame_bytes = max_frame_bytes
         self.use_recvmmsg = use_recvmmsg
+        self.tenants = tenants
         self.stats = IngestStats()
         self.delivery = Delivery(sink, self.admission, on_reject, self.stats, udp=True)
         self.recv_mode = ""
@@ -270,6 +274,8 @@ class UdpServer:
         self._ready.set()
         dec = FrameDecoder(self.topics, max_frame_bytes=self.max_frame_bytes, payload_bytes=self.payload_bytes,
                            conn_id=UDP_CONN_ID, payloads=self.payloads)
+        if self.tenants is not None:
+            dec.topics = TopicGate(dec.topics, None, self.tenants.get("udp"), self.tenants)
         sel = selectors.DefaultSelector()
         sel.register(self._sock, selectors.EVENT_READ)
         last_bad_log = 0.0
