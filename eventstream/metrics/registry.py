@@ -69,7 +69,7 @@ class MetricsRegistry:
         self._counters: dict[str, SummedCounter] = {}
         for name, doc in (("events_received", "events accepted by ingest"),
                           ("events_processed", "events handled by a processor"),
-                          ("dedup_hits", "transactional events skipped as duplicates"),
+                          ("dedup_hits", "events skipped as duplicates of one stored within dedup.window_s (every tier)"),
                           ("backpressure_drops", "events shed by the control plane or refused by admission")):
             self._counters[name] = SummedCounter(name, doc)
             r.register(self._counters[name])
