@@ -88,6 +88,11 @@ class TcpConfig:
     # at max_connections a new connection is still accepted when some connection has sent nothing for
     # this long: the idlest one is closed to make room (else the newcomer is refused)
     evict_idle_s: float = field(default=1.0, metadata={"range": (0.0, 86400.0)})
+    # a connection that delivers fewer than min_bytes_per_s bytes a second over a window of
+    # min_rate_window_s is closed (min_rate; 0 = off). Not judged while the engine pushes it back
+    # or it is throttled (we do not read it then). Off by default: idle clients are legitimate
+    min_bytes_per_s: float = field(default=0.0, metadata={"range": (0.0, 1e12)})
+    min_rate_window_s: float = field(default=30.0, metadata={"range": (0.1, 86400.0)})
 
 
 @dataclass

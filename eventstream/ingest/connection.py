@@ -31,7 +31,8 @@ class Connection:
     __slots__ = ("sock", "conn_id", "peer", "decoder", "v2", "accepted", "acked", "chunks", "held", "held_idx",
                  "open_marks", "open_nacks", "open_ts", "blocked", "outbox", "last_active", "tokens", "resume_at", "reading", "closing",
                  "closed", "partial", "partial_since", "preamble", "handshaking", "meter",
-                 "linger_until", "principal", "principal_id", "tenant")
+                 "linger_until", "principal", "principal_id", "tenant",
+                 "window_bytes", "window_start")
 
     def __init__(self, sock: socket.socket, conn_id: int, peer, decoder: FrameDecoder, now: float, burst: float):
         self.sock = sock
@@ -64,6 +65,8 @@ class Connection:
         self.principal = None  # auth.Principal once its HELLO was accepted (None: no tokens configured)
         self.principal_id = 0  # its small integer (0: shared token or none; auth.py)
         self.tenant = None  # tenants.Tenant once admitted (its connection is counted there)
+        self.window_bytes = 0  # bytes read since window_start (server.tcp.min_bytes_per_s)
+        self.window_start = now
 
     # ------------------------------------------------------------ ACK bookkeeping (no socket: testable alone)
     def end_chunk(self) -> bool:

@@ -52,8 +52,9 @@ from eventstream.core.topics import TopicTable
 from eventstream.ingest.auth import TokenSet
 from eventstream.ingest.connection import Connection, peer_ip
 from eventstream.ingest.delivery import Delivery, IngestStats
-from eventstream.ingest.limits import (REASON_AUTH, REASON_EVICTED, REASON_FRAME_TIMEOUT, REASON_PARTIAL_BYTES,
-                                       REASON_TENANT, REASON_TOO_MANY_REJECTS, PartialBudget, PeerLimit, RejectMeter)
+from eventstream.ingest.limits import (REASON_AUTH, REASON_EVICTED, REASON_FRAME_TIMEOUT, REASON_MIN_RATE,
+                                       REASON_PARTIAL_BYTES, REASON_TENANT, REASON_TOO_MANY_REJECTS, PartialBudget,
+                                       PeerLimit, RejectMeter)
 from eventstream.ingest.preamble import Preamble
 from eventstream.ingest.tenants import Tenants, admit
 from eventstream.ingest.tls import handshake_step
@@ -230,6 +231,8 @@ class Reader(threading.Thread):
                     next_frame_check = time.monotonic() + min(1.0, (frame_timeout or 4.0) / 4)
                     if frame_timeout:
                         self._close_stalled_frames(frame_timeout)
+                    if self.config.min_bytes_per_s:
+                        self._close_slow(time.monotonic())
                     self._close_lingering()
                 if self.config.idle_timeout_s and time.monotonic() >= next_idle_check:
                     next_idle_check = time.monotonic() + min(1.0, self.config.idle_timeout_s / 2)
@@ -326,6 +329,7 @@ class Reader(threading.Thread):
         if self._rate:
             c.tokens = min(self._burst, c.tokens + (now - c.last_active) * self._rate)
         c.last_active = now
+        c.window_bytes += n
         self.stats.bytes_received += n
         if self.tls is not None and c.sock.pending():
             self.tls_pending.add(c)  # decrypted bytes the selector cannot see: read them next round
@@ -707,6 +711,24 @@ class Reader(threading.Thread):
                   and c.partial_since < limit and c.reading and c.held is None and c not in self.throttled
                   and not c.closing]:
             self._close_limited(c, REASON_FRAME_TIMEOUT, partial_bytes=c.partial, frame_timeout_s=timeout)
+
+    def _close_slow(self, now: float) -> None:
+        """Close connections that delivered fewer than min_bytes_per_s over the last min_rate_window_s
+        (slow senders holding a slot). A connection we do not read (held, throttled, refused) is not
+        judged: its window starts again."""
+        window, rate = self.config.min_rate_window_s, self.config.min_bytes_per_s
+        for c in list(self.conns.values()):
+            if c.closed or c.closing:
+                continue
+            if c.held is not None or c in self.throttled or not c.reading:
+                c.window_start, c.window_bytes = now, 0
+                continue
+            if now - c.window_start < window:
+                continue
+            if c.window_bytes < rate * window and not c.busy:
+                self._close_limited(c, REASON_MIN_RATE, bytes=c.window_bytes, window_s=window, min_bytes_per_s=rate)
+            else:
+                c.window_start, c.window_bytes = now, 0
 
     def _close_limited(self, c: Connection, reason: str, **kw) -> None:
         """Close `c` for a per-client limit: counted by reason (limits.CLOSE_REASONS) and logged."""
