@@ -23,7 +23,8 @@ BENCHMARKS = {
     "rings": "SPSC/MPSC ring throughput vs queue.Queue and deque",
     "ingest": "frame codec and TCP ingest throughput",
     "flows": "dataflows: keyed window count (numpy, per-event Python), map + reduce; 1 vs 2 threads, GIL off and on",
-    "peers": "eventstream vs Redis Streams and NATS JetStream: same client shape, same CPU pinning, single and batch frames",
+    "peers": ("eventstream vs Redis Streams and NATS JetStream: same client shape, same CPU pinning, "
+              "single and batch frames"),
 }
 
 

@@ -29,7 +29,8 @@ def register(sub) -> None:
     p.add_argument("--protocol", type=int, choices=(1, 2), default=2, help="protocol version (default 2)")
     p.add_argument("-n", "--events", type=int, default=100_000, help="events in total (default 100000)")
     p.add_argument("-c", "--connections", type=int, default=1, help="parallel connections (default 1)")
-    p.add_argument("--rate", type=float, default=0.0, help="target events/s over all connections (0 = as fast as possible)")
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="target events/s over all connections (0 = as fast as possible)")
     p.add_argument("--priority-mix", default="2", help='priority or weights, e.g. "2" or "0:1,2:8,4:1" (default 2)')
     p.add_argument("--payload-bytes", default="64",
                    help='payload size, or a range "MIN:MAX" drawn uniformly per event, seeded (default 64)')
@@ -129,6 +130,7 @@ def run_load(host: str, port: int, *, events: int, connections: int, rate: float
         mix = rng.choice(prios, size=shares[i], p=weights).tolist()
         sizes = rng.integers(lo, hi + 1, size=shares[i]).tolist() if hi > lo else [lo] * shares[i]
         payloads = {n: pattern[:n] for n in set(sizes)} if hi - lo < 4096 else None
+        client: UdpSender | TcpClient
         try:
             if udp:
                 client = UdpSender(host, port, version=protocol)
@@ -141,7 +143,7 @@ def run_load(host: str, port: int, *, events: int, connections: int, rate: float
             for a in range(0, len(mix), batch):
                 chunk = [(topic, payloads[n] if payloads is not None else pattern[:n], pr)
                          for pr, n in zip(mix[a:a + batch], sizes[a:a + batch], strict=True)]
-                if udp:
+                if isinstance(client, UdpSender):
                     for ev in chunk:
                         client.queue(*ev)
                     client.flush()
@@ -153,12 +155,9 @@ def run_load(host: str, port: int, *, events: int, connections: int, rate: float
                     ahead = t0 + done / per_conn_rate - time.monotonic()
                     if ahead > 0:
                         time.sleep(ahead)
-            if udp:
-                client.flush()
-            else:
-                client.flush()
+            client.flush()
             sent_counts[i] = len(mix)
-            if not udp and protocol == 2 and not client.wait_acked(timeout):
+            if isinstance(client, TcpClient) and protocol == 2 and not client.wait_acked(timeout):
                 errors.append(f"connection {i}: {client.unacknowledged} events unacknowledged after {timeout}s")
         except (ClientError, OSError, threading.BrokenBarrierError) as exc:
             errors.append(f"connection {i}: {exc}")
@@ -188,7 +187,10 @@ def run_load(host: str, port: int, *, events: int, connections: int, rate: float
     live = [c for c in clients if c is not None]
     lat = np.concatenate([np.asarray(c.ack_latencies_ns, dtype=np.int64) for c in live
                           if getattr(c, "ack_latencies_ns", None)] or [np.zeros(0, np.int64)])
-    pct = (lambda q: round(float(np.percentile(lat, q)) / 1e3, 1) if len(lat) else None)
+
+    def pct(q: float) -> float | None:
+        return round(float(np.percentile(lat, q)) / 1e3, 1) if len(lat) else None
+
     sent = sum(c.sent for c in live)
     return {
         "sent": sent,

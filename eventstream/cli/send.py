@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 from eventstream.cli.main import EXIT_FAILURE, EXIT_USAGE, add_client_security_args, client_security
 from eventstream.client import ClientError, TcpClient, UdpSender
@@ -52,7 +53,8 @@ def _events(args):
                 payload = str(obj.get("payload", "")).encode("utf-8")
         except ValueError as exc:
             raise EncodeError(f"stdin line {n}: {exc}; allowed: "
-                              '{"topic": str, "payload": str | "payload_hex": hex, "priority": 0..4, "event_id": int}') from None
+                              '{"topic": str, "payload": str | "payload_hex": hex, "priority": 0..4, '
+                              '"event_id": int}') from None
         yield n, {"topic": obj["topic"], "payload": payload, "priority": int(obj.get("priority", 2)),
                   "event_id": obj.get("event_id")}
 
@@ -82,7 +84,7 @@ def _stdin_has_more(select) -> bool:
 
 def run(args) -> int:
     port = args.port if args.port is not None else (9001 if args.udp else 9000)
-    result = {"sent": 0, "acked": 0, "nacked": 0, "nacks": []}
+    result: dict[str, Any] = {"sent": 0, "acked": 0, "nacked": 0, "nacks": []}
     try:
         if args.udp:
             with UdpSender(args.host, port, version=args.protocol) as s:

@@ -52,8 +52,8 @@ def run(args) -> int:
     args.allow_gil = args.allow_gil or gil.gil_allowed_by_env()
     gil.require_gil_off(args.allow_gil, "eventstream serve")
 
-    from eventstream.engine.handlers import HandlerError
     from eventstream.config.exposure import exposure_warnings
+    from eventstream.engine.handlers import HandlerError
     from eventstream.errors import StartupError
     from eventstream.service import Service
 
@@ -90,7 +90,7 @@ def run(args) -> int:
         log.warning("exposed_without_protection", detail=warning)
     if args.ready_file:
         ports = [svc.tcp.address[1] if svc.tcp else 0, svc.udp.address[1] if svc.udp else 0,
-                 svc.exporter.address[1] if cfg.metrics.enabled else 0,
+                 svc.exporter.address[1] if svc.exporter is not None else 0,
                  svc.subscribe.address[1] if svc.subscribe is not None else 0]
         tmp = args.ready_file + ".tmp"
         with open(tmp, "w") as f:

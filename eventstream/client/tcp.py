@@ -94,16 +94,21 @@ def encode_batches(items: list[_Pending], batch_bytes: int) -> bytes:
     """BATCH frames of `items` in order, each at most `batch_bytes` long (an event larger than that
     gets a frame of its own; one already encoded as a single frame, too large for a batch of its own,
     goes as that frame)."""
-    out = []
+    out: list[bytes] = []
     i, n = 0, len(items)
     head = LENGTH_BYTES + V2_HEADER_BYTES
     while i < n:
-        if items[i].frame is not None:
-            out.append(items[i].frame)
+        frame = items[i].frame
+        if frame is not None:
+            out.append(frame)
             i += 1
             continue
         topics: dict[bytes, int] = {}
-        tix, prios, ids, tss, pays = [], [], [], [], []
+        tix: list[int] = []
+        prios: list[int] = []
+        ids: list[int] = []
+        tss: list[int] = []
+        pays: list[bytes] = []
         size = head
         while i < n:
             p = items[i]
@@ -282,8 +287,9 @@ class TcpClient:
     def _queue(self, topic: str | bytes, payload: bytes = b"", priority: int = 2, event_id: int | None = None,
                timestamp_ns: int | None = None) -> int:
         if self.version == 1:
-            p = _Pending(0, encode_v1(topic, payload, priority))
-            size = len(p.frame) - 4
+            frame = encode_v1(topic, payload, priority)
+            p = _Pending(0, frame)
+            size = len(frame) - 4
         else:
             if event_id is None:
                 eid = self._next_id
@@ -304,11 +310,13 @@ class TcpClient:
                 p = _Pending(eid, None, t, bytes(payload), priority, ts)
                 size = V2_HEADER_BYTES + p.size  # alone in a batch
                 if size > self.max_frame_bytes:  # the largest payloads only fit a single frame
-                    p = _Pending(eid, encode_v2(topic, payload, priority, eid, ts))
-                    size = len(p.frame) - 4
+                    frame = encode_v2(topic, payload, priority, eid, ts)
+                    p = _Pending(eid, frame)
+                    size = len(frame) - 4
             else:
-                p = _Pending(eid, encode_v2(topic, payload, priority, eid, ts))
-                size = len(p.frame) - 4
+                frame = encode_v2(topic, payload, priority, eid, ts)
+                p = _Pending(eid, frame)
+                size = len(frame) - 4
         if size > self.max_frame_bytes:
             head = size - len(payload)
             raise ValueError(f"payload of {len(payload)} bytes makes a frame of {size} bytes; allowed: "
@@ -323,7 +331,7 @@ class TcpClient:
     def _encode(self, items: list[_Pending]) -> bytes:
         if self.batching:
             return encode_batches(items, self.batch_bytes)
-        return b"".join(p.frame for p in items)
+        return b"".join(p.frame for p in items)  # type: ignore[misc]  # not batching: every event has its frame
 
     def flush(self) -> None:
         """Send every queued event (reconnecting and resending unresolved ones if the link broke)."""
@@ -386,8 +394,10 @@ class TcpClient:
                 p.index = self._next_index
                 self._next_index += 1
                 p.sent_ns = now
+        sock = self._sock
+        assert sock is not None  # connect() made it (or raised)
         try:
-            self._sendall(self._sock, self._encode(resend))
+            self._sendall(sock, self._encode(resend))
         except OSError:
             self._broken = True
 

@@ -11,6 +11,7 @@ import re
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO, Literal, overload
 
 import numpy as np
 
@@ -25,6 +26,10 @@ _FORMAT_HELP = ("a JSON object line of the DLQ format (docs/dlq.md) or an old te
                 "'[timestamp] DROPPED: id=<id> topic=<topic> priority=<n> reason=<reason>'")
 
 
+@overload
+def _int(obj: dict, key: str, *, optional: Literal[False]) -> int: ...
+@overload
+def _int(obj: dict, key: str, *, optional: bool = True) -> int | None: ...
 def _int(obj: dict, key: str, *, optional: bool = True) -> int | None:
     v = obj.get(key)
     if v is None and optional:
@@ -110,17 +115,17 @@ def read_dlq(path: str | os.PathLike, *, on_bad_line: BadLine | None = None) -> 
     return _entries(files, on_bad_line)
 
 
-def _open_snapshot(path: Path) -> list[tuple[Path, object, int]]:
+def _open_snapshot(path: Path) -> list[tuple[Path, BinaryIO, int]]:
     """(name, open binary file, size) of every segment and the active file, in reading order. The active
     file is opened first: if a rotation renames it meanwhile, the segment it became is recognised by
     its inode and read once, last."""
-    active = None
+    active: BinaryIO | None = None
     try:
         active = open(path, "rb")  # noqa: SIM115 - closed by _entries
     except FileNotFoundError:
         pass
     ino = os.fstat(active.fileno())[1:3] if active is not None else None
-    out = []
+    out: list[tuple[Path, BinaryIO, int]] = []
     for _, seg in segment_paths(path):
         try:
             f = open(seg, "rb")  # noqa: SIM115
@@ -136,7 +141,7 @@ def _open_snapshot(path: Path) -> list[tuple[Path, object, int]]:
     return out
 
 
-def _entries(files: list[tuple[Path, object, int]], on_bad_line: BadLine | None) -> Iterator[DlqRecord]:
+def _entries(files: list[tuple[Path, BinaryIO, int]], on_bad_line: BadLine | None) -> Iterator[DlqRecord]:
     try:
         for name, f, size in files:
             left = size

@@ -21,7 +21,6 @@ tail reads it to its end, then moves to the next file (the smallest created_ns a
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import threading
@@ -37,8 +36,6 @@ from eventstream.storage.writer import segment_paths
 
 CHUNK_BYTES = 1 << 20
 MAX_CHUNK_BYTES = 1 << 30
-# a reader that knows entries carrying their payload after the record (large payloads) calls on_ext
-_SCAN_HAS_EXT = "on_ext" in inspect.signature(scan_buffer).parameters
 
 
 class TailEvent(NamedTuple):
@@ -287,12 +284,14 @@ class LogTail:
             topics = self._topics
             base = self._base
 
+            # the callbacks run only inside this iteration's scan_buffer call: the loop variables they
+            # use are this iteration's (ruff B023 is a false alarm here)
             def on_topic(tid: int, name: str) -> None:
-                topics[tid] = name
+                topics[tid] = name  # noqa: B023
 
             def on_records(view: np.ndarray, ext: bytes | None = None) -> None:
                 n = len(view)
-                first = base + self._ordinal
+                first = base + self._ordinal  # noqa: B023
                 self._ordinal += n
                 lo = max(0, self.next_offset - first)
                 if lo >= n:
@@ -306,7 +305,7 @@ class LogTail:
                     lo += int(hit[0])
                     r, wall = r[hit[0]:], wall[hit[0]:]
                     self.since_ns = None
-                pl = r["payload"] if "payload" in r.dtype.names else None
+                pl = r["payload"] if "payload" in (r.dtype.names or ()) else None
                 lens = r["payload_len"].tolist()
                 tids = r["topic_id"].tolist()
                 eids = r["event_id"].tolist()
@@ -318,14 +317,13 @@ class LogTail:
                         payload = ext
                     else:
                         payload = pl[i, :lens[i]].tobytes() if pl is not None and lens[i] else b""
-                    out.append(TailEvent(first + lo + i, topics.get(tids[i], f"#{tids[i]}"), eids[i], prios[i],
+                    out.append(TailEvent(first + lo + i, topics.get(tids[i], f"#{tids[i]}"), eids[i], prios[i],  # noqa: B023
                                          pts[i], walls[i], payload))
 
             def on_ext(view: np.ndarray, payload) -> None:
                 on_records(view, bytes(payload))
 
-            kw = {"on_ext": on_ext} if _SCAN_HAS_EXT else {}
-            res = scan_buffer(data, self.dtype, on_records=on_records, on_topic=on_topic, start=0, **kw)
+            res = scan_buffer(data, self.dtype, on_records=on_records, on_topic=on_topic, start=0, on_ext=on_ext)
             self._pos += res.valid_bytes
             if out:
                 self.next_offset = out[-1].offset + 1

@@ -129,7 +129,7 @@ class SoloSource:
     def take(self, n: int) -> list[TailEvent]:
         if not self.pending:
             self._fill()
-        out = []
+        out: list[TailEvent] = []
         while self.pending and len(out) < n:
             out.append(self.pending.popleft())
         return out
@@ -171,7 +171,7 @@ class Group:
         with self.lock:
             if not self.queue:
                 fill(self.tail, self.glob, self._match, self.queue)
-            out = []
+            out: list[TailEvent] = []
             q = self.queue
             while q and len(out) < n:
                 out.append(q.popleft())
