@@ -38,6 +38,7 @@ from eventstream.ingest.limits import RejectMeter
 from eventstream.ingest.tcp import bind_error
 from eventstream.ingest.tenants import TopicGate
 from eventstream.protocol.decoder import FrameDecoder, FrameError, decode_frames
+from eventstream.protocol.frames import BATCH_HEAD, KIND_BATCH, V2_MAGIC
 from eventstream.protocol.framing import scan
 from eventstream.runtime.affinity import pin_current_thread
 
@@ -328,13 +329,20 @@ class UdpServer:
             records, indices, errors, bad_at = decode_frames(dec, buf, offs[first:], lens[first:],
                                                              dec.frames_seen + 1, ingest_ts)
             stop = dec.arena_stop
-            if stop >= 0:  # the payload arena is full: no flow control here, shed that frame
-                dec.arena_stop = -1
-                dec.frames_seen += stop + 1
+            # indices count events (a BATCH frame of N takes N): dec.next_index is the one after what
+            # decode_frames consumed
+            if stop >= 0:  # the payload arena is full: no flow control here, shed that frame (the
+                dec.arena_stop = -1  # rest of it, when a BATCH frame was cut part way)
+                at = offs[first + stop]
+                left = 1
+                if buf[at + 4] == V2_MAGIC and buf[at + 5] == KIND_BATCH:
+                    left = BATCH_HEAD.unpack_from(buf, at)[5] - dec.batch_skip
+                dec.batch_skip = 0
+                dec.frames_seen = dec.next_index - 1 + left
                 consumed = first + stop + 1
-                self._shed_arena_full(dec.frames_seen)
+                self._shed_arena_full(dec.next_index, left)
             elif bad_at is None:
-                dec.frames_seen += len(offs) - first
+                dec.frames_seen = dec.next_index - 1
                 consumed = len(offs)
             else:  # a frame whose topic runs past its end: drop the rest of that datagram
                 e: FrameError = errors.pop()
@@ -343,7 +351,7 @@ class UdpServer:
                 consumed = first + bad_at
                 while consumed < len(offs) and owner[consumed] == dgram:
                     consumed += 1
-                dec.frames_seen += consumed - first
+                dec.frames_seen = dec.next_index - 1 + (consumed - first - bad_at - 1)
             report = None
             if errors:
                 report, ended = self.meter.admit(len(errors), len(records), time.monotonic())
@@ -355,9 +363,9 @@ class UdpServer:
         stats.datagrams += n  # last: a reader of statistics() that sees the datagrams sees their outcome
         return bad
 
-    def _shed_arena_full(self, index: int) -> None:
-        self.stats.backpressure_drops += 1
-        self.stats.frames_rejected[REASON_ARENA_FULL] += 1
+    def _shed_arena_full(self, index: int, events: int = 1) -> None:
+        self.stats.backpressure_drops += events
+        self.stats.frames_rejected[REASON_ARENA_FULL] += events
         if self.delivery.on_reject is not None:
             try:
                 self.delivery.on_reject(None, "", [Rejection(UDP_CONN_ID, index, 0, "", -1, REASON_ARENA_FULL)])

@@ -91,3 +91,31 @@ def test_large_datagram_payloads_use_the_arena_and_a_full_arena_sheds_visibly(ud
         assert st["frames_rejected"][reason] == 1 and category(reason) == "overflow"
         assert [r.reason for r in srv.test_rejects.rejections()] == [reason]
         srv.stop(timeout=5.0)
+
+
+def test_batch_frames_over_udp_number_every_event(udp_server):
+    """A BATCH frame in a datagram: every event arrives; indices count events (a refused event of a
+    batch is reported with its own index, the frames after the batch with theirs)."""
+    import struct
+    import zlib
+
+    from eventstream.protocol.frames import BATCH_HEAD, BATCH_RECORD_DTYPE, encode_batch
+
+    srv = udp_server()
+    s = sender()
+    frame = bytearray(encode_batch([("ub", b"e%d" % i, 2, i + 1) for i in range(20)]))
+    tbytes = BATCH_HEAD.unpack_from(frame, 0)[7]
+    rows = np.frombuffer(frame, dtype=BATCH_RECORD_DTYPE, count=20, offset=30 + tbytes).copy()
+    rows["priority"][4] = 9  # event 5 of the batch: index 1 + 5 = 6 in this datagram stream
+    frame[30 + tbytes:30 + tbytes + rows.nbytes] = rows.tobytes()
+    struct.pack_into(">I", frame, 26, zlib.crc32(bytes(frame[30:])))
+    bad_after = bytearray(encode_v2("ub", b"after", 2, 99))
+    bad_after[6] = 9  # priority 9: refused, index 22
+    s.sendto(encode_v2("ub", b"before", 2, 100) + bytes(frame) + bytes(bad_after), srv.address)
+    wait_until(lambda: srv.test_sink.count == 20, 10, "20 records")
+    assert sorted(payloads(srv.test_sink.records())) == sorted([b"before"] + [b"e%d" % i for i in range(20) if i != 4])
+    wait_until(lambda: len(srv.test_rejects.rejections()) == 2, 10, "2 rejections")
+    assert sorted(r.index for r in srv.test_rejects.rejections()) == [6, 22]
+    s.sendto(bytes(bad_after), srv.address)  # a later datagram goes on from there: 23, not 4
+    wait_until(lambda: len(srv.test_rejects.rejections()) == 3, 10, "3 rejections")
+    assert sorted(r.index for r in srv.test_rejects.rejections()) == [6, 22, 23]
