@@ -165,7 +165,7 @@ class TokenSet:
     def identify(self, token: bytes) -> Principal | None:
         """The principal whose token this is (None: no such token). Compares with every token."""
         found = None
-        for t, p in zip(self._tokens, self._owners):
+        for t, p in zip(self._tokens, self._owners, strict=True):
             if hmac.compare_digest(t, token) and found is None:
                 found = p
         return found

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import structlog
 
+from eventstream.ingest.tenants import Tenants
 from eventstream.runtime.affinity import pin_current_thread
 from eventstream.storage.tail import Progress, SegmentIndex, file_created_ns, log_files
 from eventstream.subscribe.groups import GroupRegistry, GroupStore
 from eventstream.subscribe.lag import GroupLag
-from eventstream.ingest.tenants import Tenants
 from eventstream.subscribe.session import Refuser, Session
 
 log = structlog.get_logger("eventstream.subscribe")

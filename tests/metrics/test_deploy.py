@@ -80,7 +80,7 @@ def dashboard_exprs() -> list[tuple[str, str]]:
         ids.add(p["id"])
         assert p["type"] in ("timeseries", "stat", "gauge", "table") and p["title"]
         g = p["gridPos"]
-        assert g["w"] >= 1 and g["h"] >= 1 and 0 <= g["x"] and g["x"] + g["w"] <= 24
+        assert g["w"] >= 1 and g["h"] >= 1 and g["x"] >= 0 and g["x"] + g["w"] <= 24
         assert p["datasource"]["uid"] == "${datasource}"
         assert p["targets"], f"panel {p['title']!r} has no query"
         refs = [t["refId"] for t in p["targets"]]

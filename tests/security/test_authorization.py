@@ -10,9 +10,9 @@ import json
 import urllib.request
 
 import pytest
-
 from conftest import TOKEN, client_context
 from serve_process import ServeProcess
+
 from eventstream.client import TcpClient
 from eventstream.client.subscriber import SubscribeError, Subscription
 from eventstream.config import ConfigError, load_config

@@ -9,8 +9,8 @@ from __future__ import annotations
 import zlib
 
 import pytest
-
 from conftest import client_context
+
 from eventstream.client import TcpClient
 from eventstream.config import load_config
 from eventstream.core import records as rec

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import socket
-import ssl
 import subprocess
 import sys
 import time
@@ -15,9 +14,9 @@ import urllib.error
 import urllib.request
 
 import pytest
-
 from conftest import TOKEN, client_context
 from serve_process import ServeProcess
+
 from eventstream.client import AuthError, TcpClient
 from eventstream.client.subscriber import SubscribeError, Subscription
 from eventstream.config import load_config
