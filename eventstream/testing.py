@@ -171,7 +171,7 @@ class FlowTest:
         for b, reason in dead:
             reasons = [reason] * len(b) if isinstance(reason, str) else reason
             values = list(b.values)
-            for v, r in zip(values, reasons):
+            for v, r in zip(values, reasons, strict=True):
                 (out.late if r.startswith("late") else out.dead_letters).append((v, r))
 
 

@@ -98,9 +98,8 @@ def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:
     if not usec:
         return None
     pid = env.get("WATCHDOG_PID", "")
-    if pid:
-        if not pid.isdigit() or int(pid) != os.getpid():
-            return None
+    if pid and (not pid.isdigit() or int(pid) != os.getpid()):
+        return None
     if not usec.isdigit() or int(usec) <= 0:
         _warn_once("watchdog_usec_invalid", watchdog_usec=usec, allowed="a positive integer (microseconds)")
         return None

@@ -54,7 +54,7 @@ def _parse_list(text: str) -> list[int]:
 def _from_libnuma() -> Topology | None:
     try:
         from eventstream.core import numa
-    except Exception:  # pragma: no cover - libnuma missing
+    except Exception:  # noqa: BLE001  # pragma: no cover - libnuma missing: detect() reads sysfs instead
         return None
     lib = numa.library()
     if lib is None or not numa.available():
