@@ -25,8 +25,9 @@ import time
 import numpy as np
 
 from eventstream.core.idtable import BYTES_PER_BUCKET, IdTable
+from eventstream.core.records import SMALL_BATCH
 
-SMALL = 8  # up to this many pairs, the *_few calls probe with plain ints (no numpy temporaries)
+SMALL = SMALL_BATCH  # up to this many pairs, the *_few calls probe with plain ints (core/records.py)
 
 
 def bytes_for(buckets: int) -> int:

@@ -37,6 +37,7 @@ import threading
 import numpy as np
 
 from eventstream.core.arena import Arena
+from eventstream.core.records import SMALL_BATCH
 
 MIN_CLASS_BYTES = 64
 MIN_CHUNK_BYTES = 64 << 10
@@ -296,7 +297,7 @@ class PayloadArena:
 # -- records that may carry payloads in an arena ---------------------------------------------------
 def has_ext(records: np.ndarray) -> bool:
     """Does any record of the batch keep its payload in an arena?"""
-    if len(records) <= 8:
+    if len(records) <= SMALL_BATCH:
         return any(records["ext_class"].tolist())
     return bool(records["ext_class"].any())
 
@@ -304,7 +305,7 @@ def has_ext(records: np.ndarray) -> bool:
 def release_records(records: np.ndarray) -> None:
     """Give back the arena slots of every record of a batch that has one (no-op for inline-only)."""
     ext = records["ext_class"]
-    if len(records) <= 8:
+    if len(records) <= SMALL_BATCH:
         if not any(ext.tolist()):
             return
     elif not ext.any():
@@ -350,6 +351,14 @@ def payload_views(records: np.ndarray) -> list:
         else:
             out.append(empty)
     return out
+
+
+def payload_of(record) -> bytes:
+    """The payload bytes of one record (inline or in its payload arena)."""
+    n = int(record["payload_len"])
+    if int(record["ext_class"]):
+        return arena_by_id(int(record["ext_arena"])).view(int(record["ext_off"]), n).tobytes()
+    return record["payload"][:n].tobytes() if n else b""
 
 
 def payload_list(records: np.ndarray) -> list[bytes]:

@@ -40,6 +40,11 @@ import enum
 
 import numpy as np
 
+# The small-batch threshold, one for the whole engine: up to this many records (or values), plain
+# Python ints beat numpy temporaries (~1 µs instead of ~10), so the hot paths that care have a
+# plain-int branch below it and a vectorized one above it.
+SMALL_BATCH = 8
+
 HEADER_BYTES = 64
 DEFAULT_PAYLOAD_BYTES = 448
 MAX_PAYLOAD_BYTES = 1 << 20
@@ -136,13 +141,3 @@ def set_payload(record: np.void | np.ndarray, data: bytes) -> None:
         raise PayloadTooLarge(len(data), cap)
     record["payload"][: len(data)] = np.frombuffer(data, dtype=np.uint8)
     record["payload_len"] = len(data)
-
-
-def payload_of(record) -> bytes:
-    """The payload bytes of one record (inline or in its payload arena)."""
-    n = int(record["payload_len"])
-    if int(record["ext_class"]):
-        from eventstream.core.payloads import arena_by_id
-
-        return arena_by_id(int(record["ext_arena"])).view(int(record["ext_off"]), n).tobytes()
-    return record["payload"][:n].tobytes() if n else b""

@@ -32,7 +32,7 @@ import numpy as np
 
 from eventstream.config import Config, QueueConfig
 from eventstream.core.arena import memory_node
-from eventstream.core.records import Priority
+from eventstream.core.records import SMALL_BATCH, Priority
 from eventstream.core.ring import MpscRing, Overflow
 from eventstream.core.wait import Blocking, make_wait
 
@@ -47,7 +47,13 @@ ROUTE[Priority.MEDIUM] = TRANSACTIONAL
 ROUTE[Priority.LOW] = BATCH
 ROUTE[Priority.BATCH] = BATCH
 _ROUTE = ROUTE.tolist()
-SMALL = 8  # up to this many records, routing uses plain ints
+
+
+def partition_of(topic_ids, partitions: int):
+    """The partition rule, the one place it is written: a topic lives in exactly one partition of
+    its queue (per-topic order; idempotency.rebuild finds a topic's dedup table with it too)."""
+    return topic_ids % partitions
+SMALL = SMALL_BATCH  # up to this many records, routing uses plain ints (core/records.py)
 
 
 def sequence_base() -> int:
@@ -171,7 +177,7 @@ class EventBusMulti:
         dest = []  # (queue index, partition) per record
         for prio, tid in zip(records["priority"].tolist(), records["topic_id"].tolist()):
             q = _ROUTE[prio]
-            dest.append((q, tid % queues[q].partitions))
+            dest.append((q, partition_of(tid, queues[q].partitions)))
         first = dest[0]
         if all(d == first for d in dest):
             queue = queues[first[0]]
@@ -194,7 +200,7 @@ class EventBusMulti:
                 yield queue, queue.rings[0], sel
                 continue
             tids = records["topic_id"] if sel is None else records["topic_id"][sel]
-            pidx = tids % queue.partitions
+            pidx = partition_of(tids, queue.partitions)
             p0 = int(pidx[0])
             if len(pidx) == 1 or (pidx == p0).all():
                 yield queue, queue.rings[p0], sel
@@ -260,7 +266,7 @@ class EventBusMulti:
             if queue.partitions == 1:
                 parts = [(queue.rings[0], sel)]
             else:
-                pidx = sel["topic_id"] % queue.partitions
+                pidx = partition_of(sel["topic_id"], queue.partitions)
                 p0 = int(pidx[0])
                 if len(sel) == 1 or (pidx == p0).all():
                     parts = [(queue.rings[p0], sel)]

@@ -30,6 +30,7 @@ import structlog
 
 from eventstream.core.dedup import SMALL, Deduplicator
 from eventstream.core.topics import TopicTable
+from eventstream.engine.bus import partition_of
 from eventstream.storage.reader import ColumnCollector, EventLogReader
 
 log = structlog.get_logger("eventstream.idempotency")
@@ -177,7 +178,7 @@ def rebuild(path: Path, tables: dict[str, list[Deduplicator]], topics: TopicTabl
         n_parts = len(tables[names[t]])
         mask = tier == t
         if n_parts > 1:
-            mask &= tids % n_parts == p  # the bus's rule: topic id % partitions (engine/bus.py)
+            mask &= partition_of(tids, n_parts) == p  # the bus's rule (engine/bus.py)
         sel = np.flatnonzero(mask)
         del mask
         if not len(sel):

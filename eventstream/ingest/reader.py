@@ -47,7 +47,7 @@ import numpy as np
 import structlog
 
 from eventstream.core.payloads import release_records
-from eventstream.core.records import ACK_ACCEPTED, ACK_STORED, FLAG_ACK_MASK, FLAG_ACK_SHIFT
+from eventstream.core.records import ACK_ACCEPTED, ACK_STORED, FLAG_ACK_MASK, FLAG_ACK_SHIFT, SMALL_BATCH
 from eventstream.core.topics import TopicTable
 from eventstream.ingest.auth import TokenSet
 from eventstream.ingest.connection import Connection, peer_ip
@@ -77,7 +77,7 @@ _STRONGER_THAN_ACCEPTED = ACK_ACCEPTED << FLAG_ACK_SHIFT
 
 def wants_completion(flags: np.ndarray) -> bool:
     """Does any record ask for more than `accepted` (stored or synced)?"""
-    if len(flags) <= 8:  # the common small read: plain ints beat numpy temporaries
+    if len(flags) <= SMALL_BATCH:  # the common small read: plain ints beat numpy temporaries
         return any((f & FLAG_ACK_MASK) > _STRONGER_THAN_ACCEPTED for f in flags.tolist())
     return bool(((flags & FLAG_ACK_MASK) > _STRONGER_THAN_ACCEPTED).any())
 
@@ -501,7 +501,7 @@ class Reader(threading.Thread):
             self._write(c, data)
         if done and self.on_acked is not None:  # (events, decode ns) per chunk: the "acked" stage latency
             now = time.monotonic_ns()
-            if len(done) == 1 and done[0][0] <= 8:  # a few events: a list, no numpy temporaries
+            if len(done) == 1 and done[0][0] <= SMALL_BATCH:  # a few events: a list, no numpy temporaries
                 self.on_acked([now - done[0][1]] * done[0][0])
             else:
                 self.on_acked(np.repeat(np.array([now - ts for _, ts in done], dtype=np.int64),

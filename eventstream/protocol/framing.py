@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from eventstream.core.records import SMALL_BATCH
 from eventstream.protocol.frames import LENGTH, MAX_PRIORITY, V1_HEADER_BYTES, V2_HEADER_BYTES, V2_MAGIC
 
-# Up to this many frames per feed are decoded one by one with precompiled structs: the vectorized
-# path has ~100-200 µs of fixed numpy cost per call, which at low load (a frame or two per read) is
-# most of an event's ingest latency; per frame the struct path costs a few µs.
-SMALL_BATCH = 8
+# SMALL_BATCH (core/records.py, the engine's one threshold): up to this many frames per feed are decoded
+# one by one with precompiled structs: the vectorized path has ~100-200 µs of fixed numpy cost per
+# call, which at low load (a frame or two per read) is most of an event's ingest latency; per frame
+# the struct path costs a few µs.
 
 _NEED = [V1_HEADER_BYTES if b <= MAX_PRIORITY else V2_HEADER_BYTES if b == V2_MAGIC else 0 for b in range(256)]
 _NEED_ARR = np.array(_NEED, dtype=np.int64)

@@ -168,7 +168,7 @@ def topic_entry(file_topic_id: int, name: bytes, wall_ns: int) -> bytes:
     return struct.pack("<III", ENTRY_MAGIC, len(body), crc) + head_tail + body
 
 
-SMALL_BATCH = 8  # up to this many records, entries are built with struct calls (numpy costs more)
+SMALL_BATCH = rec.SMALL_BATCH  # up to this many records, entries are built with struct calls (numpy costs more)
 _TOPIC_ID = struct.Struct("<I")
 _TOPIC_ID_AT = 32  # offset of topic_id in a record (core/records.py)
 _KIND_WALL = struct.Struct("<B3xQ")

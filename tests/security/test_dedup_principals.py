@@ -14,6 +14,7 @@ from conftest import client_context
 from eventstream.client import TcpClient
 from eventstream.config import load_config
 from eventstream.core import records as rec
+from eventstream.core.payloads import payload_of
 from eventstream.ingest.auth import principal_keys
 from eventstream.service import Service
 from eventstream.storage.reader import EventLogReader
@@ -42,7 +43,7 @@ def send(svc, cert, token, payload: bytes, priority: int) -> TcpClient:
 
 def stored(data) -> list[tuple[int, bytes, int]]:
     r = EventLogReader(data / "events.bin").read().records
-    return sorted((int(x["event_id"]), rec.payload_of(x), int(x["principal"])) for x in r)
+    return sorted((int(x["event_id"]), payload_of(x), int(x["principal"])) for x in r)
 
 
 @pytest.mark.parametrize("priority", [4, 2, 0], ids=["realtime", "transactional", "batch"])

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from eventstream.core import records as rec
+from eventstream.core.payloads import payload_of
 from eventstream.core.topics import TopicTable
 from eventstream.storage import EventLog, EventLogReader, LogFormatError
 
@@ -29,7 +30,7 @@ def test_round_trip_keeps_every_field_and_topic_names(tmp_path, topics, make_bat
     assert got.topic_names() == topics.names(batch["topic_id"])
     for field in ("seq", "event_id", "producer_ts", "priority", "payload_len", "payload"):
         np.testing.assert_array_equal(got.records[field], batch[field])
-    assert rec.payload_of(got.records[7]) == b"payload-7"
+    assert payload_of(got.records[7]) == b"payload-7"
     assert np.all(got.stored_ns > 0)
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import structlog
 
 from eventstream.core.payloads import release_records
-from eventstream.core.records import ACK_SYNCED, FLAG_ACK_MASK, FLAG_ACK_SHIFT
+from eventstream.core.records import ACK_SYNCED, FLAG_ACK_MASK, FLAG_ACK_SHIFT, SMALL_BATCH
 from eventstream.core.topics import TopicTable
 from eventstream.engine import idempotency
 from eventstream.engine.bus import Queue
@@ -55,7 +55,7 @@ class Sinks:
 
 
 def _wants_sync(views) -> bool:
-    if len(views) == 1 and len(views[0]) <= 8:  # a few records: plain ints beat numpy temporaries
+    if len(views) == 1 and len(views[0]) <= SMALL_BATCH:  # a few records: plain ints beat numpy temporaries
         return any(f & FLAG_ACK_MASK == _SYNCED_BITS for f in views[0]["flags"].tolist())
     for v in views:
         if ((v["flags"] & FLAG_ACK_MASK) == _SYNCED_BITS).any():
