@@ -25,6 +25,7 @@ import fnmatch
 import struct
 import zlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -97,9 +98,9 @@ class Subscribe:
         return fnmatch.fnmatchcase(topic, self.glob)
 
 
-@dataclass(frozen=True)
-class Delivered:
-    """One event as a subscriber sees it (a decoded DELIVER frame)."""
+class Delivered(NamedTuple):
+    """One event as a subscriber sees it (a decoded DELIVER frame, or one event of a DELIVER_BATCH).
+    A NamedTuple: made per event on the client, so it must be cheap to create."""
 
     offset: int
     topic: str
@@ -221,9 +222,10 @@ def parse_deliver_batch(f: Frame) -> list[Delivered]:
                                      f"match its {len(p)} bytes and {tcount} topics")
     ends = (start + np.cumsum(lens)).tolist()
     starts = [start, *ends[:-1]]
-    return [Delivered(o, names[t], p[a:b], e, pr, pt, sn) for o, t, a, b, e, pr, pt, sn in zip(
-        rows["offset"].tolist(), rows["topic"].tolist(), starts, ends, rows["event_id"].tolist(),
-        rows["priority"].tolist(), rows["producer_ts"].tolist(), rows["stored_ns"].tolist(), strict=True)]
+    topic_of = np.array(names, dtype=object)[rows["topic"]].tolist() if count else []
+    payloads = [p[a:b] for a, b in zip(starts, ends, strict=True)]
+    return list(map(Delivered, rows["offset"].tolist(), topic_of, payloads, rows["event_id"].tolist(),
+                    rows["priority"].tolist(), rows["producer_ts"].tolist(), rows["stored_ns"].tolist()))
 
 
 # ------------------------------------------------------------------------------------ decoding
