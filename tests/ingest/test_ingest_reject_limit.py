@@ -79,7 +79,7 @@ def test_udp_rejects_past_the_limit_are_summarised(udp_server):
 
 def test_service_writes_one_summary_line_and_counts_every_reject(tmp_path):
     cfg = load_config(overrides={"server.tcp.port": 0, "server.udp.port": 0, "metrics.enabled": False,
-                                 "server.tcp.max_rejects_per_s": 10, "storage.data_dir": str(tmp_path / "d"),
+                                 "server.subscribe.port": 0, "server.tcp.max_rejects_per_s": 10, "storage.data_dir": str(tmp_path / "d"),
                                  "storage.fsync": "none", "logging.level": "warning"}, environ={})
     svc = Service(cfg).start()
     try:

@@ -38,7 +38,7 @@ def foreign_socket(host: str = "127.0.0.1", port: int = 0, *, reuseport: bool = 
 
 def cfg_for(tmp_path: Path, udp_port: int):
     return load_config(environ={}, overrides={
-        "server.tcp.port": 0, "server.udp.port": udp_port, "metrics.enabled": False,
+        "server.tcp.port": 0, "server.udp.port": udp_port, "metrics.enabled": False, "server.subscribe.port": 0,
         "storage.data_dir": str(tmp_path / "data"), "records.payload_bytes": 64})
 
 
