@@ -122,6 +122,17 @@ def render(snap: Snapshot, prev: Snapshot | None, url: str) -> str:
         count = max((c for _, c in b), default=0)
         lines.append(f"  {st:13}{count:>10,.0f} {human_ns(bucket_quantile(b, 0.5)):>9} "
                      f"{human_ns(bucket_quantile(b, 0.99)):>9} {human_ns(bucket_quantile(b, 0.999)):>9}")
+    if "subscribers" in snap.scalars:
+        lines.append(f"subscribers {g('subscribers', 0):,.0f}  credit {g('subscribe_credit_outstanding', 0):,.0f}  "
+                     f"groups {g('subscribe_groups', 0):,.0f}  lag {g('subscribe_group_lag_events', 0):,.0f} events"
+                     f" / {g('subscribe_group_lag_seconds', 0):,.1f} s (the group furthest behind)")
+    if "udp_datagrams_received_total" in snap.scalars:
+        lines.append(f"udp        datagrams {g('udp_datagrams_received_total', 0):,.0f}  bad "
+                     f"{g('udp_datagrams_bad_total', 0):,.0f}  over the source limit "
+                     f"{g('udp_datagrams_rate_limited_total', 0):,.0f}  "
+                     f"kernel drops {g('udp_kernel_drops_total', 0):,.0f}")
+    if g("threads_failed"):
+        lines.append(f"THREADS FAILED {g('threads_failed', 0):.0f} (see /healthz)")
     rss = g("process_rss_bytes")
     lines.append(f"process    cpu {g('process_cpu_percent', 0):.0f}%  rss "
                  f"{(rss or 0) / 2**20:,.1f} MiB  threads {g('process_threads', 0):.0f}")

@@ -42,6 +42,30 @@ def test_top_shows_where_the_time_goes_per_stage(capsys):
     assert [r[1] for r in rows] == ["10", "5", "20", "30"]
 
 
+def test_top_shows_subscribers_group_lag_and_udp_of_a_real_service(tmp_path, capsys):
+    from eventstream.client import TcpClient, subscribe
+    from eventstream.config import load_config
+    from eventstream.service import Service
+
+    cfg = load_config(environ={}, overrides={
+        "server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0, "server.subscribe.port": 0,
+        "storage.data_dir": str(tmp_path / "data")})
+    with Service(cfg) as svc:
+        with TcpClient("127.0.0.1", svc.tcp.address[1], timeout=30) as c:
+            for i in range(10):
+                c.send("t", b"x", 2, i + 1)
+            assert c.wait_acked(30)
+        with subscribe("127.0.0.1", svc.subscribe.address[1], "t", group="g", credit=4) as s:
+            for _ in range(4):
+                assert s.poll(20) is not None
+            assert s.commit() == 4
+        assert main(["top", "--once", "--url", svc.exporter.url]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("subscribers"))
+    assert "groups 1" in line and "lag 6 events" in line
+    assert "udp        datagrams 0  bad 0" in out
+
+
 def test_top_unreachable_and_bad_args(capsys):
     import socket
     s = socket.socket()
