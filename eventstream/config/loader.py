@@ -8,12 +8,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
 from eventstream.config.schema import Config, ConfigError
+
 
 def available_cpus() -> set[int]:
     return set(os.sched_getaffinity(0))
@@ -80,7 +82,7 @@ def _coerce(value: Any, tp: Any, meta: dict, source: str, path: str) -> Any:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
             raise ConfigError(source, path, value, _type_name(tp))
-        if dataclasses.is_dataclass(item_tp):  # a list of sections (server.auth.principals)
+        if isinstance(item_tp, type) and dataclasses.is_dataclass(item_tp):  # a list of sections (auth.principals)
             out_items = []
             for i, v in enumerate(value):
                 item = item_tp()
@@ -170,7 +172,7 @@ def _check_whole(cfg: Config, source: str) -> None:
                               f"an integer >= processors.{tier}.workers ({p.workers})")
     b = cfg.backpressure
     levels = [("elevated", b.elevated), ("degraded", b.degraded), ("critical", b.critical), ("emergency", b.emergency)]
-    for (n1, l1), (n2, l2) in zip(levels, levels[1:]):
+    for (n1, l1), (n2, l2) in zip(levels, levels[1:], strict=False):  # each level with the next
         for attr in ("drop_rate", "depth"):
             if getattr(l2, attr) < getattr(l1, attr):
                 raise ConfigError(source, f"backpressure.{n2}.{attr}", getattr(l2, attr),
@@ -178,7 +180,8 @@ def _check_whole(cfg: Config, source: str) -> None:
     s, t, u = cfg.server, cfg.server.tcp, cfg.server.udp
     if t.enabled and u.enabled and t.port and t.port == u.port and t.host == u.host:
         pass  # TCP and UDP may share a port number
-    if cfg.metrics.enabled and t.enabled and cfg.metrics.port and cfg.metrics.port == t.port and cfg.metrics.host == t.host:
+    mt = cfg.metrics
+    if mt.enabled and t.enabled and mt.port and mt.port == t.port and mt.host == t.host:
         raise ConfigError(source, "metrics.port", cfg.metrics.port, f"a port other than server.tcp.port ({t.port})")
     if bool(s.tls.cert_file) != bool(s.tls.key_file):
         key = "server.tls.key_file" if s.tls.cert_file else "server.tls.cert_file"
@@ -246,7 +249,7 @@ _ENV_NOT_CONFIG = {"EVENTSTREAM_PYTHON", "EVENTSTREAM_CPYTHON_TARBALL", "EVENTST
                    "EVENTSTREAM_TOKEN"}
 
 
-def env_overrides(environ: dict[str, str] | None = None) -> list[tuple[str, str, Any]]:
+def env_overrides(environ: Mapping[str, str] | None = None) -> list[tuple[str, str, Any]]:
     """(env var, dotted key path, value) for every EVENTSTREAM_* configuration variable."""
     environ = os.environ if environ is None else environ
     out = []

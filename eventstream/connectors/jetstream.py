@@ -32,12 +32,13 @@ not loop.
 
 Source messages: topic = subject minus the prefix; priority from `Eventstream-Priority` (number or
 name) else `source.default_priority`; event id = `Nats-Msg-Id` when it is a decimal number in
-1..2^64-1 (or `<topic>:<number>` with the message's own topic, the sink's form), else a 64-bit hash of it (of `<stream>:<stream seq>` when there is no id), so a
-redelivered message keeps its id. Payloads over `records.payload_bytes` go to the payload
-arena, as from TCP (a full arena makes the source wait: it stops fetching). Undecodable messages (no
-topic, bad priority, a payload larger than the largest frame) and messages delivered more than `source.max_deliver` times go to our DLQ
-with the reason and are terminated (`term()`), never redelivered. The JetStream consumer itself has
-no max_deliver (-1): nothing is dropped by the server silently; the limit is ours.
+1..2^64-1 (or `<topic>:<number>` with the message's own topic, the sink's form), else a 64-bit hash
+of it (of `<stream>:<stream seq>` when there is no id), so a redelivered message keeps its id.
+Payloads over `records.payload_bytes` go to the payload arena, as from TCP (a full arena makes the
+source wait: it stops fetching). Undecodable messages (no topic, bad priority, a payload larger than
+the largest frame) and messages delivered more than `source.max_deliver` times go to our DLQ with
+the reason and are terminated (`term()`), never redelivered. The JetStream consumer itself has no
+max_deliver (-1): nothing is dropped by the server silently; the limit is ours.
 """
 
 from __future__ import annotations
@@ -51,10 +52,10 @@ import uuid
 import numpy as np
 import structlog
 
+from eventstream.config.subjects import glob_filter, glob_matches
 from eventstream.connectors.headers import NATS_CONN_ID
 from eventstream.connectors.nats_sink import SinkSide
 from eventstream.connectors.nats_source import SourceSide
-from eventstream.config.subjects import glob_filter, glob_matches
 from eventstream.core.payloads import has_ext, payload_list
 from eventstream.core.records import PRIORITY_NAMES
 
@@ -166,7 +167,8 @@ class NatsConnector(SinkSide, SourceSide):
             self.stats["backlog_full"] += n
             self.engine.drop(batch, "connector: sink backlog full (connectors.nats.sink.max_pending="
                                  f"{self.cfg.sink.max_pending}); stored here, not published to JetStream", pays)
-        elif wake:
+        elif wake:  # the sink loop waits: the connector thread and its loop run
+            assert self._loop is not None
             self._loop.call_soon_threadsafe(self._sink_event.set)
 
     def progress(self) -> None:
@@ -186,10 +188,10 @@ class NatsConnector(SinkSide, SourceSide):
         from eventstream.runtime import gil
 
         gil.require_gil_off(self.engine.allow_gil, "the NATS connector (after importing nats-py)")
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run_loop, name="es-nats", daemon=True)
+        loop = self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, args=(loop,), name="es-nats", daemon=True)
         self._thread.start()
-        fut = asyncio.run_coroutine_threadsafe(self._setup(), self._loop)
+        fut = asyncio.run_coroutine_threadsafe(self._setup(), loop)
         try:
             fut.result(self.cfg.connect_timeout_s * 3 + 10)
         except Exception as exc:  # noqa: BLE001 - reported as a startup error naming the keys
@@ -211,15 +213,15 @@ class NatsConnector(SinkSide, SourceSide):
             m.counter_fn("connector_nats_events", lambda k=key: self.stats[k], {"what": key},
                          doc="NATS JetStream connector counters (eventstream/connectors/jetstream.py)")
 
-    def _run_loop(self) -> None:
-        asyncio.set_event_loop(self._loop)
+    def _run_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        asyncio.set_event_loop(loop)
         try:
-            self._loop.run_forever()
+            loop.run_forever()
         finally:
             try:
-                self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+                loop.run_until_complete(loop.shutdown_asyncgens())
             finally:
-                self._loop.close()
+                loop.close()
 
     def _stop_loop(self) -> None:
         if self._loop is not None and self._thread is not None and self._thread.is_alive():
@@ -242,6 +244,7 @@ class NatsConnector(SinkSide, SourceSide):
         """The source stops pulling (called with ingest, before the processors drain)."""
         if not self._started or self._intake_stopped:
             return
+        assert self._loop is not None  # started
         fut = asyncio.run_coroutine_threadsafe(self._stop_source(timeout), self._loop)
         try:
             fut.result(timeout + 5)
@@ -257,6 +260,7 @@ class NatsConnector(SinkSide, SourceSide):
             self._stop_loop()
             return
         self.stop_intake()
+        assert self._loop is not None  # started
         fut = asyncio.run_coroutine_threadsafe(self._shutdown(drain, timeout), self._loop)
         try:
             fut.result(timeout + 15)

@@ -45,14 +45,16 @@ class Rejection(NamedTuple):
     """A frame that did not decode (content or framing error), with what could be parsed."""
 
     conn_id: int
-    index: int  # 1-based frame number on the connection (or UDP socket)
+    # index and count shadow tuple.index() and tuple.count(): read as attributes, never called
+    index: int  # type: ignore[assignment]  # 1-based frame number on the connection (or UDP socket)
     event_id: int
     topic: str
     priority: int  # -1 = not parsed
     reason: str
     fatal: bool = False
     version: int = 0
-    count: int = 1  # frames this line stands for (a summary of rejects not reported one by one: more)
+    # frames this line stands for (a summary of rejects not reported one by one: more)
+    count: int = 1  # type: ignore[assignment]
 
 
 # on_reject(records, reason, rejections): records = decoded records refused as a group (reason says
@@ -70,7 +72,7 @@ def dead_letter_lines(records: np.ndarray | None, reason: str, rejections: list[
     lines = []
     if records is not None and len(records):
         names = topic_names(records["topic_id"])
-        for eid, topic, prio in zip(records["event_id"].tolist(), names, records["priority"].tolist()):
+        for eid, topic, prio in zip(records["event_id"].tolist(), names, records["priority"].tolist(), strict=True):
             lines.append(f"id={eid} topic={topic} priority={prio} reason={reason}")
     for r in rejections:
         lines.append(f"id={r.event_id} topic={r.topic} priority={r.priority} reason={r.reason}")

@@ -31,6 +31,7 @@ import fnmatch
 import hmac
 import os
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,7 +154,7 @@ def principal_keys(names: list[str]) -> dict[str, int]:
 
 
 class TokenSet:
-    def __init__(self, tokens: list[str] | list[bytes], principals: list[tuple[bytes, Principal]] = ()):
+    def __init__(self, tokens: list[str] | list[bytes], principals: Sequence[tuple[bytes, Principal]] = ()):
         """`tokens`: shared tokens (principal SHARED); `principals`: (token, Principal) pairs."""
         self._tokens = [t.encode("utf-8") if isinstance(t, str) else bytes(t) for t in tokens]
         self._owners: list[Principal] = [SHARED] * len(self._tokens)

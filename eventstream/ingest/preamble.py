@@ -8,7 +8,7 @@ frame decoder unchanged. Sans-I/O: the reader feeds bytes and acts on the answer
 
 from __future__ import annotations
 
-from eventstream.ingest.auth import TokenSet
+from eventstream.ingest.auth import Principal, TokenSet
 from eventstream.protocol.frames import HELLO_ABSENT, HELLO_NEED_MORE, parse_hello
 
 REFUSE_NO_HELLO = "auth: the connection must open with a HELLO frame carrying a valid token"
@@ -23,7 +23,7 @@ class Preamble:
     def __init__(self, tokens: TokenSet | None):
         self.tokens = tokens
         self.buf = bytearray()
-        self.principal = None  # auth.Principal of the accepted token (None: no tokens configured)
+        self.principal: Principal | None = None  # of the accepted token (None: no tokens configured)
 
     def feed(self, data) -> tuple[bytes | None, str]:
         """(bytes for the decoder, "") once the preamble is over; (None, "") while more bytes are

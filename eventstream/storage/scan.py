@@ -223,7 +223,8 @@ def scan_buffer(buf, record_dtype: np.dtype, *,
                         break
                     continue
                 view = np.ndarray((n_max,), dtype=edt, buffer=mv, offset=pos)
-                ok = (view["magic"] == fmt.ENTRY_MAGIC) & (view["length"] == itemsize) & (view["kind"] == fmt.KIND_RECORD)
+                ok = ((view["magic"] == fmt.ENTRY_MAGIC) & (view["length"] == itemsize)
+                      & (view["kind"] == fmt.KIND_RECORD))
                 n = n_max if bool(ok.all()) else int(np.argmin(ok))
                 good = _crc_mismatches(mv[pos:pos + n * size], size, n, view["crc"][:n])
                 if good and on_records is not None:
@@ -250,24 +251,24 @@ def scan_buffer(buf, record_dtype: np.dtype, *,
                         break
                     continue
                 if on_batch is not None:
-                    view = fmt.batch_entry_columns(mv, pos, length, batch_dtype or record_dtype, itemsize - 64)
+                    bview = fmt.batch_entry_columns(mv, pos, length, batch_dtype or record_dtype, itemsize - 64)
                 elif on_rows is not None or on_records is None:
-                    view = fmt.batch_entry_rows(mv, pos, length, itemsize - 64)
+                    bview = fmt.batch_entry_rows(mv, pos, length, itemsize - 64)
                 else:
-                    view = fmt.batch_entry_records(mv, pos, length, _wall, record_dtype)
-                if isinstance(view, str):
-                    pos = bad(pos, view)
+                    bview = fmt.batch_entry_records(mv, pos, length, _wall, record_dtype)
+                if isinstance(bview, str):
+                    pos = bad(pos, bview)
                     if pos < 0:
                         break
                     continue
                 if on_batch is not None:
-                    on_batch(view, _wall)
+                    on_batch(bview, _wall)
                 elif on_rows is not None:
-                    on_rows(view, _wall)
+                    on_rows(bview, _wall)
                 elif on_records is not None:
-                    on_records(view)
-                result.records += len(view)
-                del view
+                    on_records(bview)
+                result.records += len(bview)
+                del bview
                 pos = stop
                 result.valid_bytes = pos
                 continue

@@ -78,9 +78,11 @@ class SubscribeServer:
 
     def _accept_loop(self) -> None:
         pin_current_thread(self.cpus, "es-sub-acceptor")
+        sock = self._sock
+        assert sock is not None  # start() made it before this thread
         while not self._stopping:
             try:
-                conn, addr = self._sock.accept()
+                conn, addr = sock.accept()
             except OSError:
                 if self._stopping:
                     return
