@@ -2,7 +2,8 @@
 consumer -> the engine, as another ingest).
 
 Modules: this one connects, runs and stops the connector; nats_sink.py publishes, nats_source.py
-consumes (both mixins of NatsConnector); headers.py maps headers to event ids and priorities.
+consumes (NatsSink and NatsSource, each owning its state; NatsConnector composes them and owns the
+connection); headers.py maps headers to event ids and priorities.
 
 Threads. nats-py is asyncio; it runs in one dedicated thread (`es-nats`) with its own event loop.
 Engine threads never await and never wait for it:
@@ -44,20 +45,14 @@ max_deliver (-1): nothing is dropped by the server silently; the limit is ours.
 from __future__ import annotations
 
 import asyncio
-import collections
 import threading
 import time
 import uuid
 
-import numpy as np
 import structlog
 
-from eventstream.config.subjects import glob_filter, glob_matches
-from eventstream.connectors.headers import NATS_CONN_ID
-from eventstream.connectors.nats_sink import SinkSide
-from eventstream.connectors.nats_source import SourceSide
-from eventstream.core.payloads import has_ext, payload_list
-from eventstream.core.records import PRIORITY_NAMES
+from eventstream.connectors.nats_sink import NatsSink
+from eventstream.connectors.nats_source import NatsSource
 
 log = structlog.get_logger("eventstream.connectors.nats")
 
@@ -76,7 +71,7 @@ def import_nats():
     return nats
 
 
-class NatsConnector(SinkSide, SourceSide):
+class NatsConnector:
     def __init__(self, cfg, engine):
         """`engine`: engine/engine.py's Engine (its `offer` and `stored` ports, topics, payload arena,
         `drop` to the dead-letter log, metrics). Built before the engine starts its processors."""
@@ -89,7 +84,6 @@ class NatsConnector(SinkSide, SourceSide):
         self.run_id = uuid.uuid4().hex[:16]  # `<engine-run>-<seq>` ids for events without an id
         self.sink_on = cfg.sink.enabled
         self.source_on = cfg.source.enabled
-        self._default_priority = PRIORITY_NAMES.index(cfg.source.default_priority)
         self.stats = {k: 0 for k in ("forwarded", "published", "duplicates", "retries", "publish_failed",
                                      "refused_topic", "backlog_full", "consumed", "acked", "poison",
                                      "reconnects", "disconnects", "source_errors", "arena_waits", "holds")}
@@ -98,86 +92,12 @@ class NatsConnector(SinkSide, SourceSide):
         self.nc = self.js = None
         self._started = False
         self._closed = False
-        # sink state (the deque is shared with engine threads; the counters under _q_lock)
-        self._q: collections.deque = collections.deque()
-        self._q_lock = threading.Lock()
-        self._q_events = 0
-        self._sink_waiting = False
-        self._sink_closing = False
-        self._allow = np.zeros(1, dtype=bool)  # topic id -> forwarded (sink.topics); ids < len are decided
-        self._allow_lock = threading.Lock()
-        self._subjects: dict[int, tuple[str | None, str | None]] = {}
-        self._names: dict[int, str] = {}
-        self._tasks: set = set()
-        # source state (connector thread only, except the two flags read by progress())
-        self._inflight: collections.deque = collections.deque()  # [marks, msgs, last in_progress]
-        self._want_progress = False
-        self._nudged = False
-        self._intake_stopped = False
-        self._ack_stop = False
-        self._source_task = self._ack_task = self._sink_task = None
-        if self.sink_on:  # a copy of every batch the engine stores
-            engine.forwarders.append(self.forward)
-        engine.stored.follow(self.progress)  # a release: JetStream acks may be due
-
-    # ------------------------------------------------------------------ called from engine threads
-    def _grow_allow(self) -> np.ndarray:
-        with self._allow_lock:
-            n = len(self.topics) + 1
-            old = self._allow
-            if len(old) >= n:
-                return old
-            table = np.zeros(n, dtype=bool)
-            table[:len(old)] = old
-            globs = self.cfg.sink.topics
-            for tid in range(max(len(old), 1), n):
-                name = self.topics.name(tid)
-                table[tid] = any(glob_matches(g, name) for g in globs)
-            self._allow = table
-            return table
-
-    def forward(self, records: np.ndarray) -> None:
-        """Queue the forwarded part of a stored batch for the sink (never waits)."""
-        if len(records) == 0:
-            return
-        tids = records["topic_id"]
-        table = self._allow
-        if int(tids.max()) >= len(table):  # a topic not decided yet (one lock per new topic set)
-            table = self._grow_allow()
-        mask = table[tids] & (records["conn_id"] != NATS_CONN_ID)
-        if mask.all():
-            batch = records.copy()
-        elif mask.any():
-            batch = records[mask]  # fancy indexing copies
-        else:
-            return
-        n = len(batch)
-        # payloads in the payload arena are copied out now: their slots go back when the engine
-        # releases the records, before the sink publishes them
-        pays = payload_list(batch) if has_ext(batch) else None
-        wake = over = False
-        with self._q_lock:
-            if self._sink_closing or self._q_events + n > self.cfg.sink.max_pending:
-                over = True
-            else:
-                self._q.append((batch, pays))
-                self._q_events += n
-                wake, self._sink_waiting = self._sink_waiting, False
-        if over:
-            self.stats["backlog_full"] += n
-            self.engine.drop(batch, "connector: sink backlog full (connectors.nats.sink.max_pending="
-                                 f"{self.cfg.sink.max_pending}); stored here, not published to JetStream", pays)
-        elif wake:  # the sink loop waits: the connector thread and its loop run
-            assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._sink_event.set)
-
-    def progress(self) -> None:
-        """A processor released a batch: wake the source if it waits for completion marks."""
-        if self._want_progress and not self._nudged:
-            self._nudged = True
-            loop = self._loop
-            if loop is not None:
-                loop.call_soon_threadsafe(self._progress_event.set)
+        self.sink = NatsSink(self) if self.sink_on else None
+        self.source = NatsSource(self) if self.source_on else None
+        if self.sink is not None:  # a copy of every batch the engine stores
+            engine.forwarders.append(self.sink.forward)
+        if self.source is not None:  # a release: JetStream acks may be due
+            engine.stored.follow(self.source.progress)
 
     # ------------------------------------------------------------------ lifecycle (service thread)
     def start(self) -> None:
@@ -235,17 +155,20 @@ class NatsConnector(SinkSide, SourceSide):
         out = []
         if self._thread is None or not self._thread.is_alive():
             out.append("es-nats: not running")
-        for name, task in (("source", self._source_task), ("acks", self._ack_task), ("sink", self._sink_task)):
+        src, sink = self.source, self.sink
+        for name, task in (("source", src and src._source_task), ("acks", src and src._ack_task),
+                           ("sink", sink and sink.task)):
             if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
                 out.append(f"es-nats: {name} loop failed: {task.exception()!r}")
         return out
 
     def stop_intake(self, timeout: float = 10.0) -> None:
         """The source stops pulling (called with ingest, before the processors drain)."""
-        if not self._started or self._intake_stopped:
+        src = self.source
+        if not self._started or src is None or src._intake_stopped:
             return
         assert self._loop is not None  # started
-        fut = asyncio.run_coroutine_threadsafe(self._stop_source(timeout), self._loop)
+        fut = asyncio.run_coroutine_threadsafe(src._stop_source(timeout), self._loop)
         try:
             fut.result(timeout + 5)
         except Exception:  # noqa: BLE001
@@ -273,8 +196,6 @@ class NatsConnector(SinkSide, SourceSide):
     async def _setup(self) -> None:
         nats = self._nats
         cfg = self.cfg
-        self._sink_event = asyncio.Event()
-        self._progress_event = asyncio.Event()
 
         async def on_error(exc):
             log.warning("nats_error", error=f"{type(exc).__name__}: {exc}")
@@ -303,55 +224,17 @@ class NatsConnector(SinkSide, SourceSide):
             except nats.js.errors.NotFoundError:
                 await self.js.add_stream(name=cfg.stream, subjects=[f"{self.prefix}.>"],
                                          duplicate_window=cfg.duplicate_window_s)
-        if self.sink_on:
-            self._sink_sem = asyncio.Semaphore(cfg.sink.max_in_flight)
-            self._sink_task = asyncio.get_running_loop().create_task(self._sink_loop())
-        if self.source_on:
-            src = cfg.source
-            filters = [glob_filter(self.prefix, g) for g in src.subjects]
-            api = nats.js.api
-            ccfg = api.ConsumerConfig(durable_name=src.durable, ack_policy=api.AckPolicy.EXPLICIT,
-                                      ack_wait=src.ack_wait_s, max_deliver=-1, max_ack_pending=src.max_ack_pending)
-            if len(filters) > 1:
-                ccfg.filter_subjects = filters
-            self._psub = await self.js.pull_subscribe(filters[0], durable=src.durable, stream=cfg.stream, config=ccfg)
-            loop = asyncio.get_running_loop()
-            self._source_task = loop.create_task(self._source_loop())
-            self._ack_task = loop.create_task(self._ack_loop())
+        if self.sink is not None:
+            self.sink.start()
+        if self.source is not None:
+            await self.source.start()
 
     async def _shutdown(self, drain: bool, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        if self._ack_task is not None:
-            self._ack_stop = True  # not cancelled: a batch half acked would be redelivered
-            self._progress_event.set()
-            try:
-                await asyncio.wait_for(asyncio.shield(self._ack_task), 10)
-            except TimeoutError:
-                self._ack_task.cancel()
-            await self._ack_done()  # the processors drained: what they stored is acked now
-            if self._inflight:
-                log.warning("nats_not_acked", batches=len(self._inflight), note="JetStream redelivers them")
-        if self._sink_task is not None:
-            with self._q_lock:
-                self._sink_closing = True
-            self._sink_event.set()
-            try:
-                await asyncio.wait_for(asyncio.shield(self._sink_task), max(0.1, deadline - time.monotonic()))
-            except TimeoutError:
-                self._sink_task.cancel()
-            if self._tasks:
-                _, pending = await asyncio.wait(set(self._tasks), timeout=max(0.1, deadline - time.monotonic()))
-                for t in pending:
-                    t.cancel()
-                if pending:
-                    await asyncio.wait(pending, timeout=5)
-            with self._q_lock:
-                left = list(self._q)
-                self._q.clear()
-                self._q_events = 0
-            for batch, pays in left:
-                self.engine.drop(batch, "connector: shutdown: not published to JetStream before the stop timeout",
-                              pays)
+        if self.source is not None:
+            await self.source.close()
+        if self.sink is not None:
+            await self.sink.close(deadline)
         try:
             await self.nc.flush(timeout=2)
         except Exception:  # noqa: BLE001

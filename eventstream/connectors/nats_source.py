@@ -1,6 +1,6 @@
-"""The NATS JetStream connector's source side: a durable pull consumer taken into the engine like
-another ingest, each message acked once its event is stored (jetstream.py says how the connector
-runs; a mixin of NatsConnector, running on its asyncio thread)."""
+"""The NATS JetStream connector's source: a durable pull consumer taken into the engine like another
+ingest (through `engine.offer`), each message acked once its event is stored (it follows
+`engine.stored`). Runs on the connector's asyncio thread (jetstream.py), except `progress`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import structlog
 
 from eventstream.connectors.headers import (H_MSG_ID, H_PRIORITY, H_PRODUCER_TS, NATS_CONN_ID, hashed_id,
                                             numeric_id, parse_priority)
-from eventstream.config.subjects import subject_topic
+from eventstream.config.subjects import glob_filter, subject_topic
+from eventstream.core.records import PRIORITY_NAMES
 from eventstream.core.topics import MAX_TOPIC_BYTES
 
 log = structlog.get_logger("eventstream.connectors.nats")
@@ -22,8 +23,56 @@ FETCH_TIMEOUT_S = 0.5  # a fetch that finds nothing returns after this (bounds h
 HELD_RETRY_S = 0.001  # how often records the full queues (or a full payload arena) held back are offered again
 
 
-class SourceSide:
-    """Consuming: fetch, decode, offer to the bus, ack what is stored."""
+class NatsSource:
+    """Consuming: fetch, decode, offer to the engine, ack what is stored."""
+
+    def __init__(self, conn):
+        """`conn`: the NatsConnector (its nats module, JetStream context, event loop, stats)."""
+        self.conn = conn
+        self.cfg = conn.cfg
+        self.engine = conn.engine
+        self.topics = conn.topics
+        self.dtype = conn.dtype
+        self.capacity = conn.capacity
+        self.prefix = conn.prefix
+        self.stats = conn.stats
+        self._default_priority = PRIORITY_NAMES.index(self.cfg.source.default_priority)
+        # connector thread only, except the two flags read by progress()
+        self._inflight: collections.deque = collections.deque()  # [marks, msgs, last in_progress]
+        self._want_progress = False
+        self._nudged = False
+        self._intake_stopped = False
+        self._ack_stop = False
+        self._progress_event: asyncio.Event | None = None
+        self._source_task: asyncio.Task | None = None
+        self._ack_task: asyncio.Task | None = None
+        self._psub = None
+
+    # ------------------------------------------------------------------ engine threads
+    def progress(self) -> None:
+        """A processor released a batch: wake the source if it waits for completion marks."""
+        if self._want_progress and not self._nudged:
+            self._nudged = True
+            loop = self.conn._loop
+            if loop is not None:
+                loop.call_soon_threadsafe(self._progress_event.set)
+
+    # ------------------------------------------------------------------ the connector thread
+    async def start(self) -> None:
+        """On the connector's loop, once JetStream is set up: bind the durable consumer, start the loops."""
+        self._progress_event = asyncio.Event()
+        api = self.conn._nats.js.api
+        src, cfg = self.cfg.source, self.cfg
+        filters = [glob_filter(self.prefix, g) for g in src.subjects]
+        ccfg = api.ConsumerConfig(durable_name=src.durable, ack_policy=api.AckPolicy.EXPLICIT,
+                                  ack_wait=src.ack_wait_s, max_deliver=-1, max_ack_pending=src.max_ack_pending)
+        if len(filters) > 1:
+            ccfg.filter_subjects = filters
+        self._psub = await self.conn.js.pull_subscribe(filters[0], durable=src.durable, stream=cfg.stream,
+                                                      config=ccfg)
+        loop = asyncio.get_running_loop()
+        self._source_task = loop.create_task(self._source_loop())
+        self._ack_task = loop.create_task(self._ack_loop())
 
     def _decode(self, msg) -> tuple:
         """(event_id, topic_id, priority, producer_ts, payload) of `msg`, or a DLQ reason (str), or
@@ -95,7 +144,7 @@ class SourceSide:
         return recs
 
     async def _source_loop(self) -> None:
-        nats = self._nats
+        nats = self.conn._nats
         src = self.cfg.source
         max_batches = max(2, src.max_ack_pending // src.batch)
         while not self._intake_stopped:
@@ -294,3 +343,17 @@ class SourceSide:
                 log.warning("nats_source_stop_timeout", note="messages not placed are redelivered")
             except Exception:  # noqa: BLE001
                 log.exception("nats_source_failed")
+
+    async def close(self) -> None:
+        """After the processors drained: ack what they stored (the rest JetStream redelivers)."""
+        if self._ack_task is None:
+            return
+        self._ack_stop = True  # not cancelled: a batch half acked would be redelivered
+        self._progress_event.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ack_task), 10)
+        except TimeoutError:
+            self._ack_task.cancel()
+        await self._ack_done()  # the processors drained: what they stored is acked now
+        if self._inflight:
+            log.warning("nats_not_acked", batches=len(self._inflight), note="JetStream redelivers them")

@@ -21,7 +21,7 @@ from nats_fixtures import (_run, consumer_done, consumer_state, engine_cfg, engi
 
 from eventstream.client import TcpClient
 from eventstream.config import ConfigError, load_config
-from eventstream.connectors.jetstream import NATS_CONN_ID
+from eventstream.connectors.headers import NATS_CONN_ID
 from eventstream.config.subjects import glob_filter, glob_matches, topic_subject
 from eventstream.engine.dlq_reader import read_dlq
 from eventstream.service import Service
