@@ -305,20 +305,17 @@ class LogTail:
                     lo += int(hit[0])
                     r, wall = r[hit[0]:], wall[hit[0]:]
                     self.since_ns = None
-                pl = r["payload"] if "payload" in (r.dtype.names or ()) else None
-                lens = r["payload_len"].tolist()
-                tids = r["topic_id"].tolist()
-                eids = r["event_id"].tolist()
-                prios = r["priority"].tolist()
-                pts = r["producer_ts"].tolist()
-                walls = wall.tolist()
-                for i in range(len(tids)):
-                    if ext is not None:  # one large-payload entry: its payload follows the record
-                        payload = ext
-                    else:
-                        payload = pl[i, :lens[i]].tobytes() if pl is not None and lens[i] else b""
-                    out.append(TailEvent(first + lo + i, topics.get(tids[i], f"#{tids[i]}"), eids[i], prios[i],  # noqa: B023
-                                         pts[i], walls[i], payload))
+                k = len(r)
+                if ext is not None:  # one large-payload entry: its payload follows the record
+                    payloads = [ext]
+                else:
+                    payloads = _packed_payloads(r)
+                ids, inverse = np.unique(r["topic_id"], return_inverse=True)
+                names = np.array([topics.get(t, f"#{t}") for t in ids.tolist()], dtype=object)  # noqa: B023
+                # one TailEvent per event is the interface; everything else is done over the columns
+                out.extend(map(TailEvent, range(first + lo, first + lo + k), names[inverse.ravel()].tolist(),  # noqa: B023
+                               r["event_id"].tolist(), r["priority"].tolist(), r["producer_ts"].tolist(),
+                               wall.tolist(), payloads))
 
             def on_ext(view: np.ndarray, payload) -> None:
                 on_records(view, bytes(payload))
@@ -345,6 +342,24 @@ class LogTail:
     def end_offset(self) -> int:
         """The offset after the last event read so far in the current file (for END frames)."""
         return max(self.next_offset, self._base + self._ordinal) if self._fd >= 0 else self.next_offset
+
+
+def _packed_payloads(r: np.ndarray) -> list[bytes]:
+    """Each record's inline payload as bytes: one masked copy of the payload bytes, then slices."""
+    k = len(r)
+    if "payload" not in (r.dtype.names or ()) or k == 0:
+        return [b""] * k
+    lens = r["payload_len"].astype(np.int64)
+    top = int(lens.max())
+    if top == 0:
+        return [b""] * k
+    block = r["payload"][:, :top]
+    if int(lens.min()) == top:
+        flat = np.ascontiguousarray(block).tobytes()
+    else:
+        flat = block[np.arange(top) < lens[:, None]].tobytes()
+    ends = np.cumsum(lens).tolist()
+    return [flat[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
 
 
 def payload_capacity_of(path: Path) -> int:
