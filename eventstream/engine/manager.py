@@ -20,8 +20,14 @@ from eventstream.core.arena import memory_node
 from eventstream.core.dedup import Deduplicator, MemoryBudget
 from eventstream.engine.bus import EventBusMulti
 from eventstream.engine.handlers import resolve
-from eventstream.engine.processors import (BatchProcessor, Processor, RealtimeProcessor, Sinks,
-                                           TransactionalProcessor, WindowTable)
+from eventstream.engine.processors import (
+    BatchProcessor,
+    Processor,
+    RealtimeProcessor,
+    Sinks,
+    TransactionalProcessor,
+    WindowTable,
+)
 from eventstream.engine.processors.batch import flush_windows
 
 log = structlog.get_logger("eventstream.manager")
@@ -49,7 +55,8 @@ class ProcessManager:
         self.dedups: dict[str, list[Deduplicator]] | None = None
         if d.window_s > 0:
             budget = MemoryBudget(d.max_bytes)
-            self.dedups = {tier: [Deduplicator(d.buckets, d.window_s, node=memory_node(cfg.numa.node, cfg.numa.bind_memory), budget=budget)
+            node = memory_node(cfg.numa.node, cfg.numa.bind_memory)
+            self.dedups = {tier: [Deduplicator(d.buckets, d.window_s, node=node, budget=budget)
                                   for _ in range(bus[tier].partitions)]
                            for tier in ("realtime", "transactional", "batch")}
         self.window_tables = [WindowTable() for _ in range(bus["batch"].partitions)]
@@ -130,7 +137,9 @@ class ProcessManager:
                 ok = False
                 log.error("worker_stuck", thread=proc.name)
         if self.workers["batch"] and ok:
-            flushed = flush_windows(self.workers["batch"][0])
+            first = self.workers["batch"][0]
+            assert isinstance(first, BatchProcessor)  # the batch tier's workers
+            flushed = flush_windows(first)
             log.info("windows_flushed", windows=flushed)
         if ok and self.dedups is not None:
             for tables in self.dedups.values():

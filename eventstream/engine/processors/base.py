@@ -41,7 +41,8 @@ class Sinks:
 
     topics: TopicTable
     store: Callable[[np.ndarray], None]  # processed records -> events.bin
-    drop: Callable[[np.ndarray, str], None]  # failed/dropped records -> dead-letter log
+    # failed/dropped records -> dead-letter log, with one reason or a reason per record
+    drop: Callable[[np.ndarray, str | list[str]], None]
     # (queue, records, handled_ns) -> counters, and latency = handled_ns - ingest_ts (handled_ns is
     # time.monotonic_ns() when the handler was done, before storage: the latency is ingest -> handled).
     # Called after the batch's release (off the ACK path) with a copy holding only `ingest_ts`.
@@ -57,15 +58,15 @@ class Sinks:
 def _wants_sync(views) -> bool:
     if len(views) == 1 and len(views[0]) <= SMALL_BATCH:  # a few records: plain ints beat numpy temporaries
         return any(f & FLAG_ACK_MASK == _SYNCED_BITS for f in views[0]["flags"].tolist())
-    for v in views:
-        if ((v["flags"] & FLAG_ACK_MASK) == _SYNCED_BITS).any():
-            return True
-    return False
+    return any(((v["flags"] & FLAG_ACK_MASK) == _SYNCED_BITS).any() for v in views)
 
 
 _SYNCED_BITS = ACK_SYNCED << FLAG_ACK_SHIFT
 IDLE_WAIT_S = 0.1  # longest park of an idle processor between checks (publishes wake it at once)
 _TS_DTYPE = np.dtype([("ingest_ts", "<u8")])
+# the dedup keys of a batch, as skip_duplicates returns them and commit_ids takes them: (id, tag)
+# pairs for a few records, else an idempotency.Probed
+DedupKeys = list[tuple[int, int]] | idempotency.Probed
 
 
 class Processor(threading.Thread):
@@ -220,8 +221,10 @@ class Processor(threading.Thread):
         """Record deferred metrics (token holder only)."""
         sinks = self.sinks
         if self._stages:
+            stages = sinks.stages
+            assert stages is not None  # run_inline leaves stage latencies only for it
             for ingest, taken_ns, stored_ns in self._stages:
-                sinks.stages(ingest, taken_ns, stored_ns)
+                stages(ingest, taken_ns, stored_ns)
             self._stages.clear()
         for queue, ts, handled_ns in self._done:
             sinks.processed(queue, ts, handled_ns)
@@ -248,7 +251,7 @@ class Processor(threading.Thread):
 
     # -- idempotency
     def skip_duplicates(self, records: np.ndarray, partition: int,
-                        count: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+                        count: bool = True) -> tuple[np.ndarray, DedupKeys | None]:
         """Drop records already stored (same topic and event id, within the window) and repeats inside
         the batch, counting them (unless `count` is False: the caller counts once it is sure it will
         not hand the batch back); returns (records to handle, their dedup keys or None)."""
@@ -257,10 +260,10 @@ class Processor(threading.Thread):
         if len(records) <= idempotency.SMALL:  # keys as plain (id, tag) ints (see commit_ids)
             pairs, few = idempotency.duplicates_few(records, self.dedups[partition])
             if True in few:
-                keep = [i for i, s in enumerate(few) if not s]
+                kept = [i for i, s in enumerate(few) if not s]
                 if count:
-                    self.sinks.dedup_hit(len(few) - len(keep))
-                return records[keep], [pairs[i] for i in keep]
+                    self.sinks.dedup_hit(len(few) - len(kept))
+                return records[kept], [pairs[i] for i in kept]
             return records, pairs
         probed, skip = idempotency.duplicates(records, self.dedups[partition])
         if skip.any():
@@ -270,15 +273,16 @@ class Processor(threading.Thread):
             return records[keep], probed.select(keep)
         return records, probed
 
-    def commit_ids(self, keys, partition: int, ok: np.ndarray | None = None) -> None:
+    def commit_ids(self, keys: DedupKeys | None, partition: int, ok: np.ndarray | None = None) -> None:
         """Remember the keys of stored records (after the store: a failed store is retried by a resend).
         `keys` as skip_duplicates returned them: a list of (id, tag) pairs for a few records, else an
         idempotency.Probed."""
         if keys is None:
             return
+        assert self.dedups is not None  # keys come from skip_duplicates, which has them
         if isinstance(keys, list):
             if ok is not None:
-                keys = [k for k, good in zip(keys, ok.tolist()) if good]
+                keys = [k for k, good in zip(keys, ok.tolist(), strict=True) if good]
             if keys:
                 self.dedups[partition].commit_few(keys)
             return

@@ -106,7 +106,7 @@ class BatchProcessor(Processor):
                 if sel.any():
                     try:
                         w.aggregate = self.aggregate(w.aggregate, Batch(records[sel], topics, "batch"))
-                    except Exception as exc:
+                    except Exception as exc:  # noqa: BLE001 - a user's aggregate: log, keep the window
                         log.warning("aggregate_failed", topic=w.topic, error=error_text(exc))
         handled_ns = time.monotonic_ns()
         self.sinks.store(records)
@@ -139,7 +139,7 @@ class BatchProcessor(Processor):
         if self.handler is not None and self.filter.mask(np.array([w.topic_id], dtype=np.uint32))[0]:
             try:
                 self.handler(w)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a user's handler: log, keep running
                 log.warning("window_handler_failed", topic=w.topic, error=error_text(exc))
 
 

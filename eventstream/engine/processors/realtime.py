@@ -26,7 +26,7 @@ class RealtimeProcessor(Processor):
             if len(subscribed):
                 try:
                     self.handler(Batch(subscribed, sinks.topics, "realtime"))
-                except Exception as exc:  # a handler never kills its thread
+                except Exception as exc:  # noqa: BLE001 - a handler never kills its thread
                     sinks.drop(subscribed.copy() if subscribed is records else subscribed,
                                f"handler_error: {error_text(exc)}")
                     stored = np.zeros(len(records), dtype=bool) if mask is None else ~mask

@@ -77,8 +77,10 @@ class TransactionalProcessor(Processor):
     def _run(self, batch: np.ndarray) -> tuple[list[int], list[str]]:
         """Handle `batch`; return indexes (into batch) that failed every attempt, with their errors."""
         topics = self.sinks.topics
+        handler = self.handler
+        assert handler is not None  # handle() runs batches only through a handler
         try:
-            self.handler(Batch(batch, topics, "transactional"))
+            handler(Batch(batch, topics, "transactional"))
             return [], []
         except Exception as exc:
             if self._inline:
@@ -93,8 +95,8 @@ class TransactionalProcessor(Processor):
             for i in pending:
                 self.retried += 1
                 try:
-                    self.handler(Batch(batch[i:i + 1], topics, "transactional"))
-                except Exception as exc:
+                    handler(Batch(batch[i:i + 1], topics, "transactional"))
+                except Exception as exc:  # noqa: BLE001 - a user's handler: retried, then dead-lettered
                     last[i] = error_text(exc)
                     still.append(i)
             pending = still
