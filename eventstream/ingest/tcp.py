@@ -32,6 +32,7 @@ from eventstream.core.records import ACK_STORED
 from eventstream.core.topics import TopicTable
 from eventstream.ingest.admission import Admission
 from eventstream.ingest.auth import TokenSet
+from eventstream.ingest.connection import Connection
 from eventstream.ingest.delivery import Delivery, IngestStats, merge_stats
 from eventstream.ingest.limits import REASON_MAX_CONNECTIONS, REASON_PER_IP, PartialBudget, PeerLimit
 from eventstream.ingest.reader import Reader
@@ -62,10 +63,11 @@ class TcpServer:
                  ack_default: int = ACK_STORED, tokens: TokenSet | None = None, on_acked=None,
                  payloads=None, tls: ssl.SSLContext | None = None, tenants: Tenants | None = None):
         """`payloads`: the PayloadArena for payloads over `payload_bytes` (None: such frames are
-        rejected as payload_too_large). `ack_default`: the ACK mode of v2 frames that ask for none (core.records.ACK_*); `tokens`:
-        the client tokens a connection must present in a HELLO (auth.py; None = no authentication).
-        `tls`: the server context of `server.tls` (tls.from_config; None = plain TCP). `on_acked(latencies_ns)`: decode-to-ACK
-        latency of every event an ACK covered (metrics)."""
+        rejected as payload_too_large). `ack_default`: the ACK mode of v2 frames that ask for none
+        (core.records.ACK_*); `tokens`: the client tokens a connection must present in a HELLO (auth.py;
+        None = no authentication). `tls`: the server context of `server.tls` (tls.from_config; None =
+        plain TCP). `on_acked(latencies_ns)`: decode-to-ACK latency of every event an ACK covered
+        (metrics)."""
         self.config = config
         self.sink = sink
         self.topics = topics
@@ -81,7 +83,7 @@ class TcpServer:
         self.tls = tls
         self.tenants = tenants if tenants is not None else Tenants.unbounded()
         self.refused_full = 0  # refused at max_connections (no connection idle enough to make room)
-        self._evicting: dict[int, object] = {}  # conn id -> Connection asked to make room, not closed yet
+        self._evicting: dict[int, Connection] = {}  # conn id -> connection asked to make room, not closed yet
         self._listener: socket.socket | None = None
         self._acceptor: threading.Thread | None = None
         self._readers: list[Reader] = []
@@ -166,8 +168,10 @@ class TcpServer:
 
     def _accept_loop(self) -> None:
         pin_current_thread(self.cpus, "es-tcp-acceptor")
+        listener = self._listener
+        assert listener is not None  # start() bound it before this thread
         sel = selectors.DefaultSelector()
-        sel.register(self._listener, selectors.EVENT_READ)
+        sel.register(listener, selectors.EVENT_READ)
         sel.register(self._wake_r, selectors.EVENT_READ)
         ids = itertools.count(1)
         rr = itertools.cycle(self._readers)
@@ -178,7 +182,7 @@ class TcpServer:
                         continue
                     while True:
                         try:
-                            conn, peer = self._listener.accept()
+                            conn, peer = listener.accept()
                         except (BlockingIOError, InterruptedError):
                             break
                         except OSError as exc:
@@ -218,13 +222,14 @@ class TcpServer:
         if self._open_connections() - len(self._evicting) < self.config.max_connections:
             return True  # room is being made already
         cutoff = time.monotonic() - self.config.evict_idle_s
-        best, owner = None, None
+        best: Connection | None = None
+        owner: Reader | None = None
         for r in self._readers:
             for c in list(r.conns.values()):
                 if (c.last_active <= cutoff and not c.closed and not c.closing and c.conn_id not in self._evicting
                         and (best is None or c.last_active < best.last_active) and not c.busy):
                     best, owner = c, r
-        if best is None:
+        if best is None or owner is None:  # (owner is set with best)
             return False
         self._evicting[best.conn_id] = best
         owner.evict_idle(best.conn_id)

@@ -178,7 +178,7 @@ class TopicGate:
     def intern(self, name: bytes | str) -> int:
         p = self.principal
         if p is not None and not p.unrestricted:
-            text = name.decode("utf-8") if isinstance(name, (bytes, bytearray, memoryview)) else name
+            text = name if isinstance(name, str) else bytes(name).decode("utf-8")  # (a memoryview has no decode)
             if not p.may_produce(text):
                 raise Forbidden(p.refuse_produce(text))
         key = name.encode("utf-8") if isinstance(name, str) else bytes(name)

@@ -101,7 +101,8 @@ class _Receiver:
             base = ctypes.addressof((ctypes.c_char * len(self.buf)).from_buffer(self.buf))
             self.iov = (_IoVec * batch)()
             self.msgs = (_MMsgHdr * batch)()
-            names = ctypes.addressof((ctypes.c_char * len(self.names)).from_buffer(self.names)) if sources else 0
+            nb = self.names
+            names = ctypes.addressof((ctypes.c_char * len(nb)).from_buffer(nb)) if nb is not None else 0
             for i in range(batch):
                 self.iov[i].iov_base = base + i * slot
                 self.iov[i].iov_len = slot
@@ -143,11 +144,13 @@ class _Receiver:
         """A hashable key of datagram i's source address (the address bytes, or the address tuple)."""
         if self.mode != "recvmmsg":
             return self.addrs[i][0] if self.addrs[i] else None
+        names = self.names
+        assert names is not None  # asked only when sources are tracked
         o = i * NAME_BYTES
-        family = self.names[o] | (self.names[o + 1] << 8)
+        family = names[o] | (names[o + 1] << 8)
         if family == socket.AF_INET6:
-            return bytes(self.names[o + 8:o + 24])
-        return bytes(self.names[o + 4:o + 8])
+            return bytes(names[o + 8:o + 24])
+        return bytes(names[o + 4:o + 8])
 
 
 class SourceLimit:
@@ -269,7 +272,9 @@ class UdpServer:
     def _run(self) -> None:
         pin_current_thread(self.cpus, "es-udp")
         cfg = self.config
-        rx = _Receiver(self._sock, cfg.batch_datagrams, cfg.max_datagram_bytes, self.use_recvmmsg,
+        sock = self._sock
+        assert sock is not None  # start() bound it before this thread
+        rx = _Receiver(sock, cfg.batch_datagrams, cfg.max_datagram_bytes, self.use_recvmmsg,
                        sources=self.source_limit is not None)
         self.recv_mode = rx.mode
         self._ready.set()
@@ -278,7 +283,7 @@ class UdpServer:
         if self.tenants is not None:
             dec.topics = TopicGate(dec.topics, None, self.tenants.get("udp"), self.tenants)
         sel = selectors.DefaultSelector()
-        sel.register(self._sock, selectors.EVENT_READ)
+        sel.register(sock, selectors.EVENT_READ)
         last_bad_log = 0.0
         try:
             while not self._stopping.is_set():
@@ -356,7 +361,8 @@ class UdpServer:
             if errors:
                 report, ended = self.meter.admit(len(errors), len(records), time.monotonic())
                 if ended:
-                    self.delivery.report_suppressed(UDP_CONN_ID, ended, "server.udp.max_rejects_per_s", self.meter.limit)
+                    self.delivery.report_suppressed(UDP_CONN_ID, ended, "server.udp.max_rejects_per_s",
+                                                    self.meter.limit)
             self.delivery.deliver(records, indices, errors, UDP_CONN_ID, want_nacks=False, report_errors=report)
             first = consumed
         stats.datagrams_bad += len(bad)
@@ -369,7 +375,7 @@ class UdpServer:
         if self.delivery.on_reject is not None:
             try:
                 self.delivery.on_reject(None, "", [Rejection(UDP_CONN_ID, index, 0, "", -1, REASON_ARENA_FULL)])
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the engine's callback: log, keep receiving
                 log.error("on_reject_failed", error=repr(exc))
 
     def kernel_drops(self) -> int:

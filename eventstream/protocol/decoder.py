@@ -23,17 +23,32 @@ import struct
 import time
 import zlib
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from eventstream.core.records import FLAG_ACK_SHIFT, FLAG_V2, record_dtype
-from eventstream.core.topics import TopicLimitError, TopicTable
-from eventstream.protocol.framing import SMALL_BATCH, scan
+from eventstream.core.topics import TopicLimitError
 from eventstream.protocol.frames import (
-    BATCH_HEAD, BATCH_RECORD_BYTES, BATCH_RECORD_DTYPE, DEFAULT_MAX_FRAME_BYTES, KIND_BATCH, KIND_EVENT, KIND_NAMES,
-    LENGTH_BYTES, MAX_PRIORITY, MAX_TOPIC_BYTES, V1_HEAD, V1_HEADER_BYTES, V1_HEADER_DTYPE, V2_HEAD, V2_HEADER_BYTES,
-    V2_HEADER_DTYPE, V2_MAGIC,
+    BATCH_HEAD,
+    BATCH_RECORD_BYTES,
+    BATCH_RECORD_DTYPE,
+    DEFAULT_MAX_FRAME_BYTES,
+    KIND_BATCH,
+    KIND_EVENT,
+    KIND_NAMES,
+    LENGTH_BYTES,
+    MAX_PRIORITY,
+    MAX_TOPIC_BYTES,
+    V1_HEAD,
+    V1_HEADER_BYTES,
+    V1_HEADER_DTYPE,
+    V2_HEAD,
+    V2_HEADER_BYTES,
+    V2_HEADER_DTYPE,
+    V2_MAGIC,
 )
+from eventstream.protocol.framing import SMALL_BATCH, scan
 
 _EMPTY_INDICES = np.zeros(0, dtype=np.uint64)
 TOPIC_REFUSED = 0xFFFFFFFF  # topic_id() of a new topic past the table's bound (never a real id)
@@ -54,6 +69,13 @@ class FrameError:
     #                               | too_many_topics | batch | forbidden (a topic table's own class)
 
 
+class TopicInterner(Protocol):
+    """What the decoder needs of a topic table (core.topics.TopicTable, or a gate in front of one):
+    the id of a name, or TopicLimitError (a subclass names its class) to refuse it."""
+
+    def intern(self, name: bytes | str) -> int: ...
+
+
 class FrameDecoder:
     """Decode one byte stream (a TCP connection) into record batches.
 
@@ -61,7 +83,7 @@ class FrameDecoder:
     for NACKs). After a fatal error the decoder is `failed` and ignores further input.
     """
 
-    def __init__(self, topics: TopicTable, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    def __init__(self, topics: TopicInterner, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
                  payload_bytes: int = 448, conn_id: int = 0, ack_default: int = 0, payloads=None):
         """`ack_default`: the ACK mode (core.records.ACK_*) stored in v2 records whose frame asks for
         none (flags bits 0-1 = 0). `payloads`: the PayloadArena (core/payloads.py) for payloads over
@@ -305,7 +327,7 @@ def _decode_singles(dec: FrameDecoder, src, offs: list[int], lens: list[int], fi
         ends = (off + LENGTH_BYTES + length)[v2ok].tolist()
         starts = tstart[v2ok].tolist()
         want = crc[v2ok].tolist()
-        for j, s, e, w in zip(v2ok.tolist(), starts, ends, want):
+        for j, s, e, w in zip(v2ok.tolist(), starts, ends, want, strict=True):
             if zlib.crc32(mv[s:e]) != w:
                 err[j] = _E_CRC
         mv.release()
@@ -633,7 +655,7 @@ def _copy_ext(arena, arr, out, pstart, pl, ext, offs, cls) -> None:
     out["ext_class"][ext] = cls
     out["ext_arena"][ext] = arena.id
     dst, src = memoryview(arena.buf), memoryview(arr)
-    for o, s, n in zip(offs.tolist(), pstart[ext].tolist(), pl[ext].tolist()):
+    for o, s, n in zip(offs.tolist(), pstart[ext].tolist(), pl[ext].tolist(), strict=True):
         dst[o:o + n] = src[s:s + n]
     dst.release()
     src.release()

@@ -130,10 +130,10 @@ def recover(path: str | os.PathLike, payload_bytes: int, collect=None) -> Recove
         if head and not fmt.FILE_MAGIC.startswith(head[:len(fmt.FILE_MAGIC)]):
             raise fmt.LogFormatError(f"{p}: {size} bytes that are not an eventstream event log; allowed: an "
                                      "event log or no file (move it away to start a new log)")
-        with open(p, "wb") as f:
-            f.write(fmt.encode_file_header(payload_bytes, time.time_ns()))
-            f.flush()
-            os.fsync(f.fileno())
+        with open(p, "wb") as out:
+            out.write(fmt.encode_file_header(payload_bytes, time.time_ns()))
+            out.flush()
+            os.fsync(out.fileno())
         if size:
             log.warning("log_header_torn", path=str(p), dropped_bytes=size)
         return RecoveryReport(str(p), created=True, file_bytes=size, valid_bytes=0, records=0, dropped_records=0,
@@ -172,10 +172,10 @@ def recover(path: str | os.PathLike, payload_bytes: int, collect=None) -> Recove
                     first=[{"start": r.start, "end": r.end, "reason": r.reason} for r in scan.corrupt[:10]],
                     hint="the damaged bytes are left in place; readers skip them")
     if dropped:
-        with open(p, "r+b") as f:
-            f.truncate(scan.valid_bytes)
-            f.flush()
-            os.fsync(f.fileno())
+        with open(p, "r+b") as rw:
+            rw.truncate(scan.valid_bytes)
+            rw.flush()
+            os.fsync(rw.fileno())
         log.warning("log_tail_truncated", path=str(p), offset=scan.valid_bytes, dropped_bytes=dropped,
                     dropped_records=report.dropped_records, kept_records=scan.records, reason=scan.problem,
                     torn=report.saved_tail is None, saved_to=report.saved_tail)

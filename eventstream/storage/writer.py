@@ -118,15 +118,15 @@ class EventLog:
             raise ValueError(f"{self.path}: append() after close()")
         ids = records["topic_id"]
         mapping = self._file_ids
+        file_ids: list[int] | np.ndarray
         if n <= fmt.SMALL_BATCH:  # a few records: plain ints beat numpy temporaries
             file_ids = [int(mapping[t]) if t < len(mapping) else 0 for t in ids.tolist()]
             if not all(file_ids):
                 file_ids = self._map_new_topics(ids).tolist()
         else:
             top = int(ids.max())
-            file_ids = mapping[ids] if top < len(mapping) else None
-            if file_ids is None or not file_ids.all():
-                file_ids = self._map_new_topics(ids)
+            known = mapping[ids] if top < len(mapping) else None
+            file_ids = known if known is not None and known.all() else self._map_new_topics(ids)
         data = fmt.record_entries(records, file_ids, time.time_ns())
         if self.flush_events == 1:
             with self._lock:  # write-through: one write(2) per batch
