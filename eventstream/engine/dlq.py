@@ -121,11 +121,9 @@ def _js(text: str) -> str:
 
 
 class DeadLetterLog:
-    def __init__(self, path: str | os.PathLike, *, flush_interval_ms: float = 50.0, flush_lines: int = 1000,
-                 flusher: bool = True, max_bytes: int = DEFAULT_MAX_BYTES,
+    def __init__(self, path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES,
                  max_segments: int = DEFAULT_MAX_SEGMENTS, max_age_s: float = 0.0):
-        """`flush_interval_ms`, `flush_lines` and `flusher` are accepted for compatibility and unused:
-        every write is write-through (see the module doc). `max_bytes`: size at which the active file
+        """Every write is write-through (see the module doc). `max_bytes`: size at which the active file
         becomes a segment; `max_segments`: old segments kept (0 = none); `max_age_s`: delete segments
         last written longer ago than this at rotation and open (0 = no age limit)."""
         if not isinstance(max_bytes, int) or max_bytes < 1:
@@ -313,9 +311,6 @@ class DeadLetterLog:
                 log.warning("dlq_segment_delete_failed", segment=str(p), error=str(exc))
 
     # ------------------------------------------------------------------------------------ lifecycle
-    def flush(self) -> None:
-        """Nothing to do: every write already reached the OS (kept for callers of the buffered log)."""
-
     def sync(self) -> None:
         """fsync what was written (for `synced` ACKs; the DLQ is small, so under the lock)."""
         with self._lock:

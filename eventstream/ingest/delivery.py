@@ -6,7 +6,8 @@ writer; statistics() sums them (plain int reads, no locks on the hot path).
 A sink is either the engine (``offer(records, stamp=, shed_all=) -> Offer``, engine/engine.py: the
 control plane's admission, then the processor queues, without waiting; completion marks come back; a
 bare EventBusMulti offers the same without admission) or any object with ``put_batch(records) ->
-records not taken`` (tests, benchmarks; admission is then applied here and a put is complete at once).
+records not taken`` (tests/doubles.py, bench/ingest.py; admission is then applied here and a put is
+complete at once).
 
 TCP never sheds what the engine could take later: records the queues cannot take now, or that the
 control plane does not admit now, are *held* by the reader (which stops reading that connection, so

@@ -6,7 +6,7 @@ import pytest
 
 from eventstream.client import ClientError, TcpClient, UdpSender
 from eventstream.core.payloads import payload_list as payloads
-from eventstream.ingest.sinks import CollectingSink
+from doubles import CollectingSink
 
 
 class NeverStored(CollectingSink):

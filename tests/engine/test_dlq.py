@@ -181,14 +181,13 @@ def test_counts_by_reason_category(tmp_path):
 def test_write_is_in_the_file_when_it_returns_and_close_is_final(tmp_path):
     topics = TopicTable()
     path = tmp_path / "d.txt"
-    dlq = DeadLetterLog(path, flush_interval_ms=60_000, flush_lines=10**6, flusher=True)  # accepted, unused
+    dlq = DeadLetterLog(path)
     try:
         assert not [t for t in threading.enumerate() if t.name == "es-dlq-flush"]
         dlq.write(batch(topics, 4), "x", topics)
         assert len(path.read_text().splitlines()) == 4  # no flush, no wait
         dlq.write_line(1, "t", 0, "y")
         assert len(list(read_dlq(path))) == 5
-        dlq.flush()
     finally:
         dlq.close()
     dlq.close()  # idempotent

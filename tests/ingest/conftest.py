@@ -7,7 +7,7 @@ import pytest
 from eventstream.config import TcpConfig, UdpConfig
 from eventstream.core.topics import TopicTable
 from eventstream.ingest.admission import Admission
-from eventstream.ingest.sinks import CollectingSink
+from doubles import CollectingSink
 from eventstream.ingest.tcp import TcpServer
 from eventstream.ingest.udp import UdpServer
 from ingest_helpers import Rejects

@@ -7,7 +7,7 @@ import socket
 
 from ingest_helpers import read_until_closed, wait_until
 from eventstream.ingest import reader
-from eventstream.ingest.sinks import CollectingSink
+from doubles import CollectingSink
 from eventstream.metrics.reasons import category
 from eventstream.protocol.frames import KIND_ACK, KIND_NACK, encode_v1, encode_v2
 

@@ -19,7 +19,7 @@ from eventstream.config import TcpConfig
 from eventstream.core.topics import TopicTable
 from eventstream.ingest.admission import Admission
 from eventstream.ingest.auth import TokenSet
-from eventstream.ingest.sinks import CollectingSink
+from doubles import CollectingSink
 from eventstream.ingest.tcp import TcpServer
 from eventstream.ingest.tls import TlsConfigError, server_context
 from eventstream.protocol.frames import KIND_ACK, KIND_NACK, encode_hello, encode_v1, encode_v2, parse_hello

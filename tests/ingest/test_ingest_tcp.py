@@ -15,7 +15,7 @@ from eventstream.core.payloads import payload_list as payloads
 from eventstream.core.records import record_dtype
 from eventstream.core.topics import TopicTable
 from eventstream.ingest.admission import Admission, dead_letter_lines
-from eventstream.ingest.sinks import CollectingSink
+from doubles import CollectingSink
 from eventstream.ingest.tcp import BindError, TcpServer
 from eventstream.config import TcpConfig
 from eventstream.protocol.frames import KIND_ACK, KIND_NACK, encode_v1, encode_v2, split_control_frames

@@ -10,7 +10,7 @@ from ingest_helpers import Rejects, read_until_closed, wait_until
 from eventstream.config import TcpConfig, UdpConfig
 from eventstream.core.topics import TopicLimitError, TopicTable
 from eventstream.ingest.admission import Admission
-from eventstream.ingest.sinks import CollectingSink
+from doubles import CollectingSink
 from eventstream.ingest.tcp import TcpServer
 from eventstream.ingest.udp import UdpServer
 from eventstream.metrics.reasons import category

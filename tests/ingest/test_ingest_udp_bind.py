@@ -17,7 +17,7 @@ import pytest
 
 from eventstream.config import UdpConfig, load_config
 from eventstream.core.topics import TopicTable
-from eventstream.ingest.sinks import CollectingSink
+from doubles import CollectingSink
 from eventstream.ingest.udp import UdpServer
 from eventstream.protocol.frames import encode_v2
 from eventstream.errors import StartupError

@@ -1,13 +1,13 @@
-"""Small sinks for tests, benchmarks and tools that run ingest without the engine.
+"""Test doubles: a sink that runs ingest without the engine.
 
-A sink is any object with ``put_batch(records) -> records not accepted`` (empty when all were taken),
-the same method as eventstream.core.ring.MpscRing.
+A sink is any object with ``put_batch(records) -> records not accepted`` (empty when all were taken);
+ingest/delivery.py applies admission itself for such a sink, and a put is complete at once (no
+completion marks). The engine's own sink is `Engine.offer`.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 
@@ -41,22 +41,3 @@ class CollectingSink:
             if not self.batches:
                 return np.zeros(0)
             return np.concatenate(self.batches)
-
-
-class CountingSink:
-    """Counts records and drops them (benchmarks): no copy, no lock beyond one add per batch."""
-
-    def __init__(self):
-        self.count = 0
-        self.first_ns = 0
-        self.last_ns = 0
-        self._lock = threading.Lock()
-
-    def put_batch(self, records: np.ndarray) -> np.ndarray:
-        now = time.perf_counter_ns()
-        with self._lock:
-            if not self.count:
-                self.first_ns = now
-            self.count += len(records)
-            self.last_ns = now
-        return records[:0]
