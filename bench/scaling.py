@@ -149,9 +149,9 @@ def run_pipeline(records: np.ndarray, topics: TopicTable, threads: int, cpus: li
                   processed=lambda q, r, t=None: handled.add(len(r)))
     bus = EventBusMulti(cfg, DTYPE)
     try:
-        refused = bus.publish(records)
-        if refused:
-            raise RuntimeError(f"pre-fill refused {sum(len(r) for r, _ in refused)} records")
+        off = bus.offer(records, stamp=False)
+        if off.held is not None or off.refused:
+            raise RuntimeError(f"pre-fill did not place {len(records) - off.placed} records")
         mgr = ProcessManager(cfg, bus, sinks, handlers={"transactional": handler})
         t0 = time.perf_counter()
         mgr.start()

@@ -112,7 +112,7 @@ def _ring(qc: QueueConfig, dtype, wait, node: int, name: str):
         raise ValueError(f"queues.{name.split('.')[0]}.overflow: 'DROP_OLD' is not allowed (it would evict "
                          "events already accepted); allowed: BLOCK_PRODUCER (push back), DROP_NEW (shed at the edge)")
     # producers never wait inside the ring (offer() uses try_put; holding happens in ingest), so the
-    # block timeout only bounds publish(), the blocking path kept for embedders
+    # block timeout does not apply to the engine (the ring's own blocking put_batch is not used here)
     return MpscRing(qc.capacity, dtype, overflow=Overflow[qc.overflow], block_timeout=1.0,
                     wait=wait, node=node, name=name)
 
@@ -249,37 +249,6 @@ class EventBusMulti:
             if self.on_received is not None:
                 self.on_received(out.placed)
         return out
-
-    def publish(self, records: np.ndarray) -> list[tuple[np.ndarray, str]]:
-        """Route a batch by priority (and topic partition). Returns (records, reason) for whatever the
-        queues refused under their overflow policy; nothing is dropped silently."""
-        refused: list[tuple[np.ndarray, str]] = []
-        if len(records) == 0:
-            return refused
-        qidx = ROUTE[records["priority"]]
-        lo, hi = int(qidx.min()), int(qidx.max())
-        for qi in range(lo, hi + 1):
-            queue = self.queues[qi]
-            sel = records if lo == hi else records[qidx == qi]  # one queue: no mask, no copy
-            if len(sel) == 0:
-                continue
-            if queue.partitions == 1:
-                parts = [(queue.rings[0], sel)]
-            else:
-                pidx = partition_of(sel["topic_id"], queue.partitions)
-                p0 = int(pidx[0])
-                if len(sel) == 1 or (pidx == p0).all():
-                    parts = [(queue.rings[p0], sel)]
-                else:
-                    parts = [(queue.rings[p], sel[pidx == p]) for p in range(queue.partitions)]
-            for ring, sub in parts:
-                if len(sub) == 0:
-                    continue
-                dropped = ring.put_batch(sub)
-                if len(dropped):
-                    kind = "timeout" if queue.overflow is Overflow.BLOCK_PRODUCER else "overflow"
-                    refused.append((dropped, f"{kind}:{queue.name}"))
-        return refused
 
     def depths(self) -> dict[str, int]:
         return {q.name: q.depth for q in self.queues}

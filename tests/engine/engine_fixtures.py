@@ -79,3 +79,19 @@ def run_until_drained(procs, queue_or_bus, timeout=30.0):
         p.join(max(0.1, deadline - time.monotonic()))
         assert not p.is_alive(), f"{p.name} did not finish within {timeout}s"
         assert p.error is None, p.error
+
+
+def offer_all(bus, records, timeout: float = 30.0) -> list:
+    """Offer `records` to the bus (keeping their seq) as a held TCP reader does: what full queues hold
+    back is offered again until it is placed. Returns (records, reason) a shedding queue refused."""
+    import time
+
+    refused, pending, deadline = [], records, time.monotonic() + timeout
+    while True:
+        off = bus.offer(pending, stamp=False)
+        refused += [(pending[pos], why) for pos, why in off.refused]
+        if off.held is None:
+            return refused
+        assert time.monotonic() < deadline, "the queues never took the held records"
+        pending = pending[off.held]
+        time.sleep(0.001)  # the reader's HELD_RETRY_S: a processor frees room meanwhile

@@ -9,7 +9,7 @@ from eventstream.core.ring import MpscRing
 from eventstream.engine.bus import EventBusMulti
 from eventstream.ingest.admission import Admission
 
-from engine_fixtures import DTYPE, make_records
+from engine_fixtures import DTYPE, make_records, offer_all
 
 
 def drain(queue):
@@ -26,7 +26,7 @@ def test_routes_by_priority(small_cfg, topics):
     try:
         recs = make_records(topics, 50, priority=0)
         recs["priority"] = np.arange(50) % 5
-        assert bus.publish(recs) == []
+        assert offer_all(bus, recs) == []
         rt, tx, bt = drain(bus["realtime"]), drain(bus["transactional"]), drain(bus["batch"])
         assert sorted(set(rt["priority"].tolist())) == [3, 4]
         assert set(tx["priority"].tolist()) == {2}
@@ -42,7 +42,7 @@ def test_partitions_keep_a_topic_in_one_ring(small_cfg, topics):
     bus = EventBusMulti(small_cfg, DTYPE)
     try:
         names = [f"topic.{i % 7}" for i in range(140)]
-        bus.publish(make_records(topics, 140, topic=names, priority=2))
+        offer_all(bus, make_records(topics, 140, topic=names, priority=2))
         q = bus["transactional"]
         assert q.partitions == small_cfg.processors.transactional.max_workers
         seen = {}
@@ -59,7 +59,7 @@ def test_overflow_is_returned_with_a_reason(small_cfg, topics):
                                              "queues.batch.overflow": "DROP_NEW", "processors.batch.max_workers": 1})
     bus = EventBusMulti(cfg, DTYPE)
     try:
-        refused = bus.publish(make_records(topics, 20, priority=1))
+        refused = offer_all(bus, make_records(topics, 20, priority=1))
         assert len(refused) == 1
         recs, reason = refused[0]
         assert reason == "overflow:batch" and len(recs) == 4

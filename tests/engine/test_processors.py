@@ -17,7 +17,7 @@ from eventstream.engine.processors import (BatchProcessor, RealtimeProcessor, Tr
                                            WindowTable)
 from eventstream.engine.processors.batch import flush_windows
 
-from engine_fixtures import DTYPE, make_records, run_until_drained
+from engine_fixtures import DTYPE, make_records, offer_all, run_until_drained
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def bus(small_cfg):
 def test_realtime_calls_handler_per_batch_and_stores(bus, collected, topics):
     seen = []
     proc = RealtimeProcessor(bus["realtime"], collected.sinks(), lambda b: seen.append(b.ids.tolist()))
-    bus.publish(make_records(topics, 300, priority=4))
+    offer_all(bus, make_records(topics, 300, priority=4))
     run_until_drained([proc], bus)
     assert sorted(i for batch in seen for i in batch) == list(range(1, 301))
     assert collected.processed_n["realtime"] == 300
@@ -46,7 +46,7 @@ def test_realtime_handler_exception_sends_events_to_dlq_and_thread_survives(bus,
             raise RuntimeError("pager down")
 
     proc = RealtimeProcessor(bus["realtime"], collected.sinks(), handler, max_batch=10)
-    bus.publish(make_records(topics, 30, priority=3))
+    offer_all(bus, make_records(topics, 30, priority=3))
     run_until_drained([proc], bus)
     dropped, reasons = collected.dropped_records()
     assert len(dropped) == 10 and set(reasons) == {"handler_error: RuntimeError: pager down"}
@@ -58,7 +58,7 @@ def test_topic_subscription_only_passes_matching_topics(bus, collected, topics):
     got = []
     proc = RealtimeProcessor(bus["realtime"], collected.sinks(), lambda b: got.extend(b.topic_names()),
                              topics=["orders.*"])
-    bus.publish(make_records(topics, 6, priority=4, topic=["orders.eu", "users.x", "orders.us"] * 2))
+    offer_all(bus, make_records(topics, 6, priority=4, topic=["orders.eu", "users.x", "orders.us"] * 2))
     run_until_drained([proc], bus)
     assert sorted(got) == ["orders.eu", "orders.eu", "orders.us", "orders.us"]
     assert len(collected.stored_records()) == 6  # unsubscribed events are still processed and stored
@@ -89,7 +89,7 @@ def test_transactional_dedup_skips_committed_and_repeated_ids(bus, collected, to
     five = make_records(topics, 1, ids=np.array([5], dtype=np.uint64))
     dedup.commit(*idempotency.key_columns(five))  # (t, 5) is already stored
     ids = np.array([1, 2, 2, 3, 5, 0, 0, 1], dtype=np.uint64)
-    bus.publish(make_records(topics, len(ids), ids=ids))
+    offer_all(bus, make_records(topics, len(ids), ids=ids))
     run_until_drained([proc], bus)
     stored = collected.stored_records()
     assert sorted(stored["event_id"].tolist()) == [0, 0, 1, 2, 3]  # id 0 is never deduplicated
@@ -100,7 +100,7 @@ def test_transactional_dedup_skips_committed_and_repeated_ids(bus, collected, to
 def test_the_same_id_on_another_topic_is_another_event(bus, collected, topics):
     proc, dedup = make_tx(bus, collected, None)
     recs = make_records(topics, 4, topic=["t", "t", "u", "u"], ids=np.array([7, 7, 7, 8], dtype=np.uint64))
-    bus.publish(recs)
+    offer_all(bus, recs)
     run_until_drained([proc], bus)
     got = sorted(zip(collected.topics.names(collected.stored_records()["topic_id"]),
                      collected.stored_records()["event_id"].tolist()))
@@ -119,7 +119,7 @@ def test_transactional_retries_then_succeeds(bus, collected, topics):
             raise ValueError("db busy")
 
     proc, dedup = make_tx(bus, collected, flaky)
-    bus.publish(make_records(topics, 10, ids=np.arange(1, 11, dtype=np.uint64)))
+    offer_all(bus, make_records(topics, 10, ids=np.arange(1, 11, dtype=np.uint64)))
     run_until_drained([proc], bus)
     assert sorted(collected.stored_records()["event_id"].tolist()) == list(range(1, 11))
     assert collected.dropped == []
@@ -135,7 +135,7 @@ def test_transactional_exhausted_retries_go_to_dlq_with_last_error(bus, collecte
             raise KeyError(f"attempt {calls['n']}")
 
     proc, dedup = make_tx(bus, collected, broken, max_retries=2)
-    bus.publish(make_records(topics, 5, ids=np.arange(1, 6, dtype=np.uint64)))
+    offer_all(bus, make_records(topics, 5, ids=np.arange(1, 6, dtype=np.uint64)))
     run_until_drained([proc], bus)
     dropped, reasons = collected.dropped_records()
     assert dropped["event_id"].tolist() == [3]
@@ -156,7 +156,7 @@ def test_batch_windows_per_topic_with_aggregate(bus, collected, topics):
                           clock=lambda: now["t"], offset_ns=0)
     r1 = make_records(topics, 4, priority=1, topic=["a", "b", "a", "a"], payload=b"12345")
     r1["ingest_ts"] = [10 * window_ns + 1, 10 * window_ns + 2, 10 * window_ns + 3, 11 * window_ns + 5]
-    bus.publish(r1)
+    offer_all(bus, r1)
     now["t"] = 10 * window_ns  # nothing has ended yet
     run_until_drained([proc], bus)
     assert closed == []
@@ -191,7 +191,7 @@ def test_workers_share_partitions_exactly_once_in_topic_order(small_cfg, collect
         for _ in range(40):
             names = [f"t{(seq + i) % 5}" for i in range(200)]
             recs = make_records(topics, 200, topic=names, start_seq=seq)
-            refused = bus.publish(recs)
+            refused = offer_all(bus, recs)
             assert refused == []
             seq += 200
             total += 200
@@ -237,7 +237,7 @@ def test_caller_runs_realtime_only_when_the_queue_is_idle(bus, collected, topics
     assert calls == [[1, 2]] and collected.stored_records()["seq"].tolist() == [1, 2]
     assert proc.inline == 2 and bus["realtime"].depth == 0
     queued = make_records(topics, 1, priority=4, start_seq=3)
-    bus.publish(queued)  # something is queued: a later event must not overtake it
+    offer_all(bus, queued)  # something is queued: a later event must not overtake it
     assert not proc.run_inline(make_records(topics, 1, priority=4, start_seq=4))
     with bus["realtime"].tokens[0]:  # a worker is inside the partition
         bus["realtime"].rings[0].take(10)
