@@ -101,7 +101,8 @@ class Refuser:
             item = self._q.get()
             if item is None:
                 return
-            refuse(*item, linger_s=self.LINGER_S)
+            sock, reason = item
+            refuse(sock, reason, linger_s=self.LINGER_S)
 
     def stop(self) -> None:
         with self._lock:
