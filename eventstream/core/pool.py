@@ -15,6 +15,7 @@ releases exactly one succeeds and the other raises DoubleRelease.
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
 from eventstream.core import atomic
 from eventstream.core.arena import owned_arena
@@ -35,7 +36,8 @@ class DoubleRelease(ValueError):
 class EventPool:
     """`capacity` record slots in arena memory with a lock-free free list."""
 
-    def __init__(self, capacity: int, dtype: np.dtype = EVENT_DTYPE, arena=None, *, node: int = -1, name: str = "pool"):
+    def __init__(self, capacity: int, dtype: npt.DTypeLike = EVENT_DTYPE, arena=None, *, node: int = -1,
+                 name: str = "pool"):
         if not isinstance(capacity, int) or not 1 <= capacity < _IDX_MASK:
             raise ValueError(f"EventPool capacity={capacity!r} is not allowed; allowed: 1..{_IDX_MASK - 1}")
         self.capacity = capacity

@@ -33,7 +33,7 @@ import structlog
 from eventstream.ingest.tls import PLAIN_TEXT_REASON, TLS_RECORD_HANDSHAKE
 from eventstream.protocol import subscribe as sp
 from eventstream.protocol.frames import parse_hello
-from eventstream.subscribe.groups import GroupError, SoloSource, open_tail
+from eventstream.subscribe.groups import GroupError, GroupSource, SoloSource, open_tail
 
 log = structlog.get_logger("eventstream.subscribe")
 
@@ -77,7 +77,7 @@ class Refuser:
     LINGER_S = 0.25
 
     def __init__(self):
-        self._q: queue.Queue = queue.Queue(self.MAX_QUEUED)
+        self._q: queue.Queue[tuple[socket.socket, str] | None] = queue.Queue(self.MAX_QUEUED)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.dropped = 0  # closed without a reason (queue full)
@@ -236,7 +236,7 @@ class Session:
         self.send_lock = threading.Lock()
         self.closed = False
         self.error: str | None = None
-        self.source = None
+        self.source: SoloSource | GroupSource | None = None  # set by the handshake, with sub
         self.sub: sp.Subscribe | None = None
         self.principal = None  # ingest.auth.Principal of the HELLO's token (None: no tokens configured)
         self.sent = 0
@@ -248,6 +248,7 @@ class Session:
 
     # ------------------------------------------------------------------------------------ handshake
     def _recv_frames(self, dec: sp.SubscribeDecoder, deadline: float | None = None) -> list[sp.Frame]:
+        assert self.chan is not None  # made first in the handshake
         data = self.chan.recv(deadline)
         if not data:
             raise SessionClosed()
@@ -377,6 +378,7 @@ class Session:
         progress = self.server.progress
         sub = self.sub
         src = self.source
+        assert sub is not None and src is not None  # the handshake set them
         while not self.closed:
             self.wake.clear()
             n = min(self.credit, MAX_SEND_EVENTS)
@@ -404,6 +406,7 @@ class Session:
                 progress.unregister(self.wake)
 
     def _deliver(self, events) -> None:
+        assert self.sub is not None  # delivering: the handshake set it
         if self.sub.batch:  # many events per frame (credit still counts events)
             frames = [sp.encode_deliver_batches(events)]
         else:
@@ -417,6 +420,7 @@ class Session:
         self._send(b"".join(frames))
 
     def _send(self, data: bytes) -> None:
+        assert self.chan is not None  # made first in the handshake
         with self.send_lock:
             self.chan.sendall(data)
 
@@ -447,6 +451,7 @@ class Session:
                 self.credit += f.event_id
             self.wake.set()
         elif f.kind == sp.KIND_COMMIT:
+            assert self.source is not None  # frames are read after the handshake set it
             done = self.source.commit(self, f.event_id)
             self._send(sp.encode_commit(done))
         else:
