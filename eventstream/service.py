@@ -24,12 +24,10 @@ from eventstream.errors import StartupError
 from eventstream.ingest import tls as tlsmod
 from eventstream.ingest.auth import TokenError, TokenSet
 from eventstream.ingest.limits import CLOSE_REASONS
-from eventstream.ingest.tenants import Tenants
 from eventstream.ingest.tcp import TcpServer
-from eventstream.ingest.tls import TlsConfigError
+from eventstream.ingest.tenants import Tenants
 from eventstream.ingest.udp import UdpServer
-from eventstream.metrics.engine_gauges import (register_failures, register_subscribe, register_tcp_limits,
-                                               register_tenants, register_udp)
+from eventstream.metrics.engine_gauges import register_edges
 from eventstream.metrics.registry import MetricsRegistry
 from eventstream.runtime import gil
 
@@ -41,9 +39,8 @@ class Service:
                  flows: list | None = None):
         """`allow_gil`: run even with the GIL on (comparisons); None = as EVENTSTREAM_ALLOW_GIL says.
         `flows`: eventstream.flow.Flow objects to run inside the engine (with those of `flows.builders`)."""
-        self.cfg, self.handlers, self.flow_defs = cfg, handlers, flows
+        self.cfg, self.handlers, self.flow_defs, self.started = cfg, handlers, flows, False
         self.allow_gil = gil.gil_allowed_by_env() if allow_gil is None else allow_gil
-        self.started = False
         self.metrics = MetricsRegistry()
         self.engine = Engine(cfg, self.metrics, handlers=handlers, allow_gil=self.allow_gil)
         self.tcp = self.udp = self.control = self.exporter = self.backpressure = None
@@ -56,7 +53,7 @@ class Service:
         cfg = self.cfg
         try:  # one server.tls context and one token set for every TCP port
             tls, tokens = tlsmod.from_config(cfg.server.tls), TokenSet.from_config(cfg.server.auth)
-        except (TlsConfigError, TokenError) as exc:
+        except (tlsmod.TlsConfigError, TokenError) as exc:
             raise StartupError(str(exc)) from None
         from eventstream import connectors
         from eventstream.flow.runtime import start_flows
@@ -69,10 +66,9 @@ class Service:
             sub = self.subscribe = _refused(subscribe.build, cfg, data, engine.dtype, tokens=tokens, tls=tls,
                                             stored=engine.stored, tenants=self.tenants)
             if sub is not None:  # retention asks the named groups
-                engine.event_log.unread_by, engine.event_log.keep_unread = sub.unread_by, cfg.storage.retention_respects_groups
+                engine.event_log.unread_by = sub.unread_by
+                engine.event_log.keep_unread = cfg.storage.retention_respects_groups
             engine.start()
-            register_failures(self.metrics, self.failures)
-            register_tenants(self.metrics, self.tenants)
             if self.connectors is not None:
                 self.connectors.start()
             self.flows = _refused(start_flows, engine, data, self.flow_defs)
@@ -80,11 +76,12 @@ class Service:
             if sub is not None:
                 self._start_server(sub, "server.subscribe")
                 self._closers.append(sub.stop)
-                register_subscribe(self.metrics, sub)
             self.backpressure = Backpressure(cfg.backpressure)
             self.control = ControlThread(self.backpressure, engine.sample, LevelActions(engine),
                                          interval_ms=cfg.backpressure.interval_ms, cpus=cfg.affinity.control)
             self.control.start()
+            register_edges(self.metrics, failures=self.failures, tenants=self.tenants, tcp=self.tcp, udp=self.udp,
+                           subscribe=sub, close_reasons=CLOSE_REASONS)
             self._start_exporter(tls, tokens)
         except BaseException:
             self.stop(drain=False)
@@ -107,12 +104,10 @@ class Service:
                                  payloads=engine.payloads, tls=tls, tenants=self.tenants)
             self._start_server(self.tcp, "server.tcp")
             engine.stored.follow(self.tcp.progress)
-            register_tcp_limits(self.metrics, self.tcp, CLOSE_REASONS)
         if cfg.server.udp.enabled:
             self.udp = UdpServer(cfg.server.udp, engine, engine.topics, on_reject=engine.reject, cpus=aff.udp,
                                  payload_bytes=pb, payloads=engine.payloads, tenants=self.tenants)
             self._start_server(self.udp, "server.udp")
-            register_udp(self.metrics, self.udp)
 
     def _start_exporter(self, tls, tokens) -> None:
         m = self.cfg.metrics
@@ -129,7 +124,7 @@ class Service:
     def _start_server(self, server, key: str) -> None:
         try:
             server.start()
-        except TlsConfigError as exc:
+        except tlsmod.TlsConfigError as exc:
             raise StartupError(str(exc)) from None
         except OSError as exc:
             host, port = server.config.host, server.config.port

@@ -116,3 +116,15 @@ def register_tenants(m, tenants) -> None:
     m.counter_fn("tenant_throttled", lambda: tenants.throttled, {},
                  doc="times a connection waited for its tenant's events/s budget (server.tenants.max_events_per_s)")
     m.gauge_fn("tenants", {}, lambda: len(tenants), doc="tenants tracked (principals and client addresses)")
+
+
+def register_edges(m, *, failures, tenants, tcp=None, udp=None, subscribe=None, close_reasons=()) -> None:
+    """The service's edges, once they are up: thread failures, tenant bounds, and each edge that runs."""
+    register_failures(m, failures)
+    register_tenants(m, tenants)
+    if tcp is not None:
+        register_tcp_limits(m, tcp, close_reasons)
+    if udp is not None:
+        register_udp(m, udp)
+    if subscribe is not None:
+        register_subscribe(m, subscribe)
