@@ -12,8 +12,8 @@ import time
 import numpy as np
 import structlog
 
-from eventstream.connectors.headers import H_MSG_ID, H_PRIORITY, H_PRODUCER_TS, NATS_CONN_ID
 from eventstream.config.subjects import glob_matches, topic_subject
+from eventstream.connectors.headers import H_MSG_ID, H_PRIORITY, H_PRODUCER_TS, NATS_CONN_ID
 from eventstream.core.payloads import has_ext, payload_list
 
 log = structlog.get_logger("eventstream.connectors.nats")
@@ -43,8 +43,8 @@ class NatsSink:
         self._subjects: dict[int, tuple[str | None, str | None]] = {}
         self._names: dict[int, str] = {}
         self._tasks: set = set()
-        self._sink_event: asyncio.Event | None = None
-        self._sink_sem: asyncio.Semaphore | None = None
+        self._sink_event: asyncio.Event  # start() makes both, on the connector's loop; used only after
+        self._sink_sem: asyncio.Semaphore
         self.task: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ engine threads
@@ -159,6 +159,7 @@ class NatsSink:
         for i in range(len(batch)):
             subject, reason = self._subject(tids[i])
             if subject is None:
+                assert reason is not None  # topic_subject gives one or the other
                 refused.append(i)
                 reasons.append(reason)
                 continue

@@ -11,9 +11,16 @@ import time
 import numpy as np
 import structlog
 
-from eventstream.connectors.headers import (H_MSG_ID, H_PRIORITY, H_PRODUCER_TS, NATS_CONN_ID, hashed_id,
-                                            numeric_id, parse_priority)
 from eventstream.config.subjects import glob_filter, subject_topic
+from eventstream.connectors.headers import (
+    H_MSG_ID,
+    H_PRIORITY,
+    H_PRODUCER_TS,
+    NATS_CONN_ID,
+    hashed_id,
+    numeric_id,
+    parse_priority,
+)
 from eventstream.core.records import PRIORITY_NAMES
 from eventstream.core.topics import MAX_TOPIC_BYTES
 
@@ -43,7 +50,7 @@ class NatsSource:
         self._nudged = False
         self._intake_stopped = False
         self._ack_stop = False
-        self._progress_event: asyncio.Event | None = None
+        self._progress_event: asyncio.Event  # start() makes it, on the connector's loop; used only after
         self._source_task: asyncio.Task | None = None
         self._ack_task: asyncio.Task | None = None
         self._psub = None
@@ -74,7 +81,7 @@ class NatsSource:
         self._source_task = loop.create_task(self._source_loop())
         self._ack_task = loop.create_task(self._ack_loop())
 
-    def _decode(self, msg) -> tuple:
+    def _decode(self, msg) -> tuple | str:
         """(event_id, topic_id, priority, producer_ts, payload) of `msg`, or a DLQ reason (str), or
         (reason, event_id, topic_id, priority, payload) when it decoded but must not go in (poison)."""
         topic = subject_topic(self.prefix, msg.subject)
@@ -129,7 +136,7 @@ class NatsSource:
         numpy assignment per column (payloads padded into one buffer)."""
         n = len(rows)
         recs = np.zeros(n, dtype=self.dtype)
-        eids, tids, prios, ptss, datas = zip(*rows)
+        eids, tids, prios, ptss, datas = zip(*rows, strict=True)
         recs["event_id"] = eids
         recs["topic_id"] = tids
         recs["priority"] = prios
@@ -267,7 +274,7 @@ class NatsSource:
         recs["ext_class"][idx] = cls
         recs["ext_arena"][idx] = arena.id
         dst = memoryview(arena.buf)
-        for o, i in zip(offs.tolist(), got):
+        for o, i in zip(offs.tolist(), got, strict=True):
             d = datas[i]
             dst[o:o + len(d)] = d
         dst.release()
@@ -291,7 +298,8 @@ class NatsSource:
         self._nudged = False
 
     def _done_batches(self) -> list:
-        done, rest = [], collections.deque()
+        done: list = []
+        rest: collections.deque = collections.deque()
         for entry in self._inflight:
             if all(ring.completed() >= end for ring, end in entry[0]):
                 done.append(entry[1])
