@@ -166,8 +166,12 @@ class ControlThread(threading.Thread):
         self.failures = 0
         self._stop_requested = threading.Event()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the loop to end and wait for it (bounded): the engine frees the rings its sample reads
+        right after, and a tick still running then would read freed memory (the process would crash)."""
         self._stop_requested.set()
+        if self.is_alive() and self is not threading.current_thread():
+            self.join(timeout)
 
     def run(self) -> None:
         pin_current_thread(self.cpus, self.name)

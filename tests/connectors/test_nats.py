@@ -73,7 +73,7 @@ def test_config_errors_name_the_key(key, value, allowed):
 def test_disabled_by_default_and_nats_not_imported(tmp_path):
     code = ("import sys; from eventstream.config import load_config; from eventstream.service import Service\n"
             f"svc = Service(load_config(environ={{}}, overrides={{'server.tcp.port': 0, 'server.udp.port': 0, "
-            f"'metrics.enabled': False, 'storage.data_dir': {str(tmp_path / 'd')!r}}})).start()\n"
+            f"'server.subscribe.port': 0, 'metrics.enabled': False, 'storage.data_dir': {str(tmp_path / 'd')!r}}})).start()\n"
             "assert svc.connectors is None; svc.stop(); print('nats' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHON_GIL="0"), capture_output=True,
                        text=True, timeout=120)
