@@ -13,11 +13,18 @@ from __future__ import annotations
 
 import collections
 import socket
+import ssl
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from eventstream.protocol.decoder import FrameDecoder
 from eventstream.protocol.frames import encode_ack
+
+if TYPE_CHECKING:
+    from eventstream.ingest.limits import RejectMeter
+    from eventstream.ingest.preamble import Preamble
 
 
 def marks_done(marks) -> bool:
@@ -29,12 +36,13 @@ def marks_done(marks) -> bool:
 
 class Connection:
     __slots__ = ("sock", "conn_id", "peer", "decoder", "v2", "accepted", "acked", "chunks", "held", "held_idx",
-                 "open_marks", "open_nacks", "open_ts", "blocked", "outbox", "last_active", "tokens", "resume_at", "reading", "closing",
-                 "closed", "partial", "partial_since", "preamble", "handshaking", "meter",
+                 "open_marks", "open_nacks", "open_ts", "blocked", "outbox", "last_active", "tokens", "resume_at",
+                 "reading", "closing", "closed", "partial", "partial_since", "preamble", "handshaking", "meter",
                  "linger_until", "principal", "principal_id", "tenant",
                  "window_bytes", "window_start")
 
-    def __init__(self, sock: socket.socket, conn_id: int, peer, decoder: FrameDecoder, now: float, burst: float):
+    def __init__(self, sock: socket.socket | ssl.SSLSocket, conn_id: int, peer, decoder: FrameDecoder, now: float,
+                 burst: float):
         self.sock = sock
         self.conn_id = conn_id
         self.peer = peer
@@ -45,7 +53,7 @@ class Connection:
         self.chunks: collections.deque = collections.deque()  # (count after, marks, nack bytes, ingest ns)
         self.held: np.ndarray | None = None  # records not placed yet (the connection stops reading)
         self.held_idx: np.ndarray | None = None
-        self.blocked = ()  # the full rings that held records back (retried once they have room)
+        self.blocked: Sequence[Any] = ()  # the full rings that held records back (retried once they have room)
         self.open_marks: list = []  # marks and NACKs of the chunk whose records are partly held
         self.open_nacks = b""
         self.open_ts = 0  # decode time of the chunk's first records (all records of a read share it)
@@ -58,9 +66,9 @@ class Connection:
         self.closed = False
         self.partial = 0  # bytes of an incomplete frame in the decoder (accounted in Reader.partial_bytes)
         self.partial_since = 0.0  # when the current partial frame started (or reading last resumed)
-        self.preamble = None  # preamble.Preamble until the first frame is known (HELLO or not)
+        self.preamble: Preamble | None = None  # until the first frame is known (HELLO or not)
         self.handshaking = False  # TLS handshake not finished (tls.py)
-        self.meter = None  # limits.RejectMeter: rejected frames per second
+        self.meter: RejectMeter | None = None  # rejected frames per second (the reader gives each one)
         self.linger_until = 0.0  # refused: its reads are discarded until EOF or this time, then closed
         self.principal = None  # auth.Principal once its HELLO was accepted (None: no tokens configured)
         self.principal_id = 0  # its small integer (0: shared token or none; auth.py)

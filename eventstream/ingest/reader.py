@@ -52,9 +52,18 @@ from eventstream.core.topics import TopicTable
 from eventstream.ingest.auth import TokenSet
 from eventstream.ingest.connection import Connection, peer_ip
 from eventstream.ingest.delivery import Delivery, IngestStats
-from eventstream.ingest.limits import (REASON_AUTH, REASON_EVICTED, REASON_FRAME_TIMEOUT, REASON_MIN_RATE,
-                                       REASON_PARTIAL_BYTES, REASON_TENANT, REASON_TOO_MANY_REJECTS, PartialBudget,
-                                       PeerLimit, RejectMeter)
+from eventstream.ingest.limits import (
+    REASON_AUTH,
+    REASON_EVICTED,
+    REASON_FRAME_TIMEOUT,
+    REASON_MIN_RATE,
+    REASON_PARTIAL_BYTES,
+    REASON_TENANT,
+    REASON_TOO_MANY_REJECTS,
+    PartialBudget,
+    PeerLimit,
+    RejectMeter,
+)
 from eventstream.ingest.preamble import Preamble
 from eventstream.ingest.tenants import Tenants, admit
 from eventstream.ingest.tls import handshake_step
@@ -331,7 +340,7 @@ class Reader(threading.Thread):
         c.last_active = now
         c.window_bytes += n
         self.stats.bytes_received += n
-        if self.tls is not None and c.sock.pending():
+        if isinstance(c.sock, ssl.SSLSocket) and c.sock.pending():
             self.tls_pending.add(c)  # decrypted bytes the selector cannot see: read them next round
         data = memoryview(self._buf)[:n]
         if c.preamble is not None:
@@ -353,6 +362,8 @@ class Reader(threading.Thread):
 
     def _consume(self, c: Connection, data, now: float) -> None:
         """Decode `data` (b"": what the decoder kept while the payload arena was full) and deliver."""
+        meter = c.meter
+        assert meter is not None  # given with the connection
         records, indices, errors = c.decoder.feed_indexed(data)
         if isinstance(data, memoryview):
             data.release()
@@ -365,11 +376,11 @@ class Reader(threading.Thread):
             c.v2 = True
         report = None
         if errors:
-            report, ended = c.meter.admit(len(errors), len(records), now)
+            report, ended = meter.admit(len(errors), len(records), now)
             if ended:
-                self.delivery.report_suppressed(c.conn_id, ended, "server.tcp.max_rejects_per_s", c.meter.limit)
+                self.delivery.report_suppressed(c.conn_id, ended, "server.tcp.max_rejects_per_s", meter.limit)
         elif len(records):
-            c.meter.good += len(records)
+            meter.good += len(records)
         d = self.delivery.deliver(records, indices, errors, c.conn_id, want_nacks=c.v2, report_errors=report)
         c.accepted += d.accepted
         if c.v2:
@@ -398,10 +409,10 @@ class Reader(threading.Thread):
             log.warning("framing_error", conn_id=c.conn_id, peer=str(c.peer), frame=fatal.index, reason=fatal.reason)
             self._finish(c, "framing_error")
             return
-        if errors and c.meter.garbage_only and not c.closing:
+        if errors and meter.garbage_only and not c.closing:
             self.stats.limit_closes[REASON_TOO_MANY_REJECTS] += 1
             log.warning("connection_limited", conn_id=c.conn_id, peer=str(c.peer), reason=REASON_TOO_MANY_REJECTS,
-                        rejects=c.meter.rejects, max_rejects_per_s=c.meter.limit)
+                        rejects=meter.rejects, max_rejects_per_s=meter.limit)
             self._finish(c, REASON_TOO_MANY_REJECTS)  # after the NACKs and the ACK of what it sent
             return
         if self._rate:
@@ -582,6 +593,7 @@ class Reader(threading.Thread):
             self.stalled.discard(c)
             return
         if c.held is not None:
+            assert c.held_idx is not None  # held with their frame indices
             if not self._may_progress(c):
                 return  # cheap checks first: offering a large held batch again costs more
             d = self.delivery.deliver(c.held, c.held_idx, [], c.conn_id, want_nacks=c.v2, retry=True)
@@ -613,11 +625,13 @@ class Reader(threading.Thread):
     def _may_progress(self, c: Connection) -> bool:
         """Whether offering `c`'s held records again can place some: the control plane admits the
         first of them, and every queue that was full has room for a fair share again."""
+        held = c.held
+        assert held is not None  # asked only for a connection holding records
         lo = self.delivery.admitted_below()
-        if lo and int(c.held["priority"][0]) < lo:
+        if lo and int(held["priority"][0]) < lo:
             return False
         for ring in c.blocked:
-            if ring.capacity - ring.depth < min(len(c.held), ring.capacity // 8):
+            if ring.capacity - ring.depth < min(len(held), ring.capacity // 8):
                 return False
         return True
 
@@ -626,6 +640,7 @@ class Reader(threading.Thread):
         were never ACKed; they go to the dead-letter log (replayable) and a v2 client gets their
         NACKs once everything before them is complete (the protocol's order)."""
         held, idx = c.held, c.held_idx
+        assert held is not None and idx is not None  # called for a connection holding records
         c.held = c.held_idx = None
         self.stalled.discard(c)
         log.warning("held_records_dead_lettered_at_stop", conn_id=c.conn_id, records=len(held))
@@ -634,7 +649,7 @@ class Reader(threading.Thread):
         if self.delivery.on_reject is not None:
             try:
                 self.delivery.on_reject(held, REASON_HELD_AT_STOP, [])
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the engine's callback: log, keep stopping
                 log.error("on_reject_failed", error=repr(exc))
         release_records(held)  # dead-lettered with their payloads: the arena slots go back
         if c.v2 and not c.closed:  # they end the open chunk: sent once everything in it is complete
@@ -645,6 +660,7 @@ class Reader(threading.Thread):
 
     def _handshake(self, c: Connection) -> None:
         """One step of a TLS handshake (tls.py); reading starts when it is done."""
+        assert isinstance(c.sock, ssl.SSLSocket)  # handshaking: a TLS connection
         try:
             want = handshake_step(c.sock)
         except (ssl.SSLError, OSError) as exc:
