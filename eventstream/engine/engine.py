@@ -54,6 +54,7 @@ from eventstream.engine.stored import Stored
 from eventstream.errors import StartupError
 from eventstream.ingest.admission import Admission
 from eventstream.metrics.engine_gauges import register_dedup, register_engine_gauges, register_storage
+from eventstream.storage.reader import ColumnCollector
 from eventstream.storage.writer import EventLog
 
 log = structlog.get_logger("eventstream.engine")
@@ -79,33 +80,40 @@ class Engine:
         self.admission = Admission()  # written by the control plane (engine/levels.py), read by offer
         self.stored = Stored()
         self.forwarders: list = []  # called with each stored batch (the NATS sink's copy), set before start
-        self.payloads = self.dlq = self.event_log = self.bus = self.manager = None
-        self.dedup_rebuilt = None
-        self._keys = None  # dedup keys of the active file, collected by its recovery (open) for start()
+        # made by open() (the manager by start()); None before: stop() and close() know what to undo
+        self.payloads: PayloadArena | None = None
+        self.dlq: DeadLetterLog | None = None
+        self.event_log: EventLog | None = None
+        self.bus: EventBusMulti | None = None
+        self.manager: ProcessManager | None = None
+        self.dedup_rebuilt: int | None = None
+        # dedup keys of the active file, collected by its recovery (open) for start()
+        self._keys: ColumnCollector | None = None
         self._last_sample = (0, 0, time.monotonic())
 
     # ------------------------------------------------------------------------------------ ports
     def offer(self, records: np.ndarray, *, stamp: bool = True, shed_all: bool = False) -> Offer:
         """Put `records` in without waiting (module docstring). Positions in the result index `records`."""
-        adm = self.admission
+        adm, bus = self.admission, self.bus
+        assert bus is not None  # opened
         lo = 4 if adm.paused else (adm.min_priority if shed_all else adm.tcp_min_priority)
         if lo == 0 or len(records) == 0:
-            return self.bus.offer(records, stamp=stamp, shed_all=shed_all)
+            return bus.offer(records, stamp=stamp, shed_all=shed_all)
         below = records["priority"] < lo
         if not below.any():
-            return self.bus.offer(records, stamp=stamp, shed_all=shed_all)
+            return bus.offer(records, stamp=stamp, shed_all=shed_all)
         if shed_all:  # no flow control (UDP): what is not admitted is refused, the rest goes in
             keep = np.flatnonzero(~below)
-            off = self.bus.offer(records[keep], stamp=stamp, shed_all=True) if len(keep) else Offer()
+            off = bus.offer(records[keep], stamp=stamp, shed_all=True) if len(keep) else Offer()
             off.refused = [(keep[pos], why) for pos, why in off.refused]
             off.refused.append((np.flatnonzero(below), "paused" if adm.paused else "backpressure"))
             return off
         # held from the first record not admitted: the source keeps its order (stamped now, like
         # records a full queue holds back, so the retry keeps their sequence numbers)
         if stamp:
-            self.bus.stamp(records)
+            bus.stamp(records)
         cut = int(below.argmax())
-        off = self.bus.offer(records[:cut], stamp=False) if cut else Offer()
+        off = bus.offer(records[:cut], stamp=False) if cut else Offer()
         tail = np.arange(cut, len(records))
         off.held = tail if off.held is None else np.concatenate((off.held, tail))
         return off
@@ -116,6 +124,7 @@ class Engine:
         the records' payloads when the caller copied them out of the payload arena already."""
         if len(records) == 0:
             return
+        assert self.dlq is not None  # opened
         if isinstance(reason, str):
             self.dlq.write(records, reason, self.topics, payloads)
             category = reason_category(reason)
@@ -132,17 +141,20 @@ class Engine:
         and frames that failed to decode. One DLQ line each, counted by reason."""
         if records is not None and len(records):
             self.drop(records, reason)
+        assert self.dlq is not None  # opened
         for rj in rejections:
             self.dlq.write_line(rj.event_id, rj.topic, rj.priority, rj.reason)
             self.metrics.dropped(reason_category(rj.reason), rj.count)
 
     def _store(self, records: np.ndarray) -> None:
+        assert self.event_log is not None  # opened
         self.event_log.append(records)
         for forward in self.forwarders:
             forward(records)
 
     def _sync(self) -> None:
         """Group commit for `synced` ACKs: everything stored (and dead-lettered) so far is fsynced."""
+        assert self.event_log is not None and self.dlq is not None  # opened
         self.event_log.sync()
         self.dlq.sync()
 
@@ -204,12 +216,13 @@ class Engine:
     def start(self) -> Engine:
         """Processors (dedup tables rebuilt from events.bin first: a resend after a restart is stored
         once) and their caller-runs lanes."""
-        cfg = self.cfg
+        cfg, bus = self.cfg, self.bus
+        assert bus is not None  # opened first
         sinks = Sinks(self.topics, store=self._store, drop=self.drop, processed=self._processed,
                       dedup_hit=self.metrics.dedup_hits, sync=self._sync, progress=self.stored.advance,
                       stages=self._stages)
         try:
-            self.manager = ProcessManager(cfg, self.bus, sinks, handlers=self.handlers)
+            self.manager = ProcessManager(cfg, bus, sinks, handlers=self.handlers)
         except ValueError as exc:
             raise StartupError(str(exc)) from None
         if self.manager.dedups is not None:
@@ -218,12 +231,12 @@ class Engine:
                                                      active=self._keys)
             self._keys = None  # its arrays are in the tables now
             register_dedup(self.metrics, self.manager.dedups)
-        register_engine_gauges(self.metrics, self.bus, QUEUE_NAMES, self.topics, self.payloads)
+        register_engine_gauges(self.metrics, bus, QUEUE_NAMES, self.topics, self.payloads)
         register_storage(self.metrics, self.event_log, self.dlq)
         self.manager.start()
         for tier in QUEUE_NAMES:  # caller runs: ingest handles a tier's events itself when it is idle
             if getattr(cfg.processors, tier).inline:
-                self.bus[tier].lanes = self.manager.lanes(tier)
+                bus[tier].lanes = self.manager.lanes(tier)
         return self
 
     def stop(self, drain: bool = True, timeout: float = 60.0) -> bool:
@@ -241,7 +254,7 @@ class Engine:
         process (SIGSEGV), so they are leaked instead."""
         if not threads_finished and self.bus is not None:
             log.error("threads_still_running_rings_not_freed")
-        closers = [self.event_log, self.dlq]
+        closers: list = [self.event_log, self.dlq]
         if threads_finished:
             closers = [self.bus, *closers, self.payloads]
         for part in closers:
@@ -255,6 +268,7 @@ class Engine:
     def _dead_letter_leftovers(self) -> None:
         """Stopped without draining: whatever is still queued goes to the DLQ, never silently away."""
         left = 0
+        assert self.bus is not None  # called only with one
         for ring in (r for q in self.bus.queues for r in q.rings):
             while True:
                 recs = ring.take(ring.capacity, 0.0)
@@ -277,6 +291,7 @@ class Engine:
         r0, d0, _ = self._last_sample
         self._last_sample = (received, dropped, time.monotonic())
         offered = (received - r0) + (dropped - d0)
+        assert self.bus is not None  # opened
         return Sample(depth=self.bus.depth / self.cfg.backpressure.max_queue_depth,
                       drop_rate=(dropped - d0) / offered if offered else 0.0,
                       processed=m.processed_total(), p99_ns=m.p99_ns("realtime"))
