@@ -18,13 +18,16 @@ lazily). Waste is below half a slot per payload.
 
 Concurrency: claims come from every ingest thread, releases from every processor thread. Each
 size class has its own small lock (a claim or a release of a whole batch takes each class's lock
-once, never per byte). The free chunks are core/pool.py's lock-free pool (a Treiber stack with a
-tagged head: one CAS to take or give back a chunk, a double give-back raises). The slot lists of a
-class stay under its lock: a chunk whose slots are all free again leaves its class at once, which
-takes its slots out of the middle of the class's free slots (a lock-free stack can only pop its
-top), and the class's bump offset and counts change with them in one step. Why not the rings' CAS
-cursors: slots are freed out of order (partitions release independently). The lock is held for a
-few list operations per batch; payloads above the inline size cost far more to copy than the lock.
+once, never per byte), and the chunk pool has one more lock, taken only while a chunk changes hands
+(lock order: class, then pool). Why not the rings' CAS cursors: slots are freed out of order
+(partitions release independently). Why not core/pool.py's lock-free pool (a Treiber stack), tried
+for the free chunks: from Python each CAS is a cffi call of about a microsecond, and taking or
+giving back a chunk costs several (head, in-use cell, free count), against about 0.1 µs for an
+uncontended lock around a list pop; a claim-then-release loop of 16 payloads of 16 B-16 KB took
+1.7x as long per batch with it (2026-12-07). The slot lists cannot use it either: a chunk whose
+slots are all free again leaves its class at once, which takes its slots out of the middle of the
+class's free slots (a stack only pops its top). The lock is held for a few list operations per
+batch; payloads above the inline size cost far more to copy than the lock.
 
 Bounded: `claim` never grows the arena. When a payload does not fit, it claims the longest prefix
 that does and says so; ingest then pushes the producer back exactly as for a full ring (the TCP
@@ -39,7 +42,6 @@ import threading
 import numpy as np
 
 from eventstream.core.arena import Arena
-from eventstream.core.pool import EventPool, PoolExhausted
 from eventstream.core.records import SMALL_BATCH
 
 MIN_CLASS_BYTES = 64
@@ -111,8 +113,8 @@ class PayloadArena:
         self._grain = smallest
         self._arena = Arena(self.size, node, name=name)
         self.buf = self._arena.array(self.size, np.uint8, zero=False)  # pages fault in on first use
-        # free chunks: the lock-free Treiber stack of core/pool.py (slot i = chunk i), O(1) per change
-        self._pool = EventPool(self.nchunks, np.uint8, node=node, name=f"{name}.chunks")
+        self._pool = list(range(self.nchunks - 1, -1, -1))  # free chunks (a stack)
+        self._pool_lock = threading.Lock()
         self._chunk_used = [0] * self.nchunks
         self._claimed = bytearray(self.size // smallest)  # 1 = a slot starts here and is claimed
         self._stats_lock = threading.Lock()
@@ -195,9 +197,9 @@ class PayloadArena:
                     cl.bump_off += m * size
                     used[cl.bump_ch] += m
                     continue
-                try:
-                    ch = self._pool.acquire()
-                except PoolExhausted:
+                with self._pool_lock:
+                    ch = self._pool.pop() if self._pool else -1
+                if ch < 0:
                     break
                 cl.bump_ch, cl.bump_off, cl.bump_end = ch, ch * self.chunk, (ch + 1) * self.chunk
             cl.used += len(out)
@@ -209,7 +211,7 @@ class PayloadArena:
     def has_room(self, size: int) -> bool:
         """Whether a payload of `size` bytes would get a slot now (a hint: others claim meanwhile)."""
         cl = self._classes[int(self.class_of(np.int64(size)))]
-        return bool(cl.avail) or cl.bump_off < cl.bump_end or self._pool.free_count > 0
+        return bool(cl.avail) or cl.bump_off < cl.bump_end or bool(self._pool)
 
     # -- releasing --------------------------------------------------------------------------------
     def release(self, offsets, ext_classes) -> None:
@@ -246,7 +248,8 @@ class PayloadArena:
                         cl.avail.pop(ch, None)
                         if cl.bump_ch == ch:
                             cl.bump_ch, cl.bump_off, cl.bump_end = -1, 0, 0
-                        self._pool.release(ch)
+                        with self._pool_lock:
+                            self._pool.append(ch)
                         continue
                     free = cl.avail.get(ch)
                     if free is None:
@@ -269,7 +272,7 @@ class PayloadArena:
             st: dict[str, object] = dict(self._stats)
         used = sum(cl.used * cl.size for cl in self._classes)
         st.update(bytes=self.size, chunk_bytes=self.chunk, chunks=self.nchunks,
-                  chunks_free=self._pool.free_count, used_bytes=used,
+                  chunks_free=len(self._pool), used_bytes=used,
                   slots_used={cl.size: cl.used for cl in self._classes if cl.used})
         return st
 
@@ -284,7 +287,6 @@ class PayloadArena:
         with _registry_lock:
             if _registry[self.id] is self:
                 _registry[self.id] = None
-        self._pool.close()
         self._arena.close()
 
     def __enter__(self) -> PayloadArena:
