@@ -47,8 +47,10 @@ __all__ = sorted(_WHERE) + ["__version__"]
 def __getattr__(name: str):
     where = _WHERE.get(name)
     if where is None:
-        raise AttributeError(f"module 'eventstream' has no attribute {name!r}; the public API is "
-                             f"eventstream.__all__: {', '.join(sorted(_WHERE))}")
+        raise AttributeError(
+            f"module 'eventstream' has no attribute {name!r}; the public API is "
+            f"eventstream.__all__: {', '.join(sorted(_WHERE))}"
+        )
     value = getattr(importlib.import_module(where), name)
     globals()[name] = value  # imported once
     return value

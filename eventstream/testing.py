@@ -89,8 +89,15 @@ class Outputs:
 class FlowTest:
     """A flow run by hand: send events, move the clock, look at the outputs."""
 
-    def __init__(self, flow: Flow, *, partitions: int = 1, clock: ManualClock | None = None, batch_size: int = 1024,
-                 deliver: bool = False):
+    def __init__(
+        self,
+        flow: Flow,
+        *,
+        partitions: int = 1,
+        clock: ManualClock | None = None,
+        batch_size: int = 1024,
+        deliver: bool = False,
+    ):
         """`deliver`: also call the flow's callables (to(fn)); outputs are recorded either way."""
         self.flow = flow
         self.clock = clock or ManualClock()
@@ -105,7 +112,7 @@ class FlowTest:
         """Feed events (Event, or bare values at the clock's time) in batches of batch_size."""
         events = list(events)
         for lo in range(0, len(events), self.batch_size):
-            self._step(self._batch(events[lo:lo + self.batch_size]))
+            self._step(self._batch(events[lo : lo + self.batch_size]))
         return self.outputs
 
     def advance(self, seconds: float) -> Outputs:
@@ -150,8 +157,9 @@ class FlowTest:
         n = len(events)
         seq = np.arange(self._offset, self._offset + n, dtype=np.int64)
         self._offset += n
-        return Batch(payloads, np.array(ts, dtype=np.int64), seq, seq.astype(np.uint64), None,
-                     np.array(topic, dtype=np.int32))
+        return Batch(
+            payloads, np.array(ts, dtype=np.int64), seq, seq.astype(np.uint64), None, np.array(topic, dtype=np.int32)
+        )
 
     def _step(self, batch: Batch) -> None:
         ex = self.executor
@@ -160,8 +168,11 @@ class FlowTest:
         emitted, dead = ex.collect()
         out = self.outputs
         for target, b in emitted:
-            values = b.values.tolist() if isinstance(b.values, np.ndarray) and b.values.dtype.names is None \
+            values = (
+                b.values.tolist()
+                if isinstance(b.values, np.ndarray) and b.values.dtype.names is None
                 else list(b.values)
+            )
             if hasattr(target, "encode"):
                 target.encode(values)  # outputs must encode: the engine would refuse them otherwise
             out.values[target.name].extend(values)
@@ -175,8 +186,15 @@ class FlowTest:
                 (out.late if r.startswith("late") else out.dead_letters).append((v, r))
 
 
-def run_flow(flow: Flow, events, *, partitions: int = 1, clock: ManualClock | None = None,
-             batch_size: int = 1024, finish: bool = True) -> Outputs:
+def run_flow(
+    flow: Flow,
+    events,
+    *,
+    partitions: int = 1,
+    clock: ManualClock | None = None,
+    batch_size: int = 1024,
+    finish: bool = True,
+) -> Outputs:
     """Run `flow` over `events` and return its outputs (see the module doc)."""
     t = FlowTest(flow, partitions=partitions, clock=clock, batch_size=batch_size)
     t.send(events)

@@ -23,8 +23,9 @@ BENCHMARKS = {
     "rings": "SPSC/MPSC ring throughput vs queue.Queue and deque",
     "ingest": "frame codec and TCP ingest throughput",
     "flows": "dataflows: keyed window count (numpy, per-event Python), map + reduce; 1 vs 2 threads, GIL off and on",
-    "peers": ("eventstream vs Redis Streams and NATS JetStream: same client shape, same CPU pinning, "
-              "single and batch frames"),
+    "peers": (
+        "eventstream vs Redis Streams and NATS JetStream: same client shape, same CPU pinning, single and batch frames"
+    ),
 }
 
 
@@ -36,11 +37,14 @@ def bench_dir() -> Path | None:
 
 def register(sub) -> None:
     lines = "\n".join(f"  {k:<9} {v}" for k, v in BENCHMARKS.items())
-    p = sub.add_parser("bench", help="run a benchmark (scaling, pipeline, latency, rings, ingest)",
-                       description=f"Run a benchmark script from bench/ with this interpreter.\n\n{lines}\n\n"
-                                   "Further arguments go to the script, e.g. `eventstream bench scaling --quick "
-                                   "--json`; `eventstream bench scaling --help` shows its options.",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "bench",
+        help="run a benchmark (scaling, pipeline, latency, rings, ingest)",
+        description=f"Run a benchmark script from bench/ with this interpreter.\n\n{lines}\n\n"
+        "Further arguments go to the script, e.g. `eventstream bench scaling --quick "
+        "--json`; `eventstream bench scaling --help` shows its options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("name", choices=sorted(BENCHMARKS), metavar="NAME", help=f"one of: {', '.join(BENCHMARKS)}")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark script")
     p.set_defaults(func=run)
@@ -49,8 +53,11 @@ def register(sub) -> None:
 def run(args) -> int:
     where = bench_dir()
     if where is None:
-        print("eventstream: error: bench/ not found next to the eventstream package; allowed: run from a source "
-              "checkout (pip install -e .), where bench/harness.py exists", file=sys.stderr)
+        print(
+            "eventstream: error: bench/ not found next to the eventstream package; allowed: run from a source "
+            "checkout (pip install -e .), where bench/harness.py exists",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     script = where / f"{args.name}.py"
     if not script.exists():

@@ -28,8 +28,11 @@ ACTIONS = ("list", "replay")
 
 
 def register(sub) -> None:
-    p = sub.add_parser("dlq", help="list the dead-letter log or replay its events to a server",
-                       description="List the dead-letter log, or replay its events with their payloads.")
+    p = sub.add_parser(
+        "dlq",
+        help="list the dead-letter log or replay its events to a server",
+        description="List the dead-letter log, or replay its events with their payloads.",
+    )
     p.set_defaults(func=_no_action)
     acts = p.add_subparsers(dest="action", metavar="ACTION")
 
@@ -54,8 +57,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="data directory holding the DLQ (file name: storage.dlq_file)")
     p.add_argument("--file", help="DLQ file (its segments <file>.<n> are read too)")
     p.add_argument("--reason", metavar="GLOB", help="reason glob, e.g. 'handler_error: *ValueError*'")
-    p.add_argument("--category", metavar="C", help="reason category (text before the first colon), or a comma "
-                   "list, e.g. retries_exhausted,overflow")
+    p.add_argument(
+        "--category",
+        metavar="C",
+        help="reason category (text before the first colon), or a comma list, e.g. retries_exhausted,overflow",
+    )
     p.add_argument("--topic", metavar="GLOB", help="topic glob, e.g. 'orders.*'")
 
 
@@ -65,16 +71,21 @@ def _usage(action: str, msg: str) -> int:
 
 
 def _no_action(args) -> int:
-    print(f"eventstream dlq: an action is required; allowed: {', '.join(ACTIONS)} (see eventstream dlq --help)",
-          file=sys.stderr)
+    print(
+        f"eventstream dlq: an action is required; allowed: {', '.join(ACTIONS)} (see eventstream dlq --help)",
+        file=sys.stderr,
+    )
     return EXIT_USAGE
 
 
 def resolve(args) -> Path | None:
     """The DLQ path from --file, or --data-dir / config; None (reported) on a usage error."""
     if args.file and args.data_dir:
-        _usage(args.action, f"--file {args.file} and --data-dir {args.data_dir} together are not allowed; "
-               "allowed: one of them (or neither: the configured storage.data_dir)")
+        _usage(
+            args.action,
+            f"--file {args.file} and --data-dir {args.data_dir} together are not allowed; "
+            "allowed: one of them (or neither: the configured storage.data_dir)",
+        )
         return None
     if args.file:
         return Path(args.file)
@@ -89,23 +100,29 @@ def resolve(args) -> Path | None:
 def make_filter(args):
     """A predicate on DLQ entries from --reason/--category/--topic; ValueError naming a bad flag."""
     if args.reason is not None and args.category is not None:
-        raise ValueError(f"--reason {args.reason!r} and --category {args.category!r} together are not allowed; "
-                         "allowed: one of them (the category is the reason's text before the first colon)")
+        raise ValueError(
+            f"--reason {args.reason!r} and --category {args.category!r} together are not allowed; "
+            "allowed: one of them (the category is the reason's text before the first colon)"
+        )
     cats = None
     if args.category is not None:
         cats = {c.strip() for c in args.category.split(",") if c.strip()}
         if not cats:
-            raise ValueError(f"--category {args.category!r} is not allowed; allowed: a category name such as "
-                             "retries_exhausted, or a comma list of them")
+            raise ValueError(
+                f"--category {args.category!r} is not allowed; allowed: a category name such as "
+                "retries_exhausted, or a comma list of them"
+            )
     for flag, value in (("--reason", args.reason), ("--topic", args.topic)):
         if value is not None and not value:
             raise ValueError(f"{flag} '' is not allowed; allowed: a glob such as 'orders.*' ('*' matches all)")
     reason, topic = args.reason, args.topic
 
     def keep(e) -> bool:
-        return ((cats is None or e.category in cats)
-                and (reason is None or fnmatch.fnmatchcase(e.reason, reason))
-                and (topic is None or fnmatch.fnmatchcase(e.topic, topic)))
+        return (
+            (cats is None or e.category in cats)
+            and (reason is None or fnmatch.fnmatchcase(e.reason, reason))
+            and (topic is None or fnmatch.fnmatchcase(e.topic, topic))
+        )
 
     return keep
 
@@ -138,8 +155,11 @@ def _open(args):
     try:
         entries = read_dlq(path, on_bad_line=lambda f, n, problem: bad.append(f"{f}:{n}: {problem}"))
     except FileNotFoundError:
-        print(f"eventstream dlq {args.action}: {path}: no such DLQ file (allowed: --file of a DLQ file such as "
-              "data/dlq_log.txt, or --data-dir of a server that has run)", file=sys.stderr)
+        print(
+            f"eventstream dlq {args.action}: {path}: no such DLQ file (allowed: --file of a DLQ file such as "
+            "data/dlq_log.txt, or --data-dir of a server that has run)",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
     except OSError as exc:
         print(f"eventstream dlq {args.action}: cannot read {path}: {exc}", file=sys.stderr)
@@ -151,12 +171,15 @@ def _report(args, matched: int, categories: Counter, bad: list[str]) -> None:
     for b in bad[:20]:
         print(f"eventstream dlq {args.action}: warning: skipped a damaged line: {b}", file=sys.stderr)
     if len(bad) > 20:
-        print(f"eventstream dlq {args.action}: warning: ... {len(bad) - 20} more damaged lines skipped",
-              file=sys.stderr)
+        print(
+            f"eventstream dlq {args.action}: warning: ... {len(bad) - 20} more damaged lines skipped", file=sys.stderr
+        )
     if not matched and (args.category or args.reason or args.topic):
         seen = ", ".join(f"{printable(c)} ({n})" for c, n in categories.most_common(20)) or "none"
-        print(f"eventstream dlq {args.action}: no entry matched the filters; categories in this DLQ: {seen}",
-              file=sys.stderr)
+        print(
+            f"eventstream dlq {args.action}: no entry matched the filters; categories in this DLQ: {seen}",
+            file=sys.stderr,
+        )
 
 
 def run_list(args) -> int:
@@ -181,9 +204,11 @@ def run_list(args) -> int:
                 out.write(json.dumps(e.to_json()) + "\n")
             else:
                 size = "-" if e.payload is None else str(len(e.payload))
-                out.write(f"{printable(e.ts):24} {_clip(printable(e.category), 20):20} {e.id:>20} "
-                          f"{_clip(printable(e.topic), 24):24} {_prio(e.priority):8} {size:>7} "
-                          f"{_clip(printable(e.reason), 60)}\n")
+                out.write(
+                    f"{printable(e.ts):24} {_clip(printable(e.category), 20):20} {e.id:>20} "
+                    f"{_clip(printable(e.topic), 24):24} {_prio(e.priority):8} {size:>7} "
+                    f"{_clip(printable(e.reason), 60)}\n"
+                )
         if args.count:
             out.write(f"{matched}\n")
         out.flush()
@@ -235,8 +260,13 @@ def run_replay(args) -> int:
                 sent += 1
                 continue
             try:
-                client.send(e.topic, e.payload, priority=e.priority, event_id=event_id,
-                            timestamp_ns=e.producer_ts if e.producer_ts is not None else 0)
+                client.send(
+                    e.topic,
+                    e.payload,
+                    priority=e.priority,
+                    event_id=event_id,
+                    timestamp_ns=e.producer_ts if e.producer_ts is not None else 0,
+                )
             except EncodeError as exc:
                 invalid += 1
                 print(f"eventstream dlq replay: skipped id={e.id} ({e.ts}): {exc}", file=sys.stderr)
@@ -246,8 +276,11 @@ def run_replay(args) -> int:
         if client is not None:
             complete = client.wait_acked(args.timeout)
     except OSError as exc:  # ClientError is a ConnectionError
-        print(f"eventstream dlq replay: cannot replay to {args.host}:{args.port}: {exc} (allowed: --host/--port "
-              "of a running eventstream server)", file=sys.stderr)
+        print(
+            f"eventstream dlq replay: cannot replay to {args.host}:{args.port}: {exc} (allowed: --host/--port "
+            "of a running eventstream server)",
+            file=sys.stderr,
+        )
         if client is not None:
             _close(client)
         return EXIT_FAILURE
@@ -263,11 +296,13 @@ def run_replay(args) -> int:
     print(f"sent {sent}, acked {acked}, nacked {nacked}, {detail}")
     if nacked:
         why = ", ".join(f"{printable(r)} ({n})" for r, n in nack_reasons.most_common())
-        print(f"eventstream dlq replay: {nacked} events were NACKed by {args.host}:{args.port}: {why}",
-              file=sys.stderr)
+        print(f"eventstream dlq replay: {nacked} events were NACKed by {args.host}:{args.port}: {why}", file=sys.stderr)
     if not complete:
-        print(f"eventstream dlq replay: {sent - acked - nacked} events were not acknowledged within "
-              f"{args.timeout}s (allowed: a longer --timeout)", file=sys.stderr)
+        print(
+            f"eventstream dlq replay: {sent - acked - nacked} events were not acknowledged within "
+            f"{args.timeout}s (allowed: a longer --timeout)",
+            file=sys.stderr,
+        )
     return 0 if complete and not nacked else EXIT_FAILURE
 
 

@@ -25,8 +25,12 @@ def register(sub) -> None:
     p.add_argument("--priority", help="comma list of priorities: names (CRITICAL,HIGH) or numbers 0-4")
     p.add_argument("--since", help="only records at or after this time: ISO-8601 (naive = UTC) or epoch seconds")
     p.add_argument("--until", help="only records before this time: ISO-8601 (naive = UTC) or epoch seconds")
-    p.add_argument("--time-field", choices=("stored", "producer"), default="stored",
-                   help="time the range applies to: when stored (default) or the producer timestamp")
+    p.add_argument(
+        "--time-field",
+        choices=("stored", "producer"),
+        default="stored",
+        help="time the range applies to: when stored (default) or the producer timestamp",
+    )
     p.add_argument("--format", choices=("jsonl", "table"), default="jsonl", help="output format (default jsonl)")
     p.add_argument("--count", action="store_true", help="print only the number of matching records")
     p.add_argument("--limit", type=int, default=0, help="print at most N records (0 = all)")
@@ -42,8 +46,10 @@ def parse_time(text: str, flag: str) -> int:
     try:
         t = dt.datetime.fromisoformat(text)
     except ValueError:
-        raise ValueError(f"{flag} {text!r} is not allowed; allowed: ISO-8601 such as 2026-01-31T12:00:00Z "
-                         "or epoch seconds such as 1769860800") from None
+        raise ValueError(
+            f"{flag} {text!r} is not allowed; allowed: ISO-8601 such as 2026-01-31T12:00:00Z "
+            "or epoch seconds such as 1769860800"
+        ) from None
     if t.tzinfo is None:
         t = t.replace(tzinfo=dt.UTC)
     return int(t.timestamp() * 1_000_000) * 1000
@@ -70,10 +76,15 @@ def record_dict(r, topic: str, stored_ns: int, payload: bytes | None = None) -> 
     if payload is None:
         payload = r["payload"][: int(r["payload_len"])].tobytes() if "payload" in r.dtype.names else b""
     out = {
-        "stored_at": iso_ns(stored_ns), "seq": int(r["seq"]), "event_id": int(r["event_id"]), "topic": topic,
+        "stored_at": iso_ns(stored_ns),
+        "seq": int(r["seq"]),
+        "event_id": int(r["event_id"]),
+        "topic": topic,
         "priority": int(r["priority"]),
         "priority_name": rec.PRIORITY_NAMES[int(r["priority"])] if int(r["priority"]) < 5 else "?",
-        "producer_ts": int(r["producer_ts"]), "conn_id": int(r["conn_id"]), "flags": int(r["flags"]),
+        "producer_ts": int(r["producer_ts"]),
+        "conn_id": int(r["conn_id"]),
+        "flags": int(r["flags"]),
         "attempts": int(r["attempts"]),
     }
     return put_payload(out, payload)
@@ -97,6 +108,7 @@ _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
 def escape_text(text: str) -> str:
     """`text` for one terminal line: controls as \\n, \\r, \\t, \\xNN or \\uNNNN, backslash doubled
     (so an event's bytes can neither move the cursor, recolour, nor fake another line)."""
+
     def one(m: re.Match) -> str:
         c = m.group(0)
         return _NAMED.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
@@ -121,12 +133,16 @@ def run(args) -> int:
         if args.limit < 0:
             raise ValueError(f"--limit {args.limit} is not allowed; allowed: 0 (all) or a positive count")
         if not path.exists():
-            print(f"eventstream: error: {path}: no such event log (allowed: a path to events.bin, or --data-dir "
-                  "of a server that has stored events)", file=sys.stderr)
+            print(
+                f"eventstream: error: {path}: no such event log (allowed: a path to events.bin, or --data-dir "
+                "of a server that has stored events)",
+                file=sys.stderr,
+            )
             return EXIT_FAILURE
         reader = EventLogReader(path)
-        batches = reader.batches(topic=args.topic, priorities=prios, since_ns=since, until_ns=until,
-                                 time_field=args.time_field)
+        batches = reader.batches(
+            topic=args.topic, priorities=prios, since_ns=since, until_ns=until, time_field=args.time_field
+        )
         if args.count:
             print(sum(len(b) for b in batches))
             code = 0
@@ -134,9 +150,11 @@ def run(args) -> int:
             code = _print(batches, args.format, args.limit)
         scan = reader.last_scan
         if scan is not None and scan.problem and not args.limit:
-            print(f"eventstream: warning: {path}: read stopped at byte {scan.valid_bytes} of {scan.file_bytes}: "
-                  f"{scan.problem} (a torn tail while a server writes, or damage; the server cuts it on start)",
-                  file=sys.stderr)
+            print(
+                f"eventstream: warning: {path}: read stopped at byte {scan.valid_bytes} of {scan.file_bytes}: "
+                f"{scan.problem} (a torn tail while a server writes, or damage; the server cuts it on start)",
+                file=sys.stderr,
+            )
         return code
     except ValueError as exc:  # bad filter values (LogFormatError is one too, but a failure, not usage)
         if isinstance(exc, LogFormatError):
@@ -162,7 +180,9 @@ def _print(batches, fmt: str, limit: int) -> int:
             if fmt == "jsonl":
                 out.write(json.dumps(d, ensure_ascii=False) + "\n")
             else:
-                out.write(f"{d['stored_at']:27} {d['seq']:>20} {d['event_id']:>20} {d['priority_name']:8} "
-                          f"{escape_text(d['topic'])[:24]:24} {preview(d)}\n")
+                out.write(
+                    f"{d['stored_at']:27} {d['seq']:>20} {d['event_id']:>20} {d['priority_name']:8} "
+                    f"{escape_text(d['topic'])[:24]:24} {preview(d)}\n"
+                )
             shown += 1
     return 0

@@ -20,8 +20,11 @@ from eventstream.cli.main import EXIT_FAILURE, EXIT_USAGE, add_config_args
 
 
 def register(sub) -> None:
-    p = sub.add_parser("flows", help="list the dataflows with their lag, watermark and state size",
-                       description="List the dataflows of a data directory (docs/flows.md).")
+    p = sub.add_parser(
+        "flows",
+        help="list the dataflows with their lag, watermark and state size",
+        description="List the dataflows of a data directory (docs/flows.md).",
+    )
     add_config_args(p)
     p.add_argument("--data-dir", help="data directory (default: storage.data_dir of the configuration)")
     p.add_argument("--json", action="store_true", help="one JSON object per flow, with per-operator counters")
@@ -60,8 +63,11 @@ def run(args) -> int:
     state_dir = Path(cfg.flows.state_dir) if cfg.flows.state_dir else data / "flows"
     files = sorted(state_dir.glob("*.status.json")) if state_dir.is_dir() else []
     if not files:
-        print(f"eventstream flows: no flows in {state_dir} (a flow writes its status there with its first "
-              "snapshot; allowed: --data-dir of an engine that runs flows)", file=sys.stderr)
+        print(
+            f"eventstream flows: no flows in {state_dir} (a flow writes its status there with its first "
+            "snapshot; allowed: --data-dir of an engine that runs flows)",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
     end = log_end(data, cfg, state_dir)
     rows = []
@@ -78,12 +84,16 @@ def run(args) -> int:
         for st in rows:
             print(json.dumps(st))
         return 0
-    head = f"{'flow':<20} {'par':>3} {'offset':>10} {'lag':>10} {'watermark (UTC)':<23} {'state keys':>10} " \
-           f"{'snapshot':>10} {'outputs':>10}  error"
+    head = (
+        f"{'flow':<20} {'par':>3} {'offset':>10} {'lag':>10} {'watermark (UTC)':<23} {'state keys':>10} "
+        f"{'snapshot':>10} {'outputs':>10}  error"
+    )
     print(head)
     for st in rows:
         lag = "-" if st["lag"] is None else str(st["lag"])
-        print(f"{st['flow']:<20} {st.get('parallelism', 1):>3} {st.get('offset', 0):>10} {lag:>10} "
-              f"{_when(st.get('watermark_ns')):<23} {st.get('state_keys', 0):>10} {st.get('snapshot_bytes', 0):>10} "
-              f"{st.get('outputs', 0):>10}  {st.get('error') or ''}")
+        print(
+            f"{st['flow']:<20} {st.get('parallelism', 1):>3} {st.get('offset', 0):>10} {lag:>10} "
+            f"{_when(st.get('watermark_ns')):<23} {st.get('state_keys', 0):>10} {st.get('snapshot_bytes', 0):>10} "
+            f"{st.get('outputs', 0):>10}  {st.get('error') or ''}"
+        )
     return 0

@@ -29,16 +29,28 @@ def register(sub) -> None:
     p.add_argument("--protocol", type=int, choices=(1, 2), default=2, help="protocol version (default 2)")
     p.add_argument("-n", "--events", type=int, default=100_000, help="events in total (default 100000)")
     p.add_argument("-c", "--connections", type=int, default=1, help="parallel connections (default 1)")
-    p.add_argument("--rate", type=float, default=0.0,
-                   help="target events/s over all connections (0 = as fast as possible)")
+    p.add_argument(
+        "--rate", type=float, default=0.0, help="target events/s over all connections (0 = as fast as possible)"
+    )
     p.add_argument("--priority-mix", default="2", help='priority or weights, e.g. "2" or "0:1,2:8,4:1" (default 2)')
-    p.add_argument("--payload-bytes", default="64",
-                   help='payload size, or a range "MIN:MAX" drawn uniformly per event, seeded (default 64)')
-    p.add_argument("--frame", choices=("batch", "single"), default="batch",
-                   help="v2 frames: batch (BATCH frames, default) or single (one frame per event)")
+    p.add_argument(
+        "--payload-bytes",
+        default="64",
+        help='payload size, or a range "MIN:MAX" drawn uniformly per event, seeded (default 64)',
+    )
+    p.add_argument(
+        "--frame",
+        choices=("batch", "single"),
+        default="batch",
+        help="v2 frames: batch (BATCH frames, default) or single (one frame per event)",
+    )
     p.add_argument("--batch-bytes", type=int, default=256 << 10, help="largest BATCH frame in bytes (default 262144)")
-    p.add_argument("--linger-ms", type=float, default=0.0,
-                   help="ms the client may hold events back to fill a batch (default 0: never)")
+    p.add_argument(
+        "--linger-ms",
+        type=float,
+        default=0.0,
+        help="ms the client may hold events back to fill a batch (default 0: never)",
+    )
     p.add_argument("--topic", default="load", help="topic (default 'load')")
     p.add_argument("--batch", type=int, default=256, help="events handed to the client at once (default 256)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the last ACKs (default 30)")
@@ -72,6 +84,7 @@ class _Progress:
         if enabled:
             try:
                 from tqdm import tqdm
+
                 self.bar = tqdm(total=total, unit="ev", file=sys.stderr)
             except ImportError:
                 self.bar = None
@@ -108,10 +121,27 @@ def parse_payload_bytes(text) -> tuple[int, int]:
     return lo_i, hi_i
 
 
-def run_load(host: str, port: int, *, events: int, connections: int, rate: float = 0.0, priority_mix: str = "2",
-             payload_bytes: int | str = 64, topic: str = "load", protocol: int = 2, udp: bool = False, batch: int = 256,
-             timeout: float = 30.0, seed: int = 1, progress: bool = False, security: dict | None = None,
-             frame: str = "batch", batch_bytes: int = 256 << 10, linger_ms: float = 0.0) -> dict:
+def run_load(
+    host: str,
+    port: int,
+    *,
+    events: int,
+    connections: int,
+    rate: float = 0.0,
+    priority_mix: str = "2",
+    payload_bytes: int | str = 64,
+    topic: str = "load",
+    protocol: int = 2,
+    udp: bool = False,
+    batch: int = 256,
+    timeout: float = 30.0,
+    seed: int = 1,
+    progress: bool = False,
+    security: dict | None = None,
+    frame: str = "batch",
+    batch_bytes: int = 256 << 10,
+    linger_ms: float = 0.0,
+) -> dict:
     """Run the load and return the result dict (also used by tests and benchmarks). `security`:
     TcpClient keyword arguments token= and ssl_context= (cli.main.client_security). `payload_bytes`:
     a size or "MIN:MAX" (each event's size drawn uniformly, seeded)."""
@@ -135,14 +165,25 @@ def run_load(host: str, port: int, *, events: int, connections: int, rate: float
             if udp:
                 client = UdpSender(host, port, version=protocol)
             else:
-                client = TcpClient(host, port, version=protocol, batch_size=batch, timeout=timeout, frame=frame,
-                                   batch_bytes=batch_bytes, linger_ms=linger_ms, **(security or {})).connect()
+                client = TcpClient(
+                    host,
+                    port,
+                    version=protocol,
+                    batch_size=batch,
+                    timeout=timeout,
+                    frame=frame,
+                    batch_bytes=batch_bytes,
+                    linger_ms=linger_ms,
+                    **(security or {}),
+                ).connect()
             clients[i] = client
             start.wait(timeout)
             t0 = time.monotonic()
             for a in range(0, len(mix), batch):
-                chunk = [(topic, payloads[n] if payloads is not None else pattern[:n], pr)
-                         for pr, n in zip(mix[a:a + batch], sizes[a:a + batch], strict=True)]
+                chunk = [
+                    (topic, payloads[n] if payloads is not None else pattern[:n], pr)
+                    for pr, n in zip(mix[a : a + batch], sizes[a : a + batch], strict=True)
+                ]
                 if isinstance(client, UdpSender):
                     for ev in chunk:
                         client.queue(*ev)
@@ -185,8 +226,10 @@ def run_load(host: str, port: int, *, events: int, connections: int, rate: float
     bar.update(sum(sent_counts), t0)
     bar.close()
     live = [c for c in clients if c is not None]
-    lat = np.concatenate([np.asarray(c.ack_latencies_ns, dtype=np.int64) for c in live
-                          if getattr(c, "ack_latencies_ns", None)] or [np.zeros(0, np.int64)])
+    lat = np.concatenate(
+        [np.asarray(c.ack_latencies_ns, dtype=np.int64) for c in live if getattr(c, "ack_latencies_ns", None)]
+        or [np.zeros(0, np.int64)]
+    )
 
     def pct(q: float) -> float | None:
         return round(float(np.percentile(lat, q)) / 1e3, 1) if len(lat) else None
@@ -198,9 +241,14 @@ def run_load(host: str, port: int, *, events: int, connections: int, rate: float
         "nacked": sum(getattr(c, "nacked", 0) for c in live),
         "events_per_s": round(sent / elapsed, 1) if elapsed > 0 else 0.0,
         "elapsed_s": round(elapsed, 3),
-        "ack_p50_us": pct(50), "ack_p99_us": pct(99), "ack_p999_us": pct(99.9),
-        "connections": connections, "protocol": protocol, "transport": "udp" if udp else "tcp",
-        "frame": frame if protocol == 2 and not udp else "single", "payload_bytes": f"{lo}:{hi}" if hi > lo else lo,
+        "ack_p50_us": pct(50),
+        "ack_p99_us": pct(99),
+        "ack_p999_us": pct(99.9),
+        "connections": connections,
+        "protocol": protocol,
+        "transport": "udp" if udp else "tcp",
+        "frame": frame if protocol == 2 and not udp else "single",
+        "payload_bytes": f"{lo}:{hi}" if hi > lo else lo,
         "reconnects": sum(getattr(c, "reconnects", 0) for c in live),
         "errors": errors,
     }
@@ -208,8 +256,10 @@ def run_load(host: str, port: int, *, events: int, connections: int, rate: float
 
 def run(args) -> int:
     if args.events < 1 or args.connections < 1 or args.batch < 1 or args.rate < 0 or args.batch_bytes < 1:
-        print("eventstream load: error: --events, --connections, --batch and --batch-bytes must be >= 1, "
-              "--rate >= 0", file=sys.stderr)
+        print(
+            "eventstream load: error: --events, --connections, --batch and --batch-bytes must be >= 1, --rate >= 0",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     try:
         parse_priority_mix(args.priority_mix)
@@ -218,19 +268,38 @@ def run(args) -> int:
         print(f"eventstream load: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     port = args.port if args.port is not None else (9001 if args.udp else 9000)
-    res = run_load(args.host, port, events=args.events, connections=args.connections, rate=args.rate,
-                   priority_mix=args.priority_mix, payload_bytes=args.payload_bytes, topic=args.topic,
-                   protocol=args.protocol, udp=args.udp, batch=args.batch, timeout=args.timeout, seed=args.seed,
-                   progress=not args.no_progress and not args.json, security=client_security(args),
-                   frame=args.frame, batch_bytes=args.batch_bytes, linger_ms=args.linger_ms)
+    res = run_load(
+        args.host,
+        port,
+        events=args.events,
+        connections=args.connections,
+        rate=args.rate,
+        priority_mix=args.priority_mix,
+        payload_bytes=args.payload_bytes,
+        topic=args.topic,
+        protocol=args.protocol,
+        udp=args.udp,
+        batch=args.batch,
+        timeout=args.timeout,
+        seed=args.seed,
+        progress=not args.no_progress and not args.json,
+        security=client_security(args),
+        frame=args.frame,
+        batch_bytes=args.batch_bytes,
+        linger_ms=args.linger_ms,
+    )
     if args.json:
         print(json.dumps(res))
     else:
-        print(f"sent {res['sent']} in {res['elapsed_s']} s: {res['events_per_s']:,.0f} events/s over "
-              f"{res['connections']} {res['transport']} connection(s), protocol v{res['protocol']}")
+        print(
+            f"sent {res['sent']} in {res['elapsed_s']} s: {res['events_per_s']:,.0f} events/s over "
+            f"{res['connections']} {res['transport']} connection(s), protocol v{res['protocol']}"
+        )
         if res["ack_p50_us"] is not None:
-            print(f"acked {res['acked']}, nacked {res['nacked']}; ACK latency p50 {res['ack_p50_us']} us, "
-                  f"p99 {res['ack_p99_us']} us, p99.9 {res['ack_p999_us']} us")
+            print(
+                f"acked {res['acked']}, nacked {res['nacked']}; ACK latency p50 {res['ack_p50_us']} us, "
+                f"p99 {res['ack_p99_us']} us, p99.9 {res['ack_p999_us']} us"
+            )
         for e in res["errors"]:
             print(f"error: {e}", file=sys.stderr)
     return EXIT_FAILURE if res["errors"] else 0

@@ -42,23 +42,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
     """--config / --set, shared by every command that loads the configuration."""
-    p.add_argument("-c", "--config", metavar="FILE", help="YAML config file (default: embedded defaults, "
-                   "or $EVENTSTREAM_CONFIG)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key, e.g. --set server.tcp.port=9005 (repeatable)")
+    p.add_argument(
+        "-c", "--config", metavar="FILE", help="YAML config file (default: embedded defaults, or $EVENTSTREAM_CONFIG)"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set server.tcp.port=9005 (repeatable)",
+    )
 
 
 def add_client_security_args(p: argparse.ArgumentParser) -> None:
     """--token / --tls / --tls-ca / --tls-no-verify, shared by every command that talks to a server
     (send, load, replay, dlq replay, tail, top)."""
-    p.add_argument("--token", help="send this client token in a HELLO frame first (server.auth.tokens); "
-                   "also $EVENTSTREAM_TOKEN")
-    p.add_argument("--tls", action="store_true", help="connect with TLS (server.tls), verifying the server "
-                   "against the system trust store")
-    p.add_argument("--tls-ca", metavar="FILE", help="connect with TLS, trusting this CA or self-signed "
-                   "certificate (PEM)")
-    p.add_argument("--tls-no-verify", action="store_true", help="connect with TLS without verifying the "
-                   "server (testing only)")
+    p.add_argument(
+        "--token", help="send this client token in a HELLO frame first (server.auth.tokens); also $EVENTSTREAM_TOKEN"
+    )
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="connect with TLS (server.tls), verifying the server against the system trust store",
+    )
+    p.add_argument(
+        "--tls-ca", metavar="FILE", help="connect with TLS, trusting this CA or self-signed certificate (PEM)"
+    )
+    p.add_argument(
+        "--tls-no-verify", action="store_true", help="connect with TLS without verifying the server (testing only)"
+    )
 
 
 def client_security(args) -> dict:

@@ -38,8 +38,12 @@ def register(sub) -> None:
     p.add_argument("--priority", help="comma list of priorities: names or numbers 0-4")
     p.add_argument("--since", help="ISO-8601 or epoch seconds")
     p.add_argument("--until", help="ISO-8601 or epoch seconds")
-    p.add_argument("--keep-ids", action=__import__("argparse").BooleanOptionalAction, default=True,
-                   help="send the stored event id (default) or let the server treat them as new events")
+    p.add_argument(
+        "--keep-ids",
+        action=__import__("argparse").BooleanOptionalAction,
+        default=True,
+        help="send the stored event id (default) or let the server treat them as new events",
+    )
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for all ACKs (default 60)")
     add_client_security_args(p)
     p.set_defaults(func=run)
@@ -56,10 +60,12 @@ def run(args) -> int:
         print(f"eventstream replay: --port {args.port} is not allowed; allowed: 1..65535", file=sys.stderr)
         return EXIT_USAGE
     try:
-        filters = {"topic": args.topic,
-                   "priorities": args.priority.split(",") if args.priority else None,
-                   "since_ns": parse_time(args.since, "--since") if args.since else None,
-                   "until_ns": parse_time(args.until, "--until") if args.until else None}
+        filters = {
+            "topic": args.topic,
+            "priorities": args.priority.split(",") if args.priority else None,
+            "since_ns": parse_time(args.since, "--since") if args.since else None,
+            "until_ns": parse_time(args.until, "--until") if args.until else None,
+        }
         reader = EventLogReader(path)
         batches = list(reader.batches(**filters))
     except (ValueError, FileNotFoundError) as exc:
@@ -94,15 +100,23 @@ def run(args) -> int:
     dt = time.monotonic() - t0
     acked, nacked = client.acked, client.nacked
     missing = sent - acked - nacked
-    print(f"replayed {sent} events to {args.host}:{args.port} in {dt:.2f}s: acked {acked}, nacked {nacked}, "
-          f"not acknowledged {missing}")
+    print(
+        f"replayed {sent} events to {args.host}:{args.port} in {dt:.2f}s: acked {acked}, nacked {nacked}, "
+        f"not acknowledged {missing}"
+    )
     if nacked:
         from collections import Counter
 
         why = Counter(r.split(";", 1)[0].strip() or "unknown" for _, r in client.nacks)
-        print(f"eventstream replay: {nacked} events were NACKed by {args.host}:{args.port}: "
-              + ", ".join(f"{r} ({n})" for r, n in why.most_common(10)), file=sys.stderr)
+        print(
+            f"eventstream replay: {nacked} events were NACKed by {args.host}:{args.port}: "
+            + ", ".join(f"{r} ({n})" for r, n in why.most_common(10)),
+            file=sys.stderr,
+        )
     if missing or not complete:
-        print(f"eventstream replay: {missing} events were not acknowledged within {args.timeout}s "
-              "(allowed: a longer --timeout)", file=sys.stderr)
+        print(
+            f"eventstream replay: {missing} events were not acknowledged within {args.timeout}s "
+            "(allowed: a longer --timeout)",
+            file=sys.stderr,
+        )
     return 0 if complete and not nacked and not missing else EXIT_FAILURE

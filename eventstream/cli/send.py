@@ -26,8 +26,12 @@ def register(sub) -> None:
     p.add_argument("--payload-hex", help="payload as hex bytes (instead of --payload)")
     p.add_argument("--priority", type=int, default=2, help="0 BATCH, 1 LOW, 2 MEDIUM (default), 3 HIGH, 4 CRITICAL")
     p.add_argument("--event-id", type=int, help="idempotency key (v2; default: generated)")
-    p.add_argument("--frame", choices=("batch", "single"), default="batch",
-                   help="v2 over TCP: BATCH frames (default; what is ready leaves together) or one frame per event")
+    p.add_argument(
+        "--frame",
+        choices=("batch", "single"),
+        default="batch",
+        help="v2 over TCP: BATCH frames (default; what is ready leaves together) or one frame per event",
+    )
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for acknowledgements")
     p.add_argument("--json", action="store_true", help="print one JSON object with the outcome")
     add_client_security_args(p)
@@ -52,11 +56,20 @@ def _events(args):
             else:
                 payload = str(obj.get("payload", "")).encode("utf-8")
         except ValueError as exc:
-            raise EncodeError(f"stdin line {n}: {exc}; allowed: "
-                              '{"topic": str, "payload": str | "payload_hex": hex, "priority": 0..4, '
-                              '"event_id": int}') from None
-        yield n, {"topic": obj["topic"], "payload": payload, "priority": int(obj.get("priority", 2)),
-                  "event_id": obj.get("event_id")}
+            raise EncodeError(
+                f"stdin line {n}: {exc}; allowed: "
+                '{"topic": str, "payload": str | "payload_hex": hex, "priority": 0..4, '
+                '"event_id": int}'
+            ) from None
+        yield (
+            n,
+            {
+                "topic": obj["topic"],
+                "payload": payload,
+                "priority": int(obj.get("priority", 2)),
+                "event_id": obj.get("event_id"),
+            },
+        )
 
 
 def _ready(events, most: int = 4096):
@@ -92,13 +105,15 @@ def run(args) -> int:
                     s.send(ev["topic"], ev["payload"], ev["priority"], ev["event_id"])
                 result["sent"] = s.sent
         else:
-            with TcpClient(args.host, port, version=args.protocol, timeout=args.timeout, frame=args.frame,
-                           **client_security(args)) as c:
+            with TcpClient(
+                args.host, port, version=args.protocol, timeout=args.timeout, frame=args.frame, **client_security(args)
+            ) as c:
                 for chunk in _ready(_events(args)):
                     c.send_many([(ev["topic"], ev["payload"], ev["priority"], ev["event_id"]) for _n, ev in chunk])
                 complete = c.wait_acked(args.timeout)
-            result.update(sent=c.sent, acked=c.acked, nacked=c.nacked,
-                          nacks=[{"event_id": e, "reason": r} for e, r in c.nacks])
+            result.update(
+                sent=c.sent, acked=c.acked, nacked=c.nacked, nacks=[{"event_id": e, "reason": r} for e, r in c.nacks]
+            )
             if args.protocol == 2 and not complete:
                 result["error"] = f"not every event was acknowledged within {args.timeout}s"
     except EncodeError as exc:

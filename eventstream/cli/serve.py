@@ -20,27 +20,39 @@ from eventstream.runtime import gil, notify
 
 
 def register(sub) -> None:
-    p = sub.add_parser("serve", help="run the engine (TCP, UDP, processors, storage, metrics)",
-                       description="Run the engine until SIGTERM/SIGINT (drains, flushes, exit 0); "
-                                   "a second signal exits at once with code 130.")
+    p = sub.add_parser(
+        "serve",
+        help="run the engine (TCP, UDP, processors, storage, metrics)",
+        description="Run the engine until SIGTERM/SIGINT (drains, flushes, exit 0); "
+        "a second signal exits at once with code 130.",
+    )
     add_config_args(p)
     p.add_argument("--port", type=int, help="TCP port (shortcut for --set server.tcp.port=N)")
     p.add_argument("--udp-port", type=int, help="UDP port (shortcut for --set server.udp.port=N)")
     p.add_argument("--metrics-port", type=int, help="metrics port (shortcut for --set metrics.port=N)")
-    p.add_argument("--subscribe-port", type=int,
-                   help="subscribe port (shortcut for --set server.subscribe.port=N)")
+    p.add_argument("--subscribe-port", type=int, help="subscribe port (shortcut for --set server.subscribe.port=N)")
     p.add_argument("--data-dir", help="data directory (shortcut for --set storage.data_dir=DIR)")
-    p.add_argument("--allow-gil", action="store_true",
-                   help="run even if the GIL is on (comparisons only; also EVENTSTREAM_ALLOW_GIL=1)")
-    p.add_argument("--ready-file", help="write 'tcp_port udp_port metrics_port subscribe_port' here once serving "
-                   "(0 for a port that is off; for scripts)")
+    p.add_argument(
+        "--allow-gil",
+        action="store_true",
+        help="run even if the GIL is on (comparisons only; also EVENTSTREAM_ALLOW_GIL=1)",
+    )
+    p.add_argument(
+        "--ready-file",
+        help="write 'tcp_port udp_port metrics_port subscribe_port' here once serving "
+        "(0 for a port that is off; for scripts)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    for flag, key in (("port", "server.tcp.port"), ("udp_port", "server.udp.port"),
-                      ("metrics_port", "metrics.port"), ("subscribe_port", "server.subscribe.port"),
-                      ("data_dir", "storage.data_dir")):
+    for flag, key in (
+        ("port", "server.tcp.port"),
+        ("udp_port", "server.udp.port"),
+        ("metrics_port", "metrics.port"),
+        ("subscribe_port", "server.subscribe.port"),
+        ("data_dir", "storage.data_dir"),
+    ):
         value = getattr(args, flag)
         if value is not None:
             args.overrides.append(f"{key}={value}")
@@ -89,9 +101,12 @@ def run(args) -> int:
     for warning in exposure_warnings(cfg):
         log.warning("exposed_without_protection", detail=warning)
     if args.ready_file:
-        ports = [svc.tcp.address[1] if svc.tcp else 0, svc.udp.address[1] if svc.udp else 0,
-                 svc.exporter.address[1] if svc.exporter is not None else 0,
-                 svc.subscribe.address[1] if svc.subscribe is not None else 0]
+        ports = [
+            svc.tcp.address[1] if svc.tcp else 0,
+            svc.udp.address[1] if svc.udp else 0,
+            svc.exporter.address[1] if svc.exporter is not None else 0,
+            svc.subscribe.address[1] if svc.subscribe is not None else 0,
+        ]
         tmp = args.ready_file + ".tmp"
         with open(tmp, "w") as f:
             f.write(" ".join(map(str, ports)) + "\n")
@@ -110,16 +125,21 @@ def run(args) -> int:
     # drain in a helper thread: the main thread keeps waking up so a second signal is handled at once
     result: dict = {}
     timeout = cfg.server.drain_timeout_s
-    stopper = threading.Thread(target=lambda: result.update(svc.stop(timeout=timeout)), name="es-shutdown",
-                               daemon=True)
+    stopper = threading.Thread(target=lambda: result.update(svc.stop(timeout=timeout)), name="es-shutdown", daemon=True)
     stopper.start()
     while stopper.is_alive():
         stopper.join(0.1)
     if not result.get("drained", False):
-        log.error("drain_timed_out", timeout_s=timeout,
-                  detail="engine workers did not finish within server.drain_timeout_s; events they held are "
-                         "not stored (the next start recovers the log); exit 1")
-        print(f"eventstream: error: the drain did not finish within server.drain_timeout_s={timeout:g}; "
-              "allowed: a larger server.drain_timeout_s, or handlers that return", file=sys.stderr)
+        log.error(
+            "drain_timed_out",
+            timeout_s=timeout,
+            detail="engine workers did not finish within server.drain_timeout_s; events they held are "
+            "not stored (the next start recovers the log); exit 1",
+        )
+        print(
+            f"eventstream: error: the drain did not finish within server.drain_timeout_s={timeout:g}; "
+            "allowed: a larger server.drain_timeout_s, or handlers that return",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
     return 0

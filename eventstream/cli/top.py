@@ -110,32 +110,41 @@ def render(snap: Snapshot, prev: Snapshot | None, url: str) -> str:
     ]
     for q, b in sorted(snap.buckets.items()):
         count = max((c for _, c in b), default=0)
-        recent = (f"{human_ns(snap.recent.get((q, '0.5')))}/{human_ns(snap.recent.get((q, '0.99')))}"
-                  if count else "-")
-        lines.append(f"  {q:13}{count:>10,.0f} {human_ns(bucket_quantile(b, 0.5)):>9} "
-                     f"{human_ns(bucket_quantile(b, 0.99)):>9} {human_ns(bucket_quantile(b, 0.999)):>9}   {recent}")
+        recent = f"{human_ns(snap.recent.get((q, '0.5')))}/{human_ns(snap.recent.get((q, '0.99')))}" if count else "-"
+        lines.append(
+            f"  {q:13}{count:>10,.0f} {human_ns(bucket_quantile(b, 0.5)):>9} "
+            f"{human_ns(bucket_quantile(b, 0.99)):>9} {human_ns(bucket_quantile(b, 0.999)):>9}   {recent}"
+        )
     order = ("queued", "handled", "stored", "acked")
     stages = sorted(snap.stages.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
     if stages:
         lines.append(f"{'decoded ->':15}{'count':>10} {'p50':>9} {'p99':>9} {'p99.9':>9}")
     for st, b in stages:
         count = max((c for _, c in b), default=0)
-        lines.append(f"  {st:13}{count:>10,.0f} {human_ns(bucket_quantile(b, 0.5)):>9} "
-                     f"{human_ns(bucket_quantile(b, 0.99)):>9} {human_ns(bucket_quantile(b, 0.999)):>9}")
+        lines.append(
+            f"  {st:13}{count:>10,.0f} {human_ns(bucket_quantile(b, 0.5)):>9} "
+            f"{human_ns(bucket_quantile(b, 0.99)):>9} {human_ns(bucket_quantile(b, 0.999)):>9}"
+        )
     if "subscribers" in snap.scalars:
-        lines.append(f"subscribers {g('subscribers', 0):,.0f}  credit {g('subscribe_credit_outstanding', 0):,.0f}  "
-                     f"groups {g('subscribe_groups', 0):,.0f}  lag {g('subscribe_group_lag_events', 0):,.0f} events"
-                     f" / {g('subscribe_group_lag_seconds', 0):,.1f} s (the group furthest behind)")
+        lines.append(
+            f"subscribers {g('subscribers', 0):,.0f}  credit {g('subscribe_credit_outstanding', 0):,.0f}  "
+            f"groups {g('subscribe_groups', 0):,.0f}  lag {g('subscribe_group_lag_events', 0):,.0f} events"
+            f" / {g('subscribe_group_lag_seconds', 0):,.1f} s (the group furthest behind)"
+        )
     if "udp_datagrams_received_total" in snap.scalars:
-        lines.append(f"udp        datagrams {g('udp_datagrams_received_total', 0):,.0f}  bad "
-                     f"{g('udp_datagrams_bad_total', 0):,.0f}  over the source limit "
-                     f"{g('udp_datagrams_rate_limited_total', 0):,.0f}  "
-                     f"kernel drops {g('udp_kernel_drops_total', 0):,.0f}")
+        lines.append(
+            f"udp        datagrams {g('udp_datagrams_received_total', 0):,.0f}  bad "
+            f"{g('udp_datagrams_bad_total', 0):,.0f}  over the source limit "
+            f"{g('udp_datagrams_rate_limited_total', 0):,.0f}  "
+            f"kernel drops {g('udp_kernel_drops_total', 0):,.0f}"
+        )
     if g("threads_failed"):
         lines.append(f"THREADS FAILED {g('threads_failed', 0):.0f} (see /healthz)")
     rss = g("process_rss_bytes")
-    lines.append(f"process    cpu {g('process_cpu_percent', 0):.0f}%  rss "
-                 f"{(rss or 0) / 2**20:,.1f} MiB  threads {g('process_threads', 0):.0f}")
+    lines.append(
+        f"process    cpu {g('process_cpu_percent', 0):.0f}%  rss "
+        f"{(rss or 0) / 2**20:,.1f} MiB  threads {g('process_threads', 0):.0f}"
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -155,7 +164,7 @@ def run(args) -> int:
     sec = client_security(args)
     url = args.url
     if "ssl_context" in sec and url.startswith("http://"):
-        url = "https://" + url[len("http://"):]  # --tls/--tls-ca: the metrics port speaks HTTPS (server.tls)
+        url = "https://" + url[len("http://") :]  # --tls/--tls-ca: the metrics port speaks HTTPS (server.tls)
     tty = sys.stdout.isatty()
     prev = None
     while True:
@@ -163,8 +172,10 @@ def run(args) -> int:
             snap = fetch(url, token=sec["token"], ssl_context=sec.get("ssl_context"))
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
-            msg = (f"eventstream: error: cannot read metrics from {args.url}: {reason}; allowed: the metrics URL "
-                   "of a running `eventstream serve` (--url)")
+            msg = (
+                f"eventstream: error: cannot read metrics from {args.url}: {reason}; allowed: the metrics URL "
+                "of a running `eventstream serve` (--url)"
+            )
             if args.once:
                 print(msg, file=sys.stderr)
                 return EXIT_FAILURE

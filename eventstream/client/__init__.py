@@ -6,5 +6,15 @@ from eventstream.client.subscriber import SubscribeError, Subscription, subscrib
 from eventstream.client.tcp import AuthError, ClientError, TcpClient
 from eventstream.client.udp import UdpSender
 
-__all__ = ["AsyncSender", "AsyncSubscription", "AuthError", "ClientError", "SubscribeError", "Subscription",
-           "TcpClient", "UdpSender", "aio_subscribe", "subscribe"]
+__all__ = [
+    "AsyncSender",
+    "AsyncSubscription",
+    "AuthError",
+    "ClientError",
+    "SubscribeError",
+    "Subscription",
+    "TcpClient",
+    "UdpSender",
+    "aio_subscribe",
+    "subscribe",
+]

@@ -25,22 +25,37 @@ import asyncio
 import secrets
 
 from eventstream.client.subscriber import StateView, SubscribeError, SubscriberState, start_of
-from eventstream.client.tcp import ClientError
+from eventstream.client.tcp import FRAMES, ClientError, _Pending, encode_batches
 from eventstream.protocol import subscribe as sp
-from eventstream.client.tcp import FRAMES, _Pending, encode_batches
 from eventstream.protocol.frames import (
-    KIND_ACK, KIND_NACK, MAX_PRIORITY, MAX_TOPIC_BYTES, EncodeError, encode_hello, encode_v2, split_control_frames,
+    KIND_ACK,
+    KIND_NACK,
+    MAX_PRIORITY,
+    MAX_TOPIC_BYTES,
+    EncodeError,
+    encode_hello,
+    encode_v2,
+    split_control_frames,
 )
 
 
 class AsyncSender:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, frame: str = "batch",
-                 linger_ms: float = 0.0, batch_bytes: int = 256 << 10):
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        frame: str = "batch",
+        linger_ms: float = 0.0,
+        batch_bytes: int = 256 << 10,
+    ):
         if frame not in FRAMES:
             raise ValueError(f"frame={frame!r} is not allowed; allowed: {', '.join(FRAMES)}")
         if not linger_ms >= 0 or batch_bytes < 1:
-            raise ValueError(f"linger_ms={linger_ms!r}, batch_bytes={batch_bytes!r} are not allowed; allowed: "
-                             "linger_ms >= 0, batch_bytes >= 1")
+            raise ValueError(
+                f"linger_ms={linger_ms!r}, batch_bytes={batch_bytes!r} are not allowed; allowed: "
+                "linger_ms >= 0, batch_bytes >= 1"
+            )
         self.reader = reader
         self.writer = writer
         self.batching = frame == "batch"
@@ -57,12 +72,21 @@ class AsyncSender:
         self._task = asyncio.get_running_loop().create_task(self._read_acks())
 
     @classmethod
-    async def connect(cls, host: str = "127.0.0.1", port: int = 9000, *, token: str | bytes | None = None,
-                      ssl=None, timeout: float = 10.0, frame: str = "batch", linger_ms: float = 0.0,
-                      batch_bytes: int = 256 << 10) -> AsyncSender:
+    async def connect(
+        cls,
+        host: str = "127.0.0.1",
+        port: int = 9000,
+        *,
+        token: str | bytes | None = None,
+        ssl=None,
+        timeout: float = 10.0,
+        frame: str = "batch",
+        linger_ms: float = 0.0,
+        batch_bytes: int = 256 << 10,
+    ) -> AsyncSender:
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=ssl), timeout)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             raise ClientError(f"cannot connect to {host}:{port} ({exc!r})") from None
         if token:
             writer.write(encode_hello(token))
@@ -86,8 +110,9 @@ class AsyncSender:
             self._error = exc
             self._changed.set()
 
-    async def send(self, topic: str, payload: bytes = b"", *, priority: int = 2, event_id: int | None = None,
-                   timestamp_ns: int = 0) -> int:
+    async def send(
+        self, topic: str, payload: bytes = b"", *, priority: int = 2, event_id: int | None = None, timestamp_ns: int = 0
+    ) -> int:
         """Queue one event; returns its event_id (a random one unless given). With BATCH frames it leaves
         with the others queued in this turn of the event loop (or after linger_ms)."""
         eid = secrets.randbits(63) + 1 if event_id is None else event_id
@@ -97,8 +122,9 @@ class AsyncSender:
         else:
             t = topic.encode("utf-8") if isinstance(topic, str) else bytes(topic)
             if not 1 <= len(t) <= MAX_TOPIC_BYTES:
-                raise EncodeError(f"topic of {len(t)} bytes is not allowed; allowed: 1..{MAX_TOPIC_BYTES} "
-                                  "bytes of UTF-8")
+                raise EncodeError(
+                    f"topic of {len(t)} bytes is not allowed; allowed: 1..{MAX_TOPIC_BYTES} bytes of UTF-8"
+                )
             if not isinstance(priority, int) or not 0 <= priority <= MAX_PRIORITY:
                 raise EncodeError(f"priority {priority!r} is not allowed; allowed: 0..{MAX_PRIORITY}")
             p = _Pending(eid, None, t, bytes(payload), priority, timestamp_ns)
@@ -108,8 +134,11 @@ class AsyncSender:
                 self._write_queued()
             elif self._timer is None:
                 loop = asyncio.get_running_loop()
-                self._timer = (loop.call_later(self.linger_s, self._write_queued) if self.linger_s
-                               else loop.call_soon(self._write_queued))
+                self._timer = (
+                    loop.call_later(self.linger_s, self._write_queued)
+                    if self.linger_s
+                    else loop.call_soon(self._write_queued)
+                )
         if self.writer.transport.get_write_buffer_size() > 1 << 20:
             await self.writer.drain()
         return eid
@@ -131,8 +160,7 @@ class AsyncSender:
         async def wait():
             while self.acked + len(self.nacks) < self.sent:
                 if self._error is not None:
-                    raise ClientError(f"{self.sent - self.acked - len(self.nacks)} events not ACKed: "
-                                      f"{self._error}")
+                    raise ClientError(f"{self.sent - self.acked - len(self.nacks)} events not ACKed: {self._error}")
                 self._changed.clear()
                 await self._changed.wait()
 
@@ -195,7 +223,7 @@ class AsyncSubscription(StateView):
 
         try:
             return await asyncio.wait_for(answer(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise SubscribeError(f"no COMMIT answer within {timeout} s") from None
 
     async def close(self) -> None:
@@ -206,17 +234,30 @@ class AsyncSubscription(StateView):
             pass
 
 
-async def aio_subscribe(host: str, port: int, glob: str, start="earliest", group: str | None = None, *,
-                        credit: int = 1000, follow: bool = True, token: str | bytes | None = None,
-                        timeout: float = 10.0, ssl=None, batch: bool = True) -> AsyncSubscription:
+async def aio_subscribe(
+    host: str,
+    port: int,
+    glob: str,
+    start="earliest",
+    group: str | None = None,
+    *,
+    credit: int = 1000,
+    follow: bool = True,
+    token: str | bytes | None = None,
+    timeout: float = 10.0,
+    ssl=None,
+    batch: bool = True,
+) -> AsyncSubscription:
     """`ssl`: an SSLContext (or True) to speak TLS to a server with server.tls configured. `batch`
     (default): many events per frame (DELIVER_BATCH); False: one DELIVER frame per event."""
     mode, value = start_of(start)
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=ssl), timeout)
-    except (OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError) as exc:
         raise SubscribeError(f"cannot connect to {host}:{port} ({exc!r})") from None
-    writer.write((encode_hello(token) if token else b"")
-                 + sp.encode_subscribe(glob, mode, value, credit, group or "", follow, batch))
+    writer.write(
+        (encode_hello(token) if token else b"")
+        + sp.encode_subscribe(glob, mode, value, credit, group or "", follow, batch)
+    )
     await writer.drain()
     return AsyncSubscription(reader, writer, group or "", credit)

@@ -36,8 +36,10 @@ class SubscribeError(ConnectionError):
 def start_of(start) -> tuple[int, int]:
     """`start=` as (mode, value): "earliest", "latest", an int offset, "time:<ns>", or text for parse_start."""
     if isinstance(start, bool):
-        raise ValueError(f"start={start!r} is not allowed; allowed: 'earliest', 'latest', an offset (int), "
-                         "or a time ('2026-12-06T10:00:00Z', '<ns>ns')")
+        raise ValueError(
+            f"start={start!r} is not allowed; allowed: 'earliest', 'latest', an offset (int), "
+            "or a time ('2026-12-06T10:00:00Z', '<ns>ns')"
+        )
     if isinstance(start, int):
         return sp.START_OFFSET, start
     if isinstance(start, tuple):
@@ -129,9 +131,22 @@ class StateView:
 
 
 class Subscription(StateView):
-    def __init__(self, host: str, port: int, glob: str, *, start="earliest", group: str | None = None,
-                 credit: int = 1000, follow: bool = True, token: str | bytes | None = None, timeout: float = 10.0,
-                 tls: bool = False, ssl_context: ssl.SSLContext | None = None, batch: bool = True):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        glob: str,
+        *,
+        start="earliest",
+        group: str | None = None,
+        credit: int = 1000,
+        follow: bool = True,
+        token: str | bytes | None = None,
+        timeout: float = 10.0,
+        tls: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
+        batch: bool = True,
+    ):
         """`batch` (default): the server sends many events per frame (DELIVER_BATCH); False: one DELIVER
         frame per event. Credit counts events either way."""
         mode, value = start_of(start)

@@ -71,8 +71,15 @@ class _Pending:
 
     __slots__ = ("index", "event_id", "frame", "sent_ns", "topic", "payload", "priority", "ts")
 
-    def __init__(self, event_id: int, frame: bytes | None, topic: bytes = b"", payload: bytes = b"",
-                 priority: int = 0, ts: int = 0):
+    def __init__(
+        self,
+        event_id: int,
+        frame: bytes | None,
+        topic: bytes = b"",
+        payload: bytes = b"",
+        priority: int = 0,
+        ts: int = 0,
+    ):
         self.index = 0
         self.event_id = event_id
         self.frame = frame
@@ -132,11 +139,24 @@ def encode_batches(items: list[_Pending], batch_bytes: int) -> bytes:
 
 
 class TcpClient:
-    def __init__(self, host: str = "127.0.0.1", port: int = 9000, *, version: int = 2, batch_size: int = 256,
-                 timeout: float = 10.0, max_inflight: int = 65536, reconnect: bool = True,
-                 token: str | bytes | None = None, tls: bool = False, ssl_context: ssl.SSLContext | None = None,
-                 max_frame_bytes: int = 1 << 20, frame: str = "batch", linger_ms: float = 0.0,
-                 batch_bytes: int = 256 << 10):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 9000,
+        *,
+        version: int = 2,
+        batch_size: int = 256,
+        timeout: float = 10.0,
+        max_inflight: int = 65536,
+        reconnect: bool = True,
+        token: str | bytes | None = None,
+        tls: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
+        max_frame_bytes: int = 1 << 20,
+        frame: str = "batch",
+        linger_ms: float = 0.0,
+        batch_bytes: int = 256 << 10,
+    ):
         """`max_frame_bytes`: the server's server.tcp.max_frame_bytes; send() refuses a bigger frame
         (the server would close the connection on it). Payloads of any size up to that are fine.
         `frame`: "batch" (v2 BATCH frames, the default) or "single" (one frame per event; v1 is always
@@ -264,14 +284,24 @@ class TcpClient:
         self._sock = None
 
     # ------------------------------------------------------------------ sending
-    def send(self, topic: str | bytes, payload: bytes = b"", priority: int = 2, event_id: int | None = None,
-             timestamp_ns: int | None = None) -> int:
+    def send(
+        self,
+        topic: str | bytes,
+        payload: bytes = b"",
+        priority: int = 2,
+        event_id: int | None = None,
+        timestamp_ns: int | None = None,
+    ) -> int:
         """Queue one event; it leaves at once with linger_ms 0 (else see the module doc). Returns its
         event_id."""
         eid = self._queue(topic, payload, priority, event_id, timestamp_ns)
         q = self._batch
-        if (not self.linger_ns or len(q) >= self.batch_size or self._queued_bytes >= self.batch_bytes
-                or time.monotonic_ns() - self._queued_since >= self.linger_ns):
+        if (
+            not self.linger_ns
+            or len(q) >= self.batch_size
+            or self._queued_bytes >= self.batch_bytes
+            or time.monotonic_ns() - self._queued_since >= self.linger_ns
+        ):
             self.flush()
         return eid
 
@@ -279,13 +309,23 @@ class TcpClient:
         """Queue many events at once, (topic, payload[, priority[, event_id[, timestamp_ns]]]) each, and
         send them (with linger_ms 0; in BATCH frames of up to batch_bytes). Returns their event_ids."""
         ids = [self._queue(*ev) for ev in events]
-        if (not self.linger_ns or len(self._batch) >= self.batch_size or self._queued_bytes >= self.batch_bytes
-                or time.monotonic_ns() - self._queued_since >= self.linger_ns):
+        if (
+            not self.linger_ns
+            or len(self._batch) >= self.batch_size
+            or self._queued_bytes >= self.batch_bytes
+            or time.monotonic_ns() - self._queued_since >= self.linger_ns
+        ):
             self.flush()
         return ids
 
-    def _queue(self, topic: str | bytes, payload: bytes = b"", priority: int = 2, event_id: int | None = None,
-               timestamp_ns: int | None = None) -> int:
+    def _queue(
+        self,
+        topic: str | bytes,
+        payload: bytes = b"",
+        priority: int = 2,
+        event_id: int | None = None,
+        timestamp_ns: int | None = None,
+    ) -> int:
         if self.version == 1:
             frame = encode_v1(topic, payload, priority)
             p = _Pending(0, frame)
@@ -300,11 +340,14 @@ class TcpClient:
             if self.batching:
                 t = topic.encode("utf-8") if isinstance(topic, str) else bytes(topic)
                 if not 1 <= len(t) <= MAX_TOPIC_BYTES:
-                    raise EncodeError(f"topic of {len(t)} bytes is not allowed; allowed: 1..{MAX_TOPIC_BYTES} "
-                                      "bytes of UTF-8")
+                    raise EncodeError(
+                        f"topic of {len(t)} bytes is not allowed; allowed: 1..{MAX_TOPIC_BYTES} bytes of UTF-8"
+                    )
                 if not isinstance(priority, int) or not 0 <= priority <= MAX_PRIORITY:
-                    raise EncodeError(f"priority {priority!r} is not allowed; allowed: 0..{MAX_PRIORITY} "
-                                      "(BATCH, LOW, MEDIUM, HIGH, CRITICAL)")
+                    raise EncodeError(
+                        f"priority {priority!r} is not allowed; allowed: 0..{MAX_PRIORITY} "
+                        "(BATCH, LOW, MEDIUM, HIGH, CRITICAL)"
+                    )
                 if not 0 <= eid < 1 << 64 or not 0 <= ts < 1 << 64:
                     raise EncodeError(f"event_id {eid!r} / timestamp_ns {ts!r} is not allowed; allowed: 0..2**64-1")
                 p = _Pending(eid, None, t, bytes(payload), priority, ts)
@@ -319,9 +362,11 @@ class TcpClient:
                 size = len(frame) - 4
         if size > self.max_frame_bytes:
             head = size - len(payload)
-            raise ValueError(f"payload of {len(payload)} bytes makes a frame of {size} bytes; allowed: "
-                             f"payloads of 0..{self.max_frame_bytes - head} bytes with this topic "
-                             f"(max_frame_bytes={self.max_frame_bytes}, the server's server.tcp.max_frame_bytes)")
+            raise ValueError(
+                f"payload of {len(payload)} bytes makes a frame of {size} bytes; allowed: "
+                f"payloads of 0..{self.max_frame_bytes - head} bytes with this topic "
+                f"(max_frame_bytes={self.max_frame_bytes}, the server's server.tcp.max_frame_bytes)"
+            )
         if not self._batch:
             self._queued_since = time.monotonic_ns()
         self._batch.append(p)
@@ -368,8 +413,10 @@ class TcpClient:
         if self.auth_error:
             raise AuthError(f"{self.host}:{self.port} refused the connection: {self.auth_error}")
         if not self.reconnect:
-            raise ClientError(f"connection to {self.host}:{self.port} lost with {len(self._pending)} events "
-                              "unacknowledged (reconnect=False)")
+            raise ClientError(
+                f"connection to {self.host}:{self.port} lost with {len(self._pending)} events "
+                "unacknowledged (reconnect=False)"
+            )
         old = self._sock
         if self._reader is not None:  # a server that closed on purpose said why first: read it
             self._reader.join(min(1.0, self.timeout))

@@ -14,8 +14,7 @@ from eventstream.protocol.frames import encode_v1, encode_v2
 
 
 class UdpSender:
-    def __init__(self, host: str = "127.0.0.1", port: int = 9001, *, version: int = 2,
-                 max_datagram_bytes: int = 1400):
+    def __init__(self, host: str = "127.0.0.1", port: int = 9001, *, version: int = 2, max_datagram_bytes: int = 1400):
         if version not in (1, 2):
             raise ValueError(f"version={version!r} is not allowed; allowed: 1 or 2")
         self.address = (host, port)
@@ -28,8 +27,14 @@ class UdpSender:
         self._pending: list[bytes] = []
         self._pending_bytes = 0
 
-    def frame(self, topic: str | bytes, payload: bytes = b"", priority: int = 2, event_id: int | None = None,
-              timestamp_ns: int | None = None) -> bytes:
+    def frame(
+        self,
+        topic: str | bytes,
+        payload: bytes = b"",
+        priority: int = 2,
+        event_id: int | None = None,
+        timestamp_ns: int | None = None,
+    ) -> bytes:
         if self.version == 1:
             return encode_v1(topic, payload, priority)
         if event_id is None:
@@ -38,15 +43,27 @@ class UdpSender:
         ts = time.time_ns() if timestamp_ns is None else timestamp_ns
         return encode_v2(topic, payload, priority, event_id, ts)
 
-    def send(self, topic: str | bytes, payload: bytes = b"", priority: int = 2, event_id: int | None = None,
-             timestamp_ns: int | None = None) -> None:
+    def send(
+        self,
+        topic: str | bytes,
+        payload: bytes = b"",
+        priority: int = 2,
+        event_id: int | None = None,
+        timestamp_ns: int | None = None,
+    ) -> None:
         """One event in one datagram, now."""
         self._sock.sendto(self.frame(topic, payload, priority, event_id, timestamp_ns), self.address)
         self.sent += 1
         self.datagrams += 1
 
-    def queue(self, topic: str | bytes, payload: bytes = b"", priority: int = 2, event_id: int | None = None,
-              timestamp_ns: int | None = None) -> None:
+    def queue(
+        self,
+        topic: str | bytes,
+        payload: bytes = b"",
+        priority: int = 2,
+        event_id: int | None = None,
+        timestamp_ns: int | None = None,
+    ) -> None:
         """Add one event to the current datagram; sends it when the next frame would not fit."""
         f = self.frame(topic, payload, priority, event_id, timestamp_ns)
         if self._pending and self._pending_bytes + len(f) > self.max_datagram_bytes:

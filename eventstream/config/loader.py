@@ -168,15 +168,23 @@ def _check_whole(cfg: Config, source: str) -> None:
     for tier in ("transactional", "batch"):
         p = getattr(cfg.processors, tier)
         if p.max_workers < p.workers:
-            raise ConfigError(source, f"processors.{tier}.max_workers", p.max_workers,
-                              f"an integer >= processors.{tier}.workers ({p.workers})")
+            raise ConfigError(
+                source,
+                f"processors.{tier}.max_workers",
+                p.max_workers,
+                f"an integer >= processors.{tier}.workers ({p.workers})",
+            )
     b = cfg.backpressure
     levels = [("elevated", b.elevated), ("degraded", b.degraded), ("critical", b.critical), ("emergency", b.emergency)]
     for (n1, l1), (n2, l2) in zip(levels, levels[1:], strict=False):  # each level with the next
         for attr in ("drop_rate", "depth"):
             if getattr(l2, attr) < getattr(l1, attr):
-                raise ConfigError(source, f"backpressure.{n2}.{attr}", getattr(l2, attr),
-                                  f"a value >= backpressure.{n1}.{attr} ({getattr(l1, attr)})")
+                raise ConfigError(
+                    source,
+                    f"backpressure.{n2}.{attr}",
+                    getattr(l2, attr),
+                    f"a value >= backpressure.{n1}.{attr} ({getattr(l1, attr)})",
+                )
     s, t, u = cfg.server, cfg.server.tcp, cfg.server.udp
     if t.enabled and u.enabled and t.port and t.port == u.port and t.host == u.host:
         pass  # TCP and UDP may share a port number
@@ -185,22 +193,32 @@ def _check_whole(cfg: Config, source: str) -> None:
         raise ConfigError(source, "metrics.port", cfg.metrics.port, f"a port other than server.tcp.port ({t.port})")
     if bool(s.tls.cert_file) != bool(s.tls.key_file):
         key = "server.tls.key_file" if s.tls.cert_file else "server.tls.cert_file"
-        raise ConfigError(source, key, "", "a PEM file path when the other of cert_file/key_file is set "
-                          "(both empty: TLS off)")
+        raise ConfigError(
+            source, key, "", "a PEM file path when the other of cert_file/key_file is set (both empty: TLS off)"
+        )
     from eventstream.core.payloads import chunk_bytes_for
 
     need = 2 * chunk_bytes_for(max_payload_bytes(cfg))
     if cfg.payloads.arena_bytes < need:
-        raise ConfigError(source, "payloads.arena_bytes", cfg.payloads.arena_bytes,
-                          f"at least {need} bytes (two chunks of the largest payload, server.tcp.max_frame_bytes="
-                          f"{t.max_frame_bytes}, rounded up to a power of two), at most {1 << 40}")
+        raise ConfigError(
+            source,
+            "payloads.arena_bytes",
+            cfg.payloads.arena_bytes,
+            f"at least {need} bytes (two chunks of the largest payload, server.tcp.max_frame_bytes="
+            f"{t.max_frame_bytes}, rounded up to a power of two), at most {1 << 40}",
+        )
     if t.max_partial_bytes and t.max_partial_bytes < t.max_frame_bytes:
-        raise ConfigError(source, "server.tcp.max_partial_bytes", t.max_partial_bytes,
-                          f"0 (no bound) or a value >= server.tcp.max_frame_bytes ({t.max_frame_bytes})")
+        raise ConfigError(
+            source,
+            "server.tcp.max_partial_bytes",
+            t.max_partial_bytes,
+            f"0 (no bound) or a value >= server.tcp.max_frame_bytes ({t.max_frame_bytes})",
+        )
     _check_principals(s.auth.principals, source)
     del s
     # connectors.* (eventstream/config/subjects.py: subjects, globs, names)
     from eventstream.config.subjects import check_config
+
     check_config(cfg, source)
 
 
@@ -215,9 +233,13 @@ def _check_principals(principals, source: str) -> None:
             raise ConfigError(source, f"{path}.name", p.name, "a name no other principal has")
         seen.add(p.name)
         if bool(p.token_env) == bool(p.token_file):
-            raise ConfigError(source, f"{path}.token_env", p.token_env,
-                              "exactly one of token_env (an environment variable) and token_file (a file) "
-                              "(the token itself is never written in the configuration)")
+            raise ConfigError(
+                source,
+                f"{path}.token_env",
+                p.token_env,
+                "exactly one of token_env (an environment variable) and token_file (a file) "
+                "(the token itself is never written in the configuration)",
+            )
         for key in ("produce", "consume"):
             for j, g in enumerate(getattr(p, key)):
                 if not g or len(g.encode("utf-8")) > 255:
@@ -244,9 +266,16 @@ def _set_path(root: dict, dotted: str, value: Any) -> None:
 
 ENV_PREFIX = "EVENTSTREAM_"
 # environment variables of the same prefix that are not configuration keys
-_ENV_NOT_CONFIG = {"EVENTSTREAM_PYTHON", "EVENTSTREAM_CPYTHON_TARBALL", "EVENTSTREAM_ALLOW_GIL",
-                   "EVENTSTREAM_VENV", "EVENTSTREAM_EXTRAS", "EVENTSTREAM_CONFIG", "EVENTSTREAM_NO_REEXEC",
-                   "EVENTSTREAM_TOKEN"}
+_ENV_NOT_CONFIG = {
+    "EVENTSTREAM_PYTHON",
+    "EVENTSTREAM_CPYTHON_TARBALL",
+    "EVENTSTREAM_ALLOW_GIL",
+    "EVENTSTREAM_VENV",
+    "EVENTSTREAM_EXTRAS",
+    "EVENTSTREAM_CONFIG",
+    "EVENTSTREAM_NO_REEXEC",
+    "EVENTSTREAM_TOKEN",
+}
 
 
 def env_overrides(environ: Mapping[str, str] | None = None) -> list[tuple[str, str, Any]]:
@@ -256,7 +285,7 @@ def env_overrides(environ: Mapping[str, str] | None = None) -> list[tuple[str, s
     for name, raw in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or name in _ENV_NOT_CONFIG:
             continue
-        key = name[len(ENV_PREFIX):].lower().replace("__", ".")
+        key = name[len(ENV_PREFIX) :].lower().replace("__", ".")
         out.append((name, key, _parse_scalar(raw)))
     return out
 
@@ -288,8 +317,9 @@ def load_config(
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
-            raise ConfigError(str(p), f"(YAML syntax at {where})", getattr(exc, "problem", str(exc)),
-                              "valid YAML") from None
+            raise ConfigError(
+                str(p), f"(YAML syntax at {where})", getattr(exc, "problem", str(exc)), "valid YAML"
+            ) from None
         _apply(cfg, data or {}, str(p), "")
     for name, key, value in env_overrides(environ):
         _apply_dotted(cfg, key, value, f"environment variable {name}")

@@ -55,7 +55,7 @@ def subject_topic(prefix: str, subject: str) -> str | None:
     head = prefix + "."
     if not subject.startswith(head) or len(subject) == len(head):
         return None
-    return subject[len(head):]
+    return subject[len(head) :]
 
 
 def glob_problem(glob: str) -> str | None:
@@ -124,12 +124,18 @@ def check_config(cfg, source: str) -> None:
             raise ConfigError(source, f"{key}.{sub}", value, f"a JetStream name ({problem})")
     problem = subject_problem(n.subject_prefix)
     if problem:
-        raise ConfigError(source, f"{key}.subject_prefix", n.subject_prefix, f"a NATS subject without wildcards ({problem})")
+        raise ConfigError(
+            source, f"{key}.subject_prefix", n.subject_prefix, f"a NATS subject without wildcards ({problem})"
+        )
     for field, globs in (("sink.topics", n.sink.topics), ("source.subjects", n.source.subjects)):
         if not globs:
             raise ConfigError(source, f"{key}.{field}", globs, "a non-empty list of topic globs (e.g. ['>'])")
         for i, g in enumerate(globs):
             problem = glob_problem(g)
             if problem:
-                raise ConfigError(source, f"{key}.{field}[{i}]", g,
-                                  f"a topic glob with whole-token '*' and a trailing '>' or '**' ({problem})")
+                raise ConfigError(
+                    source,
+                    f"{key}.{field}[{i}]",
+                    g,
+                    f"a topic glob with whole-token '*' and a trailing '>' or '**' ({problem})",
+                )

@@ -13,7 +13,6 @@ H_PRIORITY = "Eventstream-Priority"
 H_PRODUCER_TS = "Eventstream-Producer-Ts"
 
 
-
 def hashed_id(key: str) -> int:
     """A stable non-zero 64-bit event id for a non-numeric message id."""
     v = int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little")

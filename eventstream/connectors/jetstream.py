@@ -56,6 +56,7 @@ from eventstream.connectors.nats_source import NatsSource
 
 log = structlog.get_logger("eventstream.connectors.nats")
 
+
 def import_nats():
     """nats-py, imported only when the connector is enabled; a clear error when it is missing."""
     try:
@@ -66,8 +67,10 @@ def import_nats():
     except ImportError as exc:
         from eventstream.errors import StartupError
 
-        raise StartupError(f"connectors.nats.enabled: true needs the nats-py package ({exc}); allowed: install it "
-                           "(pip install 'eventstream[nats]') or set connectors.nats.enabled: false") from None
+        raise StartupError(
+            f"connectors.nats.enabled: true needs the nats-py package ({exc}); allowed: install it "
+            "(pip install 'eventstream[nats]') or set connectors.nats.enabled: false"
+        ) from None
     return nats
 
 
@@ -84,9 +87,26 @@ class NatsConnector:
         self.run_id = uuid.uuid4().hex[:16]  # `<engine-run>-<seq>` ids for events without an id
         self.sink_on = cfg.sink.enabled
         self.source_on = cfg.source.enabled
-        self.stats = {k: 0 for k in ("forwarded", "published", "duplicates", "retries", "publish_failed",
-                                     "refused_topic", "backlog_full", "consumed", "acked", "poison",
-                                     "reconnects", "disconnects", "source_errors", "arena_waits", "holds")}
+        self.stats = {
+            k: 0
+            for k in (
+                "forwarded",
+                "published",
+                "duplicates",
+                "retries",
+                "publish_failed",
+                "refused_topic",
+                "backlog_full",
+                "consumed",
+                "acked",
+                "poison",
+                "reconnects",
+                "disconnects",
+                "source_errors",
+                "arena_waits",
+                "holds",
+            )
+        }
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self.nc = self.js = None
@@ -117,21 +137,33 @@ class NatsConnector:
         except Exception as exc:  # noqa: BLE001 - reported as a startup error naming the keys
             fut.cancel()
             self._stop_loop()
-            raise StartupError(f"connectors.nats.servers: cannot set up JetStream at {self.cfg.servers} "
-                               f"(stream {self.cfg.stream!r}): {type(exc).__name__}: {exc}; allowed: a reachable "
-                               "NATS server with JetStream enabled, or connectors.nats.enabled: false") from None
+            raise StartupError(
+                f"connectors.nats.servers: cannot set up JetStream at {self.cfg.servers} "
+                f"(stream {self.cfg.stream!r}): {type(exc).__name__}: {exc}; allowed: a reachable "
+                "NATS server with JetStream enabled, or connectors.nats.enabled: false"
+            ) from None
         self._started = True
         self._register_metrics()
-        log.info("nats_connector_started", servers=self.cfg.servers, stream=self.cfg.stream, sink=self.sink_on,
-                 source=self.source_on, durable=self.cfg.source.durable if self.source_on else None)
+        log.info(
+            "nats_connector_started",
+            servers=self.cfg.servers,
+            stream=self.cfg.stream,
+            sink=self.sink_on,
+            source=self.source_on,
+            durable=self.cfg.source.durable if self.source_on else None,
+        )
 
     def _register_metrics(self) -> None:
         m = getattr(self.engine, "metrics", None)
         if m is None:
             return
         for key in self.stats:
-            m.counter_fn("connector_nats_events", lambda k=key: self.stats[k], {"what": key},
-                         doc="NATS JetStream connector counters (eventstream/connectors/jetstream.py)")
+            m.counter_fn(
+                "connector_nats_events",
+                lambda k=key: self.stats[k],
+                {"what": key},
+                doc="NATS JetStream connector counters (eventstream/connectors/jetstream.py)",
+            )
 
     def _run_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         asyncio.set_event_loop(loop)
@@ -156,8 +188,11 @@ class NatsConnector:
         if self._thread is None or not self._thread.is_alive():
             out.append("es-nats: not running")
         src, sink = self.source, self.sink
-        for name, task in (("source", src and src._source_task), ("acks", src and src._ack_task),
-                           ("sink", sink and sink.task)):
+        for name, task in (
+            ("source", src and src._source_task),
+            ("acks", src and src._ack_task),
+            ("sink", sink and sink.task),
+        ):
             if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
                 out.append(f"es-nats: {name} loop failed: {task.exception()!r}")
         return out
@@ -211,19 +246,26 @@ class NatsConnector:
         # The first connection gives up after a few rounds over the servers (a startup error, not a hang:
         # with max_reconnect_attempts=-1 nats-py retries the *first* connect forever too); once
         # connected, reconnects never stop (nats-py reads the option on every reconnect round).
-        self.nc = await nats.connect(servers=list(cfg.servers), name=f"eventstream-{self.run_id}",
-                                     connect_timeout=cfg.connect_timeout_s, allow_reconnect=True,
-                                     max_reconnect_attempts=2, reconnect_time_wait=0.2,
-                                     error_cb=on_error, disconnected_cb=on_disconnected,
-                                     reconnected_cb=on_reconnected)
+        self.nc = await nats.connect(
+            servers=list(cfg.servers),
+            name=f"eventstream-{self.run_id}",
+            connect_timeout=cfg.connect_timeout_s,
+            allow_reconnect=True,
+            max_reconnect_attempts=2,
+            reconnect_time_wait=0.2,
+            error_cb=on_error,
+            disconnected_cb=on_disconnected,
+            reconnected_cb=on_reconnected,
+        )
         self.nc.options["max_reconnect_attempts"] = -1
         self.js = self.nc.jetstream(timeout=cfg.connect_timeout_s)
         if cfg.create_stream:
             try:
                 await self.js.stream_info(cfg.stream)
             except nats.js.errors.NotFoundError:
-                await self.js.add_stream(name=cfg.stream, subjects=[f"{self.prefix}.>"],
-                                         duplicate_window=cfg.duplicate_window_s)
+                await self.js.add_stream(
+                    name=cfg.stream, subjects=[f"{self.prefix}.>"], duplicate_window=cfg.duplicate_window_s
+                )
         if self.sink is not None:
             self.sink.start()
         if self.source is not None:

@@ -55,7 +55,7 @@ class NatsSink:
             if len(old) >= n:
                 return old
             table = np.zeros(n, dtype=bool)
-            table[:len(old)] = old
+            table[: len(old)] = old
             globs = self.cfg.sink.topics
             for tid in range(max(len(old), 1), n):
                 name = self.topics.name(tid)
@@ -92,8 +92,12 @@ class NatsSink:
                 wake, self._sink_waiting = self._sink_waiting, False
         if over:
             self.stats["backlog_full"] += n
-            self.engine.drop(batch, "connector: sink backlog full (connectors.nats.sink.max_pending="
-                                 f"{self.cfg.sink.max_pending}); stored here, not published to JetStream", pays)
+            self.engine.drop(
+                batch,
+                "connector: sink backlog full (connectors.nats.sink.max_pending="
+                f"{self.cfg.sink.max_pending}); stored here, not published to JetStream",
+                pays,
+            )
         elif wake:
             assert self.conn._loop is not None  # the sink loop waits: the connector thread and its loop run
             self.conn._loop.call_soon_threadsafe(self._sink_event.set)
@@ -180,27 +184,33 @@ class NatsSink:
         try:
             for attempt in range(sink.max_attempts):
                 try:
-                    ack = await self.conn.js.publish(subject, payload, timeout=sink.ack_timeout_s,
-                                                     stream=self.cfg.stream, headers=dict(headers))
+                    ack = await self.conn.js.publish(
+                        subject, payload, timeout=sink.ack_timeout_s, stream=self.cfg.stream, headers=dict(headers)
+                    )
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - timeout, no responders, disconnected: retry
                     last = f"{type(exc).__name__}: {exc}"[:200]
                     if attempt + 1 < sink.max_attempts:
                         self.stats["retries"] += 1
-                        await asyncio.sleep(min(1.0, 0.05 * (2 ** attempt)))
+                        await asyncio.sleep(min(1.0, 0.05 * (2**attempt)))
                     continue
                 self.stats["published"] += 1
                 if ack.duplicate:
                     self.stats["duplicates"] += 1
                 return
             self.stats["publish_failed"] += 1
-            self.engine.drop(batch[i:i + 1], f"connector: publish to JetStream failed after {sink.max_attempts} "
-                                          f"attempts (connectors.nats.sink.max_attempts): {last}", [payload])
+            self.engine.drop(
+                batch[i : i + 1],
+                f"connector: publish to JetStream failed after {sink.max_attempts} "
+                f"attempts (connectors.nats.sink.max_attempts): {last}",
+                [payload],
+            )
         except asyncio.CancelledError:
             self.stats["publish_failed"] += 1
-            self.engine.drop(batch[i:i + 1], "connector: shutdown: not acked by JetStream before the stop timeout",
-                          [payload])
+            self.engine.drop(
+                batch[i : i + 1], "connector: shutdown: not acked by JetStream before the stop timeout", [payload]
+            )
             raise
         finally:
             self._sink_sem.release()
@@ -227,5 +237,4 @@ class NatsSink:
             self._q.clear()
             self._q_events = 0
         for batch, pays in left:
-            self.engine.drop(batch, "connector: shutdown: not published to JetStream before the stop timeout",
-                          pays)
+            self.engine.drop(batch, "connector: shutdown: not published to JetStream before the stop timeout", pays)

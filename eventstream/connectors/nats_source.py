@@ -71,12 +71,16 @@ class NatsSource:
         api = self.conn._nats.js.api
         src, cfg = self.cfg.source, self.cfg
         filters = [glob_filter(self.prefix, g) for g in src.subjects]
-        ccfg = api.ConsumerConfig(durable_name=src.durable, ack_policy=api.AckPolicy.EXPLICIT,
-                                  ack_wait=src.ack_wait_s, max_deliver=-1, max_ack_pending=src.max_ack_pending)
+        ccfg = api.ConsumerConfig(
+            durable_name=src.durable,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=src.ack_wait_s,
+            max_deliver=-1,
+            max_ack_pending=src.max_ack_pending,
+        )
         if len(filters) > 1:
             ccfg.filter_subjects = filters
-        self._psub = await self.conn.js.pull_subscribe(filters[0], durable=src.durable, stream=cfg.stream,
-                                                      config=ccfg)
+        self._psub = await self.conn.js.pull_subscribe(filters[0], durable=src.durable, stream=cfg.stream, config=ccfg)
         loop = asyncio.get_running_loop()
         self._source_task = loop.create_task(self._source_loop())
         self._ack_task = loop.create_task(self._ack_loop())
@@ -108,13 +112,22 @@ class NatsSource:
         arena = self.engine.payloads
         biggest = self.capacity if arena is None else max(self.capacity, arena.max_payload)
         if len(data) > biggest:
-            return (f"connector: payload of {len(data)} bytes exceeds the largest payload the engine takes "
-                    f"({biggest} bytes: from server.tcp.max_frame_bytes and server.udp.max_datagram_bytes)")
+            return (
+                f"connector: payload of {len(data)} bytes exceeds the largest payload the engine takes "
+                f"({biggest} bytes: from server.tcp.max_frame_bytes and server.udp.max_datagram_bytes)"
+            )
         tid = self.topics.intern(tb)
         delivered = msg.metadata.num_delivered
         if delivered > self.cfg.source.max_deliver:
-            return (f"connector: delivered {delivered} times, more than connectors.nats.source.max_deliver "
-                    f"({self.cfg.source.max_deliver})", eid, tid, p, pts, data)
+            return (
+                f"connector: delivered {delivered} times, more than connectors.nats.source.max_deliver "
+                f"({self.cfg.source.max_deliver})",
+                eid,
+                tid,
+                p,
+                pts,
+                data,
+            )
         return eid, tid, p, pts, data
 
     async def _poison(self, msg, reason: str, fields: tuple | None) -> None:
@@ -268,7 +281,7 @@ class NatsSource:
             if self._intake_stopped:
                 return -1
             touched = await self._pause_in_progress(msgs, touched)
-        got = big[:len(offs)]
+        got = big[: len(offs)]
         idx = np.array(got, dtype=np.intp)
         recs["ext_off"][idx] = offs
         recs["ext_class"][idx] = cls
@@ -276,7 +289,7 @@ class NatsSource:
         dst = memoryview(arena.buf)
         for o, i in zip(offs.tolist(), got, strict=True):
             d = datas[i]
-            dst[o:o + len(d)] = d
+            dst[o : o + len(d)] = d
         dst.release()
         if len(offs) < len(big):
             self.stats["arena_waits"] += 1

@@ -160,8 +160,9 @@ class Arena:
         if not isinstance(size_bytes, int) or size_bytes <= 0:
             raise ValueError(f"Arena size_bytes={size_bytes!r} is not allowed; allowed: a positive integer")
         if not isinstance(node, int) or node < UNBOUND:
-            raise ValueError(f"Arena node={node!r} is not allowed; allowed: -1 (local), a node id >= 0 or "
-                             "UNBOUND (-2: plain memory)")
+            raise ValueError(
+                f"Arena node={node!r} is not allowed; allowed: -1 (local), a node id >= 0 or UNBOUND (-2: plain memory)"
+            )
         page = numa.page_size()
         self.size = (size_bytes + page - 1) // page * page
         self.node = node

@@ -43,11 +43,26 @@ if not all((_load, _store, _exchange, _cas, _fetch_add, _fetch_sub)):  # pragma:
     raise ImportError("the atomics package has no lock-free 64-bit operations on this platform")
 
 
-_ADDRS = {name: ctypes.cast(fp, ctypes.c_void_p).value
-          for name, fp in (("load", _load), ("store", _store), ("exchange", _exchange), ("cas", _cas),
-                           ("fetch_add", _fetch_add))}
-_PROTOS = {name: type(fp) for name, fp in (("load", _load), ("store", _store), ("exchange", _exchange),
-                                            ("cas", _cas), ("fetch_add", _fetch_add))}
+_ADDRS = {
+    name: ctypes.cast(fp, ctypes.c_void_p).value
+    for name, fp in (
+        ("load", _load),
+        ("store", _store),
+        ("exchange", _exchange),
+        ("cas", _cas),
+        ("fetch_add", _fetch_add),
+    )
+}
+_PROTOS = {
+    name: type(fp)
+    for name, fp in (
+        ("load", _load),
+        ("store", _store),
+        ("exchange", _exchange),
+        ("cas", _cas),
+        ("fetch_add", _fetch_add),
+    )
+}
 
 
 class _Operands(threading.local):

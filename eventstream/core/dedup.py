@@ -75,8 +75,17 @@ class Deduplicator:
     """Pairs seen within `window_s` seconds; `buckets` a power of two (the initial size). `budget`:
     a MemoryBudget shared with other tables (None: a private one of `max_buckets` buckets)."""
 
-    def __init__(self, buckets: int = 4096, window_s: float = 3600.0, *, clock=time.monotonic, node: int = -1,
-                 max_load: float = 0.75, max_buckets: int = 1 << 26, budget: MemoryBudget | None = None):
+    def __init__(
+        self,
+        buckets: int = 4096,
+        window_s: float = 3600.0,
+        *,
+        clock=time.monotonic,
+        node: int = -1,
+        max_load: float = 0.75,
+        max_buckets: int = 1 << 26,
+        budget: MemoryBudget | None = None,
+    ):
         if not isinstance(buckets, int) or buckets < 2 or buckets & (buckets - 1):
             raise ValueError(f"Deduplicator buckets={buckets!r} is not allowed; allowed: a power of two >= 2")
         if not window_s >= 0:
@@ -130,8 +139,11 @@ class Deduplicator:
         ids, tags, stamps = old.ids[live].copy(), old.tags[live].copy(), old.stamps[live].copy()
         removed = self._used - len(ids)
         buckets = old.buckets
-        while (len(ids) + extra > self.max_load * buckets / 2 and buckets < self.max_buckets
-               and self.budget.take(bytes_for(buckets))):  # doubling adds as many bytes as there are
+        while (
+            len(ids) + extra > self.max_load * buckets / 2
+            and buckets < self.max_buckets
+            and self.budget.take(bytes_for(buckets))
+        ):  # doubling adds as many bytes as there are
             buckets *= 2
         if buckets > old.buckets:
             self.grows += 1
@@ -213,8 +225,7 @@ class Deduplicator:
         far as max_buckets and the budget allow; True when `n` then fit under max_load."""
         old = self._table
         buckets = old.buckets
-        while (n > self.max_load * buckets / 2 and buckets < self.max_buckets
-               and self.budget.take(bytes_for(buckets))):
+        while n > self.max_load * buckets / 2 and buckets < self.max_buckets and self.budget.take(bytes_for(buckets)):
             buckets *= 2
         if buckets > old.buckets:
             self.grows += 1

@@ -40,8 +40,11 @@ class IdTable:
         self.seed = secrets.randbits(64) if seed is None else seed & _M64
         self._seed = np.uint64(self.seed)
         self.own = arena is None
-        self.arena = arena if arena is not None else Arena(buckets * BYTES_PER_BUCKET + 256, node,
-                                                           name="dedup.table", huge_pages=True)
+        self.arena = (
+            arena
+            if arena is not None
+            else Arena(buckets * BYTES_PER_BUCKET + 256, node, name="dedup.table", huge_pages=True)
+        )
         # a private arena is fresh memory, zero already: not written now, so a table of millions of
         # slots costs no pass over its memory before the first insert (pages come in as it fills)
         fresh = {"zero": False} if self.own else {}

@@ -65,8 +65,10 @@ def chunk_bytes_for(max_payload: int) -> int:
 def arena_by_id(arena_id: int) -> PayloadArena:
     a = _registry[arena_id] if 0 < arena_id <= MAX_ARENAS else None
     if a is None:
-        raise ValueError(f"record refers to payload arena {arena_id}, which does not exist (closed?); "
-                         "allowed: records whose payload arena is still open")
+        raise ValueError(
+            f"record refers to payload arena {arena_id}, which does not exist (closed?); "
+            "allowed: records whose payload arena is still open"
+        )
     return a
 
 
@@ -86,8 +88,16 @@ class _Class:
 class PayloadArena:
     """`size_bytes` of payload slots for payloads of `min_payload + 1` .. `max_payload` bytes."""
 
-    def __init__(self, size_bytes: int, max_payload: int, *, min_payload: int = 0, node: int = -1,
-                 name: str = "payloads", key: str = "payloads.arena_bytes"):
+    def __init__(
+        self,
+        size_bytes: int,
+        max_payload: int,
+        *,
+        min_payload: int = 0,
+        node: int = -1,
+        name: str = "payloads",
+        key: str = "payloads.arena_bytes",
+    ):
         if not isinstance(max_payload, int) or max_payload < 1:
             raise ValueError(f"max_payload={max_payload!r} is not allowed; allowed: an integer >= 1")
         self.chunk = chunk_bytes_for(max_payload)
@@ -95,7 +105,8 @@ class PayloadArena:
             raise ValueError(
                 f"{key}={size_bytes!r} is not allowed; allowed: at least {2 * self.chunk} bytes (two "
                 f"chunks of {self.chunk} bytes: the largest payload, {max_payload} bytes from "
-                "server.tcp.max_frame_bytes, rounded up to a power of two)")
+                "server.tcp.max_frame_bytes, rounded up to a power of two)"
+            )
         self.max_payload = max_payload
         self.min_payload = min_payload
         self.nchunks = size_bytes // self.chunk
@@ -123,8 +134,10 @@ class PayloadArena:
             free = [i for i in range(1, MAX_ARENAS + 1) if _registry[i] is None]
             if not free:
                 self._arena.close()
-                raise RuntimeError(f"more than {MAX_ARENAS} payload arenas open in this process; "
-                                   "allowed: close() arenas that are no longer used")
+                raise RuntimeError(
+                    f"more than {MAX_ARENAS} payload arenas open in this process; "
+                    "allowed: close() arenas that are no longer used"
+                )
             self.id = free[0]
             _registry[self.id] = self
         self.closed = False
@@ -145,8 +158,10 @@ class PayloadArena:
             raise ValueError(f"payload arena {self.name!r} is closed")
         big = int(sizes.max())
         if big > self.chunk:
-            raise ValueError(f"payload of {big} bytes does not fit payload arena {self.name!r}; allowed: "
-                             f"0..{self.max_payload} bytes (server.tcp.max_frame_bytes)")
+            raise ValueError(
+                f"payload of {big} bytes does not fit payload arena {self.name!r}; allowed: "
+                f"0..{self.max_payload} bytes (server.tcp.max_frame_bytes)"
+            )
         cls = self.class_of(sizes).tolist()
         groups: dict[int, list[int]] = {}
         for i, c in enumerate(cls):
@@ -185,8 +200,8 @@ class PayloadArena:
                 if cl.avail:  # freed slots first (their chunks are cut already)
                     ch, free = next(iter(cl.avail.items()))
                     m = min(k - len(out), len(free))
-                    out.extend(free[len(free) - m:])
-                    del free[len(free) - m:]
+                    out.extend(free[len(free) - m :])
+                    del free[len(free) - m :]
                     used[ch] += m
                     if not free:
                         del cl.avail[ch]
@@ -265,15 +280,20 @@ class PayloadArena:
     # -- access -----------------------------------------------------------------------------------
     def view(self, offset: int, n: int) -> np.ndarray:
         """The payload at `offset` as a zero-copy uint8 view (valid until its slot is released)."""
-        return self.buf[offset:offset + n]
+        return self.buf[offset : offset + n]
 
     def statistics(self) -> dict:
         with self._stats_lock:
             st: dict[str, object] = dict(self._stats)
         used = sum(cl.used * cl.size for cl in self._classes)
-        st.update(bytes=self.size, chunk_bytes=self.chunk, chunks=self.nchunks,
-                  chunks_free=len(self._pool), used_bytes=used,
-                  slots_used={cl.size: cl.used for cl in self._classes if cl.used})
+        st.update(
+            bytes=self.size,
+            chunk_bytes=self.chunk,
+            chunks=self.nchunks,
+            chunks_free=len(self._pool),
+            used_bytes=used,
+            slots_used={cl.size: cl.used for cl in self._classes if cl.used},
+        )
         return st
 
     def placement(self) -> dict:

@@ -36,8 +36,9 @@ class DoubleRelease(ValueError):
 class EventPool:
     """`capacity` record slots in arena memory with a lock-free free list."""
 
-    def __init__(self, capacity: int, dtype: npt.DTypeLike = EVENT_DTYPE, arena=None, *, node: int = -1,
-                 name: str = "pool"):
+    def __init__(
+        self, capacity: int, dtype: npt.DTypeLike = EVENT_DTYPE, arena=None, *, node: int = -1, name: str = "pool"
+    ):
         if not isinstance(capacity, int) or not 1 <= capacity < _IDX_MASK:
             raise ValueError(f"EventPool capacity={capacity!r} is not allowed; allowed: 1..{_IDX_MASK - 1}")
         self.capacity = capacity

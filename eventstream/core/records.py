@@ -97,9 +97,7 @@ def record_dtype(payload_bytes: int = DEFAULT_PAYLOAD_BYTES) -> np.dtype:
     if dt is not None:
         return dt
     if not isinstance(payload_bytes, int) or not 0 <= payload_bytes <= MAX_PAYLOAD_BYTES:
-        raise ValueError(
-            f"payload_bytes={payload_bytes!r} is not allowed; allowed: an integer 0..{MAX_PAYLOAD_BYTES}"
-        )
+        raise ValueError(f"payload_bytes={payload_bytes!r} is not allowed; allowed: an integer 0..{MAX_PAYLOAD_BYTES}")
     fields: list[tuple] = list(_HEADER_FIELDS)
     if payload_bytes:
         fields.append(("payload", "u1", (payload_bytes,)))

@@ -52,6 +52,7 @@ from eventstream.core.wait import WaitStrategy, make_wait
 
 log = structlog.get_logger("eventstream.ring")
 
+
 class Overflow(enum.Enum):
     DROP_OLD = "DROP_OLD"
     BLOCK_PRODUCER = "BLOCK_PRODUCER"
@@ -71,10 +72,19 @@ class _Ring(ConsumerSide):
     _multi = False
     _default_capacity = 16384
 
-    def __init__(self, capacity: int | None = None, dtype: np.dtype = EVENT_DTYPE, *,
-                 overflow: Overflow | str = Overflow.BLOCK_PRODUCER, block_timeout: float = 1.0,
-                 wait: str | WaitStrategy = "sleep", arena=None, node: int = -1, name: str = "",
-                 on_drop=None):
+    def __init__(
+        self,
+        capacity: int | None = None,
+        dtype: np.dtype = EVENT_DTYPE,
+        *,
+        overflow: Overflow | str = Overflow.BLOCK_PRODUCER,
+        block_timeout: float = 1.0,
+        wait: str | WaitStrategy = "sleep",
+        arena=None,
+        node: int = -1,
+        name: str = "",
+        on_drop=None,
+    ):
         kind = type(self).__name__
         capacity = self._default_capacity if capacity is None else capacity
         if not isinstance(capacity, int) or capacity < 2 or capacity & (capacity - 1):
@@ -171,17 +181,17 @@ class _Ring(ConsumerSide):
         k = len(recs)
         idx = start & self.mask
         first = min(k, self.capacity - idx)
-        self._vslots[idx:idx + first] = recs[:first]
+        self._vslots[idx : idx + first] = recs[:first]
         if k > first:
-            self._vslots[:k - first] = recs[first:]
+            self._vslots[: k - first] = recs[first:]
 
     def _copy_range(self, start: int, k: int) -> np.ndarray:
         idx = start & self.mask
         first = min(k, self.capacity - idx)
         if k == first:
-            out = self._vslots[idx:idx + k].copy()
+            out = self._vslots[idx : idx + k].copy()
         else:
-            out = np.concatenate((self._vslots[idx:], self._vslots[:k - first]))
+            out = np.concatenate((self._vslots[idx:], self._vslots[: k - first]))
         return out.view(self.dtype)
 
     def _evict(self, want: int) -> np.ndarray | None:
@@ -206,7 +216,7 @@ class _Ring(ConsumerSide):
             self._limit = self._lowest() + self.capacity
             start, k = self._seq.claim(want, self._limit)
         if k:
-            self._write(start, recs[done:done + k])
+            self._write(start, recs[done : done + k])
             self._publish(start, k)
         return start, k
 
@@ -265,10 +275,10 @@ class _Ring(ConsumerSide):
                 idx = start & self.mask
                 first = self.capacity - idx
                 if n <= first:
-                    self._vslots[idx:idx + n] = rv
+                    self._vslots[idx : idx + n] = rv
                 else:
                     self._vslots[idx:] = rv[:first]
-                    self._vslots[:n - first] = rv[first:]
+                    self._vslots[: n - first] = rv[first:]
                 self._publish(start, n)
                 try:
                     cnt = self._tls.c
@@ -320,8 +330,11 @@ class _Ring(ConsumerSide):
                 self._on_drop(np.concatenate(evicted))
             elif not self._warned_put_evict:
                 self._warned_put_evict = True
-                log.warning("put_evicted_without_on_drop", ring=self.name,
-                            hint="pass on_drop= or use put_batch to receive evicted records")
+                log.warning(
+                    "put_evicted_without_on_drop",
+                    ring=self.name,
+                    hint="pass on_drop= or use put_batch to receive evicted records",
+                )
         return len(rest) == 0
 
     # -- state --------------------------------------------------------------------------------------

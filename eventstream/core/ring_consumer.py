@@ -43,8 +43,8 @@ class ConsumerSide:
         idx = start & self.mask
         first = min(k, self.capacity - idx)
         if k == first:
-            return (self.slots[idx:idx + k],)
-        return (self.slots[idx:], self.slots[:k - first])
+            return (self.slots[idx : idx + k],)
+        return (self.slots[idx:], self.slots[: k - first])
 
     def _consumer(self) -> _ConsumerState:
         """The consumer's private state, created by the consumer thread on its first call.
@@ -104,8 +104,7 @@ class ConsumerSide:
                     break
                 deadline = time.monotonic() + timeout
             left = deadline - time.monotonic()
-            if left <= 0 or not self._wait.wait_for(
-                    lambda: seq.consumer_available(self._pos.load(), 1, cs) > 0, left):
+            if left <= 0 or not self._wait.wait_for(lambda: seq.consumer_available(self._pos.load(), 1, cs) > 0, left):
                 break
         cs.polled = 0
         return ()
@@ -114,8 +113,10 @@ class ConsumerSide:
         """Give back the first `n` records of the last poll (one store)."""
         cs = self._cs or self._consumer()
         if not 0 <= n <= cs.polled:
-            raise ValueError(f"{self.name}: release({n}) is not allowed; allowed: 0..{cs.polled} "
-                             "(the number of records returned by the last poll)")
+            raise ValueError(
+                f"{self.name}: release({n}) is not allowed; allowed: 0..{cs.polled} "
+                "(the number of records returned by the last poll)"
+            )
         if n == 0:
             return
         cs.polled -= n

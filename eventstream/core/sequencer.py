@@ -122,9 +122,9 @@ class MultiProducerSequencer:
         idx = start & self.mask
         rnd = start >> self.shift
         first = min(k, self.capacity - idx)
-        self.markers[idx:idx + first] = rnd
+        self.markers[idx : idx + first] = rnd
         if k > first:
-            self.markers[:k - first] = rnd + 1
+            self.markers[: k - first] = rnd + 1
 
     def claim_position(self) -> int:
         return self.claim_cell.load()
@@ -135,13 +135,13 @@ class MultiProducerSequencer:
         idx = lo & self.mask
         rnd = lo >> self.shift
         first = min(limit, self.capacity - idx)
-        ok = self.markers[idx:idx + first] == rnd
+        ok = self.markers[idx : idx + first] == rnd
         j = int(ok.argmin())
         if not ok[j]:
             return j
         if limit == first:
             return first
-        ok = self.markers[:limit - first] == rnd + 1
+        ok = self.markers[: limit - first] == rnd + 1
         j = int(ok.argmin())
         n = first + (j if not ok[j] else limit - first)
         if not _TSO:

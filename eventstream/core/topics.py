@@ -26,8 +26,10 @@ class TopicLimitError(OverflowError):
 
     def __init__(self, limit: int):
         self.limit = limit
-        super().__init__(f"too_many_topics: the server already has {limit} distinct topics "
-                         f"(server.max_topics); allowed: a topic it already knows")
+        super().__init__(
+            f"too_many_topics: the server already has {limit} distinct topics "
+            f"(server.max_topics); allowed: a topic it already knows"
+        )
 
 
 class TopicTable:

@@ -53,6 +53,8 @@ def partition_of(topic_ids, partitions: int):
     """The partition rule, the one place it is written: a topic lives in exactly one partition of
     its queue (per-topic order; idempotency.rebuild finds a topic's dedup table with it too)."""
     return topic_ids % partitions
+
+
 SMALL = SMALL_BATCH  # up to this many records, routing uses plain ints (core/records.py)
 
 
@@ -109,12 +111,15 @@ class Queue:
 
 def _ring(qc: QueueConfig, dtype, wait, node: int, name: str):
     if qc.overflow == "DROP_OLD":
-        raise ValueError(f"queues.{name.split('.')[0]}.overflow: 'DROP_OLD' is not allowed (it would evict "
-                         "events already accepted); allowed: BLOCK_PRODUCER (push back), DROP_NEW (shed at the edge)")
+        raise ValueError(
+            f"queues.{name.split('.')[0]}.overflow: 'DROP_OLD' is not allowed (it would evict "
+            "events already accepted); allowed: BLOCK_PRODUCER (push back), DROP_NEW (shed at the edge)"
+        )
     # producers never wait inside the ring (offer() uses try_put; holding happens in ingest), so the
     # block timeout does not apply to the engine (the ring's own blocking put_batch is not used here)
-    return MpscRing(qc.capacity, dtype, overflow=Overflow[qc.overflow], block_timeout=1.0,
-                    wait=wait, node=node, name=name)
+    return MpscRing(
+        qc.capacity, dtype, overflow=Overflow[qc.overflow], block_timeout=1.0, wait=wait, node=node, name=name
+    )
 
 
 class Offer:
@@ -142,9 +147,11 @@ class EventBusMulti:
         self.received = 0
         self.on_received = None  # callable(n): events placed in the queues (metrics "received")
         try:
-            for name, qc, parts in (("realtime", q.realtime, 1),
-                                    ("transactional", q.transactional, cfg.processors.transactional.max_workers),
-                                    ("batch", q.batch, cfg.processors.batch.max_workers)):
+            for name, qc, parts in (
+                ("realtime", q.realtime, 1),
+                ("transactional", q.transactional, cfg.processors.transactional.max_workers),
+                ("batch", q.batch, cfg.processors.batch.max_workers),
+            ):
                 # one wait strategy per queue, shared by its partitions: a publish to any of them wakes
                 # the queue's idle workers. Few spins: an idle worker should park, not burn a core.
                 wait = Blocking(spins=4, yields=1) if q.wait_strategy == "block" else make_wait(q.wait_strategy)

@@ -86,8 +86,10 @@ class Backpressure:
         self.calm_since: float | None = None  # since when every sample allowed a step down
         self.transitions: Counter[tuple[Level, Level]] = Counter()
         self.thresholds = {
-            Level.ELEVATED: config.elevated, Level.DEGRADED: config.degraded,
-            Level.CRITICAL: config.critical, Level.EMERGENCY: config.emergency,
+            Level.ELEVATED: config.elevated,
+            Level.DEGRADED: config.degraded,
+            Level.CRITICAL: config.critical,
+            Level.EMERGENCY: config.emergency,
         }
 
     def exceeded(self, level: Level, drop_rate: float, depth: float) -> str | None:
@@ -130,9 +132,14 @@ class Backpressure:
         if round((now - self.calm_since) * 1000.0, 6) >= self.config.min_dwell_ms:
             t = self.thresholds[current]
             rf = self.config.recovery_factor
-            return self._move(current, Level(current - 1), sample, depth,
-                              f"down: drop_rate {drop:.4f} < {t.drop_rate * rf:.4f} and depth {depth:.3f} < "
-                              f"{t.depth * rf:.3f} ({current.name} x recovery_factor {rf})")
+            return self._move(
+                current,
+                Level(current - 1),
+                sample,
+                depth,
+                f"down: drop_rate {drop:.4f} < {t.drop_rate * rf:.4f} and depth {depth:.3f} < "
+                f"{t.depth * rf:.3f} ({current.name} x recovery_factor {rf})",
+            )
         return None
 
     def _move(self, previous: Level, level: Level, sample: Sample, depth: float, reason: str) -> Transition:
@@ -153,8 +160,15 @@ class ControlThread(threading.Thread):
     the faults it is there to handle.
     """
 
-    def __init__(self, backpressure: Backpressure, sample_fn: Callable[[], Sample], actions: Actions | None,
-                 interval_ms: float, cpus=(), on_transition: Callable[[Transition], None] | None = None):
+    def __init__(
+        self,
+        backpressure: Backpressure,
+        sample_fn: Callable[[], Sample],
+        actions: Actions | None,
+        interval_ms: float,
+        cpus=(),
+        on_transition: Callable[[Transition], None] | None = None,
+    ):
         super().__init__(name="es-control", daemon=True)
         self.backpressure = backpressure
         self.sample_fn = sample_fn
@@ -193,9 +207,16 @@ class ControlThread(threading.Thread):
             return None
         s = t.sample
         (log.warning if t.level > t.previous else log.info)(
-            "backpressure_transition", previous=t.previous.name, level=t.level.name, reason=t.reason,
-            depth_fraction=round(s.depth, 4), drop_rate=round(s.drop_rate, 5),
-            processed=s.processed, p99_ns=s.p99_ns, at_ns=time.time_ns())
+            "backpressure_transition",
+            previous=t.previous.name,
+            level=t.level.name,
+            reason=t.reason,
+            depth_fraction=round(s.depth, 4),
+            drop_rate=round(s.drop_rate, 5),
+            processed=s.processed,
+            p99_ns=s.p99_ns,
+            at_ns=time.time_ns(),
+        )
         for fn in (self.on_transition, self.actions and (lambda tr: self.actions.on_level(tr.level, tr.previous))):
             if not fn:
                 continue

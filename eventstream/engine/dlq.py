@@ -105,12 +105,23 @@ class DlqRecord:
 
     def to_json(self) -> dict:
         """The entry as the DLQ format's object (the same keys, in the same order, as the file)."""
-        return {"ts": self.ts, "reason": self.reason, "category": self.category, "id": self.id,
-                "event_id": self.event_id, "seq": self.seq, "topic": self.topic, "priority": self.priority,
-                "producer_ts": self.producer_ts, "flags": self.flags, "attempts": self.attempts,
-                "payload_b64": None if self.payload is None else binascii.b2a_base64(self.payload, newline=False)
-                .decode("ascii"),
-                "payload_len": self.payload_len}
+        return {
+            "ts": self.ts,
+            "reason": self.reason,
+            "category": self.category,
+            "id": self.id,
+            "event_id": self.event_id,
+            "seq": self.seq,
+            "topic": self.topic,
+            "priority": self.priority,
+            "producer_ts": self.producer_ts,
+            "flags": self.flags,
+            "attempts": self.attempts,
+            "payload_b64": None
+            if self.payload is None
+            else binascii.b2a_base64(self.payload, newline=False).decode("ascii"),
+            "payload_len": self.payload_len,
+        }
 
 
 DlqEntry = DlqRecord  # the name before payloads were kept
@@ -121,8 +132,14 @@ def _js(text: str) -> str:
 
 
 class DeadLetterLog:
-    def __init__(self, path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES,
-                 max_segments: int = DEFAULT_MAX_SEGMENTS, max_age_s: float = 0.0):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_segments: int = DEFAULT_MAX_SEGMENTS,
+        max_age_s: float = 0.0,
+    ):
         """Every write is write-through (see the module doc). `max_bytes`: size at which the active file
         becomes a segment; `max_segments`: old segments kept (0 = none); `max_age_s`: delete segments
         last written longer ago than this at rotation and open (0 = no age limit)."""
@@ -185,8 +202,9 @@ class DeadLetterLog:
         if len(records):
             self._write(records, [reason] * len(records), topics, {reason_category(reason): len(records)}, payloads)
 
-    def write_each(self, records: np.ndarray, reasons: list[str], topics: TopicTable,
-                   payloads: list | None = None) -> None:
+    def write_each(
+        self, records: np.ndarray, reasons: list[str], topics: TopicTable, payloads: list | None = None
+    ) -> None:
         """One entry per record with its own reason (len(reasons) == len(records))."""
         n = len(records)
         if len(reasons) != n:
@@ -194,8 +212,14 @@ class DeadLetterLog:
         if n:
             self._write(records, reasons, topics, Counter(reason_category(r) for r in reasons), payloads)
 
-    def _write(self, records: np.ndarray, reasons: list[str], topics: TopicTable, categories: dict[str, int],
-               payloads: list | None = None) -> None:
+    def _write(
+        self,
+        records: np.ndarray,
+        reasons: list[str],
+        topics: TopicTable,
+        categories: dict[str, int],
+        payloads: list | None = None,
+    ) -> None:
         eids = records["event_id"].tolist()
         seqs = records["seq"].tolist()
         tids = records["topic_id"].tolist()
@@ -224,17 +248,20 @@ class DeadLetterLog:
                 f'{{"ts": "{ts}", "reason": {rc[0]}, "category": {rc[1]}, "id": {eid or seqs[i]}, '
                 f'"event_id": {eid}, "seq": {seqs[i]}, "topic": {t}, "priority": {prios[i]}, '
                 f'"producer_ts": {pts[i]}, "flags": {flags[i]}, "attempts": {attempts[i]}, '
-                f'"payload_b64": "{b64(payload, newline=False).decode("ascii")}", "payload_len": {len(payload)}}}\n')
+                f'"payload_b64": "{b64(payload, newline=False).decode("ascii")}", "payload_len": {len(payload)}}}\n'
+            )
         self._add("".join(lines).encode("ascii"), len(lines), categories)
 
     def write_line(self, id: int, topic: str, priority: int, reason: str) -> None:
         """One event that never became a record (e.g. a frame that failed to decode): no payload."""
         if isinstance(topic, bytes):
             topic = topic.decode("utf-8", "replace")
-        line = (f'{{"ts": "{timestamp_now()}", "reason": {_js(reason)}, "category": {_js(reason_category(reason))}, '
-                f'"id": {int(id)}, "event_id": {int(id)}, "seq": null, "topic": {_js(topic)}, '
-                f'"priority": {int(priority)}, "producer_ts": null, "flags": null, "attempts": null, '
-                f'"payload_b64": null, "payload_len": null}}\n')
+        line = (
+            f'{{"ts": "{timestamp_now()}", "reason": {_js(reason)}, "category": {_js(reason_category(reason))}, '
+            f'"id": {int(id)}, "event_id": {int(id)}, "seq": null, "topic": {_js(topic)}, '
+            f'"priority": {int(priority)}, "producer_ts": null, "flags": null, "attempts": null, '
+            f'"payload_b64": null, "payload_len": null}}\n'
+        )
         self._add(line.encode("ascii"), 1, {reason_category(reason): 1})
 
     def _add(self, data: bytes, n: int, categories: dict[str, int]) -> None:
@@ -291,10 +318,10 @@ class DeadLetterLog:
 
     def _retain(self) -> None:
         segs = segment_paths(self.path)
-        doomed = segs[:max(0, len(segs) - self.max_segments)]
+        doomed = segs[: max(0, len(segs) - self.max_segments)]
         if self.max_age_s > 0:
             cutoff = time.time() - self.max_age_s
-            for s in segs[len(doomed):]:
+            for s in segs[len(doomed) :]:
                 try:
                     if os.stat(s[1]).st_mtime < cutoff:
                         doomed.append(s)
@@ -338,9 +365,14 @@ class DeadLetterLog:
 
     def statistics(self) -> dict:
         with self._lock:
-            return {"total": self._total, "by_reason": dict(self._counts), "pending": 0,
-                    "bytes": self._size, "rotations": self._rotations,
-                    "segments_deleted": self._deleted}
+            return {
+                "total": self._total,
+                "by_reason": dict(self._counts),
+                "pending": 0,
+                "bytes": self._size,
+                "rotations": self._rotations,
+                "segments_deleted": self._deleted,
+            }
 
     def __enter__(self) -> DeadLetterLog:
         return self
@@ -357,7 +389,9 @@ def segment_paths(path: str | os.PathLike) -> list[tuple[int, Path]]:
         names = os.listdir(path.parent)
     except FileNotFoundError:
         return []
-    out = [(int(nm[len(prefix):]), path.parent / nm) for nm in names
-           if nm.startswith(prefix) and nm[len(prefix):].isdigit()]
+    out = [
+        (int(nm[len(prefix) :]), path.parent / nm)
+        for nm in names
+        if nm.startswith(prefix) and nm[len(prefix) :].isdigit()
+    ]
     return sorted(out)
-

@@ -20,10 +20,14 @@ from eventstream.core.payloads import release_records
 from eventstream.core.topics import TopicTable
 from eventstream.engine.dlq import DlqRecord, reason_category, segment_paths, unescape
 
-_LINE = re.compile(r"^\[(?P<ts>[^\]]+)\] DROPPED: id=(?P<id>\d+) topic=(?P<topic>.*?) "
-                   r"priority=(?P<priority>-?\d+) reason=(?P<reason>.*)$")
-_FORMAT_HELP = ("a JSON object line of the DLQ format (docs/dlq.md) or an old text line "
-                "'[timestamp] DROPPED: id=<id> topic=<topic> priority=<n> reason=<reason>'")
+_LINE = re.compile(
+    r"^\[(?P<ts>[^\]]+)\] DROPPED: id=(?P<id>\d+) topic=(?P<topic>.*?) "
+    r"priority=(?P<priority>-?\d+) reason=(?P<reason>.*)$"
+)
+_FORMAT_HELP = (
+    "a JSON object line of the DLQ format (docs/dlq.md) or an old text line "
+    "'[timestamp] DROPPED: id=<id> topic=<topic> priority=<n> reason=<reason>'"
+)
 
 
 @overload
@@ -74,12 +78,21 @@ def parse_line(line: str | bytes) -> DlqRecord:
                 raise ValueError(f"field 'payload_len' is {plen!r} but the payload has {len(payload)} bytes")
             ts = _str(obj, "ts")
             dt.datetime.fromisoformat(ts.replace("Z", "+00:00"))
-            return DlqRecord(ts=ts, reason=reason, category=obj.get("category") or reason_category(reason),
-                             id=_int(obj, "id", optional=False), event_id=_int(obj, "event_id"),
-                             seq=_int(obj, "seq"), topic=_str(obj, "topic"),
-                             priority=_int(obj, "priority", optional=False), producer_ts=_int(obj, "producer_ts"),
-                             flags=_int(obj, "flags"), attempts=_int(obj, "attempts"), payload=payload,
-                             payload_len=plen)
+            return DlqRecord(
+                ts=ts,
+                reason=reason,
+                category=obj.get("category") or reason_category(reason),
+                id=_int(obj, "id", optional=False),
+                event_id=_int(obj, "event_id"),
+                seq=_int(obj, "seq"),
+                topic=_str(obj, "topic"),
+                priority=_int(obj, "priority", optional=False),
+                producer_ts=_int(obj, "producer_ts"),
+                flags=_int(obj, "flags"),
+                attempts=_int(obj, "attempts"),
+                payload=payload,
+                payload_len=plen,
+            )
         except ValueError as exc:
             raise ValueError(f"not a DLQ line: {text[:120]!r}: {exc}; allowed: {_FORMAT_HELP}") from None
     m = _LINE.match(text)
@@ -90,9 +103,21 @@ def parse_line(line: str | bytes) -> DlqRecord:
         dt.datetime.fromisoformat(m["ts"].replace("Z", "+00:00"))
     except ValueError:
         raise ValueError(f"not a DLQ line: {text[:120]!r}: bad timestamp; allowed: {_FORMAT_HELP}") from None
-    return DlqRecord(ts=m["ts"], reason=reason, category=reason_category(reason), id=int(m["id"]), event_id=None,
-                     seq=None, topic=unescape(m["topic"]), priority=int(m["priority"]), producer_ts=None, flags=None,
-                     attempts=None, payload=None, payload_len=None)
+    return DlqRecord(
+        ts=m["ts"],
+        reason=reason,
+        category=reason_category(reason),
+        id=int(m["id"]),
+        event_id=None,
+        seq=None,
+        topic=unescape(m["topic"]),
+        priority=int(m["priority"]),
+        producer_ts=None,
+        flags=None,
+        attempts=None,
+        payload=None,
+        payload_len=None,
+    )
 
 
 BadLine = Callable[[Path, int, str], None]
@@ -167,8 +192,9 @@ def _entries(files: list[tuple[Path, BinaryIO, int]], on_bad_line: BadLine | Non
             f.close()
 
 
-def to_records(entries: Iterable[DlqRecord], dtype: np.dtype, topics: TopicTable, *,
-               replayed: bool = True, payloads=None) -> np.ndarray:
+def to_records(
+    entries: Iterable[DlqRecord], dtype: np.dtype, topics: TopicTable, *, replayed: bool = True, payloads=None
+) -> np.ndarray:
     """Records of `dtype` rebuilt from DLQ entries (topics interned in `topics`), e.g. to put them back
     into an engine. ingest_ts and conn_id are 0; crc32 is recomputed for v2 events; `replayed` sets
     FLAG_REPLAYED. ValueError for an entry without payload (old format, undecodable frame) or whose
@@ -189,8 +215,10 @@ def to_records(entries: Iterable[DlqRecord], dtype: np.dtype, topics: TopicTable
 def _fill_records(out, entries, topics, replayed, cap, payloads) -> None:
     for i, e in enumerate(entries):
         if e.payload is None:
-            raise ValueError(f"DLQ entry id={e.id} topic={e.topic!r} ({e.ts}) has no payload; allowed: entries "
-                             "with a payload (filter on entry.payload is not None)")
+            raise ValueError(
+                f"DLQ entry id={e.id} topic={e.topic!r} ({e.ts}) has no payload; allowed: entries "
+                "with a payload (filter on entry.payload is not None)"
+            )
         if not 0 <= e.priority <= 4:
             raise ValueError(f"DLQ entry id={e.id} has priority {e.priority}; allowed: 0..4")
         row = out[i]
@@ -208,7 +236,7 @@ def _fill_records(out, entries, topics, replayed, cap, payloads) -> None:
             if got is None or not len(got[0]):
                 raise rec.PayloadTooLarge(n, cap)
             off = int(got[0][0])
-            payloads.buf[off:off + n] = np.frombuffer(e.payload, np.uint8)
+            payloads.buf[off : off + n] = np.frombuffer(e.payload, np.uint8)
             row["ext_off"], row["ext_class"], row["ext_arena"] = off, int(got[1][0]), payloads.id
         elif n:
             row["payload"][:n] = np.frombuffer(e.payload, np.uint8)

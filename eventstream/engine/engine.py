@@ -173,15 +173,17 @@ class Engine:
         try:
             data.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StartupError(f"storage.data_dir: cannot create {data} ({exc.strerror}); "
-                               "allowed: a writable directory") from None
+            raise StartupError(
+                f"storage.data_dir: cannot create {data} ({exc.strerror}); allowed: a writable directory"
+            ) from None
         try:  # an existing directory may still refuse files (read-only mount, permissions, /proc, /sys)
             fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=data)
             os.close(fd)
             os.unlink(probe)
         except OSError as exc:
-            raise StartupError(f"storage.data_dir: cannot write in {data} ({exc.strerror}); "
-                               "allowed: a writable directory") from None
+            raise StartupError(
+                f"storage.data_dir: cannot write in {data} ({exc.strerror}); allowed: a writable directory"
+            ) from None
         return data
 
     def open(self) -> Engine:
@@ -189,23 +191,36 @@ class Engine:
         the caller runs close()."""
         cfg, st, data = self.cfg, self.cfg.storage, self._data_dir()
         try:  # payloads over records.payload_bytes (up to the largest frame) live here
-            self.payloads = PayloadArena(cfg.payloads.arena_bytes, max_payload_bytes(cfg),
-                                         min_payload=cfg.records.payload_bytes,
-                                         node=memory_node(cfg.numa.node, cfg.numa.bind_memory))
+            self.payloads = PayloadArena(
+                cfg.payloads.arena_bytes,
+                max_payload_bytes(cfg),
+                min_payload=cfg.records.payload_bytes,
+                node=memory_node(cfg.numa.node, cfg.numa.bind_memory),
+            )
         except ValueError as exc:
             raise StartupError(str(exc)) from None
-        self.dlq = DeadLetterLog(data / st.dlq_file, max_bytes=st.dlq_max_bytes, max_segments=st.dlq_max_segments,
-                                 max_age_s=st.dlq_max_age_s)
+        self.dlq = DeadLetterLog(
+            data / st.dlq_file, max_bytes=st.dlq_max_bytes, max_segments=st.dlq_max_segments, max_age_s=st.dlq_max_age_s
+        )
         # flush_events=1: every append is written to the OS before it returns (the `stored` promise);
         # the flusher thread (es-storage-flush) only runs the interval fsync policy
         # the dedup keys of the active file are read while recovery verifies it (one pass, not two)
         self._keys = idempotency.collector(cfg.dedup.window_s)
-        self.event_log = EventLog(data / st.events_file, dtype=self.dtype, topics=self.topics,
-                                  flush_events=1, flush_interval_ms=max(st.fsync_interval_ms / 2, 1.0),
-                                  fsync=st.fsync, fsync_interval_ms=st.fsync_interval_ms, cpus=cfg.affinity.storage,
-                                  flusher=st.fsync == "interval", max_segment_bytes=st.events_max_bytes,
-                                  max_segments=st.events_max_segments, max_age_s=st.events_max_age_s,
-                                  collect=self._keys)
+        self.event_log = EventLog(
+            data / st.events_file,
+            dtype=self.dtype,
+            topics=self.topics,
+            flush_events=1,
+            flush_interval_ms=max(st.fsync_interval_ms / 2, 1.0),
+            fsync=st.fsync,
+            fsync_interval_ms=st.fsync_interval_ms,
+            cpus=cfg.affinity.storage,
+            flusher=st.fsync == "interval",
+            max_segment_bytes=st.events_max_bytes,
+            max_segments=st.events_max_segments,
+            max_age_s=st.events_max_age_s,
+            collect=self._keys,
+        )
         try:
             self.bus = EventBusMulti(cfg, self.dtype, seq_base=sequence_base())
         except ValueError as exc:
@@ -218,17 +233,30 @@ class Engine:
         once) and their caller-runs lanes."""
         cfg, bus = self.cfg, self.bus
         assert bus is not None  # opened first
-        sinks = Sinks(self.topics, store=self._store, drop=self.drop, processed=self._processed,
-                      dedup_hit=self.metrics.dedup_hits, sync=self._sync, progress=self.stored.advance,
-                      stages=self._stages)
+        sinks = Sinks(
+            self.topics,
+            store=self._store,
+            drop=self.drop,
+            processed=self._processed,
+            dedup_hit=self.metrics.dedup_hits,
+            sync=self._sync,
+            progress=self.stored.advance,
+            stages=self._stages,
+        )
         try:
             self.manager = ProcessManager(cfg, bus, sinks, handlers=self.handlers)
         except ValueError as exc:
             raise StartupError(str(exc)) from None
         if self.manager.dedups is not None:
-            self.dedup_rebuilt = idempotency.rebuild(self.data / cfg.storage.events_file, self.manager.dedups,
-                                                     self.topics, ROUTE, QUEUE_NAMES, cfg.dedup.window_s,
-                                                     active=self._keys)
+            self.dedup_rebuilt = idempotency.rebuild(
+                self.data / cfg.storage.events_file,
+                self.manager.dedups,
+                self.topics,
+                ROUTE,
+                QUEUE_NAMES,
+                cfg.dedup.window_s,
+                active=self._keys,
+            )
             self._keys = None  # its arrays are in the tables now
             register_dedup(self.metrics, self.manager.dedups)
         register_engine_gauges(self.metrics, bus, QUEUE_NAMES, self.topics, self.payloads)
@@ -292,9 +320,12 @@ class Engine:
         self._last_sample = (received, dropped, time.monotonic())
         offered = (received - r0) + (dropped - d0)
         assert self.bus is not None  # opened
-        return Sample(depth=self.bus.depth / self.cfg.backpressure.max_queue_depth,
-                      drop_rate=(dropped - d0) / offered if offered else 0.0,
-                      processed=m.processed_total(), p99_ns=m.p99_ns("realtime"))
+        return Sample(
+            depth=self.bus.depth / self.cfg.backpressure.max_queue_depth,
+            drop_rate=(dropped - d0) / offered if offered else 0.0,
+            processed=m.processed_total(),
+            p99_ns=m.p99_ns("realtime"),
+        )
 
     def threads(self) -> list:
         return [p for ws in self.manager.workers.values() for p in ws] if self.manager is not None else []
@@ -305,9 +336,13 @@ class Engine:
 
     def summary(self) -> dict:
         m = self.metrics
-        out = {"received": m.received_total(), "processed": m.processed_total(),
-               "dropped": m.dropped_total(), "dropped_by_reason": m.dropped_by_reason(),
-               "dedup_hits": m.dedup_hits_total()}
+        out = {
+            "received": m.received_total(),
+            "processed": m.processed_total(),
+            "dropped": m.dropped_total(),
+            "dropped_by_reason": m.dropped_by_reason(),
+            "dedup_hits": m.dedup_hits_total(),
+        }
         # the realtime SLA is reported, never enforced: exact p99 over the most recent events
         recent = m.percentiles("realtime").get("p99_recent", 0.0)
         sla_us = self.cfg.processors.realtime.sla_us

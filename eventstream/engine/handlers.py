@@ -26,6 +26,7 @@ from eventstream.core.topics import TopicTable
 
 log = structlog.get_logger("eventstream.handlers")
 
+
 class Handler(Protocol):
     """What a handler is: any callable taking one Batch (a function, a bound method, an object with
     __call__). Its return value is ignored; an exception it raises fails the batch, and the tier's

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import structlog
 
-from eventstream.core.dedup import SMALL, Deduplicator
+from eventstream.core.dedup import Deduplicator
 from eventstream.core.topics import TopicTable
 from eventstream.engine.bus import partition_of
 from eventstream.storage.reader import ColumnCollector, EventLogReader
@@ -62,8 +62,12 @@ def repeats(ids: np.ndarray, tags: np.ndarray, candidates: np.ndarray) -> np.nda
 
 def duplicates_few(records: np.ndarray, dedup: Deduplicator) -> tuple[list[tuple[int, int]], list[bool]]:
     """duplicates() for at most SMALL records, with plain ints and bools (no numpy temporaries)."""
-    pairs = [(i, t | w << PRINCIPAL_SHIFT) for i, t, w in
-             zip(records["event_id"].tolist(), records["topic_id"].tolist(), records["principal"].tolist())]
+    pairs = [
+        (i, t | w << PRINCIPAL_SHIFT)
+        for i, t, w in zip(
+            records["event_id"].tolist(), records["topic_id"].tolist(), records["principal"].tolist(), strict=True
+        )
+    ]
     skip = dedup.seen_few(pairs)
     if len(pairs) > 1:
         first: set[tuple[int, int]] = set()
@@ -87,7 +91,7 @@ class Probed:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def select(self, which) -> "Probed":
+    def select(self, which) -> Probed:
         return Probed(self.ids[which], self.tags[which], self.slots[which], self.table)
 
     def commit(self, dedup: Deduplicator) -> None:
@@ -118,8 +122,15 @@ def collector(window_s: float) -> ColumnCollector | None:
     return ColumnCollector(KEY_FIELDS, time.time_ns() - int(window_s * 1e9))
 
 
-def rebuild(path: Path, tables: dict[str, list[Deduplicator]], topics: TopicTable, route: np.ndarray,
-            names: tuple[str, ...], window_s: float, active: ColumnCollector | None = None) -> int:
+def rebuild(
+    path: Path,
+    tables: dict[str, list[Deduplicator]],
+    topics: TopicTable,
+    route: np.ndarray,
+    names: tuple[str, ...],
+    window_s: float,
+    active: ColumnCollector | None = None,
+) -> int:
     """Commit the keys of every record stored in `path` within the last `window_s` seconds into the
     table its tier and partition use in this run. Returns the number of keys committed.
 
@@ -197,6 +208,13 @@ def rebuild(path: Path, tables: dict[str, list[Deduplicator]], topics: TopicTabl
     workers = max(1, min(len(groups), len(os.sched_getaffinity(0))))
     with ThreadPoolExecutor(workers, thread_name_prefix="es-dedup-load") as pool:
         done = sum(pool.map(load, groups))
-    log.info("dedup_rebuilt", path=str(path), keys=done, window_s=window_s, read_s=round(t_read - t0, 3),
-             load_s=round(time.perf_counter() - t_read, 3), tables=len(groups))
+    log.info(
+        "dedup_rebuilt",
+        path=str(path),
+        keys=done,
+        window_s=window_s,
+        read_s=round(t_read - t0, 3),
+        load_s=round(time.perf_counter() - t_read, 3),
+        tables=len(groups),
+    )
     return done

@@ -44,8 +44,9 @@ class ProcessManager:
         given = handlers or {}
         self.handlers = {
             "realtime": given.get("realtime", resolve(p.realtime.handler, "processors.realtime.handler")),
-            "transactional": given.get("transactional",
-                                       resolve(p.transactional.handler, "processors.transactional.handler")),
+            "transactional": given.get(
+                "transactional", resolve(p.transactional.handler, "processors.transactional.handler")
+            ),
             "batch": given.get("batch", resolve(p.batch.handler, "processors.batch.handler")),
             "aggregate": given.get("aggregate", resolve(p.batch.aggregate, "processors.batch.aggregate")),
         }
@@ -56,9 +57,12 @@ class ProcessManager:
         if d.window_s > 0:
             budget = MemoryBudget(d.max_bytes)
             node = memory_node(cfg.numa.node, cfg.numa.bind_memory)
-            self.dedups = {tier: [Deduplicator(d.buckets, d.window_s, node=node, budget=budget)
-                                  for _ in range(bus[tier].partitions)]
-                           for tier in ("realtime", "transactional", "batch")}
+            self.dedups = {
+                tier: [
+                    Deduplicator(d.buckets, d.window_s, node=node, budget=budget) for _ in range(bus[tier].partitions)
+                ]
+                for tier in ("realtime", "transactional", "batch")
+            }
         self.window_tables = [WindowTable() for _ in range(bus["batch"].partitions)]
         self.workers: dict[str, list[Processor]] = {"realtime": [], "transactional": [], "batch": []}
         self._lock = threading.Lock()  # guards worker lists (control plane vs shutdown), never the data path
@@ -67,20 +71,36 @@ class ProcessManager:
     def _make(self, tier: str, worker: int | None = None) -> Processor:
         cfg, aff = self.cfg, self.cfg.affinity
         n = len(self.workers[tier]) if worker is None else worker
-        common = dict(worker=n, cpus=getattr(aff, tier), max_batch=cfg.queues.max_batch,
-                      topics=getattr(cfg.processors, tier).topics,
-                      dedups=self.dedups[tier] if self.dedups is not None else None,
-                      nice=0 if tier == "realtime" else getattr(cfg.processors, tier).nice)
+        common = dict(
+            worker=n,
+            cpus=getattr(aff, tier),
+            max_batch=cfg.queues.max_batch,
+            topics=getattr(cfg.processors, tier).topics,
+            dedups=self.dedups[tier] if self.dedups is not None else None,
+            nice=0 if tier == "realtime" else getattr(cfg.processors, tier).nice,
+        )
         if tier == "realtime":
             return RealtimeProcessor(self.bus["realtime"], self.sinks, self.handlers["realtime"], **common)
         if tier == "transactional":
             t = cfg.processors.transactional
-            return TransactionalProcessor(self.bus["transactional"], self.sinks, self.handlers["transactional"],
-                                          max_retries=t.max_retries,
-                                          retry_backoff_ms=t.retry_backoff_ms, **common)
+            return TransactionalProcessor(
+                self.bus["transactional"],
+                self.sinks,
+                self.handlers["transactional"],
+                max_retries=t.max_retries,
+                retry_backoff_ms=t.retry_backoff_ms,
+                **common,
+            )
         b = cfg.processors.batch
-        return BatchProcessor(self.bus["batch"], self.sinks, self.handlers["batch"], tables=self.window_tables,
-                              window_s=b.window_s, aggregate=self.handlers["aggregate"], **common)
+        return BatchProcessor(
+            self.bus["batch"],
+            self.sinks,
+            self.handlers["batch"],
+            tables=self.window_tables,
+            window_s=b.window_s,
+            aggregate=self.handlers["aggregate"],
+            **common,
+        )
 
     def lanes(self, tier: str) -> list[Processor]:
         """Caller-runs lanes for `tier`: one processor per queue partition, never started (ingest

@@ -37,8 +37,9 @@ class Aggregator:
         raise NotImplementedError
 
     def merge(self, a, b) -> Any:
-        raise NotImplementedError(f"{self.name} cannot merge accumulators (session windows need it); "
-                                  "allowed: pass merge= to Fold")
+        raise NotImplementedError(
+            f"{self.name} cannot merge accumulators (session windows need it); allowed: pass merge= to Fold"
+        )
 
     def result(self, acc) -> Any:
         return acc
@@ -49,8 +50,9 @@ class Vector(Aggregator):
 
     vectorized = True
 
-    def __init__(self, ufunc, col=None, *, dtype=np.float64, identity=0, each: Callable | None = None,
-                 name: str = "vector"):
+    def __init__(
+        self, ufunc, col=None, *, dtype=np.float64, identity=0, each: Callable | None = None, name: str = "vector"
+    ):
         self.ufunc = ufunc
         self.col = col
         self.each = each
@@ -59,8 +61,10 @@ class Vector(Aggregator):
         self.name = name
         self._scalar = _SCALAR.get(ufunc, lambda a, b: ufunc(a, b).item())
         if col is not None and not (isinstance(col, str) or callable(col)):
-            raise ValueError(f"{name}: col={col!r} is not allowed; allowed: a field name, a whole-batch "
-                             "function (values -> numpy array) or None (the values are numbers)")
+            raise ValueError(
+                f"{name}: col={col!r} is not allowed; allowed: a field name, a whole-batch "
+                "function (values -> numpy array) or None (the values are numbers)"
+            )
 
     def column(self, values) -> np.ndarray:
         """The numbers to fold, one per event, for a whole batch."""
@@ -75,8 +79,10 @@ class Vector(Aggregator):
             return np.fromiter((v[self.col] for v in values), dtype=self.dtype, count=len(values))
         out = np.asarray(self.col(values), dtype=self.dtype)
         if out.shape != (len(values),):
-            raise ValueError(f"{self.name}: the whole-batch function returned shape {out.shape}; allowed: one "
-                             f"number per event, shape ({len(values)},)")
+            raise ValueError(
+                f"{self.name}: the whole-batch function returned shape {out.shape}; allowed: one "
+                f"number per event, shape ({len(values)},)"
+            )
         return out
 
     def fold(self, acc: np.ndarray, rows: np.ndarray, col: np.ndarray) -> None:
@@ -119,25 +125,44 @@ class Sum(Vector):
 
 class Min(Vector):
     def __init__(self, col=None, *, each=None, dtype=np.float64):
-        super().__init__(np.minimum, col, dtype=dtype, identity=np.inf if np.dtype(dtype).kind == "f"
-                         else np.iinfo(dtype).max, each=each, name="min")
+        super().__init__(
+            np.minimum,
+            col,
+            dtype=dtype,
+            identity=np.inf if np.dtype(dtype).kind == "f" else np.iinfo(dtype).max,
+            each=each,
+            name="min",
+        )
 
 
 class Max(Vector):
     def __init__(self, col=None, *, each=None, dtype=np.float64):
-        super().__init__(np.maximum, col, dtype=dtype, identity=-np.inf if np.dtype(dtype).kind == "f"
-                         else np.iinfo(dtype).min, each=each, name="max")
+        super().__init__(
+            np.maximum,
+            col,
+            dtype=dtype,
+            identity=-np.inf if np.dtype(dtype).kind == "f" else np.iinfo(dtype).min,
+            each=each,
+            name="max",
+        )
 
 
 class Fold(Aggregator):
     """Per-event Python: acc = add(acc, value), starting from init() (a fresh value per key and window)."""
 
-    def __init__(self, init: Callable[[], Any], add: Callable[[Any, Any], Any], *,
-                 merge: Callable[[Any, Any], Any] | None = None, result: Callable[[Any], Any] | None = None,
-                 name: str = "fold"):
+    def __init__(
+        self,
+        init: Callable[[], Any],
+        add: Callable[[Any, Any], Any],
+        *,
+        merge: Callable[[Any, Any], Any] | None = None,
+        result: Callable[[Any], Any] | None = None,
+        name: str = "fold",
+    ):
         if not callable(init) or not callable(add):
-            raise ValueError(f"{name}: init and add must be callables (init() -> accumulator, "
-                             "add(acc, value) -> accumulator)")
+            raise ValueError(
+                f"{name}: init and add must be callables (init() -> accumulator, add(acc, value) -> accumulator)"
+            )
         self.init = init
         self._add = add
         self._merge = merge
@@ -176,5 +201,7 @@ def resolve(agg) -> Aggregator:
         return agg
     if isinstance(agg, str) and agg in ("count",):
         return Count()
-    raise ValueError(f"aggregator {agg!r} is not allowed; allowed: Count(), Sum(), Min(), Max(), Vector(...), "
-                     "Fold(init, add), Collect() (eventstream.flow)")
+    raise ValueError(
+        f"aggregator {agg!r} is not allowed; allowed: Count(), Sum(), Min(), Max(), Vector(...), "
+        "Fold(init, add), Collect() (eventstream.flow)"
+    )

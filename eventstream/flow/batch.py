@@ -30,8 +30,9 @@ _EMPTY_I64 = np.zeros(0, dtype=np.int64)
 class Batch:
     __slots__ = ("values", "keys", "ts", "seq", "origin", "topic")
 
-    def __init__(self, values, ts: np.ndarray, seq: np.ndarray, origin: np.ndarray, keys=None,
-                 topic: np.ndarray | None = None):
+    def __init__(
+        self, values, ts: np.ndarray, seq: np.ndarray, origin: np.ndarray, keys=None, topic: np.ndarray | None = None
+    ):
         self.values = values
         self.keys = keys
         self.ts = ts
@@ -51,8 +52,14 @@ class Batch:
 
     def replace(self, *, values=None, keys=None, ts=None, origin=None) -> Batch:
         """The same events with some columns replaced (same length)."""
-        return Batch(self.values if values is None else values, self.ts if ts is None else ts, self.seq,
-                     self.origin if origin is None else origin, self.keys if keys is None else keys, self.topic)
+        return Batch(
+            self.values if values is None else values,
+            self.ts if ts is None else ts,
+            self.seq,
+            self.origin if origin is None else origin,
+            self.keys if keys is None else keys,
+            self.topic,
+        )
 
     def take(self, idx: np.ndarray) -> Batch:
         """The events at positions `idx` (an int array, or a bool mask), in that order."""
@@ -61,8 +68,14 @@ class Batch:
             if idx.all():
                 return self
             idx = np.flatnonzero(idx)
-        return Batch(take(self.values, idx), self.ts[idx], self.seq[idx], self.origin[idx],
-                     None if self.keys is None else take(self.keys, idx), self.topic[idx])
+        return Batch(
+            take(self.values, idx),
+            self.ts[idx],
+            self.seq[idx],
+            self.origin[idx],
+            None if self.keys is None else take(self.keys, idx),
+            self.topic[idx],
+        )
 
     @staticmethod
     def concat(batches: Sequence[Batch]) -> Batch:
@@ -73,9 +86,14 @@ class Batch:
             return batches[0]
         keyed = [b.keys is not None for b in batches]
         keys = concat_column([b.keys for b in batches]) if all(keyed) else None
-        return Batch(concat_column([b.values for b in batches]), np.concatenate([b.ts for b in batches]),
-                     np.concatenate([b.seq for b in batches]), np.concatenate([b.origin for b in batches]), keys,
-                     np.concatenate([b.topic for b in batches]))
+        return Batch(
+            concat_column([b.values for b in batches]),
+            np.concatenate([b.ts for b in batches]),
+            np.concatenate([b.seq for b in batches]),
+            np.concatenate([b.origin for b in batches]),
+            keys,
+            np.concatenate([b.topic for b in batches]),
+        )
 
 
 def merge_in_order(batches: Sequence[Batch]) -> Batch:

@@ -59,8 +59,10 @@ class Stream:
 
     def _need_keys(self, what: str) -> None:
         if not self.node.keyed:
-            raise FlowError(f"flow {self.flow.name!r}: {what} needs a keyed stream; allowed: call key_by(...) "
-                            "before it (stateful operators keep state per key)")
+            raise FlowError(
+                f"flow {self.flow.name!r}: {what} needs a keyed stream; allowed: call key_by(...) "
+                "before it (stateful operators keep state per key)"
+            )
 
     # ------------------------------------------------------------------ stateless
     def map(self, fn: Callable[[Any], Any], *, name: str | None = None) -> Stream:
@@ -82,8 +84,14 @@ class Stream:
         """fn(value) -> iterable of values (0, 1 or more outputs per event)."""
         return self._add("flat_map", {"fn": _callable(fn, "flat_map")}, name=name)
 
-    def key_by(self, fn: Callable[[Any], Any] | None = None, *, field: str | None = None, batch: bool = False,
-               name: str | None = None) -> Stream:
+    def key_by(
+        self,
+        fn: Callable[[Any], Any] | None = None,
+        *,
+        field: str | None = None,
+        batch: bool = False,
+        name: str | None = None,
+    ) -> Stream:
         """Key each event: fn(value) -> key, or field= (a numpy field or dict key), or batch=True
         (fn(values column) -> keys column). What follows is partitioned by key."""
         if (fn is None) == (field is None):
@@ -93,8 +101,10 @@ class Stream:
     def branch(self, fn: Callable[[Any], bool], *, name: str | None = None) -> tuple[Stream, Stream]:
         """(the events where fn(value) is true, the others)."""
         b = self._add("branch", {"fn": _callable(fn, "branch")}, name=name)
-        return (b._add("select", {"which": 0}, name=f"{b.node.name}.true"),
-                b._add("select", {"which": 1}, name=f"{b.node.name}.false"))
+        return (
+            b._add("select", {"which": 0}, name=f"{b.node.name}.true"),
+            b._add("select", {"which": 1}, name=f"{b.node.name}.false"),
+        )
 
     def merge(self, *others: Stream, name: str | None = None) -> Stream:
         """One stream of this one and `others`, in source-log order."""
@@ -110,30 +120,56 @@ class Stream:
         self._need_keys("reduce")
         return self._add("reduce", {"fn": _callable(fn, "reduce"), "init": None, "emit": _emit(emit)}, name=name)
 
-    def aggregate(self, init: Callable[[], Any], fn: Callable[[Any, Any], Any], *, emit: str = "each",
-                  name: str | None = None) -> Stream:
+    def aggregate(
+        self, init: Callable[[], Any], fn: Callable[[Any, Any], Any], *, emit: str = "each", name: str | None = None
+    ) -> Stream:
         """Like reduce, from init() per key."""
         self._need_keys("aggregate")
-        return self._add("reduce", {"fn": _callable(fn, "aggregate"), "init": _callable(init, "aggregate init"),
-                                    "emit": _emit(emit)}, name=name)
+        return self._add(
+            "reduce",
+            {"fn": _callable(fn, "aggregate"), "init": _callable(init, "aggregate init"), "emit": _emit(emit)},
+            name=name,
+        )
 
-    def window(self, window: Window, agg=None, *, max_out_of_orderness=0, allowed_lateness=0, late=None,
-               time=None, name: str | None = None) -> Stream:
+    def window(
+        self,
+        window: Window,
+        agg=None,
+        *,
+        max_out_of_orderness=0,
+        allowed_lateness=0,
+        late=None,
+        time=None,
+        name: str | None = None,
+    ) -> Stream:
         """Windowed aggregation per key; emits a WindowResult(key, start, end, value) per key and window
         when the watermark passes the window's end + allowed_lateness. `late`: a topic for late events
         (default: the dead-letter log, reason `late`). `time`: event time from a function or field
         (ns since the epoch) instead of the producer's timestamp_ns."""
         self._need_keys("window")
         if not isinstance(window, Window):
-            raise FlowError(f"flow {self.flow.name!r}: window({window!r}) is not allowed; allowed: Tumbling(...), "
-                            "Hopping(...), Sliding(...), Session(...)")
+            raise FlowError(
+                f"flow {self.flow.name!r}: window({window!r}) is not allowed; allowed: Tumbling(...), "
+                "Hopping(...), Sliding(...), Session(...)"
+            )
         agg = aggregators.resolve(agg if agg is not None else aggregators.Count())
         kind = "session" if isinstance(window, Session) else "window"
-        return self._add(kind, self._window_params(window, agg, max_out_of_orderness, allowed_lateness, late, time),
-                         name=name)
+        return self._add(
+            kind, self._window_params(window, agg, max_out_of_orderness, allowed_lateness, late, time), name=name
+        )
 
-    def join(self, other: Stream, window: Window, *, how: str = "inner", max_out_of_orderness=0,
-             allowed_lateness=0, late=None, time=None, name: str | None = None) -> Stream:
+    def join(
+        self,
+        other: Stream,
+        window: Window,
+        *,
+        how: str = "inner",
+        max_out_of_orderness=0,
+        allowed_lateness=0,
+        late=None,
+        time=None,
+        name: str | None = None,
+    ) -> Stream:
         """A windowed join with another keyed stream: Joined(key, start, end, left, right) per pair of
         values with the same key in the same window."""
         self._need_keys("join")
@@ -141,8 +177,9 @@ class Stream:
         if how not in JOIN_HOW:
             raise FlowError(f"flow {self.flow.name!r}: join how={how!r} is not allowed; allowed: {', '.join(JOIN_HOW)}")
         if not isinstance(window, (Tumbling, Hopping)):
-            raise FlowError(f"flow {self.flow.name!r}: join window {window!r} is not allowed; allowed: Tumbling, "
-                            "Hopping/Sliding")
+            raise FlowError(
+                f"flow {self.flow.name!r}: join window {window!r} is not allowed; allowed: Tumbling, Hopping/Sliding"
+            )
         left = self._add("tag", {"side": 0})
         right = other._add("tag", {"side": 1})
         params = self._window_params(window, None, max_out_of_orderness, allowed_lateness, late, time)
@@ -154,11 +191,18 @@ class Stream:
 
     def _window_params(self, window, agg, ooo, lateness, late, time) -> dict:
         if time is not None and not (callable(time) or isinstance(time, str)):
-            raise FlowError(f"flow {self.flow.name!r}: time={time!r} is not allowed; allowed: a function "
-                            "value -> ns since the epoch, or a field name")
-        return {"window": window, "agg": agg, "max_out_of_orderness_ns": to_ns(ooo, "max_out_of_orderness"),
-                "allowed_lateness_ns": to_ns(lateness, "allowed_lateness"),
-                "late": None if late in (None, "dlq") else sinks.resolve(late), "time": time}
+            raise FlowError(
+                f"flow {self.flow.name!r}: time={time!r} is not allowed; allowed: a function "
+                "value -> ns since the epoch, or a field name"
+            )
+        return {
+            "window": window,
+            "agg": agg,
+            "max_out_of_orderness_ns": to_ns(ooo, "max_out_of_orderness"),
+            "allowed_lateness_ns": to_ns(lateness, "allowed_lateness"),
+            "late": None if late in (None, "dlq") else sinks.resolve(late),
+            "time": time,
+        }
 
     # ------------------------------------------------------------------ outputs
     def to(self, target, *, serde=None, priority: str = "MEDIUM", name: str | None = None) -> Stream:
@@ -180,8 +224,9 @@ class Flow(Stream):
             topics = [topics]
         topics = list(topics)
         if not topics or not all(isinstance(t, str) and t for t in topics):
-            raise FlowError(f"flow {name!r}: topics={topics!r} is not allowed; allowed: a non-empty list of "
-                            "topic globs")
+            raise FlowError(
+                f"flow {name!r}: topics={topics!r} is not allowed; allowed: a non-empty list of topic globs"
+            )
         self.name = name
         self.topics = topics
         self.serde = serdes.resolve(serde)

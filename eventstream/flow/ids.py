@@ -67,8 +67,10 @@ def key_hash(key) -> int:
         for k in key:
             h = mix_int(h, key_hash(k))
         return h
-    raise TypeError(f"key {key!r} of type {type(key).__name__} is not allowed; allowed: int, float, str, "
-                    "bytes, bool, None or a tuple of them (keys must hash the same in every run)")
+    raise TypeError(
+        f"key {key!r} of type {type(key).__name__} is not allowed; allowed: int, float, str, "
+        "bytes, bool, None or a tuple of them (keys must hash the same in every run)"
+    )
 
 
 class KeyHasher:
@@ -85,7 +87,7 @@ class KeyHasher:
             keys = keys.tolist()
         cache = self._cache
         out = []
-        for k in (keys.tolist() if isinstance(keys, np.ndarray) else keys):
+        for k in keys.tolist() if isinstance(keys, np.ndarray) else keys:
             try:
                 h = cache.get(k)
             except TypeError:  # unhashable: key_hash says what is allowed

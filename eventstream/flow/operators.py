@@ -183,8 +183,11 @@ class Map(Op):
                 return Batch.empty()
             if len(values) != len(batch):
                 self.n_errors += len(batch)
-                ctx.dead_letter(batch, f"flow_error: {self.where}: the whole-batch function returned "
-                                       f"{len(values)} values for {len(batch)} events (allowed: one per event)")
+                ctx.dead_letter(
+                    batch,
+                    f"flow_error: {self.where}: the whole-batch function returned "
+                    f"{len(values)} values for {len(batch)} events (allowed: one per event)",
+                )
                 return Batch.empty()
             return batch.replace(values=values)
         values, bad = self.each(p["fn"], batch.values, ctx)
@@ -208,8 +211,11 @@ class Filter(Op):
             mask = np.asarray(mask, dtype=bool)
             if mask.shape != (len(batch),):
                 self.n_errors += len(batch)
-                ctx.dead_letter(batch, f"flow_error: {self.where}: the whole-batch predicate returned shape "
-                                       f"{mask.shape} (allowed: one bool per event)")
+                ctx.dead_letter(
+                    batch,
+                    f"flow_error: {self.where}: the whole-batch predicate returned shape "
+                    f"{mask.shape} (allowed: one bool per event)",
+                )
                 return Batch.empty()
             return batch.take(mask)
         keep, bad = self.each(p["fn"], batch.values, ctx)
@@ -241,8 +247,14 @@ class FlatMap(Op):
         first = np.cumsum(counts) - counts
         j = np.arange(len(rows)) - np.repeat(first, counts)
         src = batch.take(rows)
-        return Batch(values, src.ts, src.seq, ids.mix(src.origin ^ np.uint64(self.hash), j.astype(np.uint64)),
-                     src.keys, src.topic)
+        return Batch(
+            values,
+            src.ts,
+            src.seq,
+            ids.mix(src.origin ^ np.uint64(self.hash), j.astype(np.uint64)),
+            src.keys,
+            src.topic,
+        )
 
 
 class KeyBy(Op):
@@ -265,8 +277,11 @@ class KeyBy(Op):
                 return Batch.empty()
             if len(keys) != len(batch):
                 self.n_errors += len(batch)
-                ctx.dead_letter(batch, f"flow_error: {self.where}: the whole-batch key function returned "
-                                       f"{len(keys)} keys for {len(batch)} events (allowed: one per event)")
+                ctx.dead_letter(
+                    batch,
+                    f"flow_error: {self.where}: the whole-batch key function returned "
+                    f"{len(keys)} keys for {len(batch)} events (allowed: one per event)",
+                )
                 return Batch.empty()
             return batch.replace(keys=keys)
         else:
@@ -280,7 +295,6 @@ class KeyBy(Op):
         if bad:
             out = out.take(self.drop_bad(batch, bad, ctx))
         return out
-
 
     def _bad_keys(self, keys, skip: set, ctx) -> list[tuple[int, str]]:
         bad = []
@@ -376,7 +390,7 @@ class KeyTable:
             grown = np.zeros(max(len(self.keys), 2 * len(self.hashes)), dtype=np.uint64)
             grown[:n0] = self.hashes[:n0]
             self.hashes = grown
-        self.hashes[n0:len(self.keys)] = h
+        self.hashes[n0 : len(self.keys)] = h
 
     def rows_of(self, keys) -> np.ndarray:
         """The row of every key of a key column (new keys are added, in order of first appearance)."""
@@ -471,8 +485,7 @@ class Reduce(Op):
             keep = self.drop_bad(batch, bad, ctx) if bad else None
             if self.emit == "each":
                 h = ctx.hasher.hashes(keys) ^ np.uint64(self.hash)
-                out = Batch(accs, batch.ts, batch.seq, ids.mix(h, np.array(counts, dtype=np.uint64)), keys,
-                            batch.topic)
+                out = Batch(accs, batch.ts, batch.seq, ids.mix(h, np.array(counts, dtype=np.uint64)), keys, batch.topic)
                 if keep is not None:
                     out = out.take(keep)
         if ctx.final and self.emit == "final" and self.state:
@@ -480,8 +493,13 @@ class Reduce(Op):
             h = ctx.hasher.hashes(keys) ^ np.uint64(self.hash)
             counts = np.array([self.state[k][1] for k in keys], dtype=np.uint64)
             n = len(keys)
-            out = Batch([self.state[k][0] for k in keys], np.zeros(n, dtype=np.int64),
-                        np.full(n, -1, dtype=np.int64), ids.mix(h, counts), keys)
+            out = Batch(
+                [self.state[k][0] for k in keys],
+                np.zeros(n, dtype=np.int64),
+                np.full(n, -1, dtype=np.int64),
+                ids.mix(h, counts),
+                keys,
+            )
         return out
 
     def snapshot(self):
@@ -536,8 +554,9 @@ class Windowed(Op):
             return
         self.n_late += len(batch)
         if self.late_target is None:
-            ctx.dead_letter(batch, f"late: {self.where}: event time behind the watermark of {where} "
-                                   f"by more than allowed_lateness")
+            ctx.dead_letter(
+                batch, f"late: {self.where}: event time behind the watermark of {where} by more than allowed_lateness"
+            )
         else:
             ctx.emit(self.late_target, batch.replace(origin=ids.mix(batch.origin, LATE_SALT ^ self.late_target.hash)))
 
@@ -639,8 +658,8 @@ class WindowAgg(Windowed):
             grown = self.agg.new(cap)
             touched = np.zeros(cap, dtype=bool)
             if acc is not None:
-                grown[:len(acc)] = acc
-                touched[:len(acc)] = self.touched[start]
+                grown[: len(acc)] = acc
+                touched[: len(acc)] = self.touched[start]
             acc = self.open[start] = grown
             self.touched[start] = touched
         self.agg.fold(acc, rows, col)
@@ -721,8 +740,12 @@ class WindowAgg(Windowed):
         return batch
 
     def snapshot(self):
-        return {"max_ts": self.wm.state(), "keys": None if self.keys is None else self.keys.state(),
-                "open": self.open, "touched": self.touched}
+        return {
+            "max_ts": self.wm.state(),
+            "keys": None if self.keys is None else self.keys.state(),
+            "open": self.open,
+            "touched": self.touched,
+        }
 
     def restore(self, state) -> None:
         self.wm.restore(state["max_ts"])
@@ -877,8 +900,12 @@ class SessionAgg(Windowed):
         return Batch(values, ends - 1, np.full(len(out), -1, dtype=np.int64), origin, [v.key for v in values])
 
     def snapshot(self):
-        return {"max_ts": self.wm.state(), "keys": None if self.keys is None else self.keys.state(),
-                "sessions": self.sessions, "heap": self.heap}
+        return {
+            "max_ts": self.wm.state(),
+            "keys": None if self.keys is None else self.keys.state(),
+            "sessions": self.sessions,
+            "heap": self.heap,
+        }
 
     def restore(self, state) -> None:
         self.wm.restore(state["max_ts"])
@@ -890,5 +917,22 @@ class SessionAgg(Windowed):
         return len(self.sessions)
 
 
-OPS = {cls.kind: cls for cls in (Source, Map, Filter, FlatMap, KeyBy, Merge, Branch, Select, Tag, Sink, Reduce,
-                                 WindowAgg, Join, SessionAgg)}
+OPS = {
+    cls.kind: cls
+    for cls in (
+        Source,
+        Map,
+        Filter,
+        FlatMap,
+        KeyBy,
+        Merge,
+        Branch,
+        Select,
+        Tag,
+        Sink,
+        Reduce,
+        WindowAgg,
+        Join,
+        SessionAgg,
+    )
+}

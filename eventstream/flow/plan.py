@@ -48,8 +48,9 @@ class Executor:
         for n in flow.nodes:
             for i, p in enumerate(n.parents):
                 self.children[p.id].append((n, i))
-        self.ops: list[dict[int, Op]] = [{n.id: OPS[n.kind](n, flow.name) for n in flow.nodes}
-                                         for _ in range(partitions)]
+        self.ops: list[dict[int, Op]] = [
+            {n.id: OPS[n.kind](n, flow.name) for n in flow.nodes} for _ in range(partitions)
+        ]
         self.ctx = [Context(flow.name, p, clock, ids.KeyHasher()) for p in range(partitions)]
         # exchange[(child id, parent index)][src][dst]: batches crossing a stage boundary
         self.exchange: dict[tuple[int, int], list[list[Batch | None]]] = {}
@@ -116,7 +117,7 @@ class Executor:
         pos = 0
         for dst in range(P):
             k = int(counts[dst])
-            cell[src][dst] = batch.take(order[pos:pos + k]) if k else None
+            cell[src][dst] = batch.take(order[pos : pos + k]) if k else None
             pos += k
 
     def run_serial(self) -> None:
@@ -137,15 +138,23 @@ class Executor:
     # ------------------------------------------------------------------ state
     def snapshot(self) -> dict:
         """The state of every stateful operator of every partition (call between steps only)."""
-        return {"flow": self.flow.name, "partitions": self.partitions,
-                "ops": {n.name: [self.ops[p][n.id].snapshot() for p in range(self.partitions)]
-                        for n in self.flow.nodes if self.ops[0][n.id].stateful}}
+        return {
+            "flow": self.flow.name,
+            "partitions": self.partitions,
+            "ops": {
+                n.name: [self.ops[p][n.id].snapshot() for p in range(self.partitions)]
+                for n in self.flow.nodes
+                if self.ops[0][n.id].stateful
+            },
+        }
 
     def restore(self, snap: dict) -> None:
         if snap.get("partitions") != self.partitions:
-            raise ValueError(f"flow {self.flow.name!r}: the snapshot was taken with parallelism "
-                             f"{snap.get('partitions')}, this run has {self.partitions}; allowed: the same "
-                             "parallelism (or delete the flow's snapshot to start it over)")
+            raise ValueError(
+                f"flow {self.flow.name!r}: the snapshot was taken with parallelism "
+                f"{snap.get('partitions')}, this run has {self.partitions}; allowed: the same "
+                "parallelism (or delete the flow's snapshot to start it over)"
+            )
         for n in self.flow.nodes:
             op0 = self.ops[0][n.id]
             if op0.stateful and n.name in snap["ops"]:
@@ -161,14 +170,28 @@ class Executor:
         for n in self.flow.nodes:
             ops = [self.ops[p][n.id] for p in range(self.partitions)]
             wms = [w for w in (o.watermark() for o in ops) if w is not None]
-            out.append({"operator": n.name, "kind": n.kind, "in": sum(o.n_in for o in ops),
-                        "out": sum(o.n_out for o in ops), "late": sum(o.n_late for o in ops),
-                        "errors": sum(o.n_errors for o in ops), "state_keys": sum(o.state_keys() for o in ops),
-                        "watermark": min(wms) if wms else None})
+            out.append(
+                {
+                    "operator": n.name,
+                    "kind": n.kind,
+                    "in": sum(o.n_in for o in ops),
+                    "out": sum(o.n_out for o in ops),
+                    "late": sum(o.n_late for o in ops),
+                    "errors": sum(o.n_errors for o in ops),
+                    "state_keys": sum(o.state_keys() for o in ops),
+                    "watermark": min(wms) if wms else None,
+                }
+            )
         return out
 
 
 def _slice(batch: Batch, lo: int, hi: int) -> Batch:
     v = batch.values
-    return Batch(v[lo:hi], batch.ts[lo:hi], batch.seq[lo:hi], batch.origin[lo:hi],
-                 None if batch.keys is None else batch.keys[lo:hi], batch.topic[lo:hi])
+    return Batch(
+        v[lo:hi],
+        batch.ts[lo:hi],
+        batch.seq[lo:hi],
+        batch.origin[lo:hi],
+        None if batch.keys is None else batch.keys[lo:hi],
+        batch.topic[lo:hi],
+    )

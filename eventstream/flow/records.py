@@ -15,8 +15,15 @@ import numpy as np
 from eventstream.core.records import HEADER_BYTES
 
 
-def build(dtype: np.dtype, topic_id: int | np.ndarray, payloads: list[bytes], event_ids: np.ndarray,
-          ts: np.ndarray, priority: int, arena=None) -> np.ndarray:
+def build(
+    dtype: np.dtype,
+    topic_id: int | np.ndarray,
+    payloads: list[bytes],
+    event_ids: np.ndarray,
+    ts: np.ndarray,
+    priority: int,
+    arena=None,
+) -> np.ndarray:
     """Records for `payloads` (inline, or in `arena` when larger than the inline capacity)."""
     n = len(payloads)
     rec = np.zeros(n, dtype=dtype)
@@ -38,13 +45,15 @@ def build(dtype: np.dtype, topic_id: int | np.ndarray, payloads: list[bytes], ev
             block = np.zeros((len(small), width), dtype=np.uint8)
             for j, i in enumerate(small.tolist()):
                 p = payloads[i]
-                block[j, :len(p)] = np.frombuffer(p, dtype=np.uint8)
+                block[j, : len(p)] = np.frombuffer(p, dtype=np.uint8)
             rec["payload"][small, :width] = block
     if big.any():
         idx = np.flatnonzero(big)
         if arena is None:
-            raise ValueError(f"a flow output of {int(lens[idx[0]])} bytes exceeds records.payload_bytes={cap} "
-                             "and there is no payload arena; allowed: outputs of at most records.payload_bytes")
+            raise ValueError(
+                f"a flow output of {int(lens[idx[0]])} bytes exceeds records.payload_bytes={cap} "
+                "and there is no payload arena; allowed: outputs of at most records.payload_bytes"
+            )
         offs, cls = arena.claim(lens[idx])
         if len(offs) < len(idx):
             arena.release(offs, cls)
@@ -55,6 +64,6 @@ def build(dtype: np.dtype, topic_id: int | np.ndarray, payloads: list[bytes], ev
         dst = memoryview(arena.buf)
         for o, i in zip(offs.tolist(), idx.tolist(), strict=True):
             p = payloads[i]
-            dst[o:o + len(p)] = p
+            dst[o : o + len(p)] = p
         dst.release()
     return rec

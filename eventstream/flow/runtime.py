@@ -96,8 +96,9 @@ class PartitionThreads:
         self.name = name
         self._barrier = threading.Barrier(self.P)
         self._errors: list[BaseException] = []
-        self.threads = [threading.Thread(target=self._helper, args=(p,), name=f"{name}-{p}", daemon=True)
-                        for p in range(1, self.P)]
+        self.threads = [
+            threading.Thread(target=self._helper, args=(p,), name=f"{name}-{p}", daemon=True) for p in range(1, self.P)
+        ]
 
     def start(self) -> PartitionThreads:
         for t in self.threads:
@@ -171,8 +172,9 @@ class FlowRunner:
         self._match: dict[str, int] = {}
         self._topic_names: list[str] = []
         self._topic_ids: dict[str, int] = {}
-        self._processing_time = any(n.params.get("window") is not None and n.params["window"].time == "processing"
-                                    for n in flow.nodes)
+        self._processing_time = any(
+            n.params.get("window") is not None and n.params["window"].time == "processing" for n in flow.nodes
+        )
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> FlowRunner:
@@ -204,8 +206,13 @@ class FlowRunner:
 
     def _run(self) -> None:
         pin_current_thread(self.settings.cpus, f"flow {self.flow.name}")
-        tail = LogTail(self.ports.log_path, self.ports.dtype, self.ports.index, start=self.offset,
-                       chunk_bytes=self.settings.chunk_bytes)
+        tail = LogTail(
+            self.ports.log_path,
+            self.ports.dtype,
+            self.ports.index,
+            start=self.offset,
+            chunk_bytes=self.settings.chunk_bytes,
+        )
         last_snap = time.monotonic()
         last_tick = 0.0
         idle = 0.0005
@@ -300,8 +307,15 @@ class FlowRunner:
                 dead.append((b, reason))
             if payloads:
                 tid = self._topic_id(name)
-                recs = flow_records.build(ports.dtype, tid, payloads, np.concatenate(eids), np.concatenate(ts),
-                                          target.priority, ports.payloads)
+                recs = flow_records.build(
+                    ports.dtype,
+                    tid,
+                    payloads,
+                    np.concatenate(eids),
+                    np.concatenate(ts),
+                    target.priority,
+                    ports.payloads,
+                )
                 ports.offer(recs)
                 self.outputs_written += len(recs)
         for b, reason in dead:
@@ -328,8 +342,13 @@ class FlowRunner:
             except serdes.SerdeError:
                 payloads.append(repr(v).encode())
         names = self._topic_names
-        tids = np.array([self._topic_id(names[t]) if 0 <= t < len(names) else self._topic_id(self.flow.topics[0])
-                         for t in b.topic.tolist()], dtype=np.uint32)
+        tids = np.array(
+            [
+                self._topic_id(names[t]) if 0 <= t < len(names) else self._topic_id(self.flow.topics[0])
+                for t in b.topic.tolist()
+            ],
+            dtype=np.uint32,
+        )
         recs = flow_records.build(self.ports.dtype, tids, [b""] * len(payloads), b.origin, b.ts, 2)
         recs["payload_len"] = [len(p) for p in payloads]
         self.ports.dead_letter(recs, reason, payloads)
@@ -351,13 +370,23 @@ class FlowRunner:
     def statistics(self) -> dict:
         ops = self.executor.operators()
         wms = [o["watermark"] for o in ops if o["watermark"] is not None]
-        return {"flow": self.flow.name, "topics": self.flow.topics, "parallelism": self.P, "offset": self.offset,
-                "events": self.events, "outputs": self.outputs_written, "dead_lettered": self.dead_lettered,
-                "watermark_ns": min(wms) if wms else None,
-                "state_keys": sum(o["state_keys"] for o in ops), "snapshot_offset": self.snapshot_offset,
-                "snapshot_bytes": self.snapshot_bytes, "snapshots": self.snapshots,
-                "error": None if self.error is None else repr(self.error), "operators": ops,
-                "updated_ns": time.time_ns()}
+        return {
+            "flow": self.flow.name,
+            "topics": self.flow.topics,
+            "parallelism": self.P,
+            "offset": self.offset,
+            "events": self.events,
+            "outputs": self.outputs_written,
+            "dead_lettered": self.dead_lettered,
+            "watermark_ns": min(wms) if wms else None,
+            "state_keys": sum(o["state_keys"] for o in ops),
+            "snapshot_offset": self.snapshot_offset,
+            "snapshot_bytes": self.snapshot_bytes,
+            "snapshots": self.snapshots,
+            "error": None if self.error is None else repr(self.error),
+            "operators": ops,
+            "updated_ns": time.time_ns(),
+        }
 
 
 def topic_matches(globs: list[str], topic: str) -> bool:
@@ -396,13 +425,17 @@ def load_builders(specs: list[str]) -> list[Flow]:
         try:
             got = fn()
         except Exception as exc:  # noqa: BLE001 - a user's builder: say which one and what is allowed
-            raise ValueError(f"{key}: {spec!r} raised {type(exc).__name__}: {exc}; allowed: a function taking no "
-                             "arguments that returns a Flow or a list of Flows") from None
+            raise ValueError(
+                f"{key}: {spec!r} raised {type(exc).__name__}: {exc}; allowed: a function taking no "
+                "arguments that returns a Flow or a list of Flows"
+            ) from None
         flows = got if isinstance(got, (list, tuple)) else [got]
         for f in flows:
             if not isinstance(f, Flow):
-                raise ValueError(f"{key}: {spec!r} returned {type(f).__name__}; allowed: a function returning a "
-                                 "Flow or a list of Flows (eventstream.flow.Flow)")
+                raise ValueError(
+                    f"{key}: {spec!r} returned {type(f).__name__}; allowed: a function returning a "
+                    "Flow or a list of Flows (eventstream.flow.Flow)"
+                )
         out += flows
     return out
 
@@ -439,19 +472,32 @@ def start_flows(engine, data_dir: Path, flows: list[Flow] | None) -> FlowSet | N
     names = [f.name for f in all_flows]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise ValueError(f"flows: the name {dup[0]!r} is used by two flows; allowed: unique flow names (the name "
-                         "keys the flow's snapshot)")
+        raise ValueError(
+            f"flows: the name {dup[0]!r} is used by two flows; allowed: unique flow names (the name "
+            "keys the flow's snapshot)"
+        )
     st = engine.cfg.storage
     state_dir = Path(cfg.state_dir) if cfg.state_dir else Path(data_dir) / "flows"
     state_dir.mkdir(parents=True, exist_ok=True)
     log_path = Path(data_dir) / st.events_file
     index = SegmentIndex(log_path, state_dir / "segments.json", engine.dtype)
-    ports = Ports(log_path=log_path, dtype=engine.dtype, topics=engine.topics,
-                  offer=offer_until_stored(engine), dead_letter=engine.drop,
-                  state_dir=state_dir, index=index, payloads=engine.payloads,
-                  wait_stored=_progress_wait(engine.stored))
-    settings = FlowSettings(parallelism=cfg.parallelism, cpus=tuple(cfg.cpus),
-                            snapshot_interval_s=cfg.snapshot_interval_s, chunk_bytes=cfg.chunk_bytes)
+    ports = Ports(
+        log_path=log_path,
+        dtype=engine.dtype,
+        topics=engine.topics,
+        offer=offer_until_stored(engine),
+        dead_letter=engine.drop,
+        state_dir=state_dir,
+        index=index,
+        payloads=engine.payloads,
+        wait_stored=_progress_wait(engine.stored),
+    )
+    settings = FlowSettings(
+        parallelism=cfg.parallelism,
+        cpus=tuple(cfg.cpus),
+        snapshot_interval_s=cfg.snapshot_interval_s,
+        chunk_bytes=cfg.chunk_bytes,
+    )
     runners = [FlowRunner(f, ports, settings) for f in all_flows]
     started = []
     try:
@@ -479,11 +525,13 @@ def _progress_wait(progress) -> Callable[[float], None]:
     return wait
 
 
-OPERATOR_METRICS = (("flow_operator_in", "in", "counter", "events into a flow operator"),
-                    ("flow_operator_out", "out", "counter", "events out of a flow operator"),
-                    ("flow_operator_late", "late", "counter", "late events (side output or DLQ reason late)"),
-                    ("flow_operator_errors", "errors", "counter", "events an operator raised on (DLQ flow_error)"),
-                    ("flow_operator_state_keys", "state_keys", "gauge", "keys (x windows) holding state"))
+OPERATOR_METRICS = (
+    ("flow_operator_in", "in", "counter", "events into a flow operator"),
+    ("flow_operator_out", "out", "counter", "events out of a flow operator"),
+    ("flow_operator_late", "late", "counter", "late events (side output or DLQ reason late)"),
+    ("flow_operator_errors", "errors", "counter", "events an operator raised on (DLQ flow_error)"),
+    ("flow_operator_state_keys", "state_keys", "gauge", "keys (x windows) holding state"),
+)
 
 
 def register_metrics(metrics, fs: FlowSet) -> None:
@@ -505,11 +553,20 @@ def register_metrics(metrics, fs: FlowSet) -> None:
                 else:
                     metrics.gauge_fn(metric, labels, lambda key=key, value=value: value(key), doc=doc)
             if n.kind in ("window", "session", "join"):
+
                 def lag(value=value):
                     wm = value("watermark")
                     return 0.0 if not wm else max(0.0, (time.time_ns() - wm) / 1e9)
 
-                metrics.gauge_fn("flow_operator_watermark_lag_seconds", labels, lag,
-                                 doc="wall clock minus the operator's event-time watermark")
-        metrics.gauge_fn("flow_offset", {"flow": r.flow.name}, lambda r=r: r.offset,
-                         doc="first log offset the flow has not processed")
+                metrics.gauge_fn(
+                    "flow_operator_watermark_lag_seconds",
+                    labels,
+                    lag,
+                    doc="wall clock minus the operator's event-time watermark",
+                )
+        metrics.gauge_fn(
+            "flow_offset",
+            {"flow": r.flow.name},
+            lambda r=r: r.offset,
+            doc="first log offset the flow has not processed",
+        )

@@ -103,8 +103,11 @@ class Dtype(Serde):
         if set(map(len, payloads)) <= {size}:  # the common case: one join, one frombuffer
             return np.frombuffer(b"".join(payloads), dtype=self.dtype).copy(), []
         ok = [i for i, p in enumerate(payloads) if len(p) == size]
-        bad = [(i, f"serde: payload of {len(p)} bytes does not match the dtype's {size} bytes")
-               for i, p in enumerate(payloads) if len(p) != size]
+        bad = [
+            (i, f"serde: payload of {len(p)} bytes does not match the dtype's {size} bytes")
+            for i, p in enumerate(payloads)
+            if len(p) != size
+        ]
         arr = np.zeros(len(payloads), dtype=self.dtype)
         if ok:
             arr[ok] = np.frombuffer(b"".join(payloads[i] for i in ok), dtype=self.dtype)
@@ -115,7 +118,7 @@ class Dtype(Serde):
             arr = values.astype(self.dtype, copy=False)
             raw = arr.tobytes()
             size = self.dtype.itemsize
-            return [raw[i * size:(i + 1) * size] for i in range(len(arr))]
+            return [raw[i * size : (i + 1) * size] for i in range(len(arr))]
         return [np.array(v, dtype=self.dtype).tobytes() if not isinstance(v, bytes) else v for v in values]
 
 
@@ -141,8 +144,10 @@ def encode_json(v) -> bytes:
     try:
         return json.dumps(v, default=_default, separators=(",", ":")).encode()
     except (TypeError, ValueError) as exc:
-        raise SerdeError(f"output value {v!r:.80} cannot be encoded as JSON ({exc}); allowed: bytes, str, "
-                         "numbers, dicts, lists, tuples and numpy values") from None
+        raise SerdeError(
+            f"output value {v!r:.80} cannot be encoded as JSON ({exc}); allowed: bytes, str, "
+            "numbers, dicts, lists, tuples and numpy values"
+        ) from None
 
 
 def encode_any(v) -> bytes:
@@ -169,5 +174,7 @@ def resolve(serde) -> Serde:
         return SERDES[serde]()
     if isinstance(serde, np.dtype) or (isinstance(serde, list) and serde):
         return Dtype(serde)
-    raise ValueError(f"serde {serde!r} is not allowed; allowed: {', '.join(SERDES)}, a numpy dtype, "
-                     "or a Serde instance (eventstream.flow.serde)")
+    raise ValueError(
+        f"serde {serde!r} is not allowed; allowed: {', '.join(SERDES)}, a numpy dtype, "
+        "or a Serde instance (eventstream.flow.serde)"
+    )

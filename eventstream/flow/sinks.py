@@ -1,13 +1,13 @@
 """Where a flow's outputs go: `to(topic)`, `to(callable)`, `to(NatsSubject(...))`.
 
-    Topic(name)        back into the engine: stored in events.bin, deduplicated by (topic, event id),
-                       subscribable like any event. Event ids are deterministic (ids.py), so outputs
-                       replayed after a crash are stored once. Values are encoded by the sink's serde
-                       (default: bytes as they are, str as UTF-8, anything else as JSON).
-    Call(fn)           a Python callable: fn(value) per output, or fn(list of values) per batch with
-                       batch=True. At-least-once after a crash (a replay calls it again).
-    NatsSubject(s)     a NATS subject (core NATS publish over a plain socket, PUB with the event id in
-                       a header-less message); at-least-once like a callable.
+Topic(name)        back into the engine: stored in events.bin, deduplicated by (topic, event id),
+                   subscribable like any event. Event ids are deterministic (ids.py), so outputs
+                   replayed after a crash are stored once. Values are encoded by the sink's serde
+                   (default: bytes as they are, str as UTF-8, anything else as JSON).
+Call(fn)           a Python callable: fn(value) per output, or fn(list of values) per batch with
+                   batch=True. At-least-once after a crash (a replay calls it again).
+NatsSubject(s)     a NATS subject (core NATS publish over a plain socket, PUB with the event id in
+                   a header-less message); at-least-once like a callable.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ class Topic(Target):
         try:
             self.priority = int(Priority[priority]) if isinstance(priority, str) else int(Priority(priority))
         except (KeyError, ValueError):
-            raise ValueError(f"to({name!r}, priority={priority!r}) is not allowed; allowed: "
-                             f"{', '.join(p.name for p in Priority)}") from None
+            raise ValueError(
+                f"to({name!r}, priority={priority!r}) is not allowed; allowed: {', '.join(p.name for p in Priority)}"
+            ) from None
         self.hash = ids.name_hash(f"topic/{name}")
 
     def encode(self, values) -> list[bytes]:
@@ -81,8 +82,9 @@ class NatsSubject(Target):
 
     def __init__(self, subject: str, *, server: str = "nats://127.0.0.1:4222", serde=None, timeout_s: float = 5.0):
         if not subject or any(c in subject for c in " \t\r\n*>"):
-            raise ValueError(f"NatsSubject({subject!r}) is not allowed; allowed: a NATS subject without "
-                             "spaces or wildcards")
+            raise ValueError(
+                f"NatsSubject({subject!r}) is not allowed; allowed: a NATS subject without spaces or wildcards"
+            )
         self.subject = subject
         self.server = server
         self.name = f"nats:{subject}"
@@ -159,5 +161,6 @@ def resolve(target) -> Target:
         return Topic(target)
     if callable(target):
         return Call(target)
-    raise ValueError(f"to({target!r}) is not allowed; allowed: a topic name, a callable, Topic(...), Call(...) "
-                     "or NatsSubject(...)")
+    raise ValueError(
+        f"to({target!r}) is not allowed; allowed: a topic name, a callable, Topic(...), Call(...) or NatsSubject(...)"
+    )

@@ -34,15 +34,24 @@ def write(path: Path, offset: int, state: dict) -> int:
     """Write a snapshot (atomic replace + fsync); returns its size in bytes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    head = json.dumps({"flow": state.get("flow"), "offset": int(offset), "partitions": state.get("partitions"),
-                       "taken_ns": time.time_ns()}).encode() + b"\n"
+    head = (
+        json.dumps(
+            {
+                "flow": state.get("flow"),
+                "offset": int(offset),
+                "partitions": state.get("partitions"),
+                "taken_ns": time.time_ns(),
+            }
+        ).encode()
+        + b"\n"
+    )
     body = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         view = memoryview(MAGIC + head + body)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -60,14 +69,18 @@ def read_header(path: Path) -> dict | None:
     try:
         with open(path, "rb") as f:
             if f.read(len(MAGIC)) != MAGIC:
-                raise SnapshotError(f"{path}: not a flow snapshot; allowed: a file eventstream wrote (delete it "
-                                    "to start the flow from the beginning of the log)")
+                raise SnapshotError(
+                    f"{path}: not a flow snapshot; allowed: a file eventstream wrote (delete it "
+                    "to start the flow from the beginning of the log)"
+                )
             return json.loads(f.readline())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        raise SnapshotError(f"{path}: unreadable flow snapshot ({exc}); allowed: a file eventstream wrote "
-                            "(delete it to start the flow from the beginning of the log)") from None
+        raise SnapshotError(
+            f"{path}: unreadable flow snapshot ({exc}); allowed: a file eventstream wrote "
+            "(delete it to start the flow from the beginning of the log)"
+        ) from None
 
 
 def read(path: Path) -> tuple[int, dict] | None:
@@ -77,13 +90,17 @@ def read(path: Path) -> tuple[int, dict] | None:
     except FileNotFoundError:
         return None
     if not data.startswith(MAGIC):
-        raise SnapshotError(f"{path}: not a flow snapshot; allowed: a file eventstream wrote (delete it to "
-                            "start the flow from the beginning of the log)")
+        raise SnapshotError(
+            f"{path}: not a flow snapshot; allowed: a file eventstream wrote (delete it to "
+            "start the flow from the beginning of the log)"
+        )
     nl = data.index(b"\n", len(MAGIC))
     try:
-        head = json.loads(data[len(MAGIC):nl])
-        state = pickle.loads(data[nl + 1:])
+        head = json.loads(data[len(MAGIC) : nl])
+        state = pickle.loads(data[nl + 1 :])
     except Exception as exc:  # noqa: BLE001 - any unpickling error means the same thing here
-        raise SnapshotError(f"{path}: unreadable flow snapshot ({type(exc).__name__}: {exc}); allowed: a file "
-                            "eventstream wrote (delete it to start the flow from the beginning of the log)") from None
+        raise SnapshotError(
+            f"{path}: unreadable flow snapshot ({type(exc).__name__}: {exc}); allowed: a file "
+            "eventstream wrote (delete it to start the flow from the beginning of the log)"
+        ) from None
     return int(head["offset"]), state

@@ -23,8 +23,9 @@ MIN_TS = -(1 << 62)
 class BoundedOutOfOrderness:
     def __init__(self, max_out_of_orderness_ns: int = 0):
         if max_out_of_orderness_ns < 0:
-            raise ValueError(f"max_out_of_orderness={max_out_of_orderness_ns / 1e9:g}s is not allowed; "
-                             "allowed: a duration >= 0")
+            raise ValueError(
+                f"max_out_of_orderness={max_out_of_orderness_ns / 1e9:g}s is not allowed; allowed: a duration >= 0"
+            )
         self.bound = int(max_out_of_orderness_ns)
         self.max_ts = MIN_TS
 

@@ -81,8 +81,10 @@ class Hopping(Window):
         self.hop_ns = to_ns(hop, "Hopping hop")
         self.offset_ns = to_ns(offset, "Hopping offset")
         if self.hop_ns <= 0 or self.size_ns <= 0 or self.size_ns % self.hop_ns:
-            raise ValueError(f"Hopping(size={size!r}, hop={hop!r}) is not allowed; allowed: size and hop > 0, "
-                             "size a whole multiple of hop")
+            raise ValueError(
+                f"Hopping(size={size!r}, hop={hop!r}) is not allowed; allowed: size and hop > 0, "
+                "size a whole multiple of hop"
+            )
         self.per_event = self.size_ns // self.hop_ns
 
     def __repr__(self) -> str:

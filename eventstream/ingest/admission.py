@@ -37,8 +37,10 @@ class Admission:
         self.tcp_min_priority = tcp_min_priority
 
     def __repr__(self) -> str:
-        return (f"Admission(paused={self.paused}, min_priority={self.min_priority}, "
-                f"tcp_min_priority={self.tcp_min_priority})")
+        return (
+            f"Admission(paused={self.paused}, min_priority={self.min_priority}, "
+            f"tcp_min_priority={self.tcp_min_priority})"
+        )
 
 
 class Rejection(NamedTuple):
@@ -63,8 +65,9 @@ class Rejection(NamedTuple):
 RejectCallback = Callable[[np.ndarray | None, str, list[Rejection]], None]
 
 
-def dead_letter_lines(records: np.ndarray | None, reason: str, rejections: list[Rejection],
-                      topic_names: Callable[[np.ndarray], list[str]]) -> list[str]:
+def dead_letter_lines(
+    records: np.ndarray | None, reason: str, rejections: list[Rejection], topic_names: Callable[[np.ndarray], list[str]]
+) -> list[str]:
     """Dead-letter log lines ``id=<id> topic=<topic> priority=<n> reason=<reason>`` for one callback.
 
     `topic_names` is TopicTable.names. Records without an idempotency key (v1) show id=0.

@@ -88,12 +88,16 @@ class Principal:
         return False
 
     def refuse_produce(self, topic: str) -> str:
-        return (f"forbidden: principal {self.name!r} may not produce to topic {topic!r}; allowed: topics matching "
-                f"{', '.join(self.produce) or 'none'} (server.auth.principals)")
+        return (
+            f"forbidden: principal {self.name!r} may not produce to topic {topic!r}; allowed: topics matching "
+            f"{', '.join(self.produce) or 'none'} (server.auth.principals)"
+        )
 
     def refuse_subscribe(self, glob: str) -> str:
-        return (f"forbidden: principal {self.name!r} may not consume topic glob {glob!r}; allowed: globs within "
-                f"{', '.join(self.consume) or 'none'} (server.auth.principals)")
+        return (
+            f"forbidden: principal {self.name!r} may not consume topic glob {glob!r}; allowed: globs within "
+            f"{', '.join(self.consume) or 'none'} (server.auth.principals)"
+        )
 
 
 SHARED = Principal(0, "shared", ("*",), ("*",), unrestricted=True)
@@ -114,19 +118,25 @@ def _principal_token(p, i: int) -> bytes:
     if p.token_env:
         value = os.environ.get(p.token_env, "")
         if not value:
-            raise TokenError(f"{where}.token_env: environment variable {p.token_env} is not set or empty; "
-                             "allowed: the name of a variable holding the token")
+            raise TokenError(
+                f"{where}.token_env: environment variable {p.token_env} is not set or empty; "
+                "allowed: the name of a variable holding the token"
+            )
         token = value.strip()
     else:
         try:
             text = Path(p.token_file).read_text(encoding="utf-8")
         except OSError as exc:
-            raise TokenError(f"{where}.token_file: cannot read {p.token_file} ({exc.strerror}); allowed: a readable "
-                             "file holding the token") from None
+            raise TokenError(
+                f"{where}.token_file: cannot read {p.token_file} ({exc.strerror}); allowed: a readable "
+                "file holding the token"
+            ) from None
         lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
         if not lines:
-            raise TokenError(f"{where}.token_file: {p.token_file} holds no token; allowed: a file whose first "
-                             "line that is not blank or a # comment is the token")
+            raise TokenError(
+                f"{where}.token_file: {p.token_file} holds no token; allowed: a file whose first "
+                "line that is not blank or a # comment is the token"
+            )
         token = lines[0]
     raw = token.encode("utf-8")
     if not raw or len(raw) > MAX_TOKEN_BYTES:
@@ -177,32 +187,42 @@ class TokenSet:
         tokens = list(auth.tokens)
         for i, t in enumerate(tokens):
             if not t or len(t.encode("utf-8")) > MAX_TOKEN_BYTES:
-                raise TokenError(f"server.auth.tokens[{i}]: a token of {len(t.encode('utf-8'))} bytes is not "
-                                 f"allowed; allowed: 1..{MAX_TOKEN_BYTES} bytes")
+                raise TokenError(
+                    f"server.auth.tokens[{i}]: a token of {len(t.encode('utf-8'))} bytes is not "
+                    f"allowed; allowed: 1..{MAX_TOKEN_BYTES} bytes"
+                )
         if auth.tokens_file:
             try:
                 text = Path(auth.tokens_file).read_text(encoding="utf-8")
             except OSError as exc:
-                raise TokenError(f"server.auth.tokens_file: cannot read {auth.tokens_file} ({exc.strerror}); "
-                                 "allowed: a readable file with one token per line") from None
+                raise TokenError(
+                    f"server.auth.tokens_file: cannot read {auth.tokens_file} ({exc.strerror}); "
+                    "allowed: a readable file with one token per line"
+                ) from None
             for n, line in enumerate(text.splitlines(), 1):
                 t = line.strip()
                 if not t or t.startswith("#"):
                     continue
                 if len(t.encode("utf-8")) > MAX_TOKEN_BYTES:
-                    raise TokenError(f"server.auth.tokens_file: {auth.tokens_file}:{n}: token longer than "
-                                     f"{MAX_TOKEN_BYTES} bytes is not allowed")
+                    raise TokenError(
+                        f"server.auth.tokens_file: {auth.tokens_file}:{n}: token longer than "
+                        f"{MAX_TOKEN_BYTES} bytes is not allowed"
+                    )
                 tokens.append(t)
             if not tokens:
-                raise TokenError(f"server.auth.tokens_file: {auth.tokens_file} has no token; allowed: a file "
-                                 "with one token per line (or an empty tokens_file: no authentication)")
+                raise TokenError(
+                    f"server.auth.tokens_file: {auth.tokens_file} has no token; allowed: a file "
+                    "with one token per line (or an empty tokens_file: no authentication)"
+                )
         pairs: list[tuple[bytes, Principal]] = []
         seen = {t.encode("utf-8") for t in tokens}
         for i, pc in enumerate(getattr(auth, "principals", ())):
             raw = _principal_token(pc, i)
             if raw in seen:
-                raise TokenError(f"server.auth.principals[{i}] ({pc.name}): its token is also another principal's "
-                                 "or a shared token; allowed: a token of its own")
+                raise TokenError(
+                    f"server.auth.principals[{i}] ({pc.name}): its token is also another principal's "
+                    "or a shared token; allowed: a token of its own"
+                )
             seen.add(raw)
             pairs.append((raw, Principal(i + 1, pc.name, tuple(pc.produce), tuple(pc.consume))))
         keys = principal_keys([p.name for _, p in pairs])

@@ -36,8 +36,17 @@ REASON_SINK_FULL = "backpressure: ingest queue full"  # a put_batch sink that to
 class IngestStats:
     """Counters of one reader thread (single writer)."""
 
-    __slots__ = ("frames_accepted", "frames_rejected", "backpressure_drops", "bytes_received",
-                 "connections_closed", "datagrams", "datagrams_bad", "holds", "limit_closes")
+    __slots__ = (
+        "frames_accepted",
+        "frames_rejected",
+        "backpressure_drops",
+        "bytes_received",
+        "connections_closed",
+        "datagrams",
+        "datagrams_bad",
+        "holds",
+        "limit_closes",
+    )
 
     def __init__(self):
         self.frames_accepted = 0
@@ -102,8 +111,17 @@ class Delivery:
             return 4
         return adm.min_priority if self.udp else adm.tcp_min_priority
 
-    def deliver(self, records: np.ndarray, indices: np.ndarray, errors: list[FrameError], conn_id: int,
-                *, want_nacks: bool, retry: bool = False, report_errors: int | None = None) -> Delivered:
+    def deliver(
+        self,
+        records: np.ndarray,
+        indices: np.ndarray,
+        errors: list[FrameError],
+        conn_id: int,
+        *,
+        want_nacks: bool,
+        retry: bool = False,
+        report_errors: int | None = None,
+    ) -> Delivered:
         """Offer `records` (frame `indices`); TCP holds what cannot go in now, UDP sheds it.
 
         `retry`: these are held records offered again (already stamped, already counted).
@@ -186,16 +204,19 @@ class Delivery:
         if not n or self.on_reject is None:
             return
         what = f"connection {conn_id}" if not self.udp else "the UDP socket"
-        reason = (f"rejects_limited: {n} more rejected frames from {what} within one second, not written "
-                  f"one by one ({limit_key}={limit})")
+        reason = (
+            f"rejects_limited: {n} more rejected frames from {what} within one second, not written "
+            f"one by one ({limit_key}={limit})"
+        )
         try:
             self.on_reject(None, "", [Rejection(conn_id, 0, 0, "", -1, reason, False, 0, n)])
         except Exception as exc:
             log.error("on_reject_failed", error=repr(exc))
 
     def _report(self, dropped, errors, conn_id) -> None:
-        rejections = [Rejection(conn_id, e.index, e.event_id, e.topic, e.priority, e.reason, e.fatal, e.version)
-                      for e in errors]
+        rejections = [
+            Rejection(conn_id, e.index, e.event_id, e.topic, e.priority, e.reason, e.fatal, e.version) for e in errors
+        ]
         try:
             if not dropped:
                 self.on_reject(None, "", rejections)

@@ -39,8 +39,17 @@ REASON_TENANT = "tenant"  # a principal over server.tenants.max_connections (ing
 REASON_EVICTED = "evicted_idle"  # max_connections reached: the idlest connection made room for a new one
 REASON_MAX_CONNECTIONS = "max_connections"  # refused: the table is full and no connection was idle enough
 REASON_MIN_RATE = "min_rate"  # delivered less than server.tcp.min_bytes_per_s over min_rate_window_s
-CLOSE_REASONS = (REASON_PER_IP, REASON_FRAME_TIMEOUT, REASON_PARTIAL_BYTES, REASON_TOO_MANY_REJECTS, REASON_AUTH,
-                 REASON_TENANT, REASON_EVICTED, REASON_MAX_CONNECTIONS, REASON_MIN_RATE)
+CLOSE_REASONS = (
+    REASON_PER_IP,
+    REASON_FRAME_TIMEOUT,
+    REASON_PARTIAL_BYTES,
+    REASON_TOO_MANY_REJECTS,
+    REASON_AUTH,
+    REASON_TENANT,
+    REASON_EVICTED,
+    REASON_MAX_CONNECTIONS,
+    REASON_MIN_RATE,
+)
 
 
 class PeerLimit:

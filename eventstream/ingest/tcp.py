@@ -53,15 +53,31 @@ def bind_error(kind: str, key: str, host: str, port: int, exc: OSError) -> BindE
         why = "needs privileges (ports below 1024)"
     else:
         why = f"cannot be bound ({exc.strerror})"
-    return BindError(exc.errno, f"{kind} {host}:{port} {why}; choose another port with {key} "
-                                f"(0 = any free port) or stop the process using it")
+    return BindError(
+        exc.errno,
+        f"{kind} {host}:{port} {why}; choose another port with {key} (0 = any free port) or stop the process using it",
+    )
 
 
 class TcpServer:
-    def __init__(self, config: TcpConfig, sink, topics: TopicTable, *, admission: Admission | None = None,
-                 on_reject=None, cpus=None, reader_cpus=None, payload_bytes: int = 448,
-                 ack_default: int = ACK_STORED, tokens: TokenSet | None = None, on_acked=None,
-                 payloads=None, tls: ssl.SSLContext | None = None, tenants: Tenants | None = None):
+    def __init__(
+        self,
+        config: TcpConfig,
+        sink,
+        topics: TopicTable,
+        *,
+        admission: Admission | None = None,
+        on_reject=None,
+        cpus=None,
+        reader_cpus=None,
+        payload_bytes: int = 448,
+        ack_default: int = ACK_STORED,
+        tokens: TokenSet | None = None,
+        on_acked=None,
+        payloads=None,
+        tls: ssl.SSLContext | None = None,
+        tenants: Tenants | None = None,
+    ):
         """`payloads`: the PayloadArena for payloads over `payload_bytes` (None: such frames are
         rejected as payload_too_large). `ack_default`: the ACK mode of v2 frames that ask for none
         (core.records.ACK_*); `tokens`: the client tokens a connection must present in a HELLO (auth.py;
@@ -124,17 +140,38 @@ class TcpServer:
         for n in range(self.readers):
             stats = IngestStats()
             delivery = Delivery(self.sink, self.admission, self.on_reject, stats)
-            r = Reader(n, cfg, self.topics, delivery, stats, self.admission, self.reader_cpus, self.payload_bytes,
-                       self.ack_default, peer_limit=self.peer_limit, budget=self.budget, tokens=self.tokens,
-                       tls=tls, on_acked=self.on_acked, payloads=self.payloads, tenants=self.tenants)
+            r = Reader(
+                n,
+                cfg,
+                self.topics,
+                delivery,
+                stats,
+                self.admission,
+                self.reader_cpus,
+                self.payload_bytes,
+                self.ack_default,
+                peer_limit=self.peer_limit,
+                budget=self.budget,
+                tokens=self.tokens,
+                tls=tls,
+                on_acked=self.on_acked,
+                payloads=self.payloads,
+                tenants=self.tenants,
+            )
             self._stats.append(stats)
             self._readers.append(r)
             self.budget.readers.append(r)
             r.start()
         self._acceptor = threading.Thread(target=self._accept_loop, name="es-tcp-acceptor", daemon=True)
         self._acceptor.start()
-        log.info("tcp_listening", host=self._address[0], port=self._address[1], readers=self.readers,
-                 tls=tls is not None, auth=self.tokens is not None)
+        log.info(
+            "tcp_listening",
+            host=self._address[0],
+            port=self._address[1],
+            readers=self.readers,
+            tls=tls is not None,
+            auth=self.tokens is not None,
+        )
         return self
 
     def progress(self) -> None:
@@ -190,8 +227,13 @@ class TcpServer:
                             break
                         if self._open_connections() >= self.config.max_connections and not self._make_room():
                             self.refused_full += 1
-                            self._refuse(conn, peer, REASON_MAX_CONNECTIONS, self.refused_full,
-                                         max_connections=self.config.max_connections)
+                            self._refuse(
+                                conn,
+                                peer,
+                                REASON_MAX_CONNECTIONS,
+                                self.refused_full,
+                                max_connections=self.config.max_connections,
+                            )
                             continue
                         if not self.peer_limit.admit(peer[0]):
                             self._refuse_per_ip(conn, peer)
@@ -226,8 +268,14 @@ class TcpServer:
         owner: Reader | None = None
         for r in self._readers:
             for c in list(r.conns.values()):
-                if (c.last_active <= cutoff and not c.closed and not c.closing and c.conn_id not in self._evicting
-                        and (best is None or c.last_active < best.last_active) and not c.busy):
+                if (
+                    c.last_active <= cutoff
+                    and not c.closed
+                    and not c.closing
+                    and c.conn_id not in self._evicting
+                    and (best is None or c.last_active < best.last_active)
+                    and not c.busy
+                ):
                     best, owner = c, r
         if best is None or owner is None:  # (owner is set with best)
             return False
@@ -238,8 +286,9 @@ class TcpServer:
     def _refuse_per_ip(self, conn: socket.socket, peer) -> None:
         """One address has max_connections_per_ip open: close this one at once."""
         self.refused_per_ip += 1
-        self._refuse(conn, peer, REASON_PER_IP, self.refused_per_ip,
-                     max_connections_per_ip=self.config.max_connections_per_ip)
+        self._refuse(
+            conn, peer, REASON_PER_IP, self.refused_per_ip, max_connections_per_ip=self.config.max_connections_per_ip
+        )
 
     def _refuse(self, conn: socket.socket, peer, reason: str, count: int, **kw) -> None:
         """Close a new connection at once (no thread, no buffer); a log line at most once a second:
@@ -276,8 +325,12 @@ class TcpServer:
 
     def statistics(self) -> dict:
         out = merge_stats(self._stats)
-        out.update(connections_open=max(0, self._open_connections()), connections_total=self.connections_total,
-                   connections_refused=self.connections_refused, partial_bytes=self.budget.total())
+        out.update(
+            connections_open=max(0, self._open_connections()),
+            connections_total=self.connections_total,
+            connections_refused=self.connections_refused,
+            partial_bytes=self.budget.total(),
+        )
         if self.refused_per_ip:
             out["connections_limited"][REASON_PER_IP] = self.refused_per_ip
         if self.refused_full:

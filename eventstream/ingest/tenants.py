@@ -107,8 +107,10 @@ class Tenants:
         with t.lock:
             if principal is not None and principal.id and limit and t.connections >= limit:
                 self.refused["connections"] += 1
-                return (f"limit: principal {principal.name!r} has {t.connections} connections open; allowed: at most "
-                        f"server.tenants.max_connections={limit}")
+                return (
+                    f"limit: principal {principal.name!r} has {t.connections} connections open; allowed: at most "
+                    f"server.tenants.max_connections={limit}"
+                )
             t.connections += 1
         return ""
 
@@ -122,8 +124,10 @@ class Tenants:
             if limit and t.subscribers >= limit:
                 self.refused["subscribers"] += 1
                 who = t.key.replace("principal:", "principal ").replace("ip:", "address ")
-                return (f"too many subscribers: {who} has {t.subscribers} subscriber connections; allowed: at most "
-                        f"server.tenants.max_subscribers={limit}")
+                return (
+                    f"too many subscribers: {who} has {t.subscribers} subscriber connections; allowed: at most "
+                    f"server.tenants.max_subscribers={limit}"
+                )
             t.subscribers += 1
         return ""
 
@@ -190,9 +194,11 @@ class TopicGate:
         if limit and t.new_topics >= limit:
             self.tenants.refused["topics"] += 1
             who = t.key.replace("principal:", "principal ").replace("ip:", "address ")
-            raise TopicQuota(f"too_many_topics: {who} named {t.new_topics} new topics since the server started; "
-                             f"allowed: topics the server already knows, or at most server.tenants.max_new_topics="
-                             f"{limit} new ones")
+            raise TopicQuota(
+                f"too_many_topics: {who} named {t.new_topics} new topics since the server started; "
+                f"allowed: topics the server already knows, or at most server.tenants.max_new_topics="
+                f"{limit} new ones"
+            )
         tid = self.table.intern(key)
         with t.lock:
             t.new_topics += 1

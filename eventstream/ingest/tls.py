@@ -24,12 +24,22 @@ import ssl
 from eventstream.protocol.frames import encode_nack
 
 TLS_RECORD_HANDSHAKE = 0x16  # the first byte of every TLS ClientHello
-PLAIN_TEXT_REASON = ("tls: this port requires TLS and the client spoke plain text; allowed: a TLS client "
-                     "(--tls or --tls-ca FILE on the command line; tls=True or ssl_context= in the clients)")
+PLAIN_TEXT_REASON = (
+    "tls: this port requires TLS and the client spoke plain text; allowed: a TLS client "
+    "(--tls or --tls-ca FILE on the command line; tls=True or ssl_context= in the clients)"
+)
 
 # OpenSSL reasons meaning "the peer did not start a TLS handshake at all"
-_PLAIN_REASONS = {"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "HTTPS_PROXY_REQUEST", "UNKNOWN_PROTOCOL",
-                  "UNSUPPORTED_PROTOCOL", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "WRONG_SSL_VERSION"}
+_PLAIN_REASONS = {
+    "WRONG_VERSION_NUMBER",
+    "HTTP_REQUEST",
+    "HTTPS_PROXY_REQUEST",
+    "UNKNOWN_PROTOCOL",
+    "UNSUPPORTED_PROTOCOL",
+    "RECORD_LAYER_FAILURE",
+    "PACKET_LENGTH_TOO_LONG",
+    "WRONG_SSL_VERSION",
+}
 
 
 class TlsConfigError(ValueError):
@@ -49,8 +59,10 @@ def server_context(cert_file: str, key_file: str, key: str = "server.tls") -> ss
         which = f"{key}.cert_file" if exc.filename in (None, cert_file) else f"{key}.key_file"
         raise TlsConfigError(f"{which}: {exc.filename or cert_file} does not exist; allowed: a PEM file") from None
     except (ssl.SSLError, OSError) as exc:
-        raise TlsConfigError(f"{key}.cert_file/key_file: cannot load {cert_file} with {key_file} "
-                             f"({exc}); allowed: a PEM certificate chain and its private key") from None
+        raise TlsConfigError(
+            f"{key}.cert_file/key_file: cannot load {cert_file} with {key_file} "
+            f"({exc}); allowed: a PEM certificate chain and its private key"
+        ) from None
     return ctx
 
 

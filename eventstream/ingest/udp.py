@@ -56,9 +56,15 @@ class _IoVec(ctypes.Structure):
 
 
 class _MsgHdr(ctypes.Structure):
-    _fields_ = [("msg_name", ctypes.c_void_p), ("msg_namelen", ctypes.c_uint32),
-                ("msg_iov", ctypes.POINTER(_IoVec)), ("msg_iovlen", ctypes.c_size_t),
-                ("msg_control", ctypes.c_void_p), ("msg_controllen", ctypes.c_size_t), ("msg_flags", ctypes.c_int)]
+    _fields_ = [
+        ("msg_name", ctypes.c_void_p),
+        ("msg_namelen", ctypes.c_uint32),
+        ("msg_iov", ctypes.POINTER(_IoVec)),
+        ("msg_iovlen", ctypes.c_size_t),
+        ("msg_control", ctypes.c_void_p),
+        ("msg_controllen", ctypes.c_size_t),
+        ("msg_flags", ctypes.c_int),
+    ]
 
 
 class _MMsgHdr(ctypes.Structure):
@@ -112,7 +118,7 @@ class _Receiver:
                     self.msgs[i].msg_hdr.msg_name = names + i * NAME_BYTES
         else:
             mv = memoryview(self.buf)
-            self.views = [mv[i * slot:(i + 1) * slot] for i in range(batch)]
+            self.views = [mv[i * slot : (i + 1) * slot] for i in range(batch)]
 
     def receive(self) -> int:
         """Datagrams now in the buffer (0 when none were waiting); lengths in self.lengths."""
@@ -149,8 +155,8 @@ class _Receiver:
         o = i * NAME_BYTES
         family = names[o] | (names[o + 1] << 8)
         if family == socket.AF_INET6:
-            return bytes(names[o + 8:o + 24])
-        return bytes(names[o + 4:o + 8])
+            return bytes(names[o + 8 : o + 24])
+        return bytes(names[o + 4 : o + 8])
 
 
 class SourceLimit:
@@ -209,9 +215,21 @@ def kernel_drops(sock: socket.socket | None) -> int:
 
 
 class UdpServer:
-    def __init__(self, config: UdpConfig, sink, topics: TopicTable, *, admission: Admission | None = None,
-                 on_reject=None, cpus=None, payload_bytes: int = 448, max_frame_bytes: int = 1 << 20, payloads=None,
-                 use_recvmmsg: bool = True, tenants=None):
+    def __init__(
+        self,
+        config: UdpConfig,
+        sink,
+        topics: TopicTable,
+        *,
+        admission: Admission | None = None,
+        on_reject=None,
+        cpus=None,
+        payload_bytes: int = 448,
+        max_frame_bytes: int = 1 << 20,
+        payloads=None,
+        use_recvmmsg: bool = True,
+        tenants=None,
+    ):
         """`tenants`: the service's tenants.Tenants: all UDP sources together are one tenant for new
         topics (server.tenants.max_new_topics), so UDP cannot fill the topic table for TCP clients."""
         self.config = config
@@ -258,8 +276,12 @@ class UdpServer:
             raise bind_error("UDP", "server.udp.port", cfg.host, cfg.port, exc) from None
         self.rcvbuf_effective = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         if self.rcvbuf_effective < cfg.rcvbuf_bytes:
-            log.warning("udp_rcvbuf_capped", requested=cfg.rcvbuf_bytes, effective=self.rcvbuf_effective,
-                        hint="raise net.core.rmem_max to allow server.udp.rcvbuf_bytes")
+            log.warning(
+                "udp_rcvbuf_capped",
+                requested=cfg.rcvbuf_bytes,
+                effective=self.rcvbuf_effective,
+                hint="raise net.core.rmem_max to allow server.udp.rcvbuf_bytes",
+            )
         sock.setblocking(False)
         self._sock = sock
         self._address = sock.getsockname()[:2]
@@ -274,12 +296,18 @@ class UdpServer:
         cfg = self.config
         sock = self._sock
         assert sock is not None  # start() bound it before this thread
-        rx = _Receiver(sock, cfg.batch_datagrams, cfg.max_datagram_bytes, self.use_recvmmsg,
-                       sources=self.source_limit is not None)
+        rx = _Receiver(
+            sock, cfg.batch_datagrams, cfg.max_datagram_bytes, self.use_recvmmsg, sources=self.source_limit is not None
+        )
         self.recv_mode = rx.mode
         self._ready.set()
-        dec = FrameDecoder(self.topics, max_frame_bytes=self.max_frame_bytes, payload_bytes=self.payload_bytes,
-                           conn_id=UDP_CONN_ID, payloads=self.payloads)
+        dec = FrameDecoder(
+            self.topics,
+            max_frame_bytes=self.max_frame_bytes,
+            payload_bytes=self.payload_bytes,
+            conn_id=UDP_CONN_ID,
+            payloads=self.payloads,
+        )
         if self.tenants is not None:
             dec.topics = TopicGate(dec.topics, None, self.tenants.get("udp"), self.tenants)
         sel = selectors.DefaultSelector()
@@ -296,8 +324,9 @@ class UdpServer:
                     bad = self._handle(rx, n, dec)
                     if bad and time.monotonic() - last_bad_log > 1.0:
                         last_bad_log = time.monotonic()
-                        log.warning("udp_bad_datagrams", count=len(bad), example=bad[0],
-                                    total_bad=self.stats.datagrams_bad)
+                        log.warning(
+                            "udp_bad_datagrams", count=len(bad), example=bad[0], total_bad=self.stats.datagrams_bad
+                        )
                     if n < rx.batch:
                         break
         except Exception as exc:
@@ -331,8 +360,9 @@ class UdpServer:
         ingest_ts = time.monotonic_ns()
         first = 0
         while first < len(offs):
-            records, indices, errors, bad_at = decode_frames(dec, buf, offs[first:], lens[first:],
-                                                             dec.frames_seen + 1, ingest_ts)
+            records, indices, errors, bad_at = decode_frames(
+                dec, buf, offs[first:], lens[first:], dec.frames_seen + 1, ingest_ts
+            )
             stop = dec.arena_stop
             # indices count events (a BATCH frame of N takes N): dec.next_index is the one after what
             # decode_frames consumed
@@ -361,8 +391,9 @@ class UdpServer:
             if errors:
                 report, ended = self.meter.admit(len(errors), len(records), time.monotonic())
                 if ended:
-                    self.delivery.report_suppressed(UDP_CONN_ID, ended, "server.udp.max_rejects_per_s",
-                                                    self.meter.limit)
+                    self.delivery.report_suppressed(
+                        UDP_CONN_ID, ended, "server.udp.max_rejects_per_s", self.meter.limit
+                    )
             self.delivery.deliver(records, indices, errors, UDP_CONN_ID, want_nacks=False, report_errors=report)
             first = consumed
         stats.datagrams_bad += len(bad)
@@ -399,16 +430,21 @@ class UdpServer:
         final = self.statistics()  # kernel drops are read from the socket: before it closes
         if self._sock is not None:
             self._sock.close()
-        self.delivery.report_suppressed(UDP_CONN_ID, self.meter.take_suppressed(), "server.udp.max_rejects_per_s",
-                                        self.meter.limit)
+        self.delivery.report_suppressed(
+            UDP_CONN_ID, self.meter.take_suppressed(), "server.udp.max_rejects_per_s", self.meter.limit
+        )
         log.info("udp_stopped", **final)
 
     def statistics(self) -> dict:
         out = merge_stats([self.stats])
-        out.update(datagrams_received=self.stats.datagrams, datagrams_bad=self.stats.datagrams_bad,
-                   recv_mode=self.recv_mode, rcvbuf_bytes=self.rcvbuf_effective,
-                   datagrams_rate_limited=self.source_limit.limited if self.source_limit is not None else 0,
-                   kernel_drops=self.kernel_drops())
+        out.update(
+            datagrams_received=self.stats.datagrams,
+            datagrams_bad=self.stats.datagrams_bad,
+            recv_mode=self.recv_mode,
+            rcvbuf_bytes=self.rcvbuf_effective,
+            datagrams_rate_limited=self.source_limit.limited if self.source_limit is not None else 0,
+            kernel_drops=self.kernel_drops(),
+        )
         return out
 
     def __enter__(self) -> UdpServer:
@@ -416,6 +452,3 @@ class UdpServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-

@@ -29,8 +29,14 @@ class LatencyCollector(Collector):
 
     QUANTILES = (("0.5", 50), ("0.99", 99), ("0.999", 99.9))
 
-    def __init__(self, histograms: dict[str, VectorHistogram], name: str = "latency_seconds", *,
-                 label: str = "queue", doc: str = "ingest-to-handled latency per queue"):
+    def __init__(
+        self,
+        histograms: dict[str, VectorHistogram],
+        name: str = "latency_seconds",
+        *,
+        label: str = "queue",
+        doc: str = "ingest-to-handled latency per queue",
+    ):
         self.histograms = histograms
         self.name = name
         self.label = label
@@ -39,8 +45,12 @@ class LatencyCollector(Collector):
 
     def _families(self):
         hist = HistogramMetricFamily(self.name, f"{self.doc} (seconds)", labels=[self.label])
-        recent = Metric(self.recent_name, f"{self.doc}: quantiles over the most recent events (seconds, "
-                        "exact over a reservoir); _count/_sum over all events", "summary")
+        recent = Metric(
+            self.recent_name,
+            f"{self.doc}: quantiles over the most recent events (seconds, "
+            "exact over a reservoir); _count/_sum over all events",
+            "summary",
+        )
         return hist, recent
 
     def describe(self):
@@ -88,8 +98,9 @@ class ProcessCollector(Collector):
         self._lock = threading.Lock()  # psutil's cpu_percent keeps state between calls
 
     def describe(self):
-        yield GaugeMetricFamily("process_cpu_percent", "CPU use of the process since the previous scrape "
-                                "(100 = one core)")
+        yield GaugeMetricFamily(
+            "process_cpu_percent", "CPU use of the process since the previous scrape (100 = one core)"
+        )
         yield GaugeMetricFamily("process_rss_bytes", "resident memory of the process")
         yield GaugeMetricFamily("process_threads", "threads of the process")
 
@@ -98,8 +109,9 @@ class ProcessCollector(Collector):
             cpu = self.proc.cpu_percent(None)
             rss = self.proc.memory_info().rss
             threads = self.proc.num_threads()
-        yield GaugeMetricFamily("process_cpu_percent", "CPU use of the process since the previous scrape "
-                                "(100 = one core)", value=cpu)
+        yield GaugeMetricFamily(
+            "process_cpu_percent", "CPU use of the process since the previous scrape (100 = one core)", value=cpu
+        )
         yield GaugeMetricFamily("process_rss_bytes", "resident memory of the process", value=rss)
         yield GaugeMetricFamily("process_threads", "threads of the process", value=threads)
 
@@ -189,8 +201,10 @@ class LabelledCallbacks(Collector):
 
     def add(self, labels: dict[str, str], fn: Callable[[], float]) -> None:
         if sorted(labels) != sorted(self.label_names):
-            raise ValueError(f"metric {self.name}: labels {sorted(labels)} are not allowed; allowed: "
-                             f"{sorted(self.label_names)} (as first registered)")
+            raise ValueError(
+                f"metric {self.name}: labels {sorted(labels)} are not allowed; allowed: "
+                f"{sorted(self.label_names)} (as first registered)"
+            )
         self.series[tuple(str(labels[k]) for k in self.label_names)] = fn
 
     def _family(self):
@@ -206,6 +220,7 @@ class LabelledCallbacks(Collector):
             try:
                 fam.add_metric(list(key), float(fn()))
             except Exception as exc:  # noqa: BLE001 - leave the series out of this scrape
-                log.warning("metric_callback_failed", metric=self.name, labels=key,
-                            error=f"{type(exc).__name__}: {exc}")
+                log.warning(
+                    "metric_callback_failed", metric=self.name, labels=key, error=f"{type(exc).__name__}: {exc}"
+                )
         yield fam

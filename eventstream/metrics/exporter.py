@@ -44,10 +44,20 @@ Check = Callable[[], tuple[bool, str]]
 
 HEALTH_PATH = "/healthz"
 READY_PATH = "/readyz"
-PLAIN_HTTP_ON_TLS = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
-                     b"Content-Length: 58\r\n\r\nthis port requires TLS: use https:// (server.tls is set)\r\n")
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
-            431: "Request Header Fields Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}
+PLAIN_HTTP_ON_TLS = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
+    b"Content-Length: 58\r\n\r\nthis port requires TLS: use https:// (server.tls is set)\r\n"
+)
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 
 class MetricsServerError(OSError):
@@ -69,15 +79,28 @@ class _Conn:
 
 
 class MetricsServer:
-    def __init__(self, registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 9100,
-                 path: str = "/metrics", *, health: Check | None = None, ready: Check | None = None,
-                 timeout_s: float = 10.0, max_connections: int = 64, max_request_bytes: int = 8192,
-                 tls: ssl.SSLContext | None = None, tokens=None):
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        host: str = "127.0.0.1",
+        port: int = 9100,
+        path: str = "/metrics",
+        *,
+        health: Check | None = None,
+        ready: Check | None = None,
+        timeout_s: float = 10.0,
+        max_connections: int = 64,
+        max_request_bytes: int = 8192,
+        tls: ssl.SSLContext | None = None,
+        tokens=None,
+    ):
         if not path.startswith("/"):
             raise ValueError(f"metrics.path {path!r} is not allowed; allowed: a path starting with '/'")
         if max_connections < 1 or timeout_s <= 0 or max_request_bytes < 64:
-            raise ValueError("MetricsServer limits are not allowed; allowed: max_connections >= 1, "
-                             "timeout_s > 0, max_request_bytes >= 64")
+            raise ValueError(
+                "MetricsServer limits are not allowed; allowed: max_connections >= 1, "
+                "timeout_s > 0, max_request_bytes >= 64"
+            )
         self.registry, self.host, self.requested_port, self.path = registry, host, port, path
         self.health, self.ready = health, ready
         self.tls, self.tokens = tls, tokens
@@ -105,8 +128,11 @@ class MetricsServer:
         except OSError as exc:
             sock.close()
             what = "is in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror})"
-            raise MetricsServerError(exc.errno, f"metrics endpoint {self.host}:{self.requested_port} {what}; allowed: "
-                                     "a free port (metrics.port), 0 for any, or metrics.enabled: false") from None
+            raise MetricsServerError(
+                exc.errno,
+                f"metrics endpoint {self.host}:{self.requested_port} {what}; allowed: "
+                "a free port (metrics.port), 0 for any, or metrics.enabled: false",
+            ) from None
         sock.setblocking(False)
         self._sock = sock
         self._wake_r, self._wake_w = socket.socketpair()
@@ -273,7 +299,7 @@ class MetricsServer:
         if end > self.max_request_bytes:
             self._respond(sel, c, 431, b"request head too large\n", head_only=False)
             return
-        line = bytes(c.buf[:c.buf.find(b"\n")]).rstrip(b"\r").decode("latin-1")
+        line = bytes(c.buf[: c.buf.find(b"\n")]).rstrip(b"\r").decode("latin-1")
         parts = line.split()
         if len(parts) != 3 or not parts[2].startswith("HTTP/"):
             self._respond(sel, c, 400, b"bad request line\n", head_only=False)
@@ -285,8 +311,14 @@ class MetricsServer:
         path = target.split("?", 1)[0]
         if self.tokens is not None and path == self.path and not self._authorized(c.buf):
             self.unauthorized += 1
-            self._respond(sel, c, 401, b"a client token is required: Authorization: Bearer <token> "
-                          b"(server.auth.tokens)\n", head_only=False, extra=(("WWW-Authenticate", "Bearer"),))
+            self._respond(
+                sel,
+                c,
+                401,
+                b"a client token is required: Authorization: Bearer <token> (server.auth.tokens)\n",
+                head_only=False,
+                extra=(("WWW-Authenticate", "Bearer"),),
+            )
             return
         status, ctype, body = self._route(path)
         self._respond(sel, c, status, body, head_only=method == "HEAD", ctype=ctype)
@@ -317,13 +349,29 @@ class MetricsServer:
             except Exception as exc:  # noqa: BLE001 - a failing check means not ok
                 ok, detail = False, f"check failed: {type(exc).__name__}: {exc}"
             return (200 if ok else 503), text, (str(detail or ("ok" if ok else "not ok")) + "\n").encode()
-        return 404, text, (f"not found; metrics are at {self.path}, health at {HEALTH_PATH}, "
-                           f"readiness at {READY_PATH}\n").encode()
+        return (
+            404,
+            text,
+            (f"not found; metrics are at {self.path}, health at {HEALTH_PATH}, readiness at {READY_PATH}\n").encode(),
+        )
 
-    def _respond(self, sel, c: _Conn, status: int, body: bytes, *, head_only: bool,
-                 ctype: str = "text/plain; charset=utf-8", extra=()) -> None:
-        head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}", f"Content-Type: {ctype}",
-                f"Content-Length: {len(body)}", "Connection: close"]
+    def _respond(
+        self,
+        sel,
+        c: _Conn,
+        status: int,
+        body: bytes,
+        *,
+        head_only: bool,
+        ctype: str = "text/plain; charset=utf-8",
+        extra=(),
+    ) -> None:
+        head = [
+            f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}",
+            f"Content-Type: {ctype}",
+            f"Content-Length: {len(body)}",
+            "Connection: close",
+        ]
         head += [f"{k}: {v}" for k, v in extra]
         data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (b"" if head_only else body)
         c.out = memoryview(data)

@@ -20,8 +20,9 @@ import numpy as np
 from eventstream.core.records import SMALL_BATCH  # up to this many values: bucketed in Python
 
 # 1 µs .. 10 s in 1-2.5-5 steps (ns)
-DEFAULT_LATENCY_BUCKETS_NS: tuple[float, ...] = tuple(
-    float(m * 10**e) for e in range(3, 10) for m in (1, 2.5, 5)) + (1e10,)
+DEFAULT_LATENCY_BUCKETS_NS: tuple[float, ...] = tuple(float(m * 10**e) for e in range(3, 10) for m in (1, 2.5, 5)) + (
+    1e10,
+)
 
 
 class VectorHistogram:
@@ -48,7 +49,7 @@ class VectorHistogram:
             return
         add = np.bincount(np.searchsorted(self.bounds, v, side="left"), minlength=self._counts.size)
         total = float(v.sum())
-        tail = v[-self._reservoir:] if self._reservoir else v[:0]
+        tail = v[-self._reservoir :] if self._reservoir else v[:0]
         with self._lock:
             self._counts += add
             self._sum += total
@@ -56,8 +57,8 @@ class VectorHistogram:
                 n, cap = tail.size, self._ring.size
                 start = self._ring_pos % cap
                 first = min(n, cap - start)
-                self._ring[start:start + first] = tail[:first]
-                self._ring[:n - first] = tail[first:]
+                self._ring[start : start + first] = tail[:first]
+                self._ring[: n - first] = tail[first:]
                 self._ring_pos += n
 
     def _observe_few(self, values: list) -> None:
@@ -110,7 +111,7 @@ class VectorHistogram:
     def recent(self) -> np.ndarray:
         """The reservoir: up to `reservoir` most recent values (unordered)."""
         with self._lock:
-            return self._ring[:min(self._ring_pos, self._ring.size)].copy()
+            return self._ring[: min(self._ring_pos, self._ring.size)].copy()
 
     def recent_percentile(self, q: float) -> float:
         """Exact q-th percentile (0..100) over the reservoir; 0.0 when empty."""

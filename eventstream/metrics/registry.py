@@ -51,8 +51,7 @@ STAGES = ("queued", "handled", "stored", "acked")
 # pipeline level names (engine/control.py Level) and the transitions the control plane can make: one
 # level at a time, up or down
 LEVELS = ("HEALTHY", "ELEVATED", "DEGRADED", "CRITICAL", "EMERGENCY")
-TRANSITIONS = tuple((LEVELS[a], LEVELS[b]) for a in range(len(LEVELS)) for b in range(len(LEVELS))
-                    if abs(b - a) == 1)
+TRANSITIONS = tuple((LEVELS[a], LEVELS[b]) for a in range(len(LEVELS)) for b in range(len(LEVELS)) if abs(b - a) == 1)
 
 
 def reason_label(reason: str) -> str:
@@ -62,21 +61,29 @@ def reason_label(reason: str) -> str:
 
 
 class MetricsRegistry:
-    def __init__(self, queues: Iterable[str] = QUEUES, *, latency_buckets_ns=DEFAULT_LATENCY_BUCKETS_NS,
-                 reservoir: int = 4096, process: bool = True):
+    def __init__(
+        self,
+        queues: Iterable[str] = QUEUES,
+        *,
+        latency_buckets_ns=DEFAULT_LATENCY_BUCKETS_NS,
+        reservoir: int = 4096,
+        process: bool = True,
+    ):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self._counters: dict[str, SummedCounter] = {}
-        for name, doc in (("events_received", "events accepted by ingest"),
-                          ("events_processed", "events handled by a processor"),
-                          ("dedup_hits", "events skipped as duplicates of one stored within dedup.window_s (every tier)"),
-                          ("backpressure_drops", "events shed by the control plane or refused by admission")):
+        for name, doc in (
+            ("events_received", "events accepted by ingest"),
+            ("events_processed", "events handled by a processor"),
+            ("dedup_hits", "events skipped as duplicates of one stored within dedup.window_s (every tier)"),
+            ("backpressure_drops", "events shed by the control plane or refused by admission"),
+        ):
             self._counters[name] = SummedCounter(name, doc)
             r.register(self._counters[name])
-        self._dropped = Counter("events_dropped", "events dropped or failed (to the DLQ), by reason category",
-                                ["reason"], registry=r)
-        self._transitions = Counter("pipeline_transitions", "backpressure level changes", ["from", "to"],
-                                    registry=r)
+        self._dropped = Counter(
+            "events_dropped", "events dropped or failed (to the DLQ), by reason category", ["reason"], registry=r
+        )
+        self._transitions = Counter("pipeline_transitions", "backpressure level changes", ["from", "to"], registry=r)
         # every series with a known label value exists (at 0) from the first scrape: rate() and alerts
         # see a 0 -> n increase instead of a series appearing out of nowhere
         for reason in REASONS:
@@ -86,8 +93,11 @@ class MetricsRegistry:
         self.latency = {q: VectorHistogram(latency_buckets_ns, reservoir) for q in queues}
         r.register(LatencyCollector(self.latency))
         self.stages = {st: VectorHistogram(latency_buckets_ns, reservoir) for st in STAGES}
-        r.register(LatencyCollector(self.stages, "stage_latency_seconds", label="stage",
-                                    doc="decode-to-stage latency per stage"))
+        r.register(
+            LatencyCollector(
+                self.stages, "stage_latency_seconds", label="stage", doc="decode-to-stage latency per stage"
+            )
+        )
         self._state = StateCollector()
         r.register(self._state)
         self._labelled: dict[str, LabelledCallbacks] = {}
@@ -100,8 +110,14 @@ class MetricsRegistry:
         if n:
             self._counters["events_received"].inc(n)
 
-    def processed(self, queue: str, records: np.ndarray | int | None = None, latencies_ns: np.ndarray | None = None,
-                  *, now_ns: int | None = None) -> None:
+    def processed(
+        self,
+        queue: str,
+        records: np.ndarray | int | None = None,
+        latencies_ns: np.ndarray | None = None,
+        *,
+        now_ns: int | None = None,
+    ) -> None:
         """Count a handled batch and record its latencies. `records` is the batch or just its length;
         latencies are given, or computed as now - records["ingest_ts"] (time.monotonic_ns, as ingest
         stamps it)."""
@@ -144,8 +160,9 @@ class MetricsRegistry:
         if n:
             self._counters["backpressure_drops"].inc(n)
 
-    def set_state(self, level: int, name: str, previous_level: int | None = None,
-                  previous_name: str | None = None) -> None:
+    def set_state(
+        self, level: int, name: str, previous_level: int | None = None, previous_name: str | None = None
+    ) -> None:
         """Make `level` the current pipeline_state; with a different previous level, also count the
         transition in pipeline_transitions_total{from,to}."""
         self._state.level, self._state.name = int(level), str(name)
@@ -165,14 +182,22 @@ class MetricsRegistry:
         """queue_depth{queue} is read from depth_fn at each scrape."""
         self.gauge_fn("queue_depth", {"queue": queue}, depth_fn)
 
-    def gauge_fn(self, name: str, labels: dict[str, str], fn: Callable[[], float] | None, *, doc: str = "",
-                 label_names: list[str] | None = None) -> None:
+    def gauge_fn(
+        self,
+        name: str,
+        labels: dict[str, str],
+        fn: Callable[[], float] | None,
+        *,
+        doc: str = "",
+        label_names: list[str] | None = None,
+    ) -> None:
         """A labelled gauge series read from `fn` at scrape time; series of one name share a family
         (its label names are fixed by the first registration)."""
         self._labelled_fn(name, labels, fn, "gauge", doc, label_names)
 
-    def counter_fn(self, name: str, fn: Callable[[], float], labels: dict[str, str] | None = None, *,
-                   doc: str = "") -> None:
+    def counter_fn(
+        self, name: str, fn: Callable[[], float], labels: dict[str, str] | None = None, *, doc: str = ""
+    ) -> None:
         """A counter read at scrape time (name without `_total`). For a built-in unlabelled counter
         (events_received, events_processed, dedup_hits, backpressure_drops) `fn` is a source added to
         it, so its totals and the *_total() readers include it."""
@@ -192,8 +217,9 @@ class MetricsRegistry:
         if fn is not None:
             fam.add(labels, fn)
 
-    def register_callback(self, name: str, doc: str, fn: ValueFn, *, kind: str = "gauge",
-                          labels: Iterable[str] = ()) -> CallbackMetric:
+    def register_callback(
+        self, name: str, doc: str, fn: ValueFn, *, kind: str = "gauge", labels: Iterable[str] = ()
+    ) -> CallbackMetric:
         """Add a gauge/counter read from `fn` at scrape time (number, or dict label(s) -> number).
         For counters give the name without `_total` (it is added). Raises ValueError on a duplicate name."""
         metric = CallbackMetric(name, doc, fn, kind, labels)
@@ -254,8 +280,9 @@ class MetricsRegistry:
         """The Prometheus text exposition of everything in the registry."""
         return generate_latest(self.registry)
 
-    def serve(self, host: str = "127.0.0.1", port: int = 9100, path: str = "/metrics", *,
-              health=None, ready=None, **limits) -> MetricsServer:
+    def serve(
+        self, host: str = "127.0.0.1", port: int = 9100, path: str = "/metrics", *, health=None, ready=None, **limits
+    ) -> MetricsServer:
         """Start the HTTP endpoint for this registry (MetricsServerError, an OSError, if it cannot bind).
         `health`/`ready`: callables () -> (ok, detail) behind /healthz and /readyz (see exporter.py);
         `limits`: MetricsServer's timeout_s, max_connections, max_request_bytes, tls, tokens."""

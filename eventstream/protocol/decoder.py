@@ -83,8 +83,16 @@ class FrameDecoder:
     for NACKs). After a fatal error the decoder is `failed` and ignores further input.
     """
 
-    def __init__(self, topics: TopicInterner, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
-                 payload_bytes: int = 448, conn_id: int = 0, ack_default: int = 0, payloads=None):
+    def __init__(
+        self,
+        topics: TopicInterner,
+        *,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        payload_bytes: int = 448,
+        conn_id: int = 0,
+        ack_default: int = 0,
+        payloads=None,
+    ):
         """`ack_default`: the ACK mode (core.records.ACK_*) stored in v2 records whose frame asks for
         none (flags bits 0-1 = 0). `payloads`: the PayloadArena (core/payloads.py) for payloads over
         `payload_bytes`; without one such a payload is rejected (payload_too_large).
@@ -135,7 +143,8 @@ class FrameDecoder:
         offs, lens, pos, fatal = scan(src, 0, end, self.max_frame_bytes)
         self.arena_blocked = 0
         records, indices, errors, bad_at = decode_frames(
-            self, src, offs, lens, self.frames_seen + 1, skip=self.batch_skip)
+            self, src, offs, lens, self.frames_seen + 1, skip=self.batch_skip
+        )
         stop = self.arena_stop
         consumed = self.next_index - 1  # frames_seen after what decode_frames consumed
         if stop >= 0:  # the payload arena is full: keep the frames from `stop` on for later
@@ -189,13 +198,31 @@ class FrameDecoder:
 
 
 # content-error codes (0 = fine)
-(_OK, _E_TOPIC_LEN, _E_KIND, _E_PRIORITY, _E_TOO_LARGE, _E_UTF8, _E_CRC, _E_SHORT, _E_TOPICS, _E_FLAGS,
- _E_TOPIC_INDEX) = range(11)
+(
+    _OK,
+    _E_TOPIC_LEN,
+    _E_KIND,
+    _E_PRIORITY,
+    _E_TOO_LARGE,
+    _E_UTF8,
+    _E_CRC,
+    _E_SHORT,
+    _E_TOPICS,
+    _E_FLAGS,
+    _E_TOPIC_INDEX,
+) = range(11)
 _E_DONE = 255  # a BATCH record delivered by an earlier feed (the payload arena was full then)
 
 
-def decode_frames(dec: FrameDecoder, src, offs: list[int], lens: list[int], first_index: int,
-                  ingest_ts: int | None = None, skip: int = 0):
+def decode_frames(
+    dec: FrameDecoder,
+    src,
+    offs: list[int],
+    lens: list[int],
+    first_index: int,
+    ingest_ts: int | None = None,
+    skip: int = 0,
+):
     """Vectorized decode of complete frames at `offs` in `src`.
 
     Returns (records, indices, errors, bad_at): bad_at is the position in `offs` of a frame whose
@@ -256,8 +283,11 @@ def decode_frames(dec: FrameDecoder, src, offs: list[int], lens: list[int], firs
 def _batch_positions(src, offs: list[int]) -> list[int]:
     """Positions in `offs` of BATCH frames (v2 magic, kind 11)."""
     if len(offs) <= 4 * SMALL_BATCH:
-        return [j for j, o in enumerate(offs) if src[o + LENGTH_BYTES + 1] == KIND_BATCH
-                and src[o + LENGTH_BYTES] == V2_MAGIC]
+        return [
+            j
+            for j, o in enumerate(offs)
+            if src[o + LENGTH_BYTES + 1] == KIND_BATCH and src[o + LENGTH_BYTES] == V2_MAGIC
+        ]
     arr = np.frombuffer(src, dtype=np.uint8)
     o = np.asarray(offs, dtype=np.int64) + LENGTH_BYTES
     out = np.flatnonzero((arr[o + 1] == KIND_BATCH) & (arr[o] == V2_MAGIC)).tolist()
@@ -265,8 +295,7 @@ def _batch_positions(src, offs: list[int]) -> list[int]:
     return out
 
 
-def _decode_singles(dec: FrameDecoder, src, offs: list[int], lens: list[int], first_index: int,
-                    ingest_ts: int | None):
+def _decode_singles(dec: FrameDecoder, src, offs: list[int], lens: list[int], first_index: int, ingest_ts: int | None):
     """decode_frames for frames that are not BATCH frames (v1, v2 EVENT, and anything refused)."""
     n = len(offs)
     dtype = dec.dtype
@@ -347,7 +376,7 @@ def _decode_singles(dec: FrameDecoder, src, offs: list[int], lens: list[int], fi
                 if bad_at is not None and bad_at >= stop:
                     bad_at = None
                 keep = keep[keep < stop]
-                ext = ext[:len(offs_ext)]
+                ext = ext[: len(offs_ext)]
     out = rec[keep]
     if len(keep):
         pl = plen[keep]
@@ -364,8 +393,10 @@ def _decode_singles(dec: FrameDecoder, src, offs: list[int], lens: list[int], fi
     errors = []
     bad = np.flatnonzero(err[:live] != _OK)
     if len(bad):
-        errors = [_describe(dec, arr, int(j), first_index + int(j), int(err[j]), rec, v2, kind, tstart, tlen,
-                            plen, length) for j in bad.tolist()]
+        errors = [
+            _describe(dec, arr, int(j), first_index + int(j), int(err[j]), rec, v2, kind, tstart, tlen, plen, length)
+            for j in bad.tolist()
+        ]
     del arr
     if dec.arena_stop < 0:
         dec.next_index = first_index + (n if bad_at is None else bad_at + 1)
@@ -389,10 +420,12 @@ def _decode_batch(dec: FrameDecoder, src, o: int, length: int, first_index: int,
     if count == 0 or tcount == 0 or pay_at > end:
         dec.next_index = first_index + 1
         need = V2_HEADER_BYTES + tbytes + BATCH_RECORD_BYTES * count
-        reason = (f"batch frame of {count} events and topic_count {tcount} is not allowed; allowed: 1 or more of each"
-                  if count == 0 or tcount == 0 else
-                  f"batch frame length {length} is too short for its {tbytes}-byte topic table and {count} "
-                  f"records of {BATCH_RECORD_BYTES} bytes (needs >= {need})")
+        reason = (
+            f"batch frame of {count} events and topic_count {tcount} is not allowed; allowed: 1 or more of each"
+            if count == 0 or tcount == 0
+            else f"batch frame length {length} is too short for its {tbytes}-byte topic table and {count} "
+            f"records of {BATCH_RECORD_BYTES} bytes (needs >= {need})"
+        )
         return empty, _EMPTY_INDICES, [FrameError(first_index, True, reason, version=2)], True
     dec.next_index = base + count
     mv = memoryview(src)
@@ -401,8 +434,7 @@ def _decode_batch(dec: FrameDecoder, src, o: int, length: int, first_index: int,
         names = []
         whole = None
         if reserved or hflags > 3 or any(zeros):
-            whole = ("batch header reserved bits are not 0 (byte 6, flags bits 2-7, bytes 18-25); allowed: 0",
-                     "batch")
+            whole = ("batch header reserved bits are not 0 (byte 6, flags bits 2-7, bytes 18-25); allowed: 0", "batch")
         elif not crc_ok:
             whole = ("crc32 mismatch (zlib.crc32 of the batch's topic table, record table and payloads)", "crc")
         else:
@@ -411,11 +443,14 @@ def _decode_batch(dec: FrameDecoder, src, o: int, length: int, first_index: int,
                 if p >= table_at:
                     break
                 tl = src[p]
-                names.append(bytes(mv[p + 1:p + 1 + tl]))
+                names.append(bytes(mv[p + 1 : p + 1 + tl]))
                 p += 1 + tl
             if p != table_at or len(names) != tcount:
-                whole = (f"batch topic table of {tbytes} bytes does not hold exactly its topic_count {tcount} "
-                         "topics (u8 length + name each)", "batch")
+                whole = (
+                    f"batch topic table of {tbytes} bytes does not hold exactly its topic_count {tcount} "
+                    "topics (u8 length + name each)",
+                    "batch",
+                )
     finally:
         mv.release()
     if whole is None:
@@ -423,8 +458,10 @@ def _decode_batch(dec: FrameDecoder, src, o: int, length: int, first_index: int,
         plen = table["payload_len"].astype(np.int64)
         carried = end - pay_at
         if int(plen.sum()) != carried:
-            whole = (f"batch payload lengths sum to {int(plen.sum())} bytes but the frame carries {carried}; "
-                     "allowed: equal", "batch")
+            whole = (
+                f"batch payload lengths sum to {int(plen.sum())} bytes but the frame carries {carried}; allowed: equal",
+                "batch",
+            )
     if whole is not None:
         errors = [FrameError(base + j, False, whole[0], version=2, error_class=whole[1]) for j in range(skip, count)]
         return empty, _EMPTY_INDICES, errors, False
@@ -440,7 +477,7 @@ def _decode_batch(dec: FrameDecoder, src, o: int, length: int, first_index: int,
     err[:skip] = _E_DONE
     tid_of = np.zeros(tcount, dtype=np.uint32)
     terr = np.zeros(tcount, dtype=np.uint8)
-    live = (err == _OK)
+    live = err == _OK
     for k in np.unique(ti[live]).tolist():  # per distinct topic of the batch, not per event
         name = names[k]
         if not name:
@@ -466,7 +503,7 @@ def _decode_batch(dec: FrameDecoder, src, o: int, length: int, first_index: int,
             if len(offs_ext) < len(ext):  # the arena is full: deliver up to the first that did not fit
                 stop = int(keep[ext[len(offs_ext)]])
                 keep = keep[keep < stop]
-                ext = ext[:len(offs_ext)]
+                ext = ext[: len(offs_ext)]
                 dec.arena_stop = 0
                 dec.batch_skip = stop
                 dec.arena_blocked = int(plen[stop])
@@ -499,7 +536,7 @@ def _decode_batch(dec: FrameDecoder, src, o: int, length: int, first_index: int,
             if ext is None and len(keep) == count and int(plen.min()) == int(plen.max()):
                 w = int(plen[0])  # every event the same size and all of them kept: one reshape
                 if w:
-                    out["payload"][:, :w] = arr[pay_at:pay_at + count * w].reshape(count, w)
+                    out["payload"][:, :w] = arr[pay_at : pay_at + count * w].reshape(count, w)
             else:
                 _copy_packed(arr, out, pstart, pl)
         finally:
@@ -535,11 +572,15 @@ def _describe_batch(dec, index: int, code: int, row, names: list[bytes], tcount:
         reason = f"priority {prio} is not allowed; allowed: 0..{MAX_PRIORITY}"
     elif code == _E_TOO_LARGE:
         if dec.payloads is None:
-            reason = (f"payload of {plen} bytes exceeds the inline capacity of {dec.payload_bytes} "
-                      f"bytes (records.payload_bytes; no payload arena here; allowed: 0..{dec.payload_bytes})")
+            reason = (
+                f"payload of {plen} bytes exceeds the inline capacity of {dec.payload_bytes} "
+                f"bytes (records.payload_bytes; no payload arena here; allowed: 0..{dec.payload_bytes})"
+            )
         else:
-            reason = (f"payload of {plen} bytes exceeds the largest payload of {dec.max_payload} bytes "
-                      f"(server.tcp.max_frame_bytes; allowed: 0..{dec.max_payload})")
+            reason = (
+                f"payload of {plen} bytes exceeds the largest payload of {dec.max_payload} bytes "
+                f"(server.tcp.max_frame_bytes; allowed: 0..{dec.max_payload})"
+            )
     elif code == _E_UTF8:
         reason = "topic is not valid UTF-8"
     elif code == _E_TOPICS:
@@ -557,8 +598,7 @@ def _describe_batch(dec, index: int, code: int, row, names: list[bytes], tcount:
 _RECORD_HEAD = struct.Struct("<QQQQIIIIBBB10xHx")
 
 
-def _decode_small(dec: FrameDecoder, src, offs: list[int], lens: list[int], first_index: int,
-                  ingest_ts: int | None):
+def _decode_small(dec: FrameDecoder, src, offs: list[int], lens: list[int], first_index: int, ingest_ts: int | None):
     """Decode a few frames with struct calls; None when any frame has a content problem (the
     vectorized path then decodes the lot and describes the errors)."""
     n = len(offs)
@@ -586,17 +626,16 @@ def _decode_small(dec: FrameDecoder, src, offs: list[int], lens: list[int], firs
             plen = end - t0 - tl
             if prio > MAX_PRIORITY or not 0 < tl <= MAX_TOPIC_BYTES or not 0 <= plen <= cap:
                 return None
-            tid = dec.topic_id(bytes(mv[t0:t0 + tl]))
+            tid = dec.topic_id(bytes(mv[t0 : t0 + tl]))
             if not tid or tid == TOPIC_REFUSED or (flags and zlib.crc32(mv[t0:end]) != crc):
                 return None
             base = i * size
             _RECORD_HEAD.pack_into(buf, base, eid, pts, ts, 0, tid, conn, plen, crc, prio, flags, 0, who)
             if plen:
-                buf[base + 64:base + 64 + plen] = mv[end - plen:end]
+                buf[base + 64 : base + 64 + plen] = mv[end - plen : end]
     finally:
         mv.release()
-    return (np.frombuffer(buf, dtype=dec.dtype), np.arange(first_index, first_index + n, dtype=np.uint64),
-            [], None)
+    return (np.frombuffer(buf, dtype=dec.dtype), np.arange(first_index, first_index + n, dtype=np.uint64), [], None)
 
 
 def _gather(arr: np.ndarray, off: np.ndarray, dt: np.dtype) -> np.ndarray:
@@ -656,7 +695,7 @@ def _copy_ext(arena, arr, out, pstart, pl, ext, offs, cls) -> None:
     out["ext_arena"][ext] = arena.id
     dst, src = memoryview(arena.buf), memoryview(arr)
     for o, s, n in zip(offs.tolist(), pstart[ext].tolist(), pl[ext].tolist(), strict=True):
-        dst[o:o + n] = src[s:s + n]
+        dst[o : o + n] = src[s : s + n]
     dst.release()
     src.release()
 
@@ -669,33 +708,41 @@ def _describe(dec, arr, j, index, code, rec, v2, kind, tstart, tlen, plen, lengt
     topic = ""
     if 0 < tl <= MAX_TOPIC_BYTES and plen[j] >= 0:
         s = int(tstart[j])
-        topic = arr[s:s + tl].tobytes().decode("utf-8", "replace")
+        topic = arr[s : s + tl].tobytes().decode("utf-8", "replace")
     if code == _E_TOPIC_LEN:
         reason = f"topic_len {tl} is not allowed; allowed: 1..{MAX_TOPIC_BYTES}"
     elif code == _E_KIND:
         k = int(kind[j])
-        reason = (f"frame kind {k} ({KIND_NAMES.get(k, 'unknown')}) is not allowed from a client; "
-                  "allowed: 1 (EVENT), 11 (BATCH)")
+        reason = (
+            f"frame kind {k} ({KIND_NAMES.get(k, 'unknown')}) is not allowed from a client; "
+            "allowed: 1 (EVENT), 11 (BATCH)"
+        )
     elif code == _E_PRIORITY:
         reason = f"priority {prio} is not allowed; allowed: 0..{MAX_PRIORITY}"
     elif code == _E_TOO_LARGE:
         if dec.payloads is None:
-            reason = (f"payload of {int(plen[j])} bytes exceeds the inline capacity of {dec.payload_bytes} "
-                      f"bytes (records.payload_bytes; no payload arena here; allowed: 0..{dec.payload_bytes})")
+            reason = (
+                f"payload of {int(plen[j])} bytes exceeds the inline capacity of {dec.payload_bytes} "
+                f"bytes (records.payload_bytes; no payload arena here; allowed: 0..{dec.payload_bytes})"
+            )
         else:
-            reason = (f"payload of {int(plen[j])} bytes exceeds the largest payload of {dec.max_payload} bytes "
-                      f"(server.tcp.max_frame_bytes; allowed: 0..{dec.max_payload})")
+            reason = (
+                f"payload of {int(plen[j])} bytes exceeds the largest payload of {dec.max_payload} bytes "
+                f"(server.tcp.max_frame_bytes; allowed: 0..{dec.max_payload})"
+            )
     elif code == _E_UTF8:
         reason = "topic is not valid UTF-8"
     elif code == _E_CRC:
         reason = "crc32 mismatch (zlib.crc32 of topic bytes then payload bytes)"
     elif code == _E_TOPICS:
         s = int(tstart[j])
-        reason, cls = _refusal(dec, arr[s:s + tl].tobytes())
+        reason, cls = _refusal(dec, arr[s : s + tl].tobytes())
         return FrameError(index, False, reason, int(rec["event_id"][j]), topic, prio, version, cls)
     else:
-        reason = (f"frame length {int(length[j])} is too short for its v{version} header and topic_len {tl} "
-                  f"(needs >= {(V2_HEADER_BYTES if version == 2 else V1_HEADER_BYTES) + tl})")
+        reason = (
+            f"frame length {int(length[j])} is too short for its v{version} header and topic_len {tl} "
+            f"(needs >= {(V2_HEADER_BYTES if version == 2 else V1_HEADER_BYTES) + tl})"
+        )
     eid = int(rec["event_id"][j])
     return FrameError(index, code == _E_SHORT, reason, eid, topic, prio, version, _CLASSES[code])
 
@@ -705,6 +752,15 @@ def _refusal(dec, name: bytes) -> tuple[str, str]:
     return dec.topic_refusals.get(bytes(name)) or (dec.topic_limit_reason or "too_many_topics", "too_many_topics")
 
 
-_CLASSES = {_E_TOPIC_LEN: "topic_len", _E_KIND: "kind", _E_PRIORITY: "priority", _E_TOO_LARGE: "payload_too_large",
-            _E_UTF8: "topic_utf8", _E_CRC: "crc", _E_SHORT: "framing", _E_TOPICS: "too_many_topics",
-            _E_FLAGS: "batch", _E_TOPIC_INDEX: "batch"}
+_CLASSES = {
+    _E_TOPIC_LEN: "topic_len",
+    _E_KIND: "kind",
+    _E_PRIORITY: "priority",
+    _E_TOO_LARGE: "payload_too_large",
+    _E_UTF8: "topic_utf8",
+    _E_CRC: "crc",
+    _E_SHORT: "framing",
+    _E_TOPICS: "too_many_topics",
+    _E_FLAGS: "batch",
+    _E_TOPIC_INDEX: "batch",
+}

@@ -34,20 +34,35 @@ V2_HEAD = struct.Struct(">IBBBBQQHI")  # length, magic, kind, priority, flags, e
 
 # Fixed header parts as big-endian numpy dtypes, starting at the length field.
 V1_HEADER_DTYPE = np.dtype([("length", ">u4"), ("priority", "u1"), ("topic_len", ">u2")])
-V2_HEADER_DTYPE = np.dtype([
-    ("length", ">u4"), ("magic", "u1"), ("kind", "u1"), ("priority", "u1"), ("flags", "u1"),
-    ("event_id", ">u8"), ("timestamp_ns", ">u8"), ("topic_len", ">u2"), ("crc32", ">u4"),
-])
+V2_HEADER_DTYPE = np.dtype(
+    [
+        ("length", ">u4"),
+        ("magic", "u1"),
+        ("kind", "u1"),
+        ("priority", "u1"),
+        ("flags", "u1"),
+        ("event_id", ">u8"),
+        ("timestamp_ns", ">u8"),
+        ("topic_len", ">u2"),
+        ("crc32", ">u4"),
+    ]
+)
 # BATCH frame (docs/protocol.md, "v2 BATCH frame"): a 26-byte header like every v2 frame, then the
 # topic table (u8 length + name, topic_count times), the record table (count fixed 24-byte rows, read
 # with one numpy.frombuffer) and the payloads back to back, in record order. crc32 covers everything
 # after the header.
 BATCH_HEAD = struct.Struct(">IBBBBIHI8sI")  # length, magic, kind, reserved, flags, count, topic_count,
 #                                             topics_bytes, reserved (8 zero bytes), crc32
-BATCH_RECORD_DTYPE = np.dtype([
-    ("priority", "u1"), ("flags", "u1"), ("topic", ">u2"), ("payload_len", ">u4"),
-    ("event_id", ">u8"), ("timestamp_ns", ">u8"),
-])
+BATCH_RECORD_DTYPE = np.dtype(
+    [
+        ("priority", "u1"),
+        ("flags", "u1"),
+        ("topic", ">u2"),
+        ("payload_len", ">u4"),
+        ("event_id", ">u8"),
+        ("timestamp_ns", ">u8"),
+    ]
+)
 BATCH_RECORD_BYTES = 24
 MAX_BATCH_TOPICS = 65535  # a record's topic index is a u16
 assert BATCH_HEAD.size == LENGTH_BYTES + V2_HEADER_BYTES
@@ -69,8 +84,9 @@ def _topic_bytes(topic: str | bytes) -> bytes:
 
 def _check_priority(priority: int) -> int:
     if not isinstance(priority, int) or not 0 <= priority <= MAX_PRIORITY:
-        raise EncodeError(f"priority {priority!r} is not allowed; allowed: 0..{MAX_PRIORITY} "
-                          "(BATCH, LOW, MEDIUM, HIGH, CRITICAL)")
+        raise EncodeError(
+            f"priority {priority!r} is not allowed; allowed: 0..{MAX_PRIORITY} (BATCH, LOW, MEDIUM, HIGH, CRITICAL)"
+        )
     return priority
 
 
@@ -81,8 +97,16 @@ def encode_v1(topic: str | bytes, payload: bytes = b"", priority: int = 2) -> by
     return V1_HEAD.pack(V1_HEADER_BYTES + len(t) + len(payload), priority, len(t)) + t + payload
 
 
-def encode_v2(topic: str | bytes, payload: bytes = b"", priority: int = 2, event_id: int = 0,
-              timestamp_ns: int = 0, *, kind: int = KIND_EVENT, flags: int = 0) -> bytes:
+def encode_v2(
+    topic: str | bytes,
+    payload: bytes = b"",
+    priority: int = 2,
+    event_id: int = 0,
+    timestamp_ns: int = 0,
+    *,
+    kind: int = KIND_EVENT,
+    flags: int = 0,
+) -> bytes:
     """One v2 frame (EVENT by default). crc32 covers topic bytes then payload bytes."""
     t = _topic_bytes(topic) if kind == KIND_EVENT else (topic.encode() if isinstance(topic, str) else bytes(topic))
     _check_priority(priority)
@@ -91,8 +115,21 @@ def encode_v2(topic: str | bytes, payload: bytes = b"", priority: int = 2, event
     if not 0 <= timestamp_ns < 1 << 64:
         raise EncodeError(f"timestamp_ns {timestamp_ns!r} is not allowed; allowed: 0..2**64-1 (0 = unknown)")
     crc = zlib.crc32(payload, zlib.crc32(t))
-    return V2_HEAD.pack(V2_HEADER_BYTES + len(t) + len(payload), V2_MAGIC, kind, priority, flags,
-                        event_id, timestamp_ns, len(t), crc) + t + payload
+    return (
+        V2_HEAD.pack(
+            V2_HEADER_BYTES + len(t) + len(payload),
+            V2_MAGIC,
+            kind,
+            priority,
+            flags,
+            event_id,
+            timestamp_ns,
+            len(t),
+            crc,
+        )
+        + t
+        + payload
+    )
 
 
 def encode_ack(count: int) -> bytes:
@@ -125,8 +162,14 @@ def encode_nacks(indices: np.ndarray, reason: str) -> bytes:
     return out.tobytes()
 
 
-def encode_many(version: int, topic: str | bytes, payloads: Sequence[bytes], priorities: Sequence[int] | int = 2,
-                event_ids: Sequence[int] | None = None, timestamp_ns: int = 0) -> bytes:
+def encode_many(
+    version: int,
+    topic: str | bytes,
+    payloads: Sequence[bytes],
+    priorities: Sequence[int] | int = 2,
+    event_ids: Sequence[int] | None = None,
+    timestamp_ns: int = 0,
+) -> bytes:
     """A run of frames on one topic, concatenated (load tools and benchmarks)."""
     prios = [priorities] * len(payloads) if isinstance(priorities, int) else list(priorities)
     if version == 1:
@@ -141,8 +184,18 @@ def batch_frame_bytes(topics_bytes: int, count: int, payload_bytes: int) -> int:
     return LENGTH_BYTES + V2_HEADER_BYTES + topics_bytes + BATCH_RECORD_BYTES * count + payload_bytes
 
 
-def encode_batch_columns(topics: Sequence[str | bytes], topic_index, payload_lens, payloads,
-                         priorities=2, event_ids=0, timestamps_ns=0, flags=0, *, ack: int = 0) -> bytes:
+def encode_batch_columns(
+    topics: Sequence[str | bytes],
+    topic_index,
+    payload_lens,
+    payloads,
+    priorities=2,
+    event_ids=0,
+    timestamps_ns=0,
+    flags=0,
+    *,
+    ack: int = 0,
+) -> bytes:
     """One BATCH frame from columns (no per-event Python beyond what the caller built).
 
     `topics`: the batch's topic table; `topic_index[i]`: record i's topic (0-based into `topics`);
@@ -184,8 +237,18 @@ def encode_batch_columns(topics: Sequence[str | bytes], topic_index, payload_len
         raise EncodeError(f"payloads of {len(pb)} bytes do not match payload_lens summing to {total}")
     ttab = b"".join(bytes((len(t),)) + t for t in tb)
     body_crc = zlib.crc32(pb, zlib.crc32(table.data, zlib.crc32(ttab)))
-    head = BATCH_HEAD.pack(V2_HEADER_BYTES + len(ttab) + BATCH_RECORD_BYTES * n + total, V2_MAGIC, KIND_BATCH,
-                           0, ack, n, len(tb), len(ttab), bytes(8), body_crc)
+    head = BATCH_HEAD.pack(
+        V2_HEADER_BYTES + len(ttab) + BATCH_RECORD_BYTES * n + total,
+        V2_MAGIC,
+        KIND_BATCH,
+        0,
+        ack,
+        n,
+        len(tb),
+        len(ttab),
+        bytes(8),
+        body_crc,
+    )
     return b"".join((head, ttab, table.tobytes(), pb))
 
 
@@ -215,9 +278,16 @@ def encode_batch(events: Sequence, *, ack: int = 0) -> bytes:
     for ts in tss:
         if not 0 <= ts < 1 << 64:
             raise EncodeError(f"timestamp_ns {ts!r} is not allowed; allowed: 0..2**64-1 (0 = unknown)")
-    return encode_batch_columns(topics, np.array(tix, dtype=np.int64), [len(p) for p in pls], b"".join(pls),
-                                np.array(prios, dtype=np.uint8), np.array(ids, dtype=np.uint64),
-                                np.array(tss, dtype=np.uint64), ack=ack)
+    return encode_batch_columns(
+        topics,
+        np.array(tix, dtype=np.int64),
+        [len(p) for p in pls],
+        b"".join(pls),
+        np.array(prios, dtype=np.uint8),
+        np.array(ids, dtype=np.uint64),
+        np.array(tss, dtype=np.uint64),
+        ack=ack,
+    )
 
 
 def encode_hello(token: str | bytes) -> bytes:
@@ -244,12 +314,18 @@ def parse_hello(buf) -> tuple[str, int, bytes]:
         return HELLO_ABSENT, 0, b""
     (length,) = LENGTH.unpack_from(buf, 0)
     if not V2_HEADER_BYTES <= length <= V2_HEADER_BYTES + MAX_TOKEN_BYTES:
-        return (f"auth: HELLO length {length} is not allowed; allowed: {V2_HEADER_BYTES}.."
-                f"{V2_HEADER_BYTES + MAX_TOKEN_BYTES}"), 0, b""
+        return (
+            (
+                f"auth: HELLO length {length} is not allowed; allowed: {V2_HEADER_BYTES}.."
+                f"{V2_HEADER_BYTES + MAX_TOKEN_BYTES}"
+            ),
+            0,
+            b"",
+        )
     if n < LENGTH_BYTES + length:
         return HELLO_NEED_MORE, 0, b""
     _l, _m, _k, _p, _f, _eid, _ts, tlen, crc = V2_HEAD.unpack_from(buf, 0)
-    token = bytes(buf[LENGTH_BYTES + V2_HEADER_BYTES:LENGTH_BYTES + length])
+    token = bytes(buf[LENGTH_BYTES + V2_HEADER_BYTES : LENGTH_BYTES + length])
     if tlen != 0:
         return f"auth: HELLO topic_len {tlen} is not allowed; allowed: 0", 0, b""
     if zlib.crc32(token) != crc:
@@ -273,7 +349,7 @@ def split_control_frames(buf: bytearray) -> list[tuple[int, int, bytes]]:
         end = pos + LENGTH_BYTES + length
         if end > n:
             break
-        out.append((kind, eid, bytes(buf[pos + LENGTH_BYTES + V2_HEADER_BYTES + tlen:end])))
+        out.append((kind, eid, bytes(buf[pos + LENGTH_BYTES + V2_HEADER_BYTES + tlen : end])))
         pos = end
     del buf[:pos]
     return out

@@ -80,22 +80,29 @@ def scan(src, pos: int, end: int, max_frame_bytes: int) -> tuple[list[int], list
     if end - pos >= 4:
         length = unpack(src, pos)[0]
         first = src[pos + 4] if end - pos > 4 else None
-        if length > max_frame_bytes or length == 0 or (first is not None and (
-                not _NEED[first] or length < _NEED[first])):
+        if (
+            length > max_frame_bytes
+            or length == 0
+            or (first is not None and (not _NEED[first] or length < _NEED[first]))
+        ):
             return offs, lens, pos, _framing_reason(length, first, max_frame_bytes)
     return offs, lens, pos, None
 
 
 def _framing_reason(length: int, first: int | None, max_frame_bytes: int) -> str:
     if length > max_frame_bytes:
-        return (f"frame length {length} exceeds max_frame_bytes {max_frame_bytes} "
-                f"(allowed: {V1_HEADER_BYTES + 1}..{max_frame_bytes})")
+        return (
+            f"frame length {length} exceeds max_frame_bytes {max_frame_bytes} "
+            f"(allowed: {V1_HEADER_BYTES + 1}..{max_frame_bytes})"
+        )
     if length == 0 or first is None:
         return "frame length 0 is too short for any header (v1 needs >= 4, v2 >= 26)"
     need = _NEED[first]
     if not need:
-        return (f"first byte {first:#04x} is not a protocol version; allowed: 0x00..0x04 "
-                f"(v1 priority) or {V2_MAGIC:#04x} (v2 magic)")
+        return (
+            f"first byte {first:#04x} is not a protocol version; allowed: 0x00..0x04 "
+            f"(v1 priority) or {V2_MAGIC:#04x} (v2 magic)"
+        )
     return f"frame length {length} is too short for a v{1 if need == 3 else 2} header ({need} bytes)"
 
 

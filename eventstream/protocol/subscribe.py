@@ -25,6 +25,7 @@ import fnmatch
 import struct
 import zlib
 from dataclasses import dataclass
+from datetime import UTC
 from typing import NamedTuple
 
 import numpy as np
@@ -41,9 +42,16 @@ from eventstream.protocol.frames import (
 
 KIND_SUBSCRIBE, KIND_CREDIT, KIND_DELIVER, KIND_COMMIT, KIND_SUB_ERROR, KIND_END = 5, 6, 7, 8, 9, 10
 KIND_DELIVER_BATCH = 12  # many stored events in one frame (a subscription that asked for it: FLAG_BATCH)
-KIND_NAMES = {KIND_HELLO: "HELLO", KIND_SUBSCRIBE: "SUBSCRIBE", KIND_CREDIT: "CREDIT", KIND_DELIVER: "DELIVER",
-              KIND_COMMIT: "COMMIT", KIND_SUB_ERROR: "SUB_ERROR", KIND_END: "END",
-              KIND_DELIVER_BATCH: "DELIVER_BATCH"}
+KIND_NAMES = {
+    KIND_HELLO: "HELLO",
+    KIND_SUBSCRIBE: "SUBSCRIBE",
+    KIND_CREDIT: "CREDIT",
+    KIND_DELIVER: "DELIVER",
+    KIND_COMMIT: "COMMIT",
+    KIND_SUB_ERROR: "SUB_ERROR",
+    KIND_END: "END",
+    KIND_DELIVER_BATCH: "DELIVER_BATCH",
+}
 CLIENT_KINDS = (KIND_HELLO, KIND_SUBSCRIBE, KIND_CREDIT, KIND_COMMIT)
 SERVER_KINDS = (KIND_DELIVER, KIND_COMMIT, KIND_SUB_ERROR, KIND_END, KIND_DELIVER_BATCH)
 
@@ -55,10 +63,18 @@ FLAG_NO_FOLLOW = 0x04
 FLAG_BATCH = 0x08  # deliver in DELIVER_BATCH frames (many events each) instead of one DELIVER per event
 MAX_DELIVER_BATCH_BYTES = 256 << 10  # a DELIVER_BATCH frame holds events up to about this many bytes
 # DELIVER_BATCH record table row (big-endian, like every frame)
-DELIVER_ROW_DTYPE = np.dtype([
-    ("priority", "u1"), ("flags", "u1"), ("topic", ">u2"), ("payload_len", ">u4"), ("event_id", ">u8"),
-    ("producer_ts", ">u8"), ("offset", ">u8"), ("stored_ns", ">u8"),
-])
+DELIVER_ROW_DTYPE = np.dtype(
+    [
+        ("priority", "u1"),
+        ("flags", "u1"),
+        ("topic", ">u2"),
+        ("payload_len", ">u4"),
+        ("event_id", ">u8"),
+        ("producer_ts", ">u8"),
+        ("offset", ">u8"),
+        ("stored_ns", ">u8"),
+    ]
+)
 DELIVER_ROW_BYTES = 40
 assert DELIVER_ROW_DTYPE.itemsize == DELIVER_ROW_BYTES
 MAX_GROUP_BYTES = 128
@@ -112,28 +128,59 @@ class Delivered(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------ encoders
-def _frame(kind: int, *, priority: int = 0, flags: int = 0, event_id: int = 0, timestamp_ns: int = 0,
-           topic: bytes = b"", payload: bytes = b"") -> bytes:
+def _frame(
+    kind: int,
+    *,
+    priority: int = 0,
+    flags: int = 0,
+    event_id: int = 0,
+    timestamp_ns: int = 0,
+    topic: bytes = b"",
+    payload: bytes = b"",
+) -> bytes:
     crc = zlib.crc32(payload, zlib.crc32(topic))
-    return V2_HEAD.pack(V2_HEADER_BYTES + len(topic) + len(payload), V2_MAGIC, kind, priority, flags,
-                        event_id, timestamp_ns, len(topic), crc) + topic + payload
+    return (
+        V2_HEAD.pack(
+            V2_HEADER_BYTES + len(topic) + len(payload),
+            V2_MAGIC,
+            kind,
+            priority,
+            flags,
+            event_id,
+            timestamp_ns,
+            len(topic),
+            crc,
+        )
+        + topic
+        + payload
+    )
 
 
-def encode_subscribe(glob: str, start: int = START_EARLIEST, value: int = 0, credit: int = 1000,
-                     group: str = "", follow: bool = True, batch: bool = False) -> bytes:
+def encode_subscribe(
+    glob: str,
+    start: int = START_EARLIEST,
+    value: int = 0,
+    credit: int = 1000,
+    group: str = "",
+    follow: bool = True,
+    batch: bool = False,
+) -> bytes:
     g = glob.encode("utf-8")
     if not 1 <= len(g) <= MAX_TOPIC_BYTES:
-        raise SubscribeProtocolError(f"topic glob of {len(g)} bytes is not allowed; allowed: 1..{MAX_TOPIC_BYTES} "
-                                     "bytes of UTF-8")
+        raise SubscribeProtocolError(
+            f"topic glob of {len(g)} bytes is not allowed; allowed: 1..{MAX_TOPIC_BYTES} bytes of UTF-8"
+        )
     if start not in START_NAMES:
-        raise SubscribeProtocolError(f"start {start!r} is not allowed; allowed: "
-                                     + ", ".join(f"{k} {v}" for k, v in START_NAMES.items()))
+        raise SubscribeProtocolError(
+            f"start {start!r} is not allowed; allowed: " + ", ".join(f"{k} {v}" for k, v in START_NAMES.items())
+        )
     if not 0 <= value <= U64 or not 0 <= credit <= U64:
         raise SubscribeProtocolError(f"start value {value!r} / credit {credit!r} is not allowed; allowed: 0..2**64-1")
     grp = group.encode("utf-8")
     if len(grp) > MAX_GROUP_BYTES:
-        raise SubscribeProtocolError(f"group name of {len(grp)} bytes is not allowed; allowed: "
-                                     f"0..{MAX_GROUP_BYTES} bytes of UTF-8")
+        raise SubscribeProtocolError(
+            f"group name of {len(grp)} bytes is not allowed; allowed: 0..{MAX_GROUP_BYTES} bytes of UTF-8"
+        )
     flags = start | (0 if follow else FLAG_NO_FOLLOW) | (FLAG_BATCH if batch else 0)
     return _frame(KIND_SUBSCRIBE, flags=flags, event_id=value, timestamp_ns=credit, topic=g, payload=grp)
 
@@ -159,10 +206,24 @@ def encode_end(next_offset: int) -> bytes:
     return _frame(KIND_END, event_id=next_offset)
 
 
-def encode_deliver(offset: int, topic: bytes, payload: bytes, *, event_id: int = 0, priority: int = 0,
-                   producer_ts: int = 0, stored_ns: int = 0) -> bytes:
-    return _frame(KIND_DELIVER, priority=priority, event_id=event_id, timestamp_ns=producer_ts, topic=topic,
-                  payload=DELIVER_PREFIX.pack(offset, stored_ns) + payload)
+def encode_deliver(
+    offset: int,
+    topic: bytes,
+    payload: bytes,
+    *,
+    event_id: int = 0,
+    priority: int = 0,
+    producer_ts: int = 0,
+    stored_ns: int = 0,
+) -> bytes:
+    return _frame(
+        KIND_DELIVER,
+        priority=priority,
+        event_id=event_id,
+        timestamp_ns=producer_ts,
+        topic=topic,
+        payload=DELIVER_PREFIX.pack(offset, stored_ns) + payload,
+    )
 
 
 def encode_deliver_batches(events) -> bytes:
@@ -176,8 +237,11 @@ def encode_deliver_batches(events) -> bytes:
     while i < n:
         topics: dict[str, int] = {}
         j, size = i, 0
-        while j < n and (j == i or size + DELIVER_ROW_BYTES + len(events[j].payload) <= MAX_DELIVER_BATCH_BYTES) \
-                and len(topics) < 65535:
+        while (
+            j < n
+            and (j == i or size + DELIVER_ROW_BYTES + len(events[j].payload) <= MAX_DELIVER_BATCH_BYTES)
+            and len(topics) < 65535
+        ):
             topics.setdefault(events[j].topic, len(topics))
             size += DELIVER_ROW_BYTES + len(events[j].payload)
             j += 1
@@ -209,23 +273,36 @@ def parse_deliver_batch(f: Frame) -> list[Delivered]:
         names = []
         for _ in range(tcount):
             tl = p[pos]
-            names.append(p[pos + 1:pos + 1 + tl].decode("utf-8", "replace"))
+            names.append(p[pos + 1 : pos + 1 + tl].decode("utf-8", "replace"))
             pos += 1 + tl
         rows = np.frombuffer(p, dtype=DELIVER_ROW_DTYPE, count=count, offset=pos)
     except (IndexError, ValueError, struct.error):
-        raise SubscribeProtocolError(f"DELIVER_BATCH of {count} events does not hold its topic table and record "
-                                     f"table in {len(p)} bytes") from None
+        raise SubscribeProtocolError(
+            f"DELIVER_BATCH of {count} events does not hold its topic table and record table in {len(p)} bytes"
+        ) from None
     lens = rows["payload_len"].astype(np.int64)
     start = pos + DELIVER_ROW_BYTES * count
     if start + int(lens.sum()) != len(p) or (count and int(rows["topic"].max()) >= tcount):
-        raise SubscribeProtocolError(f"DELIVER_BATCH of {count} events: payload lengths or topic indices do not "
-                                     f"match its {len(p)} bytes and {tcount} topics")
+        raise SubscribeProtocolError(
+            f"DELIVER_BATCH of {count} events: payload lengths or topic indices do not "
+            f"match its {len(p)} bytes and {tcount} topics"
+        )
     ends = (start + np.cumsum(lens)).tolist()
     starts = [start, *ends[:-1]]
     topic_of = np.array(names, dtype=object)[rows["topic"]].tolist() if count else []
     payloads = [p[a:b] for a, b in zip(starts, ends, strict=True)]
-    return list(map(Delivered, rows["offset"].tolist(), topic_of, payloads, rows["event_id"].tolist(),
-                    rows["priority"].tolist(), rows["producer_ts"].tolist(), rows["stored_ns"].tolist()))
+    return list(
+        map(
+            Delivered,
+            rows["offset"].tolist(),
+            topic_of,
+            payloads,
+            rows["event_id"].tolist(),
+            rows["priority"].tolist(),
+            rows["producer_ts"].tolist(),
+            rows["stored_ns"].tolist(),
+        )
+    )
 
 
 # ------------------------------------------------------------------------------------ decoding
@@ -248,31 +325,39 @@ class SubscribeDecoder:
             (length,) = LENGTH.unpack_from(buf, pos)
             magic, kind = buf[pos + 4], buf[pos + 5]
             if magic != V2_MAGIC:
-                raise SubscribeProtocolError(f"magic 0x{magic:02x} is not allowed; allowed: 0x{V2_MAGIC:02x} "
-                                             "(a v2 frame)")
+                raise SubscribeProtocolError(
+                    f"magic 0x{magic:02x} is not allowed; allowed: 0x{V2_MAGIC:02x} (a v2 frame)"
+                )
             if kind not in self.kinds:
                 raise SubscribeProtocolError(
                     f"kind {kind} is not allowed here; allowed: "
-                    + ", ".join(f"{k} {KIND_NAMES.get(k, '?')}" for k in self.kinds))
+                    + ", ".join(f"{k} {KIND_NAMES.get(k, '?')}" for k in self.kinds)
+                )
             if length > self.max_frame:
-                raise SubscribeProtocolError(f"frame length {length} exceeds the limit of {self.max_frame} bytes "
-                                             f"for a {KIND_NAMES[kind]} frame; allowed: "
-                                             f"{V2_HEADER_BYTES}..{self.max_frame}")
+                raise SubscribeProtocolError(
+                    f"frame length {length} exceeds the limit of {self.max_frame} bytes "
+                    f"for a {KIND_NAMES[kind]} frame; allowed: "
+                    f"{V2_HEADER_BYTES}..{self.max_frame}"
+                )
             if length < V2_HEADER_BYTES:
-                raise SubscribeProtocolError(f"frame length {length} is too short; allowed: at least "
-                                             f"{V2_HEADER_BYTES} (the v2 header)")
+                raise SubscribeProtocolError(
+                    f"frame length {length} is too short; allowed: at least {V2_HEADER_BYTES} (the v2 header)"
+                )
             if n - pos < LENGTH_BYTES + length:
                 break
             _l, _m, _k, prio, flags, eid, ts, tlen, crc = V2_HEAD.unpack_from(buf, pos)
             if V2_HEADER_BYTES + tlen > length:
-                raise SubscribeProtocolError(f"topic_len {tlen} does not fit in frame length {length}; allowed: "
-                                             f"0..{length - V2_HEADER_BYTES}")
+                raise SubscribeProtocolError(
+                    f"topic_len {tlen} does not fit in frame length {length}; allowed: 0..{length - V2_HEADER_BYTES}"
+                )
             start = pos + LENGTH_BYTES + V2_HEADER_BYTES
-            topic = bytes(buf[start:start + tlen])
-            payload = bytes(buf[start + tlen:pos + LENGTH_BYTES + length])
+            topic = bytes(buf[start : start + tlen])
+            payload = bytes(buf[start + tlen : pos + LENGTH_BYTES + length])
             if zlib.crc32(payload, zlib.crc32(topic)) != crc:
-                raise SubscribeProtocolError(f"crc32 0x{crc:08x} of a {KIND_NAMES[kind]} frame does not match; "
-                                             "allowed: zlib.crc32(topic bytes + payload bytes)")
+                raise SubscribeProtocolError(
+                    f"crc32 0x{crc:08x} of a {KIND_NAMES[kind]} frame does not match; "
+                    "allowed: zlib.crc32(topic bytes + payload bytes)"
+                )
             out.append(Frame(kind, prio, flags, eid, ts, topic, payload))
             pos += LENGTH_BYTES + length
         if pos:
@@ -283,44 +368,63 @@ class SubscribeDecoder:
 def parse_subscribe(f: Frame, max_credit: int) -> Subscribe:
     """Check a SUBSCRIBE frame's fields; SubscribeProtocolError names the first bad one."""
     if f.kind != KIND_SUBSCRIBE:
-        raise SubscribeProtocolError(f"kind {f.kind} ({KIND_NAMES.get(f.kind, '?')}) is not allowed as the first "
-                                     f"frame; allowed: {KIND_SUBSCRIBE} SUBSCRIBE (after an optional HELLO)")
+        raise SubscribeProtocolError(
+            f"kind {f.kind} ({KIND_NAMES.get(f.kind, '?')}) is not allowed as the first "
+            f"frame; allowed: {KIND_SUBSCRIBE} SUBSCRIBE (after an optional HELLO)"
+        )
     if f.flags & ~(FLAG_START_MASK | FLAG_NO_FOLLOW | FLAG_BATCH):
-        raise SubscribeProtocolError(f"SUBSCRIBE flags 0x{f.flags:02x} is not allowed; allowed: bits 0-1 the start "
-                                     "mode, bit 2 no-follow, bit 3 batch delivery, bits 4-7 zero")
+        raise SubscribeProtocolError(
+            f"SUBSCRIBE flags 0x{f.flags:02x} is not allowed; allowed: bits 0-1 the start "
+            "mode, bit 2 no-follow, bit 3 batch delivery, bits 4-7 zero"
+        )
     if not 1 <= len(f.topic) <= MAX_TOPIC_BYTES:
-        raise SubscribeProtocolError(f"SUBSCRIBE topic glob of {len(f.topic)} bytes is not allowed; allowed: "
-                                     f"1..{MAX_TOPIC_BYTES} bytes of UTF-8")
+        raise SubscribeProtocolError(
+            f"SUBSCRIBE topic glob of {len(f.topic)} bytes is not allowed; allowed: 1..{MAX_TOPIC_BYTES} bytes of UTF-8"
+        )
     try:
         glob = f.topic.decode("utf-8")
     except UnicodeDecodeError:
         raise SubscribeProtocolError("SUBSCRIBE topic glob is not valid UTF-8; allowed: UTF-8 text") from None
     if len(f.payload) > MAX_GROUP_BYTES:
-        raise SubscribeProtocolError(f"SUBSCRIBE group name of {len(f.payload)} bytes is not allowed; allowed: "
-                                     f"0..{MAX_GROUP_BYTES} bytes of UTF-8")
+        raise SubscribeProtocolError(
+            f"SUBSCRIBE group name of {len(f.payload)} bytes is not allowed; allowed: "
+            f"0..{MAX_GROUP_BYTES} bytes of UTF-8"
+        )
     try:
         group = f.payload.decode("utf-8")
     except UnicodeDecodeError:
         raise SubscribeProtocolError("SUBSCRIBE group name is not valid UTF-8; allowed: UTF-8 text") from None
     if group and not all(c.isalnum() or c in "._-" for c in group):
-        raise SubscribeProtocolError(f"SUBSCRIBE group name {group!r} is not allowed; allowed: letters, digits, "
-                                     "'.', '_' and '-'")
+        raise SubscribeProtocolError(
+            f"SUBSCRIBE group name {group!r} is not allowed; allowed: letters, digits, '.', '_' and '-'"
+        )
     if f.timestamp_ns > max_credit:
-        raise SubscribeProtocolError(f"SUBSCRIBE credit {f.timestamp_ns} is not allowed; allowed: 0..{max_credit} "
-                                     "(server.subscribe.max_credit)")
+        raise SubscribeProtocolError(
+            f"SUBSCRIBE credit {f.timestamp_ns} is not allowed; allowed: 0..{max_credit} (server.subscribe.max_credit)"
+        )
     start = f.flags & FLAG_START_MASK
     value = f.event_id if start in (START_OFFSET, START_TIME) else 0
-    return Subscribe(glob, start, value, f.timestamp_ns, group, follow=not f.flags & FLAG_NO_FOLLOW,
-                     batch=bool(f.flags & FLAG_BATCH))
+    return Subscribe(
+        glob, start, value, f.timestamp_ns, group, follow=not f.flags & FLAG_NO_FOLLOW, batch=bool(f.flags & FLAG_BATCH)
+    )
 
 
 def parse_deliver(f: Frame) -> Delivered:
     if len(f.payload) < DELIVER_PREFIX.size:
-        raise SubscribeProtocolError(f"DELIVER payload of {len(f.payload)} bytes is too short; allowed: at least "
-                                     f"{DELIVER_PREFIX.size} (offset, stored_ns)")
+        raise SubscribeProtocolError(
+            f"DELIVER payload of {len(f.payload)} bytes is too short; allowed: at least "
+            f"{DELIVER_PREFIX.size} (offset, stored_ns)"
+        )
     offset, stored_ns = DELIVER_PREFIX.unpack_from(f.payload)
-    return Delivered(offset, f.topic.decode("utf-8", "replace"), f.payload[DELIVER_PREFIX.size:], f.event_id,
-                     f.priority, f.timestamp_ns, stored_ns)
+    return Delivered(
+        offset,
+        f.topic.decode("utf-8", "replace"),
+        f.payload[DELIVER_PREFIX.size :],
+        f.event_id,
+        f.priority,
+        f.timestamp_ns,
+        stored_ns,
+    )
 
 
 def parse_start(text: str) -> tuple[int, int]:
@@ -336,14 +440,16 @@ def parse_start(text: str) -> tuple[int, int]:
         return START_OFFSET, int(t)
     if t.endswith("ns") and t[:-2].isdigit():
         return START_TIME, int(t[:-2])
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     try:
         dt = datetime.fromisoformat(t)
     except ValueError:
-        raise ValueError(f"start {text!r} is not allowed; allowed: earliest, latest, an offset (e.g. 1200), "
-                         "a time in ISO 8601 (e.g. 2026-12-06T10:00:00Z) or ns since the epoch (e.g. "
-                         "1765000000000000000ns)") from None
+        raise ValueError(
+            f"start {text!r} is not allowed; allowed: earliest, latest, an offset (e.g. 1200), "
+            "a time in ISO 8601 (e.g. 2026-12-06T10:00:00Z) or ns since the epoch (e.g. "
+            "1765000000000000000ns)"
+        ) from None
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
     return START_TIME, int(dt.timestamp() * 1_000_000) * 1000

@@ -63,11 +63,15 @@ def require_gil_off(allow_gil: bool = False, what: str = "eventstream") -> None:
     if not gil_enabled() or allow_gil:
         return
     if not is_free_threaded_build():
-        hint = (f"this interpreter ({sys.executable}, {sys.version.split()[0]}) is not a free-threaded build; "
-                "run under python3.13t (tools/bootstrap.sh finds or builds one, `make run` uses it)")
+        hint = (
+            f"this interpreter ({sys.executable}, {sys.version.split()[0]}) is not a free-threaded build; "
+            "run under python3.13t (tools/bootstrap.sh finds or builds one, `make run` uses it)"
+        )
     else:
-        hint = ("the GIL was re-enabled (importing cffi does this unless the interpreter starts with "
-                "PYTHON_GIL=0 or -X gil=0); start with PYTHON_GIL=0")
+        hint = (
+            "the GIL was re-enabled (importing cffi does this unless the interpreter starts with "
+            "PYTHON_GIL=0 or -X gil=0); start with PYTHON_GIL=0"
+        )
     raise GilEnabledError(
         f"{what} refuses to run with the GIL enabled: {hint}. "
         "To run anyway (for comparisons only), pass --allow-gil / allow_gil=True."

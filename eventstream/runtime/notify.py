@@ -50,8 +50,11 @@ def socket_address(environ: Mapping[str, str] | None = None) -> bytes | None:
         return b"\0" + os.fsencode(value[1:])
     if value.startswith("/"):
         return os.fsencode(value)
-    _warn_once("notify_socket_unsupported", notify_socket=value,
-               allowed="an absolute path or an abstract name starting with '@'")
+    _warn_once(
+        "notify_socket_unsupported",
+        notify_socket=value,
+        allowed="an absolute path or an abstract name starting with '@'",
+    )
     return None
 
 
@@ -65,8 +68,12 @@ def notify(message: str, environ: Mapping[str, str] | None = None) -> bool:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.sendto(message.encode("utf-8"), addr)
     except OSError as exc:
-        _warn_once("notify_failed", address=os.fsdecode(addr).replace("\0", "@", 1), error=str(exc),
-                   message=message.split("\n", 1)[0])
+        _warn_once(
+            "notify_failed",
+            address=os.fsdecode(addr).replace("\0", "@", 1),
+            error=str(exc),
+            message=message.split("\n", 1)[0],
+        )
         return False
     return True
 
@@ -109,8 +116,7 @@ def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:
 class Watchdog(threading.Thread):
     """Sends WATCHDOG=1 every `interval` seconds while `healthy()`; stops for good once it is not."""
 
-    def __init__(self, interval: float, healthy: Callable[[], bool],
-                 environ: Mapping[str, str] | None = None):
+    def __init__(self, interval: float, healthy: Callable[[], bool], environ: Mapping[str, str] | None = None):
         super().__init__(name="es-watchdog", daemon=True)
         self.interval = interval
         self.healthy = healthy
@@ -128,8 +134,11 @@ class Watchdog(threading.Thread):
                 ok, why = False, f"healthy() raised {exc!r}"
             if not ok:
                 self.unhealthy = why
-                log.error("watchdog_stopped_pinging", reason=why,
-                          effect="systemd restarts the service at the watchdog deadline")
+                log.error(
+                    "watchdog_stopped_pinging",
+                    reason=why,
+                    effect="systemd restarts the service at the watchdog deadline",
+                )
                 return
             if notify("WATCHDOG=1", self.environ):
                 self.pings += 1

@@ -110,7 +110,7 @@ def simulate(n_nodes: int, cpus: list[int] | None = None) -> Topology:
     nodes, i = [], 0
     for nid in range(n_nodes):
         k = per + (1 if nid < extra else 0)
-        nodes.append(Node(nid, tuple(cpus[i:i + k])))
+        nodes.append(Node(nid, tuple(cpus[i : i + k])))
         i += k
     dist = {(a, b): 10 if a == b else 20 for a in range(n_nodes) for b in range(n_nodes)}
     return Topology(tuple(nodes), dist, True, "simulated")

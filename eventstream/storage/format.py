@@ -117,17 +117,22 @@ def encode_file_header(payload_bytes: int, created_ns: int) -> bytes:
 def decode_file_header(data: bytes, path: str) -> tuple[int, int]:
     """(payload_bytes, created_ns) from the first 32 bytes of a log; LogFormatError if it is not one."""
     if len(data) < FILE_HEADER_BYTES:
-        raise LogFormatError(f"{path}: {len(data)} bytes is too short for an event log header "
-                             f"(allowed: a file written by eventstream, at least {FILE_HEADER_BYTES} bytes)")
+        raise LogFormatError(
+            f"{path}: {len(data)} bytes is too short for an event log header "
+            f"(allowed: a file written by eventstream, at least {FILE_HEADER_BYTES} bytes)"
+        )
     magic, version, payload_bytes, entry_header, _, created_ns = FILE_HEADER.unpack_from(data)
     if magic != FILE_MAGIC and not header_magic_damaged(data):
         raise LogFormatError(f"{path}: not an eventstream event log (magic {magic!r}; allowed: {FILE_MAGIC!r})")
     if version not in READABLE_VERSIONS or entry_header != ENTRY_HEADER_BYTES:
-        raise LogFormatError(f"{path}: event log version {version} (entry header {entry_header}) is not "
-                             f"supported; allowed: versions {', '.join(map(str, READABLE_VERSIONS))}")
+        raise LogFormatError(
+            f"{path}: event log version {version} (entry header {entry_header}) is not "
+            f"supported; allowed: versions {', '.join(map(str, READABLE_VERSIONS))}"
+        )
     if payload_bytes > rec.MAX_PAYLOAD_BYTES:
-        raise LogFormatError(f"{path}: payload_bytes={payload_bytes} in the header is out of range "
-                             f"(allowed: 0..{rec.MAX_PAYLOAD_BYTES})")
+        raise LogFormatError(
+            f"{path}: payload_bytes={payload_bytes} in the header is out of range (allowed: 0..{rec.MAX_PAYLOAD_BYTES})"
+        )
     return payload_bytes, created_ns
 
 
@@ -138,8 +143,12 @@ def header_magic_damaged(data: bytes) -> bool:
         return False
     magic, version, payload_bytes, entry_header, _, _ = FILE_HEADER.unpack_from(data)
     differ = sum(a != b for a, b in zip(magic, FILE_MAGIC, strict=True))
-    return (0 < differ <= 2 and version in READABLE_VERSIONS and entry_header == ENTRY_HEADER_BYTES
-            and payload_bytes <= rec.MAX_PAYLOAD_BYTES)
+    return (
+        0 < differ <= 2
+        and version in READABLE_VERSIONS
+        and entry_header == ENTRY_HEADER_BYTES
+        and payload_bytes <= rec.MAX_PAYLOAD_BYTES
+    )
 
 
 _entry_dtypes: dict[np.dtype, np.dtype] = {}
@@ -154,10 +163,17 @@ def entry_dtype(record_dtype: np.dtype) -> np.dtype:
 
 
 def _make_entry_dtype(record_dtype: np.dtype) -> np.dtype:
-    return np.dtype([
-        ("magic", "<u4"), ("length", "<u4"), ("crc", "<u4"), ("kind", "u1"), ("_z", "V3"),
-        ("wall_ns", "<u8"), ("record", record_dtype),
-    ])
+    return np.dtype(
+        [
+            ("magic", "<u4"),
+            ("length", "<u4"),
+            ("crc", "<u4"),
+            ("kind", "u1"),
+            ("_z", "V3"),
+            ("wall_ns", "<u8"),
+            ("record", record_dtype),
+        ]
+    )
 
 
 def topic_entry(file_topic_id: int, name: bytes, wall_ns: int) -> bytes:
@@ -175,9 +191,27 @@ _KIND_WALL = struct.Struct("<B3xQ")
 _MAGIC_LEN_CRC = struct.Struct("<III")
 
 
-ROW_DTYPE = np.dtype([(name, t) for name, t in rec._HEADER_FIELDS if name in (
-    "event_id", "producer_ts", "ingest_ts", "seq", "topic_id", "conn_id", "payload_len", "crc32", "priority",
-    "flags", "attempts", "principal")])
+ROW_DTYPE = np.dtype(
+    [
+        (name, t)
+        for name, t in rec._HEADER_FIELDS
+        if name
+        in (
+            "event_id",
+            "producer_ts",
+            "ingest_ts",
+            "seq",
+            "topic_id",
+            "conn_id",
+            "payload_len",
+            "crc32",
+            "priority",
+            "flags",
+            "attempts",
+            "principal",
+        )
+    ]
+)
 assert ROW_DTYPE.itemsize == BATCH_ROW_BYTES
 
 
@@ -206,10 +240,10 @@ def batch_entry(batch: np.ndarray, file_topic_ids, wall_ns: int) -> bytes:
     if top == 0 or cap == 0:
         payloads = b""
     elif int(pl.min()) == top:
-        payloads = raw[:, rec.HEADER_BYTES:rec.HEADER_BYTES + top].tobytes()
+        payloads = raw[:, rec.HEADER_BYTES : rec.HEADER_BYTES + top].tobytes()
     else:
         mask = np.arange(top) < pl[:, None].astype(np.int64)
-        payloads = raw[:, rec.HEADER_BYTES:rec.HEADER_BYTES + top][mask].tobytes()
+        payloads = raw[:, rec.HEADER_BYTES : rec.HEADER_BYTES + top][mask].tobytes()
     body_head = BATCH_HEAD.pack(n, cap)
     head_tail = _KIND_WALL.pack(KIND_BATCH, wall_ns)
     crc = zlib.crc32(payloads, zlib.crc32(rows.data, zlib.crc32(body_head, zlib.crc32(head_tail))))
@@ -234,8 +268,10 @@ def batch_entry_rows(buf, pos: int, length: int, capacity: int) -> np.ndarray | 
     total, top = int(pl.sum(dtype=np.int64)), int(pl.max())
     if total != end - pay_at or top > capacity:
         del rows
-        return (f"batch entry at offset {pos}: payload lengths (sum {total}, largest {top}) do not "
-                f"match its {end - pay_at} payload bytes or this log's {capacity}-byte records")
+        return (
+            f"batch entry at offset {pos}: payload lengths (sum {total}, largest {top}) do not "
+            f"match its {end - pay_at} payload bytes or this log's {capacity}-byte records"
+        )
     return rows
 
 
@@ -256,8 +292,10 @@ def batch_entry_columns(buf, pos: int, length: int, out_dtype: np.dtype, capacit
     top = int(pl.max())
     if int(pl.sum()) != end - pay_at or top > capacity:
         del rows
-        return (f"batch entry at offset {pos}: payload lengths (sum {int(pl.sum())}, largest {top}) do not "
-                f"match its {end - pay_at} payload bytes or this log's {capacity}-byte records")
+        return (
+            f"batch entry at offset {pos}: payload lengths (sum {int(pl.sum())}, largest {top}) do not "
+            f"match its {end - pay_at} payload bytes or this log's {capacity}-byte records"
+        )
     out = np.zeros(count, dtype=out_dtype)
     raw = out.view(np.uint8).reshape(count, out_dtype.itemsize)
     raw[:, :_ROW_HEAD] = rows.view(np.uint8).reshape(count, BATCH_ROW_BYTES)[:, :_ROW_HEAD]
@@ -268,9 +306,9 @@ def batch_entry_columns(buf, pos: int, length: int, out_dtype: np.dtype, capacit
         src = np.frombuffer(buf, dtype=np.uint8, count=end - pay_at, offset=pay_at)
         at = rec.HEADER_BYTES
         if int(pl.min()) == top:
-            raw[:, at:at + top] = src.reshape(count, top)
+            raw[:, at : at + top] = src.reshape(count, top)
         else:
-            raw[:, at:at + top][np.arange(top) < pl[:, None]] = src
+            raw[:, at : at + top][np.arange(top) < pl[:, None]] = src
         del src
     return out
 
@@ -310,7 +348,7 @@ def _record_entries_v1(batch: np.ndarray, file_topic_ids, wall_ns: int) -> bytes
     raw = out.view(np.uint8)
     mv = memoryview(raw)
     crc32 = zlib.crc32
-    out["crc"] = [crc32(mv[i * size + CRC_START:(i + 1) * size]) for i in range(n)]
+    out["crc"] = [crc32(mv[i * size + CRC_START : (i + 1) * size]) for i in range(n)]
     return raw.tobytes()
 
 
@@ -326,7 +364,7 @@ def _record_entries_small(batch: np.ndarray, file_topic_ids, wall_ns: int) -> by
     for i, fid in enumerate(ids):
         base = i * size
         _TOPIC_ID.pack_into(raw, base + _TOPIC_ID_AT, fid)
-        body = mv[base:base + size]
+        body = mv[base : base + size]
         out.append(_MAGIC_LEN_CRC.pack(ENTRY_MAGIC, size, zlib.crc32(body, head_crc)))
         out.append(head_tail)
         out.append(body)
@@ -359,9 +397,9 @@ def _mixed_entries(batch: np.ndarray, file_topic_ids, wall_ns: int, run=None) ->
     for k, j in enumerate(ext.tolist()):
         if j > i:
             parts.append(run(batch[i:j], fids[i:j], wall_ns))
-        body = bytearray(raw[k * size:(k + 1) * size])
+        body = bytearray(raw[k * size : (k + 1) * size])
         _TOPIC_ID.pack_into(body, _TOPIC_ID_AT, int(fids[j]))
-        body[_EXT_AT:_EXT_AT + 8] = bytes(8)  # ext_off: memory of this process, meaningless in a file
+        body[_EXT_AT : _EXT_AT + 8] = bytes(8)  # ext_off: memory of this process, meaningless in a file
         body[_EXT_AT + 9] = 0  # ext_arena (ext_class, at _EXT_AT + 8, is kept)
         payload = views[k]
         crc = zlib.crc32(payload, zlib.crc32(body, head_crc))

@@ -14,7 +14,6 @@ import numpy as np
 
 from eventstream.core import records as rec
 from eventstream.storage import format as fmt
-
 from eventstream.storage.scan import CorruptLogWarning, ScanResult, scan_buffer
 
 READ_CHUNK_RECORDS = 65536  # records scanned between yields of EventLogReader.batches
@@ -49,8 +48,9 @@ class StoredBatch:
         lens = r["payload_len"].tolist()
         pl = r["payload"] if "payload" in (r.dtype.names or ()) else None
         ext = self.ext
-        return [ext[i] if i in ext else (pl[i, :n].tobytes() if n and pl is not None else b"")
-                for i, n in enumerate(lens)]
+        return [
+            ext[i] if i in ext else (pl[i, :n].tobytes() if n and pl is not None else b"") for i, n in enumerate(lens)
+        ]
 
     def topic_names(self) -> list[str]:
         t = self.topics
@@ -84,8 +84,12 @@ class ColumnCollector:
         self._walls: list[np.ndarray] = []
 
     def callbacks(self) -> dict:
-        return {"on_rows": self.on_rows, "on_records": self.on_records, "on_topic": self.on_topic,
-                "on_ext": lambda view, _payload: self.on_records(view)}
+        return {
+            "on_rows": self.on_rows,
+            "on_records": self.on_records,
+            "on_topic": self.on_topic,
+            "on_ext": lambda view, _payload: self.on_records(view),
+        }
 
     def on_topic(self, tid: int, name: str) -> None:
         self.topics[tid] = name
@@ -109,8 +113,9 @@ class ColumnCollector:
     def result(self) -> StoredColumns | None:
         if not self._walls:
             return None
-        return StoredColumns({f: np.concatenate(c) for f, c in self._cols.items()}, np.concatenate(self._walls),
-                             self.topics)
+        return StoredColumns(
+            {f: np.concatenate(c) for f, c in self._cols.items()}, np.concatenate(self._walls), self.topics
+        )
 
 
 def _priority_values(priorities: Iterable[int | str] | None) -> np.ndarray | None:
@@ -146,9 +151,16 @@ class EventLogReader:
         self.dtype = rec.record_dtype(self.payload_bytes)
         self.last_scan: ScanResult | None = None
 
-    def batches(self, *, topic: str | None = None, priorities: Iterable[int | str] | None = None,
-                since_ns: int | None = None, until_ns: int | None = None,
-                time_field: str = "stored", payloads: bool = True) -> Iterator[StoredBatch]:
+    def batches(
+        self,
+        *,
+        topic: str | None = None,
+        priorities: Iterable[int | str] | None = None,
+        since_ns: int | None = None,
+        until_ns: int | None = None,
+        time_field: str = "stored",
+        payloads: bool = True,
+    ) -> Iterator[StoredBatch]:
         """Matching records in file order, a batch per run of entries: the closed segments
         (`events.bin.<n>`, oldest first) and then the active file. `topic` is a glob (``orders.*``);
         the time range is [since_ns, until_ns) on `time_field` = "stored" (append wall clock) or
@@ -168,25 +180,49 @@ class EventLogReader:
                     warnings.warn(CorruptLogWarning(f"{path}: segment skipped ({exc})"), stacklevel=2)
                     continue
                 if payload != self.payload_bytes:
-                    warnings.warn(CorruptLogWarning(f"{path}: segment written with records.payload_bytes="
-                                                    f"{payload}, not {self.payload_bytes}: skipped"), stacklevel=2)
+                    warnings.warn(
+                        CorruptLogWarning(
+                            f"{path}: segment written with records.payload_bytes="
+                            f"{payload}, not {self.payload_bytes}: skipped"
+                        ),
+                        stacklevel=2,
+                    )
                     continue
-            yield from self._file_batches(path, topic=topic, priorities=priorities, since_ns=since_ns,
-                                          until_ns=until_ns, time_field=time_field, payloads=payloads)
+            yield from self._file_batches(
+                path,
+                topic=topic,
+                priorities=priorities,
+                since_ns=since_ns,
+                until_ns=until_ns,
+                time_field=time_field,
+                payloads=payloads,
+            )
             scan = self.last_scan
             if total is None:
                 total = scan
             elif scan is not None:
                 problem = total.problem
-                total = ScanResult(file_bytes=scan.file_bytes, valid_bytes=scan.valid_bytes,
-                                   records=total.records + scan.records,
-                                   problem=scan.problem or problem, corrupt=total.corrupt + scan.corrupt,
-                                   topics=scan.topics)
+                total = ScanResult(
+                    file_bytes=scan.file_bytes,
+                    valid_bytes=scan.valid_bytes,
+                    records=total.records + scan.records,
+                    problem=scan.problem or problem,
+                    corrupt=total.corrupt + scan.corrupt,
+                    topics=scan.topics,
+                )
         self.last_scan = total
 
-    def _file_batches(self, path: Path, *, topic: str | None = None, priorities: Iterable[int | str] | None = None,
-                      since_ns: int | None = None, until_ns: int | None = None,
-                      time_field: str = "stored", payloads: bool = True) -> Iterator[StoredBatch]:
+    def _file_batches(
+        self,
+        path: Path,
+        *,
+        topic: str | None = None,
+        priorities: Iterable[int | str] | None = None,
+        since_ns: int | None = None,
+        until_ns: int | None = None,
+        time_field: str = "stored",
+        payloads: bool = True,
+    ) -> Iterator[StoredBatch]:
         """Matching records in file order, a batch per run of entries. `topic` is a glob (``orders.*``);
         the time range is [since_ns, until_ns) on `time_field` = "stored" (append wall clock) or
         "producer" (the record's producer_ts)."""
@@ -233,8 +269,11 @@ class EventLogReader:
                 # ~2 us per record; a row gather is a memcpy each)
                 rows = view.view(np.uint8).reshape(len(view), view.dtype.itemsize)
                 start = fmt.ENTRY_HEADER_BYTES
-                part = rows[:, start:start + out_dtype.itemsize] if idx is None else \
-                    rows[idx, start:start + out_dtype.itemsize]
+                part = (
+                    rows[:, start : start + out_dtype.itemsize]
+                    if idx is None
+                    else rows[idx, start : start + out_dtype.itemsize]
+                )
                 recs = np.empty(n, dtype=out_dtype)
                 recs.view(np.uint8).reshape(n, out_dtype.itemsize)[:] = part
                 wall = view["wall_ns"] if idx is None else view["wall_ns"][idx]
@@ -252,7 +291,7 @@ class EventLogReader:
                 r = view["record"].copy()
                 if not payloads:
                     h = np.empty(1, dtype=out_dtype)
-                    h.view(np.uint8)[:] = r.view(np.uint8)[:out_dtype.itemsize]
+                    h.view(np.uint8)[:] = r.view(np.uint8)[: out_dtype.itemsize]
                     out.append(StoredBatch(h, view["wall_ns"].copy(), topics))
                 else:
                     out.append(StoredBatch(r, view["wall_ns"].copy(), topics, {0: bytes(payload)}))
@@ -266,9 +305,17 @@ class EventLogReader:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             pos = fmt.FILE_HEADER_BYTES
             while True:  # a bounded chunk at a time, so memory stays bounded on big logs
-                part = scan_buffer(mm, self.dtype, on_records=on_records_kept, on_topic=on_topic, start=pos,
-                                   limit_records=READ_CHUNK_RECORDS, on_ext=on_ext, on_batch=on_batch,
-                                   batch_dtype=out_dtype)
+                part = scan_buffer(
+                    mm,
+                    self.dtype,
+                    on_records=on_records_kept,
+                    on_topic=on_topic,
+                    start=pos,
+                    limit_records=READ_CHUNK_RECORDS,
+                    on_ext=on_ext,
+                    on_batch=on_batch,
+                    batch_dtype=out_dtype,
+                )
                 total.records += part.records
                 total.valid_bytes, total.problem = part.valid_bytes, part.problem
                 total.corrupt.extend(part.corrupt)
@@ -286,8 +333,9 @@ class EventLogReader:
             total.problem = f"{what}; then {total.problem}" if total.problem else what
             warnings.warn(CorruptLogWarning(f"{path}: {what}"), stacklevel=2)
 
-    def columns(self, fields: tuple[str, ...], *, since_ns: int | None = None,
-                segments_only: bool = False) -> Iterator[StoredColumns]:
+    def columns(
+        self, fields: tuple[str, ...], *, since_ns: int | None = None, segments_only: bool = False
+    ) -> Iterator[StoredColumns]:
         """The header `fields` (names of core/records.py header fields) of every record stored at or
         after `since_ns` (append wall clock), closed segments first, as arrays, one chunk per file:
         no record is built (a batch entry's fields are read straight from its rows), so the dedup
@@ -342,8 +390,9 @@ class EventLogReader:
             for i, payload in part.ext.items():
                 ext[base + i] = payload
             base += len(part)
-        return StoredBatch(np.concatenate([p.records for p in parts]),
-                           np.concatenate([p.stored_ns for p in parts]), topics, ext)
+        return StoredBatch(
+            np.concatenate([p.records for p in parts]), np.concatenate([p.stored_ns for p in parts]), topics, ext
+        )
 
     def count(self, **filters) -> int:
         return sum(len(b) for b in self.batches(**filters))

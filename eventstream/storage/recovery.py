@@ -74,7 +74,7 @@ def _torn(mm, start: int, itemsize: int) -> bool:
     plausible = magic == fmt.ENTRY_MAGIC and fmt.plausible(kind, length, itemsize)
     if plausible and n < fmt.ENTRY_HEADER_BYTES + length:
         return True
-    return all(not mm[o:min(o + _CHUNK, len(mm))].strip(b"\0") for o in range(start, len(mm), _CHUNK))
+    return all(not mm[o : min(o + _CHUNK, len(mm))].strip(b"\0") for o in range(start, len(mm), _CHUNK))
 
 
 def _save_tail(p: Path, mm, start: int) -> Path:
@@ -87,7 +87,7 @@ def _save_tail(p: Path, mm, start: int) -> Path:
         k += 1
     with open(dest, "xb") as f:
         for o in range(start, len(mm), _CHUNK):
-            f.write(mm[o:min(o + _CHUNK, len(mm))])
+            f.write(mm[o : min(o + _CHUNK, len(mm))])
         f.flush()
         os.fsync(f.fileno())
     return dest
@@ -109,8 +109,13 @@ def _upgrade_header(p: Path, head: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     if damaged:
-        log.warning("log_header_repaired", path=str(p), magic=head[:8].hex(), hint="the file header's magic was "
-                    "damaged; the rest of the header was valid, so the log was read on and the magic written back")
+        log.warning(
+            "log_header_repaired",
+            path=str(p),
+            magic=head[:8].hex(),
+            hint="the file header's magic was "
+            "damaged; the rest of the header was valid, so the log was read on and the magic written back",
+        )
     if version != fmt.FILE_VERSION:
         log.info("log_format_upgraded", path=str(p), version_was=version, version=fmt.FILE_VERSION)
 
@@ -127,17 +132,26 @@ def recover(path: str | os.PathLike, payload_bytes: int, collect=None) -> Recove
     size = p.stat().st_size if p.exists() else 0
     if size < fmt.FILE_HEADER_BYTES:
         head = p.read_bytes() if size else b""
-        if head and not fmt.FILE_MAGIC.startswith(head[:len(fmt.FILE_MAGIC)]):
-            raise fmt.LogFormatError(f"{p}: {size} bytes that are not an eventstream event log; allowed: an "
-                                     "event log or no file (move it away to start a new log)")
+        if head and not fmt.FILE_MAGIC.startswith(head[: len(fmt.FILE_MAGIC)]):
+            raise fmt.LogFormatError(
+                f"{p}: {size} bytes that are not an eventstream event log; allowed: an "
+                "event log or no file (move it away to start a new log)"
+            )
         with open(p, "wb") as out:
             out.write(fmt.encode_file_header(payload_bytes, time.time_ns()))
             out.flush()
             os.fsync(out.fileno())
         if size:
             log.warning("log_header_torn", path=str(p), dropped_bytes=size)
-        return RecoveryReport(str(p), created=True, file_bytes=size, valid_bytes=0, records=0, dropped_records=0,
-                              problem="torn file header" if size else None)
+        return RecoveryReport(
+            str(p),
+            created=True,
+            file_bytes=size,
+            valid_bytes=0,
+            records=0,
+            dropped_records=0,
+            problem="torn file header" if size else None,
+        )
     with open(p, "rb") as f:
         head = f.read(fmt.FILE_HEADER_BYTES)
     found_payload, _ = fmt.decode_file_header(head, str(p))
@@ -146,7 +160,8 @@ def recover(path: str | os.PathLike, payload_bytes: int, collect=None) -> Recove
         raise fmt.LogFormatError(
             f"{p}: written with records.payload_bytes={found_payload}, but the configuration says "
             f"{payload_bytes}; allowed: records.payload_bytes={found_payload} for this file, or move the file "
-            "away to start a new log")
+            "away to start a new log"
+        )
     dtype = rec.record_dtype(payload_bytes)
     if size == fmt.FILE_HEADER_BYTES:
         return RecoveryReport(str(p), created=False, file_bytes=size, valid_bytes=size, records=0, dropped_records=0)
@@ -161,24 +176,46 @@ def recover(path: str | os.PathLike, payload_bytes: int, collect=None) -> Recove
     problem = scan.problem
     if scan.corrupt:
         problem = f"{scan.describe_corrupt()}; then {problem}" if problem else scan.describe_corrupt()
-    report = RecoveryReport(str(p), created=False, file_bytes=size, valid_bytes=scan.valid_bytes,
-                            records=scan.records, dropped_records=math.ceil(dropped / entry_size),
-                            topics=scan.topics, problem=problem, corrupt=list(scan.corrupt),
-                            skipped_records=skipped_records, saved_tail=saved)
+    report = RecoveryReport(
+        str(p),
+        created=False,
+        file_bytes=size,
+        valid_bytes=scan.valid_bytes,
+        records=scan.records,
+        dropped_records=math.ceil(dropped / entry_size),
+        topics=scan.topics,
+        problem=problem,
+        corrupt=list(scan.corrupt),
+        skipped_records=skipped_records,
+        saved_tail=saved,
+    )
     if scan.corrupt:
-        log.warning("log_corrupt_regions_skipped", path=str(p), regions=len(scan.corrupt),
-                    skipped_bytes=report.skipped_bytes, skipped_records_estimate=skipped_records,
-                    kept_records=scan.records,
-                    first=[{"start": r.start, "end": r.end, "reason": r.reason} for r in scan.corrupt[:10]],
-                    hint="the damaged bytes are left in place; readers skip them")
+        log.warning(
+            "log_corrupt_regions_skipped",
+            path=str(p),
+            regions=len(scan.corrupt),
+            skipped_bytes=report.skipped_bytes,
+            skipped_records_estimate=skipped_records,
+            kept_records=scan.records,
+            first=[{"start": r.start, "end": r.end, "reason": r.reason} for r in scan.corrupt[:10]],
+            hint="the damaged bytes are left in place; readers skip them",
+        )
     if dropped:
         with open(p, "r+b") as rw:
             rw.truncate(scan.valid_bytes)
             rw.flush()
             os.fsync(rw.fileno())
-        log.warning("log_tail_truncated", path=str(p), offset=scan.valid_bytes, dropped_bytes=dropped,
-                    dropped_records=report.dropped_records, kept_records=scan.records, reason=scan.problem,
-                    torn=report.saved_tail is None, saved_to=report.saved_tail)
+        log.warning(
+            "log_tail_truncated",
+            path=str(p),
+            offset=scan.valid_bytes,
+            dropped_bytes=dropped,
+            dropped_records=report.dropped_records,
+            kept_records=scan.records,
+            reason=scan.problem,
+            torn=report.saved_tail is None,
+            saved_to=report.saved_tail,
+        )
     elif not scan.corrupt:
         log.info("log_recovered", path=str(p), records=scan.records, bytes=size)
     return report

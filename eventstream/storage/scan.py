@@ -71,8 +71,7 @@ class ScanResult:
         """One line naming the skipped regions (offsets and sizes), for logs and warnings."""
         parts = [f"bytes {r.start}..{r.end} ({r.bytes} bytes: {r.reason})" for r in self.corrupt[:limit]]
         more = f" and {len(self.corrupt) - limit} more" if len(self.corrupt) > limit else ""
-        return (f"skipped {len(self.corrupt)} corrupt region(s), {self.skipped_bytes} bytes: "
-                + "; ".join(parts) + more)
+        return f"skipped {len(self.corrupt)} corrupt region(s), {self.skipped_bytes} bytes: " + "; ".join(parts) + more
 
 
 MAGIC_BYTES = struct.pack("<I", fmt.ENTRY_MAGIC)
@@ -92,11 +91,11 @@ def entry_at(buf, pos: int, end: int, itemsize: int) -> int:
     if stop > end:
         return 0
     with memoryview(buf) as mv:
-        if zlib.crc32(mv[pos + fmt.CRC_START:stop]) != crc:
+        if zlib.crc32(mv[pos + fmt.CRC_START : stop]) != crc:
             return 0
         if kind == fmt.KIND_TOPIC:
             try:
-                bytes(mv[pos + fmt.ENTRY_HEADER_BYTES + 4:stop]).decode("utf-8")
+                bytes(mv[pos + fmt.ENTRY_HEADER_BYTES + 4 : stop]).decode("utf-8")
             except UnicodeDecodeError:
                 return 0
         if kind == fmt.KIND_RECORD_EXT and _ext_len(mv, pos) != length - itemsize:
@@ -142,19 +141,24 @@ def _crc_mismatches(mv: memoryview, size: int, n: int, stored: np.ndarray) -> in
     """Index of the first entry among n whose CRC does not match, or n."""
     crc32 = zlib.crc32
     start = fmt.CRC_START
-    computed = np.array([crc32(mv[i * size + start:(i + 1) * size]) for i in range(n)], dtype=np.uint32)
+    computed = np.array([crc32(mv[i * size + start : (i + 1) * size]) for i in range(n)], dtype=np.uint32)
     bad = np.flatnonzero(computed != stored)
     return int(bad[0]) if bad.size else n
 
 
-def scan_buffer(buf, record_dtype: np.dtype, *,
-                on_records: Callable[[np.ndarray], None] | None = None,
-                on_topic: Callable[[int, str], None] | None = None,
-                start: int = fmt.FILE_HEADER_BYTES, limit_records: int | None = None,
-                on_ext: Callable[[np.ndarray, memoryview], None] | None = None,
-                on_batch: Callable[[np.ndarray, int], None] | None = None,
-                batch_dtype: np.dtype | None = None,
-                on_rows: Callable[[np.ndarray, int], None] | None = None) -> ScanResult:
+def scan_buffer(
+    buf,
+    record_dtype: np.dtype,
+    *,
+    on_records: Callable[[np.ndarray], None] | None = None,
+    on_topic: Callable[[int, str], None] | None = None,
+    start: int = fmt.FILE_HEADER_BYTES,
+    limit_records: int | None = None,
+    on_ext: Callable[[np.ndarray, memoryview], None] | None = None,
+    on_batch: Callable[[np.ndarray, int], None] | None = None,
+    batch_dtype: np.dtype | None = None,
+    on_rows: Callable[[np.ndarray, int], None] | None = None,
+) -> ScanResult:
     """Scan entries in `buf` (bytes, bytearray or mmap) from `start`; call back per record run / topic
     entry. Corrupt regions are skipped (see the module doc) and listed in the result. With
     `limit_records`, stop (partial=True) once about that many records were scanned, so a caller can
@@ -183,14 +187,21 @@ def scan_buffer(buf, record_dtype: np.dtype, *,
         nxt = -1
         if end - at >= fmt.ENTRY_HEADER_BYTES:
             magic, length, _crc, kind, _wall = fmt.ENTRY_HEADER.unpack_from(mv, at)
-            if magic == fmt.ENTRY_MAGIC and kind == fmt.KIND_RECORD and length == itemsize \
-                    and entry_at(buf, at + size, end, itemsize):
+            if (
+                magic == fmt.ENTRY_MAGIC
+                and kind == fmt.KIND_RECORD
+                and length == itemsize
+                and entry_at(buf, at + size, end, itemsize)
+            ):
                 # a record entry whose body is damaged: the next entry is where it would have ended
                 # (checked first, so bytes inside its payload are never taken for an entry)
                 nxt = at + size
-            elif magic == fmt.ENTRY_MAGIC and kind in (fmt.KIND_RECORD_EXT, fmt.KIND_BATCH) \
-                    and fmt.plausible(kind, length, itemsize) \
-                    and entry_at(buf, at + fmt.ENTRY_HEADER_BYTES + length, end, itemsize):
+            elif (
+                magic == fmt.ENTRY_MAGIC
+                and kind in (fmt.KIND_RECORD_EXT, fmt.KIND_BATCH)
+                and fmt.plausible(kind, length, itemsize)
+                and entry_at(buf, at + fmt.ENTRY_HEADER_BYTES + length, end, itemsize)
+            ):
                 nxt = at + fmt.ENTRY_HEADER_BYTES + length  # likewise for a large-payload or batch entry
         if nxt < 0:
             nxt = next_entry(buf, at + 1, end, itemsize)
@@ -223,10 +234,13 @@ def scan_buffer(buf, record_dtype: np.dtype, *,
                         break
                     continue
                 view = np.ndarray((n_max,), dtype=edt, buffer=mv, offset=pos)
-                ok = ((view["magic"] == fmt.ENTRY_MAGIC) & (view["length"] == itemsize)
-                      & (view["kind"] == fmt.KIND_RECORD))
+                ok = (
+                    (view["magic"] == fmt.ENTRY_MAGIC)
+                    & (view["length"] == itemsize)
+                    & (view["kind"] == fmt.KIND_RECORD)
+                )
                 n = n_max if bool(ok.all()) else int(np.argmin(ok))
-                good = _crc_mismatches(mv[pos:pos + n * size], size, n, view["crc"][:n])
+                good = _crc_mismatches(mv[pos : pos + n * size], size, n, view["crc"][:n])
                 if good and on_records is not None:
                     on_records(view[:good])
                 del view
@@ -245,7 +259,7 @@ def scan_buffer(buf, record_dtype: np.dtype, *,
                     if pos < 0:
                         break
                     continue
-                if zlib.crc32(mv[pos + fmt.CRC_START:stop]) != crc:
+                if zlib.crc32(mv[pos + fmt.CRC_START : stop]) != crc:
                     pos = bad(pos, f"CRC mismatch in batch entry at offset {pos}")
                     if pos < 0:
                         break
@@ -275,19 +289,20 @@ def scan_buffer(buf, record_dtype: np.dtype, *,
             if kind == fmt.KIND_RECORD_EXT and fmt.plausible(kind, length, itemsize):
                 stop = pos + fmt.ENTRY_HEADER_BYTES + length
                 if stop > end:
-                    pos = bad(pos, f"torn large-payload record entry at offset {pos} ({end - pos} of "
-                                   f"{stop - pos} bytes)")
+                    pos = bad(
+                        pos, f"torn large-payload record entry at offset {pos} ({end - pos} of {stop - pos} bytes)"
+                    )
                     if pos < 0:
                         break
                     continue
-                if zlib.crc32(mv[pos + fmt.CRC_START:stop]) != crc or _ext_len(mv, pos) != length - itemsize:
+                if zlib.crc32(mv[pos + fmt.CRC_START : stop]) != crc or _ext_len(mv, pos) != length - itemsize:
                     pos = bad(pos, f"CRC mismatch in large-payload record entry at offset {pos}")
                     if pos < 0:
                         break
                     continue
                 view = np.ndarray((1,), dtype=edt, buffer=mv, offset=pos)
                 if on_ext is not None:
-                    payload = mv[pos + size:stop]
+                    payload = mv[pos + size : stop]
                     on_ext(view, payload)
                     payload.release()
                 elif on_records is not None:
@@ -303,8 +318,8 @@ def scan_buffer(buf, record_dtype: np.dtype, *,
                     if pos < 0:
                         break
                     continue
-                body = mv[pos + fmt.ENTRY_HEADER_BYTES:pos + fmt.ENTRY_HEADER_BYTES + length]
-                if zlib.crc32(mv[pos + fmt.CRC_START:pos + fmt.ENTRY_HEADER_BYTES + length]) != crc:
+                body = mv[pos + fmt.ENTRY_HEADER_BYTES : pos + fmt.ENTRY_HEADER_BYTES + length]
+                if zlib.crc32(mv[pos + fmt.CRC_START : pos + fmt.ENTRY_HEADER_BYTES + length]) != crc:
                     body.release()
                     pos = bad(pos, f"CRC mismatch in topic entry at offset {pos}")
                     if pos < 0:

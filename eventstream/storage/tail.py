@@ -133,8 +133,10 @@ class SegmentIndex:
         except FileNotFoundError:
             pass
         except (OSError, ValueError, AttributeError) as exc:
-            raise ValueError(f"{self.path}: unreadable segment index ({exc}); allowed: the JSON file eventstream "
-                             "writes (delete it to rebuild; offsets then restart from the oldest file)") from None
+            raise ValueError(
+                f"{self.path}: unreadable segment index ({exc}); allowed: the JSON file eventstream "
+                "writes (delete it to rebuild; offsets then restart from the oldest file)"
+            ) from None
 
     def base(self, created_ns: int) -> int | None:
         return self._bases.get(created_ns)
@@ -192,8 +194,16 @@ class SegmentIndex:
 class LogTail:
     """Reads record entries from offset `start` on, in file order, live. Not thread-safe (one owner)."""
 
-    def __init__(self, log_path: Path, dtype: np.dtype, index: SegmentIndex, start: int = 0, *,
-                 since_ns: int | None = None, chunk_bytes: int = CHUNK_BYTES):
+    def __init__(
+        self,
+        log_path: Path,
+        dtype: np.dtype,
+        index: SegmentIndex,
+        start: int = 0,
+        *,
+        since_ns: int | None = None,
+        chunk_bytes: int = CHUNK_BYTES,
+    ):
         self.log_path = Path(log_path)
         self.dtype = dtype
         self.index = index
@@ -303,7 +313,7 @@ class LogTail:
                     if not hit.size:
                         return
                     lo += int(hit[0])
-                    r, wall = r[hit[0]:], wall[hit[0]:]
+                    r, wall = r[hit[0] :], wall[hit[0] :]
                     self.since_ns = None
                 k = len(r)
                 if ext is not None:  # one large-payload entry: its payload follows the record
@@ -313,9 +323,18 @@ class LogTail:
                 ids, inverse = np.unique(r["topic_id"], return_inverse=True)
                 names = np.array([topics.get(t, f"#{t}") for t in ids.tolist()], dtype=object)  # noqa: B023
                 # one TailEvent per event is the interface; everything else is done over the columns
-                out.extend(map(TailEvent, range(first + lo, first + lo + k), names[inverse.ravel()].tolist(),  # noqa: B023
-                               r["event_id"].tolist(), r["priority"].tolist(), r["producer_ts"].tolist(),
-                               wall.tolist(), payloads))
+                out.extend(
+                    map(
+                        TailEvent,
+                        range(first + lo, first + lo + k),
+                        names[inverse.ravel()].tolist(),  # noqa: B023
+                        r["event_id"].tolist(),
+                        r["priority"].tolist(),
+                        r["producer_ts"].tolist(),
+                        wall.tolist(),
+                        payloads,
+                    )
+                )
 
             def on_ext(view: np.ndarray, payload) -> None:
                 on_records(view, bytes(payload))
@@ -368,5 +387,13 @@ def payload_capacity_of(path: Path) -> int:
         return fmt.decode_file_header(f.read(fmt.FILE_HEADER_BYTES), str(path))[0]
 
 
-__all__ = ["LogTail", "Progress", "SegmentIndex", "TailEvent", "count_records", "log_files", "payload_capacity_of",
-           "rec"]
+__all__ = [
+    "LogTail",
+    "Progress",
+    "SegmentIndex",
+    "TailEvent",
+    "count_records",
+    "log_files",
+    "payload_capacity_of",
+    "rec",
+]

@@ -38,10 +38,11 @@ def segment_paths(path: Path) -> list[tuple[int, Path]]:
     """The closed segments `<name>.<n>` of a log, oldest first (the active file is `path` itself)."""
     out = []
     for p in path.parent.glob(f"{path.name}.*"):
-        suffix = p.name[len(path.name) + 1:]
+        suffix = p.name[len(path.name) + 1 :]
         if suffix.isdigit():
             out.append((int(suffix), p))
     return sorted(out)
+
 
 log = structlog.get_logger("eventstream.storage")
 
@@ -49,10 +50,23 @@ FSYNC_POLICIES = ("none", "interval", "always")
 
 
 class EventLog:
-    def __init__(self, path: str | os.PathLike, *, dtype: np.dtype, topics: TopicTable,
-                 flush_events: int = 100, flush_interval_ms: float = 50.0, fsync: str = "interval",
-                 fsync_interval_ms: float = 1000.0, flusher: bool = True, cpus: list[int] | None = None,
-                 max_segment_bytes: int = 0, max_segments: int = 0, max_age_s: float = 0.0, collect=None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        dtype: np.dtype,
+        topics: TopicTable,
+        flush_events: int = 100,
+        flush_interval_ms: float = 50.0,
+        fsync: str = "interval",
+        fsync_interval_ms: float = 1000.0,
+        flusher: bool = True,
+        cpus: list[int] | None = None,
+        max_segment_bytes: int = 0,
+        max_segments: int = 0,
+        max_age_s: float = 0.0,
+        collect=None,
+    ):
         """Segments: past `max_segment_bytes` (0 = never) the file is renamed `<name>.<n>` and a new one
         starts, declaring every known topic first (each segment reads on its own); `max_segments`
         (0 = all) and `max_age_s` (0 = no limit) bound how many old segments are kept."""
@@ -90,8 +104,17 @@ class EventLog:
         self._sync_lock = threading.Lock()  # one fsync at a time in sync(); waiters share it
         self._synced_records = 0  # records covered by the last completed fsync
         self._closed = False
-        self._stats = {"records": 0, "bytes": 0, "flushes": 0, "fsyncs": 0, "topics": 0, "group_syncs": 0,
-                       "segments_deleted": 0, "segments_deleted_unread": 0, "segments_kept_unread": 0}
+        self._stats = {
+            "records": 0,
+            "bytes": 0,
+            "flushes": 0,
+            "fsyncs": 0,
+            "topics": 0,
+            "group_syncs": 0,
+            "segments_deleted": 0,
+            "segments_deleted_unread": 0,
+            "segments_kept_unread": 0,
+        }
         self._stop = threading.Event()
         self._cpus = cpus or []
         # readers that must not lose unread events (set by the service when consumer groups exist):
@@ -112,8 +135,10 @@ class EventLog:
         if n == 0:
             return
         if records.dtype != self.dtype:
-            raise TypeError(f"records have dtype itemsize {records.dtype.itemsize}; this log stores "
-                            f"{self.dtype.itemsize}-byte records (records.payload_bytes={self.payload_bytes})")
+            raise TypeError(
+                f"records have dtype itemsize {records.dtype.itemsize}; this log stores "
+                f"{self.dtype.itemsize}-byte records (records.payload_bytes={self.payload_bytes})"
+            )
         if self._closed:
             raise ValueError(f"{self.path}: append() after close()")
         ids = records["topic_id"]
@@ -170,8 +195,10 @@ class EventLog:
         self._size = 0
         now = time.time_ns()
         head = [fmt.encode_file_header(self.payload_bytes, now)]
-        head += [fmt.topic_entry(fid, name.encode("utf-8"), now)
-                 for name, fid in sorted(self._file_id_by_name.items(), key=lambda kv: kv[1])]
+        head += [
+            fmt.topic_entry(fid, name.encode("utf-8"), now)
+            for name, fid in sorted(self._file_id_by_name.items(), key=lambda kv: kv[1])
+        ]
         self._write_all(b"".join(head))
         self._stats["segments"] = self._stats.get("segments", 0) + 1
         log.info("log_rotated", path=str(self.path), segment=n)
@@ -179,25 +206,31 @@ class EventLog:
 
     def _retain(self) -> None:
         segs = segment_paths(self.path)
-        doomed = segs[:max(0, len(segs) - self.max_segments)] if self.max_segments else []
+        doomed = segs[: max(0, len(segs) - self.max_segments)] if self.max_segments else []
         if self.max_age_s > 0:
             cutoff = time.time() - self.max_age_s
-            doomed += [s for s in segs[len(doomed):] if s[1].exists() and s[1].stat().st_mtime < cutoff]
+            doomed += [s for s in segs[len(doomed) :] if s[1].exists() and s[1].stat().st_mtime < cutoff]
         kept = 0
         for i, (_, p) in enumerate(doomed):
             readers = self._unread_by(p)
             if readers and self.keep_unread:  # every newer segment is unread by them too: keep the rest
                 kept = len(doomed) - i
-                log.info("log_segments_kept_unread", segment=str(p), kept=kept, readers=readers[:8],
-                         readers_total=len(readers))
+                log.info(
+                    "log_segments_kept_unread",
+                    segment=str(p),
+                    kept=kept,
+                    readers=readers[:8],
+                    readers_total=len(readers),
+                )
                 break
             try:
                 p.unlink()
                 self._stats["segments_deleted"] += 1
                 if readers:
                     self._stats["segments_deleted_unread"] += 1
-                    log.warning("log_segment_deleted_unread", segment=str(p), readers=readers[:8],
-                                readers_total=len(readers))
+                    log.warning(
+                        "log_segment_deleted_unread", segment=str(p), readers=readers[:8], readers_total=len(readers)
+                    )
                 else:
                     log.info("log_segment_deleted", segment=str(p))
             except OSError as exc:
@@ -220,7 +253,7 @@ class EventLog:
             top = int(ids.max())
             if top >= len(mapping):
                 grown = np.zeros(max(top + 1, 2 * len(mapping)), dtype=np.uint32)
-                grown[:len(mapping)] = mapping
+                grown[: len(mapping)] = mapping
                 mapping = grown
             for tid in np.unique(ids).tolist():
                 if mapping[tid]:
@@ -259,9 +292,14 @@ class EventLog:
                 self._rotate_locked()
         # "interval" fsyncs belong to the flusher thread, outside the lock (an fsync can take 100+ ms
         # and appenders must not wait for it); without a flusher they happen here.
-        if self._dirty and (self.fsync_policy == "always" or (
-                self.fsync_policy == "interval" and self._flusher is None
-                and time.monotonic_ns() - self._last_fsync >= self.fsync_interval_ns)):
+        if self._dirty and (
+            self.fsync_policy == "always"
+            or (
+                self.fsync_policy == "interval"
+                and self._flusher is None
+                and time.monotonic_ns() - self._last_fsync >= self.fsync_interval_ns
+            )
+        ):
             self._fsync_locked()
 
     def _fsync_locked(self) -> None:

@@ -65,8 +65,10 @@ class GroupStore:
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise GroupError(f"group {name!r}: unreadable committed offset in {self._path(name)} ({exc}); "
-                             "allowed: the JSON file eventstream writes (delete it to start the group anew)") from None
+            raise GroupError(
+                f"group {name!r}: unreadable committed offset in {self._path(name)} ({exc}); "
+                "allowed: the JSON file eventstream writes (delete it to start the group anew)"
+            ) from None
 
     def save(self, name: str, offset: int) -> None:
         path = self._path(name)
@@ -194,8 +196,10 @@ class Group:
             mine = self.inflight.setdefault(member, collections.deque())
             done = self.done.get(member, 0)
             if not done <= count <= done + len(mine):
-                raise GroupError(f"COMMIT {count} is not allowed; allowed: {done}..{done + len(mine)} (the number "
-                                 "of events sent to this connection that are done, cumulative)")
+                raise GroupError(
+                    f"COMMIT {count} is not allowed; allowed: {done}..{done + len(mine)} (the number "
+                    "of events sent to this connection that are done, cumulative)"
+                )
             for _ in range(count - done):
                 mine.popleft()
             self.done[member] = count
@@ -272,8 +276,10 @@ class GroupRegistry:
                 tail = open_tail(self.log_path, self.dtype, self.index, sub, resume=committed)
                 g = self.groups[sub.group] = Group(sub.group, sub.glob, tail, self.store, committed)
             elif g.glob != sub.glob:
-                raise GroupError(f"group {sub.group!r} follows topic glob {g.glob!r}; a member subscribing to "
-                                 f"{sub.glob!r} is not allowed (allowed: the same glob, or another group name)")
+                raise GroupError(
+                    f"group {sub.group!r} follows topic glob {g.glob!r}; a member subscribing to "
+                    f"{sub.glob!r} is not allowed (allowed: the same glob, or another group name)"
+                )
             with g.lock:
                 g.inflight.setdefault(member, collections.deque())
                 g.wakers[member] = waker

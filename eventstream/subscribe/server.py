@@ -27,8 +27,19 @@ SESSION_KINDS = ("handshake", "solo", "group")
 
 
 class SubscribeServer:
-    def __init__(self, config, log_path: Path, dtype, data_dir: Path, *, tokens=None, progress: Progress | None = None,
-                 cpus: list[int] | None = None, tls=None, tenants: Tenants | None = None):
+    def __init__(
+        self,
+        config,
+        log_path: Path,
+        dtype,
+        data_dir: Path,
+        *,
+        tokens=None,
+        progress: Progress | None = None,
+        cpus: list[int] | None = None,
+        tls=None,
+        tenants: Tenants | None = None,
+    ):
         """`tokens`: the TokenSet a HELLO must carry (None: no authentication); `tls`: the server.tls
         context (ingest/tls.py; None: plain TCP)."""
         self.config = config
@@ -69,8 +80,12 @@ class SubscribeServer:
         self.address = s.getsockname()[:2]
         self._thread = threading.Thread(target=self._accept_loop, name="es-sub-acceptor", daemon=True)
         self._thread.start()
-        log.info("subscribe_listening", address=f"{self.address[0]}:{self.address[1]}", tls=self.tls is not None,
-                 auth=self.tokens is not None)
+        log.info(
+            "subscribe_listening",
+            address=f"{self.address[0]}:{self.address[1]}",
+            tls=self.tls is not None,
+            auth=self.tokens is not None,
+        )
         return self
 
     def threads(self) -> list[threading.Thread]:
@@ -104,8 +119,10 @@ class SubscribeServer:
                 elif len(self.sessions) >= self.config.max_subscribers:
                     victim = min(waiting, key=lambda s: s.opened, default=None)
                     if victim is None:
-                        reason = (f"too many subscribers: {self.config.max_subscribers} connected; allowed: at most "
-                                  f"server.subscribe.max_subscribers={self.config.max_subscribers}")
+                        reason = (
+                            f"too many subscribers: {self.config.max_subscribers} connected; allowed: at most "
+                            f"server.subscribe.max_subscribers={self.config.max_subscribers}"
+                        )
                 if victim is not None:
                     self.sessions.pop(victim.sid, None)  # its slot is the newcomer's from now on
                 if not reason:
@@ -117,8 +134,10 @@ class SubscribeServer:
                     self.stats["refused"] += 1
             if victim is not None:
                 self.stats["evicted"] += 1
-                victim.evict("made room for a new subscriber: this connection had not finished its handshake "
-                             "(server.subscribe.max_subscribers, server.tenants.max_subscribers)")
+                victim.evict(
+                    "made room for a new subscriber: this connection had not finished its handshake "
+                    "(server.subscribe.max_subscribers, server.tenants.max_subscribers)"
+                )
             if reason:
                 self._log_refusal(addr, reason)
                 self.refuser.refuse(conn, reason)  # no thread per refused connection
@@ -209,5 +228,14 @@ def build(cfg, data_dir: Path, dtype, tokens=None, tls=None, stored=None, tenant
     sc = cfg.server.subscribe
     if not sc.enabled:
         return None
-    return SubscribeServer(sc, Path(data_dir) / cfg.storage.events_file, dtype, data_dir, tokens=tokens,
-                           progress=stored, cpus=cfg.affinity.acceptor, tls=tls, tenants=tenants)
+    return SubscribeServer(
+        sc,
+        Path(data_dir) / cfg.storage.events_file,
+        dtype,
+        data_dir,
+        tokens=tokens,
+        progress=stored,
+        cpus=cfg.affinity.acceptor,
+        tls=tls,
+        tenants=tenants,
+    )

@@ -309,14 +309,17 @@ class Session:
             if tokens is not None:
                 self.principal = tokens.identify(token)
                 if self.principal is None:
-                    raise sp.SubscribeProtocolError("auth: token not accepted; allowed: one of server.auth.tokens "
-                                                    "or a principal's (server.auth.principals)")
+                    raise sp.SubscribeProtocolError(
+                        "auth: token not accepted; allowed: one of server.auth.tokens "
+                        "or a principal's (server.auth.principals)"
+                    )
             while not frames:
                 frames = self._recv_frames(dec, deadline)
             f = frames.pop(0)
         elif tokens is not None:
-            raise sp.SubscribeProtocolError("auth: this server requires a HELLO frame with a client token first; "
-                                            "allowed: HELLO, then SUBSCRIBE")
+            raise sp.SubscribeProtocolError(
+                "auth: this server requires a HELLO frame with a client token first; allowed: HELLO, then SUBSCRIBE"
+            )
         sub = sp.parse_subscribe(f, cfg.max_credit)
         p = self.principal
         if p is not None and not p.unrestricted:
@@ -342,8 +345,10 @@ class Session:
                 return self._fail(str(exc))
             except HandshakeTimeout:
                 t = self.server.config.handshake_timeout_s
-                return self._fail(f"no SUBSCRIBE within {t:g} s; allowed: HELLO (if tokens are configured) and "
-                                  f"SUBSCRIBE within server.subscribe.handshake_timeout_s={t:g} in total")
+                return self._fail(
+                    f"no SUBSCRIBE within {t:g} s; allowed: HELLO (if tokens are configured) and "
+                    f"SUBSCRIBE within server.subscribe.handshake_timeout_s={t:g} in total"
+                )
             except (SessionClosed, OSError):
                 return self._close()
             if sub is None:  # refused already (plain text on a TLS port)
@@ -354,17 +359,26 @@ class Session:
                 if sub.group:
                     self.source = self.server.groups.join(sub, self, self.wake)
                 else:
-                    self.source = SoloSource(open_tail(self.server.log_path, self.server.dtype, self.server.index,
-                                                       sub), sub.glob)
+                    self.source = SoloSource(
+                        open_tail(self.server.log_path, self.server.dtype, self.server.index, sub), sub.glob
+                    )
             except GroupError as exc:
                 return self._fail(str(exc))
-            log.info("subscriber_joined", sid=self.sid, peer=str(self.addr), glob=sub.glob, group=sub.group or None,
-                     start=sp.START_NAMES[sub.start], credit=sub.credit)
+            log.info(
+                "subscriber_joined",
+                sid=self.sid,
+                peer=str(self.addr),
+                glob=sub.glob,
+                group=sub.group or None,
+                start=sp.START_NAMES[sub.start],
+                credit=sub.credit,
+            )
             dec, frames = self._leftover
             for f in frames:
                 self._on_frame(f)
-            self.reader = threading.Thread(target=self._read_loop, args=(dec,), name=f"es-sub-{self.sid}-r",
-                                           daemon=True)
+            self.reader = threading.Thread(
+                target=self._read_loop, args=(dec,), name=f"es-sub-{self.sid}-r", daemon=True
+            )
             self.reader.start()
             self._send_loop()
         except Exception as exc:  # noqa: BLE001 - one session never takes the server down
@@ -410,9 +424,18 @@ class Session:
         if self.sub.batch:  # many events per frame (credit still counts events)
             frames = [sp.encode_deliver_batches(events)]
         else:
-            frames = [sp.encode_deliver(ev.offset, ev.topic.encode("utf-8"), ev.payload, event_id=ev.event_id,
-                                        priority=ev.priority, producer_ts=ev.producer_ts, stored_ns=ev.stored_ns)
-                      for ev in events]
+            frames = [
+                sp.encode_deliver(
+                    ev.offset,
+                    ev.topic.encode("utf-8"),
+                    ev.payload,
+                    event_id=ev.event_id,
+                    priority=ev.priority,
+                    producer_ts=ev.producer_ts,
+                    stored_ns=ev.stored_ns,
+                )
+                for ev in events
+            ]
         with self.credit_lock:
             self.credit -= len(events)
         self.sent += len(events)  # handed to the socket (counted first: a reader of `sent` saw the bytes)
@@ -447,7 +470,8 @@ class Session:
                     raise sp.SubscribeProtocolError(
                         f"CREDIT {f.event_id} is not allowed (outstanding {self.credit}); allowed: 1.."
                         f"{max(0, limit - self.credit)} (outstanding credit at most server.subscribe.max_credit="
-                        f"{limit})")
+                        f"{limit})"
+                    )
                 self.credit += f.event_id
             self.wake.set()
         elif f.kind == sp.KIND_COMMIT:
@@ -455,8 +479,10 @@ class Session:
             done = self.source.commit(self, f.event_id)
             self._send(sp.encode_commit(done))
         else:
-            raise sp.SubscribeProtocolError(f"kind {f.kind} ({sp.KIND_NAMES.get(f.kind, '?')}) is not allowed after "
-                                            f"SUBSCRIBE; allowed: {sp.KIND_CREDIT} CREDIT, {sp.KIND_COMMIT} COMMIT")
+            raise sp.SubscribeProtocolError(
+                f"kind {f.kind} ({sp.KIND_NAMES.get(f.kind, '?')}) is not allowed after "
+                f"SUBSCRIBE; allowed: {sp.KIND_CREDIT} CREDIT, {sp.KIND_COMMIT} COMMIT"
+            )
 
     # ------------------------------------------------------------------------------------ closing
     def _fail(self, reason: str) -> None:

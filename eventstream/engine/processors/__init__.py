@@ -5,5 +5,12 @@ from eventstream.engine.processors.batch import BatchProcessor, Window, WindowTa
 from eventstream.engine.processors.realtime import RealtimeProcessor
 from eventstream.engine.processors.transactional import TransactionalProcessor
 
-__all__ = ["Processor", "Sinks", "RealtimeProcessor", "TransactionalProcessor", "BatchProcessor",
-           "Window", "WindowTable"]
+__all__ = [
+    "Processor",
+    "Sinks",
+    "RealtimeProcessor",
+    "TransactionalProcessor",
+    "BatchProcessor",
+    "Window",
+    "WindowTable",
+]

@@ -72,9 +72,20 @@ DedupKeys = list[tuple[int, int]] | idempotency.Probed
 class Processor(threading.Thread):
     kind = "processor"
 
-    def __init__(self, queue: Queue, sinks: Sinks, handler: Handler | None, *, topics: list[str] | None = None,
-                 worker: int = 0, cpus=(), max_batch: int = 4096, poll_timeout: float = 0.002,
-                 dedups: list | None = None, nice: int = 0):
+    def __init__(
+        self,
+        queue: Queue,
+        sinks: Sinks,
+        handler: Handler | None,
+        *,
+        topics: list[str] | None = None,
+        worker: int = 0,
+        cpus=(),
+        max_batch: int = 4096,
+        poll_timeout: float = 0.002,
+        dedups: list | None = None,
+        nice: int = 0,
+    ):
         super().__init__(name=f"es-{self.kind}-{worker}", daemon=True)
         self.queue = queue
         self.sinks = sinks
@@ -87,8 +98,9 @@ class Processor(threading.Thread):
         self.nice = nice
         # one Deduplicator per partition of this tier (engine/idempotency.py), or None: no dedup
         if dedups is not None and len(dedups) != queue.partitions:
-            raise ValueError(f"one Deduplicator per partition is needed: got {len(dedups)} for "
-                             f"{queue.partitions} partitions")
+            raise ValueError(
+                f"one Deduplicator per partition is needed: got {len(dedups)} for {queue.partitions} partitions"
+            )
         self.dedups = dedups
         self._done: list[tuple[str, np.ndarray, int]] = []  # processed() calls, made after the release
         self._stages: list[tuple[np.ndarray, int, int]] = []  # stage latencies left by run_inline
@@ -136,8 +148,10 @@ class Processor(threading.Thread):
                 # a publish to any partition (or stop()) signals the wait, the timeout is a safety net
                 wait = self.queue.wait
                 if wait is not None:
-                    wait.wait_for(lambda: self.queue.has_work() or self._stop_requested.is_set(),
-                                  IDLE_WAIT_S if wait.signals else 0.0)
+                    wait.wait_for(
+                        lambda: self.queue.has_work() or self._stop_requested.is_set(),
+                        IDLE_WAIT_S if wait.signals else 0.0,
+                    )
                 if not (wait is not None and wait.signals):
                     idle_sleep = min(0.002, idle_sleep * 2 or 0.00005)
                     time.sleep(idle_sleep)
@@ -165,8 +179,11 @@ class Processor(threading.Thread):
         stages = sinks.stages
         if stages is not None:  # copied before the release: the views belong to the ring after it
             stored_ns = time.monotonic_ns()
-            ingest = views[0]["ingest_ts"].astype(np.int64) if len(views) == 1 else \
-                np.concatenate([v["ingest_ts"] for v in views]).astype(np.int64)
+            ingest = (
+                views[0]["ingest_ts"].astype(np.int64)
+                if len(views) == 1
+                else np.concatenate([v["ingest_ts"] for v in views]).astype(np.int64)
+            )
         for view in views:  # stored or dead-lettered: their payload arena slots go back first
             release_records(view)
         ring.release(n)
@@ -250,14 +267,15 @@ class Processor(threading.Thread):
         self._done.append((queue, ts, handled_ns))
 
     # -- idempotency
-    def skip_duplicates(self, records: np.ndarray, partition: int,
-                        count: bool = True) -> tuple[np.ndarray, DedupKeys | None]:
+    def skip_duplicates(
+        self, records: np.ndarray, partition: int, count: bool = True
+    ) -> tuple[np.ndarray, DedupKeys | None]:
         """Drop records already stored (same topic and event id, within the window) and repeats inside
         the batch, counting them (unless `count` is False: the caller counts once it is sure it will
         not hand the batch back); returns (records to handle, their dedup keys or None)."""
         if self.dedups is None:
             return records, None
-        if len(records) <= idempotency.SMALL:  # keys as plain (id, tag) ints (see commit_ids)
+        if len(records) <= SMALL_BATCH:  # keys as plain (id, tag) ints (see commit_ids)
             pairs, few = idempotency.duplicates_few(records, self.dedups[partition])
             if True in few:
                 kept = [i for i, s in enumerate(few) if not s]

@@ -43,9 +43,17 @@ class Window:
     partial: bool = False  # flushed at shutdown before its end
 
     def summary(self) -> dict:
-        return {"topic": self.topic, "start_ns": self.start_ns, "end_ns": self.end_ns, "count": self.count,
-                "bytes": self.bytes, "first_ns": self.first_ns, "last_ns": self.last_ns,
-                "aggregate": self.aggregate, "partial": self.partial}
+        return {
+            "topic": self.topic,
+            "start_ns": self.start_ns,
+            "end_ns": self.end_ns,
+            "count": self.count,
+            "bytes": self.bytes,
+            "first_ns": self.first_ns,
+            "last_ns": self.last_ns,
+            "aggregate": self.aggregate,
+            "partial": self.partial,
+        }
 
 
 @dataclass
@@ -64,8 +72,19 @@ def wall_offset_ns() -> int:
 class BatchProcessor(Processor):
     kind = "batch"
 
-    def __init__(self, queue, sinks, handler, *, tables: list[WindowTable], window_s: float = 5.0,
-                 aggregate=None, clock=time.time_ns, offset_ns: int | None = None, **kw):
+    def __init__(
+        self,
+        queue,
+        sinks,
+        handler,
+        *,
+        tables: list[WindowTable],
+        window_s: float = 5.0,
+        aggregate=None,
+        clock=time.time_ns,
+        offset_ns: int | None = None,
+        **kw,
+    ):
         super().__init__(queue, sinks, handler, **kw)
         self.tables = tables
         self.window_ns = int(window_s * 1e9)
@@ -95,8 +114,9 @@ class BatchProcessor(Processor):
             w = table.open.get((tid, widx))
             if w is None:
                 start = widx * self.window_ns
-                w = table.open[(tid, widx)] = Window(topics.name(tid), tid, start, start + self.window_ns,
-                                                     first_ns=int(first[g]), last_ns=int(last[g]))
+                w = table.open[(tid, widx)] = Window(
+                    topics.name(tid), tid, start, start + self.window_ns, first_ns=int(first[g]), last_ns=int(last[g])
+                )
             w.count += int(counts[g])
             w.bytes += int(nbytes[g])
             w.first_ns = min(w.first_ns, int(first[g]))

@@ -27,8 +27,9 @@ class RealtimeProcessor(Processor):
                 try:
                     self.handler(Batch(subscribed, sinks.topics, "realtime"))
                 except Exception as exc:  # noqa: BLE001 - a handler never kills its thread
-                    sinks.drop(subscribed.copy() if subscribed is records else subscribed,
-                               f"handler_error: {error_text(exc)}")
+                    sinks.drop(
+                        subscribed.copy() if subscribed is records else subscribed, f"handler_error: {error_text(exc)}"
+                    )
                     stored = np.zeros(len(records), dtype=bool) if mask is None else ~mask
                     records = records[stored]
         if len(records):

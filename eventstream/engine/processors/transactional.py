@@ -90,12 +90,12 @@ class TransactionalProcessor(Processor):
             return [0], [last[0]]
         pending = list(range(len(batch)))
         for attempt in range(self.max_retries):
-            time.sleep(self.backoff * (2 ** attempt))
+            time.sleep(self.backoff * (2**attempt))
             still = []
             for i in pending:
                 self.retried += 1
                 try:
-                    handler(Batch(batch[i:i + 1], topics, "transactional"))
+                    handler(Batch(batch[i : i + 1], topics, "transactional"))
                 except Exception as exc:  # noqa: BLE001 - a user's handler: retried, then dead-lettered
                     last[i] = error_text(exc)
                     still.append(i)
