@@ -23,6 +23,7 @@ run: bootstrap
 
 test: bootstrap
 	@bash tools/test-deps.sh
+	@bash tools/lint.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: bootstrap

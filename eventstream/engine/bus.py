@@ -8,7 +8,8 @@
 Ingest readers are the producers: `offer()` routes a decoded batch straight into the queues (no
 dispatcher thread between them), so a CRITICAL event never waits behind bulk traffic in a shared
 ingest queue. A partition with a lane (`Queue.lanes`, caller runs: Processor.run_inline) whose ring
-is idle has its records handled on the offering thread instead of queued. `offer()` never waits: what does not fit is handed back to the reader, which holds it
+is idle has its records handled on the offering thread instead of queued. `offer()` never waits:
+what does not fit is handed back to the reader, which holds it
 and stops reading that connection until there is room (TCP flow control pushes back on the
 client); a queue configured DROP_NEW sheds it at the edge instead (NACK + dead-letter log).
 Each placement comes back as a completion mark (ring, end): every record of the batch is handled
@@ -88,10 +89,7 @@ class Queue:
 
     def has_work(self) -> bool:
         """Any partition holds records (stops at the first: cheaper than depth)."""
-        for r in self.rings:
-            if r.depth:
-                return True
-        return False
+        return any(r.depth for r in self.rings)
 
     @property
     def capacity(self) -> int:
@@ -182,7 +180,7 @@ class EventBusMulti:
         """_split for a few records with plain ints (the common read at low load is one event)."""
         queues = self.queues
         dest = []  # (queue index, partition) per record
-        for prio, tid in zip(records["priority"].tolist(), records["topic_id"].tolist()):
+        for prio, tid in zip(records["priority"].tolist(), records["topic_id"].tolist(), strict=True):
             q = _ROUTE[prio]
             dest.append((q, partition_of(tid, queues[q].partitions)))
         first = dest[0]

@@ -16,7 +16,8 @@ undone separately (workers, then the TCP pause, then UDP shedding ...), and the 
 whether the system copes with it. Up: one level, when a higher level's thresholds are exceeded.
 Down: one level, only when *both* metrics are below the thresholds of the level being left ×
 `recovery_factor` (hysteresis), and only once that has held for `min_dwell_ms` in a row (so a load
-that hovers around a threshold does not flap: it stays at the higher level). No decision at all before `min_events_for_evaluation`
+that hovers around a threshold does not flap: it stays at the higher level). No decision at all
+before `min_events_for_evaluation`
 events have been processed (warm-up: rates over a handful of events mean nothing).
 """
 

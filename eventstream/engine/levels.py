@@ -15,7 +15,8 @@ class LevelActions:
 
     The levels are applied by `Engine.offer`. A source with flow control (TCP, the NATS source, flows)
     is already pushed back tier by tier by a full queue (it holds what did not fit and offers it
-    again; nothing is dropped), so the levels hold its events only at EMERGENCY. UDP has no flow control: what it does not admit is shed (reason "backpressure", DLQ),
+    again; nothing is dropped), so the levels hold its events only at EMERGENCY. UDP has no flow
+    control: what it does not admit is shed (reason "backpressure", DLQ),
     leaving queue room for higher priorities. Events already accepted are never shed.
     """
 

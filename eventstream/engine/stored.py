@@ -21,10 +21,7 @@ from collections.abc import Callable, Iterable
 
 def done(marks: Iterable) -> bool:
     """Every completion mark (ring, end) is passed: those records are stored (or dead-lettered)."""
-    for ring, end in marks:
-        if ring.completed() < end:
-            return False
-    return True
+    return all(ring.completed() >= end for ring, end in marks)
 
 
 class Stored:

@@ -28,21 +28,48 @@ if TYPE_CHECKING:
 
 
 def marks_done(marks) -> bool:
-    for ring, end in marks:
-        if ring.completed() < end:
-            return False
-    return True
+    return all(ring.completed() >= end for ring, end in marks)
 
 
 class Connection:
-    __slots__ = ("sock", "conn_id", "peer", "decoder", "v2", "accepted", "acked", "chunks", "held", "held_idx",
-                 "open_marks", "open_nacks", "open_ts", "blocked", "outbox", "last_active", "tokens", "resume_at",
-                 "reading", "closing", "closed", "partial", "partial_since", "preamble", "handshaking", "meter",
-                 "linger_until", "principal", "principal_id", "tenant",
-                 "window_bytes", "window_start")
+    __slots__ = (
+        "sock",
+        "conn_id",
+        "peer",
+        "decoder",
+        "v2",
+        "accepted",
+        "acked",
+        "chunks",
+        "held",
+        "held_idx",
+        "open_marks",
+        "open_nacks",
+        "open_ts",
+        "blocked",
+        "outbox",
+        "last_active",
+        "tokens",
+        "resume_at",
+        "reading",
+        "closing",
+        "closed",
+        "partial",
+        "partial_since",
+        "preamble",
+        "handshaking",
+        "meter",
+        "linger_until",
+        "principal",
+        "principal_id",
+        "tenant",
+        "window_bytes",
+        "window_start",
+    )
 
-    def __init__(self, sock: socket.socket | ssl.SSLSocket, conn_id: int, peer, decoder: FrameDecoder, now: float,
-                 burst: float):
+    def __init__(
+        self, sock: socket.socket | ssl.SSLSocket, conn_id: int, peer, decoder: FrameDecoder, now: float, burst: float
+    ):
         self.sock = sock
         self.conn_id = conn_id
         self.peer = peer

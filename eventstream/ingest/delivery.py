@@ -137,7 +137,7 @@ class Delivery:
             if self._offer is not None:  # the engine: admission is behind its offer
                 try:
                     off = self._offer(records, stamp=not retry, shed_all=self.udp)
-                except Exception as exc:  # a broken sink must not kill the reader
+                except Exception as exc:  # noqa: BLE001 - a broken sink must not kill the reader
                     log.error("sink_failed", error=repr(exc), records=len(records))
                     off = None
                     dropped.append((records, indices, "sink_failed"))
@@ -210,7 +210,7 @@ class Delivery:
         )
         try:
             self.on_reject(None, "", [Rejection(conn_id, 0, 0, "", -1, reason, False, 0, n)])
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a failing reject hook must not kill the reader
             log.error("on_reject_failed", error=repr(exc))
 
     def _report(self, dropped, errors, conn_id) -> None:
@@ -222,7 +222,7 @@ class Delivery:
                 self.on_reject(None, "", rejections)
             for k, (recs, _idx, reason) in enumerate(dropped):
                 self.on_reject(recs, reason, rejections if k == 0 else [])
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a failing reject hook must not kill the reader
             log.error("on_reject_failed", error=repr(exc))
 
 

@@ -90,12 +90,28 @@ def wants_completion(flags: np.ndarray) -> bool:
         return any((f & FLAG_ACK_MASK) > _STRONGER_THAN_ACCEPTED for f in flags.tolist())
     return bool(((flags & FLAG_ACK_MASK) > _STRONGER_THAN_ACCEPTED).any())
 
+
 class Reader(threading.Thread):
-    def __init__(self, n: int, config, topics: TopicTable, delivery: Delivery, stats: IngestStats,
-                 admission, cpus, payload_bytes: int, ack_default: int = ACK_STORED, *,
-                 peer_limit: PeerLimit | None = None, budget: PartialBudget | None = None,
-                 tokens: TokenSet | None = None, tls: ssl.SSLContext | None = None, on_acked=None,
-                 payloads=None, tenants: Tenants | None = None):
+    def __init__(
+        self,
+        n: int,
+        config,
+        topics: TopicTable,
+        delivery: Delivery,
+        stats: IngestStats,
+        admission,
+        cpus,
+        payload_bytes: int,
+        ack_default: int = ACK_STORED,
+        *,
+        peer_limit: PeerLimit | None = None,
+        budget: PartialBudget | None = None,
+        tokens: TokenSet | None = None,
+        tls: ssl.SSLContext | None = None,
+        on_acked=None,
+        payloads=None,
+        tenants: Tenants | None = None,
+    ):
         super().__init__(name=f"es-tcp-reader-{n}", daemon=True)
         self.config = config
         self.topics = topics
@@ -264,13 +280,18 @@ class Reader(threading.Thread):
         while self.idle_evictions:
             c = self.conns.get(self.idle_evictions.popleft())
             if c is not None and not c.closed and not c.busy:
-                self._close_limited(c, REASON_EVICTED, idle_s=round(time.monotonic() - c.last_active, 3),
-                                    max_connections=self.config.max_connections)
+                self._close_limited(
+                    c,
+                    REASON_EVICTED,
+                    idle_s=round(time.monotonic() - c.last_active, 3),
+                    max_connections=self.config.max_connections,
+                )
         while self.evictions:
             c = self.conns.get(self.evictions.popleft())
             if c is not None and c.partial and self.budget is not None and self.budget.over():
-                self._close_limited(c, REASON_PARTIAL_BYTES, partial_bytes=c.partial,
-                                    max_partial_bytes=self.budget.limit)
+                self._close_limited(
+                    c, REASON_PARTIAL_BYTES, partial_bytes=c.partial, max_partial_bytes=self.budget.limit
+                )
 
     def _accept_incoming(self) -> None:
         now = time.monotonic()
@@ -287,9 +308,14 @@ class Reader(threading.Thread):
                     if self.peer_limit is not None:
                         self.peer_limit.release(peer_ip(peer))
                     continue
-            dec = FrameDecoder(self.topics, max_frame_bytes=self.config.max_frame_bytes,
-                               payload_bytes=self.payload_bytes, conn_id=conn_id, ack_default=self.ack_default,
-                               payloads=self.payloads)
+            dec = FrameDecoder(
+                self.topics,
+                max_frame_bytes=self.config.max_frame_bytes,
+                payload_bytes=self.payload_bytes,
+                conn_id=conn_id,
+                ack_default=self.ack_default,
+                payloads=self.payloads,
+            )
             c = Connection(sock, conn_id, peer, dec, now, self._burst)
             c.preamble = Preamble(self.tokens)
             c.meter = RejectMeter(self.config.max_rejects_per_s, now)
@@ -411,8 +437,14 @@ class Reader(threading.Thread):
             return
         if errors and meter.garbage_only and not c.closing:
             self.stats.limit_closes[REASON_TOO_MANY_REJECTS] += 1
-            log.warning("connection_limited", conn_id=c.conn_id, peer=str(c.peer), reason=REASON_TOO_MANY_REJECTS,
-                        rejects=meter.rejects, max_rejects_per_s=meter.limit)
+            log.warning(
+                "connection_limited",
+                conn_id=c.conn_id,
+                peer=str(c.peer),
+                reason=REASON_TOO_MANY_REJECTS,
+                rejects=meter.rejects,
+                max_rejects_per_s=meter.limit,
+            )
             self._finish(c, REASON_TOO_MANY_REJECTS)  # after the NACKs and the ACK of what it sent
             return
         if self._rate:
@@ -436,8 +468,9 @@ class Reader(threading.Thread):
             release_records(c.held)
             c.held = c.held_idx = None
         if c.meter is not None and c.meter.suppressed:
-            self.delivery.report_suppressed(c.conn_id, c.meter.take_suppressed(), "server.tcp.max_rejects_per_s",
-                                            c.meter.limit)
+            self.delivery.report_suppressed(
+                c.conn_id, c.meter.take_suppressed(), "server.tcp.max_rejects_per_s", c.meter.limit
+            )
         if c.partial:
             self.partial_bytes -= c.partial
             c.partial = 0
@@ -515,8 +548,7 @@ class Reader(threading.Thread):
             if len(done) == 1 and done[0][0] <= SMALL_BATCH:  # a few events: a list, no numpy temporaries
                 self.on_acked([now - done[0][1]] * done[0][0])
             else:
-                self.on_acked(np.repeat(np.array([now - ts for _, ts in done], dtype=np.int64),
-                                        [k for k, _ in done]))
+                self.on_acked(np.repeat(np.array([now - ts for _, ts in done], dtype=np.int64), [k for k, _ in done]))
         if c.chunks:
             self.awaiting.add(c)
         else:
@@ -630,10 +662,7 @@ class Reader(threading.Thread):
         lo = self.delivery.admitted_below()
         if lo and int(held["priority"][0]) < lo:
             return False
-        for ring in c.blocked:
-            if ring.capacity - ring.depth < min(len(held), ring.capacity // 8):
-                return False
-        return True
+        return all(ring.capacity - ring.depth >= min(len(held), ring.capacity // 8) for ring in c.blocked)
 
     def _dead_letter_held(self, c: Connection) -> None:
         """Stopping with records still held (the queues never had room within the stop budget): they
@@ -712,8 +741,9 @@ class Reader(threading.Thread):
         if grew and self.budget is not None and self.budget.over():
             owner, victim = self.budget.largest()
             if owner is self:
-                self._close_limited(victim, REASON_PARTIAL_BYTES, partial_bytes=victim.partial,
-                                    max_partial_bytes=self.budget.limit)
+                self._close_limited(
+                    victim, REASON_PARTIAL_BYTES, partial_bytes=victim.partial, max_partial_bytes=self.budget.limit
+                )
             elif owner is not None:
                 owner.evict(victim.conn_id)
 
@@ -722,10 +752,16 @@ class Reader(threading.Thread):
         being read (slowloris). Held or throttled ones are not read, so they are not judged."""
         limit = time.monotonic() - timeout
         auth = self.tokens is not None  # then a connection that sent nothing yet is waited for this long too
-        for c in [c for c in self.conns.values()
-                  if (c.partial or c.handshaking or (c.preamble is not None and (auth or c.preamble.buf)))
-                  and c.partial_since < limit and c.reading and c.held is None and c not in self.throttled
-                  and not c.closing]:
+        for c in [
+            c
+            for c in self.conns.values()
+            if (c.partial or c.handshaking or (c.preamble is not None and (auth or c.preamble.buf)))
+            and c.partial_since < limit
+            and c.reading
+            and c.held is None
+            and c not in self.throttled
+            and not c.closing
+        ]:
             self._close_limited(c, REASON_FRAME_TIMEOUT, partial_bytes=c.partial, frame_timeout_s=timeout)
 
     def _close_slow(self, now: float) -> None:

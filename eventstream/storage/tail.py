@@ -323,7 +323,7 @@ class LogTail:
                 ids, inverse = np.unique(r["topic_id"], return_inverse=True)
                 names = np.array([topics.get(t, f"#{t}") for t in ids.tolist()], dtype=object)  # noqa: B023
                 # one TailEvent per event is the interface; everything else is done over the columns
-                out.extend(
+                out.extend(  # noqa: B023 - called within this loop iteration, never later
                     map(
                         TailEvent,
                         range(first + lo, first + lo + k),
