@@ -180,6 +180,10 @@ class FrameDecoder:
         table is full (not cached: the answer is the same until restart, but the cache is for hits)."""
         tid = self._topic_cache.get(name)
         if tid is None:
+            refused = self.topic_refusals.get(name)
+            if refused is not None:  # asked again (the vectorized path after the small one): the same answer,
+                self.topic_limit_reason = refused[0]  # and a tenant's quota counts the refusal once
+                return TOPIC_REFUSED
             try:
                 name.decode("utf-8")
             except UnicodeDecodeError:
