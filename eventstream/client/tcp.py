@@ -32,7 +32,6 @@ call; the waits happen outside the lock (select on the socket). A TLS connection
 from __future__ import annotations
 
 import collections
-import secrets
 import select
 import socket
 import ssl
@@ -44,10 +43,9 @@ from eventstream.protocol.frames import (
     KIND_ACK,
     KIND_NACK,
     LENGTH_BYTES,
-    MAX_PRIORITY,
-    MAX_TOPIC_BYTES,
     V2_HEADER_BYTES,
-    EncodeError,
+    EventIds,
+    check_event,
     encode_batch_columns,
     encode_hello,
     encode_v1,
@@ -203,7 +201,7 @@ class TcpClient:
         self._next_index = 1
         self._acked_count = 0  # last ACK value on this connection
         self._nacked_here: dict[int, str] = {}
-        self._next_id = secrets.randbits(62) | 1
+        self._ids = EventIds()
         self._failures = 0  # reconnects since the last acknowledgement
 
     # ------------------------------------------------------------------ connection
@@ -295,20 +293,19 @@ class TcpClient:
         """Queue one event; it leaves at once with linger_ms 0 (else see the module doc). Returns its
         event_id."""
         eid = self._queue(topic, payload, priority, event_id, timestamp_ns)
-        q = self._batch
-        if (
-            not self.linger_ns
-            or len(q) >= self.batch_size
-            or self._queued_bytes >= self.batch_bytes
-            or time.monotonic_ns() - self._queued_since >= self.linger_ns
-        ):
-            self.flush()
+        self._flush_if_due()
         return eid
 
     def send_many(self, events) -> list[int]:
         """Queue many events at once, (topic, payload[, priority[, event_id[, timestamp_ns]]]) each, and
         send them (with linger_ms 0; in BATCH frames of up to batch_bytes). Returns their event_ids."""
         ids = [self._queue(*ev) for ev in events]
+        self._flush_if_due()
+        return ids
+
+    def _flush_if_due(self) -> None:
+        """Send what is queued unless linger_ms holds it: a batch waits only while it is under
+        batch_size events and batch_bytes, and younger than linger_ms."""
         if (
             not self.linger_ns
             or len(self._batch) >= self.batch_size
@@ -316,7 +313,6 @@ class TcpClient:
             or time.monotonic_ns() - self._queued_since >= self.linger_ns
         ):
             self.flush()
-        return ids
 
     def _queue(
         self,
@@ -331,25 +327,10 @@ class TcpClient:
             p = _Pending(0, frame)
             size = len(frame) - 4
         else:
-            if event_id is None:
-                eid = self._next_id
-                self._next_id = (self._next_id + 1) & 0xFFFFFFFFFFFFFFFF or 1
-            else:
-                eid = event_id
+            eid = self._ids.next() if event_id is None else event_id
             ts = time.time_ns() if timestamp_ns is None else timestamp_ns
             if self.batching:
-                t = topic.encode("utf-8") if isinstance(topic, str) else bytes(topic)
-                if not 1 <= len(t) <= MAX_TOPIC_BYTES:
-                    raise EncodeError(
-                        f"topic of {len(t)} bytes is not allowed; allowed: 1..{MAX_TOPIC_BYTES} bytes of UTF-8"
-                    )
-                if not isinstance(priority, int) or not 0 <= priority <= MAX_PRIORITY:
-                    raise EncodeError(
-                        f"priority {priority!r} is not allowed; allowed: 0..{MAX_PRIORITY} "
-                        "(BATCH, LOW, MEDIUM, HIGH, CRITICAL)"
-                    )
-                if not 0 <= eid < 1 << 64 or not 0 <= ts < 1 << 64:
-                    raise EncodeError(f"event_id {eid!r} / timestamp_ns {ts!r} is not allowed; allowed: 0..2**64-1")
+                t = check_event(topic, priority, eid, ts)
                 p = _Pending(eid, None, t, bytes(payload), priority, ts)
                 size = V2_HEADER_BYTES + p.size  # alone in a batch
                 if size > self.max_frame_bytes:  # the largest payloads only fit a single frame

@@ -6,11 +6,10 @@ datagrams under the path MTU (default 1,400 bytes) on real networks; on loopback
 
 from __future__ import annotations
 
-import secrets
 import socket
 import time
 
-from eventstream.protocol.frames import encode_v1, encode_v2
+from eventstream.protocol.frames import EventIds, encode_v1, encode_v2
 
 
 class UdpSender:
@@ -23,7 +22,7 @@ class UdpSender:
         self.sent = 0
         self.datagrams = 0
         self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
-        self._next_id = secrets.randbits(62) | 1
+        self._ids = EventIds()
         self._pending: list[bytes] = []
         self._pending_bytes = 0
 
@@ -38,8 +37,7 @@ class UdpSender:
         if self.version == 1:
             return encode_v1(topic, payload, priority)
         if event_id is None:
-            event_id = self._next_id
-            self._next_id = (self._next_id + 1) & 0xFFFFFFFFFFFFFFFF or 1
+            event_id = self._ids.next()
         ts = time.time_ns() if timestamp_ns is None else timestamp_ns
         return encode_v2(topic, payload, priority, event_id, ts)
 

@@ -10,6 +10,7 @@ into an array of these big-endian dtypes, instead of one Python struct call per 
 
 from __future__ import annotations
 
+import secrets
 import struct
 import zlib
 from collections.abc import Sequence
@@ -90,6 +91,33 @@ def _check_priority(priority: int) -> int:
     return priority
 
 
+def check_event(topic: str | bytes, priority: int, event_id: int, timestamp_ns: int) -> bytes:
+    """Check one event's header fields (the rules of every v2 frame and BATCH record); returns the topic
+    as bytes. Raises EncodeError naming the field, its value and what is allowed."""
+    t = _topic_bytes(topic)
+    _check_priority(priority)
+    if not 0 <= event_id < 1 << 64:
+        raise EncodeError(f"event_id {event_id!r} is not allowed; allowed: 0..2**64-1 (0 = none)")
+    if not 0 <= timestamp_ns < 1 << 64:
+        raise EncodeError(f"timestamp_ns {timestamp_ns!r} is not allowed; allowed: 0..2**64-1 (0 = unknown)")
+    return t
+
+
+class EventIds:
+    """A client's event ids: a random odd start, then +1 per event, never 0 (0 means "no id"), so two
+    clients' ids do not meet by chance and a client's own ids never repeat within 2**64 events."""
+
+    __slots__ = ("_next",)
+
+    def __init__(self) -> None:
+        self._next = secrets.randbits(62) | 1
+
+    def next(self) -> int:
+        eid = self._next
+        self._next = (eid + 1) & 0xFFFFFFFFFFFFFFFF or 1
+        return eid
+
+
 def encode_v1(topic: str | bytes, payload: bytes = b"", priority: int = 2) -> bytes:
     """One v1 (EventStreamCore) frame."""
     t = _topic_bytes(topic)
@@ -108,12 +136,11 @@ def encode_v2(
     flags: int = 0,
 ) -> bytes:
     """One v2 frame (EVENT by default). crc32 covers topic bytes then payload bytes."""
-    t = _topic_bytes(topic) if kind == KIND_EVENT else (topic.encode() if isinstance(topic, str) else bytes(topic))
-    _check_priority(priority)
-    if not 0 <= event_id < 1 << 64:
-        raise EncodeError(f"event_id {event_id!r} is not allowed; allowed: 0..2**64-1 (0 = none)")
-    if not 0 <= timestamp_ns < 1 << 64:
-        raise EncodeError(f"timestamp_ns {timestamp_ns!r} is not allowed; allowed: 0..2**64-1 (0 = unknown)")
+    if kind == KIND_EVENT:
+        t = check_event(topic, priority, event_id, timestamp_ns)
+    else:
+        t = topic.encode() if isinstance(topic, str) else bytes(topic)
+        _check_priority(priority)
     crc = zlib.crc32(payload, zlib.crc32(t))
     return (
         V2_HEAD.pack(
