@@ -97,6 +97,19 @@ def test_mixed_sizes_and_large_payloads_round_trip(tmp_path):
     assert kinds == [4, 1, 1, 5, 1]  # batch, ext, ext, batch, ext entries
 
 
+@pytest.mark.parametrize("n", range(1, rec.SMALL_BATCH + 1))
+def test_a_few_records_make_the_same_batch_entry_as_the_columns_do(n):
+    """batch_entry builds a few records' entry with struct calls: byte for byte the columns' entry
+    (payload lengths 0 to full, the file topic ids given as a list or an array)."""
+    topics = TopicTable()
+    batch = events(n, start=n, sizes=[(k * 149) % 449 for k in range(n)], topics=topics)
+    batch["ext_off"], batch["attempts"], batch["crc32"] = 77, 3, 0xDEADBEEF  # ext_off is not in a row
+    fids = [(k % 3) + 1 for k in range(n)]
+    want = fmt._batch_entry_numpy(batch, np.array(fids, dtype=np.uint32), 123)
+    assert fmt.batch_entry(batch, fids, 123) == want
+    assert fmt.batch_entry(batch, np.array(fids, dtype=np.uint32), 123) == want
+
+
 def three_batches(tmp_path):
     topics = TopicTable()
     path = tmp_path / "events.bin"
