@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-# DROP_OLD (a ring policy of eventstream.core) is not offered for the engine's queues: it would evict
-# events already accepted. BLOCK_PRODUCER pushes back on TCP clients; DROP_NEW sheds at the edge.
+# No DROP_OLD for the engine's queues: it would evict events already accepted. BLOCK_PRODUCER pushes
+# back on TCP clients; DROP_NEW sheds at the edge.
 OverflowName = Literal["BLOCK_PRODUCER", "DROP_NEW"]
 AckName = Literal["accepted", "stored", "synced"]
 WaitName = Literal["spin", "yield", "sleep", "block"]

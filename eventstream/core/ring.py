@@ -1,173 +1,141 @@
-"""Batch ring buffers in arena memory: SpscRing (one producer) and MpscRing (many producers).
+"""MpscRing: the engine's queue, a lock-free batch ring in arena memory, many producers, one consumer.
 
 Records are rows of a numpy structured dtype in a power-of-two slot array. A producer claims `n`
-slots with one atomic operation (see sequencer.py), copies the batch in with one or two numpy slice
-assignments, and publishes the range. The consumer polls up to `max_n` published records as VIEWS
-into the ring (two views when the range wraps; no copy), processes them, and releases them with one
-store. `take()` is the copying convenience. No mutex anywhere on these paths; blocking waits use a
-WaitStrategy and always have a timeout.
+slots with one CAS (see sequencer.py), copies the batch in with one or two numpy slice assignments,
+and publishes the range. `try_put` never waits: it enqueues the longest prefix that fits now and
+says how much (the engine holds or sheds the rest at its edge). The consumer polls up to `max_n`
+published records as VIEWS into the ring (two views when the range wraps; no copy), handles them,
+and releases them with one store; `take()` is the copying convenience. No mutex anywhere.
 
-Cells (each on its own cache line): `claim` (producers' cursor), `pos` (consumer cursor) and `held`
-(start of the range the consumer is reading, or IDLE). The consumer's side (poll, release, take) is
-in ring_consumer.py.
+Cells (each on its own cache line): `claim` (the producers' cursor), `pos` (the consumer's release
+cursor: only the consumer stores it, producers load it to see the room) and a fence cell for the
+sequencer on weakly ordered CPUs.
 
-Overflow, when a batch does not fit:
-* DROP_NEW: enqueue what fits, return the rest.
-* BLOCK_PRODUCER: wait (wait strategy) up to `block_timeout` seconds for room, return what still
-  did not fit.
-* DROP_OLD: evict the oldest records to make room and return copies of them.
-
-Why DROP_OLD is correct under a concurrent consumer. Eviction means advancing the consumer's cursor
-from the producer side, so the two must never both own a record. In DROP_OLD mode `pos` therefore
-means "claimed by the consumer or evicted up to", and both sides move it only by CAS:
-* poll: the consumer loads `pos` = p, stores `held` = p, then CASes `pos` p -> p+k. Success means it
-  owns [p, p+k) until release, which stores `held` = IDLE (one store).
-* evict: a producer loads `pos` = p, copies the published records [p, p+e) out, then CASes `pos`
-  p -> p+e. Success means nobody claimed them in between (pos only grows, so no ABA) and, because
-  no slot below `pos` can be overwritten before `pos` passes it, the copy it took is intact. On
-  failure the copy is discarded and the producer retries.
-* gating: producers may write sequence s only when s < min(pos, held) + capacity, loading `pos`
-  first. Any range the consumer claims later starts at a `pos` >= the loaded one, and a range it
-  holds has `held` at its start, so the minimum never passes a record the consumer is reading.
-  A producer does not evict while the consumer holds a range (that would free nothing until the
-  release); it waits for the release instead, bounded by `block_timeout`.
-In the other modes `pos` is simply the release cursor: only the consumer stores it.
+Waiting is not the ring's: a consumer with nothing to do waits on its queue's wait strategy
+(core/wait.py) for `depth > 0`, and the ring signals that strategy after every publish when it is a
+parking one (Blocking).
 """
 
 from __future__ import annotations
 
-import enum
 import threading
-import time
+from typing import Self
 
 import numpy as np
-import structlog
 
 from eventstream.core import atomic
-from eventstream.core.arena import ALIGN, owned_arena
+from eventstream.core.arena import ALIGN, Arena, owned_arena
 from eventstream.core.records import EVENT_DTYPE
-from eventstream.core.ring_consumer import IDLE, ConsumerSide, RingClosed, _ConsumerState
-from eventstream.core.sequencer import MultiProducerSequencer, SingleProducerSequencer
+from eventstream.core.sequencer import MultiProducerSequencer
 from eventstream.core.wait import WaitStrategy, make_wait
 
-log = structlog.get_logger("eventstream.ring")
 
-
-class Overflow(enum.Enum):
-    DROP_OLD = "DROP_OLD"
-    BLOCK_PRODUCER = "BLOCK_PRODUCER"
-    DROP_NEW = "DROP_NEW"
+class RingClosed(RuntimeError):
+    pass
 
 
 class _Counters:
-    """One producer thread's counters: written by that thread only, summed by statistics()."""
+    """One producer thread's count of published records: written by that thread only, summed by
+    statistics()."""
 
-    __slots__ = ("claimed", "published", "rejected", "evicted")
+    __slots__ = ("published",)
 
-    def __init__(self):
-        self.claimed = self.published = self.rejected = self.evicted = 0
+    def __init__(self) -> None:
+        self.published = 0
 
 
-class _Ring(ConsumerSide):
-    _multi = False
-    _default_capacity = 16384
+class _ConsumerState:
+    """The consumer's private cursors and counters.
+
+    Why a separate object: on a free-threaded build, the consumer writing attributes of the ring
+    object would bounce the cache lines the producers read on every try_put; an object allocated
+    by the consumer thread lives in that thread's own heap pages.
+    """
+
+    __slots__ = ("r", "polled", "consumed", "seen")
+
+    def __init__(self) -> None:
+        self.r = 0  # next sequence to read
+        self.polled = 0  # records returned by the last poll and not yet released
+        self.consumed = 0  # records released so far
+        self.seen = 0  # cache of the producers' cursor (read by the sequencer)
+
+
+class MpscRing:
+    """Any number of producer threads, one consumer thread (default capacity 65536)."""
 
     def __init__(
         self,
-        capacity: int | None = None,
-        dtype: np.dtype = EVENT_DTYPE,
+        capacity: int = 65536,
+        dtype: np.dtype | type | str = EVENT_DTYPE,
         *,
-        overflow: Overflow | str = Overflow.BLOCK_PRODUCER,
-        block_timeout: float = 1.0,
         wait: str | WaitStrategy = "sleep",
-        arena=None,
+        arena: Arena | None = None,
         node: int = -1,
         name: str = "",
-        on_drop=None,
     ):
-        kind = type(self).__name__
-        capacity = self._default_capacity if capacity is None else capacity
         if not isinstance(capacity, int) or capacity < 2 or capacity & (capacity - 1):
-            raise ValueError(f"{kind} capacity={capacity!r} is not allowed; allowed: a power of two >= 2")
-        if isinstance(overflow, str):
-            if overflow not in Overflow.__members__:
-                raise ValueError(f"overflow={overflow!r} is not allowed; allowed: {', '.join(Overflow.__members__)}")
-            overflow = Overflow[overflow]
-        if not isinstance(block_timeout, (int, float)) or not 0 <= block_timeout < float("inf"):
-            raise ValueError(f"block_timeout={block_timeout!r} is not allowed; allowed: seconds >= 0 (finite)")
+            raise ValueError(f"MpscRing capacity={capacity!r} is not allowed; allowed: a power of two >= 2")
         self.dtype = np.dtype(dtype)
         self.capacity = capacity
         self.mask = capacity - 1
-        self.overflow = overflow
-        self.block_timeout = float(block_timeout)
-        self.name = name or kind.lower()
+        self.name = name or "mpscring"
         self._wait = make_wait(wait)
-        self._on_drop = on_drop
-        self._drop_old = overflow is Overflow.DROP_OLD
         need = capacity * self.dtype.itemsize + capacity * 8 + 8 * atomic.CACHE_LINE + 4 * ALIGN
         self._arena, self._owns_arena = owned_arena(arena, need, node, f"{self.name}.arena")
         try:
-            self._cells = atomic.CellBlock(self._arena, 4)
+            self._cells = atomic.CellBlock(self._arena, 3)
             self.slots = self._arena.array(capacity, self.dtype)
             # Copies go through an opaque void view: numpy copies structured rows field by field
             # (µs of setup per call), opaque rows are a plain memcpy.
             self._void = np.dtype((np.void, self.dtype.itemsize))
             self._vslots = self.slots.view(self._void)
-            claim, self._pos, self._held, fence = self._cells.cells
+            claim, self._pos, fence = self._cells.cells
             self._pos_addr = self._pos.address
-            self._held.store(IDLE)
-            if self._multi:
-                markers = self._arena.array(capacity, np.int64)
-                self._seq = MultiProducerSequencer(capacity, claim, markers, fence)
-            else:
-                self._seq = SingleProducerSequencer(capacity, claim)
+            markers = self._arena.array(capacity, np.int64)
+            self._seq = MultiProducerSequencer(capacity, claim, markers, fence)
         except BaseException:
             if self._owns_arena:
                 self._arena.close()
             raise
-        if self._wait.signals:  # wake a parked consumer after each publish
-            publish, signal = self._seq.publish, self._wait.signal
-
-            def _publish(start: int, n: int) -> None:
-                publish(start, n)
-                signal()
-
-            self._publish = _publish
-        else:
-            self._publish = self._seq.publish
+        self._signal = self._wait.signal if self._wait.signals else None  # wake a parked consumer
         self._empty = np.empty(0, dtype=self.dtype)  # creating structured arrays costs µs: share one
         self._empty.flags.writeable = False
-        self._limit = capacity  # producers' cached gate: some past lowest + capacity
+        self._limit = capacity  # producers' cached gate: some past `pos` + capacity
         self._tls = threading.local()
         self._all_counters: list[_Counters] = []
         self._cs: _ConsumerState | None = None
         self._closed = False
-        self._warned_put_evict = False
 
     # -- producer side ----------------------------------------------------------------------------
     def _counters(self) -> _Counters:
-        c = getattr(self._tls, "c", None)
+        c: _Counters | None = getattr(self._tls, "c", None)
         if c is None:
             c = self._tls.c = _Counters()
             self._all_counters.append(c)
         return c
 
-    def _lowest(self) -> int:
-        p = self._pos.load()
-        if self._drop_old:
-            return min(p, self._held.load())
-        return p
+    def _write_publish(self, start: int, recs: np.ndarray) -> None:
+        """Copy `recs` (void rows) into the slots from sequence `start` and publish them."""
+        k = len(recs)
+        idx = start & self.mask
+        first = self.capacity - idx
+        if k <= first:
+            self._vslots[idx : idx + k] = recs
+        else:
+            self._vslots[idx:] = recs[:first]
+            self._vslots[: k - first] = recs[first:]
+        self._seq.publish(start, k)
+        if self._signal is not None:
+            self._signal()
 
-    def _has_room(self) -> bool:
-        return self._lowest() + self.capacity - self._seq.claim_position() > 0
-
-    def _can_progress(self) -> bool:
-        if self._has_room():
-            return True
-        p = self._pos.load()
-        return self._held.load() > p and self._seq.producer_available(p, 1) > 0
-
-    def _as_batch(self, records) -> np.ndarray:
+    def try_put(self, records: np.ndarray) -> tuple[int, int]:
+        """Enqueue the longest prefix of `records` that fits now, never waiting. Returns (count
+        enqueued, end): `end` is the ring sequence just past the last enqueued record, so once
+        `completed() >= end` the consumer has released every one of them. (0, 0) when nothing fitted.
+        """
+        if self._closed:
+            raise RingClosed(f"{self.name} is closed")
         if not isinstance(records, np.ndarray) or (records.dtype is not self.dtype and records.dtype != self.dtype):
             got = getattr(records, "dtype", type(records).__name__)
             raise TypeError(f"{self.name}: records must be a numpy array of the ring's dtype; got {got}")
@@ -175,167 +143,94 @@ class _Ring(ConsumerSide):
             records = records.reshape(-1)
         if not records.flags.c_contiguous:
             records = np.ascontiguousarray(records)
-        return records.view(self._void)
-
-    def _write(self, start: int, recs: np.ndarray) -> None:
-        k = len(recs)
-        idx = start & self.mask
-        first = min(k, self.capacity - idx)
-        self._vslots[idx : idx + first] = recs[:first]
-        if k > first:
-            self._vslots[: k - first] = recs[first:]
-
-    def _copy_range(self, start: int, k: int) -> np.ndarray:
-        idx = start & self.mask
-        first = min(k, self.capacity - idx)
-        if k == first:
-            out = self._vslots[idx : idx + k].copy()
+        recs = records.view(self._void)
+        n = len(recs)
+        seq = self._seq
+        # the common case: the whole batch fits the room the producer already knows of (one CAS)
+        start = seq.claim_all(n, self._limit)
+        if start >= 0:
+            self._write_publish(start, recs)
+            done, end = n, start + n
         else:
-            out = np.concatenate((self._vslots[idx:], self._vslots[: k - first]))
-        return out.view(self.dtype)
-
-    def _evict(self, want: int) -> np.ndarray | None:
-        """DROP_OLD: evict published, unclaimed records so `want` more fit; None when it cannot now."""
-        p = self._pos.load()
-        if self._held.load() <= p:
-            return None  # the consumer holds a range: evicting frees nothing until it releases
-        room = p + self.capacity - self._seq.claim_position()
-        e = self._seq.producer_available(p, max(1, want - max(room, 0)))
-        if e <= 0:
-            return None
-        copy = self._copy_range(p, e)
-        ok, _ = self._pos.cas(p, p + e)
-        return copy if ok else copy[:0]
-
-    def _claim_write(self, recs: np.ndarray, done: int) -> tuple[int, int]:
-        """Claim room for as much of recs[done:] as fits now (refreshing the cached gate once), copy
-        it in and publish it. Returns (first sequence, count); count 0 when the ring is full."""
-        want = min(len(recs) - done, self.capacity)
-        start, k = self._seq.claim(want, self._limit)
-        if k == 0:
-            self._limit = self._lowest() + self.capacity
-            start, k = self._seq.claim(want, self._limit)
-        if k:
-            self._write(start, recs[done : done + k])
-            self._publish(start, k)
-        return start, k
-
-    def _put(self, records: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
-        if self._closed:
-            raise RingClosed(f"{self.name} is closed")
-        recs = self._as_batch(records)
-        n = len(recs)
-        cnt = self._counters()
-        done = 0
-        evicted: list[np.ndarray] = []
-        deadline = None
-        cap = self.capacity
-        while done < n:
-            want = min(n - done, cap)
-            _start, k = self._claim_write(recs, done)
-            if k:
-                cnt.claimed += k
-                cnt.published += k
+            done = end = 0
+            while done < n:
+                want = min(n - done, self.capacity)
+                start, k = seq.claim(want, self._limit)
+                if k == 0:  # refresh the cached gate once
+                    self._limit = self._pos.load() + self.capacity
+                    start, k = seq.claim(want, self._limit)
+                    if k == 0:
+                        break
+                self._write_publish(start, recs[done : done + k])
                 done += k
-                continue
-            if self.overflow is Overflow.DROP_NEW:
-                break
-            if self._drop_old:
-                ev = self._evict(want)
-                if ev is not None:
-                    if len(ev):
-                        evicted.append(ev)
-                        cnt.evicted += len(ev)
-                    continue
-            if deadline is None:
-                deadline = time.monotonic() + self.block_timeout
-            left = deadline - time.monotonic()
-            ready = self._can_progress if self._drop_old else self._has_room
-            if left <= 0 or not self._wait.wait_for(ready, left):
-                break
-        if done == n:
-            return evicted, self._empty
-        cnt.rejected += n - done
-        return evicted, recs[done:].copy().view(self.dtype)
-
-    def put_batch(self, records: np.ndarray) -> np.ndarray:
-        """Enqueue `records` in order; return the records that are not (or no longer) in the ring.
-
-        DROP_NEW: the overflow. BLOCK_PRODUCER: what did not fit within `block_timeout`. DROP_OLD: the
-        old records evicted to make room (copies), followed by new ones if the consumer kept the
-        ring pinned for `block_timeout`. Empty array when everything went in and nothing was evicted.
-        """
-        # Fast path, the common case: the whole batch fits the room the producer already knows of.
-        dt = getattr(records, "dtype", None)
-        if dt is self.dtype and records.ndim == 1 and not self._closed:
-            n = len(records)
-            start = self._seq.claim_all(n, self._limit)
-            if start >= 0:
-                rv = records.view(self._void)
-                idx = start & self.mask
-                first = self.capacity - idx
-                if n <= first:
-                    self._vslots[idx : idx + n] = rv
-                else:
-                    self._vslots[idx:] = rv[:first]
-                    self._vslots[: n - first] = rv[first:]
-                self._publish(start, n)
-                try:
-                    cnt = self._tls.c
-                except AttributeError:
-                    cnt = self._counters()
-                cnt.claimed += n
-                cnt.published += n
-                return self._empty
-        evicted, rest = self._put(records)
-        if not evicted:
-            return rest  # (the shared read-only empty array when everything went in)
-        return np.concatenate([*evicted, rest])
-
-    def try_put(self, records: np.ndarray) -> tuple[int, int]:
-        """Enqueue the longest prefix of `records` that fits now, never waiting, whatever the overflow
-        policy (not for DROP_OLD rings). Returns (count enqueued, end): `end` is the ring sequence just
-        past the last enqueued record, so once `completed() >= end` the consumer has released every
-        one of them. (0, 0) when nothing fitted.
-        """
-        if self._drop_old:
-            raise ValueError(f"{self.name}: try_put is not available on a DROP_OLD ring")
-        if self._closed:
-            raise RingClosed(f"{self.name} is closed")
-        recs = self._as_batch(records)
-        n = len(recs)
-        done = end = 0
-        while done < n:
-            start, k = self._claim_write(recs, done)
-            if k == 0:
-                break
-            done += k
-            end = start + k
+                end = start + k
         if done:
-            cnt = self._counters()
-            cnt.claimed += done
+            try:
+                cnt = self._tls.c
+            except AttributeError:
+                cnt = self._counters()
             cnt.published += done
         return done, end
 
-    def put(self, record) -> bool:
-        """Enqueue one record (np.void row or 1-element array); False if it was refused.
+    # -- consumer side (one thread at a time) -------------------------------------------------------
+    def _views(self, start: int, k: int) -> tuple[np.ndarray, ...]:
+        if k <= 0:
+            return ()
+        idx = start & self.mask
+        first = min(k, self.capacity - idx)
+        if k == first:
+            return (self.slots[idx : idx + k],)
+        return (self.slots[idx:], self.slots[: k - first])
 
-        Records evicted by DROP_OLD go to `on_drop` (constructor argument) when given; use put_batch
-        to receive them directly.
-        """
-        arr = record.reshape(1) if isinstance(record, np.ndarray) else np.array([record], dtype=self.dtype)
-        evicted, rest = self._put(arr)
-        if evicted:
-            if self._on_drop is not None:
-                self._on_drop(np.concatenate(evicted))
-            elif not self._warned_put_evict:
-                self._warned_put_evict = True
-                log.warning(
-                    "put_evicted_without_on_drop",
-                    ring=self.name,
-                    hint="pass on_drop= or use put_batch to receive evicted records",
-                )
-        return len(rest) == 0
+    def _consumer(self) -> _ConsumerState:
+        """The consumer's private state, created by the consumer thread on its first call."""
+        cs = self._cs
+        if cs is None:
+            cs = self._cs = _ConsumerState()
+        return cs
+
+    def poll(self, max_n: int = 4096) -> tuple[np.ndarray, ...]:
+        """Up to `max_n` published records as views (two when the range wraps), oldest first; ()
+        when there are none. Consumer only. The views stay valid until release(); call release(n)
+        before the next poll."""
+        if self._closed:
+            raise RingClosed(f"{self.name} is closed")
+        if max_n <= 0:
+            raise ValueError(f"poll max_n={max_n!r} is not allowed; allowed: >= 1")
+        cs = self._cs or self._consumer()
+        k = self._seq.consumer_available(cs.r, min(max_n, self.capacity), cs)
+        cs.polled = k
+        return self._views(cs.r, k)
+
+    def release(self, n: int) -> None:
+        """Give back the first `n` records of the last poll (one store)."""
+        cs = self._cs or self._consumer()
+        if not 0 <= n <= cs.polled:
+            raise ValueError(
+                f"{self.name}: release({n}) is not allowed; allowed: 0..{cs.polled} "
+                "(the number of records returned by the last poll)"
+            )
+        if n == 0:
+            return
+        cs.polled -= n
+        cs.consumed += n
+        cs.r += n
+        atomic.store(self._pos_addr, cs.r, atomic.RELEASE)
+
+    def completed(self) -> int:
+        """Records the consumer has released so far (the consumer's own counter, read without an
+        atomic: a completion watermark may lag by one release, never run ahead of one)."""
+        cs = self._cs
+        return cs.consumed if cs is not None else 0
+
+    def take(self, max_n: int = 4096) -> np.ndarray:
+        """poll + copy + release: up to `max_n` records as a new array (safe to keep)."""
+        views = self.poll(max_n)
+        if not views:
+            return self._empty
+        out = views[0].copy() if len(views) == 1 else np.concatenate(views)
+        self.release(len(out))
+        return out
 
     # -- state --------------------------------------------------------------------------------------
     def drained(self) -> bool:
@@ -346,21 +241,14 @@ class _Ring(ConsumerSide):
     @property
     def depth(self) -> int:
         """Records in the ring not yet released by the consumer (approximate under concurrency)."""
-        return max(0, self._seq.claim_position() - self._lowest())
+        return max(0, self._seq.claim_position() - self._pos.load())
 
-    def statistics(self) -> dict:
+    def statistics(self) -> dict[str, int]:
         """Lock-free counters (exact when producers and consumer are quiescent)."""
-        cs = list(self._all_counters)
-        rejected = sum(c.rejected for c in cs)
-        evicted = sum(c.evicted for c in cs)
         return {
             "depth": self.depth,
-            "claimed": sum(c.claimed for c in cs),
-            "published": sum(c.published for c in cs),
+            "published": sum(c.published for c in list(self._all_counters)),
             "consumed": self._cs.consumed if self._cs is not None else 0,
-            "dropped": rejected + evicted,
-            "rejected": rejected,
-            "evicted": evicted,
             "capacity": self.capacity,
         }
 
@@ -375,25 +263,11 @@ class _Ring(ConsumerSide):
         if self._owns_arena:
             self._arena.close()
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name!r} capacity={self.capacity} {self.overflow.name}>"
-
-
-class SpscRing(_Ring):
-    """One producer thread, one consumer thread (default capacity 16384)."""
-
-    _multi = False
-    _default_capacity = 16384
-
-
-class MpscRing(_Ring):
-    """Any number of producer threads, one consumer thread (default capacity 65536)."""
-
-    _multi = True
-    _default_capacity = 65536
+        return f"<MpscRing {self.name!r} capacity={self.capacity}>"

@@ -1,17 +1,15 @@
-"""Sequencers: how producers claim ring slots and make them visible to the consumer.
+"""The sequencer: how producers claim ring slots and make them visible to the consumer.
 
 Sequences are 64-bit counters that only grow; slot = sequence & mask. A producer may claim sequence
-`s` only when `s < lowest + capacity`, where `lowest` is the oldest sequence the consumer side still
-needs (the ring computes it). Both sequencers claim a whole batch with at most one atomic operation.
+`s` only when `s < lowest + capacity`, where `lowest` is the oldest sequence the consumer still needs
+(the ring's release cursor). A whole batch is claimed with one atomic operation.
 
-* SingleProducerSequencer: the producer keeps its next sequence in a plain attribute (nobody else
-  claims) and publishes a batch with ONE release store of the cursor cell.
-* MultiProducerSequencer (Disruptor's MultiProducerSequencer): producers claim with a CAS on the claim
-  cell (a CAS instead of fetch-add, so a producer never claims slots that are not free and a full ring
-  can refuse without rolling back). A batch is published by writing its round number
-  (sequence >> log2(capacity)) into a per-slot availability marker with numpy slice assignment; the
-  consumer accepts the contiguous prefix whose markers carry the expected round. Producers therefore
-  publish independently and out of order without any further atomic operation.
+MultiProducerSequencer (Disruptor's MultiProducerSequencer): producers claim with a CAS on the claim
+cell (a CAS instead of fetch-add, so a producer never claims slots that are not free and a full ring
+can refuse without rolling back). A batch is published by writing its round number (sequence >>
+log2(capacity)) into a per-slot availability marker with numpy slice assignment; the consumer accepts
+the contiguous prefix whose markers carry the expected round. Producers therefore publish
+independently and out of order without any further atomic operation.
 
 Memory ordering of the marker protocol: records are written (one numpy copy), then markers (a second
 numpy fill, a separate call the compiler cannot reorder across). On x86 (TSO) stores become visible
@@ -27,53 +25,7 @@ import numpy as np
 
 from eventstream.core import atomic
 
-_load, _store, _ACQUIRE, _RELEASE = atomic.load, atomic.store, atomic.ACQUIRE, atomic.RELEASE
 _TSO = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
-
-
-class SingleProducerSequencer:
-    """One producer thread: plain cursor + one release store per batch."""
-
-    def __init__(self, capacity: int, cursor: atomic.Cell):
-        self.capacity = capacity
-        self.mask = capacity - 1
-        self.cursor = cursor  # last published sequence + 1
-        self._addr = cursor.address
-        self._next = cursor.load()  # producer-private
-
-    def claim(self, want: int, limit: int) -> tuple[int, int]:
-        """Claim up to `want` sequences below `limit`; returns (first, count), count 0 if none free."""
-        start = self._next
-        k = min(want, limit - start)
-        if k <= 0:
-            return start, 0
-        self._next = start + k
-        return start, k
-
-    def claim_all(self, n: int, limit: int) -> int:
-        """Claim exactly `n` sequences below `limit`: the first one, or -1 (nothing claimed)."""
-        start = self._next
-        if n <= 0 or start + n > limit:
-            return -1
-        self._next = start + n
-        return start
-
-    def publish(self, start: int, k: int) -> None:
-        _store(self._addr, start + k, _RELEASE)
-
-    def claim_position(self) -> int:
-        """Next sequence to be claimed, as seen from any thread."""
-        return self.cursor.load()
-
-    def producer_available(self, lo: int, limit: int) -> int:
-        """Published records from `lo` (at most `limit`), asked by the producer itself."""
-        return max(0, min(self._next - lo, limit))
-
-    def consumer_available(self, lo: int, limit: int, cs) -> int:
-        """Published records from `lo` (at most `limit`), asked by the consumer (`cs.seen`: its cache)."""
-        if cs.seen - lo < limit:
-            cs.seen = _load(self._addr, _ACQUIRE)
-        return max(0, min(cs.seen - lo, limit))
 
 
 class MultiProducerSequencer:
@@ -147,9 +99,6 @@ class MultiProducerSequencer:
         if not _TSO:
             self._fence.load()
         return n
-
-    def producer_available(self, lo: int, limit: int) -> int:
-        return self._published_prefix(lo, limit)
 
     def consumer_available(self, lo: int, limit: int, cs) -> int:
         if cs.seen - lo < limit:

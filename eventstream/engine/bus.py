@@ -26,6 +26,7 @@ per event, and never inside a ring operation.
 
 from __future__ import annotations
 
+import enum
 import threading
 import time
 
@@ -34,7 +35,7 @@ import numpy as np
 from eventstream.config import Config, QueueConfig
 from eventstream.core.arena import memory_node
 from eventstream.core.records import SMALL_BATCH, Priority
-from eventstream.core.ring import MpscRing, Overflow
+from eventstream.core.ring import MpscRing
 from eventstream.core.wait import Blocking, make_wait
 
 QUEUE_NAMES = ("realtime", "transactional", "batch")
@@ -48,6 +49,14 @@ ROUTE[Priority.MEDIUM] = TRANSACTIONAL
 ROUTE[Priority.LOW] = BATCH
 ROUTE[Priority.BATCH] = BATCH
 _ROUTE = ROUTE.tolist()
+
+
+class Overflow(enum.Enum):
+    """A queue's policy when its ring is full: hold the rest at the edge (TCP pushes back on its
+    client) or shed it there (refused with a NACK, counted)."""
+
+    BLOCK_PRODUCER = "BLOCK_PRODUCER"
+    DROP_NEW = "DROP_NEW"
 
 
 def partition_of(topic_ids, partitions: int):
@@ -107,17 +116,13 @@ class Queue:
             r.close()
 
 
-def _ring(qc: QueueConfig, dtype, wait, node: int, name: str):
-    if qc.overflow == "DROP_OLD":
+def _ring(qc: QueueConfig, dtype, wait, node: int, name: str) -> MpscRing:
+    if qc.overflow not in Overflow.__members__:
         raise ValueError(
-            f"queues.{name.split('.')[0]}.overflow: 'DROP_OLD' is not allowed (it would evict "
+            f"queues.{name.split('.')[0]}.overflow: {qc.overflow!r} is not allowed (DROP_OLD would evict "
             "events already accepted); allowed: BLOCK_PRODUCER (push back), DROP_NEW (shed at the edge)"
         )
-    # producers never wait inside the ring (offer() uses try_put; holding happens in ingest), so the
-    # block timeout does not apply to the engine (the ring's own blocking put_batch is not used here)
-    return MpscRing(
-        qc.capacity, dtype, overflow=Overflow[qc.overflow], block_timeout=1.0, wait=wait, node=node, name=name
-    )
+    return MpscRing(qc.capacity, dtype, wait=wait, node=node, name=name)
 
 
 class Offer:

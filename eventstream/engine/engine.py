@@ -299,7 +299,7 @@ class Engine:
         assert self.bus is not None  # called only with one
         for ring in (r for q in self.bus.queues for r in q.rings):
             while True:
-                recs = ring.take(ring.capacity, 0.0)
+                recs = ring.take(ring.capacity)
                 if not len(recs):
                     break
                 left += len(recs)

@@ -7,41 +7,47 @@ import threading
 
 from core_helpers import SMALL_DTYPE, make_batch
 
-from eventstream.core.ring import SpscRing
+from eventstream.core.ring import MpscRing
 from eventstream.core.wait import Blocking
 
 ROUNDS = 3000
 POLL_TIMEOUT_S = 5.0  # a lost wakeup makes one poll wait this long (slices are longer still)
 
 
-def _pong(inbox: SpscRing, outbox: SpscRing, stop: threading.Event) -> None:
+def _poll_one(ring: MpscRing, wait: Blocking) -> tuple:
+    """What a processor does: park on the ring's wait strategy until it holds records, then poll."""
+    wait.wait_for(lambda: ring.depth > 0, POLL_TIMEOUT_S)
+    return ring.poll(1)
+
+
+def _pong(inbox: MpscRing, outbox: MpscRing, wait: Blocking, stop: threading.Event) -> None:
     while not stop.is_set():
-        views = inbox.poll(1, POLL_TIMEOUT_S)
+        views = _poll_one(inbox, wait)
         if views:
             rec = views[0].copy()
             inbox.release(1)
-            outbox.put_batch(rec)
+            assert outbox.try_put(rec)[0] == 1
 
 
 def test_ping_pong_through_parked_consumers_never_misses_a_signal():
     # no spinning or yielding first: every wait parks, so every handoff races a park against a signal
     wa, wb = Blocking(spins=0, yields=0, park_slice=60.0), Blocking(spins=0, yields=0, park_slice=60.0)
-    with SpscRing(8, SMALL_DTYPE, wait=wa) as ping, SpscRing(8, SMALL_DTYPE, wait=wb) as pong:
+    with MpscRing(8, SMALL_DTYPE, wait=wa) as ping, MpscRing(8, SMALL_DTYPE, wait=wb) as pong:
         stop = threading.Event()
-        t = threading.Thread(target=_pong, args=(ping, pong, stop), daemon=True)
+        t = threading.Thread(target=_pong, args=(ping, pong, wa, stop), daemon=True)
         t.start()
         got = []
         try:
             for i in range(ROUNDS):
-                ping.put_batch(make_batch(1, i, 1))
-                views = pong.poll(1, POLL_TIMEOUT_S)
+                assert ping.try_put(make_batch(1, i, 1))[0] == 1
+                views = _poll_one(pong, wb)
                 assert views, f"round {i}: no reply within {POLL_TIMEOUT_S} s"
                 got.append(int(views[0]["seq"][0]))
                 pong.release(1)
                 assert wa.late_wakeups == 0 and wb.late_wakeups == 0, f"round {i}: a park ended without its signal"
         finally:
             stop.set()
-            ping.put_batch(make_batch(1, 0, 1))  # wakes the other thread if it is parked
+            ping.try_put(make_batch(1, 0, 1))  # wakes the other thread if it is parked
             t.join(10)
     assert not t.is_alive()
     assert got == list(range(ROUNDS))  # every round trip, in order

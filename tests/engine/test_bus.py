@@ -15,7 +15,7 @@ from engine_fixtures import DTYPE, make_records, offer_all
 def drain(queue):
     out = []
     for ring in queue.rings:
-        got = ring.take(1 << 20, 0.0)
+        got = ring.take(1 << 20)
         if len(got):
             out.append(got)
     return np.concatenate(out) if out else np.zeros(0, DTYPE)
@@ -47,7 +47,7 @@ def test_partitions_keep_a_topic_in_one_ring(small_cfg, topics):
         assert q.partitions == small_cfg.processors.transactional.max_workers
         seen = {}
         for p, ring in enumerate(q.rings):
-            for tid in ring.take(1 << 20, 0.0)["topic_id"].tolist():
+            for tid in ring.take(1 << 20)["topic_id"].tolist():
                 assert seen.setdefault(tid, p) == p
         assert len(seen) == 7
     finally:

@@ -40,7 +40,7 @@ def test_transactional_lane_handles_an_idle_partition_on_the_callers_thread(bus,
     assert collected.stored_records()["event_id"].tolist() == [1, 2, 3]
     assert lane.run_inline(make_records(topics, 3, priority=2, ids=[1, 2, 3]), 0)  # a resend: stored once
     assert len(collected.stored_records()) == 3 and collected.dedup_hits == 3
-    bus["transactional"].rings[0].put_batch(make_records(topics, 1, priority=2, ids=[9]))
+    bus["transactional"].rings[0].try_put(make_records(topics, 1, priority=2, ids=[9]))
     assert not lane.run_inline(make_records(topics, 1, priority=2, ids=[10]), 0)  # queued ahead: not now
 
 
@@ -63,7 +63,7 @@ def _refused_then_worked(bus, collected, recs, check_refused):
     lane = TransactionalProcessor(bus["transactional"], collected.sinks(), handler, dedups=dedups)
     assert not lane.run_inline(recs, 0)  # raised
     check_refused(dedups)
-    bus["transactional"].rings[0].put_batch(recs)  # what the bus does with a refused lane batch
+    bus["transactional"].rings[0].try_put(recs)  # what the bus does with a refused lane batch
     worker = TransactionalProcessor(bus["transactional"], collected.sinks(), handler, dedups=dedups,
                                     retry_backoff_ms=1.0)
     run_until_drained([worker], bus)
@@ -97,7 +97,7 @@ def test_batch_lane_and_workers_share_the_windows(bus, collected, topics):
     lane = BatchProcessor(bus["batch"], collected.sinks(), closed.append, **kw)
     worker = BatchProcessor(bus["batch"], collected.sinks(), closed.append, **kw)
     assert lane.run_inline(make_records(topics, 5, topic="w", priority=0), 0)
-    bus["batch"].rings[0].put_batch(make_records(topics, 7, topic="w", priority=0, start_seq=6))
+    bus["batch"].rings[0].try_put(make_records(topics, 7, topic="w", priority=0, start_seq=6))
     run_until_drained([worker], bus)
     assert flush_windows(worker) == 1
     assert len(closed) == 1 and closed[0].count == 12  # one window, fed by both

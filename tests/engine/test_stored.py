@@ -20,7 +20,7 @@ def put(ring: MpscRing, n: int) -> tuple[MpscRing, int]:
 
 
 def release(ring: MpscRing, n: int) -> None:
-    views = ring.poll(n, 0.0)
+    views = ring.poll(n)
     assert sum(len(v) for v in views) == n
     ring.release(n)
 

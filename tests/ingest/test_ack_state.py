@@ -31,7 +31,7 @@ def place(c: Connection, ring: MpscRing, n: int, nacks: bytes = b"", ts: int = 1
 
 def consume(ring: MpscRing, n: int) -> None:
     """A processor: poll n records, release them (stored)."""
-    views = ring.poll(n, 0.0)
+    views = ring.poll(n)
     assert sum(len(v) for v in views) == n
     ring.release(n)
 

@@ -228,40 +228,6 @@ def test_a_full_sink_holds_the_rest_until_there_is_room(tcp_server):
     assert srv.statistics()["backpressure_drops"] == 0
 
 
-def test_real_mpsc_ring_as_sink_with_a_consumer(tcp_server):
-    import threading
-
-    from eventstream.core.ring import MpscRing
-
-    ring = MpscRing(1024, record_dtype(448), overflow="DROP_NEW")
-    got = []
-    done = threading.Event()
-
-    def consume():
-        while not done.is_set() or ring.depth:
-            batch = ring.take(4096, 0.01)
-            if len(batch):
-                got.append(batch)
-
-    t = threading.Thread(target=consume)
-    t.start()
-    try:
-        srv = tcp_server(ring)
-        s = connect(srv)
-        s.sendall(b"".join(encode_v2("ring", b"%d" % i, 2, i + 1) for i in range(5000)))
-        s.shutdown(socket.SHUT_WR)
-        frames = read_until_closed(s)
-        assert last_ack(frames) == 5000
-        assert [f for f in frames if f[0] == NACK] == []
-    finally:
-        done.set()
-        t.join(10)
-        recs = np.concatenate(got)
-        ring.close()
-    assert recs["event_id"].tolist() == list(range(1, 5001))
-    assert payloads(recs[:2]) == [b"0", b"1"]
-
-
 def test_ack_arrives_without_further_traffic(tcp_server):
     srv = tcp_server()
     s = connect(srv)

@@ -134,7 +134,7 @@ class Processor(threading.Thread):
                     if not token.acquire(blocking=False):
                         continue
                     try:
-                        worked |= self._drain_once(i, 0.0)
+                        worked |= self._drain_once(i)
                     finally:
                         token.release()
                 if worked:
@@ -163,9 +163,9 @@ class Processor(threading.Thread):
             self._flush_inline_metrics()
             self.on_exit()
 
-    def _drain_once(self, partition: int, timeout: float) -> bool:
+    def _drain_once(self, partition: int) -> bool:
         ring = self.queue.rings[partition]
-        views = ring.poll(self.max_batch, timeout)
+        views = ring.poll(self.max_batch)
         if not views:
             return False
         taken_ns = time.monotonic_ns()
