@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import structlog
@@ -64,6 +64,13 @@ class WindowTable:
     closed: int = 0
 
 
+class WindowHandler(Protocol):
+    """What the batch tier's handler is: a callable taking each closed Window (not a Batch: the tier
+    hands its events to the optional aggregate, batch by batch, and its windows to the handler)."""
+
+    def __call__(self, window: Window, /) -> Any: ...
+
+
 def wall_offset_ns() -> int:
     """time.time_ns() - time.monotonic_ns(): maps ingest timestamps (monotonic) to wall-clock time."""
     return time.time_ns() - time.monotonic_ns()
@@ -76,7 +83,7 @@ class BatchProcessor(Processor):
         self,
         queue,
         sinks,
-        handler,
+        handler: WindowHandler | None,
         *,
         tables: list[WindowTable],
         window_s: float = 5.0,
@@ -85,7 +92,8 @@ class BatchProcessor(Processor):
         offset_ns: int | None = None,
         **kw,
     ):
-        super().__init__(queue, sinks, handler, **kw)
+        super().__init__(queue, sinks, None, **kw)  # no Batch handler: events go to windows
+        self.on_window = handler
         self.tables = tables
         self.window_ns = int(window_s * 1e9)
         self.aggregate = aggregate
@@ -156,9 +164,9 @@ class BatchProcessor(Processor):
 
     def emit(self, w: Window) -> None:
         log.info("window_closed", **w.summary())
-        if self.handler is not None and self.filter.mask(np.array([w.topic_id], dtype=np.uint32))[0]:
+        if self.on_window is not None and self.filter.mask(np.array([w.topic_id], dtype=np.uint32))[0]:
             try:
-                self.handler(w)
+                self.on_window(w)
             except Exception as exc:  # noqa: BLE001 - a user's handler: log, keep running
                 log.warning("window_handler_failed", topic=w.topic, error=error_text(exc))
 
