@@ -237,7 +237,8 @@ class TransactionalConfig:
     nice: int = field(default=0, metadata={"range": (0, 19)})
     # caller runs: an ingest reader handles this tier's events itself when their queue partition is idle
     # (no thread handoff, no wake-up: less CPU per event). Off by default: the handler then runs on
-    # ingest threads, so a slow or blocking handler stalls that reader, realtime events included
+    # ingest threads, so a slow or blocking handler stalls that reader, realtime events included (with
+    # the stock noop handler, reads of a few events are handled on the reader anyway: ProcessManager.lanes)
     inline: bool = False  # a batch whose handler raises is queued (retries run on the tier's workers)
 
 
@@ -254,7 +255,8 @@ class BatchConfig:
     nice: int = field(default=0, metadata={"range": (0, 19)})
     # caller runs: an ingest reader handles this tier's events itself when their queue partition is idle
     # (no thread handoff, no wake-up: less CPU per event). Off by default: the handler then runs on
-    # ingest threads, so a slow or blocking handler stalls that reader, realtime events included
+    # ingest threads, so a slow or blocking handler stalls that reader, realtime events included (with
+    # the stock noop handler, reads of a few events are handled on the reader anyway: ProcessManager.lanes)
     inline: bool = False
 
 

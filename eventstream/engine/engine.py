@@ -263,8 +263,9 @@ class Engine:
         register_storage(self.metrics, self.event_log, self.dlq)
         self.manager.start()
         for tier in QUEUE_NAMES:  # caller runs: ingest handles a tier's events itself when it is idle
-            if getattr(cfg.processors, tier).inline:
-                bus[tier].lanes = self.manager.lanes(tier)
+            lanes = self.manager.lanes(tier)  # (which tiers and batch sizes: ProcessManager.lanes)
+            if lanes:
+                bus[tier].lanes = lanes
         return self
 
     def stop(self, drain: bool = True, timeout: float = 60.0) -> bool:

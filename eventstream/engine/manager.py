@@ -18,8 +18,9 @@ import structlog
 from eventstream.config import Config
 from eventstream.core.arena import memory_node
 from eventstream.core.dedup import Deduplicator, MemoryBudget
+from eventstream.core.records import SMALL_BATCH
 from eventstream.engine.bus import EventBusMulti
-from eventstream.engine.handlers import resolve
+from eventstream.engine.handlers import noop, resolve
 from eventstream.engine.processors import (
     BatchProcessor,
     Processor,
@@ -104,11 +105,26 @@ class ProcessManager:
 
     def lanes(self, tier: str) -> list[Processor]:
         """Caller-runs lanes for `tier`: one processor per queue partition, never started (ingest
-        threads call its run_inline), sharing the tier's handler, dedup tables and windows."""
+        threads call its run_inline), sharing the tier's handler, dedup tables and windows; [] for none.
+
+        With `processors.<tier>.inline` a lane takes batches of any size. Without it, a bulk tier whose
+        handler is the stock `noop` (and, for the batch tier, with no aggregate) still gets lanes for
+        batches of at most SMALL_BATCH records: no user code runs on the ingest thread then (only the
+        dedup check and the write a worker would do), and a few records cost the reader less than the
+        hand-off to a worker and the wake-up back for the ACK. Larger batches (under load) go to the
+        workers, which can use the other CPUs."""
+        most = 0  # any size
+        if not getattr(self.cfg.processors, tier).inline:
+            if tier == "realtime" or self.handlers[tier] is not noop:
+                return []
+            if tier == "batch" and self.handlers["aggregate"] is not None:
+                return []
+            most = SMALL_BATCH
         out = []
         for i in range(self.bus[tier].partitions):
             lane = self._make(tier, worker=i)
             lane.name = f"es-{tier}-lane-{i}"
+            lane.inline_max = most
             out.append(lane)
         return out
 

@@ -138,3 +138,45 @@ def test_a_service_with_bulk_lanes_stores_every_event_once_in_order(tmp_path):
     for p in range(5):  # per topic (one priority each), the order of the connection
         mine = recs["event_id"][recs["priority"] == p]
         assert (np.diff(mine.astype(np.int64)) > 0).all()
+
+
+def test_a_lane_with_inline_max_leaves_larger_batches_to_the_queue(bus, collected, topics):
+    lane = TransactionalProcessor(bus["transactional"], collected.sinks(), None)
+    lane.inline_max = 8
+    assert not lane.run_inline(make_records(topics, 9, priority=2), 0)  # too many: the caller queues them
+    assert lane.handled == 0 and len(collected.stored_records()) == 0
+    assert lane.run_inline(make_records(topics, 8, priority=2, start_seq=10), 0)
+    assert lane.handled == 8
+
+
+@pytest.mark.parametrize("handler", ["", "eventstream.engine.handlers:log_alert"])
+def test_bulk_tiers_with_the_stock_handler_store_a_few_events_on_the_reader(tmp_path, handler):
+    """processors.<tier>.inline off (the default): with the stock noop handler the bulk tiers still
+    get lanes for reads of at most SMALL_BATCH events (no user code on the reader); with a handler
+    of the user's, none."""
+    extra = {"processors.transactional.inline": False, "processors.batch.inline": False}
+    if handler:
+        extra["processors.transactional.handler"] = handler
+    svc = Service(_cfg(tmp_path / "data", **extra)).start()
+    try:
+        lanes = {t: svc.engine.bus[t].lanes for t in ("transactional", "batch")}
+        if handler:
+            assert lanes["transactional"] == [None] * len(lanes["transactional"])
+            assert all(lane is not None and lane.inline_max == 8 for lane in lanes["batch"])
+            return
+        assert all(lane is not None and lane.inline_max == 8 for ls in lanes.values() for lane in ls)
+        s = socket.create_connection(svc.tcp.address, timeout=30)
+        s.sendall(encode_v2("one", b"x", 2, 1))  # one event: on the reader
+        buf = bytearray()
+        while not any(k == KIND_ACK and v == 1 for k, v, _ in split_control_frames(buf)):
+            buf += s.recv(65536)
+        assert sum(lane.handled for lane in lanes["transactional"]) == 1
+        s.sendall(b"".join(encode_v2("many", b"y", 2, i) for i in range(2, 202)))  # one read, or a few
+        while not any(k == KIND_ACK and v == 201 for k, v, _ in split_control_frames(buf)):
+            buf += s.recv(65536)
+        s.close()
+        # the lanes' count moves before the ACK (the workers' after it): not every read of the 200 was a
+        # small one, so the lanes did not take them all
+        assert sum(lane.handled for lane in lanes["transactional"]) < 201
+    finally:
+        svc.stop()

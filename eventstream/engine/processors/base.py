@@ -106,6 +106,7 @@ class Processor(threading.Thread):
         self._stages: list[tuple[np.ndarray, int, int]] = []  # stage latencies left by run_inline
         self.handled = 0
         self.inline = 0  # of which handled by run_inline on a caller's thread
+        self.inline_max = 0  # run_inline takes batches of at most this many records (0: any size)
         self.batches = 0
         self.error: BaseException | None = None
         self._stop_requested = threading.Event()
@@ -203,6 +204,8 @@ class Processor(threading.Thread):
         No thread handoff at all on the way to the handler and the ACK. The service gives each
         partition its own lane (a processor that is not started), so lanes of different partitions
         never share their pending metrics; everything here runs under the partition's token."""
+        if self.inline_max and len(records) > self.inline_max:
+            return False
         token = self.queue.tokens[partition]
         if not token.acquire(blocking=False):
             return False
