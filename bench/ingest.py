@@ -37,6 +37,8 @@ from harness import Bench  # noqa: E402
 from eventstream.config import TcpConfig  # noqa: E402
 from eventstream.core.records import FLAG_V2, record_dtype  # noqa: E402
 from eventstream.core.topics import TopicTable  # noqa: E402
+from eventstream.engine.bus import Offer  # noqa: E402
+from eventstream.ingest.admission import Admission  # noqa: E402
 from eventstream.ingest.tcp import TcpServer  # noqa: E402
 from eventstream.protocol.decoder import FrameDecoder  # noqa: E402
 from eventstream.protocol.frames import encode_v1, encode_v2, split_control_frames  # noqa: E402
@@ -47,23 +49,27 @@ COLUMNS = ["case", "version", "connections", "frames_per_s", "ns_per_event", "sp
 
 
 class CountingSink:
-    """A put_batch sink that counts records and drops them (ingest without the engine): no copy, no
-    lock beyond one add per batch."""
+    """Stands where the engine stands (`offer` and `admission`, see ingest/delivery.py) and counts the
+    records it is offered, then drops them (ingest without the engine): no copy, no lock beyond one
+    add per batch; every offer is placed whole and complete at once (no completion marks)."""
 
     def __init__(self):
         self.count = 0
         self.first_ns = 0
         self.last_ns = 0
+        self.admission = Admission()
         self._lock = threading.Lock()
 
-    def put_batch(self, records: np.ndarray) -> np.ndarray:
+    def offer(self, records: np.ndarray, *, stamp: bool = True, shed_all: bool = False) -> Offer:
         now = time.perf_counter_ns()
         with self._lock:
             if not self.count:
                 self.first_ns = now
             self.count += len(records)
             self.last_ns = now
-        return records[:0]
+        off = Offer()
+        off.placed = len(records)
+        return off
 
 
 def frames(version: int, n: int, topics: int = 4) -> bytes:

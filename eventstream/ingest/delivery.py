@@ -1,13 +1,11 @@
-"""Hand decoded batches to the sink: admission, placement, holding, shedding, counters, NACKs.
+"""Hand decoded batches to the engine: placement, holding, shedding, counters, NACKs.
 
 Shared by the TCP readers and the UDP reader. Each reader thread owns one IngestStats and is its only
 writer; statistics() sums them (plain int reads, no locks on the hot path).
 
-A sink is either the engine (``offer(records, stamp=, shed_all=) -> Offer``, engine/engine.py: the
-control plane's admission, then the processor queues, without waiting; completion marks come back; a
-bare EventBusMulti offers the same without admission) or any object with ``put_batch(records) ->
-records not taken`` (tests/doubles.py, bench/ingest.py; admission is then applied here and a put is
-complete at once).
+The sink is the engine: ``offer(records, stamp=, shed_all=) -> Offer`` (engine/engine.py: the control
+plane's admission, then the processor queues, without waiting; completion marks come back) and its
+``admission`` (what the readers ask before offering held records again).
 
 TCP never sheds what the engine could take later: records the queues cannot take now, or that the
 control plane does not admit now, are *held* by the reader (which stops reading that connection, so
@@ -24,13 +22,11 @@ import numpy as np
 import structlog
 
 from eventstream.core.payloads import release_records
-from eventstream.ingest.admission import REASON_BACKPRESSURE, REASON_PAUSED, Admission, Rejection
+from eventstream.ingest.admission import Rejection
 from eventstream.protocol.decoder import FrameError
 from eventstream.protocol.frames import encode_nack, encode_nacks
 
 log = structlog.get_logger("eventstream.ingest")
-
-REASON_SINK_FULL = "backpressure: ingest queue full"  # a put_batch sink that took only part (UDP sheds the rest)
 
 
 class IngestStats:
@@ -94,14 +90,13 @@ class Delivered:
 class Delivery:
     """Deliver decoded batches of one reader thread to the sink."""
 
-    def __init__(self, sink, admission: Admission | None, on_reject, stats: IngestStats, *, udp: bool = False):
+    def __init__(self, sink, on_reject, stats: IngestStats, *, udp: bool = False):
         self.sink = sink
-        # the engine's admission when the sink is the engine (the control plane's level), else this one
-        self.admission = getattr(sink, "admission", None) or (admission if admission is not None else Admission())
+        self.admission = sink.admission  # the control plane's level (set by engine/levels.py)
         self.on_reject = on_reject
         self.stats = stats
         self.udp = udp
-        self._offer = getattr(sink, "offer", None)
+        self._offer = sink.offer
 
     def admitted_below(self) -> int:
         """First priority the control plane admits now (0 = all; paused: only CRITICAL). UDP sheds
@@ -134,23 +129,20 @@ class Delivery:
         held = held_idx = None
         accepted = 0
         if len(records):
-            if self._offer is not None:  # the engine: admission is behind its offer
-                try:
-                    off = self._offer(records, stamp=not retry, shed_all=self.udp)
-                except Exception as exc:  # noqa: BLE001 - a broken sink must not kill the reader
-                    log.error("sink_failed", error=repr(exc), records=len(records))
-                    off = None
-                    dropped.append((records, indices, "sink_failed"))
-                if off is not None:
-                    accepted = off.placed
-                    marks = off.marks
-                    for pos, reason in off.refused:
-                        dropped.append((records[pos], indices[pos], reason))
-                    if off.held is not None:
-                        held, held_idx = records[off.held], indices[off.held]
-                    blocked = off.blocked
-            else:
-                held, held_idx, accepted = self._put(records, indices, dropped)
+            try:
+                off = self._offer(records, stamp=not retry, shed_all=self.udp)
+            except Exception as exc:  # noqa: BLE001 - a broken sink must not kill the reader
+                log.error("sink_failed", error=repr(exc), records=len(records))
+                off = None
+                dropped.append((records, indices, "sink_failed"))
+            if off is not None:
+                accepted = off.placed
+                marks = off.marks
+                for pos, reason in off.refused:
+                    dropped.append((records[pos], indices[pos], reason))
+                if off.held is not None:
+                    held, held_idx = records[off.held], indices[off.held]
+                blocked = off.blocked
             if held is not None and not retry:  # a retry still held is the same hold going on
                 stats.holds += 1
             stats.frames_accepted += accepted
@@ -166,38 +158,6 @@ class Delivery:
             release_records(recs)
         nacks = _nacks(dropped, errors) if want_nacks and (dropped or errors) else b""
         return Delivered(accepted, marks, held, held_idx, nacks, blocked)
-
-    def _put(self, records, indices, dropped) -> tuple:
-        """A `put_batch` sink (tests, benchmarks): admission applied here, a put is complete at once."""
-        held = held_idx = None
-        lo = self.admitted_below()
-        cut = len(records)
-        if lo > 0:
-            below = records["priority"] < lo
-            if below.any():
-                if self.udp:
-                    reason = REASON_PAUSED if self.admission.paused else REASON_BACKPRESSURE
-                    dropped.append((records[below], indices[below], reason))
-                    keep = ~below
-                    records, indices = records[keep], indices[keep]
-                    cut = len(records)
-                else:  # hold from the first record not admitted: the connection keeps its order
-                    cut = int(below.argmax())
-        head = records[:cut]
-        rest = self.sink.put_batch(head) if len(head) else None
-        r = len(rest) if rest is not None else 0
-        accepted = len(head) - r
-        if r:
-            tail = np.arange(accepted, len(head))
-            if self.udp:
-                dropped.append((head[tail], indices[tail], REASON_SINK_FULL))
-            else:
-                held, held_idx = head[tail], indices[tail]
-        if cut < len(records):
-            rest, rest_idx = records[cut:], indices[cut:]
-            held = rest if held is None else np.concatenate((held, rest))
-            held_idx = rest_idx if held_idx is None else np.concatenate((held_idx, rest_idx))
-        return held, held_idx, accepted
 
     def report_suppressed(self, conn_id: int, n: int, limit_key: str, limit: int) -> None:
         """One summary line for `n` rejected frames not reported one by one (limits.RejectMeter)."""

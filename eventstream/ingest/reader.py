@@ -99,7 +99,6 @@ class Reader(threading.Thread):
         topics: TopicTable,
         delivery: Delivery,
         stats: IngestStats,
-        admission,
         cpus,
         payload_bytes: int,
         ack_default: int = ACK_STORED,
@@ -117,7 +116,6 @@ class Reader(threading.Thread):
         self.topics = topics
         self.delivery = delivery
         self.stats = stats
-        self.admission = delivery.admission
         self.cpus = cpus
         self.payload_bytes = payload_bytes
         self.payloads = payloads  # PayloadArena for payloads over payload_bytes (None: refused)

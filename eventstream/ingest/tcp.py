@@ -30,7 +30,6 @@ import structlog
 from eventstream.config import TcpConfig
 from eventstream.core.records import ACK_STORED
 from eventstream.core.topics import TopicTable
-from eventstream.ingest.admission import Admission
 from eventstream.ingest.auth import TokenSet
 from eventstream.ingest.connection import Connection
 from eventstream.ingest.delivery import Delivery, IngestStats, merge_stats
@@ -66,7 +65,6 @@ class TcpServer:
         sink,
         topics: TopicTable,
         *,
-        admission: Admission | None = None,
         on_reject=None,
         cpus=None,
         reader_cpus=None,
@@ -87,7 +85,6 @@ class TcpServer:
         self.config = config
         self.sink = sink
         self.topics = topics
-        self.admission = admission if admission is not None else Admission()
         self.on_reject = on_reject
         self.cpus = list(cpus or [])
         self.reader_cpus = list(reader_cpus or [])
@@ -139,14 +136,13 @@ class TcpServer:
         self.readers = reader_count(cfg.readers, self.reader_cpus)
         for n in range(self.readers):
             stats = IngestStats()
-            delivery = Delivery(self.sink, self.admission, self.on_reject, stats)
+            delivery = Delivery(self.sink, self.on_reject, stats)
             r = Reader(
                 n,
                 cfg,
                 self.topics,
                 delivery,
                 stats,
-                self.admission,
                 self.reader_cpus,
                 self.payload_bytes,
                 self.ack_default,

@@ -32,7 +32,7 @@ import structlog
 
 from eventstream.config import UdpConfig
 from eventstream.core.topics import TopicTable
-from eventstream.ingest.admission import Admission, Rejection
+from eventstream.ingest.admission import Rejection
 from eventstream.ingest.delivery import Delivery, IngestStats, merge_stats
 from eventstream.ingest.limits import RejectMeter
 from eventstream.ingest.tcp import bind_error
@@ -221,7 +221,6 @@ class UdpServer:
         sink,
         topics: TopicTable,
         *,
-        admission: Admission | None = None,
         on_reject=None,
         cpus=None,
         payload_bytes: int = 448,
@@ -234,7 +233,6 @@ class UdpServer:
         topics (server.tenants.max_new_topics), so UDP cannot fill the topic table for TCP clients."""
         self.config = config
         self.topics = topics
-        self.admission = admission if admission is not None else Admission()
         self.cpus = list(cpus or [])
         self.payload_bytes = payload_bytes
         self.payloads = payloads  # PayloadArena for payloads over payload_bytes (None: refused)
@@ -242,7 +240,7 @@ class UdpServer:
         self.use_recvmmsg = use_recvmmsg
         self.tenants = tenants
         self.stats = IngestStats()
-        self.delivery = Delivery(sink, self.admission, on_reject, self.stats, udp=True)
+        self.delivery = Delivery(sink, on_reject, self.stats, udp=True)
         self.recv_mode = ""
         self.rcvbuf_effective = 0
         self._sock: socket.socket | None = None

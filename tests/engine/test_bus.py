@@ -93,15 +93,18 @@ def test_offer_holds_what_does_not_fit_and_marks_what_went_in(topics):
         bus.close()
 
 
-def test_a_hold_is_counted_once_however_often_it_is_offered_again(topics):
+def test_a_hold_is_counted_once_however_often_it_is_offered_again(topics, tmp_path):
+    from eventstream.engine.engine import Engine
     from eventstream.ingest.delivery import Delivery, IngestStats
+    from eventstream.metrics.registry import MetricsRegistry
 
     cfg = load_config(environ={}, overrides={"records.payload_bytes": 32, "queues.batch.capacity": 16,
-                                             "processors.batch.max_workers": 1})
-    bus = EventBusMulti(cfg, DTYPE)
+                                             "processors.batch.max_workers": 1,
+                                             "storage.data_dir": str(tmp_path / "data")})
+    engine = Engine(cfg, MetricsRegistry()).open()  # not started: nothing consumes the queue
     try:
         stats = IngestStats()
-        delivery = Delivery(bus, None, None, stats)
+        delivery = Delivery(engine, None, stats)
         recs = make_records(topics, 20, priority=0)
         d = delivery.deliver(recs, np.arange(20), [], 1, want_nacks=True)
         assert d.accepted == 16 and len(d.held) == 4 and stats.holds == 1
@@ -110,7 +113,7 @@ def test_a_hold_is_counted_once_however_often_it_is_offered_again(topics):
             assert d.accepted == 0 and len(d.held) == 4
         assert stats.holds == 1
     finally:
-        bus.close()
+        engine.close()
 
 
 def test_offer_sheds_at_the_edge_only_where_configured(topics):

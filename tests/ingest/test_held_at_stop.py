@@ -1,5 +1,6 @@
-"""A draining stop that cannot place held records (the queues never get room) dead-letters them and
-NACKs them to a v2 client after the ACK of everything before them: nothing valid vanishes."""
+"""A draining stop that cannot place held records (here the engine never admits them: below the
+level the control plane admits) dead-letters them and NACKs them to a v2 client after the ACK of
+everything before them: nothing valid vanishes."""
 
 from __future__ import annotations
 
@@ -7,18 +8,18 @@ import socket
 
 from ingest_helpers import read_until_closed, wait_until
 from eventstream.ingest import reader
-from doubles import CollectingSink
 from eventstream.metrics.reasons import category
 from eventstream.protocol.frames import KIND_ACK, KIND_NACK, encode_v1, encode_v2
 
 
 def test_held_records_are_dead_lettered_and_nacked_at_stop(tcp_server, monkeypatch):
     monkeypatch.setattr(reader, "STOP_BUDGET_S", 0.3)
-    srv = tcp_server(CollectingSink(capacity=5), readers=1)
+    srv = tcp_server(readers=1)
+    srv.test_sink.admission.tcp_min_priority = 3  # HIGH and CRITICAL only
     s = socket.create_connection(srv.address, timeout=10)
-    s.sendall(b"".join(encode_v2("q", b"v%d" % i, 2, i + 1) for i in range(8)))
+    s.sendall(b"".join(encode_v2("q", b"v%d" % i, 3 if i < 5 else 2, i + 1) for i in range(8)))
     wait_until(lambda: srv.statistics()["holds"] >= 1, what="events held")
-    srv.stop(drain=True)  # the sink never gets room: frames 6..8 stay held past the stop budget
+    srv.stop(drain=True)  # never admitted: frames 6..8 stay held past the stop budget
     frames = read_until_closed(s)
     acks = [v for k, v, _ in frames if k == KIND_ACK]
     nacks = [(v, reason) for k, v, reason in frames if k == KIND_NACK]
@@ -38,12 +39,13 @@ def test_held_records_are_dead_lettered_and_nacked_at_stop(tcp_server, monkeypat
 
 def test_v1_held_records_are_dead_lettered_at_stop(tcp_server, monkeypatch):
     monkeypatch.setattr(reader, "STOP_BUDGET_S", 0.3)
-    srv = tcp_server(CollectingSink(capacity=2), readers=1)
+    srv = tcp_server(readers=1)
+    srv.test_sink.admission.tcp_min_priority = 3
     s = socket.create_connection(srv.address, timeout=10)
-    s.sendall(b"".join(encode_v1("q", b"w%d" % i, 1) for i in range(4)))
+    s.sendall(b"".join(encode_v1("q", b"w%d" % i, 3 if i < 2 else 1) for i in range(4)))
     wait_until(lambda: srv.statistics()["holds"] >= 1, what="events held")
     srv.stop(drain=True)
     assert read_until_closed(s) == []  # v1: no ACKs, no NACKs
     dead = [recs for recs, _reason, _rej in srv.test_rejects.calls if recs is not None]
     assert sum(len(r) for r in dead) == 2
-    assert srv.test_sink.count == 2
+    assert srv.test_sink.wait_for(2, 10) and srv.test_sink.count == 2

@@ -16,10 +16,7 @@ from ingest_helpers import Rejects, read_until_closed, wait_until
 from serve_process import ServeProcess
 from eventstream.client import AuthError, TcpClient
 from eventstream.config import TcpConfig
-from eventstream.core.topics import TopicTable
-from eventstream.ingest.admission import Admission
 from eventstream.ingest.auth import TokenSet
-from doubles import CollectingSink
 from eventstream.ingest.tcp import TcpServer
 from eventstream.ingest.tls import TlsConfigError, server_context
 from eventstream.protocol.frames import KIND_ACK, KIND_NACK, encode_hello, encode_v1, encode_v2, parse_hello
@@ -44,15 +41,17 @@ def client_context(cert) -> ssl.SSLContext:
 
 
 @pytest.fixture
-def server():
+def server(engine_sinks):
     made = []
 
     def make(*, tokens=None, cert=None, **cfg):
         cfg.setdefault("port", 0)
         tls = server_context(*cert) if cert else None
-        sink, rejects = CollectingSink(), Rejects()
-        srv = TcpServer(TcpConfig(**cfg), sink, TopicTable(), admission=Admission(), on_reject=rejects,
-                        tokens=TokenSet(tokens) if tokens else None, tls=tls).start()
+        sink, rejects = engine_sinks(), Rejects()
+        srv = TcpServer(TcpConfig(**cfg), sink.engine, sink.engine.topics, on_reject=rejects,
+                        payloads=sink.engine.payloads, tokens=TokenSet(tokens) if tokens else None, tls=tls)
+        sink.follow(srv)
+        srv.start()
         srv.test_sink, srv.test_rejects = sink, rejects
         made.append(srv)
         return srv
@@ -95,6 +94,7 @@ def test_a_valid_token_opens_the_connection(server):
     srv = server(tokens=[TOKEN, "other"])
     events = b"".join(encode_v2("auth.ok", b"%d" % i, 2, 1 + i) for i in range(5))
     assert exchange(srv, encode_hello(TOKEN) + events) == [(KIND_ACK, 5, "")]
+    events = b"".join(encode_v2("auth.ok", b"%d" % i, 2, 6 + i) for i in range(5))  # new ids: not resends
     got = exchange(srv, encode_hello("other") + events, pieces=len(events))  # byte by byte: ACKs as they come
     assert got[-1] == (KIND_ACK, 5, "") and KIND_NACK not in [k for k, _, _ in got]
     assert len(srv.test_sink.records()) == 10

@@ -9,7 +9,6 @@ import pytest
 
 from ingest_helpers import read_until_closed, wait_until
 from eventstream.config import ConfigError, load_config
-from eventstream.ingest.admission import Admission
 from eventstream.protocol.frames import KIND_ACK, KIND_NACK, encode_v2
 
 
@@ -70,9 +69,9 @@ def test_a_stalled_partial_frame_closes_its_connection(tcp_server):
 
 
 def test_a_held_connection_is_not_timed_out_for_its_partial_frame(tcp_server):
-    adm = Admission()
+    srv = tcp_server(frame_timeout_s=0.3, readers=1)
+    adm = srv.test_sink.admission
     adm.paused = True  # only CRITICAL is admitted: MEDIUM events are held, the connection is not read
-    srv = tcp_server(admission=adm, frame_timeout_s=0.3, readers=1)
     frames = [encode_v2("held", b"%d" % i, 2, 100 + i) for i in range(3)]
     held = connect(srv)
     held.sendall(frames[0] + frames[1] + frames[2][:10])  # one read: two records held + a partial frame

@@ -12,10 +12,7 @@ import pytest
 
 from ingest_helpers import read_until_closed, wait_until
 from eventstream.core.payloads import payload_list as payloads
-from eventstream.core.records import record_dtype
-from eventstream.core.topics import TopicTable
-from eventstream.ingest.admission import Admission, dead_letter_lines
-from doubles import CollectingSink
+from eventstream.ingest.admission import dead_letter_lines
 from eventstream.ingest.tcp import BindError, TcpServer
 from eventstream.config import TcpConfig
 from eventstream.protocol.frames import KIND_ACK, KIND_NACK, encode_v1, encode_v2, split_control_frames
@@ -89,9 +86,11 @@ def test_many_concurrent_connections_with_partial_writes(tcp_server):
     recs = srv.test_sink.records()
     ids = recs["event_id"]
     assert len(ids) == conns * per_conn and len(np.unique(ids)) == len(ids)
-    for c in range(conns):  # each connection's events arrive in order
-        mine = ids[(ids // 1_000_000) == c]
-        assert mine.tolist() == [c * 1_000_000 + i + 1 for i in range(per_conn)]
+    prio = recs["priority"]
+    for c in range(conns):  # each connection's events are stored in order within their queue (priority)
+        for p in range(5):
+            mine = ids[((ids // 1_000_000) == c) & (prio == p)]
+            assert mine.tolist() == [c * 1_000_000 + i + 1 for i in range(per_conn) if i % 5 == p]
     assert len(np.unique(recs["conn_id"])) == conns
     assert payloads(recs[:1])[0].startswith(b"%d:" % (recs["event_id"][0] // 1_000_000))
     wait_until(lambda: srv.statistics()["connections_open"] == 0, what="all connections closed")
@@ -143,6 +142,7 @@ def test_v1_connection_gets_no_acknowledgements(tcp_server):
     s.sendall(b"".join(encode_v1("legacy", b"x" * i, i % 5) for i in range(50)))
     s.shutdown(socket.SHUT_WR)
     assert read_until_closed(s) == []
+    assert srv.test_sink.wait_for(50, 10)  # no ACK to wait for: the stored count
     recs = srv.test_sink.records()
     assert len(recs) == 50 and (recs["event_id"] == 0).all() and (recs["flags"] == 0).all()
 
@@ -166,15 +166,16 @@ def test_connection_limit_closes_one_more_and_keeps_serving(tcp_server):
 
 
 def test_pause_holds_events_and_pushes_back(tcp_server):
-    adm = Admission(paused=True)
-    srv = tcp_server(admission=adm)
+    srv = tcp_server()
+    adm = srv.test_sink.admission  # the engine's, set by the control plane
+    adm.paused = True
     s = connect(srv)
     s.settimeout(0.5)
     frame = encode_v2("p", b"x" * 400, 2, 1)
-    chunk = frame * 1000
     sent = 0
     with pytest.raises(TimeoutError):
-        for _ in range(200):  # at most ~86 MB; the kernel buffers are far smaller
+        for k in range(200):  # at most ~86 MB; the kernel buffers are far smaller
+            chunk = b"".join(encode_v2("p", b"x" * 400, 2, k * 1000 + i + 1) for i in range(1000))  # ids: no dedup
             s.sendall(chunk)
             sent += len(chunk)
     # the first read's events are held (MEDIUM is not admitted while paused); nothing more is read
@@ -188,8 +189,8 @@ def test_pause_holds_events_and_pushes_back(tcp_server):
 
 
 def test_pause_still_admits_critical(tcp_server):
-    adm = Admission(paused=True)
-    srv = tcp_server(admission=adm)
+    srv = tcp_server()
+    srv.test_sink.admission.paused = True
     s = connect(srv)
     s.sendall(b"".join(encode_v2("c", b"", 4, i + 1) for i in range(20)))
     assert srv.test_sink.wait_for(20, 10)
@@ -198,8 +199,9 @@ def test_pause_still_admits_critical(tcp_server):
 
 
 def test_events_below_min_priority_are_held_not_shed(tcp_server):
-    adm = Admission(tcp_min_priority=3, min_priority=3)  # min_priority alone is UDP's
-    srv = tcp_server(admission=adm)
+    srv = tcp_server()
+    adm = srv.test_sink.admission
+    adm.tcp_min_priority = adm.min_priority = 3  # min_priority alone is UDP's
     s = connect(srv)
     s.sendall(b"".join(encode_v2("q", b"", p, 10 + p) for p in range(5)))
     wait_until(lambda: srv.statistics()["holds"] >= 1, what="events held")
@@ -210,16 +212,17 @@ def test_events_below_min_priority_are_held_not_shed(tcp_server):
     assert [f for f in frames if f[0] == NACK] == []
     assert last_ack(frames) == 5
     assert srv.statistics()["backpressure_drops"] == 0
-    assert srv.test_sink.records()["priority"].tolist() == [0, 1, 2, 3, 4]
+    assert sorted(srv.test_sink.records()["priority"].tolist()) == [0, 1, 2, 3, 4]
 
 
-def test_a_full_sink_holds_the_rest_until_there_is_room(tcp_server):
-    srv = tcp_server(CollectingSink(capacity=5))
+def test_a_full_queue_holds_the_rest_until_there_is_room(tcp_server, engine_sinks):
+    # the handler waits until released: the 4-slot ring of MEDIUM events fills and stays full
+    srv = tcp_server(engine_sinks(capacity=4, gated=True))
     s = connect(srv)
     s.sendall(b"".join(encode_v2("q", b"", 2, i + 1) for i in range(8)))
     wait_until(lambda: srv.statistics()["holds"] >= 1, what="events held")
-    assert srv.test_sink.count == 5
-    srv.test_sink.capacity = None
+    assert srv.statistics()["frames_accepted"] == 4 and srv.test_sink.count == 0
+    srv.test_sink.release.set()
     s.shutdown(socket.SHUT_WR)
     frames = read_until_closed(s)
     assert [f for f in frames if f[0] == NACK] == []
@@ -267,12 +270,12 @@ def test_rate_limit_delays_but_keeps_every_event(tcp_server):
     s.sendall(b"".join(encode_v1("r", b"") for _ in range(1000)))
     s.shutdown(socket.SHUT_WR)
     read_until_closed(s)
-    assert srv.test_sink.count == 1000
+    assert srv.test_sink.wait_for(1000, 10)
     assert time.monotonic() - t0 >= 0.3  # 1000 events at 2000/s with a 200-event burst: >= 0.4 s
 
 
 def test_port_in_use_is_a_clear_error(tcp_server):
     srv = tcp_server()
-    other = TcpServer(TcpConfig(port=srv.address[1]), CollectingSink(), TopicTable())
+    other = TcpServer(TcpConfig(port=srv.address[1]), srv.test_sink.engine, srv.test_sink.engine.topics)
     with pytest.raises(BindError, match=r"already in use.*server\.tcp\.port"):
         other.start()

@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 
 from ingest_helpers import wait_until
-from eventstream.core.payloads import payload_list as payloads
-from eventstream.ingest.admission import Admission
 from eventstream.ingest.udp import _RECVMMSG
 from eventstream.protocol.frames import encode_v1, encode_v2
 
@@ -32,7 +30,7 @@ def test_batches_of_datagrams_with_several_frames(udp_server, use_recvmmsg):
     recs = srv.test_sink.records()
     v2 = recs[recs["event_id"] != 0]
     assert len(np.unique(v2["event_id"])) == 2 * n
-    assert sorted(payloads(recs)).count(b"v1") == n
+    assert sorted(srv.test_sink.payloads()).count(b"v1") == n
     # the datagram count is raised after a batch's events are delivered: wait for it, do not race it
     wait_until(lambda: srv.statistics()["datagrams_received"] == n, what=f"{n} datagrams counted")
     st = srv.statistics()
@@ -53,13 +51,14 @@ def test_bad_datagrams_are_counted_and_the_socket_keeps_working(udp_server):
     wait_until(lambda: srv.statistics()["datagrams_received"] == 4, what="4 datagrams")
     st = srv.statistics()
     assert st["datagrams_bad"] == 2 and st["frames_rejected"] == {"crc": 1}
-    assert sorted(payloads(srv.test_sink.records())) == [b"after", b"before", b"ok"]
+    assert sorted(srv.test_sink.payloads()) == [b"after", b"before", b"ok"]
     assert [r.event_id for r in srv.test_rejects.rejections()] == [2]
 
 
 def test_paused_udp_keeps_reading_and_rejects_visibly(udp_server):
-    adm = Admission(paused=True)
-    srv = udp_server(admission=adm)
+    srv = udp_server()
+    adm = srv.test_sink.admission  # the engine's, set by the control plane
+    adm.paused = True
     s = sender()
     for i in range(10):
         s.sendto(encode_v2("p", b"", 2, i + 1), srv.address)
@@ -71,28 +70,28 @@ def test_paused_udp_keeps_reading_and_rejects_visibly(udp_server):
     assert srv.test_sink.wait_for(1, 10)
 
 
-def test_large_datagram_payloads_use_the_arena_and_a_full_arena_sheds_visibly(udp_server):
+def test_large_datagram_payloads_use_the_arena_and_a_full_arena_sheds_visibly(udp_server, engine_sinks):
     """UDP has no flow control: a payload the full payload arena cannot take is shed with reason
     overflow:payloads (counted, on_reject); the others arrive whole."""
-    from eventstream.core.payloads import PayloadArena, payload_list
     from eventstream.metrics.reasons import category
 
-    with PayloadArena(128 << 10, 65535 - 8, min_payload=448) as arena:  # 2 chunks of 64 KiB
-        srv = udp_server(payloads=arena)
-        s = sender()
-        pays = [bytes([i]) * 40_000 for i in range(3)]  # each takes a whole 64 KiB slot
-        for i, p in enumerate(pays):
-            s.sendto(encode_v2("big", p, 2, i + 1), srv.address)
-            # one at a time: the order of arrival is the order of the claims
-            wait_until(lambda i=i: srv.statistics()["datagrams_received"] == i + 1, 10, "datagram")
-        s.sendto(encode_v2("big", b"small", 2, 9), srv.address)
-        wait_until(lambda: srv.test_sink.count == 3, 10, "3 records")
-        assert payload_list(srv.test_sink.records()) == pays[:2] + [b"small"]
-        st = srv.statistics()
-        (reason,) = [r for r in st["frames_rejected"] if r.startswith("overflow:payloads")]
-        assert st["frames_rejected"][reason] == 1 and category(reason) == "overflow"
-        assert [r.reason for r in srv.test_rejects.rejections()] == [reason]
-        srv.stop(timeout=5.0)
+    # the handler holds the first batches (their arena slots stay claimed): 2 chunks of 64 KiB
+    sink = engine_sinks(gated=True, **{"payloads.arena_bytes": 128 << 10, "server.tcp.max_frame_bytes": 65535})
+    srv = udp_server(sink)
+    s = sender()
+    pays = [bytes([i]) * 40_000 for i in range(3)]  # each takes a whole 64 KiB slot
+    for i, p in enumerate(pays):
+        s.sendto(encode_v2("big", p, 2, i + 1), srv.address)
+        # one at a time: the order of arrival is the order of the claims
+        wait_until(lambda i=i: srv.statistics()["datagrams_received"] == i + 1, 10, "datagram")
+    sink.release.set()
+    s.sendto(encode_v2("big", b"small", 2, 9), srv.address)
+    wait_until(lambda: srv.test_sink.count == 3, 10, "3 records")
+    assert srv.test_sink.payloads() == pays[:2] + [b"small"]
+    st = srv.statistics()
+    (reason,) = [r for r in st["frames_rejected"] if r.startswith("overflow:payloads")]
+    assert st["frames_rejected"][reason] == 1 and category(reason) == "overflow"
+    assert [r.reason for r in srv.test_rejects.rejections()] == [reason]
 
 
 def test_batch_frames_over_udp_number_every_event(udp_server):
@@ -115,7 +114,7 @@ def test_batch_frames_over_udp_number_every_event(udp_server):
     bad_after[6] = 9  # priority 9: refused, index 22
     s.sendto(encode_v2("ub", b"before", 2, 100) + bytes(frame) + bytes(bad_after), srv.address)
     wait_until(lambda: srv.test_sink.count == 20, 10, "20 records")
-    assert sorted(payloads(srv.test_sink.records())) == sorted([b"before"] + [b"e%d" % i for i in range(20) if i != 4])
+    assert sorted(srv.test_sink.payloads()) == sorted([b"before"] + [b"e%d" % i for i in range(20) if i != 4])
     wait_until(lambda: len(srv.test_rejects.rejections()) == 2, 10, "2 rejections")
     assert sorted(r.index for r in srv.test_rejects.rejections()) == [6, 22]
     s.sendto(bytes(bad_after), srv.address)  # a later datagram goes on from there: 23, not 4

@@ -15,10 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from eventstream.config import UdpConfig, load_config
-from eventstream.core.topics import TopicTable
-from doubles import CollectingSink
-from eventstream.ingest.udp import UdpServer
+from eventstream.config import load_config
 from eventstream.protocol.frames import encode_v2
 from eventstream.errors import StartupError
 from eventstream.service import Service
@@ -66,27 +63,21 @@ def test_serve_exits_2_naming_server_udp_port(tmp_path):
 
 @pytest.mark.parametrize("host,reuseport", [("127.0.0.1", False), ("127.0.0.1", True), ("0.0.0.0", True)],
                          ids=["same-addr-reuseaddr", "same-addr-reuseaddr+reuseport", "wildcard-reuseaddr+reuseport"])
-def test_no_foreign_socket_can_bind_the_port_while_the_server_holds_it(host, reuseport):
-    sink = CollectingSink()
-    srv = UdpServer(UdpConfig(host="127.0.0.1", port=0), sink, TopicTable()).start()
-    try:
-        port = srv.address[1]
-        with pytest.raises(OSError) as err:
-            foreign_socket(host, port, reuseport=reuseport).close()
-        assert err.value.errno == errno.EADDRINUSE
-        # and the traffic still reaches the server
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
-            tx.sendto(encode_v2("bind.test", b"mine", 2, 1), ("127.0.0.1", port))
-        assert sink.wait_for(1, 10)
-    finally:
-        srv.stop(timeout=5.0)
+def test_no_foreign_socket_can_bind_the_port_while_the_server_holds_it(udp_server, host, reuseport):
+    srv = udp_server(host="127.0.0.1")
+    sink = srv.test_sink
+    port = srv.address[1]
+    with pytest.raises(OSError) as err:
+        foreign_socket(host, port, reuseport=reuseport).close()
+    assert err.value.errno == errno.EADDRINUSE
+    # and the traffic still reaches the server
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+        tx.sendto(encode_v2("bind.test", b"mine", 2, 1), ("127.0.0.1", port))
+    assert sink.wait_for(1, 10)
 
 
-def test_server_socket_sets_no_sharing_option():
-    srv = UdpServer(UdpConfig(host="127.0.0.1", port=0), CollectingSink(), TopicTable()).start()
-    try:
-        sock = srv._sock
-        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 0
-        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 0
-    finally:
-        srv.stop(timeout=5.0)
+def test_server_socket_sets_no_sharing_option(udp_server):
+    srv = udp_server(host="127.0.0.1")
+    sock = srv._sock
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 0
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 0
