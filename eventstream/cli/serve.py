@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 from eventstream import log as logmod
 from eventstream.cli.config import load_or_report
@@ -45,7 +46,19 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _since_process_start() -> float:
+    """Seconds since this process started (the kernel's start time; 0.0 where it is not known)."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            start_ticks = int(f.read().rsplit(b")", 1)[1].split()[19])
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0
+
+
 def run(args) -> int:
+    entered = _since_process_start()  # the interpreter and the CLI's imports
+    t_run = time.perf_counter()
     for flag, key in (
         ("port", "server.tcp.port"),
         ("udp_port", "server.udp.port"),
@@ -87,6 +100,7 @@ def run(args) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` dumps every thread's stack
+    t_imports = time.perf_counter()
     svc = Service(cfg, allow_gil=args.allow_gil)
     try:
         svc.start()
@@ -98,8 +112,14 @@ def run(args) -> int:
         log.exception("startup_failed")
         print(f"eventstream: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    started = time.perf_counter()
     for warning in exposure_warnings(cfg):
         log.warning("exposed_without_protection", detail=warning)
+    phases = {"interpreter_and_imports": entered, "config_and_serve_imports": t_imports - t_run}
+    phases.update(svc.engine.startup)  # recovery, dedup_*, processors
+    phases["edges_and_threads"] = (started - t_imports) - sum(svc.engine.startup.values())
+    phases["total"] = entered + (started - t_run)
+    log.info("startup_phases", **{k: round(v, 3) for k, v in phases.items()})
     if args.ready_file:
         ports = [
             svc.tcp.address[1] if svc.tcp else 0,

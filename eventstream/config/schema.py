@@ -277,6 +277,10 @@ class DedupConfig:
     # memory all dedup tables share (24 bytes a bucket; 32-64 bytes per id held); past it the oldest
     # ids are evicted and the window actually held shrinks (exported, counted)
     max_bytes: int = field(default=1 << 30, metadata={"range": (1 << 16, 1 << 40)})
+    # the tables saved to <data_dir>/dedup.snap this often while the log grows (and at a clean stop),
+    # so a start reads only the log after it (engine/dedup_snapshot.py); 0 = off: every start reads
+    # the whole window from the log
+    snapshot_interval_s: float = field(default=60.0, metadata={"range": (0.0, 86400.0)})
 
 
 @dataclass

@@ -220,6 +220,27 @@ class Deduplicator:
                 return
         self._upsert(ids, tags, stamps, self._now_ns(None))
 
+    def image(self) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(buckets, seed, slots, ids, tags, stamps): copies of every occupied slot of the table,
+        expired ones too (a slot emptied would cut the probe chains through it), for a snapshot
+        (engine/dedup_snapshot.py). By the table's user, like every other call."""
+        t = self._table
+        slots = np.flatnonzero(t.ids)
+        return t.buckets, t.seed, slots, t.ids[slots], t.tags[slots], t.stamps[slots]
+
+    def adopt(self, table: IdTable, used: int) -> bool:
+        """Make this EMPTY deduplicator use `table` (filled elsewhere with `used` pairs, stamps in this
+        clock's ns: a snapshot put back where `image()` found it). False (nothing changed) when its
+        size is not allowed here (max_buckets, the shared budget) or it is fuller than max_load."""
+        buckets, old = table.buckets, self._table
+        if self._used or buckets > self.max_buckets or used > self.max_load * buckets:
+            return False
+        if not self.budget.take(bytes_for(buckets) - bytes_for(old.buckets)):
+            return False
+        self._table, self._used = table, used
+        old.close()
+        return True
+
     def _presize(self, n: int) -> bool:
         """Grow the (empty) table at once so that `n` entries fill it at most half of max_load, as
         far as max_buckets and the budget allow; True when `n` then fit under max_load."""

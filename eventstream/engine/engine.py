@@ -44,7 +44,7 @@ from eventstream.core.arena import memory_node
 from eventstream.core.payloads import PayloadArena, release_records
 from eventstream.core.records import record_dtype
 from eventstream.core.topics import TopicTable
-from eventstream.engine import idempotency
+from eventstream.engine import dedup_snapshot, idempotency
 from eventstream.engine.bus import QUEUE_NAMES, ROUTE, EventBusMulti, Offer, sequence_base
 from eventstream.engine.control import Sample
 from eventstream.engine.dlq import DeadLetterLog, reason_category
@@ -87,8 +87,13 @@ class Engine:
         self.bus: EventBusMulti | None = None
         self.manager: ProcessManager | None = None
         self.dedup_rebuilt: int | None = None
-        # dedup keys of the active file, collected by its recovery (open) for start()
+        self.dedup_start: dict = {}  # what the start's rebuild did (idempotency.rebuild)
+        self.snapshots: dedup_snapshot.Snapshotter | None = None  # dedup.snapshot_interval_s > 0
+        self.startup: dict[str, float] = {}  # seconds of each start-up phase (the startup_phases log line)
+        # dedup keys of the active file, collected by its recovery (open) for start(); the dedup
+        # snapshot, read meanwhile
         self._keys: ColumnCollector | None = None
+        self._snapshot: dedup_snapshot.PendingRead | None = None
         self._last_sample = (0, 0, time.monotonic())
 
     # ------------------------------------------------------------------------------------ ports
@@ -204,8 +209,16 @@ class Engine:
         )
         # flush_events=1: every append is written to the OS before it returns (the `stored` promise);
         # the flusher thread (es-storage-flush) only runs the interval fsync policy
-        # the dedup keys of the active file are read while recovery verifies it (one pass, not two)
-        self._keys = idempotency.collector(cfg.dedup.window_s)
+        # the dedup keys of the active file are read while recovery verifies it (one pass, not two),
+        # from the position the dedup snapshot covers when it is in that file; the snapshot is read
+        # and checked on another thread meanwhile
+        t0 = time.perf_counter()
+        snap_path, head = data / dedup_snapshot.FILE_NAME, None
+        if cfg.dedup.window_s > 0 and cfg.dedup.snapshot_interval_s > 0 and snap_path.exists():
+            head = idempotency.snapshot_offset(data / st.events_file, snap_path)
+            node = memory_node(cfg.numa.node, cfg.numa.bind_memory)
+            self._snapshot = dedup_snapshot.PendingRead(snap_path, cfg.dedup.window_s, node)
+        self._keys = idempotency.collector(cfg.dedup.window_s, head[1] if head else 0)
         self.event_log = EventLog(
             data / st.events_file,
             dtype=self.dtype,
@@ -221,6 +234,7 @@ class Engine:
             max_age_s=st.events_max_age_s,
             collect=self._keys,
         )
+        self.startup["recovery"] = time.perf_counter() - t0
         try:
             self.bus = EventBusMulti(cfg, self.dtype, seq_base=sequence_base())
         except ValueError as exc:
@@ -248,7 +262,10 @@ class Engine:
         except ValueError as exc:
             raise StartupError(str(exc)) from None
         if self.manager.dedups is not None:
-            self.dedup_rebuilt = idempotency.rebuild(
+            t0 = time.perf_counter()
+            snap = self._snapshot.result() if self._snapshot is not None else None
+            self.startup["dedup_snapshot_read"] = time.perf_counter() - t0
+            done = idempotency.rebuild(
                 self.data / cfg.storage.events_file,
                 self.manager.dedups,
                 self.topics,
@@ -256,12 +273,33 @@ class Engine:
                 QUEUE_NAMES,
                 cfg.dedup.window_s,
                 active=self._keys,
+                snapshot=snap,
             )
-            self._keys = None  # its arrays are in the tables now
+            self._keys = self._snapshot = None  # their arrays are in the tables now
+            self.dedup_rebuilt, self.dedup_start = done["keys"], done
+            self.startup.update(dedup_keys_read=done["read_s"], dedup_keys_placed=done["load_s"])
             register_dedup(self.metrics, self.manager.dedups)
+            assert self.event_log is not None  # opened
+            if cfg.dedup.snapshot_interval_s > 0:
+                self.snapshots = dedup_snapshot.Snapshotter(
+                    self.data / dedup_snapshot.FILE_NAME,
+                    self.manager.dedups,
+                    {tier: bus[tier].tokens for tier in self.manager.dedups},
+                    self.topics,
+                    self.event_log.position,
+                    cfg.dedup.snapshot_interval_s,
+                    soon=done["replayed"] >= dedup_snapshot.SOON_KEYS,
+                    covered=(snap.log_created_ns, snap.log_offset) if done["from_snapshot"] and snap else None,
+                )
+            else:  # off: a file left from earlier runs would only go stale
+                (self.data / dedup_snapshot.FILE_NAME).unlink(missing_ok=True)
         register_engine_gauges(self.metrics, bus, QUEUE_NAMES, self.topics, self.payloads)
         register_storage(self.metrics, self.event_log, self.dlq)
+        t0 = time.perf_counter()
         self.manager.start()
+        if self.snapshots is not None:
+            self.snapshots.start()
+        self.startup["processors"] = time.perf_counter() - t0
         for tier in QUEUE_NAMES:  # caller runs: ingest handles a tier's events itself when it is idle
             lanes = self.manager.lanes(tier)  # (which tiers and batch sizes: ProcessManager.lanes)
             if lanes:
@@ -272,7 +310,11 @@ class Engine:
         """Processors drain their queues (batch windows flushed); without `drain`, whatever is still
         queued is dead-lettered. Returns False when a processor thread did not finish in time."""
         mgr = self.manager
-        finished = mgr.stop(timeout, drain) if mgr is not None else True
+        snaps = self.snapshots
+        # the tables are idle once the processors finished: saved before they are closed
+        save = (lambda finished: snaps.stop(final=finished)) if snaps is not None else None
+        finished = mgr.stop(timeout, drain, before_close=save) if mgr is not None else True
+        self.snapshots = None
         if not drain and finished and self.bus is not None:
             self._dead_letter_leftovers()
         return finished

@@ -30,7 +30,9 @@ import structlog
 
 from eventstream.core.dedup import Deduplicator
 from eventstream.core.topics import TopicTable
+from eventstream.engine import dedup_snapshot
 from eventstream.engine.bus import partition_of
+from eventstream.storage import format as fmt
 from eventstream.storage.reader import ColumnCollector, EventLogReader
 
 log = structlog.get_logger("eventstream.idempotency")
@@ -114,12 +116,45 @@ def duplicates(records: np.ndarray, dedup: Deduplicator) -> tuple[Probed, np.nda
 KEY_FIELDS = ("event_id", "topic_id", "priority", "principal")  # what the rebuild reads of each record
 
 
-def collector(window_s: float) -> ColumnCollector | None:
+def collector(window_s: float, from_offset: int = 0) -> ColumnCollector | None:
     """What the event log's recovery collects while it verifies the active file (EventLog(collect=)),
-    so `rebuild` reads the keys of that file in the same pass (None: dedup is off)."""
+    so `rebuild` reads the keys of that file in the same pass (None: dedup is off). `from_offset`:
+    where a dedup snapshot's position is in the active file (only what follows it is collected)."""
     if window_s <= 0:
         return None
-    return ColumnCollector(KEY_FIELDS, time.time_ns() - int(window_s * 1e9))
+    return ColumnCollector(KEY_FIELDS, time.time_ns() - int(window_s * 1e9), from_offset)
+
+
+def snapshot_offset(path: Path, snap_path: Path) -> tuple[int, int] | None:
+    """(created_ns, offset) of the snapshot at `snap_path` when its position is in the active file
+    `path` (the offset to collect from while recovering it), else None."""
+    head = dedup_snapshot.read_head(snap_path)
+    if head is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            created = fmt.decode_file_header(f.read(fmt.FILE_HEADER_BYTES), str(path))[1]
+    except (OSError, fmt.LogFormatError):
+        return None
+    return head if head[0] == created else None
+
+
+def _after(reader: EventLogReader, snap: dedup_snapshot.Snapshot, active: ColumnCollector | None):
+    """(file, offset) to read the log from after `snap`, or (None, why the snapshot is not usable)."""
+    files = reader.files()
+    at = [p for created, p in files if created == snap.log_created_ns]
+    if not at:
+        return None, f"the log file it covers (created_ns {snap.log_created_ns}) is gone"
+    path = at[-1]
+    size = path.stat().st_size
+    if size < snap.log_offset:
+        return None, f"it covers {snap.log_offset} bytes of {path.name}, which holds {size} (cut by recovery)"
+    collected_from = active.from_offset if active is not None else 0
+    if path == reader.path and collected_from != snap.log_offset:
+        return None, "the active file was not read from its position"
+    if path != reader.path and collected_from != 0:
+        return None, "the active file was read from another position"
+    return (path, snap.log_offset), None
 
 
 def rebuild(
@@ -130,31 +165,52 @@ def rebuild(
     names: tuple[str, ...],
     window_s: float,
     active: ColumnCollector | None = None,
-) -> int:
+    snapshot: dedup_snapshot.Snapshot | None = None,
+) -> dict:
     """Commit the keys of every record stored in `path` within the last `window_s` seconds into the
-    table its tier and partition use in this run. Returns the number of keys committed.
+    table its tier and partition use in this run. Returns what it did: keys, from_snapshot (keys
+    restored from `snapshot`), replayed (keys read from the log), read_s, load_s.
 
     `route` maps priority -> index into `names` (the tiers). Stored entries carry their wall-clock
     store time; a key is committed with the age it has, so it expires when it would have. `active`:
     the collector the recovery of the active file filled (`collector`); then only the closed segments
-    are read here."""
+    are read here. `snapshot` (engine/dedup_snapshot.py): restored first, then only the log after
+    its position is read; one that cannot be used is ignored (logged) and the whole log is read."""
+    out = {"keys": 0, "from_snapshot": 0, "replayed": 0, "read_s": 0.0, "load_s": 0.0}
     if window_s <= 0 or not path.exists() or path.stat().st_size == 0:
-        return 0
+        if snapshot is not None:
+            dedup_snapshot.discard(snapshot)
+        return out
     t0 = time.perf_counter()
     wall_now, mono_now_ns = time.time_ns(), time.monotonic_ns()
     since = wall_now - int(window_s * 1e9)
     try:
         reader = EventLogReader(path)
-        if active is None:
+        after, why = _after(reader, snapshot, active) if snapshot is not None else (None, None)
+        if after is not None:
+            assert snapshot is not None
+            why = dedup_snapshot.restore(snapshot, tables, topics, window_s)
+            if why is None:
+                out["from_snapshot"] = snapshot.keys
+            else:
+                after = None
+        if why is not None:
+            log.warning("dedup_snapshot_ignored", reason=why, hint="the dedup tables are rebuilt from the whole log")
+        if after is not None:
+            parts = list(reader.columns(KEY_FIELDS, since_ns=since, segments_only=True, after=after))
+        elif active is None or active.from_offset:
             parts = list(reader.columns(KEY_FIELDS, since_ns=since))  # header columns only: no record built
         else:
             parts = list(reader.columns(KEY_FIELDS, since_ns=int(active.since), segments_only=True))
-            last = active.result()
-            if last is not None:
-                parts.append(last)
+        last = active.result() if active is not None and (after is not None or not active.from_offset) else None
+        if last is not None:
+            parts.append(last)
     except (OSError, ValueError) as exc:
         log.warning("dedup_rebuild_skipped", path=str(path), error=str(exc))
-        return 0
+        return out
+    finally:
+        if snapshot is not None:
+            dedup_snapshot.discard(snapshot)  # tables prepared but not adopted
     ids_l, tids_l, prio_l, who_l, wall_l = [], [], [], [], []
     for part in parts:
         c = part.cols
@@ -173,8 +229,10 @@ def rebuild(
         who_l.append(c["principal"][has])
         wall_l.append(part.stored_ns[has])
     if not ids_l:
-        log.info("dedup_rebuilt", path=str(path), keys=0, window_s=window_s)
-        return 0
+        out["keys"] = out["from_snapshot"]
+        out["read_s"] = round(time.perf_counter() - t0, 3)
+        log.info("dedup_rebuilt", path=str(path), window_s=window_s, **out)
+        return out
     one = len(ids_l) == 1
     ids, tids, prio, who, wall = (a[0] if one else np.concatenate(a) for a in (ids_l, tids_l, prio_l, who_l, wall_l))
     del ids_l, tids_l, prio_l, who_l, wall_l
@@ -208,13 +266,7 @@ def rebuild(
     workers = max(1, min(len(groups), len(os.sched_getaffinity(0))))
     with ThreadPoolExecutor(workers, thread_name_prefix="es-dedup-load") as pool:
         done = sum(pool.map(load, groups))
-    log.info(
-        "dedup_rebuilt",
-        path=str(path),
-        keys=done,
-        window_s=window_s,
-        read_s=round(t_read - t0, 3),
-        load_s=round(time.perf_counter() - t_read, 3),
-        tables=len(groups),
-    )
-    return done
+    out.update(replayed=done, read_s=round(t_read - t0, 3), load_s=round(time.perf_counter() - t_read, 3))
+    out["keys"] = out["from_snapshot"] + done
+    log.info("dedup_rebuilt", path=str(path), window_s=window_s, tables=len(groups), **out)
+    return out

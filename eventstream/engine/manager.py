@@ -157,10 +157,11 @@ class ProcessManager:
     def worker_counts(self) -> dict[str, int]:
         return {t: len(w) for t, w in self.workers.items()}
 
-    def stop(self, timeout: float = 30.0, drain: bool = True) -> bool:
+    def stop(self, timeout: float = 30.0, drain: bool = True, before_close=None) -> bool:
         """Drain (or, without `drain`, abandon after the current batch) and stop every worker (every
         source must have stopped offering first), then flush the batch windows. Returns False if a worker
-        did not finish within `timeout`."""
+        did not finish within `timeout`. `before_close(finished)`: called once the workers are done,
+        before the dedup tables are closed (the engine saves them)."""
         with self._lock:
             self._stopping = True
             procs = [p for ws in self.workers.values() for p in ws]
@@ -177,6 +178,8 @@ class ProcessManager:
             assert isinstance(first, BatchProcessor)  # the batch tier's workers
             flushed = flush_windows(first)
             log.info("windows_flushed", windows=flushed)
+        if before_close is not None:
+            before_close(ok)
         if ok and self.dedups is not None:
             for tables in self.dedups.values():
                 for d in tables:

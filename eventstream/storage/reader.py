@@ -74,11 +74,13 @@ class ColumnCollector:
     """Collects header `fields` of the records a scan_buffer pass meets (stored at or after
     `since_ns`) as arrays: `callbacks()` are scan_buffer's keyword arguments, `result()` the columns.
     EventLogReader.columns uses it per file; recovery can take one too, so the engine reads the keys
-    of the active file in the same pass that verifies it (engine/idempotency.py)."""
+    of the active file in the same pass that verifies it (engine/idempotency.py). `from_offset`: only
+    the entries at or after this offset of the file (the position a dedup snapshot covers)."""
 
-    def __init__(self, fields: tuple[str, ...], since_ns: int | None = None):
+    def __init__(self, fields: tuple[str, ...], since_ns: int | None = None, from_offset: int = 0):
         self.fields = fields
         self.since = np.uint64(max(since_ns or 0, 0))
+        self.from_offset = from_offset
         self.topics: dict[int, str] = {}
         self._cols: dict[str, list[np.ndarray]] = {f: [] for f in fields}
         self._walls: list[np.ndarray] = []
@@ -89,6 +91,7 @@ class ColumnCollector:
             "on_records": self.on_records,
             "on_topic": self.on_topic,
             "on_ext": lambda view, _payload: self.on_records(view),
+            "records_from": self.from_offset,
         }
 
     def on_topic(self, tid: int, name: str) -> None:
@@ -333,18 +336,40 @@ class EventLogReader:
             total.problem = f"{what}; then {total.problem}" if total.problem else what
             warnings.warn(CorruptLogWarning(f"{path}: {what}"), stacklevel=2)
 
+    def files(self) -> list[tuple[int | None, Path]]:
+        """(created_ns from its header, or None when unreadable; path) of every file of the log: the
+        closed segments oldest first, then the active file."""
+        from eventstream.storage.writer import segment_paths
+
+        out: list[tuple[int | None, Path]] = []
+        for path in [p for _, p in segment_paths(self.path)] + [self.path]:
+            try:
+                with open(path, "rb") as f:
+                    out.append((fmt.decode_file_header(f.read(fmt.FILE_HEADER_BYTES), str(path))[1], path))
+            except (OSError, fmt.LogFormatError):
+                out.append((None, path))
+        return out
+
     def columns(
-        self, fields: tuple[str, ...], *, since_ns: int | None = None, segments_only: bool = False
+        self,
+        fields: tuple[str, ...],
+        *,
+        since_ns: int | None = None,
+        segments_only: bool = False,
+        after: tuple[Path, int] | None = None,
     ) -> Iterator[StoredColumns]:
         """The header `fields` (names of core/records.py header fields) of every record stored at or
         after `since_ns` (append wall clock), closed segments first, as arrays, one chunk per file:
         no record is built (a batch entry's fields are read straight from its rows), so the dedup
         rebuild reads 10 M ids in about the time their CRCs take. Damage is skipped as by `batches`
         (and reported in `last_scan`). `segments_only`: the closed segments alone (the active file's
-        columns were collected while it was recovered, see ColumnCollector)."""
+        columns were collected while it was recovered, see ColumnCollector). `after` = (file, offset):
+        only what was stored after that position (the files before it are not read)."""
         from eventstream.storage.writer import segment_paths
 
         files = [p for _, p in segment_paths(self.path)] + ([] if segments_only else [self.path])
+        if after is not None:
+            files = files[files.index(after[0]) :] if after[0] in files else []
         for path in files:
             if path != self.path:
                 try:
@@ -357,7 +382,7 @@ class EventLogReader:
                     continue
             if path.stat().st_size <= fmt.FILE_HEADER_BYTES:
                 continue
-            got = ColumnCollector(fields, since_ns)
+            got = ColumnCollector(fields, since_ns, after[1] if after is not None and path == after[0] else 0)
             with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                 self.last_scan = scan_buffer(mm, self.dtype, **got.callbacks())
             part = got.result()

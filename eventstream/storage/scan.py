@@ -158,6 +158,7 @@ def scan_buffer(
     on_batch: Callable[[np.ndarray, int], None] | None = None,
     batch_dtype: np.dtype | None = None,
     on_rows: Callable[[np.ndarray, int], None] | None = None,
+    records_from: int = 0,
 ) -> ScanResult:
     """Scan entries in `buf` (bytes, bytearray or mmap) from `start`; call back per record run / topic
     entry. Corrupt regions are skipped (see the module doc) and listed in the result. With
@@ -171,7 +172,9 @@ def scan_buffer(
     given (no entry rows built: a reader that wants the headers alone passes record_dtype(0)), else to
     `on_rows(header rows (format.ROW_DTYPE, a view over `buf`), wall_ns)` when given, else to
     `on_records` as entry rows; with none of the three it is verified and counted, not decoded (what
-    recovery needs).
+    recovery needs). `records_from`: the record callbacks meet only entries at or after this offset
+    (an entry boundary; everything is still verified and counted): the dedup rebuild reads the keys
+    stored after the position its snapshot covers (engine/dedup_snapshot.py).
     """
     end = len(buf)
     edt = fmt.entry_dtype(record_dtype)
@@ -241,8 +244,9 @@ def scan_buffer(
                 )
                 n = n_max if bool(ok.all()) else int(np.argmin(ok))
                 good = _crc_mismatches(mv[pos : pos + n * size], size, n, view["crc"][:n])
-                if good and on_records is not None:
-                    on_records(view[:good])
+                first = 0 if pos >= records_from else min(good, -(-(records_from - pos) // size))
+                if good > first and on_records is not None:
+                    on_records(view[first:good])
                 del view
                 result.records += good
                 pos += good * size
@@ -264,7 +268,9 @@ def scan_buffer(
                     if pos < 0:
                         break
                     continue
-                if on_batch is not None:
+                if pos < records_from:
+                    bview = fmt.batch_entry_rows(mv, pos, length, itemsize - 64)  # verified, not passed on
+                elif on_batch is not None:
                     bview = fmt.batch_entry_columns(mv, pos, length, batch_dtype or record_dtype, itemsize - 64)
                 elif on_rows is not None or on_records is None:
                     bview = fmt.batch_entry_rows(mv, pos, length, itemsize - 64)
@@ -275,7 +281,9 @@ def scan_buffer(
                     if pos < 0:
                         break
                     continue
-                if on_batch is not None:
+                if pos < records_from:
+                    pass
+                elif on_batch is not None:
                     on_batch(bview, _wall)
                 elif on_rows is not None:
                     on_rows(bview, _wall)
@@ -301,7 +309,9 @@ def scan_buffer(
                         break
                     continue
                 view = np.ndarray((1,), dtype=edt, buffer=mv, offset=pos)
-                if on_ext is not None:
+                if pos < records_from:
+                    pass
+                elif on_ext is not None:
                     payload = mv[pos + size : stop]
                     on_ext(view, payload)
                     payload.release()

@@ -88,6 +88,8 @@ class EventLog:
         # (its first copy is stored), even if that run died before its own fsync
         os.fsync(self._file.fileno())
         self._size = self.path.stat().st_size
+        with open(self.path, "rb") as f:  # the active file's identity (its header's creation time)
+            self._created_ns = fmt.decode_file_header(f.read(fmt.FILE_HEADER_BYTES), str(self.path))[1]
         self.max_segment_bytes = max_segment_bytes
         self.max_segments = max_segments
         self.max_age_s = max_age_s
@@ -172,6 +174,12 @@ class EventLog:
             if self._pending_records >= self.flush_events:
                 self._flush_locked()
 
+    def position(self) -> tuple[int, int]:
+        """(the active file's created_ns, its bytes written to the OS): everything appended so far ends
+        at or before this point; a reader finds the file by its header (EventLogReader.files)."""
+        with self._lock:
+            return self._created_ns, self._size
+
     def _write_all(self, data: bytes) -> None:
         """Write to the OS (under the lock): the whole of `data`, at the end of the active segment."""
         view = memoryview(data)
@@ -194,6 +202,7 @@ class EventLog:
         self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - lives until close()
         self._size = 0
         now = time.time_ns()
+        self._created_ns = now
         head = [fmt.encode_file_header(self.payload_bytes, now)]
         head += [
             fmt.topic_entry(fid, name.encode("utf-8"), now)
