@@ -41,25 +41,29 @@ class TransactionalProcessor(Processor):
         if len(records) == 0:
             sinks.dedup_hit(n)
             return
-        ok = np.ones(len(records), dtype=bool)
+        ok = None  # every record handled (else a mask of those that were)
         if self.handler is not None:
-            mask = self.filter.mask(records["topic_id"])
-            sub_idx = np.flatnonzero(mask)
-            if len(sub_idx):
-                failed, errors = self._run(records[sub_idx] if len(sub_idx) < len(records) else records)
-                if failed:
-                    bad = sub_idx[np.array(failed, dtype=np.intp)]
-                    ok[bad] = False
-                    lost = records[bad]
-                    lost["attempts"] = min(255, 1 + self.max_retries)
-                    sinks.drop(lost, [f"retries_exhausted: {e}" for e in errors])
+            sub_idx = None if self.filter.match_all else np.flatnonzero(self.filter.mask(records["topic_id"]))
+            if sub_idx is None or len(sub_idx) == len(records):
+                failed, errors = self._run(records)
+            else:
+                failed, errors = self._run(records[sub_idx]) if len(sub_idx) else ([], [])
+            if failed:
+                bad = np.array(failed, dtype=np.intp)
+                if sub_idx is not None:
+                    bad = sub_idx[bad]
+                ok = np.ones(len(records), dtype=bool)
+                ok[bad] = False
+                lost = records[bad]
+                lost["attempts"] = min(255, 1 + self.max_retries)
+                sinks.drop(lost, [f"retries_exhausted: {e}" for e in errors])
         if len(records) < n:
             sinks.dedup_hit(n - len(records))
-        good = records[ok] if not ok.all() else records
+        good = records if ok is None else records[ok]
         if len(good):
             handled_ns = time.monotonic_ns()
             sinks.store(good)
-            self.commit_ids(keys, partition, None if ok.all() else ok)
+            self.commit_ids(keys, partition, ok)
             self.processed("transactional", good, handled_ns)
 
     def handle_inline(self, records: np.ndarray, partition: int) -> bool:
