@@ -173,7 +173,7 @@ class EventBusMulti:
         with self._seq_lock:
             first = self._next_seq
             self._next_seq = first + n
-        records["seq"] = np.arange(first, first + n, dtype=np.uint64)
+        records["seq"] = first if n == 1 else np.arange(first, first + n, dtype=np.uint64)
 
     def _split(self, records: np.ndarray):
         """(queue, ring, selection) per destination; selection is None for 'all of records'."""

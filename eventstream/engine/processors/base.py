@@ -103,7 +103,9 @@ class Processor(threading.Thread):
                 f"one Deduplicator per partition is needed: got {len(dedups)} for {queue.partitions} partitions"
             )
         self.dedups = dedups
-        self._done: list[tuple[str, np.ndarray, int]] = []  # processed() calls, made after the release
+        # processed() calls, made after the release: (queue, ingest_ts as an array or, for a few
+        # records, a list of ints, handled ns)
+        self._done: list[tuple[str, np.ndarray | list[int], int]] = []
         self._stages: list[tuple[np.ndarray, int, int]] = []  # stage latencies left by run_inline
         self.handled = 0
         self.inline = 0  # of which handled by run_inline on a caller's thread
@@ -248,6 +250,10 @@ class Processor(threading.Thread):
                 stages(ingest, taken_ns, stored_ns)
             self._stages.clear()
         for queue, ts, handled_ns in self._done:
+            if isinstance(ts, list):
+                rows = np.empty(len(ts), dtype=_TS_DTYPE)
+                rows["ingest_ts"] = ts
+                ts = rows
             sinks.processed(queue, ts, handled_ns)
         self._done.clear()
 
@@ -265,7 +271,11 @@ class Processor(threading.Thread):
                     token.release()
 
     def processed(self, queue: str, records: np.ndarray, handled_ns: int) -> None:
-        """Count handled records; the metrics are recorded after the batch's release."""
+        """Count handled records; the metrics are recorded after the batch's release (their ingest
+        times copied now: the records belong to the ring after it)."""
+        if len(records) <= SMALL_BATCH:  # plain ints now, the array at the flush (off the ACK path)
+            self._done.append((queue, records["ingest_ts"].tolist(), handled_ns))
+            return
         ts = np.empty(len(records), dtype=_TS_DTYPE)
         ts["ingest_ts"] = records["ingest_ts"]
         self._done.append((queue, ts, handled_ns))
