@@ -163,7 +163,7 @@ class Engine:
         self.event_log.sync()
         self.dlq.sync()
 
-    def _stages(self, ingest_ns: np.ndarray, taken_ns: int, stored_ns: int) -> None:
+    def _stages(self, ingest_ns: np.ndarray, taken_ns: int | np.ndarray, stored_ns: int | np.ndarray) -> None:
         m = self.metrics
         m.observe_stage("queued", np.int64(taken_ns) - ingest_ns)
         m.observe_stage("stored", np.int64(stored_ns) - ingest_ns)

@@ -13,7 +13,7 @@ from eventstream.config import load_config
 from eventstream.core.dedup import Deduplicator
 from eventstream.engine import idempotency
 from eventstream.engine.bus import EventBusMulti
-from eventstream.engine.processors import BatchProcessor, TransactionalProcessor, WindowTable
+from eventstream.engine.processors import BatchProcessor, Sinks, TransactionalProcessor, WindowTable
 from eventstream.engine.processors.batch import flush_windows
 from eventstream.protocol.frames import KIND_ACK, KIND_NACK, encode_v2, split_control_frames
 from eventstream.service import Service
@@ -180,3 +180,26 @@ def test_bulk_tiers_with_the_stock_handler_store_a_few_events_on_the_reader(tmp_
         assert sum(lane.handled for lane in lanes["transactional"]) < 201
     finally:
         svc.stop()
+
+
+def test_deferred_metrics_of_many_batches_are_recorded_in_one_call_each_with_every_records_latency(bus, topics):
+    """A lane leaves one metrics entry per batch it ran (up to 257 between flushes): the flush makes one
+    processed() and one stages() call of them all, each record keeping its own latencies."""
+    calls = {"processed": [], "stages": []}
+    sinks = Sinks(topics, store=lambda r: None, drop=lambda r, why: None,
+                  processed=lambda q, recs, h: calls["processed"].append((q, h - recs["ingest_ts"].astype(np.int64))),
+                  stages=lambda ing, taken, stored: calls["stages"].append(
+                      ((np.int64(taken) - ing).tolist(), (np.int64(stored) - ing).tolist())))
+    lane = TransactionalProcessor(bus["transactional"], sinks, None)
+    lane._done = [("transactional", [100, 200], 1000), ("transactional", np.array([300, 400], dtype=np.int64), 1500),
+                  ("transactional", [1400], 1450)]
+    lane._stages = [([100, 200], 150, 250), (np.array([300], dtype=np.int64), 320, 330)]
+    lane._flush_metrics()
+    assert len(calls["processed"]) == 1
+    queue, lat = calls["processed"][0]
+    assert queue == "transactional" and lat.tolist() == [900, 800, 1200, 1100, 50]
+    assert calls["stages"] == [([50, -50, 20], [150, 50, 30])]
+    assert lane._done == [] and lane._stages == []
+    lane._done = [("transactional", [10], 40)]  # one entry: as it is
+    lane._flush_metrics()
+    assert calls["processed"][1][1].tolist() == [30]

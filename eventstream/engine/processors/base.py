@@ -16,6 +16,7 @@ never on a timer.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -50,9 +51,19 @@ class Sinks:
     dedup_hit: Callable[[int], None] = lambda n: None
     sync: Callable[[], None] | None = None  # fsync what is stored (group commit) before a release
     progress: Callable[[], None] | None = None  # a watermark moved: wake ACK senders
-    # (ingest_ts of a released batch, ns it was taken, ns it was stored) -> stage latencies; after the
-    # release, off the ACK path
-    stages: Callable[[np.ndarray, int, int], None] | None = None
+    # (ingest_ts of released records, ns they were taken, ns they were stored: one int for a batch, or
+    # an array, one per record, for several batches at once) -> stage latencies; after the release,
+    # off the ACK path
+    stages: Callable[[np.ndarray, int | np.ndarray, int | np.ndarray], None] | None = None
+
+
+def _int64s(parts: list) -> np.ndarray:
+    """One int64 array of the values of `parts` (lists of ints or arrays), in order."""
+    if len(parts) == 1:
+        return np.asarray(parts[0], dtype=np.int64)
+    if all(isinstance(p, list) for p in parts):
+        return np.fromiter(itertools.chain.from_iterable(parts), dtype=np.int64)
+    return np.concatenate([np.asarray(p, dtype=np.int64) for p in parts])
 
 
 def _wants_sync(views) -> bool:
@@ -103,10 +114,11 @@ class Processor(threading.Thread):
                 f"one Deduplicator per partition is needed: got {len(dedups)} for {queue.partitions} partitions"
             )
         self.dedups = dedups
-        # processed() calls, made after the release: (queue, ingest_ts as an array or, for a few
-        # records, a list of ints, handled ns)
+        # processed() calls, made after the release: (queue, ingest times as an int64 array or, for a
+        # few records, a list of ints, handled ns)
         self._done: list[tuple[str, np.ndarray | list[int], int]] = []
-        self._stages: list[tuple[np.ndarray, int, int]] = []  # stage latencies left by run_inline
+        # stage latencies left by run_inline: (ingest times, an array or a few ints, taken ns, stored ns)
+        self._stages: list[tuple[np.ndarray | list[int], int, int]] = []
         self.handled = 0
         self.inline = 0  # of which handled by run_inline on a caller's thread
         self.inline_max = 0  # run_inline takes batches of at most this many records (0: any size)
@@ -232,7 +244,14 @@ class Processor(threading.Thread):
         if sinks.sync is not None and _wants_sync((records,)):
             sinks.sync()
         if sinks.stages is not None:  # recorded later, off the caller's way to its ACK
-            self._stages.append((records["ingest_ts"].astype(np.int64), taken_ns, time.monotonic_ns()))
+            ingest = records["ingest_ts"]
+            self._stages.append(
+                (
+                    ingest.tolist() if len(ingest) <= SMALL_BATCH else ingest.astype(np.int64),
+                    taken_ns,
+                    time.monotonic_ns(),
+                )
+            )
         if len(self._done) > 256:
             self._flush_metrics()
         self.handled += len(records)
@@ -241,21 +260,40 @@ class Processor(threading.Thread):
         return True
 
     def _flush_metrics(self) -> None:
-        """Record deferred metrics (token holder only)."""
+        """Record deferred metrics (token holder only): everything pending in one call per sink (a lane
+        leaves one entry per batch it ran, up to 257 between flushes; one call each would stall it)."""
         sinks = self.sinks
-        if self._stages:
+        pending = self._stages
+        if pending:
             stages = sinks.stages
             assert stages is not None  # run_inline leaves stage latencies only for it
-            for ingest, taken_ns, stored_ns in self._stages:
-                stages(ingest, taken_ns, stored_ns)
-            self._stages.clear()
-        for queue, ts, handled_ns in self._done:
-            if isinstance(ts, list):
-                rows = np.empty(len(ts), dtype=_TS_DTYPE)
-                rows["ingest_ts"] = ts
-                ts = rows
-            sinks.processed(queue, ts, handled_ns)
-        self._done.clear()
+            if len(pending) == 1:
+                ingest, taken_ns, stored_ns = pending[0]
+                stages(_int64s([ingest]), taken_ns, stored_ns)
+            else:
+                counts = [len(e[0]) for e in pending]
+                taken = np.repeat(np.array([e[1] for e in pending], dtype=np.int64), counts)
+                stored = np.repeat(np.array([e[2] for e in pending], dtype=np.int64), counts)
+                stages(_int64s([e[0] for e in pending]), taken, stored)
+            pending.clear()
+        done = self._done
+        if not done:
+            return
+        queue0 = done[0][0]
+        if len(done) > 1 and all(q == queue0 for q, _, _ in done):
+            # one call: each batch's ingest times moved by (last handled - its handled), so that the
+            # last handled time gives every record its own latency
+            last = max(h for _, _, h in done)
+            counts = [len(ts) for _, ts, _ in done]
+            shift = np.repeat(np.array([last - h for _, _, h in done], dtype=np.int64), counts)
+            merged = [(queue0, _int64s([ts for _, ts, _ in done]) + shift, last)]
+        else:
+            merged = [(q, _int64s([ts]), h) for q, ts, h in done]
+        for queue, ingest, handled_ns in merged:
+            rows = np.empty(len(ingest), dtype=_TS_DTYPE)
+            rows["ingest_ts"] = ingest
+            sinks.processed(queue, rows, handled_ns)
+        done.clear()
 
     def _flush_inline_metrics(self) -> None:
         """Idle: record what the lanes (run_inline) left for later, when no caller holds a partition."""
@@ -273,12 +311,10 @@ class Processor(threading.Thread):
     def processed(self, queue: str, records: np.ndarray, handled_ns: int) -> None:
         """Count handled records; the metrics are recorded after the batch's release (their ingest
         times copied now: the records belong to the ring after it)."""
-        if len(records) <= SMALL_BATCH:  # plain ints now, the array at the flush (off the ACK path)
-            self._done.append((queue, records["ingest_ts"].tolist(), handled_ns))
-            return
-        ts = np.empty(len(records), dtype=_TS_DTYPE)
-        ts["ingest_ts"] = records["ingest_ts"]
-        self._done.append((queue, ts, handled_ns))
+        ingest = records["ingest_ts"]  # a few: plain ints now, the array at the flush (off the ACK path)
+        self._done.append(
+            (queue, ingest.tolist() if len(ingest) <= SMALL_BATCH else ingest.astype(np.int64), handled_ns)
+        )
 
     # -- idempotency
     def skip_duplicates(
