@@ -187,17 +187,37 @@ class AsyncSubscription(StateView):
     async def _pump(self) -> None:
         self.state.receive(await self.reader.read(1 << 20))
 
-    async def next(self) -> sp.Delivered | None:
-        """The next event (None at END)."""
+    async def _wait_event(self) -> bool:
         st = self.state
         while not st.has_event():
             if st.ended:
-                return None
+                return False
             await self._pump()
-        ev, credit = st.take()
+        return True
+
+    async def next(self) -> sp.Delivered | None:
+        """The next event (None at END)."""
+        if not await self._wait_event():
+            return None
+        ev, credit = self.state.take()
         if credit:
             self.writer.write(credit)
         return ev
+
+    async def next_batch(self) -> sp.DeliverBatch | None:
+        """The events received and not yet taken, as one columnar batch (None at END); see
+        Subscription.poll_batch."""
+        if not await self._wait_event():
+            return None
+        batch, credit = self.state.take_batch()
+        if credit:
+            self.writer.write(credit)
+        return batch
+
+    async def batches(self):
+        """Async iteration over batches until END (forever when following)."""
+        while (batch := await self.next_batch()) is not None:
+            yield batch
 
     def __aiter__(self):
         return self

@@ -7,8 +7,14 @@
             handle(ev)
             sub.commit()                # the group resumes after ev when restarted (at-least-once)
 
-Delivery: many events per DELIVER_BATCH frame (its record table decoded with numpy), unless
-`batch=False` asks for one DELIVER frame per event.
+    with subscribe("127.0.0.1", 9002, "orders.*", follow=False) as sub:
+        for batch in sub.batches():     # columns: batch.offsets, .event_ids, .payload_block(), ...
+            handle_many(batch)
+
+Delivery: many events per DELIVER_BATCH frame (its record table decoded with one numpy.frombuffer),
+unless `batch=False` asks for one DELIVER frame per event. `batches()` / `poll_batch()` hand the events
+over as columns (protocol.subscribe.DeliverBatch), with no Python object per event; the per-event
+iterator and `poll()` are built on the same batches.
 
 Flow control: the client grants `credit` events when it subscribes and grants more as the caller takes
 them (once half of it is used), so the server never sends more than `credit` events ahead of the
@@ -49,14 +55,22 @@ def start_of(start) -> tuple[int, int]:
 
 class SubscriberState:
     """The client side of a subscription without I/O (shared by Subscription and the asyncio client):
-    feed it what the server sent, take events from it; it says when to grant credit."""
+    feed it what the server sent, take events (or whole batches) from it; it says when to grant credit.
+
+    Received events are kept as batches (protocol.subscribe.DeliverBatch: one per DELIVER_BATCH frame,
+    decoded with one numpy.frombuffer; DELIVER frames received together make one). take_batch() hands
+    a batch over as it is; take() makes per-event objects for one batch at a time."""
 
     def __init__(self, credit: int):
         if credit < 1:
             raise ValueError(f"credit={credit!r} is not allowed; allowed: at least 1")
         self.credit = credit
         self._dec = sp.SubscribeDecoder(sp.SERVER_KINDS, 1 << 30)
-        self._events: collections.deque[sp.Delivered] = collections.deque()
+        # received, not taken: DeliverBatch (a DELIVER_BATCH frame) or a list of Delivered (DELIVER frames)
+        self._batches: collections.deque[sp.DeliverBatch | list[sp.Delivered]] = collections.deque()
+        self._front: sp.DeliverBatch | list[sp.Delivered] | None = None  # what take() is in, from _i on
+        self._front_events: list[sp.Delivered] = []
+        self._i = 0
         self._commits: collections.deque[int] = collections.deque()
         self._used = 0  # events taken by the caller since the last CREDIT
         self.ended = False
@@ -71,11 +85,17 @@ class SubscriberState:
             if not self.ended:
                 raise SubscribeError("the server closed the subscription")
             return
+        singles: list[sp.Delivered] = []
         for f in self._dec.feed(data):
+            if f.kind == sp.KIND_DELIVER:
+                singles.append(sp.parse_deliver(f))
+                continue
+            if singles:
+                self._batches.append(singles)
+                singles = []
             if f.kind == sp.KIND_DELIVER_BATCH:
-                self._events.extend(sp.parse_deliver_batch(f))
-            elif f.kind == sp.KIND_DELIVER:
-                self._events.append(sp.parse_deliver(f))
+                if f.event_id:
+                    self._batches.append(sp.decode_deliver_batch(f))
             elif f.kind == sp.KIND_COMMIT:
                 self._commits.append(f.event_id)
             elif f.kind == sp.KIND_END:
@@ -83,27 +103,51 @@ class SubscriberState:
                 self.end_offset = f.event_id
             elif f.kind == sp.KIND_SUB_ERROR:
                 raise SubscribeError(f.payload.decode("utf-8", "replace"))
+        if singles:
+            self._batches.append(singles)
 
     def has_event(self) -> bool:
-        return bool(self._events)
+        return bool(self._batches) or self._i < len(self._front_events)
+
+    def _granted(self, n: int) -> bytes:
+        """n more events taken: the CREDIT frame to send now (b"" if none is due)."""
+        self.taken += n
+        self._used += n
+        if self._used >= max(1, self.credit // 2) and not self.ended:
+            used, self._used = self._used, 0
+            return sp.encode_credit(used)
+        return b""
 
     def take(self) -> tuple[sp.Delivered, bytes]:
         """The next received event, and the CREDIT frame to send now (b"" if none is due)."""
-        ev = self._events.popleft()
+        if self._i >= len(self._front_events):
+            self._front = self._batches.popleft()
+            self._front_events = self._front if isinstance(self._front, list) else self._front.events()
+            self._i = 0
+        ev = self._front_events[self._i]
+        self._i += 1
         self.next_offset = ev.offset + 1
-        self.taken += 1
-        self._used += 1
-        if self._used >= max(1, self.credit // 2) and not self.ended:
-            used, self._used = self._used, 0
-            return ev, sp.encode_credit(used)
-        return ev, b""
+        return ev, self._granted(1)
+
+    def take_batch(self) -> tuple[sp.DeliverBatch, bytes]:
+        """The received events not yet taken, as one batch (the rest of the one take() is in, else the
+        next received), and the CREDIT frame to send now (b"" if none is due)."""
+        if self._front is not None and self._i < len(self._front_events):
+            batch = self._front[self._i :]
+        else:
+            batch = self._batches.popleft()
+        if isinstance(batch, list):
+            batch = sp.DeliverBatch.of_events(batch)
+        self._front, self._front_events, self._i = None, [], 0
+        self.next_offset = int(batch.rows["offset"][-1]) + 1
+        return batch, self._granted(len(batch))
 
     def commit_answer(self) -> int | None:
         """The group's durable offset from the oldest unanswered COMMIT, if it came."""
         return self._commits.popleft() if self._commits else None
 
     def buffered(self) -> int:
-        return len(self._events)
+        return sum(len(b) for b in self._batches) + len(self._front_events) - self._i
 
 
 class StateView:
@@ -188,21 +232,43 @@ class Subscription(StateView):
         self.state.receive(data)
         return True
 
-    def poll(self, timeout: float | None = None) -> sp.Delivered | None:
-        """The next event, waiting at most `timeout` seconds (None = forever); None on timeout or at END."""
+    def _wait_event(self, timeout: float | None) -> bool:
+        """Until an event is received (True) or END / the timeout (None = forever) comes first."""
         st = self.state
         deadline = None if timeout is None else time.monotonic() + timeout
         while not st.has_event():
             if st.ended:
-                return None
+                return False
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                return None
+                return False
             self._pump(left)
-        ev, credit = st.take()
+        return True
+
+    def poll(self, timeout: float | None = None) -> sp.Delivered | None:
+        """The next event, waiting at most `timeout` seconds (None = forever); None on timeout or at END."""
+        if not self._wait_event(timeout):
+            return None
+        ev, credit = self.state.take()
         if credit:
             self.sock.sendall(credit)
         return ev
+
+    def poll_batch(self, timeout: float | None = None) -> sp.DeliverBatch | None:
+        """The events received and not yet taken, as one columnar batch (offsets, event_ids, producer_ts,
+        stored_ns, priorities, topics + topic_index, payloads), waiting at most `timeout` seconds for
+        one (None = forever); None on timeout or at END. Credit counts its events."""
+        if not self._wait_event(timeout):
+            return None
+        batch, credit = self.state.take_batch()
+        if credit:
+            self.sock.sendall(credit)
+        return batch
+
+    def batches(self):
+        """Iterate over batches (poll_batch() until END; forever when following)."""
+        while (batch := self.poll_batch(None)) is not None:
+            yield batch
 
     def buffered(self) -> int:
         """Events received and not yet taken (poll() returns them without waiting)."""

@@ -226,45 +226,215 @@ def encode_deliver(
     )
 
 
+def frame_parts(kind: int, parts, *, event_id: int = 0) -> bytes:
+    """A frame of `kind` with an empty topic whose payload is `parts` (buffers) back to back: the CRC
+    runs over the parts and they are copied once, into the frame."""
+    crc = 0
+    size = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+        size += len(part)
+    head = V2_HEAD.pack(V2_HEADER_BYTES + size, V2_MAGIC, kind, 0, 0, event_id, 0, 0, crc)
+    return b"".join([head, *parts])
+
+
+def deliver_cuts(payload_len: np.ndarray, limit: int = MAX_DELIVER_BATCH_BYTES) -> list[tuple[int, int]]:
+    """Where to cut events with these payload lengths into DELIVER_BATCH frames of about `limit` bytes
+    (row plus payload; a larger event gets a frame of its own) and at most 65535 events (so a frame
+    never has more topics than its u16 topic count holds): (start, stop) per frame. One searchsorted
+    per frame."""
+    n = len(payload_len)
+    if n == 0:
+        return []
+    ends = np.cumsum(payload_len.astype(np.int64) + DELIVER_ROW_BYTES)
+    cuts = []
+    i, done = 0, 0
+    while i < n:
+        j = int(np.searchsorted(ends, done + limit, side="right"))
+        j = min(max(j, i + 1), i + 65535, n)
+        cuts.append((i, j))
+        done = int(ends[j - 1])
+        i = j
+    return cuts
+
+
+def encode_deliver_batch(
+    *,
+    offset,
+    event_id,
+    producer_ts,
+    stored_ns,
+    priority,
+    topic,
+    topic_names: list[bytes],
+    payload_len,
+    payloads: list,
+) -> bytes:
+    """One DELIVER_BATCH frame from columns (arrays or lists of one length; `topic` indexes
+    `topic_names`) and the payloads in order (`payloads`: buffers whose bytes, back to back, are
+    sum(payload_len) bytes). A constant number of numpy operations: the record table is one
+    structured array (to bytes once), the payloads are joined once, into the frame."""
+    rows = np.empty(len(offset), dtype=DELIVER_ROW_DTYPE)
+    rows["priority"] = priority
+    rows["flags"] = 0
+    rows["topic"] = topic
+    rows["payload_len"] = payload_len
+    rows["event_id"] = event_id
+    rows["producer_ts"] = producer_ts
+    rows["offset"] = offset
+    rows["stored_ns"] = stored_ns
+    table = struct.pack(">H", len(topic_names)) + b"".join(bytes((len(t),)) + t for t in topic_names)
+    return frame_parts(KIND_DELIVER_BATCH, [table, rows.view(np.uint8), *payloads], event_id=len(rows))
+
+
 def encode_deliver_batches(events) -> bytes:
     """DELIVER_BATCH frames for `events` (objects with offset, topic (str), payload, event_id, priority,
     producer_ts, stored_ns), in order, each holding events up to about MAX_DELIVER_BATCH_BYTES (an
     event larger than that gets a frame of its own). Payload of a frame: u16 topic_count, the topic
     table (u8 length + name each), `event_id` = count rows of DELIVER_ROW_DTYPE, the payloads back to
-    back (docs/protocol.md)."""
+    back (docs/protocol.md). Per event Python: the server encodes from columns (encode_deliver_batch)."""
     out = []
-    i, n = 0, len(events)
-    while i < n:
-        topics: dict[str, int] = {}
-        j, size = i, 0
-        while (
-            j < n
-            and (j == i or size + DELIVER_ROW_BYTES + len(events[j].payload) <= MAX_DELIVER_BATCH_BYTES)
-            and len(topics) < 65535
-        ):
-            topics.setdefault(events[j].topic, len(topics))
-            size += DELIVER_ROW_BYTES + len(events[j].payload)
-            j += 1
+    lens = np.array([len(e.payload) for e in events], dtype=np.int64)
+    for i, j in deliver_cuts(lens):
         chunk = events[i:j]
-        rows = np.empty(len(chunk), dtype=DELIVER_ROW_DTYPE)
-        rows["priority"] = [e.priority for e in chunk]
-        rows["flags"] = 0
-        rows["topic"] = [topics[e.topic] for e in chunk]
-        rows["payload_len"] = [len(e.payload) for e in chunk]
-        rows["event_id"] = [e.event_id for e in chunk]
-        rows["producer_ts"] = [e.producer_ts for e in chunk]
-        rows["offset"] = [e.offset for e in chunk]
-        rows["stored_ns"] = [e.stored_ns for e in chunk]
-        names = [t.encode("utf-8") for t in topics]
-        table = struct.pack(">H", len(names)) + b"".join(bytes((len(t),)) + t for t in names)
-        body = b"".join([table, rows.tobytes(), *(e.payload for e in chunk)])
-        out.append(_frame(KIND_DELIVER_BATCH, event_id=len(chunk), payload=body))
-        i = j
+        topics: dict[str, int] = {}
+        for e in chunk:
+            topics.setdefault(e.topic, len(topics))
+        out.append(
+            encode_deliver_batch(
+                offset=[e.offset for e in chunk],
+                event_id=[e.event_id for e in chunk],
+                producer_ts=[e.producer_ts for e in chunk],
+                stored_ns=[e.stored_ns for e in chunk],
+                priority=[e.priority for e in chunk],
+                topic=[topics[e.topic] for e in chunk],
+                topic_names=[t.encode("utf-8") for t in topics],
+                payload_len=lens[i:j],
+                payloads=[e.payload for e in chunk],
+            )
+        )
     return b"".join(out)
 
 
-def parse_deliver_batch(f: Frame) -> list[Delivered]:
-    """The events of a DELIVER_BATCH frame: its record table read with one numpy.frombuffer."""
+class DeliverBatch:
+    """Delivered events as columns (one DELIVER_BATCH frame, or DELIVER frames received together): the
+    record table `rows` (DELIVER_ROW_DTYPE, big-endian, read with one numpy.frombuffer), the topic names
+    `topics` (rows["topic"] indexes them), the payloads back to back in `data` from `start`.
+
+    Columns come as native numpy arrays (offsets, event_ids, ...), each made once on first use; per
+    event objects only from events(), payloads() or iteration."""
+
+    __slots__ = ("_ends", "data", "rows", "start", "topics")
+
+    def __init__(self, rows: np.ndarray, topics: list[str], data, start: int):
+        self.rows = rows
+        self.topics = topics
+        self.data = data
+        self.start = start
+        self._ends: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return self.rows["offset"].astype(np.uint64)
+
+    @property
+    def event_ids(self) -> np.ndarray:
+        return self.rows["event_id"].astype(np.uint64)
+
+    @property
+    def producer_ts(self) -> np.ndarray:
+        return self.rows["producer_ts"].astype(np.uint64)
+
+    @property
+    def stored_ns(self) -> np.ndarray:
+        return self.rows["stored_ns"].astype(np.uint64)
+
+    @property
+    def priorities(self) -> np.ndarray:
+        return self.rows["priority"].copy()
+
+    @property
+    def topic_index(self) -> np.ndarray:
+        """Per event, its index in `topics`."""
+        return self.rows["topic"].astype(np.uint16)
+
+    @property
+    def payload_lens(self) -> np.ndarray:
+        return self.rows["payload_len"].astype(np.int64)
+
+    def payload_ends(self) -> np.ndarray:
+        """Per event, the end of its payload in `data` (it starts where the previous one ends, the first
+        at `start`)."""
+        if self._ends is None:
+            self._ends = self.start + np.cumsum(self.payload_lens)
+        return self._ends
+
+    def payload_block(self) -> memoryview:
+        """Every payload, back to back (a view, no copy)."""
+        end = int(self.payload_ends()[-1]) if len(self.rows) else self.start
+        return memoryview(self.data)[self.start : end]
+
+    def payloads(self) -> list[bytes]:
+        ends = self.payload_ends().tolist()
+        data = self.data
+        return [data[a:b] for a, b in zip([self.start, *ends[:-1]], ends, strict=True)]
+
+    def topic_names(self) -> list[str]:
+        """Per event, its topic name."""
+        if not len(self.rows):
+            return []
+        return np.array(self.topics, dtype=object)[self.rows["topic"]].tolist()
+
+    def __getitem__(self, s: slice) -> DeliverBatch:
+        if not isinstance(s, slice) or s.step not in (None, 1):
+            raise TypeError("a DeliverBatch takes slices with step 1; allowed: batch[a:b]")
+        a, _b, _ = s.indices(len(self.rows))
+        start = self.start if a == 0 else int(self.payload_ends()[a - 1])
+        return DeliverBatch(self.rows[s], self.topics, self.data, start)
+
+    def events(self) -> list[Delivered]:
+        """One Delivered per event (the per-event API)."""
+        r = self.rows
+        return list(
+            map(
+                Delivered,
+                r["offset"].tolist(),
+                self.topic_names(),
+                self.payloads(),
+                r["event_id"].tolist(),
+                r["priority"].tolist(),
+                r["producer_ts"].tolist(),
+                r["stored_ns"].tolist(),
+            )
+        )
+
+    def __iter__(self):
+        return iter(self.events())
+
+    @staticmethod
+    def of_events(events: list[Delivered]) -> DeliverBatch:
+        """Events decoded one by one (DELIVER frames) as a batch."""
+        names: dict[str, int] = {}
+        for e in events:
+            names.setdefault(e.topic, len(names))
+        rows = np.empty(len(events), dtype=DELIVER_ROW_DTYPE)
+        rows["priority"] = [e.priority for e in events]
+        rows["flags"] = 0
+        rows["topic"] = [names[e.topic] for e in events]
+        rows["payload_len"] = [len(e.payload) for e in events]
+        rows["event_id"] = [e.event_id for e in events]
+        rows["producer_ts"] = [e.producer_ts for e in events]
+        rows["offset"] = [e.offset for e in events]
+        rows["stored_ns"] = [e.stored_ns for e in events]
+        return DeliverBatch(rows, list(names), b"".join(e.payload for e in events), 0)
+
+
+def decode_deliver_batch(f: Frame) -> DeliverBatch:
+    """The events of a DELIVER_BATCH frame as columns: its record table read with one numpy.frombuffer,
+    checked against the frame's size and topic table; nothing per event."""
     p = f.payload
     count = f.event_id
     try:
@@ -280,29 +450,18 @@ def parse_deliver_batch(f: Frame) -> list[Delivered]:
         raise SubscribeProtocolError(
             f"DELIVER_BATCH of {count} events does not hold its topic table and record table in {len(p)} bytes"
         ) from None
-    lens = rows["payload_len"].astype(np.int64)
     start = pos + DELIVER_ROW_BYTES * count
-    if start + int(lens.sum()) != len(p) or (count and int(rows["topic"].max()) >= tcount):
+    if start + int(rows["payload_len"].sum(dtype=np.int64)) != len(p) or (count and int(rows["topic"].max()) >= tcount):
         raise SubscribeProtocolError(
             f"DELIVER_BATCH of {count} events: payload lengths or topic indices do not "
             f"match its {len(p)} bytes and {tcount} topics"
         )
-    ends = (start + np.cumsum(lens)).tolist()
-    starts = [start, *ends[:-1]]
-    topic_of = np.array(names, dtype=object)[rows["topic"]].tolist() if count else []
-    payloads = [p[a:b] for a, b in zip(starts, ends, strict=True)]
-    return list(
-        map(
-            Delivered,
-            rows["offset"].tolist(),
-            topic_of,
-            payloads,
-            rows["event_id"].tolist(),
-            rows["priority"].tolist(),
-            rows["producer_ts"].tolist(),
-            rows["stored_ns"].tolist(),
-        )
-    )
+    return DeliverBatch(rows, names, p, start)
+
+
+def parse_deliver_batch(f: Frame) -> list[Delivered]:
+    """The events of a DELIVER_BATCH frame, one Delivered each."""
+    return decode_deliver_batch(f).events()
 
 
 # ------------------------------------------------------------------------------------ decoding

@@ -21,6 +21,7 @@ tail reads it to its end, then moves to the next file (the smallest created_ns a
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import threading
@@ -280,75 +281,48 @@ class LogTail:
 
     # ------------------------------------------------------------------------------------ reading
     def read(self) -> list[TailEvent]:
-        """Events appended since the last call (at most about chunk_bytes of the log), [] if none."""
+        """Events appended since the last call as one TailEvent each (read_batch() without the
+        per-event objects is what subscribers use), [] if none."""
+        batch = self.read_batch()
+        return batch.events() if batch is not None else []
+
+    def read_batch(self) -> TailBatch | None:
+        """Events appended since the last call (at most about chunk_bytes of the log) as columns, or
+        None if there are none. A constant number of numpy operations per log entry (a batch entry, or
+        a run of version 1 record entries): no Python object per event."""
         if self._fd < 0 and not self._open_first():
-            return []
+            return None
         while True:  # until events, or the end of what is written
             size = os.fstat(self._fd).st_size
             if size <= self._pos:
                 if not self._advance_file():
-                    return []
+                    return None
                 continue
             data = os.pread(self._fd, min(size - self._pos, self.chunk_bytes), self._pos)
-            out: list[TailEvent] = []
-            topics = self._topics
-            base = self._base
-
-            # the callbacks run only inside this iteration's scan_buffer call: the loop variables they
-            # use are this iteration's (ruff B023 is a false alarm here)
-            def on_topic(tid: int, name: str) -> None:
-                topics[tid] = name  # noqa: B023
-
-            def on_records(view: np.ndarray, ext: bytes | None = None) -> None:
-                n = len(view)
-                first = base + self._ordinal  # noqa: B023
-                self._ordinal += n
-                lo = max(0, self.next_offset - first)
-                if lo >= n:
-                    return
-                r = view["record"][lo:]
-                wall = view["wall_ns"][lo:]
-                if self.since_ns is not None:
-                    hit = np.flatnonzero(wall >= np.uint64(self.since_ns))
-                    if not hit.size:
-                        return
-                    lo += int(hit[0])
-                    r, wall = r[hit[0] :], wall[hit[0] :]
-                    self.since_ns = None
-                k = len(r)
-                if ext is not None:  # one large-payload entry: its payload follows the record
-                    payloads = [ext]
-                else:
-                    payloads = _packed_payloads(r)
-                ids, inverse = np.unique(r["topic_id"], return_inverse=True)
-                names = np.array([topics.get(t, f"#{t}") for t in ids.tolist()], dtype=object)  # noqa: B023
-                # one TailEvent per event is the interface; everything else is done over the columns
-                out.extend(  # noqa: B023 - called within this loop iteration, never later
-                    map(
-                        TailEvent,
-                        range(first + lo, first + lo + k),
-                        names[inverse.ravel()].tolist(),  # noqa: B023
-                        r["event_id"].tolist(),
-                        r["priority"].tolist(),
-                        r["producer_ts"].tolist(),
-                        wall.tolist(),
-                        payloads,
-                    )
-                )
-
-            def on_ext(view: np.ndarray, payload) -> None:
-                on_records(view, bytes(payload))
-
-            res = scan_buffer(data, self.dtype, on_records=on_records, on_topic=on_topic, start=0, on_ext=on_ext)
+            reader = _ChunkReader(self, data)
+            res = scan_buffer(
+                data,
+                self.dtype,
+                on_records=reader.on_records,
+                on_topic=reader.on_topic,
+                start=0,
+                on_ext=reader.on_ext,
+                on_rows=reader.on_rows,
+            )
             self._pos += res.valid_bytes
-            if out:
-                self.next_offset = out[-1].offset + 1
-                return out
+            if reader.parts:
+                parts = reader.parts
+                # joined as bytes: concatenating structured arrays would promote their dtype each time
+                rows = (
+                    parts[0] if len(parts) == 1 else np.concatenate([p.view(np.uint8) for p in parts]).view(BATCH_DTYPE)
+                )
+                self.next_offset = int(rows["offset"][-1]) + 1
+                return TailBatch(rows, data, self._topics)
             if res.valid_bytes == 0:
                 if len(data) < size - self._pos and self.chunk_bytes < MAX_CHUNK_BYTES:
                     self.chunk_bytes *= 2  # one entry larger than a chunk (a large payload): read more
                     continue
-                return []  # a partial entry at the end: wait for the rest
+                return None  # a partial entry at the end: wait for the rest
 
     def seek_end(self) -> int:
         """Skip everything stored now; returns the offset the next appended event will have."""
@@ -363,22 +337,192 @@ class LogTail:
         return max(self.next_offset, self._base + self._ordinal) if self._fd >= 0 else self.next_offset
 
 
-def _packed_payloads(r: np.ndarray) -> list[bytes]:
-    """Each record's inline payload as bytes: one masked copy of the payload bytes, then slices."""
-    k = len(r)
-    if "payload" not in (r.dtype.names or ()) or k == 0:
-        return [b""] * k
-    lens = r["payload_len"].astype(np.int64)
-    top = int(lens.max())
-    if top == 0:
-        return [b""] * k
-    block = r["payload"][:, :top]
-    if int(lens.min()) == top:
-        flat = np.ascontiguousarray(block).tobytes()
-    else:
-        flat = block[np.arange(top) < lens[:, None]].tobytes()
-    ends = np.cumsum(lens).tolist()
-    return [flat[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+# one event of a TailBatch: where its payload is in the batch's `data`, and the columns subscribers send
+BATCH_DTYPE = np.dtype(
+    [
+        ("offset", "<u8"),
+        ("event_id", "<u8"),
+        ("producer_ts", "<u8"),
+        ("stored_ns", "<u8"),
+        ("pos", "<i8"),  # first payload byte in TailBatch.data
+        ("payload_len", "<u4"),
+        ("topic", "<u4"),  # the file's topic id: TailBatch.topics names it
+        ("priority", "u1"),
+    ]
+)
+_PAYLOAD_AT = fmt.ENTRY_HEADER_BYTES + rec.HEADER_BYTES  # a record entry's inline payload, from the entry
+
+
+class TailBatch:
+    """Events read from the log, as columns: `rows` (BATCH_DTYPE, in offset order unless a consumer
+    group handed some back), the log bytes `data` their payloads are in (rows["pos"], rows["payload_len"];
+    nothing is copied out of what was read), `topics` (file topic id -> name). Slicing and selecting
+    make new row arrays over the same data."""
+
+    __slots__ = ("data", "rows", "topics")
+
+    def __init__(self, rows: np.ndarray, data: bytes, topics: dict[int, str]):
+        self.rows = rows
+        self.data = data
+        self.topics = topics
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, s: slice) -> TailBatch:
+        return TailBatch(self.rows[s], self.data, self.topics)
+
+    def select(self, mask: np.ndarray) -> TailBatch:
+        return TailBatch(self.rows[mask], self.data, self.topics)
+
+    @property
+    def first_offset(self) -> int:
+        return int(self.rows["offset"][0])
+
+    def topic_names(self) -> list[str]:
+        """Names of the file topic ids in this batch (unknown ids as "#<id>"), by np.unique order."""
+        return [self.topics.get(t, f"#{t}") for t in np.unique(self.rows["topic"]).tolist()]
+
+    def matching(self, glob: str, cache: dict[str, bool]) -> TailBatch:
+        """The events whose topic matches `glob` (fnmatch; per distinct topic, `cache` remembers)."""
+        ids = np.unique(self.rows["topic"])
+        hits = []
+        for t in ids.tolist():
+            name = self.topics.get(t, f"#{t}")
+            m = cache.get(name)
+            if m is None:
+                m = cache[name] = fnmatch.fnmatchcase(name, glob)
+            hits.append(m)
+        if all(hits):
+            return self
+        if not any(hits):
+            return self[:0]
+        return self.select(np.isin(self.rows["topic"], ids[np.array(hits, dtype=bool)]))
+
+    def payload_parts(self) -> list:
+        """The payloads of the rows, in row order, as buffers to join: one slice of `data` per run of
+        payloads that lie back to back there (a batch entry's), or, when runs are short (version 1 record
+        entries, each payload in its own entry), one numpy gather."""
+        r = self.rows
+        n = len(r)
+        if n == 0:
+            return []
+        pos = r["pos"]
+        lens = r["payload_len"].astype(np.int64)
+        breaks = np.flatnonzero(pos[1:] != pos[:-1] + lens[:-1]) + 1
+        if len(breaks) <= max(8, n // 64):
+            mv = memoryview(self.data)
+            firsts = pos[np.concatenate(([0], breaks))].tolist()
+            lasts = np.concatenate((breaks, [n])) - 1
+            ends = (pos[lasts] + lens[lasts]).tolist()
+            return [mv[a:b] for a, b in zip(firsts, ends, strict=True)]
+        ends = np.cumsum(lens)
+        total = int(ends[-1])
+        src = np.frombuffer(self.data, dtype=np.uint8)
+        idx = np.arange(total, dtype=np.int64) + np.repeat(pos - (ends - lens), lens)
+        return [src[idx].tobytes()]
+
+    def payload_bytes(self) -> bytes:
+        """The payloads of the rows, in row order, back to back."""
+        return b"".join(self.payload_parts())
+
+    def events(self) -> list[TailEvent]:
+        """One TailEvent per row (for callers that work per event)."""
+        r = self.rows
+        if not len(r):
+            return []
+        ids, inverse = np.unique(r["topic"], return_inverse=True)
+        names = np.array([self.topics.get(t, f"#{t}") for t in ids.tolist()], dtype=object)
+        data = self.data
+        pos = r["pos"].tolist()
+        ends = (r["pos"] + r["payload_len"]).tolist()
+        return list(
+            map(
+                TailEvent,
+                r["offset"].tolist(),
+                names[inverse.ravel()].tolist(),
+                r["event_id"].tolist(),
+                r["priority"].tolist(),
+                r["producer_ts"].tolist(),
+                r["stored_ns"].tolist(),
+                [data[a:b] for a, b in zip(pos, ends, strict=True)],
+            )
+        )
+
+
+def _offset_in(view: np.ndarray, base: int) -> int:
+    """Where `view` (an array over a read chunk) starts in that chunk, whose first byte is at `base`."""
+    return view.ctypes.data - base
+
+
+class _ChunkReader:
+    """scan_buffer's callbacks for one chunk read by LogTail.read_batch: each entry (or run of record
+    entries) becomes rows of BATCH_DTYPE pointing into the chunk, with a constant number of numpy
+    operations."""
+
+    def __init__(self, tail: LogTail, data: bytes):
+        self.tail = tail
+        self.base = np.frombuffer(data, dtype=np.uint8).ctypes.data if data else 0
+        self.parts: list[np.ndarray] = []
+
+    def on_topic(self, tid: int, name: str) -> None:
+        self.tail._topics[tid] = name
+
+    def _take(self, n: int) -> tuple[int, int] | None:
+        """Count n records; (offset of the first, index of the first wanted) or None if none is wanted."""
+        tail = self.tail
+        first = tail._base + tail._ordinal
+        tail._ordinal += n
+        lo = max(0, tail.next_offset - first)
+        return None if lo >= n else (first, lo)
+
+    def _add(self, first: int, lo: int, n: int, cols, wall, pos) -> None:
+        tail = self.tail
+        if tail.since_ns is not None:  # a time start: skip what was stored before it
+            if np.ndim(wall):
+                hit = np.flatnonzero(wall[lo:] >= np.uint64(tail.since_ns))
+                if not hit.size:
+                    return
+                lo += int(hit[0])
+            elif int(wall) < tail.since_ns:
+                return
+            tail.since_ns = None
+        out = np.empty(n - lo, dtype=BATCH_DTYPE)
+        out["offset"] = np.arange(first + lo, first + n, dtype=np.uint64)
+        for name in ("event_id", "producer_ts", "payload_len", "priority"):
+            out[name] = cols[name][lo:]
+        out["topic"] = cols["topic_id"][lo:]
+        out["stored_ns"] = wall[lo:] if np.ndim(wall) else wall
+        out["pos"] = pos[lo:] if np.ndim(pos) else pos
+        self.parts.append(out)
+
+    def on_records(self, view: np.ndarray) -> None:
+        """A run of version 1 record entries (inline payloads, at a fixed place in each entry)."""
+        n = len(view)
+        got = self._take(n)
+        if got is None:
+            return
+        at = _offset_in(view, self.base) + _PAYLOAD_AT
+        pos = np.arange(at, at + n * view.dtype.itemsize, view.dtype.itemsize, dtype=np.int64)
+        self._add(*got, n, view["record"], view["wall_ns"], pos)
+
+    def on_rows(self, rows: np.ndarray, wall_ns: int) -> None:
+        """A batch entry: its rows, then its payloads packed back to back."""
+        n = len(rows)
+        got = self._take(n)
+        if got is None:
+            return
+        at = _offset_in(rows, self.base) + rows.nbytes
+        lens = rows["payload_len"].astype(np.int64)
+        pos = np.cumsum(lens) - lens + at
+        self._add(*got, n, rows, wall_ns, pos)
+
+    def on_ext(self, view: np.ndarray, payload) -> None:
+        """A large-payload entry: one record, its payload after it."""
+        got = self._take(1)
+        if got is None:
+            return
+        self._add(*got, 1, view["record"], view["wall_ns"], _offset_in(view, self.base) + view.dtype.itemsize)
 
 
 def payload_capacity_of(path: Path) -> int:
@@ -388,9 +532,11 @@ def payload_capacity_of(path: Path) -> int:
 
 
 __all__ = [
+    "BATCH_DTYPE",
     "LogTail",
     "Progress",
     "SegmentIndex",
+    "TailBatch",
     "TailEvent",
     "count_records",
     "log_files",

@@ -17,14 +17,13 @@ committed offset is lost; what a member had not committed may be delivered again
 from __future__ import annotations
 
 import collections
-import fnmatch
 import json
 import os
 import threading
 from pathlib import Path
 
 from eventstream.protocol import subscribe as sp
-from eventstream.storage.tail import LogTail, SegmentIndex, TailEvent
+from eventstream.storage.tail import LogTail, SegmentIndex, TailBatch
 
 
 class GroupError(ValueError):
@@ -103,18 +102,33 @@ def open_tail(log_path: Path, dtype, index: SegmentIndex, sub: sp.Subscribe, res
     return tail
 
 
-def fill(tail: LogTail, glob: str, cache: dict[str, bool], out: collections.deque) -> None:
-    """Read from `tail` until some event matches `glob` (appended to `out`) or the log has no more."""
+def fill(tail: LogTail, glob: str, cache: dict[str, bool], out: collections.deque[TailBatch]) -> None:
+    """Read from `tail` until some events match `glob` (appended to `out` as one batch) or the log has
+    no more. Per read, a constant number of numpy operations (and one fnmatch per new topic name)."""
     while not out:
-        events = tail.read()
-        if not events:
+        batch = tail.read_batch()
+        if batch is None:
             return
-        for ev in events:
-            m = cache.get(ev.topic)
-            if m is None:
-                m = cache[ev.topic] = fnmatch.fnmatchcase(ev.topic, glob)
-            if m:
-                out.append(ev)
+        hits = batch.matching(glob, cache)
+        if len(hits):
+            out.append(hits)
+
+
+def take_from(q: collections.deque[TailBatch], n: int) -> TailBatch | None:
+    """Up to n events from the front of `q` (never more than its first batch holds): a slice, no copy."""
+    if not q:
+        return None
+    b = q[0]
+    if len(b) <= n:
+        q.popleft()
+        return b
+    q[0] = b[n:]
+    return b[:n]
+
+
+def lowest_offset(batches) -> int | None:
+    """The lowest offset among `batches` (None if they hold none): one numpy reduction per batch."""
+    return min((int(b.rows["offset"].min()) for b in batches if len(b)), default=None)
 
 
 class SoloSource:
@@ -126,15 +140,13 @@ class SoloSource:
         self.tail = tail
         self.glob = glob
         self._match: dict[str, bool] = {}
-        self.pending: collections.deque[TailEvent] = collections.deque()
+        self.pending: collections.deque[TailBatch] = collections.deque()
 
-    def take(self, n: int) -> list[TailEvent]:
+    def take(self, n: int) -> TailBatch | None:
+        """Up to n events (a batch of them), None if none is stored yet."""
         if not self.pending:
             self._fill()
-        out: list[TailEvent] = []
-        while self.pending and len(out) < n:
-            out.append(self.pending.popleft())
-        return out
+        return take_from(self.pending, n)
 
     def _fill(self) -> None:
         fill(self.tail, self.glob, self._match, self.pending)
@@ -154,7 +166,9 @@ class SoloSource:
 
 
 class Group:
-    """One consumer group's shared cursor (see the module doc). Thread-safe."""
+    """One consumer group's shared cursor (see the module doc). Thread-safe. Events are held in
+    batches (storage.tail.TailBatch): handed out, committed and handed back a batch (or a slice of
+    one) at a time, never one Python object per event."""
 
     def __init__(self, name: str, glob: str, tail: LogTail, store: GroupStore, committed: int | None):
         self.name = name
@@ -163,30 +177,27 @@ class Group:
         self.store = store
         self.committed = committed
         self.lock = threading.Lock()
-        self.queue: collections.deque[TailEvent] = collections.deque()  # read, not handed out (redeliveries first)
-        self.inflight: dict[object, collections.deque[TailEvent]] = {}  # per member, in sending order
+        self.queue: collections.deque[TailBatch] = collections.deque()  # read, not handed out (redeliveries first)
+        self.inflight: dict[object, collections.deque[TailBatch]] = {}  # per member, in sending order
         self.done: dict[object, int] = {}  # per member: events committed (the count COMMIT carries)
         self.wakers: dict[object, threading.Event] = {}
         self._match: dict[str, bool] = {}
 
-    def take(self, member, n: int) -> list[TailEvent]:
+    def take(self, member, n: int) -> TailBatch | None:
         with self.lock:
             if not self.queue:
                 fill(self.tail, self.glob, self._match, self.queue)
-            out: list[TailEvent] = []
-            q = self.queue
-            while q and len(out) < n:
-                out.append(q.popleft())
-            self.inflight.setdefault(member, collections.deque()).extend(out)
+            out = take_from(self.queue, n)
+            if out is not None:
+                self.inflight.setdefault(member, collections.deque()).append(out)
             return out
 
     def _low_locked(self) -> int:
         low = self.tail.next_offset
-        if self.queue:
-            low = min(low, min(ev.offset for ev in self.queue))
-        for evs in self.inflight.values():
-            if evs:
-                low = min(low, min(ev.offset for ev in evs))
+        for q in (self.queue, *self.inflight.values()):
+            got = lowest_offset(q)
+            if got is not None:
+                low = min(low, got)
         return low
 
     def commit(self, member, count: int) -> int:
@@ -195,13 +206,21 @@ class Group:
         with self.lock:
             mine = self.inflight.setdefault(member, collections.deque())
             done = self.done.get(member, 0)
-            if not done <= count <= done + len(mine):
+            held = sum(len(b) for b in mine)
+            if not done <= count <= done + held:
                 raise GroupError(
-                    f"COMMIT {count} is not allowed; allowed: {done}..{done + len(mine)} (the number "
+                    f"COMMIT {count} is not allowed; allowed: {done}..{done + held} (the number "
                     "of events sent to this connection that are done, cumulative)"
                 )
-            for _ in range(count - done):
-                mine.popleft()
+            k = count - done
+            while k:  # whole batches, then a slice of one
+                b = mine[0]
+                if len(b) <= k:
+                    mine.popleft()
+                    k -= len(b)
+                else:
+                    mine[0] = b[k:]
+                    k = 0
             self.done[member] = count
             low = self._low_locked()
             if self.committed is None or low > self.committed:
@@ -212,7 +231,7 @@ class Group:
     def leave(self, member) -> bool:
         """Hand the member's in-flight events back; True when the group has no member left."""
         with self.lock:
-            back = sorted(self.inflight.pop(member, ()))
+            back = sorted(self.inflight.pop(member, ()), key=lambda b: int(b.rows["offset"].min()))
             self.done.pop(member, None)
             self.wakers.pop(member, None)
             if back:
@@ -241,7 +260,7 @@ class GroupSource:
         self.member = member
         self.group = group.name
 
-    def take(self, n: int) -> list[TailEvent]:
+    def take(self, n: int) -> TailBatch | None:
         return self.g.take(self.member, n)
 
     def position(self) -> int:
