@@ -20,7 +20,7 @@ from eventstream.core.records import ACK_MODES
 from eventstream.engine.control import Backpressure, ControlThread, Level
 from eventstream.engine.engine import Engine
 from eventstream.engine.levels import LevelActions
-from eventstream.errors import StartupError
+from eventstream.errors import StartupError, startup_refused
 from eventstream.ingest import tls as tlsmod
 from eventstream.ingest.auth import TokenError, TokenSet
 from eventstream.ingest.limits import CLOSE_REASONS
@@ -28,7 +28,7 @@ from eventstream.ingest.tcp import TcpServer
 from eventstream.ingest.tenants import Tenants
 from eventstream.ingest.udp import UdpServer
 from eventstream.metrics.engine_gauges import register_edges
-from eventstream.metrics.registry import MetricsRegistry
+from eventstream.metrics.registry import MetricsRegistry, MetricsServer
 from eventstream.runtime import gil
 
 log = structlog.get_logger("eventstream.service")
@@ -43,7 +43,11 @@ class Service:
         self.allow_gil = gil.gil_allowed_by_env() if allow_gil is None else allow_gil
         self.metrics = MetricsRegistry()
         self.engine = Engine(cfg, self.metrics, handlers=handlers, allow_gil=self.allow_gil)
-        self.tcp = self.udp = self.control = self.exporter = self.backpressure = None
+        self.tcp: TcpServer | None = None
+        self.udp: UdpServer | None = None
+        self.control: ControlThread | None = None
+        self.exporter: MetricsServer | None = None
+        self.backpressure = Backpressure(cfg.backpressure)  # the level /readyz reports
         self.connectors = self.subscribe = self.flows = None  # None when disabled
         self.tenants = Tenants(cfg.server.tenants)  # bounds per principal or address (TCP, subscribe)
         self._closers: list = []  # edges stopped after the processors, in reverse order
@@ -61,22 +65,20 @@ class Service:
 
         try:
             engine = self.engine.open()  # storage.data_dir checked and created first
-            data = engine.data
             self.connectors = connectors.build(cfg, engine)
-            sub = self.subscribe = _refused(subscribe.build, cfg, data, engine.dtype, tokens=tokens, tls=tls,
-                                            stored=engine.stored, tenants=self.tenants)
-            if sub is not None:  # retention asks the named groups
+            sub = self.subscribe = startup_refused(subscribe.build, cfg, engine.data, engine.dtype, tokens=tokens,
+                                                   tls=tls, stored=engine.stored, tenants=self.tenants)
+            if sub is not None and engine.event_log is not None:  # retention asks the named groups
                 engine.event_log.unread_by = sub.unread_by
                 engine.event_log.keep_unread = cfg.storage.retention_respects_groups
             engine.start()
             if self.connectors is not None:
                 self.connectors.start()
-            self.flows = _refused(start_flows, engine, data, self.flow_defs)
+            self.flows = startup_refused(start_flows, engine, engine.data, self.flow_defs)
             self._start_ingest(engine, tls, tokens)
             if sub is not None:
                 self._start_server(sub, "server.subscribe")
                 self._closers.append(sub.stop)
-            self.backpressure = Backpressure(cfg.backpressure)
             self.control = ControlThread(self.backpressure, engine.sample, LevelActions(engine),
                                          interval_ms=cfg.backpressure.interval_ms, cpus=cfg.affinity.control)
             self.control.start()
@@ -86,10 +88,9 @@ class Service:
         except BaseException:
             self.stop(drain=False)
             raise
-        log.info("service_started", tcp=self.tcp.address if self.tcp else None,
-                 udp=self.udp.address if self.udp else None, data_dir=str(engine.data),
-                 metrics=self.exporter.address if self.exporter else None,
-                 workers=engine.manager.worker_counts(), pid=os.getpid())
+        log.info("service_started", tcp=self.tcp and self.tcp.address, udp=self.udp and self.udp.address,
+                 data_dir=str(engine.data), metrics=self.exporter and self.exporter.address, pid=os.getpid(),
+                 workers=engine.manager.worker_counts() if engine.manager is not None else {})
         self.started = True
         return self
 
@@ -133,7 +134,7 @@ class Service:
 
     def _health(self) -> tuple[bool, str]:
         """/healthz: every engine thread alive."""
-        threads = [self.control, *self.engine.threads(),
+        threads = [*([self.control] if self.control is not None else []), *self.engine.threads(),
                    *(t for srv in (self.tcp, self.udp, self.subscribe) if srv is not None for t in srv.threads())]
         failed = self.failures()
         dead = failed + [f"{t.name}: not running" for t in threads
@@ -182,14 +183,6 @@ class Service:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def _refused(build, *args, **kw):
-    """An edge built from the configuration: what it refuses (ValueError, OSError) is a StartupError."""
-    try:
-        return build(*args, **kw)
-    except (ValueError, OSError) as exc:
-        raise StartupError(str(exc)) from None
 
 
 def _quietly(step) -> None:
