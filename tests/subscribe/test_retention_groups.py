@@ -13,21 +13,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from subscribe_helpers import send, sub_port
 
 from eventstream.client import subscribe
+from eventstream.storage import format as fmt
 from eventstream.storage.writer import segment_paths
 
 T = 30.0
-
-
-@pytest.fixture(autouse=True)
-def _one_entry_per_event(monkeypatch):
-    """The segment counts below were worked out for one log entry per event (events.bin version 1:
-    ~55 KB per 100 events). Version 2 packs a send of 100 small events into one ~5.5 KB batch entry,
-    which rotates differently; until these counts are reworked for it, the writer here writes version
-    1 entries (still a supported format)."""
-    from eventstream.storage import format as fmt
-
-    monkeypatch.setattr(fmt, "record_entries", fmt.record_entries_v1)
-    monkeypatch.setattr(fmt, "FILE_VERSION", 1)
 
 
 def take(sub, n, timeout=T):
@@ -50,7 +39,9 @@ def fill(svc, n, start_id):
 
 
 def small_segments(**extra):
-    return {"storage.events_max_bytes": 16384, "storage.events_max_segments": 1, "metrics.enabled": True,
+    """Segments of ~8 KB: the writer (events.bin version 2) stores a send of 100 small events as one
+    batch entry of ~5.5 KB, so a segment closes every second send (1000 events: ~7 segments)."""
+    return {"storage.events_max_bytes": 8192, "storage.events_max_segments": 1, "metrics.enabled": True,
             "metrics.port": 0, **extra}
 
 
@@ -67,6 +58,8 @@ def test_segments_a_group_has_not_committed_are_kept_until_it_has(service):
         take(s, 20)
         assert s.commit() == 20
     fill(svc, 1000, 100)
+    head = svc.engine.event_log.path.read_bytes()[: fmt.FILE_HEADER_BYTES]
+    assert fmt.FILE_HEADER.unpack(head)[1] == fmt.FILE_VERSION == 2  # the writer the service runs: batch entries
     st = svc.engine.event_log.statistics()
     assert st["segments"] >= 4, st  # it rotated several times ...
     assert segments(svc) == st["segments"]  # ... and kept every closed segment for the group
