@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 import urllib.request
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from subscribe_helpers import send, sub_port
 
