@@ -17,7 +17,9 @@ ACKed event after the restart gets it stored once. That rebuild is what this mea
     4. baseline, same run: the same start on an empty data directory.
 
 Each row shows the start-up phases the server logged (`startup_phases`: interpreter and imports,
-recovery of events.bin, reading and placing the dedup keys, threads and ports).
+recovery of events.bin, reading and placing the dedup keys, threads and ports; `cpu`: the CPU
+seconds the server used until ready, all threads, which a loaded machine stretches less than the
+wall-clock phases).
 
 The engine is pinned to --cpus (default: all allowed CPUs); nothing else of the bench runs meanwhile
 (it only polls /readyz every 10 ms).
@@ -57,7 +59,7 @@ from eventstream.storage.writer import EventLog  # noqa: E402
 
 TARGET_S = 5.0
 PHASES = ("interpreter_and_imports", "config_and_serve_imports", "recovery", "dedup_snapshot_read", "dedup_keys_read",
-          "dedup_keys_placed", "edges_and_threads")
+          "dedup_keys_placed", "edges_and_threads", "cpu")
 
 
 def write_log(path: Path, n: int, topics: int, payload_bytes: int, seed: int) -> float:

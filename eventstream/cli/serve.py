@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import resource
 import signal
 import sys
 import threading
@@ -119,6 +120,8 @@ def run(args) -> int:
     phases.update(svc.engine.startup)  # recovery, dedup_*, processors
     phases["edges_and_threads"] = (started - t_imports) - sum(svc.engine.startup.values())
     phases["total"] = entered + (started - t_run)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    phases["cpu"] = usage.ru_utime + usage.ru_stime  # CPU seconds of every thread so far (the load hides less)
     log.info("startup_phases", **{k: round(v, 3) for k, v in phases.items()})
     if args.ready_file:
         ports = [
