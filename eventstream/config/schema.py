@@ -126,6 +126,9 @@ class SubscribeConfig:
     max_credit: int = field(default=65536, metadata={"range": (1, 1 << 30)})  # outstanding credit per subscriber
     handshake_timeout_s: float = field(default=10.0, metadata={"range": (0.0, 3600.0)})  # HELLO/SUBSCRIBE within
     group_dir: str = ""  # committed group offsets and the segment index; "" = <storage.data_dir>/subscribe
+    # consumer groups with their own lag series (metrics subscribe_lag_*{group}); the rest are summed
+    # under group="_other" (group names come from clients: each series is kept until restart)
+    lag_group_series: int = field(default=100, metadata={"range": (0, 10_000)})
 
 
 @dataclass

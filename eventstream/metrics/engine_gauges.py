@@ -124,7 +124,9 @@ def register_storage(m, event_log, dlq) -> None:
 
 def register_subscribe(m, sub) -> None:
     """Subscribers (subscribe/server.py): sessions by kind, credit, refusals, deliveries, group lag.
-    Group names come from clients, so lag is the worst over all named groups, not one series each."""
+    Lag per group (subscribe_lag_events/_seconds{group}): group names come from clients, so at most
+    server.subscribe.lag_group_series groups get a series each and the rest are folded into
+    group="_other" (subscribe/lag.py); subscribe_group_lag_* are the worst case over every group."""
     for kind in ("handshake", "solo", "group"):
         m.gauge_fn(
             "subscribe_sessions",
@@ -183,6 +185,20 @@ def register_subscribe(m, sub) -> None:
         {},
         lambda: sub.lag.lag()["seconds"],
         doc="age of the oldest event some named group has not committed (0: every group caught up)",
+    )
+    m.register_callback(
+        "subscribe_lag_events",
+        "events stored after the group's committed offset, per named group (at most "
+        'server.subscribe.lag_group_series groups; the rest summed under group="_other")',
+        lambda: {g: v["events"] for g, v in sub.lag.by_group().items()},
+        labels=["group"],
+    )
+    m.register_callback(
+        "subscribe_lag_seconds",
+        "age of the first event the group has not committed (0: caught up), per named group (at most "
+        'server.subscribe.lag_group_series groups; the rest under group="_other": the oldest of theirs)',
+        lambda: {g: v["seconds"] for g, v in sub.lag.by_group().items()},
+        labels=["group"],
     )
 
 

@@ -55,7 +55,9 @@ class SubscribeServer:
         sub_dir = Path(config.group_dir) if config.group_dir else Path(data_dir) / "subscribe"
         self.index = SegmentIndex(self.log_path, sub_dir / "segments.json", dtype)
         self.groups = GroupRegistry(GroupStore(sub_dir / "groups"), self.log_path, dtype, self.index)
-        self.lag = GroupLag(self.log_path, dtype, self.index, self.groups.store)
+        self.lag = GroupLag(
+            self.log_path, dtype, self.index, self.groups.store, max_series=getattr(config, "lag_group_series", 100)
+        )
         self.lock = threading.Lock()
         self.sessions: dict[int, Session] = {}
         self._next_sid = 0

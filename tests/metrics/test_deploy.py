@@ -91,7 +91,8 @@ def dashboard_exprs() -> list[tuple[str, str]]:
 
 def test_rules_and_dashboard_name_only_metrics_of_the_first_scrape(tmp_path):
     exported = first_scrape(tmp_path)
-    wanted = {"subscribe_group_lag_events", "subscribe_group_lag_seconds", "subscribe_sessions",
+    wanted = {"subscribe_group_lag_events", "subscribe_group_lag_seconds", "subscribe_lag_events",
+              "subscribe_lag_seconds", "subscribe_sessions",
               "subscribe_credit_outstanding", "dlq_segments_deleted_total", "log_segments_deleted_total",
               "dedup_window_held_seconds", "dedup_window_seconds", "dedup_evicted_total", "threads_failed",
               "pipeline_state", "events_dropped_total"}
@@ -170,6 +171,45 @@ def test_group_lag_sessions_and_credit_follow_real_subscribers(tmp_path):
             assert s.commit() == 100  # the group's committed offset: all 100
         m = scrape(svc)
         assert m[("subscribe_group_lag_events", ())] == 0 and m[("subscribe_group_lag_seconds", ())] == 0
+
+
+def lag_series(m) -> dict[str, tuple[float, float]]:
+    return {dict(k[1])["group"]: (v, m[("subscribe_lag_seconds", k[1])])
+            for k, v in m.items() if k[0] == "subscribe_lag_events"}
+
+
+def test_lag_per_group_is_bounded_and_there_from_the_first_scrape_after_a_restart(tmp_path):
+    data = tmp_path / "data"
+
+    def cfg():
+        return load_config(environ={}, overrides={
+            "server.tcp.port": 0, "server.udp.enabled": False, "metrics.port": 0, "server.subscribe.port": 0,
+            "storage.data_dir": str(data), "records.payload_bytes": 64, "server.subscribe.lag_group_series": 2})
+
+    with Service(cfg()) as svc:
+        assert lag_series(scrape(svc)) == {"_other": (0, 0)}  # no group yet: the fold, at 0
+        with TcpClient("127.0.0.1", svc.tcp.address[1], timeout=30) as c:
+            for i in range(100):
+                c.send("pg.t", b"%d" % i, event_id=i + 1)
+            assert c.wait_acked(30) and c.nacked == 0
+        port = svc.subscribe.address[1]
+        for group, n in (("a", 10), ("b", 100), ("c", 40), ("d", 75)):  # committed: 10, 100, 40, 75
+            with subscribe("127.0.0.1", port, "pg.*", group=group, credit=n) as s:
+                for _ in range(n):
+                    assert s.poll(20) is not None
+                assert s.commit() == n
+        m = scrape(svc)
+        per = lag_series(m)
+        assert set(per) == {"a", "b", "_other"}  # at most 2 groups get a series: the first by name
+        assert per["a"][0] == 90 and per["a"][1] > 0
+        assert per["b"] == (0, 0)  # caught up
+        assert per["_other"][0] == 60 + 25 and per["_other"][1] > 0  # c and d summed; the older's age
+        assert per["_other"][1] <= per["a"][1]  # c's first uncommitted event is newer than a's
+        assert m[("subscribe_group_lag_events", ())] == 90  # the worst case stays
+    with Service(cfg()) as svc:  # the groups are on disk: their series are there at the first scrape
+        per = lag_series(scrape(svc))
+        assert set(per) == {"a", "b", "_other"} and per["a"][0] == 90 and per["_other"][0] == 85
+        assert per["a"][1] > 0
 
 
 def test_dlq_retention_counts_the_segments_it_deletes(tmp_path):
