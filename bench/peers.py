@@ -12,7 +12,8 @@ Servers (each started here on a free loopback port, in a fresh temp directory, p
 Client (this process, pinned to --client-cpus; raw sockets, prebuilt buffers, so the client costs
 little: one thread writes, one reads and counts replies):
 
-* `rtt`: round trip, one 64-byte event per ms, wait for its ACK / XADD reply / JetStream ack; p50, p99;
+* `rtt`: round trip, one 64-byte event per ms, wait for its ACK / XADD reply / JetStream ack; p50, p99,
+  and the server's CPU time per round trip (/proc/<pid>/stat, all its threads);
 * `pipelined`: --events 64-byte events written as fast as the server answers, at most 20,000 of them
   unanswered (async publishing with a bound, the same for all three), timed to the last ACK;
 * `mixed`: --mixed-events events of 16 B..16 KB (uniform, seeded), events/s and MB/s of payload.
@@ -20,7 +21,8 @@ little: one thread writes, one reads and counts replies):
 eventstream runs each with single v2 frames and with BATCH frames (--batch events per frame, at most
 256 KiB). Ratios: eventstream / peer (throughput: higher is better; rtt: lower is better).
 
-    python bench/peers.py [--events N] [--mixed-events N] [--repeats R] [--server-cpus 0] [--client-cpus 1] [--json]
+    python bench/peers.py [--events N] [--mixed-events N] [--repeats R] [--server-cpus 0] [--client-cpus 1]
+                          [--only eventstream,redis,nats] [--figures pipelined,mixed,rtt] [--json]
 """
 
 from __future__ import annotations
@@ -333,11 +335,21 @@ def throughput(system: System, sizes: np.ndarray, chunk: int = 1000, window: int
     return len(sizes) / dt, float(sizes.sum()) / dt / 1e6
 
 
-def round_trip(system: System, n: int, interval_s: float = 0.001) -> tuple[float, float]:
-    """(p50, p99) in µs of one 64-byte event at a time, one every interval_s, waiting for its reply."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (all its threads; /proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def round_trip(system: System, n: int, interval_s: float = 0.001) -> tuple[float, float, float]:
+    """(p50, p99) in µs of one 64-byte event at a time, one every interval_s, waiting for its reply,
+    and the server's CPU time per round trip in µs (all its threads, idle ones included: a figure
+    that load on the machine disturbs less than the latencies)."""
     frames = [system.encode(np.array([64])) for _ in range(n)]
     c = system.connect()
     lat = []
+    cpu0 = cpu_seconds(system.server.proc.pid)
     try:
         nxt = time.perf_counter()
         for i, f in enumerate(frames):
@@ -349,10 +361,11 @@ def round_trip(system: System, n: int, interval_s: float = 0.001) -> tuple[float
             pause = nxt - time.perf_counter()
             if pause > 0:
                 time.sleep(pause)
+        cpu_us = (cpu_seconds(system.server.proc.pid) - cpu0) / n * 1e6
     finally:
         c.close()
     us = np.array(lat[max(1, n // 20):]) * 1e6  # the first 5 % warm the path
-    return float(np.percentile(us, 50)), float(np.percentile(us, 99))
+    return float(np.percentile(us, 50)), float(np.percentile(us, 99)), cpu_us
 
 
 def median(values: list[float]) -> float:
@@ -369,6 +382,8 @@ def main(argv=None) -> None:
     p.add_argument("--server-cpus", default="0", help="CPUs every server is pinned to (default 0)")
     p.add_argument("--client-cpus", default="", help="CPUs of this client (default: the others)")
     p.add_argument("--only", default="eventstream,redis,nats", help="systems to run (default all three)")
+    p.add_argument("--figures", default="pipelined,mixed,rtt",
+                   help="figures to measure (default all: pipelined,mixed,rtt)")
     p.add_argument("--scaling", action="store_true",
                    help="instead: eventstream alone on 1 CPU and on 2 (the client shares the second), and the ratio")
     p.add_argument("--consume", action="store_true",
@@ -392,6 +407,9 @@ def main(argv=None) -> None:
     mixed = payload_sizes(args.mixed_events, 16, 16384)
     small = np.full(args.events, 64)
     only = set(args.only.split(","))
+    figures = set(args.figures.split(","))
+    if not figures <= {"pipelined", "mixed", "rtt"}:
+        raise SystemExit(f"--figures {args.figures!r}: allowed: pipelined, mixed, rtt (comma-separated)")
     plan = [("eventstream", EventstreamServer), ("redis", RedisServer), ("nats", NatsServer)]
     for name, cls in plan:
         if name not in only:
@@ -405,15 +423,20 @@ def main(argv=None) -> None:
                 System("eventstream batch", server, "batch", args.batch)]
             for system in variants:
                 row = {"system": system.name}
-                pipe = [throughput(system, small)[0] for _ in range(args.repeats)]
-                row["pipelined_64B_ev_s"] = median(pipe)
-                mix = [throughput(system, mixed) for _ in range(args.repeats)]
-                row["mixed_ev_s"] = median([m[0] for m in mix])
-                row["mixed_MB_s"] = median([m[1] for m in mix])
-                if system.frame == "single":  # a round trip is one event: single frames only
+                if "pipelined" in figures:
+                    pipe = [throughput(system, small)[0] for _ in range(args.repeats)]
+                    row["pipelined_64B_ev_s"] = median(pipe)
+                if "mixed" in figures:
+                    mix = [throughput(system, mixed) for _ in range(args.repeats)]
+                    row["mixed_ev_s"] = median([m[0] for m in mix])
+                    row["mixed_MB_s"] = median([m[1] for m in mix])
+                if "rtt" in figures and system.frame == "single":  # a round trip is one event: single frames only
                     rt = [round_trip(system, args.rtt_events) for _ in range(args.repeats)]
                     row["rtt_p50_us"] = median([r[0] for r in rt])
                     row["rtt_p99_us"] = median([r[1] for r in rt])
+                    row["rtt_server_cpu_us"] = median([r[2] for r in rt])
+                if len(row) == 1:  # nothing asked of this variant (a BATCH frame has no round trip)
+                    continue
                 rows.append(row)
                 if not args.json:
                     print(json.dumps(row), file=sys.stderr)
@@ -425,9 +448,10 @@ def main(argv=None) -> None:
         print(json.dumps({"facts": facts, "rows": rows, "ratios": ratios}))
         return
     print(format_facts(facts))
-    print(format_table(rows, ["system", "pipelined_64B_ev_s", "mixed_ev_s", "mixed_MB_s", "rtt_p50_us", "rtt_p99_us"]))
+    print(format_table(rows, ["system", "pipelined_64B_ev_s", "mixed_ev_s", "mixed_MB_s", "rtt_p50_us", "rtt_p99_us",
+                              "rtt_server_cpu_us"]))
     print()
-    print(format_table(ratios, ["eventstream", "peer", "pipelined_64B", "mixed_MB_s", "rtt_p50"]))
+    print(format_table(ratios, ["eventstream", "peer", "pipelined_64B", "mixed_MB_s", "rtt_p50", "rtt_server_cpu"]))
 
 
 def consume(args) -> None:
@@ -524,11 +548,14 @@ def ratio_rows(rows: list[dict]) -> list[dict]:
             if es not in by or peer not in by:
                 continue
             a, b = by[es], by[peer]
-            row = {"eventstream": es.split()[1], "peer": peer,
-                   "pipelined_64B": round(a["pipelined_64B_ev_s"] / b["pipelined_64B_ev_s"], 2),
-                   "mixed_MB_s": round(a["mixed_MB_s"] / b["mixed_MB_s"], 2)}
+            row = {"eventstream": es.split()[1], "peer": peer}
+            if "pipelined_64B_ev_s" in a and "pipelined_64B_ev_s" in b:
+                row["pipelined_64B"] = round(a["pipelined_64B_ev_s"] / b["pipelined_64B_ev_s"], 2)
+            if "mixed_MB_s" in a and "mixed_MB_s" in b:
+                row["mixed_MB_s"] = round(a["mixed_MB_s"] / b["mixed_MB_s"], 2)
             if "rtt_p50_us" in a and "rtt_p50_us" in b:
                 row["rtt_p50"] = round(a["rtt_p50_us"] / b["rtt_p50_us"], 2)
+                row["rtt_server_cpu"] = round(a["rtt_server_cpu_us"] / b["rtt_server_cpu_us"], 2)
             out.append(row)
     return out
 
