@@ -510,8 +510,9 @@ class SubscribeDecoder:
                     f"topic_len {tlen} does not fit in frame length {length}; allowed: 0..{length - V2_HEADER_BYTES}"
                 )
             start = pos + LENGTH_BYTES + V2_HEADER_BYTES
-            topic = bytes(buf[start : start + tlen])
-            payload = bytes(buf[start + tlen : pos + LENGTH_BYTES + length])
+            with memoryview(buf) as mv:  # one copy of each part (a bytearray slice would copy twice)
+                topic = bytes(mv[start : start + tlen])
+                payload = bytes(mv[start + tlen : pos + LENGTH_BYTES + length])
             if zlib.crc32(payload, zlib.crc32(topic)) != crc:
                 raise SubscribeProtocolError(
                     f"crc32 0x{crc:08x} of a {KIND_NAMES[kind]} frame does not match; "

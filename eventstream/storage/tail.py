@@ -348,7 +348,8 @@ BATCH_DTYPE = np.dtype(
         ("payload_len", "<u4"),
         ("topic", "<u4"),  # the file's topic id: TailBatch.topics names it
         ("priority", "u1"),
-    ]
+    ],
+    align=True,  # 56-byte rows: aligned fields copy several times faster than packed ones
 )
 _PAYLOAD_AT = fmt.ENTRY_HEADER_BYTES + rec.HEADER_BYTES  # a record entry's inline payload, from the entry
 
@@ -385,7 +386,11 @@ class TailBatch:
 
     def matching(self, glob: str, cache: dict[str, bool]) -> TailBatch:
         """The events whose topic matches `glob` (fnmatch; per distinct topic, `cache` remembers)."""
-        ids = np.unique(self.rows["topic"])
+        if glob == "*" or not len(self.rows):  # fnmatch's * matches every topic name
+            return self
+        tids = self.rows["topic"]
+        first = int(tids[0])
+        ids = np.array([first], dtype=tids.dtype) if bool((tids == first).all()) else np.unique(tids)
         hits = []
         for t in ids.tolist():
             name = self.topics.get(t, f"#{t}")
@@ -479,7 +484,7 @@ class _ChunkReader:
     def _add(self, first: int, lo: int, n: int, cols, wall, pos) -> None:
         tail = self.tail
         if tail.since_ns is not None:  # a time start: skip what was stored before it
-            if np.ndim(wall):
+            if isinstance(wall, np.ndarray):
                 hit = np.flatnonzero(wall[lo:] >= np.uint64(tail.since_ns))
                 if not hit.size:
                     return
@@ -492,8 +497,8 @@ class _ChunkReader:
         for name in ("event_id", "producer_ts", "payload_len", "priority"):
             out[name] = cols[name][lo:]
         out["topic"] = cols["topic_id"][lo:]
-        out["stored_ns"] = wall[lo:] if np.ndim(wall) else wall
-        out["pos"] = pos[lo:] if np.ndim(pos) else pos
+        out["stored_ns"] = wall[lo:] if isinstance(wall, np.ndarray) else wall
+        out["pos"] = pos[lo:] if isinstance(pos, np.ndarray) else pos
         self.parts.append(out)
 
     def on_records(self, view: np.ndarray) -> None:
