@@ -113,6 +113,14 @@ class ColumnCollector:
                 self._cols[f].append(r[f][keep])
             self._walls.append(view["wall_ns"][keep].astype(np.uint64))
 
+    def absorb(self, later: ColumnCollector) -> None:
+        """Append what `later` collected (a scan of the next part of the same file, see
+        recovery's parallel scan)."""
+        for f in self.fields:
+            self._cols[f].extend(later._cols[f])
+        self._walls.extend(later._walls)
+        self.topics.update(later.topics)
+
     def result(self) -> StoredColumns | None:
         if not self._walls:
             return None

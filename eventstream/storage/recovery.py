@@ -23,6 +23,7 @@ import mmap
 import os
 import struct
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,8 @@ import structlog
 
 from eventstream.core import records as rec
 from eventstream.storage import format as fmt
-from eventstream.storage.scan import CorruptRegion, scan_buffer
+from eventstream.storage.reader import ColumnCollector
+from eventstream.storage.scan import CorruptRegion, ScanResult, next_entry, scan_buffer
 
 log = structlog.get_logger("eventstream.storage.recovery")
 
@@ -120,6 +122,63 @@ def _upgrade_header(p: Path, head: bytes) -> None:
         log.info("log_format_upgraded", path=str(p), version_was=version, version=fmt.FILE_VERSION)
 
 
+PARALLEL_MIN_BYTES = 64 << 20  # a log at least this large is verified by several threads at once
+
+
+def scan_parallel(mm, dtype, collect=None, threads: int | None = None) -> ScanResult:
+    """scan_buffer over the whole file, verified by up to `threads` threads (default: the allowed CPUs,
+    at most 4; zlib's CRC runs in parallel): the file is cut where a whole, verified entry starts
+    near each share, and each part scanned on its own (with its own collector, merged in order).
+    The parts must meet exactly: when a part does not end precisely where the next begins (damage
+    across a cut, an entry forged inside a payload taken for a cut), the whole file is scanned again
+    by one thread, so the result is always what one scan_buffer pass gives."""
+    size = len(mm)
+    n = min(4, len(os.sched_getaffinity(0))) if threads is None else threads
+    start = fmt.FILE_HEADER_BYTES
+
+    def one() -> ScanResult:
+        return scan_buffer(mm, dtype, **(collect.callbacks() if collect is not None else {}))
+
+    if n < 2 or size < max(PARALLEL_MIN_BYTES, 1):
+        return one()
+    cuts = [start]
+    for k in range(1, n):
+        at = next_entry(mm, max(start + k * (size - start) // n, cuts[-1] + 1), size, dtype.itemsize)
+        if at > cuts[-1]:
+            cuts.append(at)
+    if len(cuts) < 2:
+        return one()
+    bounds = list(zip(cuts, [*cuts[1:], size], strict=True))
+    parts = [
+        ColumnCollector(collect.fields, int(collect.since), collect.from_offset) if collect is not None else None
+        for _ in bounds
+    ]
+
+    def part(k: int) -> ScanResult:
+        lo, hi = bounds[k]
+        c = parts[k]
+        return scan_buffer(mm, dtype, start=lo, stop=hi, **(c.callbacks() if c is not None else {}))
+
+    with ThreadPoolExecutor(len(bounds), thread_name_prefix="es-recovery") as pool:
+        results = list(pool.map(part, range(len(bounds))))
+    if any(
+        r.valid_bytes != hi or r.problem is not None or r.partial
+        for r, (_, hi) in zip(results, bounds[:-1], strict=False)
+    ):
+        return one()  # the parts do not meet: one pass decides
+    last = results[-1]
+    out = ScanResult(file_bytes=size, valid_bytes=last.valid_bytes, problem=last.problem)
+    for r in results:
+        out.records += r.records
+        out.topics.update(r.topics)
+        out.corrupt.extend(r.corrupt)
+    if collect is not None:
+        for c in parts:
+            assert c is not None
+            collect.absorb(c)
+    return out
+
+
 def recover(path: str | os.PathLike, payload_bytes: int, collect=None) -> RecoveryReport:
     """Make `path` a valid log for records of `payload_bytes`: create it, or truncate a bad tail.
 
@@ -167,7 +226,7 @@ def recover(path: str | os.PathLike, payload_bytes: int, collect=None) -> Recove
         return RecoveryReport(str(p), created=False, file_bytes=size, valid_bytes=size, records=0, dropped_records=0)
     saved = None
     with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        scan = scan_buffer(mm, dtype, **(collect.callbacks() if collect is not None else {}))
+        scan = scan_parallel(mm, dtype, collect)
         if scan.dropped_bytes and not _torn(mm, scan.valid_bytes, dtype.itemsize):
             saved = str(_save_tail(p, mm, scan.valid_bytes))  # damage, not a torn write: keep a copy
     entry_size = fmt.ENTRY_HEADER_BYTES + dtype.itemsize

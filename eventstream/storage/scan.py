@@ -159,6 +159,7 @@ def scan_buffer(
     batch_dtype: np.dtype | None = None,
     on_rows: Callable[[np.ndarray, int], None] | None = None,
     records_from: int = 0,
+    stop: int | None = None,
 ) -> ScanResult:
     """Scan entries in `buf` (bytes, bytearray or mmap) from `start`; call back per record run / topic
     entry. Corrupt regions are skipped (see the module doc) and listed in the result. With
@@ -174,9 +175,10 @@ def scan_buffer(
     `on_records` as entry rows; with none of the three it is verified and counted, not decoded (what
     recovery needs). `records_from`: the record callbacks meet only entries at or after this offset
     (an entry boundary; everything is still verified and counted): the dedup rebuild reads the keys
-    stored after the position its snapshot covers (engine/dedup_snapshot.py).
+    stored after the position its snapshot covers (engine/dedup_snapshot.py). `stop`: scan only up to
+    this offset (an entry boundary; default the end of `buf`), as if the buffer ended there.
     """
-    end = len(buf)
+    end = len(buf) if stop is None else min(stop, len(buf))
     edt = fmt.entry_dtype(record_dtype)
     size = edt.itemsize
     itemsize = record_dtype.itemsize
