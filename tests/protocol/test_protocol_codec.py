@@ -215,3 +215,33 @@ def test_control_frames_round_trip():
     assert split_control_frames(buf) == [(3, 3, b"backpressure"), (2, 17, b""), (3, 5, b"paused"), (3, 9, b"paused")]
     assert len(buf) == 10
     assert encode_nacks(np.array([4]), "x") == encode_nack(4, "x")
+
+
+@SETTINGS
+@given(st.integers(9, 300), st.lists(st.integers(0, 10_000), max_size=6), st.booleans())
+def test_frames_of_one_size_back_to_back_decode_as_any_others(n, marks, lead):
+    """A read of frames of one size (evenly spaced: the decoder reads headers, topics and payloads
+    through strided views) gives what frames decoded one by one give: bad CRCs refused by index,
+    topics of the same length told apart, payloads whole; with a frame of another size first (no
+    strided views) the same; a partial frame after the run stays buffered."""
+    bad = {m % n for m in marks[:2]}
+    other = {m % n for m in marks[2:]}
+    frames = []
+    for i in range(n):
+        f = bytearray(encode_v2("ab" if i in other else "cd", bytes([i % 256]) * 40, i % 5, i + 1, i))
+        if i in bad:
+            f[-1] ^= 0xFF
+        frames.append(bytes(f))
+    first = encode_v2("lead", b"z", 1, 10**6, 0) if lead else b""
+    tail = encode_v2("x", b"", 0, 7, 0)
+    dec = FrameDecoder(TopicTable(), payload_bytes=64)
+    recs, idx, errs = dec.feed_indexed(first + b"".join(frames) + tail[:-1])
+    k = 2 if lead else 1  # index of the run's first frame
+    assert [(e.index, e.error_class) for e in errs] == [(i + k, "crc") for i in sorted(bad)]
+    keep = [i for i in range(n) if i not in bad]
+    assert idx.tolist() == [1] * lead + [i + k for i in keep]
+    assert recs["event_id"].tolist() == [10**6] * lead + [i + 1 for i in keep]
+    names = [dec.topics.name(t) for t in recs["topic_id"].tolist()]
+    assert names == ["lead"] * lead + ["ab" if i in other else "cd" for i in keep]
+    assert payloads(recs)[lead:] == [bytes([i % 256]) * 40 for i in keep]
+    assert dec.buffered == len(tail) - 1
