@@ -1,12 +1,24 @@
-"""One TCP connection as its reader thread sees it: socket, decoder, ACK watermarks, held records.
+"""One TCP connection's protocol state, without its socket (h11 style): bytes in -> records offered
+to the engine, and the ACK/NACK bytes that are due out.
 
-A connection is owned by exactly one reader thread (reader.py) for its whole life, so these fields
-need no locks. The only fields other threads read are `partial` and `closed` (PartialBudget.largest in
-limits.py picks the connection with the largest partial frame across readers; its owner re-checks).
+    step = c.receive(data, now)     # the HELLO preamble (auth, tenant), decode, offer, hold, NACKs
+    data, done = c.take_due()       # the NACKs and the cumulative ACK whose records are stored
+    c.retry_held()                  # offer the held records again (the queues had no room)
 
-The ACK bookkeeping is here and touches no socket (`end_chunk`, `take_due`: records placed -> chunks
-with completion marks -> the NACK and ACK bytes that are due), so it is tested without sockets
-(tests/ingest/test_ack_state.py); reader.py writes the bytes.
+`receive` takes the first bytes through the connection's Preamble (preamble.py: the optional HELLO;
+a refusal comes back as `step.refusal` with its NACK(0) bytes), then the frame decoder (frames are
+counted by the decoder: a BATCH frame's events each have their own index) and offers the records
+through the reader's Delivery (delivery.py: `Engine.offer`). Rejected frames are NACKed by index;
+records the engine cannot take now are held (`held`), and the socket loop stops reading until
+`retry_held` placed them. ACKs are watermarks: each read becomes a chunk (the accepted count after
+it, the completion marks of its records, its NACKs); chunks complete in order, and `take_due` gives
+the bytes of the complete leading chunks. Everything here runs without a socket
+(tests/ingest/test_connection.py, test_ack_state.py); reader.py is the socket loop that feeds it and
+writes what it returns, and owns the limits across connections (partial bytes, timeouts, rates).
+
+A connection is owned by exactly one reader thread for its whole life, so these fields need no locks.
+The only fields other threads read are `partial` and `closed` (PartialBudget.largest in limits.py
+picks the connection with the largest partial frame across readers; its owner re-checks).
 """
 
 from __future__ import annotations
@@ -18,17 +30,54 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import structlog
 
-from eventstream.protocol.decoder import FrameDecoder
-from eventstream.protocol.frames import encode_ack
+from eventstream.core.payloads import release_records
+from eventstream.core.records import ACK_ACCEPTED, FLAG_ACK_MASK, FLAG_ACK_SHIFT, SMALL_BATCH
+from eventstream.ingest.limits import REASON_AUTH, REASON_TENANT
+from eventstream.ingest.tenants import admit
+from eventstream.protocol.decoder import FrameDecoder, FrameError
+from eventstream.protocol.frames import encode_ack, encode_nack, encode_nacks
 
 if TYPE_CHECKING:
+    from eventstream.ingest.delivery import Delivery
     from eventstream.ingest.limits import RejectMeter
     from eventstream.ingest.preamble import Preamble
+    from eventstream.ingest.tenants import Tenants
+
+log = structlog.get_logger("eventstream.ingest.tcp")
+
+# records still held when a draining stop ends: dead-lettered and NACKed (metrics category "shutdown")
+REASON_HELD_AT_STOP = "shutdown: held (the queues had no room) when the server stopped; not ACKed"
+_STRONGER_THAN_ACCEPTED = ACK_ACCEPTED << FLAG_ACK_SHIFT
 
 
 def marks_done(marks) -> bool:
     return all(ring.completed() >= end for ring, end in marks)
+
+
+def wants_completion(flags: np.ndarray) -> bool:
+    """Does any record ask for more than `accepted` (stored or synced)?"""
+    if len(flags) <= SMALL_BATCH:  # the common small read: plain ints beat numpy temporaries
+        return any((f & FLAG_ACK_MASK) > _STRONGER_THAN_ACCEPTED for f in flags.tolist())
+    return bool(((flags & FLAG_ACK_MASK) > _STRONGER_THAN_ACCEPTED).any())
+
+
+class Step:
+    """What one `receive` asks of the socket loop."""
+
+    __slots__ = ("pending", "refusal", "counted", "send", "records", "errors", "fatal", "garbage", "chunk_ended")
+
+    def __init__(self) -> None:
+        self.pending = False  # the preamble needs more bytes: nothing was decoded
+        self.refusal = ""  # refuse the connection (its NACK(0) is in `send`): half-close, linger
+        self.counted = ""  # the limit a refusal is counted as (limits.REASON_AUTH / REASON_TENANT)
+        self.send = b""  # bytes to write now (a refusal's NACK; ACKs come from take_due)
+        self.records = 0  # events decoded in this read
+        self.errors = 0  # frames rejected in this read
+        self.fatal: FrameError | None = None  # a framing error: stop reading, close once ACKed
+        self.garbage = False  # over max_rejects_per_s without one good frame: close once ACKed
+        self.chunk_ended = False  # everything read is placed: a chunk was added (ACKs may be due)
 
 
 class Connection:
@@ -65,12 +114,31 @@ class Connection:
         "tenant",
         "window_bytes",
         "window_start",
+        "delivery",
+        "tenant_set",
     )
 
     def __init__(
-        self, sock: socket.socket | ssl.SSLSocket, conn_id: int, peer, decoder: FrameDecoder, now: float, burst: float
+        self,
+        sock: socket.socket | ssl.SSLSocket,
+        conn_id: int,
+        peer,
+        decoder: FrameDecoder,
+        now: float,
+        burst: float,
+        *,
+        delivery: Delivery | None = None,
+        preamble: Preamble | None = None,
+        meter: RejectMeter | None = None,
+        tenants: Tenants | None = None,
     ):
+        """`sock`: the socket loop's (never used here: tests drive a connection with None);
+        `delivery`: the reader thread's way into the engine; `preamble`: the HELLO check (None: none,
+        the first bytes are frames); `meter`: rejected frames per second; `tenants`: admitted once
+        the preamble is over."""
         self.sock = sock
+        self.delivery = delivery
+        self.tenant_set = tenants
         self.conn_id = conn_id
         self.peer = peer
         self.decoder = decoder
@@ -93,15 +161,143 @@ class Connection:
         self.closed = False
         self.partial = 0  # bytes of an incomplete frame in the decoder (accounted in Reader.partial_bytes)
         self.partial_since = 0.0  # when the current partial frame started (or reading last resumed)
-        self.preamble: Preamble | None = None  # until the first frame is known (HELLO or not)
+        self.preamble: Preamble | None = preamble  # until the first frame is known (HELLO or not)
         self.handshaking = False  # TLS handshake not finished (tls.py)
-        self.meter: RejectMeter | None = None  # rejected frames per second (the reader gives each one)
+        self.meter: RejectMeter | None = meter  # rejected frames per second (the reader gives each one)
         self.linger_until = 0.0  # refused: its reads are discarded until EOF or this time, then closed
         self.principal = None  # auth.Principal once its HELLO was accepted (None: no tokens configured)
         self.principal_id = 0  # its small integer (0: shared token or none; auth.py)
         self.tenant = None  # tenants.Tenant once admitted (its connection is counted there)
         self.window_bytes = 0  # bytes read since window_start (server.tcp.min_bytes_per_s)
         self.window_start = now
+
+    # ------------------------------------------------------------ bytes in: preamble, decode, offer, hold
+    def receive(self, data, now: float) -> Step:
+        """Bytes read from the client (b"": decode what the decoder kept while the payload arena was
+        full). The preamble first, then decode and offer; see Step for what the caller does next."""
+        step = Step()
+        if self.preamble is not None:
+            rest, refusal = self.preamble.feed(data)
+            if isinstance(data, memoryview):
+                data.release()
+            if not refusal and rest is not None:
+                ip = self.peer[0] if isinstance(self.peer, tuple) and self.peer else str(self.peer)
+                tenants = self.tenant_set
+                if tenants is not None:
+                    refusal = admit(self, self.preamble.principal, ip, tenants)
+                    if refusal:
+                        step.counted = REASON_TENANT
+            if refusal:
+                step.refusal, step.counted = refusal, step.counted or REASON_AUTH
+                step.send = encode_nack(0, refusal)
+                self.preamble = None
+                return step
+            if rest is None:
+                step.pending = True
+                return step
+            self.preamble = None
+            self.partial_since = now  # the first frame starts now (the preamble was timed until here)
+            data = memoryview(rest)
+        self._decode_offer(data, now, step)
+        return step
+
+    def _decode_offer(self, data, now: float, step: Step) -> None:
+        delivery, meter = self.delivery, self.meter
+        assert delivery is not None and meter is not None  # given to every connection that reads
+        records, indices, errors = self.decoder.feed_indexed(data)
+        if isinstance(data, memoryview):
+            data.release()
+        # a v2 frame in this read, accepted or rejected, makes it a v2 connection before the NACKs of
+        # this read are built (a v1 record next to a rejected v2 frame must not hide its NACK)
+        if not self.v2 and ((len(records) and records["flags"].any()) or any(e.version == 2 for e in errors)):
+            self.v2 = True
+        fatal = errors[-1] if errors and errors[-1].fatal else None
+        if fatal is not None and fatal.version == 2:
+            self.v2 = True
+        report = None
+        if errors:
+            report, ended = meter.admit(len(errors), len(records), now)
+            if ended:
+                delivery.report_suppressed(self.conn_id, ended, "server.tcp.max_rejects_per_s", meter.limit)
+        elif len(records):
+            meter.good += len(records)
+        d = delivery.deliver(records, indices, errors, self.conn_id, want_nacks=self.v2, report_errors=report)
+        self.accepted += d.accepted
+        if self.v2:
+            if d.marks and not wants_completion(records["flags"]):
+                d.marks = []  # every frame asked for `accepted` (or is v1): complete once placed
+            self.open_marks.extend(d.marks)
+            self.open_nacks += d.nacks
+            if not self.open_ts and len(records):
+                self.open_ts = int(records["ingest_ts"][0])
+        if d.held is not None:
+            self.held, self.held_idx, self.blocked = d.held, d.held_indices, d.blocked
+        else:
+            step.chunk_ended = self.end_chunk()
+        step.records, step.errors, step.fatal = len(records), len(errors), fatal
+        step.garbage = bool(errors) and meter.garbage_only
+
+    def may_progress(self) -> bool:
+        """Whether offering the held records again can place some: the control plane admits the
+        first of them, and every queue that was full has room for a fair share again."""
+        held = self.held
+        assert held is not None and self.delivery is not None  # asked only while holding records
+        lo = self.delivery.admitted_below()
+        if lo and int(held["priority"][0]) < lo:
+            return False
+        return all(ring.capacity - ring.depth >= min(len(held), ring.capacity // 8) for ring in self.blocked)
+
+    def retry_held(self) -> bool:
+        """Offer the held records again (when they may progress). True once none are held (then their
+        chunk ended: ACKs may be due)."""
+        if self.held is None:
+            return True
+        assert self.held_idx is not None and self.delivery is not None  # held with their frame indices
+        if not self.may_progress():
+            return False  # cheap checks first: offering a large held batch again costs more
+        d = self.delivery.deliver(self.held, self.held_idx, [], self.conn_id, want_nacks=self.v2, retry=True)
+        self.accepted += d.accepted
+        if self.v2:
+            self.open_marks.extend(d.marks)
+            self.open_nacks += d.nacks
+        if d.held is not None:
+            self.held, self.held_idx, self.blocked = d.held, d.held_indices, d.blocked
+            return False
+        self.held = self.held_idx = None
+        self.blocked = ()
+        self.end_chunk()
+        return True
+
+    def dead_letter_held(self) -> None:
+        """Stopping with records still held (the queues never had room): they were never ACKed; they
+        go to the dead-letter log (replayable) and a v2 client gets their NACKs once everything before
+        them is complete (the protocol's order: they end the open chunk)."""
+        held, idx, delivery = self.held, self.held_idx, self.delivery
+        assert held is not None and idx is not None and delivery is not None  # holding records
+        self.held = self.held_idx = None
+        log.warning("held_records_dead_lettered_at_stop", conn_id=self.conn_id, records=len(held))
+        delivery.stats.backpressure_drops += len(held)
+        delivery.stats.frames_rejected[REASON_HELD_AT_STOP] += len(held)
+        if delivery.on_reject is not None:
+            try:
+                delivery.on_reject(held, REASON_HELD_AT_STOP, [])
+            except Exception as exc:  # noqa: BLE001 - the engine's callback: log, keep stopping
+                log.error("on_reject_failed", error=repr(exc))
+        release_records(held)  # dead-lettered with their payloads: the arena slots go back
+        if self.v2 and not self.closed:
+            self.open_nacks += encode_nacks(idx, REASON_HELD_AT_STOP)
+            self.end_chunk()
+
+    def release(self) -> None:
+        """The connection is closed: held records give their payload slots back (never placed nor
+        ACKed), suppressed rejects get their summary."""
+        if self.held is not None:
+            release_records(self.held)
+            self.held = self.held_idx = None
+        meter, delivery = self.meter, self.delivery
+        if meter is not None and meter.suppressed and delivery is not None:
+            n = meter.take_suppressed()
+            delivery.report_suppressed(self.conn_id, n, "server.tcp.max_rejects_per_s", meter.limit)
 
     # ------------------------------------------------------------ ACK bookkeeping (no socket: testable alone)
     def end_chunk(self) -> bool:

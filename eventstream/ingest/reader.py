@@ -1,7 +1,9 @@
-"""TCP reader thread: many connections on one selector, decode, deliver, ACK/NACK as watermarks.
+"""TCP reader thread: the socket loop of many connections on one selector.
 
-(Per-connection state, and its socket-free ACK bookkeeping: connection.py; the limits' shared state:
-limits.py. This module is the socket loop: reading, ACK/NACK writing, holding, limits and the preamble.)
+Each connection's protocol is its `Connection` (connection.py, no socket: the preamble, decoding,
+offering, holding, NACKs and the ACK watermarks; tested without sockets). This module feeds it the
+bytes it reads and writes what it returns, stops reading a connection that holds records, and applies
+the limits (limits.py) across connections: partial bytes, frame timeouts, rates, TLS, refusals.
 
 Each connection is owned by exactly one reader thread for its whole life, so its decoder, counters and
 outbox need no locks. New connections arrive from the acceptor through a deque plus a wake-up socket.
@@ -46,11 +48,10 @@ import time
 import numpy as np
 import structlog
 
-from eventstream.core.payloads import release_records
-from eventstream.core.records import ACK_ACCEPTED, ACK_STORED, FLAG_ACK_MASK, FLAG_ACK_SHIFT, SMALL_BATCH
+from eventstream.core.records import ACK_STORED, SMALL_BATCH
 from eventstream.core.topics import TopicTable
 from eventstream.ingest.auth import TokenSet
-from eventstream.ingest.connection import Connection, peer_ip
+from eventstream.ingest.connection import Connection, Step, peer_ip
 from eventstream.ingest.delivery import Delivery, IngestStats
 from eventstream.ingest.limits import (
     REASON_AUTH,
@@ -58,17 +59,15 @@ from eventstream.ingest.limits import (
     REASON_FRAME_TIMEOUT,
     REASON_MIN_RATE,
     REASON_PARTIAL_BYTES,
-    REASON_TENANT,
     REASON_TOO_MANY_REJECTS,
     PartialBudget,
     PeerLimit,
     RejectMeter,
 )
 from eventstream.ingest.preamble import Preamble
-from eventstream.ingest.tenants import Tenants, admit
+from eventstream.ingest.tenants import Tenants
 from eventstream.ingest.tls import handshake_step
 from eventstream.protocol.decoder import FrameDecoder
-from eventstream.protocol.frames import encode_nack, encode_nacks
 from eventstream.runtime.affinity import pin_current_thread
 
 log = structlog.get_logger("eventstream.ingest.tcp")
@@ -79,16 +78,6 @@ LINGER_S = 2.0  # a refused connection is read (and discarded) this long so its 
 MAX_OUTBOX_BYTES = 4 << 20  # a client that never reads its ACKs is disconnected past this
 # a non-blocking send/recv that cannot proceed now (TLS: a record needs more bytes or room)
 WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
-# records still held when a draining stop ends: dead-lettered and NACKed (metrics category "shutdown")
-REASON_HELD_AT_STOP = "shutdown: held (the queues had no room) when the server stopped; not ACKed"
-_STRONGER_THAN_ACCEPTED = ACK_ACCEPTED << FLAG_ACK_SHIFT
-
-
-def wants_completion(flags: np.ndarray) -> bool:
-    """Does any record ask for more than `accepted` (stored or synced)?"""
-    if len(flags) <= SMALL_BATCH:  # the common small read: plain ints beat numpy temporaries
-        return any((f & FLAG_ACK_MASK) > _STRONGER_THAN_ACCEPTED for f in flags.tolist())
-    return bool(((flags & FLAG_ACK_MASK) > _STRONGER_THAN_ACCEPTED).any())
 
 
 class Reader(threading.Thread):
@@ -314,9 +303,18 @@ class Reader(threading.Thread):
                 ack_default=self.ack_default,
                 payloads=self.payloads,
             )
-            c = Connection(sock, conn_id, peer, dec, now, self._burst)
-            c.preamble = Preamble(self.tokens)
-            c.meter = RejectMeter(self.config.max_rejects_per_s, now)
+            c = Connection(
+                sock,
+                conn_id,
+                peer,
+                dec,
+                now,
+                self._burst,
+                delivery=self.delivery,
+                preamble=Preamble(self.tokens),
+                meter=RejectMeter(self.config.max_rejects_per_s, now),
+                tenants=self.tenants,
+            )
             c.partial_since = now  # the handshake and the HELLO are timed like a partial frame
             c.handshaking = self.tls is not None
             self.conns[conn_id] = c
@@ -366,58 +364,19 @@ class Reader(threading.Thread):
         self.stats.bytes_received += n
         if isinstance(c.sock, ssl.SSLSocket) and c.sock.pending():
             self.tls_pending.add(c)  # decrypted bytes the selector cannot see: read them next round
-        data = memoryview(self._buf)[:n]
-        if c.preamble is not None:
-            rest, refusal = c.preamble.feed(data)
-            data.release()
-            if refusal:
-                self._refuse(c, refusal)
-                return
-            if rest is None:
-                return
-            refusal = admit(c, c.preamble.principal, peer_ip(c.peer), self.tenants)
-            if refusal:
-                self._refuse(c, refusal, REASON_TENANT)
-                return
-            c.preamble = None
-            c.partial_since = now
-            data = memoryview(rest)
-        self._consume(c, data, now)
+        step = c.receive(memoryview(self._buf)[:n], now)
+        if step.refusal:
+            self._refuse(c, step)
+        elif not step.pending:
+            self._after_read(c, step, now)
 
-    def _consume(self, c: Connection, data, now: float) -> None:
-        """Decode `data` (b"": what the decoder kept while the payload arena was full) and deliver."""
-        meter = c.meter
-        assert meter is not None  # given with the connection
-        records, indices, errors = c.decoder.feed_indexed(data)
-        if isinstance(data, memoryview):
-            data.release()
-        # a v2 frame in this read, accepted or rejected, makes it a v2 connection before the NACKs of
-        # this read are built (a v1 record next to a rejected v2 frame must not hide its NACK)
-        if not c.v2 and ((len(records) and records["flags"].any()) or any(e.version == 2 for e in errors)):
-            c.v2 = True
-        fatal = errors[-1] if errors and errors[-1].fatal else None
-        if fatal is not None and fatal.version == 2:
-            c.v2 = True
-        report = None
-        if errors:
-            report, ended = meter.admit(len(errors), len(records), now)
-            if ended:
-                self.delivery.report_suppressed(c.conn_id, ended, "server.tcp.max_rejects_per_s", meter.limit)
-        elif len(records):
-            meter.good += len(records)
-        d = self.delivery.deliver(records, indices, errors, c.conn_id, want_nacks=c.v2, report_errors=report)
-        c.accepted += d.accepted
-        if c.v2:
-            if d.marks and not wants_completion(records["flags"]):
-                d.marks = []  # every frame asked for `accepted` (or is v1): complete once placed
-            c.open_marks.extend(d.marks)
-            c.open_nacks += d.nacks
-            if not c.open_ts and len(records):
-                c.open_ts = int(records["ingest_ts"][0])
-        if d.held is not None:
-            self._hold(c, d.held, d.held_indices, d.blocked)
-        else:
-            self._end_chunk(c)
+    def _after_read(self, c: Connection, step: Step, now: float) -> None:
+        """What the socket loop does after the connection took a read: hold (stop reading), ACKs due,
+        the partial-frame limits, closing on a framing error or garbage, the rate limits."""
+        if c.held is not None:
+            self._hold(c)
+        elif step.chunk_ended:
+            self._ack_due(c)
         if c.decoder.arena_blocked and c not in self.stalled:
             # the payload arena is full: push back like a full queue (stop reading this connection;
             # _retry_held decodes the rest once the arena has room)
@@ -426,14 +385,17 @@ class Reader(threading.Thread):
             self._interest(c, False)
         buffered = c.decoder.buffered  # after delivery: closing c for the budget keeps this read's events
         if buffered or c.partial:
-            self._account_partial(c, buffered, bool(len(records) or errors), now)
+            self._account_partial(c, buffered, bool(step.records or step.errors), now)
             if c.closed:
                 return
+        fatal = step.fatal
         if fatal is not None:
             log.warning("framing_error", conn_id=c.conn_id, peer=str(c.peer), frame=fatal.index, reason=fatal.reason)
             self._finish(c, "framing_error")
             return
-        if errors and meter.garbage_only and not c.closing:
+        if step.garbage and not c.closing:
+            meter = c.meter
+            assert meter is not None  # every connection has one
             self.stats.limit_closes[REASON_TOO_MANY_REJECTS] += 1
             log.warning(
                 "connection_limited",
@@ -446,13 +408,13 @@ class Reader(threading.Thread):
             self._finish(c, REASON_TOO_MANY_REJECTS)  # after the NACKs and the ACK of what it sent
             return
         if self._rate:
-            c.tokens -= len(records) + len(errors)
+            c.tokens -= step.records + step.errors
             if c.tokens < 0:
                 c.resume_at = time.monotonic() + (-c.tokens) / self._rate
                 self.throttled.add(c)
                 self._interest(c, False)
-        if self.tenants.rate and c.tenant is not None and len(records):
-            wait = self.tenants.take(c.tenant, len(records), now)  # events/s over all the tenant's connections
+        if self.tenants.rate and c.tenant is not None and step.records:
+            wait = self.tenants.take(c.tenant, step.records, now)  # events/s over all the tenant's connections
             if wait > 0:
                 c.resume_at = max(c.resume_at, now + wait)
                 self.throttled.add(c)
@@ -462,13 +424,7 @@ class Reader(threading.Thread):
         if c.closed:
             return
         c.closed = True
-        if c.held is not None:  # never placed nor ACKed: give their payload slots back
-            release_records(c.held)
-            c.held = c.held_idx = None
-        if c.meter is not None and c.meter.suppressed:
-            self.delivery.report_suppressed(
-                c.conn_id, c.meter.take_suppressed(), "server.tcp.max_rejects_per_s", c.meter.limit
-            )
+        c.release()  # held records' payload slots back, suppressed rejects summarised
         if c.partial:
             self.partial_bytes -= c.partial
             c.partial = 0
@@ -514,7 +470,10 @@ class Reader(threading.Thread):
                     time.sleep(HELD_RETRY_S)
         for c in list(self.conns.values()):
             if c.held is not None:
-                self._dead_letter_held(c)
+                c.dead_letter_held()
+                self.stalled.discard(c)
+                if c.chunks:
+                    self._ack_due(c)
             if self.drain:
                 self._flush_blocking(c, max(0.01, deadline - time.monotonic()))
             self._close(c, "server_stop")
@@ -612,8 +571,8 @@ class Reader(threading.Thread):
 
     # ---------------------------------------------------------------- held records (pushback)
 
-    def _hold(self, c: Connection, held: np.ndarray, held_idx: np.ndarray, blocked=()) -> None:
-        c.held, c.held_idx, c.blocked = held, held_idx, blocked
+    def _hold(self, c: Connection) -> None:
+        """`c` holds records the engine could not take: stop reading it until they went in."""
         if c not in self.stalled:
             self.stalled.add(c)
             self._interest(c, False)
@@ -623,26 +582,19 @@ class Reader(threading.Thread):
             self.stalled.discard(c)
             return
         if c.held is not None:
-            assert c.held_idx is not None  # held with their frame indices
-            if not self._may_progress(c):
-                return  # cheap checks first: offering a large held batch again costs more
-            d = self.delivery.deliver(c.held, c.held_idx, [], c.conn_id, want_nacks=c.v2, retry=True)
-            c.accepted += d.accepted
-            if c.v2:
-                c.open_marks.extend(d.marks)
-                c.open_nacks += d.nacks
-            if d.held is not None:
-                c.held, c.held_idx, c.blocked = d.held, d.held_indices, d.blocked
+            if not c.retry_held():
                 return
-            c.held = c.held_idx = None
-            c.blocked = ()
-            self._end_chunk(c)
+            if c.chunks:
+                self._ack_due(c)
+                if c.closed:
+                    return
         need = c.decoder.arena_blocked
         if need:  # frames kept undecoded while the payload arena was full
             if not self.payloads.has_room(need):
                 return
             self.stalled.discard(c)
-            self._consume(c, b"", time.monotonic())
+            now = time.monotonic()
+            self._after_read(c, c.receive(b"", now), now)
             if c.closed or c in self.stalled:
                 return
         self.stalled.discard(c)
@@ -651,37 +603,6 @@ class Reader(threading.Thread):
         elif not c.closing and c not in self.throttled:
             c.partial_since = time.monotonic()  # it could not progress while held
             self._interest(c, True)
-
-    def _may_progress(self, c: Connection) -> bool:
-        """Whether offering `c`'s held records again can place some: the control plane admits the
-        first of them, and every queue that was full has room for a fair share again."""
-        held = c.held
-        assert held is not None  # asked only for a connection holding records
-        lo = self.delivery.admitted_below()
-        if lo and int(held["priority"][0]) < lo:
-            return False
-        return all(ring.capacity - ring.depth >= min(len(held), ring.capacity // 8) for ring in c.blocked)
-
-    def _dead_letter_held(self, c: Connection) -> None:
-        """Stopping with records still held (the queues never had room within the stop budget): they
-        were never ACKed; they go to the dead-letter log (replayable) and a v2 client gets their
-        NACKs once everything before them is complete (the protocol's order)."""
-        held, idx = c.held, c.held_idx
-        assert held is not None and idx is not None  # called for a connection holding records
-        c.held = c.held_idx = None
-        self.stalled.discard(c)
-        log.warning("held_records_dead_lettered_at_stop", conn_id=c.conn_id, records=len(held))
-        self.stats.backpressure_drops += len(held)
-        self.stats.frames_rejected[REASON_HELD_AT_STOP] += len(held)
-        if self.delivery.on_reject is not None:
-            try:
-                self.delivery.on_reject(held, REASON_HELD_AT_STOP, [])
-            except Exception as exc:  # noqa: BLE001 - the engine's callback: log, keep stopping
-                log.error("on_reject_failed", error=repr(exc))
-        release_records(held)  # dead-lettered with their payloads: the arena slots go back
-        if c.v2 and not c.closed:  # they end the open chunk: sent once everything in it is complete
-            c.open_nacks += encode_nacks(idx, REASON_HELD_AT_STOP)
-            self._end_chunk(c)
 
     # ---------------------------------------------------------------- limits, TLS handshake, refusal
 
@@ -704,15 +625,14 @@ class Reader(threading.Thread):
         if c.sock.pending():
             self.tls_pending.add(c)
 
-    def _refuse(self, c: Connection, reason: str, counted: str = REASON_AUTH) -> None:
+    def _refuse(self, c: Connection, step: Step) -> None:
         """Refuse a connection before its events: NACK of frame 0 (the HELLO), half-close, then
         discard what it still sends until it closes (at most LINGER_S): closing with unread bytes
         would send a reset, and a reset can destroy the NACK before the client reads it."""
-        self.stats.limit_closes[counted] += 1
-        log.warning("connection_limited", conn_id=c.conn_id, peer=str(c.peer), reason=counted, why=reason)
-        self._write(c, encode_nack(0, reason))
+        self.stats.limit_closes[step.counted] += 1
+        log.warning("connection_limited", conn_id=c.conn_id, peer=str(c.peer), reason=step.counted, why=step.refusal)
+        self._write(c, step.send)
         self._flush_blocking(c, 0.5)
-        c.preamble = None
         c.closing = REASON_AUTH
         c.linger_until = time.monotonic() + LINGER_S
         try:

@@ -8,6 +8,7 @@ import socket
 
 from ingest_helpers import read_until_closed, wait_until
 from eventstream.ingest import reader
+from eventstream.ingest.connection import REASON_HELD_AT_STOP
 from eventstream.metrics.reasons import category
 from eventstream.protocol.frames import KIND_ACK, KIND_NACK, encode_v1, encode_v2
 
@@ -25,16 +26,16 @@ def test_held_records_are_dead_lettered_and_nacked_at_stop(tcp_server, monkeypat
     nacks = [(v, reason) for k, v, reason in frames if k == KIND_NACK]
     assert acks and acks[-1] == 5
     assert [v for v, _ in nacks] == [6, 7, 8]
-    assert all(r.decode() == reader.REASON_HELD_AT_STOP for _, r in nacks)
+    assert all(r.decode() == REASON_HELD_AT_STOP for _, r in nacks)
     # as for any read: its NACKs, in frame-index order, then the ACK (the count stays 5)
     assert frames[-1][0] == KIND_ACK and frames[-1][1] == 5
     dead = [(recs, reason) for recs, reason, _rej in srv.test_rejects.calls if recs is not None]
     assert len(dead) == 1
     recs, reason = dead[0]
-    assert reason == reader.REASON_HELD_AT_STOP and category(reason) == "shutdown"
+    assert reason == REASON_HELD_AT_STOP and category(reason) == "shutdown"
     assert recs["event_id"].tolist() == [6, 7, 8]
     assert srv.test_sink.records()["event_id"].tolist() == [1, 2, 3, 4, 5]
-    assert srv.statistics()["frames_rejected"] == {reader.REASON_HELD_AT_STOP: 3}
+    assert srv.statistics()["frames_rejected"] == {REASON_HELD_AT_STOP: 3}
 
 
 def test_v1_held_records_are_dead_lettered_at_stop(tcp_server, monkeypatch):
