@@ -251,11 +251,33 @@ def deliver_cuts(payload_len: np.ndarray, limit: int = MAX_DELIVER_BATCH_BYTES) 
     i, done = 0, 0
     while i < n:
         j = int(np.searchsorted(ends, done + limit, side="right"))
-        j = min(max(j, i + 1), i + 65535, n)
+        j = min(max(j, i + 1), i + MAX_FRAME_TOPICS, n)
         cuts.append((i, j))
         done = int(ends[j - 1])
         i = j
     return cuts
+
+
+MAX_FRAME_TOPICS = 65535  # a DELIVER_BATCH topic table's u16 count
+
+
+def topic_table(names: list[bytes]) -> bytes:
+    """A DELIVER_BATCH topic table: u16 count, then u8 length + name each."""
+    return struct.pack(">H", len(names)) + b"".join(bytes((len(t),)) + t for t in names)
+
+
+def deliver_rows(*, offset, event_id, producer_ts, stored_ns, priority, topic, payload_len) -> np.ndarray:
+    """A DELIVER_BATCH record table (DELIVER_ROW_DTYPE) from columns: one structured array."""
+    rows = np.empty(len(offset), dtype=DELIVER_ROW_DTYPE)
+    rows["priority"] = priority
+    rows["flags"] = 0
+    rows["topic"] = topic
+    rows["payload_len"] = payload_len
+    rows["event_id"] = event_id
+    rows["producer_ts"] = producer_ts
+    rows["offset"] = offset
+    rows["stored_ns"] = stored_ns
+    return rows
 
 
 def encode_deliver_batch(
@@ -273,18 +295,19 @@ def encode_deliver_batch(
     """One DELIVER_BATCH frame from columns (arrays or lists of one length; `topic` indexes
     `topic_names`) and the payloads in order (`payloads`: buffers whose bytes, back to back, are
     sum(payload_len) bytes). A constant number of numpy operations: the record table is one
-    structured array (to bytes once), the payloads are joined once, into the frame."""
-    rows = np.empty(len(offset), dtype=DELIVER_ROW_DTYPE)
-    rows["priority"] = priority
-    rows["flags"] = 0
-    rows["topic"] = topic
-    rows["payload_len"] = payload_len
-    rows["event_id"] = event_id
-    rows["producer_ts"] = producer_ts
-    rows["offset"] = offset
-    rows["stored_ns"] = stored_ns
-    table = struct.pack(">H", len(topic_names)) + b"".join(bytes((len(t),)) + t for t in topic_names)
-    return frame_parts(KIND_DELIVER_BATCH, [table, rows.view(np.uint8), *payloads], event_id=len(rows))
+    structured array, the payloads are joined once, into the frame."""
+    rows = deliver_rows(
+        offset=offset,
+        event_id=event_id,
+        producer_ts=producer_ts,
+        stored_ns=stored_ns,
+        priority=priority,
+        topic=topic,
+        payload_len=payload_len,
+    )
+    return frame_parts(
+        KIND_DELIVER_BATCH, [topic_table(topic_names), rows.view(np.uint8), *payloads], event_id=len(rows)
+    )
 
 
 def encode_deliver_batches(events) -> bytes:

@@ -405,27 +405,50 @@ class TailBatch:
         return self.select(np.isin(self.rows["topic"], ids[np.array(hits, dtype=bool)]))
 
     def payload_parts(self) -> list:
-        """The payloads of the rows, in row order, as buffers to join: one slice of `data` per run of
-        payloads that lie back to back there (a batch entry's), or, when runs are short (version 1 record
-        entries, each payload in its own entry), one numpy gather."""
+        """The payloads of the rows, in row order, as buffers to join (see payload_parts_by)."""
+        return self.payload_parts_by([(0, len(self.rows))])[0] if len(self.rows) else []
+
+    def payload_parts_by(self, cuts: list[tuple[int, int]]) -> list[list]:
+        """For each (start, stop) row range of `cuts` (in order, together all rows), the payloads of those
+        rows as buffers to join: slices of `data` per run of payloads that lie back to back there (a
+        batch entry's), or, when runs are short (version 1 record entries, each payload in its own
+        entry), slices of one numpy gather. The runs are found once for all cuts."""
         r = self.rows
         n = len(r)
         if n == 0:
-            return []
+            return [[] for _ in cuts]
         pos = r["pos"]
         lens = r["payload_len"].astype(np.int64)
-        breaks = np.flatnonzero(pos[1:] != pos[:-1] + lens[:-1]) + 1
+        ends = pos + lens
+        breaks = np.flatnonzero(pos[1:] != ends[:-1]) + 1
         if len(breaks) <= max(8, n // 64):
             mv = memoryview(self.data)
-            firsts = pos[np.concatenate(([0], breaks))].tolist()
-            lasts = np.concatenate((breaks, [n])) - 1
-            ends = (pos[lasts] + lens[lasts]).tolist()
-            return [mv[a:b] for a, b in zip(firsts, ends, strict=True)]
-        ends = np.cumsum(lens)
-        total = int(ends[-1])
+            run_first = [0, *breaks.tolist()]  # row index where each run starts
+            run_pos = pos[run_first].tolist()
+            run_end = ends[np.concatenate((breaks, [n])) - 1].tolist()
+            out = []
+            k = 0
+            for a, z in cuts:
+                while k + 1 < len(run_first) and run_first[k + 1] <= a:
+                    k += 1
+                parts = []
+                j = k
+                start = int(pos[a])
+                stop = int(ends[z - 1])
+                while j < len(run_first) and run_first[j] < z:
+                    lo = start if j == k else run_pos[j]
+                    hi = stop if j + 1 >= len(run_first) or run_first[j + 1] >= z else run_end[j]
+                    parts.append(mv[lo:hi])
+                    j += 1
+                out.append(parts)
+            return out
+        at = np.cumsum(lens)
+        total = int(at[-1])
         src = np.frombuffer(self.data, dtype=np.uint8)
-        idx = np.arange(total, dtype=np.int64) + np.repeat(pos - (ends - lens), lens)
-        return [src[idx].tobytes()]
+        idx = np.arange(total, dtype=np.int64) + np.repeat(pos - (at - lens), lens)
+        blob = memoryview(src[idx].tobytes())
+        starts = np.concatenate(([0], at)).tolist()
+        return [[blob[starts[a] : starts[z]]] for a, z in cuts]
 
     def payload_bytes(self) -> bytes:
         """The payloads of the rows, in row order, back to back."""

@@ -45,37 +45,37 @@ MAX_SEND_EVENTS = 65536  # events per write (at most what one read of the log re
 
 
 def deliver_batch_frames(batch: TailBatch) -> list[bytes]:
-    """DELIVER_BATCH frames (docs/protocol.md kind 12) for the events of `batch`, from its columns: per
-    frame, a constant number of numpy operations (the record table one structured array, the topic table
-    from the distinct topics, the payloads joined once)."""
-    out = []
+    """DELIVER_BATCH frames (docs/protocol.md kind 12) for the events of `batch`, from its columns with a
+    constant number of numpy operations: the record table of every frame is a slice of one structured
+    array, each frame carries the batch's topic table (the distinct topics), and the payloads are joined
+    once, into their frame."""
     r = batch.rows
-    for a, b in sp.deliver_cuts(r["payload_len"]):
-        part = batch if (a, b) == (0, len(r)) else batch[a:b]
-        pr = part.rows
-        tids = pr["topic"]
-        first = int(tids[0])
-        inverse: np.ndarray
-        if bool((tids == first).all()):  # one topic (the common case): no sort
-            ids, inverse = [first], np.zeros(len(pr), dtype=np.uint16)
-        else:
-            uniq, inverse = np.unique(tids, return_inverse=True)
-            ids = uniq.tolist()
-        names = [batch.topics.get(t, f"#{t}").encode("utf-8") for t in ids]
-        out.append(
-            sp.encode_deliver_batch(
-                offset=pr["offset"],
-                event_id=pr["event_id"],
-                producer_ts=pr["producer_ts"],
-                stored_ns=pr["stored_ns"],
-                priority=pr["priority"],
-                topic=inverse,
-                topic_names=names,
-                payload_len=pr["payload_len"],
-                payloads=part.payload_parts(),
-            )
-        )
-    return out
+    n = len(r)
+    tids = r["topic"]
+    first = int(tids[0])
+    inverse: np.ndarray
+    if bool((tids == first).all()):  # one topic (the common case): no sort
+        ids, inverse = [first], np.zeros(n, dtype=np.uint16)
+    else:
+        uniq, inverse = np.unique(tids, return_inverse=True)
+        ids = uniq.tolist()
+    if len(ids) > sp.MAX_FRAME_TOPICS:  # more topics than a frame's table holds: a table per frame
+        return [f for a, b in sp.deliver_cuts(r["payload_len"]) for f in deliver_batch_frames(batch[a:b])]
+    table = sp.topic_table([batch.topics.get(t, f"#{t}").encode("utf-8") for t in ids])
+    wire = sp.deliver_rows(
+        offset=r["offset"],
+        event_id=r["event_id"],
+        producer_ts=r["producer_ts"],
+        stored_ns=r["stored_ns"],
+        priority=r["priority"],
+        topic=inverse,
+        payload_len=r["payload_len"],
+    )
+    cuts = sp.deliver_cuts(r["payload_len"])
+    return [
+        sp.frame_parts(sp.KIND_DELIVER_BATCH, [table, wire[a:b].view(np.uint8), *parts], event_id=b - a)
+        for (a, b), parts in zip(cuts, batch.payload_parts_by(cuts), strict=True)
+    ]
 
 
 class SessionClosed(Exception):

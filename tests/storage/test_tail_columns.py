@@ -167,3 +167,25 @@ def test_a_time_start_and_a_glob_select_columns(tmp_path):
     assert late is None  # one entry, stored before the start
     again = LogTail(path, rec.EVENT_DTYPE, index, 0, since_ns=stored).read_batch()
     assert again is not None and again.rows["offset"].tolist() == list(range(30))
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_payloads_cut_for_frames_are_the_payloads_in_order(tmp_path, monkeypatch, version):
+    topics = TopicTable()
+    path = tmp_path / "events.bin"
+    with monkeypatch.context() as mp:
+        if version == 1:
+            mp.setattr(fmt, "record_entries", fmt.record_entries_v1)
+            mp.setattr(fmt, "FILE_VERSION", 1)
+        expect = write(path, [7, 300, 1, 90, 400], topics)
+    batch = LogTail(path, rec.EVENT_DTYPE, SegmentIndex(path, tmp_path / "i.json", rec.EVENT_DTYPE), 0).read_batch()
+    assert batch is not None and len(batch) == len(expect)
+    whole = b"".join(p for _, _, p in expect)
+    rng = np.random.default_rng(version)
+    for _ in range(20):
+        edges = sorted({0, len(batch), *rng.integers(1, len(batch), size=rng.integers(0, 12)).tolist()})
+        cuts = list(zip(edges[:-1], edges[1:], strict=True))
+        parts = batch.payload_parts_by(cuts)
+        assert b"".join(b"".join(p) for p in parts) == whole
+        for (a, z), p in zip(cuts, parts, strict=True):
+            assert b"".join(p) == b"".join(e[2] for e in expect[a:z])
