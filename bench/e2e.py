@@ -175,7 +175,7 @@ class Engine:
         from eventstream.service import Service
 
         self.tmp = tempfile.TemporaryDirectory(prefix="eventstream-bench-")
-        overrides = {"server.tcp.port": 0, "server.udp.enabled": False, "metrics.enabled": False,
+        overrides = {"server.tcp.port": 0, "server.subscribe.port": 0, "server.udp.enabled": False, "metrics.enabled": False,
                      "storage.data_dir": self.tmp.name, "storage.fsync": "none", "records.payload_bytes": 64,
                      "logging.level": "warning", **placement.overrides(), **(extra or {})}
         self.cfg = load_config(environ={}, overrides=overrides)

@@ -13,7 +13,8 @@ S = 1_000_000_000
 
 
 def engine_config(data: Path, **overrides):
-    base = {"server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0, "storage.data_dir": str(data),
+    base = {"server.tcp.port": 0, "server.udp.port": 0, "server.subscribe.port": 0, "metrics.port": 0,
+            "storage.data_dir": str(data),
             "records.payload_bytes": 128, "flows.snapshot_interval_s": 0.0}
     base.update(overrides)
     return load_config(environ={}, overrides=base)

@@ -48,7 +48,7 @@ class Server:
         env.update(PYTHON_GIL="0", EVENTSTREAM_NO_REEXEC="1", PYTHONPATH=str(tmp))
         args = [sys.executable, "-X", "gil=0", "-m", "eventstream", "serve", "--port", "0", "--udp-port", "0",
                 "--metrics-port", "0", "--data-dir", str(tmp / "data"), "--ready-file", str(self.ready)]
-        for s in ("storage.fsync=none", "logging.format=json", "records.payload_bytes=64",
+        for s in ("storage.fsync=none", "logging.format=json", "records.payload_bytes=64", "server.subscribe.port=0",
                   'flows.builders=["wcount_flow:build"]', "flows.parallelism=2", "flows.snapshot_interval_s=0.5"):
             args += ["--set", s]
         self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()/kill()

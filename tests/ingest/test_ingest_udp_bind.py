@@ -54,7 +54,7 @@ def test_serve_exits_2_naming_server_udp_port(tmp_path):
         port = other.getsockname()[1]
         env = dict(os.environ, PYTHON_GIL="0", PYTHONPATH=str(REPO))
         proc = subprocess.run(
-            [sys.executable, "-m", "eventstream", "serve", "--port", "0", "--udp-port", str(port),
+            [sys.executable, "-m", "eventstream", "serve", "--port", "0", "--udp-port", str(port), "--subscribe-port", "0",
              "--data-dir", str(tmp_path / "data"), "--set", "metrics.enabled=false"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
