@@ -134,6 +134,18 @@ class FrameDecoder:
     def feed_indexed(self, data) -> tuple[np.ndarray, np.ndarray, list[FrameError]]:
         if self.failed:
             return np.zeros(0, self.dtype), _EMPTY_INDICES, []
+        if not self._buf and len(data) >= _ONE_V2_MIN and data[LENGTH_BYTES] == V2_MAGIC:
+            # the usual read at low load: exactly one whole v2 EVENT frame, nothing buffered
+            length = _LENGTH.unpack_from(data, 0)[0]
+            if len(data) == LENGTH_BYTES + length and length <= self.max_frame_bytes:
+                first = self.frames_seen + 1
+                one = _decode_small(self, data, [0], [length], first, None)
+                if one is not None:  # else (a content error, a payload for the arena): the general path
+                    self.arena_blocked = 0
+                    self.arena_stop, self.batch_skip = -1, 0
+                    self.frames_seen = self.next_index = first
+                    self.next_index += 1
+                    return one[0], one[1], one[2]
         if self._buf:
             self._buf += data
             src = self._buf
@@ -597,6 +609,10 @@ def _describe_batch(dec, index: int, code: int, row, names: list[bytes], tcount:
 # the record header (core/records.py) as a struct: event_id, producer_ts, ingest_ts, seq, topic_id,
 # conn_id, payload_len, crc32, priority, flags, attempts, (ext_off, ext_class, ext_arena), principal, padding
 _RECORD_HEAD = struct.Struct("<QQQQIIIIBBB10xHx")
+
+
+_LENGTH = struct.Struct(">I")
+_ONE_V2_MIN = LENGTH_BYTES + V2_HEADER_BYTES + 1  # the smallest whole v2 EVENT frame (a 1-byte topic)
 
 
 def _decode_small(dec: FrameDecoder, src, offs: list[int], lens: list[int], first_index: int, ingest_ts: int | None):
