@@ -360,7 +360,7 @@ class NatsSinkConfig:
     max_in_flight: int = field(default=512, metadata={"range": (1, 1 << 20)})  # publishes awaiting their ack
     max_attempts: int = field(default=5, metadata={"range": (1, 1000)})  # then our DLQ (category "connector")
     ack_timeout_s: float = field(default=5.0, metadata={"range": (0.01, 3600.0)})
-    max_pending: int = field(default=200_000, metadata={"range": (1, 1 << 30)})  # queued events; past it: DLQ
+    max_pending: int = field(default=200_000, metadata={"range": (1, 1 << 30)})  # events taken from the log per step
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Connectors: bridges between the engine and other systems (NATS JetStream today).
 
 The service sees one object (see `build`), built on the engine before its processors start: the sink
-adds itself to `engine.forwarders` (a copy of each stored batch is queued for the connector thread,
-never waiting), the source offers through `engine.offer` and follows `engine.stored`. Then:
+follows `engine.stored` and reads what is stored from events.bin (from the log's end at that point),
+the source offers through `engine.offer` and follows `engine.stored`. Then:
 
     start()                        after the processors (connect, stream, consumer; StartupError)
     stop_intake()                  with ingest: the source stops pulling

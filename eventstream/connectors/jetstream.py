@@ -8,11 +8,12 @@ connection); headers.py maps headers to event ids and priorities.
 Threads. nats-py is asyncio; it runs in one dedicated thread (`es-nats`) with its own event loop.
 Engine threads never await and never wait for it:
 
-- sink: the engine calls `forward()` (one of `Engine.forwarders`) after it stored a processed batch:
-  on the processor thread, it selects the forwarded rows with one numpy lookup, appends a copy to a deque and,
-  only if the connector thread sleeps, wakes it with `call_soon_threadsafe`. Past
-  `sink.max_pending` queued events the batch is dead-lettered instead ("connector: sink backlog
-  full"), so a NATS outage never blocks or grows the engine without bound.
+- sink: it follows the engine's `stored` barrier like a subscriber: it reads events.bin from where
+  the log ended when the connector was built (storage/tail.py's LogTail, its segment index in
+  <data_dir>/nats/), at most `sink.max_pending` events a step; a release wakes it (one attribute
+  read on the processor thread, `call_soon_threadsafe` only when the connector thread sleeps).
+  Nothing is copied or queued for it on the engine's threads, so a NATS outage never blocks or grows
+  the engine: the sink lags behind in the log and catches up.
 - source: the connector thread decodes fetched messages into a record batch and calls
   `engine.offer()` (which never waits, and holds what the control plane does not admit, as for TCP);
   what is held back is offered again every millisecond (never nak'ed). A message is acked only once
@@ -96,7 +97,6 @@ class NatsConnector:
                 "retries",
                 "publish_failed",
                 "refused_topic",
-                "backlog_full",
                 "consumed",
                 "acked",
                 "poison",
@@ -114,8 +114,6 @@ class NatsConnector:
         self._closed = False
         self.sink = NatsSink(self) if self.sink_on else None
         self.source = NatsSource(self) if self.source_on else None
-        if self.sink is not None:  # a copy of every batch the engine stores
-            engine.forwarders.append(self.sink.forward)
         if self.source is not None:  # a release: JetStream acks may be due
             engine.stored.follow(self.source.progress)
 
@@ -215,6 +213,9 @@ class NatsConnector:
             return
         self._closed = True
         if not self._started:
+            if self.sink is not None:  # built (it follows `stored`, its tail is open) but never run
+                self.engine.stored.unfollow(self.sink)
+                self.sink.tail.close()
             self._stop_loop()
             return
         self.stop_intake()

@@ -79,7 +79,6 @@ class Engine:
         self.dtype = record_dtype(cfg.records.payload_bytes)
         self.admission = Admission()  # written by the control plane (engine/levels.py), read by offer
         self.stored = Stored()
-        self.forwarders: list = []  # called with each stored batch (the NATS sink's copy), set before start
         # made by open() (the manager by start()); None before: stop() and close() know what to undo
         self.payloads: PayloadArena | None = None
         self.dlq: DeadLetterLog | None = None
@@ -154,8 +153,6 @@ class Engine:
     def _store(self, records: np.ndarray) -> None:
         assert self.event_log is not None  # opened
         self.event_log.append(records)
-        for forward in self.forwarders:
-            forward(records)
 
     def _sync(self) -> None:
         """Group commit for `synced` ACKs: everything stored (and dead-lettered) so far is fsynced."""

@@ -204,8 +204,13 @@ class LogTail:
         *,
         since_ns: int | None = None,
         chunk_bytes: int = CHUNK_BYTES,
+        rows: np.dtype | None = None,
     ):
+        """`rows`: the TailBatch rows' dtype, BATCH_DTYPE (default) or ORIGIN_DTYPE."""
         self.log_path = Path(log_path)
+        self.rows = BATCH_DTYPE if rows is None else rows
+        # record columns copied into the rows by name (offset, topic, stored_ns and pos are computed)
+        self.copied = tuple(n for n in self.rows.names or () if n not in ("offset", "topic", "stored_ns", "pos"))
         self.dtype = dtype
         self.index = index
         self.next_offset = start  # first offset not yet returned
@@ -314,7 +319,7 @@ class LogTail:
                 parts = reader.parts
                 # joined as bytes: concatenating structured arrays would promote their dtype each time
                 rows = (
-                    parts[0] if len(parts) == 1 else np.concatenate([p.view(np.uint8) for p in parts]).view(BATCH_DTYPE)
+                    parts[0] if len(parts) == 1 else np.concatenate([p.view(np.uint8) for p in parts]).view(self.rows)
                 )
                 self.next_offset = int(rows["offset"][-1]) + 1
                 return TailBatch(rows, data, self._topics)
@@ -350,6 +355,24 @@ BATCH_DTYPE = np.dtype(
         ("priority", "u1"),
     ],
     align=True,  # 56-byte rows: aligned fields copy several times faster than packed ones
+)
+# BATCH_DTYPE and where an event came from: its server sequence number (an event without an id is
+# known by it) and source connection (the NATS sink skips the NATS source's own events); for a tail
+# built with rows=ORIGIN_DTYPE (subscribers keep the narrower rows)
+ORIGIN_DTYPE = np.dtype(
+    [
+        ("offset", "<u8"),
+        ("event_id", "<u8"),
+        ("producer_ts", "<u8"),
+        ("stored_ns", "<u8"),
+        ("pos", "<i8"),
+        ("payload_len", "<u4"),
+        ("topic", "<u4"),
+        ("priority", "u1"),
+        ("seq", "<u8"),
+        ("conn_id", "<u4"),
+    ],
+    align=True,
 )
 _PAYLOAD_AT = fmt.ENTRY_HEADER_BYTES + rec.HEADER_BYTES  # a record entry's inline payload, from the entry
 
@@ -515,9 +538,9 @@ class _ChunkReader:
             elif int(wall) < tail.since_ns:
                 return
             tail.since_ns = None
-        out = np.empty(n - lo, dtype=BATCH_DTYPE)
+        out = np.empty(n - lo, dtype=tail.rows)
         out["offset"] = np.arange(first + lo, first + n, dtype=np.uint64)
-        for name in ("event_id", "producer_ts", "payload_len", "priority"):
+        for name in tail.copied:
             out[name] = cols[name][lo:]
         out["topic"] = cols["topic_id"][lo:]
         out["stored_ns"] = wall[lo:] if isinstance(wall, np.ndarray) else wall
@@ -561,6 +584,7 @@ def payload_capacity_of(path: Path) -> int:
 
 __all__ = [
     "BATCH_DTYPE",
+    "ORIGIN_DTYPE",
     "LogTail",
     "Progress",
     "SegmentIndex",

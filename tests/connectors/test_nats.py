@@ -134,6 +134,27 @@ def test_sink_round_trip_headers_dedup_and_refused_topics(nats_server, tmp_path)
     assert len(stored(data2)) == 50
 
 
+def test_the_sink_reads_what_is_stored_after_its_start_in_steps_of_max_pending(nats_server, tmp_path):
+    """The sink follows `stored` through events.bin: events stored before it was built (an earlier run)
+    are not published; everything stored after is, also when one read holds more than max_pending."""
+    data = tmp_path / "data"
+    with Service(engine_cfg(data, nats_server.url, **{"connectors.nats.enabled": False})) as svc:
+        with TcpClient("127.0.0.1", svc.tcp.address[1], timeout=30) as c:
+            c.send_many([("before", b"b%d" % i, 2) for i in range(20)])
+            assert c.wait_acked(30)
+    cfg = engine_cfg(data, nats_server.url, **{"connectors.nats.sink.enabled": True,
+                                               "connectors.nats.sink.max_pending": 7})
+    with Service(cfg) as svc:
+        with TcpClient("127.0.0.1", svc.tcp.address[1], timeout=30) as c:
+            ids = c.send_many([("after", b"a%d" % i, 2) for i in range(50)])
+            assert c.wait_acked(30)
+        wait_until(lambda: svc.connectors.stats["published"] >= 50, 60, "the sink to publish 50 events")
+        assert svc.connectors.stats["forwarded"] == 50
+    msgs = stream_messages(nats_server.url)
+    assert sorted(h["Nats-Msg-Id"] for _, _, h in msgs) == sorted(f"after:{i}" for i in ids)
+    assert len(stored(data)) == 70
+
+
 # ------------------------------------------------------------------------------------ source
 def source_msgs(n: int, start: int = 1, topic: str = "in.orders") -> list:
     out = []
