@@ -113,6 +113,10 @@ class ColumnCollector:
                 self._cols[f].append(r[f][keep])
             self._walls.append(view["wall_ns"][keep].astype(np.uint64))
 
+    def empty_like(self) -> ColumnCollector:
+        """A new collector of the same fields, window and offset (for one part of a parallel scan)."""
+        return ColumnCollector(self.fields, int(self.since), self.from_offset)
+
     def absorb(self, later: ColumnCollector) -> None:
         """Append what `later` collected (a scan of the next part of the same file, see
         recovery's parallel scan)."""

@@ -31,7 +31,6 @@ import structlog
 
 from eventstream.core import records as rec
 from eventstream.storage import format as fmt
-from eventstream.storage.reader import ColumnCollector
 from eventstream.storage.scan import CorruptRegion, ScanResult, next_entry, scan_buffer
 
 log = structlog.get_logger("eventstream.storage.recovery")
@@ -149,10 +148,7 @@ def scan_parallel(mm, dtype, collect=None, threads: int | None = None) -> ScanRe
     if len(cuts) < 2:
         return one()
     bounds = list(zip(cuts, [*cuts[1:], size], strict=True))
-    parts = [
-        ColumnCollector(collect.fields, int(collect.since), collect.from_offset) if collect is not None else None
-        for _ in bounds
-    ]
+    parts = [collect.empty_like() if collect is not None else None for _ in bounds]
 
     def part(k: int) -> ScanResult:
         lo, hi = bounds[k]
