@@ -41,14 +41,22 @@ from eventstream.subscribe.groups import GroupError, GroupSource, SoloSource, op
 log = structlog.get_logger("eventstream.subscribe")
 
 WAIT_S = 1.0
+IOV_MAX = 1024  # buffers per sendmsg (Linux)
 MAX_SEND_EVENTS = 65536  # events per write (at most what one read of the log returns)
 
 
 def deliver_batch_frames(batch: TailBatch) -> list[bytes]:
+    """deliver_batch_buffers, one bytes object per frame."""
+    bufs = deliver_batch_buffers(batch)
+    return [b"".join(f) for f in bufs]
+
+
+def deliver_batch_buffers(batch: TailBatch) -> list[list]:
     """DELIVER_BATCH frames (docs/protocol.md kind 12) for the events of `batch`, from its columns with a
-    constant number of numpy operations: the record table of every frame is a slice of one structured
-    array, each frame carries the batch's topic table (the distinct topics), and the payloads are joined
-    once, into their frame."""
+    constant number of numpy operations, each as the buffers to write in order (header, topic table,
+    record table, payloads: nothing copied; a plain socket takes them with one sendmsg): the record
+    table of every frame is a slice of one structured array, each frame carries the batch's topic table
+    (the distinct topics), the payloads are slices of the bytes the log tail read."""
     r = batch.rows
     n = len(r)
     tids = r["topic"]
@@ -60,7 +68,7 @@ def deliver_batch_frames(batch: TailBatch) -> list[bytes]:
         uniq, inverse = np.unique(tids, return_inverse=True)
         ids = uniq.tolist()
     if len(ids) > sp.MAX_FRAME_TOPICS:  # more topics than a frame's table holds: a table per frame
-        return [f for a, b in sp.deliver_cuts(r["payload_len"]) for f in deliver_batch_frames(batch[a:b])]
+        return [f for a, b in sp.deliver_cuts(r["payload_len"]) for f in deliver_batch_buffers(batch[a:b])]
     table = sp.topic_table([batch.topics.get(t, f"#{t}").encode("utf-8") for t in ids])
     wire = sp.deliver_rows(
         offset=r["offset"],
@@ -73,7 +81,7 @@ def deliver_batch_frames(batch: TailBatch) -> list[bytes]:
     )
     cuts = sp.deliver_cuts(r["payload_len"])
     return [
-        sp.frame_parts(sp.KIND_DELIVER_BATCH, [table, wire[a:b].view(np.uint8), *parts], event_id=b - a)
+        sp.frame_buffers(sp.KIND_DELIVER_BATCH, [table, wire[a:b].view(np.uint8), *parts], event_id=b - a)
         for (a, b), parts in zip(cuts, batch.payload_parts_by(cuts), strict=True)
     ]
 
@@ -229,6 +237,27 @@ class Channel:
                 except ssl.SSLWantReadError:
                     want_write = False
             self._wait(want_write, None)
+
+    def send_buffers(self, bufs: list) -> None:
+        """Write the buffers in order: with sendmsg on a plain socket (the kernel gathers them: no copy
+        into one bytes object), joined for TLS."""
+        if self.tls:
+            self.sendall(b"".join(bufs))
+            return
+        views = [memoryview(b).cast("B") for b in bufs]
+        i = 0
+        while i < len(views):
+            sent = self.sock.sendmsg(views[i : i + IOV_MAX])
+            while sent:
+                k = views[i].nbytes
+                if sent >= k:
+                    sent -= k
+                    i += 1
+                else:
+                    views[i] = views[i][sent:]
+                    sent = 0
+            while i < len(views) and not views[i].nbytes:
+                i += 1
 
     def _wait(self, write: bool, deadline: float | None) -> None:
         left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
@@ -459,8 +488,10 @@ class Session:
     def _deliver(self, batch: TailBatch) -> None:
         assert self.sub is not None  # delivering: the handshake set it
         n = len(batch)
+        bufs: list = []
         if self.sub.batch:  # many events per frame (credit still counts events)
-            frames = deliver_batch_frames(batch)
+            bufs = [b for frame in deliver_batch_buffers(batch) for b in frame]
+            frames = []
         else:
             frames = [
                 sp.encode_deliver(
@@ -478,7 +509,12 @@ class Session:
             self.credit -= n
         self.sent += n  # handed to the socket (counted first: a reader of `sent` saw the bytes)
         self.server.delivered(n)
-        self._send(frames[0] if len(frames) == 1 else b"".join(frames))
+        if bufs:
+            assert self.chan is not None  # made first in the handshake
+            with self.send_lock:
+                self.chan.send_buffers(bufs)
+        else:
+            self._send(frames[0] if len(frames) == 1 else b"".join(frames))
 
     def _send(self, data: bytes) -> None:
         assert self.chan is not None  # made first in the handshake
