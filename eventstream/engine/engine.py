@@ -11,8 +11,8 @@
     interval fsync) → [fsync if a `synced` event] → release ring and payload arena slots
         │                                   refused / failed ─▶ DeadLetterLog (dlq_log.txt)
         ▼
-    stored.advance() ─▶ every follower of `stored`: TCP ACK writers, subscribe tails, flows, the
-                         NATS source (JetStream acks)
+    stored.advance() ─▶ every follower of `stored`: TCP ACK writers, subscribe tails, flows and the
+                         NATS sink (they read events.bin), the NATS source (JetStream acks)
 
 The ports. `offer(records, stamp=, shed_all=)` is the only way in: TCP and UDP readers (through
 ingest/delivery.py), the NATS source and flows' outputs enter by it and obey the same levels. It

@@ -4,8 +4,9 @@ Disruptor style: the sequences are the rings' `completed()` counts (a ring's rec
 `completed()` are handled and stored, or dead-lettered, and released); an offer returns completion
 marks `(ring, end)`, and a batch is stored once every one of its marks is passed (`done`). Processors
 call `advance()` after each release (and a lane after each batch it stored on the offering thread):
-one wake-up fan-out to every follower. Followers are ACK writers (TCP readers), subscribe tails and
-flows (they then read events.bin), the NATS source (JetStream acks) and anything waiting in `wait`.
+one wake-up fan-out to every follower. Followers are ACK writers (TCP readers), subscribe tails,
+flows and the NATS sink (they then read events.bin), the NATS source (JetStream acks) and anything
+waiting in `wait`.
 
 A follower's wake-up must be cheap and never block (set an Event, write a wake byte, schedule a
 call on an event loop): it runs on the processor thread, between two batches. Followers are kept in
