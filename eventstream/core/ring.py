@@ -18,7 +18,6 @@ parking one (Blocking).
 
 from __future__ import annotations
 
-import threading
 from typing import Self
 
 import numpy as np
@@ -32,16 +31,6 @@ from eventstream.core.wait import WaitStrategy, make_wait
 
 class RingClosed(RuntimeError):
     pass
-
-
-class _Counters:
-    """One producer thread's count of published records: written by that thread only, summed by
-    statistics()."""
-
-    __slots__ = ("published",)
-
-    def __init__(self) -> None:
-        self.published = 0
 
 
 class _ConsumerState:
@@ -102,19 +91,10 @@ class MpscRing:
         self._empty = np.empty(0, dtype=self.dtype)  # creating structured arrays costs µs: share one
         self._empty.flags.writeable = False
         self._limit = capacity  # producers' cached gate: some past `pos` + capacity
-        self._tls = threading.local()
-        self._all_counters: list[_Counters] = []
         self._cs: _ConsumerState | None = None
         self._closed = False
 
     # -- producer side ----------------------------------------------------------------------------
-    def _counters(self) -> _Counters:
-        c: _Counters | None = getattr(self._tls, "c", None)
-        if c is None:
-            c = self._tls.c = _Counters()
-            self._all_counters.append(c)
-        return c
-
     def _write_publish(self, start: int, recs: np.ndarray) -> None:
         """Copy `recs` (void rows) into the slots from sequence `start` and publish them."""
         k = len(recs)
@@ -164,12 +144,6 @@ class MpscRing:
                 self._write_publish(start, recs[done : done + k])
                 done += k
                 end = start + k
-        if done:
-            try:
-                cnt = self._tls.c
-            except AttributeError:
-                cnt = self._counters()
-            cnt.published += done
         return done, end
 
     # -- consumer side (one thread at a time) -------------------------------------------------------
@@ -242,18 +216,6 @@ class MpscRing:
     def depth(self) -> int:
         """Records in the ring not yet released by the consumer (approximate under concurrency)."""
         return max(0, self._seq.claim_position() - self._pos.load())
-
-    def statistics(self) -> dict[str, int]:
-        """Lock-free counters (exact when producers and consumer are quiescent)."""
-        return {
-            "depth": self.depth,
-            "published": sum(c.published for c in list(self._all_counters)),
-            "consumed": self._cs.consumed if self._cs is not None else 0,
-            "capacity": self.capacity,
-        }
-
-    def placement(self) -> dict:
-        return self._arena.nodes()
 
     def close(self) -> None:
         """Free the ring's memory if it owns its arena (idempotent); views become invalid."""

@@ -104,13 +104,6 @@ class Queue:
     def capacity(self) -> int:
         return sum(r.capacity for r in self.rings)
 
-    def statistics(self) -> dict:
-        total: dict[str, int] = {}
-        for r in self.rings:
-            for k, v in r.statistics().items():
-                total[k] = total.get(k, 0) + int(v)
-        return total
-
     def close(self) -> None:
         for r in self.rings:
             r.close()
