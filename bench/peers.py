@@ -482,7 +482,8 @@ def consume(args) -> None:
                     else:
                         n = sum(1 for _ in sub)
                 rates.append(n / (time.perf_counter() - t0))
-            rows.append({"delivery": delivery, "api": api, "events": n, "read_ev_s": median(rates)})
+            rows.append({"delivery": delivery, "api": api, "events": n, "read_ev_s": median(rates),
+                         "min_ev_s": min(rates), "max_ev_s": max(rates)})
     finally:
         server.stop()
     facts["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
@@ -490,7 +491,7 @@ def consume(args) -> None:
         print(json.dumps({"facts": facts, "rows": rows}))
         return
     print(format_facts(facts))
-    print(format_table(rows, ["delivery", "api", "events", "read_ev_s"]))
+    print(format_table(rows, ["delivery", "api", "events", "read_ev_s", "min_ev_s", "max_ev_s"]))
 
 
 def scaling(args) -> None:
