@@ -40,7 +40,6 @@ import json
 import os
 import re
 import threading
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +50,7 @@ import structlog
 from eventstream.core.payloads import payload_views
 from eventstream.core.topics import TopicTable
 from eventstream.metrics.reasons import category as bounded_category
+from eventstream.storage.segments import expired, rotate, segment_paths
 
 log = structlog.get_logger("eventstream.dlq")
 
@@ -298,11 +298,10 @@ class DeadLetterLog:
     # ------------------------------------------------------------------------------------ segments
     def _rotate(self) -> None:
         n = self._next_segment
-        target = self.path.with_name(f"{self.path.name}.{n}")
         try:
-            os.rename(self.path, target)
+            target = rotate(self.path, n)
         except OSError as exc:
-            log.warning("dlq_rotate_failed", path=str(self.path), target=str(target), error=str(exc))
+            log.warning("dlq_rotate_failed", path=str(self.path), segment=n, error=str(exc))
             return  # keep appending to the active file: an event is never dropped for a failed rotation
         self._next_segment = n + 1
         old = self._fd
@@ -317,17 +316,7 @@ class DeadLetterLog:
         self._retain()
 
     def _retain(self) -> None:
-        segs = segment_paths(self.path)
-        doomed = segs[: max(0, len(segs) - self.max_segments)]
-        if self.max_age_s > 0:
-            cutoff = time.time() - self.max_age_s
-            for s in segs[len(doomed) :]:
-                try:
-                    if os.stat(s[1]).st_mtime < cutoff:
-                        doomed.append(s)
-                except FileNotFoundError:
-                    pass
-        for _, p in doomed:
+        for _, p in expired(self.path, self.max_segments, self.max_age_s):  # max_segments 0: none kept
             try:
                 os.unlink(p)
                 self._deleted += 1
@@ -379,19 +368,3 @@ class DeadLetterLog:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def segment_paths(path: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Old segments of the DLQ at `path` (``<name>.<n>``), oldest (smallest n) first."""
-    path = Path(path)
-    prefix = path.name + "."
-    try:
-        names = os.listdir(path.parent)
-    except FileNotFoundError:
-        return []
-    out = [
-        (int(nm[len(prefix) :]), path.parent / nm)
-        for nm in names
-        if nm.startswith(prefix) and nm[len(prefix) :].isdigit()
-    ]
-    return sorted(out)

@@ -18,7 +18,8 @@ import numpy as np
 from eventstream.core import records as rec
 from eventstream.core.payloads import release_records
 from eventstream.core.topics import TopicTable
-from eventstream.engine.dlq import DlqRecord, reason_category, segment_paths, unescape
+from eventstream.engine.dlq import DlqRecord, reason_category, unescape
+from eventstream.storage.segments import segment_paths
 
 _LINE = re.compile(
     r"^\[(?P<ts>[^\]]+)\] DROPPED: id=(?P<id>\d+) topic=(?P<topic>.*?) "

@@ -15,6 +15,7 @@ import numpy as np
 from eventstream.core import records as rec
 from eventstream.storage import format as fmt
 from eventstream.storage.scan import CorruptLogWarning, ScanResult, scan_buffer
+from eventstream.storage.segments import segment_paths
 
 READ_CHUNK_RECORDS = 65536  # records scanned between yields of EventLogReader.batches
 
@@ -182,8 +183,6 @@ class EventLogReader:
         "producer" (the record's producer_ts). `payloads=False`: records of record_dtype(0), the
         64-byte headers alone (ids, topics, priorities, lengths; what the dedup rebuild needs: 8x less
         memory than whole records). `last_scan` covers every file read (a problem names its file)."""
-        from eventstream.storage.writer import segment_paths
-
         files = [p for _, p in segment_paths(self.path)] + [self.path]
         total: ScanResult | None = None
         for path in files:
@@ -351,8 +350,6 @@ class EventLogReader:
     def files(self) -> list[tuple[int | None, Path]]:
         """(created_ns from its header, or None when unreadable; path) of every file of the log: the
         closed segments oldest first, then the active file."""
-        from eventstream.storage.writer import segment_paths
-
         out: list[tuple[int | None, Path]] = []
         for path in [p for _, p in segment_paths(self.path)] + [self.path]:
             try:
@@ -377,8 +374,6 @@ class EventLogReader:
         (and reported in `last_scan`). `segments_only`: the closed segments alone (the active file's
         columns were collected while it was recovered, see ColumnCollector). `after` = (file, offset):
         only what was stored after that position (the files before it are not read)."""
-        from eventstream.storage.writer import segment_paths
-
         files = [p for _, p in segment_paths(self.path)] + ([] if segments_only else [self.path])
         if after is not None:
             files = files[files.index(after[0]) :] if after[0] in files else []

@@ -33,7 +33,7 @@ import numpy as np
 from eventstream.core import records as rec
 from eventstream.storage import format as fmt
 from eventstream.storage.scan import scan_buffer
-from eventstream.storage.writer import segment_paths
+from eventstream.storage.segments import segment_paths
 
 CHUNK_BYTES = 1 << 20
 MAX_CHUNK_BYTES = 1 << 30

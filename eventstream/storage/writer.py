@@ -32,17 +32,7 @@ from eventstream.core.topics import TopicTable
 from eventstream.runtime.affinity import pin_current_thread
 from eventstream.storage import format as fmt
 from eventstream.storage.recovery import RecoveryReport, recover
-
-
-def segment_paths(path: Path) -> list[tuple[int, Path]]:
-    """The closed segments `<name>.<n>` of a log, oldest first (the active file is `path` itself)."""
-    out = []
-    for p in path.parent.glob(f"{path.name}.*"):
-        suffix = p.name[len(path.name) + 1 :]
-        if suffix.isdigit():
-            out.append((int(suffix), p))
-    return sorted(out)
-
+from eventstream.storage.segments import expired, rotate
 
 log = structlog.get_logger("eventstream.storage")
 
@@ -197,8 +187,7 @@ class EventLog:
         self._synced_records = self._stats["records"]
         self._dirty = False
         self._file.close()
-        n = max((k for k, _ in segment_paths(self.path)), default=0) + 1
-        os.rename(self.path, self.path.with_name(f"{self.path.name}.{n}"))
+        segment = rotate(self.path)
         self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - lives until close()
         self._size = 0
         now = time.time_ns()
@@ -210,15 +199,11 @@ class EventLog:
         ]
         self._write_all(b"".join(head))
         self._stats["segments"] = self._stats.get("segments", 0) + 1
-        log.info("log_rotated", path=str(self.path), segment=n)
+        log.info("log_rotated", path=str(self.path), segment=segment.name)
         self._retain()
 
     def _retain(self) -> None:
-        segs = segment_paths(self.path)
-        doomed = segs[: max(0, len(segs) - self.max_segments)] if self.max_segments else []
-        if self.max_age_s > 0:
-            cutoff = time.time() - self.max_age_s
-            doomed += [s for s in segs[len(doomed) :] if s[1].exists() and s[1].stat().st_mtime < cutoff]
+        doomed = expired(self.path, self.max_segments or None, self.max_age_s)  # max_segments 0: no bound
         kept = 0
         for i, (_, p) in enumerate(doomed):
             readers = self._unread_by(p)

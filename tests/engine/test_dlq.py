@@ -19,8 +19,9 @@ import pytest
 from eventstream.core import records as rec
 from eventstream.core.payloads import payload_list
 from eventstream.core.topics import TopicTable
-from eventstream.engine.dlq import DeadLetterLog, escape, reason_category, segment_paths
+from eventstream.engine.dlq import DeadLetterLog, escape, reason_category
 from eventstream.engine.dlq_reader import parse_line, read_dlq, to_records
+from eventstream.storage.segments import segment_paths
 
 KEYS = ["ts", "reason", "category", "id", "event_id", "seq", "topic", "priority", "producer_ts", "flags",
         "attempts", "payload_b64", "payload_len"]

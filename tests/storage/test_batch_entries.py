@@ -255,7 +255,7 @@ def test_something_else_is_still_not_an_event_log(tmp_path):
 
 
 def test_segments_and_retention_with_batch_entries(tmp_path):
-    from eventstream.storage.writer import segment_paths
+    from eventstream.storage.segments import segment_paths
 
     topics = TopicTable()
     path = tmp_path / "events.bin"

@@ -16,7 +16,8 @@ from eventstream.core.topics import TopicTable
 from eventstream.protocol.frames import KIND_ACK, encode_v2, split_control_frames
 from eventstream.service import Service
 from eventstream.storage import EventLogReader
-from eventstream.storage.writer import EventLog, segment_paths
+from eventstream.storage.segments import segment_paths
+from eventstream.storage.writer import EventLog
 
 
 @pytest.fixture(autouse=True)

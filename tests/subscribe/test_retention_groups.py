@@ -13,7 +13,7 @@ from subscribe_helpers import send, sub_port
 
 from eventstream.client import subscribe
 from eventstream.storage import format as fmt
-from eventstream.storage.writer import segment_paths
+from eventstream.storage.segments import segment_paths
 
 T = 30.0
 
