@@ -63,7 +63,7 @@ BACKPRESSURE_REASONS = ("backpressure", "paused")
 # Drops the control plane reacts to: a full queue's overflow policy. Not its own shedding
 # ("backpressure", "paused": counting those would hold the level up by itself), not malformed input
 # (one bad client must not raise the level for everyone), not handler failures.
-OVERLOAD_REASONS = ("overflow", "timeout", "evicted")
+OVERLOAD_REASONS = ("overflow",)
 
 
 class Engine:

@@ -16,7 +16,7 @@ protocol/framing.py), which do not carry their class as a prefix.
 from __future__ import annotations
 
 # Queue overflow and flow control (engine/bus.py, ingest/delivery.py, ingest/admission.py)
-OVERLOAD = ("overflow", "timeout", "evicted", "backpressure", "paused")
+OVERLOAD = ("overflow", "backpressure", "paused")
 # Processing (engine/processors) and lifecycle (service.py)
 PROCESSING = ("handler_error", "retries_exhausted", "shutdown", "duplicate", "sink_failed")
 # Dataflows (eventstream/flow): events behind the watermark, events an operator raised on

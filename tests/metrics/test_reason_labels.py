@@ -101,8 +101,8 @@ def test_decoder_messages_map_to_their_error_class():
         _o, _l, _p, fatal = scan(raw, 0, len(raw), 1 << 20)
         assert fatal is not None and category(fatal) == "framing", fatal
     assert category("datagram ends inside a frame (3 bytes left over)") == "framing"
-    for engine_reason, cat in (("overflow:batch", "overflow"), ("timeout:transactional", "timeout"),
-                               ("evicted: ingest queue overflow (DROP_OLD)", "evicted"),
+    for engine_reason, cat in (("overflow:batch", "overflow"), ("timeout:transactional", "other"),
+                               ("evicted: ingest queue overflow", "other"),  # reasons of ring paths now gone
                                ("backpressure: ingest queue full", "backpressure"), ("paused", "paused"),
                                ("retries_exhausted: KeyError: 'x'", "retries_exhausted"),
                                ("shutdown: stopped without draining", "shutdown"), ("", "other"),
