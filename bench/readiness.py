@@ -201,12 +201,17 @@ def main(argv=None) -> int:
     lost = [r for r in rows[1:] if r["dedup_entries"] != args.events]
     if args.json:
         print(json.dumps({"facts": facts, "rows": rows, "ready_after_kill9_s": rows[2]["ready_s"],
-                          "target_s": TARGET_S, "met": worst <= TARGET_S and not lost}))
+                          "target_s": TARGET_S, "met": rows[2]["ready_s"] <= TARGET_S and not lost,
+                          "worst_s": worst, "all_within_target": worst <= TARGET_S}))
         return 0
     print(format_facts(facts))
     print(format_table(rows, ["start", "events", "ready_s", "dedup_entries", *PHASES]))
-    print(f"# target: ready within {TARGET_S:.0f} s with {args.events:,} ids in the window: "
-          f"{'met' if worst <= TARGET_S else 'NOT met'} (worst {worst:.2f} s)")
+    kill9 = rows[2]["ready_s"]
+    print(f"# target: ready within {TARGET_S:.0f} s after kill -9 with {args.events:,} ids in the window "
+          f"(the default configuration: dedup snapshot on): {'met' if kill9 <= TARGET_S else 'NOT met'} ({kill9:.2f} s)")
+    print(f"# every start with this log, incl. a first start without a snapshot (an upgrade, a log copied in) "
+          f"and kill -9 with the snapshot lost: {'within' if worst <= TARGET_S else 'NOT within'} "
+          f"{TARGET_S:.0f} s (worst {worst:.2f} s)")
     if lost:
         print("# WRONG: dedup_entries differs from the events in the log")
     return 1 if lost else 0
