@@ -54,8 +54,8 @@ def last_ack(frames) -> int | None:
 
 # ------------------------------------------------------------------------------------------ overload
 def test_slow_handler_overload_bounded_memory_and_every_drop_accounted(make_service, tally):
-    """Realtime handler at ~100 µs per event, senders much faster: the realtime ring (DROP_OLD) evicts,
-    the control plane escalates and refuses at the edge. Every drop must have a policy reason, be
+    """Realtime handler at ~100 µs per event, senders much faster: the realtime ring fills (its
+    overflow policy holds or refuses new events, never evicts accepted ones), the control plane escalates and refuses at the edge. Every drop must have a policy reason, be
     counted in metrics by that reason, and have its DLQ line; RSS stays bounded."""
     def slow(batch):
         time.sleep(len(batch) * 100e-6)

@@ -96,8 +96,8 @@ def test_mixed_load_every_event_is_stored_or_dead_lettered(tmp_path):
     # under this load the control plane may shed BATCH-priority events (policy): each is NACKed (v2)
     # and dead-lettered with its reason, never silently lost ...
     assert summary["received"] <= total
-    # ... or a full queue under its overflow policy (realtime DROP_OLD, batch DROP_NEW, transactional
-    # BLOCK_PRODUCER timeout); nothing else may fail
+    # ... or a full queue under its overflow policy (DROP_NEW: "overflow"; BLOCK_PRODUCER holds the
+    # source instead); nothing else may fail
     assert {e.reason.split(":")[0] for e in dlq} <= {"backpressure", "paused", "overflow"}
     tokens = payload_tokens(recs)
     assert len(set(tokens)) == len(tokens)  # nothing stored twice
