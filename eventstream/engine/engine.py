@@ -23,10 +23,11 @@ is not admitted). `stored` (engine/stored.py) is the barrier over the rings' com
 that ACK writers and every other follower wait on.
 
 What the engine owns: the payload arena (large payloads), the dead-letter log, the event log, the
-bus and its queues, the processors and their lanes (ProcessManager), the dedup tables rebuilt from
-events.bin before the first event, and the admission signals the control plane sets. The edges
-(ingest servers, subscribe, connectors, control thread, exporter) are assembled by service.py and
-receive the engine, never the service.
+bus and its queues, the processors and their lanes (ProcessManager), the dedup tables restored
+before the first event (from dedup.snap and the log after it, engine/dedup_snapshot.py; without a
+snapshot from events.bin), and the admission signals the control plane sets. The edges (ingest
+servers, subscribe, connectors, control thread, exporter) are assembled by service.py and receive
+the engine, never the service.
 """
 
 from __future__ import annotations
