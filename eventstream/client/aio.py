@@ -22,7 +22,6 @@ connection breaks (ClientError). Flow control of the subscription is as in clien
 from __future__ import annotations
 
 import asyncio
-import secrets
 
 from eventstream.client.subscriber import StateView, SubscribeError, SubscriberState, start_of
 from eventstream.client.tcp import FRAMES, ClientError, _Pending, encode_batches
@@ -30,9 +29,8 @@ from eventstream.protocol import subscribe as sp
 from eventstream.protocol.frames import (
     KIND_ACK,
     KIND_NACK,
-    MAX_PRIORITY,
-    MAX_TOPIC_BYTES,
-    EncodeError,
+    EventIds,
+    check_event,
     encode_hello,
     encode_v2,
     split_control_frames,
@@ -61,6 +59,7 @@ class AsyncSender:
         self.batching = frame == "batch"
         self.linger_s = linger_ms / 1000
         self.batch_bytes = batch_bytes
+        self._ids = EventIds()
         self._queued: list[_Pending] = []
         self._queued_bytes = 0
         self._timer: asyncio.Handle | None = None
@@ -113,20 +112,15 @@ class AsyncSender:
     async def send(
         self, topic: str, payload: bytes = b"", *, priority: int = 2, event_id: int | None = None, timestamp_ns: int = 0
     ) -> int:
-        """Queue one event; returns its event_id (a random one unless given). With BATCH frames it leaves
-        with the others queued in this turn of the event loop (or after linger_ms)."""
-        eid = secrets.randbits(63) + 1 if event_id is None else event_id
+        """Queue one event; returns its event_id (unless given, the connection's next: a random odd start,
+        then +1, as TcpClient draws them). With BATCH frames it leaves with the others queued in this turn
+        of the event loop (or after linger_ms)."""
+        eid = self._ids.next() if event_id is None else event_id
         if not self.batching:
             self.writer.write(encode_v2(topic, payload, priority, eid, timestamp_ns))
             self.sent += 1
         else:
-            t = topic.encode("utf-8") if isinstance(topic, str) else bytes(topic)
-            if not 1 <= len(t) <= MAX_TOPIC_BYTES:
-                raise EncodeError(
-                    f"topic of {len(t)} bytes is not allowed; allowed: 1..{MAX_TOPIC_BYTES} bytes of UTF-8"
-                )
-            if not isinstance(priority, int) or not 0 <= priority <= MAX_PRIORITY:
-                raise EncodeError(f"priority {priority!r} is not allowed; allowed: 0..{MAX_PRIORITY}")
+            t = check_event(topic, priority, eid, timestamp_ns)
             p = _Pending(eid, None, t, bytes(payload), priority, timestamp_ns)
             self._queued.append(p)
             self._queued_bytes += p.size

@@ -21,7 +21,7 @@ from eventstream.client import TcpClient
 from eventstream.client.aio import AsyncSender
 from eventstream.config import load_config
 from eventstream.protocol.frames import (
-    BATCH_HEAD, BATCH_RECORD_DTYPE, KIND_ACK, KIND_NACK, encode_batch, encode_v2, split_control_frames,
+    BATCH_HEAD, BATCH_RECORD_DTYPE, KIND_ACK, EncodeError, KIND_NACK, encode_batch, encode_v2, split_control_frames,
 )
 from eventstream.service import Service
 from eventstream.storage import EventLogReader
@@ -126,6 +126,27 @@ def test_asyncio_sender_batches_by_default(service):
     sender, ids = asyncio.run(go())
     assert sender.sent == 300 and sender.acked == 300 and sender.nacks == []
     assert len(stored_by_id(data, set(ids))) == 300
+
+
+def test_asyncio_sender_draws_distinct_ids_and_names_a_bad_field(service):
+    svc, data = service
+
+    async def go():
+        sender = await AsyncSender.connect(*svc.tcp.address)
+        ids = [await sender.send("aio.ids", b"%d" % i) for i in range(50)]
+        with pytest.raises(EncodeError, match=r"priority 9 is not allowed; allowed: 0\.\.4"):
+            await sender.send("aio.ids", b"x", priority=9)
+        with pytest.raises(EncodeError, match=r"topic of 0 bytes is not allowed"):
+            await sender.send("", b"x")
+        await sender.flush()
+        await sender.close()
+        return sender, ids
+
+    sender, ids = asyncio.run(go())
+    # one connection's ids: a random odd start, then +1 (never 0, never repeated)
+    assert ids[0] % 2 == 1 and ids == list(range(ids[0], ids[0] + 50))
+    assert sender.sent == 50 and sender.acked == 50 and sender.nacks == []
+    assert len(stored_by_id(data, set(ids))) == 50
 
 
 def test_load_single_and_batch_frames_with_a_payload_range(service):
