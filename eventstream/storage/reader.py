@@ -186,22 +186,8 @@ class EventLogReader:
         files = [p for _, p in segment_paths(self.path)] + [self.path]
         total: ScanResult | None = None
         for path in files:
-            if path != self.path:
-                try:
-                    with open(path, "rb") as f:
-                        payload, _ = fmt.decode_file_header(f.read(fmt.FILE_HEADER_BYTES), str(path))
-                except (OSError, fmt.LogFormatError) as exc:
-                    warnings.warn(CorruptLogWarning(f"{path}: segment skipped ({exc})"), stacklevel=2)
-                    continue
-                if payload != self.payload_bytes:
-                    warnings.warn(
-                        CorruptLogWarning(
-                            f"{path}: segment written with records.payload_bytes="
-                            f"{payload}, not {self.payload_bytes}: skipped"
-                        ),
-                        stacklevel=2,
-                    )
-                    continue
+            if path != self.path and not self._segment_readable(path):
+                continue
             yield from self._file_batches(
                 path,
                 topic=topic,
@@ -347,6 +333,25 @@ class EventLogReader:
             total.problem = f"{what}; then {total.problem}" if total.problem else what
             warnings.warn(CorruptLogWarning(f"{path}: {what}"), stacklevel=2)
 
+    def _segment_readable(self, path: Path) -> bool:
+        """A closed segment is read when its file header is whole and it was written with this log's
+        records.payload_bytes; otherwise it is skipped with a CorruptLogWarning saying why."""
+        try:
+            with open(path, "rb") as f:
+                payload, _ = fmt.decode_file_header(f.read(fmt.FILE_HEADER_BYTES), str(path))
+        except (OSError, fmt.LogFormatError) as exc:
+            warnings.warn(CorruptLogWarning(f"{path}: segment skipped ({exc})"), stacklevel=3)
+            return False
+        if payload != self.payload_bytes:
+            warnings.warn(
+                CorruptLogWarning(
+                    f"{path}: segment written with records.payload_bytes={payload}, not {self.payload_bytes}: skipped"
+                ),
+                stacklevel=3,
+            )
+            return False
+        return True
+
     def files(self) -> list[tuple[int | None, Path]]:
         """(created_ns from its header, or None when unreadable; path) of every file of the log: the
         closed segments oldest first, then the active file."""
@@ -378,15 +383,8 @@ class EventLogReader:
         if after is not None:
             files = files[files.index(after[0]) :] if after[0] in files else []
         for path in files:
-            if path != self.path:
-                try:
-                    with open(path, "rb") as f:
-                        payload, _ = fmt.decode_file_header(f.read(fmt.FILE_HEADER_BYTES), str(path))
-                except (OSError, fmt.LogFormatError) as exc:
-                    warnings.warn(CorruptLogWarning(f"{path}: segment skipped ({exc})"), stacklevel=2)
-                    continue
-                if payload != self.payload_bytes:
-                    continue
+            if path != self.path and not self._segment_readable(path):
+                continue
             if path.stat().st_size <= fmt.FILE_HEADER_BYTES:
                 continue
             got = ColumnCollector(fields, since_ns, after[1] if after is not None and path == after[0] else 0)
