@@ -21,8 +21,16 @@ little: one thread writes, one reads and counts replies):
 eventstream runs each with single v2 frames and with BATCH frames (--batch events per frame, at most
 256 KiB). Ratios: eventstream / peer (throughput: higher is better; rtt: lower is better).
 
+--scaling: eventstream alone, engine on 1 CPU and then on 2, the client pinned to the second CPU both
+times (it shares it with the engine in the 2-CPU run) and sending on --connections connections
+(default 2, in both runs: one per TCP reader thread the engine runs on 2 CPUs; a connection is read
+by one reader, so one connection can use one CPU for decoding at most). Per row: median, min and max
+of --repeats runs, the client's CPU seconds inside the timed windows and the engine's CPU seconds
+per thread role (threads named in /proc by the bench's launcher).
+
     python bench/peers.py [--events N] [--mixed-events N] [--repeats R] [--server-cpus 0] [--client-cpus 1]
                           [--only eventstream,redis,nats] [--figures pipelined,mixed,rtt] [--json]
+    python bench/peers.py --scaling [--connections 2] [--repeats R] [--json]
 """
 
 from __future__ import annotations
@@ -314,25 +322,61 @@ class System:
 
 
 # ------------------------------------------------------------------------------------------ workloads
-def throughput(system: System, sizes: np.ndarray, chunk: int = 1000, window: int = 20_000) -> tuple[float, float]:
+def throughput(system: System, sizes: np.ndarray, chunk: int = 1000, window: int = 20_000,
+               connections: int = 1) -> tuple[float, float]:
     """(events/s, payload MB/s) to the last reply. The bytes are prebuilt in chunks of `chunk` events
     (an eventstream BATCH frame is one chunk); at most `window` events are unanswered at a time
-    (async publishing with a bound, as the NATS and Kafka clients do; the same for all three)."""
-    parts = [system.encode(sizes[a:a + chunk]) for a in range(0, len(sizes), chunk)]
-    c = system.connect()
-    try:
-        t0 = time.perf_counter()
-        sent = 0
-        for part, a in zip(parts, range(0, len(sizes), chunk), strict=True):
-            if sent - window > 0:
-                c.wait(sent - window)
+    (async publishing with a bound, as the NATS and Kafka clients do; the same for all three).
+    With `connections` > 1 the chunks are dealt round-robin over that many connections, each sent by
+    its own thread with its share of the window; the clock runs from the first send to the last reply."""
+    return throughput_timed(system, sizes, chunk, window, connections)[:2]
+
+
+def throughput_timed(system: System, sizes: np.ndarray, chunk: int = 1000, window: int = 20_000,
+                     connections: int = 1) -> tuple[float, float, float]:
+    """throughput() and the CPU seconds this client process spent between the first send and the
+    last reply (its writers and reply readers; prebuilding the bytes is outside the window)."""
+    starts = list(range(0, len(sizes), chunk))
+    parts = [system.encode(sizes[a:a + chunk]) for a in starts]
+    conns = [system.connect() for _ in range(connections)]
+    share = max(chunk, window // connections)
+
+    def send(k: int) -> None:
+        c, sent = conns[k], 0
+        for part, a in zip(parts[k::connections], starts[k::connections], strict=True):
+            if sent - share > 0:
+                c.wait(sent - share)
             c.sock.sendall(part)
-            sent = min(len(sizes), a + chunk)
-        c.wait(len(sizes))
+            sent += min(chunk, len(sizes) - a)
+        c.wait(sent)
+
+    try:
+        c0 = os.times()
+        t0 = time.perf_counter()
+        if connections == 1:
+            send(0)
+        else:
+            errors: list[BaseException] = []
+
+            def run(k: int) -> None:
+                try:
+                    send(k)
+                except BaseException as exc:  # noqa: BLE001 - reported below
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=run, args=(k,)) for k in range(connections)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if errors:
+                raise errors[0]
         dt = time.perf_counter() - t0
+        c1 = os.times()
     finally:
-        c.close()
-    return len(sizes) / dt, float(sizes.sum()) / dt / 1e6
+        for c in conns:
+            c.close()
+    return len(sizes) / dt, float(sizes.sum()) / dt / 1e6, (c1.user - c0.user) + (c1.system - c0.system)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -386,6 +430,8 @@ def main(argv=None) -> None:
                    help="figures to measure (default all: pipelined,mixed,rtt)")
     p.add_argument("--scaling", action="store_true",
                    help="instead: eventstream alone on 1 CPU and on 2 (the client shares the second), and the ratio")
+    p.add_argument("--connections", type=int, default=0,
+                   help="--scaling: client connections in both runs (default 2: one per TCP reader on 2 CPUs)")
     p.add_argument("--consume", action="store_true",
                    help="instead: a subscriber reading --events stored 64-byte events (batch and single delivery)")
     p.add_argument("--json", action="store_true", help="print one JSON object (facts, rows, ratios)")
@@ -494,50 +540,101 @@ def consume(args) -> None:
     print(format_table(rows, ["delivery", "api", "events", "read_ev_s", "min_ev_s", "max_ev_s"]))
 
 
+# `python -c` launcher of the engine for --scaling: CPython 3.13 does not give threads their names in
+# the OS, so the bench names them (prctl PR_SET_NAME, first 15 bytes) to read each thread's CPU time
+# from /proc/<pid>/task/*/stat by role. Nothing else changes: it then runs `python -m eventstream`.
+NAMED_LAUNCHER = """
+import ctypes, runpy, sys, threading
+libc, start = ctypes.CDLL(None), threading.Thread._bootstrap_inner
+def named(self):
+    libc.prctl(15, self.name.encode()[:15], 0, 0, 0)
+    start(self)
+threading.Thread._bootstrap_inner = named
+sys.argv[0] = "eventstream"
+runpy.run_module("eventstream", run_name="__main__", alter_sys=True)
+"""
+
+
+class NamedEventstreamServer(EventstreamServer):
+    """`eventstream serve` whose threads carry their names in /proc (see NAMED_LAUNCHER)."""
+
+    def command(self) -> list[str]:
+        cmd = super().command()
+        at = cmd.index("-m")
+        return [*cmd[:at], "-c", NAMED_LAUNCHER, *cmd[at + 2:]]
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds so far per thread role of process `pid`: es-tcp-reader-0 and -1 count as
+    es-tcp-reader, es-transactional-0 as es-transactional (the OS keeps 15 bytes of a name)."""
+    out: dict[str, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")].rstrip("0123456789").rstrip("-")
+        fields = stat.rsplit(")", 1)[1].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
 def scaling(args) -> None:
-    """eventstream on server CPU set [a] and then [a, b]; the client is pinned to b both times (on 2
-    CPUs it shares b with the engine: prebuilt buffers, so it costs little; its share is in the CPU
-    times reported)."""
+    """eventstream on server CPU set [a] and then [a, b]; the client is pinned to b both times, so on 2
+    CPUs it shares b with the engine. The client sends on --connections connections (default 2: one
+    per TCP reader the engine runs on 2 CPUs; one reader thread per connection is the most a
+    connection can use), the same number in both runs. Reported per row: the median rate, min and
+    max, the client's CPU seconds inside the timed windows (prebuilt buffers: writing and counting
+    replies), and the engine's CPU seconds per thread role over the row."""
     allowed = sorted(os.sched_getaffinity(0))
     if len(allowed) < 2:
         raise SystemExit("--scaling needs 2 allowed CPUs")
     a, b = allowed[0], allowed[1]
+    conns = args.connections or 2
     facts = machine_facts()
     os.sched_setaffinity(0, [b])
-    facts.update(client_cpus=[b], load_avg_1m_start=facts.pop("load_avg_1m"))
+    facts.update(client_cpus=[b], connections=conns, load_avg_1m_start=facts.pop("load_avg_1m"))
     small = np.full(args.events, 64)
     mixed = payload_sizes(args.mixed_events, 16, 16384)
     rows = []
     for cpus in ([a], [a, b]):
-        server = EventstreamServer(cpus)
+        server = NamedEventstreamServer(cpus)
         try:
             for frame in ("single", "batch"):
                 system = System(f"eventstream {frame}", server, frame, args.batch)
-                c0 = os.times()
-                pipe = [throughput(system, small)[0] for _ in range(args.repeats)]
-                mix = [throughput(system, mixed)[1] for _ in range(args.repeats)]
-                c1 = os.times()
-                rows.append({"system": system.name, "server_cpus": ",".join(map(str, cpus)),
-                             "pipelined_64B_ev_s": median(pipe), "mixed_MB_s": median(mix),
-                             "client_cpu_s": round((c1.user - c0.user) + (c1.system - c0.system), 2)})
-                if not args.json:
-                    print(json.dumps(rows[-1]), file=sys.stderr)
+                for figure, sizes in (("pipelined_64B_ev_s", small), ("mixed_MB_s", mixed)):
+                    e0 = thread_cpu(server.proc.pid)
+                    runs = [throughput_timed(system, sizes, connections=conns) for _ in range(args.repeats)]
+                    e1 = thread_cpu(server.proc.pid)
+                    rates = [r[0] if figure.startswith("pipelined") else r[1] for r in runs]
+                    engine = {k: round(v - e0.get(k, 0.0), 2) for k, v in e1.items() if v - e0.get(k, 0.0) >= 0.01}
+                    rows.append({"system": system.name, "figure": figure, "server_cpus": ",".join(map(str, cpus)),
+                                 "median": round(median(rates), 1), "min": round(min(rates), 1),
+                                 "max": round(max(rates), 1),
+                                 "client_cpu_s": round(sum(r[2] for r in runs), 2),
+                                 "engine_cpu_s": round(sum(engine.values()), 2),
+                                 "engine_threads_cpu_s": dict(sorted(engine.items(), key=lambda kv: -kv[1]))})
+                    if not args.json:
+                        print(json.dumps(rows[-1]), file=sys.stderr)
         finally:
             server.stop()
     ratios = []
     for frame in ("single", "batch"):
-        one, two = (r for r in rows if r["system"] == f"eventstream {frame}")
-        ratios.append({"frame": frame,
-                       "pipelined_64B_2_vs_1": round(two["pipelined_64B_ev_s"] / one["pipelined_64B_ev_s"], 2),
-                       "mixed_MB_s_2_vs_1": round(two["mixed_MB_s"] / one["mixed_MB_s"], 2)})
+        ratio = {"frame": frame}
+        for figure in ("pipelined_64B_ev_s", "mixed_MB_s"):
+            one, two = (r for r in rows if r["system"] == f"eventstream {frame}" and r["figure"] == figure)
+            ratio[figure.rsplit("_", 1)[0] + "_2_vs_1"] = round(two["median"] / one["median"], 2)
+        ratios.append(ratio)
     facts["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
     if args.json:
         print(json.dumps({"facts": facts, "rows": rows, "ratios": ratios}))
         return
     print(format_facts(facts))
-    print(format_table(rows, ["system", "server_cpus", "pipelined_64B_ev_s", "mixed_MB_s", "client_cpu_s"]))
+    print(format_table(rows, ["system", "figure", "server_cpus", "median", "min", "max", "client_cpu_s",
+                              "engine_cpu_s"]))
     print()
-    print(format_table(ratios, ["frame", "pipelined_64B_2_vs_1", "mixed_MB_s_2_vs_1"]))
+    print(format_table(ratios, ["frame", "pipelined_64B_ev_2_vs_1", "mixed_MB_2_vs_1"]))
 
 
 def ratio_rows(rows: list[dict]) -> list[dict]:
