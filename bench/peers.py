@@ -92,6 +92,7 @@ class Server:
         self.tmp = tempfile.mkdtemp(prefix=f"peers-{self.name}-")
         self.port = free_port()
         self.sub_port = free_port() if subscribe else 0
+        self.sent = 0  # event ids handed out to the clients of this server (System.encode)
         self.log = open(Path(self.tmp) / "server.log", "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(self.command(), stdout=self.log, stderr=subprocess.STDOUT,
                                      preexec_fn=pinned(cpus), cwd=self.tmp, env=self.env())
@@ -302,7 +303,6 @@ class System:
 
     def __init__(self, name: str, server: Server, frame: str = "single", batch: int = 1000):
         self.name, self.server, self.frame, self.batch = name, server, frame, batch
-        self.sent = 0
 
     def connect(self) -> Conn:
         if isinstance(self.server, RedisServer):
@@ -312,8 +312,11 @@ class System:
         return Conn(self.server.port, count_es)
 
     def encode(self, sizes: np.ndarray) -> bytes:
-        start = self.sent + 1
-        self.sent += len(sizes)
+        # event ids count per server, not per variant: the single and BATCH variants share one
+        # eventstream server, whose dedup would skip a second variant's events as duplicates
+        # (ACKed, not stored) if both numbered theirs from 1
+        start = self.server.sent + 1
+        self.server.sent += len(sizes)
         if isinstance(self.server, RedisServer):
             return redis_cmds(sizes)
         if isinstance(self.server, NatsServer):
