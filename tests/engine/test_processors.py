@@ -229,7 +229,7 @@ def test_manager_refuses_unknown_tier(small_cfg, collected):
         bus.close()
 
 
-def test_caller_runs_realtime_only_when_the_queue_is_idle(bus, collected, topics):
+def test_caller_runs_realtime_after_what_is_queued_and_never_inside_a_worker(bus, collected, topics):
     calls = []
     proc = RealtimeProcessor(bus["realtime"], collected.sinks(), lambda b: calls.append(b.records["seq"].tolist()))
     first = make_records(topics, 2, priority=4, start_seq=1)
@@ -237,12 +237,25 @@ def test_caller_runs_realtime_only_when_the_queue_is_idle(bus, collected, topics
     assert calls == [[1, 2]] and collected.stored_records()["seq"].tolist() == [1, 2]
     assert proc.inline == 2 and bus["realtime"].depth == 0
     queued = make_records(topics, 1, priority=4, start_seq=3)
-    offer_all(bus, queued)  # something is queued: a later event must not overtake it
-    assert not proc.run_inline(make_records(topics, 1, priority=4, start_seq=4))
-    with bus["realtime"].tokens[0]:  # a worker is inside the partition
-        bus["realtime"].rings[0].take(10)
+    offer_all(bus, queued)  # something is queued: the caller handles it first, so 4 does not overtake 3
+    assert proc.run_inline(make_records(topics, 1, priority=4, start_seq=4))
+    assert calls == [[1, 2], [3], [4]] and bus["realtime"].depth == 0
+    assert collected.stored_records()["seq"].tolist() == [1, 2, 3, 4]
+    assert proc.inline == 3 and proc.handled == 4  # 3 was drained from the ring, 4 ran inline
+    with bus["realtime"].tokens[0]:  # a worker is inside the partition: the caller queues
         assert not proc.run_inline(make_records(topics, 1, priority=4, start_seq=5))
-    assert calls == [[1, 2]]
+    assert calls == [[1, 2], [3], [4]]
+
+
+def test_a_bulk_lane_queues_behind_what_is_queued(bus, collected, topics):
+    """Only the realtime tier's lanes drain a backlog on the caller's thread; a bulk lane queues."""
+    calls = []
+    proc = TransactionalProcessor(bus["transactional"], collected.sinks(), lambda b: calls.append(1))
+    recs = make_records(topics, 1, priority=2, start_seq=1)
+    part = int(recs["topic_id"][0]) % bus["transactional"].partitions
+    offer_all(bus, recs)
+    assert not proc.run_inline(make_records(topics, 1, priority=2, start_seq=2), part)
+    assert calls == [] and bus["transactional"].depth == 1
 
 
 def test_bus_offer_runs_realtime_inline_and_queues_the_rest(bus, collected, topics):

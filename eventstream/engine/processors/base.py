@@ -73,6 +73,7 @@ def _wants_sync(views) -> bool:
 
 
 _SYNCED_BITS = ACK_SYNCED << FLAG_ACK_SHIFT
+BACKLOG_STEPS = 4  # batches (of up to max_batch records) a lane drains ahead of its caller's records
 IDLE_WAIT_S = 0.1  # longest park of an idle processor between checks (publishes wake it at once)
 _TS_DTYPE = np.dtype([("ingest_ts", "<u8")])
 # the dedup keys of a batch, as skip_duplicates returns them and commit_ids takes them: (id, tag)
@@ -82,6 +83,9 @@ DedupKeys = list[tuple[int, int]] | idempotency.Probed
 
 class Processor(threading.Thread):
     kind = "processor"
+    # a lane (run_inline) that finds records queued in its partition handles them first instead of
+    # queueing its caller's records behind them (the realtime tier: its events never wait for a thread)
+    drains_backlog = False
 
     def __init__(
         self,
@@ -179,7 +183,9 @@ class Processor(threading.Thread):
             self._flush_inline_metrics()
             self.on_exit()
 
-    def _drain_once(self, partition: int) -> bool:
+    def _drain_once(self, partition: int, flush: bool = True) -> bool:
+        """Handle one batch of what is queued in `partition` (token holder only); with `flush` False
+        (a lane draining a backlog ahead of its caller's records) the metrics are left for later."""
         ring = self.queue.rings[partition]
         views = ring.poll(self.max_batch)
         if not views:
@@ -206,8 +212,12 @@ class Processor(threading.Thread):
         if sinks.progress is not None:
             sinks.progress()
         if stages is not None:
-            stages(ingest, taken_ns, stored_ns)
-        self._flush_metrics()
+            if flush:
+                stages(ingest, taken_ns, stored_ns)
+            else:
+                self._stages.append((ingest, taken_ns, stored_ns))
+        if flush:
+            self._flush_metrics()
         self.handled += n
         self.batches += 1
         return True
@@ -234,7 +244,7 @@ class Processor(threading.Thread):
 
     def _run_inline_locked(self, records: np.ndarray, partition: int) -> bool:
         """run_inline's work, under the partition's token."""
-        if not self.queue.rings[partition].drained():
+        if not self.queue.rings[partition].drained() and not (self.drains_backlog and self._drain_backlog(partition)):
             return False
         sinks = self.sinks
         taken_ns = time.monotonic_ns()
@@ -259,11 +269,30 @@ class Processor(threading.Thread):
         self.batches += 1
         return True
 
+    def _drain_backlog(self, partition: int) -> bool:
+        """A lane finds records queued in its partition (under the partition's token): it handles them
+        first, in order, on the calling thread, so that the caller's records need not queue behind
+        them and wait for the tier's thread to be scheduled. True once the partition is drained; False
+        when a producer is still copying into it (then the caller queues its records)"""
+        ring = self.queue.rings[partition]
+        for _ in range(BACKLOG_STEPS):
+            if not self._drain_once(partition, flush=False):
+                break
+            if ring.drained():
+                return True
+        return ring.drained()
+
     def _flush_metrics(self) -> None:
         """Record deferred metrics (token holder only): everything pending in one call per sink (a lane
         leaves one entry per batch it ran, up to 257 between flushes; one call each would stall it)."""
+        if self._done or self._stages:
+            self._record(self._done, self._stages)
+            self._done, self._stages = [], []
+
+    def _record(self, done: list, pending: list) -> None:
+        """Record pending stage latencies (`pending`, as run_inline leaves them) and processed()
+        calls (`done`), each in one call per sink; the lists are not changed (the caller drops them)."""
         sinks = self.sinks
-        pending = self._stages
         if pending:
             stages = sinks.stages
             assert stages is not None  # run_inline leaves stage latencies only for it
@@ -275,8 +304,6 @@ class Processor(threading.Thread):
                 taken = np.repeat(np.array([e[1] for e in pending], dtype=np.int64), counts)
                 stored = np.repeat(np.array([e[2] for e in pending], dtype=np.int64), counts)
                 stages(_int64s([e[0] for e in pending]), taken, stored)
-            pending.clear()
-        done = self._done
         if not done:
             return
         queue0 = done[0][0]
@@ -293,20 +320,24 @@ class Processor(threading.Thread):
             rows = np.empty(len(ingest), dtype=_TS_DTYPE)
             rows["ingest_ts"] = ingest
             sinks.processed(queue, rows, handled_ns)
-        done.clear()
 
     def _flush_inline_metrics(self) -> None:
-        """Idle: record what the lanes (run_inline) left for later, when no caller holds a partition."""
+        """Idle: record what the lanes (run_inline) left for later, when no caller holds a partition.
+        The partition's token is held only to take the lane's pending lists, never while recording
+        them: a caller that finds the token taken queues its records (and waits for this thread)."""
         queue = self.queue
         for i, lane in enumerate(queue.lanes):
             if lane is None or not (lane._done or lane._stages):
                 continue
             token = queue.tokens[i]
-            if token.acquire(blocking=False):
-                try:
-                    lane._flush_metrics()
-                finally:
-                    token.release()
+            if not token.acquire(blocking=False):
+                continue
+            try:
+                done, stages = lane._done, lane._stages
+                lane._done, lane._stages = [], []
+            finally:
+                token.release()
+            self._record(done, stages)
 
     def processed(self, queue: str, records: np.ndarray, handled_ns: int) -> None:
         """Count handled records; the metrics are recorded after the batch's release (their ingest

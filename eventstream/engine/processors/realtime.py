@@ -13,6 +13,7 @@ from eventstream.engine.processors.base import Processor, error_text
 
 class RealtimeProcessor(Processor):
     kind = "realtime"
+    drains_backlog = True
 
     def handle(self, records: np.ndarray, partition: int) -> None:
         sinks = self.sinks
