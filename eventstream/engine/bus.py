@@ -140,8 +140,7 @@ class EventBusMulti:
         self.dtype = np.dtype(dtype)
         self._seq_lock = threading.Lock()
         self._next_seq = seq_base
-        self.received = 0
-        self.on_received = None  # callable(n): events placed in the queues (metrics "received")
+        self.received = 0  # events placed in the queues (metrics: events_received reads it at scrape time)
         try:
             for name, qc, parts in (
                 ("realtime", q.realtime, 1),
@@ -177,6 +176,9 @@ class EventBusMulti:
     def _split_small(self, records: np.ndarray) -> list:
         """_split for a few records with plain ints (the common read at low load is one event)."""
         queues = self.queues
+        if len(records) == 1:  # the usual read at low load: one event, one destination
+            queue = queues[_ROUTE[int(records["priority"][0])]]
+            return [(queue, queue.rings[partition_of(int(records["topic_id"][0]), queue.partitions)], None)]
         dest = []  # (queue index, partition) per record
         for prio, tid in zip(records["priority"].tolist(), records["topic_id"].tolist(), strict=True):
             q = _ROUTE[prio]
@@ -249,8 +251,6 @@ class EventBusMulti:
         if out.placed:  # received = taken in (not what a shedding queue refused or what is held)
             with self._seq_lock:
                 self.received += out.placed
-            if self.on_received is not None:
-                self.on_received(out.placed)
         return out
 
     def depths(self) -> dict[str, int]:

@@ -237,7 +237,8 @@ class Engine:
             self.bus = EventBusMulti(cfg, self.dtype, seq_base=sequence_base())
         except ValueError as exc:
             raise StartupError(str(exc)) from None
-        self.bus.on_received = self.metrics.received
+        bus = self.bus  # events_received counts what the bus placed, read at scrape time (no call per offer)
+        self.metrics.counter_fn("events_received", lambda: bus.received)
         return self
 
     def start(self) -> Engine:

@@ -75,6 +75,7 @@ log = structlog.get_logger("eventstream.ingest.tcp")
 HELD_RETRY_S = 0.001  # how often held records are offered again (only while a queue is full)
 STOP_BUDGET_S = 4.0  # a draining stop waits at most this long for held records and final ACKs
 LINGER_S = 2.0  # a refused connection is read (and discarded) this long so its NACK is not lost to a reset
+ACKED_BATCH = 256  # small ACKs' "acked" latencies are recorded this many at a time (or when the reader is idle)
 MAX_OUTBOX_BYTES = 4 << 20  # a client that never reads its ACKs is disconnected past this
 # a non-blocking send/recv that cannot proceed now (TLS: a record needs more bytes or room)
 WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
@@ -139,6 +140,7 @@ class Reader(threading.Thread):
         self.idle_evictions: collections.deque = collections.deque()  # conn ids the acceptor wants closed
         self.tls = tls
         self.tls_pending: set[Connection] = set()  # TLS connections with decrypted bytes not read yet
+        self._acked: list[int] = []  # "acked" latencies of small ACKs not recorded yet (_record_acked)
 
     # ---------------------------------------------------------------- called from other threads
     def hand_over(self, sock: socket.socket, conn_id: int, peer) -> None:
@@ -209,7 +211,10 @@ class Reader(threading.Thread):
                         self.tls_pending.discard(c)
                         if not c.closed and c.reading:
                             self._read(c)
-                for key, mask in sel.select(timeout):
+                ready = sel.select(timeout)
+                if not ready and self._acked:  # idle: record what small ACKs left
+                    self._record_acked()
+                for key, mask in ready:
                     c = key.data
                     if c is None:
                         self._drain_wake()
@@ -477,6 +482,7 @@ class Reader(threading.Thread):
             if self.drain:
                 self._flush_blocking(c, max(0.01, deadline - time.monotonic()))
             self._close(c, "server_stop")
+        self._record_acked()
         self.finished = True
         self._refuse_incoming()  # handed over after the _accept_incoming above
         self._sel.close()
@@ -502,8 +508,10 @@ class Reader(threading.Thread):
             self._write(c, data)
         if done and self.on_acked is not None:  # (events, decode ns) per chunk: the "acked" stage latency
             now = time.monotonic_ns()
-            if len(done) == 1 and done[0][0] <= SMALL_BATCH:  # a few events: a list, no numpy temporaries
-                self.on_acked([now - done[0][1]] * done[0][0])
+            if len(done) == 1 and done[0][0] <= SMALL_BATCH:  # a few events: kept, recorded ACKED_BATCH at a time
+                self._acked.extend([now - done[0][1]] * done[0][0])
+                if len(self._acked) >= ACKED_BATCH:
+                    self._record_acked()
             else:
                 self.on_acked(np.repeat(np.array([now - ts for _, ts in done], dtype=np.int64), [k for k, _ in done]))
         if c.chunks:
@@ -513,6 +521,12 @@ class Reader(threading.Thread):
             if c.closing and c.held is None:
                 self._flush_blocking(c, 0.5)
                 self._close(c, c.closing)
+
+    def _record_acked(self) -> None:
+        """Record the kept "acked" latencies (one metrics call for many small ACKs, off their way out)."""
+        if self._acked and self.on_acked is not None:
+            self.on_acked(self._acked)
+        self._acked = []
 
     def _finish(self, c: Connection, why: str) -> None:
         """Stop reading `c`; close it once what it sent is placed and acknowledged."""
