@@ -33,10 +33,21 @@ Bounded: `claim` never grows the arena. When a payload does not fit, it claims t
 that does and says so; ingest then pushes the producer back exactly as for a full ring (the TCP
 reader keeps the undecoded bytes and stops reading that connection until there is room; the NATS
 source stops fetching; UDP sheds with reason `overflow:payloads`).
+
+A payload's CRC, kept for the log writer: the decoder reads a large payload's bytes once, for the
+frame's CRC, as zlib.crc32(payload, seed) where seed is the CRC of the frame bytes before it. For a
+record whose payload went to the arena and is at least core/crc.py's COMBINE_MIN_BYTES, it keeps
+(seed, that CRC) in the record's unused inline bytes [0, 8) (two u32) and sets the header's padding
+byte (offset 63) to CRC_KEPT (`keep_crcs`). The log writer takes them out again (`take_kept_crc`:
+the bytes it stores are zero there, as without them) and derives the entry's CRC with core/crc.py's
+recrc instead of a second pass over the payload. A record without them (inline payload, a smaller
+one, v1 frames, the NATS source, DLQ replay, records.payload_bytes < 8) is CRC'd by the writer as
+before. Views handed out of the arena are read-only, so the kept CRC stays the CRC of the bytes.
 """
 
 from __future__ import annotations
 
+import struct
 import threading
 
 import numpy as np
@@ -48,6 +59,10 @@ MIN_CLASS_BYTES = 64
 MIN_CHUNK_BYTES = 64 << 10
 DEFAULT_ARENA_BYTES = 128 << 20
 MAX_ARENAS = 255  # ids fit the record's u1 `ext_arena`
+CRC_KEPT = 1  # the record's padding byte when its first 8 inline bytes hold (seed, crc32(payload, seed))
+_PAD_AT = 63  # offset of the padding byte in a record (core/records.py)
+_INLINE_AT = 64
+_SEED_CRC = struct.Struct("<II")
 
 _registry: list = [None] * (MAX_ARENAS + 1)  # arena id -> PayloadArena (0 = inline, never used)
 _registry_lock = threading.Lock()
@@ -344,19 +359,45 @@ def release_records(records: np.ndarray) -> None:
             a.release(records["ext_off"][sel], ext[sel])
 
 
+def keep_crcs(records: np.ndarray, idx: np.ndarray, seeds: np.ndarray, crcs: np.ndarray) -> None:
+    """Keep (seed, zlib.crc32(payload, seed)) in records[idx] (arena payloads, records.payload_bytes
+    >= 8) for the log writer; see the module doc. A constant number of numpy operations."""
+    if len(idx) == 0:
+        return
+    size = records.dtype.itemsize
+    raw = records.view(np.uint8).reshape(len(records), size)
+    pair = np.empty((len(idx), 2), dtype="<u4")
+    pair[:, 0] = seeds
+    pair[:, 1] = crcs
+    raw[idx, _INLINE_AT : _INLINE_AT + 8] = pair.view(np.uint8).reshape(len(idx), 8)
+    raw[idx, _PAD_AT] = CRC_KEPT
+
+
+def take_kept_crc(row: bytearray) -> tuple[int, int] | None:
+    """(seed, crc) kept in one record's bytes `row` by keep_crcs, zeroing them (and the marker) in
+    `row`; None when the record keeps none."""
+    if len(row) < _INLINE_AT + 8 or row[_PAD_AT] != CRC_KEPT:
+        return None
+    seed, crc = _SEED_CRC.unpack_from(row, _INLINE_AT)
+    row[_PAD_AT] = 0
+    row[_INLINE_AT : _INLINE_AT + 8] = bytes(8)
+    return seed, crc
+
+
 def payload_view(records: np.ndarray, i: int):
-    """Record i's payload as a zero-copy memoryview (inline or in its arena)."""
+    """Record i's payload as a zero-copy memoryview (inline, or read-only in its arena)."""
     r = records[i]
     n = int(r["payload_len"])
     if r["ext_class"]:
-        return memoryview(arena_by_id(int(r["ext_arena"])).view(int(r["ext_off"]), n))
+        return memoryview(arena_by_id(int(r["ext_arena"])).view(int(r["ext_off"]), n)).toreadonly()
     if n == 0:
         return memoryview(b"")
     return memoryview(records["payload"][i, :n])
 
 
 def payload_views(records: np.ndarray) -> list:
-    """Every record's payload as a zero-copy memoryview (valid while the records are in flight)."""
+    """Every record's payload as a zero-copy memoryview (valid while the records are in flight;
+    read-only for payloads in an arena)."""
     lens = records["payload_len"].tolist()
     ext = records["ext_class"].tolist()
     pl = records["payload"] if "payload" in (records.dtype.names or ()) else None
@@ -370,7 +411,7 @@ def payload_views(records: np.ndarray) -> list:
     aids = records["ext_arena"].tolist()
     for i, n in enumerate(lens):
         if ext[i]:
-            out.append(memoryview(arena_by_id(aids[i]).view(offs[i], n)))
+            out.append(memoryview(arena_by_id(aids[i]).view(offs[i], n)).toreadonly())
         elif n and pl is not None:
             out.append(memoryview(pl[i, :n]))
         else:

@@ -21,7 +21,8 @@ Layout (little-endian, native to the hosts we run on)::
     60     1    ext_arena    id of the PayloadArena holding the payload (1..255; 0 = inline)
     61     2    principal    who sent it: the stable key of its principal (ingest/auth.py), 0 = none
                              or a shared token; part of the dedup key (engine/idempotency.py)
-    63     1    (padding to the 64-byte header)
+    63     1    (padding to the 64-byte header; payloads.CRC_KEPT in flight when the inline bytes
+                 of an arena payload's record keep its CRC for the log writer, core/payloads.py)
     64     P    payload      inline payload bytes, P = payload capacity
 
 Payloads of up to P bytes (`records.payload_bytes`, default 448, so a record is 512 bytes) are stored

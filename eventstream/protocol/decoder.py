@@ -27,6 +27,8 @@ from typing import Protocol
 
 import numpy as np
 
+from eventstream.core.crc import COMBINE_MIN_BYTES
+from eventstream.core.payloads import keep_crcs
 from eventstream.core.records import FLAG_ACK_SHIFT, FLAG_V2, record_dtype
 from eventstream.core.topics import TopicLimitError
 from eventstream.protocol.frames import (
@@ -117,6 +119,10 @@ class FrameDecoder:
         self.topic_refusals: dict[bytes, tuple[str, str]] = {}
         self.payloads = payloads
         self.max_payload = payloads.max_payload if payloads is not None else payload_bytes
+        # payloads from this size on that go to the arena keep their CRC for the log writer (one pass
+        # over their bytes, not two: core/payloads.py); 0 = none do (no arena, or no 8 inline bytes)
+        keeps = payloads is not None and payload_bytes >= 8
+        self.crc_keep_min = max(COMBINE_MIN_BYTES, payload_bytes + 1) if keeps else 0
         self.arena_blocked = 0  # bytes the first undecoded frame needs in the payload arena (0: none)
         self.arena_stop = -1  # set by decode_frames: position of the frame it stopped at, -1 = none
         self.next_index = 1  # set by decode_frames: the index after the last event (or frame) it consumed
@@ -367,6 +373,12 @@ def _decode_singles(dec: FrameDecoder, src, offs: list[int], lens: list[int], fi
     if len(okidx):
         _fill_topics(dec, arr, rec, err, okidx, tstart, tlen)
     v2ok = okidx[v2[okidx] & (err[okidx] == _OK)]
+    kept = None  # frame j -> (seed, crc32(payload, seed)) for payloads of dec.crc_keep_min bytes or more
+    if len(v2ok) and dec.crc_keep_min:
+        big = plen[v2ok] >= dec.crc_keep_min
+        if big.any():
+            kept = _kept_crcs_singles(src, v2ok[big], tstart, tlen, plen, crc, err)
+            v2ok = v2ok[~big]
     if len(v2ok):  # each v2 frame's own CRC (topic and payload): one zlib call per frame, iterated in C
         mv = memoryview(src)
         spans = map(slice, tstart[v2ok].tolist(), (off + LENGTH_BYTES + length)[v2ok].tolist())
@@ -403,6 +415,8 @@ def _decode_singles(dec: FrameDecoder, src, offs: list[int], lens: list[int], fi
             pl = pl.copy()
             pl[ext] = 0
         _copy_payloads(arr, out, pstart, pl)
+        if kept is not None and ext is not None:
+            _keep(out, ext, keep[ext], kept)
     errors = []
     bad = np.flatnonzero(err[:live] != _OK)
     if len(bad):
@@ -441,9 +455,14 @@ def _decode_batch(dec: FrameDecoder, src, o: int, length: int, first_index: int,
         )
         return empty, _EMPTY_INDICES, [FrameError(first_index, True, reason, version=2)], True
     dec.next_index = base + count
+    kept = None  # event j -> (seed, crc32(payload, seed)) for payloads of dec.crc_keep_min bytes or more
     mv = memoryview(src)
     try:
-        crc_ok = zlib.crc32(mv[body:end]) == crc
+        if dec.crc_keep_min and end - pay_at >= dec.crc_keep_min:
+            got, kept = _batch_crc_keeping(dec.crc_keep_min, src, mv, body, end, table_at, pay_at, count)
+        else:
+            got = zlib.crc32(mv[body:end])
+        crc_ok = got == crc
         names = []
         whole = None
         if reserved or hflags > 3 or any(zeros):
@@ -552,6 +571,8 @@ def _decode_batch(dec: FrameDecoder, src, o: int, length: int, first_index: int,
                     out["payload"][:, :w] = arr[pay_at : pay_at + count * w].reshape(count, w)
             else:
                 _copy_packed(arr, out, pstart, pl)
+            if kept is not None and ext is not None:
+                _keep(out, ext, keep[ext], kept)
         finally:
             del arr
     errors = []
@@ -559,6 +580,56 @@ def _decode_batch(dec: FrameDecoder, src, o: int, length: int, first_index: int,
     if len(bad):
         errors = [_describe_batch(dec, base + j, int(err[j]), table[j], names, tcount) for j in bad.tolist()]
     return out, (base + keep).astype(np.uint64), errors, False
+
+
+def _kept_crcs_singles(src, big: np.ndarray, tstart, tlen, plen, crc, err) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The CRC check of the v2 frames `big` (large payloads), reading each payload once as
+    zlib.crc32(payload, zlib.crc32(topic)) (the frame's CRC); marks mismatches in `err`. Returns
+    (frames, seeds, crcs) for _keep. Per frame: its payload is large, zlib's pass dominates."""
+    seeds = np.zeros(len(big), dtype=np.uint32)
+    crcs = np.zeros(len(big), dtype=np.uint32)
+    mv = memoryview(src)
+    try:
+        for k, (t, tl, n) in enumerate(zip(tstart[big].tolist(), tlen[big].tolist(), plen[big].tolist(), strict=True)):
+            seed = zlib.crc32(mv[t : t + tl])
+            seeds[k] = seed
+            crcs[k] = zlib.crc32(mv[t + tl : t + tl + n], seed)
+    finally:
+        mv.release()
+    err[big[crcs != crc[big]]] = _E_CRC
+    return big, seeds, crcs
+
+
+def _batch_crc_keeping(kmin: int, src, mv, body: int, end: int, table_at: int, pay_at: int, count: int):
+    """zlib.crc32 of a BATCH frame's bytes [body, end), computed in pieces so that each payload of
+    `kmin` bytes or more is read once as zlib.crc32(payload, seed), seed = the CRC of the bytes before
+    it: (the frame's CRC, (events, seeds, crcs) for _keep or None). The same value as one call."""
+    plen = np.frombuffer(src, dtype=BATCH_RECORD_DTYPE, count=count, offset=table_at)["payload_len"].astype(np.int64)
+    big = np.flatnonzero(plen >= kmin)
+    if len(big) == 0 or int(plen.sum()) != end - pay_at:  # (a length mismatch is refused after the CRC)
+        return zlib.crc32(mv[body:end]), None
+    starts = (pay_at + np.cumsum(plen) - plen)[big].tolist()
+    seeds = np.zeros(len(big), dtype=np.uint32)
+    crcs = np.zeros(len(big), dtype=np.uint32)
+    c, p = 0, body
+    for k, (s, n) in enumerate(zip(starts, plen[big].tolist(), strict=True)):
+        c = zlib.crc32(mv[p:s], c)
+        seeds[k] = c
+        c = zlib.crc32(mv[s : s + n], c)
+        crcs[k] = c
+        p = s + n
+    return zlib.crc32(mv[p:end], c), (big, seeds, crcs)
+
+
+def _keep(out: np.ndarray, ext: np.ndarray, ext_src: np.ndarray, kept) -> None:
+    """Keep the payload CRCs of the arena records out[ext] (frame or event ext_src each) that have
+    one in `kept` (frames or events, seeds, crcs; sorted): payloads.keep_crcs."""
+    where, seeds, crcs = kept
+    pos = np.searchsorted(where, ext_src)
+    pos = np.minimum(pos, len(where) - 1)
+    hit = where[pos] == ext_src
+    if hit.any():
+        keep_crcs(out, ext[hit], seeds[pos[hit]], crcs[pos[hit]])
 
 
 def _copy_packed(arr: np.ndarray, out: np.ndarray, pstart: np.ndarray, pl: np.ndarray) -> None:

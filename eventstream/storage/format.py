@@ -32,7 +32,9 @@ Then entries, back to back, each = a 24-byte entry header + a body::
   core/payloads.py), followed by its whole payload: the row as for KIND_RECORD (`ext_class` kept,
   `ext_off` and `ext_arena` zeroed: they meant memory of the writing process) and then `payload_len`
   bytes, so length = record size + payload_len (at most MAX_EXT_PAYLOAD_BYTES). The CRC covers the
-  payload too. A log of small payloads only has no such entry; readers of logs written before these
+  payload too; when the decoder kept the payload's CRC (core/payloads.py: payloads of
+  core/crc.COMBINE_MIN_BYTES or more), the writer derives the entry's CRC from it with core/crc.py
+  instead of reading the payload a second time (the same bytes, the same CRC). A log of small payloads only has no such entry; readers of logs written before these
   entries existed see them as corrupt regions (skipped and reported, never misread).
 
 * A KIND_BATCH body (version 2) holds many records packed, written for every run of records whose
@@ -71,7 +73,8 @@ import zlib
 import numpy as np
 
 from eventstream.core import records as rec
-from eventstream.core.payloads import has_ext, payload_views
+from eventstream.core.crc import recrc
+from eventstream.core.payloads import has_ext, payload_views, take_kept_crc
 
 FILE_MAGIC = b"ESEVLOG1"
 FILE_VERSION = 2
@@ -435,8 +438,13 @@ def _mixed_entries(batch: np.ndarray, file_topic_ids, wall_ns: int, run=None) ->
         _TOPIC_ID.pack_into(body, _TOPIC_ID_AT, int(fids[j]))
         body[_EXT_AT : _EXT_AT + 8] = bytes(8)  # ext_off: memory of this process, meaningless in a file
         body[_EXT_AT + 9] = 0  # ext_arena (ext_class, at _EXT_AT + 8, is kept)
+        kept = take_kept_crc(body)  # the decoder's pass over a large payload, if it kept one
         payload = views[k]
-        crc = zlib.crc32(payload, zlib.crc32(body, head_crc))
+        at_payload = zlib.crc32(body, head_crc)
+        if kept is None:
+            crc = zlib.crc32(payload, at_payload)
+        else:  # the same CRC without reading the payload again (core/crc.py)
+            crc = recrc(kept[1], kept[0], len(payload), at_payload)
         parts += (_MAGIC_LEN_CRC.pack(ENTRY_MAGIC, size + len(payload), crc), head_tail, body, payload)
         i = j + 1
     if i < len(batch):
