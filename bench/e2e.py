@@ -34,6 +34,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROLES = ("acceptor", "ingest", "udp", "realtime", "transactional", "batch", "storage", "control")
 ACK_MODES = ("accepted", "stored", "synced")
+OVERRIDES: dict = {}  # config overrides every Engine of this run gets (bench/pipeline.py --set KEY=VALUE)
 WARMUP = 50  # first events of each ping-pong run, not counted (connection set-up, first-touch costs)
 
 
@@ -177,7 +178,7 @@ class Engine:
         self.tmp = tempfile.TemporaryDirectory(prefix="eventstream-bench-")
         overrides = {"server.tcp.port": 0, "server.subscribe.port": 0, "server.udp.enabled": False, "metrics.enabled": False,
                      "storage.data_dir": self.tmp.name, "storage.fsync": "none", "records.payload_bytes": 64,
-                     "logging.level": "warning", **placement.overrides(), **(extra or {})}
+                     "logging.level": "warning", **placement.overrides(), **OVERRIDES, **(extra or {})}
         self.cfg = load_config(environ={}, overrides=overrides)
         self.probe = Probe()
         self.svc = Service(self.cfg, handlers={"realtime": self.probe}).start()

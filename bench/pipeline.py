@@ -24,6 +24,7 @@ gets events: 40 % realtime), unique event ids, 2 connections.
   each ACK mode; exact p50/p99/p999, and the same events' send -> handled (the idle case).
 
     python bench/pipeline.py [--quick] [--json] [--repeats R] [--events N] [--seconds S] [--rtt-seconds S]
+                             [--set KEY=VALUE ...]   (config overrides, e.g. --set scheduling.batch=normal)
 
 Outputs: tables (stdout), bench/results/pipeline.json and pipeline.png. Targets are reported, never
 asserted. Quick: about 1 minute; full: about 4-5 minutes on 2 cores.
@@ -191,16 +192,23 @@ def main(argv=None) -> None:
     parser.add_argument("--seconds", type=float, default=0.0, help="seconds per load level (default 4, quick 1.5)")
     parser.add_argument("--rtt-seconds", type=float, default=0.0,
                         help="seconds per ACK mode of the waiting client (default 5, quick 2)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every engine of the run, e.g. scheduling.batch=normal (repeatable)")
     bench = Bench("pipeline", argv, parser=parser)
     gil.require_gil_off(what="bench/pipeline.py")
     args = bench.args
+    for kv in args.set:
+        key, sep, value = kv.partition("=")
+        if not sep:
+            parser.error(f"--set {kv!r} is not allowed; allowed: KEY=VALUE (a config key path)")
+        e2e.OVERRIDES[key] = value
     placement = e2e.Placement()
     placement.pin_engine_process()  # before any thread of this process starts
     n = args.events or (150_000 if bench.quick else 400_000)
     n_mixed = max(2, n // 10)  # ~8 KB a frame on average: a tenth of the events is about 130x the bytes
     seconds = args.seconds or (1.5 if bench.quick else 4.0)
     rtt_seconds = args.rtt_seconds or (2.0 if bench.quick else 5.0)
-    facts = {**bench.facts, **placement.facts()}
+    facts = {**bench.facts, **placement.facts(), "overrides": dict(e2e.OVERRIDES)}
     t_start = time.monotonic()
     print(f"# load average at start: {os.getloadavg()}; {placement.describe()}", file=sys.stderr, flush=True)
     progress = None

@@ -100,8 +100,9 @@ class Service:
         cfg, aff, pb = self.cfg, self.cfg.affinity, self.cfg.records.payload_bytes
         if cfg.server.tcp.enabled:
             self.tcp = TcpServer(cfg.server.tcp, engine, engine.topics, on_reject=engine.reject, cpus=aff.acceptor,
-                                 reader_cpus=aff.ingest, payload_bytes=pb, ack_default=ACK_MODES[cfg.server.ack],
-                                 tokens=tokens, on_acked=lambda lat: self.metrics.observe_stage("acked", lat),
+                                 reader_cpus=aff.ingest, reader_scheduling=cfg.scheduling.ingest, payload_bytes=pb,
+                                 ack_default=ACK_MODES[cfg.server.ack], tokens=tokens,
+                                 on_acked=lambda lat: self.metrics.observe_stage("acked", lat),
                                  payloads=engine.payloads, tls=tls, tenants=self.tenants)
             self._start_server(self.tcp, "server.tcp")
             engine.stored.follow(self.tcp.progress)

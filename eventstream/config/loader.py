@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 
 from eventstream.config.schema import Config, ConfigError
+from eventstream.runtime import scheduling
 
 
 def available_cpus() -> set[int]:
@@ -71,6 +72,11 @@ def _coerce(value: Any, tp: Any, meta: dict, source: str, path: str) -> Any:
         if missing:
             raise ConfigError(source, path, value, f"CPUs this process may run on: {sorted(have)} (missing: {missing})")
         return cpus
+    if meta.get("sched"):
+        try:
+            return str(scheduling.parse(value))
+        except ValueError:
+            raise ConfigError(source, path, value, scheduling.ALLOWED) from None
     if origin is Literal:
         choices = typing.get_args(tp)
         if isinstance(value, str):

@@ -218,6 +218,19 @@ class AffinityConfig:
 
 
 @dataclass
+class SchedulingConfig:
+    """OS scheduling policy per thread role (Linux; eventstream/runtime/scheduling.py): 'normal',
+    'normal:N', 'batch', 'batch:N', 'idle', 'fifo:P', 'rr:P'. The bulk tiers' workers run at
+    'batch:10' so that an ingest reader (which runs the realtime lane) woken on a CPU they share
+    preempts them at once; a policy the OS refuses is logged, not fatal."""
+
+    ingest: str = field(default="normal", metadata={"sched": True})  # TCP readers: they run the realtime lane
+    realtime: str = field(default="normal", metadata={"sched": True})  # es-realtime
+    transactional: str = field(default="batch:10", metadata={"sched": True})  # es-transactional-*
+    batch: str = field(default="batch:10", metadata={"sched": True})  # es-batch-*
+
+
+@dataclass
 class RealtimeConfig:
     handler: str = field(default="eventstream.engine.handlers:noop", metadata={"handler": True})
     topics: list[str] = field(default_factory=lambda: ["*"])
@@ -235,9 +248,6 @@ class TransactionalConfig:
     retry_backoff_ms: float = field(default=10.0, metadata={"range": (0.0, 60_000.0)})
     workers: int = field(default=1, metadata={"range": (1, 64)})
     max_workers: int = field(default=2, metadata={"range": (1, 64)})
-    # lower this tier's scheduling priority by this much (0..19; 0 = as the rest of the engine). Measured
-    # on 2 cores: 10 starved the tier (its ACKs waited 100s of ms) without helping realtime latency
-    nice: int = field(default=0, metadata={"range": (0, 19)})
     # caller runs: an ingest reader handles this tier's events itself when their queue partition is idle
     # (no thread handoff, no wake-up: less CPU per event). Off by default: the handler then runs on
     # ingest threads, so a slow or blocking handler stalls that reader, realtime events included (with
@@ -253,9 +263,6 @@ class BatchConfig:
     window_s: float = field(default=5.0, metadata={"range": (0.001, 86400.0)})
     workers: int = field(default=1, metadata={"range": (1, 64)})
     max_workers: int = field(default=2, metadata={"range": (1, 64)})
-    # lower this tier's scheduling priority by this much (0..19; 0 = as the rest of the engine). Measured
-    # on 2 cores: 10 starved the tier (its ACKs waited 100s of ms) without helping realtime latency
-    nice: int = field(default=0, metadata={"range": (0, 19)})
     # caller runs: an ingest reader handles this tier's events itself when their queue partition is idle
     # (no thread handoff, no wake-up: less CPU per event). Off by default: the handler then runs on
     # ingest threads, so a slow or blocking handler stalls that reader, realtime events included (with
@@ -413,6 +420,7 @@ class Config:
     numa: NumaConfig = field(default_factory=NumaConfig)
     queues: QueuesConfig = field(default_factory=QueuesConfig)
     affinity: AffinityConfig = field(default_factory=AffinityConfig)
+    scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
     processors: ProcessorsConfig = field(default_factory=ProcessorsConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     backpressure: BackpressureConfig = field(default_factory=BackpressureConfig)

@@ -78,7 +78,7 @@ class ProcessManager:
             max_batch=cfg.queues.max_batch,
             topics=getattr(cfg.processors, tier).topics,
             dedups=self.dedups[tier] if self.dedups is not None else None,
-            nice=0 if tier == "realtime" else getattr(cfg.processors, tier).nice,
+            scheduling=getattr(cfg.scheduling, tier),
         )
         if tier == "realtime":
             return RealtimeProcessor(self.bus["realtime"], self.sinks, self.handlers["realtime"], **common)

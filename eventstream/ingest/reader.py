@@ -69,6 +69,7 @@ from eventstream.ingest.tenants import Tenants
 from eventstream.ingest.tls import handshake_step
 from eventstream.protocol.decoder import FrameDecoder
 from eventstream.runtime.affinity import pin_current_thread
+from eventstream.runtime.scheduling import apply_current_thread
 
 log = structlog.get_logger("eventstream.ingest.tcp")
 
@@ -107,6 +108,7 @@ class Reader(threading.Thread):
         self.delivery = delivery
         self.stats = stats
         self.cpus = cpus
+        self.scheduling = "normal"  # the OS policy this thread asks for (runtime/scheduling.py); set by TcpServer
         self.payload_bytes = payload_bytes
         self.payloads = payloads  # PayloadArena for payloads over payload_bytes (None: refused)
         self.on_acked = on_acked  # callable(latencies_ns): decode-to-ACK of every event an ACK covers
@@ -196,6 +198,7 @@ class Reader(threading.Thread):
     # ---------------------------------------------------------------- the loop
     def run(self) -> None:
         pin_current_thread(self.cpus, self.name)
+        apply_current_thread(self.scheduling, self.name)
         sel = self._sel
         sel.register(self._wake_r, selectors.EVENT_READ, None)
         next_idle_check = next_frame_check = time.monotonic() + 1.0

@@ -68,6 +68,7 @@ class TcpServer:
         on_reject=None,
         cpus=None,
         reader_cpus=None,
+        reader_scheduling: str = "normal",
         payload_bytes: int = 448,
         ack_default: int = ACK_STORED,
         tokens: TokenSet | None = None,
@@ -88,6 +89,7 @@ class TcpServer:
         self.on_reject = on_reject
         self.cpus = list(cpus or [])
         self.reader_cpus = list(reader_cpus or [])
+        self.reader_scheduling = reader_scheduling  # the readers' OS policy (runtime/scheduling.py)
         self.payload_bytes = payload_bytes
         self.payloads = payloads
         self.ack_default = ack_default
@@ -154,6 +156,7 @@ class TcpServer:
                 payloads=self.payloads,
                 tenants=self.tenants,
             )
+            r.scheduling = self.reader_scheduling
             self._stats.append(stats)
             self._readers.append(r)
             self.budget.readers.append(r)

@@ -56,19 +56,3 @@ def pin_current_thread(cpus: Iterable[int] | None, role: str | None = None, *, s
         return sorted(os.sched_getaffinity(0))
     log.debug("pinned", role=role, cpus=wanted, native_id=threading.get_native_id())
     return wanted
-
-
-def nice_current_thread(nice: int, role: str | None = None) -> bool:
-    """Lower the calling thread's scheduling priority by `nice` (Linux: per thread, no privileges
-    needed to lower it). Bulk tiers run niced so that, on a CPU they share with the latency path
-    (ingest readers, the realtime processor), a woken reader preempts a bulk batch at once instead of
-    waiting for the scheduler's next slice. False when the OS refused (the thread runs unchanged)."""
-    if not nice:
-        return True
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
-        return True
-    except (OSError, AttributeError) as exc:
-        log.warning("nice_failed", role=role or threading.current_thread().name, nice=nice, error=str(exc))
-        return False

@@ -31,7 +31,8 @@ from eventstream.core.topics import TopicTable
 from eventstream.engine import idempotency
 from eventstream.engine.bus import Queue
 from eventstream.engine.handlers import Handler, TopicFilter, noop
-from eventstream.runtime.affinity import nice_current_thread, pin_current_thread
+from eventstream.runtime import scheduling as sched
+from eventstream.runtime.affinity import pin_current_thread
 
 log = structlog.get_logger("eventstream.processor")
 
@@ -99,7 +100,7 @@ class Processor(threading.Thread):
         max_batch: int = 4096,
         poll_timeout: float = 0.002,
         dedups: list | None = None,
-        nice: int = 0,
+        scheduling: str = "normal",
     ):
         super().__init__(name=f"es-{self.kind}-{worker}", daemon=True)
         self.queue = queue
@@ -111,7 +112,7 @@ class Processor(threading.Thread):
         self.cpus = list(cpus)
         self.max_batch = max_batch
         self.poll_timeout = poll_timeout
-        self.nice = nice
+        self.scheduling = sched.parse(scheduling)  # the OS policy the thread asks for (runtime/scheduling.py)
         # one Deduplicator per partition of this tier (engine/idempotency.py), or None: no dedup
         if dedups is not None and len(dedups) != queue.partitions:
             raise ValueError(
@@ -142,7 +143,7 @@ class Processor(threading.Thread):
 
     def run(self) -> None:
         pin_current_thread(self.cpus, self.name)
-        nice_current_thread(self.nice, self.name)
+        sched.apply_current_thread(self.scheduling, self.name)
         parts = self.queue.partitions
         idle_sleep = 0.0
         try:
