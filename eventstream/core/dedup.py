@@ -170,8 +170,9 @@ class Deduplicator:
         return self.seen_probe(ids, tags, now)[0]
 
     def seen_probe(self, ids, tags, now=None) -> tuple[np.ndarray, np.ndarray, IdTable]:
-        """seen(), plus where each pair sits in the table now: (seen, slots, table), slot -1 = absent
-        (an expired pair is not seen but has a slot). For `commit_probed`."""
+        """seen(), plus where each pair sits in the table now: (seen, slots, table), a slot < 0 =
+        absent (-1 for id 0; else `IdTable.probe`'s -(empty slot + 2), where commit_probed puts it;
+        an expired pair is not seen but has a slot). For `commit_probed`."""
         ids, tags = self._pairs(ids, tags)
         now_ns = self._now_ns(now)
         t = self._table
@@ -179,7 +180,7 @@ class Deduplicator:
         slot_of = np.full(len(ids), -1, dtype=np.int64)
         nz = np.flatnonzero(ids)  # id 0 is "no id": never seen (it would match an empty slot)
         if len(nz):
-            slots = t.lookup(ids[nz], tags[nz])
+            slots = t.probe(ids[nz], tags[nz])
             slot_of[nz] = slots
             found = slots >= 0
             out[nz[found]] = ~self._expired(t.stamps[slots[found]], now_ns)
@@ -197,7 +198,7 @@ class Deduplicator:
             table.stamps[slots[present]] = now_ns
         new = ~present & (ids != 0)
         if new.any():
-            self._insert(ids[new], tags[new], now_ns, now_ns)
+            self._insert(ids[new], tags[new], now_ns, now_ns, ends=-2 - slots[new], probed=table)
         return None
 
     def commit(self, ids, tags, now=None) -> None:
@@ -269,14 +270,29 @@ class Deduplicator:
         if not found.all():
             self._insert(ids[~found], tags[~found], stamps[~found], now_ns)
 
-    def _insert(self, ids: np.ndarray, tags: np.ndarray, stamps, now_ns: int) -> None:
+    def _insert(
+        self,
+        ids: np.ndarray,
+        tags: np.ndarray,
+        stamps,
+        now_ns: int,
+        ends: np.ndarray | None = None,
+        probed: IdTable | None = None,
+    ) -> None:
         """Insert pairs absent from the current table (a pair may repeat: it keeps its newest stamp),
         stamped `stamps` (one clock ns for all, or one each); `now_ns` decides what has expired if
-        the table is rebuilt to make room."""
+        the table is rebuilt to make room. `ends`: for distinct pairs, the empty slots where a probe
+        of table `probed` ended (IdTable.place), used while that table is still the one in use."""
         if np.isscalar(stamps):
             stamps = np.full(len(ids), stamps, dtype=np.uint64)
         t = self._room(len(ids), now_ns)
         keep = int(t.buckets * self.max_load)
+        if ends is not None and t is probed and len(ids) <= keep:
+            rest = t.place(ids, tags, stamps, ends)
+            self._used += len(ids) - int(rest.sum())
+            if rest.any():
+                self._used += t.upsert_bulk(ids[rest], tags[rest], stamps[rest])
+            return
         if len(ids) > keep:  # more than the bound holds: the newest part fits
             order = np.argsort(stamps, kind="stable")
             drop = len(ids) - keep

@@ -28,6 +28,7 @@ _G1 = 0x9E3779B97F4A7C15
 _G2 = 0xC2B2AE3D27D4EB4F
 _M64 = (1 << 64) - 1
 BYTES_PER_BUCKET = 8 + 8 + 8  # ids, stamps, tags
+_TAIL = 8  # probe() and upsert_bulk(): pairs left when they finish them one by one with plain ints
 
 
 class IdTable:
@@ -88,18 +89,63 @@ class IdTable:
 
     def lookup(self, ids: np.ndarray, tags: np.ndarray) -> np.ndarray:
         """Slot of each pair, or -1 where absent (vectorized probing)."""
+        slot_of = self.probe(ids, tags)
+        slot_of[slot_of < 0] = -1
+        return slot_of
+
+    def probe(self, ids: np.ndarray, tags: np.ndarray) -> np.ndarray:
+        """Like `lookup`, but an absent pair gets `-(e + 2)`, where `e` is the empty slot that ended
+        its probe: where it belongs if it is inserted before anything else is (`place`)."""
         slot_of = np.full(len(ids), -1, dtype=np.int64)
         home = self.home(ids, tags)
         active = np.arange(len(ids))
         for probe in range(self.buckets):
-            if not len(active):
+            if len(active) <= _TAIL:  # a few long chains left: plain ints beat numpy rounds
+                for j in active.tolist():
+                    slot_of[j] = self._probe_int(int(ids[j]), int(tags[j]), (int(home[j]) + probe) & self.mask)
                 break
             slots = (home[active] + probe) & self.mask
             k = self.ids[slots]
             hit = (k == ids[active]) & (self.tags[slots] == tags[active])
             slot_of[active[hit]] = slots[hit]
-            active = active[(k != 0) & ~hit]
+            empty = k == 0
+            slot_of[active[empty]] = -2 - slots[empty]
+            active = active[~empty & ~hit]
         return slot_of
+
+    def _probe_int(self, i: int, tag: int, pos: int) -> int:
+        """probe() of one pair (plain ints) from slot `pos` of its chain on."""
+        ids, tags, mask = self.ids, self.tags, self.mask
+        while True:
+            cur = int(ids[pos])
+            if cur == i and int(tags[pos]) == tag:
+                return pos
+            if cur == 0:
+                return -2 - pos
+            pos = (pos + 1) & mask
+
+    def place(self, ids: np.ndarray, tags: np.ndarray, stamps: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """Insert DISTINCT absent pairs at the empty slots `ends` where `probe` ended their probes
+        (nothing inserted since): one write per pair instead of probing again. Linear probing puts a
+        pair in the first empty slot of its chain, which is that slot; no other pair's chain runs
+        through an empty slot, so filling it moves no one. Pairs whose slot another pair of the batch
+        took first (or that have none, end < 0) are not placed: returns their mask, for
+        `upsert_bulk`."""
+        n = len(ends)
+        later = np.zeros(n, dtype=bool)
+        if n > 1:  # the first pair of each end slot takes it
+            order = np.argsort(ends, kind="stable")
+            same = ends[order[1:]] == ends[order[:-1]]
+            later[order[1:][same]] = True
+        later |= ends < 0
+        ok = ~later
+        at = ends[ok]
+        if len(at) and self.ids[at].any():  # the contract was broken (a commit in between): probe again
+            return np.ones(n, dtype=bool)
+        self.ids[at] = ids[ok]
+        self.tags[at] = tags[ok]
+        self.stamps[at] = stamps[ok]
+        return later
 
     def upsert_bulk(self, ids: np.ndarray, tags: np.ndarray, stamps: np.ndarray) -> int:
         """Vectorized: a pair already present keeps the newer of its stamps, an absent one is inserted;
@@ -108,6 +154,16 @@ class IdTable:
         pending = np.arange(len(ids))
         filled = 0
         while len(pending):
+            if len(pending) <= _TAIL:  # a few left: one by one with plain ints (repeats see each other)
+                for j in pending.tolist():
+                    at = self._probe_int(int(ids[j]), int(tags[j]), int(pos[j]))
+                    if at >= 0:
+                        self.stamps[at] = max(int(self.stamps[at]), int(stamps[j]))
+                    else:
+                        at = -2 - at
+                        self.ids[at], self.tags[at], self.stamps[at] = ids[j], tags[j], stamps[j]
+                        filled += 1
+                break
             slots = pos[pending]
             cur = self.ids[slots]
             same = (cur == ids[pending]) & (self.tags[slots] == tags[pending])

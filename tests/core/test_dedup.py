@@ -162,10 +162,36 @@ def test_probed_commit_refreshes_expired_pairs_and_inserts_new_ones_once():
         ids, tags = pairs([11, 12, 13, 14, 0], [1, 1, 1, 1, 1])
         seen, slots, table = d.seen_probe(ids, tags)
         assert seen.tolist() == [False] * 5
-        assert (slots[:2] >= 0).all() and (slots[2:] == -1).all()
+        assert (slots[:2] >= 0).all() and (slots[2:] < 0).all()
         d.commit_probed(ids, tags, slots, table)
         assert d.seen(ids, tags).tolist() == [True, True, True, True, False]
         assert d.statistics()["entries"] == 4  # refreshed in place, not inserted twice
+
+
+def test_probed_commits_place_pairs_where_their_probe_ended_and_agree_with_a_set():
+    """commit_probed puts absent pairs into the empty slot that ended their probe (IdTable.place);
+    pairs of one batch ending at the same slot, long chains (a crowded small table) and pairs
+    probed but then committed by someone else first all end up stored exactly once."""
+    rng = np.random.default_rng(5)
+    ref: set[tuple[int, int]] = set()
+    with Deduplicator(64, 3600.0, max_load=0.9) as d:
+        for _ in range(300):
+            ids = rng.integers(1, 400, 24).astype(U64)
+            tags = rng.integers(0, 3, 24).astype(U32)
+            keys = {(int(i), int(t)) for i, t in zip(ids, tags, strict=True)}
+            _, at = np.unique(np.stack([ids, tags.astype(U64)]), axis=1, return_index=True)
+            first = np.zeros(24, dtype=bool)
+            first[at] = True  # distinct pairs, as the processors commit them
+            seen, slots, table = d.seen_probe(ids, tags)
+            assert seen.tolist() == [(int(i), int(t)) in ref for i, t in zip(ids, tags, strict=True)]
+            if rng.random() < 0.1:  # committed elsewhere between the probe and the commit
+                d.commit(ids[:3], tags[:3])
+            d.commit_probed(ids[first], tags[first], slots[first], table)
+            ref |= keys
+            assert len(d) == len(ref)
+        everything = np.array(sorted(ref), dtype=np.uint64)
+        assert d.seen(everything[:, 0], everything[:, 1].astype(U32)).all()
+        assert d._table.occupied() == len(ref)
 
 
 def test_probed_commit_after_a_rebuild_falls_back_to_a_fresh_lookup():
