@@ -158,7 +158,7 @@ class Deduplicator:
             self.evicted += drop
             self.evictions += 1
         table = IdTable(buckets, None, self._node)
-        table.upsert_bulk(ids, tags, stamps)
+        table.build(ids, tags, stamps)  # distinct pairs into an empty table: by sorting, not probing
         self._table = table
         self._used = len(ids)
         self.removed += removed
