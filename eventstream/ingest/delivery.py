@@ -135,6 +135,9 @@ class Delivery:
                 log.error("sink_failed", error=repr(exc), records=len(records))
                 off = None
                 dropped.append((records, indices, "sink_failed"))
+            if off is not None and off.held is None and not off.refused and not errors:  # all went in (the usual)
+                stats.frames_accepted += off.placed
+                return Delivered(off.placed, off.marks, None, None, b"")
             if off is not None:
                 accepted = off.placed
                 marks = off.marks

@@ -370,7 +370,7 @@ class Reader(threading.Thread):
         c.last_active = now
         c.window_bytes += n
         self.stats.bytes_received += n
-        if isinstance(c.sock, ssl.SSLSocket) and c.sock.pending():
+        if self.tls is not None and isinstance(c.sock, ssl.SSLSocket) and c.sock.pending():
             self.tls_pending.add(c)  # decrypted bytes the selector cannot see: read them next round
         step = c.receive(memoryview(self._buf)[:n], now)
         if step.refusal:
