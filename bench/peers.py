@@ -16,7 +16,9 @@ little: one thread writes, one reads and counts replies):
   and the server's CPU time per round trip (/proc/<pid>/stat, all its threads);
 * `pipelined`: --events 64-byte events written as fast as the server answers, at most 20,000 of them
   unanswered (async publishing with a bound, the same for all three), timed to the last ACK;
-* `mixed`: --mixed-events events of 16 B..16 KB (uniform, seeded), events/s and MB/s of payload.
+* `mixed`: --mixed-events events of 16 B..16 KB (uniform, seeded; --mixed-bytes LO:HI for other sizes,
+  e.g. 1048000:1048000 for payloads of about 1 MiB), events/s, MB/s of payload and the server's CPU
+  time per MB of payload (all its threads, as for rtt).
 
 eventstream runs each with single v2 frames and with BATCH frames (--batch events per frame, at most
 256 KiB). Ratios: eventstream / peer (throughput: higher is better; rtt: lower is better).
@@ -28,7 +30,7 @@ by one reader, so one connection can use one CPU for decoding at most). Per row:
 of --repeats runs, the client's CPU seconds inside the timed windows and the engine's CPU seconds
 per thread role (threads named in /proc by the bench's launcher).
 
-    python bench/peers.py [--events N] [--mixed-events N] [--repeats R] [--server-cpus 0] [--client-cpus 1]
+    python bench/peers.py [--events N] [--mixed-events N] [--mixed-bytes LO:HI] [--repeats R] [--server-cpus 0] [--client-cpus 1]
                           [--only eventstream,redis,nats] [--figures pipelined,mixed,rtt] [--json]
     python bench/peers.py --scaling [--connections 2] [--repeats R] [--json]
 """
@@ -423,6 +425,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="bench/peers.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--events", type=int, default=200_000, help="64-byte events per pipelined run (default 200000)")
     p.add_argument("--mixed-events", type=int, default=20_000, help="16 B-16 KB events per run (default 20000)")
+    p.add_argument("--mixed-bytes", default="16:16384", help="payload sizes of the mixed figure, LO:HI bytes "
+                   "(uniform, seeded; default 16:16384)")
     p.add_argument("--rtt-events", type=int, default=1000, help="round trips per run (default 1000, 1 per ms)")
     p.add_argument("--batch", type=int, default=1000, help="events per eventstream BATCH frame (default 1000)")
     p.add_argument("--repeats", type=int, default=3, help="runs per figure, median reported (default 3)")
@@ -453,7 +457,10 @@ def main(argv=None) -> None:
     os.sched_setaffinity(0, client_cpus)
     facts.update(server_cpus=server_cpus, client_cpus=client_cpus, load_avg_1m_start=facts.pop("load_avg_1m"))
     rows: list[dict] = []
-    mixed = payload_sizes(args.mixed_events, 16, 16384)
+    lo, _, hi = args.mixed_bytes.partition(":")
+    if not (lo.isdigit() and hi.isdigit() and 0 <= int(lo) <= int(hi)):
+        raise SystemExit(f"--mixed-bytes {args.mixed_bytes!r}: allowed: LO:HI, two byte counts with LO <= HI")
+    mixed = payload_sizes(args.mixed_events, int(lo), int(hi))
     small = np.full(args.events, 64)
     only = set(args.only.split(","))
     figures = set(args.figures.split(","))
@@ -476,9 +483,14 @@ def main(argv=None) -> None:
                     pipe = [throughput(system, small)[0] for _ in range(args.repeats)]
                     row["pipelined_64B_ev_s"] = median(pipe)
                 if "mixed" in figures:
-                    mix = [throughput(system, mixed) for _ in range(args.repeats)]
+                    mix = []
+                    for _ in range(args.repeats):
+                        cpu0 = cpu_seconds(server.proc.pid)
+                        ev_s, mb_s = throughput(system, mixed)
+                        mix.append((ev_s, mb_s, (cpu_seconds(server.proc.pid) - cpu0) / (mixed.sum() / 1e6) * 1e6))
                     row["mixed_ev_s"] = median([m[0] for m in mix])
                     row["mixed_MB_s"] = median([m[1] for m in mix])
+                    row["mixed_server_cpu_us_per_MB"] = median([m[2] for m in mix])
                 if "rtt" in figures and system.frame == "single":  # a round trip is one event: single frames only
                     rt = [round_trip(system, args.rtt_events) for _ in range(args.repeats)]
                     row["rtt_p50_us"] = median([r[0] for r in rt])
@@ -497,7 +509,8 @@ def main(argv=None) -> None:
         print(json.dumps({"facts": facts, "rows": rows, "ratios": ratios}))
         return
     print(format_facts(facts))
-    print(format_table(rows, ["system", "pipelined_64B_ev_s", "mixed_ev_s", "mixed_MB_s", "rtt_p50_us", "rtt_p99_us",
+    print(format_table(rows, ["system", "pipelined_64B_ev_s", "mixed_ev_s", "mixed_MB_s", "mixed_server_cpu_us_per_MB",
+                              "rtt_p50_us", "rtt_p99_us",
                               "rtt_server_cpu_us"]))
     print()
     print(format_table(ratios, ["eventstream", "peer", "pipelined_64B", "mixed_MB_s", "rtt_p50", "rtt_server_cpu"]))

@@ -15,10 +15,10 @@ kept as four 256-entry tables (one per byte of v, built on first use). shift(v, 
 applies the map of each set bit j of n: four lookups and three XORs per bit, about 1 µs each.
 
 COMBINE_MIN_BYTES is the one threshold: below it a plain zlib.crc32 over the bytes is cheaper than
-shift (measured with bench/crc.py on the 2-core dev machine, 2026-12-07: zlib.crc32 runs at about
-1 GB/s, shift of a 16 KiB length takes about 6 µs, as long as zlib.crc32 over 6 KB); the decoder
-keeps a payload's CRC for the log writer only from this size on, and the writer recomputes
-everything below it.
+shift (bench/crc.py on the 2-core dev machine, 2026-12-07: zlib.crc32 runs at about 1 GB/s, recrc
+takes 20-25 µs whatever the length, so they cross at 16 KiB; docs/benchmarks.md); the decoder keeps
+a payload's CRC for the log writer only from this size on, and the writer recomputes everything
+below it.
 """
 
 from __future__ import annotations
