@@ -30,8 +30,9 @@ by one reader, so one connection can use one CPU for decoding at most). Per row:
 of --repeats runs, the client's CPU seconds inside the timed windows and the engine's CPU seconds
 per thread role (threads named in /proc by the bench's launcher).
 
-    python bench/peers.py [--events N] [--mixed-events N] [--mixed-bytes LO:HI] [--repeats R] [--server-cpus 0] [--client-cpus 1]
-                          [--only eventstream,redis,nats] [--figures pipelined,mixed,rtt] [--json]
+    python bench/peers.py [--events N] [--mixed-events N] [--mixed-bytes LO:HI] [--repeats R]
+                          [--server-cpus 0] [--client-cpus 1] [--only eventstream,redis,nats]
+                          [--figures pipelined,mixed,rtt] [--json]
     python bench/peers.py --scaling [--connections 2] [--repeats R] [--json]
 """
 
@@ -688,7 +689,9 @@ def ratio_rows(rows: list[dict]) -> list[dict]:
                 row["mixed_MB_s"] = round(a["mixed_MB_s"] / b["mixed_MB_s"], 2)
             if "rtt_p50_us" in a and "rtt_p50_us" in b:
                 row["rtt_p50"] = round(a["rtt_p50_us"] / b["rtt_p50_us"], 2)
-                row["rtt_server_cpu"] = round(a["rtt_server_cpu_us"] / b["rtt_server_cpu_us"], 2)
+                # None when the peer's CPU time was below the clock tick (a short run)
+                cpu = b["rtt_server_cpu_us"]
+                row["rtt_server_cpu"] = round(a["rtt_server_cpu_us"] / cpu, 2) if cpu else None
             out.append(row)
     return out
 
