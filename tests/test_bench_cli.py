@@ -37,3 +37,31 @@ def test_scaling_json_rows_on_simulated_nodes(tmp_path):
     for r in rows:
         assert r["simulated"] is True and r["threads"] == 1 and r["events_per_s"] > 0
     assert "SIMULATED" in out.stderr
+
+
+def test_peers_variants_of_one_server_send_distinct_event_ids():
+    """bench/peers.py's single and BATCH variants share one eventstream server: their event ids must
+    not repeat, or the server's dedup skips the second variant's events (ACKed, never stored)."""
+    import importlib.util
+
+    import numpy as np
+
+    from eventstream.core.topics import TopicTable
+    from eventstream.protocol.decoder import FrameDecoder
+
+    spec = importlib.util.spec_from_file_location("bench_peers", ROOT / "bench" / "peers.py")
+    peers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peers)
+
+    class OneServer:  # what System reads of a server: where the ids it handed out end
+        sent = 0
+
+    server = OneServer()
+    dec = FrameDecoder(TopicTable())
+    ids = []
+    for frame in ("single", "batch", "single", "batch"):
+        data = peers.System(frame, server, frame, 7).encode(np.full(20, 16))
+        records, errors = dec.feed(data)
+        assert not errors and len(records) == 20
+        ids += records["event_id"].tolist()
+    assert len(set(ids)) == len(ids) == 80
