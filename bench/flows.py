@@ -21,7 +21,8 @@ Every run's results are checked against numpy (the window counts must be exact).
 --log-input measures what the flows runtime does before the operators instead: the N events (and
 N/10 of a topic the flow does not read) stored in an events.bin by EventLog, then read back by a
 flow's LogTail in 1 MiB chunks and turned into Batches (FlowRunner._batch: topic test, event time,
-offsets, payloads), events/s of the flow's topic.
+offsets, payloads), events/s of the flow's topic; then the same with the batch_aggregate flow run
+over each Batch on 1 partition thread (its Dtype serde decodes the payloads).
 
 `--json` prints one object with batch_aggregate_events_per_s, python_window_events_per_s,
 python_map_reduce_events_per_s (2 threads, GIL off), scaling_2v1_gil_off, scaling_2v1_gil_on and the rest.
@@ -179,16 +180,26 @@ def log_input(args) -> dict:
                 elog.append(recs)
         index = SegmentIndex(path, Path(tmp) / "segments.json", dtype)
         ports = Ports(path, dtype, topics, lambda r: None, lambda *a: None, Path(tmp), index)
-        runner = FlowRunner(flow_python_window(lambda v: None), ports)
-        tail = LogTail(path, dtype, index, chunk_bytes=1 << 20)
-        t0 = time.perf_counter()
-        n = 0
-        while (got := tail.read_batch()) is not None:
-            n += len(runner._batch(got))
-        secs = time.perf_counter() - t0
-        tail.close()
-    assert n == args.events, (n, args.events)
-    return {"events": args.events, "log_input_events_per_s": round(n / secs)}
+        runner = FlowRunner(flow_batch_aggregate(lambda v: None), ports)
+        rates = {}
+        for name in ("log_input", "log_to_batch_aggregate"):
+            parts = PartitionThreads(Executor(runner.flow, 1), "bench-log").start() if name != "log_input" else None
+            tail = LogTail(path, dtype, index, chunk_bytes=1 << 20)
+            t0 = time.perf_counter()
+            n = 0
+            while (got := tail.read_batch()) is not None:
+                b = runner._batch(got)
+                n += len(b)
+                if parts is not None:
+                    _, dead = parts.step(b)
+                    assert not dead, dead[:1]
+            secs = time.perf_counter() - t0
+            tail.close()
+            if parts is not None:
+                parts.stop()
+            assert n == args.events, (n, args.events)
+            rates[f"{name}_events_per_s"] = round(n / secs)
+    return {"events": args.events, **rates}
 
 
 def child(args) -> dict:
@@ -232,7 +243,8 @@ def main() -> int:
     if args.log_input:
         r = log_input(args)
         print(json.dumps(r) if args.json else f"flows log input: {r['log_input_events_per_s']:,} events/s "
-              f"({args.events:,} events of 64 bytes read from events.bin into Batches)")
+              f"({args.events:,} events of 64 bytes read from events.bin into Batches); with the batch_aggregate "
+              f"flow on 1 thread: {r['log_to_batch_aggregate_events_per_s']:,} events/s")
         return 0
     arr, batches = make_input(args.events, args.keys, args.batch)
     rates: dict[str, dict[int, float]] = {}

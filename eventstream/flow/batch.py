@@ -16,6 +16,10 @@ same length.
     topic   int32 index of the source topic (Batch.topics names them), for dead letters
 
 Per-event operators iterate `values`; whole-batch operators receive the column itself.
+
+A batch read from the log carries its payloads as a `Payloads` column (the bytes read and each
+payload's start and length, no object per event) until the source's serde decodes them: Dtype with
+one numpy.frombuffer over the joined block, the other serdes from one bytes object per payload.
 """
 
 from __future__ import annotations
@@ -25,6 +29,48 @@ from collections.abc import Sequence
 import numpy as np
 
 _EMPTY_I64 = np.zeros(0, dtype=np.int64)
+
+
+class Payloads:
+    """The payloads of events read from the log: `data` (the bytes read) with each payload's `starts`
+    and `lens` (int64 arrays). Slicing and take() make new columns over the same bytes; one bytes
+    object per payload exists only once something iterates or indexes them (tolist())."""
+
+    __slots__ = ("data", "starts", "lens")
+
+    def __init__(self, data: bytes, starts: np.ndarray, lens: np.ndarray):
+        self.data = data
+        self.starts = starts
+        self.lens = lens
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return Payloads(self.data, self.starts[i], self.lens[i])
+        s = int(self.starts[i])
+        return self.data[s : s + int(self.lens[i])]
+
+    def __iter__(self):
+        return iter(self.tolist())
+
+    def take(self, idx: np.ndarray) -> Payloads:
+        return Payloads(self.data, self.starts[idx], self.lens[idx])
+
+    def tolist(self) -> list[bytes]:
+        return list(map(self.data.__getitem__, map(slice, self.starts.tolist(), (self.starts + self.lens).tolist())))
+
+    def joined(self) -> bytes:
+        """Every payload, in order, back to back (one slice when they lie so in `data`, as a batch
+        entry's do)."""
+        n = len(self.starts)
+        if n == 0:
+            return b""
+        ends = self.starts + self.lens
+        if n == 1 or bool((self.starts[1:] == ends[:-1]).all()):
+            return self.data[int(self.starts[0]) : int(ends[-1])]
+        return b"".join(self.tolist())
 
 
 class Batch:
@@ -107,9 +153,11 @@ def merge_in_order(batches: Sequence[Batch]) -> Batch:
 
 
 def take(column, idx: np.ndarray):
-    """column[idx] for a numpy column, a list comprehension for a list."""
+    """column[idx] for a numpy column or Payloads, a list comprehension for a list."""
     if isinstance(column, np.ndarray):
         return column[idx]
+    if isinstance(column, Payloads):
+        return column.take(idx)
     return [column[i] for i in idx.tolist()]
 
 

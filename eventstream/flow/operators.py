@@ -23,7 +23,7 @@ import numpy as np
 
 from eventstream.flow import ids
 from eventstream.flow.aggregators import Aggregator, Fold, Vector
-from eventstream.flow.batch import Batch, as_list, merge_in_order
+from eventstream.flow.batch import Batch, Payloads, as_list, merge_in_order
 from eventstream.flow.watermarks import MIN_TS, BoundedOutOfOrderness
 from eventstream.flow.windows import Session, WindowResult
 
@@ -158,7 +158,10 @@ class Source(Op):
     def process(self, batch, ctx):
         if not len(batch):
             return Batch.empty()
-        values, bad = self.serde.decode(batch.values)
+        values = batch.values
+        if isinstance(values, Payloads) and not self.serde.takes_payloads:
+            values = values.tolist()
+        values, bad = self.serde.decode(values)
         out = batch.replace(values=values)
         if bad:
             self.n_errors += len(bad)

@@ -44,7 +44,7 @@ import structlog
 from eventstream.flow import records as flow_records
 from eventstream.flow import serde as serdes
 from eventstream.flow import state as snapshots
-from eventstream.flow.batch import Batch, as_list
+from eventstream.flow.batch import Batch, Payloads, as_list
 from eventstream.flow.flow import Flow
 from eventstream.flow.plan import Executor
 from eventstream.flow.sinks import Call, NatsSubject, Topic
@@ -257,8 +257,8 @@ class FlowRunner:
     # ------------------------------------------------------------------ input
     def _batch(self, events: TailBatch) -> Batch:
         """The events of the flow's topics as a Batch of payloads (decoding happens per slice), from
-        the log's columns: the topic test per distinct topic, the columns with numpy; what is left
-        per event is one bytes object per payload (what the serdes decode)."""
+        the log's columns with a constant number of numpy operations: the topic test per distinct
+        topic, event time, offsets, and the payloads as a Payloads column over the bytes read."""
         r = events.rows
         tids = r["topic"]
         first = int(tids[0])
@@ -276,9 +276,7 @@ class FlowRunner:
                 r, topic = r[keep], topic[keep]
                 if not len(r):
                     return Batch.empty()
-        data = events.data
-        pos = r["pos"]
-        payloads = list(map(data.__getitem__, map(slice, pos.tolist(), (pos + r["payload_len"]).tolist())))
+        payloads = Payloads(events.data, r["pos"].astype(np.int64), r["payload_len"].astype(np.int64))
         pts = r["producer_ts"].astype(np.int64)
         ts = np.where(pts != 0, pts, r["stored_ns"].astype(np.int64))
         seq = r["offset"].astype(np.int64)

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from eventstream.flow.batch import Payloads
+
 
 class SerdeError(ValueError):
     """A value cannot be encoded for an output (the message says which value and what is allowed)."""
@@ -25,6 +27,9 @@ class SerdeError(ValueError):
 
 class Serde:
     name = "serde"
+    # True: decode() also takes a flow.batch.Payloads column (the log's bytes, no object per event);
+    # False: it gets a list of bytes
+    takes_payloads = False
 
     def decode(self, payloads: list[bytes]) -> tuple[Any, list[tuple[int, str]]]:
         raise NotImplementedError
@@ -89,6 +94,7 @@ class Dtype(Serde):
     """Payloads of exactly dtype.itemsize bytes, decoded for the whole batch at once."""
 
     name = "dtype"
+    takes_payloads = True
 
     def __init__(self, dtype):
         self.dtype = np.dtype(dtype)
@@ -100,6 +106,10 @@ class Dtype(Serde):
 
     def decode(self, payloads):
         size = self.dtype.itemsize
+        if isinstance(payloads, Payloads):
+            if bool((payloads.lens == size).all()):  # one slice (or join) of the log's bytes, one frombuffer
+                return np.frombuffer(payloads.joined(), dtype=self.dtype).copy(), []
+            payloads = payloads.tolist()
         if set(map(len, payloads)) <= {size}:  # the common case: one join, one frombuffer
             return np.frombuffer(b"".join(payloads), dtype=self.dtype).copy(), []
         ok = [i for i, p in enumerate(payloads) if len(p) == size]
