@@ -21,7 +21,15 @@ from collections import Counter
 from pathlib import Path
 
 from eventstream.cli.config import load_or_report
-from eventstream.cli.main import EXIT_FAILURE, EXIT_USAGE, add_client_security_args, add_config_args, client_security
+from eventstream.cli.main import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    add_client_security_args,
+    add_config_args,
+    add_frame_limit_arg,
+    client_security,
+    frame_limit_error,
+)
 from eventstream.core.records import PRIORITY_NAMES
 
 ACTIONS = ("list", "replay")
@@ -49,6 +57,7 @@ def register(sub) -> None:
     rp.add_argument("--dry-run", action="store_true", help="only count what would be sent and skipped")
     rp.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for all ACKs (default 60)")
     add_client_security_args(rp)
+    add_frame_limit_arg(rp)
     rp.set_defaults(func=run_replay)
 
 
@@ -223,12 +232,13 @@ def run_list(args) -> int:
 
 def run_replay(args) -> int:
     from eventstream.client import TcpClient
-    from eventstream.protocol.frames import EncodeError
 
     if not 1 <= args.port <= 65535:
         return _usage("replay", f"--port {args.port} is not allowed; allowed: 1..65535")
     if not args.timeout > 0:
         return _usage("replay", f"--timeout {args.timeout} is not allowed; allowed: seconds > 0")
+    if (problem := frame_limit_error(args)) is not None:
+        return _usage("replay", problem)
     opened = _open(args)
     if isinstance(opened, int):
         return opened
@@ -238,7 +248,14 @@ def run_replay(args) -> int:
     client = None
     try:
         if not args.dry_run:
-            client = TcpClient(args.host, args.port, version=2, timeout=args.timeout, **client_security(args)).connect()
+            client = TcpClient(
+                args.host,
+                args.port,
+                version=2,
+                timeout=args.timeout,
+                max_frame_bytes=args.max_frame_bytes,
+                **client_security(args),
+            ).connect()
         for e in entries:
             categories[e.category] += 1
             if not keep(e):
@@ -252,8 +269,13 @@ def run_replay(args) -> int:
                 from eventstream.protocol.frames import encode_v2
 
                 try:
-                    encode_v2(e.topic, e.payload, e.priority, event_id, e.producer_ts or 0)
-                except EncodeError as exc:
+                    frame = encode_v2(e.topic, e.payload, e.priority, event_id, e.producer_ts or 0)
+                    if len(frame) - 4 > args.max_frame_bytes:
+                        raise ValueError(
+                            f"its frame of {len(frame) - 4} bytes is larger than "
+                            f"--max-frame-bytes {args.max_frame_bytes}"
+                        )
+                except ValueError as exc:
                     invalid += 1
                     print(f"eventstream dlq replay: skipped id={e.id} ({e.ts}): {exc}", file=sys.stderr)
                     continue
@@ -267,7 +289,7 @@ def run_replay(args) -> int:
                     event_id=event_id,
                     timestamp_ns=e.producer_ts if e.producer_ts is not None else 0,
                 )
-            except EncodeError as exc:
+            except ValueError as exc:  # EncodeError, or a frame larger than --max-frame-bytes
                 invalid += 1
                 print(f"eventstream dlq replay: skipped id={e.id} ({e.ts}): {exc}", file=sys.stderr)
                 continue

@@ -74,6 +74,38 @@ def add_client_security_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_frame_limit_arg(p: argparse.ArgumentParser) -> None:
+    """--max-frame-bytes, for the commands that re-send stored events (replay, dlq replay): a log can
+    hold payloads as large as the server that wrote it allowed."""
+    lo, hi = _frame_range()
+    p.add_argument(
+        "--max-frame-bytes",
+        type=int,
+        default=1 << 20,
+        help=f"the target server's server.tcp.max_frame_bytes ({lo}..{hi}, default 1048576): events whose frame "
+        "would be larger are reported and not sent",
+    )
+
+
+def _frame_range() -> tuple[int, int]:
+    import dataclasses
+
+    from eventstream.config.schema import TcpConfig
+
+    (f,) = [f for f in dataclasses.fields(TcpConfig) if f.name == "max_frame_bytes"]
+    return f.metadata["range"]
+
+
+def frame_limit_error(args) -> str | None:
+    """What is wrong with --max-frame-bytes, or None."""
+    lo, hi = _frame_range()
+    if not lo <= args.max_frame_bytes <= hi:
+        return (
+            f"--max-frame-bytes {args.max_frame_bytes} is not allowed; allowed: {lo}..{hi} (server.tcp.max_frame_bytes)"
+        )
+    return None
+
+
 def client_security(args) -> dict:
     """Client keyword arguments (token=, ssl_context=) from add_client_security_args flags: for
     TcpClient and Subscription alike."""

@@ -16,7 +16,15 @@ import sys
 import time
 
 from eventstream.cli.dump import parse_time, resolve_path
-from eventstream.cli.main import EXIT_FAILURE, EXIT_USAGE, add_client_security_args, add_config_args, client_security
+from eventstream.cli.main import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    add_client_security_args,
+    add_config_args,
+    add_frame_limit_arg,
+    client_security,
+    frame_limit_error,
+)
 
 REPLAY_ID_BIT = 1 << 63  # marks an id derived from a server sequence number (never chosen by our clients)
 
@@ -46,6 +54,7 @@ def register(sub) -> None:
     )
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for all ACKs (default 60)")
     add_client_security_args(p)
+    add_frame_limit_arg(p)
     p.set_defaults(func=run)
 
 
@@ -59,6 +68,9 @@ def run(args) -> int:
     if not 1 <= args.port <= 65535:
         print(f"eventstream replay: --port {args.port} is not allowed; allowed: 1..65535", file=sys.stderr)
         return EXIT_USAGE
+    if (problem := frame_limit_error(args)) is not None:
+        print(f"eventstream replay: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         filters = {
             "topic": args.topic,
@@ -71,10 +83,17 @@ def run(args) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"eventstream replay: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    sent = 0
+    sent = too_large = 0
     t0 = time.monotonic()
     try:
-        client = TcpClient(args.host, args.port, version=2, timeout=args.timeout, **client_security(args)).connect()
+        client = TcpClient(
+            args.host,
+            args.port,
+            version=2,
+            timeout=args.timeout,
+            max_frame_bytes=args.max_frame_bytes,
+            **client_security(args),
+        ).connect()
         try:
             for b in batches:
                 r = b.records
@@ -86,7 +105,12 @@ def run(args) -> int:
                 pays = b.payloads()  # whole payloads, inline or stored after their record
                 for i in range(len(r)):
                     eid = replay_id(ids[i], seqs[i]) if args.keep_ids else None
-                    client.send(names[i], pays[i], priority=prios[i], event_id=eid, timestamp_ns=ts[i] or None)
+                    try:
+                        client.send(names[i], pays[i], priority=prios[i], event_id=eid, timestamp_ns=ts[i] or None)
+                    except ValueError as exc:  # the frame would exceed --max-frame-bytes
+                        too_large += 1
+                        print(f"eventstream replay: not sent: seq {seqs[i]} on {names[i]!r}: {exc}", file=sys.stderr)
+                        continue
                     sent += 1
             complete = client.wait_acked(args.timeout)
         finally:
@@ -102,7 +126,7 @@ def run(args) -> int:
     missing = sent - acked - nacked
     print(
         f"replayed {sent} events to {args.host}:{args.port} in {dt:.2f}s: acked {acked}, nacked {nacked}, "
-        f"not acknowledged {missing}"
+        f"not acknowledged {missing}" + (f", not sent (larger than --max-frame-bytes) {too_large}" if too_large else "")
     )
     if nacked:
         from collections import Counter
@@ -119,4 +143,4 @@ def run(args) -> int:
             "(allowed: a longer --timeout)",
             file=sys.stderr,
         )
-    return 0 if complete and not nacked and not missing else EXIT_FAILURE
+    return 0 if complete and not nacked and not missing and not too_large else EXIT_FAILURE

@@ -130,6 +130,8 @@ def test_usage_errors_name_the_problem_and_exit_2(dlq_dir, tmp_path, capsys):
     assert rc == 2 and "--category ' , ' is not allowed; allowed: a category name" in err
     rc, _, err = run_cli(capsys, "dlq", "replay", "--data-dir", d, "--port", "0")
     assert rc == 2 and "--port 0 is not allowed; allowed: 1..65535" in err
+    rc, _, err = run_cli(capsys, "dlq", "replay", "--data-dir", d, "--max-frame-bytes", "63")
+    assert rc == 2 and "--max-frame-bytes 63 is not allowed; allowed: 64..67108864" in err
     rc, _, err = run_cli(capsys, "dlq", "list", "--data-dir", d, "--set", "storage.nope=1")
     assert rc == 2 and "config error" in err
     with pytest.raises(SystemExit) as exc:

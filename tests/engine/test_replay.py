@@ -52,3 +52,40 @@ def test_replay_errors_are_clear(tmp_path):
     r = subprocess.run([sys.executable, "-m", "eventstream", "replay", str(tmp_path / "none.bin"), "--port", "0"],
                        capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 2 and "allowed: 1..65535" in r.stderr
+
+
+def test_replay_payloads_larger_than_the_default_frame_limit(tmp_path):
+    """A log written by a server with server.tcp.max_frame_bytes above the default holds payloads whose
+    frames the default client limit refuses: replay says which were not sent (exit 1) instead of a
+    traceback, and with --max-frame-bytes it sends them whole."""
+    big = {"server.tcp.max_frame_bytes": 4 << 20, "payloads.arena_bytes": 64 << 20}
+    a, b, c2 = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    payloads = {1: os.urandom(1536 << 10), 2: b"small"}
+
+    def cfg(data):
+        return load_config(environ={}, overrides={"server.tcp.port": 0, "server.udp.port": 0, "metrics.port": 0,
+                                                  "server.subscribe.port": 0, "storage.data_dir": str(data), **big})
+
+    with Service(cfg(a)) as svc:
+        with TcpClient("127.0.0.1", svc.tcp.address[1], max_frame_bytes=4 << 20, timeout=60) as c:
+            for eid, p in payloads.items():
+                c.send("big", p, priority=2, event_id=eid)
+            assert c.wait_acked(60) and c.acked == 2
+    env = dict(os.environ, PYTHON_GIL="0")
+    for data, extra, rc in ((b, [], 1), (c2, ["--max-frame-bytes", str(4 << 20)], 0)):
+        with Service(cfg(data)) as svc:
+            r = subprocess.run([sys.executable, "-m", "eventstream", "replay", str(a / "events.bin"),
+                                "--port", str(svc.tcp.address[1]), *extra],
+                               capture_output=True, text=True, timeout=120, env=env)
+        assert r.returncode == rc, r.stderr
+        back = EventLogReader(data / "events.bin").read()
+        got = dict(zip(back.records["event_id"].tolist(), back.payloads()))
+        if rc:
+            assert "not sent: seq" in r.stderr and "max_frame_bytes=1048576" in r.stderr, r.stderr
+            assert "not sent (larger than --max-frame-bytes) 1" in r.stdout
+            assert got == {2: b"small"}
+        else:
+            assert got == payloads
+    r = subprocess.run([sys.executable, "-m", "eventstream", "replay", str(a / "events.bin"), "--max-frame-bytes", "10"],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 2 and "--max-frame-bytes 10 is not allowed; allowed: 64..67108864" in r.stderr
