@@ -70,6 +70,7 @@ def test_config_path_from_env(tmp_path):
         ("backpressure:\n  degraded:\n    depth: 0.1\n", "backpressure.degraded.depth", ">="),
         ("server: [1, 2]\n", "server", "a mapping"),
         ("logging:\n  level: loud\n", "logging.level", "'debug'"),
+        ("processors:\n  batch:\n    nice: 5\n", "processors.batch.nice", "scheduling.batch: 'batch:N'"),
     ],
 )
 def test_errors_name_file_key_value_and_allowed(tmp_path, text, path, allowed):

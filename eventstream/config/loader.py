@@ -18,6 +18,13 @@ from eventstream.config.schema import Config, ConfigError
 from eventstream.runtime import scheduling
 
 
+# keys that earlier versions read, and what replaced them (the error says so instead of "unknown key")
+MOVED_KEYS = {
+    f"processors.{tier}.nice": f"scheduling.{tier}: 'batch:N' or 'normal:N' (N = the nice value; default 'batch:10')"
+    for tier in ("transactional", "batch")
+}
+
+
 def available_cpus() -> set[int]:
     return set(os.sched_getaffinity(0))
 
@@ -155,6 +162,9 @@ def _apply(obj: Any, data: Any, source: str, prefix: str) -> None:
         path = f"{prefix}.{key}" if prefix else str(key)
         f = fields.get(key)
         if f is None:
+            moved = MOVED_KEYS.get(path)
+            if moved is not None:
+                raise ConfigError(source, path, value, f"{moved} (this key was replaced)")
             raise ConfigError(source, path, value, f"known keys here: {', '.join(sorted(fields))} (unknown key)")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
