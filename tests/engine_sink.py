@@ -29,8 +29,18 @@ _dirs = itertools.count()
 
 
 class EngineSink:
-    def __init__(self, tmp: Path, *, payload_bytes: int = 448, capacity: int = 1024, gated: bool = False, **overrides):
-        """`capacity`: each queue's ring (a power of two); `overrides`: config keys (dotted)."""
+    def __init__(
+        self,
+        tmp: Path,
+        *,
+        payload_bytes: int = 448,
+        capacity: int = 1024,
+        gated: bool = False,
+        handlers: dict | None = None,
+        **overrides,
+    ):
+        """`capacity`: each queue's ring (a power of two); `handlers`: tier -> handler (as Service takes them);
+        `overrides`: config keys (dotted)."""
         self.data = Path(tmp) / f"engine-sink-{next(_dirs)}"
         keys = {
             "records.payload_bytes": payload_bytes,
@@ -48,7 +58,8 @@ class EngineSink:
         self.release = threading.Event()
         if not gated:
             self.release.set()
-        handlers = {tier: self._gated for tier in ("realtime", "transactional", "batch")} if gated else None
+        if gated:
+            handlers = {tier: self._gated for tier in ("realtime", "transactional", "batch")}
         self.engine = Engine(self.cfg, MetricsRegistry(), handlers=handlers)
         try:
             self.engine.open().start()

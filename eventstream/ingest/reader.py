@@ -21,7 +21,8 @@ right after its event is stored, a busy one's ACKs are coalesced by what is read
 Limits (limits.py): each connection's partial-frame bytes are accounted in the reader's total and the
 server's PartialBudget; a partial frame that makes no progress to its end within frame_timeout_s
 closes the connection (slowloris), unless the connection is held or throttled (we stopped reading it,
-so it cannot progress: its clock restarts when reading resumes). Closing releases the peer's slot in
+so it cannot progress: its clock restarts when reading resumes) and except for the time the reader
+itself was stalled (a turn of its loop over STALL_CREDIT_S: nobody was read then). Closing releases the peer's slot in
 PeerLimit. Past max_rejects_per_s rejects in a second, a connection's rejects are summarised
 (RejectMeter), and one that sends nothing valid is closed.
 
@@ -76,6 +77,7 @@ log = structlog.get_logger("eventstream.ingest.tcp")
 HELD_RETRY_S = 0.001  # how often held records are offered again (only while a queue is full)
 STOP_BUDGET_S = 4.0  # a draining stop waits at most this long for held records and final ACKs
 LINGER_S = 2.0  # a refused connection is read (and discarded) this long so its NACK is not lost to a reset
+STALL_CREDIT_S = 0.5  # a turn of the loop longer than this (a normal one takes ms) was the reader's own stall
 ACKED_BATCH = 256  # small ACKs' "acked" latencies are recorded this many at a time (or when the reader is idle)
 MAX_OUTBOX_BYTES = 4 << 20  # a client that never reads its ACKs is disconnected past this
 # a non-blocking send/recv that cannot proceed now (TLS: a record needs more bytes or room)
@@ -215,6 +217,7 @@ class Reader(threading.Thread):
                         if not c.closed and c.reading:
                             self._read(c)
                 ready = sel.select(timeout)
+                turn_started = time.monotonic()
                 if not ready and self._acked:  # idle: record what small ACKs left
                     self._record_acked()
                 for key, mask in ready:
@@ -247,6 +250,9 @@ class Reader(threading.Thread):
                             if not c.closed and c.held is None and not c.closing:
                                 c.partial_since = now  # it could not progress while throttled
                                 self._interest(c, True)
+                stalled_for = time.monotonic() - turn_started
+                if stalled_for > STALL_CREDIT_S:
+                    self._credit_stall(stalled_for)
                 if time.monotonic() >= next_frame_check:
                     next_frame_check = time.monotonic() + min(1.0, (frame_timeout or 4.0) / 4)
                     if frame_timeout:
@@ -681,6 +687,14 @@ class Reader(threading.Thread):
                 )
             elif owner is not None:
                 owner.evict(victim.conn_id)
+
+    def _credit_stall(self, seconds: float) -> None:
+        """One turn of this loop took `seconds` (the thread waited for a lock or the CPU, or a handler
+        ran long on it): nobody's socket was read meanwhile, so that time is not charged to the partial
+        frames being timed (frame_timeout_s is about the client's progress, not the server's)."""
+        for c in self.conns.values():
+            if c.partial or c.handshaking or c.preamble is not None:
+                c.partial_since += seconds
 
     def _close_stalled_frames(self, timeout: float) -> None:
         """Close connections whose partial frame has not completed within `timeout` seconds while

@@ -4,6 +4,7 @@ frame-progress timeout (slowloris), and the bound on bytes held in partial frame
 from __future__ import annotations
 
 import socket
+import threading
 
 import pytest
 
@@ -127,3 +128,30 @@ def test_limit_keys_are_validated_by_name():
         load_config(overrides={"server.tcp.max_partial_bytes": 1000}, environ={})
     with pytest.raises(ConfigError, match="server.max_topics"):
         load_config(overrides={"server.max_topics": 0}, environ={})
+
+
+def test_the_readers_own_stall_is_not_charged_to_a_partial_frame(tcp_server, engine_sinks):
+    """A realtime handler runs on the reader (the inline lane): while it takes 2.5 s nobody is read, so
+    a client whose partial frame started just before is not timed out (frame_timeout_s 1.0) for it; a
+    client that stalls on its own while the reader is free still is."""
+    never = threading.Event()
+
+    def slow(batch):
+        never.wait(2.5)  # the reader is stuck here for 2.5 s, well past frame_timeout_s
+
+    sink = engine_sinks(handlers={"realtime": slow})
+    srv = tcp_server(sink, frame_timeout_s=1.0, readers=1)
+    frame = encode_v2("part", b"p" * 40, 2, 7)
+    partial = connect(srv)
+    partial.sendall(frame[:12])
+    wait_until(lambda: srv.budget.total() == 12, what="the partial frame read")
+    blocker = connect(srv)
+    # CRITICAL: handled on the one reader, which is then stalled 2.5 s; its ACK comes after the stall
+    assert acked(blocker, encode_v2("rt", b"x", 4, 1)) == [(KIND_ACK, 1)]
+    # the partial frame's clock did not run while the reader was stalled: it is still open and completes
+    assert acked(partial, frame[12:]) == [(KIND_ACK, 1)]
+    assert srv.statistics()["connections_limited"] == {}
+    slow_client = connect(srv)
+    slow_client.sendall(frame[:12])
+    assert closed_by_server(slow_client)
+    assert srv.statistics()["connections_limited"] == {"frame_timeout": 1}
