@@ -17,7 +17,6 @@ import yaml
 from eventstream.config.schema import Config, ConfigError
 from eventstream.runtime import scheduling
 
-
 # keys that earlier versions read, and what replaced them (the error says so instead of "unknown key")
 MOVED_KEYS = {
     f"processors.{tier}.nice": f"scheduling.{tier}: 'batch:N' or 'normal:N' (N = the nice value; default 'batch:10')"

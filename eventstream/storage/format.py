@@ -34,8 +34,9 @@ Then entries, back to back, each = a 24-byte entry header + a body::
   bytes, so length = record size + payload_len (at most MAX_EXT_PAYLOAD_BYTES). The CRC covers the
   payload too; when the decoder kept the payload's CRC (core/payloads.py: payloads of
   core/crc.COMBINE_MIN_BYTES or more), the writer derives the entry's CRC from it with core/crc.py
-  instead of reading the payload a second time (the same bytes, the same CRC). A log of small payloads only has no such entry; readers of logs written before these
-  entries existed see them as corrupt regions (skipped and reported, never misread).
+  instead of reading the payload a second time (the same bytes, the same CRC). A log of small payloads
+  only has no such entry; readers of logs written before these entries existed see them as corrupt
+  regions (skipped and reported, never misread).
 
 * A KIND_BATCH body (version 2) holds many records packed, written for every run of records whose
   payloads are inline (the writer's whole append, minus large payloads, which stay KIND_RECORD_EXT
