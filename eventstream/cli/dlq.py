@@ -27,8 +27,8 @@ from eventstream.cli.main import (
     add_client_security_args,
     add_config_args,
     add_frame_limit_arg,
-    client_security,
     frame_limit_error,
+    replay_client,
 )
 from eventstream.core.records import PRIORITY_NAMES
 
@@ -231,7 +231,6 @@ def run_list(args) -> int:
 
 
 def run_replay(args) -> int:
-    from eventstream.client import TcpClient
 
     if not 1 <= args.port <= 65535:
         return _usage("replay", f"--port {args.port} is not allowed; allowed: 1..65535")
@@ -248,14 +247,7 @@ def run_replay(args) -> int:
     client = None
     try:
         if not args.dry_run:
-            client = TcpClient(
-                args.host,
-                args.port,
-                version=2,
-                timeout=args.timeout,
-                max_frame_bytes=args.max_frame_bytes,
-                **client_security(args),
-            ).connect()
+            client = replay_client(args)
         for e in entries:
             categories[e.category] += 1
             if not keep(e):

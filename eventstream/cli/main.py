@@ -106,6 +106,21 @@ def frame_limit_error(args) -> str | None:
     return None
 
 
+def replay_client(args):
+    """The connected TcpClient that `replay` and `dlq replay` re-send through: --host/--port, --timeout,
+    --max-frame-bytes and the security flags."""
+    from eventstream.client import TcpClient
+
+    return TcpClient(
+        args.host,
+        args.port,
+        version=2,
+        timeout=args.timeout,
+        max_frame_bytes=args.max_frame_bytes,
+        **client_security(args),
+    ).connect()
+
+
 def client_security(args) -> dict:
     """Client keyword arguments (token=, ssl_context=) from add_client_security_args flags: for
     TcpClient and Subscription alike."""

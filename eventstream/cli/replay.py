@@ -22,8 +22,8 @@ from eventstream.cli.main import (
     add_client_security_args,
     add_config_args,
     add_frame_limit_arg,
-    client_security,
     frame_limit_error,
+    replay_client,
 )
 
 REPLAY_ID_BIT = 1 << 63  # marks an id derived from a server sequence number (never chosen by our clients)
@@ -59,7 +59,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from eventstream.client import TcpClient
     from eventstream.storage import EventLogReader
 
     path = resolve_path(args)
@@ -86,14 +85,7 @@ def run(args) -> int:
     sent = too_large = 0
     t0 = time.monotonic()
     try:
-        client = TcpClient(
-            args.host,
-            args.port,
-            version=2,
-            timeout=args.timeout,
-            max_frame_bytes=args.max_frame_bytes,
-            **client_security(args),
-        ).connect()
+        client = replay_client(args)
         try:
             for b in batches:
                 r = b.records
