@@ -130,10 +130,12 @@ class Blocking(WaitStrategy):
 
     No lost wakeup (Dekker): the waiter stores `parked` and then loads the cursor (in `ready()`); the
     producer stores the cursor and then loads `parked`. Each side puts a full barrier between its
-    store and its load: the waiter's `event.clear()` takes the Event's lock, the producer's
-    `signal()` takes and drops `_fence` (a lock acquire is a locked compare-exchange: a full barrier
-    on x86-64; ~0.1 µs uncontended, against µs for an atomic from Python). So at least one side sees
-    the other's store: the producer sets the Event, or the waiter sees the data and does not park.
+    store and its load: both touch `parked` only under `_fence` (a lock acquire is a locked
+    compare-exchange: a full barrier on x86-64; ~0.1 µs uncontended, against µs for an atomic from
+    Python). So at least one side sees the other's store: the producer sets the Event, or the waiter
+    sees the data and does not park. The producer tests and resets `parked` in one step, and the
+    waiter clears the Event *before* announcing its park, so a late set() from a signaller of an
+    earlier park can only end a park early, never be erased after `parked` was reset.
     Parking still happens in slices of `park_slice` seconds, as a safety net only (50 ms: an idle
     thread wakes 20 times a second; with 2 ms slices five idle processors cost ~6 % of a CPU each).
     """
@@ -154,10 +156,10 @@ class Blocking(WaitStrategy):
 
     def signal(self) -> None:
         with self._fence:  # full barrier: the caller's cursor store before the load of `parked`
-            pass
-        if self.parked:
-            self.parked = False
-            self._event.set()
+            if not self.parked:
+                return
+            self.parked = False  # test and clear under the fence: one signaller takes each park
+        self._event.set()
 
     def wait_for(self, ready: Callable[[], bool], timeout: float) -> bool:
         if ready():
@@ -177,8 +179,13 @@ class Blocking(WaitStrategy):
             left = deadline - time.monotonic()
             if left <= 0:
                 return ready()
-            self.parked = True
-            event.clear()  # takes the Event's lock: a full barrier between the store above and ready()
+            # clear first, then announce: a signaller that saw an earlier park may still be about to
+            # set the Event; its set() then lands after this clear() and only makes the wait below
+            # return early (announcing first, that set could be cleared here after the signaller had
+            # already reset `parked`, and nobody would set the Event again: a lost wakeup)
+            event.clear()
+            with self._fence:  # full barrier between the store of `parked` and the loads in ready()
+                self.parked = True
             if ready():  # checked after announcing the park: a publish before this point is seen here
                 return True
             woken = event.wait(min(left, self.park_slice))

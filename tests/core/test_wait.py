@@ -4,6 +4,7 @@ slice (no lost wakeup between `parked` and the cursor; see core/wait.py)."""
 from __future__ import annotations
 
 import threading
+import time
 
 from core_helpers import SMALL_DTYPE, make_batch
 
@@ -15,9 +16,17 @@ POLL_TIMEOUT_S = 5.0  # a lost wakeup makes one poll wait this long (slices are 
 
 
 def _poll_one(ring: MpscRing, wait: Blocking) -> tuple:
-    """What a processor does: park on the ring's wait strategy until it holds records, then poll."""
-    wait.wait_for(lambda: ring.depth > 0, POLL_TIMEOUT_S)
-    return ring.poll(1)
+    """What a processor does: park on the ring's wait strategy until it holds records, then poll.
+
+    `depth` counts claimed records, so the wait can end while the producer is still between its
+    claim and its publish: poll again then, as a processor's loop does (it goes round once more).
+    """
+    deadline = time.monotonic() + POLL_TIMEOUT_S
+    while True:
+        wait.wait_for(lambda: ring.depth > 0, max(0.0, deadline - time.monotonic()))
+        views = ring.poll(1)
+        if views or time.monotonic() >= deadline:
+            return views
 
 
 def _pong(inbox: MpscRing, outbox: MpscRing, wait: Blocking, stop: threading.Event) -> None:
