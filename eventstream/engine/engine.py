@@ -55,6 +55,7 @@ from eventstream.engine.stored import Stored
 from eventstream.errors import StartupError
 from eventstream.ingest.admission import Admission
 from eventstream.metrics.engine_gauges import register_dedup, register_engine_gauges, register_storage
+from eventstream.runtime import heap
 from eventstream.storage.reader import ColumnCollector
 from eventstream.storage.writer import EventLog
 
@@ -192,6 +193,7 @@ class Engine:
     def open(self) -> Engine:
         """Payload arena, dead-letter log, events.bin (recovered), bus; nothing runs yet. On failure
         the caller runs close()."""
+        heap.keep_freed_memory()  # per-batch arrays reuse freed memory, not fresh pages (runtime/heap.py)
         cfg, st, data = self.cfg, self.cfg.storage, self._data_dir()
         try:  # payloads over records.payload_bytes (up to the largest frame) live here
             self.payloads = PayloadArena(
