@@ -266,14 +266,25 @@ def decode_frames(
         return _decode_singles(dec, src, offs, lens, first_index, ingest_ts)
     if ingest_ts is None:
         ingest_ts = time.monotonic_ns()
-    recs, idxs, errors = [], [], []
+    # one record array for the whole read, each BATCH frame decoded straight into its slice: with
+    # 512-byte records, concatenating the pieces afterwards cost as much as decoding them. Room: a
+    # frame's event count, bounded by what its length can hold (24 bytes a record), 1 per single frame.
+    room = n - len(at)
+    for b in at:
+        room += min(_BATCH_COUNT.unpack_from(src, offs[b] + _BATCH_COUNT_AT)[0], lens[b] // BATCH_RECORD_BYTES)
+    dst = np.zeros(room, dec.dtype)
+    vdst = dst.view(np.dtype((np.void, dec.dtype.itemsize)))
+    filled = 0
+    idxs, errors = [], []
     bad_at = None
     index = first_index
     a = 0
     for b in at + [n]:
         if a < b:  # a run of single frames
             r, i, e, bad = _decode_singles(dec, src, offs[a:b], lens[a:b], index, ingest_ts)
-            recs.append(r)
+            if len(r):  # (opaque rows: a structured copy goes field by field)
+                vdst[filled : filled + len(r)] = r.view(vdst.dtype)
+                filled += len(r)
             idxs.append(i)
             errors.extend(e)
             if dec.arena_stop >= 0:
@@ -285,8 +296,10 @@ def decode_frames(
             index = dec.next_index
         if b == n:
             break
-        r, i, e, fatal = _decode_batch(dec, src, offs[b], lens[b], index, skip if b == 0 else 0, ingest_ts)
-        recs.append(r)
+        r, i, e, fatal = _decode_batch(
+            dec, src, offs[b], lens[b], index, skip if b == 0 else 0, ingest_ts, dst[filled:]
+        )
+        filled += len(r)
         idxs.append(i)
         errors.extend(e)
         if dec.arena_stop >= 0:
@@ -297,9 +310,7 @@ def decode_frames(
             break
         index = dec.next_index
         a = b + 1
-    if len(recs) == 1:
-        return recs[0], idxs[0], errors, bad_at
-    return np.concatenate(recs), np.concatenate(idxs), errors, bad_at
+    return dst[:filled], idxs[0] if len(idxs) == 1 else np.concatenate(idxs), errors, bad_at
 
 
 def _batch_positions(src, offs: list[int]) -> list[int]:
@@ -431,19 +442,23 @@ def _decode_singles(dec: FrameDecoder, src, offs: list[int], lens: list[int], fi
 
 
 _BATCH_BODY = LENGTH_BYTES + V2_HEADER_BYTES  # a BATCH frame's topic table starts here
+_BATCH_COUNT = struct.Struct(">I")  # a BATCH frame's event count (BATCH_HEAD's sixth field)
+_BATCH_COUNT_AT = 8
+_VOID_ROW = np.dtype((np.void, BATCH_RECORD_BYTES))
 
 
-def _decode_batch(dec: FrameDecoder, src, o: int, length: int, first_index: int, skip: int, ingest_ts: int):
+def _decode_batch(dec: FrameDecoder, src, o: int, length: int, first_index: int, skip: int, ingest_ts: int, dst):
     """Decode the BATCH frame at `o` whose events from `skip` on are still to deliver; `first_index` is
-    the index of event `skip`. Returns (records, indices, errors, fatal); sets dec.next_index, and
-    dec.arena_stop = 0 and dec.batch_skip when the payload arena stopped it part way."""
+    the index of event `skip`. Its records are written to the start of `dst` (zeroed records with room
+    for its count). Returns (records: that part of dst, indices, errors, fatal); sets dec.next_index,
+    and dec.arena_stop = 0 and dec.batch_skip when the payload arena stopped it part way."""
     _l, _m, _k, reserved, hflags, count, tcount, tbytes, zeros, crc = BATCH_HEAD.unpack_from(src, o)
     base = first_index - skip  # index of event 0
     body = o + _BATCH_BODY
     end = o + LENGTH_BYTES + length
     table_at = body + tbytes
     pay_at = table_at + BATCH_RECORD_BYTES * count
-    empty = np.zeros(0, dec.dtype)
+    empty = dst[:0]
     if count == 0 or tcount == 0 or pay_at > end:
         dec.next_index = first_index + 1
         need = V2_HEADER_BYTES + tbytes + BATCH_RECORD_BYTES * count
@@ -486,7 +501,9 @@ def _decode_batch(dec: FrameDecoder, src, o: int, length: int, first_index: int,
     finally:
         mv.release()
     if whole is None:
-        table = np.frombuffer(src, dtype=BATCH_RECORD_DTYPE, count=count, offset=table_at).copy()
+        # a copy (src may be the decoder's buffer, which shrinks later), made as opaque rows: a
+        # structured copy goes field by field
+        table = np.frombuffer(src, dtype=_VOID_ROW, count=count, offset=table_at).copy().view(BATCH_RECORD_DTYPE)
         plen = table["payload_len"].astype(np.int64)
         carried = end - pay_at
         if int(plen.sum()) != carried:
@@ -510,7 +527,11 @@ def _decode_batch(dec: FrameDecoder, src, o: int, length: int, first_index: int,
     tid_of = np.zeros(tcount, dtype=np.uint32)
     terr = np.zeros(tcount, dtype=np.uint8)
     live = err == _OK
-    for k in np.unique(ti[live]).tolist():  # per distinct topic of the batch, not per event
+    if tcount == 1:
+        used = [0] if live.any() else []
+    else:
+        used = np.flatnonzero(np.bincount(ti[live], minlength=tcount)).tolist()
+    for k in used:  # per distinct topic of the batch, not per event
         name = names[k]
         if not name:
             terr[k] = _E_TOPIC_LEN
@@ -522,9 +543,15 @@ def _decode_batch(dec: FrameDecoder, src, o: int, length: int, first_index: int,
             terr[k] = _E_UTF8
         else:
             tid_of[k] = tid
-    tsafe = np.where(inrange, ti, 0)
-    err[live] = terr[tsafe[live]]
+    if tcount == 1:  # (the usual batch: one topic)
+        tsafe = None
+        if terr[0]:
+            err[live] = terr[0]
+    else:
+        tsafe = np.where(inrange, ti, 0)
+        err[live] = terr[tsafe[live]]
     keep = np.flatnonzero(err == _OK)
+    whole_kept = len(keep) == count
     ext = offs_ext = cls_ext = None
     stop = count
     if len(keep) and dec.payloads is not None:
@@ -535,15 +562,16 @@ def _decode_batch(dec: FrameDecoder, src, o: int, length: int, first_index: int,
             if len(offs_ext) < len(ext):  # the arena is full: deliver up to the first that did not fit
                 stop = int(keep[ext[len(offs_ext)]])
                 keep = keep[keep < stop]
+                whole_kept = False
                 ext = ext[: len(offs_ext)]
                 dec.arena_stop = 0
                 dec.batch_skip = stop
                 dec.arena_blocked = int(plen[stop])
                 dec.next_index = base + stop
-    out = np.zeros(len(keep), dtype=dec.dtype)
+    out = dst[: len(keep)]
     if len(keep):
-        t = table[keep]
-        pl = plen[keep]
+        t = table if whole_kept else table[keep]
+        pl = plen if whole_kept else plen[keep]
         out["priority"] = t["priority"]
         out["event_id"] = t["event_id"]
         out["producer_ts"] = t["timestamp_ns"]
@@ -552,7 +580,7 @@ def _decode_batch(dec: FrameDecoder, src, o: int, length: int, first_index: int,
         if default:
             mode[mode == 0] = default
         out["flags"] = FLAG_V2 | (mode << FLAG_ACK_SHIFT)
-        out["topic_id"] = tid_of[tsafe[keep]]
+        out["topic_id"] = tid_of[0] if tsafe is None else tid_of[tsafe[keep]]
         out["conn_id"] = dec.conn_id
         out["principal"] = dec.principal_key
         out["ingest_ts"] = ingest_ts
@@ -560,12 +588,12 @@ def _decode_batch(dec: FrameDecoder, src, o: int, length: int, first_index: int,
         starts = pay_at + np.cumsum(plen) - plen
         arr = np.frombuffer(src, dtype=np.uint8)
         try:
-            pstart = starts[keep]
+            pstart = starts if whole_kept else starts[keep]
             if ext is not None:
                 _copy_ext(dec.payloads, arr, out, pstart, pl, ext, offs_ext, cls_ext)
                 pl = pl.copy()
                 pl[ext] = 0
-            if ext is None and len(keep) == count and int(plen.min()) == int(plen.max()):
+            if ext is None and whole_kept and int(plen.min()) == int(plen.max()):
                 w = int(plen[0])  # every event the same size and all of them kept: one reshape
                 if w:
                     out["payload"][:, :w] = arr[pay_at : pay_at + count * w].reshape(count, w)
