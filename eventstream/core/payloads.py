@@ -38,7 +38,7 @@ A payload's CRC, kept for the log writer: the decoder reads a large payload's by
 frame's CRC, as zlib.crc32(payload, seed) where seed is the CRC of the frame bytes before it. For a
 record whose payload went to the arena and is at least core/crc.py's COMBINE_MIN_BYTES, it keeps
 (seed, that CRC) in the record's unused inline bytes [0, 8) (two u32) and sets the header's padding
-byte (offset 63) to CRC_KEPT (`keep_crcs`). The log writer takes them out again (`take_kept_crc`:
+byte (offset 63) to CRC_KEPT (`keep_crcs`). The log writer takes them out again (`take_kept_crcs`:
 the bytes it stores are zero there, as without them) and derives the entry's CRC with core/crc.py's
 recrc instead of a second pass over the payload. A record without them (inline payload, a smaller
 one, v1 frames, the NATS source, DLQ replay, records.payload_bytes < 8) is CRC'd by the writer as
@@ -373,15 +373,18 @@ def keep_crcs(records: np.ndarray, idx: np.ndarray, seeds: np.ndarray, crcs: np.
     raw[idx, _PAD_AT] = CRC_KEPT
 
 
-def take_kept_crc(row: bytearray) -> tuple[int, int] | None:
-    """(seed, crc) kept in one record's bytes `row` by keep_crcs, zeroing them (and the marker) in
-    `row`; None when the record keeps none."""
-    if len(row) < _INLINE_AT + 8 or row[_PAD_AT] != CRC_KEPT:
-        return None
-    seed, crc = _SEED_CRC.unpack_from(row, _INLINE_AT)
-    row[_PAD_AT] = 0
-    row[_INLINE_AT : _INLINE_AT + 8] = bytes(8)
-    return seed, crc
+def take_kept_crcs(raw: np.ndarray) -> tuple[list[int], list[list[int]]]:
+    """The (seed, crc) pairs keep_crcs kept in the records whose bytes are the rows of `raw` (uint8,
+    one row per record), zeroing them (and the marker) in `raw`: (row numbers, [seed, crc] each).
+    A constant number of numpy operations; none kept when the records have fewer than 8 inline bytes."""
+    if raw.shape[1] < _INLINE_AT + 8:
+        return [], []
+    at = np.flatnonzero(raw[:, _PAD_AT] == CRC_KEPT)
+    if len(at) == 0:
+        return [], []
+    pairs = raw[at, _INLINE_AT : _INLINE_AT + 8].copy().view("<u4").reshape(len(at), 2).tolist()
+    raw[at, _PAD_AT : _INLINE_AT + 8] = 0
+    return at.tolist(), pairs
 
 
 def payload_view(records: np.ndarray, i: int):
