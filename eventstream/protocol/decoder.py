@@ -78,6 +78,10 @@ class TopicInterner(Protocol):
     def intern(self, name: bytes | str) -> int: ...
 
 
+_NO_STORE = bytearray()
+_MIN_STORE = 64 << 10
+
+
 class FrameDecoder:
     """Decode one byte stream (a TCP connection) into record batches.
 
@@ -111,7 +115,10 @@ class FrameDecoder:
         self.principal_key = 0  # stamped into every record (`principal`): set by ingest/tenants.admit
         self.frames_seen = 0
         self.failed = False
-        self._buf = bytearray()
+        # bytes of incomplete frames, kept for the next feed: the first `_have` bytes of `_store` (a buffer
+        # reused while the stream keeps splitting frames across reads, let go once nothing is kept)
+        self._store = _NO_STORE
+        self._have = 0
         self._topic_cache: dict[bytes, int] = {}
         self.topic_limit_reason = ""
         # reason and class per refused topic name (a table's TopicLimitError may carry its own
@@ -131,7 +138,7 @@ class FrameDecoder:
     @property
     def buffered(self) -> int:
         """Bytes of an incomplete frame held back until the rest arrives."""
-        return len(self._buf)
+        return self._have
 
     def feed(self, data) -> tuple[np.ndarray, list[FrameError]]:
         records, _indices, errors = self.feed_indexed(data)
@@ -140,7 +147,7 @@ class FrameDecoder:
     def feed_indexed(self, data) -> tuple[np.ndarray, np.ndarray, list[FrameError]]:
         if self.failed:
             return np.zeros(0, self.dtype), _EMPTY_INDICES, []
-        if not self._buf and len(data) >= _ONE_V2_MIN and data[LENGTH_BYTES] == V2_MAGIC:
+        if not self._have and len(data) >= _ONE_V2_MIN and data[LENGTH_BYTES] == V2_MAGIC:
             # the usual read at low load: exactly one whole v2 EVENT frame, nothing buffered
             length = _LENGTH.unpack_from(data, 0)[0]
             if len(data) == LENGTH_BYTES + length and length <= self.max_frame_bytes:
@@ -152,12 +159,15 @@ class FrameDecoder:
                     self.frames_seen = self.next_index = first
                     self.next_index += 1
                     return one[0], one[1], one[2]
-        if self._buf:
-            self._buf += data
-            src = self._buf
-        else:
+        have = self._have
+        if have:  # the rest of a frame: appended behind the bytes kept (one copy, into a reused buffer)
+            end = have + len(data)
+            store = self._store if end <= len(self._store) else self._grow(end)
+            store[have:end] = data
+            src = memoryview(store)[:end]
+        else:  # decoded where it lies (the reader's buffer): only an incomplete tail is copied
             src = data
-        end = len(src)
+            end = len(src)
         offs, lens, pos, fatal = scan(src, 0, end, self.max_frame_bytes)
         self.arena_blocked = 0
         records, indices, errors, bad_at = decode_frames(
@@ -168,29 +178,49 @@ class FrameDecoder:
         if stop >= 0:  # the payload arena is full: keep the frames from `stop` on for later
             self.arena_stop = -1
             self.frames_seen = consumed
-            at = offs[stop]
-            if src is self._buf:
-                del src[:at]
-            else:
-                self._buf = bytearray(memoryview(data)[at:])
+            self._keep(src, offs[stop], end, have)
         elif bad_at is not None:  # a header whose topic runs past the frame end: already the last error
             self.frames_seen = consumed
             self.failed = True
-            self._buf = bytearray()
+            self._keep(src, end, end, have)
         elif fatal is not None:
             self.frames_seen = consumed + 1
             version = 2 if end - pos > 4 and src[pos + 4] == V2_MAGIC else 0
             errors.append(FrameError(self.frames_seen, True, fatal, version=version))
             self.failed = True
-            self._buf = bytearray()
-        elif src is self._buf:
-            self.frames_seen = consumed
-            del src[:pos]
+            self._keep(src, end, end, have)
         else:
             self.frames_seen = consumed
-            if pos < end:
-                self._buf = bytearray(memoryview(data)[pos:])
+            self._keep(src, pos, end, have)
         return records, indices, errors
+
+    def _keep(self, src, at: int, end: int, had: int) -> None:
+        """Keep src[at:end] (frames not complete, or not decoded yet) at the start of the buffer for
+        the next feed; `had` > 0: src is the buffer itself (a move within it, memmove). Nothing to keep:
+        the buffer is let go (an idle connection holds no memory)."""
+        n = end - at
+        if n == 0:
+            self._have = 0
+            self._store = _NO_STORE
+        elif had:
+            if at:
+                m = memoryview(self._store)
+                m[:n] = m[at:end]
+                m.release()
+            self._have = n
+        else:
+            store = self._store if n <= len(self._store) else self._grow(n)
+            store[:n] = src[at:end]
+            self._have = n
+
+    def _grow(self, need: int) -> bytearray:
+        """A buffer of at least `need` bytes holding the bytes kept so far (grown by a quarter at least,
+        as a bytearray grows: a frame arriving in many reads costs few copies)."""
+        store = bytearray(max(need, len(self._store) * 5 // 4, _MIN_STORE))
+        if self._have:
+            store[: self._have] = memoryview(self._store)[: self._have]
+        self._store = store
+        return store
 
     # topic interning with a per-decoder cache (one dict lookup per distinct topic per batch)
     def topic_id(self, name: bytes) -> int:
