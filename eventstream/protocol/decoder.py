@@ -420,11 +420,13 @@ def _decode_singles(dec: FrameDecoder, src, offs: list[int], lens: list[int], fi
         if big.any():
             kept = _kept_crcs_singles(src, v2ok[big], tstart, tlen, plen, crc, err)
             v2ok = v2ok[~big]
-    if len(v2ok):  # each v2 frame's own CRC (topic and payload): one zlib call per frame, iterated in C
-        mv = memoryview(src)
-        spans = map(slice, tstart[v2ok].tolist(), (off + LENGTH_BYTES + length)[v2ok].tolist())
-        got = np.fromiter(map(zlib.crc32, map(mv.__getitem__, spans)), dtype=np.uint32, count=len(v2ok))
-        mv.release()
+    if len(v2ok):  # each v2 frame's own CRC (topic and payload)
+        got = _crc_columns(arr, tstart[v2ok], (off + LENGTH_BYTES + length)[v2ok])
+        if got is None:  # one zlib call per frame, iterated in C
+            mv = memoryview(src)
+            spans = map(slice, tstart[v2ok].tolist(), (off + LENGTH_BYTES + length)[v2ok].tolist())
+            got = np.fromiter(map(zlib.crc32, map(mv.__getitem__, spans)), dtype=np.uint32, count=len(v2ok))
+            mv.release()
         err[v2ok[got != crc[v2ok]]] = _E_CRC
     keep = np.flatnonzero(err[:live] == _OK) if bad_at is None else np.flatnonzero(err[:bad_at] == _OK)
     ext = None
@@ -443,7 +445,10 @@ def _decode_singles(dec: FrameDecoder, src, offs: list[int], lens: list[int], fi
                     bad_at = None
                 keep = keep[keep < stop]
                 ext = ext[: len(offs_ext)]
-    out = rec[keep]
+    if len(keep) == n:  # every frame kept (the usual read): no copy
+        out = rec
+    else:  # opaque rows: a structured fancy-index copy goes field by field
+        out = rec.view(np.dtype((np.void, dtype.itemsize)))[keep].view(dtype)
     if len(keep):
         pl = plen[keep]
         out["payload_len"] = pl
@@ -798,6 +803,54 @@ def _evenly_spaced_rows(arr: np.ndarray, starts: np.ndarray, width: int) -> np.n
     if not (np.diff(starts) == step).all():
         return None
     return np.lib.stride_tricks.as_strided(arr[first:], shape=(n, width), strides=(step, 1), writeable=False)
+
+
+# zlib.crc32 of many short spans of one length at once (_crc_columns): CRC-32 is affine in the
+# message bits, so an L-byte span's CRC is the XOR over its positions i of rows[i][byte i] (byte i's
+# contribution), XOR zlib.crc32(L zero bytes). One table lookup and one XOR over all the frames per
+# byte position, instead of one zlib call (~0.45 µs of Python call overhead on 3.13t) per frame.
+_CRC_BYTE = np.arange(256, dtype=np.uint32)
+for _ in range(8):
+    _CRC_BYTE = np.where(_CRC_BYTE & 1, (_CRC_BYTE >> 1) ^ np.uint32(0xEDB88320), _CRC_BYTE >> 1).astype(np.uint32)
+_CRC_ROWS: dict[int, tuple[np.ndarray, int]] = {}  # span length -> (rows, crc of zero bytes); a few lengths
+_CRC_COLUMNS_MAX = 160  # longer spans: zlib's own speed per byte wins
+_CRC_COLUMNS_PER_BYTE = 8  # at least 8 frames per byte of span (two numpy calls per byte position)
+
+
+def _crc_rows(width: int) -> tuple[np.ndarray, int]:
+    got = _CRC_ROWS.get(width)
+    if got is None:
+        rows = np.empty((width, 256), dtype=np.uint32)
+        row = _CRC_BYTE  # the last byte's contribution; each byte after it shifts it by one zero byte
+        rows[width - 1] = row
+        for i in range(width - 2, -1, -1):
+            row = _CRC_BYTE[row & 0xFF] ^ (row >> 8)
+            rows[i] = row
+        got = (rows, zlib.crc32(bytes(width)))
+        if len(_CRC_ROWS) < 16:
+            _CRC_ROWS[width] = got
+    return got
+
+
+def _crc_columns(arr: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray | None:
+    """zlib.crc32(arr[starts[i]:ends[i]]) for every i when the spans have one length and lie evenly
+    spaced (frames of one size back to back: the pipelined read) and there are enough of them to
+    beat a zlib call per span; else None."""
+    n = len(starts)
+    width = int(ends[0]) - int(starts[0])
+    if not 0 < width <= _CRC_COLUMNS_MAX or n < _CRC_COLUMNS_PER_BYTE * width or not (ends - starts == width).all():
+        return None
+    spans = _evenly_spaced_rows(arr, starts, width)
+    if spans is None:
+        return None
+    rows, zero = _crc_rows(width)
+    cols = np.ascontiguousarray(spans.T)  # byte i of every span, contiguous
+    out = np.full(n, zero, dtype=np.uint32)
+    part = np.empty(n, dtype=np.uint32)
+    for i in range(width):
+        np.take(rows[i], cols[i], out=part)
+        out ^= part
+    return out
 
 
 def _gather(arr: np.ndarray, off: np.ndarray, dt: np.dtype) -> np.ndarray:
