@@ -46,7 +46,7 @@ from eventstream.core.payloads import PayloadArena, release_records
 from eventstream.core.records import record_dtype
 from eventstream.core.topics import TopicTable
 from eventstream.engine import dedup_snapshot, idempotency
-from eventstream.engine.bus import QUEUE_NAMES, ROUTE, EventBusMulti, Offer, sequence_base
+from eventstream.engine.bus import QUEUE_NAMES, REALTIME, ROUTE, EventBusMulti, Offer, sequence_base
 from eventstream.engine.control import Sample
 from eventstream.engine.dlq import DeadLetterLog, reason_category
 from eventstream.engine.manager import ProcessManager
@@ -79,6 +79,8 @@ class Engine:
         self.allow_gil = allow_gil
         self.topics = TopicTable(cfg.server.max_topics)
         self.dtype = record_dtype(cfg.records.payload_bytes)
+        # what TCP readers decode and offer first in a read (ingest/connection.py): the realtime queue's priorities
+        self.realtime_priorities = bytes(int(q == REALTIME) for q in ROUTE.tolist()).ljust(256, b"\0")
         self.admission = Admission()  # written by the control plane (engine/levels.py), read by offer
         self.stored = Stored()
         # made by open() (the manager by start()); None before: stop() and close() know what to undo

@@ -37,10 +37,10 @@ from eventstream.core.records import ACK_ACCEPTED, FLAG_ACK_MASK, FLAG_ACK_SHIFT
 from eventstream.ingest.limits import REASON_AUTH, REASON_TENANT
 from eventstream.ingest.tenants import admit
 from eventstream.protocol.decoder import FrameDecoder, FrameError
-from eventstream.protocol.frames import encode_ack, encode_nack, encode_nacks
+from eventstream.protocol.frames import LENGTH_BYTES, V2_HEAD, encode_ack, encode_nack, encode_nacks
 
 if TYPE_CHECKING:
-    from eventstream.ingest.delivery import Delivery
+    from eventstream.ingest.delivery import Delivered, Delivery
     from eventstream.ingest.limits import RejectMeter
     from eventstream.ingest.preamble import Preamble
     from eventstream.ingest.tenants import Tenants
@@ -116,6 +116,7 @@ class Connection:
         "window_start",
         "delivery",
         "tenant_set",
+        "urgent_part",
     )
 
     def __init__(
@@ -170,6 +171,7 @@ class Connection:
         self.tenant = None  # tenants.Tenant once admitted (its connection is counted there)
         self.window_bytes = 0  # bytes read since window_start (server.tcp.min_bytes_per_s)
         self.window_start = now
+        self.urgent_part: tuple[Delivered, int] | None = None  # _offer_urgent: (what it did, events)
 
     # ------------------------------------------------------------ bytes in: preamble, decode, offer, hold
     def receive(self, data, now: float) -> Step:
@@ -204,9 +206,13 @@ class Connection:
     def _decode_offer(self, data, now: float, step: Step) -> None:
         delivery, meter = self.delivery, self.meter
         assert delivery is not None and meter is not None  # given to every connection that reads
-        records, indices, errors = self.decoder.feed_indexed(data)
+        # the realtime priorities: their frames are offered before the rest of the read is decoded, unless
+        # the control plane holds some priorities now (then a read is held from its first frame not admitted)
+        urgent = delivery.urgent if delivery.urgent is not None and not delivery.admitted_below() else None
+        records, indices, errors = self.decoder.feed_indexed(data, urgent, self._offer_urgent if urgent else None)
         if isinstance(data, memoryview):
             data.release()
+        early, self.urgent_part = self.urgent_part, None
         # a v2 frame in this read, accepted or rejected, makes it a v2 connection before the NACKs of
         # this read are built (a v1 record next to a rejected v2 frame must not hide its NACK)
         if not self.v2 and ((len(records) and records["flags"].any()) or any(e.version == 2 for e in errors)):
@@ -214,18 +220,22 @@ class Connection:
         fatal = errors[-1] if errors and errors[-1].fatal else None
         if fatal is not None and fatal.version == 2:
             self.v2 = True
+        good = len(records) + (early[1] if early is not None else 0)
         report = None
         if errors:
-            report, ended = meter.admit(len(errors), len(records), now)
+            report, ended = meter.admit(len(errors), good, now)
             if ended:
                 delivery.report_suppressed(self.conn_id, ended, "server.tcp.max_rejects_per_s", meter.limit)
-        elif len(records):
-            meter.good += len(records)
+        elif good:
+            meter.good += good
         d = delivery.deliver(records, indices, errors, self.conn_id, want_nacks=self.v2, report_errors=report)
+        if d.marks and self.v2 and not wants_completion(records["flags"]):
+            d.marks = []  # every frame asked for `accepted` (or is v1): complete once placed
+        if early is not None:
+            _join(early[0], d)
+            step.records = early[1]  # the events decoded first count with this read's
         self.accepted += d.accepted
         if self.v2:
-            if d.marks and not wants_completion(records["flags"]):
-                d.marks = []  # every frame asked for `accepted` (or is v1): complete once placed
             self.open_marks.extend(d.marks)
             self.open_nacks += d.nacks
             if not self.open_ts and len(records):
@@ -234,8 +244,21 @@ class Connection:
             self.held, self.held_idx, self.blocked = d.held, d.held_indices, d.blocked
         else:
             step.chunk_ended = self.end_chunk()
-        step.records, step.errors, step.fatal = len(records), len(errors), fatal
+        step.records, step.errors, step.fatal = step.records + len(records), len(errors), fatal
         step.garbage = bool(errors) and meter.garbage_only
+
+    def _offer_urgent(self, records: np.ndarray, indices: np.ndarray) -> None:
+        """The decoder's handover of a read's realtime frames (v2 EVENT frames, decoded before the
+        rest of the read): offered at once; _decode_offer joins what happened to them with the rest
+        (their NACKs in frame order, records held with the rest's, one chunk for the read)."""
+        assert self.delivery is not None  # called from _decode_offer
+        self.v2 = True
+        d = self.delivery.deliver(records, indices, [], self.conn_id, want_nacks=True)
+        if d.marks and not wants_completion(records["flags"]):
+            d.marks = []
+        if not self.open_ts:
+            self.open_ts = int(records["ingest_ts"][0])
+        self.urgent_part = (d, len(records))
 
     def may_progress(self) -> bool:
         """Whether offering the held records again can place some: the control plane admits the
@@ -341,6 +364,36 @@ class Connection:
         """Something read is not yet acknowledged (held records, chunks in flight, or frames kept
         undecoded while the payload arena is full)."""
         return self.held is not None or bool(self.chunks) or bool(self.decoder.arena_blocked)
+
+
+def _join(early: Delivered, d: Delivered) -> None:
+    """Fold what happened to a read's realtime frames (offered first) into the delivery of the rest:
+    counts, marks, NACKs in frame-index order, held records (in frame order) and their full rings."""
+    d.accepted += early.accepted
+    d.marks = early.marks + d.marks
+    if early.nacks:
+        d.nacks = _by_index(early.nacks + d.nacks) if d.nacks else early.nacks
+    if early.held is not None:
+        if d.held is None:
+            d.held, d.held_indices = early.held, early.held_indices
+        else:
+            idx = np.concatenate((early.held_indices, d.held_indices))
+            order = np.argsort(idx, kind="stable")
+            d.held, d.held_indices = np.concatenate((early.held, d.held))[order], idx[order]
+        d.blocked = [*early.blocked, *d.blocked]
+
+
+def _by_index(nacks: bytes) -> bytes:
+    """NACK frames sorted by the frame index they name (stable)."""
+    frames = []
+    pos = 0
+    while pos < len(nacks):
+        length, _m, _k, _p, _f, index, *_rest = V2_HEAD.unpack_from(nacks, pos)
+        end = pos + LENGTH_BYTES + length
+        frames.append((index, nacks[pos:end]))
+        pos = end
+    frames.sort(key=lambda t: t[0])
+    return b"".join(f for _i, f in frames)
 
 
 def peer_ip(peer) -> str:

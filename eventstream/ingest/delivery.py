@@ -97,6 +97,9 @@ class Delivery:
         self.stats = stats
         self.udp = udp
         self._offer = sink.offer
+        # priorities whose frames a read offers before the rest of it is decoded (256 bytes, non-zero
+        # at those: the engine's realtime queue, whose lane may run on the reader); None: read order
+        self.urgent: bytes | None = None if udp else getattr(sink, "realtime_priorities", None)
 
     def admitted_below(self) -> int:
         """First priority the control plane admits now (0 = all; paused: only CRITICAL). UDP sheds

@@ -144,7 +144,14 @@ class FrameDecoder:
         records, _indices, errors = self.feed_indexed(data)
         return records, errors
 
-    def feed_indexed(self, data) -> tuple[np.ndarray, np.ndarray, list[FrameError]]:
+    def feed_indexed(
+        self, data, urgent: bytes | None = None, handover=None
+    ) -> tuple[np.ndarray, np.ndarray, list[FrameError]]:
+        """Decode `data` (records, 1-based frame indices, errors). With `urgent` (256 bytes, non-zero
+        at the priorities to decode first) and `handover(records, indices)`: in a read of whole v2
+        EVENT frames with inline payloads, the frames of those priorities are decoded and handed over
+        before the others are decoded (their order among themselves kept; indices are the frames'
+        own); the result is then the others."""
         if self.failed:
             return np.zeros(0, self.dtype), _EMPTY_INDICES, []
         if not self._have and len(data) >= _ONE_V2_MIN and data[LENGTH_BYTES] == V2_MAGIC:
@@ -170,9 +177,15 @@ class FrameDecoder:
             end = len(src)
         offs, lens, pos, fatal = scan(src, 0, end, self.max_frame_bytes)
         self.arena_blocked = 0
-        records, indices, errors, bad_at = decode_frames(
-            self, src, offs, lens, self.frames_seen + 1, skip=self.batch_skip
-        )
+        parted = None
+        if urgent is not None and len(offs) > 1 and not self.batch_skip:
+            parted = self._urgent_then_rest(src, offs, lens, urgent, handover)
+        if parted is not None:
+            records, indices, errors, bad_at = parted
+        else:
+            records, indices, errors, bad_at = decode_frames(
+                self, src, offs, lens, self.frames_seen + 1, skip=self.batch_skip
+            )
         stop = self.arena_stop
         consumed = self.next_index - 1  # frames_seen after what decode_frames consumed
         if stop >= 0:  # the payload arena is full: keep the frames from `stop` on for later
@@ -221,6 +234,35 @@ class FrameDecoder:
             store[: self._have] = memoryview(self._store)[: self._have]
         self._store = store
         return store
+
+    def _urgent_then_rest(self, src, offs: list[int], lens: list[int], urgent: bytes, handover):
+        """feed_indexed's `urgent` split: None when it does not apply (then nothing was decoded)."""
+        split = _urgent_positions(src, offs, lens, urgent, self.payload_bytes)
+        if split is None:
+            return None
+        up, rest = split
+        index = self.frames_seen + 1
+        uoffs, ulens = [offs[j] for j in up], [lens[j] for j in up]
+        if len(up) <= URGENT_SMALL:
+            got = _decode_small(self, src, uoffs, ulens, index, None)
+        else:
+            got = _decode_singles(self, src, uoffs, ulens, index, None)
+            if got[2] or got[3] is not None:
+                got = None
+        if got is None:  # a content error among them: decode the read as one (the errors in frame order)
+            return None
+        handover(got[0], np.asarray(up, dtype=np.uint64) + np.uint64(index))
+        records, indices, errors, bad_at = _decode_singles(
+            self, src, [offs[j] for j in rest], [lens[j] for j in rest], index, None
+        )
+        real = np.asarray(rest, dtype=np.uint64) + np.uint64(index)  # frame index of the k-th of `rest`
+        if len(indices):
+            indices = real[(indices - np.uint64(index)).astype(np.intp)]
+        for e in errors:
+            e.index = int(real[e.index - index])
+        assert bad_at is None and self.arena_stop < 0  # excluded by _urgent_positions
+        self.next_index = index + len(offs)
+        return records, indices, errors, None
 
     # topic interning with a per-decoder cache (one dict lookup per distinct topic per batch)
     def topic_id(self, name: bytes) -> int:
@@ -341,6 +383,43 @@ def decode_frames(
         index = dec.next_index
         a = b + 1
     return dst[:filled], idxs[0] if len(idxs) == 1 else np.concatenate(idxs), errors, bad_at
+
+
+URGENT_SMALL = 64  # feed_indexed's urgent frames are decoded with struct calls up to this many
+
+
+def _urgent_positions(src, offs: list[int], lens: list[int], urgent: bytes, cap: int):
+    """(positions of frames whose priority `urgent` marks, positions of the others) when every frame
+    is a v2 EVENT frame whose topic fits it and whose payload is inline (at most `cap` bytes: no
+    payload arena, so decoding cannot stop part way) and both groups are non-empty; else None."""
+    n = len(offs)
+    up: list[int] = []
+    rest: list[int] = []
+    if n <= 4 * SMALL_BATCH:
+        for j in range(n):
+            o = offs[j] + LENGTH_BYTES
+            length = lens[j]
+            if length < V2_HEADER_BYTES or src[o] != V2_MAGIC or src[o + 1] != KIND_EVENT:
+                return None
+            if not 0 <= length - V2_HEADER_BYTES - ((src[o + 20] << 8) | src[o + 21]) <= cap:
+                return None
+            (up if urgent[src[o + 2]] else rest).append(j)
+    else:
+        ln = np.asarray(lens, dtype=np.int64)
+        if int(ln.min()) < V2_HEADER_BYTES:
+            return None
+        arr = np.frombuffer(src, dtype=np.uint8)
+        at = np.asarray(offs, dtype=np.int64) + LENGTH_BYTES
+        plen = ln - V2_HEADER_BYTES - ((arr[at + 20].astype(np.int64) << 8) | arr[at + 21])
+        ok = bool(((arr[at] == V2_MAGIC) & (arr[at + 1] == KIND_EVENT) & (plen >= 0) & (plen <= cap)).all())
+        hit = np.frombuffer(urgent, dtype=np.uint8)[arr[at + 2]] != 0
+        del arr
+        if not ok:
+            return None
+        up, rest = np.flatnonzero(hit).tolist(), np.flatnonzero(~hit).tolist()
+    if not up or not rest:
+        return None
+    return up, rest
 
 
 def _batch_positions(src, offs: list[int]) -> list[int]:
