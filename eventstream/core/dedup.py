@@ -174,8 +174,17 @@ class Deduplicator:
         absent (-1 for id 0; else `IdTable.probe`'s -(empty slot + 2), where commit_probed puts it;
         an expired pair is not seen but has a slot). For `commit_probed`."""
         ids, tags = self._pairs(ids, tags)
-        now_ns = self._now_ns(now)
         t = self._table
+        if ids.all():  # the usual batch: every event has an id (no selection)
+            slot_of = t.probe(ids, tags)
+            found = slot_of >= 0
+            if not found.any():
+                return np.zeros(len(ids), dtype=bool), slot_of, t
+            out = np.zeros(len(ids), dtype=bool)
+            at = np.flatnonzero(found)
+            out[at] = ~self._expired(t.stamps[slot_of[at]], self._now_ns(now))
+            return out, slot_of, t
+        now_ns = self._now_ns(now)
         out = np.zeros(len(ids), dtype=bool)
         slot_of = np.full(len(ids), -1, dtype=np.int64)
         nz = np.flatnonzero(ids)  # id 0 is "no id": never seen (it would match an empty slot)
@@ -194,7 +203,11 @@ class Deduplicator:
         ids, tags = self._pairs(ids, tags)
         now_ns = self._now_ns(now)
         present = slots >= 0
-        if present.any():
+        if not present.any():  # the usual batch: every pair new
+            if ids.all():
+                self._insert(ids, tags, now_ns, now_ns, ends=-2 - slots, probed=table)
+                return None
+        else:
             table.stamps[slots[present]] = now_ns
         new = ~present & (ids != 0)
         if new.any():
@@ -283,16 +296,20 @@ class Deduplicator:
         stamped `stamps` (one clock ns for all, or one each); `now_ns` decides what has expired if
         the table is rebuilt to make room. `ends`: for distinct pairs, the empty slots where a probe
         of table `probed` ended (IdTable.place), used while that table is still the one in use."""
-        if np.isscalar(stamps):
-            stamps = np.full(len(ids), stamps, dtype=np.uint64)
         t = self._room(len(ids), now_ns)
         keep = int(t.buckets * self.max_load)
         if ends is not None and t is probed and len(ids) <= keep:
-            rest = t.place(ids, tags, stamps, ends)
+            rest = t.place(ids, tags, stamps, ends)  # one stamp for all may stay a scalar here
+            if rest is None:
+                self._used += len(ids)
+                return
             self._used += len(ids) - int(rest.sum())
-            if rest.any():
-                self._used += t.upsert_bulk(ids[rest], tags[rest], stamps[rest])
+            if np.isscalar(stamps):
+                stamps = np.full(len(ids), stamps, dtype=np.uint64)
+            self._used += t.upsert_bulk(ids[rest], tags[rest], stamps[rest])
             return
+        if np.isscalar(stamps):
+            stamps = np.full(len(ids), stamps, dtype=np.uint64)
         if len(ids) > keep:  # more than the bound holds: the newest part fits
             order = np.argsort(stamps, kind="stable")
             drop = len(ids) - keep

@@ -29,6 +29,8 @@ _G2 = 0xC2B2AE3D27D4EB4F
 _M64 = (1 << 64) - 1
 BYTES_PER_BUCKET = 8 + 8 + 8  # ids, stamps, tags
 _TAIL = 8  # probe() and upsert_bulk(): pairs left when they finish them one by one with plain ints
+WINDOW = 8  # slots of a chain probe() reads per pair and round (64 bytes of ids)
+_STEPS = np.arange(WINDOW, dtype=np.int64)
 
 
 class IdTable:
@@ -52,10 +54,17 @@ class IdTable:
         self.ids = self.arena.array(buckets, np.uint64, **fresh)
         self.stamps = self.arena.array(buckets, np.uint64, **fresh)
         self.tags = self.arena.array(buckets, np.uint64, **fresh)
+        # `ids` as overlapping items of WINDOW adjacent slots (item s = slots s..s+WINDOW-1)
+        self._wins = (  # one item of WINDOW slots per slot: indexing it copies each pair's slots in one go
+            np.ndarray((buckets - WINDOW + 1,), np.dtype((np.void, 8 * WINDOW)), self.ids, 0, (8,))
+            if buckets >= WINDOW
+            else None
+        )
 
     def mix(self, ids: np.ndarray, tags: np.ndarray) -> np.ndarray:
         """The seeded 64-bit hash of each pair; its top `bits` bits are the home slot."""
-        x = (ids ^ self._seed) * np.uint64(_G1)
+        x = ids ^ self._seed
+        x *= np.uint64(_G1)
         x ^= tags.astype(np.uint64, copy=False) * np.uint64(_G2)
         x *= np.uint64(_G1)
         return x
@@ -64,7 +73,9 @@ class IdTable:
         """Home slot of each pair (vectorized; uint64 arithmetic wraps)."""
         if self.bits == 0:
             return np.zeros(len(ids), dtype=np.int64)
-        return (self.mix(ids, tags) >> np.uint64(64 - self.bits)).astype(np.int64)
+        x = self.mix(ids, tags)
+        x >>= np.uint64(64 - self.bits)
+        return x.view(np.int64)  # < buckets: the same value
 
     def home_int(self, i: int, tag: int) -> int:
         """Home slot of one pair given as plain ints (the same value as `home`)."""
@@ -95,22 +106,70 @@ class IdTable:
 
     def probe(self, ids: np.ndarray, tags: np.ndarray) -> np.ndarray:
         """Like `lookup`, but an absent pair gets `-(e + 2)`, where `e` is the empty slot that ended
-        its probe: where it belongs if it is inserted before anything else is (`place`)."""
-        slot_of = np.full(len(ids), -1, dtype=np.int64)
+        its probe: where it belongs if it is inserted before anything else is (`place`).
+
+        The first round reads each pair's home slot (one random read a pair: in a large table that
+        read is the cost). The pairs whose chain goes on are then probed WINDOW slots at a time
+        from the slot after it, one copy of adjacent slots per pair (the same cache lines, already
+        read), so a batch takes two or three numpy rounds even in a crowded table instead of one
+        round per slot of its longest chain (a numpy call costs microseconds whatever its size)."""
+        n = len(ids)
         home = self.home(ids, tags)
-        active = np.arange(len(ids))
-        for probe in range(self.buckets):
+        k = self.ids[home]
+        hit = k == ids
+        if hit.any():
+            hit &= self.tags[home] == tags
+            slot_of = np.where(hit, home, -2 - home)
+            done = hit | (k == 0)
+        else:
+            slot_of = -2 - home
+            done = k == 0
+        if n == 0 or done.all():
+            return slot_of
+        active = np.flatnonzero(~done)
+        base = home[active]
+        base += 1
+        base &= self.mask
+        wins = self._wins
+        width = WINDOW if wins is not None else self.buckets
+        steps = _STEPS[:width]
+        mask = self.mask
+        for _ in range(self.buckets // width + 1):
             if len(active) <= _TAIL:  # a few long chains left: plain ints beat numpy rounds
-                for j in active.tolist():
-                    slot_of[j] = self._probe_int(int(ids[j]), int(tags[j]), (int(home[j]) + probe) & self.mask)
+                for j, b in zip(active.tolist(), base.tolist(), strict=True):
+                    slot_of[j] = self._probe_int(int(ids[j]), int(tags[j]), b)
                 break
-            slots = (home[active] + probe) & self.mask
-            k = self.ids[slots]
-            hit = (k == ids[active]) & (self.tags[slots] == tags[active])
-            slot_of[active[hit]] = slots[hit]
-            empty = k == 0
-            slot_of[active[empty]] = -2 - slots[empty]
-            active = active[~empty & ~hit]
+            if wins is not None and int(base.max()) <= mask + 1 - WINDOW:
+                # (m, WINDOW): each pair's next WINDOW slots (no wrap)
+                k = wins[base].view(np.uint64).reshape(-1, WINDOW)
+            else:
+                k = self.ids[(base[:, None] + steps) & mask]
+            stop = k == 0
+            hit = k == ids[active][:, None]
+            if hit.any():  # the id matches: the pair only where the tag does too
+                r, c = np.nonzero(hit)
+                bad = self.tags[(base[r] + c) & mask] != tags[active[r]]
+                if bad.any():
+                    hit[r[bad], c[bad]] = False
+                stop |= hit
+                first = stop.argmax(axis=1)
+                slot = base + first
+                slot &= mask
+                res = np.where(hit[np.arange(len(first)), first], slot, -2 - slot)
+            else:
+                first = stop.argmax(axis=1)
+                slot = base + first
+                slot &= mask
+                res = -2 - slot
+            done = stop.any(axis=1)
+            slot_of[active[done]] = res[done]
+            left = ~done
+            active = active[left]
+            if not len(active):
+                break
+            base = base[left]
+            base += width
+            base &= mask
         return slot_of
 
     def _probe_int(self, i: int, tag: int, pos: int) -> int:
@@ -124,28 +183,36 @@ class IdTable:
                 return -2 - pos
             pos = (pos + 1) & mask
 
-    def place(self, ids: np.ndarray, tags: np.ndarray, stamps: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    def place(self, ids: np.ndarray, tags: np.ndarray, stamps, ends: np.ndarray) -> np.ndarray | None:
         """Insert DISTINCT absent pairs at the empty slots `ends` where `probe` ended their probes
         (nothing inserted since): one write per pair instead of probing again. Linear probing puts a
         pair in the first empty slot of its chain, which is that slot; no other pair's chain runs
         through an empty slot, so filling it moves no one. Pairs whose slot another pair of the batch
         took first (or that have none, end < 0) are not placed: returns their mask, for
-        `upsert_bulk`."""
+        `upsert_bulk`, or None when every pair was placed. `stamps`: one per pair, or one for all."""
         n = len(ends)
-        later = np.zeros(n, dtype=bool)
-        if n > 1:  # the first pair of each end slot takes it
-            order = np.argsort(ends, kind="stable")
-            same = ends[order[1:]] == ends[order[:-1]]
-            later[order[1:][same]] = True
-        later |= ends < 0
-        ok = ~later
-        at = ends[ok]
+        later = ends < 0
+        some_later = bool(later.any())
+        if n > 1:
+            se = np.sort(ends)
+            if (se[1:] == se[:-1]).any():  # the first pair of each end slot takes it (rare: a sort tells)
+                order = np.argsort(ends, kind="stable")
+                same = ends[order[1:]] == ends[order[:-1]]
+                later[order[1:][same]] = True
+                some_later = True
+        if some_later:
+            ok = ~later
+            at, ids, tags = ends[ok], ids[ok], tags[ok]
+            if not np.isscalar(stamps):
+                stamps = stamps[ok]
+        else:
+            at = ends
         if len(at) and self.ids[at].any():  # the contract was broken (a commit in between): probe again
             return np.ones(n, dtype=bool)
-        self.ids[at] = ids[ok]
-        self.tags[at] = tags[ok]
-        self.stamps[at] = stamps[ok]
-        return later
+        self.ids[at] = ids
+        self.tags[at] = tags
+        self.stamps[at] = stamps
+        return later if some_later else None
 
     def upsert_bulk(self, ids: np.ndarray, tags: np.ndarray, stamps: np.ndarray) -> int:
         """Vectorized: a pair already present keeps the newer of its stamps, an absent one is inserted;

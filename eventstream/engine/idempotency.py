@@ -47,7 +47,8 @@ def key_columns(records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     tags = records["principal"].astype(np.uint64)
     tags <<= np.uint64(PRINCIPAL_SHIFT)
     tags |= records["topic_id"]
-    return records["event_id"], tags
+    # a copy: the column is strided over whole records, and the probe reads it several times
+    return records["event_id"].copy(), tags
 
 
 def repeats(ids: np.ndarray, tags: np.ndarray, candidates: np.ndarray) -> np.ndarray:
@@ -55,7 +56,10 @@ def repeats(ids: np.ndarray, tags: np.ndarray, candidates: np.ndarray) -> np.nda
     out = np.zeros(len(candidates), dtype=bool)
     if len(candidates) < 2:
         return out
-    ci, ct = ids[candidates], tags[candidates]
+    ci = ids[candidates]
+    if (ci[1:] > ci[:-1]).all():  # rising ids (a client numbering its events): no pair repeats
+        return out
+    ct = tags[candidates]
     order = np.lexsort((candidates, ct, ci))  # equal pairs adjacent, in batch order
     same = (ci[order][1:] == ci[order][:-1]) & (ct[order][1:] == ct[order][:-1])
     out[order[1:][same]] = True
@@ -106,6 +110,8 @@ def duplicates(records: np.ndarray, dedup: Deduplicator) -> tuple[Probed, np.nda
     select the kept ones of the Probed before committing them."""
     ids, tags = key_columns(records)
     skip, slots, table = dedup.seen_probe(ids, tags)
+    if len(ids) > 1 and (ids[1:] > ids[:-1]).all():  # rising ids (a client numbering its events): no repeats
+        return Probed(ids, tags, slots, table), skip
     fresh = np.flatnonzero((ids != 0) & ~skip)
     again = repeats(ids, tags, fresh)
     if again.any():

@@ -299,3 +299,27 @@ def test_load_into_an_empty_table_sizes_it_once_and_builds_it():
         assert not d.seen(ids, np.full(10000, 4, dtype=U32)).any()  # the same ids on another topic
         clock.t = 105.0
         assert not d.seen(ids[:5], np.full(5, 3, dtype=U32)).any()  # expired by the stamps loaded
+
+
+@pytest.mark.parametrize("buckets,fill,seed", [(1 << 12, 0.74, 1), (1 << 10, 0.5, 2), (64, 0.7, 3), (4, 0.5, 4)])
+def test_probe_answers_what_walking_each_chain_answers(buckets, fill, seed):
+    """IdTable.probe (home slot, then WINDOW slots a round, then plain ints) gives every pair the
+    slot a walk along its chain gives: where it sits, or -(the empty slot ending the chain + 2);
+    crowded tables, chains running past the last slot, pairs present under another tag."""
+    rng = np.random.default_rng(seed)
+    t = IdTable(buckets, None, -1, seed=seed)
+    try:
+        n = int(buckets * fill)
+        ids = rng.integers(1, 1 << 20, n).astype(U64)
+        tags = rng.integers(0, 3, n).astype(U64)
+        t.upsert_bulk(ids, tags, np.ones(n, dtype=U64))
+        q_ids = np.concatenate([ids, ids, rng.integers(1, 1 << 20, 3 * n).astype(U64)])
+        q_tags = np.concatenate([tags, (tags + 1) % 3, rng.integers(0, 3, 3 * n).astype(U64)])
+        want = []
+        for i, g in zip(q_ids.tolist(), q_tags.tolist(), strict=True):
+            pos, found = t.slot_int(i, g)
+            want.append(pos if found else -2 - pos)
+        assert t.probe(q_ids, q_tags).tolist() == want
+        assert t.probe(q_ids[:0], q_tags[:0]).tolist() == []
+    finally:
+        t.close()
