@@ -226,7 +226,7 @@ def record_entries(batch: np.ndarray, file_topic_ids, wall_ns: int, gather: bool
 
     With `gather`, a batch with arena payloads gives a list of buffers instead (their concatenation is
     the same bytes; the payloads are views of their arena slots, so they must be written before the
-    records are released: os.writev, no copy); a batch without gives bytes as before."""
+    records are released: os.writev, no copy); a batch without gives one bytes-like object as before."""
     if has_ext(batch):
         return _mixed_entries(batch, file_topic_ids, wall_ns, gather=gather)
     return batch_entry(batch, file_topic_ids, wall_ns)
@@ -238,7 +238,7 @@ _RECORD_ROW_FIELDS = struct.Struct("<QQQQIIIIBBB10xH")
 _ROW = struct.Struct("<QQQQIIIIBBBH")
 
 
-def batch_entry(batch: np.ndarray, file_topic_ids, wall_ns: int) -> bytes:
+def batch_entry(batch: np.ndarray, file_topic_ids, wall_ns: int) -> bytes | bytearray:
     """One KIND_BATCH entry holding `batch` (inline payloads only), with a constant number of numpy
     operations and one CRC."""
     if len(batch) <= SMALL_BATCH:
@@ -246,30 +246,40 @@ def batch_entry(batch: np.ndarray, file_topic_ids, wall_ns: int) -> bytes:
     return _batch_entry_numpy(batch, file_topic_ids, wall_ns)
 
 
-def _batch_entry_numpy(batch: np.ndarray, file_topic_ids, wall_ns: int) -> bytes:
-    """batch_entry over columns."""
+def _batch_entry_numpy(batch: np.ndarray, file_topic_ids, wall_ns: int) -> bytearray:
+    """batch_entry over columns, built in place: rows and payloads are copied once, straight into
+    the entry's buffer, and the CRC is one pass over it (no intermediate bytes objects)."""
     n = len(batch)
     size = batch.dtype.itemsize
     cap = size - rec.HEADER_BYTES
     raw = np.ascontiguousarray(batch).view(np.uint8).reshape(n, size)
-    rows = np.empty(n, dtype=ROW_DTYPE)
-    rows.view(np.uint8).reshape(n, BATCH_ROW_BYTES)[:, :_ROW_HEAD] = raw[:, :_ROW_HEAD]
+    pl = batch["payload_len"]
+    top = int(pl.max()) if n and cap else 0
+    same = top == 0 or int(pl.min()) == top
+    pay_bytes = n * top if same else int(pl.sum(dtype=np.int64))
+    rows_at = ENTRY_HEADER_BYTES + BATCH_HEAD.size
+    pay_at = rows_at + BATCH_ROW_BYTES * n
+    length = pay_at + pay_bytes - ENTRY_HEADER_BYTES
+    out = bytearray(ENTRY_HEADER_BYTES + length)
+    buf = np.frombuffer(out, dtype=np.uint8)
+    rows_raw = buf[rows_at:pay_at].reshape(n, BATCH_ROW_BYTES)
+    rows_raw[:, :_ROW_HEAD] = raw[:, :_ROW_HEAD]
+    rows = rows_raw.reshape(-1).view(ROW_DTYPE)
     rows["principal"] = batch["principal"]
     rows["topic_id"] = file_topic_ids
-    pl = batch["payload_len"]
-    top = int(pl.max()) if n else 0
-    if top == 0 or cap == 0:
-        payloads = b""
-    elif int(pl.min()) == top:
-        payloads = raw[:, rec.HEADER_BYTES : rec.HEADER_BYTES + top].tobytes()
-    else:
-        mask = np.arange(top) < pl[:, None].astype(np.int64)
-        payloads = raw[:, rec.HEADER_BYTES : rec.HEADER_BYTES + top][mask].tobytes()
-    body_head = BATCH_HEAD.pack(n, cap)
-    head_tail = _KIND_WALL.pack(KIND_BATCH, wall_ns)
-    crc = zlib.crc32(payloads, zlib.crc32(rows.data, zlib.crc32(body_head, zlib.crc32(head_tail))))
-    length = BATCH_HEAD.size + rows.nbytes + len(payloads)
-    return b"".join((_MAGIC_LEN_CRC.pack(ENTRY_MAGIC, length, crc), head_tail, body_head, rows.tobytes(), payloads))
+    if top:
+        src = raw[:, rec.HEADER_BYTES : rec.HEADER_BYTES + top]
+        if same:
+            buf[pay_at:].reshape(n, top)[:] = src
+        else:
+            buf[pay_at:] = src[np.arange(top) < pl[:, None].astype(np.int64)]
+    del buf, rows_raw, rows
+    _KIND_WALL.pack_into(out, CRC_START, KIND_BATCH, wall_ns)
+    BATCH_HEAD.pack_into(out, ENTRY_HEADER_BYTES, n, cap)
+    with memoryview(out) as mv:
+        crc = zlib.crc32(mv[CRC_START:])
+    _MAGIC_LEN_CRC.pack_into(out, 0, ENTRY_MAGIC, length, crc)
+    return out
 
 
 def _batch_entry_small(batch: np.ndarray, file_topic_ids, wall_ns: int) -> bytes:
