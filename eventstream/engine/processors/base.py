@@ -75,6 +75,11 @@ def _wants_sync(views) -> bool:
 
 _SYNCED_BITS = ACK_SYNCED << FLAG_ACK_SHIFT
 BACKLOG_STEPS = 4  # batches (of up to max_batch records) a lane drains ahead of its caller's records
+# a worker records the metrics of the batches it handled once this many records are pending, the
+# first of them METRICS_AGE_NS ago, or when it finds no work (before it parks): one call per sink for
+# many batches, off the ACK path (the control plane samples every backpressure.interval_ms)
+METRICS_EVERY = 16384
+METRICS_AGE_NS = 20_000_000
 IDLE_WAIT_S = 0.1  # longest park of an idle processor between checks (publishes wake it at once)
 _TS_DTYPE = np.dtype([("ingest_ts", "<u8")])
 # the dedup keys of a batch, as skip_duplicates returns them and commit_ids takes them: (id, tag)
@@ -124,6 +129,8 @@ class Processor(threading.Thread):
         self._done: list[tuple[str, np.ndarray | list[int], int]] = []
         # stage latencies left by run_inline: (ingest times, an array or a few ints, taken ns, stored ns)
         self._stages: list[tuple[np.ndarray | list[int], int, int]] = []
+        self._pending = 0  # records whose metrics are in _done and _stages (a worker records them in bulk)
+        self._pending_since = 0  # monotonic ns when the first of them was taken
         self.handled = 0
         self.inline = 0  # of which handled by run_inline on a caller's thread
         self.inline_max = 0  # run_inline takes batches of at most this many records (0: any size)
@@ -162,6 +169,7 @@ class Processor(threading.Thread):
                     idle_sleep = 0.0
                     continue
                 self.on_idle()
+                self._flush_metrics()
                 self._flush_inline_metrics()
                 if self._stop_requested.is_set() and self.queue.depth == 0:
                     return
@@ -181,12 +189,14 @@ class Processor(threading.Thread):
             log.exception("processor_failed", thread=self.name)
             raise
         finally:
+            self._flush_metrics()
             self._flush_inline_metrics()
             self.on_exit()
 
     def _drain_once(self, partition: int, flush: bool = True) -> bool:
-        """Handle one batch of what is queued in `partition` (token holder only); with `flush` False
-        (a lane draining a backlog ahead of its caller's records) the metrics are left for later."""
+        """Handle one batch of what is queued in `partition` (token holder only). Its metrics are
+        recorded once METRICS_EVERY records are pending, unless `flush` is False (a lane draining a
+        backlog ahead of its caller's records: they are left for later)."""
         ring = self.queue.rings[partition]
         views = ring.poll(self.max_batch)
         if not views:
@@ -213,11 +223,11 @@ class Processor(threading.Thread):
         if sinks.progress is not None:
             sinks.progress()
         if stages is not None:
-            if flush:
-                stages(ingest, taken_ns, stored_ns)
-            else:
-                self._stages.append((ingest, taken_ns, stored_ns))
-        if flush:
+            self._stages.append((ingest, taken_ns, stored_ns))
+        if not self._pending:
+            self._pending_since = taken_ns
+        self._pending += n
+        if flush and (self._pending >= METRICS_EVERY or taken_ns - self._pending_since >= METRICS_AGE_NS):
             self._flush_metrics()
         self.handled += n
         self.batches += 1
@@ -284,8 +294,10 @@ class Processor(threading.Thread):
         return ring.drained()
 
     def _flush_metrics(self) -> None:
-        """Record deferred metrics (token holder only): everything pending in one call per sink (a lane
-        leaves one entry per batch it ran, up to 257 between flushes; one call each would stall it)."""
+        """Record deferred metrics (a lane's: token holder only): everything pending in one call per
+        sink (a lane leaves one entry per batch it ran, up to 257 between flushes, a worker up to
+        METRICS_EVERY records' worth; a call per batch each would cost more than the batch's dedup)."""
+        self._pending = 0
         if self._done or self._stages:
             self._record(self._done, self._stages)
             self._done, self._stages = [], []
