@@ -33,6 +33,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import eventstream.core.atomic  # noqa: E402,F401 - loads cffi as the engine does (core/crc.py then may use ISA-L)
+from eventstream.core import crc  # noqa: E402
 from eventstream.core.payloads import PayloadArena, release_records  # noqa: E402
 from eventstream.core.topics import TopicTable  # noqa: E402
 from eventstream.protocol.decoder import FrameDecoder  # noqa: E402
@@ -154,12 +156,13 @@ def main(argv=None) -> None:
         "ms_cpu_per_MB": ms_per_mb,
         "us_cpu_per_event": us_per_event,
         "load_avg_1m": round(os.getloadavg()[0], 2),
+        "crc": crc.IMPL,
     }
     if args.json:
         print(json.dumps(out))
         return
     print(f"# {args.events} events, {mb:.1f} MB of payload ({args.bytes} B), reads of {args.read_bytes} B, "
-          f"best of {args.repeats}; load {out['load_avg_1m']}")
+          f"best of {args.repeats}; load {out['load_avg_1m']}; CRC-32 by {out['crc']}")
     print(f"{'stage':>8}  {'ms CPU / MB':>11}")
     for s in (*STAGES, "total"):
         print(f"{s:>8}  {ms_per_mb[s]:>11.3f}")

@@ -14,18 +14,85 @@ How shift is cheap in Python: multiplication by a fixed x^(8 * 2^j) is a linear 
 kept as four 256-entry tables (one per byte of v, built on first use). shift(v, n)
 applies the map of each set bit j of n: four lookups and three XORs per bit, about 1 µs each.
 
-COMBINE_MIN_BYTES is the one threshold: below it a plain zlib.crc32 over the bytes is cheaper than
-shift (bench/crc.py on the 2-core dev machine, 2026-12-07: zlib.crc32 runs at about 1 GB/s, recrc
-takes 20-25 µs whatever the length, so they cross at 16 KiB; docs/benchmarks.md); the decoder keeps
-a payload's CRC for the log writer only from this size on, and the writer recomputes everything
-below it.
+COMBINE_MIN_BYTES is the one threshold: below it a plain pass over the bytes is cheaper than shift
+(bench/crc.py on the 2-core dev machine, 2026-12-07: zlib.crc32 runs at about 1 GB/s, recrc takes
+20-25 µs whatever the length, so they cross at 16 KiB; docs/benchmarks.md; with ISA-L, below, a pass
+is several times faster and they would cross higher: kept at 16 KiB, the same on every machine); the
+decoder keeps a payload's CRC for the log writer only from this size on, and the writer recomputes
+everything below it.
+
+`crc32(data, value=0)`: the same function as zlib.crc32 (same polynomial, same chaining), computed by
+ISA-L's crc32_gzip_refl (Debian's libisal2, loaded with cffi; carry-less multiplication: 256 KiB in
+about 30 µs against zlib's 85 µs here) for buffers of FAST_MIN_BYTES or more, by zlib below that
+(the call costs about 1.4 µs) or when the library is not installed (`IMPL` says which; only in a
+process that has cffi loaded, see crc32). It is used where large buffers are checked: a BATCH frame's
+CRC, a large payload's, the log writer's pass over an arena payload or a batch entry's payloads.
 """
 
 from __future__ import annotations
 
+import sys
+import zlib
+
 POLY = 0xEDB88320  # CRC-32 (IEEE 802.3, zlib) reflected
 X0 = 1 << 31  # the polynomial 1 (x^0) in the reflected representation
+FAST_MIN_BYTES = 2048  # below: zlib.crc32 (ISA-L's call costs more than zlib's pass)
 COMBINE_MIN_BYTES = 16 << 10  # payloads from this size on keep their CRC for the writer (see above)
+
+
+def _isal_crc32():
+    """ISA-L's zlib-compatible CRC-32 as f(data, value), or None when libisal is not installed (or
+    does not give zlib's values on a few probes)."""
+    try:
+        import cffi  # type: ignore[import-untyped]
+
+        ffi = cffi.FFI()
+        ffi.cdef("uint32_t crc32_gzip_refl(uint32_t init_crc, const unsigned char *buf, uint64_t len);")
+        lib = ffi.dlopen("libisal.so.2")
+    except (ImportError, OSError):
+        return None
+    from_buffer, refl, slow = ffi.from_buffer, lib.crc32_gzip_refl, zlib.crc32
+
+    def fast(data, value: int = 0) -> int:
+        buf = from_buffer(data)
+        n = len(buf)
+        if n < FAST_MIN_BYTES:
+            return slow(data, value)
+        return refl(value, buf, n)
+
+    probe = bytes(range(256)) * 40
+    for value in (0, 1, 0xFFFFFFFF, 0x12345678):
+        if fast(probe, value) != slow(probe, value) or fast(probe[7:], value) != slow(probe[7:], value):
+            return None
+    return fast
+
+
+_impl = None  # the function crc32 calls, chosen on the first call once cffi is loaded (see crc32)
+IMPL = "zlib"  # which one it is: "isa-l" or "zlib"
+
+
+def crc32(data, value: int = 0) -> int:
+    """zlib.crc32(data, value), computed by ISA-L where it is installed (see the module doc).
+
+    ISA-L is loaded through cffi, and importing cffi turns the GIL back on in a process that did not
+    start with PYTHON_GIL=0: so the choice is made only in a process that has cffi loaded already (the
+    engine's, through core/atomic.py); until then, and in clients, this is zlib.crc32."""
+    f = _impl
+    if f is None:
+        if "_cffi_backend" not in sys.modules:
+            return zlib.crc32(data, value)
+        f = _choose()
+    return f(data, value)
+
+
+def _choose():
+    global _impl, IMPL
+    fast = _isal_crc32()
+    IMPL = "zlib" if fast is None else "isa-l"
+    _impl = fast or zlib.crc32
+    return _impl
+
+
 _MAX_BITS = 32  # lengths below 4 GiB (frames are at most 64 MiB)
 
 

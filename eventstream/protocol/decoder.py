@@ -27,7 +27,7 @@ from typing import Protocol
 
 import numpy as np
 
-from eventstream.core.crc import COMBINE_MIN_BYTES
+from eventstream.core.crc import COMBINE_MIN_BYTES, crc32
 from eventstream.core.payloads import keep_crcs
 from eventstream.core.records import FLAG_ACK_SHIFT, FLAG_V2, record_dtype
 from eventstream.core.topics import TopicLimitError
@@ -590,7 +590,7 @@ def _decode_batch(dec: FrameDecoder, src, o: int, length: int, first_index: int,
         if dec.crc_keep_min and end - pay_at >= dec.crc_keep_min:
             got, kept = _batch_crc_keeping(dec.crc_keep_min, src, mv, body, end, table_at, pay_at, count)
         else:
-            got = zlib.crc32(mv[body:end])
+            got = crc32(mv[body:end])
         crc_ok = got == crc
         names = []
         whole = None
@@ -733,9 +733,9 @@ def _kept_crcs_singles(src, big: np.ndarray, tstart, tlen, plen, crc, err) -> tu
     mv = memoryview(src)
     try:
         for k, (t, tl, n) in enumerate(zip(tstart[big].tolist(), tlen[big].tolist(), plen[big].tolist(), strict=True)):
-            seed = zlib.crc32(mv[t : t + tl])
+            seed = zlib.crc32(mv[t : t + tl])  # (a topic: a few bytes)
             seeds[k] = seed
-            crcs[k] = zlib.crc32(mv[t + tl : t + tl + n], seed)
+            crcs[k] = crc32(mv[t + tl : t + tl + n], seed)
     finally:
         mv.release()
     err[big[crcs != crc[big]]] = _E_CRC
@@ -749,18 +749,18 @@ def _batch_crc_keeping(kmin: int, src, mv, body: int, end: int, table_at: int, p
     plen = np.frombuffer(src, dtype=BATCH_RECORD_DTYPE, count=count, offset=table_at)["payload_len"].astype(np.int64)
     big = np.flatnonzero(plen >= kmin)
     if len(big) == 0 or int(plen.sum()) != end - pay_at:  # (a length mismatch is refused after the CRC)
-        return zlib.crc32(mv[body:end]), None
+        return crc32(mv[body:end]), None
     starts = (pay_at + np.cumsum(plen) - plen)[big].tolist()
     seeds = np.zeros(len(big), dtype=np.uint32)
     crcs = np.zeros(len(big), dtype=np.uint32)
     c, p = 0, body
     for k, (s, n) in enumerate(zip(starts, plen[big].tolist(), strict=True)):
-        c = zlib.crc32(mv[p:s], c)
+        c = crc32(mv[p:s], c)
         seeds[k] = c
-        c = zlib.crc32(mv[s : s + n], c)
+        c = crc32(mv[s : s + n], c)
         crcs[k] = c
         p = s + n
-    return zlib.crc32(mv[p:end], c), (big, seeds, crcs)
+    return crc32(mv[p:end], c), (big, seeds, crcs)
 
 
 def _keep(out: np.ndarray, ext: np.ndarray, ext_src: np.ndarray, kept) -> None:

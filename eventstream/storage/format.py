@@ -74,6 +74,7 @@ import zlib
 import numpy as np
 
 from eventstream.core import records as rec
+from eventstream.core.crc import crc32 as fast_crc32
 from eventstream.core.crc import recrc
 from eventstream.core.payloads import arena_by_id, has_ext, take_kept_crcs
 
@@ -277,7 +278,7 @@ def _batch_entry_numpy(batch: np.ndarray, file_topic_ids, wall_ns: int) -> bytea
     _KIND_WALL.pack_into(out, CRC_START, KIND_BATCH, wall_ns)
     BATCH_HEAD.pack_into(out, ENTRY_HEADER_BYTES, n, cap)
     with memoryview(out) as mv:
-        crc = zlib.crc32(mv[CRC_START:])
+        crc = fast_crc32(mv[CRC_START:])
     _MAGIC_LEN_CRC.pack_into(out, 0, ENTRY_MAGIC, length, crc)
     return out
 
@@ -465,14 +466,14 @@ def _mixed_entries(batch: np.ndarray, file_topic_ids, wall_ns: int, run=None, ga
     views = _arena_views(batch, ext)
     w = ENTRY_HEADER_BYTES + size
     mv = memoryview(heads.reshape(k * w))
-    crc32 = zlib.crc32
+    crc32, pass_crc32 = zlib.crc32, fast_crc32
     crcs = [crc32(mv[a + CRC_START : a + w]) for a in range(0, k * w, w)]
     lens = plen.tolist()
     kept_of = dict(zip(kept_at, kept_pairs, strict=True))
     for j in range(k):
         pair = kept_of.get(j)
         if pair is None:
-            crcs[j] = crc32(views[j], crcs[j])
+            crcs[j] = pass_crc32(views[j], crcs[j])
         else:  # the same CRC without reading the payload again (core/crc.py)
             crcs[j] = recrc(pair[1], pair[0], lens[j], crcs[j])
     heads[:, 8:12] = np.array(crcs, dtype="<u4").view(np.uint8).reshape(k, 4)
