@@ -175,7 +175,7 @@ class FrameDecoder:
         else:  # decoded where it lies (the reader's buffer): only an incomplete tail is copied
             src = data
             end = len(src)
-        offs, lens, pos, fatal = scan(src, 0, end, self.max_frame_bytes)
+        offs, lens, pos, fatal = scan(src, 0, end, self.max_frame_bytes, arrays=True)
         self.arena_blocked = 0
         parted = None
         if urgent is not None and len(offs) > 1 and not self.batch_skip:
@@ -191,7 +191,7 @@ class FrameDecoder:
         if stop >= 0:  # the payload arena is full: keep the frames from `stop` on for later
             self.arena_stop = -1
             self.frames_seen = consumed
-            self._keep(src, offs[stop], end, have)
+            self._keep(src, int(offs[stop]), end, have)
         elif bad_at is not None:  # a header whose topic runs past the frame end: already the last error
             self.frames_seen = consumed
             self.failed = True
@@ -237,6 +237,8 @@ class FrameDecoder:
 
     def _urgent_then_rest(self, src, offs: list[int], lens: list[int], urgent: bytes, handover):
         """feed_indexed's `urgent` split: None when it does not apply (then nothing was decoded)."""
+        if isinstance(offs, np.ndarray):  # framing.scan's arrays: plain ints for the per-frame lists below
+            offs, lens = offs.tolist(), lens.tolist()
         split = _urgent_positions(src, offs, lens, urgent, self.payload_bytes)
         if split is None:
             return None
@@ -311,8 +313,8 @@ _E_DONE = 255  # a BATCH record delivered by an earlier feed (the payload arena 
 def decode_frames(
     dec: FrameDecoder,
     src,
-    offs: list[int],
-    lens: list[int],
+    offs: list[int] | np.ndarray,
+    lens: list[int] | np.ndarray,
     first_index: int,
     ingest_ts: int | None = None,
     skip: int = 0,
@@ -343,7 +345,9 @@ def decode_frames(
     # frame's event count, bounded by what its length can hold (24 bytes a record), 1 per single frame.
     room = n - len(at)
     for b in at:
-        room += min(_BATCH_COUNT.unpack_from(src, offs[b] + _BATCH_COUNT_AT)[0], lens[b] // BATCH_RECORD_BYTES)
+        room += min(
+            _BATCH_COUNT.unpack_from(src, int(offs[b]) + _BATCH_COUNT_AT)[0], int(lens[b]) // BATCH_RECORD_BYTES
+        )
     dst = np.zeros(room, dec.dtype)
     vdst = dst.view(np.dtype((np.void, dec.dtype.itemsize)))
     filled = 0
@@ -369,7 +373,7 @@ def decode_frames(
         if b == n:
             break
         r, i, e, fatal = _decode_batch(
-            dec, src, offs[b], lens[b], index, skip if b == 0 else 0, ingest_ts, dst[filled:]
+            dec, src, int(offs[b]), int(lens[b]), index, skip if b == 0 else 0, ingest_ts, dst[filled:]
         )
         filled += len(r)
         idxs.append(i)
@@ -422,7 +426,7 @@ def _urgent_positions(src, offs: list[int], lens: list[int], urgent: bytes, cap:
     return up, rest
 
 
-def _batch_positions(src, offs: list[int]) -> list[int]:
+def _batch_positions(src, offs: list[int] | np.ndarray) -> list[int]:
     """Positions in `offs` of BATCH frames (v2 magic, kind 11)."""
     if len(offs) <= 4 * SMALL_BATCH:
         return [
@@ -437,11 +441,14 @@ def _batch_positions(src, offs: list[int]) -> list[int]:
     return out
 
 
-def _decode_singles(dec: FrameDecoder, src, offs: list[int], lens: list[int], first_index: int, ingest_ts: int | None):
+def _decode_singles(dec: FrameDecoder, src, offs, lens, first_index: int, ingest_ts: int | None):
+    # offs, lens: lists of ints, or int64 arrays (framing.scan's `arrays`)
     """decode_frames for frames that are not BATCH frames (v1, v2 EVENT, and anything refused)."""
     n = len(offs)
     dtype = dec.dtype
     if n <= SMALL_BATCH:
+        if isinstance(offs, np.ndarray):  # (a few frames between BATCH frames: plain ints for the struct path)
+            offs, lens = offs.tolist(), lens.tolist()
         small = _decode_small(dec, src, offs, lens, first_index, ingest_ts)
         if small is not None:
             dec.next_index = first_index + n

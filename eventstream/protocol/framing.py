@@ -8,6 +8,8 @@ would dominate.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from eventstream.core.records import SMALL_BATCH
@@ -22,8 +24,11 @@ _NEED = [V1_HEADER_BYTES if b <= MAX_PRIORITY else V2_HEADER_BYTES if b == V2_MA
 _NEED_ARR = np.array(_NEED, dtype=np.int64)
 
 
-def scan(src, pos: int, end: int, max_frame_bytes: int) -> tuple[list[int], list[int], int, str | None]:
+def scan(src, pos: int, end: int, max_frame_bytes: int, *, arrays: bool = False) -> tuple[Any, Any, int, str | None]:
     """Find complete frames in src[pos:end]: (offsets, lengths, position after the last, fatal reason).
+    Offsets and lengths are lists of ints; with `arrays`, int64 numpy arrays when there are more than
+    SMALL_BATCH frames (the decoder's vectorized path takes them as they are: no conversions back and
+    forth per read).
 
     Stops at the first incomplete frame (fatal None) or the first framing error (fatal = its reason,
     position = offset of the bad frame). The Python loop only follows length fields (on free-threaded
@@ -75,10 +80,18 @@ def scan(src, pos: int, end: int, max_frame_bytes: int) -> tuple[list[int], list
             reason = _framing_reason(int(lns[k]), int(firsts[k]), max_frame_bytes)
             del firsts
             return offs[:k], lns[:k].tolist(), offs[k], reason
-        lens = lns.tolist()
         del firsts
+        if arrays:
+            return _tail(src, oa, lns, pos, end, max_frame_bytes)
+        lens = lns.tolist()
+    return _tail(src, offs, lens, pos, end, max_frame_bytes)
+
+
+def _tail(src, offs, lens, pos: int, end: int, max_frame_bytes: int) -> tuple[Any, Any, int, str | None]:
+    """scan's answer once the complete frames are known: whether the incomplete rest at `pos` is
+    already bad (fatal) or may still become a frame."""
     if end - pos >= 4:
-        length = unpack(src, pos)[0]
+        length = LENGTH.unpack_from(src, pos)[0]
         first = src[pos + 4] if end - pos > 4 else None
         if (
             length > max_frame_bytes

@@ -261,3 +261,20 @@ def test_a_long_run_of_one_size_checks_every_frames_crc_by_columns():
     assert [(e.index, e.error_class) for e in errs] == [(i + 1, "crc") for i in sorted(flips)]
     assert idx.tolist() == [i + 1 for i in range(n) if i not in flips]
     assert recs["crc32"].tolist() == [zlib.crc32(bytes(f[30:])) for i, f in enumerate(frames) if i not in flips]
+
+
+def test_scan_gives_the_same_frames_as_arrays_as_lists():
+    """framing.scan(arrays=True) (the decoder's way for many frames) finds what the lists find: the
+    same offsets, lengths, end position and fatal reason, for a clean stream with a partial tail and
+    for one that ends in a framing error."""
+    from eventstream.protocol.framing import scan
+
+    frames = [encode_v2("t%d" % (i % 3), b"x" * (i % 7), i % 5, i + 1, i) for i in range(40)]
+    clean = b"".join(frames) + frames[0][:9]
+    broken = b"".join(frames[:20]) + struct.pack(">I", 30) + b"\x77" * 30 + b"".join(frames[20:])
+    for stream in (clean, broken):
+        lists = scan(stream, 0, len(stream), 1 << 20)
+        arrays = scan(stream, 0, len(stream), 1 << 20, arrays=True)
+        assert [list(map(int, a)) for a in arrays[:2]] == [list(x) for x in lists[:2]]
+        assert arrays[2:] == lists[2:]
+    assert lists[3] is not None and "first byte 0x77" in lists[3]
