@@ -8,17 +8,27 @@ Rows:
 * tcp         - TcpServer with 1, 2 and 4 client connections sending pre-encoded frames as fast as the
                 socket takes them, to a counting sink; clock from the first byte until the sink has
                 every frame (v2 also waits for the final ACK).
+* reader      - the reader's CPU per event without a socket: Connection.receive + take_due (decode,
+                Engine.offer into the queues, ACK bookkeeping) over the bytes bench/peers.py sends
+                (64-byte events on one topic, priority 2; `single` v2 frames or `batch` frames of 1000
+                events), fed in 256 KiB reads (server.tcp.recv_bytes) to a real Engine whose processors
+                are not started; the bench drains the queues between reads (not timed). Thread CPU
+                time (time.thread_time), so a loaded machine inflates it less than a wall clock;
+                frames_per_s here is events per CPU second, ns_per_event CPU ns per event.
 
-Each for protocol v1 and v2. frames_per_s is the median of the measured runs.
+Each for protocol v1 and v2 (reader: v2). frames_per_s is the median of the measured runs.
 
-    python bench/ingest.py [--quick] [--json] [--repeats N] [--save]
+    python bench/ingest.py [--quick] [--json] [--repeats N] [--save] [--reader]   (--reader: only those rows)
 """
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import socket
 import struct
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -34,12 +44,17 @@ gil.reexec_without_gil()
 import numpy as np  # noqa: E402
 from harness import Bench  # noqa: E402
 
-from eventstream.config import TcpConfig  # noqa: E402
-from eventstream.core.records import FLAG_V2, record_dtype  # noqa: E402
+from eventstream.config import TcpConfig, load_config  # noqa: E402
+from eventstream.core.records import ACK_STORED, FLAG_V2, record_dtype  # noqa: E402
 from eventstream.core.topics import TopicTable  # noqa: E402
 from eventstream.engine.bus import Offer  # noqa: E402
+from eventstream.engine.engine import Engine  # noqa: E402
 from eventstream.ingest.admission import Admission  # noqa: E402
+from eventstream.ingest.connection import Connection  # noqa: E402
+from eventstream.ingest.delivery import Delivery, IngestStats  # noqa: E402
+from eventstream.ingest.limits import RejectMeter  # noqa: E402
 from eventstream.ingest.tcp import TcpServer  # noqa: E402
+from eventstream.metrics.registry import MetricsRegistry  # noqa: E402
 from eventstream.protocol.decoder import FrameDecoder  # noqa: E402
 from eventstream.protocol.frames import encode_v1, encode_v2, split_control_frames  # noqa: E402
 
@@ -186,8 +201,14 @@ def main(argv=None) -> None:
     import structlog
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    bench = Bench("ingest", argv, description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="bench/ingest.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--reader", action="store_true", help="only the reader rows (CPU per event, no socket)")
+    bench = Bench("ingest", argv, parser=parser)
     n = 20_000 if bench.quick else 100_000
+    reader_rows(bench, n)
+    if bench.args.reader:
+        bench.finish(COLUMNS + ["frame"], notes=READER_NOTES)
+        return
     for version in (1, 2):
         stream = frames(version, n)
         for case, fn in (("codec", run_codec), ("struct-loop", run_struct_loop)):
@@ -201,10 +222,63 @@ def main(argv=None) -> None:
             stats = bench.measure(lambda v=version, c=conns, p=per_conn, d=data: run_tcp(v, c, p, d))
             bench.add_row({"case": "tcp", "version": version, "connections": conns, "frames_per_s": stats.median},
                           stats)
-    bench.finish(COLUMNS, notes=[
+    bench.finish(COLUMNS + ["frame"], notes=[
         "codec / struct-loop: decode only (one thread); tcp: acceptor + 2 reader threads, clients in-process",
         "64-byte payloads, 4 topics, priorities 0..4 round robin",
+        *READER_NOTES,
     ])
+
+
+READER_NOTES = ["reader: Connection + real Engine (processors not started), 256 KiB reads; ns_per_event = thread CPU"]
+
+
+def reader_rows(bench: Bench, n: int) -> None:
+    from peers import es_frames
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cap = 1 << 14  # a read holds at most ~2,700 events: the queues are drained after each
+        keys = {"storage.data_dir": tmp, "metrics.enabled": False, "queues.realtime.capacity": cap,
+                "queues.transactional.capacity": cap, "queues.batch.capacity": cap}
+        engine = Engine(load_config(environ={}, overrides=keys), MetricsRegistry())
+        engine.open()
+        try:
+            for frame in ("batch", "single"):
+                data = es_frames(np.full(n, len(PAYLOAD)), frame, 1000, 1)
+                reads = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
+                conns = itertools.count(1)
+                stats = bench.measure(lambda r=reads, ids=conns: run_reader(engine, r, n, next(ids)))
+                bench.add_row({"case": "reader", "version": 2, "connections": 1, "frame": frame,
+                               "frames_per_s": stats.median}, stats)
+        finally:
+            engine.close()
+
+
+def run_reader(engine: Engine, reads: list[bytes], n: int, conn_id: int) -> tuple[int, float]:
+    """One connection's reads through Connection.receive and take_due: (events, thread CPU seconds)."""
+    cfg = engine.cfg
+    dec = FrameDecoder(engine.topics, payload_bytes=cfg.records.payload_bytes, conn_id=conn_id,
+                       ack_default=ACK_STORED, payloads=engine.payloads)
+    c = Connection(None, conn_id, ("127.0.0.1", 0), dec, 0.0, 1.0,
+                   delivery=Delivery(engine, None, IngestStats()), meter=RejectMeter(1000, 0.0))
+    assert engine.bus is not None  # opened
+    rings = [r for q in engine.bus.queues for r in q.rings]
+    cpu = 0.0
+    for data in reads:
+        t0 = time.thread_time()
+        c.receive(memoryview(data), 0.0)
+        c.take_due()
+        cpu += time.thread_time() - t0
+        for r in rings:  # the processors' side (not the reader's cost): release what was queued
+            views = r.poll(r.capacity)
+            if views:
+                r.release(sum(len(v) for v in views))
+        t0 = time.thread_time()
+        c.take_due()  # the ACK of what was just completed
+        cpu += time.thread_time() - t0
+    if c.accepted != n or c.acked != n:
+        raise RuntimeError(f"reader: {c.accepted} events accepted and {c.acked} ACKed of {n}")
+    return n, cpu
+
 
 
 if __name__ == "__main__":
