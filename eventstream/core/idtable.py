@@ -187,32 +187,37 @@ class IdTable:
         """Insert DISTINCT absent pairs at the empty slots `ends` where `probe` ended their probes
         (nothing inserted since): one write per pair instead of probing again. Linear probing puts a
         pair in the first empty slot of its chain, which is that slot; no other pair's chain runs
-        through an empty slot, so filling it moves no one. Pairs whose slot another pair of the batch
-        took first (or that have none, end < 0) are not placed: returns their mask, for
-        `upsert_bulk`, or None when every pair was placed. `stamps`: one per pair, or one for all."""
+        through an empty slot, so filling it moves no one. Of pairs whose probes ended at the same
+        slot, one takes it; those (and pairs without one, end < 0) are not placed: returns their
+        mask, for `upsert_bulk`, or None when every pair was placed. `stamps`: one per pair, or one
+        for all."""
         n = len(ends)
-        later = ends < 0
-        some_later = bool(later.any())
-        if n > 1:
-            se = np.sort(ends)
-            if (se[1:] == se[:-1]).any():  # the first pair of each end slot takes it (rare: a sort tells)
-                order = np.argsort(ends, kind="stable")
-                same = ends[order[1:]] == ends[order[:-1]]
-                later[order[1:][same]] = True
-                some_later = True
-        if some_later:
-            ok = ~later
-            at, ids, tags = ends[ok], ids[ok], tags[ok]
-            if not np.isscalar(stamps):
-                stamps = stamps[ok]
-        else:
-            at = ends
-        if len(at) and self.ids[at].any():  # the contract was broken (a commit in between): probe again
+        if n == 0:
+            return None
+        if int(ends.min()) < 0:
+            later = ends < 0
+            ok = np.flatnonzero(~later)
+            rest = self.place(ids[ok], tags[ok], stamps if np.isscalar(stamps) else stamps[ok], ends[ok])
+            if rest is not None:
+                later[ok[rest]] = True
+            return later
+        if self.ids[ends].any():  # the contract was broken (a commit in between): probe again
             return np.ones(n, dtype=bool)
-        self.ids[at] = ids
-        self.tags[at] = tags
-        self.stamps[at] = stamps
-        return later if some_later else None
+        # pairs racing for one empty slot: each writes its index into the slot's stamp (an empty
+        # slot's stamp means nothing) and reading it back says which one took it
+        idx = np.arange(n, dtype=np.uint64)
+        self.stamps[ends] = idx
+        won = self.stamps[ends] == idx
+        if won.all():
+            self.ids[ends] = ids
+            self.tags[ends] = tags
+            self.stamps[ends] = stamps
+            return None
+        at = ends[won]
+        self.ids[at] = ids[won]
+        self.tags[at] = tags[won]
+        self.stamps[at] = stamps if np.isscalar(stamps) else stamps[won]
+        return ~won
 
     def upsert_bulk(self, ids: np.ndarray, tags: np.ndarray, stamps: np.ndarray) -> int:
         """Vectorized: a pair already present keeps the newer of its stamps, an absent one is inserted;
