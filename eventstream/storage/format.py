@@ -247,13 +247,19 @@ def batch_entry(batch: np.ndarray, file_topic_ids, wall_ns: int) -> bytes | byte
     return _batch_entry_numpy(batch, file_topic_ids, wall_ns)
 
 
+def _void(nbytes: int) -> np.dtype:
+    """The opaque dtype of `nbytes` bytes (copies of such items are memcpy's)."""
+    return np.dtype((np.void, nbytes))
+
+
 def _batch_entry_numpy(batch: np.ndarray, file_topic_ids, wall_ns: int) -> bytearray:
     """batch_entry over columns, built in place: rows and payloads are copied once, straight into
     the entry's buffer, and the CRC is one pass over it (no intermediate bytes objects)."""
     n = len(batch)
     size = batch.dtype.itemsize
     cap = size - rec.HEADER_BYTES
-    raw = np.ascontiguousarray(batch).view(np.uint8).reshape(n, size)
+    flat = np.ascontiguousarray(batch)
+    raw = flat.view(np.uint8).reshape(n, size)
     pl = batch["payload_len"]
     top = int(pl.max()) if n and cap else 0
     same = top == 0 or int(pl.min()) == top
@@ -263,18 +269,22 @@ def _batch_entry_numpy(batch: np.ndarray, file_topic_ids, wall_ns: int) -> bytea
     length = pay_at + pay_bytes - ENTRY_HEADER_BYTES
     out = bytearray(ENTRY_HEADER_BYTES + length)
     buf = np.frombuffer(out, dtype=np.uint8)
-    rows_raw = buf[rows_at:pay_at].reshape(n, BATCH_ROW_BYTES)
-    rows_raw[:, :_ROW_HEAD] = raw[:, :_ROW_HEAD]
-    rows = rows_raw.reshape(-1).view(ROW_DTYPE)
+    # opaque items of the bytes that move as they are: one memcpy per record, not a byte loop
+    np.ndarray((n,), _void(_ROW_HEAD), buf, rows_at, (BATCH_ROW_BYTES,))[:] = np.ndarray(
+        (n,), _void(_ROW_HEAD), flat, 0, (size,)
+    )
+    rows = buf[rows_at:pay_at].view(ROW_DTYPE)
     rows["principal"] = batch["principal"]
     rows["topic_id"] = file_topic_ids
     if top:
-        src = raw[:, rec.HEADER_BYTES : rec.HEADER_BYTES + top]
         if same:
-            buf[pay_at:].reshape(n, top)[:] = src
+            np.ndarray((n,), _void(top), buf, pay_at, (top,))[:] = np.ndarray(
+                (n,), _void(top), flat, rec.HEADER_BYTES, (size,)
+            )
         else:
+            src = raw[:, rec.HEADER_BYTES : rec.HEADER_BYTES + top]
             buf[pay_at:] = src[np.arange(top) < pl[:, None].astype(np.int64)]
-    del buf, rows_raw, rows
+    del buf, rows
     _KIND_WALL.pack_into(out, CRC_START, KIND_BATCH, wall_ns)
     BATCH_HEAD.pack_into(out, ENTRY_HEADER_BYTES, n, cap)
     with memoryview(out) as mv:
