@@ -25,6 +25,37 @@ DEFAULT_LATENCY_BUCKETS_NS: tuple[float, ...] = tuple(float(m * 10**e) for e in 
 )
 
 
+class _Octaves:
+    """np.searchsorted(bounds, values, side="left") for positive increasing bounds, in a few passes
+    instead of a binary search per value (~20 ns a value here): a value's binary exponent (the bits
+    of its float64) picks the first bound at or above its octave from a table, and as many steps
+    as one octave holds bounds at most move it on (the 1-2.5-5 bounds: one). Values <= 0 and
+    below the first bound get 0, as searchsorted gives them."""
+
+    def __init__(self, bounds: np.ndarray):
+        self.bounds = bounds
+        self.usable = bool(bounds[0] > 0 and np.isfinite(bounds).all())
+        if not self.usable:
+            return
+        exps = np.arange(2048, dtype=np.int64)  # every biased float64 exponent
+        with np.errstate(over="ignore"):
+            low = np.ldexp(1.0, (exps - 1023).astype(np.int32))  # the smallest value of each octave
+        self.first = np.searchsorted(bounds, low, side="left").astype(np.int64)
+        # one more bound than any value exceeds (+inf): a step past the last bound stops there
+        self.ext = np.append(bounds, np.inf)
+        per_octave = np.diff(np.append(self.first, len(bounds)))
+        self.steps = max(1, int(per_octave.max()))
+
+    def bucket(self, values: np.ndarray) -> np.ndarray:
+        if not self.usable:
+            return np.searchsorted(self.bounds, values, side="left")
+        v = np.maximum(values, np.finfo(np.float64).tiny)  # <= 0 (and nan): the first octave
+        idx = self.first[v.view(np.int64) >> 52]
+        for _ in range(self.steps):
+            idx += v > self.ext[idx]
+        return idx
+
+
 class VectorHistogram:
     def __init__(self, bounds: tuple[float, ...] = DEFAULT_LATENCY_BUCKETS_NS, reservoir: int = 4096):
         b = np.asarray(bounds, dtype=np.float64)
@@ -38,6 +69,7 @@ class VectorHistogram:
         self._ring_pos = 0  # total values ever written to the ring
         self._reservoir = reservoir
         self._bounds_list = b.tolist()
+        self._octaves = _Octaves(b)
 
     def observe_many(self, values: np.ndarray) -> None:
         """Add a batch of values (any numeric array; negative values count in the first bucket)."""
@@ -47,7 +79,7 @@ class VectorHistogram:
         v = np.asarray(values, dtype=np.float64).ravel()
         if v.size == 0:
             return
-        add = np.bincount(np.searchsorted(self.bounds, v, side="left"), minlength=self._counts.size)
+        add = np.bincount(self._octaves.bucket(v), minlength=self._counts.size)
         total = float(v.sum())
         tail = v[-self._reservoir :] if self._reservoir else v[:0]
         with self._lock:

@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from eventstream.core import records as rec
 from eventstream.metrics import Metrics, MetricsServer, MetricsServerError, VectorHistogram
+from eventstream.metrics.histogram import DEFAULT_LATENCY_BUCKETS_NS
 
 
 def scrape(url: str) -> dict[str, list]:
@@ -199,3 +200,20 @@ def test_small_batches_are_bucketed_exactly_like_large_ones():
     assert c1.tolist() == c2.tolist() and n1 == n2 == len(values)
     assert abs(s1 - s2) <= 1e-6 * abs(s2)
     assert sorted(few.recent().tolist()) == sorted(values[-64:]) == sorted(many.recent().tolist())
+
+
+@pytest.mark.parametrize("bounds", [DEFAULT_LATENCY_BUCKETS_NS, (1.0, 1.5, 1.9, 2.0, 3.0, 100.0), (0.001, 0.5, 1e12), (5.0,)])
+def test_vector_histogram_buckets_values_as_searchsorted_does(bounds):
+    """The octave table (a value's float exponent, then a step per bound its octave holds) puts
+    every value in the bucket np.searchsorted(bounds, v, "left") names: on and next to every bound,
+    <= 0, tiny and huge values, bounds sharing an octave."""
+    b = np.asarray(bounds, dtype=np.float64)
+    rng = np.random.default_rng(5)
+    values = np.concatenate([
+        rng.integers(-10, 10**11, 50_000).astype(np.float64), b, np.nextafter(b, 0), np.nextafter(b, np.inf),
+        [0.0, -1.0, -1e300, 1e300, np.inf, 5e-324, 1e-310],
+    ])
+    h = VectorHistogram(bounds, reservoir=16)
+    h.observe_many(values)
+    want = np.bincount(np.searchsorted(b, values, side="left"), minlength=len(b) + 1)
+    assert h.snapshot()[0].tolist() == want.tolist()
