@@ -235,35 +235,32 @@ class FrameDecoder:
         self._store = store
         return store
 
-    def _urgent_then_rest(self, src, offs: list[int], lens: list[int], urgent: bytes, handover):
-        """feed_indexed's `urgent` split: None when it does not apply (then nothing was decoded)."""
-        if isinstance(offs, np.ndarray):  # framing.scan's arrays: plain ints for the per-frame lists below
-            offs, lens = offs.tolist(), lens.tolist()
-        split = _urgent_positions(src, offs, lens, urgent, self.payload_bytes)
-        if split is None:
+    def _urgent_then_rest(self, src, offs, lens, urgent: bytes, handover):
+        """feed_indexed's `urgent` split: None when it does not apply (then nothing was handed over).
+        The urgent frames are decoded with struct calls and handed over; then the whole read is decoded
+        as usual (frame indices, errors and runs of equal frames as without the split) and what was
+        handed over is left out of the result."""
+        up = _urgent_positions(src, offs, lens, urgent, self.payload_bytes)
+        if up is None:
             return None
-        up, rest = split
         index = self.frames_seen + 1
-        uoffs, ulens = [offs[j] for j in up], [lens[j] for j in up]
-        if len(up) <= URGENT_SMALL:
-            got = _decode_small(self, src, uoffs, ulens, index, None)
+        if isinstance(offs, np.ndarray):  # framing.scan's arrays (a read of more than SMALL_BATCH frames)
+            uoffs, ulens = offs[up].tolist(), lens[up].tolist()
         else:
-            got = _decode_singles(self, src, uoffs, ulens, index, None)
-            if got[2] or got[3] is not None:
-                got = None
+            uoffs, ulens = [offs[j] for j in up], [lens[j] for j in up]
+        got = _decode_small(self, src, uoffs, ulens, index, None)
         if got is None:  # a content error among them: decode the read as one (the errors in frame order)
             return None
         handover(got[0], np.asarray(up, dtype=np.uint64) + np.uint64(index))
-        records, indices, errors, bad_at = _decode_singles(
-            self, src, [offs[j] for j in rest], [lens[j] for j in rest], index, None
-        )
-        real = np.asarray(rest, dtype=np.uint64) + np.uint64(index)  # frame index of the k-th of `rest`
-        if len(indices):
-            indices = real[(indices - np.uint64(index)).astype(np.intp)]
-        for e in errors:
-            e.index = int(real[e.index - index])
+        records, indices, errors, bad_at = decode_frames(self, src, offs, lens, index)
         assert bad_at is None and self.arena_stop < 0  # excluded by _urgent_positions
-        self.next_index = index + len(offs)
+        handed = np.zeros(len(offs), dtype=bool)
+        handed[up] = True
+        if len(indices):
+            keep = ~handed[(indices - np.uint64(index)).astype(np.intp)]
+            records, indices = records[keep], indices[keep]
+        if errors:  # (the struct path accepted them: never reported twice)
+            errors = [e for e in errors if not handed[e.index - index]]
         return records, indices, errors, None
 
     # topic interning with a per-decoder cache (one dict lookup per distinct topic per batch)
@@ -389,17 +386,20 @@ def decode_frames(
     return dst[:filled], idxs[0] if len(idxs) == 1 else np.concatenate(idxs), errors, bad_at
 
 
-URGENT_SMALL = 64  # feed_indexed's urgent frames are decoded with struct calls up to this many
+URGENT_SMALL = 64  # at most this many urgent frames in a read are decoded first (with struct calls)
 
 
-def _urgent_positions(src, offs: list[int], lens: list[int], urgent: bytes, cap: int):
-    """(positions of frames whose priority `urgent` marks, positions of the others) when every frame
-    is a v2 EVENT frame whose topic fits it and whose payload is inline (at most `cap` bytes: no
-    payload arena, so decoding cannot stop part way) and both groups are non-empty; else None."""
+def _urgent_positions(src, offs, lens, urgent: bytes, cap: int) -> list[int] | None:
+    """Positions of the frames whose priority `urgent` marks, when every frame is a v2 EVENT frame whose
+    topic fits it and whose payload is inline (at most `cap` bytes: no payload arena, so decoding cannot
+    stop part way), some but not all are marked, and at most URGENT_SMALL of them; else None."""
     n = len(offs)
-    up: list[int] = []
-    rest: list[int] = []
-    if n <= 4 * SMALL_BATCH:
+    if n <= 4 * SMALL_BATCH:  # plain ints; the cheap question first (a bulk-only read stops there)
+        if isinstance(offs, np.ndarray):
+            offs, lens = offs.tolist(), lens.tolist()
+        up = [j for j in range(n) if lens[j] >= V2_HEADER_BYTES and urgent[src[offs[j] + LENGTH_BYTES + 2]]]
+        if not up or len(up) == n:
+            return None
         for j in range(n):
             o = offs[j] + LENGTH_BYTES
             length = lens[j]
@@ -407,7 +407,6 @@ def _urgent_positions(src, offs: list[int], lens: list[int], urgent: bytes, cap:
                 return None
             if not 0 <= length - V2_HEADER_BYTES - ((src[o + 20] << 8) | src[o + 21]) <= cap:
                 return None
-            (up if urgent[src[o + 2]] else rest).append(j)
     else:
         ln = np.asarray(lens, dtype=np.int64)
         if int(ln.min()) < V2_HEADER_BYTES:
@@ -420,10 +419,11 @@ def _urgent_positions(src, offs: list[int], lens: list[int], urgent: bytes, cap:
         del arr
         if not ok:
             return None
-        up, rest = np.flatnonzero(hit).tolist(), np.flatnonzero(~hit).tolist()
-    if not up or not rest:
-        return None
-    return up, rest
+        k = int(np.count_nonzero(hit))
+        if not 0 < k <= URGENT_SMALL or k == n:
+            return None
+        up = np.flatnonzero(hit).tolist()
+    return up if len(up) <= URGENT_SMALL else None
 
 
 def _batch_positions(src, offs: list[int] | np.ndarray) -> list[int]:
