@@ -24,9 +24,10 @@ everything below it.
 `crc32(data, value=0)`: the same function as zlib.crc32 (same polynomial, same chaining), computed by
 ISA-L's crc32_gzip_refl (Debian's libisal2, loaded with cffi; carry-less multiplication: 256 KiB in
 about 30 µs against zlib's 85 µs here) for buffers of FAST_MIN_BYTES or more, by zlib below that
-(the call costs about 1.4 µs) or when the library is not installed (`IMPL` says which; only in a
-process that has cffi loaded, see crc32). It is used where large buffers are checked: a BATCH frame's
-CRC, a large payload's, the log writer's pass over an arena payload or a batch entry's payloads.
+(the call through cffi costs 1.5-2 µs: the two break even at about 4 KiB) or when the library is not
+installed (`IMPL` says which; only in a process that has cffi loaded, see crc32). It is used where
+large buffers are checked: a BATCH frame's CRC, a large payload's, the log writer's pass over an
+arena payload or a batch entry's payloads.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import zlib
 
 POLY = 0xEDB88320  # CRC-32 (IEEE 802.3, zlib) reflected
 X0 = 1 << 31  # the polynomial 1 (x^0) in the reflected representation
-FAST_MIN_BYTES = 2048  # below: zlib.crc32 (ISA-L's call costs more than zlib's pass)
+FAST_MIN_BYTES = 4096  # below: zlib.crc32 (see the module doc)
 COMBINE_MIN_BYTES = 16 << 10  # payloads from this size on keep their CRC for the writer (see above)
 
 
