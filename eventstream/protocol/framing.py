@@ -37,6 +37,7 @@ def scan(src, pos: int, end: int, max_frame_bytes: int, *, arrays: bool = False)
     """
     offs: list[int] = []
     add = offs.append
+    pieces: list[np.ndarray] = []  # with `arrays`: the offsets so far, long uniform runs as np.arange
     unpack = LENGTH.unpack_from
     prev = -1
     cooldown = 0
@@ -50,15 +51,26 @@ def scan(src, pos: int, end: int, max_frame_bytes: int, *, arrays: bool = False)
             if cooldown:
                 cooldown -= 1
             else:
-                run = _uniform_run(src, pos, end, 4 + length)
-                offs.extend(range(pos + 4 + length, pos + run * (4 + length), 4 + length))
-                pos += run * (4 + length)
+                stride = 4 + length
+                run = _uniform_run(src, pos, end, stride)
+                if arrays and run >= 16:
+                    pieces.append(np.asarray(offs, dtype=np.int64))
+                    pieces.append(np.arange(pos + stride, pos + run * stride, stride, dtype=np.int64))
+                    offs = []
+                    add = offs.append
+                else:
+                    offs.extend(range(pos + stride, pos + run * stride, stride))
+                pos += run * stride
                 prev = -1
                 if run < 16:  # short runs do not pay for the numpy call: try again later
                     cooldown = 32
                 continue
         prev = length
         pos = nxt
+    if pieces:
+        if offs:
+            pieces.append(np.asarray(offs, dtype=np.int64))
+        return _checked(src, np.concatenate(pieces), None, pos, end, max_frame_bytes)
     lens = [0] * len(offs)
     if 0 < len(offs) <= SMALL_BATCH:  # a few frames: plain Python beats the numpy calls' fixed cost
         lens = []
@@ -70,21 +82,26 @@ def scan(src, pos: int, end: int, max_frame_bytes: int, *, arrays: bool = False)
                 return offs[:k], lens, o, _framing_reason(ln, first, max_frame_bytes)
             lens.append(ln)
     elif offs:
-        oa = np.asarray(offs, dtype=np.int64)
-        lns = np.diff(oa, append=pos) - 4
-        firsts = np.frombuffer(src, dtype=np.uint8, count=end)[np.minimum(oa + 4, end - 1)]
-        needs = _NEED_ARR[firsts]
-        bad = np.flatnonzero((needs == 0) | (lns < needs))
-        if len(bad):
-            k = int(bad[0])
-            reason = _framing_reason(int(lns[k]), int(firsts[k]), max_frame_bytes)
-            del firsts
-            return offs[:k], lns[:k].tolist(), offs[k], reason
-        del firsts
-        if arrays:
-            return _tail(src, oa, lns, pos, end, max_frame_bytes)
-        lens = lns.tolist()
+        return _checked(src, np.asarray(offs, dtype=np.int64), None if arrays else offs, pos, end, max_frame_bytes)
     return _tail(src, offs, lens, pos, end, max_frame_bytes)
+
+
+def _checked(src, oa: np.ndarray, offs: list[int] | None, pos: int, end: int, max_frame_bytes: int):
+    """scan's vectorized check of the frames at `oa` (first byte, minimum length): arrays when `offs`
+    (the same offsets as a list) is None, else lists; a framing error's prefix as lists."""
+    lns = np.diff(oa, append=pos) - 4
+    firsts = np.frombuffer(src, dtype=np.uint8, count=end)[np.minimum(oa + 4, end - 1)]
+    needs = _NEED_ARR[firsts]
+    bad = np.flatnonzero((needs == 0) | (lns < needs))
+    if len(bad):
+        k = int(bad[0])
+        reason = _framing_reason(int(lns[k]), int(firsts[k]), max_frame_bytes)
+        del firsts
+        return oa[:k].tolist(), lns[:k].tolist(), int(oa[k]), reason
+    del firsts
+    if offs is None:
+        return _tail(src, oa, lns, pos, end, max_frame_bytes)
+    return _tail(src, offs, lns.tolist(), pos, end, max_frame_bytes)
 
 
 def _tail(src, offs, lens, pos: int, end: int, max_frame_bytes: int) -> tuple[Any, Any, int, str | None]:
@@ -122,17 +139,17 @@ def _framing_reason(length: int, first: int | None, max_frame_bytes: int) -> str
 def _uniform_run(src, pos: int, end: int, stride: int) -> int:
     """How many complete frames from `pos` repeat the first one's length field (>= 1).
 
-    Checks a window that grows 8x while every row matches, so a run costs O(run), not O(buffer).
+    Reads the length fields as one strided column of 32-bit words (no rows copied), over a window
+    that grows 8x while every one matches, so a run costs O(run), not O(buffer).
     """
     total = (end - pos) // stride
     window = min(total, 64)
     while True:
-        rows = np.frombuffer(src, dtype=np.uint8, count=window * stride, offset=pos).reshape(window, stride)
-        head = rows[:, :4]
-        bad = np.flatnonzero((head != head[0]).any(axis=1))
-        del rows, head
-        if len(bad):
-            return max(int(bad[0]), 1)
+        col = np.ndarray((window,), dtype=np.uint32, buffer=src, offset=pos, strides=(stride,))
+        bad = col != col[0]
+        del col
+        if bad.any():
+            return max(int(bad.argmax()), 1)
         if window == total:
             return total
         window = min(total, window * 8)

@@ -272,7 +272,10 @@ def test_scan_gives_the_same_frames_as_arrays_as_lists():
     frames = [encode_v2("t%d" % (i % 3), b"x" * (i % 7), i % 5, i + 1, i) for i in range(40)]
     clean = b"".join(frames) + frames[0][:9]
     broken = b"".join(frames[:20]) + struct.pack(">I", 30) + b"\x77" * 30 + b"".join(frames[20:])
-    for stream in (clean, broken):
+    run = b"".join(encode_v2("u", b"y" * 10, 2, i, 0) for i in range(150))  # one size: a uniform run
+    runs = b"".join(frames[:5]) + run + b"".join(frames[5:9]) + run + frames[9][:30]
+    broken_run = run + struct.pack(">I", 30) + b"\x77" * 30 + run
+    for stream in (clean, broken, runs, broken_run):
         lists = scan(stream, 0, len(stream), 1 << 20)
         arrays = scan(stream, 0, len(stream), 1 << 20, arrays=True)
         assert [list(map(int, a)) for a in arrays[:2]] == [list(x) for x in lists[:2]]
