@@ -71,16 +71,29 @@ class VectorHistogram:
         self._bounds_list = b.tolist()
         self._octaves = _Octaves(b)
 
-    def observe_many(self, values: np.ndarray) -> None:
-        """Add a batch of values (any numeric array; negative values count in the first bucket)."""
+    def observe_many(self, values: np.ndarray, also: VectorHistogram | None = None) -> None:
+        """Add a batch of values (any numeric array; negative values count in the first bucket);
+        to `also` too (a histogram with the same bounds: the values are bucketed once)."""
+        if also is not None and (also.bounds.shape != self.bounds.shape or (also.bounds != self.bounds).any()):
+            also.observe_many(values)
+            also = None
         if len(values) <= SMALL_BATCH and self._reservoir:
-            self._observe_few(values.tolist() if isinstance(values, np.ndarray) else list(values))
+            few = values.tolist() if isinstance(values, np.ndarray) else list(values)
+            self._observe_few(few)
+            if also is not None:
+                also.observe_many(few)
             return
         v = np.asarray(values, dtype=np.float64).ravel()
         if v.size == 0:
             return
         add = np.bincount(self._octaves.bucket(v), minlength=self._counts.size)
         total = float(v.sum())
+        self._add(add, total, v)
+        if also is not None:
+            also._add(add, total, v)
+
+    def _add(self, add: np.ndarray, total: float, v: np.ndarray) -> None:
+        """Add bucket counts `add` (summing to `total`) of the values `v` (float64)."""
         tail = v[-self._reservoir :] if self._reservoir else v[:0]
         with self._lock:
             self._counts += add

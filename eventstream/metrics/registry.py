@@ -131,8 +131,10 @@ class MetricsRegistry:
             now = time.monotonic_ns() if now_ns is None else now_ns
             latencies_ns = np.int64(now) - records["ingest_ts"].astype(np.int64)
         if latencies_ns is not None and len(latencies_ns):
-            self.observe_latency(queue, latencies_ns)
-            self.stages["handled"].observe_many(latencies_ns)
+            h = self.latency.get(queue)
+            if h is None:
+                raise ValueError(f"queue {queue!r} has no latency histogram; allowed: {', '.join(self.latency)}")
+            h.observe_many(latencies_ns, also=self.stages["handled"])  # the same values: bucketed once
 
     def observe_stage(self, stage: str, latencies_ns: np.ndarray) -> None:
         """Decode-to-`stage` latencies (ns) of a batch (STAGES)."""

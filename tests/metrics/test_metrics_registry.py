@@ -89,6 +89,9 @@ def test_latency_histogram_from_records_and_arrays(served):
     assert value(fams, "latency_recent_seconds", queue="realtime", quantile="0.5") == pytest.approx(50.5e-6)
     assert value(fams, "latency_recent_seconds", "latency_recent_seconds_count", queue="realtime") == 100
     assert value(fams, "events_processed", "events_processed_total") == 102
+    # the "handled" stage holds the same latencies (bucketed once for both)
+    handled = m.stages["handled"].snapshot()
+    assert handled[2] == 102 and handled[1] == pytest.approx(sum(range(1, 101)) * 1e3 + 5e6 + 2e10)
     with pytest.raises(ValueError, match="allowed: realtime, transactional, batch"):
         m.observe_latency("nope", np.array([1]))
 
