@@ -68,6 +68,7 @@ payload_bytes in range) is still read (decode_file_header), and recovery writes 
 
 from __future__ import annotations
 
+import functools
 import struct
 import zlib
 
@@ -247,8 +248,9 @@ def batch_entry(batch: np.ndarray, file_topic_ids, wall_ns: int) -> bytes | byte
     return _batch_entry_numpy(batch, file_topic_ids, wall_ns)
 
 
+@functools.lru_cache(maxsize=64)
 def _void(nbytes: int) -> np.dtype:
-    """The opaque dtype of `nbytes` bytes (copies of such items are memcpy's)."""
+    """The opaque dtype of `nbytes` bytes (copies of such items are memcpy's; made once a size)."""
     return np.dtype((np.void, nbytes))
 
 
