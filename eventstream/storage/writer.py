@@ -13,8 +13,9 @@ every `fsync_interval_ms` (checked on each flush and by the flusher thread). clo
 fsync is "none", fsyncs.
 
 The engine runs it with `flush_events=1` (every append is written to the OS before it returns, one
-write(2) per batch) and calls `sync()` for events whose ACK promises an fsync: group commit, one
-fsync covers everything written when it starts, and callers that arrive meanwhile share the next one.
+write(2) per batch, or one writev(2) of its pieces when it has arena payloads) and calls `sync()` for
+events whose ACK promises an fsync: group commit, one fsync covers everything written when it starts,
+and callers that arrive meanwhile share the next one.
 """
 
 from __future__ import annotations
