@@ -5,12 +5,15 @@ struct call per frame, and a numpy stride check that swallows whole runs of equa
 step). Everything else is vectorized over the batch of boundaries: the fixed headers are gathered into
 big-endian numpy arrays, validated with array comparisons, topics are grouped with np.unique and
 interned once per distinct topic, payloads are copied with one fancy-indexing gather. The only other
-per-frame Python call is zlib.crc32 on v2 frames (see bench/ingest.py for the numbers).
+per-frame Python call is zlib.crc32 on v2 frames, except in a long run of frames of one size, whose
+CRCs are computed by columns (_crc_columns: one table lookup per byte position over all the frames).
+`bench/ingest.py --reader` measures the reader's CPU per event.
 
 BATCH frames (kind 11) carry many events: their fixed 24-byte record table is read with one
 numpy.frombuffer, their one CRC is checked once, topics are interned once per batch, and payloads are
 copied with a constant number of numpy operations per batch. A batch of N events takes N consecutive
-indices (ACKs count events, a rejected event is NACKed by its own index).
+indices (ACKs count events, a rejected event is NACKed by its own index). The records of a read are
+written into one array (each BATCH frame its slice), not concatenated afterwards.
 
 Errors: a *framing* error (unknown first byte, length over max_frame_bytes, length too short for its
 header) means frame boundaries can no longer be trusted: it is reported with fatal=True and the decoder
