@@ -114,7 +114,7 @@ class Deduplicator:
         return max(1, int((self.clock() if now is None else now) * 1e9))
 
     def _expired(self, stamps: np.ndarray, now_ns: int) -> np.ndarray:
-        return stamps.astype(np.int64) + self.window_ns <= now_ns
+        return stamps.view(np.int64) + self.window_ns <= now_ns  # stamps < 2**63: the same values
 
     @staticmethod
     def _pairs(ids, tags) -> tuple[np.ndarray, np.ndarray]:

@@ -280,7 +280,7 @@ class IdTable:
         key &= ~low_mask
         key |= np.arange(n, dtype=np.uint64)
         key.sort()
-        order = (key & low_mask).astype(np.int64)
+        order = (key & low_mask).view(np.int64)  # < 2**low: the same values
         key >>= np.uint64(low)  # the top 64 - low bits of each hash, in rising order
         alike = key[1:] == key[:-1]
         if alike.any():
@@ -291,7 +291,8 @@ class IdTable:
         else:
             rest = order[:0]
         k = np.arange(len(order), dtype=np.int64)
-        pos = (key >> np.uint64(64 - low - self.bits)).astype(np.int64)  # home slots
+        key >>= np.uint64(64 - low - self.bits)
+        pos = key.view(np.int64)  # home slots (< buckets: the same values; key is not needed after)
         pos -= k
         np.maximum.accumulate(pos, out=pos)
         pos += k
