@@ -81,6 +81,9 @@ class TcpConfig:
     # (past it the connection with the largest partial frame is closed; 0 = no bound)
     max_connections_per_ip: int = field(default=64, metadata={"range": (1, 1_000_000)})
     frame_timeout_s: float = field(default=30.0, metadata={"range": (0.0, 86400.0)})
+    # a turn of a reader's loop longer than this (a normal one takes ms) was the reader's own stall (it
+    # waited for a lock or the CPU, or a handler ran long on it): that time is not charged to frame_timeout_s
+    stall_credit_s: float = field(default=0.5, metadata={"range": (0.01, 3600.0)})
     max_partial_bytes: int = field(default=64 << 20, metadata={"range": (0, 1 << 40)})
     # rejected frames per connection and second written to the DLQ one by one; past it they are
     # counted and summarised in one line, and a connection sending nothing valid is closed

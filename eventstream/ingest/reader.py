@@ -22,7 +22,7 @@ Limits (limits.py): each connection's partial-frame bytes are accounted in the r
 server's PartialBudget; a partial frame that makes no progress to its end within frame_timeout_s
 closes the connection (slowloris), unless the connection is held or throttled (we stopped reading it,
 so it cannot progress: its clock restarts when reading resumes) and except for the time the reader
-itself was stalled (a turn of its loop over STALL_CREDIT_S: nobody was read then). Closing releases the peer's slot in
+itself was stalled (a turn of its loop over `stall_credit_s`: nobody was read then). Closing releases the peer's slot in
 PeerLimit. Past max_rejects_per_s rejects in a second, a connection's rejects are summarised
 (RejectMeter), and one that sends nothing valid is closed.
 
@@ -77,7 +77,6 @@ log = structlog.get_logger("eventstream.ingest.tcp")
 HELD_RETRY_S = 0.001  # how often held records are offered again (only while a queue is full)
 STOP_BUDGET_S = 4.0  # a draining stop waits at most this long for held records and final ACKs
 LINGER_S = 2.0  # a refused connection is read (and discarded) this long so its NACK is not lost to a reset
-STALL_CREDIT_S = 0.5  # a turn of the loop longer than this (a normal one takes ms) was the reader's own stall
 ACKED_BATCH = 256  # small ACKs' "acked" latencies are recorded this many at a time (or when the reader is idle)
 MAX_OUTBOX_BYTES = 4 << 20  # a client that never reads its ACKs is disconnected past this
 # a non-blocking send/recv that cannot proceed now (TLS: a record needs more bytes or room)
@@ -205,6 +204,7 @@ class Reader(threading.Thread):
         sel.register(self._wake_r, selectors.EVENT_READ, None)
         next_idle_check = next_frame_check = time.monotonic() + 1.0
         frame_timeout = self.config.frame_timeout_s
+        stall_credit = self.config.stall_credit_s
         try:
             while not self.stopping:
                 timeout = 0.5
@@ -251,7 +251,7 @@ class Reader(threading.Thread):
                                 c.partial_since = now  # it could not progress while throttled
                                 self._interest(c, True)
                 stalled_for = time.monotonic() - turn_started
-                if stalled_for > STALL_CREDIT_S:
+                if stalled_for > stall_credit:
                     self._credit_stall(stalled_for)
                 if time.monotonic() >= next_frame_check:
                     next_frame_check = time.monotonic() + min(1.0, (frame_timeout or 4.0) / 4)

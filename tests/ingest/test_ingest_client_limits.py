@@ -155,3 +155,29 @@ def test_the_readers_own_stall_is_not_charged_to_a_partial_frame(tcp_server, eng
     slow_client.sendall(frame[:12])
     assert closed_by_server(slow_client)
     assert srv.statistics()["connections_limited"] == {"frame_timeout": 1}
+
+
+def test_a_stall_shorter_than_stall_credit_s_is_charged_to_a_partial_frame(tcp_server, engine_sinks):
+    """`server.tcp.stall_credit_s` decides what counts as the reader's own stall: set above the 2.5 s
+    the handler holds the reader, that turn is charged like any other, so the partial frame that
+    started before it has been open 2.5 s > frame_timeout_s when the reader looks again."""
+    never = threading.Event()
+
+    def slow(batch):
+        never.wait(2.5)
+
+    sink = engine_sinks(handlers={"realtime": slow})
+    srv = tcp_server(sink, frame_timeout_s=1.0, readers=1, stall_credit_s=5.0)
+    frame = encode_v2("part", b"p" * 40, 2, 7)
+    partial = connect(srv)
+    partial.sendall(frame[:12])
+    wait_until(lambda: srv.budget.total() == 12, what="the partial frame read")
+    blocker = connect(srv)
+    assert acked(blocker, encode_v2("rt", b"x", 4, 1)) == [(KIND_ACK, 1)]
+    assert closed_by_server(partial)
+    assert srv.statistics()["connections_limited"] == {"frame_timeout": 1}
+
+
+def test_stall_credit_s_is_range_checked():
+    with pytest.raises(ConfigError, match=r"server.tcp.stall_credit_s.*0.01"):
+        load_config(overrides={"server.tcp.stall_credit_s": 0}, environ={})
