@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 from eventstream.cli.main import main
 
 
 def json_line(out: str) -> dict:
-    """The command's JSON object (server log lines may share stdout in tests)."""
-    return json.loads([line for line in out.splitlines() if line.startswith("{") and "\"sent\"" in line][-1])
+    """The command's JSON object. The test's server logs to the same stdout from its own threads, and a
+    log line's text and its newline are two writes, so the object may follow a log line on one line."""
+    found = re.findall(r'\{"sent": .*\}', out)
+    assert found, f"no JSON summary in the output: {out!r}"
+    return json.loads(found[-1])
 
 
 def test_send_one_event_from_flags(servers, capsys):
